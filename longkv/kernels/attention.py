@@ -1,0 +1,51 @@
+"""Attention with log-sum-exp through PyTorch's fused kernels where they apply, else the reference.
+
+Chunked prefill needs, for a chunk of queries, (a) attention to the cached past with its lse and
+(b) causal attention inside the chunk with its lse. PyTorch's flash kernels return the lse
+(`_scaled_dot_product_flash_attention[_for_cpu]`), so both run fused without materialising scores:
+(a) folds the query group into the sequence axis (all past keys are visible to every query, so GQA
+needs no copy of K/V), (b) expands the chunk's own K/V to the query heads (the chunk is small).
+Sliding windows and logit softcaps fall back to the math reference.
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference import attention_lse, visible
+
+
+def _flash(q, k, v, *, scale: float, causal: bool):
+    if q.device.type == "cuda":
+        if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+        else:
+            o, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+        return o.float(), lse[..., : q.shape[2]].float()
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return o.float(), lse.float()
+
+
+def past_attention(q, k, v, *, scale: float, q_pos=None, k_pos=None, window: int | None = None,
+                   softcap: float | None = None):
+    """q (B, Hq, T, D) attends to every key of k/v (B, Hkv, S, D), all earlier than every query
+    (unless a window hides some: then q_pos (T,), k_pos (S,) are needed). → out fp32, lse fp32."""
+    if window is not None or softcap:
+        mask = None if window is None else visible(q_pos, k_pos, window)
+        return attention_lse(q, k, v, scale=scale, mask=mask, softcap=softcap)
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    o, lse = _flash(q.reshape(B, Hkv, G * T, D), k, v, scale=scale, causal=False)
+    return o.reshape(B, Hq, T, -1), lse.reshape(B, Hq, T)
+
+
+def chunk_attention(q, k, v, *, scale: float, window: int | None = None, softcap: float | None = None):
+    """Causal attention inside a chunk: q (B, Hq, T, D), k/v (B, Hkv, T, D) at the same positions."""
+    T = q.shape[2]
+    if (window is not None and window < T) or softcap:
+        pos = torch.arange(T, device=q.device)
+        return attention_lse(q, k, v, scale=scale, mask=visible(pos, pos, window), softcap=softcap)
+    G = q.shape[1] // k.shape[1]
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    return _flash(q, k, v, scale=scale, causal=True)

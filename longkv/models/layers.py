@@ -1,0 +1,147 @@
+"""Building blocks shared by the Llama family and Gemma 3: norms, MLP, attention, the decoder stack.
+
+Module and parameter names follow Hugging Face transformers (`model.layers.3.self_attn.q_proj`), so
+a safetensors file loads with no renaming. Attention hands keys to the cache *before* RoPE.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache.base import Cache, LayerSpec, Step
+from .config import ModelConfig
+from .rope import Rope, apply_rope
+
+ACTS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu": F.gelu}
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: normalise in fp32, cast back, then scale (weight * x)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: scale by (1 + weight), all in fp32, then cast back."""
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=b)
+        self.up_proj = nn.Linear(h, i, bias=b)
+        self.down_proj = nn.Linear(i, h, bias=b)
+        self.act = ACTS[cfg.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, norm_cls=RMSNorm):
+        super().__init__()
+        self.layer = layer
+        self.hq, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.rope_index = cfg.layer_rope[layer]
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.hq * self.d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, self.hkv * self.d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, self.hkv * self.d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.hq * self.d, h, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = norm_cls(self.d, cfg.rms_norm_eps)
+            self.k_norm = norm_cls(self.d, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x, step: Step, cache: Cache):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.hq, self.d)
+        k = self.k_proj(x).view(B, T, self.hkv, self.d)
+        v = self.v_proj(x).view(B, T, self.hkv, self.d).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = step.rope[self.rope_index]
+        out = cache.attend(self.layer, apply_rope(q, cos, sin), k, v, step=step)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.hq * self.d))
+
+
+class Backbone(nn.Module):
+    """`model.*` in Hugging Face naming: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig, block_cls, norm_cls):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([block_cls(cfg, i) for i in range(cfg.num_layers)])
+        self.norm = norm_cls(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM whose attention goes through a `Cache`.
+
+    forward(ids (B, T), step, cache, logits="last"|"all") → fp32 logits (B, 1 or T, V).
+    """
+
+    block_cls: type
+    norm_cls: type = RMSNorm
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg, self.block_cls, self.norm_cls)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.ropes = [Rope(p, cfg.head_dim) for p in cfg.ropes]
+
+    def tie(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def layer_specs(self) -> list[LayerSpec]:
+        c = self.config
+        return [LayerSpec(num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                          scale=c.scale, rope=self.ropes[c.layer_rope[i]], rope_index=c.layer_rope[i],
+                          window=c.layer_window[i], softcap=c.attn_softcap)
+                for i in range(c.num_layers)]
+
+    def make_step(self, pos: torch.Tensor, start: int | None) -> Step:
+        dtype = self.lm_head.weight.dtype
+        return Step(pos=pos, start=start, rope=[r.cos_sin(pos, dtype) for r in self.ropes])
+
+    def embed(self, ids):
+        return self.model.embed_tokens(ids)
+
+    def head(self, h):
+        return self.lm_head(h).float()
+
+    def forward(self, ids: torch.Tensor, step: Step, cache: Cache, logits: str = "last"):
+        h = self.embed(ids)
+        for layer in self.model.layers:
+            h = layer(h, step, cache)
+        if step.start is not None:
+            cache.advance(step.n)
+        if logits == "last":
+            h = h[:, -1:]
+        return self.head(self.model.norm(h))
+
+    def to(self, *args, **kwargs):
+        out = super().to(*args, **kwargs)
+        dev = self.lm_head.weight.device
+        for r in self.ropes:
+            r.to(dev)
+        return out

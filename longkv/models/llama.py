@@ -1,0 +1,27 @@
+"""The Llama family: Llama 2/3, Mistral, Qwen2/2.5 (q/k/v biases), Qwen3 (q/k RMSNorm), SmolLM2.
+
+Pre-norm residual blocks: x + attn(norm(x)), then x + mlp(norm(x)); SiLU-gated MLP. The switches
+between family members live in `ModelConfig`.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .layers import MLP, Attention, CausalLM, RMSNorm
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, step, cache):
+        x = x + self.self_attn(self.input_layernorm(x), step, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(CausalLM):
+    block_cls = LlamaBlock
