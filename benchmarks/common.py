@@ -1,0 +1,76 @@
+"""Shared pieces of the GPU benchmarks: model shapes with random weights, the bandwidth floor,
+timing with CUDA events. Benchmarks print a table and end with one JSON line."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from longkv.models.config import ModelConfig  # noqa: E402
+from longkv.models.load import build  # noqa: E402
+
+LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                 max_position_embeddings=1 << 20, rms_norm_eps=1e-5, rope_theta=500000.0,
+                 tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
+
+
+def random_model(hf_config: dict, *, device="cuda", dtype=torch.bfloat16, seed=0):
+    """Our model at a real shape with random weights (N(0, 0.02) matrices, unit norms)."""
+    cfg = ModelConfig.from_hf(hf_config)
+    model = build(cfg, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    return model
+
+
+def weight_bytes_read(model) -> int:
+    """Bytes of weights one decode step reads: every parameter except the embedding table."""
+    emb = model.model.embed_tokens.weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    tied = model.lm_head.weight.data_ptr() == emb.data_ptr()
+    return total if tied else total - emb.numel() * emb.element_size()
+
+
+def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s, read + write counted (the decode floor's speed)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    ms = time_cuda(lambda: b.copy_(a), reps)
+    del a, b
+    return 2 * nbytes / (ms / 1e3)
+
+
+def time_cuda(fn, reps: int) -> float:
+    """Mean milliseconds per call, measured with CUDA events over `reps` calls."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    print(" | ".join(c.ljust(widths[c]) for c in cols))
+    print("-|-".join("-" * widths[c] for c in cols))
+    for r in rows:
+        print(" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
+
+
+def emit_json(obj) -> None:
+    print(json.dumps(obj))

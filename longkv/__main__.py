@@ -1,0 +1,6 @@
+"""`python -m longkv` is `longkv`."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
