@@ -28,7 +28,15 @@ def parse_tokens(s: str) -> int:
     return int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
 
 
-def ours(model, ctx: int, new: int, chunk: int, ids):
+def warm_up(model, chunk: int):
+    """Compile and load every kernel once (torch.compile, cuDNN, Triton) outside the timings."""
+    kv = FullCache(model.layer_specs(), batch=1, capacity=2 * chunk + 16, device="cuda", dtype=torch.bfloat16)
+    prefill(model, kv, torch.zeros(1, 2 * chunk, dtype=torch.long, device="cuda"), chunk=chunk)
+    GraphStep(model, kv, batch=1)
+    torch.cuda.synchronize()
+
+
+def ours(model, ctx: int, new: int, chunk: int, ids, profile=False):
     kv = FullCache(model.layer_specs(), batch=1, capacity=ctx + new + 8, device="cuda", dtype=torch.bfloat16)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -38,6 +46,7 @@ def ours(model, ctx: int, new: int, chunk: int, ids):
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - t0
     prefill_extra = torch.cuda.max_memory_allocated() - base  # activations beyond weights + cache
+    last_logits = logits.float().clone()
     graph = GraphStep(model, kv, batch=1)
     tok = logits.argmax(-1)
     first = graph(tok, kv.length).clone()
@@ -46,16 +55,32 @@ def ours(model, ctx: int, new: int, chunk: int, ids):
         graph(tok, kv.length)
         kv.advance(1)
     steps = new - 4
+    if profile:
+        profile_steps(model, kv, tok)
 
     def step():
         graph(tok, kv.length)
         kv.advance(1)
     ms = time_cuda(step, steps)
     return dict(prefill_s=prefill_s, ms=ms, kv_bytes=kv.nbytes(), tokens=kv.length,
-                prefill_extra=prefill_extra, first_logits=first, peak=torch.cuda.max_memory_allocated())
+                prefill_extra=prefill_extra, first_logits=first, tok=tok, prefill_logits=last_logits, peak=torch.cuda.max_memory_allocated())
 
 
-def hf_run(model, cfg_dict: dict, new: int, ids):
+def profile_steps(model, kv, tok):
+    """Kernel time of a few eager decode steps, by kernel (what the CUDA graph replays)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            pos = torch.tensor([kv.length], device="cuda")
+            model(tok.view(1, 1), model.make_step(pos, None), kv)
+            kv.advance(1)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
+
+
+def hf_run(model, cfg_dict: dict, new: int, ids, tok):
+    """transformers on our weights; decode starts from *our* first token so the logits compare."""
     import transformers
     from transformers import DynamicCache
 
@@ -68,20 +93,25 @@ def hf_run(model, cfg_dict: dict, new: int, ids):
     hf.model.rotary_emb.inv_freq = model.ropes[0].inv_freq.clone()
     hf.model.rotary_emb.original_inv_freq = hf.model.rotary_emb.inv_freq
     with torch.inference_mode():
+        hf(ids[:, :1024], use_cache=True, logits_to_keep=1)  # warm-up
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         cache = DynamicCache(config=cfg)
         out = hf(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         torch.cuda.synchronize()
         prefill_s = time.perf_counter() - t0
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        extra = torch.cuda.max_memory_allocated() - base - 2 * ids.shape[1] * cfg.num_key_value_heads * 128 * 2 * cfg.num_hidden_layers  # minus its KV
+        prefill_logits = out.logits[:, -1].float().clone()
+        tok = tok.view(1, 1)
         out = hf(tok, past_key_values=cache, use_cache=True)
         first = out.logits[:, -1].float().clone()
         for _ in range(3):
             hf(tok, past_key_values=cache, use_cache=True)
         ms = time_cuda(lambda: hf(tok, past_key_values=cache, use_cache=True), max(4, new // 4))
     del cache, out, hf
-    return dict(prefill_s=prefill_s, ms=ms, first_logits=first)
+    return dict(prefill_s=prefill_s, ms=ms, first_logits=first, prefill_logits=prefill_logits, prefill_extra=extra)
 
 
 def main():
@@ -90,6 +120,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="kernel table of eager decode steps")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (smoke test)")
     a = ap.parse_args()
     cfg = dict(LLAMA3_8B)
@@ -100,11 +131,12 @@ def main():
     wbytes = weight_bytes_read(model)
     dev = torch.cuda.get_device_name()
     print(f"# {dev}; copy bandwidth {bw / 1e12:.2f} TB/s; weights read per token {wbytes / 1e9:.2f} GB")
+    warm_up(model, a.chunk)
     rows = []
     for ctx in [parse_tokens(c) for c in a.contexts.split(",")]:
         ids = torch.randint(0, cfg["vocab_size"], (1, ctx), device="cuda",
                             generator=torch.Generator(device="cuda").manual_seed(ctx))
-        r = ours(model, ctx, a.new_tokens, a.chunk, ids)
+        r = ours(model, ctx, a.new_tokens, a.chunk, ids, profile=a.profile)
         kv_read = r["kv_bytes"] * (ctx / (ctx + a.new_tokens + 8))  # the slots actually read
         moved = wbytes + kv_read
         floor_ms = moved / bw * 1e3
@@ -117,11 +149,13 @@ def main():
         torch.cuda.empty_cache()
         if not a.no_hf:
             try:
-                h = hf_run(model, cfg, a.new_tokens, ids)
+                h = hf_run(model, cfg, a.new_tokens, ids, r["tok"])
                 row.update(hf_prefill_s=round(h["prefill_s"], 2), hf_decode_ms=round(h["ms"], 2),
                            speedup=round(h["ms"] / r["ms"], 1),
+                           hf_prefill_extra_GiB=round(h["prefill_extra"] / 2**30, 2),
                            prefill_vs_hf=round(r["prefill_s"] / h["prefill_s"], 2),
-                           logits_maxdiff=round((h["first_logits"] - first).abs().max().item(), 3),
+                           prefill_logits_maxdiff=round((h["prefill_logits"] - r["prefill_logits"]).abs().max().item(), 3),
+                           decode_logits_maxdiff=round((h["first_logits"] - first).abs().max().item(), 3),
                            same_argmax=bool((h["first_logits"].argmax(-1) == first.argmax(-1)).all()))
             except torch.OutOfMemoryError:
                 row.update(hf_decode_ms="OOM")

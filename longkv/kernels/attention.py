@@ -14,9 +14,19 @@ import torch
 from .reference import attention_lse, visible
 
 
+_CUDNN_OK = [True]  # flips to False on the first failure (a build or GPU without cuDNN attention)
+
+
 def _flash(q, k, v, *, scale: float, causal: bool):
     if q.device.type == "cuda":
         if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+            if _CUDNN_OK[0]:  # ~1.8x the flash kernel on an H100 (benchmarks/attn_prefill.py)
+                try:
+                    o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                        q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
+                    return o.float(), lse.reshape(*q.shape[:2], -1)[..., : q.shape[2]].float()
+                except RuntimeError:
+                    _CUDNN_OK[0] = False
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
         else:
             o, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]

@@ -10,11 +10,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache.base import Cache, LayerSpec, Step
+from ..kernels.fused import on_cuda
 from .config import ModelConfig
 from .rope import Rope, apply_rope
 
-ACTS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-        "gelu": F.gelu}
+
+@on_cuda
+def silu_mul(g, u):
+    return F.silu(g) * u
+
+
+@on_cuda
+def gelu_tanh_mul(g, u):
+    return F.gelu(g, approximate="tanh") * u
+
+
+@on_cuda
+def gelu_mul(g, u):
+    return F.gelu(g) * u
+
+
+GATED = {"silu": silu_mul, "gelu_pytorch_tanh": gelu_tanh_mul, "gelu": gelu_mul}
 
 
 class RMSNorm(nn.Module):
@@ -26,17 +42,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # F.rms_norm computes in fp32 and rounds once to x's dtype: HF's order, in one kernel
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: scale by (1 + weight), all in fp32, then cast back."""
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return (xf * (1.0 + self.weight.float())).to(x.dtype)
 
 
@@ -47,10 +61,41 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=b)
         self.up_proj = nn.Linear(h, i, bias=b)
         self.down_proj = nn.Linear(i, h, bias=b)
-        self.act = ACTS[cfg.hidden_act]
+        self.act_mul = GATED[cfg.hidden_act]
+        self.gate_up = None
+
+    def fuse(self):
+        """One GEMM for gate and up (half the launches at decode); the HF-named parameters become
+        views of the fused weight, so state_dict() is unchanged and nothing is stored twice."""
+        self.gate_up, (self.gate_proj.weight, self.up_proj.weight) = _fuse(self.gate_proj, self.up_proj)
+        self.gate_up_b = _fuse_bias(self.gate_proj, self.up_proj)
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            return self.down_proj(self.act_mul(self.gate_proj(x), self.up_proj(x)))
+        g, u = F.linear(x, self.gate_up, self.gate_up_b).chunk(2, dim=-1)
+        return self.down_proj(self.act_mul(g, u))
+
+
+def _fuse(*linears):
+    w = torch.cat([m.weight.detach() for m in linears])
+    views, o = [], 0
+    for m in linears:
+        views.append(nn.Parameter(w[o:o + m.weight.shape[0]], requires_grad=False))
+        o += m.weight.shape[0]
+    return w, views
+
+
+def _fuse_bias(*linears):
+    if linears[0].bias is None:
+        return None
+    b = torch.cat([m.bias.detach() for m in linears])
+    o = 0
+    for m in linears:
+        n = m.bias.shape[0]
+        m.bias = nn.Parameter(b[o:o + n], requires_grad=False)
+        o += n
+    return b
 
 
 class Attention(nn.Module):
@@ -68,12 +113,22 @@ class Attention(nn.Module):
             self.q_norm = norm_cls(self.d, cfg.rms_norm_eps)
             self.k_norm = norm_cls(self.d, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
+        self.qkv = None
+
+    def fuse(self):
+        self.qkv, (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight) = _fuse(
+            self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_b = _fuse_bias(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x, step: Step, cache: Cache):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.hq, self.d)
-        k = self.k_proj(x).view(B, T, self.hkv, self.d)
-        v = self.v_proj(x).view(B, T, self.hkv, self.d).transpose(1, 2)
+        if self.qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = F.linear(x, self.qkv, self.qkv_b).split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], -1)
+        q = q.view(B, T, self.hq, self.d)
+        k = k.view(B, T, self.hkv, self.d)
+        v = v.reshape(B, T, self.hkv, self.d).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -107,6 +162,13 @@ class CausalLM(nn.Module):
         self.model = Backbone(cfg, self.block_cls, self.norm_cls)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.ropes = [Rope(p, cfg.head_dim) for p in cfg.ropes]
+
+    def fuse(self):
+        """Fuse q/k/v and gate/up weights (after the weights are on their device; see MLP.fuse)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
 
     def tie(self):
         if self.config.tie_word_embeddings:

@@ -21,7 +21,7 @@ def build(cfg: ModelConfig, *, device="cpu", dtype=torch.float32):
         m = model_class(cfg)(cfg)
     m = m.to_empty(device=device).to(dtype)
     m.tie()
-    return m.eval()
+    return m.fuse().eval()
 
 
 def load_model(folder: Path, *, device="cpu", dtype=torch.float32):
@@ -50,4 +50,4 @@ def load_model(folder: Path, *, device="cpu", dtype=torch.float32):
         raise UserError(f"weights in {folder} do not match a {cfg.model_type} model "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     m.tie()
-    return m.to(device).eval()
+    return m.to(device).fuse().eval()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from ..kernels.fused import on_cuda
 
 
 @dataclass(frozen=True)
@@ -80,11 +81,8 @@ class Rope:
         return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
+@on_cuda
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, H, T, D); cos, sin: (T, D) → x rotated, same shape and dtype."""
-    return x * cos + rotate_half(x) * sin
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
