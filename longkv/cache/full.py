@@ -12,10 +12,11 @@ from ..errors import UserError
 from ..kernels.attention import past_attention
 from ..models.rope import apply_rope
 from .base import Cache, Step
+from .registry import register
 
 
+@register("full", help="every key and value kept in the run's dtype (the baseline)")
 class FullCache(Cache):
-    name = "full"
     graph_safe = True
 
     def __init__(self, specs, *, batch, capacity, device, dtype):

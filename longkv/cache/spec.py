@@ -6,23 +6,11 @@ help)). Unknown methods or parameters are errors that point at the offending par
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import UserError
-from .full import FullCache
-
-
-@dataclass(frozen=True)
-class Method:
-    cls: type
-    help: str
-    params: dict = field(default_factory=dict)   # name -> (type, default, help)
-    composes: tuple[str, ...] = ()              # methods it may be combined with
-
-
-REGISTRY: dict[str, Method] = {
-    "full": Method(FullCache, "every key and value kept in the run's dtype (the baseline)"),
-}
+from . import methods  # noqa: F401  (registers every method)
+from .registry import REGISTRY
 
 
 @dataclass(frozen=True)
