@@ -20,6 +20,7 @@ setup: $(VENV)/.done
 
 model: setup
 	$(BIN)/longkv models pull smollm2-135m >/dev/null
+	$(BIN)/longkv models pull gemma3-270m >/dev/null
 
 demo: model
 	$(BIN)/python -m longkv.demo
