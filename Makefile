@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # These machines install the CPU build from a local wheel; a GPU user sets TORCH to their own build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup model demo test test-slow bench clean
+.PHONY: setup model models demo test test-slow bench clean
 
 $(VENV)/.done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,15 +20,17 @@ setup: $(VENV)/.done
 
 model: setup
 	$(BIN)/longkv models pull smollm2-135m >/dev/null
+
+models: model
 	$(BIN)/longkv models pull gemma3-270m >/dev/null
 
 demo: model
 	$(BIN)/python -m longkv.demo
 
-test: model
+test: models
 	$(BIN)/python -m pytest -q
 
-test-slow: model
+test-slow: models
 	$(BIN)/python -m pytest -q -m slow
 
 clean:
