@@ -35,11 +35,20 @@ def _flash(q, k, v, *, scale: float, causal: bool):
     return o.float(), lse.float()
 
 
+CPU_FUSED_MIN = 1 << 22  # score elements below which the CPU uses the math path
+
+
+def _small_on_cpu(q, k) -> bool:
+    # PyTorch's CPU flash kernel has a large fixed cost per call (measured ~15 ms on a busy 2-core
+    # machine); the math path wins when the score matrix is small (decode steps, short prompts)
+    return q.device.type == "cpu" and q.shape[1] * q.shape[2] * k.shape[2] < CPU_FUSED_MIN
+
+
 def past_attention(q, k, v, *, scale: float, q_pos=None, k_pos=None, window: int | None = None,
                    softcap: float | None = None):
     """q (B, Hq, T, D) attends to every key of k/v (B, Hkv, S, D), all earlier than every query
     (unless a window hides some: then q_pos (T,), k_pos (S,) are needed). → out fp32, lse fp32."""
-    if window is not None or softcap:
+    if window is not None or softcap or _small_on_cpu(q, k):
         mask = None if window is None else visible(q_pos, k_pos, window)
         return attention_lse(q, k, v, scale=scale, mask=mask, softcap=softcap)
     B, Hq, T, D = q.shape
@@ -52,7 +61,7 @@ def past_attention(q, k, v, *, scale: float, q_pos=None, k_pos=None, window: int
 def chunk_attention(q, k, v, *, scale: float, window: int | None = None, softcap: float | None = None):
     """Causal attention inside a chunk: q (B, Hq, T, D), k/v (B, Hkv, T, D) at the same positions."""
     T = q.shape[2]
-    if (window is not None and window < T) or softcap:
+    if (window is not None and window < T) or softcap or _small_on_cpu(q, k):
         pos = torch.arange(T, device=q.device)
         return attention_lse(q, k, v, scale=scale, mask=visible(pos, pos, window), softcap=softcap)
     G = q.shape[1] // k.shape[1]
