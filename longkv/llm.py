@@ -32,6 +32,7 @@ class Result:
     cache: str
     device: str
     finish_reason: str = "length"
+    rope: str | None = None        # the --rope spec of the run (None: the model's own RoPE)
     token_ids: list | None = None
 
     def to_json(self) -> dict:
@@ -46,14 +47,24 @@ def _sync(dev: torch.device):
 
 
 class LLM:
-    def __init__(self, model, tokenizer, *, name: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model, tokenizer, *, name: str, device: torch.device, dtype: torch.dtype, rope=None):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.device, self.dtype = device, dtype
-        self.config = model.config
+        self.base_config = model.config
+        self.set_rope(rope)
+
+    def set_rope(self, rope=None) -> None:
+        """Context extension for the runs that follow: a `--rope` spec (`yarn:factor=4`,
+        `self-extend:group=8,window=1024`, ...; None: the model's own RoPE). Raises the window."""
+        from .models import rope_spec
+
+        self.rope = rope_spec.parse(rope)
+        self._window = rope_spec.configure(self.model, self.rope, self.base_config)
+        self.config = self.model.config
 
     @property
     def window(self) -> int:
-        return self.config.max_position_embeddings
+        return self._window
 
     def encode(self, prompt: str, *, chat: bool | None = None) -> list[int]:
         """Chat template for instruct models (unless chat=False); base models get the text as it is."""
@@ -61,14 +72,21 @@ class LLM:
         return self.tokenizer.chat(prompt) if use_chat else self.tokenizer.encode(prompt)
 
     def new_cache(self, spec="full", *, capacity: int, batch: int = 1):
-        return cache_spec.parse(spec).build(self.model.layer_specs(), batch=batch, capacity=capacity,
-                                            device=self.device, dtype=self.dtype)
+        """A cache for a run of up to `capacity` tokens (dynamic NTK is fitted to it; Self-Extend wraps it)."""
+        from .models.rope_spec import build_cache
+
+        return build_cache(self.model, spec, self.rope, batch=batch, capacity=capacity, device=self.device,
+                           dtype=self.dtype)
 
     def check_fits(self, n: int, what: str = "the prompt") -> None:
         if n > self.window:
-            raise UserError(f"{what} needs {n} tokens but {self.name}'s window is {self.window} tokens; "
-                            f"shorten the input or lower --max-new-tokens (context extension with RoPE "
-                            f"scaling is planned)")
+            from .models.rope_spec import suggest
+
+            trained = self.base_config.max_position_embeddings
+            using = f" with --rope {self.rope}" if self.rope else ""
+            raise UserError(f"{what} needs {n} tokens but {self.name}'s window{using} is {self.window} "
+                            f"tokens: try {suggest(n, trained)} (training-free context extension), or "
+                            f"shorten the input or lower --max-new-tokens")
 
     def stream(self, prompt: str | None = None, *, ids: list[int] | None = None, max_new_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, cache="full",
@@ -128,7 +146,8 @@ class LLM:
             prefill_s=round(prefill_s, 4),
             decode_tokens_per_s=round(len(out) / decode_s, 2) if decode_s > 0 else 0.0,
             kv_bytes=kv.nbytes(), kv_bytes_full=kv.full_nbytes(), model=self.name, cache=str(spec),
-            device=str(self.device), finish_reason=reason, token_ids=text_ids)
+            device=str(self.device), finish_reason=reason, rope=str(self.rope) if self.rope else None,
+            token_ids=text_ids)
 
     def generate(self, prompt: str | None = None, **kw) -> Result:
         for _ in self.stream(prompt, **kw):
@@ -172,16 +191,19 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 
 def load(name: str | None = None, *, device: str | None = None, dtype: str | None = None,
-         progress: bool = True) -> LLM:
-    """Load a model by registry name, local GGUF file, local Hugging Face folder or hub id."""
+         progress: bool = True, rope=None) -> LLM:
+    """Load a model by registry name, local GGUF file, local Hugging Face folder or hub id.
+    `rope`: a context-extension spec (`yarn:factor=4`, see `longkv.models.rope_spec`)."""
+    from .models.rope_spec import parse as parse_rope
     from .models.fetch import resolve
     from .models.load import load_model
     from .models.registry import DEFAULT_MODEL
     from .models.tokenizer import Tokenizer
 
     name = name or DEFAULT_MODEL
+    rope = parse_rope(rope)  # a bad spec fails before any download
     folder = resolve(name, progress=progress)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     model = load_model(folder, device=dev, dtype=dt)
-    return LLM(model, Tokenizer(folder), name=name, device=dev, dtype=dt)
+    return LLM(model, Tokenizer(folder), name=name, device=dev, dtype=dt, rope=rope)

@@ -107,7 +107,7 @@ class ModelConfig:
             mlp_bias=bool(d.get("mlp_bias", False)),
             qk_norm=mt == "qwen3",
             hidden_act=d.get("hidden_act", "silu"),
-            ropes=[RopeParams.from_hf(rp)],
+            ropes=[RopeParams.from_hf(rp).trained_at(_trained(d))],
             layer_rope=[0] * n,
             layer_window=windows,
         )
@@ -124,6 +124,7 @@ class ModelConfig:
         else:  # transformers 4.x layout
             full = RopeParams.from_hf({**(d.get("rope_scaling") or {}), "rope_theta": d.get("rope_theta", 1e6)})
             local = RopeParams(theta=float(d.get("rope_local_base_freq", 1e4)))
+        full, local = full.trained_at(_trained(d)), local.trained_at(_trained(d))
         sliding = [t == "sliding_attention" for t in types]
         return cls(
             arch="gemma3", **common,
@@ -138,3 +139,8 @@ class ModelConfig:
             layer_rope=[1 if s else 0 for s in sliding],
             layer_window=[d.get("sliding_window") if s else None for s in sliding],
         )
+
+
+def _trained(d: dict) -> int:
+    """The trained window a declared RoPE scaling stretches (Phi-3 keeps it outside rope_parameters)."""
+    return int(d.get("original_max_position_embeddings") or d.get("max_position_embeddings", 4096))

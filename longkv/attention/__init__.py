@@ -1,0 +1,1 @@
+"""Attention-side methods that wrap any cache (Self-Extend)."""
