@@ -1,0 +1,61 @@
+"""Tuning sweep of the packed decode-attention kernel (tile size, warps, stages, RoPE mode):
+layer 0's attention alone at one context, TB/s on the bytes it must read, and the max difference
+from the default launch. Last line: JSON.
+
+    python benchmarks/quant_sweep.py --context 128k --caches kv4,kv2
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+from common import LLAMA3_8B, emit_json, print_table, random_model, time_cuda
+from quant_decode import attention_bytes, fill, parse_tokens
+
+from longkv.cache import spec as cache_spec
+from longkv.kernels import quant as qk
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--context", default="128k")
+    ap.add_argument("--caches", default="kv4,kv2")
+    a = ap.parse_args()
+    ctx = parse_tokens(a.context)
+    model = random_model(dict(LLAMA3_8B, num_hidden_layers=1))
+    sp = model.layer_specs()[0]
+    rows = []
+    for spec in a.caches.split(","):
+        kv = cache_spec.parse(spec).build(model.layer_specs(), batch=1, capacity=ctx + 8, device="cuda",
+                                          dtype=torch.bfloat16)
+        fill(model, kv, ctx, 16384, torch.device("cuda"))
+        q = torch.randn(1, sp.num_heads, 1, sp.head_dim, device="cuda", dtype=torch.bfloat16)
+        length = torch.tensor([ctx], device="cuda")
+        kw = dict(bits=kv.bits, group=kv.group, vgroup=kv.vgroup, sink=kv.sink, window=kv.window, scale=sp.scale,
+                  inv_freq=sp.rope.inv_freq, rope_scaling=sp.rope.scaling, lut_k=kv.lut_k[0], lut_v=kv.lut_v[0])
+        base = qk.quant_decode_attention(q, kv.kq[0], kv.vq[0], kv.kf[0], kv.vf[0], length, **kw).float()
+        nbytes = attention_bytes(kv, ctx)
+        for bn, w, st, direct in itertools.product((16, 32, 64), (2, 4, 8), (None, 2), (False, True)):
+            if bn > kv.group:
+                continue
+            f = lambda: qk.quant_decode_attention(q, kv.kq[0], kv.vq[0], kv.kf[0], kv.vf[0], length, block_n=bn,
+                                                  num_warps=w, num_stages=st, direct_rope=direct, **kw)
+            try:
+                diff = (f().float() - base).abs().max().item()
+                ms = time_cuda(f, 10)
+            except Exception as e:  # a launch that does not compile (registers, shared memory)
+                rows.append(dict(cache=spec, block_n=bn, warps=w, stages=st, direct=direct, us=type(e).__name__))
+                continue
+            rows.append(dict(cache=spec, block_n=bn, warps=w, stages=st, direct=direct, us=round(ms * 1e3, 1),
+                             TBps=round(nbytes / (ms / 1e3) / 1e12, 3), maxdiff=round(diff, 5)))
+        del kv
+        torch.cuda.empty_cache()
+    rows.sort(key=lambda r: (r["cache"], r["us"] if isinstance(r["us"], float) else 1e9))
+    print_table(rows, ["cache", "block_n", "warps", "stages", "direct", "us", "TBps", "maxdiff"])
+    emit_json({"bench": "quant_sweep", "context": ctx, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

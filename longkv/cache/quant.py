@@ -1,0 +1,279 @@
+"""`quant` (and presets `kv4`, `kv3`, `kv2`): a KV cache stored in 2/3/4/8-bit codes.
+
+KVQuant (Hooper et al. 2024) + KIVI (Liu et al. 2024): keys are quantized *before RoPE* and per
+channel, statistics over groups of `group` consecutive tokens (pre-RoPE key outliers sit in fixed
+channels; RoPE would smear them across channel pairs, KVQuant §3.2); values per token, statistics
+over `vgroup` channels. The first `sink` tokens (attention sinks, Xiao et al. 2023; KVQuant §3.5) and
+at least the `window` most recent tokens (KIVI's residual) stay in full precision; when more than
+`window` recent tokens are held, the oldest whole group is quantized ("flushed"). Options:
+dense-and-sparse outliers (KVQuant §3.4), non-uniform per-layer codebooks fitted by
+`longkv calibrate` (KVQuant's nuq, §3.3), Hadamard rotation of keys (QuaRot, Ashkboos et al. 2024).
+
+Layout per layer, all preallocated for `capacity` tokens (so decode can run in a CUDA graph):
+- kf, vf (B, Hkv, sink + ring, D) in the run's dtype, pre-RoPE keys: sink slots, then a ring where
+  position p ≥ sink lives in slot sink + (p - sink) % ring, ring = window + 2·group (the group being
+  flushed must still be in the ring when decode re-derives it from device-side positions);
+- packed codes, fp16 scales/zero points, outliers (fp16 value + uint8 channel) for buffer index
+  i ↔ position sink + i. How many tokens are quantized is a pure function of the length:
+  n_q = group · max(0, (length - sink - window) // group), identical in every layer.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..kernels import quant_reference as ref
+from ..kernels.attention import past_attention
+from ..models.rope import apply_rope
+from .base import Cache, Step
+from .registry import register
+
+PARAMS = {
+    "bits": (int, 4, "bits per code: 2, 3, 4 or 8"),
+    "group": (int, 64, "keys: tokens sharing a per-channel scale/zero (power of two, 16..1024)"),
+    "vgroup": (int, 0, "values: channels sharing a per-token scale/zero (0 = the head dim; must divide it)"),
+    "sink": (int, 4, "first tokens kept in full precision (attention sinks)"),
+    "window": (int, 128, "at least this many most recent tokens kept in full precision"),
+    "outliers": (float, 0.0, "fraction of each token's channels kept exactly (dense-and-sparse), e.g. 0.01"),
+    "keys": (str, "channel", "key statistics: channel (KVQuant/KIVI) or token (ablation)"),
+    "prerope": (bool, True, "quantize keys before RoPE (KVQuant); false = after RoPE (ablation)"),
+    "rotate": (bool, False, "Hadamard-rotate keys before quantizing (QuaRot-style)"),
+    "nuq": (str, "", "codebook file from `longkv calibrate` (non-uniform levels per layer)"),
+}
+
+
+def _check(spec_head_dim: int, p: dict) -> None:
+    if p["bits"] not in ref.PLANES:
+        raise UserError(f"quant: bits={p['bits']} is not supported (use 2, 3, 4 or 8)")
+    g = p["group"]
+    if g < 16 or g > 1024 or g & (g - 1):
+        raise UserError(f"quant: group={g} must be a power of two between 16 and 1024")
+    vg = p["vgroup"] or spec_head_dim
+    if vg <= 0 or spec_head_dim % vg or vg % 8:
+        raise UserError(f"quant: vgroup={p['vgroup']} must divide the head dim {spec_head_dim} "
+                        f"and be a multiple of 8")
+    if p["sink"] < 0 or p["window"] < 0:
+        raise UserError("quant: sink and window must be >= 0")
+    if not 0 <= p["outliers"] < 0.5:
+        raise UserError(f"quant: outliers={p['outliers']} must be a fraction in [0, 0.5)")
+    if p["keys"] not in ("channel", "token"):
+        raise UserError(f"quant: keys={p['keys']!r} must be channel or token")
+    if p["rotate"] and spec_head_dim & (spec_head_dim - 1):
+        raise UserError(f"quant: rotate needs a power-of-two head dim, not {spec_head_dim}")
+
+
+def load_codebook(path: str, specs, bits: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer key and value levels (2**bits,) in [0, 1], checked against this model's shape."""
+    f = Path(path).expanduser()
+    if not f.is_file():
+        raise UserError(f"quant: nuq={path}: no such codebook file (make one with `longkv calibrate`)")
+    try:
+        book = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"quant: nuq={path} is not a codebook file ({e})") from None
+    shape = [len(specs), specs[0].num_kv_heads, specs[0].head_dim]
+    if book.get("shape") != shape:
+        raise UserError(f"quant: nuq={path} was fitted for another model ({book.get('model', '?')}, "
+                        f"layers×kv heads×head dim {book.get('shape')}); this model is {shape}")
+    if book.get("bits") != bits:
+        raise UserError(f"quant: nuq={path} holds {book.get('bits')}-bit levels but bits={bits}")
+    k = [torch.tensor(x, dtype=torch.float32) for x in book["k"]]
+    v = [torch.tensor(x, dtype=torch.float32) for x in book["v"]]
+    return k, v
+
+
+@register("quant", help="quantized KV (KVQuant/KIVI): pre-RoPE per-channel keys, per-token values, "
+                        "fp sink + recent window; options for outliers, nuq codebooks, rotation",
+          params=PARAMS)
+class QuantCache(Cache):
+    DEFAULTS: dict = {}
+
+    def __init__(self, specs, *, batch, capacity, device, dtype, **kw):
+        super().__init__(specs, batch=batch, capacity=capacity, device=device, dtype=dtype)
+        p = {k: v[1] for k, v in PARAMS.items()} | self.DEFAULTS | kw
+        s0 = specs[0]
+        if any((s.num_kv_heads, s.head_dim) != (s0.num_kv_heads, s0.head_dim) for s in specs):
+            raise UserError("quant: layers with different KV shapes are not supported yet")
+        _check(s0.head_dim, p)
+        self.p = p
+        self.bits, self.group, self.sink, self.window = p["bits"], p["group"], p["sink"], p["window"]
+        D, H = s0.head_dim, s0.num_kv_heads
+        self.D, self.vgroup = D, p["vgroup"] or D
+        self.n_out = math.ceil(p["outliers"] * D) if p["outliers"] > 0 else 0
+        self.per_channel, self.prerope = p["keys"] == "channel", p["prerope"]
+        self.ring = self.window + 2 * self.group
+        self.nq_cap = self.group * math.ceil(max(0, capacity - self.sink) / self.group)
+        self.H = ref.hadamard(D, device) if p["rotate"] else None
+        self.lut_k = self.lut_v = [None] * len(specs)
+        if p["nuq"]:
+            k, v = load_codebook(p["nuq"], specs, self.bits)
+            self.lut_k, self.lut_v = [x.to(device) for x in k], [x.to(device) for x in v]
+        z = dict(device=device)
+        shape = (batch, H, self.sink + self.ring, D)
+        self.kf = [torch.zeros(shape, dtype=dtype, **z) for _ in specs]
+        self.vf = [torch.zeros(shape, dtype=dtype, **z) for _ in specs]
+        self.kq = [self._alloc(batch, H, self.per_channel, z) for _ in specs]
+        self.vq = [self._alloc(batch, H, False, z) for _ in specs]
+        # The Triton path covers the main scheme; ablations run the torch reference (not in graphs).
+        self.graph_safe = (self.per_channel and self.prerope and self.H is None and D % 32 == 0
+                           and all(s.window is None and not s.softcap for s in specs))
+
+    def _alloc(self, B, H, per_channel, z) -> dict:
+        n, D = self.nq_cap, self.D
+        d = {"planes": [torch.zeros(B, H, n, D * pb // 8, dtype=torch.uint8, **z) for pb in ref.PLANES[self.bits]]}
+        rows, cols = (n // self.group, D) if per_channel else (n, D // self.vgroup)
+        d["scale"] = torch.zeros(B, H, rows, cols, dtype=torch.float16, **z)
+        d["zero"] = torch.zeros(B, H, rows, cols, dtype=torch.float16, **z)
+        if self.n_out:
+            d["out_idx"] = torch.zeros(B, H, n, self.n_out, dtype=torch.uint8, **z)
+            d["out_val"] = torch.zeros(B, H, n, self.n_out, dtype=torch.float16, **z)
+        return d
+
+    # -- bookkeeping ------------------------------------------------------------------------------------
+    def tensors(self) -> list[torch.Tensor]:
+        out = self.kf + self.vf + [t for t in (self.H,) if t is not None]
+        out += [x for x in self.lut_k + self.lut_v if x is not None]
+        for d in self.kq + self.vq:
+            out += d["planes"] + [v for k, v in d.items() if k != "planes"]
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def n_quantized(self, length: int) -> int:
+        return self.group * max(0, (length - self.sink - self.window) // self.group)
+
+    def stats(self) -> dict:
+        elems = 2 * self.batch * sum(s.num_kv_heads * s.head_dim for s in self.specs)
+        packed = sum(t.numel() * t.element_size() for d in self.kq + self.vq
+                     for t in d["planes"] + [v for k, v in d.items() if k != "planes"])
+        # bits_per_element: everything held / capacity; quantized_bits: the packed region alone
+        # (codes + scales + zeros + outliers), what a long context costs per element.
+        return super().stats() | {"bits_per_element": round(8 * self.nbytes() / (elems * max(self.capacity, 1)), 3),
+                                  "quantized_bits": round(8 * packed / (elems * max(self.nq_cap, 1)), 3),
+                                  "capacity": self.capacity, "quantized_tokens": self.n_quantized(self.length)}
+
+    def _slot(self, pos: torch.Tensor) -> torch.Tensor:
+        return torch.where(pos < self.sink, pos, self.sink + (pos - self.sink) % self.ring)
+
+    # -- quantize / dequantize (torch reference path) -----------------------------------------------------
+    def _quant(self, layer: int, k, v) -> tuple[dict, dict]:
+        """k (B, H, n·group, D) keys as stored (pre- or post-RoPE), v values → packed dicts."""
+        if self.H is not None:
+            k = k.float() @ self.H
+        kw = dict(bits=self.bits, n_out=self.n_out)
+        kq = (ref.quantize_keys(k, group=self.group, lut=self.lut_k[layer], **kw) if self.per_channel
+              else ref.quantize_tokens(k, vgroup=self.vgroup, lut=self.lut_k[layer], **kw))
+        return kq, ref.quantize_tokens(v, vgroup=self.vgroup, lut=self.lut_v[layer], **kw)
+
+    def _store(self, layer: int, lo: int, kq: dict, vq: dict) -> None:
+        for dst, src, per_channel in ((self.kq[layer], kq, self.per_channel), (self.vq[layer], vq, False)):
+            n = src["planes"][0].shape[2]
+            for a, b in zip(dst["planes"], src["planes"]):
+                a[:, :, lo:lo + n] = b
+            r = slice(lo // self.group, (lo + n) // self.group) if per_channel else slice(lo, lo + n)
+            dst["scale"][:, :, r], dst["zero"][:, :, r] = src["scale"], src["zero"]
+            for key in ("out_idx", "out_val"):
+                if key in src:
+                    dst[key][:, :, lo:lo + n] = src[key]
+
+    def _dequant(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n quantized tokens → keys (as stored, un-rotated), values; fp32 (B, H, n, D)."""
+        cut = lambda d, rows: {k: ([p[:, :, :n] for p in t] if k == "planes" else
+                                   t[:, :, :rows] if k in ("scale", "zero") else t[:, :, :n]) for k, t in d.items()}
+        kw = dict(bits=self.bits, d=self.D)
+        if self.per_channel:
+            k = ref.dequantize_keys(cut(self.kq[layer], n // self.group), group=self.group, lut=self.lut_k[layer], **kw)
+        else:
+            k = ref.dequantize_tokens(cut(self.kq[layer], n), vgroup=self.vgroup, lut=self.lut_k[layer], **kw)
+        if self.H is not None:
+            k = k @ self.H
+        v = ref.dequantize_tokens(cut(self.vq[layer], n), vgroup=self.vgroup, lut=self.lut_v[layer], **kw)
+        return k, v
+
+    def _rope(self, layer: int, k, pos):
+        s = self.specs[layer]
+        return ref.rope_at(k, pos, s.rope.inv_freq.to(k.device), s.rope.scaling) if self.prerope else k.float()
+
+    # -- the contract -------------------------------------------------------------------------------------
+    def append(self, layer, k, v, step: Step):
+        start, end = step.start, step.start + step.n
+        if end > self.capacity:
+            raise UserError(f"the cache holds {self.capacity} tokens and this step needs {end}")
+        if not self.prerope:
+            k = apply_rope(k, *step.rope[self.specs[layer].rope_index])
+        old, new = self.n_quantized(start), self.n_quantized(end)
+        if new > old:  # flush whole groups: pending tokens come from the ring (older) or this chunk
+            pos = torch.arange(self.sink + old, self.sink + new, device=k.device)
+            from_ring = pos < start
+            sl = self._slot(pos[from_ring])
+            kk = torch.cat([self.kf[layer][:, :, sl], k[:, :, pos[~from_ring] - start]], 2)
+            vv = torch.cat([self.vf[layer][:, :, sl], v[:, :, pos[~from_ring] - start]], 2)
+            self._store(layer, old, *self._quant(layer, kk, vv))
+        keep = max(start, end - self.ring)        # older positions of a long chunk would be overwritten
+        pos = torch.arange(keep, end, device=k.device)
+        pos = torch.cat([torch.arange(start, max(start, min(end, self.sink)), device=k.device), pos[pos >= self.sink]])
+        sl = self._slot(pos)
+        self.kf[layer][:, :, sl] = k[:, :, pos - start].to(self.dtype)
+        self.vf[layer][:, :, sl] = v[:, :, pos - start].to(self.dtype)
+
+    def past_attention(self, layer, q, step: Step):
+        n = step.start
+        if n == 0:
+            return None
+        s = self.specs[layer]
+        nq = self.n_quantized(n)
+        slots, pos = ref.fp_slots(n, self.sink, self.ring, self.sink + nq)
+        slots, pos = slots.to(q.device), pos.to(q.device)
+        ks, vs, kpos = [self.kf[layer][:, :, slots].float()], [self.vf[layer][:, :, slots].float()], [pos]
+        if nq:
+            kd, vd = self._dequant(layer, nq)
+            ks.append(kd)
+            vs.append(vd)
+            kpos.append(torch.arange(self.sink, self.sink + nq, device=q.device))
+        kpos = torch.cat(kpos)
+        k = self._rope(layer, torch.cat(ks, 2), kpos).to(q.dtype)
+        v = torch.cat(vs, 2).to(q.dtype)
+        return past_attention(q, k, v, scale=s.scale, q_pos=step.pos, k_pos=kpos, window=s.window,
+                              softcap=s.softcap)
+
+    def decode(self, layer, q, k, v, step: Step):
+        """One token, positions only on the device (CUDA graph): write it to the fp ring, re-derive
+        the most recently completed group from the ring (idempotent, so no host-side condition), then
+        attend straight from the packed bytes."""
+        from ..kernels import quant as qk
+
+        if not self.graph_safe:
+            raise NotImplementedError("this quant configuration has no graph-safe decode path")
+        s = self.specs[layer]
+        length = step.pos[-1:] + 1
+        kw = dict(bits=self.bits, group=self.group, vgroup=self.vgroup, sink=self.sink, window=self.window,
+                  lut_k=self.lut_k[layer], lut_v=self.lut_v[layer])
+        qk.append_flush(k.to(self.dtype), v.to(self.dtype), length, self.kf[layer], self.vf[layer],
+                        self.kq[layer], self.vq[layer], **kw)
+        return qk.quant_decode_attention(
+            q, self.kq[layer], self.vq[layer], self.kf[layer], self.vf[layer], length, scale=s.scale,
+            inv_freq=s.rope.inv_freq, rope_scaling=s.rope.scaling, **kw)
+
+
+def _preset(name: str, help: str, **defaults):
+    params = {k: (t, defaults.get(k, d), h) for k, (t, d, h) in PARAMS.items()}
+    cls = type(f"QuantCache_{name}", (QuantCache,), {"DEFAULTS": defaults, "__doc__": help})
+    register(name, help=help, params=params)(cls)
+
+
+_preset("kv4", "4-bit KV = quant:bits=4,group=64: keys pre-RoPE per channel in 64-token groups, values "
+               "per token (one range per head), 4 sink + >=128 recent tokens in full precision; "
+               "4.5 bits/element at head dim 64 (4.38 at 128) beyond the fp window",
+        bits=4)
+_preset("kv3", "3-bit KV = quant:bits=3,group=64: as kv4 with 3-bit codes; 3.5 bits/element at head "
+               "dim 64 (3.38 at 128) beyond the fp window",
+        bits=3)
+_preset("kv2", "2-bit KV = quant:bits=2,group=32,vgroup=32,outliers=0.01: 32-token key groups, values in "
+               "32-channel groups, ~1% of each token's channels kept exactly (fp16 + index), 4 sink + "
+               ">=128 recent tokens in full precision; 3.38 bits/element beyond the fp window",
+        bits=2, group=32, vgroup=32, outliers=0.01)

@@ -1,0 +1,237 @@
+"""Plain-torch references for the quantized KV cache: quantize, pack, dequantize, decode attention.
+
+The ground truth for `kernels/quant.py` (Triton) and the CPU path of `cache/quant.py`.
+
+Schemes (one vocabulary: a *group* shares one scale and one zero point):
+- keys per channel, statistics over `group` consecutive tokens (KIVI, Liu et al. 2024; KVQuant,
+  Hooper et al. 2024 §3.1): key outliers live in fixed channels, so a per-channel range absorbs them;
+- values per token, statistics over `vgroup` consecutive channels (KIVI §3.3);
+- asymmetric min/max: x ≈ zero + level(code) · scale, level(code) = code for uniform levels, or a
+  per-layer codebook value in [0, 1] for non-uniform levels (KVQuant's nuq, §3.3);
+- dense-and-sparse (KVQuant §3.4): the `n_out` elements of each token that most stretch their
+  group's range are kept exactly (fp16 value + uint8 channel index) and left out of min/max;
+- optional Hadamard rotation of keys (QuaRot, Ashkboos et al. 2024) before quantizing.
+
+Packing: codes of `bits` bits are stored in uint8 *planes*, consecutive channels sharing a byte
+(channel c of a `pb`-bit plane lives in byte c // (8/pb) at bit (c % (8/pb)) · pb). 3-bit codes are a
+2-bit plane of the low bits plus a 1-bit plane of the high bit, so 3 bits cost exactly 3 bits.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .reference import attention_lse
+
+__all__ = ["PLANES", "hadamard", "pack", "unpack", "quantize_keys", "quantize_tokens", "dequantize_keys",
+           "dequantize_tokens", "rope_at", "fp_slots", "quant_decode_attention", "normalized"]
+
+PLANES = {2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}
+
+
+def hadamard(d: int, device=None) -> torch.Tensor:
+    """(d, d) orthonormal Sylvester-Hadamard matrix (symmetric, so H @ H = I); d a power of 2."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(d)).to(device)
+
+
+# -- packing -------------------------------------------------------------------------------------------
+def pack(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """codes (..., D) uint8 in [0, 2**bits) → planes, each (..., D * pb // 8) uint8."""
+    planes, shift = [], 0
+    for pb in PLANES[bits]:
+        part = ((codes.to(torch.int32) >> shift) & ((1 << pb) - 1))
+        per = 8 // pb
+        part = part.reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
+        sh = torch.arange(per, device=codes.device, dtype=torch.int32) * pb
+        planes.append((part << sh).sum(-1).to(torch.uint8))
+        shift += pb
+    return planes
+
+
+def unpack(planes: list[torch.Tensor], bits: int, d: int) -> torch.Tensor:
+    """Inverse of `pack`: planes → codes (..., d) uint8."""
+    codes, shift = None, 0
+    for pb, p in zip(PLANES[bits], planes):
+        per = 8 // pb
+        sh = torch.arange(per, device=p.device, dtype=torch.int32) * pb
+        part = ((p.to(torch.int32)[..., None] >> sh) & ((1 << pb) - 1)).reshape(*p.shape[:-1], d)
+        codes = part << shift if codes is None else codes | (part << shift)
+        shift += pb
+    return codes.to(torch.uint8)
+
+
+# -- quantize / dequantize -----------------------------------------------------------------------------
+def _levels(bits: int, lut: torch.Tensor | None, device) -> torch.Tensor:
+    return torch.arange(2 ** bits, device=device, dtype=torch.float32) if lut is None else lut.float().to(device)
+
+
+def _encode(x, lo, hi, bits, lut):
+    """x, lo, hi broadcastable fp32 → (codes uint8, scale fp16, zero fp16). Statistics are rounded to
+    fp16 first so that dequantizing the stored values reproduces exactly what was encoded."""
+    top = 2 ** bits - 1
+    zero = lo.half()
+    rng = (hi - zero.float()).clamp_min(1e-6)
+    scale = (rng / top if lut is None else rng).half()
+    t = (x - zero.float()) / scale.float().clamp_min(1e-8)
+    if lut is None:
+        codes = t.round().clamp(0, top)
+    else:  # nearest codebook level (levels sorted): count the midpoints below t
+        lv = lut.float().to(x.device)
+        codes = torch.bucketize(t, (lv[1:] + lv[:-1]) / 2)
+    return codes.to(torch.uint8), scale, zero
+
+
+def _outliers(x, center, spread, n_out):
+    """Per token (last-but-one axis) the n_out channels with the largest |x - center| / spread.
+    Returns idx (..., n_out) int64 and their exact values (..., n_out)."""
+    score = (x - center).abs() / spread
+    idx = score.topk(n_out, dim=-1).indices
+    return idx, x.gather(-1, idx)
+
+
+def quantize_keys(k: torch.Tensor, *, bits: int, group: int, n_out: int = 0, lut=None) -> dict:
+    """Per-channel keys. k (B, H, T, D) with T a multiple of `group` →
+    {planes, scale (B, H, T/group, D) fp16, zero (same), out_idx (B, H, T, n_out) uint8, out_val fp16}."""
+    B, H, T, D = k.shape
+    x = k.float().reshape(B, H, T // group, group, D)
+    out = {}
+    if n_out:
+        mu = x.mean(3, keepdim=True)
+        sd = x.std(3, keepdim=True, correction=0).clamp_min(1e-6)
+        idx, val = _outliers(x, mu, sd, n_out)
+        x = x.scatter(-1, idx, mu.expand_as(x).gather(-1, idx))   # drop them from min/max
+        out = {"out_idx": idx.reshape(B, H, T, n_out).to(torch.uint8),
+               "out_val": val.reshape(B, H, T, n_out).half()}
+    codes, scale, zero = _encode(x, x.amin(3, keepdim=True), x.amax(3, keepdim=True), bits, lut)
+    return {"planes": pack(codes.reshape(B, H, T, D), bits), "scale": scale.squeeze(3),
+            "zero": zero.squeeze(3), **out}
+
+
+def quantize_tokens(v: torch.Tensor, *, bits: int, vgroup: int, n_out: int = 0, lut=None) -> dict:
+    """Per-token vectors (values; keys in the per-token ablation). v (B, H, T, D) →
+    {planes, scale (B, H, T, D/vgroup) fp16, zero (same), out_idx, out_val}."""
+    B, H, T, D = v.shape
+    x = v.float().reshape(B, H, T, D // vgroup, vgroup)
+    out = {}
+    if n_out:
+        mu = x.mean(-1, keepdim=True)
+        sd = x.std(-1, keepdim=True, correction=0).clamp_min(1e-6)
+        flat = x.reshape(B, H, T, D)
+        idx, val = _outliers(flat, mu.expand_as(x).reshape(B, H, T, D), sd.expand_as(x).reshape(B, H, T, D), n_out)
+        flat = flat.scatter(-1, idx, mu.expand_as(x).reshape(B, H, T, D).gather(-1, idx))
+        x = flat.reshape(B, H, T, D // vgroup, vgroup)
+        out = {"out_idx": idx.to(torch.uint8), "out_val": val.half()}
+    codes, scale, zero = _encode(x, x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), bits, lut)
+    return {"planes": pack(codes.reshape(B, H, T, D), bits), "scale": scale.squeeze(-1),
+            "zero": zero.squeeze(-1), **out}
+
+
+def normalized(x: torch.Tensor, *, per_channel: bool, group: int, n_out: int = 0) -> torch.Tensor:
+    """Where each element of x (B, H, T, D) falls inside its group's [min, max] range, in [0, 1], with
+    the outliers left out (flat fp32). What non-uniform codebooks are fitted to (KVQuant §3.3)."""
+    B, H, T, D = x.shape
+    xf = x.float()
+    if per_channel:
+        g = xf.reshape(B, H, T // group, group, D)
+        mu, sd = g.mean(3, keepdim=True), g.std(3, keepdim=True, correction=0).clamp_min(1e-6)
+        mu, sd = mu.expand_as(g).reshape(B, H, T, D), sd.expand_as(g).reshape(B, H, T, D)
+    else:
+        g = xf.reshape(B, H, T, D // group, group)
+        mu, sd = g.mean(-1, keepdim=True), g.std(-1, keepdim=True, correction=0).clamp_min(1e-6)
+        mu, sd = mu.expand_as(g).reshape(B, H, T, D), sd.expand_as(g).reshape(B, H, T, D)
+    keep = torch.ones_like(xf, dtype=torch.bool)
+    if n_out:
+        idx, _ = _outliers(xf, mu, sd, n_out)
+        keep = keep.scatter(-1, idx, False)
+        xf = torch.where(keep, xf, mu)
+    if per_channel:
+        g = xf.reshape(B, H, T // group, group, D)
+        lo, hi = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
+    else:
+        g = xf.reshape(B, H, T, D // group, group)
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    t = ((g - lo) / (hi - lo).clamp_min(1e-6)).reshape(B, H, T, D)
+    return t[keep]
+
+
+def _restore(x, q):
+    if "out_idx" in q:
+        x = x.scatter(-1, q["out_idx"].long(), q["out_val"].float())
+    return x
+
+
+def dequantize_keys(q: dict, *, bits: int, group: int, d: int, lut=None) -> torch.Tensor:
+    """Inverse of `quantize_keys` → (B, H, T, D) fp32."""
+    lv = _levels(bits, lut, q["scale"].device)
+    codes = unpack(q["planes"], bits, d)
+    B, H, T, D = codes.shape
+    x = lv[codes.long()].reshape(B, H, T // group, group, D)
+    x = x * q["scale"].float()[:, :, :, None] + q["zero"].float()[:, :, :, None]
+    return _restore(x.reshape(B, H, T, D), q)
+
+
+def dequantize_tokens(q: dict, *, bits: int, vgroup: int, d: int, lut=None) -> torch.Tensor:
+    """Inverse of `quantize_tokens` → (B, H, T, D) fp32."""
+    lv = _levels(bits, lut, q["scale"].device)
+    codes = unpack(q["planes"], bits, d)
+    B, H, T, D = codes.shape
+    x = lv[codes.long()].reshape(B, H, T, D // vgroup, vgroup)
+    x = x * q["scale"].float()[..., None] + q["zero"].float()[..., None]
+    return _restore(x.reshape(B, H, T, D), q)
+
+
+# -- decode attention over the packed layout --------------------------------------------------------------
+def rope_at(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """RoPE (rotate_half convention) of x (B, H, T, D) at positions pos (T,), in fp32."""
+    f = pos.float()[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat((f, f), -1)
+    c, s = emb.cos() * scaling, emb.sin() * scaling
+    x1, x2 = x.float().chunk(2, -1)
+    return x.float() * c + torch.cat((-x2, x1), -1) * s
+
+
+def fp_slots(length: int, sink: int, ring: int, first_recent: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-precision buffer (sink slots then a ring of `ring` slots): which slots hold visible tokens
+    when `length` tokens are stored and quantized groups end at `first_recent`. → (slots, positions)."""
+    slots, pos = list(range(min(sink, length))), list(range(min(sink, length)))
+    for p in range(max(first_recent, sink), length):
+        slots.append(sink + (p - sink) % ring)
+        pos.append(p)
+    return torch.tensor(slots, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
+
+
+def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length: int, *, bits: int, group: int,
+                           vgroup: int, sink: int, window: int, scale: float, inv_freq,
+                           rope_scaling: float = 1.0, lut_k=None, lut_v=None) -> torch.Tensor:
+    """One decode step, reference for `kernels.quant.quant_decode_attention`.
+
+    q (B, Hq, 1, D) post-RoPE at position length-1; kq/vq: the packed dicts of `quantize_keys` /
+    `quantize_tokens` over the quantized region (buffer index i ↔ position sink + i), pre-RoPE keys;
+    kf, vf (B, Hkv, sink + ring, D): full-precision sink slots then a ring (position p ≥ sink lives in
+    slot sink + (p - sink) % ring), pre-RoPE keys. Groups are flushed when `window` recent tokens
+    remain; attention sees the groups flushed before the current token arrived,
+    n_q = group · max(0, (length - 1 - sink - window) // group), as chunked prefill does.
+    Returns (B, Hq, 1, D) in q's dtype.
+    """
+    D = q.shape[-1]
+    ring = kf.shape[2] - sink
+    nq = group * max(0, (length - 1 - sink - window) // group)
+    slots, pos = fp_slots(length, sink, ring, sink + nq)
+    ks, vs = [kf[:, :, slots.to(kf.device)]], [vf[:, :, slots.to(kf.device)]]
+    kpos = [pos]
+    if nq:
+        sl = lambda d, n: {k: ([p[:, :, :n] for p in t] if k == "planes" else t[:, :, :n]) for k, t in d.items()}
+        kd = dequantize_keys({**sl(kq, nq), "scale": kq["scale"][:, :, :nq // group],
+                              "zero": kq["zero"][:, :, :nq // group]}, bits=bits, group=group, d=D, lut=lut_k)
+        ks.append(kd)
+        vs.append(dequantize_tokens(sl(vq, nq), bits=bits, vgroup=vgroup, d=D, lut=lut_v))
+        kpos.append(torch.arange(sink, sink + nq))
+    kpos = torch.cat(kpos).to(q.device)
+    k = rope_at(torch.cat([x.float() for x in ks], 2), kpos, inv_freq.to(q.device), rope_scaling)
+    v = torch.cat([x.float() for x in vs], 2)
+    out, _ = attention_lse(q, k, v, scale=scale)
+    return out.to(q.dtype)

@@ -1,0 +1,213 @@
+"""Quantized KV cache: packing, quantization error bounds, Triton kernels vs the torch references
+(interpreter on CPU), honest bytes, and cache-level invariants on a tiny random Llama."""
+import math
+
+import pytest
+import torch
+import transformers
+
+from longkv.cache import spec as cache_spec
+from longkv.cache.full import FullCache
+from longkv.cache.quant import QuantCache
+from longkv.engine.prefill import prefill
+from longkv.errors import UserError
+from longkv.kernels import quant as qk
+from longkv.kernels import quant_reference as ref
+from longkv.models.load import load_model
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_unpack_round_trip(bits):
+    codes = torch.randint(0, 2 ** bits, (2, 3, 5, 64), generator=gen(bits), dtype=torch.uint8)
+    planes = ref.pack(codes, bits)
+    assert sum(p.shape[-1] for p in planes) * 8 == 64 * bits    # exactly `bits` bits a code
+    assert torch.equal(ref.unpack(planes, bits, 64), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_quantize_error_is_within_half_a_step(bits):
+    x = torch.randn(1, 2, 64, 64, generator=gen(1)) * torch.linspace(0.1, 5, 64)  # channel outliers
+    top = 2 ** bits - 1
+    q = ref.quantize_keys(x, bits=bits, group=32)
+    err = (ref.dequantize_keys(q, bits=bits, group=32, d=64) - x).abs()
+    step = q["scale"].float().repeat_interleave(32, dim=2)
+    assert (err <= step / 2 + 1e-3 * x.abs().amax() / top + 1e-4).all()
+    q = ref.quantize_tokens(x, bits=bits, vgroup=16)
+    err = (ref.dequantize_tokens(q, bits=bits, vgroup=16, d=64) - x).abs()
+    step = q["scale"].float().repeat_interleave(16, dim=-1)
+    assert (err <= step / 2 + 1e-3 * x.abs().amax() / top + 1e-4).all()
+
+
+def test_outliers_are_kept_exactly_and_shrink_the_error():
+    x = torch.randn(1, 1, 32, 64, generator=gen(2))
+    x[0, 0, 5, 7] = 40.0
+    plain = ref.quantize_tokens(x, bits=3, vgroup=64)
+    sparse = ref.quantize_tokens(x, bits=3, vgroup=64, n_out=1)
+    assert sparse["out_idx"][0, 0, 5, 0] == 7
+    back = ref.dequantize_tokens(sparse, bits=3, vgroup=64, d=64)
+    assert back[0, 0, 5, 7] == 40.0
+    e_plain = (ref.dequantize_tokens(plain, bits=3, vgroup=64, d=64) - x)[0, 0, 5].abs().mean()
+    assert (back - x)[0, 0, 5].abs().mean() < e_plain / 4
+
+
+def packed_layer(B, H, D, cap, group, vgroup, bits, n_out, lut, seed=0):
+    g = gen(seed)
+    k = torch.randn(B, H, cap, D, generator=g) * torch.linspace(0.2, 3, D)
+    v = torch.randn(B, H, cap, D, generator=g)
+    kq = ref.quantize_keys(k, bits=bits, group=group, n_out=n_out, lut=lut)
+    vq = ref.quantize_tokens(v, bits=bits, vgroup=vgroup, n_out=n_out, lut=lut)
+    return kq, vq
+
+
+CASES = [  # bits, nuq, n_out, length (sink 3, window 5, group 16)
+    (4, False, 0, 2), (4, False, 0, 23), (4, False, 1, 60), (2, False, 2, 57),
+    (3, True, 1, 58), (8, False, 0, 41), (2, True, 0, 36),
+]
+
+
+@pytest.mark.parametrize("bits,nuq,n_out,length", CASES)
+def test_decode_kernel_matches_reference(bits, nuq, n_out, length):
+    B, Hq, H, D, group, sink, window, ring = 2, 6, 2, 64, 16, 3, 5, 5 + 32
+    cap = 64
+    lut = torch.sort(torch.rand(2 ** bits, generator=gen(3))).values if nuq else None
+    kq, vq = packed_layer(B, H, D, cap, group, 32, bits, n_out, lut)
+    kf = torch.randn(B, H, sink + ring, D, generator=gen(4))
+    vf = torch.randn(B, H, sink + ring, D, generator=gen(5))
+    q = torch.randn(B, Hq, 1, D, generator=gen(6))
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    kw = dict(bits=bits, group=group, vgroup=32, sink=sink, window=window, scale=D ** -0.5,
+              inv_freq=inv_freq, lut_k=lut, lut_v=lut)
+    want = ref.quant_decode_attention(q, kq, vq, kf, vf, length, **kw)
+    got = qk.quant_decode_attention(q, kq, vq, kf, vf, torch.tensor([length]), splits=3, **kw)
+    assert (got - want).abs().max() < 2e-3
+
+
+@pytest.mark.parametrize("bits,nuq,n_out", [(4, False, 0), (3, True, 1), (2, False, 2)])
+def test_append_flush_kernel_matches_reference(bits, nuq, n_out, monkeypatch):
+    B, H, D, group, sink, window = 1, 3, 64, 16, 2, 3
+    ring = window + 2 * group
+    lut = torch.sort(torch.rand(2 ** bits, generator=gen(7))).values if nuq else None
+    outs = []
+    for triton_path in (True, False):
+        monkeypatch.setattr(qk, "_use_triton", lambda x: triton_path)
+        kf = torch.zeros(B, H, sink + ring, D)
+        vf = torch.zeros_like(kf)
+        kq, vq = packed_layer(B, H, D, 64, group, 16, bits, n_out, lut)
+        kq = {k: ([torch.zeros_like(p) for p in t] if k == "planes" else torch.zeros_like(t)) for k, t in kq.items()}
+        vq = {k: ([torch.zeros_like(p) for p in t] if k == "planes" else torch.zeros_like(t)) for k, t in vq.items()}
+        g = gen(8)
+        for n in range(1, sink + window + 2 * group + 2):
+            k, v = torch.randn(B, H, 1, D, generator=g) * 3, torch.randn(B, H, 1, D, generator=g)
+            qk.append_flush(k, v, torch.tensor([n]), kf, vf, kq, vq, bits=bits, group=group, vgroup=16,
+                            sink=sink, window=window, lut_k=lut, lut_v=lut)
+        deq = (ref.dequantize_keys(kq, bits=bits, group=group, d=D, lut=lut)[:, :, :2 * group],
+               ref.dequantize_tokens(vq, bits=bits, vgroup=16, d=D, lut=lut)[:, :, :2 * group])
+        outs.append((kf, vf) + deq)
+    for a, b in zip(*outs):
+        assert (a - b).abs().max() < 1e-2 * b.abs().max()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tinyq")
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return load_model(path)
+
+
+def build(model, spec, cap):
+    return cache_spec.parse(spec).build(model.layer_specs(), batch=1, capacity=cap, device="cpu",
+                                        dtype=torch.float32)
+
+
+def ids(n, seed=0):
+    return torch.randint(0, 97, (1, n), generator=gen(seed))
+
+
+def test_bits8_with_a_window_covering_everything_equals_full(tiny):
+    x = ids(50)
+    full = prefill(tiny, build(tiny, "full", 64), x, chunk=7, logits="all")
+    q = prefill(tiny, build(tiny, "quant:bits=8,window=64", 64), x, chunk=7, logits="all")
+    assert (full - q).abs().max() < 1e-4
+    q8 = prefill(tiny, build(tiny, "quant:bits=8,window=0,sink=0,group=16", 64), x, chunk=7, logits="all")
+    assert (full - q8).abs().max() < 0.05 * full.abs().max()
+
+
+@pytest.mark.parametrize("spec", ["kv4", "kv2", "quant:bits=3,outliers=0.02,nuq=", "quant:bits=4,rotate=1,keys=token"])
+def test_nbytes_equals_the_tensors(tiny, spec):
+    kv = build(tiny, spec, 2048)
+    assert kv.nbytes() == sum(t.numel() * t.element_size() for t in kv.tensors())
+    held = {t.data_ptr() for t in kv.tensors()}
+    assert len(held) == len(kv.tensors())   # nothing counted twice
+    elems = 2 * 2 * 2 * 32 * 2048          # k and v, layers, kv heads, head dim, capacity
+    assert kv.stats()["bits_per_element"] == round(8 * kv.nbytes() / elems, 3)
+
+
+def test_graph_decode_path_equals_eager_path(tiny):
+    """The device-only decode (what a CUDA graph replays) equals prefill-style attention step by step."""
+    x = ids(40, 3)
+    spec = "quant:bits=4,group=16,sink=2,window=3,outliers=0.02"
+    eager, graph = build(tiny, spec, 64), build(tiny, spec, 64)
+    prefill(tiny, eager, x[:, :20], chunk=6)
+    prefill(tiny, graph, x[:, :20], chunk=6)
+    for i in range(20, 40):
+        pos = torch.tensor([i])
+        a = tiny(x[:, i:i + 1], tiny.make_step(pos, i), eager)
+        b = tiny(x[:, i:i + 1], tiny.make_step(pos, None), graph)
+        graph.advance(1)
+        assert (a - b).abs().max() < 2e-3 * a.abs().max()
+
+
+@pytest.mark.parametrize("spec,word", [("quant:bits=5", "bits"), ("quant:group=24", "group"),
+                                       ("quant:vgroup=48", "vgroup"), ("quant:keys=head", "keys"),
+                                       ("quant:nuq=/nonexistent.json", "nuq")])
+def test_bad_parameters_name_themselves(tiny, spec, word):
+    with pytest.raises(UserError, match=word):
+        build(tiny, spec, 32)
+
+
+def test_codebook_from_another_model_is_refused(tiny, tmp_path):
+    import json
+    f = tmp_path / "book.json"
+    f.write_text(json.dumps({"bits": 4, "shape": [30, 3, 64], "model": "smollm2-135m",
+                             "k": [[i / 15 for i in range(16)]] * 30, "v": [[i / 15 for i in range(16)]] * 30}))
+    with pytest.raises(UserError, match="nuq.*another model"):
+        build(tiny, f"quant:bits=4,nuq={f}", 32)
+
+
+@pytest.mark.slow
+def test_kv4_greedy_on_the_default_model():
+    """smollm2-135m. A short prompt: kv4 text == full text. A ~450-token Shakespeare prompt (three
+    64-token key groups really quantized): greedy text diverges after a few tokens on this 135M
+    model (near-tied logits; measured), so the check is teacher-forced: fed full's greedy
+    continuation, kv4 picks the same next token at >= 75% of the steps."""
+    import longkv
+    from longkv.engine.prefill import prefill
+    from longkv.evals import corpora
+    from longkv.models.fetch import is_cached
+
+    if not is_cached("smollm2-135m"):
+        pytest.skip("smollm2-135m is not cached (longkv models pull smollm2-135m)")
+    llm = longkv.load("smollm2-135m", device="cpu", progress=False)
+    short = "What is the capital of France?"
+    assert llm.generate(short, cache="kv4", max_new_tokens=16).text == \
+        llm.generate(short, cache="full", max_new_tokens=16).text
+    c = corpora.get("auto")
+    prompt = c.text()[5000:6500] + "\nSummarize the text above in one sentence."
+    full = llm.generate(prompt, cache="full", max_new_tokens=16)
+    ids = llm.encode(prompt)
+    assert len(ids) > 4 + 128 + 64
+    kv = llm.new_cache("kv4", capacity=len(ids) + 16)
+    last = prefill(llm.model, kv, torch.tensor([ids]), chunk=2048)[0]
+    agree = [int(last.argmax()) == full.token_ids[0]]
+    for t, nxt in zip(full.token_ids[:-1], full.token_ids[1:]):   # decode steps, eager path
+        out = prefill(llm.model, kv, torch.tensor([[t]]), chunk=1)[0]
+        agree.append(int(out.argmax()) == nxt)
+    assert sum(agree) >= 0.75 * len(agree), agree
+    assert kv.nbytes() < llm.new_cache("full", capacity=len(ids) + 16).nbytes()
