@@ -21,11 +21,9 @@ class CacheSpec:
         return "+".join(n + (":" + ",".join(f"{k}={v}" for k, v in p) if p else "") for n, p in self.parts)
 
     def build(self, specs, *, batch: int, capacity: int, device, dtype):
-        if len(self.parts) != 1:
-            raise UserError(f"cache spec {self}: combining methods is not available yet")
-        name, params = self.parts[0]
-        return REGISTRY[name].cls(specs, batch=batch, capacity=capacity, device=device, dtype=dtype,
-                                  **dict(params))
+        from .compose import build  # roles, rules and the storage interface live there
+
+        return build(self.parts, specs, batch=batch, capacity=capacity, device=device, dtype=dtype)
 
 
 def _value(kind: type, raw: str, where: str):

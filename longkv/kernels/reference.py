@@ -59,3 +59,5 @@ def decode_attention(q, k, v, length, *, scale: float, window: int | None = None
     lo = 0 if window is None else max(0, n - window)
     out, _ = attention_lse(q, k[:, :, lo:n], v[:, :, lo:n], scale=scale, softcap=softcap)
     return out.to(q.dtype)
+from .quant_reference import *  # noqa
+from .sparse_reference import *  # noqa

@@ -1,0 +1,180 @@
+"""Sparse and evicted caches at long context: decode speed, bytes held, peak memory while filling.
+
+Llama-3-8B shape, random bf16 weights, batch 1. The cache is **not** filled by a real prefill (512K
+tokens of O(n²) attention); it is filled through each cache's own append path with random keys,
+values and (for scorers) window queries, chunk by chunk, and eviction methods compact after every
+chunk exactly as they do during a chunked prefill. So decode timings and memory are real; which
+tokens survive is not meaningful (random data).
+
+For each context and method:
+- `layer_us`: one sparse layer's decode attention (write + score/select + attention), CUDA graph;
+- `decode_ms`: a whole one-token decode step of the model (CUDA graph), and its ratio to `full`;
+- `kv_GiB`: bytes the cache holds (nbytes) once decoding (after the last compaction), `kv_vs_full`
+  its ratio to a full bf16 cache of the same tokens; `fill_peak_GiB`: peak allocated while
+  filling, above the weights (what a chunked prefill's cache would need at its worst).
+Methods: full, quest at budgets 1/8 and 1/32 (tokens read per step), snapkv / streaming / adakv+snapkv
+/ tova keeping 1/8 (and snapkv 1/32) after compaction.
+
+    python benchmarks/sparse_decode.py --contexts 128k --layers 32        # H100 80GB
+    python benchmarks/sparse_decode.py --contexts 512k --layers 8         # full bf16 KV of 32 layers at
+                                                                          # 512K (64 GiB) does not fit
+    python benchmarks/sparse_decode.py --smoke                            # CPU, tiny shapes: runs or not
+Last line: JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+from common import LLAMA3_8B, emit_json, print_table, random_model, time_cuda
+
+from longkv.cache import spec as cache_spec
+
+
+def parse_tokens(s: str) -> int:
+    s = s.strip().lower()
+    return int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
+
+
+def methods(ctx: int) -> list[tuple[str, str]]:
+    b8, b32 = ctx // 8, ctx // 32
+    return [("full", "full"),
+            ("quest 1/8", f"quest:budget={b8}"), ("quest 1/32", f"quest:budget={b32}"),
+            ("snapkv 1/8", f"snapkv:budget={b8}"), ("snapkv 1/32", f"snapkv:budget={b32}"),
+            ("streaming 1/8", f"streaming:budget={b8}"), ("adakv+snapkv 1/8", f"adakv+snapkv:budget={b8}"),
+            ("tova 1/8", f"tova:budget={b8}")]
+
+
+@torch.inference_mode()
+def fill(model, cache, ctx: int, chunk: int, dev, gen):
+    """Append `ctx` random tokens through the cache's own path, chunk by chunk (see module docstring)."""
+    specs = model.layer_specs()
+    s0 = specs[0]
+    for start in range(0, ctx, chunk):
+        n = min(chunk, ctx - start)
+        pos = torch.arange(start, start + n, device=dev)
+        step = model.make_step(pos, start)
+        for layer in range(len(specs)):
+            k = torch.randn(1, s0.num_kv_heads, n, s0.head_dim, device=dev, generator=gen, dtype=cache.dtype)
+            v = torch.randn_like(k)
+            if hasattr(cache, "_remember"):          # eviction: window queries, then compaction as in prefill
+                if cache.chunked:
+                    cache._compact(layer)
+                q = torch.randn(1, s0.num_heads, min(n, 64), s0.head_dim, device=dev, generator=gen, dtype=cache.dtype)
+                cache._remember(layer, q, pos[-q.shape[2]:])
+            cache.append(layer, k, v, step)
+        cache.advance(n)
+
+
+def timed(fn, reps: int, dev) -> float:
+    if dev.type == "cuda":
+        return time_cuda(fn, reps)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+@torch.inference_mode()
+def layer_time(model, cache, layer: int, dev, reps: int) -> float:
+    """µs of one layer's decode attention at position cache.length (graph-captured on CUDA)."""
+    s = model.layer_specs()[layer]
+    pos = torch.full((1,), cache.length, device=dev)
+    step = model.make_step(pos, None)
+    q = torch.randn(1, s.num_heads, 1, s.head_dim, device=dev, dtype=cache.dtype)
+    k = torch.randn(1, s.num_kv_heads, 1, s.head_dim, device=dev, dtype=cache.dtype)
+    v = torch.randn_like(k)
+    fn = lambda: cache.attend(layer, q, k, v, step=step)  # noqa: E731
+    fn()
+    fn()
+    if dev.type == "cuda":
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        fn = g.replay
+    return timed(fn, reps, dev) * 1e3
+
+
+@torch.inference_mode()
+def decode_time(model, cache, dev, reps: int) -> float:
+    """ms per whole-model decode step (CUDA graph on CUDA, eager on CPU); positions do not advance,
+    so every replay does the same work (the step rewrites the same slot)."""
+    tok = torch.zeros(1, dtype=torch.long, device=dev)
+    if dev.type == "cuda":
+        from longkv.engine.graph import GraphStep
+        graph = GraphStep(model, cache, batch=1)
+        return timed(lambda: graph(tok, cache.length), reps, dev)
+    step = model.make_step(torch.tensor([cache.length], device=dev), None)
+    model(tok.view(1, 1), step, cache)
+    return timed(lambda: model(tok.view(1, 1), step, cache), reps, dev)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="128k")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--chunk", type=int, default=8192, help="fill chunk (eviction compacts after each)")
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--only", default=None, help="comma list of method labels to run")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, eager: checks that it runs")
+    a = ap.parse_args()
+    cfg = dict(LLAMA3_8B, num_hidden_layers=a.layers)
+    if a.smoke:
+        cfg.update(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                   vocab_size=1024, num_hidden_layers=4)
+        a.contexts, a.chunk, a.reps = "2k", 512, 2
+    dev = torch.device("cpu" if a.smoke else "cuda")
+    dtype = torch.float32 if a.smoke else torch.bfloat16
+    model = random_model(cfg, device=dev, dtype=dtype)
+    wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    name = "CPU (smoke)" if a.smoke else torch.cuda.get_device_name()
+    print(f"# {name}; Llama-3-8B shape, {cfg['num_hidden_layers']} layers, random weights; cache filled "
+          f"through its append path with random data (no real prefill)")
+    rows = []
+    for ctx in [parse_tokens(c) for c in a.contexts.split(",")]:
+        base_ms = None
+        for label, spec in methods(ctx):
+            if a.only and label not in a.only.split(","):
+                continue
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
+            row = dict(context=ctx, method=label, spec=spec)
+            cache = None
+            try:
+                cache = cache_spec.parse(spec).build(model.layer_specs(), batch=1, capacity=ctx + 64, device=dev, dtype=dtype)
+                t0 = time.perf_counter()
+                fill(model, cache, ctx, a.chunk, dev, torch.Generator(device=dev).manual_seed(ctx))
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                    row["fill_peak_GiB"] = round((torch.cuda.max_memory_allocated() - before) / 2**30, 2)
+                row["fill_s"] = round(time.perf_counter() - t0, 1)
+                layer = min(cfg["num_hidden_layers"] - 1, 2)   # a sparse layer for quest (dense_layers=2)
+                row["layer_us"] = round(layer_time(model, cache, layer, dev, a.reps), 1)
+                ms = decode_time(model, cache, dev, a.reps)
+                row["decode_ms"] = round(ms, 3)
+                # after the first decode step: the final compaction and resize have happened
+                row["kv_GiB"] = round(cache.nbytes() / 2**30, 3)
+                row["kv_vs_full"] = round(cache.nbytes() / cache.full_nbytes(), 3)
+                base_ms = ms if label == "full" else base_ms
+                if base_ms:
+                    row["speedup_vs_full"] = round(base_ms / ms, 2)
+            except torch.OutOfMemoryError:
+                row["decode_ms"] = "OOM"
+            rows.append(row)
+            print_table(rows[-1:], list(row))
+            del cache
+    print()
+    print_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
+    emit_json({"bench": "sparse_decode", "device": name, "layers": cfg["num_hidden_layers"],
+               "weights_GB": round(wbytes / 1e9, 2), "filled": "append path, random data", "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""`quest`: Quest (Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference",
+ICML 2024, arXiv 2406.10774). Nothing is evicted: every key and value stays (this saves bandwidth, not
+memory; `nbytes()` is the full cache plus page metadata). Keys are split into pages of `page` tokens,
+each with its element-wise min and max key; at every decode step the pages are scored against the
+query (upper bound of their logits, fused in Triton, one choice per KV head shared by its query group)
+and attention reads only the top pages, always including the first (sink) and the last `recent`
+pages, through a page table into the unchanged buffer (no copy). Prefill is dense, and the first
+`dense_layers` layers stay dense (Quest skips 2).
+
+`budget` = tokens read per decode step; `ratio` = fraction of the cache *not* read per step, sized on
+the cache's capacity (prompt + new tokens). Either way the number of pages is fixed when the cache is
+built, so a step is one CUDA graph.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...errors import UserError
+from ...kernels import quest as kq
+from ...kernels.sparse_reference import page_minmax
+from ...models.rope import apply_rope
+from ..evict.base import Budget
+from ..full import FullCache
+from ..registry import register
+
+
+@register("quest", help="Quest: keep everything; each decode step reads only the top pages by min/max key "
+          "bounds (budget = tokens read per step, ratio = fraction of the cache not read); no memory saving",
+          params={"ratio": (float, 0.5, "fraction of the cache skipped per decode step, in [0, 1)"),
+                  "budget": (int, 0, "tokens read per decode step (instead of ratio)"),
+                  "page": (int, 16, "tokens per page"),
+                  "recent": (int, 2, "last pages always read (the current page included)"),
+                  "dense_layers": (int, 2, "first layers that always read everything")},
+          composes=("full",))
+class QuestCache(FullCache):
+    role = "select"
+
+    def __init__(self, specs, *, batch, capacity, device, dtype, ratio=None, budget=None, page=16, recent=2,
+                 dense_layers=2, storage=None):
+        if page < 1 or page & (page - 1) or page < 16:
+            raise UserError(f"quest: page={page} must be a power of two >= 16")
+        P = page
+        super().__init__(specs, batch=batch, capacity=P * math.ceil(capacity / P), device=device, dtype=dtype)
+        self.capacity = capacity
+        self.P, self.recent, self.dense_layers = P, max(1, recent), max(0, dense_layers)
+        self.budget = Budget.parse(ratio, budget, "quest")
+        self.max_pages = math.ceil(capacity / P)
+        self.k_pages = min(self.max_pages, max(1 + self.recent, math.ceil(self.budget.keep(capacity) / P)))
+        self.pmin, self.pmax = [], []
+        for i, s in enumerate(specs):
+            shape = (batch, s.num_kv_heads, self.max_pages, s.head_dim)
+            sparse = i >= self.dense_layers
+            self.pmin.append(torch.zeros(shape, device=device, dtype=dtype) if sparse else None)
+            self.pmax.append(torch.zeros(shape, device=device, dtype=dtype) if sparse else None)
+
+    def _sparse(self, layer: int) -> bool:
+        return self.pmin[layer] is not None and self.k_pages < self.max_pages and self.specs[layer].window is None
+
+    def nbytes(self) -> int:
+        return super().nbytes() + sum(t.numel() * t.element_size() for t in self.pmin + self.pmax if t is not None)
+
+    def append(self, layer, k, v, step):
+        super().append(layer, k, v, step)
+        if self.pmin[layer] is None:
+            return
+        P, end = self.P, step.start + step.n
+        p0, p1 = step.start // P, -(-end // P)
+        kk = self.k[layer][:, :, p0 * P:p1 * P]
+        mn, mx = page_minmax(kk, P, valid=end - p0 * P)
+        self.pmin[layer][:, :, p0:p1], self.pmax[layer][:, :, p0:p1] = mn, mx
+
+    def attend(self, layer, q, k, v, *, step):
+        if step.start is not None and step.n == 1 and self._sparse(layer):
+            if step.start >= self.capacity:
+                raise UserError(f"the cache holds {self.capacity} tokens and this step needs {step.start + 1}")
+            return self.decode(layer, q, k, v, step)
+        return super().attend(layer, q, k, v, step=step)
+
+    def decode(self, layer, q, k, v, step):
+        if not self._sparse(layer):
+            return super().decode(layer, q, k, v, step)
+        s, P = self.specs[layer], self.P
+        pos = step.pos.reshape(1)
+        cos, sin = step.rope[s.rope_index]
+        kr = apply_rope(k, cos, sin)
+        self.k[layer].index_copy_(2, pos, kr)
+        self.v[layer].index_copy_(2, pos, v)
+        page = pos // P
+        first = (pos % P == 0).reshape(1, 1, 1, 1)
+        mn, mx = self.pmin[layer].index_select(2, page), self.pmax[layer].index_select(2, page)
+        self.pmin[layer].index_copy_(2, page, torch.where(first, kr, torch.minimum(mn, kr)))
+        self.pmax[layer].index_copy_(2, page, torch.where(first, kr, torch.maximum(mx, kr)))
+        npages = page + 1
+        scores = kq.page_scores(q, self.pmin[layer], self.pmax[layer], npages, sink=1, recent=self.recent)
+        ids = scores.topk(self.k_pages, dim=-1, sorted=False).indices.sort(dim=-1).values   # (B, Hkv, k)
+        B, Hkv = ids.shape[:2]
+        base = torch.arange(B * Hkv, device=ids.device).reshape(B, Hkv, 1) * (self.k[layer].shape[2] // P)
+        table = (ids + base).reshape(B * Hkv, -1).to(torch.int32)
+        nsel = torch.clamp(npages, max=self.k_pages)
+        last = pos % P + 1
+        D = s.head_dim
+        return kq.paged_attention(q, self.k[layer].view(-1, P, D), self.v[layer].view(-1, P, D), table, nsel,
+                                  last, scale=s.scale, softcap=s.softcap)
+
+    def stats(self) -> dict:
+        st = super().stats()
+        st.update(budget=str(self.budget), pages_read=self.k_pages, page=self.P,
+                  note="quest keeps every token (no memory saving); it reads at most "
+                       f"{self.k_pages * self.P} tokens per decode step in layers >= {self.dense_layers}")
+        if self.k_pages >= self.max_pages:
+            st["note"] = f"{self.budget} reads every page: degraded to the full cache"
+        return st
