@@ -23,6 +23,10 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--cache", default="full", help="cache spec (see `longkv caches`)")
+    p.add_argument("--rope", default=None, metavar="SPEC",
+                   help="training-free context extension past the model's window: yarn:factor=4, ntk:factor=4, "
+                        "dynamic:factor=4, linear:factor=4, llama3:factor=8, self-extend:group=8,window=1024 "
+                        "(default: the model's own RoPE)")
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk in tokens")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
@@ -56,8 +60,11 @@ def _load(a):
     from . import load
     from .cache.spec import parse
 
-    parse(a.cache)  # a bad spec fails before any model is loaded
-    return load(a.model, device=a.device, dtype=a.dtype)
+    from .models.rope_spec import parse as parse_rope
+
+    parse(a.cache)  # bad specs fail before any model is loaded
+    rope = parse_rope(a.rope)
+    return load(a.model, device=a.device, dtype=a.dtype, rope=rope)
 
 
 def cmd_generate(a) -> int:
@@ -104,10 +111,13 @@ def cmd_models(a) -> int:
 def cmd_caches(a) -> int:
     from .cache.spec import describe
 
+    from .cache.compose import combinations
+
     for name, help_, params in describe():
         print(f"{name:<10} {help_}")
         for k, (kind, default, h) in params.items():
             print(f"    {k}={kind.__name__} (default {default}): {h}")
+    print("\ncombinations (join parts with '+'): " + ", ".join(combinations()))
     return 0
 
 
@@ -129,6 +139,11 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_models)
     c = sub.add_parser("caches", help="list the cache specs")
     c.set_defaults(fn=cmd_caches)
+    from .calibrate import add_subcommands as calibrate_commands
+    from .eval_cli import add_subcommands as eval_commands
+
+    eval_commands(sub)
+    calibrate_commands(sub)
     return ap
 
 
