@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"longkv: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("longkv: interrupted", file=sys.stderr)
+        print("longkv: interrupted (eval keeps complete result lines: rerun with the same --out to resume)",
+              file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

@@ -210,19 +210,10 @@ def cmd_report(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m longkv.eval_cli eval ...|report ...`: the same verbs without the rest of the CLI."""
-    ap = argparse.ArgumentParser(prog="longkv")
-    add_subcommands(ap.add_subparsers(dest="cmd", required=True))
-    a = ap.parse_args(argv)
-    try:
-        return a.fn(a)
-    except UserError as e:
-        print(f"longkv: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("longkv: interrupted (complete result lines are kept; rerun with the same --out to resume)",
-              file=sys.stderr)
-        return 130
+    """`python -m longkv.eval_cli eval ...` is `longkv eval ...`."""
+    from .cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

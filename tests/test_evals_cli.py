@@ -5,11 +5,9 @@ import pytest
 
 
 def _main():
-    """The main CLI once `eval` is wired into it; until then the same verbs through eval_cli.main."""
-    from longkv import cli, eval_cli
+    from longkv import cli
 
-    verbs = [a.choices for a in cli.parser()._actions if getattr(a, "choices", None)]
-    return cli.main if any("eval" in v for v in verbs) else eval_cli.main
+    return cli.main
 
 
 @pytest.fixture
