@@ -24,7 +24,6 @@ import torch
 from common import LLAMA3_8B, copy_bandwidth, emit_json, print_table, random_model, weight_bytes_read
 
 from longkv.cache import spec as cache_spec
-from longkv.cache.base import Step
 from longkv.kernels import quant as qk
 from longkv.kernels import quant_reference as ref
 from longkv.kernels.decode import decode_attention

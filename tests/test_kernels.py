@@ -1,5 +1,4 @@
 """Triton kernels against their plain-torch references (CPU via TRITON_INTERPRET=1)."""
-import os
 
 import pytest
 import torch

@@ -1,14 +1,11 @@
 """Quantized KV cache: packing, quantization error bounds, Triton kernels vs the torch references
 (interpreter on CPU), honest bytes, and cache-level invariants on a tiny random Llama."""
-import math
 
 import pytest
 import torch
 import transformers
 
 from longkv.cache import spec as cache_spec
-from longkv.cache.full import FullCache
-from longkv.cache.quant import QuantCache
 from longkv.engine.prefill import prefill
 from longkv.errors import UserError
 from longkv.kernels import quant as qk

@@ -31,6 +31,22 @@ def _use_triton(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def online_step(q, k, v, ok, m, l, acc, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+        """One flash-decoding tile: scores of q (G, D) against k (N, D), masked by ok (N,), folded
+        into the running max m, denominator l and output acc (G, D). Shared by every decode kernel
+        that reads plain (unpacked) K/V tiles."""
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        if HAS_SOFTCAP:
+            s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        return m_new, l, acc
+
+    @triton.jit
     def _split_kernel(Q, K, V, Len, Out, Lse,
                       sqb, sqh, skb, skh, skt, svb, svh, svt,
                       scale, softcap, window,
@@ -61,17 +77,8 @@ if triton is not None:
             n = n0 + tl.arange(0, BLOCK_N)
             ok = n < end
             k = tl.load(kbase + n[:, None] * skt + d[None, :], mask=ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-            if HAS_SOFTCAP:
-                s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
             v = tl.load(vbase + n[:, None] * svt + d[None, :], mask=ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-            m = m_new
+            m, l, acc = online_step(q, k, v, ok, m, l, acc, scale, softcap, HAS_SOFTCAP)
         row = (bh * SPLITS + split) * G + g
         lse = tl.where(l > 0, m + tl.log(l), float("-inf"))
         tl.store(Lse + row, lse, mask=g < G)

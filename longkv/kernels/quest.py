@@ -22,7 +22,7 @@ from .decode import _use_triton, triton
 if triton is not None:
     import triton.language as tl
 
-    from .decode import _merge_kernel
+    from .decode import _merge_kernel, online_step
 
     @triton.jit
     def _score_kernel(Q, Mn, Mx, Npages, S, sqb, sqh, smb, smh, smp, MP, sink, recent,
@@ -75,17 +75,8 @@ if triton is not None:
             page = tl.load(Table + bh * stab + t // P, mask=ok, other=0).to(tl.int64)
             row = page * P + t % P
             k = tl.load(K + row[:, None] * ROW_STRIDE + d[None, :], mask=ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-            if HAS_SOFTCAP:
-                s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp(m - m_new)
-            pr = tl.exp(s - m_new[:, None])
-            l = l * alpha + tl.sum(pr, 1)
             v = tl.load(V + row[:, None] * ROW_STRIDE + d[None, :], mask=ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v).to(tl.float32)
-            m = m_new
+            m, l, acc = online_step(q, k, v, ok, m, l, acc, scale, softcap, HAS_SOFTCAP)
         out_row = (bh * SPLITS + split) * G + g
         lse = tl.where(l > 0, m + tl.log(l), float("-inf"))
         tl.store(Lse + out_row, lse, mask=g < G)

@@ -25,7 +25,7 @@ def attention_lse(q, k, v, *, scale: float, mask: torch.Tensor | None = None,
     Returns out (B, Hq, T, D) fp32 and lse (B, Hq, T) fp32; a row that sees no key has out 0, lse -inf.
     """
     B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     G = Hq // Hkv
     qf = q.float().reshape(B, Hkv, G * T, D)
     s = (qf @ k.float().transpose(-1, -2)) * scale           # (B, Hkv, G*T, S)

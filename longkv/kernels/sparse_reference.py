@@ -69,7 +69,7 @@ def paged_attention_lse(q, k_pool, v_pool, table, nsel, last, *, scale, softcap=
 def ragged_attention_lse(q, k, v, valid, *, scale: float, softcap: float | None = None):
     """Like `attention_lse` but each (b, kv head) sees only its `valid` (B, Hkv, S) keys."""
     B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     G = Hq // Hkv
     s = (q.float().reshape(B, Hkv, G * T, D) @ k.float().transpose(-1, -2)) * scale
     if softcap:
