@@ -19,6 +19,10 @@ def _common(p: argparse.ArgumentParser, *, chunk: int) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, .gguf or HF folder (default {DEFAULT_MODEL})")
     p.add_argument("--cache", action="append", default=None, metavar="SPEC",
                    help="cache spec, repeatable: --cache full --cache kv4 (default: full)")
+    p.add_argument("--rope", action="append", default=None, metavar="SPEC",
+                   help="context extension past the model's window, repeatable (every cache runs with each): "
+                        "yarn:factor=4, ntk:factor=4, dynamic:factor=4, linear:factor=4, llama3:factor=8, "
+                        "self-extend:group=8,window=1024; none = the model's own RoPE (default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk", type=int, default=chunk, help=f"prefill chunk in tokens (default {chunk})")
     p.add_argument("--out", default=None, help="results folder (JSON lines; rerun to resume; "
@@ -95,6 +99,58 @@ def _window_of(name: str) -> int | None:
     return m.context if m else None
 
 
+def _ropes(a) -> list:
+    """The --rope specs in order, parsed, without repeats; None = the model's own RoPE (`none` too)."""
+    from .models.rope_spec import parse
+
+    out = []
+    for text in a.rope or [None]:
+        spec = parse(text)
+        spec = None if spec is not None and spec.method == "none" else spec
+        if spec not in out:
+            out.append(spec)
+    return out
+
+
+def _check_lengths(a, text: str, ropes: list, llm=None) -> list[int]:
+    """Parse `text` (--lengths, or ppl's --length) and check it against the window under every rope:
+    before loading only for registry models (their window is known), after loading exactly. A loaded
+    `llm` is left with the last rope set (each rope's RoPE and Self-Extend window are checked on it)."""
+    from .evals.prompts import parse_lengths
+    from .models.rope_spec import suggest
+
+    if ropes == [None]:
+        return parse_lengths(text, window_tokens=llm.window if llm is not None else _window_of(a.model),
+                             model=a.model)
+    lengths = parse_lengths(text, model=a.model)
+    trained = llm.base_config.max_position_embeddings if llm is not None else _window_of(a.model)
+    for r in ropes:
+        if llm is not None:
+            llm.set_rope(r)
+            win = llm.window
+        elif trained is None:
+            continue
+        else:
+            win = trained if r is None else r.window(trained, trained)
+        if max(lengths) > win:
+            using = f"with --rope {r}" if r is not None else "with its own RoPE (--rope none)"
+            raise UserError(f"--lengths: {max(lengths)} tokens is longer than {a.model}'s window {using}, "
+                            f"{win} tokens: use lengths up to {win} or {suggest(max(lengths), trained or win)}")
+    return lengths
+
+
+def _check_loaded(a, llm, text: str, ropes: list, specs: list[str]) -> list[int]:
+    """The checks that need the model: lengths against each rope's exact window, Self-Extend's window
+    against the model, and each cache spec under Self-Extend (eviction caches do not compose yet)."""
+    lengths = _check_lengths(a, text, ropes, llm)
+    for r in ropes:
+        if r is not None and r.self_extend:
+            llm.set_rope(r)
+            for s in specs:
+                llm.new_cache(s, capacity=min(lengths))
+    return lengths
+
+
 def _prepare(a, kind: str):
     """Check what can be checked without the model; returns (specs, out folder)."""
     from .evals import corpora
@@ -114,17 +170,10 @@ def _prepare(a, kind: str):
     return specs, out
 
 
-def _load(a):
+def _load(a, ropes: list):
     from . import load
 
-    return load(a.model, device=a.device, dtype=a.dtype, progress=not a.quiet)
-
-
-def _lengths(a, llm=None):
-    from .evals.prompts import parse_lengths
-
-    win = llm.window if llm is not None else _window_of(a.model)
-    return parse_lengths(a.lengths, window_tokens=win, model=a.model)
+    return load(a.model, device=a.device, dtype=a.dtype, progress=not a.quiet, rope=ropes[0])
 
 
 def _done(out: Path, what: str) -> None:
@@ -139,12 +188,17 @@ def cmd_niah(a) -> int:
     depths = parse_depths(a.depths)
     if a.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
-    _lengths(a)
+    ropes = _ropes(a)
+    _check_lengths(a, a.lengths, ropes)
     specs, out = _prepare(a, "niah")
-    llm = _load(a)
-    recs = run_niah(llm, specs=specs, lengths=_lengths(a, llm), depths=depths, samples=a.samples, seed=a.seed,
-                    corpus=a.corpus, max_new_tokens=a.max_new_tokens, chunk=a.chunk,
-                    chat=False if a.no_chat else None, out=out, progress=not a.quiet, argv=sys.argv[1:])
+    llm = _load(a, ropes)
+    lengths = _check_loaded(a, llm, a.lengths, ropes, specs)
+    recs = []
+    for r in ropes:
+        llm.set_rope(r)
+        recs += run_niah(llm, specs=specs, lengths=lengths, depths=depths, samples=a.samples, seed=a.seed,
+                         corpus=a.corpus, max_new_tokens=a.max_new_tokens, chunk=a.chunk,
+                         chat=False if a.no_chat else None, out=out, progress=not a.quiet, argv=sys.argv[1:])
     print(report.markdown(report.niah_tables(recs)))
     try:
         pngs = report.heatmaps(recs, out)
@@ -160,12 +214,17 @@ def cmd_ruler(a) -> int:
     from .evals.runner import run_ruler
 
     tasks = ruler.parse_tasks(a.tasks)
-    _lengths(a)
+    ropes = _ropes(a)
+    _check_lengths(a, a.lengths, ropes)
     specs, out = _prepare(a, "ruler")
-    llm = _load(a)
-    recs = run_ruler(llm, specs=specs, lengths=_lengths(a, llm), tasks=tasks, samples=a.samples, seed=a.seed,
-                     corpus=a.corpus, chunk=a.chunk, chat=False if a.no_chat else None, out=out,
-                     progress=not a.quiet, argv=sys.argv[1:])
+    llm = _load(a, ropes)
+    lengths = _check_loaded(a, llm, a.lengths, ropes, specs)
+    recs = []
+    for r in ropes:
+        llm.set_rope(r)
+        recs += run_ruler(llm, specs=specs, lengths=lengths, tasks=tasks, samples=a.samples, seed=a.seed,
+                          corpus=a.corpus, chunk=a.chunk, chat=False if a.no_chat else None, out=out,
+                          progress=not a.quiet, argv=sys.argv[1:])
     print(report.markdown(report.ruler_tables(recs)))
     _done(out, "")
     return 0
@@ -173,7 +232,6 @@ def cmd_ruler(a) -> int:
 
 def cmd_ppl(a) -> int:
     from .evals import report
-    from .evals.prompts import parse_lengths
     from .evals.runner import run_ppl
 
     if "," in a.length:
@@ -187,12 +245,16 @@ def cmd_ppl(a) -> int:
             raise UserError(f"--windows must be a number or `all`, got {a.windows!r}") from None
         if windows < 1:
             raise UserError("--windows must be at least 1 (or `all`)")
-    parse_lengths(a.length, window_tokens=_window_of(a.model), model=a.model)
+    ropes = _ropes(a)
+    _check_lengths(a, a.length, ropes)
     specs, out = _prepare(a, "ppl")
-    llm = _load(a)
-    (length,) = parse_lengths(a.length, window_tokens=llm.window, model=a.model)
-    recs = run_ppl(llm, specs=specs, length=length, corpus=a.corpus, windows=windows, chunk=a.chunk, out=out,
-                   progress=not a.quiet, argv=sys.argv[1:])
+    llm = _load(a, ropes)
+    (length,) = _check_loaded(a, llm, a.length, ropes, specs)
+    recs = []
+    for r in ropes:
+        llm.set_rope(r)
+        recs += run_ppl(llm, specs=specs, length=length, corpus=a.corpus, windows=windows, chunk=a.chunk,
+                        out=out, progress=not a.quiet, argv=sys.argv[1:])
     print(report.markdown(report.ppl_tables(recs)))
     _done(out, "")
     return 0

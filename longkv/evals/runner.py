@@ -33,8 +33,24 @@ def _full_bytes_per_token(llm) -> int:
     return llm.new_cache("full", capacity=1).full_nbytes(tokens=1)
 
 
+def _rope(llm) -> str | None:
+    """The run's `--rope` spec text (None: the model's own RoPE; peers and fakes have no `rope`)."""
+    r = getattr(llm, "rope", None)
+    return None if r is None or str(r) == "none" else str(r)
+
+
+def _rope_key(llm) -> dict:
+    # Only set when a rope is: keys of runs without one stay as before, so old folders resume.
+    r = _rope(llm)
+    return {"rope": r} if r else {}
+
+
 def _common(llm, cfg: dict) -> dict:
-    return {"model": llm.name, "config": cfg, "env": environment(str(llm.device), str(llm.dtype).split(".")[-1])}
+    """Fields every record carries. With a --rope, `model` names it too (`smollm2-135m rope=yarn:factor=4`)
+    so that reports, which group by model and cache, keep runs with different ropes apart."""
+    r = _rope(llm)
+    return {"model": llm.name + (f" rope={r}" if r else ""), "rope": r, "config": {**cfg, "rope": r},
+            "env": environment(str(llm.device), str(llm.dtype).split(".")[-1])}
 
 
 def check_specs(specs: Iterable[str]) -> list[str]:
@@ -54,7 +70,8 @@ def _generation_loop(llm, cells: list[dict], make: Callable[[dict], object], sco
     bar = _bar(len(cells) * len(specs), f"{kind} {llm.name}", progress)
     try:
         for cell in cells:
-            keys = {s: record_key(kind=kind, model=llm.name, cache=s, chunk=chunk, dtype=base["env"]["dtype"], **cell)
+            keys = {s: record_key(kind=kind, model=llm.name, cache=s, chunk=chunk, dtype=base["env"]["dtype"],
+                                  **_rope_key(llm), **cell)
                     for s in specs}
             todo = [s for s in specs if keys[s] not in res.done]
             out += [res.done[keys[s]] for s in specs if keys[s] in res.done]
@@ -159,7 +176,7 @@ def run_ppl(llm, *, specs, length, corpus="auto", windows=8, chunk=512, out=None
         for w, w_ids in wins:
             for s in specs:
                 key = record_key(kind="ppl", model=llm.name, cache=s, corpus=c.name, length=length, window=w,
-                                 chunk=chunk, bos=bos, dtype=base["env"]["dtype"])
+                                 chunk=chunk, bos=bos, dtype=base["env"]["dtype"], **_rope_key(llm))
                 if key in res.done:
                     outs.append(res.done[key])
                     bar.update(1)
