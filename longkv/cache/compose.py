@@ -2,7 +2,7 @@
 
 A spec such as `quant:bits=4+snapkv:ratio=0.5` names at most one part of each role:
 
-    storage  full (default), quant, ...   how K/V bytes are held (full precision, packed, ...)
+    storage  full (default), quant (kv4, kv3, kv2)   how K/V bytes are held (full precision, packed)
     evict    streaming, snapkv, pyramidkv, tova, knorm      which tokens survive (really removed)
     wrap     adakv                        per-head budgets on top of an `evict` scorer
     select   quest                        keeps everything, chooses the pages each decode step reads
@@ -11,11 +11,15 @@ A spec such as `quant:bits=4+snapkv:ratio=0.5` names at most one part of each ro
 Allowed: `storage`, `[storage+]evict[+wrap]`, `[storage+]select`, `[storage+]heads`, in any order.
 
 The interface between a policy and its storage is `Storage` below (`DenseStorage` is the full-precision
-one). An eviction cache scores tokens, then calls `Storage.keep(layer, idx)` to compact; the storage
-never decides what to drop. A storage module makes itself composable with one decorator:
+one; `quant_storage.QuantStorage` packs keys after RoPE per channel over slot groups, KIVI-style, and
+decodes with the packed Triton kernel, so `quant:bits=4+snapkv:ratio=0.5`, `kv4+streaming:ratio=0.5`,
+`quant:bits=2+tova:budget=512` compose; `longkv caches` lists every combination). An eviction cache
+scores tokens, then calls `Storage.keep(layer, idx)` to compact; the storage never decides what to
+drop. A storage module makes itself composable with one decorator:
 
     @register_storage("quant")
-    class QuantStorage: ...   # the methods of `Storage`, same shapes
+    class QuantStorage: ...   # the methods of `Storage`, same shapes; `family = "quant"` lets the
+                              # presets (kv4, ...) combine wherever quant does (`composes`)
 
 Tokens live per (batch, KV head) in slots [0, n) of a layer; `n` is the caller's (host) count, and
 all KV heads of a layer hold the same number of slots (ragged per-head budgets use
@@ -170,12 +174,18 @@ def role(name: str) -> str:
 
 
 def combinations() -> list[str]:
-    """Human-readable list of what composes with what (for `longkv caches` and the docs)."""
+    """Human-readable list of what composes with what (for `longkv caches` and the docs), from the
+    registry's `composes` and the registered storages (presets such as kv4 count as their family)."""
     by = {r: [n for n in REGISTRY if role(n) == r] for r in ROLES}
-    st = "|".join(n for n in by["storage"] if n in STORAGES) or "full"
-    out = [f"[{st}+]{e}" for e in by["evict"]]
-    out += [f"[{st}+]{w}+<{'|'.join(REGISTRY[w].composes)}>" for w in by["wrap"]]
-    out += [f"[{st}+]{n}" for n in by["select"] + by["heads"]]
+
+    def st(name: str, allowed=None) -> str:
+        allowed = REGISTRY[name].composes if allowed is None else allowed
+        ok = [s for s in STORAGES if getattr(STORAGES[s], "family", s) in allowed] or ["full"]
+        return f"[{'|'.join(ok)}+]"
+
+    out = [f"{st(e)}{e}" for e in by["evict"]]
+    out += [f"{st(w, ('full',))}{w}+<{'|'.join(REGISTRY[w].composes)}>" for w in by["wrap"]]
+    out += [f"{st(n)}{n}" for n in by["select"] + by["heads"]]
     return out
 
 
@@ -211,12 +221,13 @@ def build(parts, specs, *, batch: int, capacity: int, device, dtype):
                             f"full-precision pages only; drop {sname} or {wname}")
         return REGISTRY[wname].cls.wrap(REGISTRY[pname].cls)(specs, **kw, **pparams, **wparams)
     pcls = REGISTRY[pname].cls
-    if "storage" in got and sname not in REGISTRY[pname].composes:
+    family = getattr(STORAGES.get(sname), "family", sname)   # presets (kv4, ...) combine as their family
+    if "storage" in got and family not in REGISTRY[pname].composes:
         raise UserError(f"cache spec {text!r}: {pname} cannot be combined with {sname} "
                         f"(it combines with {', '.join(REGISTRY[pname].composes) or 'nothing'})")
     if sname not in STORAGES:
         raise UserError(f"cache spec {text!r}: {sname} does not provide the storage interface "
-                        f"(longkv/cache/compose.py: Storage) that {pname} needs")
+                        f"(longkv/cache/compose.py: Storage) that {pname} needs; storages: {', '.join(STORAGES)}")
     return pcls(specs, **kw, storage=(sname, sparams), **pparams)
 
 

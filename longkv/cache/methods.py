@@ -9,3 +9,4 @@ from .evict import adakv  # noqa: F401
 from .select import quest  # noqa: F401
 from .select import duo  # noqa: F401
 from . import quant  # noqa: F401
+from . import quant_storage  # noqa: F401  (quant/kv4/kv3/kv2 as storage under eviction)

@@ -294,6 +294,7 @@ class EvictionCache(Cache):
         full_keep = all(self.keep(i, self.length) >= self.length for i in range(len(self.specs)))
         st.update(budget=str(self.budget), chunked=self.chunked, compactions=self.compactions,
                   kept_per_layer=round(sum(self.n) / max(1, len(self.n)), 1), storage=type(self.store).__name__)
+        st.update(getattr(self.store, "stats", dict)())   # e.g. quant storage: bits, decode path
         if full_keep and self.length:
             st["note"] = f"{self.budget} keeps all {self.length} tokens: degraded to the full cache"
         return st

@@ -23,7 +23,7 @@ class LastQuery(Scorer):
 
 @register("tova", help="TOVA: drop the token the current query attends to least (mean over heads); "
           "ratio = fraction of the prompt removed, budget = tokens kept; decode keeps the size fixed",
-          params=dict(BUDGET_PARAMS), composes=("full",))
+          params=dict(BUDGET_PARAMS), composes=("full", "quant"))
 class TOVACache(EvictionCache):
     scorer_cls = LastQuery
     policy = "argmin"

@@ -1,0 +1,151 @@
+"""Quantized storage under eviction (`quant+snapkv`, `kv4+streaming`, `quant+tova`): at 8 bits it
+matches the full-precision storage under the same eviction (keeps, ring overwrites, argmin overwrites
+and the packed decode kernel included), its bytes are every tensor it holds and fewer than full
+storage's, specs round-trip, the graph-safe step equals the eager one, runs are deterministic."""
+import pytest
+import torch
+import transformers
+from test_evict import tensor_bytes
+
+from longkv.cache import compose
+from longkv.cache import spec as cache_spec
+from longkv.engine.decode import decode_tokens
+from longkv.engine.prefill import prefill
+from longkv.engine.sampling import Sampling
+from longkv.errors import UserError
+from longkv.models.load import load_model
+
+CAP = 96
+Q8 = "quant:bits=8,group=16,sink=2,window=4"      # small groups/window so tokens really get packed
+POLICIES = {"snapkv": "snapkv:ratio=0.5,window=8", "streaming": "streaming:budget=30,sink=3",
+            "tova": "tova:budget=30"}
+STORAGE = {"snapkv": Q8, "streaming": "kv4:bits=8,group=16,sink=2,window=4", "tova": Q8}
+FULL_BUDGET = {"snapkv": "snapkv:ratio=0", "streaming": "streaming:budget=1000", "tova": "tova:ratio=0"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    # head dim 32: the packed Triton decode kernel runs (interpreter on the CPU)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tinyqs")
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return load_model(path)
+
+
+def ids(n=60, seed=0):
+    return torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def build(model, spec):
+    return cache_spec.parse(spec).build(model.layer_specs(), batch=1, capacity=CAP, device="cpu", dtype=torch.float32)
+
+
+_RUNS: dict = {}
+
+
+def greedy(model, kv, logits, new):
+    return [t for part in decode_tokens(model, kv, logits[:, -1], max_new_tokens=new, sampling=Sampling(),
+                                        stop_ids=set()) for t in part]
+
+
+def run(model, spec, new=12):
+    """Prefill 60 tokens in chunks of 16, then `new` greedy decode steps (memoized: runs are deterministic,
+    which test_deterministic checks without the memo)."""
+    if (spec, new) not in _RUNS:
+        kv = build(model, spec)
+        logits = prefill(model, kv, ids(), chunk=16, logits="all")
+        toks = greedy(model, kv, logits, new)
+        _RUNS[spec, new] = logits, toks, kv
+    return _RUNS[spec, new]
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_full_budget_8_bits_is_close_to_the_full_cache(tiny, name):
+    ref_logits, ref_toks, _ = run(tiny, "full", new=5)
+    logits, toks, kv = run(tiny, f"{STORAGE[name]}+{FULL_BUDGET[name]}", new=5)
+    assert type(kv.store).__name__.startswith("QuantStorage")
+    assert kv.store.nq(kv.store.count[0]) > 0                          # tokens really were packed
+    assert (logits - ref_logits).abs().max() < 0.02 * ref_logits.abs().max()
+    assert toks == ref_toks
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_8_bits_matches_full_storage_under_the_same_eviction(tiny, name):
+    """Compaction, ring overwrites of packed groups (streaming), argmin overwrites (tova), decode kernel."""
+    a_logits, a_toks, a = run(tiny, f"full+{POLICIES[name]}")
+    b_logits, b_toks, b = run(tiny, f"{STORAGE[name]}+{POLICIES[name]}")
+    assert a.compactions > 0 and b.n == a.n
+    assert (a_logits - b_logits).abs().max() < 0.02 * a_logits.abs().max()
+    assert a_toks == b_toks
+    assert sorted(a.store.positions(0, a.n[0])[0, 0].tolist()) == sorted(b.store.positions(0, b.n[0])[0, 0].tolist())
+    assert b.stats()["decode"] == "packed kernel"
+
+
+@pytest.mark.parametrize("spec", ["quant:bits=4,group=16,sink=2,window=4+snapkv:ratio=0.5,window=8",
+                                  "kv4:group=16,window=4+streaming:budget=30,sink=3",
+                                  "quant:bits=8,group=16,window=4+tova:budget=30",
+                                  "kv2:window=4+snapkv:ratio=0.5,window=8"])
+def test_nbytes_is_every_tensor_and_less_than_full_storage(tiny, spec):
+    _, _, kv = run(tiny, spec)
+    assert kv.nbytes() == tensor_bytes(kv), (kv.nbytes(), tensor_bytes(kv))
+    assert kv.store.nbytes() == sum(t.numel() * t.element_size() for t in kv.store.tensors())
+    assert len({t.data_ptr() for t in kv.store.tensors()}) == len(kv.store.tensors())   # nothing counted twice
+    policy = spec.split("+", 1)[1]
+    _, _, full = run(tiny, f"full+{policy}")
+    assert kv.n == full.n and kv.nbytes() < full.nbytes()
+
+
+@pytest.mark.parametrize("text", ["quant:bits=4+snapkv:ratio=0.5", "kv4+streaming:ratio=0.5", "quant:bits=2+tova:budget=512",
+                                  "kv2+knorm:budget=64", "quant:bits=3,group=32,window=64+pyramidkv:ratio=0.7"])
+def test_specs_round_trip_and_build(tiny, text):
+    s = cache_spec.parse(text)
+    assert cache_spec.parse(str(s)) == s
+    kv = s.build(tiny.layer_specs(), batch=1, capacity=CAP, device="cpu", dtype=torch.float32)
+    assert type(kv.store).__name__.startswith("QuantStorage")
+
+
+def test_graph_decode_path_matches_eager(tiny):
+    """Positions only on the device (`step.start is None`, what a CUDA graph replays), run eagerly."""
+    spec = f"{Q8}+{POLICIES['streaming']}"
+    _, eager, _ = run(tiny, spec)
+    kv = build(tiny, spec)
+    logits = prefill(tiny, kv, ids(), chunk=16)
+    toks = [int(logits.argmax(-1))]
+    with torch.inference_mode():
+        for _ in range(11):
+            out = tiny(torch.tensor([[toks[-1]]]), tiny.make_step(torch.tensor([kv.length]), None), kv)[:, -1]
+            kv.advance(1)
+            toks.append(int(out.argmax(-1)))
+    assert toks == eager
+
+
+def test_deterministic(tiny):
+    spec = "quant:bits=2,group=16,sink=2,window=4+tova:budget=30"
+    a = build(tiny, spec)
+    la = prefill(tiny, a, ids(), chunk=16, logits="all")
+    b = build(tiny, spec)
+    lb = prefill(tiny, b, ids(), chunk=16, logits="all")
+    assert torch.equal(la, lb)
+    ta, tb = greedy(tiny, a, la, 6), greedy(tiny, b, lb, 6)
+    assert ta == tb
+
+
+def test_unfit_head_dim_says_decode_dequantizes():
+    from test_compose import _specs  # head dim 16: not for the packed kernel
+    kv = cache_spec.parse("kv4+snapkv").build(_specs(), batch=1, capacity=64, device="cpu", dtype=torch.float32)
+    assert "no speed gain" in kv.stats()["decode"]
+
+
+@pytest.mark.parametrize("bad,msg", [("quant:prerope=1+snapkv", "after RoPE"), ("quant:rotate=1+snapkv", "rotation"),
+                                     ("kv4+adakv+snapkv", "full-precision"), ("kv4+quest", "cannot be combined")])
+def test_unsupported_options_are_clear(bad, msg):
+    from test_compose import _specs
+    with pytest.raises(UserError, match=msg):
+        cache_spec.parse(bad).build(_specs(), batch=1, capacity=64, device="cpu", dtype=torch.float32)
+
+
+def test_listing_names_quant_storages():
+    assert {"quant", "kv4", "kv3", "kv2"} <= set(compose.STORAGES)
+    assert any(c.startswith("[full|") and "quant" in c and c.endswith("tova") for c in compose.combinations())
