@@ -8,6 +8,11 @@ tokens survive is not meaningful (random data).
 
 For each context and method:
 - `layer_us`: one sparse layer's decode attention (write + score/select + attention), CUDA graph;
+  `layer_kernels`: the GPU kernels that step launches (CUDA only; from the profiler);
+- quest rows only, the same layer's kernels each timed alone (CUDA graph): `append_us` (RoPE, write,
+  page min/max), `score_us` (every page's bound), `select_us` (top pages → int32 page table),
+  `attend_us` (paged flash-decoding + merge), and `topk_us`: the torch.topk + sort selection the
+  select kernel replaced, on the same scores (for comparison; not part of the step);
 - `decode_ms`: a whole one-token decode step of the model (CUDA graph), and its ratio to `full`;
 - `kv_GiB`: bytes the cache holds (nbytes) once decoding (after the last compaction), `kv_vs_full`
   its ratio to a full bf16 cache of the same tokens; `fill_peak_GiB`: peak allocated while
@@ -19,6 +24,7 @@ Methods: full, quest at budgets 1/8 and 1/32 (tokens read per step), snapkv / st
     python benchmarks/sparse_decode.py --contexts 512k --layers 8         # full bf16 KV of 32 layers at
                                                                           # 512K (64 GiB) does not fit
     python benchmarks/sparse_decode.py --smoke                            # CPU, tiny shapes: runs or not
+    python benchmarks/sparse_decode.py --contexts 128k --only "full,quest 1/8"   # just those rows
 Last line: JSON.
 """
 from __future__ import annotations
@@ -28,7 +34,6 @@ import gc
 import time
 
 import torch
-
 from common import LLAMA3_8B, emit_json, print_table, random_model, time_cuda
 
 from longkv.cache import spec as cache_spec
@@ -78,16 +83,8 @@ def timed(fn, reps: int, dev) -> float:
     return (time.perf_counter() - t) / reps * 1e3
 
 
-@torch.inference_mode()
-def layer_time(model, cache, layer: int, dev, reps: int) -> float:
-    """µs of one layer's decode attention at position cache.length (graph-captured on CUDA)."""
-    s = model.layer_specs()[layer]
-    pos = torch.full((1,), cache.length, device=dev)
-    step = model.make_step(pos, None)
-    q = torch.randn(1, s.num_heads, 1, s.head_dim, device=dev, dtype=cache.dtype)
-    k = torch.randn(1, s.num_kv_heads, 1, s.head_dim, device=dev, dtype=cache.dtype)
-    v = torch.randn_like(k)
-    fn = lambda: cache.attend(layer, q, k, v, step=step)  # noqa: E731
+def graph_time(fn, reps: int, dev) -> float:
+    """ms per call of `fn`, captured in a CUDA graph on CUDA (after two warm-up calls), eager on CPU."""
     fn()
     fn()
     if dev.type == "cuda":
@@ -95,7 +92,76 @@ def layer_time(model, cache, layer: int, dev, reps: int) -> float:
         with torch.cuda.graph(g):
             fn()
         fn = g.replay
-    return timed(fn, reps, dev) * 1e3
+    return timed(fn, reps, dev)
+
+
+def count_kernels(fn, dev):
+    """GPU kernels one eager call of `fn` launches (what its CUDA graph replays), or None."""
+    if dev.type != "cuda":
+        return None
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except (RuntimeError, AttributeError, ValueError):   # a nicety: never lose the run for it
+        return None
+
+
+def layer_inputs(model, cache, layer: int, dev):
+    s = model.layer_specs()[layer]
+    pos = torch.full((1,), cache.length, device=dev)
+    q = torch.randn(1, s.num_heads, 1, s.head_dim, device=dev, dtype=cache.dtype)
+    k = torch.randn(1, s.num_kv_heads, 1, s.head_dim, device=dev, dtype=cache.dtype)
+    return s, pos, model.make_step(pos, None), q, k, torch.randn_like(k)
+
+
+@torch.inference_mode()
+def layer_time(model, cache, layer: int, dev, reps: int) -> tuple[float, int | None]:
+    """µs of one layer's decode attention at position cache.length (graph-captured on CUDA), and the
+    kernels it launches."""
+    _, _, step, q, k, v = layer_inputs(model, cache, layer, dev)
+    fn = lambda: cache.attend(layer, q, k, v, step=step)
+    return graph_time(fn, reps, dev) * 1e3, count_kernels(fn, dev)
+
+
+def topk_table(scores, k: int, pos, P: int, row_pages: int):
+    """The selection as it was before the select kernel (torch.topk + sort + table arithmetic), timed
+    next to it for comparison."""
+    ids = scores.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+    B, Hkv = ids.shape[:2]
+    base = torch.arange(B * Hkv, device=ids.device).reshape(B, Hkv, 1) * row_pages
+    table = (ids + base).reshape(B * Hkv, -1).to(torch.int32)
+    return table, torch.clamp(pos // P + 1, max=k), pos % P + 1
+
+
+@torch.inference_mode()
+def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
+    """µs of each kernel of one quest layer's decode step, each in its own CUDA graph: append (RoPE,
+    write, page min/max), score (every page), select (page table), attend (paged flash-decoding +
+    merge); topk_us: the old torch.topk + sort selection on the same scores."""
+    from longkv.kernels import quest as kq
+
+    s, pos, step, q, k, v = layer_inputs(model, cache, layer, dev)
+    P, D = cache.P, s.head_dim
+    cos, sin = step.rope[s.rope_index]
+    kc, vc, mn, mx = cache.k[layer], cache.v[layer], cache.pmin[layer], cache.pmax[layer]
+    rows = kc.shape[2] // P
+    scores = kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=cache.recent)
+    table, nsel, last = kq.select_pages(scores, cache.k_pages, pos, page=P, row_pages=rows)
+    pieces = {
+        "append_us": lambda: kq.append_token(k, v, cos, sin, pos, kc, vc, mn, mx, page=P),
+        "score_us": lambda: kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=cache.recent),
+        "select_us": lambda: kq.select_pages(scores, cache.k_pages, pos, page=P, row_pages=rows),
+        "attend_us": lambda: kq.paged_attention(q, kc.view(-1, P, D), vc.view(-1, P, D), table, nsel, last,
+                                                scale=s.scale, softcap=s.softcap),
+        "topk_us": lambda: topk_table(scores, cache.k_pages, pos, P, rows),
+    }
+    return {name: round(graph_time(fn, reps, dev) * 1e3, 1) for name, fn in pieces.items()}
 
 
 @torch.inference_mode()
@@ -118,7 +184,7 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=8192, help="fill chunk (eviction compacts after each)")
     ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--only", default=None, help="comma list of method labels to run")
+    ap.add_argument("--only", default=None, help='comma list of method labels to run, e.g. "full,quest 1/8"')
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, eager: checks that it runs")
     a = ap.parse_args()
     cfg = dict(LLAMA3_8B, num_hidden_layers=a.layers)
@@ -145,7 +211,7 @@ def main():
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
-            row = dict(context=ctx, method=label, spec=spec)
+            row = {"context": ctx, "method": label, "spec": spec}
             cache = None
             try:
                 cache = cache_spec.parse(spec).build(model.layer_specs(), batch=1, capacity=ctx + 64, device=dev, dtype=dtype)
@@ -156,7 +222,12 @@ def main():
                     row["fill_peak_GiB"] = round((torch.cuda.max_memory_allocated() - before) / 2**30, 2)
                 row["fill_s"] = round(time.perf_counter() - t0, 1)
                 layer = min(cfg["num_hidden_layers"] - 1, 2)   # a sparse layer for quest (dense_layers=2)
-                row["layer_us"] = round(layer_time(model, cache, layer, dev, a.reps), 1)
+                us, kernels = layer_time(model, cache, layer, dev, a.reps)
+                row["layer_us"] = round(us, 1)
+                if kernels is not None:
+                    row["layer_kernels"] = kernels
+                if label.startswith("quest") and cache._sparse(layer):
+                    row.update(quest_breakdown(model, cache, layer, dev, a.reps))
                 ms = decode_time(model, cache, dev, a.reps)
                 row["decode_ms"] = round(ms, 3)
                 # after the first decode step: the final compaction and resize have happened

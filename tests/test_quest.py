@@ -1,12 +1,13 @@
-"""Quest's Triton kernels (page scoring, attention through a page table) against their plain-torch
-references under TRITON_INTERPRET=1, and the scoring bound itself."""
+"""Quest's Triton kernels (append, page scoring, page selection, attention through a page table)
+against their plain-torch references under TRITON_INTERPRET=1, at odd sizes; the scoring bound
+itself; and one whole decode step, kernels against references."""
 import pytest
 import torch
 
 from longkv.kernels import sparse_reference as ref
 
 triton = pytest.importorskip("triton")
-from longkv.kernels import quest  # noqa: E402
+from longkv.kernels import quest
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,D,MP,npages", [(1, 4, 2, 32, 13, 13), (2, 9, 3, 64, 70, 41), (1, 2, 2, 16, 5, 1)])
@@ -14,9 +15,9 @@ def test_page_scores_kernel_matches_reference(B, Hq, Hkv, D, MP, npages):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, Hq, 1, D, generator=g)
     mn, mx = ref.page_minmax(torch.randn(B, Hkv, MP * 16, D, generator=g), 16, valid=MP * 16 - 3)
-    n = torch.tensor([npages])
-    got = quest.page_scores(q, mn, mx, n, sink=1, recent=2)
-    want = ref.page_scores(q, mn, mx, n, sink=1, recent=2)
+    pos = torch.tensor([(npages - 1) * 16 + 5])
+    got = quest.page_scores(q, mn, mx, pos, page=16, sink=1, recent=2)
+    want = ref.page_scores(q, mn, mx, pos, page=16, sink=1, recent=2)
     fin = torch.isfinite(want)
     assert torch.equal(torch.isfinite(got), fin) and torch.equal(got[~fin], want[~fin])
     if fin.any():
@@ -28,7 +29,75 @@ def test_page_score_bounds_every_key_logit():
     q = torch.randn(1, 6, 1, 16, generator=g)
     k = torch.randn(1, 2, 8 * 16, 16, generator=g)
     true = (q.reshape(1, 2, 3, 1, 1, 16) * k.reshape(1, 2, 1, 8, 16, 16)).sum(-1).amax(-1).amax(2)
-    assert (ref.page_scores(q, *ref.page_minmax(k, 16), 8, sink=0, recent=0) >= true - 1e-5).all()
+    assert (ref.page_scores(q, *ref.page_minmax(k, 16), 127, page=16, sink=0, recent=0) >= true - 1e-5).all()
+
+
+def _scores(g, B, Hkv, MP, npages, levels):
+    """Scores with many exact ties (`levels` distinct values), forced pages +inf, invalid -inf, and
+    negative values (the float → key mapping must order signs and magnitudes)."""
+    s = torch.randint(0, levels, (B, Hkv, MP), generator=g).float() / 3 - levels / 6
+    p = torch.arange(MP)
+    s[..., (p == 0) | ((p >= npages - 2) & (p < npages))] = float("inf")
+    s[..., p >= npages] = float("-inf")
+    return s
+
+
+def _valid(table, nsel):
+    return [table[r, :int(nsel[r])].tolist() for r in range(table.shape[0])]
+
+
+@pytest.mark.parametrize("B,Hkv,MP,npages,k,levels,chunk", [
+    (1, 2, 13, 13, 5, 4, None),       # heavy ties
+    (2, 3, 70, 41, 9, 1000, None),    # pages past npages exist
+    (1, 2, 37, 37, 7, 3, 8),          # several chunks (the row does not fit one)
+    (1, 1, 37, 30, 12, 2, 16),        # two levels: almost everything tied
+    (1, 2, 5, 3, 4, 5, None),         # k > npages: every valid page
+    (1, 1, 9, 1, 4, 5, None),         # one page
+    (2, 2, 300, 283, 31, 100000, 64)])
+def test_select_pages_kernel_matches_reference(B, Hkv, MP, npages, k, levels, chunk):
+    g = torch.Generator().manual_seed(MP + k)
+    s = _scores(g, B, Hkv, MP, npages, levels)
+    s[0, 0, 1] = -0.0 if MP > 1 else s[0, 0, 1]           # ±0 and tiny magnitudes order correctly
+    pos = torch.tensor([(npages - 1) * 16 + 7])
+    got = quest.select_pages(s, k, pos, page=16, row_pages=MP + 2, chunk=chunk)
+    want = ref.select_pages(s, k, pos, page=16, row_pages=MP + 2)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert _valid(got[0], got[1]) == _valid(want[0], want[1])
+    n = min(k, npages)
+    for r, row in enumerate(_valid(want[0], want[1])):   # the semantics, spelled out
+        ids = [x - r * (MP + 2) for x in row]
+        flat = s.reshape(-1, MP)[r, :npages]
+        assert ids == sorted(ids) and len(ids) == n and (npages - 1) in ids and 0 in ids
+        kth = flat[ids].min()
+        assert all(i in ids for i in range(npages) if flat[i] > kth)
+        ties = [i for i in range(npages) if flat[i] == kth]
+        assert [i for i in ties if i in ids] == ties[:len([i for i in ids if flat[i] == kth])]
+    assert (got[2] == 8).all()                                # the page holding pos is last
+
+
+def test_select_pages_last_entry_full_page_when_current_not_selected():
+    s = torch.tensor([[[5.0, 1.0, 4.0, 0.5]]])
+    for sel in (quest.select_pages, ref.select_pages):
+        table, nsel, last = sel(s, 2, torch.tensor([3 * 16 + 2]), page=16, row_pages=4)
+        assert table[0, :2].tolist() == [0, 2] and nsel.tolist() == [2] and last.tolist() == [16]
+
+
+@pytest.mark.parametrize("pos", [0, 16 * 3, 16 * 3 + 5, 16 * 7 - 1])
+def test_append_token_kernel_matches_reference(pos):
+    g = torch.Generator().manual_seed(pos)
+    B, Hkv, D, P, cap = 2, 3, 32, 16, 16 * 7
+    k, v = torch.randn(B, Hkv, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g)
+    ang = torch.randn(1, D // 2, generator=g).repeat(1, 2)
+    cos, sin = ang.cos(), ang.sin()
+    bufs = [torch.randn(B, Hkv, cap, D, generator=g), torch.randn(B, Hkv, cap, D, generator=g)]
+    bufs += list(ref.page_minmax(bufs[0], P))
+    mine, theirs = [b.clone() for b in bufs], [b.clone() for b in bufs]
+    quest.append_token(k, v, cos, sin, torch.tensor([pos]), *mine, page=P)
+    ref.append_token(k, v, cos, sin, torch.tensor([pos]), *theirs, page=P)
+    for a, b in zip(mine, theirs):
+        assert (a - b).abs().max() < 1e-5
+    if pos % P == 0:   # a new page's bounds are the one key it holds
+        assert torch.equal(mine[2][:, :, pos // P], mine[0][:, :, pos])
 
 
 @pytest.mark.parametrize("splits,softcap", [(1, None), (3, None), (2, 30.0)])
@@ -44,6 +113,19 @@ def test_paged_attention_kernel_matches_reference(splits, softcap):
     assert (got - want).abs().max() < 1e-4
 
 
+def test_paged_attention_does_not_depend_on_page_order():
+    """An online softmax is order-independent: only the final (partial) entry must stay last."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 1, 16, generator=g)
+    kp, vp = torch.randn(20, 16, 16, generator=g), torch.randn(20, 16, 16, generator=g)
+    table = torch.tensor([[3, 9, 1, 14, 7, 2]]).int()
+    shuffled = torch.tensor([[14, 1, 9, 3, 7, 2]]).int()
+    kw = {"scale": 0.3, "splits": 2}
+    a = quest.paged_attention(q, kp, vp, table, torch.tensor([6]), torch.tensor([5]), **kw)
+    b = quest.paged_attention(q, kp, vp, shuffled, torch.tensor([6]), torch.tensor([5]), **kw)
+    assert (a - b).abs().max() < 1e-5
+
+
 def test_paged_attention_over_all_pages_equals_dense():
     g = torch.Generator().manual_seed(3)
     q, k, v = torch.randn(1, 4, 1, 16, generator=g), torch.randn(1, 2, 64, 16, generator=g), torch.randn(1, 2, 64, 16, generator=g)
@@ -54,3 +136,51 @@ def test_paged_attention_over_all_pages_equals_dense():
 
     dense, _ = attention_lse(q, k[:, :, :58], v[:, :, :58], scale=0.25)
     assert (got - dense).abs().max() < 1e-5
+
+
+def _step(mod, q, k, v, cos, sin, pos, bufs, *, P, kp):
+    kc, vc, mn, mx = bufs
+    mod.append_token(k, v, cos, sin, pos, kc, vc, mn, mx, page=P)
+    s = mod.page_scores(q, mn, mx, pos, page=P, sink=1, recent=2)
+    table, nsel, last = mod.select_pages(s, kp, pos, page=P, row_pages=kc.shape[2] // P)
+    D = kc.shape[-1]
+    return mod.paged_attention(q, kc.view(-1, P, D), vc.view(-1, P, D), table, nsel, last, scale=D ** -0.5)
+
+
+@pytest.mark.parametrize("pos,kp", [(16 * 9 + 4, 4), (16 * 5, 3), (40, 8)])
+def test_decode_step_kernels_match_references(pos, kp):
+    """append → score → select → attend, Triton against plain torch, on the same cache; with kp ≥
+    the pages in use it is dense attention over every token."""
+    g = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, D, P, cap = 1, 6, 2, 16, 16, 16 * 11
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    k, v = torch.randn(B, Hkv, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g)
+    ang = torch.randn(1, D // 2, generator=g).repeat(1, 2)
+    kc, vc = torch.randn(B, Hkv, cap, D, generator=g), torch.randn(B, Hkv, cap, D, generator=g)
+    bufs = [kc, vc, *ref.page_minmax(kc, P, valid=pos)]
+    mine, theirs = [b.clone() for b in bufs], [b.clone() for b in bufs]
+    got = _step(quest, q, k, v, ang.cos(), ang.sin(), torch.tensor([pos]), mine, P=P, kp=kp)
+    want = _step(ref, q, k, v, ang.cos(), ang.sin(), torch.tensor([pos]), theirs, P=P, kp=kp)
+    assert (got - want).abs().max() < 1e-5
+    if kp >= pos // P + 1:
+        from longkv.kernels.reference import attention_lse
+
+        dense, _ = attention_lse(q, theirs[0][:, :, :pos + 1], theirs[1][:, :, :pos + 1], scale=D ** -0.5)
+        assert (got - dense).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("chunk", [None, 32])
+def test_select_pages_orders_signs_and_magnitudes(chunk):
+    """Scores over many binades and both signs (the float → integer key map must keep their order)."""
+    g = torch.Generator().manual_seed(6)
+    MP, npages, k = 100, 97, 23
+    s = torch.randn(2, 1, MP, generator=g) * torch.pow(10.0, torch.randint(-30, 30, (2, 1, MP), generator=g).float())
+    s[..., npages:] = float("-inf")
+    s[0, 0, 5], s[0, 0, 6], s[1, 0, 7] = float("inf"), -1e-38, 0.0
+    pos = torch.tensor([(npages - 1) * 16])
+    got = quest.select_pages(s, k, pos, page=16, row_pages=MP, chunk=chunk)
+    want = ref.select_pages(s, k, pos, page=16, row_pages=MP)
+    assert _valid(got[0], got[1]) == _valid(want[0], want[1])
+    for r in range(2):
+        ids = [x - r * MP for x in _valid(want[0], want[1])[r]]
+        assert sorted(ids) == sorted(s[r, 0, :npages].topk(k).indices.tolist())

@@ -1,4 +1,12 @@
-"""Triton kernels for sparse decoding: Quest page scoring, and attention through a page table.
+"""Triton kernels for sparse decoding: a Quest decode step, and attention through a page table.
+
+A Quest layer's decode step is five launches, everything on the device (one CUDA graph):
+`_append_kernel` (RoPE the new key, write it and its value, widen its page's min/max),
+`_score_kernel` (every page's bound; sink and recent pages forced to +inf, so selection is one top-k),
+`_select_kernel` (the top-k pages straight into an int32 page table, ascending, by a bisection on the
+k-th largest score: no sort, no torch.topk), `_paged_kernel` + decode.py's `_merge_kernel`. Before,
+the same step was ~30 small torch kernels around two Triton ones (topk, sort, index arithmetic, the
+page min/max update), which cost as much as the dense read at 128K.
 
 Quest (Tang et al., arXiv 2406.10774) scores every 16-token page of keys against the decode query by
 the upper bound sum_d max(q_d·min_d, q_d·max_d) = q·c + |q|·r (c, r: page centre and half-range), so
@@ -25,18 +33,41 @@ if triton is not None:
     from .decode import _merge_kernel, online_step
 
     @triton.jit
-    def _score_kernel(Q, Mn, Mx, Npages, S, sqb, sqh, smb, smh, smp, MP, sink, recent,
+    def _append_kernel(K, V, Cos, Sin, Pos, KC, VC, Mn, Mx, skb, skh, svb, svh, scb, sch, sct, svcb, svch, svct,
+                       smb, smh, smp, PAGE, D: tl.constexpr, HKV: tl.constexpr):
+        """One program per (b, kv head): RoPE the new key (fp32, rounded once), write key and value at
+        pos, and fold the key into its page's min/max (reset on the page's first slot)."""
+        bh = tl.program_id(0)
+        b = bh // HKV
+        h = bh % HKV
+        pos = tl.load(Pos).to(tl.int64)
+        d = tl.arange(0, D)
+        x = tl.load(K + b * skb + h * skh + d).to(tl.float32)
+        xr = tl.load(K + b * skb + h * skh + (d + D // 2) % D).to(tl.float32)
+        xr = tl.where(d < D // 2, -xr, xr)                                   # cat(-x2, x1)
+        kr = (x * tl.load(Cos + d).to(tl.float32) + xr * tl.load(Sin + d).to(tl.float32)).to(KC.dtype.element_ty)
+        tl.store(KC + b * scb + h * sch + pos * sct + d, kr)
+        tl.store(VC + b * svcb + h * svch + pos * svct + d, tl.load(V + b * svb + h * svh + d).to(VC.dtype.element_ty))
+        m = b * smb + h * smh + (pos // PAGE) * smp + d
+        first = pos % PAGE == 0
+        kr = kr.to(Mn.dtype.element_ty)
+        tl.store(Mn + m, tl.where(first, kr, tl.minimum(tl.load(Mn + m), kr)))
+        tl.store(Mx + m, tl.where(first, kr, tl.maximum(tl.load(Mx + m), kr)))
+
+    @triton.jit
+    def _score_kernel(Q, Mn, Mx, Pos, S, sqb, sqh, smb, smh, smp, MP, PAGE, sink, recent,
                       G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
                       HKV: tl.constexpr):
         bh = tl.program_id(0)
         p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         b = bh // HKV
         h = bh % HKV
+        npages = tl.minimum(tl.load(Pos).to(tl.int32) // PAGE + 1, MP)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, D)
         q = tl.load(Q + b * sqb + (h * G + g[:, None]) * sqh + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
         base = b * smb + h * smh + p[:, None] * smp + d[None, :]
-        ok = p < MP
+        ok = p < npages                      # pages past the last token are not read
         mn = tl.load(Mn + base, mask=ok[:, None], other=0.0).to(tl.float32)
         mx = tl.load(Mx + base, mask=ok[:, None], other=0.0).to(tl.float32)
         c = (mx + mn) * 0.5
@@ -44,10 +75,74 @@ if triton is not None:
         s = tl.dot(q, tl.trans(c)) + tl.dot(tl.abs(q), tl.trans(r))          # (BLOCK_G, BLOCK_P)
         s = tl.where(g[:, None] < G, s, float("-inf"))
         s = tl.max(s, 0)
-        npages = tl.load(Npages).to(tl.int32)
-        s = tl.where((p < sink) | ((p >= npages - recent) & (p < npages)), float("inf"), s)
-        s = tl.where(p < npages, s, float("-inf"))
-        tl.store(S + bh * MP + p, s, mask=ok)
+        s = tl.where((p < sink) | (p >= npages - recent), float("inf"), s)
+        s = tl.where(ok, s, float("-inf"))
+        tl.store(S + bh * MP + p, s, mask=p < MP)
+
+    @triton.jit
+    def _key(S, row, p, ok):
+        """Scores → int32 keys ordered as the floats are (sign-magnitude → two's complement; -0.0
+        made +0.0 first, as they compare equal)."""
+        s = tl.load(S + row + p, mask=ok, other=0.0)
+        bits = tl.where(s == 0.0, 0.0, s).to(tl.int32, bitcast=True)
+        return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+    @triton.jit
+    def _select_kernel(S, Pos, Table, Nsel, Last, MP, K, PAGE, row_pages, stab,
+                       CHUNK: tl.constexpr, ONE: tl.constexpr):
+        """One program per (b, kv head) row. The k-th largest key T by bisection over the 2^32 keys
+        (32 counting passes over the row), then one pass that writes every page above T and the
+        lowest-index pages equal to it, ascending (prefix sums), as pool page ids. No sort, no
+        top-k, no atomics. ONE: the row fits one CHUNK, which then stays in registers."""
+        bh = tl.program_id(0)
+        pos = tl.load(Pos).to(tl.int32)
+        npages = tl.minimum(pos // PAGE + 1, MP)
+        need = tl.minimum(npages, K)
+        row = bh * MP
+        j = tl.arange(0, CHUNK)
+        nch = tl.cdiv(npages, CHUNK)
+        if ONE:
+            key0 = _key(S, row, j, j < npages)
+        # invariant: count(key >= lo) >= need > count(key > hi) = above
+        lo = need.to(tl.int64) * 0 - 2147483648
+        hi = lo * 0 + 2147483647
+        above = need * 0
+        for _ in range(32):
+            mid = lo + ((hi - lo + 1) >> 1)
+            m32 = mid.to(tl.int32)
+            cnt = need * 0
+            for c in range(nch):
+                p = c * CHUNK + j
+                if ONE:
+                    key = key0
+                else:
+                    key = _key(S, row, p, p < npages)
+                cnt += tl.sum(((p < npages) & (key >= m32)).to(tl.int32), 0)
+            big = cnt >= need
+            lo = tl.where(big, mid, lo)
+            hi = tl.where(big, hi, mid - 1)
+            above = tl.where(big, above, cnt)
+        t = lo.to(tl.int32)
+        rem = need - above                   # pages equal to T to take, lowest index first
+        taken = need * 0
+        ties = need * 0
+        top = need * 0
+        for c in range(nch):
+            p = c * CHUNK + j
+            ok = p < npages
+            if ONE:
+                key = key0
+            else:
+                key = _key(S, row, p, ok)
+            eq = ok & (key == t)
+            take = (ok & (key > t)) | (eq & (ties + tl.cumsum(eq.to(tl.int32), 0) <= rem))
+            slot = taken + tl.cumsum(take.to(tl.int32), 0) - 1
+            tl.store(Table + bh * stab + slot, (p + bh * row_pages).to(tl.int32), mask=take)
+            taken += tl.sum(take.to(tl.int32), 0)
+            ties += tl.sum(eq.to(tl.int32), 0)
+            top = tl.maximum(top, tl.max(tl.where(take, p, 0), 0))
+        tl.store(Nsel + bh, need)
+        tl.store(Last + bh, tl.where(top == npages - 1, pos % PAGE + 1, PAGE))
 
     @triton.jit
     def _paged_kernel(Q, K, V, Table, Nsel, Last, Out, Lse, sqb, sqh, stab, scale, softcap,
@@ -84,21 +179,63 @@ if triton is not None:
                  mask=g[:, None] < G)
 
 
-def page_scores(q, pmin, pmax, npages, *, sink: int, recent: int) -> torch.Tensor:
-    """See `sparse_reference.page_scores`; npages a device tensor (1,) or 0-dim."""
+def _pos(pos, device) -> torch.Tensor:
+    return torch.as_tensor(pos, device=device).reshape(-1)[-1:]
+
+
+def append_token(k, v, cos, sin, pos, kc, vc, pmin, pmax, *, page: int) -> None:
+    """See `sparse_reference.append_token` (one kernel)."""
+    if not _use_triton(k):
+        return ref.append_token(k, v, cos, sin, pos, kc, vc, pmin, pmax, page=page)
+    B, Hkv, _, D = k.shape
+    assert D % 2 == 0 and D & (D - 1) == 0, "head dim must be a power of two"
+    assert pmin.stride() == pmax.stride()
+    k, v, cos, sin = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v, cos, sin))
+    cos, sin = cos.reshape(-1, D)[-1], sin.reshape(-1, D)[-1]
+    for t in (kc, vc, pmin):
+        assert t.stride(-1) == 1
+    _append_kernel[(B * Hkv,)](
+        k, v, cos, sin, _pos(pos, k.device), kc, vc, pmin, pmax, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+        pmin.stride(0), pmin.stride(1), pmin.stride(2), page, D=D, HKV=Hkv)
+
+
+def page_scores(q, pmin, pmax, pos, *, page: int, sink: int, recent: int) -> torch.Tensor:
+    """See `sparse_reference.page_scores`; pos a device tensor (1,) or 0-dim, or an int."""
     if not _use_triton(q):
-        return ref.page_scores(q, pmin, pmax, npages, sink=sink, recent=recent)
+        return ref.page_scores(q, pmin, pmax, pos, page=page, sink=sink, recent=recent)
     B, Hq, _, D = q.shape
     Hkv, MP = pmin.shape[1], pmin.shape[2]
     assert pmin.stride() == pmax.stride() and pmin.stride(-1) == 1
     out = torch.empty(B, Hkv, MP, device=q.device, dtype=torch.float32)
     G = Hq // Hkv
     BLOCK_P = 64
-    npages = torch.as_tensor(npages, device=q.device).reshape(-1)[-1:]
     _score_kernel[(B * Hkv, triton.cdiv(MP, BLOCK_P))](
-        q, pmin, pmax, npages, out, q.stride(0), q.stride(1), pmin.stride(0), pmin.stride(1), pmin.stride(2),
-        MP, sink, recent, G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_P=BLOCK_P, HKV=Hkv)
+        q, pmin, pmax, _pos(pos, q.device), out, q.stride(0), q.stride(1), pmin.stride(0), pmin.stride(1),
+        pmin.stride(2), MP, page, sink, recent, G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)),
+        BLOCK_P=BLOCK_P, HKV=Hkv)
     return out
+
+
+SELECT_CHUNK = 16384   # scores a select program holds at once (16 warps: 32 a thread)
+
+
+def select_pages(scores, k: int, pos, *, page: int, row_pages: int, chunk: int | None = None):
+    """See `sparse_reference.select_pages` (one kernel, one program per row; no sort, no top-k):
+    → table (B·Hkv, k) int32, nsel (B·Hkv,) int32, last (B·Hkv,) int32."""
+    if not _use_triton(scores):
+        return ref.select_pages(scores, k, pos, page=page, row_pages=row_pages)
+    B, Hkv, MP = scores.shape
+    BH = B * Hkv
+    assert scores.is_contiguous() and scores.dtype == torch.float32
+    table = torch.empty(BH, k, device=scores.device, dtype=torch.int32)
+    nsel = torch.empty(BH, device=scores.device, dtype=torch.int32)
+    last = torch.empty(BH, device=scores.device, dtype=torch.int32)
+    CHUNK = min(triton.next_power_of_2(MP), chunk or SELECT_CHUNK)
+    _select_kernel[(BH,)](scores, _pos(pos, scores.device), table, nsel, last, MP, k, page, row_pages,
+                          table.stride(0), CHUNK=CHUNK, ONE=CHUNK >= MP,
+                          num_warps=16 if CHUNK >= 4096 else 4)
+    return table, nsel, last
 
 
 def paged_attention(q, k_pool, v_pool, table, nsel, last, *, scale: float, softcap: float | None = None,
@@ -114,7 +251,10 @@ def paged_attention(q, k_pool, v_pool, table, nsel, last, *, scale: float, softc
     Hkv = BH // B
     G = Hq // Hkv
     P = k_pool.shape[1]
-    S = splits or max(1, min(64, triton.cdiv(table.shape[1] * P, 1024), max(1, 1024 // BH)))
+    # ~256 selected tokens a split, ~1K programs: a split is a few tiles of gathered pages, and
+    # enough programs are in flight to hide the gather latency (the dense kernel reads ~1K keys a
+    # split, but from contiguous memory and with many more of them)
+    S = splits or max(1, min(128, triton.cdiv(table.shape[1] * P, 256), max(1, 1024 // BH)))
     part = torch.empty(BH * S * G, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(BH * S * G, device=q.device, dtype=torch.float32)
     out = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)

@@ -6,15 +6,23 @@ arXiv 2406.10774): a page of P keys keeps its element-wise min and max; for a qu
 logit any key of the page can reach is bounded by sum_d max(q_d·min_d, q_d·max_d)
 = q·c + |q|·r with c = (max + min)/2, r = (max − min)/2 (two dot products).
 
+A Quest decode step is: `append_token` (RoPE the new key, write it and its value at `pos`, widen
+the page's min/max), `page_scores`, `select_pages` (the top pages as a page table), then
+`paged_attention` over them. The selection's order is irrelevant to attention (an online softmax
+does not depend on the order of its keys) except that the final entry is the only partial page, so
+pages are listed ascending: the page holding `pos`, when selected, is then last. Ties between equal
+scores go to the lower page index, so the selection is a function of the scores alone.
+
 Shapes: q (B, Hq, 1, D); page metadata (B, Hkv, MP, D); a page pool (NP, P, D) with a page table
 (B·Hkv, MAXP) of pool page ids, `nsel` (B·Hkv,) entries used per row and `last` (B·Hkv,) tokens in
-the final entry (every other entry is a full page).
+the final entry (every other entry is a full page). `pos` is the position of the newest token (a
+device tensor (1,) or 0-dim, or an int): pages [0, pos // P] hold tokens.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["page_minmax", "page_scores", "select_pages", "paged_attention", "ragged_attention_lse"]
+__all__ = ["append_token", "page_minmax", "page_scores", "paged_attention", "ragged_attention_lse", "select_pages"]
 
 
 def page_minmax(k: torch.Tensor, P: int, valid: int | None = None):
@@ -27,25 +35,62 @@ def page_minmax(k: torch.Tensor, P: int, valid: int | None = None):
     return x.amin(3), x.amax(3)
 
 
-def page_scores(q, pmin, pmax, npages, *, sink: int, recent: int) -> torch.Tensor:
+def _last(pos, device) -> torch.Tensor:
+    return torch.as_tensor(pos, device=device).reshape(-1)[-1]
+
+
+def append_token(k, v, cos, sin, pos, kc, vc, pmin, pmax, *, page: int) -> None:
+    """One decode token, in place: k, v (B, Hkv, 1, D) (k before RoPE); cos, sin (1, D); the caches
+    kc, vc (B, Hkv, cap, D) get RoPE(k), v at `pos`; pmin/pmax (B, Hkv, MP, D) of page pos // page
+    become the new key's (first slot of the page) or widen to include it. RoPE in fp32, rounded once."""
+    pos = _last(pos, k.device).reshape(1)
+    x = k.float()
+    x1, x2 = x.chunk(2, dim=-1)
+    kr = (x * cos.float() + torch.cat((-x2, x1), dim=-1) * sin.float()).to(kc.dtype)
+    kc.index_copy_(2, pos, kr)
+    vc.index_copy_(2, pos, v.to(vc.dtype))
+    pg = pos // page
+    first = (pos % page == 0).reshape(1, 1, 1, 1)
+    kr = kr.to(pmin.dtype)
+    pmin.index_copy_(2, pg, torch.where(first, kr, torch.minimum(pmin.index_select(2, pg), kr)))
+    pmax.index_copy_(2, pg, torch.where(first, kr, torch.maximum(pmax.index_select(2, pg), kr)))
+
+
+def page_scores(q, pmin, pmax, pos, *, page: int, sink: int, recent: int) -> torch.Tensor:
     """Upper bound of each page's logit, max over the KV head's query group → (B, Hkv, MP) fp32.
-    Pages ≥ npages (int or device tensor) get -inf; the first `sink` and last `recent` valid pages +inf."""
+    npages = pos // page + 1 pages hold tokens; later pages get -inf, the first `sink` and the last
+    `recent` of the npages +inf (always read)."""
     B, Hq, _, D = q.shape
     Hkv, MP = pmin.shape[1], pmin.shape[2]
     qf = q.float().reshape(B, Hkv, Hq // Hkv, D)
     c, r = (pmax.float() + pmin.float()) / 2, (pmax.float() - pmin.float()) / 2
     s = (qf @ c.transpose(-1, -2) + qf.abs() @ r.transpose(-1, -2)).amax(2)   # (B, Hkv, MP)
     p = torch.arange(MP, device=q.device)
-    npages = torch.as_tensor(npages, device=q.device).reshape(-1)[-1]
+    npages = _last(pos, q.device) // page + 1
     s = s.masked_fill((p < sink) | ((p >= npages - recent) & (p < npages)), float("inf"))
     return s.masked_fill(p >= npages, float("-inf"))
 
 
-def select_pages(scores: torch.Tensor, k: int, npages):
-    """Top-k pages per (b, kv head), ascending → (ids (B, Hkv, k) int64, nsel (1,) int64)."""
-    ids = scores.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
-    nsel = torch.clamp(torch.as_tensor(npages, device=scores.device).reshape(-1)[-1:], max=k)
-    return ids, nsel
+def select_pages(scores: torch.Tensor, k: int, pos, *, page: int, row_pages: int):
+    """The page table of the top-k pages of each (b, kv head) row: scores (B, Hkv, MP) (pages
+    ≥ npages = pos // page + 1 are never taken) → table (B·Hkv, k) int32 of pool page ids
+    row·row_pages + page, ascending, the first nsel entries valid; nsel (B·Hkv,) int32 = min(k, npages);
+    last (B·Hkv,) int32 tokens in the final entry (pos % page + 1 if it is the page holding pos, else
+    page). Equal scores: the lower page wins (a stable descending sort)."""
+    B, Hkv, MP = scores.shape
+    BH = B * Hkv
+    pos = _last(pos, scores.device)
+    npages = torch.clamp(pos // page + 1, max=MP)
+    valid = torch.arange(MP, device=scores.device) < npages
+    s = scores.reshape(BH, MP).masked_fill(~valid, float("-inf"))
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :k]
+    n = torch.clamp(npages, max=k)
+    ids = order.masked_fill(torch.arange(order.shape[1], device=s.device) >= n, MP).sort(dim=-1).values
+    top = ids.gather(1, (n - 1).reshape(1, 1).expand(BH, 1)).reshape(BH)
+    ids = ids.masked_fill(ids >= MP, 0)
+    table = (ids + torch.arange(BH, device=s.device).reshape(BH, 1) * row_pages).to(torch.int32)
+    last = torch.where(top == npages - 1, pos % page + 1, page).to(torch.int32)
+    return table, n.to(torch.int32).expand(BH).contiguous(), last
 
 
 def paged_attention(q, k_pool, v_pool, table, nsel, last, *, scale: float, softcap: float | None = None):
@@ -55,7 +100,7 @@ def paged_attention(q, k_pool, v_pool, table, nsel, last, *, scale: float, softc
 
 
 def paged_attention_lse(q, k_pool, v_pool, table, nsel, last, *, scale, softcap=None):
-    B, Hq, _, D = q.shape
+    B, _, _, D = q.shape
     BH, MAXP = table.shape
     Hkv = BH // B
     P = k_pool.shape[1]

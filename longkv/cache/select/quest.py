@@ -2,9 +2,10 @@
 ICML 2024, arXiv 2406.10774). Nothing is evicted: every key and value stays (this saves bandwidth, not
 memory; `nbytes()` is the full cache plus page metadata). Keys are split into pages of `page` tokens,
 each with its element-wise min and max key; at every decode step the pages are scored against the
-query (upper bound of their logits, fused in Triton, one choice per KV head shared by its query group)
-and attention reads only the top pages, always including the first (sink) and the last `recent`
-pages, through a page table into the unchanged buffer (no copy). Prefill is dense, and the first
+query (upper bound of their logits, one choice per KV head shared by its query group) and attention
+reads only the top pages, always including the first (sink) and the last `recent` pages, through a
+page table into the unchanged buffer (no copy). A decode step is five kernel launches per layer
+(`kernels/quest.py`: append, score, select, paged attention, merge). Prefill is dense, and the first
 `dense_layers` layers stay dense (Quest skips 2).
 
 `budget` = tokens read per decode step; `ratio` = fraction of the cache *not* read per step, sized on
@@ -20,7 +21,6 @@ import torch
 from ...errors import UserError
 from ...kernels import quest as kq
 from ...kernels.sparse_reference import page_minmax
-from ...models.rope import apply_rope
 from ..evict.base import Budget
 from ..full import FullCache
 from ..registry import register
@@ -79,30 +79,21 @@ class QuestCache(FullCache):
         return super().attend(layer, q, k, v, step=step)
 
     def decode(self, layer, q, k, v, step):
+        """One token, four kernels and a merge, all on the device (graph-safe): append (RoPE, write,
+        page min/max), score every page, select the top pages straight into an int32 page table
+        (ascending, so the current partial page is last), paged flash-decoding + merge."""
         if not self._sparse(layer):
             return super().decode(layer, q, k, v, step)
         s, P = self.specs[layer], self.P
-        pos = step.pos.reshape(1)
+        pos = step.pos.reshape(-1)[-1:]
         cos, sin = step.rope[s.rope_index]
-        kr = apply_rope(k, cos, sin)
-        self.k[layer].index_copy_(2, pos, kr)
-        self.v[layer].index_copy_(2, pos, v)
-        page = pos // P
-        first = (pos % P == 0).reshape(1, 1, 1, 1)
-        mn, mx = self.pmin[layer].index_select(2, page), self.pmax[layer].index_select(2, page)
-        self.pmin[layer].index_copy_(2, page, torch.where(first, kr, torch.minimum(mn, kr)))
-        self.pmax[layer].index_copy_(2, page, torch.where(first, kr, torch.maximum(mx, kr)))
-        npages = page + 1
-        scores = kq.page_scores(q, self.pmin[layer], self.pmax[layer], npages, sink=1, recent=self.recent)
-        ids = scores.topk(self.k_pages, dim=-1, sorted=False).indices.sort(dim=-1).values   # (B, Hkv, k)
-        B, Hkv = ids.shape[:2]
-        base = torch.arange(B * Hkv, device=ids.device).reshape(B, Hkv, 1) * (self.k[layer].shape[2] // P)
-        table = (ids + base).reshape(B * Hkv, -1).to(torch.int32)
-        nsel = torch.clamp(npages, max=self.k_pages)
-        last = pos % P + 1
+        kc, vc, mn, mx = self.k[layer], self.v[layer], self.pmin[layer], self.pmax[layer]
+        kq.append_token(k, v, cos, sin, pos, kc, vc, mn, mx, page=P)
+        scores = kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=self.recent)
+        table, nsel, last = kq.select_pages(scores, self.k_pages, pos, page=P, row_pages=kc.shape[2] // P)
         D = s.head_dim
-        return kq.paged_attention(q, self.k[layer].view(-1, P, D), self.v[layer].view(-1, P, D), table, nsel,
-                                  last, scale=s.scale, softcap=s.softcap)
+        return kq.paged_attention(q, kc.view(-1, P, D), vc.view(-1, P, D), table, nsel, last, scale=s.scale,
+                                  softcap=s.softcap)
 
     def stats(self) -> dict:
         st = super().stats()
