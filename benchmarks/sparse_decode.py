@@ -12,7 +12,8 @@ For each context and method:
 - quest rows only, the same layer's kernels each timed alone (CUDA graph): `append_us` (RoPE, write,
   page min/max), `score_us` (every page's bound), `select_us` (top pages → int32 page table),
   `attend_us` (paged flash-decoding + merge), and `topk_us`: the torch.topk + sort selection the
-  select kernel replaced, on the same scores (for comparison; not part of the step);
+  select kernel replaced, on the same scores (for comparison; not part of the step); `select_eq_ref`,
+  `attend_err`: the select and attention kernels against the plain-torch references on this cache;
 - `decode_ms`: a whole one-token decode step of the model (CUDA graph), and its ratio to `full`;
 - `kv_GiB`: bytes the cache holds (nbytes) once decoding (after the last compaction), `kv_vs_full`
   its ratio to a full bf16 cache of the same tokens; `fill_peak_GiB`: peak allocated while
@@ -161,7 +162,17 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
                                                 scale=s.scale, softcap=s.softcap),
         "topk_us": lambda: topk_table(scores, cache.k_pages, pos, P, rows),
     }
-    return {name: round(graph_time(fn, reps, dev) * 1e3, 1) for name, fn in pieces.items()}
+    out = {name: round(graph_time(fn, reps, dev) * 1e3, 1) for name, fn in pieces.items()}
+    # the kernels against their plain-torch references on this very cache (compiled, at full size)
+    from longkv.kernels import sparse_reference as ref
+
+    rt, rn, rl = ref.select_pages(scores, cache.k_pages, pos, page=P, row_pages=rows)
+    n = int(rn[0])
+    out["select_eq_ref"] = bool(torch.equal(table[:, :n], rt[:, :n]) and torch.equal(nsel, rn) and torch.equal(last, rl))
+    want = ref.paged_attention(q, kc.view(-1, P, D), vc.view(-1, P, D), rt, rn, rl, scale=s.scale, softcap=s.softcap)
+    got = pieces["attend_us"]()
+    out["attend_err"] = float(f"{(got.float() - want.float()).abs().max().item():.2e}")
+    return out
 
 
 @torch.inference_mode()
