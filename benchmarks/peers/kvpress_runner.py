@@ -8,7 +8,8 @@ report shows both engines side by side) and the same `prompt_sha` as longkv's li
 
 Cache specs use longkv's grammar and map onto presses with the same meaning of `ratio` (fraction of
 the KV pairs removed): full, snapkv:ratio=R[,window=W,kernel=K], pyramidkv:ratio=R[,window,kernel],
-streaming:ratio=R[,sink=S], knorm:ratio=R, tova:ratio=R. The press compresses the whole prompt once
+streaming:ratio=R[,sink=S], knorm:ratio=R, tova:ratio=R, adakv[:alpha=A]+SCORER:... (AdaKVPress around
+the scorer's press; kvpress masks what AdaKV evicts, so its KV bytes stay those of the full cache). The press compresses the whole prompt once
 after prefill (kvpress's only mode; longkv's `chunked=false`), and decoding is greedy with the logical
 positions kvpress's own pipeline uses (`generate_answer`).
 
@@ -26,10 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the longkv checkout (generators only)
 
-import torch  # noqa: E402
+import torch
 
-from longkv.errors import UserError  # noqa: E402
-from longkv.evals import prompts, ruler, runner  # noqa: E402
+from longkv.errors import UserError
+from longkv.evals import corpora, prompts, ruler, runner
 
 PRESSES = {"snapkv": ("SnapKVPress", {"window": "window_size", "kernel": "kernel_size"}),
            "pyramidkv": ("PyramidKVPress", {"window": "window_size", "kernel": "kernel_size"}),
@@ -41,6 +42,19 @@ def make_press(spec: str):
     """longkv spec text -> a kvpress press (None for full); UserError for what kvpress cannot do."""
     import kvpress
 
+    if "+" in spec:
+        outer, _, inner = spec.partition("+")
+        oname, _, orest = outer.partition(":")
+        scorer = make_press(inner) if oname == "adakv" else None
+        if scorer is None:
+            raise UserError(f"kvpress peer: no press for {spec!r}; combinations: adakv+SCORER (SCORER not full)")
+        kw = {}
+        for item in filter(None, orest.split(",")):
+            k, _, v = item.partition("=")
+            if k != "alpha":
+                raise UserError(f"kvpress peer: {spec!r}: adakv parameter {k!r} has no kvpress equivalent")
+            kw["alpha_safeguard"] = float(v)
+        return kvpress.AdaKVPress(press=scorer, **kw)
     name, _, rest = spec.partition(":")
     if name == "full" and not rest:
         return None
@@ -84,16 +98,20 @@ class _PerToken:
 class KvpressLLM:
     """The slice of longkv.LLM that runner.run_niah / run_ruler use, backed by transformers + kvpress."""
 
-    def __init__(self, name: str, folder: Path, *, dtype: str):
+    def __init__(self, name: str, folder: Path, *, dtype: str, device: str):
+        # kvpress's version goes into every record's model name
+        from importlib.metadata import version
+
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
         from longkv.models.tokenizer import Tokenizer
 
-        from importlib.metadata import version   # kvpress's version goes into every record's model name
+        hf_logging.disable_progress_bar()           # one bar line per weight tensor otherwise
 
-        self.name, self.device = f"{name}@kvpress-{version('kvpress')}", torch.device("cpu")
+        self.name, self.device = f"{name}@kvpress-{version('kvpress')}", torch.device(device)
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=self.dtype).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=self.dtype).eval().to(self.device)
         self.tokenizer = Tokenizer(folder)
         c = self.model.config
         hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -107,11 +125,13 @@ class KvpressLLM:
         from transformers import DynamicCache
 
         press, kv = make_press(cache), DynamicCache()
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=self.device)
         t0 = time.perf_counter()
         with press(self.model) if press is not None else contextlib.nullcontext():
             h = self.model.model(input_ids=x, past_key_values=kv).last_hidden_state
         logits = self.model.lm_head(h[:, -1])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         prefill_s = time.perf_counter() - t0
         out, pos, reason, t1 = [], len(ids), "length", time.perf_counter()
         for _ in range(max_new_tokens):
@@ -121,9 +141,11 @@ class KvpressLLM:
                 reason = "stop"
                 break
             # Logical positions continue from the prompt's length, whatever the press kept.
-            logits = self.model(input_ids=torch.tensor([[nxt]]), past_key_values=kv,
-                                position_ids=torch.tensor([[pos]])).logits[:, -1]
+            logits = self.model(input_ids=torch.tensor([[nxt]], device=self.device), past_key_values=kv,
+                                position_ids=torch.tensor([[pos]], device=self.device)).logits[:, -1]
             pos += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t1
         held = sum(t.numel() * t.element_size() for layer in kv.layers for t in (layer.keys, layer.values))
         text_ids = out[:-1] if reason == "stop" else out
@@ -145,6 +167,7 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", default="auto")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     try:
@@ -152,11 +175,13 @@ def main(argv=None) -> int:
 
         specs = a.cache or ["full"]
         for s in specs:
-            make_press(s)                       # unsupported specs fail before the model loads
-        llm = KvpressLLM(a.model, resolve(a.model, download=False, progress=False), dtype=a.dtype)
+            make_press(s)                       # unsupported specs and corpora fail before the model loads
+        corpora.get(a.corpus)
+        device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        llm = KvpressLLM(a.model, resolve(a.model, download=False, progress=False), dtype=a.dtype, device=device)
         lengths = prompts.parse_lengths(a.lengths, window_tokens=llm.model.config.max_position_embeddings)
-        common = dict(specs=specs, lengths=lengths, samples=a.samples, seed=a.seed, corpus=a.corpus, out=a.out,
-                      argv=["kvpress_runner"] + (argv or sys.argv[1:]))
+        common = {"specs": specs, "lengths": lengths, "samples": a.samples, "seed": a.seed, "corpus": a.corpus,
+                  "out": a.out, "argv": ["kvpress_runner"] + (argv or sys.argv[1:])}
         if a.kind == "niah":
             runner.run_niah(llm, depths=prompts.parse_depths(a.depths), max_new_tokens=a.max_new_tokens, **common)
         else:
