@@ -1,4 +1,4 @@
-"""Tuning sweep of the packed decode-attention kernel (tile size, warps, stages, RoPE mode):
+"""Tuning sweep of the packed decode-attention kernel (tile size, warps, stages, splits):
 layer 0's attention alone at one context, TB/s on the bytes it must read, and the max difference
 from the default launch. Last line: JSON.
 
@@ -22,6 +22,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", default="128k")
     ap.add_argument("--caches", default="kv4,kv2")
+    ap.add_argument("--dot", default="1,0", help="tensor-core tiles (1) and/or CUDA-core FMAs (0)")
+    ap.add_argument("--block-n", default="16,32,64")
+    ap.add_argument("--warps", default="2,4,8")
+    ap.add_argument("--splits", default="0", help="0 = the default split count")
     a = ap.parse_args()
     ctx = parse_tokens(a.context)
     model = random_model(dict(LLAMA3_8B, num_hidden_layers=1))
@@ -37,23 +41,27 @@ def main():
                   inv_freq=sp.rope.inv_freq, rope_scaling=sp.rope.scaling, lut_k=kv.lut_k[0], lut_v=kv.lut_v[0])
         base = qk.quant_decode_attention(q, kv.kq[0], kv.vq[0], kv.kf[0], kv.vf[0], length, **kw).float()
         nbytes = attention_bytes(kv, ctx)
-        for bn, w, st, direct in itertools.product((16, 32, 64), (2, 4, 8), (None, 2), (False, True)):
+        ints = lambda x: [int(v) for v in x.split(",")]
+        grid = itertools.product([bool(d) for d in ints(a.dot)], ints(a.block_n), ints(a.warps), ints(a.splits))
+        for dot, bn, w, nsp in grid:
+            st, nsp = None, nsp or None
             if bn > kv.group:
                 continue
             f = lambda: qk.quant_decode_attention(q, kv.kq[0], kv.vq[0], kv.kf[0], kv.vf[0], length, block_n=bn,
-                                                  num_warps=w, num_stages=st, direct_rope=direct, **kw)
+                                                  num_warps=w, num_stages=st, splits=nsp, use_dot=dot, **kw)
             try:
                 diff = (f().float() - base).abs().max().item()
                 ms = time_cuda(f, 10)
             except Exception as e:  # a launch that does not compile (registers, shared memory)
-                rows.append(dict(cache=spec, block_n=bn, warps=w, stages=st, direct=direct, us=type(e).__name__))
+                rows.append(dict(cache=spec, dot=dot, block_n=bn, warps=w, stages=st, splits=nsp, us=type(e).__name__))
                 continue
-            rows.append(dict(cache=spec, block_n=bn, warps=w, stages=st, direct=direct, us=round(ms * 1e3, 1),
+            rows.append(dict(cache=spec, dot=dot, block_n=bn, warps=w, stages=st, splits=nsp, us=round(ms * 1e3, 1),
                              TBps=round(nbytes / (ms / 1e3) / 1e12, 3), maxdiff=round(diff, 5)))
+            print(rows[-1], flush=True)
         del kv
         torch.cuda.empty_cache()
     rows.sort(key=lambda r: (r["cache"], r["us"] if isinstance(r["us"], float) else 1e9))
-    print_table(rows, ["cache", "block_n", "warps", "stages", "direct", "us", "TBps", "maxdiff"])
+    print_table(rows, ["cache", "dot", "block_n", "warps", "stages", "splits", "us", "TBps", "maxdiff"])
     emit_json({"bench": "quant_sweep", "context": ctx, "rows": rows})
 
 

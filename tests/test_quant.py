@@ -60,27 +60,30 @@ def packed_layer(B, H, D, cap, group, vgroup, bits, n_out, lut, seed=0):
     return kq, vq
 
 
-CASES = [  # bits, nuq, n_out, length (sink 3, window 5, group 16)
-    (4, False, 0, 2), (4, False, 0, 23), (4, False, 1, 60), (2, False, 2, 57),
-    (3, True, 1, 58), (8, False, 0, 41), (2, True, 0, 36),
+CASES = [  # bits, nuq, n_out, length, vgroup (sink 3, window 5, group 16, head dim 64)
+    (4, False, 0, 2, 32), (4, False, 0, 23, 32), (4, False, 1, 60, 32), (2, False, 2, 57, 32),
+    (3, True, 1, 58, 32), (8, False, 0, 41, 32), (2, True, 0, 36, 32),
+    # one range per token, uniform levels, no outliers: the kernel folds scale/zero into p
+    (4, False, 0, 60, 64), (3, False, 0, 58, 64), (2, False, 0, 57, 64), (8, False, 0, 41, 64),
 ]
 
 
-@pytest.mark.parametrize("bits,nuq,n_out,length", CASES)
-def test_decode_kernel_matches_reference(bits, nuq, n_out, length):
+@pytest.mark.parametrize("bits,nuq,n_out,length,vgroup", CASES)
+def test_decode_kernel_matches_reference(bits, nuq, n_out, length, vgroup):
     B, Hq, H, D, group, sink, window, ring = 2, 6, 2, 64, 16, 3, 5, 5 + 32
     cap = 64
     lut = torch.sort(torch.rand(2 ** bits, generator=gen(3))).values if nuq else None
-    kq, vq = packed_layer(B, H, D, cap, group, 32, bits, n_out, lut)
+    kq, vq = packed_layer(B, H, D, cap, group, vgroup, bits, n_out, lut)
     kf = torch.randn(B, H, sink + ring, D, generator=gen(4))
     vf = torch.randn(B, H, sink + ring, D, generator=gen(5))
     q = torch.randn(B, Hq, 1, D, generator=gen(6))
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
-    kw = dict(bits=bits, group=group, vgroup=32, sink=sink, window=window, scale=D ** -0.5,
+    kw = dict(bits=bits, group=group, vgroup=vgroup, sink=sink, window=window, scale=D ** -0.5,
               inv_freq=inv_freq, lut_k=lut, lut_v=lut)
     want = ref.quant_decode_attention(q, kq, vq, kf, vf, length, **kw)
-    got = qk.quant_decode_attention(q, kq, vq, kf, vf, torch.tensor([length]), splits=3, **kw)
-    assert (got - want).abs().max() < 2e-3
+    for use_dot in (True, False):
+        got = qk.quant_decode_attention(q, kq, vq, kf, vf, torch.tensor([length]), splits=3, use_dot=use_dot, **kw)
+        assert (got - want).abs().max() < 2e-3
 
 
 @pytest.mark.parametrize("bits,nuq,n_out", [(4, False, 0), (3, True, 1), (2, False, 2)])

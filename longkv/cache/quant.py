@@ -117,9 +117,15 @@ class QuantCache(Cache):
         self.kf = [torch.zeros(shape, dtype=dtype, **z) for _ in specs]
         self.vf = [torch.zeros(shape, dtype=dtype, **z) for _ in specs]
         self.kq = [self._alloc(batch, H, self.per_channel, z) for _ in specs]
+        # the decode kernel's RoPE angles at every 16th position, one table per distinct RoPE
+        from ..kernels.quant import rope_table, table_positions
+        npos = table_positions(self.nq_cap, self.sink, self.ring)
+        tabs: dict[int, torch.Tensor] = {}
+        self.rope_tab = [tabs.setdefault(s.rope_index, rope_table(s.rope.inv_freq, npos, device)) for s in specs]
         self.vq = [self._alloc(batch, H, False, z) for _ in specs]
         # The Triton path covers the main scheme; ablations run the torch reference (not in graphs).
-        self.graph_safe = (self.per_channel and self.prerope and self.H is None and D % 32 == 0
+        self.graph_safe = (self.per_channel and self.prerope and self.H is None
+                           and D % (64 if self.bits == 3 else 32) == 0   # whole 32-bit words per half row
                            and all(s.window is None and not s.softcap for s in specs))
 
     def _alloc(self, B, H, per_channel, z) -> dict:
@@ -136,6 +142,7 @@ class QuantCache(Cache):
     # -- bookkeeping ------------------------------------------------------------------------------------
     def tensors(self) -> list[torch.Tensor]:
         out = self.kf + self.vf + [t for t in (self.H,) if t is not None]
+        out += list({id(t): t for t in self.rope_tab}.values())
         out += [x for x in self.lut_k + self.lut_v if x is not None]
         for d in self.kq + self.vq:
             out += d["planes"] + [v for k, v in d.items() if k != "planes"]
@@ -257,7 +264,7 @@ class QuantCache(Cache):
                         self.kq[layer], self.vq[layer], **kw)
         return qk.quant_decode_attention(
             q, self.kq[layer], self.vq[layer], self.kf[layer], self.vf[layer], length, scale=s.scale,
-            inv_freq=s.rope.inv_freq, rope_scaling=s.rope.scaling, **kw)
+            inv_freq=s.rope.inv_freq, rope_scaling=s.rope.scaling, rope_tab=self.rope_tab[layer], **kw)
 
 
 def _preset(name: str, help: str, **defaults):
