@@ -48,9 +48,19 @@ call_b() {
   fi
 }
 
+call_c() {
+  # 5. the target on the noise haystack: the best method (Self-Extend) at 32K, 11 depths, with kv4 on top
+  ext ext_noise32k_kv4 --lengths 32768 --depths 11 --corpus noise --caches "full;kv4" \
+    --ropes "self-extend:group=8,window=1024"
+  # 6. perplexity at 16K/32K (2 windows each) for none / YaRN x4 / Self-Extend
+  ext ext_ppl --lengths 16384,32768 --depths 0.5 --ppl-windows 2 \
+    --ropes "none;yarn:factor=4;self-extend:group=8,window=1024"
+}
+
 case ${1:-} in
   a) call_a ;;
   b) call_b ;;
+  c) call_c ;;
   smoke)   # CPU check of the plumbing at toy size (real model, 2K tokens)
     DEVICE=cpu ext smoke --lengths 2048 --depths 0.5 --ropes "yarn:factor=2" --caches "kv4" --max-new-tokens 8 ;;
   *) sed -n '2,13p' "$0"; exit 2 ;;
