@@ -5,8 +5,9 @@ A Quest layer's decode step is five launches, everything on the device (one CUDA
 `_score_kernel` (every page's bound; sink and recent pages forced to +inf, so selection is one top-k),
 `_select_*_kernel` (the top-k pages straight into an int32 page table, ascending; the k-th largest
 score by bisection, or by radix select for long rows; no sort, no torch.topk), `_paged_kernel` +
-decode.py's `_merge_kernel`. Before, the same step was ~30 small torch kernels around two Triton ones (topk, sort, index arithmetic, the
-page min/max update), which cost as much as the dense read at 128K.
+decode.py's `_merge_kernel`. Before, the same step was ~30 small torch kernels around two Triton
+ones (topk, sort, index arithmetic, the page min/max update), which cost as much as the dense read
+at 128K.
 
 Quest (Tang et al., arXiv 2406.10774) scores every 16-token page of keys against the decode query by
 the upper bound sum_d max(q_d·min_d, q_d·max_d) = q·c + |q|·r (c, r: page centre and half-range), so
