@@ -43,16 +43,22 @@ def make_cache(kind: str, cfg):
     raise SystemExit(f"unknown cache {kind!r}: dynamic, quanto4 or quanto2")
 
 
+def _unpack_py(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """quanto's pure-torch `unpack` (optimum/quanto/library/unpack.py), restated: on torch 2.11 its
+    `torch.library.impl` decorator returns None, so the function cannot be imported and called."""
+    per = 8 // bits
+    return torch.cat([(packed & (2 ** (bits * (i + 1)) - 1)) >> (bits * i) for i in range(per)]).to(torch.uint8)
+
+
 def use_python_unpack() -> None:
-    """Route quanto's CUDA `unpack` to its own pure-torch implementation (its "default" kernel):
-    the CUDA one is a JIT-compiled extension (marlin, AWQ, ...) that needs nvcc, minutes of build."""
+    """Route quanto's CUDA `unpack` to the pure-torch kernel: the CUDA one is a JIT-compiled
+    extension (marlin, AWQ, ...) that needs nvcc and minutes of build."""
     from types import SimpleNamespace
 
     from optimum.quanto.library.extensions import get_extension, is_extension_available
-    from optimum.quanto.library.unpack import unpack
 
     if is_extension_available("quanto_cuda"):
-        get_extension("quanto_cuda")._lib = SimpleNamespace(unpack=unpack)
+        get_extension("quanto_cuda")._lib = SimpleNamespace(unpack=_unpack_py)
 
 
 def sync(dev):
