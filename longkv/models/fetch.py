@@ -414,7 +414,11 @@ def _convert(gguf: Path, entry: Path, *, progress: bool) -> None:
     # The cached tokenizer must read back as the GGUF's did, or every later run would be subtly off.
     probe = "Hello, world! Ünïcode 日本語 12345\n  code()"
     if AutoTokenizer.from_pretrained(str(entry))(probe).input_ids != tok(probe).input_ids:
-        raise UserError(f"the tokenizer converted from {gguf.name} does not read back the same; please report")
+        import transformers
+
+        raise UserError(f"the tokenizer converted from {gguf.name} does not read back the same with transformers "
+                        f"{transformers.__version__} (5.17 loses gemma3's merges; 5.24 works): upgrade transformers, "
+                        "or report it")
 
 
 def _hf_layout(model) -> tuple[dict, dict]:
