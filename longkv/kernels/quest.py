@@ -89,6 +89,15 @@ if triton is not None:
         return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
     @triton.jit
+    def _row(Pos, MP, K, PAGE):
+        """This program's row (one per (b, kv head)): → bh, pos, pages holding tokens, pages to take,
+        the row's offset into the scores."""
+        bh = tl.program_id(0)
+        pos = tl.load(Pos).to(tl.int32)
+        npages = tl.minimum(pos // PAGE + 1, MP)
+        return bh, pos, npages, tl.minimum(npages, K), bh * MP
+
+    @triton.jit
     def _take(S, Table, Nsel, Last, bh, row, j, key0, t, above, need, npages, pos, nch, stab, row_pages, PAGE,
               CHUNK: tl.constexpr, ONE: tl.constexpr):
         """Given the k-th largest key t and above = count(key > t): write every page above t and the
@@ -118,11 +127,7 @@ if triton is not None:
     def _select_bisect_kernel(S, Pos, Table, Nsel, Last, MP, K, PAGE, row_pages, stab, CHUNK: tl.constexpr):
         """A row that fits one CHUNK (held in registers): the k-th largest key T by bisection over
         the 2^32 keys, 32 counting passes, each one compare and one reduction a score."""
-        bh = tl.program_id(0)
-        pos = tl.load(Pos).to(tl.int32)
-        npages = tl.minimum(pos // PAGE + 1, MP)
-        need = tl.minimum(npages, K)
-        row = bh * MP
+        bh, pos, npages, need, row = _row(Pos, MP, K, PAGE)
         j = tl.arange(0, CHUNK)
         key0 = _key(S, row, j, j < npages)
         # invariant: count(key >= lo) >= need > count(key > hi) = above
@@ -144,11 +149,7 @@ if triton is not None:
         """A row of several CHUNKs (read from L2 each pass): the k-th largest key T by a radix select,
         8 bits a pass from the top: 4 histogram passes over the digits of the keys that share T's
         higher bits, instead of the bisection's 32 passes."""
-        bh = tl.program_id(0)
-        pos = tl.load(Pos).to(tl.int32)
-        npages = tl.minimum(pos // PAGE + 1, MP)
-        need = tl.minimum(npages, K)
-        row = bh * MP
+        bh, pos, npages, need, row = _row(Pos, MP, K, PAGE)
         j = tl.arange(0, CHUNK)
         bins = tl.arange(0, 256)
         nch = tl.cdiv(npages, CHUNK)
