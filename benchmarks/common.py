@@ -19,6 +19,13 @@ LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, interm
                  tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
 
 
+def parse_tokens(s: str) -> int:
+    """'32k' -> 32768, '1m' -> 1048576, '300' -> 300."""
+    s = s.strip().lower()
+    mult = {"k": 1024, "m": 1 << 20}.get(s[-1])
+    return int(float(s[:-1]) * mult) if mult else int(s)
+
+
 def random_model(hf_config: dict, *, device="cuda", dtype=torch.bfloat16, seed=0):
     """Our model at a real shape with random weights (N(0, 0.02) matrices, unit norms)."""
     cfg = ModelConfig.from_hf(hf_config)

@@ -16,16 +16,12 @@ import time
 
 import torch
 
-from common import LLAMA3_8B, copy_bandwidth, emit_json, print_table, random_model, time_cuda, weight_bytes_read
+from common import (LLAMA3_8B, copy_bandwidth, emit_json, parse_tokens, print_table, random_model, time_cuda,
+                    weight_bytes_read)
 
 from longkv.cache.full import FullCache
 from longkv.engine.graph import GraphStep
 from longkv.engine.prefill import prefill
-
-
-def parse_tokens(s: str) -> int:
-    s = s.strip().lower()
-    return int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
 
 
 def warm_up(model, chunk: int):

@@ -12,8 +12,8 @@
 #   sparse    issue 5: gemma3 NIAH at 8x; RULER-style grid (trimmed), longkv and kvpress; report
 #
 # ext, gemma and sparse need real weights: benchmarks/device_setup.sh install first (same warm machine).
-# Calls made on the H200 (2026-12-03): [copy; install; ext], [gemma quest128], [quest512 hfquant],
-# [quant qsweep].
+# Calls made on the H200 (2026-12-03): [copy x5], [copy; install; ext], [quest512 hfquant],
+# [quest512] (after a kernel fix), [quest128 quant qsweep], [sparse]; gemma did not convert there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

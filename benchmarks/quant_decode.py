@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from common import LLAMA3_8B, copy_bandwidth, emit_json, print_table, random_model, weight_bytes_read
+from common import LLAMA3_8B, copy_bandwidth, emit_json, parse_tokens, print_table, random_model, weight_bytes_read
 
 from longkv.cache import spec as cache_spec
 from longkv.kernels import quant as qk
@@ -30,12 +30,6 @@ from longkv.kernels.decode import decode_attention
 
 SMOKE = dict(LLAMA3_8B, vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
              num_attention_heads=8, num_key_value_heads=2)
-
-
-def parse_tokens(s: str) -> int:
-    s = s.strip().lower()
-    mult = {"k": 1024, "m": 1 << 20}.get(s[-1])
-    return int(float(s[:-1]) * mult) if mult else int(s)
 
 
 def sync(dev):

@@ -9,8 +9,8 @@ import argparse
 
 import torch
 
-from common import LLAMA3_8B, random_model, time_cuda
-from quant_decode import fill, parse_tokens
+from common import LLAMA3_8B, parse_tokens, random_model, time_cuda
+from quant_decode import fill
 
 from longkv.cache import spec as cache_spec
 from longkv.kernels import quant as qk

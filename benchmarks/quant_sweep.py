@@ -11,8 +11,8 @@ import itertools
 
 import torch
 
-from common import LLAMA3_8B, emit_json, print_table, random_model, time_cuda
-from quant_decode import attention_bytes, fill, parse_tokens
+from common import LLAMA3_8B, emit_json, parse_tokens, print_table, random_model, time_cuda
+from quant_decode import attention_bytes, fill
 
 from longkv.cache import spec as cache_spec
 from longkv.kernels import quant as qk

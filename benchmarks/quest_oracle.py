@@ -41,13 +41,15 @@ def _page_mass(q, kc, pos: int, page: int, scale: float) -> torch.Tensor:
 
 
 def _decode(self, layer, q, k, v, step):
+    """QuestCache.decode, then the attention mass its selection covered (re-derived: same scores)."""
+    _state["k"], _state["scale"] = self.k[layer], self.specs[layer].scale   # for the oracle's scores
     out = _orig(self, layer, q, k, v, step)   # writes k/v first, so the cache holds this token too
     if self._sparse(layer):
         P, pos = self.P, int(step.pos.reshape(-1)[-1])
         mass = _page_mass(q, self.k[layer], pos, P, self.specs[layer].scale)
         s = _scores(q, self.pmin[layer], self.pmax[layer], step.pos, page=P, sink=1, recent=self.recent)
-        table, nsel, _ = qmod.kq.select_pages(s, self.k_pages, step.pos, page=P, row_pages=self.k[layer].shape[2] // P)
         rows = self.k[layer].shape[2] // P
+        table, nsel, _ = qmod.kq.select_pages(s, self.k_pages, step.pos, page=P, row_pages=rows)
         picked = torch.zeros_like(mass)
         for r in range(table.shape[0]):
             ids = table[r, :int(nsel[r])].long() - r * rows
@@ -68,11 +70,6 @@ def _scores(q, pmin, pmax, pos, *, page, sink, recent):
     return out.masked_fill((idx < sink) | ((idx >= n - recent) & (idx < n)), float("inf"))
 
 
-def _decode_oracle_hook(self, layer, q, k, v, step):
-    _state["k"], _state["scale"] = self.k[layer], self.specs[layer].scale
-    return _decode(self, layer, q, k, v, step)
-
-
 _orig = qmod.QuestCache.decode
 
 
@@ -85,7 +82,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=10)
     a = ap.parse_args()
     llm = longkv.load(device="cpu", progress=False)
-    qmod.QuestCache.decode = _decode_oracle_hook
+    qmod.QuestCache.decode = _decode
     qmod.kq.page_scores = _scores
     rows = []
     for mode in ("bound", "oracle"):

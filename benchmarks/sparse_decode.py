@@ -35,14 +35,9 @@ import gc
 import time
 
 import torch
-from common import LLAMA3_8B, emit_json, print_table, random_model, time_cuda
+from common import LLAMA3_8B, emit_json, parse_tokens, print_table, random_model, time_cuda
 
 from longkv.cache import spec as cache_spec
-
-
-def parse_tokens(s: str) -> int:
-    s = s.strip().lower()
-    return int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
 
 
 def methods(ctx: int) -> list[tuple[str, str]]:

@@ -25,12 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import LLAMA3_8B, print_table  # noqa: E402
-
-
-def parse_tokens(s: str) -> int:
-    s = s.strip().lower()
-    return int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
+from common import LLAMA3_8B, parse_tokens, print_table  # noqa: E402
 
 
 def make_cache(kind: str, cfg):

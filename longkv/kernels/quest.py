@@ -174,6 +174,7 @@ if triton is not None:
             want -= gt
             prefix = (prefix << 8) | b.to(tl.uint32)
         t = (prefix ^ 0x80000000).to(tl.int32, bitcast=True)
+        # key0 (the 8th argument) is unused when ONE is False: the keys are re-read per chunk
         _take(S, Table, Nsel, Last, bh, row, j, j, t, above, need, npages, pos, nch, stab, row_pages, PAGE,
               CHUNK, False)
 
