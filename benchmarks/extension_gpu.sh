@@ -8,6 +8,8 @@
 #   benchmarks/extension_gpu.sh b     # call 2, ~2.5 min: perplexity at 16K/32K; gemma3-270m if present
 #   benchmarks/extension_gpu.sh c     # noise haystack 32K, 11 depths, Self-Extend with full and kv4; ppl
 #   benchmarks/extension_gpu.sh gemma # gemma3-270m at 64K and 128K (4 depths, YaRN and Self-Extend)
+#   benchmarks/extension_gpu.sh gemma64|gemma128   # one length, 11 depths: Self-Extend full + kv4, YaRN full
+#   benchmarks/extension_gpu.sh gemmappl           # gemma3-270m perplexity at 64K and 128K
 #
 # Needs smollm2-135m in LONGKV_HOME (`benchmarks/sparse_quality.sh model` stages it) and writes one
 # JSON-lines file per run plus a log into $OUT. Trimmed from the BENCHMARKS.md list: 6 depths instead
@@ -44,14 +46,30 @@ call_b() {
   call_gemma
 }
 
+gemma_ok() {
+  $PY -c "import sys; from longkv.models.fetch import is_cached; sys.exit(0 if is_cached('gemma3-270m') else 1)" ||
+    { echo "gemma3-270m is not in LONGKV_HOME on this machine: skipped (benchmarks/device_setup.sh stages it)" >&2; return 1; }
+}
+
 call_gemma() {
   # 4. gemma3-270m (trained to 32K; base model): 64K and 128K, only when its weights are on the machine
-  if $PY -c "import sys; from longkv.models.fetch import is_cached; sys.exit(0 if is_cached('gemma3-270m') else 1)"; then
-    ext gemma64k --model gemma3-270m --lengths 65536 --depths 4 --ropes "yarn:factor=2;self-extend:group=4,window=1024"
-    ext gemma128k --model gemma3-270m --lengths 131072 --depths 4 --ropes "yarn:factor=4;self-extend:group=8,window=1024"
-  else
-    echo "gemma3-270m is not in LONGKV_HOME on this machine: skipped (benchmarks/device_setup.sh stages it)" >&2
-  fi
+  gemma_ok || return 0
+  ext gemma64k --model gemma3-270m --lengths 65536 --depths 4 --ropes "yarn:factor=2;self-extend:group=4,window=1024"
+  ext gemma128k --model gemma3-270m --lengths 131072 --depths 4 --ropes "yarn:factor=4;self-extend:group=8,window=1024"
+}
+
+gemma_grid() {  # LENGTH FACTOR GROUP: 11 depths; Self-Extend with full and kv4, YaRN with full (one run each)
+  gemma_ok || return 0
+  local n=$(($1 / 1024))
+  ext "gemma${n}k_se" --model gemma3-270m --lengths "$1" --depths 11 --caches "full;kv4" \
+    --ropes "self-extend:group=$3,window=1024"
+  ext "gemma${n}k_yarn" --model gemma3-270m --lengths "$1" --depths 11 --ropes "yarn:factor=$2"
+}
+
+call_gemma_ppl() {  # perplexity at 64K and 128K, one window each (Shakespeare), per method
+  gemma_ok || return 0
+  ext gemma_ppl --model gemma3-270m --lengths 65536,131072 --depths 0.5 --ppl-windows 1 --max-new-tokens 8 \
+    --ropes "none;yarn:factor=2;yarn:factor=4;self-extend:group=4,window=1024;self-extend:group=8,window=1024"
 }
 
 call_c() {
@@ -68,8 +86,11 @@ case ${1:-} in
   b) call_b ;;
   c) call_c ;;
   gemma) call_gemma ;;
+  gemma64) gemma_grid 65536 2 4 ;;
+  gemma128) gemma_grid 131072 4 8 ;;
+  gemmappl) call_gemma_ppl ;;
   smoke)   # CPU check of the plumbing at toy size (real model, 2K tokens)
     DEVICE=cpu ext smoke --lengths 2048 --depths 0.5 --ropes "yarn:factor=2" --caches "kv4" --max-new-tokens 8 ;;
-  *) sed -n '2,13p' "$0"; exit 2 ;;
+  *) sed -n '2,15p' "$0"; exit 2 ;;
 esac
 ls -la "$OUT"

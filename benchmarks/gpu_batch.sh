@@ -4,12 +4,14 @@
 #
 #   ext       issue 6: extension_gpu.sh c (noise haystack 32K, 11 depths, Self-Extend full + kv4; ppl)
 #   gemma     issue 6: extension_gpu.sh gemma (gemma3-270m at 64K and 128K)
+#   gemma64, gemma128, gemmappl   issue 6: gemma3-270m 11-depth grids (full + kv4) and perplexity
 #   quest512  issue 5: Quest 1/8, 1/32 vs full at 512K, 32 layers (H200: the 64 GiB bf16 KV fits)
 #   quest128  issue 5: the same at 128K
 #   quant     issue 4: quant decode 32K-512K, full / kv4 / kv2
 #   qsweep    issue 4: packed-kernel sweep over warps and pipelining stages at 128K
 #   hfquant   issue 4: transformers' QuantizedCache (optimum-quanto) vs its DynamicCache at 32K
 #   sparse    issue 5: gemma3 NIAH at 8x; RULER-style grid (trimmed), longkv and kvpress; report
+#   gemmasparse  issue 5: only the gemma3 NIAH at 8x (16K/32K, 4 depths), and the report
 #
 # ext, gemma and sparse need real weights: benchmarks/device_setup.sh install first (same warm machine).
 # Calls made on the H200 (2026-12-03): [copy x5], [copy; install; ext], [quest512 hfquant],
@@ -32,6 +34,7 @@ step() {
   case $1 in
     ext) RUN_LIMIT=150 OUT=$OUT bash benchmarks/extension_gpu.sh c ;;
     gemma) RUN_LIMIT=150 OUT=$OUT bash benchmarks/extension_gpu.sh gemma ;;
+    gemma64|gemma128|gemmappl) RUN_LIMIT=${RUN_LIMIT:-280} OUT=$OUT bash benchmarks/extension_gpu.sh "$1" ;;
     quest512) bench quest512 330 $PY sparse_decode.py --contexts 512k --layers 32 --only "full,quest 1/8,quest 1/32" ;;
     quest128) bench quest128 150 $PY sparse_decode.py --contexts 128k --layers 32 --only "full,quest 1/8,quest 1/32" ;;
     quant) bench quant 240 $PY quant_decode.py --contexts 32k,128k,512k --caches full,kv4,kv2 --new-tokens 24 ;;
@@ -44,10 +47,11 @@ step() {
         TASKS=niah_single_2,niah_multikey_1,niah_multivalue bash benchmarks/sparse_quality.sh ruler
       RUNS=/tmp/sparse_runs OUT=$OUT STEP_LIMIT=200 LENGTHS=4k,8k SAMPLES=1 KVP_WHEELS=/tmp/wheels/kvpress \
         TASKS=niah_single_2,niah_multikey_1,niah_multivalue bash benchmarks/sparse_quality.sh kvpress-ruler report ;;
-    *) sed -n '2,16p' "$0"; exit 2 ;;
+    gemmasparse) RUNS=/tmp/sparse_runs OUT=$OUT STEP_LIMIT=${STEP_LIMIT:-250} bash benchmarks/sparse_quality.sh gemma-niah report ;;
+    *) sed -n '2,18p' "$0"; exit 2 ;;
   esac
 }
 
-[ $# -gt 0 ] || { sed -n '2,16p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,18p' "$0"; exit 2; }
 for s in "$@"; do step "$s"; done
 ls -la "$OUT"

@@ -31,6 +31,7 @@ Last line: JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import time
 
@@ -157,13 +158,30 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
                                                 scale=s.scale, softcap=s.softcap),
         "topk_us": lambda: topk_table(scores, cache.k_pages, pos, P, rows),
     }
+    # the select variants and score tilings side by side (the step uses the defaults above)
+    methods = ["radix", "multi"] + (["bisect"] if scores.shape[-1] <= kq.SELECT_CHUNK else [])
+    for m in methods:
+        pieces[f"select_{m}_us"] = functools.partial(kq.select_pages, scores, cache.k_pages, pos, page=P,
+                                                     row_pages=rows, method=m)
+    for bp, w in ((128, 4), (256, 8)):
+        pieces[f"score_p{bp}w{w}_us"] = functools.partial(kq.page_scores, q, mn, mx, pos, page=P, sink=1,
+                                                          recent=cache.recent, block_p=bp, warps=w)
     out = {name: round(graph_time(fn, reps, dev) * 1e3, 1) for name, fn in pieces.items()}
     # the kernels against their plain-torch references on this very cache (compiled, at full size)
     from longkv.kernels import sparse_reference as ref
 
     rt, rn, rl = ref.select_pages(scores, cache.k_pages, pos, page=P, row_pages=rows)
     n = int(rn[0])
-    out["select_eq_ref"] = bool(torch.equal(table[:, :n], rt[:, :n]) and torch.equal(nsel, rn) and torch.equal(last, rl))
+
+    def same(sel):
+        t, ns, la = sel
+        return bool(torch.equal(t[:, :n], rt[:, :n]) and torch.equal(ns, rn) and torch.equal(la, rl))
+
+    out["select_eq_ref"] = same((table, nsel, last))
+    for m in methods:
+        out[f"select_{m}_eq_ref"] = same(pieces[f"select_{m}_us"]())
+    out["score_tilings_eq"] = all(torch.allclose(pieces[f"score_p{bp}w{w}_us"](), scores, rtol=1e-5, atol=1e-5)
+                                  for bp, w in ((128, 4), (256, 8)))
     want = ref.paged_attention(q, kc.view(-1, P, D), vc.view(-1, P, D), rt, rn, rl, scale=s.scale, softcap=s.softcap)
     got = pieces["attend_us"]()
     out["attend_err"] = float(f"{(got.float() - want.float()).abs().max().item():.2e}")

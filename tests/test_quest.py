@@ -1,6 +1,8 @@
 """Quest's Triton kernels (append, page scoring, page selection, attention through a page table)
 against their plain-torch references under TRITON_INTERPRET=1, at odd sizes; the scoring bound
 itself; and one whole decode step, kernels against references."""
+import functools
+
 import pytest
 import torch
 
@@ -54,12 +56,14 @@ def _valid(table, nsel):
     (1, 2, 5, 3, 4, 5, None),         # k > npages: every valid page
     (1, 1, 9, 1, 4, 5, None),         # one page
     (2, 2, 300, 283, 31, 100000, 64)])
-def test_select_pages_kernel_matches_reference(B, Hkv, MP, npages, k, levels, chunk):
+@pytest.mark.parametrize("method", [None, "multi"])
+def test_select_pages_kernel_matches_reference(B, Hkv, MP, npages, k, levels, chunk, method):
     g = torch.Generator().manual_seed(MP + k)
     s = _scores(g, B, Hkv, MP, npages, levels)
     s[0, 0, 1] = -0.0 if MP > 1 else s[0, 0, 1]           # ±0 and tiny magnitudes order correctly
     pos = torch.tensor([(npages - 1) * 16 + 7])
-    got = quest.select_pages(s, k, pos, page=16, row_pages=MP + 2, chunk=chunk)
+    # multi: segments of `chunk` pages (several programs a row, ties across segment borders)
+    got = quest.select_pages(s, k, pos, page=16, row_pages=MP + 2, chunk=chunk, method=method, seg=chunk or 16)
     want = ref.select_pages(s, k, pos, page=16, row_pages=MP + 2)
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
     assert _valid(got[0], got[1]) == _valid(want[0], want[1])
@@ -77,7 +81,8 @@ def test_select_pages_kernel_matches_reference(B, Hkv, MP, npages, k, levels, ch
 
 def test_select_pages_last_entry_full_page_when_current_not_selected():
     s = torch.tensor([[[5.0, 1.0, 4.0, 0.5]]])
-    for sel in (quest.select_pages, ref.select_pages):
+    multi = functools.partial(quest.select_pages, method="multi", seg=2)
+    for sel in (quest.select_pages, multi, ref.select_pages):
         table, nsel, last = sel(s, 2, torch.tensor([3 * 16 + 2]), page=16, row_pages=4)
         assert table[0, :2].tolist() == [0, 2] and nsel.tolist() == [2] and last.tolist() == [16]
 
@@ -169,8 +174,8 @@ def test_decode_step_kernels_match_references(pos, kp):
         assert (got - dense).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("chunk", [None, 32])
-def test_select_pages_orders_signs_and_magnitudes(chunk):
+@pytest.mark.parametrize("chunk,method", [(None, None), (32, None), (32, "multi")])
+def test_select_pages_orders_signs_and_magnitudes(chunk, method):
     """Scores over many binades and both signs (the float → integer key map must keep their order)."""
     g = torch.Generator().manual_seed(6)
     MP, npages, k = 100, 97, 23
@@ -178,7 +183,7 @@ def test_select_pages_orders_signs_and_magnitudes(chunk):
     s[..., npages:] = float("-inf")
     s[0, 0, 5], s[0, 0, 6], s[1, 0, 7] = float("inf"), -1e-38, 0.0
     pos = torch.tensor([(npages - 1) * 16])
-    got = quest.select_pages(s, k, pos, page=16, row_pages=MP, chunk=chunk)
+    got = quest.select_pages(s, k, pos, page=16, row_pages=MP, chunk=chunk, method=method, seg=chunk)
     want = ref.select_pages(s, k, pos, page=16, row_pages=MP)
     assert _valid(got[0], got[1]) == _valid(want[0], want[1])
     for r in range(2):

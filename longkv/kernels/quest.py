@@ -145,16 +145,43 @@ if triton is not None:
               row_pages, PAGE, CHUNK, True)
 
     @triton.jit
+    def _digit(hist, want):
+        """One radix pass's choice from its 256-bin histogram of the keys still in the running: the
+        largest digit b with count(digit >= b) >= want; → b, count(digit > b)."""
+        bins = tl.arange(0, 256)
+        ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist            # count(digit >= b)
+        b = tl.max(tl.where(ge >= want, bins, 0), 0)
+        return b, tl.sum(tl.where(bins == b, ge - hist, 0), 0)
+
+    @triton.jit
+    def _radix_state(H, bh, need, PASSES: tl.constexpr):
+        """The radix select's state after PASSES passes, from their histograms H[bh, pass, 256]: T's top
+        8·PASSES bits (`prefix`), how many keys matching them must still be taken (`want`), and how
+        many keys are known to be above T (`above`)."""
+        prefix = need.to(tl.uint32) * 0
+        want = need
+        above = need * 0
+        for i in tl.static_range(PASSES):
+            b, gt = _digit(tl.load(H + (bh * 4 + i) * 256 + tl.arange(0, 256)), want)
+            above += gt
+            want -= gt
+            prefix = (prefix << 8) | b.to(tl.uint32)
+        return prefix, want, above
+
+    @triton.jit
+    def _ukey(S, row, p, ok):
+        """_key as unsigned (sign bit flipped: the same order), for the radix digits."""
+        return (_key(S, row, p, ok) ^ -2147483648).to(tl.uint32, bitcast=True)
+
+    @triton.jit
     def _select_radix_kernel(S, Pos, Table, Nsel, Last, MP, K, PAGE, row_pages, stab, CHUNK: tl.constexpr):
         """A row of several CHUNKs (read from L2 each pass): the k-th largest key T by a radix select,
         8 bits a pass from the top: 4 histogram passes over the digits of the keys that share T's
         higher bits, instead of the bisection's 32 passes."""
         bh, pos, npages, need, row = _row(Pos, MP, K, PAGE)
         j = tl.arange(0, CHUNK)
-        bins = tl.arange(0, 256)
         nch = tl.cdiv(npages, CHUNK)
-        # keys as unsigned (sign bit flipped: the same order); T's bits above `shift` are `prefix`
-        prefix = need.to(tl.uint32) * 0
+        prefix = need.to(tl.uint32) * 0      # T's bits above `shift`
         want = need                          # how many of the keys matching the prefix T must reach
         above = need * 0                     # keys known to be > T
         for i in tl.static_range(4):
@@ -162,14 +189,12 @@ if triton is not None:
             hist = tl.zeros([256], tl.int32)
             for c in range(nch):
                 p = c * CHUNK + j
-                u = (_key(S, row, p, p < npages) ^ -2147483648).to(tl.uint32, bitcast=True)
+                u = _ukey(S, row, p, p < npages)
                 ok = p < npages
                 if i > 0:
                     ok = ok & ((u >> (shift + 8)) == prefix)
                 hist += tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=ok)
-            ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist           # count(digit >= b)
-            b = tl.max(tl.where(ge >= want, bins, 0), 0)               # the largest digit that keeps >= want
-            gt = tl.sum(tl.where(bins == b, ge - hist, 0), 0)          # count(digit > b)
+            b, gt = _digit(hist, want)
             above += gt
             want -= gt
             prefix = (prefix << 8) | b.to(tl.uint32)
@@ -177,6 +202,59 @@ if triton is not None:
         # key0 (the 8th argument) is unused when ONE is False: the keys are re-read per chunk
         _take(S, Table, Nsel, Last, bh, row, j, j, t, above, need, npages, pos, nch, stab, row_pages, PAGE,
               CHUNK, False)
+
+    # The same radix select spread over many programs: a row of N pages is cut into segments of SEG
+    # pages, one program each (grid (rows, segments)); a pass is one launch whose programs add their
+    # segment's histogram into H[row, pass] (atomics) and recompute the earlier passes' choices from
+    # H; then one launch counts each segment's keys above / equal to T, and one writes the table at
+    # offsets from the earlier segments' counts. 6 launches a step instead of one program walking
+    # the row (the row's 8 programs left 124 of 132 SMs idle).
+
+    @triton.jit
+    def _seg_keys(S, Pos, MP, K, PAGE, SEG: tl.constexpr):
+        bh, pos, npages, need, row = _row(Pos, MP, K, PAGE)
+        p = tl.program_id(1) * SEG + tl.arange(0, SEG)
+        ok = p < npages
+        return bh, pos, npages, need, p, ok, _ukey(S, row, p, ok)
+
+    @triton.jit
+    def _hist_kernel(S, Pos, H, MP, K, PAGE, SEG: tl.constexpr, PASS: tl.constexpr):
+        bh, pos, npages, need, p, ok, u = _seg_keys(S, Pos, MP, K, PAGE, SEG)
+        prefix, want, above = _radix_state(H, bh, need, PASS)
+        shift = 24 - 8 * PASS
+        if PASS > 0:
+            ok = ok & ((u >> (shift + 8)) == prefix)
+        hist = tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=ok)
+        tl.atomic_add(H + (bh * 4 + PASS) * 256 + tl.arange(0, 256), hist, sem="relaxed")
+
+    @triton.jit
+    def _count_kernel(S, Pos, H, Cnt, MP, K, PAGE, NSEG, SEG: tl.constexpr):
+        bh, pos, npages, need, p, ok, u = _seg_keys(S, Pos, MP, K, PAGE, SEG)
+        prefix, want, above = _radix_state(H, bh, need, 4)
+        c = (bh * NSEG + tl.program_id(1)) * 2
+        tl.store(Cnt + c, tl.sum((ok & (u > prefix)).to(tl.int32), 0))
+        tl.store(Cnt + c + 1, tl.sum((ok & (u == prefix)).to(tl.int32), 0))
+
+    @triton.jit
+    def _write_kernel(S, Pos, H, Cnt, Table, Nsel, Last, MP, K, PAGE, NSEG, row_pages, stab, SEG: tl.constexpr,
+                      BLOCK_S: tl.constexpr):
+        """Pages above T and the lowest-index pages equal to T, ascending: this segment's slots start
+        after the earlier segments' takes (their counts in Cnt)."""
+        bh, pos, npages, need, p, ok, u = _seg_keys(S, Pos, MP, K, PAGE, SEG)
+        prefix, want, above = _radix_state(H, bh, need, 4)
+        seg = tl.program_id(1)
+        s = tl.arange(0, BLOCK_S)
+        before = s < seg
+        gt0 = tl.sum(tl.load(Cnt + (bh * NSEG + s) * 2, mask=before, other=0), 0)
+        eq0 = tl.sum(tl.load(Cnt + (bh * NSEG + s) * 2 + 1, mask=before, other=0), 0)
+        eq = ok & (u == prefix)
+        take = (ok & (u > prefix)) | (eq & (eq0 + tl.cumsum(eq.to(tl.int32), 0) <= want))
+        slot = gt0 + tl.minimum(eq0, want) + tl.cumsum(take.to(tl.int32), 0) - 1
+        tl.store(Table + bh * stab + slot, (p + bh * row_pages).to(tl.int32), mask=take)
+        if seg == (npages - 1) // SEG:       # the segment holding the last page: the row's nsel and last
+            top = tl.max(tl.where(take, p, 0), 0)
+            tl.store(Nsel + bh, need)
+            tl.store(Last + bh, tl.where(top == npages - 1, pos % PAGE + 1, PAGE))
 
     @triton.jit
     def _paged_kernel(Q, K, V, Table, Nsel, Last, Out, Lse, sqb, sqh, stab, scale, softcap,
@@ -234,7 +312,8 @@ def append_token(k, v, cos, sin, pos, kc, vc, pmin, pmax, *, page: int) -> None:
         pmin.stride(0), pmin.stride(1), pmin.stride(2), page, D=D, HKV=Hkv)
 
 
-def page_scores(q, pmin, pmax, pos, *, page: int, sink: int, recent: int) -> torch.Tensor:
+def page_scores(q, pmin, pmax, pos, *, page: int, sink: int, recent: int, block_p: int = 64,
+                warps: int = 4) -> torch.Tensor:
     """See `sparse_reference.page_scores`; pos a device tensor (1,) or 0-dim, or an int."""
     if not _use_triton(q):
         return ref.page_scores(q, pmin, pmax, pos, page=page, sink=sink, recent=recent)
@@ -243,34 +322,57 @@ def page_scores(q, pmin, pmax, pos, *, page: int, sink: int, recent: int) -> tor
     assert pmin.stride() == pmax.stride() and pmin.stride(-1) == 1
     out = torch.empty(B, Hkv, MP, device=q.device, dtype=torch.float32)
     G = Hq // Hkv
-    BLOCK_P = 64
+    BLOCK_P = block_p
     _score_kernel[(B * Hkv, triton.cdiv(MP, BLOCK_P))](
         q, pmin, pmax, _pos(pos, q.device), out, q.stride(0), q.stride(1), pmin.stride(0), pmin.stride(1),
         pmin.stride(2), MP, page, sink, recent, G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)),
-        BLOCK_P=BLOCK_P, HKV=Hkv)
+        BLOCK_P=BLOCK_P, HKV=Hkv, num_warps=warps)
     return out
 
 
-SELECT_CHUNK = 16384   # scores a select program holds at once (16 warps: 32 a thread)
+SELECT_CHUNK = 16384   # scores a single-program select holds at once (16 warps: 32 a thread)
+SELECT_SEG = 1024      # pages per program of the multi-program select
+SELECT_MULTI_MIN = 4096  # rows longer than this (64K tokens at page 16) use the multi-program select
 
 
-def select_pages(scores, k: int, pos, *, page: int, row_pages: int, chunk: int | None = None):
-    """See `sparse_reference.select_pages` (one kernel, one program per row; no sort, no top-k):
-    → table (B·Hkv, k) int32, nsel (B·Hkv,) int32, last (B·Hkv,) int32. A row that fits one chunk
-    (≤ 16K pages: 256K tokens at page 16) is searched by bisection in registers, a longer one by a
-    radix select. Measured, Llama-3-8B shape: at 128K bisection 48 µs (H100) vs radix 103 µs (H200);
+def select_pages(scores, k: int, pos, *, page: int, row_pages: int, chunk: int | None = None,
+                 method: str | None = None, seg: int | None = None):
+    """See `sparse_reference.select_pages` (no sort, no top-k): → table (B·Hkv, k) int32, nsel
+    (B·Hkv,) int32, last (B·Hkv,) int32. `method`: "bisect" (one program a row, the row in registers,
+    32 counting passes), "radix" (one program a row, 4 histogram passes over the row), "multi" (the
+    radix select over many programs, 6 launches); default: multi for rows over SELECT_MULTI_MIN pages,
+    else bisect when the row fits a chunk, else radix. Measured, Llama-3-8B shape: at 128K bisection 48 µs (H100) vs radix 103 µs (H200);
     at 512K radix 182 µs (H200) vs bisection 292 µs (H100); a 16-way search was slower at both."""
     if not _use_triton(scores):
         return ref.select_pages(scores, k, pos, page=page, row_pages=row_pages)
     B, Hkv, MP = scores.shape
     BH = B * Hkv
     assert scores.is_contiguous() and scores.dtype == torch.float32
-    table = torch.empty(BH, k, device=scores.device, dtype=torch.int32)
-    nsel = torch.empty(BH, device=scores.device, dtype=torch.int32)
-    last = torch.empty(BH, device=scores.device, dtype=torch.int32)
+    dev = scores.device
+    table = torch.empty(BH, k, device=dev, dtype=torch.int32)
+    nsel = torch.empty(BH, device=dev, dtype=torch.int32)
+    last = torch.empty(BH, device=dev, dtype=torch.int32)
+    pos = _pos(pos, dev)
+    if method is None:
+        method = "multi" if MP > SELECT_MULTI_MIN else None
+    if method == "multi":
+        SEG = min(triton.next_power_of_2(MP), seg or SELECT_SEG)
+        NSEG = triton.cdiv(MP, SEG)
+        hist = torch.zeros(BH, 4, 256, device=dev, dtype=torch.int32)
+        cnt = torch.empty(BH, NSEG, 2, device=dev, dtype=torch.int32)
+        grid = (BH, NSEG)
+        warps = 4 if SEG >= 512 else 1
+        for i in range(4):
+            _hist_kernel[grid](scores, pos, hist, MP, k, page, SEG=SEG, PASS=i, num_warps=warps)
+        _count_kernel[grid](scores, pos, hist, cnt, MP, k, page, NSEG, SEG=SEG, num_warps=warps)
+        _write_kernel[grid](scores, pos, hist, cnt, table, nsel, last, MP, k, page, NSEG, row_pages,
+                            table.stride(0), SEG=SEG, BLOCK_S=triton.next_power_of_2(NSEG), num_warps=warps)
+        return table, nsel, last
     CHUNK = min(triton.next_power_of_2(MP), chunk or SELECT_CHUNK)
-    kernel = _select_bisect_kernel if CHUNK >= MP else _select_radix_kernel
-    kernel[(BH,)](scores, _pos(pos, scores.device), table, nsel, last, MP, k, page, row_pages, table.stride(0),
+    if method == "bisect" and CHUNK < MP:
+        raise ValueError(f"bisect select holds a row of at most {CHUNK} pages in registers; this row has {MP}")
+    kernel = _select_radix_kernel if method == "radix" or CHUNK < MP else _select_bisect_kernel
+    kernel[(BH,)](scores, pos, table, nsel, last, MP, k, page, row_pages, table.stride(0),
                   CHUNK=CHUNK, num_warps=16 if CHUNK >= 4096 else 4)
     return table, nsel, last
 
