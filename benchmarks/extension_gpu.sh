@@ -10,6 +10,7 @@
 #   benchmarks/extension_gpu.sh gemma # gemma3-270m at 64K and 128K (4 depths, YaRN and Self-Extend)
 #   benchmarks/extension_gpu.sh gemma64|gemma128   # one length, 11 depths: Self-Extend full + kv4, YaRN full
 #   benchmarks/extension_gpu.sh gemmappl           # gemma3-270m perplexity at 64K and 128K
+#   benchmarks/extension_gpu.sh gemmase            # 32K in-window baseline; Self-Extend 64K, 128K
 #
 # Needs smollm2-135m in LONGKV_HOME (`benchmarks/sparse_quality.sh model` stages it) and writes one
 # JSON-lines file per run plus a log into $OUT. Trimmed from the BENCHMARKS.md list: 6 depths instead
@@ -66,6 +67,13 @@ gemma_grid() {  # LENGTH FACTOR GROUP: 11 depths; Self-Extend with full and kv4,
   ext "gemma${n}k_yarn" --model gemma3-270m --lengths "$1" --depths 11 --ropes "yarn:factor=$2"
 }
 
+call_gemma_se() {  # the in-window baseline at 32K, then Self-Extend at 64K and 128K (full cache), 11 depths
+  gemma_ok || return 0
+  RUN_LIMIT=70 ext gemma32k_none --model gemma3-270m --lengths 32768 --depths 11 --ropes none
+  RUN_LIMIT=170 ext gemma64k_se --model gemma3-270m --lengths 65536 --depths 11 --ropes "self-extend:group=4,window=1024"
+  RUN_LIMIT=200 ext gemma128k_se --model gemma3-270m --lengths 131072 --depths 11 --ropes "self-extend:group=8,window=1024"
+}
+
 call_gemma_ppl() {  # perplexity at 64K and 128K, one window each (Shakespeare), per method
   gemma_ok || return 0
   ext gemma_ppl --model gemma3-270m --lengths 65536,131072 --depths 0.5 --ppl-windows 1 --max-new-tokens 8 \
@@ -89,8 +97,9 @@ case ${1:-} in
   gemma64) gemma_grid 65536 2 4 ;;
   gemma128) gemma_grid 131072 4 8 ;;
   gemmappl) call_gemma_ppl ;;
+  gemmase) call_gemma_se ;;
   smoke)   # CPU check of the plumbing at toy size (real model, 2K tokens)
     DEVICE=cpu ext smoke --lengths 2048 --depths 0.5 --ropes "yarn:factor=2" --caches "kv4" --max-new-tokens 8 ;;
-  *) sed -n '2,15p' "$0"; exit 2 ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
 esac
 ls -la "$OUT"

@@ -4,7 +4,7 @@
 #
 #   ext       issue 6: extension_gpu.sh c (noise haystack 32K, 11 depths, Self-Extend full + kv4; ppl)
 #   gemma     issue 6: extension_gpu.sh gemma (gemma3-270m at 64K and 128K)
-#   gemma64, gemma128, gemmappl   issue 6: gemma3-270m 11-depth grids (full + kv4) and perplexity
+#   gemma64, gemma128, gemmappl, gemmase   issue 6: gemma3-270m 11-depth grids, perplexity (extension_gpu.sh)
 #   quest512  issue 5: Quest 1/8, 1/32 vs full at 512K, 32 layers (H200: the 64 GiB bf16 KV fits)
 #   quest128  issue 5: the same at 128K
 #   quant     issue 4: quant decode 32K-512K, full / kv4 / kv2
@@ -34,7 +34,7 @@ step() {
   case $1 in
     ext) RUN_LIMIT=150 OUT=$OUT bash benchmarks/extension_gpu.sh c ;;
     gemma) RUN_LIMIT=150 OUT=$OUT bash benchmarks/extension_gpu.sh gemma ;;
-    gemma64|gemma128|gemmappl) RUN_LIMIT=${RUN_LIMIT:-280} OUT=$OUT bash benchmarks/extension_gpu.sh "$1" ;;
+    gemma64|gemma128|gemmappl|gemmase) RUN_LIMIT=${RUN_LIMIT:-280} OUT=$OUT bash benchmarks/extension_gpu.sh "$1" ;;
     quest512) bench quest512 330 $PY sparse_decode.py --contexts 512k --layers 32 --only "full,quest 1/8,quest 1/32" ;;
     quest128) bench quest128 150 $PY sparse_decode.py --contexts 128k --layers 32 --only "full,quest 1/8,quest 1/32" ;;
     quant) bench quant 240 $PY quant_decode.py --contexts 32k,128k,512k --caches full,kv4,kv2 --new-tokens 24 ;;

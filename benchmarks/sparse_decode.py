@@ -159,11 +159,11 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
         "topk_us": lambda: topk_table(scores, cache.k_pages, pos, P, rows),
     }
     # the select variants and score tilings side by side (the step uses the defaults above)
-    methods = ["radix", "multi"] + (["bisect"] if scores.shape[-1] <= kq.SELECT_CHUNK else [])
+    methods = ["multi"] + (["bisect"] if scores.shape[-1] <= kq.SELECT_CHUNK else [])
     for m in methods:
         pieces[f"select_{m}_us"] = functools.partial(kq.select_pages, scores, cache.k_pages, pos, page=P,
                                                      row_pages=rows, method=m)
-    for bp, w in ((128, 4), (256, 8)):
+    for bp, w in ((64, 4), (256, 8)):
         pieces[f"score_p{bp}w{w}_us"] = functools.partial(kq.page_scores, q, mn, mx, pos, page=P, sink=1,
                                                           recent=cache.recent, block_p=bp, warps=w)
     out = {name: round(graph_time(fn, reps, dev) * 1e3, 1) for name, fn in pieces.items()}
@@ -181,7 +181,7 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
     for m in methods:
         out[f"select_{m}_eq_ref"] = same(pieces[f"select_{m}_us"]())
     out["score_tilings_eq"] = all(torch.allclose(pieces[f"score_p{bp}w{w}_us"](), scores, rtol=1e-5, atol=1e-5)
-                                  for bp, w in ((128, 4), (256, 8)))
+                                  for bp, w in ((64, 4), (256, 8)))
     want = ref.paged_attention(q, kc.view(-1, P, D), vc.view(-1, P, D), rt, rn, rl, scale=s.scale, softcap=s.softcap)
     got = pieces["attend_us"]()
     out["attend_err"] = float(f"{(got.float() - want.float()).abs().max().item():.2e}")

@@ -48,22 +48,22 @@ def _valid(table, nsel):
     return [table[r, :int(nsel[r])].tolist() for r in range(table.shape[0])]
 
 
-@pytest.mark.parametrize("B,Hkv,MP,npages,k,levels,chunk", [
+@pytest.mark.parametrize("B,Hkv,MP,npages,k,levels,seg", [
     (1, 2, 13, 13, 5, 4, None),       # heavy ties
     (2, 3, 70, 41, 9, 1000, None),    # pages past npages exist
-    (1, 2, 37, 37, 7, 3, 8),          # several chunks (the row does not fit one)
+    (1, 2, 37, 37, 7, 3, 8),          # several segments a row (multi)
     (1, 1, 37, 30, 12, 2, 16),        # two levels: almost everything tied
     (1, 2, 5, 3, 4, 5, None),         # k > npages: every valid page
     (1, 1, 9, 1, 4, 5, None),         # one page
     (2, 2, 300, 283, 31, 100000, 64)])
 @pytest.mark.parametrize("method", [None, "multi"])
-def test_select_pages_kernel_matches_reference(B, Hkv, MP, npages, k, levels, chunk, method):
+def test_select_pages_kernel_matches_reference(B, Hkv, MP, npages, k, levels, seg, method):
     g = torch.Generator().manual_seed(MP + k)
     s = _scores(g, B, Hkv, MP, npages, levels)
     s[0, 0, 1] = -0.0 if MP > 1 else s[0, 0, 1]           # ±0 and tiny magnitudes order correctly
     pos = torch.tensor([(npages - 1) * 16 + 7])
-    # multi: segments of `chunk` pages (several programs a row, ties across segment borders)
-    got = quest.select_pages(s, k, pos, page=16, row_pages=MP + 2, chunk=chunk, method=method, seg=chunk or 16)
+    # multi: segments of `seg` pages (several programs a row, ties across segment borders)
+    got = quest.select_pages(s, k, pos, page=16, row_pages=MP + 2, method=method, seg=seg or 16)
     want = ref.select_pages(s, k, pos, page=16, row_pages=MP + 2)
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
     assert _valid(got[0], got[1]) == _valid(want[0], want[1])
@@ -77,6 +77,19 @@ def test_select_pages_kernel_matches_reference(B, Hkv, MP, npages, k, levels, ch
         ties = [i for i in range(npages) if flat[i] == kth]
         assert [i for i in ties if i in ids] == ties[:len([i for i in ids if flat[i] == kth])]
     assert (got[2] == 8).all()                                # the page holding pos is last
+
+
+def test_select_pages_default_dispatch_long_row(monkeypatch):
+    """Rows past SELECT_CHUNK pages take the multi-program select by default; bisect refuses them."""
+    monkeypatch.setattr(quest, "SELECT_CHUNK", 32)
+    g = torch.Generator().manual_seed(3)
+    s = _scores(g, 1, 2, 100, 90, 7)
+    pos = torch.tensor([89 * 16 + 3])
+    got = quest.select_pages(s, 20, pos, page=16, row_pages=100, seg=16)
+    want = ref.select_pages(s, 20, pos, page=16, row_pages=100)
+    assert _valid(got[0], got[1]) == _valid(want[0], want[1]) and torch.equal(got[2], want[2])
+    with pytest.raises(ValueError, match="bisect"):
+        quest.select_pages(s, 20, pos, page=16, row_pages=100, method="bisect")
 
 
 def test_select_pages_last_entry_full_page_when_current_not_selected():
@@ -174,8 +187,8 @@ def test_decode_step_kernels_match_references(pos, kp):
         assert (got - dense).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("chunk,method", [(None, None), (32, None), (32, "multi")])
-def test_select_pages_orders_signs_and_magnitudes(chunk, method):
+@pytest.mark.parametrize("method", [None, "multi"])
+def test_select_pages_orders_signs_and_magnitudes(method):
     """Scores over many binades and both signs (the float → integer key map must keep their order)."""
     g = torch.Generator().manual_seed(6)
     MP, npages, k = 100, 97, 23
@@ -183,7 +196,7 @@ def test_select_pages_orders_signs_and_magnitudes(chunk, method):
     s[..., npages:] = float("-inf")
     s[0, 0, 5], s[0, 0, 6], s[1, 0, 7] = float("inf"), -1e-38, 0.0
     pos = torch.tensor([(npages - 1) * 16])
-    got = quest.select_pages(s, k, pos, page=16, row_pages=MP, chunk=chunk, method=method, seg=chunk)
+    got = quest.select_pages(s, k, pos, page=16, row_pages=MP, method=method, seg=32)
     want = ref.select_pages(s, k, pos, page=16, row_pages=MP)
     assert _valid(got[0], got[1]) == _valid(want[0], want[1])
     for r in range(2):

@@ -35,7 +35,12 @@ import torch
 from ..cache.base import Cache, LayerSpec, Step
 from ..errors import UserError
 from ..kernels.reference import attention_lse, merge_lse, visible
-from ..models.rope import apply_rope
+from ..models.rope import apply_rope as _apply_rope
+
+# The band is plain torch (a reference path): the eager RoPE, not the compiled one, whose shape
+# specializations (1 KV head, band lengths, fp32 rotations) ran past torch.compile's recompile limit
+# on gemma3-270m (H200, 2026-12-03).
+apply_rope = _apply_rope.reference
 
 
 class SelfExtendCache(Cache):

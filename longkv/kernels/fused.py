@@ -22,6 +22,10 @@ def on_cuda(fn):
         if not args[0].is_cuda or os.environ.get("LONGKV_COMPILE", "1") == "0":
             return fn(*args)
         if compiled is None:
+            # dynamic=True still specializes sizes 0 and 1 (one KV head, one decode token): a model
+            # meets several such variants per function, more than the default limit of 8 with some
+            import torch._dynamo
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
             compiled = torch.compile(fn, dynamic=True, fullgraph=True)
         return compiled(*args)
 

@@ -1,11 +1,11 @@
 """Triton kernels for sparse decoding: a Quest decode step, and attention through a page table.
 
-A Quest layer's decode step is five launches, everything on the device (one CUDA graph):
-`_append_kernel` (RoPE the new key, write it and its value, widen its page's min/max),
-`_score_kernel` (every page's bound; sink and recent pages forced to +inf, so selection is one top-k),
-`_select_*_kernel` (the top-k pages straight into an int32 page table, ascending; the k-th largest
-score by bisection, or by radix select for long rows; no sort, no torch.topk), `_paged_kernel` +
-decode.py's `_merge_kernel`. Before, the same step was ~30 small torch kernels around two Triton
+A Quest layer's decode step runs everything on the device (one CUDA graph): `_append_kernel` (RoPE
+the new key, write it and its value, widen its page's min/max), `_score_kernel` (every page's bound;
+sink and recent pages forced to +inf, so selection is one top-k), the select (the top-k pages
+straight into an int32 page table, ascending; the k-th largest score by bisection in one program a
+row for short rows, by a radix select over many programs for long ones; no sort, no torch.topk),
+`_paged_kernel` + decode.py's `_merge_kernel`: 5 launches, 11 with the multi-program select. Before, the same step was ~30 small torch kernels around two Triton
 ones (topk, sort, index arithmetic, the page min/max update), which cost as much as the dense read
 at 128K.
 
@@ -98,28 +98,15 @@ if triton is not None:
         return bh, pos, npages, tl.minimum(npages, K), bh * MP
 
     @triton.jit
-    def _take(S, Table, Nsel, Last, bh, row, j, key0, t, above, need, npages, pos, nch, stab, row_pages, PAGE,
-              CHUNK: tl.constexpr, ONE: tl.constexpr):
+    def _take(Table, Nsel, Last, bh, j, key, t, above, need, npages, pos, stab, row_pages, PAGE):
         """Given the k-th largest key t and above = count(key > t): write every page above t and the
         lowest-index pages equal to it, ascending (prefix sums), as pool page ids; nsel and last."""
-        rem = need - above                   # pages equal to T to take, lowest index first
-        taken = need * 0
-        ties = need * 0
-        top = need * 0
-        for c in range(nch):
-            p = c * CHUNK + j
-            ok = p < npages
-            if ONE:
-                key = key0
-            else:
-                key = _key(S, row, p, ok)
-            eq = ok & (key == t)
-            take = (ok & (key > t)) | (eq & (ties + tl.cumsum(eq.to(tl.int32), 0) <= rem))
-            slot = taken + tl.cumsum(take.to(tl.int32), 0) - 1
-            tl.store(Table + bh * stab + slot, (p + bh * row_pages).to(tl.int32), mask=take)
-            taken += tl.sum(take.to(tl.int32), 0)
-            ties += tl.sum(eq.to(tl.int32), 0)
-            top = tl.maximum(top, tl.max(tl.where(take, p, 0), 0))
+        ok = j < npages
+        eq = ok & (key == t)
+        take = (ok & (key > t)) | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need - above))
+        slot = tl.cumsum(take.to(tl.int32), 0) - 1
+        tl.store(Table + bh * stab + slot, (j + bh * row_pages).to(tl.int32), mask=take)
+        top = tl.max(tl.where(take, j, 0), 0)
         tl.store(Nsel + bh, need)
         tl.store(Last + bh, tl.where(top == npages - 1, pos % PAGE + 1, PAGE))
 
@@ -141,8 +128,7 @@ if triton is not None:
             lo = tl.where(big, mid, lo)
             hi = tl.where(big, hi, mid - 1)
             above = tl.where(big, above, cnt)
-        _take(S, Table, Nsel, Last, bh, row, j, key0, lo.to(tl.int32), above, need, npages, pos, 1, stab,
-              row_pages, PAGE, CHUNK, True)
+        _take(Table, Nsel, Last, bh, j, key0, lo.to(tl.int32), above, need, npages, pos, stab, row_pages, PAGE)
 
     @triton.jit
     def _digit(hist, want):
@@ -173,37 +159,7 @@ if triton is not None:
         """_key as unsigned (sign bit flipped: the same order), for the radix digits."""
         return (_key(S, row, p, ok) ^ -2147483648).to(tl.uint32, bitcast=True)
 
-    @triton.jit
-    def _select_radix_kernel(S, Pos, Table, Nsel, Last, MP, K, PAGE, row_pages, stab, CHUNK: tl.constexpr):
-        """A row of several CHUNKs (read from L2 each pass): the k-th largest key T by a radix select,
-        8 bits a pass from the top: 4 histogram passes over the digits of the keys that share T's
-        higher bits, instead of the bisection's 32 passes."""
-        bh, pos, npages, need, row = _row(Pos, MP, K, PAGE)
-        j = tl.arange(0, CHUNK)
-        nch = tl.cdiv(npages, CHUNK)
-        prefix = need.to(tl.uint32) * 0      # T's bits above `shift`
-        want = need                          # how many of the keys matching the prefix T must reach
-        above = need * 0                     # keys known to be > T
-        for i in tl.static_range(4):
-            shift = 24 - 8 * i
-            hist = tl.zeros([256], tl.int32)
-            for c in range(nch):
-                p = c * CHUNK + j
-                u = _ukey(S, row, p, p < npages)
-                ok = p < npages
-                if i > 0:
-                    ok = ok & ((u >> (shift + 8)) == prefix)
-                hist += tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=ok)
-            b, gt = _digit(hist, want)
-            above += gt
-            want -= gt
-            prefix = (prefix << 8) | b.to(tl.uint32)
-        t = (prefix ^ 0x80000000).to(tl.int32, bitcast=True)
-        # key0 (the 8th argument) is unused when ONE is False: the keys are re-read per chunk
-        _take(S, Table, Nsel, Last, bh, row, j, j, t, above, need, npages, pos, nch, stab, row_pages, PAGE,
-              CHUNK, False)
-
-    # The same radix select spread over many programs: a row of N pages is cut into segments of SEG
+    # A radix select spread over many programs (rows too long for one program's registers): a row of N pages is cut into segments of SEG
     # pages, one program each (grid (rows, segments)); a pass is one launch whose programs add their
     # segment's histogram into H[row, pass] (atomics) and recompute the earlier passes' choices from
     # H; then one launch counts each segment's keys above / equal to T, and one writes the table at
@@ -312,9 +268,10 @@ def append_token(k, v, cos, sin, pos, kc, vc, pmin, pmax, *, page: int) -> None:
         pmin.stride(0), pmin.stride(1), pmin.stride(2), page, D=D, HKV=Hkv)
 
 
-def page_scores(q, pmin, pmax, pos, *, page: int, sink: int, recent: int, block_p: int = 64,
+def page_scores(q, pmin, pmax, pos, *, page: int, sink: int, recent: int, block_p: int = 128,
                 warps: int = 4) -> torch.Tensor:
-    """See `sparse_reference.page_scores`; pos a device tensor (1,) or 0-dim, or an int."""
+    """See `sparse_reference.page_scores`; pos a device tensor (1,) or 0-dim, or an int. Tiles of
+    128 pages: 47.7 µs at 512K on the H200 (2.8 TB/s of page bounds) vs 55.8 µs with 64."""
     if not _use_triton(q):
         return ref.page_scores(q, pmin, pmax, pos, page=page, sink=sink, recent=recent)
     B, Hq, _, D = q.shape
@@ -330,19 +287,19 @@ def page_scores(q, pmin, pmax, pos, *, page: int, sink: int, recent: int, block_
     return out
 
 
-SELECT_CHUNK = 16384   # scores a single-program select holds at once (16 warps: 32 a thread)
-SELECT_SEG = 1024      # pages per program of the multi-program select
-SELECT_MULTI_MIN = 4096  # rows longer than this (64K tokens at page 16) use the multi-program select
+SELECT_CHUNK = 4096     # the longest row (pages) the bisection select holds in one program's registers
+SELECT_SEG = 1024       # pages per program of the multi-program select
 
 
-def select_pages(scores, k: int, pos, *, page: int, row_pages: int, chunk: int | None = None,
-                 method: str | None = None, seg: int | None = None):
+def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str | None = None,
+                 seg: int | None = None):
     """See `sparse_reference.select_pages` (no sort, no top-k): → table (B·Hkv, k) int32, nsel
-    (B·Hkv,) int32, last (B·Hkv,) int32. `method`: "bisect" (one program a row, the row in registers,
-    32 counting passes), "radix" (one program a row, 4 histogram passes over the row), "multi" (the
-    radix select over many programs, 6 launches); default: multi for rows over SELECT_MULTI_MIN pages,
-    else bisect when the row fits a chunk, else radix. Measured, Llama-3-8B shape: at 128K bisection 48 µs (H100) vs radix 103 µs (H200);
-    at 512K radix 182 µs (H200) vs bisection 292 µs (H100); a 16-way search was slower at both."""
+    (B·Hkv,) int32, last (B·Hkv,) int32. `method`: "bisect" (one program a row, the row in
+    registers, 32 counting passes; rows up to SELECT_CHUNK pages = 64K tokens at page 16, the
+    default there) or "multi" (a radix select over row segments of `seg` pages, 6 launches; the
+    default for longer rows). Measured on the H200, Llama-3-8B shape (8 rows): at 128K multi 24 µs
+    vs bisection 42 µs; at 512K multi 27 µs vs 182 µs for the one-program-a-row radix select it
+    replaced."""
     if not _use_triton(scores):
         return ref.select_pages(scores, k, pos, page=page, row_pages=row_pages)
     B, Hkv, MP = scores.shape
@@ -353,27 +310,25 @@ def select_pages(scores, k: int, pos, *, page: int, row_pages: int, chunk: int |
     nsel = torch.empty(BH, device=dev, dtype=torch.int32)
     last = torch.empty(BH, device=dev, dtype=torch.int32)
     pos = _pos(pos, dev)
-    if method is None:
-        method = "multi" if MP > SELECT_MULTI_MIN else None
-    if method == "multi":
-        SEG = min(triton.next_power_of_2(MP), seg or SELECT_SEG)
-        NSEG = triton.cdiv(MP, SEG)
-        hist = torch.zeros(BH, 4, 256, device=dev, dtype=torch.int32)
-        cnt = torch.empty(BH, NSEG, 2, device=dev, dtype=torch.int32)
-        grid = (BH, NSEG)
-        warps = 4 if SEG >= 512 else 1
-        for i in range(4):
-            _hist_kernel[grid](scores, pos, hist, MP, k, page, SEG=SEG, PASS=i, num_warps=warps)
-        _count_kernel[grid](scores, pos, hist, cnt, MP, k, page, NSEG, SEG=SEG, num_warps=warps)
-        _write_kernel[grid](scores, pos, hist, cnt, table, nsel, last, MP, k, page, NSEG, row_pages,
-                            table.stride(0), SEG=SEG, BLOCK_S=triton.next_power_of_2(NSEG), num_warps=warps)
+    method = method or ("bisect" if MP <= SELECT_CHUNK else "multi")
+    if method == "bisect":
+        if MP > SELECT_CHUNK:
+            raise ValueError(f"bisect select holds a row of at most {SELECT_CHUNK} pages; this row has {MP}")
+        CHUNK = triton.next_power_of_2(MP)
+        _select_bisect_kernel[(BH,)](scores, pos, table, nsel, last, MP, k, page, row_pages, table.stride(0),
+                                     CHUNK=CHUNK, num_warps=16 if CHUNK >= 4096 else 4)
         return table, nsel, last
-    CHUNK = min(triton.next_power_of_2(MP), chunk or SELECT_CHUNK)
-    if method == "bisect" and CHUNK < MP:
-        raise ValueError(f"bisect select holds a row of at most {CHUNK} pages in registers; this row has {MP}")
-    kernel = _select_radix_kernel if method == "radix" or CHUNK < MP else _select_bisect_kernel
-    kernel[(BH,)](scores, pos, table, nsel, last, MP, k, page, row_pages, table.stride(0),
-                  CHUNK=CHUNK, num_warps=16 if CHUNK >= 4096 else 4)
+    SEG = min(triton.next_power_of_2(MP), seg or SELECT_SEG)
+    NSEG = triton.cdiv(MP, SEG)
+    hist = torch.zeros(BH, 4, 256, device=dev, dtype=torch.int32)
+    cnt = torch.empty(BH, NSEG, 2, device=dev, dtype=torch.int32)
+    grid = (BH, NSEG)
+    warps = 4 if SEG >= 512 else 1
+    for i in range(4):
+        _hist_kernel[grid](scores, pos, hist, MP, k, page, SEG=SEG, PASS=i, num_warps=warps)
+    _count_kernel[grid](scores, pos, hist, cnt, MP, k, page, NSEG, SEG=SEG, num_warps=warps)
+    _write_kernel[grid](scores, pos, hist, cnt, table, nsel, last, MP, k, page, NSEG, row_pages,
+                        table.stride(0), SEG=SEG, BLOCK_S=triton.next_power_of_2(NSEG), num_warps=warps)
     return table, nsel, last
 
 
