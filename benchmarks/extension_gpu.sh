@@ -11,6 +11,7 @@
 #   benchmarks/extension_gpu.sh gemma64|gemma128   # one length, 11 depths: Self-Extend full + kv4, YaRN full
 #   benchmarks/extension_gpu.sh gemmappl           # gemma3-270m perplexity at 64K and 128K
 #   benchmarks/extension_gpu.sh gemmase            # 32K in-window baseline; Self-Extend 64K, 128K
+#   benchmarks/extension_gpu.sh gemmakv4           # Self-Extend + kv4 at 128K (11 depths); its ppl
 #
 # Needs smollm2-135m in LONGKV_HOME (`benchmarks/sparse_quality.sh model` stages it) and writes one
 # JSON-lines file per run plus a log into $OUT. Trimmed from the BENCHMARKS.md list: 6 depths instead
@@ -74,6 +75,14 @@ call_gemma_se() {  # the in-window baseline at 32K, then Self-Extend at 64K and 
   RUN_LIMIT=200 ext gemma128k_se --model gemma3-270m --lengths 131072 --depths 11 --ropes "self-extend:group=8,window=1024"
 }
 
+call_gemma_kv4() {  # what the 2026-12-03 device time did not reach: kv4 at 128K, Self-Extend's perplexity
+  gemma_ok || return 0
+  RUN_LIMIT=240 ext gemma128k_se_kv4 --model gemma3-270m --lengths 131072 --depths 11 --caches kv4 \
+    --ropes "self-extend:group=8,window=1024"
+  RUN_LIMIT=200 ext gemma_ppl_se --model gemma3-270m --lengths 65536,131072 --depths 0.5 --ppl-windows 1 \
+    --ropes "self-extend:group=4,window=1024;self-extend:group=8,window=1024"
+}
+
 call_gemma_ppl() {  # perplexity at 64K and 128K, one window each (Shakespeare), per method
   gemma_ok || return 0
   ext gemma_ppl --model gemma3-270m --lengths 65536,131072 --depths 0.5 --ppl-windows 1 --max-new-tokens 8 \
@@ -98,8 +107,9 @@ case ${1:-} in
   gemma128) gemma_grid 131072 4 8 ;;
   gemmappl) call_gemma_ppl ;;
   gemmase) call_gemma_se ;;
+  gemmakv4) call_gemma_kv4 ;;
   smoke)   # CPU check of the plumbing at toy size (real model, 2K tokens)
     DEVICE=cpu ext smoke --lengths 2048 --depths 0.5 --ropes "yarn:factor=2" --caches "kv4" --max-new-tokens 8 ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  *) sed -n '2,17p' "$0"; exit 2 ;;
 esac
 ls -la "$OUT"

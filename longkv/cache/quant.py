@@ -188,19 +188,28 @@ class QuantCache(Cache):
                 if key in src:
                     dst[key][:, :, lo:lo + n] = src[key]
 
-    def _dequant(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first n quantized tokens → keys (as stored, un-rotated), values; fp32 (B, H, n, D)."""
-        cut = lambda d, rows: {k: ([p[:, :, :n] for p in t] if k == "planes" else
-                                   t[:, :, :rows] if k in ("scale", "zero") else t[:, :, :n]) for k, t in d.items()}
+    def _dequant(self, layer: int, n: int, a: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantized tokens a..n-1 (a a multiple of the group) → keys (as stored, un-rotated), values;
+        fp32 (B, H, n - a, D)."""
+        def cut(d, r0, r1):
+            return {k: ([p[:, :, a:n] for p in t] if k == "planes" else
+                        t[:, :, r0:r1] if k in ("scale", "zero") else t[:, :, a:n]) for k, t in d.items()}
         kw = dict(bits=self.bits, d=self.D)
         if self.per_channel:
-            k = ref.dequantize_keys(cut(self.kq[layer], n // self.group), group=self.group, lut=self.lut_k[layer], **kw)
+            k = ref.dequantize_keys(cut(self.kq[layer], a // self.group, n // self.group), group=self.group,
+                                    lut=self.lut_k[layer], **kw)
         else:
-            k = ref.dequantize_tokens(cut(self.kq[layer], n), vgroup=self.vgroup, lut=self.lut_k[layer], **kw)
+            k = ref.dequantize_tokens(cut(self.kq[layer], a, n), vgroup=self.vgroup, lut=self.lut_k[layer], **kw)
         if self.H is not None:
             k = k @ self.H
-        v = ref.dequantize_tokens(cut(self.vq[layer], n), vgroup=self.vgroup, lut=self.lut_v[layer], **kw)
+        v = ref.dequantize_tokens(cut(self.vq[layer], a, n), vgroup=self.vgroup, lut=self.lut_v[layer], **kw)
         return k, v
+
+    def _first_visible(self, s, n: int) -> int:
+        """The first quantized token (a group start) a chunk starting at n can see: a sliding-window
+        layer sees keys from n - window + 1 on, so only those groups are unpacked (unpacking the whole
+        past for every chunk made gemma3-270m's kv4 prefill ~10x slower than full at 128K)."""
+        return 0 if s.window is None else max(0, n - s.window + 1 - self.sink) // self.group * self.group
 
     def _rope(self, layer: int, k, pos):
         s = self.specs[layer]
@@ -237,11 +246,12 @@ class QuantCache(Cache):
         slots, pos = ref.fp_slots(n, self.sink, self.ring, self.sink + nq)
         slots, pos = slots.to(q.device), pos.to(q.device)
         ks, vs, kpos = [self.kf[layer][:, :, slots].float()], [self.vf[layer][:, :, slots].float()], [pos]
-        if nq:
-            kd, vd = self._dequant(layer, nq)
+        a = self._first_visible(s, n)
+        if nq > a:
+            kd, vd = self._dequant(layer, nq, a)
             ks.append(kd)
             vs.append(vd)
-            kpos.append(torch.arange(self.sink, self.sink + nq, device=q.device))
+            kpos.append(torch.arange(self.sink + a, self.sink + nq, device=q.device))
         kpos = torch.cat(kpos)
         k = self._rope(layer, torch.cat(ks, 2), kpos).to(q.dtype)
         v = torch.cat(vs, 2).to(q.dtype)
