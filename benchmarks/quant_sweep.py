@@ -38,8 +38,7 @@ def main():
         fill(model, kv, ctx, 16384, torch.device("cuda"))
         q = torch.randn(1, sp.num_heads, 1, sp.head_dim, device="cuda", dtype=torch.bfloat16)
         length = torch.tensor([ctx], device="cuda")
-        kw = dict(bits=kv.bits, group=kv.group, vgroup=kv.vgroup, sink=kv.sink, window=kv.window, scale=sp.scale,
-                  inv_freq=sp.rope.inv_freq, rope_scaling=sp.rope.scaling, lut_k=kv.lut_k[0], lut_v=kv.lut_v[0])
+        kw = kv.kernel_kwargs(0)
         base = qk.quant_decode_attention(q, kv.kq[0], kv.vq[0], kv.kf[0], kv.vf[0], length, **kw).float()
         nbytes = attention_bytes(kv, ctx)
         ints = lambda x: [int(v) for v in x.split(",")]

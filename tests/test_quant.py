@@ -68,8 +68,10 @@ CASES = [  # bits, nuq, n_out, length, vgroup (sink 3, window 5, group 16, head 
 ]
 
 
-@pytest.mark.parametrize("bits,nuq,n_out,length,vgroup", CASES)
-def test_decode_kernel_matches_reference(bits, nuq, n_out, length, vgroup):
+@pytest.mark.parametrize("bits,nuq,n_out,length,vgroup,prerope", [c + (True,) for c in CASES] + [
+    # keys stored rotated (KIVI's layout): the scale folds into q, no RoPE in the kernel
+    (4, False, 0, 60, 64, False), (2, False, 0, 57, 32, False), (3, True, 1, 58, 32, False)])
+def test_decode_kernel_matches_reference(bits, nuq, n_out, length, vgroup, prerope):
     B, Hq, H, D, group, sink, window, ring = 2, 6, 2, 64, 16, 3, 5, 5 + 32
     cap = 64
     lut = torch.sort(torch.rand(2 ** bits, generator=gen(3))).values if nuq else None
@@ -79,8 +81,10 @@ def test_decode_kernel_matches_reference(bits, nuq, n_out, length, vgroup):
     q = torch.randn(B, Hq, 1, D, generator=gen(6))
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
     kw = dict(bits=bits, group=group, vgroup=vgroup, sink=sink, window=window, scale=D ** -0.5,
-              inv_freq=inv_freq, lut_k=lut, lut_v=lut)
+              inv_freq=inv_freq, lut_k=lut, lut_v=lut, prerope=prerope)
     want = ref.quant_decode_attention(q, kq, vq, kf, vf, length, **kw)
+    if not prerope:   # the reference really skips the rotation (else both could rotate alike)
+        assert (want - ref.quant_decode_attention(q, kq, vq, kf, vf, length, **{**kw, "prerope": True})).abs().max() > 1e-2
     for use_dot in (True, False):
         got = qk.quant_decode_attention(q, kq, vq, kf, vf, torch.tensor([length]), splits=3, use_dot=use_dot, **kw)
         assert (got - want).abs().max() < 2e-3
@@ -139,7 +143,8 @@ def test_bits8_with_a_window_covering_everything_equals_full(tiny):
     assert (full - q8).abs().max() < 0.05 * full.abs().max()
 
 
-@pytest.mark.parametrize("spec", ["kv4", "kv2", "quant:bits=3,outliers=0.02,nuq=", "quant:bits=4,rotate=1,keys=token"])
+@pytest.mark.parametrize("spec", ["kv4", "kv2", "kivi4", "kivi2", "quant:bits=3,outliers=0.02,nuq=",
+                                  "quant:bits=4,rotate=1,keys=token"])
 def test_nbytes_equals_the_tensors(tiny, spec):
     kv = build(tiny, spec, 2048)
     assert kv.nbytes() == sum(t.numel() * t.element_size() for t in kv.tensors())
@@ -170,10 +175,12 @@ def test_sliding_window_layers_unpack_only_what_they_see(tmp_path, monkeypatch):
     assert (got - want).abs().max() < 1e-5
 
 
-def test_graph_decode_path_equals_eager_path(tiny):
+@pytest.mark.parametrize("spec", ["quant:bits=4,group=16,sink=2,window=3,outliers=0.02",
+                                  "quant:bits=4,group=16,sink=2,window=3,prerope=0",
+                                  "quant:bits=2,group=16,sink=2,window=3,prerope=0,outliers=0.02"])
+def test_graph_decode_path_equals_eager_path(tiny, spec):
     """The device-only decode (what a CUDA graph replays) equals prefill-style attention step by step."""
     x = ids(40, 3)
-    spec = "quant:bits=4,group=16,sink=2,window=3,outliers=0.02"
     eager, graph = build(tiny, spec, 64), build(tiny, spec, 64)
     prefill(tiny, eager, x[:, :20], chunk=6)
     prefill(tiny, graph, x[:, :20], chunk=6)

@@ -124,7 +124,7 @@ class QuantCache(Cache):
         self.rope_tab = [tabs.setdefault(s.rope_index, rope_table(s.rope.inv_freq, npos, device)) for s in specs]
         self.vq = [self._alloc(batch, H, False, z) for _ in specs]
         # The Triton path covers the main scheme; ablations run the torch reference (not in graphs).
-        self.graph_safe = (self.per_channel and self.prerope and self.H is None
+        self.graph_safe = (self.per_channel and self.H is None
                            and D % (64 if self.bits == 3 else 32) == 0   # whole 32-bit words per half row
                            and all(s.window is None and not s.softcap for s in specs))
 
@@ -268,13 +268,22 @@ class QuantCache(Cache):
             raise NotImplementedError("this quant configuration has no graph-safe decode path")
         s = self.specs[layer]
         length = step.pos[-1:] + 1
-        kw = dict(bits=self.bits, group=self.group, vgroup=self.vgroup, sink=self.sink, window=self.window,
-                  lut_k=self.lut_k[layer], lut_v=self.lut_v[layer])
+        if not self.prerope:
+            k = apply_rope(k, *step.rope[s.rope_index])
+        kw = self.kernel_kwargs(layer)
         qk.append_flush(k.to(self.dtype), v.to(self.dtype), length, self.kf[layer], self.vf[layer],
-                        self.kq[layer], self.vq[layer], **kw)
-        return qk.quant_decode_attention(
-            q, self.kq[layer], self.vq[layer], self.kf[layer], self.vf[layer], length, scale=s.scale,
-            inv_freq=s.rope.inv_freq, rope_scaling=s.rope.scaling, rope_tab=self.rope_tab[layer], **kw)
+                        self.kq[layer], self.vq[layer], **{x: kw[x] for x in self._FLUSH_ARGS})
+        return qk.quant_decode_attention(q, self.kq[layer], self.vq[layer], self.kf[layer], self.vf[layer], length,
+                                         rope_tab=self.rope_tab[layer], **kw)
+
+    _FLUSH_ARGS = ("bits", "group", "vgroup", "sink", "window", "lut_k", "lut_v")
+
+    def kernel_kwargs(self, layer: int) -> dict:
+        """The layout arguments of `kernels.quant.quant_decode_attention` (and its reference) for a layer."""
+        s = self.specs[layer]
+        return dict(bits=self.bits, group=self.group, vgroup=self.vgroup, sink=self.sink, window=self.window,
+                    lut_k=self.lut_k[layer], lut_v=self.lut_v[layer], scale=s.scale, inv_freq=s.rope.inv_freq,
+                    rope_scaling=s.rope.scaling, prerope=self.prerope)
 
 
 def _preset(name: str, help: str, **defaults):
@@ -294,3 +303,12 @@ _preset("kv2", "2-bit KV = quant:bits=2,group=32,vgroup=32,outliers=0.01: 32-tok
                "32-channel groups, ~1% of each token's channels kept exactly (fp16 + index), 4 sink + "
                ">=128 recent tokens in full precision; 3.38 bits/element beyond the fp window",
         bits=2, group=32, vgroup=32, outliers=0.01)
+_preset("kivi4", "4-bit KV in KIVI's layout (Liu et al. 2024) = quant:bits=4,group=64,prerope=0: keys per "
+                 "channel *after* RoPE, values per token; the decode kernel folds the key scale into q "
+                 "and reads the codes as they are (no per-element dequantization or rotation); 4.5 "
+                 "bits/element beyond the fp window, ppl +0.08 % vs kv4's +0.04 % on smollm2-135m",
+        bits=4, prerope=False)
+_preset("kivi2", "2-bit KV in KIVI's layout = quant:bits=2,group=16,prerope=0: 16-token key groups after "
+                 "RoPE, one value range per token, no outliers (the kernel's fast path); 3.25 "
+                 "bits/element beyond the fp window, ppl +6.2 % vs kv2's +4.8 % on smollm2-135m",
+        bits=2, group=16, prerope=False)

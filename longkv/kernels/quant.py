@@ -26,6 +26,11 @@ dequantized bf16 tiles through shared memory, ~10x the packed bytes per tile (nc
 168 registers, 19 % occupancy). A CUDA-core variant (`use_dot=False`) is kept for comparison; it is
 ~3x slower in Triton.
 
+Keys stored after RoPE (`prerope=False`, KIVI's layout): a tile of keys shares one scale and zero
+per channel, so q·(c∘s + z) = (q∘s)·c + q·z: the scale folds into q once per tile and the key tile is
+the integer levels themselves — no per-element dequantization and no rotation (about a third of the
+pre-RoPE path's per-element work). Quality of that layout: BENCHMARKS.md, issue 4.
+
 References: `kernels/quant_reference.py`. Without a GPU the wrappers use the references unless
 `TRITON_INTERPRET=1` (the tests) forces the Triton path.
 """
@@ -114,7 +119,7 @@ if triton is not None:
                      PB0: tl.constexpr, PB1: tl.constexpr, N_OUT: tl.constexpr, SINK: tl.constexpr,
                      WINDOW: tl.constexpr, RING: tl.constexpr, NQ_CAP: tl.constexpr,
                      NUQ_K: tl.constexpr, NUQ_V: tl.constexpr, BLOCK_F: tl.constexpr, TS: tl.constexpr,
-                     USE_DOT: tl.constexpr):
+                     USE_DOT: tl.constexpr, PREROPE: tl.constexpr):
         bh = tl.program_id(0)
         split = tl.program_id(1)
         h: tl.constexpr = D // 2
@@ -133,6 +138,7 @@ if triton is not None:
         qrow = Q + (bh * G + g[:, None]) * D
         q_lo = tl.load(qrow + c_lo[None, :], mask=gm, other=0.0).to(tl.float32)
         q_hi = tl.load(qrow + c_hi[None, :], mask=gm, other=0.0).to(tl.float32)
+        q = tl.load(qrow + d[None, :], mask=gm, other=0.0).to(tl.float32)
         dt = Q.dtype.element_ty
         f = tl.load(Freq + c_lo)
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -156,22 +162,34 @@ if triton is not None:
                 n = n0 + i
                 ok = n < end
                 srow = (bh.to(tl.int64) * (NQ_CAP // GROUP) + n0 // GROUP) * D
-                k_lo = _level(_codes(KP0, KP1, kb0, kb1, n, ok, 0, h, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
-                k_hi = _level(_codes(KP0, KP1, kb0, kb1, n, ok, h, h, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
-                k_lo = k_lo * tl.load(KS + srow + c_lo).to(tl.float32)[None, :] + tl.load(KZ + srow + c_lo).to(tl.float32)[None, :]
-                k_hi = k_hi * tl.load(KS + srow + c_hi).to(tl.float32)[None, :] + tl.load(KZ + srow + c_hi).to(tl.float32)[None, :]
-                if N_OUT > 0:
-                    rows = tl.where(ok, hq + n, hq)
-                    k_lo = _outl(k_lo, KOI, KOV, rows, c_lo, N_OUT)
-                    k_hi = _outl(k_hi, KOI, KOV, rows, c_hi, N_OUT)
-                r_lo = k_lo * ci - k_hi * si
-                r_hi = k_hi * ci + k_lo * si
-                tab = Tab + ((SINK + n0) // TS) * D
-                ca = (tl.load(tab + c_lo) * rope_scaling)[None, :]
-                sa = (tl.load(tab + c_hi) * rope_scaling)[None, :]
-                qa_lo = q_lo * ca + q_hi * sa
-                qa_hi = q_hi * ca - q_lo * sa
-                s = _qk(qa_lo, r_lo, dt, USE_DOT) + _qk(qa_hi, r_hi, dt, USE_DOT)
+                if PREROPE:
+                    k_lo = _level(_codes(KP0, KP1, kb0, kb1, n, ok, 0, h, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
+                    k_hi = _level(_codes(KP0, KP1, kb0, kb1, n, ok, h, h, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
+                    k_lo = k_lo * tl.load(KS + srow + c_lo).to(tl.float32)[None, :] + tl.load(KZ + srow + c_lo).to(tl.float32)[None, :]
+                    k_hi = k_hi * tl.load(KS + srow + c_hi).to(tl.float32)[None, :] + tl.load(KZ + srow + c_hi).to(tl.float32)[None, :]
+                    if N_OUT > 0:
+                        rows = tl.where(ok, hq + n, hq)
+                        k_lo = _outl(k_lo, KOI, KOV, rows, c_lo, N_OUT)
+                        k_hi = _outl(k_hi, KOI, KOV, rows, c_hi, N_OUT)
+                    r_lo = k_lo * ci - k_hi * si
+                    r_hi = k_hi * ci + k_lo * si
+                    tab = Tab + ((SINK + n0) // TS) * D
+                    ca = (tl.load(tab + c_lo) * rope_scaling)[None, :]
+                    sa = (tl.load(tab + c_hi) * rope_scaling)[None, :]
+                    qa_lo = q_lo * ca + q_hi * sa
+                    qa_hi = q_hi * ca - q_lo * sa
+                    s = _qk(qa_lo, r_lo, dt, USE_DOT) + _qk(qa_hi, r_hi, dt, USE_DOT)
+                else:  # keys stored rotated (KIVI): a tile shares one scale/zero per channel, so
+                    # q·(c∘s + z) = (q∘s)·c + q·z — the key tile is the levels themselves, no per-element
+                    # dequantization or rotation (the scale folds into q once per tile)
+                    ks = tl.load(KS + srow + d).to(tl.float32)[None, :]
+                    kz = tl.load(KZ + srow + d).to(tl.float32)[None, :]
+                    kl = _level(_codes(KP0, KP1, kb0, kb1, n, ok, 0, D, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
+                    if N_OUT > 0:
+                        rows = tl.where(ok, hq + n, hq)
+                        s = _qk(q, _outl(kl * ks + kz, KOI, KOV, rows, d, N_OUT), dt, USE_DOT)
+                    else:
+                        s = _qk(q * ks, kl, dt, USE_DOT) + tl.sum(q * kz, 1)[:, None]
                 m, l, alpha, p = _softmax(s, ok, m, l, scale)
                 cv = _codes(VP0, VP1, kb0, kb1, n, ok, 0, D, D, PB0, PB1, BLOCK_N)
                 if FOLD_V:  # sum_n p_n (c_n s_n + z_n) = (p∘s)·c + p·z: dequantization costs O(N), not O(N·D)
@@ -198,17 +216,20 @@ if triton is not None:
                 ok = (slot < SINK + RING) & (pos <= last) & ((slot < SINK) | (pos >= SINK + nq))
                 ok = ok & (pos >= 0)
                 ptr = fb + tl.where(ok, slot, 0)[:, None] * D
-                k_lo = tl.load(KF + ptr + c_lo[None, :]).to(tl.float32)
-                k_hi = tl.load(KF + ptr + c_hi[None, :]).to(tl.float32)
-                tab = Tab + (pos // TS)[:, None] * D
-                ca, sa = tl.load(tab + c_lo[None, :]), tl.load(tab + c_hi[None, :])
-                ang = (pos % TS).to(tl.float32)[:, None] * f[None, :]
-                cb, sb = tl.cos(ang), tl.sin(ang)
-                cos = (ca * cb - sa * sb) * rope_scaling
-                sin = (sa * cb + ca * sb) * rope_scaling
-                r_lo = k_lo * cos - k_hi * sin
-                r_hi = k_hi * cos + k_lo * sin
-                s = _qk(q_lo, r_lo, dt, USE_DOT) + _qk(q_hi, r_hi, dt, USE_DOT)
+                if PREROPE:
+                    k_lo = tl.load(KF + ptr + c_lo[None, :]).to(tl.float32)
+                    k_hi = tl.load(KF + ptr + c_hi[None, :]).to(tl.float32)
+                    tab = Tab + (pos // TS)[:, None] * D
+                    ca, sa = tl.load(tab + c_lo[None, :]), tl.load(tab + c_hi[None, :])
+                    ang = (pos % TS).to(tl.float32)[:, None] * f[None, :]
+                    cb, sb = tl.cos(ang), tl.sin(ang)
+                    cos = (ca * cb - sa * sb) * rope_scaling
+                    sin = (sa * cb + ca * sb) * rope_scaling
+                    r_lo = k_lo * cos - k_hi * sin
+                    r_hi = k_hi * cos + k_lo * sin
+                    s = _qk(q_lo, r_lo, dt, USE_DOT) + _qk(q_hi, r_hi, dt, USE_DOT)
+                else:
+                    s = _qk(q, tl.load(KF + ptr + d[None, :]).to(tl.float32), dt, USE_DOT)
                 m, l, alpha, p = _softmax(s, ok, m, l, scale)
                 v = tl.load(VF + ptr + d[None, :])
                 acc = acc * alpha[:, None] + _pv(p, v.to(tl.float32), dt, USE_DOT)
@@ -397,14 +418,17 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
                            sink: int, window: int, scale: float, inv_freq, rope_scaling: float = 1.0,
                            lut_k=None, lut_v=None, splits: int | None = None, block_n: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None,
-                           rope_tab: torch.Tensor | None = None, use_dot: bool | None = None) -> torch.Tensor:
+                           rope_tab: torch.Tensor | None = None, use_dot: bool | None = None,
+                           prerope: bool = True) -> torch.Tensor:
     """q (B, Hq, 1, D) post-RoPE; the packed cache of one layer (see `ref.quant_decode_attention`);
     length: (1,) int64 device tensor; rope_tab: `rope_table(inv_freq, table_positions(...))`, made
-    here when not given (the cache keeps one). Returns (B, Hq, 1, D) in q's dtype."""
+    here when not given (the cache keeps one); prerope=False: keys stored rotated (no RoPE here).
+    Returns (B, Hq, 1, D) in q's dtype."""
     if not _use_triton(q):
         return ref.quant_decode_attention(q, kq, vq, kf, vf, int(length.reshape(-1)[-1]), bits=bits, group=group,
                                           vgroup=vgroup, sink=sink, window=window, scale=scale,
-                                          inv_freq=inv_freq, rope_scaling=rope_scaling, lut_k=lut_k, lut_v=lut_v)
+                                          inv_freq=inv_freq, rope_scaling=rope_scaling, lut_k=lut_k, lut_v=lut_v,
+                                          prerope=prerope)
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
@@ -426,7 +450,7 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
         HKV=H, G=G, BLOCK_G=max(16 if use_dot else 1, triton.next_power_of_2(G)), D=D, SPLITS=S, BLOCK_N=block_n or min(group, BLOCK_N),
         GROUP=group, VG=vgroup, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out, SINK=sink,
         WINDOW=window, RING=ring, NQ_CAP=cap, NUQ_K=lut_k is not None, NUQ_V=lut_v is not None,
-        BLOCK_F=32, TS=TS, USE_DOT=use_dot, num_warps=num_warps or (8 if min(group, block_n or BLOCK_N) >= 64 else 2),
+        BLOCK_F=32, TS=TS, USE_DOT=use_dot, PREROPE=prerope, num_warps=num_warps or (8 if min(group, block_n or BLOCK_N) >= 64 else 2),
         **({} if num_stages is None else {"num_stages": num_stages}))
     _merge_kernel[(B * H * G,)](part, lse, out, G=G, SPLITS=S + 1, D=D, BLOCK_S=triton.next_power_of_2(S + 1))
     return out

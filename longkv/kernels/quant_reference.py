@@ -206,7 +206,7 @@ def fp_slots(length: int, sink: int, ring: int, first_recent: int) -> tuple[torc
 
 def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length: int, *, bits: int, group: int,
                            vgroup: int, sink: int, window: int, scale: float, inv_freq,
-                           rope_scaling: float = 1.0, lut_k=None, lut_v=None) -> torch.Tensor:
+                           rope_scaling: float = 1.0, lut_k=None, lut_v=None, prerope: bool = True) -> torch.Tensor:
     """One decode step, reference for `kernels.quant.quant_decode_attention`.
 
     q (B, Hq, 1, D) post-RoPE at position length-1; kq/vq: the packed dicts of `quantize_keys` /
@@ -215,7 +215,8 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length: int, *, bits: 
     slot sink + (p - sink) % ring), pre-RoPE keys. Groups are flushed when `window` recent tokens
     remain; attention sees the groups flushed before the current token arrived,
     n_q = group · max(0, (length - 1 - sink - window) // group), as chunked prefill does.
-    Returns (B, Hq, 1, D) in q's dtype.
+    Returns (B, Hq, 1, D) in q's dtype. prerope=False: every key is stored already rotated (KIVI's
+    layout), so none is rotated here.
     """
     D = q.shape[-1]
     ring = kf.shape[2] - sink
@@ -231,7 +232,9 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length: int, *, bits: 
         vs.append(dequantize_tokens(sl(vq, nq), bits=bits, vgroup=vgroup, d=D, lut=lut_v))
         kpos.append(torch.arange(sink, sink + nq))
     kpos = torch.cat(kpos).to(q.device)
-    k = rope_at(torch.cat([x.float() for x in ks], 2), kpos, inv_freq.to(q.device), rope_scaling)
+    k = torch.cat([x.float() for x in ks], 2)
+    if prerope:
+        k = rope_at(k, kpos, inv_freq.to(q.device), rope_scaling)
     v = torch.cat([x.float() for x in vs], 2)
     out, _ = attention_lse(q, k, v, scale=scale)
     return out.to(q.dtype)
