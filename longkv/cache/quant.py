@@ -7,12 +7,15 @@ over `vgroup` channels. The first `sink` tokens (attention sinks, Xiao et al. 20
 at least the `window` most recent tokens (KIVI's residual) stay in full precision; when more than
 `window` recent tokens are held, the oldest whole group is quantized ("flushed"). Options:
 dense-and-sparse outliers (KVQuant §3.4), non-uniform per-layer codebooks fitted by
-`longkv calibrate` (KVQuant's nuq, §3.3), Hadamard rotation of keys (QuaRot, Ashkboos et al. 2024).
+`longkv calibrate` (KVQuant's nuq, §3.3), Hadamard rotation of keys (QuaRot, Ashkboos et al. 2024),
+keys quantized after RoPE (`prerope=0`, KIVI's layout; presets `kivi4`, `kivi2`), which lets the
+decode kernel fold the key scale into the query instead of dequantizing and rotating every key.
 
 Layout per layer, all preallocated for `capacity` tokens (so decode can run in a CUDA graph):
-- kf, vf (B, Hkv, sink + ring, D) in the run's dtype, pre-RoPE keys: sink slots, then a ring where
-  position p ≥ sink lives in slot sink + (p - sink) % ring, ring = window + 2·group (the group being
-  flushed must still be in the ring when decode re-derives it from device-side positions);
+- kf, vf (B, Hkv, sink + ring, D) in the run's dtype, keys as they are quantized (pre- or post-RoPE):
+  sink slots, then a ring where position p ≥ sink lives in slot sink + (p - sink) % ring,
+  ring = window + 2·group (the group being flushed must still be in the ring when decode re-derives
+  it from device-side positions);
 - packed codes, fp16 scales/zero points, outliers (fp16 value + uint8 channel) for buffer index
   i ↔ position sink + i. How many tokens are quantized is a pure function of the length:
   n_q = group · max(0, (length - sink - window) // group), identical in every layer.
