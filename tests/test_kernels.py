@@ -57,3 +57,28 @@ def test_merge_equals_attention_over_union():
     b = reference.attention_lse(q, k[:, :, 4:], v[:, :, 4:], scale=0.3)
     o, l = reference.merge_lse(*a, *b)
     assert (o - whole[0]).abs().max() < 1e-5 and (l - whole[1]).abs().max() < 1e-5
+
+
+def test_compiled_piece_falls_back_to_eager_past_the_recompile_limit(monkeypatch):
+    """A torch.compile'd piece that hits dynamo's recompile limit warns once and runs eagerly."""
+    import torch._dynamo
+
+    from longkv.kernels import fused
+
+    calls = []
+
+    def raising(*a):
+        calls.append(a)
+        raise torch._dynamo.exc.FailOnRecompileLimitHit("limit")
+
+    monkeypatch.setattr(fused, "_compiles", lambda x: True)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: raising)
+
+    @fused.on_cuda
+    def double(x):
+        return 2 * x
+
+    x = torch.ones(3)
+    with pytest.warns(UserWarning, match="recompile limit"):
+        assert torch.equal(double(x), 2 * x)
+    assert torch.equal(double(x), 2 * x) and len(calls) == 1     # eager from then on

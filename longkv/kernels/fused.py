@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
+
+
+def _compiles(x: torch.Tensor) -> bool:
+    return x.is_cuda and os.environ.get("LONGKV_COMPILE", "1") != "0"
 
 
 def on_cuda(fn):
@@ -19,7 +24,7 @@ def on_cuda(fn):
     @functools.wraps(fn)
     def wrapper(*args):
         nonlocal compiled
-        if not args[0].is_cuda or os.environ.get("LONGKV_COMPILE", "1") == "0":
+        if not _compiles(args[0]):
             return fn(*args)
         if compiled is None:
             # dynamic=True still specializes sizes 0 and 1 (one KV head, one decode token): a model
@@ -27,7 +32,14 @@ def on_cuda(fn):
             import torch._dynamo
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
             compiled = torch.compile(fn, dynamic=True, fullgraph=True)
-        return compiled(*args)
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            # a shape mix we did not foresee: run this function eagerly from now on rather than fail
+            warnings.warn(f"longkv: torch.compile of {fn.__name__} hit its recompile limit; running it eagerly",
+                          stacklevel=2)
+            compiled = fn
+            return fn(*args)
 
     wrapper.reference = fn
     return wrapper
