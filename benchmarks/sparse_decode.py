@@ -45,6 +45,7 @@ def methods(ctx: int) -> list[tuple[str, str]]:
     b8, b32 = ctx // 8, ctx // 32
     return [("full", "full"),
             ("quest 1/8", f"quest:budget={b8}"), ("quest 1/32", f"quest:budget={b32}"),
+            ("quest 1/8 p32", f"quest:budget={b8},page=32"),   # half the page-bound bytes
             ("snapkv 1/8", f"snapkv:budget={b8}"), ("snapkv 1/32", f"snapkv:budget={b32}"),
             ("streaming 1/8", f"streaming:budget={b8}"), ("adakv+snapkv 1/8", f"adakv+snapkv:budget={b8}"),
             ("tova 1/8", f"tova:budget={b8}")]

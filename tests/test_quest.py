@@ -165,12 +165,13 @@ def _step(mod, q, k, v, cos, sin, pos, bufs, *, P, kp):
     return mod.paged_attention(q, kc.view(-1, P, D), vc.view(-1, P, D), table, nsel, last, scale=D ** -0.5)
 
 
-@pytest.mark.parametrize("pos,kp", [(16 * 9 + 4, 4), (16 * 5, 3), (40, 8)])
-def test_decode_step_kernels_match_references(pos, kp):
+@pytest.mark.parametrize("pos,kp,P", [(16 * 9 + 4, 4, 16), (16 * 5, 3, 16), (40, 8, 16), (16 * 9 + 4, 3, 32),
+                                      (32 * 5 - 1, 8, 32)])
+def test_decode_step_kernels_match_references(pos, kp, P):
     """append → score → select → attend, Triton against plain torch, on the same cache; with kp ≥
     the pages in use it is dense attention over every token."""
     g = torch.Generator().manual_seed(5)
-    B, Hq, Hkv, D, P, cap = 1, 6, 2, 16, 16, 16 * 11
+    B, Hq, Hkv, D, cap = 1, 6, 2, 16, 32 * 6
     q = torch.randn(B, Hq, 1, D, generator=g)
     k, v = torch.randn(B, Hkv, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g)
     ang = torch.randn(1, D // 2, generator=g).repeat(1, 2)
