@@ -42,8 +42,9 @@ step() {
     gemma) RUN_LIMIT=150 OUT=$OUT bash benchmarks/extension_gpu.sh gemma ;;
     gemma64|gemma128|gemmappl|gemmase|gemmakv4) RUN_LIMIT=${RUN_LIMIT:-280} OUT=$OUT bash benchmarks/extension_gpu.sh "$1" ;;
     quest512) bench quest512 330 $PY sparse_decode.py --contexts 512k --layers 32 \
-                --only "full,quest 1/8,quest 1/32,quest 1/8 p32" ;;
-    quest128) bench quest128 150 $PY sparse_decode.py --contexts 128k --layers 32 --only "full,quest 1/8,quest 1/32" ;;
+                --only "full,quest 1/8,quest 1/32,quest 1/8 p32,quest 1/8 r4" ;;
+    quest128) bench quest128 150 $PY sparse_decode.py --contexts 128k --layers 32 \
+                --only "full,quest 1/8,quest 1/32,quest 1/8 r4" ;;
     quant) bench quant 240 $PY quant_decode.py --contexts 32k,128k,512k --caches full,kv4,kv2 --new-tokens 24 ;;
     qsweep) bench qsweep 90 $PY quant_sweep.py --context 128k --caches kv4,kv2 --dot 1 --block-n 64 --warps 4,8 \
               --stages 0,1,2,3,4 ;;

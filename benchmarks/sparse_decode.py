@@ -46,6 +46,7 @@ def methods(ctx: int) -> list[tuple[str, str]]:
     return [("full", "full"),
             ("quest 1/8", f"quest:budget={b8}"), ("quest 1/32", f"quest:budget={b32}"),
             ("quest 1/8 p32", f"quest:budget={b8},page=32"),   # half the page-bound bytes
+            ("quest 1/8 r4", f"quest:budget={b8},rerank=4"),   # + exact re-scoring of 4x the pages
             ("snapkv 1/8", f"snapkv:budget={b8}"), ("snapkv 1/32", f"snapkv:budget={b32}"),
             ("streaming 1/8", f"streaming:budget={b8}"), ("adakv+snapkv 1/8", f"adakv+snapkv:budget={b8}"),
             ("tova 1/8", f"tova:budget={b8}")]
@@ -167,6 +168,10 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
     for bp, w in ((64, 4), (256, 8)):
         pieces[f"score_p{bp}w{w}_us"] = functools.partial(kq.page_scores, q, mn, mx, pos, page=P, sink=1,
                                                           recent=cache.recent, block_p=bp, warps=w)
+    if getattr(cache, "rerank", 0):   # the second stage: candidates' exact max logits (select included)
+        pieces["rerank_us"] = lambda: kq.rerank_scores(
+            q, kc.view(-1, P, D), scores, *kq.select_pages(scores, cache.k_cand, pos, page=P, row_pages=rows),
+            row_pages=rows)
     out = {name: round(graph_time(fn, reps, dev) * 1e3, 1) for name, fn in pieces.items()}
     # the kernels against their plain-torch references on this very cache (compiled, at full size)
     from longkv.kernels import sparse_reference as ref
@@ -181,6 +186,10 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
     out["select_eq_ref"] = same((table, nsel, last))
     for m in methods:
         out[f"select_{m}_eq_ref"] = same(pieces[f"select_{m}_us"]())
+    if "rerank_us" in pieces:
+        cand = ref.select_pages(scores, cache.k_cand, pos, page=P, row_pages=rows)
+        want_r = ref.rerank_scores(q, kc.view(-1, P, D), scores, *cand, row_pages=rows)
+        out["rerank_err"] = float(f"{(pieces['rerank_us']() - want_r).abs().nan_to_num().max().item():.2e}")
     out["score_tilings_eq"] = all(torch.allclose(pieces[f"score_p{bp}w{w}_us"](), scores, rtol=1e-5, atol=1e-5)
                                   for bp, w in ((64, 4), (256, 8)))
     want = ref.paged_attention(q, kc.view(-1, P, D), vc.view(-1, P, D), rt, rn, rl, scale=s.scale, softcap=s.softcap)

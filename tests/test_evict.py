@@ -196,6 +196,25 @@ def test_graph_decode_path_matches_eager(tiny, name):
     assert toks == eager
 
 
+def test_quest_rerank_is_deterministic_and_graph_safe(tiny):
+    """Quest with its exact second stage: same tokens eager and through the device-only step, twice."""
+    model, _ = tiny
+    spec, x = "quest:budget=16,dense_layers=1,rerank=2", ids(45)
+    logits, eager, kv = run(model, spec, x, new=6)
+    assert kv.stats()["candidate_pages"] == min(kv.max_pages, 2 * kv.k_pages) > kv.k_pages
+    assert torch.equal(run(model, spec, x, new=6)[0], logits)
+    kv = build(model, spec)
+    out = prefill(model, kv, x, chunk=16)
+    toks = [int(out.argmax(-1))]
+    with torch.inference_mode():
+        for _ in range(5):
+            pos = torch.tensor([kv.length])
+            out = model(torch.tensor([[toks[-1]]]), model.make_step(pos, None), kv)[:, -1]
+            kv.advance(1)
+            toks.append(int(out.argmax(-1)))
+    assert toks == eager
+
+
 @pytest.mark.slow
 def test_calibrate_duo_writes_a_map_duo_reads(tmp_path):
     """`calibrate_duo` on the default model at a short length: one score per (layer, KV head)."""

@@ -203,3 +203,29 @@ def test_select_pages_orders_signs_and_magnitudes(method):
     for r in range(2):
         ids = [x - r * MP for x in _valid(want[0], want[1])[r]]
         assert sorted(ids) == sorted(s[r, 0, :npages].topk(k).indices.tolist())
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,D,npages,kc", [(1, 6, 2, 16, 11, 5), (2, 9, 3, 32, 7, 7), (1, 4, 1, 16, 1, 3)])
+def test_rerank_scores_kernel_matches_reference(B, Hq, Hkv, D, npages, kc):
+    """Quest's second stage: exact max logits of the candidate pages, through the page table."""
+    g = torch.Generator().manual_seed(npages)
+    P, MP = 16, 12
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    pool = torch.randn(B * Hkv * MP, P, D, generator=g)
+    bound = _scores(g, B, Hkv, MP, npages, 1000)
+    pos = torch.tensor([(npages - 1) * P + 5])
+    cand = ref.select_pages(bound, kc, pos, page=P, row_pages=MP)
+    got = quest.rerank_scores(q, pool, bound, *cand, row_pages=MP)
+    want = ref.rerank_scores(q, pool, bound, *cand, row_pages=MP)
+    assert torch.allclose(got, want, atol=1e-4)
+    assert (got == float("inf")).sum() == (bound[..., :npages] == float("inf")).sum()   # forced pages stay
+    assert ((got > float("-inf")).sum(-1) == min(kc, npages)).all()                       # only candidates
+    # a candidate's score is its largest exact logit over its valid tokens and the query group
+    r, ids = 0, cand[0][0, :int(cand[1][0])].long()
+    for j, pid in enumerate(ids.tolist()):
+        if bound[0, 0, pid] == float("inf"):
+            continue
+        n_tok = int(cand[2][0]) if j == len(ids) - 1 else P
+        lg = q[0, :Hq // Hkv, 0].float() @ pool[pid, :n_tok].float().T
+        assert abs(float(got[0, 0, pid]) - float(lg.max())) < 1e-4
+

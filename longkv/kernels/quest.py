@@ -213,6 +213,34 @@ if triton is not None:
             tl.store(Last + bh, tl.where(top == npages - 1, pos % PAGE + 1, PAGE))
 
     @triton.jit
+    def _rerank_kernel(Q, K, Bound, Table, Nsel, Last, Out, sqb, sqh, stab, MP, row_pages,
+                       G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr,
+                       HKV: tl.constexpr, ROW_STRIDE: tl.constexpr, PER: tl.constexpr):
+        """Quest's second stage, PER candidate pages a program: each page's largest exact logit over
+        its tokens and the query group (read through the page table), into Out[bh, page]; pages
+        the bound forced (+inf: sink, recent) stay +inf."""
+        bh = tl.program_id(0)
+        b = bh // HKV
+        h = bh % HKV
+        nsel = tl.load(Nsel + bh).to(tl.int32)
+        lastn = tl.load(Last + bh).to(tl.int32)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        t = tl.arange(0, P)
+        q = tl.load(Q + b * sqb + (h * G + g[:, None]) * sqh + d[None, :], mask=g[:, None] < G, other=0.0)
+        for i in range(PER):
+            j = tl.program_id(1) * PER + i
+            if j < nsel:
+                page = tl.load(Table + bh * stab + j).to(tl.int64)
+                k = tl.load(K + (page * P + t[:, None]) * ROW_STRIDE + d[None, :])
+                s = tl.dot(q, tl.trans(k)).to(tl.float32)                          # (BLOCK_G, P)
+                ok = (g[:, None] < G) & ((j < nsel - 1) | (t[None, :] < lastn))
+                best = tl.max(tl.max(tl.where(ok, s, float("-inf")), 1), 0)
+                local = page - bh * row_pages
+                bound = tl.load(Bound + bh * MP + local)
+                tl.store(Out + bh * MP + local, tl.where(bound == float("inf"), bound, best))
+
+    @triton.jit
     def _paged_kernel(Q, K, V, Table, Nsel, Last, Out, Lse, sqb, sqh, stab, scale, softcap,
                       G: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
                       BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -330,6 +358,23 @@ def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str 
     _write_kernel[grid](scores, pos, hist, cnt, table, nsel, last, MP, k, page, NSEG, row_pages,
                         table.stride(0), SEG=SEG, BLOCK_S=triton.next_power_of_2(NSEG), num_warps=warps)
     return table, nsel, last
+
+
+def rerank_scores(q, k_pool, bound, table, nsel, last, *, row_pages: int) -> torch.Tensor:
+    """See `sparse_reference.rerank_scores` (one kernel; the -inf fill is one memset)."""
+    if not _use_triton(q):
+        return ref.rerank_scores(q, k_pool, bound, table, nsel, last, row_pages=row_pages)
+    B, Hq, _, D = q.shape
+    BH, MP = table.shape[0], bound.shape[2]
+    Hkv = BH // B
+    P = k_pool.shape[1]
+    out = torch.full_like(bound, float("-inf"))
+    PER = 4
+    _rerank_kernel[(BH, triton.cdiv(table.shape[1], PER))](
+        q, k_pool, bound, table, nsel, last, out, q.stride(0), q.stride(1), table.stride(0), MP, row_pages,
+        G=Hq // Hkv, D=D, P=P, BLOCK_G=max(16, triton.next_power_of_2(Hq // Hkv)), HKV=Hkv,
+        ROW_STRIDE=k_pool.stride(1), PER=PER)
+    return out
 
 
 def paged_attention(q, k_pool, v_pool, table, nsel, last, *, scale: float, softcap: float | None = None,

@@ -93,6 +93,29 @@ def select_pages(scores: torch.Tensor, k: int, pos, *, page: int, row_pages: int
     return table, n.to(torch.int32).expand(BH).contiguous(), last
 
 
+def rerank_scores(q, k_pool, bound, table, nsel, last, *, row_pages: int) -> torch.Tensor:
+    """Exact page scores for Quest's second stage: bound (B, Hkv, MP) from `page_scores`; table, nsel,
+    last: candidate pages from `select_pages`. → (B, Hkv, MP) fp32: each candidate page's largest
+    exact logit q·k over its tokens and the KV head's query group (+inf kept where the bound forced
+    the page: sink and recent), -inf for every other page."""
+    B, Hq, _, D = q.shape
+    Hkv, MP = bound.shape[1], bound.shape[2]
+    P = k_pool.shape[1]
+    out = torch.full_like(bound, float("-inf")).reshape(B * Hkv, MP)
+    qg = q.float().reshape(B * Hkv, Hq // Hkv, D)
+    for r in range(B * Hkv):
+        n = int(nsel.reshape(-1)[r])
+        ids = table[r, :n].long()
+        k = k_pool[ids].float()                                       # (n, P, D)
+        lg = torch.einsum("gd,npd->npg", qg[r], k).amax(-1)           # (n, P)
+        tok = torch.arange(P).expand(n, P)
+        lg = lg.masked_fill((torch.arange(n)[:, None] == n - 1) & (tok >= int(last.reshape(-1)[r])), float("-inf"))
+        local = ids - r * row_pages
+        out[r, local] = lg.amax(-1)
+    b = bound.reshape(B * Hkv, MP)
+    return torch.where(b == float("inf"), b, out).reshape(B, Hkv, MP)
+
+
 def paged_attention(q, k_pool, v_pool, table, nsel, last, *, scale: float, softcap: float | None = None):
     """q (B, Hq, 1, D) against the tokens listed by the page table → (B, Hq, 1, D) in q's dtype."""
     out, _ = paged_attention_lse(q, k_pool, v_pool, table, nsel, last, scale=scale, softcap=softcap)

@@ -8,6 +8,10 @@ page table into the unchanged buffer (no copy). A decode step is five kernel lau
 (`kernels/quest.py`: append, score, select, paged attention, merge). Prefill is dense, and the first
 `dense_layers` layers stay dense (Quest skips 2).
 
+`rerank=F` (ours, not in the paper): a second stage re-scores the bound's top F·k pages by their exact
+largest logit (reading those pages' keys) and reads the top k of them. On smollm2-135m at 8× the
+bound alone loses every needle; F = 4 finds 3/4 at 2K and 4/4 at 4K (benchmarks/quest_oracle.py).
+
 `budget` = tokens read per decode step; `ratio` = fraction of the cache *not* read per step, sized on
 the cache's capacity (prompt + new tokens). Either way the number of pages is fixed when the cache is
 built, so a step is one CUDA graph.
@@ -32,13 +36,15 @@ from ..registry import register
                   "budget": (int, 0, "tokens read per decode step (instead of ratio)"),
                   "page": (int, 16, "tokens per page"),
                   "recent": (int, 2, "last pages always read (the current page included)"),
-                  "dense_layers": (int, 2, "first layers that always read everything")},
+                  "dense_layers": (int, 2, "first layers that always read everything"),
+                  "rerank": (int, 0, "two stages: the bound keeps rerank x the pages as candidates, their "
+                                     "exact max logits pick the pages read (0 = Quest as published)")},
           composes=("full",))
 class QuestCache(FullCache):
     role = "select"
 
     def __init__(self, specs, *, batch, capacity, device, dtype, ratio=None, budget=None, page=16, recent=2,
-                 dense_layers=2, storage=None):
+                 dense_layers=2, rerank=0, storage=None):
         if page < 1 or page & (page - 1) or page < 16:
             raise UserError(f"quest: page={page} must be a power of two >= 16")
         P = page
@@ -48,6 +54,10 @@ class QuestCache(FullCache):
         self.budget = Budget.parse(ratio, budget, "quest")
         self.max_pages = math.ceil(capacity / P)
         self.k_pages = min(self.max_pages, max(1 + self.recent, math.ceil(self.budget.keep(capacity) / P)))
+        if rerank < 0:
+            raise UserError(f"quest: rerank={rerank} must be >= 0 (0 = off)")
+        self.rerank = rerank
+        self.k_cand = min(self.max_pages, rerank * self.k_pages)
         self.pmin, self.pmax = [], []
         for i, s in enumerate(specs):
             shape = (batch, s.num_kv_heads, self.max_pages, s.head_dim)
@@ -90,14 +100,18 @@ class QuestCache(FullCache):
         kc, vc, mn, mx = self.k[layer], self.v[layer], self.pmin[layer], self.pmax[layer]
         kq.append_token(k, v, cos, sin, pos, kc, vc, mn, mx, page=P)
         scores = kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=self.recent)
-        table, nsel, last = kq.select_pages(scores, self.k_pages, pos, page=P, row_pages=kc.shape[2] // P)
-        D = s.head_dim
+        D, rows = s.head_dim, kc.shape[2] // P
+        if self.rerank and self.k_cand > self.k_pages:   # the bound's top candidates, re-scored exactly
+            cand = kq.select_pages(scores, self.k_cand, pos, page=P, row_pages=rows)
+            scores = kq.rerank_scores(q, kc.view(-1, P, D), scores, *cand, row_pages=rows)
+        table, nsel, last = kq.select_pages(scores, self.k_pages, pos, page=P, row_pages=rows)
         return kq.paged_attention(q, kc.view(-1, P, D), vc.view(-1, P, D), table, nsel, last, scale=s.scale,
                                   softcap=s.softcap)
 
     def stats(self) -> dict:
         st = super().stats()
         st.update(budget=str(self.budget), pages_read=self.k_pages, page=self.P,
+                  candidate_pages=self.k_cand if self.rerank else None,
                   note="quest keeps every token (no memory saving); it reads at most "
                        f"{self.k_pages * self.P} tokens per decode step in layers >= {self.dense_layers}")
         if self.k_pages >= self.max_pages:
