@@ -23,7 +23,7 @@
 # [yarn kv4 by hand; hfquant], [gemmasparse], [ppl by hand]; a fresh machine: [copy x4],
 # [copy; install; gemmase], [Self-Extend kv4 by hand x2].
 # Next session, in this order (none of the first call's steps needs the bundle):
-#   [copy part00; kivi kivisweep quest128], [copy; quest512], [copy x2], [copy; install; gemmakv4].
+#   [copy part00; kivi kivisweep], [copy; quest128 quest512], [copy x2], [copy; install; gemmakv4].
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
