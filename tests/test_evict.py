@@ -184,16 +184,21 @@ def test_graph_decode_path_matches_eager(tiny, name):
     spec = compressed(name, folder)
     x = ids(45)
     _, eager, _ = run(model, spec, x, new=6)
+    assert graph_tokens(model, spec, x, 6) == eager
+
+
+def graph_tokens(model, spec, x, new: int) -> list[int]:
+    """Greedy tokens through the device-only step (`make_step(pos, None)`), run eagerly on the CPU."""
     kv = build(model, spec)
     logits = prefill(model, kv, x, chunk=16)
     toks = [int(logits.argmax(-1))]
     with torch.inference_mode():
-        for _ in range(5):
+        for _ in range(new - 1):
             pos = torch.tensor([kv.length])
             out = model(torch.tensor([[toks[-1]]]), model.make_step(pos, None), kv)[:, -1]
             kv.advance(1)
             toks.append(int(out.argmax(-1)))
-    assert toks == eager
+    return toks
 
 
 def test_quest_rerank_is_deterministic_and_graph_safe(tiny):
@@ -203,16 +208,7 @@ def test_quest_rerank_is_deterministic_and_graph_safe(tiny):
     logits, eager, kv = run(model, spec, x, new=6)
     assert kv.stats()["candidate_pages"] == min(kv.max_pages, 2 * kv.k_pages) > kv.k_pages
     assert torch.equal(run(model, spec, x, new=6)[0], logits)
-    kv = build(model, spec)
-    out = prefill(model, kv, x, chunk=16)
-    toks = [int(out.argmax(-1))]
-    with torch.inference_mode():
-        for _ in range(5):
-            pos = torch.tensor([kv.length])
-            out = model(torch.tensor([[toks[-1]]]), model.make_step(pos, None), kv)[:, -1]
-            kv.advance(1)
-            toks.append(int(out.argmax(-1)))
-    assert toks == eager
+    assert graph_tokens(model, spec, x, 6) == eager
 
 
 @pytest.mark.slow
