@@ -159,12 +159,12 @@ if triton is not None:
         """_key as unsigned (sign bit flipped: the same order), for the radix digits."""
         return (_key(S, row, p, ok) ^ -2147483648).to(tl.uint32, bitcast=True)
 
-    # A radix select spread over many programs (rows too long for one program's registers): a row of N pages is cut into segments of SEG
-    # pages, one program each (grid (rows, segments)); a pass is one launch whose programs add their
-    # segment's histogram into H[row, pass] (atomics) and recompute the earlier passes' choices from
-    # H; then one launch counts each segment's keys above / equal to T, and one writes the table at
-    # offsets from the earlier segments' counts. 6 launches a step instead of one program walking
-    # the row (the row's 8 programs left 124 of 132 SMs idle).
+    # Rows too long for one program's registers: a radix select (8 bits a pass, from the top) spread
+    # over segments of SEG pages, one program each (grid (rows, segments)). A pass is one launch whose
+    # programs add their segment's histogram into H[row, pass] (atomics) and re-derive the earlier
+    # passes' digits from H; then one launch counts each segment's keys above / equal to the k-th
+    # key T, and one writes the table at offsets from the earlier segments' counts: 6 launches
+    # instead of one program walking the row (8 rows left 124 of 132 SMs idle).
 
     @triton.jit
     def _seg_keys(S, Pos, MP, K, PAGE, SEG: tl.constexpr):
