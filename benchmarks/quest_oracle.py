@@ -3,8 +3,9 @@
 For each needle depth, greedy answers with `quest:ratio=R` as built (pages ranked by Quest's min/max
 bound, Tang et al. 2024, arXiv 2406.10774) and with the same cache whose page scores are replaced by
 each page's *true* attention mass (summed over the KV head's query group: the best any page
-selection of that size can do). Also reports, per decode step, the mean over sparse layers of the
-attention mass the selected pages cover, for both. Real weights, CPU, reference kernels:
+selection of that size can do); with `--modes rerankF`, the bound's top F·k pages re-ranked by their
+exact largest logit (what `quest:rerank=F` does). Also reports, per decode step, the mean over sparse
+layers of the attention mass the selected pages cover. Real weights, CPU, reference kernels:
 
     python benchmarks/quest_oracle.py --ratio 0.875 --length 2048 --depths 0,0.33,0.67,1
 
