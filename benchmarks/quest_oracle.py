@@ -61,31 +61,16 @@ def _decode(self, layer, q, k, v, step):
     return out
 
 
-def _page_max_logit(q, kc, pos: int, page: int) -> torch.Tensor:
-    """Each page's largest exact logit over its tokens and the KV head's query group: (B, Hkv, pages)."""
-    B, Hq, _, D = q.shape
-    Hkv = kc.shape[1]
-    lg = (q.float().reshape(B, Hkv, Hq // Hkv, D) @ kc[:, :, :pos + 1].float().transpose(-1, -2)).amax(2)
-    n = pos // page + 1
-    pad = torch.full((B, Hkv, n * page), float("-inf"))
-    pad[..., :pos + 1] = lg
-    return pad.reshape(B, Hkv, n, page).amax(-1)
-
-
 def _scores(q, pmin, pmax, pos, *, page, sink, recent):
     bound = _bound(q, pmin, pmax, pos, page=page, sink=sink, recent=recent)
     if _state["mode"] == "bound":
         return bound
-    if _state["mode"].startswith("rerank"):
-        # two stages: the bound keeps `factor` x the budget as candidates, exact logits pick among them
-        # (reading the candidates' keys: factor/8 of K at 8x); sink and recent pages stay forced
-        factor = int(_state["mode"][len("rerank"):])
-        n = int(pos.reshape(-1)[-1]) // page + 1
-        cand = bound[..., :n].topk(min(n, factor * _state["k_pages"]), dim=-1).indices
-        exact = _page_max_logit(q, _state["k"], int(pos.reshape(-1)[-1]), page)
-        out = torch.full_like(bound, float("-inf"))
-        out[..., :n].scatter_(-1, cand, exact.gather(-1, cand))
-        return torch.where(bound == float("inf"), bound, out)
+    if _state["mode"].startswith("rerank"):   # the cache's own second stage (`quest:rerank=F`)
+        kc = _state["k"]
+        rows = kc.shape[2] // page
+        cand = qmod.kq.select_pages(bound, int(_state["mode"][len("rerank"):]) * _state["k_pages"], pos, page=page,
+                                    row_pages=rows)
+        return qmod.kq.rerank_scores(q, kc.view(-1, page, kc.shape[-1]), bound, *cand, row_pages=rows)
     s = _page_mass(q, _state["k"], int(pos.reshape(-1)[-1]), page, _state["scale"])
     MP, n = pmin.shape[2], s.shape[-1]
     out = torch.full(s.shape[:2] + (MP,), float("-inf"))

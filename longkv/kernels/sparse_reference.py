@@ -108,8 +108,9 @@ def rerank_scores(q, k_pool, bound, table, nsel, last, *, row_pages: int) -> tor
         ids = table[r, :n].long()
         k = k_pool[ids].float()                                       # (n, P, D)
         lg = torch.einsum("gd,npd->npg", qg[r], k).amax(-1)           # (n, P)
-        tok = torch.arange(P).expand(n, P)
-        lg = lg.masked_fill((torch.arange(n)[:, None] == n - 1) & (tok >= int(last.reshape(-1)[r])), float("-inf"))
+        tok = torch.arange(P, device=q.device).expand(n, P)
+        final = torch.arange(n, device=q.device)[:, None] == n - 1
+        lg = lg.masked_fill(final & (tok >= int(last.reshape(-1)[r])), float("-inf"))
         local = ids - r * row_pages
         out[r, local] = lg.amax(-1)
     b = bound.reshape(B * Hkv, MP)
