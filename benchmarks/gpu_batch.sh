@@ -50,7 +50,7 @@ step() {
     quant) bench quant 240 $PY quant_decode.py --contexts 32k,128k,512k --caches full,kv4,kv2 --new-tokens 24 ;;
     qsweep) bench qsweep 90 $PY quant_sweep.py --context 128k --caches kv4,kv2 --dot 1 --block-n 64 --warps 4,8 \
               --stages 0,1,2,3,4 ;;
-    kivi) bench kivi 330 $PY quant_decode.py --contexts 32k,128k,512k --caches full,kv4,kivi4,kivi2 --new-tokens 24 ;;
+    kivi) bench kivi${KIVI_CTX:+_${KIVI_CTX//,/_}} 330 $PY quant_decode.py --contexts ${KIVI_CTX:-32k,128k,512k} --caches full,kv4,kivi4,kivi2 --new-tokens 24 ;;
     kivisweep) bench kivisweep 150 $PY quant_sweep.py --context 128k --caches kivi4,kivi2 --dot 1 --block-n 16,32,64 \
               --warps 2,4,8 ;;
     hfquant) bench hfquant 120 $PY peers/hf_quantized_cache.py --contexts 32k --caches dynamic,quanto4,quanto2 ;;

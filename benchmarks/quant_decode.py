@@ -92,13 +92,16 @@ def attention_alone(model, kv, ctx: int, dev, reps: int) -> float:
     return timed(fn, reps, dev)
 
 
-def check(model, dev) -> float:
-    """Packed kernel vs the torch reference on this device at an odd length (max abs difference over
-    the pre-RoPE path with outliers and the post-RoPE fast path)."""
-    worst = 0.0
-    for spec in ("kv4:outliers=0.01", "kivi4", "kivi2"):
-        kv = cache_spec.parse(spec).build(model.layer_specs(), batch=1, capacity=5000, device=dev,
-                                          dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+def check(model, dev) -> dict:
+    """Packed kernel vs the torch reference on this device at an odd length: max abs difference per
+    path (pre-RoPE keys with outliers, pre-RoPE keys with pair-order values, the post-RoPE fast path at
+    4 and 2 bits, and the fp16 form of the fast path)."""
+    half = dev.type == "cuda"
+    out = {}
+    for spec, dtype in (("kv4:outliers=0.01", torch.bfloat16), ("kv4", torch.bfloat16), ("kivi4", torch.bfloat16),
+                        ("kivi2", torch.bfloat16), ("kivi4", torch.float16)):
+        dtype = dtype if half else torch.float32
+        kv = cache_spec.parse(spec).build(model.layer_specs(), batch=1, capacity=5000, device=dev, dtype=dtype)
         fill(model, kv, 4321, 1024, dev, seed=1)
         sp = model.layer_specs()[0]
         q = torch.randn(1, sp.num_heads, 1, sp.head_dim, device=dev, dtype=kv.dtype)
@@ -106,8 +109,8 @@ def check(model, dev) -> float:
         got = qk.quant_decode_attention(q, kv.kq[0], kv.vq[0], kv.kf[0], kv.vf[0], torch.tensor([4321], device=dev),
                                         **kw)
         want = ref.quant_decode_attention(q, kv.kq[0], kv.vq[0], kv.kf[0], kv.vf[0], 4321, **kw)
-        worst = max(worst, (got.float() - want.float()).abs().max().item())
-    return worst
+        out[f"{spec}/{str(dtype)[6:]}"] = round((got.float() - want.float()).abs().max().item(), 5)
+    return out
 
 
 def run(model, spec: str, ctx: int, a, dev, dtype) -> dict:
@@ -174,7 +177,7 @@ def main():
     head = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu")
     if dev.type == "cuda":
         head.update(copy_TBps=round(copy_bandwidth() / 1e12, 3), weights_GB=round(weight_bytes_read(model) / 1e9, 2))
-    head["kernel_vs_reference_maxdiff"] = round(check(model, dev), 5)
+    head["kernel_vs_reference_maxdiff"] = check(model, dev)
     print("#", head, flush=True)
     rows = []
     jobs = [(c, parse_tokens(x)) for x in a.contexts.split(",") for c in a.caches.split(",")]

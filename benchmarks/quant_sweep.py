@@ -27,6 +27,7 @@ def main():
     ap.add_argument("--warps", default="2,4,8")
     ap.add_argument("--splits", default="0", help="0 = the default split count")
     ap.add_argument("--stages", default="0", help="software-pipelining stages; 0 = Triton's default")
+    ap.add_argument("--prefetch", default="-1", help="L2 prefetch distance in tiles; -1 = the default")
     a = ap.parse_args()
     ctx = parse_tokens(a.context)
     model = random_model(dict(LLAMA3_8B, num_hidden_layers=1))
@@ -39,30 +40,34 @@ def main():
         q = torch.randn(1, sp.num_heads, 1, sp.head_dim, device="cuda", dtype=torch.bfloat16)
         length = torch.tensor([ctx], device="cuda")
         kw = kv.kernel_kwargs(0)
-        base = qk.quant_decode_attention(q, kv.kq[0], kv.vq[0], kv.kf[0], kv.vf[0], length, **kw).float()
+        base = qk.quant_decode_attention(q, kv.kq[0], kv.vq[0], kv.kf[0], kv.vf[0], length, prefetch=0, **kw).float()
         nbytes = attention_bytes(kv, ctx)
         ints = lambda x: [int(v) for v in x.split(",")]
         grid = itertools.product([bool(d) for d in ints(a.dot)], ints(a.block_n), ints(a.warps), ints(a.splits),
-                                 ints(a.stages))
-        for dot, bn, w, nsp, st in grid:
-            st, nsp = st or None, nsp or None
+                                 ints(a.stages), ints(a.prefetch))
+        for dot, bn, w, nsp, st, pf in grid:
+            st, nsp, pf = st or None, nsp or None, None if pf < 0 else pf
             if bn > kv.group:
                 continue
             f = lambda: qk.quant_decode_attention(q, kv.kq[0], kv.vq[0], kv.kf[0], kv.vf[0], length, block_n=bn,
-                                                  num_warps=w, num_stages=st, splits=nsp, use_dot=dot, **kw)
+                                                  num_warps=w, num_stages=st, splits=nsp, use_dot=dot, prefetch=pf,
+                                                  **kw)
             try:
                 diff = (f().float() - base).abs().max().item()
                 ms = time_cuda(f, 10)
             except Exception as e:  # a launch that does not compile (registers, shared memory)
-                rows.append(dict(cache=spec, dot=dot, block_n=bn, warps=w, stages=st, splits=nsp, us=type(e).__name__))
+                rows.append(dict(cache=spec, dot=dot, block_n=bn, warps=w, stages=st, splits=nsp, prefetch=pf,
+                                 us=type(e).__name__))
                 continue
-            rows.append(dict(cache=spec, dot=dot, block_n=bn, warps=w, stages=st, splits=nsp, us=round(ms * 1e3, 1),
+            rows.append(dict(cache=spec, dot=dot, block_n=bn, warps=w, stages=st, splits=nsp, prefetch=pf,
+                             us=round(ms * 1e3, 1),
                              TBps=round(nbytes / (ms / 1e3) / 1e12, 3), maxdiff=round(diff, 5)))
             print(rows[-1], flush=True)
         del kv
         torch.cuda.empty_cache()
     rows.sort(key=lambda r: (r["cache"], r["us"] if isinstance(r["us"], float) else 1e9))
-    print_table(rows, ["cache", "dot", "block_n", "warps", "stages", "splits", "us", "TBps", "maxdiff"])
+    print_table(rows, ["cache", "dot", "block_n", "warps", "stages", "splits", "prefetch", "us", "TBps",
+                       "maxdiff"])
     emit_json({"bench": "quant_sweep", "context": ctx, "rows": rows})
 
 

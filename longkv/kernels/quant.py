@@ -36,6 +36,8 @@ References: `kernels/quant_reference.py`. Without a GPU the wrappers use the ref
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import quant_reference as ref
@@ -71,6 +73,41 @@ if triton is not None:
         return code
 
     @triton.jit
+    def _pair_codes(P, base, n, ok, D: tl.constexpr, PB: tl.constexpr, N: tl.constexpr, dt, PAIR: tl.constexpr):
+        """All D codes of rows n as an (N, D) tile of dtype dt holding the integer levels, in *pair order*:
+        column w·CPW + 2j + k is channel w·CPW + j + k·CPW/2 of word w (`_pair_perm`), because one 32-bit
+        op makes codes j and j + CPW/2 of a word at once: (word >> PB·j) & mask puts them at bits 0 and 16.
+        PAIR 1 / 2 (GPU, bf16 / fp16 tiles): OR-ing the 16-bit halves into 128.0 (0x4300) / 1024.0 (0x6400)
+        makes two floats 128 + code, and one packed subtract leaves the codes, exactly (the magic-number
+        trick of fast int4 GEMM kernels; PB <= 4 fits either mantissa). PAIR 0 (interpreter): the same
+        tile through integer → dt conversions."""
+        CPW: tl.constexpr = 32 // PB
+        HALF: tl.constexpr = CPW // 2
+        NW: tl.constexpr = D * PB // 32
+        MASK: tl.constexpr = ((1 << PB) - 1) * 65537
+        w = tl.load(P + base + n[:, None] * NW + tl.arange(0, NW)[None, :], mask=ok[:, None], other=0)
+        x = (w[:, :, None] >> (tl.arange(0, HALF) * PB)[None, None, :]) & MASK
+        if PAIR == 1:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 t, c; mov.b32 c, 0x43004300; or.b32 t, $2, c; sub.rn.bf16x2 t, t, c; mov.b32 {$0, $1}, t; }",
+                "=h,=h,r", [x], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+        elif PAIR == 2:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 t, c; mov.b32 c, 0x64006400; or.b32 t, $2, c; sub.rn.f16x2 t, t, c; mov.b32 {$0, $1}, t; }",
+                "=h,=h,r", [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        else:
+            lo = (x & 0xFFFF).to(dt)
+            hi = (x >> 16).to(dt)
+        return tl.reshape(tl.join(lo, hi), (N, D))
+
+    @triton.jit
+    def _pair_perm(D: tl.constexpr, PB: tl.constexpr):
+        """Channel of each column of a `_pair_codes` tile."""
+        CPW: tl.constexpr = 32 // PB
+        f = tl.arange(0, D)
+        return (f // CPW) * CPW + (f % CPW) // 2 + (f % 2) * (CPW // 2)
+
+    @triton.jit
     def _level(code, Lut, NUQ: tl.constexpr):
         """Code → level (fp32). Uniform levels: 2^23 + code as float bits minus 2^23 (exact; cheaper
         than an int→float conversion)."""
@@ -85,6 +122,46 @@ if triton is not None:
             ov = tl.load(OV + rows * N_OUT + j).to(tl.float32)
             x = tl.where(c[None, :] == oi[:, None], ov[:, None], x)
         return x
+
+    @triton.jit
+    def _prefetch(ptr, nbytes):
+        """Ask for `nbytes` (a multiple of 16, 16-byte aligned) from `ptr` into L2 (Hopper's bulk
+        prefetch, one instruction from thread 0): the packed loop issues it PREFETCH tiles ahead, so
+        more of HBM's latency is covered than by the one tile each program loads at a time."""
+        p = ptr + tl.zeros([1], tl.int32)
+        n = tl.zeros([1], tl.int32) + nbytes
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
+            "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+            "=r,l,r", [p, n], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _prefetch_tile(KP0, KP1, KS, KZ, VP0, VP1, VS, VZ, kb0, kb1, hq, srow, n0, end, D: tl.constexpr,
+                       PB0: tl.constexpr, PB1: tl.constexpr, NVG: tl.constexpr, BLOCK_N: tl.constexpr,
+                       FOLD_V: tl.constexpr):
+        """L2 prefetch of the packed tile at rows [n0, n0 + BLOCK_N) (clipped to `end`): key and value
+        code planes whose rows are whole 16-byte units, the tile's key scales, the value scales."""
+        if n0 < end:
+            rows = tl.minimum(end - n0, BLOCK_N)
+            RB0: tl.constexpr = D * PB0 // 8
+            if RB0 % 16 == 0:
+                _prefetch(KP0 + kb0 + n0 * (RB0 // 4), rows * RB0)
+                _prefetch(VP0 + kb0 + n0 * (RB0 // 4), rows * RB0)
+            if PB1 > 0:
+                RB1: tl.constexpr = D * PB1 // 8
+                if RB1 % 16 == 0:
+                    _prefetch(KP1 + kb1 + n0 * (RB1 // 4), rows * RB1)
+                    _prefetch(VP1 + kb1 + n0 * (RB1 // 4), rows * RB1)
+            _prefetch(KS + srow, 2 * D)   # the tile's key scales and zeros (one row: BLOCK_N <= GROUP)
+            _prefetch(KZ + srow, 2 * D)
+            if FOLD_V:
+                if BLOCK_N % 8 == 0:
+                    _prefetch(VS + hq + n0, 2 * BLOCK_N)
+                    _prefetch(VZ + hq + n0, 2 * BLOCK_N)
+            else:
+                if (NVG * BLOCK_N) % 8 == 0:
+                    _prefetch(VS + (hq + n0) * NVG, 2 * NVG * BLOCK_N)
+                    _prefetch(VZ + (hq + n0) * NVG, 2 * NVG * BLOCK_N)
 
     @triton.jit
     def _qk(q, k, dt, USE_DOT: tl.constexpr):
@@ -119,13 +196,17 @@ if triton is not None:
                      PB0: tl.constexpr, PB1: tl.constexpr, N_OUT: tl.constexpr, SINK: tl.constexpr,
                      WINDOW: tl.constexpr, RING: tl.constexpr, NQ_CAP: tl.constexpr,
                      NUQ_K: tl.constexpr, NUQ_V: tl.constexpr, BLOCK_F: tl.constexpr, TS: tl.constexpr,
-                     USE_DOT: tl.constexpr, PREROPE: tl.constexpr):
+                     USE_DOT: tl.constexpr, PREROPE: tl.constexpr, PREFETCH: tl.constexpr, PAIR: tl.constexpr):
         bh = tl.program_id(0)
         split = tl.program_id(1)
         h: tl.constexpr = D // 2
         NVG: tl.constexpr = D // VG
         # values: uniform levels, one range per token and no outliers -> fold scale/zero into p
         FOLD_V: tl.constexpr = (NVG == 1) and (N_OUT == 0) and (not NUQ_V)
+        # tiles of exact levels in pair order (`_pair_codes`): one plane of 2 or 4 bits, uniform levels
+        PAIR_OK: tl.constexpr = (PB1 == 0) and (PB0 <= 4)
+        FAST_K: tl.constexpr = PAIR_OK and (not PREROPE) and (N_OUT == 0) and (not NUQ_K)
+        FAST_V: tl.constexpr = PAIR_OK and FOLD_V
         length = tl.load(Len).to(tl.int32)
         # groups flushed *before* this token arrived: the group this step flushes is still read from
         # the ring, exactly as chunked prefill sees it (flush after attention)
@@ -139,6 +220,9 @@ if triton is not None:
         q_lo = tl.load(qrow + c_lo[None, :], mask=gm, other=0.0).to(tl.float32)
         q_hi = tl.load(qrow + c_hi[None, :], mask=gm, other=0.0).to(tl.float32)
         q = tl.load(qrow + d[None, :], mask=gm, other=0.0).to(tl.float32)
+        perm = _pair_perm(D, PB0)
+        if FAST_K:
+            q_pair = tl.load(qrow + perm[None, :], mask=gm, other=0.0).to(tl.float32)
         dt = Q.dtype.element_ty
         f = tl.load(Freq + c_lo)
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -158,10 +242,19 @@ if triton is not None:
             hq = bh.to(tl.int64) * NQ_CAP
             kb0 = hq * (D * PB0 // 32)
             kb1 = hq * (D * PB1 // 32)
+            sbase = bh.to(tl.int64) * (NQ_CAP // GROUP)
+            for j in tl.static_range(1, PREFETCH):
+                nj = start + j * BLOCK_N
+                _prefetch_tile(KP0, KP1, KS, KZ, VP0, VP1, VS, VZ, kb0, kb1, hq, (sbase + nj // GROUP) * D, nj,
+                               end, D, PB0, PB1, NVG, BLOCK_N, FOLD_V)
             for n0 in range(start, end, BLOCK_N):
+                if PREFETCH > 0:
+                    nj = n0 + PREFETCH * BLOCK_N
+                    _prefetch_tile(KP0, KP1, KS, KZ, VP0, VP1, VS, VZ, kb0, kb1, hq, (sbase + nj // GROUP) * D, nj,
+                                   end, D, PB0, PB1, NVG, BLOCK_N, FOLD_V)
                 n = n0 + i
                 ok = n < end
-                srow = (bh.to(tl.int64) * (NQ_CAP // GROUP) + n0 // GROUP) * D
+                srow = (sbase + n0 // GROUP) * D
                 if PREROPE:
                     k_lo = _level(_codes(KP0, KP1, kb0, kb1, n, ok, 0, h, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
                     k_hi = _level(_codes(KP0, KP1, kb0, kb1, n, ok, h, h, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
@@ -182,22 +275,32 @@ if triton is not None:
                 else:  # keys stored rotated (KIVI): a tile shares one scale/zero per channel, so
                     # q·(c∘s + z) = (q∘s)·c + q·z — the key tile is the levels themselves, no per-element
                     # dequantization or rotation (the scale folds into q once per tile)
-                    ks = tl.load(KS + srow + d).to(tl.float32)[None, :]
-                    kz = tl.load(KZ + srow + d).to(tl.float32)[None, :]
-                    kl = _level(_codes(KP0, KP1, kb0, kb1, n, ok, 0, D, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
-                    if N_OUT > 0:
-                        rows = tl.where(ok, hq + n, hq)
-                        s = _qk(q, _outl(kl * ks + kz, KOI, KOV, rows, d, N_OUT), dt, USE_DOT)
+                    if FAST_K:  # the same on a pair-order tile (`_pair_codes`; q and the stats permuted to match)
+                        ks = tl.load(KS + srow + perm).to(tl.float32)[None, :]
+                        kz = tl.load(KZ + srow + perm).to(tl.float32)[None, :]
+                        kc = _pair_codes(KP0, kb0, n, ok, D, PB0, BLOCK_N, dt, PAIR)
+                        s = _qk(q_pair * ks, kc, dt, USE_DOT) + tl.sum(q_pair * kz, 1)[:, None]
                     else:
-                        s = _qk(q * ks, kl, dt, USE_DOT) + tl.sum(q * kz, 1)[:, None]
+                        ks = tl.load(KS + srow + d).to(tl.float32)[None, :]
+                        kz = tl.load(KZ + srow + d).to(tl.float32)[None, :]
+                        kl = _level(_codes(KP0, KP1, kb0, kb1, n, ok, 0, D, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
+                        if N_OUT > 0:
+                            rows = tl.where(ok, hq + n, hq)
+                            s = _qk(q, _outl(kl * ks + kz, KOI, KOV, rows, d, N_OUT), dt, USE_DOT)
+                        else:
+                            s = _qk(q * ks, kl, dt, USE_DOT) + tl.sum(q * kz, 1)[:, None]
                 m, l, alpha, p = _softmax(s, ok, m, l, scale)
-                cv = _codes(VP0, VP1, kb0, kb1, n, ok, 0, D, D, PB0, PB1, BLOCK_N)
                 if FOLD_V:  # sum_n p_n (c_n s_n + z_n) = (p∘s)·c + p·z: dequantization costs O(N), not O(N·D)
                     vs = tl.load(VS + hq + n, mask=ok, other=0.0).to(tl.float32)
                     vz = tl.load(VZ + hq + n, mask=ok, other=0.0).to(tl.float32)
-                    pv = _pv(p * vs[None, :], _level(cv, LutV, False), dt, USE_DOT)
+                    if FAST_V:  # acc's columns in pair order; the store below puts them back
+                        vc = _pair_codes(VP0, kb0, n, ok, D, PB0, BLOCK_N, dt, PAIR)
+                    else:
+                        vc = _level(_codes(VP0, VP1, kb0, kb1, n, ok, 0, D, D, PB0, PB1, BLOCK_N), LutV, False)
+                    pv = _pv(p * vs[None, :], vc, dt, USE_DOT)
                     acc = acc * alpha[:, None] + pv + tl.sum(p * vz[None, :], 1)[:, None]
                 else:
+                    cv = _codes(VP0, VP1, kb0, kb1, n, ok, 0, D, D, PB0, PB1, BLOCK_N)
                     rows = tl.where(ok, hq + n, hq)
                     vrow = rows[:, None] * NVG + tl.arange(0, NVG)[None, :]
                     vs = tl.load(VS + vrow).to(tl.float32)
@@ -236,7 +339,10 @@ if triton is not None:
         row = (bh * (SPLITS + 1) + split) * G + g
         tl.store(Lse + row, tl.where(l > 0, m + tl.log(l), float("-inf")), mask=g < G)
         den = tl.where(l > 0, l, 1.0)[:, None]
-        tl.store(Out + row[:, None] * D + d[None, :], acc / den, mask=gm)
+        col = d
+        if FAST_V:
+            col = tl.where(split < SPLITS, perm, d)
+        tl.store(Out + row[:, None] * D + col[None, :], acc / den, mask=gm)
 
     @triton.jit
     def _pack_store(code, P, rows, D: tl.constexpr, PB: tl.constexpr, SHIFT: tl.constexpr, NR: tl.constexpr):
@@ -398,6 +504,22 @@ BLOCK_N = 64                 # packed-region tile (capped at the key group); ben
                              # 64 tokens / 8 warps best for kv4, 32 / 2 for 32-token groups
 USE_DOT = True               # tensor-core tiles (else CUDA-core FMAs)
 TS = 16                      # rope_table step: every TS-th position
+PREFETCH = 4                 # L2 bulk prefetch this many tiles ahead (Hopper and later; 0 = off)
+
+
+def _pair_mode(q: torch.Tensor) -> int:
+    """How `_pair_codes` turns codes into bf16/fp16: by the magic-number trick in inline PTX on the GPU
+    (1 bf16, 2 fp16), by conversions in the interpreter and for fp32 (0)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or not q.is_cuda:
+        return 0
+    return {torch.bfloat16: 1, torch.float16: 2}.get(q.dtype, 0)
+
+
+def _prefetch_tiles(q: torch.Tensor, prefetch: int | None) -> int:
+    """Tiles to prefetch: off in the interpreter (no inline PTX) and before sm_90 (no bulk prefetch)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
+        return 0
+    return PREFETCH if prefetch is None else prefetch
 
 
 def rope_table(inv_freq: torch.Tensor, positions: int, device) -> torch.Tensor:
@@ -419,10 +541,11 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
                            lut_k=None, lut_v=None, splits: int | None = None, block_n: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None,
                            rope_tab: torch.Tensor | None = None, use_dot: bool | None = None,
-                           prerope: bool = True) -> torch.Tensor:
+                           prerope: bool = True, prefetch: int | None = None) -> torch.Tensor:
     """q (B, Hq, 1, D) post-RoPE; the packed cache of one layer (see `ref.quant_decode_attention`);
     length: (1,) int64 device tensor; rope_tab: `rope_table(inv_freq, table_positions(...))`, made
-    here when not given (the cache keeps one); prerope=False: keys stored rotated (no RoPE here).
+    here when not given (the cache keeps one); prerope=False: keys stored rotated (no RoPE here);
+    prefetch: tiles of L2 prefetch ahead (None: `PREFETCH` where the GPU has it).
     Returns (B, Hq, 1, D) in q's dtype."""
     if not _use_triton(q):
         return ref.quant_decode_attention(q, kq, vq, kf, vf, int(length.reshape(-1)[-1]), bits=bits, group=group,
@@ -450,7 +573,8 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
         HKV=H, G=G, BLOCK_G=max(16 if use_dot else 1, triton.next_power_of_2(G)), D=D, SPLITS=S, BLOCK_N=block_n or min(group, BLOCK_N),
         GROUP=group, VG=vgroup, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out, SINK=sink,
         WINDOW=window, RING=ring, NQ_CAP=cap, NUQ_K=lut_k is not None, NUQ_V=lut_v is not None,
-        BLOCK_F=32, TS=TS, USE_DOT=use_dot, PREROPE=prerope, num_warps=num_warps or (8 if min(group, block_n or BLOCK_N) >= 64 else 2),
+        BLOCK_F=32, TS=TS, USE_DOT=use_dot, PREROPE=prerope,
+        PREFETCH=_prefetch_tiles(q, prefetch), PAIR=_pair_mode(q), num_warps=num_warps or (8 if min(group, block_n or BLOCK_N) >= 64 else 2),
         **({} if num_stages is None else {"num_stages": num_stages}))
     _merge_kernel[(B * H * G,)](part, lse, out, G=G, SPLITS=S + 1, D=D, BLOCK_S=triton.next_power_of_2(S + 1))
     return out
