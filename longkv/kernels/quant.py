@@ -505,6 +505,8 @@ BLOCK_N = 64                 # packed-region tile (capped at the key group); ben
 USE_DOT = True               # tensor-core tiles (else CUDA-core FMAs)
 TS = 16                      # rope_table step: every TS-th position
 PREFETCH = 4                 # L2 bulk prefetch this many tiles ahead (Hopper and later; 0 = off)
+NUM_WARPS = None             # None: 8 for 64-token tiles, else 2
+MAX_REGS = None              # register cap per thread (None: the compiler's choice)
 
 
 def _pair_mode(q: torch.Tensor) -> int:
@@ -541,11 +543,13 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
                            lut_k=None, lut_v=None, splits: int | None = None, block_n: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None,
                            rope_tab: torch.Tensor | None = None, use_dot: bool | None = None,
-                           prerope: bool = True, prefetch: int | None = None) -> torch.Tensor:
+                           prerope: bool = True, prefetch: int | None = None,
+                           max_regs: int | None = None) -> torch.Tensor:
     """q (B, Hq, 1, D) post-RoPE; the packed cache of one layer (see `ref.quant_decode_attention`);
     length: (1,) int64 device tensor; rope_tab: `rope_table(inv_freq, table_positions(...))`, made
     here when not given (the cache keeps one); prerope=False: keys stored rotated (no RoPE here);
-    prefetch: tiles of L2 prefetch ahead (None: `PREFETCH` where the GPU has it).
+    prefetch: tiles of L2 prefetch ahead (None: `PREFETCH` where the GPU has it); max_regs: a register
+    cap per thread for the launch (more programs resident per SM, at the price of spills).
     Returns (B, Hq, 1, D) in q's dtype."""
     if not _use_triton(q):
         return ref.quant_decode_attention(q, kq, vq, kf, vf, int(length.reshape(-1)[-1]), bits=bits, group=group,
@@ -574,7 +578,8 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
         GROUP=group, VG=vgroup, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out, SINK=sink,
         WINDOW=window, RING=ring, NQ_CAP=cap, NUQ_K=lut_k is not None, NUQ_V=lut_v is not None,
         BLOCK_F=32, TS=TS, USE_DOT=use_dot, PREROPE=prerope,
-        PREFETCH=_prefetch_tiles(q, prefetch), PAIR=_pair_mode(q), num_warps=num_warps or (8 if min(group, block_n or BLOCK_N) >= 64 else 2),
-        **({} if num_stages is None else {"num_stages": num_stages}))
+        PREFETCH=_prefetch_tiles(q, prefetch), PAIR=_pair_mode(q), num_warps=num_warps or NUM_WARPS or (8 if min(group, block_n or BLOCK_N) >= 64 else 2),
+        **({} if num_stages is None else {"num_stages": num_stages}),
+        **({} if (max_regs or MAX_REGS) is None or not q.is_cuda else {"maxnreg": max_regs or MAX_REGS}))
     _merge_kernel[(B * H * G,)](part, lse, out, G=G, SPLITS=S + 1, D=D, BLOCK_S=triton.next_power_of_2(S + 1))
     return out
