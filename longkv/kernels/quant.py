@@ -15,21 +15,27 @@ keys on the fly (KVQuant, Hooper et al. 2024, App. R) and never write a dequanti
   its whole query group (GQA) and writes a partial output + log-sum-exp; `decode._merge_kernel`
   merges them. The length comes from a device tensor.
 
-How the packed tile is read (what made it 1.75x faster than byte gathers, H100, 128K kv4):
-codes load as 32-bit words, one vector load per row, and unpack with shifts; uniform levels become
-floats by the 2^23 bit trick (no int->float conversion); with one value range per token the value
-scale/zero fold into the probabilities (sum_n p_n (c_n s_n + z_n) = (p*s)·c + p·z), so values are
-never dequantized element by element; RoPE uses angle addition, q·R(a+i)k = (R(-a)q)·(R(i)k), with
-R(i) built once per program and R(a) read from a per-cache table of every 16th position (`rope_table`)
-instead of tl.cos/tl.sin of large arguments. Still slower than it should be: tl.dot stages the
-dequantized bf16 tiles through shared memory, ~10x the packed bytes per tile (ncu: 45 KB shared,
-168 registers, 19 % occupancy). A CUDA-core variant (`use_dot=False`) is kept for comparison; it is
-~3x slower in Triton.
+How the packed tile is read (tile readers in `kernels/packed.py`): codes load as 32-bit words, one
+vector load per row, and unpack with shifts (1.75x faster than byte gathers, H100, 128K kv4); uniform
+levels become floats by the 2^23 bit trick; with one value range per token the value scale/zero fold
+into the probabilities (sum_n p_n (c_n s_n + z_n) = (p*s)·c + p·z), so values are never dequantized
+element by element; RoPE uses angle addition, q·R(a+i)k = (R(-a)q)·(R(i)k), with R(i) built once per
+program and R(a) read from a per-cache table of every 16th position (`rope_table`) instead of
+tl.cos/tl.sin of large arguments.
 
 Keys stored after RoPE (`prerope=False`, KIVI's layout): a tile of keys shares one scale and zero
 per channel, so q·(c∘s + z) = (q∘s)·c + q·z: the scale folds into q once per tile and the key tile is
-the integer levels themselves — no per-element dequantization and no rotation (about a third of the
-pre-RoPE path's per-element work). Quality of that layout: BENCHMARKS.md, issue 4.
+the integer levels themselves — no per-element dequantization and no rotation. For 2- and 4-bit
+uniform codes those tiles (and the folded value tiles) come as bf16/fp16 straight from the words,
+two codes per 32-bit op, in *pair order* (`packed.pair_codes`; q, the key statistics and the output
+columns are permuted to match): 8.7 instead of 11.4 SASS instructions per code in the loop (sm_90,
+compiled offline). Hopper's bulk L2 prefetch runs `PREFETCH` tiles ahead.
+
+Where it stands (H200, 128K, BENCHMARKS.md issue 4): kivi4 243 µs a layer vs bf16's 143 — still
+slower than bf16. ncu: DRAM 12 % busy, 251 registers a thread → 2 warps a scheduler, stalls spread
+over shared-memory, fixed-latency and global-load dependencies: latency-bound with too few warps.
+Capping registers (`MAX_REGS`) trades that for spills (kv4 -2 %, kivi4 +28 %). A CUDA-core variant
+(`use_dot=False`) is kept for comparison; it is ~3x slower in Triton.
 
 References: `kernels/quant_reference.py`. Without a GPU the wrappers use the references unless
 `TRITON_INTERPRET=1` (the tests) forces the Triton path.
@@ -47,121 +53,12 @@ try:
     import triton
     import triton.language as tl
     from .decode import _merge_kernel
+    from . import packed as pk
 except ImportError:  # CPU installs without triton use the references
     triton = None
 
 
 if triton is not None:
-
-    @triton.jit
-    def _words(P, base, n, ok, w0, RW: tl.constexpr, NW: tl.constexpr, PB: tl.constexpr, N: tl.constexpr):
-        """Codes (N, NW·32/PB) int32 of rows `base + n` from NW 32-bit words starting at word w0:
-        one vector load per row, then shifts (channel w·CPW + j sits at bits j·PB of word w)."""
-        CPW: tl.constexpr = 32 // PB
-        w = tl.load(P + base + n[:, None] * RW + w0 + tl.arange(0, NW)[None, :], mask=ok[:, None], other=0)
-        sh = tl.arange(0, CPW) * PB
-        c = (w[:, :, None] >> sh[None, None, :]) & ((1 << PB) - 1)
-        return tl.reshape(c, (N, NW * CPW))
-
-    @triton.jit
-    def _codes(P0, P1, base0, base1, n, ok, c0: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
-               PB0: tl.constexpr, PB1: tl.constexpr, N: tl.constexpr):
-        """Codes of channels [c0, c0 + C) of rows n: (N, C) int32, from one or two planes (`ref.pack`)."""
-        code = _words(P0, base0, n, ok, c0 * PB0 // 32, D * PB0 // 32, C * PB0 // 32, PB0, N)
-        if PB1 > 0:
-            code = code | (_words(P1, base1, n, ok, c0 * PB1 // 32, D * PB1 // 32, C * PB1 // 32, PB1, N) << PB0)
-        return code
-
-    @triton.jit
-    def _pair_codes(P, base, n, ok, D: tl.constexpr, PB: tl.constexpr, N: tl.constexpr, dt, PAIR: tl.constexpr):
-        """All D codes of rows n as an (N, D) tile of dtype dt holding the integer levels, in *pair order*:
-        column w·CPW + 2j + k is channel w·CPW + j + k·CPW/2 of word w (`_pair_perm`), because one 32-bit
-        op makes codes j and j + CPW/2 of a word at once: (word >> PB·j) & mask puts them at bits 0 and 16.
-        PAIR 1 / 2 (GPU, bf16 / fp16 tiles): OR-ing the 16-bit halves into 128.0 (0x4300) / 1024.0 (0x6400)
-        makes two floats 128 + code, and one packed subtract leaves the codes, exactly (the magic-number
-        trick of fast int4 GEMM kernels; PB <= 4 fits either mantissa). PAIR 0 (interpreter): the same
-        tile through integer → dt conversions."""
-        CPW: tl.constexpr = 32 // PB
-        HALF: tl.constexpr = CPW // 2
-        NW: tl.constexpr = D * PB // 32
-        MASK: tl.constexpr = ((1 << PB) - 1) * 65537
-        w = tl.load(P + base + n[:, None] * NW + tl.arange(0, NW)[None, :], mask=ok[:, None], other=0)
-        x = (w[:, :, None] >> (tl.arange(0, HALF) * PB)[None, None, :]) & MASK
-        if PAIR == 1:
-            lo, hi = tl.inline_asm_elementwise(
-                "{ .reg .b32 t, c; mov.b32 c, 0x43004300; or.b32 t, $2, c; sub.rn.bf16x2 t, t, c; mov.b32 {$0, $1}, t; }",
-                "=h,=h,r", [x], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
-        elif PAIR == 2:
-            lo, hi = tl.inline_asm_elementwise(
-                "{ .reg .b32 t, c; mov.b32 c, 0x64006400; or.b32 t, $2, c; sub.rn.f16x2 t, t, c; mov.b32 {$0, $1}, t; }",
-                "=h,=h,r", [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-        else:
-            lo = (x & 0xFFFF).to(dt)
-            hi = (x >> 16).to(dt)
-        return tl.reshape(tl.join(lo, hi), (N, D))
-
-    @triton.jit
-    def _pair_perm(D: tl.constexpr, PB: tl.constexpr):
-        """Channel of each column of a `_pair_codes` tile."""
-        CPW: tl.constexpr = 32 // PB
-        f = tl.arange(0, D)
-        return (f // CPW) * CPW + (f % CPW) // 2 + (f % 2) * (CPW // 2)
-
-    @triton.jit
-    def _level(code, Lut, NUQ: tl.constexpr):
-        """Code → level (fp32). Uniform levels: 2^23 + code as float bits minus 2^23 (exact; cheaper
-        than an int→float conversion)."""
-        if NUQ:
-            return tl.load(Lut + code)
-        return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-    @triton.jit
-    def _outl(x, OI, OV, rows, c, N_OUT: tl.constexpr):
-        for j in tl.static_range(N_OUT):
-            oi = tl.load(OI + rows * N_OUT + j).to(tl.int32)
-            ov = tl.load(OV + rows * N_OUT + j).to(tl.float32)
-            x = tl.where(c[None, :] == oi[:, None], ov[:, None], x)
-        return x
-
-    @triton.jit
-    def _prefetch(ptr, nbytes):
-        """Ask for `nbytes` (a multiple of 16, 16-byte aligned) from `ptr` into L2 (Hopper's bulk
-        prefetch, one instruction from thread 0): the packed loop issues it PREFETCH tiles ahead, so
-        more of HBM's latency is covered than by the one tile each program loads at a time."""
-        p = ptr + tl.zeros([1], tl.int32)
-        n = tl.zeros([1], tl.int32) + nbytes
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-            "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r", [p, n], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def _prefetch_tile(KP0, KP1, KS, KZ, VP0, VP1, VS, VZ, kb0, kb1, hq, srow, n0, end, D: tl.constexpr,
-                       PB0: tl.constexpr, PB1: tl.constexpr, NVG: tl.constexpr, BLOCK_N: tl.constexpr,
-                       FOLD_V: tl.constexpr):
-        """L2 prefetch of the packed tile at rows [n0, n0 + BLOCK_N) (clipped to `end`): key and value
-        code planes whose rows are whole 16-byte units, the tile's key scales, the value scales."""
-        if n0 < end:
-            rows = tl.minimum(end - n0, BLOCK_N)
-            RB0: tl.constexpr = D * PB0 // 8
-            if RB0 % 16 == 0:
-                _prefetch(KP0 + kb0 + n0 * (RB0 // 4), rows * RB0)
-                _prefetch(VP0 + kb0 + n0 * (RB0 // 4), rows * RB0)
-            if PB1 > 0:
-                RB1: tl.constexpr = D * PB1 // 8
-                if RB1 % 16 == 0:
-                    _prefetch(KP1 + kb1 + n0 * (RB1 // 4), rows * RB1)
-                    _prefetch(VP1 + kb1 + n0 * (RB1 // 4), rows * RB1)
-            _prefetch(KS + srow, 2 * D)   # the tile's key scales and zeros (one row: BLOCK_N <= GROUP)
-            _prefetch(KZ + srow, 2 * D)
-            if FOLD_V:
-                if BLOCK_N % 8 == 0:
-                    _prefetch(VS + hq + n0, 2 * BLOCK_N)
-                    _prefetch(VZ + hq + n0, 2 * BLOCK_N)
-            else:
-                if (NVG * BLOCK_N) % 8 == 0:
-                    _prefetch(VS + (hq + n0) * NVG, 2 * NVG * BLOCK_N)
-                    _prefetch(VZ + (hq + n0) * NVG, 2 * NVG * BLOCK_N)
 
     @triton.jit
     def _qk(q, k, dt, USE_DOT: tl.constexpr):
@@ -203,7 +100,7 @@ if triton is not None:
         NVG: tl.constexpr = D // VG
         # values: uniform levels, one range per token and no outliers -> fold scale/zero into p
         FOLD_V: tl.constexpr = (NVG == 1) and (N_OUT == 0) and (not NUQ_V)
-        # tiles of exact levels in pair order (`_pair_codes`): one plane of 2 or 4 bits, uniform levels
+        # tiles of exact levels in pair order (`packed.pair_codes`): one plane of 2 or 4 bits, uniform levels
         PAIR_OK: tl.constexpr = (PB1 == 0) and (PB0 <= 4)
         FAST_K: tl.constexpr = PAIR_OK and (not PREROPE) and (N_OUT == 0) and (not NUQ_K)
         FAST_V: tl.constexpr = PAIR_OK and FOLD_V
@@ -220,7 +117,7 @@ if triton is not None:
         q_lo = tl.load(qrow + c_lo[None, :], mask=gm, other=0.0).to(tl.float32)
         q_hi = tl.load(qrow + c_hi[None, :], mask=gm, other=0.0).to(tl.float32)
         q = tl.load(qrow + d[None, :], mask=gm, other=0.0).to(tl.float32)
-        perm = _pair_perm(D, PB0)
+        perm = pk.pair_perm(D, PB0)
         if FAST_K:
             q_pair = tl.load(qrow + perm[None, :], mask=gm, other=0.0).to(tl.float32)
         dt = Q.dtype.element_ty
@@ -245,25 +142,25 @@ if triton is not None:
             sbase = bh.to(tl.int64) * (NQ_CAP // GROUP)
             for j in tl.static_range(1, PREFETCH):
                 nj = start + j * BLOCK_N
-                _prefetch_tile(KP0, KP1, KS, KZ, VP0, VP1, VS, VZ, kb0, kb1, hq, (sbase + nj // GROUP) * D, nj,
+                pk.prefetch_tile(KP0, KP1, KS, KZ, VP0, VP1, VS, VZ, kb0, kb1, hq, (sbase + nj // GROUP) * D, nj,
                                end, D, PB0, PB1, NVG, BLOCK_N, FOLD_V)
             for n0 in range(start, end, BLOCK_N):
                 if PREFETCH > 0:
                     nj = n0 + PREFETCH * BLOCK_N
-                    _prefetch_tile(KP0, KP1, KS, KZ, VP0, VP1, VS, VZ, kb0, kb1, hq, (sbase + nj // GROUP) * D, nj,
+                    pk.prefetch_tile(KP0, KP1, KS, KZ, VP0, VP1, VS, VZ, kb0, kb1, hq, (sbase + nj // GROUP) * D, nj,
                                    end, D, PB0, PB1, NVG, BLOCK_N, FOLD_V)
                 n = n0 + i
                 ok = n < end
                 srow = (sbase + n0 // GROUP) * D
                 if PREROPE:
-                    k_lo = _level(_codes(KP0, KP1, kb0, kb1, n, ok, 0, h, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
-                    k_hi = _level(_codes(KP0, KP1, kb0, kb1, n, ok, h, h, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
+                    k_lo = pk.levels(pk.codes(KP0, KP1, kb0, kb1, n, ok, 0, h, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
+                    k_hi = pk.levels(pk.codes(KP0, KP1, kb0, kb1, n, ok, h, h, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
                     k_lo = k_lo * tl.load(KS + srow + c_lo).to(tl.float32)[None, :] + tl.load(KZ + srow + c_lo).to(tl.float32)[None, :]
                     k_hi = k_hi * tl.load(KS + srow + c_hi).to(tl.float32)[None, :] + tl.load(KZ + srow + c_hi).to(tl.float32)[None, :]
                     if N_OUT > 0:
                         rows = tl.where(ok, hq + n, hq)
-                        k_lo = _outl(k_lo, KOI, KOV, rows, c_lo, N_OUT)
-                        k_hi = _outl(k_hi, KOI, KOV, rows, c_hi, N_OUT)
+                        k_lo = pk.outliers(k_lo, KOI, KOV, rows, c_lo, N_OUT)
+                        k_hi = pk.outliers(k_hi, KOI, KOV, rows, c_hi, N_OUT)
                     r_lo = k_lo * ci - k_hi * si
                     r_hi = k_hi * ci + k_lo * si
                     tab = Tab + ((SINK + n0) // TS) * D
@@ -275,18 +172,18 @@ if triton is not None:
                 else:  # keys stored rotated (KIVI): a tile shares one scale/zero per channel, so
                     # q·(c∘s + z) = (q∘s)·c + q·z — the key tile is the levels themselves, no per-element
                     # dequantization or rotation (the scale folds into q once per tile)
-                    if FAST_K:  # the same on a pair-order tile (`_pair_codes`; q and the stats permuted to match)
+                    if FAST_K:  # the same on a pair-order tile (`packed.pair_codes`; q and the stats permuted to match)
                         ks = tl.load(KS + srow + perm).to(tl.float32)[None, :]
                         kz = tl.load(KZ + srow + perm).to(tl.float32)[None, :]
-                        kc = _pair_codes(KP0, kb0, n, ok, D, PB0, BLOCK_N, dt, PAIR)
+                        kc = pk.pair_codes(KP0, kb0, n, ok, D, PB0, BLOCK_N, dt, PAIR)
                         s = _qk(q_pair * ks, kc, dt, USE_DOT) + tl.sum(q_pair * kz, 1)[:, None]
                     else:
                         ks = tl.load(KS + srow + d).to(tl.float32)[None, :]
                         kz = tl.load(KZ + srow + d).to(tl.float32)[None, :]
-                        kl = _level(_codes(KP0, KP1, kb0, kb1, n, ok, 0, D, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
+                        kl = pk.levels(pk.codes(KP0, KP1, kb0, kb1, n, ok, 0, D, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
                         if N_OUT > 0:
                             rows = tl.where(ok, hq + n, hq)
-                            s = _qk(q, _outl(kl * ks + kz, KOI, KOV, rows, d, N_OUT), dt, USE_DOT)
+                            s = _qk(q, pk.outliers(kl * ks + kz, KOI, KOV, rows, d, N_OUT), dt, USE_DOT)
                         else:
                             s = _qk(q * ks, kl, dt, USE_DOT) + tl.sum(q * kz, 1)[:, None]
                 m, l, alpha, p = _softmax(s, ok, m, l, scale)
@@ -294,20 +191,20 @@ if triton is not None:
                     vs = tl.load(VS + hq + n, mask=ok, other=0.0).to(tl.float32)
                     vz = tl.load(VZ + hq + n, mask=ok, other=0.0).to(tl.float32)
                     if FAST_V:  # acc's columns in pair order; the store below puts them back
-                        vc = _pair_codes(VP0, kb0, n, ok, D, PB0, BLOCK_N, dt, PAIR)
+                        vc = pk.pair_codes(VP0, kb0, n, ok, D, PB0, BLOCK_N, dt, PAIR)
                     else:
-                        vc = _level(_codes(VP0, VP1, kb0, kb1, n, ok, 0, D, D, PB0, PB1, BLOCK_N), LutV, False)
+                        vc = pk.levels(pk.codes(VP0, VP1, kb0, kb1, n, ok, 0, D, D, PB0, PB1, BLOCK_N), LutV, False)
                     pv = _pv(p * vs[None, :], vc, dt, USE_DOT)
                     acc = acc * alpha[:, None] + pv + tl.sum(p * vz[None, :], 1)[:, None]
                 else:
-                    cv = _codes(VP0, VP1, kb0, kb1, n, ok, 0, D, D, PB0, PB1, BLOCK_N)
+                    cv = pk.codes(VP0, VP1, kb0, kb1, n, ok, 0, D, D, PB0, PB1, BLOCK_N)
                     rows = tl.where(ok, hq + n, hq)
                     vrow = rows[:, None] * NVG + tl.arange(0, NVG)[None, :]
                     vs = tl.load(VS + vrow).to(tl.float32)
                     vz = tl.load(VZ + vrow).to(tl.float32)
-                    v = tl.reshape(_level(cv, LutV, NUQ_V), (BLOCK_N, NVG, VG))
+                    v = tl.reshape(pk.levels(cv, LutV, NUQ_V), (BLOCK_N, NVG, VG))
                     v = tl.reshape(v * vs[:, :, None] + vz[:, :, None], (BLOCK_N, D))
-                    v = _outl(v, VOI, VOV, rows, d, N_OUT)
+                    v = pk.outliers(v, VOI, VOV, rows, d, N_OUT)
                     acc = acc * alpha[:, None] + _pv(p, v, dt, USE_DOT)
         else:  # full precision: sink slots, then the ring (position p >= SINK in slot SINK + (p-SINK) % RING)
             last = length - 1
@@ -505,12 +402,20 @@ BLOCK_N = 64                 # packed-region tile (capped at the key group); ben
 USE_DOT = True               # tensor-core tiles (else CUDA-core FMAs)
 TS = 16                      # rope_table step: every TS-th position
 PREFETCH = 4                 # L2 bulk prefetch this many tiles ahead (Hopper and later; 0 = off)
-NUM_WARPS = None             # None: 8 for 64-token tiles, else 2
+NUM_WARPS = None             # None: `_default_warps`
 MAX_REGS = None              # register cap per thread (None: the compiler's choice)
 
 
+def _default_warps(tile: int, fast_k: bool) -> int:
+    """Warps per program (benchmarks/quant_sweep.py, H200, 128K): 64-token tiles 8 warps (kv4 339 µs
+    vs 370 with 4), but 4 when keys are pair-order tiles (kivi4 292 µs vs 440 with 8); smaller tiles 2."""
+    if tile >= 64:
+        return 4 if fast_k else 8
+    return 2
+
+
 def _pair_mode(q: torch.Tensor) -> int:
-    """How `_pair_codes` turns codes into bf16/fp16: by the magic-number trick in inline PTX on the GPU
+    """How `packed.pair_codes` turns codes into bf16/fp16: by the magic-number trick in inline PTX on the GPU
     (1 bf16, 2 fp16), by conversions in the interpreter and for fp32 (0)."""
     if os.environ.get("TRITON_INTERPRET") == "1" or not q.is_cuda:
         return 0
@@ -570,6 +475,7 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
     use_dot = USE_DOT if use_dot is None else use_dot
     if rope_tab is None:
         rope_tab = rope_table(inv_freq, table_positions(cap, sink, ring), q.device)
+    fast_k = not prerope and len(pb) == 1 and pb[0] <= 4 and n_out == 0 and lut_k is None   # the kernel's FAST_K
     _attn_kernel[(B * H, S + 1)](
         q.contiguous(), length.reshape(-1)[-1:], *_planes(kq, True), kq["scale"], kq["zero"], *_outs(kq),
         *_planes(vq, True), vq["scale"], vq["zero"], *_outs(vq), kf, vf, inv_freq.to(q.device, torch.float32),
@@ -578,7 +484,7 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
         GROUP=group, VG=vgroup, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out, SINK=sink,
         WINDOW=window, RING=ring, NQ_CAP=cap, NUQ_K=lut_k is not None, NUQ_V=lut_v is not None,
         BLOCK_F=32, TS=TS, USE_DOT=use_dot, PREROPE=prerope,
-        PREFETCH=_prefetch_tiles(q, prefetch), PAIR=_pair_mode(q), num_warps=num_warps or NUM_WARPS or (8 if min(group, block_n or BLOCK_N) >= 64 else 2),
+        PREFETCH=_prefetch_tiles(q, prefetch), PAIR=_pair_mode(q), num_warps=num_warps or NUM_WARPS or _default_warps(min(group, block_n or BLOCK_N), fast_k),
         **({} if num_stages is None else {"num_stages": num_stages}),
         **({} if (max_regs or MAX_REGS) is None or not q.is_cuda else {"maxnreg": max_regs or MAX_REGS}))
     _merge_kernel[(B * H * G,)](part, lse, out, G=G, SPLITS=S + 1, D=D, BLOCK_S=triton.next_power_of_2(S + 1))
