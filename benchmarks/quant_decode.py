@@ -169,11 +169,13 @@ def main():
     ap.add_argument("--warps", type=int, help="packed kernel: warps per program (default: its own)")
     ap.add_argument("--maxnreg", type=int, help="packed kernel: register cap per thread")
     ap.add_argument("--prefetch", type=int, help="packed kernel: L2 prefetch distance in tiles")
+    ap.add_argument("--unroll", type=int, help="packed kernel: loop unroll factor")
     ap.add_argument("--smoke", action="store_true", help="tiny model and contexts (CPU check)")
     a = ap.parse_args()
-    for name in ("warps", "maxnreg", "prefetch"):   # launch defaults of the packed kernel, for this run
+    knobs = {"warps": "NUM_WARPS", "maxnreg": "MAX_REGS", "prefetch": "PREFETCH", "unroll": "UNROLL"}
+    for name, knob in knobs.items():   # launch defaults of the packed kernel, for this run
         if getattr(a, name) is not None:
-            setattr(qk, {"warps": "NUM_WARPS", "maxnreg": "MAX_REGS", "prefetch": "PREFETCH"}[name], getattr(a, name))
+            setattr(qk, knob, getattr(a, name))
     dev = torch.device(a.device)
     cfg = SMOKE if a.smoke else dict(LLAMA3_8B)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

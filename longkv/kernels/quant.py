@@ -93,7 +93,8 @@ if triton is not None:
                      PB0: tl.constexpr, PB1: tl.constexpr, N_OUT: tl.constexpr, SINK: tl.constexpr,
                      WINDOW: tl.constexpr, RING: tl.constexpr, NQ_CAP: tl.constexpr,
                      NUQ_K: tl.constexpr, NUQ_V: tl.constexpr, BLOCK_F: tl.constexpr, TS: tl.constexpr,
-                     USE_DOT: tl.constexpr, PREROPE: tl.constexpr, PREFETCH: tl.constexpr, PAIR: tl.constexpr):
+                     USE_DOT: tl.constexpr, PREROPE: tl.constexpr, PREFETCH: tl.constexpr, PAIR: tl.constexpr,
+                     UNROLL: tl.constexpr):
         bh = tl.program_id(0)
         split = tl.program_id(1)
         h: tl.constexpr = D // 2
@@ -144,7 +145,7 @@ if triton is not None:
                 nj = start + j * BLOCK_N
                 pk.prefetch_tile(KP0, KP1, KS, KZ, VP0, VP1, VS, VZ, kb0, kb1, hq, (sbase + nj // GROUP) * D, nj,
                                end, D, PB0, PB1, NVG, BLOCK_N, FOLD_V)
-            for n0 in range(start, end, BLOCK_N):
+            for n0 in tl.range(start, end, BLOCK_N, loop_unroll_factor=UNROLL):
                 if PREFETCH > 0:
                     nj = n0 + PREFETCH * BLOCK_N
                     pk.prefetch_tile(KP0, KP1, KS, KZ, VP0, VP1, VS, VZ, kb0, kb1, hq, (sbase + nj // GROUP) * D, nj,
@@ -404,6 +405,7 @@ TS = 16                      # rope_table step: every TS-th position
 PREFETCH = 4                 # L2 bulk prefetch this many tiles ahead (Hopper and later; 0 = off)
 NUM_WARPS = None             # None: `_default_warps`
 MAX_REGS = None              # register cap per thread (None: the compiler's choice)
+UNROLL = 1                   # packed-loop unroll factor (2: two tiles' independent work interleaved)
 
 
 def _default_warps(tile: int, fast_k: bool) -> int:
@@ -449,12 +451,13 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
                            num_warps: int | None = None, num_stages: int | None = None,
                            rope_tab: torch.Tensor | None = None, use_dot: bool | None = None,
                            prerope: bool = True, prefetch: int | None = None,
-                           max_regs: int | None = None) -> torch.Tensor:
+                           max_regs: int | None = None, unroll: int | None = None) -> torch.Tensor:
     """q (B, Hq, 1, D) post-RoPE; the packed cache of one layer (see `ref.quant_decode_attention`);
     length: (1,) int64 device tensor; rope_tab: `rope_table(inv_freq, table_positions(...))`, made
     here when not given (the cache keeps one); prerope=False: keys stored rotated (no RoPE here);
     prefetch: tiles of L2 prefetch ahead (None: `PREFETCH` where the GPU has it); max_regs: a register
-    cap per thread for the launch (more programs resident per SM, at the price of spills).
+    cap per thread for the launch (more programs resident per SM, at the price of spills); unroll: the
+    packed loop's unroll factor (None: `UNROLL`).
     Returns (B, Hq, 1, D) in q's dtype."""
     if not _use_triton(q):
         return ref.quant_decode_attention(q, kq, vq, kf, vf, int(length.reshape(-1)[-1]), bits=bits, group=group,
@@ -484,7 +487,8 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
         GROUP=group, VG=vgroup, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out, SINK=sink,
         WINDOW=window, RING=ring, NQ_CAP=cap, NUQ_K=lut_k is not None, NUQ_V=lut_v is not None,
         BLOCK_F=32, TS=TS, USE_DOT=use_dot, PREROPE=prerope,
-        PREFETCH=_prefetch_tiles(q, prefetch), PAIR=_pair_mode(q), num_warps=num_warps or NUM_WARPS or _default_warps(min(group, block_n or BLOCK_N), fast_k),
+        PREFETCH=_prefetch_tiles(q, prefetch), PAIR=_pair_mode(q),
+        UNROLL=unroll or UNROLL, num_warps=num_warps or NUM_WARPS or _default_warps(min(group, block_n or BLOCK_N), fast_k),
         **({} if num_stages is None else {"num_stages": num_stages}),
         **({} if (max_regs or MAX_REGS) is None or not q.is_cuda else {"maxnreg": max_regs or MAX_REGS}))
     _merge_kernel[(B * H * G,)](part, lse, out, G=G, SPLITS=S + 1, D=D, BLOCK_S=triton.next_power_of_2(S + 1))
