@@ -22,8 +22,11 @@
 # 5.24; 5 parts): [copy; quest128 quest512], [copy x3], [copy; install; gemma64], [gemma128],
 # [yarn kv4 by hand; hfquant], [gemmasparse], [ppl by hand]; a fresh machine: [copy x4],
 # [copy; install; gemmase], [Self-Extend kv4 by hand x2].
-# Next session, in this order (none of the first call's steps needs the bundle):
-#   [copy part00; kivi kivisweep], [copy; quest128 quest512], [copy x2], [copy; install; gemmakv4].
+# Next session (also 2026-12-03), as made: [copy part00; prefetch sweep by hand; KIVI_CTX=128k kivi],
+# [copy; quest512], [copy; quest128], [copy; ncu of kivi4 by hand; KIVI_CTX=512k kivi],
+# [copy; install; gemmakv4]; after the pair-order tiles: [pair sweep by hand; KIVI_CTX=128k kivi],
+# [quant_decode.py --warps 4 / --warps 8 --maxnreg 128 by hand], [ncu by hand]; later [unroll sweep by
+# hand; KIVI_CTX=32k,128k,512k kivi]. Four machine starts failed ("no device machine"), ~90 s each.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
