@@ -25,7 +25,7 @@ def words(P, base, n, ok, w0, RW: tl.constexpr, NW: tl.constexpr, PB: tl.constex
 
 @triton.jit
 def codes(P0, P1, base0, base1, n, ok, c0: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
-           PB0: tl.constexpr, PB1: tl.constexpr, N: tl.constexpr):
+          PB0: tl.constexpr, PB1: tl.constexpr, N: tl.constexpr):
     """Codes of channels [c0, c0 + C) of rows n: (N, C) int32, from one or two planes (`ref.pack`)."""
     code = words(P0, base0, n, ok, c0 * PB0 // 32, D * PB0 // 32, C * PB0 // 32, PB0, N)
     if PB1 > 0:
@@ -39,9 +39,10 @@ def pair_codes(P, base, n, ok, D: tl.constexpr, PB: tl.constexpr, N: tl.constexp
     column w·CPW + 2j + k is channel w·CPW + j + k·CPW/2 of word w (`pair_perm`), because one 32-bit
     op makes codes j and j + CPW/2 of a word at once: (word >> PB·j) & mask puts them at bits 0 and 16.
     PAIR 1 / 2 (GPU, bf16 / fp16 tiles): OR-ing the 16-bit halves into 128.0 (0x4300) / 1024.0 (0x6400)
-    makes two floats 128 + code, and one packed subtract leaves the codes, exactly (the magic-number
-    trick of fast int4 GEMM kernels; PB <= 4 fits either mantissa). PAIR 0 (interpreter): the same
-    tile through integer → dt conversions."""
+    makes two floats 128 + code (1024 + code in fp16), and one packed subtract leaves the codes,
+    exactly (the magic-number conversion of fast int4 GEMM kernels, Kim et al. 2022, "Who Says
+    Elephants Can't Run?", FasterTransformer; PB <= 4 fits either mantissa). PAIR 0 (interpreter):
+    the same tile through integer → dt conversions."""
     CPW: tl.constexpr = 32 // PB
     HALF: tl.constexpr = CPW // 2
     NW: tl.constexpr = D * PB // 32

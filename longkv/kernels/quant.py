@@ -144,12 +144,12 @@ if triton is not None:
             for j in tl.static_range(1, PREFETCH):
                 nj = start + j * BLOCK_N
                 pk.prefetch_tile(KP0, KP1, KS, KZ, VP0, VP1, VS, VZ, kb0, kb1, hq, (sbase + nj // GROUP) * D, nj,
-                               end, D, PB0, PB1, NVG, BLOCK_N, FOLD_V)
+                                 end, D, PB0, PB1, NVG, BLOCK_N, FOLD_V)
             for n0 in tl.range(start, end, BLOCK_N, loop_unroll_factor=UNROLL):
                 if PREFETCH > 0:
                     nj = n0 + PREFETCH * BLOCK_N
                     pk.prefetch_tile(KP0, KP1, KS, KZ, VP0, VP1, VS, VZ, kb0, kb1, hq, (sbase + nj // GROUP) * D, nj,
-                                   end, D, PB0, PB1, NVG, BLOCK_N, FOLD_V)
+                                     end, D, PB0, PB1, NVG, BLOCK_N, FOLD_V)
                 n = n0 + i
                 ok = n < end
                 srow = (sbase + n0 // GROUP) * D
