@@ -1,0 +1,182 @@
+"""Writing the quantized KV cache on the GPU: one launch per decode step quantizes and packs.
+
+`_append_flush_kernel` (one program per (batch, KV head)) writes the new token to the full-precision
+ring, then re-derives the most recently completed group from the ring and quantizes + packs it (keys
+per channel, values per token; KIVI, Liu et al. 2024; KVQuant's dense-and-sparse outliers and
+non-uniform codebooks, Hooper et al. 2024). Re-deriving the same group every step is idempotent, so the
+launch is the same at every step (CUDA graph) and needs no host-side "is a group full" test. Reading
+the packed bytes back is `kernels/quant.py`; the torch reference is `kernels/quant_reference.py`.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import quant_reference as ref
+from .decode import _use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without triton use the references
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _pack_store(code, P, rows, D: tl.constexpr, PB: tl.constexpr, SHIFT: tl.constexpr, NR: tl.constexpr):
+        """code (NR, D) int32: store its bits [SHIFT, SHIFT+PB) as a packed plane at `rows`."""
+        VPW: tl.constexpr = 8 // PB
+        part = (code >> SHIFT) & ((1 << PB) - 1)
+        part = tl.reshape(part, (NR, D // VPW, VPW))
+        sh = (tl.arange(0, VPW) * PB)[None, None, :]
+        byte = tl.sum(part << sh, axis=2)
+        col = tl.arange(0, D // VPW)
+        tl.store(P + rows[:, None] * (D * PB // 8) + col[None, :], byte.to(tl.uint8))
+
+    @triton.jit
+    def _encode(x, lo, hi, Mid, BITS: tl.constexpr, NUQ: tl.constexpr):
+        """Codes for x with per-element range [lo, hi] (fp32, broadcast); fp16-rounded stats as in
+        `ref._encode`. Returns (codes int32, scale fp32, zero fp32)."""
+        top: tl.constexpr = (1 << BITS) - 1
+        zero = lo.to(tl.float16).to(tl.float32)
+        rng = tl.maximum(hi - zero, 1e-6)
+        if NUQ:
+            sc = rng.to(tl.float16).to(tl.float32)
+        else:
+            sc = (rng / top).to(tl.float16).to(tl.float32)
+        t = (x - zero) / tl.maximum(sc, 1e-8)
+        if NUQ:
+            code = tl.zeros(x.shape, tl.int32)
+            for j in tl.static_range(top):
+                code += (t > tl.load(Mid + j)).to(tl.int32)
+        else:
+            code = tl.minimum(tl.maximum(tl.floor(t + 0.5), 0.0), top * 1.0).to(tl.int32)
+        return code, sc, zero
+
+    @triton.jit
+    def _append_flush_kernel(K, V, Len, KF, VF, KP0, KP1, KS, KZ, KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV,
+                             MidK, MidV,
+                             D: tl.constexpr, GROUP: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr,
+                             PB0: tl.constexpr, PB1: tl.constexpr, N_OUT: tl.constexpr, SINK: tl.constexpr,
+                             WINDOW: tl.constexpr, RING: tl.constexpr, NQ_CAP: tl.constexpr,
+                             NUQ_K: tl.constexpr, NUQ_V: tl.constexpr):
+        bh = tl.program_id(0)
+        c = tl.arange(0, D)
+        length = tl.load(Len).to(tl.int32)
+        p = length - 1
+        slot = tl.where(p < SINK, p, SINK + (p - SINK) % RING)
+        fb = bh.to(tl.int64) * (SINK + RING) * D
+        tl.store(KF + fb + slot * D + c, tl.load(K + bh * D + c))
+        tl.store(VF + fb + slot * D + c, tl.load(V + bh * D + c))
+        tl.debug_barrier()  # the group below may include the token just written (window = 0)
+        ng = (length - SINK - WINDOW) // GROUP
+        if ng > 0:
+            gi = ng - 1
+            t = tl.arange(0, GROUP)
+            pos = SINK + gi * GROUP + t
+            src = fb + (SINK + (pos - SINK) % RING)[:, None] * D + c[None, :]
+            rows = bh.to(tl.int64) * NQ_CAP + gi * GROUP + t
+            # keys: per channel over the group's tokens
+            x = tl.load(KF + src).to(tl.float32)
+            if N_OUT > 0:
+                mu = tl.sum(x, 0) / GROUP
+                sd = tl.maximum(tl.sqrt(tl.sum((x - mu[None, :]) * (x - mu[None, :]), 0) / GROUP), 1e-6)
+                score = tl.abs(x - mu[None, :]) / sd[None, :]
+                for j in tl.static_range(N_OUT):
+                    oi = tl.argmax(score, 1)
+                    hit = c[None, :] == oi[:, None]
+                    tl.store(KOI + rows * N_OUT + j, oi.to(tl.uint8))
+                    tl.store(KOV + rows * N_OUT + j, tl.sum(tl.where(hit, x, 0.0), 1).to(tl.float16))
+                    x = tl.where(hit, mu[None, :], x)
+                    score = tl.where(hit, -1.0, score)
+            code, sc, zero = _encode(x, tl.min(x, 0)[None, :], tl.max(x, 0)[None, :], MidK, BITS, NUQ_K)
+            srow = (bh.to(tl.int64) * (NQ_CAP // GROUP) + gi) * D
+            tl.store(KS + srow + c, tl.max(sc, 0).to(tl.float16))
+            tl.store(KZ + srow + c, tl.max(zero, 0).to(tl.float16))
+            _pack_store(code, KP0, rows, D, PB0, 0, GROUP)
+            if PB1 > 0:
+                _pack_store(code, KP1, rows, D, PB1, PB0, GROUP)
+            # values: per token over VG-channel groups
+            x = tl.load(VF + src).to(tl.float32)
+            NVG: tl.constexpr = D // VG
+            if N_OUT > 0:
+                x3 = tl.reshape(x, (GROUP, NVG, VG))
+                mu3 = tl.sum(x3, 2) / VG
+                d3 = x3 - mu3[:, :, None]
+                sd3 = tl.maximum(tl.sqrt(tl.sum(d3 * d3, 2) / VG), 1e-6)
+                mu = tl.reshape(tl.broadcast_to(mu3[:, :, None], (GROUP, NVG, VG)), (GROUP, D))
+                sd = tl.reshape(tl.broadcast_to(sd3[:, :, None], (GROUP, NVG, VG)), (GROUP, D))
+                score = tl.abs(x - mu) / sd
+                for j in tl.static_range(N_OUT):
+                    oi = tl.argmax(score, 1)
+                    hit = c[None, :] == oi[:, None]
+                    tl.store(VOI + rows * N_OUT + j, oi.to(tl.uint8))
+                    tl.store(VOV + rows * N_OUT + j, tl.sum(tl.where(hit, x, 0.0), 1).to(tl.float16))
+                    x = tl.where(hit, mu, x)
+                    score = tl.where(hit, -1.0, score)
+            x3 = tl.reshape(x, (GROUP, NVG, VG))
+            lo = tl.broadcast_to(tl.min(x3, 2)[:, :, None], (GROUP, NVG, VG))
+            hi = tl.broadcast_to(tl.max(x3, 2)[:, :, None], (GROUP, NVG, VG))
+            code3, sc3, zero3 = _encode(x3, lo, hi, MidV, BITS, NUQ_V)
+            vrow = rows[:, None] * NVG + tl.arange(0, NVG)[None, :]
+            tl.store(VS + vrow, tl.max(sc3, 2).to(tl.float16))
+            tl.store(VZ + vrow, tl.max(zero3, 2).to(tl.float16))
+            code = tl.reshape(code3, (GROUP, D))
+            _pack_store(code, VP0, rows, D, PB0, 0, GROUP)
+            if PB1 > 0:
+                _pack_store(code, VP1, rows, D, PB1, PB0, GROUP)
+
+
+def planes(d: dict, words: bool = False):
+    """The two code-plane arguments of a packed kernel (the second repeats the first when there is one
+    plane); words=True: viewed as int32 words, as the decode kernel reads them."""
+    p = [x.view(torch.int32) for x in d["planes"]] if words else d["planes"]
+    return p[0], p[1] if len(p) > 1 else p[0]
+
+
+def outs(d: dict):
+    """The outlier index/value arguments of a packed kernel (placeholders when there are none)."""
+    return (d["out_idx"], d["out_val"]) if "out_idx" in d else (d["scale"], d["scale"])
+
+
+def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: int, vgroup: int,
+                 sink: int, window: int, lut_k=None, lut_v=None) -> None:
+    """Decode-time write + flush. k, v (B, Hkv, 1, D) pre-RoPE; length: (1,) int64 device tensor
+    (tokens held after this one). Writes the token to its fp slot and (re)quantizes the last
+    completed group. Reference: the same steps with `ref.quantize_keys` / `ref.quantize_tokens`."""
+    B, H, _, D = k.shape
+    ring = kf.shape[2] - sink
+    if not _use_triton(k):
+        n = int(length)
+        p = n - 1
+        slot = p if p < sink else sink + (p - sink) % ring
+        kf[:, :, slot], vf[:, :, slot] = k[:, :, 0], v[:, :, 0]
+        ng = max(0, (n - sink - window) // group)
+        if ng:
+            pos = torch.arange(sink + (ng - 1) * group, sink + ng * group)
+            sl = sink + (pos - sink) % ring
+            n_out = kq["out_idx"].shape[-1] if "out_idx" in kq else 0
+            a = ref.quantize_keys(kf[:, :, sl], bits=bits, group=group, n_out=n_out, lut=lut_k)
+            b = ref.quantize_tokens(vf[:, :, sl], bits=bits, vgroup=vgroup, n_out=n_out, lut=lut_v)
+            lo = (ng - 1) * group
+            for dst, src, rows in ((kq, a, slice(ng - 1, ng)), (vq, b, slice(lo, lo + group))):
+                for x, y in zip(dst["planes"], src["planes"]):
+                    x[:, :, lo:lo + group] = y
+                dst["scale"][:, :, rows], dst["zero"][:, :, rows] = src["scale"], src["zero"]
+                for key in ("out_idx", "out_val"):
+                    if key in src:
+                        dst[key][:, :, lo:lo + group] = src[key]
+        return
+    pb = ref.PLANES[bits]
+    n_out = kq["out_idx"].shape[-1] if "out_idx" in kq else 0
+    dummy = kf
+    mid_k = None if lut_k is None else (lut_k[1:] + lut_k[:-1]) / 2   # nearest level = count of midpoints below
+    mid_v = None if lut_v is None else (lut_v[1:] + lut_v[:-1]) / 2
+    _append_flush_kernel[(B * H,)](
+        k.contiguous(), v.contiguous(), length.reshape(-1)[-1:], kf, vf, *planes(kq), kq["scale"], kq["zero"],
+        *outs(kq), *planes(vq), vq["scale"], vq["zero"], *outs(vq),
+        dummy if mid_k is None else mid_k, dummy if mid_v is None else mid_v,
+        D=D, GROUP=group, VG=vgroup, BITS=bits, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out,
+        SINK=sink, WINDOW=window, RING=ring, NQ_CAP=kq["planes"][0].shape[2], NUQ_K=mid_k is not None,
+        NUQ_V=mid_v is not None)
