@@ -74,14 +74,14 @@ def inspect(kernel) -> dict:
             labels.update({lb: addr for lb in pending})
             pending = []
             ins.append((addr, m.group(2)))
-    best = []   # the packed loop: of the loops (a branch back to an earlier label), the one with the
-    for addr, text in ins:   # most tensor-core instructions (the full-precision ring's loop has fewer)
+    loops = []   # (start, body) of each loop: a branch back to an earlier label
+    for addr, text in ins:
         m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", text)
         if m and labels.get(m.group(1), addr + 1) < addr:
-            body = [t for a, t in ins if labels[m.group(1)] <= a <= addr]
-            mma = lambda b: sum("MMA" in t for t in b)
-            if mma(body) > mma(best):
-                best = body
+            loops.append((labels[m.group(1)], [t for a, t in ins if labels[m.group(1)] <= a <= addr]))
+    # the packed loop: the first loop with tensor-core instructions (the packed branch precedes the
+    # full-precision ring's in the kernel; libdevice's sin/cos loops have none)
+    best = next((b for _, b in sorted(loops, key=lambda x: x[0]) if any("MMA" in t for t in b)), [])
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in best)
     regs = re.search(r"REG:(\d+)", res)
     return dict(regs=int(regs.group(1)) if regs else None, smem=kernel.metadata.shared, loop=len(best),
