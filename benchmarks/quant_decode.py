@@ -169,10 +169,9 @@ def main():
     ap.add_argument("--warps", type=int, help="packed kernel: warps per program (default: its own)")
     ap.add_argument("--maxnreg", type=int, help="packed kernel: register cap per thread")
     ap.add_argument("--prefetch", type=int, help="packed kernel: L2 prefetch distance in tiles")
-    ap.add_argument("--unroll", type=int, help="packed kernel: loop unroll factor")
     ap.add_argument("--smoke", action="store_true", help="tiny model and contexts (CPU check)")
     a = ap.parse_args()
-    knobs = {"warps": "NUM_WARPS", "maxnreg": "MAX_REGS", "prefetch": "PREFETCH", "unroll": "UNROLL"}
+    knobs = {"warps": "NUM_WARPS", "maxnreg": "MAX_REGS", "prefetch": "PREFETCH"}
     for name, knob in knobs.items():   # launch defaults of the packed kernel, for this run
         if getattr(a, name) is not None:
             setattr(qk, knob, getattr(a, name))

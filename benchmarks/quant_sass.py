@@ -42,7 +42,7 @@ def compile_kernel(path: str, *, warps: int, block_n: int, group: int, prefetch:
     consts = dict(HKV=8, G=4, BLOCK_G=16, D=128, SPLITS=128, BLOCK_N=block_n, GROUP=group, VG=128, PB0=pb[0],
                   PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out, SINK=4, WINDOW=128, RING=160, NQ_CAP=131072,
                   NUQ_K=False, NUQ_V=False, BLOCK_F=32, TS=qk.TS, USE_DOT=True, PREROPE=prerope, PREFETCH=prefetch,
-                  PAIR=1, UNROLL=opts.pop("unroll", 1))
+                  PAIR=1)
     names = qk._attn_kernel.arg_names
     sig = {n: "constexpr" if n in consts else TYPES[n] for n in names}
     src = ASTSource(fn=qk._attn_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})

@@ -38,8 +38,6 @@ References: `kernels/quant_reference.py`. Without a GPU the wrappers use the ref
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import quant_reference as ref
@@ -90,8 +88,7 @@ if triton is not None:
                      PB0: tl.constexpr, PB1: tl.constexpr, N_OUT: tl.constexpr, SINK: tl.constexpr,
                      WINDOW: tl.constexpr, RING: tl.constexpr, NQ_CAP: tl.constexpr,
                      NUQ_K: tl.constexpr, NUQ_V: tl.constexpr, BLOCK_F: tl.constexpr, TS: tl.constexpr,
-                     USE_DOT: tl.constexpr, PREROPE: tl.constexpr, PREFETCH: tl.constexpr, PAIR: tl.constexpr,
-                     UNROLL: tl.constexpr):
+                     USE_DOT: tl.constexpr, PREROPE: tl.constexpr, PREFETCH: tl.constexpr, PAIR: tl.constexpr):
         bh = tl.program_id(0)
         split = tl.program_id(1)
         h: tl.constexpr = D // 2
@@ -142,7 +139,7 @@ if triton is not None:
                 nj = start + j * BLOCK_N
                 pk.prefetch_tile(KP0, KP1, KS, KZ, VP0, VP1, VS, VZ, kb0, kb1, hq, (sbase + nj // GROUP) * D, nj,
                                  end, D, PB0, PB1, NVG, BLOCK_N, FOLD_V)
-            for n0 in tl.range(start, end, BLOCK_N, loop_unroll_factor=UNROLL):
+            for n0 in range(start, end, BLOCK_N):
                 if PREFETCH > 0:
                     nj = n0 + PREFETCH * BLOCK_N
                     pk.prefetch_tile(KP0, KP1, KS, KZ, VP0, VP1, VS, VZ, kb0, kb1, hq, (sbase + nj // GROUP) * D, nj,
@@ -246,7 +243,6 @@ TS = 16                      # rope_table step: every TS-th position
 PREFETCH = 4                 # L2 bulk prefetch this many tiles ahead (Hopper and later; 0 = off)
 NUM_WARPS = None             # None: `_default_warps`
 MAX_REGS = None              # register cap per thread (None: the compiler's choice)
-UNROLL = 1                   # packed-loop unroll factor (2: two tiles' independent work interleaved)
 
 
 def _default_warps(tile: int, fast_k: bool) -> int:
@@ -260,14 +256,14 @@ def _default_warps(tile: int, fast_k: bool) -> int:
 def _pair_mode(q: torch.Tensor) -> int:
     """How `packed.pair_codes` turns codes into bf16/fp16: by the magic-number trick in inline PTX on the GPU
     (1 bf16, 2 fp16), by conversions in the interpreter and for fp32 (0)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or not q.is_cuda:
+    if not q.is_cuda:   # the interpreter runs on CPU tensors
         return 0
     return {torch.bfloat16: 1, torch.float16: 2}.get(q.dtype, 0)
 
 
 def _prefetch_tiles(q: torch.Tensor, prefetch: int | None) -> int:
     """Tiles to prefetch: off in the interpreter (no inline PTX) and before sm_90 (no bulk prefetch)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
         return 0
     return PREFETCH if prefetch is None else prefetch
 
@@ -292,13 +288,12 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
                            num_warps: int | None = None, num_stages: int | None = None,
                            rope_tab: torch.Tensor | None = None, use_dot: bool | None = None,
                            prerope: bool = True, prefetch: int | None = None,
-                           max_regs: int | None = None, unroll: int | None = None) -> torch.Tensor:
+                           max_regs: int | None = None) -> torch.Tensor:
     """q (B, Hq, 1, D) post-RoPE; the packed cache of one layer (see `ref.quant_decode_attention`);
     length: (1,) int64 device tensor; rope_tab: `rope_table(inv_freq, table_positions(...))`, made
     here when not given (the cache keeps one); prerope=False: keys stored rotated (no RoPE here);
     prefetch: tiles of L2 prefetch ahead (None: `PREFETCH` where the GPU has it); max_regs: a register
-    cap per thread for the launch (more programs resident per SM, at the price of spills); unroll: the
-    packed loop's unroll factor (None: `UNROLL`).
+    cap per thread for the launch (more programs resident per SM, at the price of spills).
     Returns (B, Hq, 1, D) in q's dtype."""
     if not _use_triton(q):
         return ref.quant_decode_attention(q, kq, vq, kf, vf, int(length.reshape(-1)[-1]), bits=bits, group=group,
@@ -329,7 +324,6 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
         WINDOW=window, RING=ring, NQ_CAP=cap, NUQ_K=lut_k is not None, NUQ_V=lut_v is not None,
         BLOCK_F=32, TS=TS, USE_DOT=use_dot, PREROPE=prerope,
         PREFETCH=_prefetch_tiles(q, prefetch), PAIR=_pair_mode(q),
-        UNROLL=unroll or UNROLL,
         num_warps=num_warps or NUM_WARPS or _default_warps(min(group, block_n or BLOCK_N), fast_k),
         **({} if num_stages is None else {"num_stages": num_stages}),
         **({} if (max_regs or MAX_REGS) is None or not q.is_cuda else {"maxnreg": max_regs or MAX_REGS}))
