@@ -46,7 +46,9 @@ def methods(ctx: int) -> list[tuple[str, str]]:
     return [("full", "full"),
             ("quest 1/8", f"quest:budget={b8}"), ("quest 1/32", f"quest:budget={b32}"),
             ("quest 1/8 p32", f"quest:budget={b8},page=32"),   # half the page-bound bytes
-            ("quest 1/8 r4", f"quest:budget={b8},rerank=4"),   # + exact re-scoring of 4x the pages
+            ("quest 1/8 r4", f"quest:budget={b8},rerank=4"),   # + re-scoring 4x the pages from 2-bit codes
+            ("quest 1/8 r4 exact", f"quest:budget={b8},rerank=4,rbits=0"),   # ... from the exact keys
+            ("quest 1/8 r8", f"quest:budget={b8},rerank=8"),   # every page from its 2-bit codes
             ("snapkv 1/8", f"snapkv:budget={b8}"), ("snapkv 1/32", f"snapkv:budget={b32}"),
             ("streaming 1/8", f"streaming:budget={b8}"), ("adakv+snapkv 1/8", f"adakv+snapkv:budget={b8}"),
             ("tova 1/8", f"tova:budget={b8}")]
@@ -150,10 +152,11 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
     cos, sin = step.rope[s.rope_index]
     kc, vc, mn, mx = cache.k[layer], cache.v[layer], cache.pmin[layer], cache.pmax[layer]
     rows = kc.shape[2] // P
+    codes, bits = getattr(cache, "codes", [None] * (layer + 1))[layer], getattr(cache, "rbits", 0)
     scores = kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=cache.recent)
     table, nsel, last = kq.select_pages(scores, cache.k_pages, pos, page=P, row_pages=rows)
     pieces = {
-        "append_us": lambda: kq.append_token(k, v, cos, sin, pos, kc, vc, mn, mx, page=P),
+        "append_us": lambda: kq.append_token(k, v, cos, sin, pos, kc, vc, mn, mx, page=P, codes=codes, bits=bits),
         "score_us": lambda: kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=cache.recent),
         "select_us": lambda: kq.select_pages(scores, cache.k_pages, pos, page=P, row_pages=rows),
         "attend_us": lambda: kq.paged_attention(q, kc.view(-1, P, D), vc.view(-1, P, D), table, nsel, last,
@@ -168,10 +171,16 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
     for bp, w in ((64, 4), (256, 8)):
         pieces[f"score_p{bp}w{w}_us"] = functools.partial(kq.page_scores, q, mn, mx, pos, page=P, sink=1,
                                                           recent=cache.recent, block_p=bp, warps=w)
-    if getattr(cache, "rerank", 0):   # the second stage: candidates' exact max logits (select included)
-        pieces["rerank_us"] = lambda: kq.rerank_scores(
-            q, kc.view(-1, P, D), scores, *kq.select_pages(scores, cache.k_cand, pos, page=P, row_pages=rows),
-            row_pages=rows)
+    # the second stage: candidates' max logits from exact keys or page codes (candidate select included)
+    pools = () if codes is None else (codes.view(-1, P, codes.shape[-1]), mn.view(-1, D), mx.view(-1, D))
+
+    def rerank(mod):
+        cand = mod.select_pages(scores, cache.k_cand, pos, page=P, row_pages=rows)
+        if pools:
+            return mod.rerank_code_scores(q, *pools, scores, *cand, row_pages=rows, bits=bits)
+        return mod.rerank_scores(q, kc.view(-1, P, D), scores, *cand, row_pages=rows)
+    if getattr(cache, "rerank", 0) and cache.k_cand > cache.k_pages:
+        pieces["rerank_us"] = functools.partial(rerank, kq)
     out = {name: round(graph_time(fn, reps, dev) * 1e3, 1) for name, fn in pieces.items()}
     # the kernels against their plain-torch references on this very cache (compiled, at full size)
     from longkv.kernels import sparse_reference as ref
@@ -187,8 +196,7 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
     for m in methods:
         out[f"select_{m}_eq_ref"] = same(pieces[f"select_{m}_us"]())
     if "rerank_us" in pieces:
-        cand = ref.select_pages(scores, cache.k_cand, pos, page=P, row_pages=rows)
-        want_r = ref.rerank_scores(q, kc.view(-1, P, D), scores, *cand, row_pages=rows)
+        want_r = rerank(ref)
         out["rerank_err"] = float(f"{(pieces['rerank_us']() - want_r).abs().nan_to_num().max().item():.2e}")
     out["score_tilings_eq"] = all(torch.allclose(pieces[f"score_p{bp}w{w}_us"](), scores, rtol=1e-5, atol=1e-5)
                                   for bp, w in ((64, 4), (256, 8)))

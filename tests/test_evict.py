@@ -12,6 +12,7 @@ from longkv.engine.decode import decode_tokens
 from longkv.engine.prefill import prefill
 from longkv.engine.sampling import Sampling
 from longkv.errors import UserError
+from longkv.kernels import sparse_reference as ref
 from longkv.models.load import load_model
 
 CAP = 80
@@ -201,12 +202,23 @@ def graph_tokens(model, spec, x, new: int) -> list[int]:
     return toks
 
 
-def test_quest_rerank_is_deterministic_and_graph_safe(tiny):
-    """Quest with its exact second stage: same tokens eager and through the device-only step, twice."""
+@pytest.mark.parametrize("rbits", [0, 2])
+def test_quest_rerank_is_deterministic_and_graph_safe(tiny, rbits):
+    """Quest with its second stage (exact keys, or 2-bit page codes written through prefill and
+    decode): same tokens eager and through the device-only step, twice."""
     model, _ = tiny
-    spec, x = "quest:budget=16,dense_layers=1,rerank=2", ids(45)
+    spec, x = f"quest:budget=16,dense_layers=1,rerank=2,rbits={rbits}", ids(45)
     logits, eager, kv = run(model, spec, x, new=6)
     assert kv.stats()["candidate_pages"] == min(kv.max_pages, 2 * kv.k_pages) > kv.k_pages
+    assert kv.stats()["rerank_reads"] == ("2-bit page-relative key codes" if rbits else "exact keys")
+    full_pages = (45 + 6) // kv.P
+    for layer, codes in enumerate(kv.codes):   # every full page's codes are its keys' codes
+        if codes is None:
+            assert rbits == 0 or layer < 1
+            continue
+        k = kv.k[layer][:, :, :full_pages * kv.P]
+        want = ref.page_codes(k, kv.pmin[layer][:, :, :full_pages], kv.pmax[layer][:, :, :full_pages], rbits)
+        assert torch.equal(codes[:, :, :full_pages], want)
     assert torch.equal(run(model, spec, x, new=6)[0], logits)
     assert graph_tokens(model, spec, x, 6) == eager
 

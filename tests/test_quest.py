@@ -229,3 +229,74 @@ def test_rerank_scores_kernel_matches_reference(B, Hq, Hkv, D, npages, kc):
         lg = q[0, :Hq // Hkv, 0].float() @ pool[pid, :n_tok].float().T
         assert abs(float(got[0, 0, pid]) - float(lg.max())) < 1e-4
 
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_page_codes_round_trip_within_half_a_step(bits):
+    g = torch.Generator().manual_seed(bits)
+    k = torch.randn(2, 3, 5 * 16, 32, generator=g)
+    k[0, 0, :16, 3] = 0.7                                        # a channel constant over its page
+    mn, mx = ref.page_minmax(k, 16)
+    codes = ref.page_codes(k, mn, mx, bits)
+    assert codes.shape == (2, 3, 5, 16, 32 * bits // 8) and codes.dtype == torch.uint8
+    back = ref.page_keys(codes, mn, mx, bits)
+    step = ((mx - mn) / ((1 << bits) - 1)).unsqueeze(3)
+    err = (back - k.reshape(2, 3, 5, 16, 32)).abs()
+    assert (err <= step / 2 + 1e-5).all()
+    assert err.amax() > step.amax() / 8                         # really quantized (not the keys copied)
+    assert back[0, 0, 0, :, 3].eq(0.7).all()
+
+
+@pytest.mark.parametrize("pos", [16 * 3 - 1, 16 * 3 + 5, 15])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_append_token_writes_page_codes_when_the_page_fills(pos, bits):
+    g = torch.Generator().manual_seed(pos + bits)
+    B, Hkv, D, P, cap = 2, 3, 32, 16, 16 * 7
+    k, v = torch.randn(B, Hkv, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g)
+    ang = torch.randn(1, D // 2, generator=g).repeat(1, 2)
+    kc = torch.randn(B, Hkv, cap, D, generator=g)
+    bufs = [kc, torch.randn(B, Hkv, cap, D, generator=g), *ref.page_minmax(kc, P, valid=pos),
+            torch.randint(0, 255, (B, Hkv, cap // P, P, D * bits // 8), generator=g).to(torch.uint8)]
+    mine, theirs = [b.clone() for b in bufs], [b.clone() for b in bufs]
+    quest.append_token(k, v, ang.cos(), ang.sin(), torch.tensor([pos]), *mine[:4], page=P, codes=mine[4], bits=bits)
+    ref.append_token(k, v, ang.cos(), ang.sin(), torch.tensor([pos]), *theirs[:4], page=P, codes=theirs[4], bits=bits)
+    for a, b in zip(mine[:4], theirs[:4]):
+        assert torch.allclose(a, b, atol=1e-5)                  # pages past pos hold ±inf bounds
+    assert torch.equal(mine[4], theirs[4])
+    p = pos // P
+    if pos % P == P - 1:   # the full page's codes, from its final bounds
+        want = ref.page_codes(mine[0][:, :, p * P:(p + 1) * P], mine[2][:, :, p:p + 1], mine[3][:, :, p:p + 1], bits)
+        assert torch.equal(mine[4][:, :, p], want[:, :, 0])
+    assert torch.equal(mine[4][:, :, :p], bufs[4][:, :, :p]) and torch.equal(mine[4][:, :, p + 1:], bufs[4][:, :, p + 1:])
+    if pos % P != P - 1:
+        assert torch.equal(mine[4][:, :, p], bufs[4][:, :, p])
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,D,npages,kc,bits", [(1, 6, 2, 16, 11, 5, 2), (2, 9, 3, 32, 7, 7, 4),
+                                                       (1, 4, 1, 16, 1, 3, 2), (1, 8, 2, 64, 12, 9, 1)])
+def test_rerank_code_scores_kernel_matches_reference(B, Hq, Hkv, D, npages, kc, bits):
+    """The second stage from page-relative codes: kernel vs reference, and each score within the
+    codes' error bound of the exact largest logit."""
+    g = torch.Generator().manual_seed(npages + bits)
+    P, MP = 16, 12
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    keys = torch.randn(B, Hkv, MP * P, D, generator=g)
+    mn, mx = ref.page_minmax(keys, P)
+    codes = ref.page_codes(keys, mn, mx, bits).reshape(-1, P, D * bits // 8)
+    mn, mx = mn.reshape(-1, D), mx.reshape(-1, D)
+    bound = _scores(g, B, Hkv, MP, npages, 1000)
+    pos = torch.tensor([(npages - 1) * P + 5])
+    cand = ref.select_pages(bound, kc, pos, page=P, row_pages=MP)
+    got = quest.rerank_code_scores(q, codes, mn, mx, bound, *cand, row_pages=MP, bits=bits)
+    want = ref.rerank_code_scores(q, codes, mn, mx, bound, *cand, row_pages=MP, bits=bits)
+    assert torch.allclose(got, want, atol=1e-4)
+    exact = ref.rerank_scores(q, keys.reshape(-1, P, D), bound, *cand, row_pages=MP)
+    assert torch.equal(got == float("inf"), exact == float("inf"))
+    assert torch.equal(got == float("-inf"), exact == float("-inf"))
+    fin = torch.isfinite(exact)
+    # |q·k̂ − q·k| <= sum_d |q_d| (max_d − min_d) / (2 L) for every key of a page
+    slack = (q.abs().reshape(B, Hkv, -1, 1, D) * ((mx - mn) / (2 * ((1 << bits) - 1))).reshape(B, Hkv, 1, MP, D))
+    slack = slack.sum(-1).amax(2)
+    assert ((got - exact).abs()[fin] <= slack[fin] + 1e-4).all()
+    if bits == 1 and fin.any():
+        assert (got - exact).abs()[fin].max() > 1e-2            # the codes, not the keys, were read

@@ -34,10 +34,12 @@ if triton is not None:
     from .decode import _merge_kernel, online_step
 
     @triton.jit
-    def _append_kernel(K, V, Cos, Sin, Pos, KC, VC, Mn, Mx, skb, skh, svb, svh, scb, sch, sct, svcb, svch, svct,
-                       smb, smh, smp, PAGE, D: tl.constexpr, HKV: tl.constexpr):
+    def _append_kernel(K, V, Cos, Sin, Pos, KC, VC, Mn, Mx, Codes, skb, skh, svb, svh, scb, sch, sct, svcb, svch,
+                       svct, smb, smh, smp, sxb, sxh, sxp, PAGE: tl.constexpr, D: tl.constexpr, HKV: tl.constexpr,
+                       BITS: tl.constexpr):
         """One program per (b, kv head): RoPE the new key (fp32, rounded once), write key and value at
-        pos, and fold the key into its page's min/max (reset on the page's first slot)."""
+        pos, and fold the key into its page's min/max (reset on the page's first slot). BITS > 0: the
+        token that completes its page also writes the page's codes (`ref.page_codes`)."""
         bh = tl.program_id(0)
         b = bh // HKV
         h = bh % HKV
@@ -52,8 +54,29 @@ if triton is not None:
         m = b * smb + h * smh + (pos // PAGE) * smp + d
         first = pos % PAGE == 0
         kr = kr.to(Mn.dtype.element_ty)
-        tl.store(Mn + m, tl.where(first, kr, tl.minimum(tl.load(Mn + m), kr)))
-        tl.store(Mx + m, tl.where(first, kr, tl.maximum(tl.load(Mx + m), kr)))
+        lo = tl.where(first, kr, tl.minimum(tl.load(Mn + m), kr))
+        hi = tl.where(first, kr, tl.maximum(tl.load(Mx + m), kr))
+        tl.store(Mn + m, lo)
+        tl.store(Mx + m, hi)
+        if BITS > 0:
+            if pos % PAGE == PAGE - 1:       # the page is full: its codes from its final min/max
+                PER: tl.constexpr = 8 // BITS
+                L: tl.constexpr = (1 << BITS) - 1
+                t = tl.arange(0, PAGE)
+                rows = pos - (PAGE - 1) + t
+                kp = tl.load(KC + b * scb + h * sch + rows[:, None] * sct + d[None, :],
+                             mask=t[:, None] < PAGE - 1, other=0.0).to(tl.float32)
+                kp = tl.where(t[:, None] == PAGE - 1, kr.to(tl.float32)[None, :], kp)
+                lo = lo.to(tl.float32)
+                rng = hi.to(tl.float32) - lo
+                inv = tl.where(rng > 0, L / tl.where(rng > 0, rng, 1.0), 0.0)
+                c = tl.floor((kp - lo[None, :]) * inv[None, :] + 0.5)
+                c = tl.minimum(tl.maximum(c, 0.0), L * 1.0).to(tl.int32)
+                c = tl.reshape(c, (PAGE, D // PER, PER))
+                byte = tl.sum(c << (tl.arange(0, PER) * BITS)[None, None, :], axis=2)
+                col = tl.arange(0, D // PER)
+                tl.store(Codes + b * sxb + h * sxh + (pos // PAGE) * sxp + t[:, None] * (D // PER) + col[None, :],
+                         byte.to(tl.uint8))
 
     @triton.jit
     def _score_kernel(Q, Mn, Mx, Pos, S, sqb, sqh, smb, smh, smp, MP, PAGE, sink, recent,
@@ -241,6 +264,45 @@ if triton is not None:
                 tl.store(Out + bh * MP + local, tl.where(bound == float("inf"), bound, best))
 
     @triton.jit
+    def _rerank_code_kernel(Q, Codes, Mn, Mx, Bound, Table, Nsel, Last, Out, sqb, sqh, stab, MP, row_pages,
+                            G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr,
+                            HKV: tl.constexpr, PER: tl.constexpr, BITS: tl.constexpr):
+        """`_rerank_kernel` reading each candidate's `BITS`-bit page-relative codes instead of its
+        keys: PER pages (PER·P rows) a program, keys rebuilt as min + code·(max − min)/L in
+        registers, one dot with the query group. Pages the bound forced (+inf) are not read."""
+        bh = tl.program_id(0)
+        b = bh // HKV
+        h = bh % HKV
+        VPB: tl.constexpr = 8 // BITS
+        L: tl.constexpr = (1 << BITS) - 1
+        nsel = tl.load(Nsel + bh).to(tl.int32)
+        lastn = tl.load(Last + bh).to(tl.int32)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        r = tl.arange(0, PER * P)
+        j = tl.program_id(1) * PER + r // P                  # candidate entry of each row
+        t = r % P
+        page = tl.load(Table + bh * stab + j, mask=j < nsel, other=0).to(tl.int64)
+        local = page - bh * row_pages
+        bound = tl.load(Bound + bh * MP + local, mask=j < nsel, other=float("inf"))
+        use = (j < nsel) & (bound != float("inf"))
+        byte = tl.load(Codes + (page * P + t)[:, None] * (D // VPB) + (d // VPB)[None, :], mask=use[:, None],
+                       other=0).to(tl.int32)
+        code = ((byte >> ((d % VPB) * BITS)[None, :]) & L).to(tl.float32)
+        lo = tl.load(Mn + page[:, None] * D + d[None, :], mask=use[:, None], other=0.0).to(tl.float32)
+        hi = tl.load(Mx + page[:, None] * D + d[None, :], mask=use[:, None], other=0.0).to(tl.float32)
+        k = (lo + code * ((hi - lo) / L)).to(Q.dtype.element_ty)
+        q = tl.load(Q + b * sqb + (h * G + g[:, None]) * sqh + d[None, :], mask=g[:, None] < G, other=0.0)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32)                            # (BLOCK_G, PER·P)
+        ok = (g[:, None] < G) & ((j < nsel - 1) | (t < lastn))[None, :]
+        best = tl.max(tl.reshape(tl.max(tl.where(ok, s, float("-inf")), 0), (PER, P)), 1)
+        jj = tl.program_id(1) * PER + tl.arange(0, PER)
+        one = tl.arange(0, PER * P) % P == 0                # a row per page for its page id and bound
+        lp = tl.max(tl.reshape(tl.where(one, local, -1), (PER, P)), 1)
+        bp = tl.max(tl.reshape(tl.where(one, bound, float("-inf")), (PER, P)), 1)
+        tl.store(Out + bh * MP + lp, tl.where(bp == float("inf"), bp, best), mask=jj < nsel)
+
+    @triton.jit
     def _paged_kernel(Q, K, V, Table, Nsel, Last, Out, Lse, sqb, sqh, stab, scale, softcap,
                       G: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
                       BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -279,10 +341,10 @@ def _pos(pos, device) -> torch.Tensor:
     return torch.as_tensor(pos, device=device).reshape(-1)[-1:]
 
 
-def append_token(k, v, cos, sin, pos, kc, vc, pmin, pmax, *, page: int) -> None:
+def append_token(k, v, cos, sin, pos, kc, vc, pmin, pmax, *, page: int, codes=None, bits: int = 0) -> None:
     """See `sparse_reference.append_token` (one kernel)."""
     if not _use_triton(k):
-        return ref.append_token(k, v, cos, sin, pos, kc, vc, pmin, pmax, page=page)
+        return ref.append_token(k, v, cos, sin, pos, kc, vc, pmin, pmax, page=page, codes=codes, bits=bits)
     B, Hkv, _, D = k.shape
     assert D % 2 == 0 and D & (D - 1) == 0, "head dim must be a power of two"
     assert pmin.stride() == pmax.stride()
@@ -290,10 +352,15 @@ def append_token(k, v, cos, sin, pos, kc, vc, pmin, pmax, *, page: int) -> None:
     cos, sin = cos.reshape(-1, D)[-1], sin.reshape(-1, D)[-1]
     for t in (kc, vc, pmin):
         assert t.stride(-1) == 1
+    if codes is None:
+        bits, codes, cs = 0, pmin, (0, 0, 0)
+    else:
+        assert codes.shape[-2:] == (page, D * bits // 8) and codes[0, 0].is_contiguous()
+        cs = codes.stride()[:3]
     _append_kernel[(B * Hkv,)](
-        k, v, cos, sin, _pos(pos, k.device), kc, vc, pmin, pmax, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
-        pmin.stride(0), pmin.stride(1), pmin.stride(2), page, D=D, HKV=Hkv)
+        k, v, cos, sin, _pos(pos, k.device), kc, vc, pmin, pmax, codes, k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+        pmin.stride(0), pmin.stride(1), pmin.stride(2), *cs, PAGE=page, D=D, HKV=Hkv, BITS=bits)
 
 
 def page_scores(q, pmin, pmax, pos, *, page: int, sink: int, recent: int, block_p: int = 128,
@@ -374,6 +441,26 @@ def rerank_scores(q, k_pool, bound, table, nsel, last, *, row_pages: int) -> tor
         q, k_pool, bound, table, nsel, last, out, q.stride(0), q.stride(1), table.stride(0), MP, row_pages,
         G=Hq // Hkv, D=D, P=P, BLOCK_G=max(16, triton.next_power_of_2(Hq // Hkv)), HKV=Hkv,
         ROW_STRIDE=k_pool.stride(1), PER=PER)
+    return out
+
+
+def rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last, *, row_pages: int,
+                       bits: int) -> torch.Tensor:
+    """See `sparse_reference.rerank_code_scores` (one kernel; the -inf fill is one memset)."""
+    if not _use_triton(q):
+        return ref.rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last,
+                                      row_pages=row_pages, bits=bits)
+    B, Hq, _, D = q.shape
+    BH, MP = table.shape[0], bound.shape[2]
+    Hkv = BH // B
+    P = codes_pool.shape[1]
+    assert codes_pool.is_contiguous() and mn_pool.is_contiguous() and mx_pool.is_contiguous()
+    out = torch.full_like(bound, float("-inf"))
+    PER = max(1, 128 // P)
+    _rerank_code_kernel[(BH, triton.cdiv(table.shape[1], PER))](
+        q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last, out, q.stride(0), q.stride(1), table.stride(0),
+        MP, row_pages, G=Hq // Hkv, D=D, P=P, BLOCK_G=max(16, triton.next_power_of_2(Hq // Hkv)), HKV=Hkv,
+        PER=PER, BITS=bits)
     return out
 
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["append_token", "page_minmax", "page_scores", "paged_attention", "ragged_attention_lse", "select_pages"]
+__all__ = ["append_token", "page_codes", "page_keys", "page_minmax", "page_scores", "paged_attention",
+           "ragged_attention_lse", "rerank_scores", "select_pages"]
 
 
 def page_minmax(k: torch.Tensor, P: int, valid: int | None = None):
@@ -35,14 +36,43 @@ def page_minmax(k: torch.Tensor, P: int, valid: int | None = None):
     return x.amin(3), x.amax(3)
 
 
+def page_codes(k: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, bits: int) -> torch.Tensor:
+    """Page-relative key codes for Quest's second stage: k (B, H, n·P, D) with its pages' min/max
+    (B, H, n, D) → (B, H, n, P, D·bits/8) uint8. Each element becomes a `bits`-bit code of its
+    channel's [min, max] within its page (round to nearest; a channel constant over the page → 0),
+    8/bits codes a byte along channels, the first in the low bits. In fp32 from the stored dtype."""
+    B, H, S, D = k.shape
+    n = mn.shape[2]
+    L, per = (1 << bits) - 1, 8 // bits
+    x = k.float().reshape(B, H, n, S // n, D)
+    lo, rng = mn.float()[:, :, :, None], (mx.float() - mn.float())[:, :, :, None]
+    inv = torch.where(rng > 0, L / torch.where(rng > 0, rng, 1.0), 0.0)
+    c = torch.floor((x - lo) * inv + 0.5).clamp(0, L).to(torch.int32)
+    c = c.reshape(B, H, n, S // n, D // per, per) << (torch.arange(per, device=k.device) * bits)
+    return c.sum(-1).to(torch.uint8)
+
+
+def page_keys(codes: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, bits: int) -> torch.Tensor:
+    """`page_codes` back to keys: codes (..., P, D·bits/8) with min/max (..., D) → (..., P, D) fp32,
+    min + code · (max − min) / (2^bits − 1)."""
+    per = 8 // bits
+    sh = torch.arange(per, device=codes.device) * bits
+    c = (codes.to(torch.int32)[..., None] >> sh) & ((1 << bits) - 1)
+    c = c.flatten(-2).float()
+    lo = mn.float()[..., None, :]
+    return lo + c * ((mx.float() - mn.float())[..., None, :] / ((1 << bits) - 1))
+
+
 def _last(pos, device) -> torch.Tensor:
     return torch.as_tensor(pos, device=device).reshape(-1)[-1]
 
 
-def append_token(k, v, cos, sin, pos, kc, vc, pmin, pmax, *, page: int) -> None:
+def append_token(k, v, cos, sin, pos, kc, vc, pmin, pmax, *, page: int, codes=None, bits: int = 0) -> None:
     """One decode token, in place: k, v (B, Hkv, 1, D) (k before RoPE); cos, sin (1, D); the caches
     kc, vc (B, Hkv, cap, D) get RoPE(k), v at `pos`; pmin/pmax (B, Hkv, MP, D) of page pos // page
-    become the new key's (first slot of the page) or widen to include it. RoPE in fp32, rounded once."""
+    become the new key's (first slot of the page) or widen to include it. RoPE in fp32, rounded once.
+    With `codes` (B, Hkv, MP, P, D·bits/8): when the token completes its page, the page's codes
+    (`page_codes`) are written from its final min/max (a page's codes are valid once it is full)."""
     pos = _last(pos, k.device).reshape(1)
     x = k.float()
     x1, x2 = x.chunk(2, dim=-1)
@@ -54,6 +84,10 @@ def append_token(k, v, cos, sin, pos, kc, vc, pmin, pmax, *, page: int) -> None:
     kr = kr.to(pmin.dtype)
     pmin.index_copy_(2, pg, torch.where(first, kr, torch.minimum(pmin.index_select(2, pg), kr)))
     pmax.index_copy_(2, pg, torch.where(first, kr, torch.maximum(pmax.index_select(2, pg), kr)))
+    if codes is not None and int(pos) % page == page - 1:
+        p = int(pg)
+        codes[:, :, p] = page_codes(kc[:, :, p * page:(p + 1) * page], pmin[:, :, p:p + 1], pmax[:, :, p:p + 1],
+                                    bits)[:, :, 0]
 
 
 def page_scores(q, pmin, pmax, pos, *, page: int, sink: int, recent: int) -> torch.Tensor:
@@ -115,6 +149,14 @@ def rerank_scores(q, k_pool, bound, table, nsel, last, *, row_pages: int) -> tor
         out[r, local] = lg.amax(-1)
     b = bound.reshape(B * Hkv, MP)
     return torch.where(b == float("inf"), b, out).reshape(B, Hkv, MP)
+
+
+def rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last, *, row_pages: int,
+                       bits: int) -> torch.Tensor:
+    """`rerank_scores` with each candidate page's keys read back from its `bits`-bit page-relative
+    codes (`page_keys`): codes_pool (NP, P, D·bits/8), mn_pool/mx_pool (NP, D), the same pool page ids."""
+    return rerank_scores(q, page_keys(codes_pool, mn_pool, mx_pool, bits), bound, table, nsel, last,
+                         row_pages=row_pages)
 
 
 def paged_attention(q, k_pool, v_pool, table, nsel, last, *, scale: float, softcap: float | None = None):

@@ -8,9 +8,12 @@ page table into the unchanged buffer (no copy). A decode step is five kernel lau
 (`kernels/quest.py`: append, score, select, paged attention, merge). Prefill is dense, and the first
 `dense_layers` layers stay dense (Quest skips 2).
 
-`rerank=F` (ours, not in the paper): a second stage re-scores the bound's top F·k pages by their exact
-largest logit (reading those pages' keys) and reads the top k of them. On smollm2-135m at 8× the
-bound alone loses every needle; F = 4 finds 3/4 at 2K and 4/4 at 4K (benchmarks/quest_oracle.py).
+`rerank=F` (ours, not in the paper): a second stage re-scores the bound's top F·k pages by their
+largest logit and reads the top k of them. On smollm2-135m at 8× the bound alone loses every needle;
+F = 4 finds 3/4 at 2K and 4/4 at 4K (benchmarks/quest_oracle.py). The logits come from `rbits`-bit
+codes of each key relative to its page's min/max (the bounds Quest keeps anyway), written when a page
+fills: at 2 bits +1/16 of the KV memory and 1/8 of the candidate keys' bytes read, with the same
+selections as exact keys on every grid measured (BENCHMARKS.md); `rbits=0` reads the exact keys.
 
 `budget` = tokens read per decode step; `ratio` = fraction of the cache *not* read per step, sized on
 the cache's capacity (prompt + new tokens). Either way the number of pages is fixed when the cache is
@@ -24,7 +27,7 @@ import torch
 
 from ...errors import UserError
 from ...kernels import quest as kq
-from ...kernels.sparse_reference import page_minmax
+from ...kernels.sparse_reference import page_codes, page_minmax
 from ..evict.base import Budget
 from ..full import FullCache
 from ..registry import register
@@ -38,13 +41,15 @@ from ..registry import register
                   "recent": (int, 2, "last pages always read (the current page included)"),
                   "dense_layers": (int, 2, "first layers that always read everything"),
                   "rerank": (int, 0, "two stages: the bound keeps rerank x the pages as candidates, their "
-                                     "exact max logits pick the pages read (0 = Quest as published)")},
+                                     "max logits pick the pages read (0 = Quest as published)"),
+                  "rbits": (int, 2, "bits of the page-relative key codes the second stage reads "
+                                    "(1, 2, 4 or 8; 0 = the exact keys)")},
           composes=("full",))
 class QuestCache(FullCache):
     role = "select"
 
     def __init__(self, specs, *, batch, capacity, device, dtype, ratio=None, budget=None, page=16, recent=2,
-                 dense_layers=2, rerank=0, storage=None):
+                 dense_layers=2, rerank=0, rbits=2, storage=None):
         if page < 1 or page & (page - 1) or page < 16:
             raise UserError(f"quest: page={page} must be a power of two >= 16")
         P = page
@@ -56,20 +61,27 @@ class QuestCache(FullCache):
         self.k_pages = min(self.max_pages, max(1 + self.recent, math.ceil(self.budget.keep(capacity) / P)))
         if rerank < 0:
             raise UserError(f"quest: rerank={rerank} must be >= 0 (0 = off)")
+        if rbits not in (0, 1, 2, 4, 8):
+            raise UserError(f"quest: rbits={rbits} must be 1, 2, 4 or 8 (0 = exact keys)")
         self.rerank = rerank
         self.k_cand = min(self.max_pages, rerank * self.k_pages)
-        self.pmin, self.pmax = [], []
+        self.rbits = rbits if self.k_cand > self.k_pages else 0
+        self.pmin, self.pmax, self.codes = [], [], []
         for i, s in enumerate(specs):
             shape = (batch, s.num_kv_heads, self.max_pages, s.head_dim)
             sparse = i >= self.dense_layers
             self.pmin.append(torch.zeros(shape, device=device, dtype=dtype) if sparse else None)
             self.pmax.append(torch.zeros(shape, device=device, dtype=dtype) if sparse else None)
+            code_shape = (*shape[:3], P, s.head_dim * self.rbits // 8)
+            self.codes.append(torch.zeros(code_shape, device=device, dtype=torch.uint8)
+                              if sparse and self.rbits else None)
 
     def _sparse(self, layer: int) -> bool:
         return self.pmin[layer] is not None and self.k_pages < self.max_pages and self.specs[layer].window is None
 
     def nbytes(self) -> int:
-        return super().nbytes() + sum(t.numel() * t.element_size() for t in self.pmin + self.pmax if t is not None)
+        return super().nbytes() + sum(t.numel() * t.element_size() for t in self.pmin + self.pmax + self.codes
+                                      if t is not None)
 
     def append(self, layer, k, v, step):
         super().append(layer, k, v, step)
@@ -80,6 +92,8 @@ class QuestCache(FullCache):
         kk = self.k[layer][:, :, p0 * P:p1 * P]
         mn, mx = page_minmax(kk, P, valid=end - p0 * P)
         self.pmin[layer][:, :, p0:p1], self.pmax[layer][:, :, p0:p1] = mn, mx
+        if self.codes[layer] is not None:   # a partial last page's codes are rewritten when it fills
+            self.codes[layer][:, :, p0:p1] = page_codes(kk, mn, mx, self.rbits)
 
     def attend(self, layer, q, k, v, *, step):
         if step.start is not None and step.n == 1 and self._sparse(layer):
@@ -98,12 +112,17 @@ class QuestCache(FullCache):
         pos = step.pos.reshape(-1)[-1:]
         cos, sin = step.rope[s.rope_index]
         kc, vc, mn, mx = self.k[layer], self.v[layer], self.pmin[layer], self.pmax[layer]
-        kq.append_token(k, v, cos, sin, pos, kc, vc, mn, mx, page=P)
+        codes = self.codes[layer]
+        kq.append_token(k, v, cos, sin, pos, kc, vc, mn, mx, page=P, codes=codes, bits=self.rbits)
         scores = kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=self.recent)
         D, rows = s.head_dim, kc.shape[2] // P
         if self.rerank and self.k_cand > self.k_pages:   # the bound's top candidates, re-scored exactly
             cand = kq.select_pages(scores, self.k_cand, pos, page=P, row_pages=rows)
-            scores = kq.rerank_scores(q, kc.view(-1, P, D), scores, *cand, row_pages=rows)
+            if codes is not None:
+                scores = kq.rerank_code_scores(q, codes.view(-1, P, codes.shape[-1]), mn.view(-1, D), mx.view(-1, D),
+                                               scores, *cand, row_pages=rows, bits=self.rbits)
+            else:
+                scores = kq.rerank_scores(q, kc.view(-1, P, D), scores, *cand, row_pages=rows)
         table, nsel, last = kq.select_pages(scores, self.k_pages, pos, page=P, row_pages=rows)
         return kq.paged_attention(q, kc.view(-1, P, D), vc.view(-1, P, D), table, nsel, last, scale=s.scale,
                                   softcap=s.softcap)
@@ -112,6 +131,8 @@ class QuestCache(FullCache):
         st = super().stats()
         st.update(budget=str(self.budget), pages_read=self.k_pages, page=self.P,
                   candidate_pages=self.k_cand if self.rerank else None,
+                  rerank_reads=(f"{self.rbits}-bit page-relative key codes" if self.rbits else "exact keys")
+                  if self.k_cand > self.k_pages else None,
                   note="quest keeps every token (no memory saving); it reads at most "
                        f"{self.k_pages * self.P} tokens per decode step in layers >= {self.dense_layers}")
         if self.k_pages >= self.max_pages:
