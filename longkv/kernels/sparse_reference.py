@@ -39,8 +39,10 @@ def page_minmax(k: torch.Tensor, P: int, valid: int | None = None):
 def page_codes(k: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, bits: int) -> torch.Tensor:
     """Page-relative key codes for Quest's second stage: k (B, H, n·P, D) with its pages' min/max
     (B, H, n, D) → (B, H, n, P, D·bits/8) uint8. Each element becomes a `bits`-bit code of its
-    channel's [min, max] within its page (round to nearest; a channel constant over the page → 0),
-    8/bits codes a byte along channels, the first in the low bits. In fp32 from the stored dtype."""
+    channel's [min, max] within its page (round to nearest; a channel constant over the page → 0).
+    Planar packing: with NB = D·bits/8 bytes a key, byte b holds channels b, b + NB, b + 2·NB, ... from
+    the low bits up, so shifting a key's bytes gives a contiguous slice of channels. In fp32 from the
+    stored dtype."""
     B, H, S, D = k.shape
     n = mn.shape[2]
     L, per = (1 << bits) - 1, 8 // bits
@@ -48,16 +50,15 @@ def page_codes(k: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, bits: int) -
     lo, rng = mn.float()[:, :, :, None], (mx.float() - mn.float())[:, :, :, None]
     inv = torch.where(rng > 0, L / torch.where(rng > 0, rng, 1.0), 0.0)
     c = torch.floor((x - lo) * inv + 0.5).clamp(0, L).to(torch.int32)
-    c = c.reshape(B, H, n, S // n, D // per, per) << (torch.arange(per, device=k.device) * bits)
-    return c.sum(-1).to(torch.uint8)
+    c = c.reshape(B, H, n, S // n, per, D // per) << (torch.arange(per, device=k.device) * bits)[:, None]
+    return c.sum(-2).to(torch.uint8)
 
 
 def page_keys(codes: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, bits: int) -> torch.Tensor:
     """`page_codes` back to keys: codes (..., P, D·bits/8) with min/max (..., D) → (..., P, D) fp32,
     min + code · (max − min) / (2^bits − 1)."""
-    per = 8 // bits
-    sh = torch.arange(per, device=codes.device) * bits
-    c = (codes.to(torch.int32)[..., None] >> sh) & ((1 << bits) - 1)
+    sh = torch.arange(8 // bits, device=codes.device) * bits
+    c = (codes.to(torch.int32)[..., None, :] >> sh[:, None]) & ((1 << bits) - 1)
     c = c.flatten(-2).float()
     lo = mn.float()[..., None, :]
     return lo + c * ((mx.float() - mn.float())[..., None, :] / ((1 << bits) - 1))
