@@ -9,6 +9,7 @@
 #   quest128  issue 5: the same at 128K
 #   rerank512, rerank128  issue 5: Quest 1/8 with its second stage from 2-bit page codes (r4, r8) and
 #             from exact keys (r4 exact), next to full and plain Quest
+#   questq128, questq512  issue 5: kv4+quest 1/8 (Quest over packed storage) next to full, kv4, quest 1/8
 #   quant     issue 4: quant decode 32K-512K, full / kv4 / kv2
 #   qsweep    issue 4: packed-kernel sweep over warps and pipelining stages at 128K
 #   kivi      issue 4: the post-RoPE fast path (kivi4, kivi2) next to full and kv4, 32K-512K
@@ -55,6 +56,8 @@ step() {
     rerank512|rerank128) ctx=${1#rerank}
               bench "$1" 330 $PY sparse_decode.py --contexts "${ctx}k" --layers 32 \
                 --only "full,quest 1/8,quest 1/8 r4,quest 1/8 r4 exact,quest 1/8 r8" ;;
+    questq128|questq512) ctx=${1#questq}
+              bench "$1" 280 $PY sparse_decode.py --contexts "${ctx}k" --layers 32 --only "full,kv4,quest 1/8,kv4+quest 1/8" ;;
     quant) bench quant 240 $PY quant_decode.py --contexts 32k,128k,512k --caches full,kv4,kv2 --new-tokens 24 ;;
     qsweep) bench qsweep 90 $PY quant_sweep.py --context 128k --caches kv4,kv2 --dot 1 --block-n 64 --warps 4,8 \
               --stages 0,1,2,3,4 ;;

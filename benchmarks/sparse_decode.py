@@ -49,6 +49,7 @@ def methods(ctx: int) -> list[tuple[str, str]]:
             ("quest 1/8 r4", f"quest:budget={b8},rerank=4"),   # + re-scoring 4x the pages from 2-bit codes
             ("quest 1/8 r4 exact", f"quest:budget={b8},rerank=4,rbits=0"),   # ... from the exact keys
             ("quest 1/8 r8", f"quest:budget={b8},rerank=8"),   # every page from its 2-bit codes
+            ("kv4", "kv4"), ("kv4+quest 1/8", f"kv4+quest:budget={b8}"),   # Quest over packed storage
             ("snapkv 1/8", f"snapkv:budget={b8}"), ("snapkv 1/32", f"snapkv:budget={b32}"),
             ("streaming 1/8", f"streaming:budget={b8}"), ("adakv+snapkv 1/8", f"adakv+snapkv:budget={b8}"),
             ("tova 1/8", f"tova:budget={b8}")]

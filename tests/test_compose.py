@@ -36,7 +36,7 @@ def test_roles_build_the_right_cache():
 @pytest.mark.parametrize("bad,msg", [
     ("snapkv+tova", "both evict"), ("snapkv+quest", "cannot be combined"), ("adakv", "wraps a scorer"),
     ("adakv+tova", "cannot wrap tova"), ("full+quant", "both storage"), ("quant+adakv+snapkv", "full-precision"),
-    ("quant+quest", "cannot be combined with quant"), ("kv4+quest", "cannot be combined with kv4")])
+    ("quant+quest:rerank=2", "rerank")])
 def test_bad_combinations_are_clear(bad, msg):
     with pytest.raises(UserError, match=msg):
         build(bad)

@@ -1,7 +1,9 @@
 """Quantized storage under eviction (`quant+snapkv`, `kv4+streaming`, `quant+tova`): at 8 bits it
 matches the full-precision storage under the same eviction (keeps, ring overwrites, argmin overwrites
 and the packed decode kernel included), its bytes are every tensor it holds and fewer than full
-storage's, specs round-trip, the graph-safe step equals the eager one, runs are deterministic."""
+storage's, specs round-trip, the graph-safe step equals the eager one, runs are deterministic. And
+under Quest's selection (`quant+quest`): rows gathered one by one equal the whole-layer read, every
+page selected equals the storage's own decode, a small budget selects as full-precision Quest does."""
 import pytest
 import torch
 import transformers
@@ -139,7 +141,7 @@ def test_unfit_head_dim_says_decode_dequantizes():
 
 
 @pytest.mark.parametrize("bad,msg", [("quant:prerope=1+snapkv", "after RoPE"), ("quant:rotate=1+snapkv", "rotation"),
-                                     ("kv4+adakv+snapkv", "full-precision"), ("kv4+quest", "cannot be combined")])
+                                     ("kv4+adakv+snapkv", "full-precision"), ("kv4+quest:rerank=4", "rerank")])
 def test_unsupported_options_are_clear(bad, msg):
     from test_compose import _specs
     with pytest.raises(UserError, match=msg):
@@ -149,3 +151,53 @@ def test_unsupported_options_are_clear(bad, msg):
 def test_listing_names_quant_storages():
     assert {"quant", "kv4", "kv3", "kv2"} <= set(compose.STORAGES)
     assert any(c.startswith("[full|") and "quant" in c and c.endswith("tova") for c in compose.combinations())
+
+
+def test_read_rows_equals_the_whole_layer_read(tiny):
+    """Per-head rows (packed ones with outliers among them, sinks, the recent ring) dequantized one by one."""
+    _, _, kv = run(tiny, "quant:bits=4,group=16,sink=2,window=4,outliers=0.05+snapkv:ratio=0")
+    st, n = kv.store, kv.store.count[1]
+    assert st.nq(n) > 0 and st.n_out[1] > 0
+    k, v = st.read(1, n)
+    rows = torch.randint(0, n, (1, 2, 37), generator=torch.Generator().manual_seed(0))
+    rows[0, 0, :3] = torch.tensor([0, 1, n - 1])
+    kr, vr = st.read_rows(1, rows)
+    idx = rows[..., None].expand(-1, -1, -1, k.shape[-1])
+    assert torch.equal(kr, k.gather(2, idx)) and torch.equal(vr, v.gather(2, idx))
+
+
+QUEST = "quest:dense_layers=0,recent=1"
+
+
+def test_quant_quest_every_page_equals_the_storage_decode(tiny):
+    """A budget of 5 of the 6 pages while at most 5 hold tokens: the sparse path (score, select,
+    gather-dequantize, paged attention) reads every token, so it decodes what the storage's own
+    decode does (ratio=0: every page, degraded to the storage)."""
+    _, toks, kv = run(tiny, f"{Q8}+{QUEST},budget=80")
+    _, dense_toks, dense = run(tiny, f"{Q8}+{QUEST},ratio=0")
+    assert kv.k_pages == 5 < kv.max_pages and kv._sparse(0) and not dense._sparse(0)
+    assert kv.store.nq(kv.store.count[0]) > 0
+    assert toks == dense_toks
+
+
+def test_quant_quest_small_budget_selects_as_full_precision_quest(tiny):
+    logits, toks, kv = run(tiny, f"{Q8}+{QUEST},budget=32")
+    f_logits, f_toks, full = run(tiny, f"{QUEST},budget=32")
+    assert kv.k_pages == 2 and (60 + 12) // 16 + 1 > kv.k_pages            # really sparse
+    assert toks == f_toks and (logits - f_logits).abs().max() < 0.02 * f_logits.abs().max()
+    assert kv.nbytes() == tensor_bytes(kv) and kv.nbytes() < full.nbytes()
+    assert "quant+quest" in kv.stats()["note"]
+
+
+def test_quant_quest_graph_step_equals_eager(tiny):
+    spec = "kv4:group=16,sink=2,window=4+quest:budget=32,dense_layers=1,recent=1"
+    _, eager, _ = run(tiny, spec)
+    kv = build(tiny, spec)
+    logits = prefill(tiny, kv, ids(), chunk=16)
+    toks = [int(logits.argmax(-1))]
+    with torch.inference_mode():
+        for _ in range(11):
+            out = tiny(torch.tensor([[toks[-1]]]), tiny.make_step(torch.tensor([kv.length]), None), kv)[:, -1]
+            kv.advance(1)
+            toks.append(int(out.argmax(-1)))
+    assert toks == eager

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["append_token", "page_codes", "page_keys", "page_minmax", "page_scores", "paged_attention",
+__all__ = ["append_token", "fold_chunk_bounds", "fold_token_bounds", "page_codes", "page_keys", "page_minmax", "page_scores", "paged_attention",
            "ragged_attention_lse", "rerank_scores", "select_pages"]
 
 
@@ -80,15 +80,43 @@ def append_token(k, v, cos, sin, pos, kc, vc, pmin, pmax, *, page: int, codes=No
     kr = (x * cos.float() + torch.cat((-x2, x1), dim=-1) * sin.float()).to(kc.dtype)
     kc.index_copy_(2, pos, kr)
     vc.index_copy_(2, pos, v.to(vc.dtype))
+    fold_token_bounds(kr, pos, pmin, pmax, page=page)
+    pg = pos // page
+    if codes is not None and int(pos) % page == page - 1:
+        p = int(pg)
+        codes[:, :, p] = page_codes(kc[:, :, p * page:(p + 1) * page], pmin[:, :, p:p + 1], pmax[:, :, p:p + 1],
+                                    bits)[:, :, 0]
+
+
+def fold_token_bounds(kr, pos, pmin, pmax, *, page: int) -> None:
+    """The page min/max part of `append_token`, graph-safe: kr (B, Hkv, 1, D) after RoPE at `pos`
+    (device tensor (1,)) → page pos // page becomes kr (its first slot) or widens to include it."""
+    pos = _last(pos, kr.device).reshape(1)
     pg = pos // page
     first = (pos % page == 0).reshape(1, 1, 1, 1)
     kr = kr.to(pmin.dtype)
     pmin.index_copy_(2, pg, torch.where(first, kr, torch.minimum(pmin.index_select(2, pg), kr)))
     pmax.index_copy_(2, pg, torch.where(first, kr, torch.maximum(pmax.index_select(2, pg), kr)))
-    if codes is not None and int(pos) % page == page - 1:
-        p = int(pg)
-        codes[:, :, p] = page_codes(kc[:, :, p * page:(p + 1) * page], pmin[:, :, p:p + 1], pmax[:, :, p:p + 1],
-                                    bits)[:, :, 0]
+
+
+def fold_chunk_bounds(kr, start: int, pmin, pmax, *, page: int) -> None:
+    """kr (B, Hkv, T, D) after RoPE at positions [start, start + T) folded into the min/max of the
+    pages they touch (a page partly filled before keeps its earlier tokens)."""
+    B, H, T, D = kr.shape
+    end = start + T
+    p0, p1 = start // page, -(-end // page)
+    off = start - p0 * page
+    pad = torch.nn.functional.pad(kr.float(), (0, 0, off, (p1 - p0) * page - off - T))
+    ok = torch.zeros((p1 - p0) * page, dtype=torch.bool, device=kr.device)
+    ok[off:off + T] = True
+    x = pad.reshape(B, H, p1 - p0, page, D)
+    ok = ok.reshape(1, 1, p1 - p0, page, 1)
+    mn = x.masked_fill(~ok, float("inf")).amin(3)
+    mx = x.masked_fill(~ok, float("-inf")).amax(3)
+    if off:
+        mn[:, :, 0] = torch.minimum(mn[:, :, 0], pmin[:, :, p0].float())
+        mx[:, :, 0] = torch.maximum(mx[:, :, 0], pmax[:, :, p0].float())
+    pmin[:, :, p0:p1], pmax[:, :, p0:p1] = mn.to(pmin.dtype), mx.to(pmax.dtype)
 
 
 def page_scores(q, pmin, pmax, pos, *, page: int, sink: int, recent: int) -> torch.Tensor:

@@ -18,6 +18,8 @@ selections as exact keys on every grid measured (BENCHMARKS.md); `rbits=0` reads
 `budget` = tokens read per decode step; `ratio` = fraction of the cache *not* read per step, sized on
 the cache's capacity (prompt + new tokens). Either way the number of pages is fixed when the cache is
 built, so a step is one CUDA graph.
+
+Over packed storage (`quant:bits=4+quest:budget=2048`, `kv4+quest`): `select/quest_storage.py`.
 """
 from __future__ import annotations
 
@@ -44,21 +46,35 @@ from ..registry import register
                                      "max logits pick the pages read (0 = Quest as published)"),
                   "rbits": (int, 2, "bits of the page-relative key codes the second stage reads "
                                     "(1, 2, 4 or 8; 0 = the exact keys)")},
-          composes=("full",))
+          composes=("full", "quant"))
 class QuestCache(FullCache):
     role = "select"
 
+    def __new__(cls, *args, storage=None, **kw):
+        if cls is QuestCache and storage is not None and storage[0] != "full":   # quant+quest
+            from .quest_storage import QuestStorageCache
+            return super().__new__(QuestStorageCache)
+        return super().__new__(cls)
+
     def __init__(self, specs, *, batch, capacity, device, dtype, ratio=None, budget=None, page=16, recent=2,
                  dense_layers=2, rerank=0, rbits=2, storage=None):
-        if page < 1 or page & (page - 1) or page < 16:
-            raise UserError(f"quest: page={page} must be a power of two >= 16")
-        P = page
+        P = self._check_page(page)
         super().__init__(specs, batch=batch, capacity=P * math.ceil(capacity / P), device=device, dtype=dtype)
         self.capacity = capacity
+        self._pages(specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, rerank, rbits)
+
+    @staticmethod
+    def _check_page(page: int) -> int:
+        if page < 1 or page & (page - 1) or page < 16:
+            raise UserError(f"quest: page={page} must be a power of two >= 16")
+        return page
+
+    def _pages(self, specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, rerank, rbits):
+        """The page machinery shared with `QuestStorageCache`: budget → pages read, bounds, codes."""
         self.P, self.recent, self.dense_layers = P, max(1, recent), max(0, dense_layers)
         self.budget = Budget.parse(ratio, budget, "quest")
-        self.max_pages = math.ceil(capacity / P)
-        self.k_pages = min(self.max_pages, max(1 + self.recent, math.ceil(self.budget.keep(capacity) / P)))
+        self.max_pages = math.ceil(self.capacity / P)
+        self.k_pages = min(self.max_pages, max(1 + self.recent, math.ceil(self.budget.keep(self.capacity) / P)))
         if rerank < 0:
             raise UserError(f"quest: rerank={rerank} must be >= 0 (0 = off)")
         if rbits not in (0, 1, 2, 4, 8):
