@@ -43,7 +43,8 @@ from ..registry import register
                   "recent": (int, 2, "last pages always read (the current page included)"),
                   "dense_layers": (int, 2, "first layers that always read everything"),
                   "rerank": (int, 0, "two stages: the bound keeps rerank x the pages as candidates, their "
-                                     "max logits pick the pages read (0 = Quest as published)"),
+                                     "max logits pick the pages read (0 = Quest as published; rerank x budget "
+                                     ">= the cache scores every page: at ratio=0.875, rerank=8)"),
                   "rbits": (int, 2, "bits of the page-relative key codes the second stage reads "
                                     "(1, 2, 4 or 8; 0 = the exact keys)")},
           composes=("full", "quant"))
