@@ -28,7 +28,6 @@ def main():
     ap.add_argument("--bits", default="2", help="code widths to time (comma list)")
     ap.add_argument("--per", default="4", help="candidate pages a program (comma list)")
     ap.add_argument("--warps", default="4", help="warps a program (comma list)")
-    ap.add_argument("--words", default="1", help="code reads: 1 = 32-bit words, two keys an op; 0 = bytes (comma list)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args()
@@ -65,13 +64,11 @@ def main():
         mnp, mxp = mn.reshape(-1, D), mx.reshape(-1, D)
         nbytes = Hkv * n_cand * (P * D * bits // 8 + 2 * D * 2)
         want = ref.rerank_code_scores(q, codes, mnp, mxp, bound, *cand, row_pages=MP, bits=bits)
-        for words in map(int, a.words.split(",")):
-            for per in map(int, a.per.split(",")):
-                for w in map(int, a.warps.split(",")):
-                    kq.RERANK_PER, kq.RERANK_WARPS, kq.RERANK_WORDS = per, w, bool(words)
-                    row(f"codes{bits}", lambda: kq.rerank_code_scores(q, codes, mnp, mxp, bound, *cand, row_pages=MP,
-                                                                      bits=bits), want, nbytes, words=words, per=per,
-                        warps=w)
+        for per in map(int, a.per.split(",")):
+            for w in map(int, a.warps.split(",")):
+                kq.RERANK_PER, kq.RERANK_WARPS = per, w
+                row(f"codes{bits}", lambda: kq.rerank_code_scores(q, codes, mnp, mxp, bound, *cand, row_pages=MP,
+                                                                  bits=bits), want, nbytes, per=per, warps=w)
     print_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
     emit_json({"bench": "quest_rerank", "device": "CPU (smoke)" if a.smoke else torch.cuda.get_device_name(),
                "context": ctx, "candidates_per_row": n_cand, "rows": rows})

@@ -27,7 +27,6 @@ import torch
 
 from . import sparse_reference as ref
 from .decode import _use_triton, triton
-from .quant import _pair_mode
 
 if triton is not None:
     import triton.language as tl
@@ -265,44 +264,14 @@ if triton is not None:
                 tl.store(Out + bh * MP + local, tl.where(bound == float("inf"), bound, best))
 
     @triton.jit
-    def _rows_of(x, P: tl.constexpr):
-        """x (N,) repeated over P rows → (P, N)."""
-        return tl.broadcast_to(x[None, :], (P, x.shape[0]))
-
-    @triton.jit
-    def _code_pairs(w, st, lo, SH: tl.constexpr, MASK: tl.constexpr, PAIR: tl.constexpr):
-        """Keys min + code·step of the two codes at bits SH and SH + 16 of each word of w (P, NW), with
-        their channels' steps and mins st, lo (2 each, broadcast to w's shape) → two (P, NW) tiles.
-        PAIR 1 / 2 (GPU bf16 / fp16): the magic-number conversion of `packed.pair_codes` (OR into
-        128.0 / 1024.0, one packed subtract) and one packed fma; PAIR 0: the same in fp32."""
-        x = (w >> SH) & MASK
-        if PAIR == 1:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 t, c, s, z; mov.b32 c, 0x43004300; or.b32 t, $2, c; sub.rn.bf16x2 t, t, c; "
-                "mov.b32 s, {$3, $4}; mov.b32 z, {$5, $6}; fma.rn.bf16x2 t, t, s, z; mov.b32 {$0, $1}, t; }",
-                "=h,=h,r,h,h,h,h", [x, st[0].to(tl.bfloat16), st[1].to(tl.bfloat16), lo[0].to(tl.bfloat16),
-                                    lo[1].to(tl.bfloat16)], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
-        elif PAIR == 2:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 t, c, s, z; mov.b32 c, 0x64006400; or.b32 t, $2, c; sub.rn.f16x2 t, t, c; "
-                "mov.b32 s, {$3, $4}; mov.b32 z, {$5, $6}; fma.rn.f16x2 t, t, s, z; mov.b32 {$0, $1}, t; }",
-                "=h,=h,r,h,h,h,h", [x, st[0].to(tl.float16), st[1].to(tl.float16), lo[0].to(tl.float16),
-                                    lo[1].to(tl.float16)], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-        else:
-            return ((x & 0xFFFF).to(tl.float32) * st[0] + lo[0], (x >> 16).to(tl.float32) * st[1] + lo[1])
-
-    @triton.jit
     def _rerank_code_kernel(Q, Codes, Mn, Mx, Bound, Table, Nsel, Last, Out, sqb, sqh, stab, MP, row_pages,
                             G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr,
-                            HKV: tl.constexpr, PER: tl.constexpr, BITS: tl.constexpr, WORDS: tl.constexpr,
-                            PAIR: tl.constexpr):
+                            HKV: tl.constexpr, PER: tl.constexpr, BITS: tl.constexpr):
         """`_rerank_kernel` reading each candidate's `BITS`-bit page-relative codes instead of its
-        keys, PER pages a program. The codes are planar (`ref.page_codes`): shifting a page's
-        bytes by i·BITS gives channels [i·NB, (i+1)·NB), rebuilt as min + code·(max − min)/L and
+        keys, PER pages a program. The codes are planar (`ref.page_codes`): shifting a page's (P, NB)
+        byte tile by i·BITS gives channels [i·NB, (i+1)·NB), rebuilt as min + code·(max − min)/L and
         dotted with that slice of the query group; the logits are the sum over the 8/BITS slices.
-        WORDS (NB a multiple of 4, BITS <= 4): the bytes are read as 32-bit words (P, NB/4) and each
-        op rebuilds two keys (`_code_pairs`: bytes 0 and 2 of a word, then 1 and 3, joined back into
-        channel order); else byte by byte. Forced pages (+inf: sink, recent) stay +inf."""
+        Each byte is loaded once; nothing is reshaped. Forced pages (+inf: sink, recent) stay +inf."""
         bh = tl.program_id(0)
         b = bh // HKV
         h = bh % HKV
@@ -320,38 +289,14 @@ if triton is not None:
             if j < nsel:
                 page = tl.load(Table + bh * stab + j).to(tl.int64)
                 local = page - bh * row_pages
+                byte = tl.load(Codes + (page * P + t[:, None]) * NB + nb[None, :]).to(tl.int32)   # (P, NB)
                 s = tl.zeros([BLOCK_G, P], tl.float32)
-                if WORDS:
-                    NW: tl.constexpr = NB // 4
-                    nw = tl.arange(0, NW)
-                    w = tl.load(Codes.to(tl.pointer_type(tl.int32)) + (page * P + t[:, None]) * NW + nw[None, :])
-                    for c in tl.static_range(VPB):
-                        m = Mn + page * D + c * NB + 4 * nw
-                        x = Mx + page * D + c * NB + 4 * nw
-                        lo0 = tl.load(m).to(tl.float32)
-                        lo1 = tl.load(m + 1).to(tl.float32)
-                        lo2 = tl.load(m + 2).to(tl.float32)
-                        lo3 = tl.load(m + 3).to(tl.float32)
-                        st0 = (tl.load(x).to(tl.float32) - lo0) / L
-                        st1 = (tl.load(x + 1).to(tl.float32) - lo1) / L
-                        st2 = (tl.load(x + 2).to(tl.float32) - lo2) / L
-                        st3 = (tl.load(x + 3).to(tl.float32) - lo3) / L
-                        a0, a2 = _code_pairs(w, (_rows_of(st0, P), _rows_of(st2, P)), (_rows_of(lo0, P), _rows_of(lo2, P)),
-                                             c * BITS, L * 65537, PAIR)
-                        a1, a3 = _code_pairs(w, (_rows_of(st1, P), _rows_of(st3, P)), (_rows_of(lo1, P), _rows_of(lo3, P)),
-                                             c * BITS + 8, L * 65537, PAIR)
-                        k = tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), (P, NB)).to(Q.dtype.element_ty)
-                        q = tl.load(qrow + c * NB, mask=g[:, None] < G, other=0.0)
-                        s = tl.dot(q, tl.trans(k), s)
-                else:
-                    byte = tl.load(Codes + (page * P + t[:, None]) * NB + nb[None, :]).to(tl.int32)   # (P, NB)
-                    for c in tl.static_range(VPB):
-                        lo = tl.load(Mn + page * D + c * NB + nb).to(tl.float32)
-                        st = (tl.load(Mx + page * D + c * NB + nb).to(tl.float32) - lo) / L
-                        code = ((byte >> (c * BITS)) & L).to(tl.float32)
-                        k = (lo[None, :] + code * st[None, :]).to(Q.dtype.element_ty)
-                        q = tl.load(qrow + c * NB, mask=g[:, None] < G, other=0.0)
-                        s = tl.dot(q, tl.trans(k), s)
+                for c in tl.static_range(VPB):
+                    lo = tl.load(Mn + page * D + c * NB + nb).to(tl.float32)
+                    st = (tl.load(Mx + page * D + c * NB + nb).to(tl.float32) - lo) / L
+                    k = (lo[None, :] + ((byte >> (c * BITS)) & L).to(tl.float32) * st[None, :]).to(Q.dtype.element_ty)
+                    q = tl.load(qrow + c * NB, mask=g[:, None] < G, other=0.0)
+                    s = tl.dot(q, tl.trans(k), s)
                 ok = (g[:, None] < G) & ((j < nsel - 1) | (t[None, :] < lastn))
                 best = tl.max(tl.max(tl.where(ok, s, float("-inf")), 1), 0)
                 bound = tl.load(Bound + bh * MP + local)
@@ -499,7 +444,6 @@ def rerank_scores(q, k_pool, bound, table, nsel, last, *, row_pages: int) -> tor
     return out
 
 
-RERANK_WORDS = True                # 32-bit words, two keys an op (False: byte by byte; quest_rerank.py --bytes)
 RERANK_PER, RERANK_WARPS = 4, 1   # H200, 512K, 16K candidates a row: 1 warp 206 µs, 2 warps 300, 4 warps 543
 
 
@@ -519,8 +463,7 @@ def rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last
     _rerank_code_kernel[(BH, triton.cdiv(table.shape[1], PER))](
         q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last, out, q.stride(0), q.stride(1), table.stride(0),
         MP, row_pages, G=Hq // Hkv, D=D, P=P, BLOCK_G=max(16, triton.next_power_of_2(Hq // Hkv)), HKV=Hkv,
-        PER=PER, BITS=bits, WORDS=RERANK_WORDS and bits <= 4 and (D * bits // 8) % 4 == 0,
-        PAIR=_pair_mode(q), num_warps=RERANK_WARPS)
+        PER=PER, BITS=bits, num_warps=RERANK_WARPS)
     return out
 
 
