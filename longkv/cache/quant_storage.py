@@ -119,6 +119,7 @@ class QuantStorage:
         for s in specs:
             _check(s.head_dim, p | {"prerope": False, "rotate": False, "keys": "channel"})
         self.specs, self.batch, self.device, self.dtype = specs, batch, torch.device(device), dtype
+        self.append_only = False   # a policy that never writes below the end (quest) sets it: cheaper writes
         self.bits, self.g, self.S, self.W = p["bits"], p["group"], p["sink"], p["window"]
         self.vgroup = p["vgroup"]
         self.n_out = [math.ceil(p["outliers"] * s.head_dim) if p["outliers"] > 0 else 0 for s in specs]
@@ -254,6 +255,21 @@ class QuantStorage:
         vf[b, :, rs] = torch.where(in_fp, v[:, :, 0].to(self.dtype), vf[b, :, rs])
         self.pos[layer][b, :, s] = pos.reshape(-1)[-1:].to(torch.int32).expand(B, 1)
         # 2. a slot inside a quantized group that is not mirrored: dequantize, replace, re-quantize
+        #    (never for a policy that only appends, such as quest: `append_only`)
+        if not self.append_only:
+            self._overwrite_packed(layer, kr, v, s, nqk)
+        # 3. the last completed group while it is still mirrored: re-derived from the mirror (idempotent)
+        last = torch.clamp(nq1 // g - 1, min=0)
+        js = S + last * g + torch.arange(g, device=self.device)
+        rs = self._ring_slot(layer, js)
+        self._requant(layer, kf[:, :, rs].float(), vf[:, :, rs].float(), (js - S)[None].expand(B, -1),
+                      (nq1 > nqk).expand(B))
+        self.cnt[layer].copy_(c1)
+
+    def _overwrite_packed(self, layer, kr, v, s, nqk):
+        """Step 2 of `_write_one`: slots s (B,) inside packed groups no longer mirrored get their group
+        dequantized, the row replaced and re-quantized (masked per batch row: static shapes)."""
+        g, S = self.g, self.S
         older = (s >= S) & (s < S + nqk)
         gs = torch.where(older, (s - S) // g, 0)
         rows = gs[:, None] * g + torch.arange(g, device=self.device)         # (B, g)
@@ -263,13 +279,6 @@ class QuantStorage:
                                    vgroup=self._vg(layer), d=D)
         hit = (rows == (s - S)[:, None])[:, None, :, None]                   # (B, 1, g, 1)
         self._requant(layer, torch.where(hit, kr.float(), kd), torch.where(hit, v.float(), vd), rows, older)
-        # 3. the last completed group while it is still mirrored: re-derived from the mirror (idempotent)
-        last = torch.clamp(nq1 // g - 1, min=0)
-        js = S + last * g + torch.arange(g, device=self.device)
-        rs = self._ring_slot(layer, js)
-        self._requant(layer, kf[:, :, rs].float(), vf[:, :, rs].float(), (js - S)[None].expand(B, -1),
-                      (nq1 > nqk).expand(B))
-        self.cnt[layer].copy_(c1)
 
     def _requant(self, layer, k, v, rows, where=None):
         """k, v (B, H, r, D) fp32 of whole groups → packed into quantized rows (B, r); only the batch
