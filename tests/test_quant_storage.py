@@ -201,3 +201,31 @@ def test_quant_quest_graph_step_equals_eager(tiny):
             kv.advance(1)
             toks.append(int(out.argmax(-1)))
     assert toks == eager
+
+
+@pytest.mark.parametrize("params", [dict(bits=8, group=16, sink=2, window=4),
+                                    dict(bits=4, group=16, sink=3, window=8, outliers=0.1)])
+def test_append_only_writes_equal_the_general_writes(params):
+    """Quest's storage writes a decode token with the append + flush kernel (`append_only`); the
+    slots it holds must read back as the general (any-slot) write leaves them, through group flushes."""
+    from longkv.cache.base import LayerSpec
+    from longkv.models.rope import Rope, RopeParams
+
+    specs = [LayerSpec(num_heads=4, num_kv_heads=2, head_dim=32, scale=0.2, rope=Rope(RopeParams(), 32), rope_index=0)]
+    g = torch.Generator().manual_seed(0)
+    a, b = (compose.make_storage(("quant", dict(params)), specs, batch=1, device="cpu", dtype=torch.float32)
+            for _ in range(2))
+    b.append_only = True
+    for st in (a, b):
+        st.reserve(0, 96, 0)
+    cos, sin = torch.ones(1, 32), torch.zeros(1, 32)
+    k, v = torch.randn(1, 2, 37, 32, generator=g), torch.randn(1, 2, 37, 32, generator=g)
+    for st in (a, b):
+        st.write(0, k, v, pos=torch.arange(37), cos=cos.expand(37, -1), sin=sin.expand(37, -1), slot=0)
+    for t in range(37, 80):   # 43 decode tokens: two more groups complete
+        kk, vv = torch.randn(1, 2, 1, 32, generator=g), torch.randn(1, 2, 1, 32, generator=g)
+        for st in (a, b):
+            st.write(0, kk, vv, pos=torch.tensor([t]), cos=cos, sin=sin, slot=torch.tensor([t]))
+        for x, y in zip(a.read(0, t + 1), b.read(0, t + 1)):
+            assert (x - y).abs().max() < 1e-3, t
+    assert b.nq(80) - b.nq(37) >= 32            # groups were flushed by the decode writes themselves

@@ -119,7 +119,8 @@ class QuantStorage:
         for s in specs:
             _check(s.head_dim, p | {"prerope": False, "rotate": False, "keys": "channel"})
         self.specs, self.batch, self.device, self.dtype = specs, batch, torch.device(device), dtype
-        self.append_only = False   # a policy that never writes below the end (quest) sets it: cheaper writes
+        self.append_only = False   # set before reserve() by a policy whose decode writes only at the end
+                                   # (quest): the write is then cache/quant.py's append + flush kernel
         self.bits, self.g, self.S, self.W = p["bits"], p["group"], p["sink"], p["window"]
         self.vgroup = p["vgroup"]
         self.n_out = [math.ceil(p["outliers"] * s.head_dim) if p["outliers"] > 0 else 0 for s in specs]
@@ -160,8 +161,10 @@ class QuantStorage:
         return self.nq(n - 1)
 
     def _mirror(self, layer, n: int) -> list[int]:
-        """Slots with a valid full-precision copy when n are held: sinks and [sink + n_q(n - 1), n)."""
-        return list(range(min(self.S, n))) + list(range(self.S + self.nq_read(n), n)) if n else []
+        """Slots with a valid full-precision copy when n are held: sinks and [sink + n_q(n - 1), n);
+        append-only, from the last completed group on (the append kernel re-derives it each step)."""
+        lo = max(0, self.nq(n) - self.g) if self.append_only else self.nq_read(n)
+        return list(range(min(self.S, n))) + list(range(self.S + lo, n)) if n else []
 
     def slots(self, layer: int) -> int:
         return 0 if self.pos[layer] is None else self.pos[layer].shape[2]
@@ -175,7 +178,9 @@ class QuantStorage:
             return
         s, B = self.specs[layer], self.batch
         H, D = s.num_kv_heads, s.head_dim
-        R = max(1, min(self.W + self.g, slots - self.S))
+        # append-only: the append kernel re-derives the last completed group every step until the next
+        # one completes, so its members must stay in the ring one group longer (as cache/quant.py)
+        R = max(1, min(self.W + (2 if self.append_only else 1) * self.g, slots - self.S))
         cap = max(self.g, self.nq(slots))        # at least one group: the kernel needs real buffers
         kf = torch.zeros(B, H, self.S + R, D, device=self.device, dtype=self.dtype)
         vf = torch.zeros_like(kf)
@@ -246,6 +251,14 @@ class QuantStorage:
         b = torch.arange(B, device=self.device)
         s = slot.reshape(-1).expand(B).long()
         c1 = torch.maximum(self.cnt[layer], s.max().reshape(1) + 1)          # (1,) slots held after
+        if self.append_only:   # slot == count: cache/quant.py's write + flush kernel, one launch
+            from ..kernels.quant_append import append_flush
+
+            append_flush(kr.to(self.dtype), v.to(self.dtype), c1, self.kf[layer], self.vf[layer], self.kq[layer],
+                         self.vq[layer], bits=self.bits, group=g, vgroup=self._vg(layer), sink=S, window=self.W)
+            self.pos[layer][b, :, s] = pos.reshape(-1)[-1:].to(torch.int32).expand(B, 1)
+            self.cnt[layer].copy_(c1)
+            return
         nq1, nqk = self.nq(c1), self.nq_read(c1)
         # 1. the full-precision mirror
         rs = self._ring_slot(layer, s)
@@ -255,9 +268,7 @@ class QuantStorage:
         vf[b, :, rs] = torch.where(in_fp, v[:, :, 0].to(self.dtype), vf[b, :, rs])
         self.pos[layer][b, :, s] = pos.reshape(-1)[-1:].to(torch.int32).expand(B, 1)
         # 2. a slot inside a quantized group that is not mirrored: dequantize, replace, re-quantize
-        #    (never for a policy that only appends, such as quest: `append_only`)
-        if not self.append_only:
-            self._overwrite_packed(layer, kr, v, s, nqk)
+        self._overwrite_packed(layer, kr, v, s, nqk)
         # 3. the last completed group while it is still mirrored: re-derived from the mirror (idempotent)
         last = torch.clamp(nq1 // g - 1, min=0)
         js = S + last * g + torch.arange(g, device=self.device)

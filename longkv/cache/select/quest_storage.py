@@ -44,7 +44,7 @@ class QuestStorageCache(QuestCache):
         self._pages(specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, 0, 0)
         self.store = make_storage(storage, specs, batch=batch, device=device, dtype=dtype)
         self.storage_name = storage[0]
-        self.store.append_only = True     # positions only grow: no write lands in an older packed group
+        self.store.append_only = True     # positions only grow: the write is one append + flush kernel
         for i in range(len(specs)):
             self.store.reserve(i, P * self.max_pages, 0)
 
