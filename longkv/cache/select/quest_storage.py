@@ -5,13 +5,15 @@ slot groups, values per token, sink and recent window in full precision; Quest e
 slot is a position). Quest's page bounds (min/max per 16-token page) are taken from the full-precision
 keys as they arrive, before they are quantized, so the selection sees what plain `quest` sees.
 
-A decode step of a sparse layer: the storage writes the token (graph-safe), the bounds fold it in,
+A decode step of a sparse layer: the storage writes the token (positions only grow, so it is
+`cache/quant.py`'s append + flush kernel: `QuantStorage.append_only`), the bounds fold it in,
 `kernels/quest.py` scores every page and selects the top pages into a page table, then only the
 selected pages' rows are gathered from the packed planes and dequantized (`QuantStorage.read_rows`:
 codes, statistics and outliers of those rows only) into a budget-sized scratch, which the paged
 flash-decoding kernel attends to. So the step reads the bounds and the selected pages' packed bytes,
-not the whole layer; the gather and dequantization are plain torch (about twenty small kernels a layer,
-inside the CUDA graph), not yet one fused kernel: smaller and sparse, with speed not measured yet.
+not the whole layer; the gather and dequantization are plain torch (a few dozen small kernels a
+layer, inside the CUDA graph), not yet one fused kernel: smaller and sparse, slower than full
+(BENCHMARKS.md).
 Dense layers (the first `dense_layers`) decode with the storage's packed kernel; sliding-window layers
 read their window's rows the same way.
 
