@@ -229,3 +229,29 @@ def test_append_only_writes_equal_the_general_writes(params):
         for x, y in zip(a.read(0, t + 1), b.read(0, t + 1)):
             assert (x - y).abs().max() < 1e-3, t
     assert b.nq(80) - b.nq(37) >= 32            # groups were flushed by the decode writes themselves
+
+
+def test_quant_quest_sliding_window_layers_read_their_window(tmp_path):
+    """Windowed layers (Mistral-style, window 24 < 60 tokens) decode from their window's packed rows:
+    the same tokens as full-precision quest, eager and through the device-only step."""
+    cfg = transformers.MistralConfig(vocab_size=97, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=24)
+    torch.manual_seed(2)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    spec = f"{Q8}+quest:budget=32"
+    kv = build(model, spec)
+    logits = prefill(model, kv, ids(), chunk=16, logits="all")
+    toks = greedy(model, kv, logits, 10)
+    ref_kv = build(model, "quest:budget=32")
+    ref_logits = prefill(model, ref_kv, ids(), chunk=16, logits="all")
+    assert toks == greedy(model, ref_kv, ref_logits, 10)
+    g = build(model, spec)
+    out = prefill(model, g, ids(), chunk=16)
+    graph = [int(out.argmax(-1))]
+    with torch.inference_mode():
+        for _ in range(9):
+            o = model(torch.tensor([[graph[-1]]]), model.make_step(torch.tensor([g.length]), None), g)[:, -1]
+            g.advance(1)
+            graph.append(int(o.argmax(-1)))
+    assert graph == toks

@@ -22,7 +22,6 @@ are written when a page fills, from full-precision keys this storage no longer k
 """
 from __future__ import annotations
 
-
 import torch
 
 from ...errors import UserError
