@@ -52,6 +52,20 @@ def greedy(model, kv, logits, new):
                                         stop_ids=set()) for t in part]
 
 
+def graph_greedy(model, spec, new: int) -> list[int]:
+    """Greedy tokens through the device-only step (`make_step(pos, None)`: what a CUDA graph replays),
+    run eagerly on the CPU after the same prefill as `run`."""
+    kv = build(model, spec)
+    logits = prefill(model, kv, ids(), chunk=16)
+    toks = [int(logits.argmax(-1))]
+    with torch.inference_mode():
+        for _ in range(new - 1):
+            out = model(torch.tensor([[toks[-1]]]), model.make_step(torch.tensor([kv.length]), None), kv)[:, -1]
+            kv.advance(1)
+            toks.append(int(out.argmax(-1)))
+    return toks
+
+
 def run(model, spec, new=12):
     """Prefill 60 tokens in chunks of 16, then `new` greedy decode steps (memoized: runs are deterministic,
     which test_deterministic checks without the memo)."""
@@ -112,15 +126,7 @@ def test_graph_decode_path_matches_eager(tiny):
     """Positions only on the device (`step.start is None`, what a CUDA graph replays), run eagerly."""
     spec = f"{Q8}+{POLICIES['streaming']}"
     _, eager, _ = run(tiny, spec)
-    kv = build(tiny, spec)
-    logits = prefill(tiny, kv, ids(), chunk=16)
-    toks = [int(logits.argmax(-1))]
-    with torch.inference_mode():
-        for _ in range(11):
-            out = tiny(torch.tensor([[toks[-1]]]), tiny.make_step(torch.tensor([kv.length]), None), kv)[:, -1]
-            kv.advance(1)
-            toks.append(int(out.argmax(-1)))
-    assert toks == eager
+    assert graph_greedy(tiny, spec, 12) == eager
 
 
 def test_deterministic(tiny):
@@ -192,15 +198,7 @@ def test_quant_quest_small_budget_selects_as_full_precision_quest(tiny):
 def test_quant_quest_graph_step_equals_eager(tiny):
     spec = "kv4:group=16,sink=2,window=4+quest:budget=32,dense_layers=1,recent=1"
     _, eager, _ = run(tiny, spec)
-    kv = build(tiny, spec)
-    logits = prefill(tiny, kv, ids(), chunk=16)
-    toks = [int(logits.argmax(-1))]
-    with torch.inference_mode():
-        for _ in range(11):
-            out = tiny(torch.tensor([[toks[-1]]]), tiny.make_step(torch.tensor([kv.length]), None), kv)[:, -1]
-            kv.advance(1)
-            toks.append(int(out.argmax(-1)))
-    assert toks == eager
+    assert graph_greedy(tiny, spec, 12) == eager
 
 
 @pytest.mark.parametrize("params", [dict(bits=8, group=16, sink=2, window=4),
@@ -246,12 +244,4 @@ def test_quant_quest_sliding_window_layers_read_their_window(tmp_path):
     ref_kv = build(model, "quest:budget=32")
     ref_logits = prefill(model, ref_kv, ids(), chunk=16, logits="all")
     assert toks == greedy(model, ref_kv, ref_logits, 10)
-    g = build(model, spec)
-    out = prefill(model, g, ids(), chunk=16)
-    graph = [int(out.argmax(-1))]
-    with torch.inference_mode():
-        for _ in range(9):
-            o = model(torch.tensor([[graph[-1]]]), model.make_step(torch.tensor([g.length]), None), g)[:, -1]
-            g.advance(1)
-            graph.append(int(o.argmax(-1)))
-    assert graph == toks
+    assert graph_greedy(model, spec, 10) == toks

@@ -9,7 +9,7 @@ import torch
 from longkv.kernels import sparse_reference as ref
 
 triton = pytest.importorskip("triton")
-from longkv.kernels import quest
+from longkv.kernels import page_select, quest
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,D,MP,npages", [(1, 4, 2, 32, 13, 13), (2, 9, 3, 64, 70, 41), (1, 2, 2, 16, 5, 1)])
@@ -81,7 +81,7 @@ def test_select_pages_kernel_matches_reference(B, Hkv, MP, npages, k, levels, se
 
 def test_select_pages_default_dispatch_long_row(monkeypatch):
     """Rows past SELECT_CHUNK pages take the multi-program select by default; bisect refuses them."""
-    monkeypatch.setattr(quest, "SELECT_CHUNK", 32)
+    monkeypatch.setattr(page_select, "SELECT_CHUNK", 32)
     g = torch.Generator().manual_seed(3)
     s = _scores(g, 1, 2, 100, 90, 7)
     pos = torch.tensor([89 * 16 + 3])

@@ -1,0 +1,199 @@
+"""Top-k pages straight into a page table, on the device: the select step of a Quest decode step
+(`kernels/quest.py`), no sort and no torch.topk.
+
+Scores (B, Hkv, MP) fp32 → an int32 page table of the top-k pages per (b, kv head) row, ascending
+(so the page holding the newest token, when chosen, is last), with `nsel` entries used and `last`
+tokens in the final entry. The k-th largest score is found by bisection in one program a row for
+short rows (the row in registers), by a radix select over many programs for long ones. Reference:
+`sparse_reference.select_pages`.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import sparse_reference as ref
+from .decode import _use_triton, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _key(S, row, p, ok):
+        """Scores → int32 keys ordered as the floats are (sign-magnitude → two's complement; -0.0
+        made +0.0 first, as they compare equal)."""
+        s = tl.load(S + row + p, mask=ok, other=0.0)
+        bits = tl.where(s == 0.0, 0.0, s).to(tl.int32, bitcast=True)
+        return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+    @triton.jit
+    def _row(Pos, MP, K, PAGE):
+        """This program's row (one per (b, kv head)): → bh, pos, pages holding tokens, pages to take,
+        the row's offset into the scores."""
+        bh = tl.program_id(0)
+        pos = tl.load(Pos).to(tl.int32)
+        npages = tl.minimum(pos // PAGE + 1, MP)
+        return bh, pos, npages, tl.minimum(npages, K), bh * MP
+
+    @triton.jit
+    def _take(Table, Nsel, Last, bh, j, key, t, above, need, npages, pos, stab, row_pages, PAGE):
+        """Given the k-th largest key t and above = count(key > t): write every page above t and the
+        lowest-index pages equal to it, ascending (prefix sums), as pool page ids; nsel and last."""
+        ok = j < npages
+        eq = ok & (key == t)
+        take = (ok & (key > t)) | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need - above))
+        slot = tl.cumsum(take.to(tl.int32), 0) - 1
+        tl.store(Table + bh * stab + slot, (j + bh * row_pages).to(tl.int32), mask=take)
+        top = tl.max(tl.where(take, j, 0), 0)
+        tl.store(Nsel + bh, need)
+        tl.store(Last + bh, tl.where(top == npages - 1, pos % PAGE + 1, PAGE))
+
+    @triton.jit
+    def _select_bisect_kernel(S, Pos, Table, Nsel, Last, MP, K, PAGE, row_pages, stab, CHUNK: tl.constexpr):
+        """A row that fits one CHUNK (held in registers): the k-th largest key T by bisection over
+        the 2^32 keys, 32 counting passes, each one compare and one reduction a score."""
+        bh, pos, npages, need, row = _row(Pos, MP, K, PAGE)
+        j = tl.arange(0, CHUNK)
+        key0 = _key(S, row, j, j < npages)
+        # invariant: count(key >= lo) >= need > count(key > hi) = above
+        lo = need.to(tl.int64) * 0 - 2147483648
+        hi = lo * 0 + 2147483647
+        above = need * 0
+        for _ in range(32):
+            mid = lo + ((hi - lo + 1) >> 1)
+            cnt = tl.sum(((j < npages) & (key0 >= mid.to(tl.int32))).to(tl.int32), 0)
+            big = cnt >= need
+            lo = tl.where(big, mid, lo)
+            hi = tl.where(big, hi, mid - 1)
+            above = tl.where(big, above, cnt)
+        _take(Table, Nsel, Last, bh, j, key0, lo.to(tl.int32), above, need, npages, pos, stab, row_pages, PAGE)
+
+    @triton.jit
+    def _digit(hist, want):
+        """One radix pass's choice from its 256-bin histogram of the keys still in the running: the
+        largest digit b with count(digit >= b) >= want; → b, count(digit > b)."""
+        bins = tl.arange(0, 256)
+        ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist            # count(digit >= b)
+        b = tl.max(tl.where(ge >= want, bins, 0), 0)
+        return b, tl.sum(tl.where(bins == b, ge - hist, 0), 0)
+
+    @triton.jit
+    def _radix_state(H, bh, need, PASSES: tl.constexpr):
+        """The radix select's state after PASSES passes, from their histograms H[bh, pass, 256]: T's top
+        8·PASSES bits (`prefix`), how many keys matching them must still be taken (`want`), and how
+        many keys are known to be above T (`above`)."""
+        prefix = need.to(tl.uint32) * 0
+        want = need
+        above = need * 0
+        for i in tl.static_range(PASSES):
+            b, gt = _digit(tl.load(H + (bh * 4 + i) * 256 + tl.arange(0, 256)), want)
+            above += gt
+            want -= gt
+            prefix = (prefix << 8) | b.to(tl.uint32)
+        return prefix, want, above
+
+    @triton.jit
+    def _ukey(S, row, p, ok):
+        """_key as unsigned (sign bit flipped: the same order), for the radix digits."""
+        return (_key(S, row, p, ok) ^ -2147483648).to(tl.uint32, bitcast=True)
+
+    # Rows too long for one program's registers: a radix select (8 bits a pass, from the top) spread
+    # over segments of SEG pages, one program each (grid (rows, segments)). A pass is one launch whose
+    # programs add their segment's histogram into H[row, pass] (atomics) and re-derive the earlier
+    # passes' digits from H; then one launch counts each segment's keys above / equal to the k-th
+    # key T, and one writes the table at offsets from the earlier segments' counts: 6 launches
+    # instead of one program walking the row (8 rows left 124 of 132 SMs idle).
+
+    @triton.jit
+    def _seg_keys(S, Pos, MP, K, PAGE, SEG: tl.constexpr):
+        bh, pos, npages, need, row = _row(Pos, MP, K, PAGE)
+        p = tl.program_id(1) * SEG + tl.arange(0, SEG)
+        ok = p < npages
+        return bh, pos, npages, need, p, ok, _ukey(S, row, p, ok)
+
+    @triton.jit
+    def _hist_kernel(S, Pos, H, MP, K, PAGE, SEG: tl.constexpr, PASS: tl.constexpr):
+        bh, pos, npages, need, p, ok, u = _seg_keys(S, Pos, MP, K, PAGE, SEG)
+        prefix, want, above = _radix_state(H, bh, need, PASS)
+        shift = 24 - 8 * PASS
+        if PASS > 0:
+            ok = ok & ((u >> (shift + 8)) == prefix)
+        hist = tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=ok)
+        tl.atomic_add(H + (bh * 4 + PASS) * 256 + tl.arange(0, 256), hist, sem="relaxed")
+
+    @triton.jit
+    def _count_kernel(S, Pos, H, Cnt, MP, K, PAGE, NSEG, SEG: tl.constexpr):
+        bh, pos, npages, need, p, ok, u = _seg_keys(S, Pos, MP, K, PAGE, SEG)
+        prefix, want, above = _radix_state(H, bh, need, 4)
+        c = (bh * NSEG + tl.program_id(1)) * 2
+        tl.store(Cnt + c, tl.sum((ok & (u > prefix)).to(tl.int32), 0))
+        tl.store(Cnt + c + 1, tl.sum((ok & (u == prefix)).to(tl.int32), 0))
+
+    @triton.jit
+    def _write_kernel(S, Pos, H, Cnt, Table, Nsel, Last, MP, K, PAGE, NSEG, row_pages, stab, SEG: tl.constexpr,
+                      BLOCK_S: tl.constexpr):
+        """Pages above T and the lowest-index pages equal to T, ascending: this segment's slots start
+        after the earlier segments' takes (their counts in Cnt)."""
+        bh, pos, npages, need, p, ok, u = _seg_keys(S, Pos, MP, K, PAGE, SEG)
+        prefix, want, above = _radix_state(H, bh, need, 4)
+        seg = tl.program_id(1)
+        s = tl.arange(0, BLOCK_S)
+        before = s < seg
+        gt0 = tl.sum(tl.load(Cnt + (bh * NSEG + s) * 2, mask=before, other=0), 0)
+        eq0 = tl.sum(tl.load(Cnt + (bh * NSEG + s) * 2 + 1, mask=before, other=0), 0)
+        eq = ok & (u == prefix)
+        take = (ok & (u > prefix)) | (eq & (eq0 + tl.cumsum(eq.to(tl.int32), 0) <= want))
+        slot = gt0 + tl.minimum(eq0, want) + tl.cumsum(take.to(tl.int32), 0) - 1
+        tl.store(Table + bh * stab + slot, (p + bh * row_pages).to(tl.int32), mask=take)
+        if seg == (npages - 1) // SEG:       # the segment holding the last page: the row's nsel and last
+            top = tl.max(tl.where(take, p, 0), 0)
+            tl.store(Nsel + bh, need)
+            tl.store(Last + bh, tl.where(top == npages - 1, pos % PAGE + 1, PAGE))
+
+
+def _pos(pos, device) -> torch.Tensor:
+    return torch.as_tensor(pos, device=device).reshape(-1)[-1:]
+
+
+SELECT_CHUNK = 4096     # the longest row (pages) the bisection select holds in one program's registers
+SELECT_SEG = 1024       # pages per program of the multi-program select
+
+
+def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str | None = None,
+                 seg: int | None = None):
+    """See `sparse_reference.select_pages` (no sort, no top-k): → table (B·Hkv, k) int32, nsel
+    (B·Hkv,) int32, last (B·Hkv,) int32. `method`: "bisect" (one program a row, the row in
+    registers, 32 counting passes; rows up to SELECT_CHUNK pages = 64K tokens at page 16, the
+    default there) or "multi" (a radix select over row segments of `seg` pages, 6 launches; the
+    default for longer rows). Measured on the H200, Llama-3-8B shape (8 rows): at 128K multi 24 µs
+    vs bisection 42 µs; at 512K multi 27 µs vs 182 µs for the one-program-a-row radix select it
+    replaced."""
+    if not _use_triton(scores):
+        return ref.select_pages(scores, k, pos, page=page, row_pages=row_pages)
+    B, Hkv, MP = scores.shape
+    BH = B * Hkv
+    assert scores.is_contiguous() and scores.dtype == torch.float32
+    dev = scores.device
+    table = torch.empty(BH, k, device=dev, dtype=torch.int32)
+    nsel = torch.empty(BH, device=dev, dtype=torch.int32)
+    last = torch.empty(BH, device=dev, dtype=torch.int32)
+    pos = _pos(pos, dev)
+    method = method or ("bisect" if MP <= SELECT_CHUNK else "multi")
+    if method == "bisect":
+        if MP > SELECT_CHUNK:
+            raise ValueError(f"bisect select holds a row of at most {SELECT_CHUNK} pages; this row has {MP}")
+        CHUNK = triton.next_power_of_2(MP)
+        _select_bisect_kernel[(BH,)](scores, pos, table, nsel, last, MP, k, page, row_pages, table.stride(0),
+                                     CHUNK=CHUNK, num_warps=16 if CHUNK >= 4096 else 4)
+        return table, nsel, last
+    SEG = min(triton.next_power_of_2(MP), seg or SELECT_SEG)
+    NSEG = triton.cdiv(MP, SEG)
+    hist = torch.zeros(BH, 4, 256, device=dev, dtype=torch.int32)
+    cnt = torch.empty(BH, NSEG, 2, device=dev, dtype=torch.int32)
+    grid = (BH, NSEG)
+    warps = 4 if SEG >= 512 else 1
+    for i in range(4):
+        _hist_kernel[grid](scores, pos, hist, MP, k, page, SEG=SEG, PASS=i, num_warps=warps)
+    _count_kernel[grid](scores, pos, hist, cnt, MP, k, page, NSEG, SEG=SEG, num_warps=warps)
+    _write_kernel[grid](scores, pos, hist, cnt, table, nsel, last, MP, k, page, NSEG, row_pages,
+                        table.stride(0), SEG=SEG, BLOCK_S=triton.next_power_of_2(NSEG), num_warps=warps)
+    return table, nsel, last
