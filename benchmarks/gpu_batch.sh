@@ -30,6 +30,10 @@
 # [copy; install; gemmakv4]; after the pair-order tiles: [pair sweep by hand; KIVI_CTX=128k kivi],
 # [quant_decode.py --warps 4 / --warps 8 --maxnreg 128 by hand], [ncu by hand]; later [unroll sweep by
 # hand; KIVI_CTX=32k,128k,512k kivi]. Four machine starts failed ("no device machine"), ~90 s each.
+# Session 6 (2026-12-03): [rerank128 rerank512], [the same after a kernel change], [quest_rerank.py
+# sweep by hand; rerank512], [quest_rerank.py + ncu by hand], [copy x4; copy; install; gemma3 NIAH
+# 16K/32K x 8 depths, quest r4/r8, by hand (BENCHMARKS.md)], [rerank128 rerank512], [quest_rerank.py
+# --words by hand; questq128]; three starts refused.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
