@@ -153,7 +153,7 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
     cos, sin = step.rope[s.rope_index]
     kc, vc, mn, mx = cache.k[layer], cache.v[layer], cache.pmin[layer], cache.pmax[layer]
     rows = kc.shape[2] // P
-    codes, bits = getattr(cache, "codes", [None] * (layer + 1))[layer], getattr(cache, "rbits", 0)
+    codes, bits = cache.codes[layer], cache.rbits
     scores = kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=cache.recent)
     table, nsel, last = kq.select_pages(scores, cache.k_pages, pos, page=P, row_pages=rows)
     pieces = {

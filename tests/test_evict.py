@@ -217,6 +217,8 @@ def test_quest_rerank_is_deterministic_and_graph_safe(tiny, rbits):
             assert rbits == 0 or layer < 1
             continue
         k = kv.k[layer][:, :, :full_pages * kv.P]
+        assert all(torch.equal(a[:, :, :full_pages], b) for a, b in
+                   zip((kv.pmin[layer], kv.pmax[layer]), ref.page_minmax(k, kv.P)))   # bounds of every full page
         want = ref.page_codes(k, kv.pmin[layer][:, :, :full_pages], kv.pmax[layer][:, :, :full_pages], rbits)
         assert torch.equal(codes[:, :, :full_pages], want)
     assert torch.equal(run(model, spec, x, new=6)[0], logits)
@@ -237,3 +239,14 @@ def test_calibrate_duo_writes_a_map_duo_reads(tmp_path):
     specs = __import__("longkv").load("smollm2-135m", progress=False).model.layer_specs()
     kv = cache_spec.parse(f"duo:ratio=0.5,map={out}").build(specs, batch=1, capacity=8, device="cpu", dtype=torch.float32)
     assert kv.stats()["streaming_heads"] == "45/90"
+
+
+def test_quest_prefill_bounds_across_unaligned_chunks(tiny):
+    """Chunks of 7 tokens start and end inside pages: every page's bounds are its keys' min/max."""
+    model, _ = tiny
+    kv = build(model, "quest:budget=16,dense_layers=1")
+    prefill(model, kv, ids(45), chunk=7)
+    for layer in range(1, len(kv.specs)):
+        k = kv.k[layer][:, :, :48]
+        mn, mx = ref.page_minmax(k, 16, valid=45)
+        assert torch.equal(kv.pmin[layer][:, :, :3], mn) and torch.equal(kv.pmax[layer][:, :, :3], mx)

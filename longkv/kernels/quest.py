@@ -28,7 +28,7 @@ import torch
 
 from . import sparse_reference as ref
 from .decode import _use_triton, triton
-from .page_select import SELECT_CHUNK, SELECT_SEG, select_pages  # noqa: F401  (the step's select)
+from .page_select import SELECT_CHUNK, SELECT_SEG, _pos, select_pages  # noqa: F401  (the step's select)
 
 if triton is not None:
     import triton.language as tl
@@ -205,10 +205,6 @@ if triton is not None:
         tl.store(Lse + out_row, lse, mask=g < G)
         tl.store(Out + out_row[:, None] * D + d[None, :], acc / tl.where(l > 0, l, 1.0)[:, None],
                  mask=g[:, None] < G)
-
-
-def _pos(pos, device) -> torch.Tensor:
-    return torch.as_tensor(pos, device=device).reshape(-1)[-1:]
 
 
 def append_token(k, v, cos, sin, pos, kc, vc, pmin, pmax, *, page: int, codes=None, bits: int = 0) -> None:

@@ -29,7 +29,7 @@ import torch
 
 from ...errors import UserError
 from ...kernels import quest as kq
-from ...kernels.sparse_reference import page_codes, page_minmax
+from ...kernels.sparse_reference import fold_chunk_bounds, page_codes
 from ..evict.base import Budget
 from ..full import FullCache
 from ..registry import register
@@ -105,12 +105,12 @@ class QuestCache(FullCache):
         if self.pmin[layer] is None:
             return
         P, end = self.P, step.start + step.n
-        p0, p1 = step.start // P, -(-end // P)
-        kk = self.k[layer][:, :, p0 * P:p1 * P]
-        mn, mx = page_minmax(kk, P, valid=end - p0 * P)
-        self.pmin[layer][:, :, p0:p1], self.pmax[layer][:, :, p0:p1] = mn, mx
+        mn, mx = self.pmin[layer], self.pmax[layer]
+        fold_chunk_bounds(self.k[layer][:, :, step.start:end], step.start, mn, mx, page=P)
         if self.codes[layer] is not None:   # a partial last page's codes are rewritten when it fills
-            self.codes[layer][:, :, p0:p1] = page_codes(kk, mn, mx, self.rbits)
+            p0, p1 = step.start // P, -(-end // P)
+            self.codes[layer][:, :, p0:p1] = page_codes(self.k[layer][:, :, p0 * P:p1 * P], mn[:, :, p0:p1],
+                                                        mx[:, :, p0:p1], self.rbits)
 
     def attend(self, layer, q, k, v, *, step):
         if step.start is not None and step.n == 1 and self._sparse(layer):
