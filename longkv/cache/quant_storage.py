@@ -324,27 +324,11 @@ class QuantStorage:
         """Dequantized keys (after RoPE) and values of the slots `rows` (B, H, R) int64, each head its
         own, graph-safe → each (B, H, R, D) in the run's dtype. Only those rows' codes, statistics and
         outliers are gathered (`read` unpacks the whole layer); rows outside [0, slots) are clamped."""
-        D = self.specs[layer].head_dim
-        kq, vq = self.kq[layer], self.vq[layer]
-        cap = kq["planes"][0].shape[2]
         rows = rows.clamp(0, self.slots(layer) - 1)
-        use_q = ((rows >= self.S) & (rows < self.S + self.nq(self.cnt[layer])))[..., None]
-        qi = torch.clamp(rows - self.S, 0, cap - 1)
-
-        def take(t, idx):
-            return t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[3]))
-
-        kd = {"planes": [take(t, qi) for t in kq["planes"]], "scale": take(kq["scale"], qi // self.g),
-              "zero": take(kq["zero"], qi // self.g)}
-        vd = {"planes": [take(t, qi) for t in vq["planes"]], "scale": take(vq["scale"], qi), "zero": take(vq["zero"], qi)}
-        for d, src in ((kd, kq), (vd, vq)):
-            d.update({key: take(src[key], qi) for key in ("out_idx", "out_val") if key in src})
-        k = ref.dequantize_keys(kd, bits=self.bits, group=1, d=D)        # statistics gathered per row
-        v = ref.dequantize_tokens(vd, bits=self.bits, vgroup=self._vg(layer), d=D)
-        rs = self._ring_slot(layer, rows)
-        k = torch.where(use_q, k, take(self.kf[layer], rs).float()).to(self.dtype)
-        v = torch.where(use_q, v, take(self.vf[layer], rs).float()).to(self.dtype)
-        return k, v
+        k, v = ref.gather_rows(self.kq[layer], self.vq[layer], self.kf[layer], self.vf[layer], rows,
+                               self.nq(self.cnt[layer]), bits=self.bits, group=self.g, vgroup=self._vg(layer),
+                               sink=self.S)
+        return k.to(self.dtype), v.to(self.dtype)
 
     def positions(self, layer, n):
         return self.pos[layer][:, :, :n].long()

@@ -25,7 +25,8 @@ import torch
 from .reference import attention_lse
 
 __all__ = ["PLANES", "hadamard", "pack", "unpack", "quantize_keys", "quantize_tokens", "dequantize_keys",
-           "dequantize_tokens", "rope_at", "fp_slots", "quant_decode_attention", "normalized"]
+           "dequantize_tokens", "rope_at", "fp_slots", "quant_decode_attention", "normalized", "gather_rows",
+           "quant_paged_attention"]
 
 PLANES = {2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}
 
@@ -237,4 +238,59 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length: int, *, bits: 
         k = rope_at(k, kpos, inv_freq.to(q.device), rope_scaling)
     v = torch.cat([x.float() for x in vs], 2)
     out, _ = attention_lse(q, k, v, scale=scale)
+    return out.to(q.dtype)
+
+
+# -- sparse reads of a packed layer (`cache/select/quest_storage.py`) --------------------------------------
+def gather_rows(kq: dict, vq: dict, kf, vf, rows: torch.Tensor, nq, *, bits: int, group: int, vgroup: int,
+                sink: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized keys and values of the slots `rows` (B, H, R) int64 of a packed layer whose slot j is
+    quantized row j - sink when sink <= j < sink + nq (nq: int or device tensor) and otherwise lives in
+    the full-precision buffer kf/vf (sink slots, then a ring of kf.shape[2] - sink slots). Only those
+    rows' codes, statistics and outliers are gathered → each (B, H, R, D) fp32."""
+    D = kf.shape[-1]
+    ring = kf.shape[2] - sink
+    cap = kq["planes"][0].shape[2]
+    rows = rows.clamp(min=0)
+    use_q = ((rows >= sink) & (rows < sink + nq))[..., None]
+    qi = torch.clamp(rows - sink, 0, cap - 1)
+
+    def take(t, idx):
+        return t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[3]))
+
+    kd = {"planes": [take(t, qi) for t in kq["planes"]], "scale": take(kq["scale"], qi // group),
+          "zero": take(kq["zero"], qi // group)}
+    vd = {"planes": [take(t, qi) for t in vq["planes"]], "scale": take(vq["scale"], qi), "zero": take(vq["zero"], qi)}
+    for d, src in ((kd, kq), (vd, vq)):
+        d.update({key: take(src[key], qi) for key in ("out_idx", "out_val") if key in src})
+    k = dequantize_keys(kd, bits=bits, group=1, d=D)        # statistics gathered per row
+    v = dequantize_tokens(vd, bits=bits, vgroup=vgroup, d=D)
+    rs = torch.where(rows < sink, rows, sink + (rows - sink) % ring)
+    k = torch.where(use_q, k, take(kf, rs).float())
+    v = torch.where(use_q, v, take(vf, rs).float())
+    return k, v
+
+
+def quant_paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, last, *, row_pages: int, page: int,
+                          bits: int, group: int, vgroup: int, sink: int, window: int, scale: float,
+                          softcap: float | None = None) -> torch.Tensor:
+    """Reference for `kernels.quant_paged.quant_paged_attention`: q (B, Hq, 1, D) against the pages a
+    page table lists, read from a packed layer with keys stored after RoPE (`cache/quant_storage.py`,
+    slot = position). table (B·Hkv, MAXP) int32 holds global page ids (bh·row_pages + page); row bh
+    reads its first nsel[bh] pages, the last of them up to last[bh] tokens. length: (1,) int64 (or
+    int) tokens held; the quantized region is what the dense packed kernel reads, n_q(length - 1).
+    Returns (B, Hq, 1, D) in q's dtype."""
+    from .sparse_reference import ragged_attention_lse
+
+    B, Hq, _, D = q.shape
+    H = kf.shape[1]
+    BH, K = table.shape
+    n = length if isinstance(length, int) else length.reshape(-1)[-1]
+    nq = group * torch.clamp(torch.as_tensor(n - 1 - sink - window, device=q.device) // group, min=0)
+    local = table.long() - torch.arange(BH, device=q.device)[:, None] * row_pages
+    rows = (local[:, :, None] * page + torch.arange(page, device=q.device)).reshape(B, H, K * page)
+    k, v = gather_rows(kq, vq, kf, vf, rows, nq, bits=bits, group=group, vgroup=vgroup, sink=sink)
+    n_tok = ((nsel.reshape(-1).expand(BH) - 1) * page + last.reshape(-1).expand(BH)).reshape(B, H, 1)
+    valid = torch.arange(K * page, device=q.device).reshape(1, 1, -1) < n_tok
+    out, _ = ragged_attention_lse(q, k, v, valid, scale=scale, softcap=softcap)
     return out.to(q.dtype)

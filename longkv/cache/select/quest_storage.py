@@ -7,15 +7,15 @@ keys as they arrive, before they are quantized, so the selection sees what plain
 
 A decode step of a sparse layer: the storage writes the token (positions only grow, so it is
 `cache/quant.py`'s append + flush kernel: `QuantStorage.append_only`), the bounds fold it in,
-`kernels/quest.py` scores every page and selects the top pages into a page table, then only the
-selected pages' rows are gathered from the packed planes and dequantized (`QuantStorage.read_rows`:
-codes, statistics and outliers of those rows only) into a budget-sized scratch, which the paged
-flash-decoding kernel attends to. So the step reads the bounds and the selected pages' packed bytes,
-not the whole layer; the gather and dequantization are plain torch (a few dozen small kernels a
-layer, inside the CUDA graph), not yet one fused kernel: smaller and sparse, slower than full
-(BENCHMARKS.md).
+`kernels/quest.py` scores every page and selects the top pages into a page table, and
+`kernels/quant_paged.py` attends to the selected pages straight from the packed planes (codes and
+statistics of those pages only, dequantized in registers; the sink page and the pages at the
+full-precision ring from the fp buffer). So the step reads the bounds and the selected pages' packed
+bytes, not the whole layer, and writes no dequantized copy. (Before that kernel, the selected rows
+were gathered and dequantized in torch into a scratch: ~350 small kernels a layer, 7.6x slower than
+full at 128K.)
 Dense layers (the first `dense_layers`) decode with the storage's packed kernel; sliding-window layers
-read their window's rows the same way.
+gather and dequantize their window's rows (`QuantStorage.read_rows`) and attend to them in torch.
 
 `nbytes()` is the storage's bytes plus the page bounds. Not here: `rerank` (the second stage's codes
 are written when a page fills, from full-precision keys this storage no longer keeps).
@@ -26,6 +26,7 @@ import torch
 
 from ...errors import UserError
 from ...kernels import quest as kq
+from ...kernels.quant_paged import quant_paged_attention
 from ...kernels import sparse_reference as ref
 from ...kernels.reference import ragged_attention_lse
 from ...models.rope import apply_rope
@@ -84,20 +85,17 @@ class QuestStorageCache(QuestCache):
         ref.fold_token_bounds(apply_rope(k, cos, sin), pos, mn, mx, page=P)
         scores = kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=self.recent)
         table, nsel, last = kq.select_pages(scores, self.k_pages, pos, page=P, row_pages=self.max_pages)
-        B, H, K, D = q.shape[0], s.num_kv_heads, self.k_pages, s.head_dim
-        local = table.long() - torch.arange(B * H, device=q.device)[:, None] * self.max_pages
-        rows = (local[:, :, None] * P + torch.arange(P, device=q.device)).reshape(B, H, K * P)
-        kk, vv = self.store.read_rows(layer, rows)     # entries past nsel are clamped, then masked
-        scratch = torch.arange(B * H * K, device=q.device, dtype=torch.int32).reshape(B * H, K)
-        return kq.paged_attention(q, kk.reshape(-1, P, D), vv.reshape(-1, P, D), scratch, nsel, last,
-                                  scale=s.scale, softcap=s.softcap)
+        st = self.store
+        return quant_paged_attention(q, st.kq[layer], st.vq[layer], st.kf[layer], st.vf[layer], pos + 1, table,
+                                     nsel, last, row_pages=self.max_pages, page=P, bits=st.bits, group=st.g,
+                                     vgroup=st._vg(layer), sink=st.S, window=st.W, scale=s.scale,
+                                     softcap=s.softcap)
 
     def stats(self) -> dict:
         st = super().stats()
         st.update(self.store.stats())
         st["note"] = (f"{self.storage_name}+quest: packed storage; a decode step reads at most "
-                      f"{self.k_pages * self.P} tokens' packed rows in layers >= {self.dense_layers}, dequantized "
-                      "in torch (no fused kernel yet)")
+                      f"{self.k_pages * self.P} tokens' packed rows in layers >= {self.dense_layers}")
         if self.k_pages >= self.max_pages:
             st["note"] = f"{self.budget} reads every page: degraded to {self.storage_name}"
         return st

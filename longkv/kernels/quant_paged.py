@@ -1,0 +1,200 @@
+"""Paged decode attention straight from packed codes: Quest's selected pages over a quantized layer.
+
+`quant+quest` / `kv4+quest` (`cache/select/quest_storage.py`) keep K/V in `cache/quant_storage.py`'s
+packed layout (keys after RoPE, per channel over groups of slots; values per token; sink + recent
+window in full precision; slot = position) and select pages per KV head each step. This kernel reads
+the selected pages through the page table, as `kernels/quest.py`'s `_paged_kernel` reads a bf16 pool,
+but from the packed planes: a step reads the page bounds and the selected pages' packed bytes, with
+no dequantized copy (before: the selected rows were gathered and dequantized in torch into a scratch,
+~350 small kernels a layer).
+
+Grid (batch·KV heads, splits): a program takes a run of the row's selected pages, one page (P rows)
+per iteration, and writes a partial output + log-sum-exp (`decode._merge_kernel` merges them).
+Two tile paths:
+- fast (a page wholly inside one quantized key group, 2- or 4-bit uniform codes, one value range per
+  token, no outliers: `kv4`, `kivi4`): the page's codes come as bf16/fp16 tiles in pair order
+  (`packed.pair_codes`), the group's key scale folds into q and the value scale/zero into the
+  probabilities (`kernels/quant.py`'s tricks: no per-element dequantization);
+- general (every other page: the sink page, the pages at the full-precision ring, pages that cross a
+  key group, 3/8-bit codes, value groups, outliers): per-element codes and statistics of each row,
+  full-precision rows from the sink/ring buffer, merged row by row.
+Both produce tiles in the same column order (pair order when the fast path is possible at all), so
+one accumulator serves both; the store puts the columns back.
+
+Reference: `quant_reference.quant_paged_attention`. Without a GPU the wrapper uses it unless
+`TRITON_INTERPRET=1` (the tests) forces the Triton path.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import quant_reference as ref
+from .decode import _use_triton
+from .quant import _pair_mode
+from .quant_append import outs, planes
+
+try:
+    import triton
+    import triton.language as tl
+    from .decode import _merge_kernel
+    from . import packed as pk
+    from .quant import _pv, _qk, _softmax
+except ImportError:  # CPU installs without triton use the reference
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _codes_at(P0, P1, base0, base1, rows, ok, ch, D: tl.constexpr, PB0: tl.constexpr, PB1: tl.constexpr):
+        """Codes (N, C) int32 of channels ch (C,) of rows (N,): each element from its own word (the
+        general path's reader; `packed.codes` reads whole rows in channel order)."""
+        CPW0: tl.constexpr = 32 // PB0
+        w = tl.load(P0 + base0 + rows[:, None] * (D * PB0 // 32) + (ch // CPW0)[None, :], mask=ok[:, None], other=0)
+        c = (w >> ((ch % CPW0) * PB0)[None, :]) & ((1 << PB0) - 1)
+        if PB1 > 0:
+            CPW1: tl.constexpr = 32 // PB1
+            w1 = tl.load(P1 + base1 + rows[:, None] * (D * PB1 // 32) + (ch // CPW1)[None, :], mask=ok[:, None],
+                         other=0)
+            c = c | (((w1 >> ((ch % CPW1) * PB1)[None, :]) & ((1 << PB1) - 1)) << PB0)
+        return c
+
+    @triton.jit
+    def _rows_tile(KP0, KP1, KS, KZ, KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV, KF, VF, slot, ok, nq, cols, hq, kb0, kb1,
+                   sbase, fb, D: tl.constexpr, GROUP: tl.constexpr, VG: tl.constexpr, PB0: tl.constexpr,
+                   PB1: tl.constexpr, N_OUT: tl.constexpr, SINK: tl.constexpr, RING: tl.constexpr):
+        """The general path: keys and values (N, C) fp32 of slots `slot` at channels `cols`, row by row —
+        quantized rows dequantized per element with their own group's statistics (and outliers), the
+        others from the full-precision sink/ring buffer; rows not ok are zero."""
+        NVG: tl.constexpr = D // VG
+        qi = slot - SINK
+        isq = ok & (slot >= SINK) & (qi < nq)
+        qr = tl.where(isq, qi, 0)
+        rows = hq + qr
+        kl = pk.levels(_codes_at(KP0, KP1, kb0, kb1, qr, isq, cols, D, PB0, PB1), KS, False)
+        krow = (sbase + qr // GROUP)[:, None] * D + cols[None, :]
+        k = kl * tl.load(KS + krow).to(tl.float32) + tl.load(KZ + krow).to(tl.float32)
+        vl = pk.levels(_codes_at(VP0, VP1, kb0, kb1, qr, isq, cols, D, PB0, PB1), VS, False)
+        vrow = rows[:, None] * NVG + (cols // VG)[None, :]
+        v = vl * tl.load(VS + vrow).to(tl.float32) + tl.load(VZ + vrow).to(tl.float32)
+        if N_OUT > 0:
+            k = pk.outliers(k, KOI, KOV, rows, cols, N_OUT)
+            v = pk.outliers(v, VOI, VOV, rows, cols, N_OUT)
+        isf = ok & ~isq
+        fs = tl.where(slot < SINK, slot, SINK + ((slot - SINK) % RING + RING) % RING)
+        fptr = fb + tl.where(isf, fs, 0)[:, None] * D + cols[None, :]
+        k = tl.where(isq[:, None], k, tl.load(KF + fptr, mask=isf[:, None], other=0.0).to(tl.float32))
+        v = tl.where(isq[:, None], v, tl.load(VF + fptr, mask=isf[:, None], other=0.0).to(tl.float32))
+        return k, v
+
+    @triton.jit
+    def _paged_quant_kernel(Q, Len, Table, Nsel, Last, KP0, KP1, KS, KZ, KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV,
+                            KF, VF, Out, Lse, stab, row_pages, scale,
+                            G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+                            P: tl.constexpr, GROUP: tl.constexpr, VG: tl.constexpr, PB0: tl.constexpr,
+                            PB1: tl.constexpr, N_OUT: tl.constexpr, SINK: tl.constexpr, WINDOW: tl.constexpr,
+                            RING: tl.constexpr, NQ_CAP: tl.constexpr, USE_DOT: tl.constexpr, PAIR: tl.constexpr):
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        FAST: tl.constexpr = (PB1 == 0) and (PB0 <= 4) and (VG == D) and (N_OUT == 0)
+        length = tl.load(Len).to(tl.int32)
+        nq = GROUP * tl.maximum((length - 1 - SINK - WINDOW) // GROUP, 0)   # as the dense packed kernel
+        nsel = tl.load(Nsel + bh).to(tl.int32)
+        lastn = tl.load(Last + bh).to(tl.int32)
+        per = tl.cdiv(nsel, SPLITS)
+        j0 = split * per
+        j1 = tl.minimum(j0 + per, nsel)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        t = tl.arange(0, P)
+        gm = g[:, None] < G
+        if FAST:
+            cols = pk.pair_perm(D, PB0)     # every tile and the accumulator in pair order
+        else:
+            cols = d
+        q = tl.load(Q + (bh * G + g[:, None]) * D + cols[None, :], mask=gm, other=0.0).to(tl.float32)
+        dt = Q.dtype.element_ty
+        hq = bh.to(tl.int64) * NQ_CAP
+        kb0 = hq * (D * PB0 // 32)
+        kb1 = hq * (D * PB1 // 32)
+        sbase = bh.to(tl.int64) * (NQ_CAP // GROUP)
+        fb = bh.to(tl.int64) * (SINK + RING) * D
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        for j in range(j0, j1):
+            page = tl.load(Table + bh * stab + j).to(tl.int32) - bh * row_pages
+            s0 = page * P
+            slot = s0 + t
+            ok = t < tl.where(j < nsel - 1, P, lastn)         # the last page up to the newest token
+            qi = slot - SINK
+            if FAST:
+                fast = (s0 >= SINK) & (s0 + P <= SINK + nq) & (j < nsel - 1)
+                fast = fast & ((s0 - SINK) // GROUP == (s0 + P - 1 - SINK) // GROUP)
+                if fast:   # one key group, all rows quantized: the scales fold into q and p
+                    srow = (sbase + (s0 - SINK) // GROUP) * D
+                    ks = tl.load(KS + srow + cols).to(tl.float32)[None, :]
+                    kz = tl.load(KZ + srow + cols).to(tl.float32)[None, :]
+                    kc = pk.pair_codes(KP0, kb0, qi, ok, D, PB0, P, dt, PAIR)
+                    s = _qk(q * ks, kc, dt, USE_DOT) + tl.sum(q * kz, 1)[:, None]
+                    m_new, l_new, alpha, p = _softmax(s, ok, m, l, scale)
+                    vs = tl.load(VS + hq + qi).to(tl.float32)
+                    vz = tl.load(VZ + hq + qi).to(tl.float32)
+                    vc = pk.pair_codes(VP0, kb0, qi, ok, D, PB0, P, dt, PAIR)
+                    pv = _pv(p * vs[None, :], vc, dt, USE_DOT) + tl.sum(p * vz[None, :], 1)[:, None]
+                else:
+                    k, v = _rows_tile(KP0, KP1, KS, KZ, KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV, KF, VF, slot, ok, nq,
+                                      cols, hq, kb0, kb1, sbase, fb, D, GROUP, VG, PB0, PB1, N_OUT, SINK, RING)
+                    m_new, l_new, alpha, p = _softmax(_qk(q, k, dt, USE_DOT), ok, m, l, scale)
+                    pv = _pv(p, v, dt, USE_DOT)
+            else:
+                k, v = _rows_tile(KP0, KP1, KS, KZ, KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV, KF, VF, slot, ok, nq,
+                                  cols, hq, kb0, kb1, sbase, fb, D, GROUP, VG, PB0, PB1, N_OUT, SINK, RING)
+                m_new, l_new, alpha, p = _softmax(_qk(q, k, dt, USE_DOT), ok, m, l, scale)
+                pv = _pv(p, v, dt, USE_DOT)
+            acc = acc * alpha[:, None] + pv
+            m = m_new
+            l = l_new
+        row = (bh * SPLITS + split) * G + g
+        tl.store(Lse + row, tl.where(l > 0, m + tl.log(l), float("-inf")), mask=g < G)
+        den = tl.where(l > 0, l, 1.0)[:, None]
+        tl.store(Out + row[:, None] * D + cols[None, :], acc / den, mask=gm)
+
+
+PAGES_PER_SPLIT = 8          # selected pages a program reads (benchmarks/sparse_decode.py)
+
+
+def quant_paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, last, *, row_pages: int, page: int,
+                          bits: int, group: int, vgroup: int, sink: int, window: int, scale: float,
+                          softcap: float | None = None, splits: int | None = None,
+                          num_warps: int | None = None) -> torch.Tensor:
+    """q (B, Hq, 1, D) post-RoPE; kq/vq/kf/vf: one layer of a `QuantStorage` (keys after RoPE);
+    length: (1,) int64 device tensor (slots held); table (B·Hkv, MAXP) int32 of global page ids
+    (bh·row_pages + page), nsel / last (B·Hkv,) or (1,) int: pages read and tokens of the last one
+    (see `quant_reference.quant_paged_attention`). The kernel needs a power-of-two head dim >= 32 and
+    no logit softcap (`QuantStorage.kernel`); otherwise, and without a GPU, the reference runs.
+    Returns (B, Hq, 1, D) in q's dtype."""
+    BH = table.shape[0]
+    nsel = nsel.reshape(-1).expand(BH).contiguous()
+    last = last.reshape(-1).expand(BH).contiguous()
+    B, Hq, _, D = q.shape
+    if not _use_triton(q) or softcap or D < 32 or D & (D - 1):
+        return ref.quant_paged_attention(q, kq, vq, kf, vf, length, table, nsel, last, row_pages=row_pages,
+                                         page=page, bits=bits, group=group, vgroup=vgroup, sink=sink,
+                                         window=window, scale=scale, softcap=softcap)
+    G = Hq // (BH // B)
+    S = splits or max(1, min(128, triton.cdiv(table.shape[1], PAGES_PER_SPLIT)))
+    part = torch.empty(BH * S * G, D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(BH * S * G, device=q.device, dtype=torch.float32)
+    out = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
+    pb = ref.PLANES[bits]
+    n_out = kq["out_idx"].shape[-1] if "out_idx" in kq else 0
+    _paged_quant_kernel[(BH, S)](
+        q.contiguous(), length.reshape(-1)[-1:], table, nsel, last, *planes(kq, True), kq["scale"], kq["zero"],
+        *outs(kq), *planes(vq, True), vq["scale"], vq["zero"], *outs(vq), kf, vf, part, lse, table.stride(0),
+        row_pages, scale, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, SPLITS=S, P=page, GROUP=group,
+        VG=vgroup, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out, SINK=sink, WINDOW=window,
+        RING=kf.shape[2] - sink, NQ_CAP=kq["planes"][0].shape[2], USE_DOT=True, PAIR=_pair_mode(q),
+        num_warps=num_warps or 4)
+    _merge_kernel[(BH * G,)](part, lse, out, G=G, SPLITS=S, D=D, BLOCK_S=triton.next_power_of_2(S))
+    return out

@@ -1,0 +1,104 @@
+"""The paged packed decode kernel (`kernels/quant_paged.py`, Quest's pages over a quantized layer)
+against its plain-torch reference under TRITON_INTERPRET=1: random packed layers at odd lengths, the
+fast path (2/4-bit, one value range per token) and the general one (3/8 bits, value groups,
+outliers), pages that cross key groups, the sink page and the full-precision ring, partial last
+pages, and a page table in a random order."""
+import pytest
+import torch
+
+from longkv.kernels import quant_paged as kp
+from longkv.kernels import quant_reference as ref
+
+D, P = 32, 16
+
+
+def layer(B, H, length, *, bits, group, vgroup, sink, window, n_out, seed):
+    """A packed layer as QuantStorage holds it: every slot's post-RoPE key/value drawn at random,
+    slots [sink, sink + cap) quantized, the rest (and a stale copy of quantized ones) in sink + ring."""
+    g = torch.Generator().manual_seed(seed)
+    cap = group * max(1, -(-length // group))
+    k = torch.randn(B, H, sink + cap, D, generator=g) * 2 + torch.randn(1, 1, 1, D, generator=g) * 3
+    v = torch.randn(B, H, sink + cap, D, generator=g)
+    kq = ref.quantize_keys(k[:, :, sink:], bits=bits, group=group, n_out=n_out)
+    vq = ref.quantize_tokens(v[:, :, sink:], bits=bits, vgroup=vgroup, n_out=n_out)
+    ring = window + 2 * group
+    kf = torch.randn(B, H, sink + ring, D, generator=g)       # stale slots must not be read
+    vf = torch.randn(B, H, sink + ring, D, generator=g)
+    nq = group * max(0, (length - 1 - sink - window) // group)
+    for j in list(range(min(sink, length))) + list(range(sink + nq, length)):
+        r = j if j < sink else sink + (j - sink) % ring
+        kf[:, :, r], vf[:, :, r] = k[:, :, j], v[:, :, j]
+    return kq, vq, kf, vf      # fp32: the interpreter's dot has no bf16
+
+
+def table_for(B, H, length, k_pages, row_pages, seed):
+    """Each row: page 0, the current token's page (last), and random others, in a random order but
+    the current page last (as kernels/page_select.py lays it out)."""
+    g = torch.Generator().manual_seed(seed)
+    cur = (length - 1) // P
+    rows = []
+    for bh in range(B * H):
+        others = torch.randperm(cur, generator=g)[:k_pages - 1].tolist()
+        pages = (others if 0 in others else [0] + others[:k_pages - 2])
+        pages = [pages[i] for i in torch.randperm(len(pages), generator=g)] + [cur]
+        rows.append([bh * row_pages + p for p in pages])
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("bits,group,vgroup,n_out,sink,length", [
+    (4, 32, D, 0, 4, 333),      # fast path (kv4-like): sink page mixed, pages across key groups (sink 4)
+    (2, 16, D, 0, 0, 300),      # fast path, 2-bit, pages aligned to groups
+    (4, 32, 16, 0, 4, 250),     # value groups -> general path everywhere
+    (3, 32, D, 0, 4, 277),      # two planes
+    (8, 16, 16, 1, 2, 199),     # outliers
+])
+def test_paged_kernel_matches_reference(bits, group, vgroup, n_out, sink, length):
+    B, H, G, window = 2, 2, 3, 24
+    kq, vq, kf, vf = layer(B, H, length, bits=bits, group=group, vgroup=vgroup, sink=sink, window=window,
+                           n_out=n_out, seed=bits + length)
+    row_pages = -(-(length + 40) // P)
+    table = table_for(B, H, length, 9, row_pages, seed=length)
+    nsel = torch.full((B * H,), table.shape[1], dtype=torch.int32)
+    nsel[1] -= 2                      # a shorter row: its last two entries are not read
+    table[1, nsel[1] - 1] = table[1, -1]
+    last = torch.full((B * H,), (length - 1) % P + 1, dtype=torch.int32)
+    q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(7))
+    n = torch.tensor([length])
+    kw = dict(row_pages=row_pages, page=P, bits=bits, group=group, vgroup=vgroup, sink=sink, window=window,
+              scale=D ** -0.5)
+    want = ref.quant_paged_attention(q, kq, vq, kf, vf, n, table, nsel, last, **kw).float()
+    for splits in (1, 3):
+        got = kp.quant_paged_attention(q, kq, vq, kf, vf, n, table, nsel, last, splits=splits, **kw).float()
+        assert (got - want).abs().max() < 1e-4, (splits, (got - want).abs().max())
+    # the answer really comes from the packed rows: flip the codes of one selected quantized row
+    nq = group * max(0, (length - 1 - sink - window) // group)
+    pages = [int(x) for x in table[0] if sink <= int(x) * P and int(x) * P + P <= sink + nq]
+    assert pages
+    kq2 = {**kq, "planes": [p.clone() for p in kq["planes"]]}
+    kq2["planes"][0][0, 0, pages[0] * P - sink + 3] ^= 0xFF
+    moved = kp.quant_paged_attention(q, kq2, vq, kf, vf, n, table, nsel, last, splits=3, **kw).float()
+    assert (moved - got)[0, :G].abs().max() > 1e-3
+    assert (moved - got)[1].abs().max() == 0
+
+
+def test_fast_path_is_taken_for_whole_pages(monkeypatch):
+    """kv4's layout reads interior pages through the pair-order tiles (and only those): counted by
+    wrapping the tile reader, which the interpreter calls as Python."""
+    from longkv.kernels import packed as pk
+
+    calls = []
+    orig = pk.pair_codes
+    monkeypatch.setattr(pk, "pair_codes", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    B, H, G, length, sink, group, window = 1, 1, 2, 300, 4, 32, 24
+    kq, vq, kf, vf = layer(B, H, length, bits=4, group=group, vgroup=D, sink=sink, window=window, n_out=0, seed=3)
+    row_pages = -(-length // P)
+    # pages 0 (sink), 1 (crosses a key group: slots 16..31 hold rows 12..27, one group), 2 (rows 28..43:
+    # crosses), 5 (rows 76..91: one group), 18 (the current page, in the ring)
+    table = torch.tensor([[0, 1, 2, 5, 18]], dtype=torch.int32)
+    nsel, last = torch.tensor([5], dtype=torch.int32), torch.tensor([(length - 1) % P + 1], dtype=torch.int32)
+    q = torch.randn(B, H * G, 1, D)
+    kw = dict(row_pages=row_pages, page=P, bits=4, group=group, vgroup=D, sink=sink, window=window, scale=0.2)
+    got = kp.quant_paged_attention(q, kq, vq, kf, vf, torch.tensor([length]), table, nsel, last, splits=1, **kw)
+    want = ref.quant_paged_attention(q, kq, vq, kf, vf, torch.tensor([length]), table, nsel, last, **kw)
+    assert (got - want).abs().max() < 1e-4
+    assert len(calls) == 2 * 2        # pages 1 and 5: a key and a value tile each
