@@ -61,7 +61,7 @@ step() {
               bench "$1" 330 $PY sparse_decode.py --contexts "${ctx}k" --layers 32 \
                 --only "full,quest 1/8,quest 1/8 r4,quest 1/8 r4 exact,quest 1/8 r8" ;;
     questq128|questq512) ctx=${1#questq}
-              bench "$1" 280 $PY sparse_decode.py --contexts "${ctx}k" --layers 32 --only "full,kv4,quest 1/8,kv4+quest 1/8" ;;
+              bench "$1" 280 $PY sparse_decode.py --contexts "${ctx}k" --layers 32 --only "full,kv4,quest 1/8,kv4+quest 1/8,kv4+quest 1/32" ;;
     quant) bench quant 240 $PY quant_decode.py --contexts 32k,128k,512k --caches full,kv4,kv2 --new-tokens 24 ;;
     qsweep) bench qsweep 90 $PY quant_sweep.py --context 128k --caches kv4,kv2 --dot 1 --block-n 64 --warps 4,8 \
               --stages 0,1,2,3,4 ;;

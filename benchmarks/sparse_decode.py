@@ -14,6 +14,8 @@ For each context and method:
   `attend_us` (paged flash-decoding + merge), and `topk_us`: the torch.topk + sort selection the
   select kernel replaced, on the same scores (for comparison; not part of the step); `select_eq_ref`,
   `attend_err`: the select and attention kernels against the plain-torch references on this cache;
+- kv4+quest rows, likewise: `write_us`, `bounds_us`, `score_us`, `select_us`, `attend_us` (the paged
+  packed kernel) and its launch variants, `attend_err` against its reference;
 - `decode_ms`: a whole one-token decode step of the model (CUDA graph), and its ratio to `full`;
 - `kv_GiB`: bytes the cache holds (nbytes) once decoding (after the last compaction), `kv_vs_full`
   its ratio to a full bf16 cache of the same tokens; `fill_peak_GiB`: peak allocated while
@@ -50,6 +52,7 @@ def methods(ctx: int) -> list[tuple[str, str]]:
             ("quest 1/8 r4 exact", f"quest:budget={b8},rerank=4,rbits=0"),   # ... from the exact keys
             ("quest 1/8 r8", f"quest:budget={b8},rerank=8"),   # every page from its 2-bit codes
             ("kv4", "kv4"), ("kv4+quest 1/8", f"kv4+quest:budget={b8}"),   # Quest over packed storage
+            ("kv4+quest 1/32", f"kv4+quest:budget={b32}"), ("kivi4", "kivi4"),
             ("snapkv 1/8", f"snapkv:budget={b8}"), ("snapkv 1/32", f"snapkv:budget={b32}"),
             ("streaming 1/8", f"streaming:budget={b8}"), ("adakv+snapkv 1/8", f"adakv+snapkv:budget={b8}"),
             ("tova 1/8", f"tova:budget={b8}")]
@@ -208,6 +211,45 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
 
 
 @torch.inference_mode()
+def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32, 64, 128, 256),
+                            warps=(2, 4, 8)) -> dict:
+    """`kv4+quest`'s sparse layer piece by piece (each in its own CUDA graph): write (append + flush
+    into the packed storage), bounds (RoPE + page min/max fold, torch), score, select, attend (the
+    paged packed kernel + merge) and its launch variants (`attend_s{splits}_us`, `attend_w{warps}_us`);
+    `attend_err`: the kernel against `quant_reference.quant_paged_attention` on this very cache."""
+    from longkv.kernels import quant_paged as qp
+    from longkv.kernels import quant_reference as qref
+    from longkv.kernels import quest as kq
+    from longkv.kernels import sparse_reference as sref
+    from longkv.models.rope import apply_rope
+
+    s, pos, step, q, k, v = layer_inputs(model, cache, layer, dev)
+    P, st = cache.P, cache.store
+    cos, sin = step.rope[s.rope_index]
+    mn, mx = cache.pmin[layer], cache.pmax[layer]
+    scores = kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=cache.recent)
+    table, nsel, last = kq.select_pages(scores, cache.k_pages, pos, page=P, row_pages=cache.max_pages)
+    args = (q, st.kq[layer], st.vq[layer], st.kf[layer], st.vf[layer], pos + 1, table, nsel, last)
+    kw = dict(row_pages=cache.max_pages, page=P, bits=st.bits, group=st.g, vgroup=st._vg(layer), sink=st.S,
+              window=st.W, scale=s.scale)
+    pieces = {
+        "write_us": lambda: st.write(layer, k, v, pos=pos, cos=cos, sin=sin, slot=pos),
+        "bounds_us": lambda: sref.fold_token_bounds(apply_rope(k, cos, sin), pos, mn, mx, page=P),
+        "score_us": lambda: kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=cache.recent),
+        "select_us": lambda: kq.select_pages(scores, cache.k_pages, pos, page=P, row_pages=cache.max_pages),
+        "attend_us": lambda: qp.quant_paged_attention(*args, **kw),
+    }
+    for n in splits:
+        pieces[f"attend_s{n}_us"] = functools.partial(qp.quant_paged_attention, *args, splits=n, **kw)
+    for w in warps:
+        pieces[f"attend_w{w}_us"] = functools.partial(qp.quant_paged_attention, *args, num_warps=w, **kw)
+    out = {name: round(graph_time(fn, reps, dev) * 1e3, 1) for name, fn in pieces.items()}
+    want = qref.quant_paged_attention(*args, **kw)
+    out["attend_err"] = float(f"{(pieces['attend_us']().float() - want.float()).abs().max().item():.2e}")
+    return out
+
+
+@torch.inference_mode()
 def decode_time(model, cache, dev, reps: int) -> float:
     """ms per whole-model decode step (CUDA graph on CUDA, eager on CPU); positions do not advance,
     so every replay does the same work (the step rewrites the same slot)."""
@@ -271,6 +313,8 @@ def main():
                     row["layer_kernels"] = kernels
                 if label.startswith("quest") and cache._sparse(layer):
                     row.update(quest_breakdown(model, cache, layer, dev, a.reps))
+                if "+quest" in label and cache._sparse(layer):
+                    row.update(quest_storage_breakdown(model, cache, layer, dev, a.reps))
                 ms = decode_time(model, cache, dev, a.reps)
                 row["decode_ms"] = round(ms, 3)
                 # after the first decode step: the final compaction and resize have happened
