@@ -88,25 +88,44 @@ if triton is not None:
         return k, v
 
     @triton.jit
+    def _general_page(j, nsel, lastn, nq, Table, stab, row_pages, q, m, l, acc, KP0, KP1, KS, KZ, KOI, KOV, VP0,
+                      VP1, VS, VZ, VOI, VOV, KF, VF, bh, cols, scale, dt, D: tl.constexpr, P: tl.constexpr,
+                      GROUP: tl.constexpr, VG: tl.constexpr, PB0: tl.constexpr, PB1: tl.constexpr,
+                      N_OUT: tl.constexpr, SINK: tl.constexpr, RING: tl.constexpr, NQ_CAP: tl.constexpr,
+                      USE_DOT: tl.constexpr):
+        """Entry j of the row's page table, row by row (`_rows_tile`), folded into (m, l, acc)."""
+        t = tl.arange(0, P)
+        hq = bh.to(tl.int64) * NQ_CAP
+        slot = (tl.load(Table + bh * stab + j) - bh * row_pages) * P + t
+        ok = t < tl.where(j < nsel - 1, P, lastn)         # the last page up to the newest token
+        k, v = _rows_tile(KP0, KP1, KS, KZ, KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV, KF, VF, slot, ok, nq, cols, hq,
+                          hq * (D * PB0 // 32), hq * (D * PB1 // 32), bh.to(tl.int64) * (NQ_CAP // GROUP),
+                          bh.to(tl.int64) * (SINK + RING) * D, D, GROUP, VG, PB0, PB1, N_OUT, SINK, RING)
+        m_new, l, alpha, p = _softmax(_qk(q, k, dt, USE_DOT), ok, m, l, scale)
+        return m_new, l, acc * alpha[:, None] + _pv(p, v, dt, USE_DOT)
+
+    @triton.jit
     def _paged_quant_kernel(Q, Len, Table, Nsel, Last, KP0, KP1, KS, KZ, KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV,
                             KF, VF, Out, Lse, stab, row_pages, scale,
                             G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                            P: tl.constexpr, GROUP: tl.constexpr, VG: tl.constexpr, PB0: tl.constexpr,
-                            PB1: tl.constexpr, N_OUT: tl.constexpr, SINK: tl.constexpr, WINDOW: tl.constexpr,
-                            RING: tl.constexpr, NQ_CAP: tl.constexpr, USE_DOT: tl.constexpr, PAIR: tl.constexpr):
+                            PARTS: tl.constexpr, MODE: tl.constexpr, P: tl.constexpr, GROUP: tl.constexpr,
+                            VG: tl.constexpr, PB0: tl.constexpr, PB1: tl.constexpr, N_OUT: tl.constexpr,
+                            SINK: tl.constexpr, WINDOW: tl.constexpr, RING: tl.constexpr, NQ_CAP: tl.constexpr,
+                            NSUF: tl.constexpr, USE_DOT: tl.constexpr, PAIR: tl.constexpr):
+        """MODE 0: the middle entries of each row's (ascending) page table — whole pages of quantized
+        rows — by the fast path, SPLITS programs a row, partial rows [0, SPLITS). MODE 1: the edge
+        entries (pages holding a sink or a full-precision slot: a prefix and a suffix of the table) by
+        the general path, one program a row, partial row SPLITS. MODE 2 (layouts without a fast
+        path): every entry by the general path, SPLITS programs a row. PARTS partial rows per row."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
-        FAST: tl.constexpr = (PB1 == 0) and (PB0 <= 4) and (VG == D) and (N_OUT == 0)
+        FAST: tl.constexpr = MODE != 2
         length = tl.load(Len).to(tl.int32)
         nq = GROUP * tl.maximum((length - 1 - SINK - WINDOW) // GROUP, 0)   # as the dense packed kernel
         nsel = tl.load(Nsel + bh).to(tl.int32)
         lastn = tl.load(Last + bh).to(tl.int32)
-        per = tl.cdiv(nsel, SPLITS)
-        j0 = split * per
-        j1 = tl.minimum(j0 + per, nsel)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, D)
-        t = tl.arange(0, P)
         gm = g[:, None] < G
         if FAST:
             cols = pk.pair_perm(D, PB0)     # every tile and the accumulator in pair order
@@ -114,54 +133,65 @@ if triton is not None:
             cols = d
         q = tl.load(Q + (bh * G + g[:, None]) * D + cols[None, :], mask=gm, other=0.0).to(tl.float32)
         dt = Q.dtype.element_ty
-        hq = bh.to(tl.int64) * NQ_CAP
-        kb0 = hq * (D * PB0 // 32)
-        kb1 = hq * (D * PB1 // 32)
-        sbase = bh.to(tl.int64) * (NQ_CAP // GROUP)
-        fb = bh.to(tl.int64) * (SINK + RING) * D
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, D], tl.float32)
-        for j in range(j0, j1):
-            page = tl.load(Table + bh * stab + j).to(tl.int32) - bh * row_pages
-            s0 = page * P
-            slot = s0 + t
-            ok = t < tl.where(j < nsel - 1, P, lastn)         # the last page up to the newest token
-            qi = slot - SINK
-            if FAST:
-                fast = (s0 >= SINK) & (s0 + P <= SINK + nq) & (j < nsel - 1)
-                fast = fast & ((s0 - SINK) // GROUP == (s0 + P - 1 - SINK) // GROUP)
-                if fast:   # one key group, all rows quantized: the scales fold into q and p
-                    srow = (sbase + (s0 - SINK) // GROUP) * D
-                    ks = tl.load(KS + srow + cols).to(tl.float32)[None, :]
-                    kz = tl.load(KZ + srow + cols).to(tl.float32)[None, :]
-                    kc = pk.pair_codes(KP0, kb0, qi, ok, D, PB0, P, dt, PAIR)
-                    s = _qk(q * ks, kc, dt, USE_DOT) + tl.sum(q * kz, 1)[:, None]
-                    m_new, l_new, alpha, p = _softmax(s, ok, m, l, scale)
-                    vs = tl.load(VS + hq + qi).to(tl.float32)
-                    vz = tl.load(VZ + hq + qi).to(tl.float32)
-                    vc = pk.pair_codes(VP0, kb0, qi, ok, D, PB0, P, dt, PAIR)
-                    pv = _pv(p * vs[None, :], vc, dt, USE_DOT) + tl.sum(p * vz[None, :], 1)[:, None]
-                else:
-                    k, v = _rows_tile(KP0, KP1, KS, KZ, KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV, KF, VF, slot, ok, nq,
-                                      cols, hq, kb0, kb1, sbase, fb, D, GROUP, VG, PB0, PB1, N_OUT, SINK, RING)
-                    m_new, l_new, alpha, p = _softmax(_qk(q, k, dt, USE_DOT), ok, m, l, scale)
-                    pv = _pv(p, v, dt, USE_DOT)
+        # the table is ascending: entries [0, ja) hold a sink slot, [jb, nsel) a full-precision slot
+        # (at most NSUF of them: the ring spans < WINDOW + GROUP slots), [ja, jb) only quantized rows
+        j = tl.arange(0, NSUF)
+        head = tl.load(Table + bh * stab + j, mask=j < nsel, other=0) - bh * row_pages
+        ja = tl.sum(((j < nsel) & (head * P < SINK)).to(tl.int32), 0)
+        jt = nsel - NSUF + j
+        tail = tl.load(Table + bh * stab + jt, mask=jt >= 0, other=0) - bh * row_pages
+        jb = tl.maximum(nsel - tl.sum(((jt >= 0) & (tail >= (SINK + nq) // P)).to(tl.int32), 0), ja)
+        if MODE == 0:
+            t = tl.arange(0, P)
+            hq = bh.to(tl.int64) * NQ_CAP
+            kb0 = hq * (D * PB0 // 32)
+            sbase = bh.to(tl.int64) * (NQ_CAP // GROUP)
+            per = tl.cdiv(jb - ja, SPLITS)
+            for jj in range(ja + split * per, tl.minimum(ja + (split + 1) * per, jb)):
+                s0 = (tl.load(Table + bh * stab + jj) - bh * row_pages) * P - SINK   # first quantized row
+                qi = s0 + t
+                ga = s0 // GROUP
+                ks = tl.load(KS + (sbase + ga) * D + cols).to(tl.float32)[None, :]
+                kz = tl.load(KZ + (sbase + ga) * D + cols).to(tl.float32)[None, :]
+                kc = pk.pair_codes(KP0, kb0, qi, t < P, D, PB0, P, dt, PAIR)
+                s = _qk(q * ks, kc, dt, USE_DOT) + tl.sum(q * kz, 1)[:, None]
+                gb = (s0 + P - 1) // GROUP
+                if gb != ga:   # the page crosses into the next key group: its rows score with that group's
+                    ks = tl.load(KS + (sbase + gb) * D + cols).to(tl.float32)[None, :]
+                    kz = tl.load(KZ + (sbase + gb) * D + cols).to(tl.float32)[None, :]
+                    sb = _qk(q * ks, kc, dt, USE_DOT) + tl.sum(q * kz, 1)[:, None]
+                    s = tl.where((qi // GROUP == ga)[None, :], s, sb)
+                m, l, alpha, p = _softmax(s, t < P, m, l, scale)
+                vs = tl.load(VS + hq + qi).to(tl.float32)
+                vz = tl.load(VZ + hq + qi).to(tl.float32)
+                vc = pk.pair_codes(VP0, kb0, qi, t < P, D, PB0, P, dt, PAIR)
+                acc = acc * alpha[:, None] + _pv(p * vs[None, :], vc, dt, USE_DOT) + tl.sum(p * vz[None, :], 1)[:, None]
+        else:
+            if MODE == 1:
+                lo0, hi0, lo1 = 0, ja, jb
             else:
-                k, v = _rows_tile(KP0, KP1, KS, KZ, KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV, KF, VF, slot, ok, nq,
-                                  cols, hq, kb0, kb1, sbase, fb, D, GROUP, VG, PB0, PB1, N_OUT, SINK, RING)
-                m_new, l_new, alpha, p = _softmax(_qk(q, k, dt, USE_DOT), ok, m, l, scale)
-                pv = _pv(p, v, dt, USE_DOT)
-            acc = acc * alpha[:, None] + pv
-            m = m_new
-            l = l_new
-        row = (bh * SPLITS + split) * G + g
+                per = tl.cdiv(nsel, SPLITS)
+                lo0, hi0, lo1 = split * per, tl.minimum(split * per + per, nsel), nsel
+            for jj in range(lo0, hi0):
+                m, l, acc = _general_page(jj, nsel, lastn, nq, Table, stab, row_pages, q, m, l, acc, KP0, KP1, KS, KZ,
+                                          KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV, KF, VF, bh, cols, scale, dt, D, P,
+                                          GROUP, VG, PB0, PB1, N_OUT, SINK, RING, NQ_CAP, USE_DOT)
+            for jj in range(lo1, nsel):
+                m, l, acc = _general_page(jj, nsel, lastn, nq, Table, stab, row_pages, q, m, l, acc, KP0, KP1, KS, KZ,
+                                          KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV, KF, VF, bh, cols, scale, dt, D, P,
+                                          GROUP, VG, PB0, PB1, N_OUT, SINK, RING, NQ_CAP, USE_DOT)
+            split = split + (SPLITS if MODE == 1 else 0)
+        row = (bh * PARTS + split) * G + g
         tl.store(Lse + row, tl.where(l > 0, m + tl.log(l), float("-inf")), mask=g < G)
         den = tl.where(l > 0, l, 1.0)[:, None]
         tl.store(Out + row[:, None] * D + cols[None, :], acc / den, mask=gm)
 
 
 PAGES_PER_SPLIT = 8          # selected pages a program reads (benchmarks/sparse_decode.py)
+NUM_WARPS = 2                # the fast launch: 61 vs 82 µs with 4 (H200, 128K, 1/8; sparse_decode.py)
 
 
 def quant_paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, last, *, row_pages: int, page: int,
@@ -184,17 +214,25 @@ def quant_paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, la
                                          window=window, scale=scale, softcap=softcap)
     G = Hq // (BH // B)
     S = splits or max(1, min(128, triton.cdiv(table.shape[1], PAGES_PER_SPLIT)))
-    part = torch.empty(BH * S * G, D, device=q.device, dtype=torch.float32)
-    lse = torch.empty(BH * S * G, device=q.device, dtype=torch.float32)
-    out = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
     pb = ref.PLANES[bits]
     n_out = kq["out_idx"].shape[-1] if "out_idx" in kq else 0
-    _paged_quant_kernel[(BH, S)](
-        q.contiguous(), length.reshape(-1)[-1:], table, nsel, last, *planes(kq, True), kq["scale"], kq["zero"],
-        *outs(kq), *planes(vq, True), vq["scale"], vq["zero"], *outs(vq), kf, vf, part, lse, table.stride(0),
-        row_pages, scale, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, SPLITS=S, P=page, GROUP=group,
-        VG=vgroup, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out, SINK=sink, WINDOW=window,
-        RING=kf.shape[2] - sink, NQ_CAP=kq["planes"][0].shape[2], USE_DOT=True, PAIR=_pair_mode(q),
-        num_warps=num_warps or 4)
-    _merge_kernel[(BH * G,)](part, lse, out, G=G, SPLITS=S, D=D, BLOCK_S=triton.next_power_of_2(S))
+    fast = len(pb) == 1 and pb[0] <= 4 and vgroup == D and n_out == 0 and group >= page
+    parts = S + 1 if fast else S
+    part = torch.empty(BH * parts * G, D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(BH * parts * G, device=q.device, dtype=torch.float32)
+    out = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
+    args = (q.contiguous(), length.reshape(-1)[-1:], table, nsel, last, *planes(kq, True), kq["scale"], kq["zero"],
+            *outs(kq), *planes(vq, True), vq["scale"], vq["zero"], *outs(vq), kf, vf, part, lse, table.stride(0),
+            row_pages, scale)
+    kw = dict(G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, SPLITS=S, PARTS=parts, P=page, GROUP=group,
+              VG=vgroup, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out, SINK=sink, WINDOW=window,
+              RING=kf.shape[2] - sink, NQ_CAP=kq["planes"][0].shape[2],
+              NSUF=triton.next_power_of_2(max(triton.cdiv(sink, page), triton.cdiv(window + group, page) + 2)),
+              USE_DOT=True, PAIR=_pair_mode(q))
+    if fast:   # middle pages by the fast path, the table's edges by the general one (own launch: own registers)
+        _paged_quant_kernel[(BH, S)](*args, MODE=0, num_warps=num_warps or NUM_WARPS, **kw)
+        _paged_quant_kernel[(BH, 1)](*args, MODE=1, num_warps=4, **kw)
+    else:
+        _paged_quant_kernel[(BH, S)](*args, MODE=2, num_warps=4, **kw)
+    _merge_kernel[(BH * G,)](part, lse, out, G=G, SPLITS=parts, D=D, BLOCK_S=triton.next_power_of_2(parts))
     return out
