@@ -212,17 +212,15 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
 
 @torch.inference_mode()
 def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32, 64, 128, 256),
-                            warps=(2, 4, 8)) -> dict:
+                            warps=(1, 2, 4), stages=(1, 2, 3)) -> dict:
     """`kv4+quest`'s sparse layer piece by piece (each in its own CUDA graph): write (append + flush
-    into the packed storage), bounds (RoPE + page min/max fold, torch), score, select, attend (the
-    paged packed kernel + merge) and its launch variants (`attend_s{splits}_us`, `attend_w{warps}_us`);
+    into the packed storage), bounds (RoPE + page min/max fold, one kernel), score, select, attend (the
+    paged packed kernel + merge) and its launch variants (`attend_s{splits}_us`, `attend_w{warps}_us`,
+    `attend_st{stages}_us`);
     `attend_err`: the kernel against `quant_reference.quant_paged_attention` on this very cache."""
     from longkv.kernels import quant_paged as qp
     from longkv.kernels import quant_reference as qref
     from longkv.kernels import quest as kq
-    from longkv.kernels import sparse_reference as sref
-    from longkv.models.rope import apply_rope
-
     s, pos, step, q, k, v = layer_inputs(model, cache, layer, dev)
     P, st = cache.P, cache.store
     cos, sin = step.rope[s.rope_index]
@@ -234,7 +232,7 @@ def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32
               window=st.W, scale=s.scale)
     pieces = {
         "write_us": lambda: st.write(layer, k, v, pos=pos, cos=cos, sin=sin, slot=pos),
-        "bounds_us": lambda: sref.fold_token_bounds(apply_rope(k, cos, sin), pos, mn, mx, page=P),
+        "bounds_us": lambda: kq.append_token(k, v, cos, sin, pos, None, None, mn, mx, page=P),
         "score_us": lambda: kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=cache.recent),
         "select_us": lambda: kq.select_pages(scores, cache.k_pages, pos, page=P, row_pages=cache.max_pages),
         "attend_us": lambda: qp.quant_paged_attention(*args, **kw),
@@ -243,6 +241,8 @@ def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32
         pieces[f"attend_s{n}_us"] = functools.partial(qp.quant_paged_attention, *args, splits=n, **kw)
     for w in warps:
         pieces[f"attend_w{w}_us"] = functools.partial(qp.quant_paged_attention, *args, num_warps=w, **kw)
+    for n in stages:
+        pieces[f"attend_st{n}_us"] = functools.partial(qp.quant_paged_attention, *args, num_stages=n, **kw)
     out = {name: round(graph_time(fn, reps, dev) * 1e3, 1) for name, fn in pieces.items()}
     want = qref.quant_paged_attention(*args, **kw)
     out["attend_err"] = float(f"{(pieces['attend_us']().float() - want.float()).abs().max().item():.2e}")

@@ -116,6 +116,13 @@ def test_append_token_kernel_matches_reference(pos):
         assert (a - b).abs().max() < 1e-5
     if pos % P == 0:   # a new page's bounds are the one key it holds
         assert torch.equal(mine[2][:, :, pos // P], mine[0][:, :, pos])
+    # bounds only (kc = vc = None, as quant+quest calls it): the same bounds, and nothing else written
+    only = [b.clone() for b in bufs[2:]]
+    quest.append_token(k, v, cos, sin, torch.tensor([pos]), None, None, *only, page=P)
+    assert torch.equal(only[0], mine[2]) and torch.equal(only[1], mine[3])
+    ref_only = [b.clone() for b in bufs[2:]]
+    ref.append_token(k, v, cos, sin, torch.tensor([pos]), None, None, *ref_only, page=P)
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(ref_only, only))
 
 
 @pytest.mark.parametrize("splits,softcap", [(1, None), (3, None), (2, 30.0)])

@@ -197,7 +197,7 @@ NUM_WARPS = 2                # the fast launch: 61 vs 82 µs with 4 (H200, 128K,
 def quant_paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, last, *, row_pages: int, page: int,
                           bits: int, group: int, vgroup: int, sink: int, window: int, scale: float,
                           softcap: float | None = None, splits: int | None = None,
-                          num_warps: int | None = None) -> torch.Tensor:
+                          num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """q (B, Hq, 1, D) post-RoPE; kq/vq/kf/vf: one layer of a `QuantStorage` (keys after RoPE);
     length: (1,) int64 device tensor (slots held); table (B·Hkv, MAXP) int32 of global page ids
     (bh·row_pages + page), nsel / last (B·Hkv,) or (1,) int: pages read and tokens of the last one
@@ -230,7 +230,8 @@ def quant_paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, la
               NSUF=triton.next_power_of_2(max(triton.cdiv(sink, page), triton.cdiv(window + group, page) + 2)),
               USE_DOT=True, PAIR=_pair_mode(q))
     if fast:   # middle pages by the fast path, the table's edges by the general one (own launch: own registers)
-        _paged_quant_kernel[(BH, S)](*args, MODE=0, num_warps=num_warps or NUM_WARPS, **kw)
+        _paged_quant_kernel[(BH, S)](*args, MODE=0, num_warps=num_warps or NUM_WARPS,
+                                     **({} if num_stages is None else {"num_stages": num_stages}), **kw)
         _paged_quant_kernel[(BH, 1)](*args, MODE=1, num_warps=4, **kw)
     else:
         _paged_quant_kernel[(BH, S)](*args, MODE=2, num_warps=4, **kw)

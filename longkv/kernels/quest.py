@@ -38,10 +38,11 @@ if triton is not None:
     @triton.jit
     def _append_kernel(K, V, Cos, Sin, Pos, KC, VC, Mn, Mx, Codes, skb, skh, svb, svh, scb, sch, sct, svcb, svch,
                        svct, smb, smh, smp, sxb, sxh, sxp, PAGE: tl.constexpr, D: tl.constexpr, HKV: tl.constexpr,
-                       BITS: tl.constexpr):
+                       BITS: tl.constexpr, WRITE: tl.constexpr):
         """One program per (b, kv head): RoPE the new key (fp32, rounded once), write key and value at
         pos, and fold the key into its page's min/max (reset on the page's first slot). BITS > 0: the
-        token that completes its page also writes the page's codes (`ref.page_codes`)."""
+        token that completes its page also writes the page's codes (`ref.page_codes`). WRITE=False: the
+        bounds only (the keys and values live elsewhere: `quant+quest`); KC only gives the rounding dtype."""
         bh = tl.program_id(0)
         b = bh // HKV
         h = bh % HKV
@@ -51,8 +52,9 @@ if triton is not None:
         xr = tl.load(K + b * skb + h * skh + (d + D // 2) % D).to(tl.float32)
         xr = tl.where(d < D // 2, -xr, xr)                                   # cat(-x2, x1)
         kr = (x * tl.load(Cos + d).to(tl.float32) + xr * tl.load(Sin + d).to(tl.float32)).to(KC.dtype.element_ty)
-        tl.store(KC + b * scb + h * sch + pos * sct + d, kr)
-        tl.store(VC + b * svcb + h * svch + pos * svct + d, tl.load(V + b * svb + h * svh + d).to(VC.dtype.element_ty))
+        if WRITE:
+            tl.store(KC + b * scb + h * sch + pos * sct + d, kr)
+            tl.store(VC + b * svcb + h * svch + pos * svct + d, tl.load(V + b * svb + h * svh + d).to(VC.dtype.element_ty))
         m = b * smb + h * smh + (pos // PAGE) * smp + d
         first = pos % PAGE == 0
         kr = kr.to(Mn.dtype.element_ty)
@@ -208,7 +210,8 @@ if triton is not None:
 
 
 def append_token(k, v, cos, sin, pos, kc, vc, pmin, pmax, *, page: int, codes=None, bits: int = 0) -> None:
-    """See `sparse_reference.append_token` (one kernel)."""
+    """See `sparse_reference.append_token` (one kernel); kc = vc = None: fold the key into the page
+    bounds only."""
     if not _use_triton(k):
         return ref.append_token(k, v, cos, sin, pos, kc, vc, pmin, pmax, page=page, codes=codes, bits=bits)
     B, Hkv, _, D = k.shape
@@ -216,17 +219,19 @@ def append_token(k, v, cos, sin, pos, kc, vc, pmin, pmax, *, page: int, codes=No
     assert pmin.stride() == pmax.stride()
     k, v, cos, sin = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v, cos, sin))
     cos, sin = cos.reshape(-1, D)[-1], sin.reshape(-1, D)[-1]
+    write = kc is not None
+    kc, vc = (kc, vc) if write else (pmin, pmin)
     for t in (kc, vc, pmin):
         assert t.stride(-1) == 1
     if codes is None:
         bits, codes, cs = 0, pmin, (0, 0, 0)
     else:
-        assert codes.shape[-2:] == (page, D * bits // 8) and codes[0, 0].is_contiguous()
+        assert write and codes.shape[-2:] == (page, D * bits // 8) and codes[0, 0].is_contiguous()
         cs = codes.stride()[:3]
     _append_kernel[(B * Hkv,)](
         k, v, cos, sin, _pos(pos, k.device), kc, vc, pmin, pmax, codes, k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
-        pmin.stride(0), pmin.stride(1), pmin.stride(2), *cs, PAGE=page, D=D, HKV=Hkv, BITS=bits)
+        pmin.stride(0), pmin.stride(1), pmin.stride(2), *cs, PAGE=page, D=D, HKV=Hkv, BITS=bits, WRITE=write)
 
 
 def page_scores(q, pmin, pmax, pos, *, page: int, sink: int, recent: int, block_p: int = 128,

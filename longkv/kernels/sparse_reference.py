@@ -73,13 +73,15 @@ def append_token(k, v, cos, sin, pos, kc, vc, pmin, pmax, *, page: int, codes=No
     kc, vc (B, Hkv, cap, D) get RoPE(k), v at `pos`; pmin/pmax (B, Hkv, MP, D) of page pos // page
     become the new key's (first slot of the page) or widen to include it. RoPE in fp32, rounded once.
     With `codes` (B, Hkv, MP, P, D·bits/8): when the token completes its page, the page's codes
-    (`page_codes`) are written from its final min/max (a page's codes are valid once it is full)."""
+    (`page_codes`) are written from its final min/max (a page's codes are valid once it is full).
+    kc = vc = None: only the bounds (the key rounded to their dtype)."""
     pos = _last(pos, k.device).reshape(1)
     x = k.float()
     x1, x2 = x.chunk(2, dim=-1)
-    kr = (x * cos.float() + torch.cat((-x2, x1), dim=-1) * sin.float()).to(kc.dtype)
-    kc.index_copy_(2, pos, kr)
-    vc.index_copy_(2, pos, v.to(vc.dtype))
+    kr = (x * cos.float() + torch.cat((-x2, x1), dim=-1) * sin.float()).to(pmin.dtype if kc is None else kc.dtype)
+    if kc is not None:      # None: the bounds only (quant+quest keeps the keys and values elsewhere)
+        kc.index_copy_(2, pos, kr)
+        vc.index_copy_(2, pos, v.to(vc.dtype))
     fold_token_bounds(kr, pos, pmin, pmax, page=page)
     pg = pos // page
     if codes is not None and int(pos) % page == page - 1:

@@ -82,7 +82,7 @@ class QuestStorageCache(QuestCache):
         if not self._sparse(layer):
             return self.store.decode_attention(layer, q, pos + 1)
         mn, mx = self.pmin[layer], self.pmax[layer]
-        ref.fold_token_bounds(apply_rope(k, cos, sin), pos, mn, mx, page=P)
+        kq.append_token(k, v, cos, sin, pos, None, None, mn, mx, page=P)     # RoPE + page bounds, one kernel
         scores = kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=self.recent)
         table, nsel, last = kq.select_pages(scores, self.k_pages, pos, page=P, row_pages=self.max_pages)
         st = self.store
