@@ -111,7 +111,7 @@ if triton is not None:
                             PARTS: tl.constexpr, MODE: tl.constexpr, P: tl.constexpr, GROUP: tl.constexpr,
                             VG: tl.constexpr, PB0: tl.constexpr, PB1: tl.constexpr, N_OUT: tl.constexpr,
                             SINK: tl.constexpr, WINDOW: tl.constexpr, RING: tl.constexpr, NQ_CAP: tl.constexpr,
-                            NSUF: tl.constexpr, USE_DOT: tl.constexpr, PAIR: tl.constexpr):
+                            NPRE: tl.constexpr, NSUF: tl.constexpr, USE_DOT: tl.constexpr, PAIR: tl.constexpr):
         """MODE 0: the middle entries of each row's (ascending) page table — whole pages of quantized
         rows — by the fast path, SPLITS programs a row, partial rows [0, SPLITS). MODE 1: the edge
         entries (pages holding a sink or a full-precision slot: a prefix and a suffix of the table) by
@@ -139,8 +139,8 @@ if triton is not None:
         # the table is ascending: entries [0, ja) hold a sink slot, [jb, nsel) a full-precision slot
         # (at most NSUF of them: the ring spans < WINDOW + GROUP slots), [ja, jb) only quantized rows
         j = tl.arange(0, NSUF)
-        head = tl.load(Table + bh * stab + j, mask=j < nsel, other=0) - bh * row_pages
-        ja = tl.sum(((j < nsel) & (head * P < SINK)).to(tl.int32), 0)
+        head = tl.load(Table + bh * stab + j, mask=(j < nsel) & (j < NPRE), other=0) - bh * row_pages
+        ja = tl.sum(((j < nsel) & (j < NPRE) & (head * P < SINK)).to(tl.int32), 0)
         jt = nsel - NSUF + j
         tail = tl.load(Table + bh * stab + jt, mask=jt >= 0, other=0) - bh * row_pages
         jb = tl.maximum(nsel - tl.sum(((jt >= 0) & (tail >= (SINK + nq) // P)).to(tl.int32), 0), ja)
@@ -169,21 +169,19 @@ if triton is not None:
                 vz = tl.load(VZ + hq + qi).to(tl.float32)
                 vc = pk.pair_codes(VP0, kb0, qi, t < P, D, PB0, P, dt, PAIR)
                 acc = acc * alpha[:, None] + _pv(p * vs[None, :], vc, dt, USE_DOT) + tl.sum(p * vz[None, :], 1)[:, None]
+        elif MODE == 1:   # one edge entry a program: [0, ja) by e < NPRE, [jb, nsel) by the rest
+            jj = tl.where(split < NPRE, split, jb + split - NPRE)
+            if tl.where(split < NPRE, jj < ja, jj < nsel):
+                m, l, acc = _general_page(jj, nsel, lastn, nq, Table, stab, row_pages, q, m, l, acc, KP0, KP1, KS, KZ,
+                                          KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV, KF, VF, bh, cols, scale, dt, D, P,
+                                          GROUP, VG, PB0, PB1, N_OUT, SINK, RING, NQ_CAP, USE_DOT)
+            split = split + SPLITS
         else:
-            if MODE == 1:
-                lo0, hi0, lo1 = 0, ja, jb
-            else:
-                per = tl.cdiv(nsel, SPLITS)
-                lo0, hi0, lo1 = split * per, tl.minimum(split * per + per, nsel), nsel
-            for jj in range(lo0, hi0):
+            per = tl.cdiv(nsel, SPLITS)
+            for jj in range(split * per, tl.minimum(split * per + per, nsel)):
                 m, l, acc = _general_page(jj, nsel, lastn, nq, Table, stab, row_pages, q, m, l, acc, KP0, KP1, KS, KZ,
                                           KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV, KF, VF, bh, cols, scale, dt, D, P,
                                           GROUP, VG, PB0, PB1, N_OUT, SINK, RING, NQ_CAP, USE_DOT)
-            for jj in range(lo1, nsel):
-                m, l, acc = _general_page(jj, nsel, lastn, nq, Table, stab, row_pages, q, m, l, acc, KP0, KP1, KS, KZ,
-                                          KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV, KF, VF, bh, cols, scale, dt, D, P,
-                                          GROUP, VG, PB0, PB1, N_OUT, SINK, RING, NQ_CAP, USE_DOT)
-            split = split + (SPLITS if MODE == 1 else 0)
         row = (bh * PARTS + split) * G + g
         tl.store(Lse + row, tl.where(l > 0, m + tl.log(l), float("-inf")), mask=g < G)
         den = tl.where(l > 0, l, 1.0)[:, None]
@@ -217,7 +215,9 @@ def quant_paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, la
     pb = ref.PLANES[bits]
     n_out = kq["out_idx"].shape[-1] if "out_idx" in kq else 0
     fast = len(pb) == 1 and pb[0] <= 4 and vgroup == D and n_out == 0 and group >= page
-    parts = S + 1 if fast else S
+    npre = max(1, triton.cdiv(sink, page))                                   # entries holding a sink slot
+    nsuf = triton.next_power_of_2(max(npre, triton.cdiv(window + group, page) + 2))   # ... an fp ring slot
+    parts = S + npre + nsuf if fast else S
     part = torch.empty(BH * parts * G, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(BH * parts * G, device=q.device, dtype=torch.float32)
     out = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
@@ -227,12 +227,12 @@ def quant_paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, la
     kw = dict(G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, SPLITS=S, PARTS=parts, P=page, GROUP=group,
               VG=vgroup, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out, SINK=sink, WINDOW=window,
               RING=kf.shape[2] - sink, NQ_CAP=kq["planes"][0].shape[2],
-              NSUF=triton.next_power_of_2(max(triton.cdiv(sink, page), triton.cdiv(window + group, page) + 2)),
+              NPRE=npre, NSUF=nsuf,
               USE_DOT=True, PAIR=_pair_mode(q))
     if fast:   # middle pages by the fast path, the table's edges by the general one (own launch: own registers)
         _paged_quant_kernel[(BH, S)](*args, MODE=0, num_warps=num_warps or NUM_WARPS,
                                      **({} if num_stages is None else {"num_stages": num_stages}), **kw)
-        _paged_quant_kernel[(BH, 1)](*args, MODE=1, num_warps=4, **kw)
+        _paged_quant_kernel[(BH, npre + nsuf)](*args, MODE=1, num_warps=4, **kw)
     else:
         _paged_quant_kernel[(BH, S)](*args, MODE=2, num_warps=4, **kw)
     _merge_kernel[(BH * G,)](part, lse, out, G=G, SPLITS=parts, D=D, BLOCK_S=triton.next_power_of_2(parts))
