@@ -212,11 +212,11 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
 
 @torch.inference_mode()
 def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32, 64, 128, 256),
-                            warps=(1, 2, 4), stages=(1, 2, 3)) -> dict:
+                            warps=(1, 2)) -> dict:
     """`kv4+quest`'s sparse layer piece by piece (each in its own CUDA graph): write (append + flush
     into the packed storage), bounds (RoPE + page min/max fold, one kernel), score, select, attend (the
-    paged packed kernel + merge) and its launch variants (`attend_s{splits}_us`, `attend_w{warps}_us`,
-    `attend_st{stages}_us`);
+    paged packed kernel + merge) and its launch variants (`attend_s{splits}w{warps}_us`: splits a row,
+    warps of the fast launch);
     `attend_err`: the kernel against `quant_reference.quant_paged_attention` on this very cache."""
     from longkv.kernels import quant_paged as qp
     from longkv.kernels import quant_reference as qref
@@ -238,11 +238,9 @@ def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32
         "attend_us": lambda: qp.quant_paged_attention(*args, **kw),
     }
     for n in splits:
-        pieces[f"attend_s{n}_us"] = functools.partial(qp.quant_paged_attention, *args, splits=n, **kw)
-    for w in warps:
-        pieces[f"attend_w{w}_us"] = functools.partial(qp.quant_paged_attention, *args, num_warps=w, **kw)
-    for n in stages:
-        pieces[f"attend_st{n}_us"] = functools.partial(qp.quant_paged_attention, *args, num_stages=n, **kw)
+        for w in warps:
+            pieces[f"attend_s{n}w{w}_us"] = functools.partial(qp.quant_paged_attention, *args, splits=n,
+                                                              num_warps=w, **kw)
     out = {name: round(graph_time(fn, reps, dev) * 1e3, 1) for name, fn in pieces.items()}
     want = qref.quant_paged_attention(*args, **kw)
     out["attend_err"] = float(f"{(pieces['attend_us']().float() - want.float()).abs().max().item():.2e}")
