@@ -14,6 +14,7 @@
 #   qsweep    issue 4: packed-kernel sweep over warps and pipelining stages at 128K
 #   kivi      issue 4: the post-RoPE fast path (kivi4, kivi2) next to full and kv4, 32K-512K
 #   kivisweep issue 4: its tile / warp sweep at 128K
+#   pipesweep issue 4: the double-buffered fast loop against the plain one (tiles x warps) at 128K
 #   hfquant   issue 4: transformers' QuantizedCache (optimum-quanto) vs its DynamicCache at 32K
 #   sparse    issue 5: gemma3 NIAH at 8x; RULER-style grid (trimmed), longkv and kvpress; report
 #   gemmasparse  issue 5: only the gemma3 NIAH at 8x (16K/32K, 4 depths), and the report
@@ -66,6 +67,8 @@ step() {
     qsweep) bench qsweep 90 $PY quant_sweep.py --context 128k --caches kv4,kv2 --dot 1 --block-n 64 --warps 4,8 \
               --stages 0,1,2,3,4 ;;
     kivi) bench kivi${KIVI_CTX:+_${KIVI_CTX//,/_}} 330 $PY quant_decode.py --contexts ${KIVI_CTX:-32k,128k,512k} --caches full,kv4,kivi4,kivi2 --new-tokens 24 ;;
+    pipesweep) bench pipesweep 200 $PY quant_sweep.py --context 128k --caches kivi4,kivi2 --dot 1 --block-n 16,32,64 \
+              --warps 2,4,8 --pipe 0,1 ;;
     kivisweep) bench kivisweep 150 $PY quant_sweep.py --context 128k --caches kivi4,kivi2 --dot 1 --block-n 16,32,64 \
               --warps 2,4,8 ;;
     hfquant) bench hfquant 120 $PY peers/hf_quantized_cache.py --contexts 32k --caches dynamic,quanto4,quanto2 ;;

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import os
 import re
 import subprocess
@@ -42,7 +43,7 @@ def compile_kernel(path: str, *, warps: int, block_n: int, group: int, prefetch:
     consts = dict(HKV=8, G=4, BLOCK_G=16, D=128, SPLITS=128, BLOCK_N=block_n, GROUP=group, VG=128, PB0=pb[0],
                   PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out, SINK=4, WINDOW=128, RING=160, NQ_CAP=131072,
                   NUQ_K=False, NUQ_V=False, BLOCK_F=32, TS=qk.TS, USE_DOT=True, PREROPE=prerope, PREFETCH=prefetch,
-                  PAIR=1)
+                  PAIR=1, PIPE=opts.pop("pipe", qk.PIPE))
     names = qk._attn_kernel.arg_names
     sig = {n: "constexpr" if n in consts else TYPES[n] for n in names}
     src = ASTSource(fn=qk._attn_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
@@ -84,7 +85,8 @@ def inspect(kernel) -> dict:
     best = next((b for _, b in sorted(loops, key=lambda x: x[0]) if any("MMA" in t for t in b)), [])
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in best)
     regs = re.search(r"REG:(\d+)", res)
-    return dict(regs=int(regs.group(1)) if regs else None, smem=kernel.metadata.shared, loop=len(best),
+    spills = sum(1 for _, t in ins if re.search(r"\b(STL|LDL)\b", t))   # local-memory traffic = spills
+    return dict(regs=int(regs.group(1)) if regs else None, spills=spills, smem=kernel.metadata.shared, loop=len(best),
                 top=", ".join(f"{k} {v}" for k, v in ops.most_common(6)))
 
 
@@ -95,6 +97,7 @@ def main():
     ap.add_argument("--block-n", default="64", help="tile sizes (capped at each path's key group: kivi2 16)")
     ap.add_argument("--prefetch", default="4")
     ap.add_argument("--maxnreg", default="0", help="register caps to try; 0 = none")
+    ap.add_argument("--pipe", default="1", help="double-buffered fast loop (1) and/or the plain loop (0)")
     ap.add_argument("--arch", type=int, default=90)
     a = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",")]
@@ -104,15 +107,16 @@ def main():
         for w in ints(a.warps):
             for bn in sorted({min(b, group) for b in ints(a.block_n)}):
                 for pf in ints(a.prefetch):
-                    for mr in ints(a.maxnreg):
+                    for mr, pipe in itertools.product(ints(a.maxnreg), ints(a.pipe)):
                         k = compile_kernel(path, warps=w, block_n=bn, group=group, prefetch=pf, arch=a.arch,
-                                           **({"maxnreg": mr} if mr else {}))
+                                           pipe=bool(pipe), **({"maxnreg": mr} if mr else {}))
                         r = inspect(k)
                         codes_per_thread = 2 * bn * 128 / (32 * w)
-                        rows.append(dict(path=path, warps=w, block_n=bn, prefetch=pf, maxnreg=mr or None, **r,
-                                         instr_per_code=round(r["loop"] / codes_per_thread, 2)))
+                        rows.append(dict(path=path, warps=w, block_n=bn, prefetch=pf, maxnreg=mr or None, pipe=pipe,
+                                         **r, instr_per_code=round(r["loop"] / codes_per_thread, 2)))
                         print(rows[-1], flush=True)
-    print_table(rows, ["path", "warps", "block_n", "prefetch", "maxnreg", "regs", "smem", "loop", "instr_per_code",
+    print_table(rows, ["path", "warps", "block_n", "prefetch", "maxnreg", "pipe", "regs", "spills", "smem", "loop",
+                       "instr_per_code",
                        "top"])
     emit_json({"bench": "quant_sass", "arch": a.arch, "rows": rows})
 

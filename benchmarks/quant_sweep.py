@@ -29,6 +29,8 @@ def main():
     ap.add_argument("--stages", default="0", help="software-pipelining stages; 0 = Triton's default")
     ap.add_argument("--prefetch", default="-1", help="L2 prefetch distance in tiles; -1 = the default")
     ap.add_argument("--maxnreg", default="0", help="register cap per thread; 0 = none")
+    ap.add_argument("--pipe", default="1", help="the fast path's double-buffered loop (1) and/or the plain loop (0)")
+    ap.add_argument("--reps", type=int, default=30, help="timed calls per launch (10 moved by +-30 %% between runs)")
     a = ap.parse_args()
     ctx = parse_tokens(a.context)
     model = random_model(dict(LLAMA3_8B, num_hidden_layers=1))
@@ -45,18 +47,19 @@ def main():
         nbytes = attention_bytes(kv, ctx)
         ints = lambda x: [int(v) for v in x.split(",")]
         grid = itertools.product([bool(d) for d in ints(a.dot)], ints(a.block_n), ints(a.warps), ints(a.splits),
-                                 ints(a.stages), ints(a.prefetch), ints(a.maxnreg))
-        for dot, bn, w, nsp, st, pf, mr in grid:
+                                 ints(a.stages), ints(a.prefetch), ints(a.maxnreg), ints(a.pipe))
+        for dot, bn, w, nsp, st, pf, mr, pipe in grid:
             if bn > kv.group:
                 continue
             cfg = dict(cache=spec, dot=dot, block_n=bn, warps=w, stages=st or None, splits=nsp or None,
-                       prefetch=None if pf < 0 else pf, maxnreg=mr or None)
+                       prefetch=None if pf < 0 else pf, maxnreg=mr or None, pipe=pipe)
             f = lambda: qk.quant_decode_attention(q, kv.kq[0], kv.vq[0], kv.kf[0], kv.vf[0], length, block_n=bn,
                                                   num_warps=w, num_stages=cfg["stages"], splits=cfg["splits"],
-                                                  use_dot=dot, prefetch=cfg["prefetch"], max_regs=cfg["maxnreg"], **kw)
+                                                  use_dot=dot, prefetch=cfg["prefetch"], max_regs=cfg["maxnreg"],
+                                                  pipe=bool(pipe), **kw)
             try:
                 diff = (f().float() - base).abs().max().item()
-                ms = time_cuda(f, 10)
+                ms = time_cuda(f, a.reps)
             except Exception as e:  # a launch that does not compile (registers, shared memory)
                 rows.append(dict(cfg, us=type(e).__name__))
                 continue
@@ -66,7 +69,7 @@ def main():
         del kv
         torch.cuda.empty_cache()
     rows.sort(key=lambda r: (r["cache"], r["us"] if isinstance(r["us"], float) else 1e9))
-    print_table(rows, ["cache", "dot", "block_n", "warps", "stages", "splits", "prefetch", "maxnreg", "us", "TBps",
+    print_table(rows, ["cache", "dot", "block_n", "warps", "stages", "splits", "prefetch", "maxnreg", "pipe", "us", "TBps",
                        "maxdiff"])
     emit_json({"bench": "quant_sweep", "context": ctx, "rows": rows})
 

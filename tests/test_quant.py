@@ -70,7 +70,8 @@ CASES = [  # bits, nuq, n_out, length, vgroup (sink 3, window 5, group 16, head 
 
 @pytest.mark.parametrize("bits,nuq,n_out,length,vgroup,prerope", [c + (True,) for c in CASES] + [
     # keys stored rotated (KIVI's layout): the scale folds into q, no RoPE in the kernel
-    (4, False, 0, 60, 64, False), (2, False, 0, 57, 32, False), (3, True, 1, 58, 32, False)])
+    (4, False, 0, 60, 64, False), (2, False, 0, 57, 64, False), (2, False, 0, 57, 32, False),
+    (3, True, 1, 58, 32, False)])
 def test_decode_kernel_matches_reference(bits, nuq, n_out, length, vgroup, prerope):
     B, Hq, H, D, group, sink, window, ring = 2, 6, 2, 64, 16, 3, 5, 5 + 32
     cap = 64
@@ -85,8 +86,10 @@ def test_decode_kernel_matches_reference(bits, nuq, n_out, length, vgroup, prero
     want = ref.quant_decode_attention(q, kq, vq, kf, vf, length, **kw)
     if not prerope:   # the reference really skips the rotation (else both could rotate alike)
         assert (want - ref.quant_decode_attention(q, kq, vq, kf, vf, length, **{**kw, "prerope": True})).abs().max() > 1e-2
-    for use_dot in (True, False):
-        got = qk.quant_decode_attention(q, kq, vq, kf, vf, torch.tensor([length]), splits=3, use_dot=use_dot, **kw)
+    for use_dot, splits, pipe in ((True, 3, True), (False, 3, True), (True, 1, True), (True, 1, False)):
+        # (splits=1: several tiles a program; pipe: the fast path's double-buffered loop or the plain one)
+        got = qk.quant_decode_attention(q, kq, vq, kf, vf, torch.tensor([length]), splits=splits, use_dot=use_dot,
+                                        pipe=pipe, **kw)
         assert (got - want).abs().max() < 2e-3
 
 

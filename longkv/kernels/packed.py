@@ -2,8 +2,9 @@
 
 - `codes` / `words`: the integer codes of a tile of rows (tokens) × channels from one or two bit
   planes (`quant_reference.pack`), one 32-bit vector load per row, unpacked with shifts.
-- `pair_codes` / `pair_perm`: a whole row's codes as a bf16/fp16 tile in *pair order*, two codes per
-  32-bit op (the magic-number trick of fast int4 GEMM kernels; see its docstring).
+- `pair_codes` (= `pair_tile` of `pair_words`) / `pair_perm`: a whole row's codes as a bf16/fp16 tile
+  in *pair order*, two codes per 32-bit op (the magic-number trick of fast int4 GEMM kernels; see its
+  docstring); the load and the conversion apart, so a loop can load a tile ahead.
 - `levels`: code → level (2^23 float trick for uniform levels, a lookup for a codebook).
 - `outliers`: put the full-precision outliers back into a dequantized tile.
 - `prefetch` / `prefetch_tile`: Hopper's bulk L2 prefetch of a tile's code planes and statistics.
@@ -42,12 +43,24 @@ def pair_codes(P, base, n, ok, D: tl.constexpr, PB: tl.constexpr, N: tl.constexp
     makes two floats 128 + code (1024 + code in fp16), and one packed subtract leaves the codes,
     exactly (the magic-number conversion of fast int4 GEMM kernels, Kim et al. 2022, "Who Says
     Elephants Can't Run?", FasterTransformer; PB <= 4 fits either mantissa). PAIR 0 (interpreter):
-    the same tile through integer → dt conversions."""
+    the same tile through integer → dt conversions. = `pair_tile(pair_words(...))`."""
+    return pair_tile(pair_words(P, base, n, ok, D, PB), D, PB, N, dt, PAIR)
+
+
+@triton.jit
+def pair_words(P, base, n, ok, D: tl.constexpr, PB: tl.constexpr):
+    """The (N, D·PB/32) 32-bit words of rows n (0 where not ok): the load half of `pair_codes`, so a
+    loop can issue the next tile's loads before it converts this one."""
+    NW: tl.constexpr = D * PB // 32
+    return tl.load(P + base + n[:, None] * NW + tl.arange(0, NW)[None, :], mask=ok[:, None], other=0)
+
+
+@triton.jit
+def pair_tile(w, D: tl.constexpr, PB: tl.constexpr, N: tl.constexpr, dt, PAIR: tl.constexpr):
+    """Words (N, D·PB/32) → the (N, D) pair-order tile of `pair_codes`."""
     CPW: tl.constexpr = 32 // PB
     HALF: tl.constexpr = CPW // 2
-    NW: tl.constexpr = D * PB // 32
     MASK: tl.constexpr = ((1 << PB) - 1) * 65537
-    w = tl.load(P + base + n[:, None] * NW + tl.arange(0, NW)[None, :], mask=ok[:, None], other=0)
     x = (w[:, :, None] >> (tl.arange(0, HALF) * PB)[None, None, :]) & MASK
     if PAIR == 1:
         lo, hi = tl.inline_asm_elementwise(

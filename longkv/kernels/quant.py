@@ -81,6 +81,50 @@ if triton is not None:
         return m_new, l * alpha + tl.sum(p, 1), alpha, p
 
     @triton.jit
+    def _fast_loop(q_pair, perm, m, l, acc, KP0, KS, KZ, VP0, VS, VZ, kb0, hq, sbase, start, end, scale, dt,
+                   D: tl.constexpr, PB0: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+                   USE_DOT: tl.constexpr, PAIR: tl.constexpr, PREFETCH: tl.constexpr):
+        """The packed loop of the pair-order fast path (post-RoPE keys, one value range per token)
+        with the next tile's words and statistics loaded into registers before this tile is converted
+        and multiplied (double buffering: HBM's latency overlaps a tile of work instead of stalling
+        each iteration). Returns (m, l, acc)."""
+        i = tl.arange(0, BLOCK_N)
+        n = start + i
+        ok = n < end
+        wk = pk.pair_words(KP0, kb0, n, ok, D, PB0)
+        wv = pk.pair_words(VP0, kb0, n, ok, D, PB0)
+        srow = (sbase + start // GROUP) * D
+        live = start < end
+        ks = tl.load(KS + srow + perm, mask=perm < tl.where(live, D, 0), other=0.0)
+        kz = tl.load(KZ + srow + perm, mask=perm < tl.where(live, D, 0), other=0.0)
+        vs = tl.load(VS + hq + n, mask=ok, other=0.0)
+        vz = tl.load(VZ + hq + n, mask=ok, other=0.0)
+        for n0 in range(start, end, BLOCK_N):
+            if PREFETCH > 0:
+                nj = n0 + PREFETCH * BLOCK_N
+                pk.prefetch_tile(KP0, KP0, KS, KZ, VP0, VP0, VS, VZ, kb0, kb0, hq, (sbase + nj // GROUP) * D, nj,
+                                 end, D, PB0, 0, 1, BLOCK_N, True)
+            n1 = n0 + BLOCK_N + i
+            ok1 = n1 < end
+            wk1 = pk.pair_words(KP0, kb0, n1, ok1, D, PB0)
+            wv1 = pk.pair_words(VP0, kb0, n1, ok1, D, PB0)
+            srow1 = (sbase + (n0 + BLOCK_N) // GROUP) * D
+            live1 = n0 + BLOCK_N < end
+            ks1 = tl.load(KS + srow1 + perm, mask=perm < tl.where(live1, D, 0), other=0.0)
+            kz1 = tl.load(KZ + srow1 + perm, mask=perm < tl.where(live1, D, 0), other=0.0)
+            vs1 = tl.load(VS + hq + n1, mask=ok1, other=0.0)
+            vz1 = tl.load(VZ + hq + n1, mask=ok1, other=0.0)
+            kc = pk.pair_tile(wk, D, PB0, BLOCK_N, dt, PAIR)
+            ksf = ks.to(tl.float32)[None, :]
+            s = _qk(q_pair * ksf, kc, dt, USE_DOT) + tl.sum(q_pair * kz.to(tl.float32)[None, :], 1)[:, None]
+            m, l, alpha, p = _softmax(s, ok, m, l, scale)
+            vc = pk.pair_tile(wv, D, PB0, BLOCK_N, dt, PAIR)
+            pv = _pv(p * vs.to(tl.float32)[None, :], vc, dt, USE_DOT)
+            acc = acc * alpha[:, None] + pv + tl.sum(p * vz.to(tl.float32)[None, :], 1)[:, None]
+            wk, wv, ks, kz, vs, vz, ok = wk1, wv1, ks1, kz1, vs1, vz1, ok1
+        return m, l, acc
+
+    @triton.jit
     def _attn_kernel(Q, Len, KP0, KP1, KS, KZ, KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV, KF, VF, Freq, Tab,
                      LutK, LutV, Out, Lse, scale, rope_scaling,
                      HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
@@ -88,7 +132,8 @@ if triton is not None:
                      PB0: tl.constexpr, PB1: tl.constexpr, N_OUT: tl.constexpr, SINK: tl.constexpr,
                      WINDOW: tl.constexpr, RING: tl.constexpr, NQ_CAP: tl.constexpr,
                      NUQ_K: tl.constexpr, NUQ_V: tl.constexpr, BLOCK_F: tl.constexpr, TS: tl.constexpr,
-                     USE_DOT: tl.constexpr, PREROPE: tl.constexpr, PREFETCH: tl.constexpr, PAIR: tl.constexpr):
+                     USE_DOT: tl.constexpr, PREROPE: tl.constexpr, PREFETCH: tl.constexpr, PAIR: tl.constexpr,
+                     PIPE: tl.constexpr):
         bh = tl.program_id(0)
         split = tl.program_id(1)
         h: tl.constexpr = D // 2
@@ -139,6 +184,10 @@ if triton is not None:
                 nj = start + j * BLOCK_N
                 pk.prefetch_tile(KP0, KP1, KS, KZ, VP0, VP1, VS, VZ, kb0, kb1, hq, (sbase + nj // GROUP) * D, nj,
                                  end, D, PB0, PB1, NVG, BLOCK_N, FOLD_V)
+            if PIPE and FAST_K and FAST_V:   # double-buffered loop (`_fast_loop`)
+                m, l, acc = _fast_loop(q_pair, perm, m, l, acc, KP0, KS, KZ, VP0, VS, VZ, kb0, hq, sbase, start, end,
+                                       scale, dt, D, PB0, BLOCK_N, GROUP, USE_DOT, PAIR, PREFETCH)
+                end = start   # (the loop below then does nothing)
             for n0 in range(start, end, BLOCK_N):
                 if PREFETCH > 0:
                     nj = n0 + PREFETCH * BLOCK_N
@@ -243,6 +292,7 @@ TS = 16                      # rope_table step: every TS-th position
 PREFETCH = 4                 # L2 bulk prefetch this many tiles ahead (Hopper and later; 0 = off)
 NUM_WARPS = None             # None: `_default_warps`
 MAX_REGS = None              # register cap per thread (None: the compiler's choice)
+PIPE = True                  # double-buffered fast loop (`_fast_loop`); False: the plain loop
 
 
 def _default_warps(tile: int, fast_k: bool) -> int:
@@ -288,7 +338,7 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
                            num_warps: int | None = None, num_stages: int | None = None,
                            rope_tab: torch.Tensor | None = None, use_dot: bool | None = None,
                            prerope: bool = True, prefetch: int | None = None,
-                           max_regs: int | None = None) -> torch.Tensor:
+                           max_regs: int | None = None, pipe: bool | None = None) -> torch.Tensor:
     """q (B, Hq, 1, D) post-RoPE; the packed cache of one layer (see `ref.quant_decode_attention`);
     length: (1,) int64 device tensor; rope_tab: `rope_table(inv_freq, table_positions(...))`, made
     here when not given (the cache keeps one); prerope=False: keys stored rotated (no RoPE here);
@@ -323,7 +373,7 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
         GROUP=group, VG=vgroup, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out, SINK=sink,
         WINDOW=window, RING=ring, NQ_CAP=cap, NUQ_K=lut_k is not None, NUQ_V=lut_v is not None,
         BLOCK_F=32, TS=TS, USE_DOT=use_dot, PREROPE=prerope,
-        PREFETCH=_prefetch_tiles(q, prefetch), PAIR=_pair_mode(q),
+        PREFETCH=_prefetch_tiles(q, prefetch), PAIR=_pair_mode(q), PIPE=PIPE if pipe is None else pipe,
         num_warps=num_warps or NUM_WARPS or _default_warps(min(group, block_n or BLOCK_N), fast_k),
         **({} if num_stages is None else {"num_stages": num_stages}),
         **({} if (max_regs or MAX_REGS) is None or not q.is_cuda else {"maxnreg": max_regs or MAX_REGS}))
