@@ -188,8 +188,9 @@ if triton is not None:
         tl.store(Out + row[:, None] * D + cols[None, :], acc / den, mask=gm)
 
 
-PAGES_PER_SPLIT = 8          # selected pages a program reads (benchmarks/sparse_decode.py)
-NUM_WARPS = 2                # the fast launch: 61 vs 82 µs with 4 (H200, 128K, 1/8; sparse_decode.py)
+SPLITS = 128                 # programs a row (fewer when the table is shorter) and warps of the fast
+NUM_WARPS = 1                # launch: H200, 128K (sparse_decode.py): 1/8 40.5 µs (64 splits: 51.1, 2 warps:
+                             # 50.4), 1/32 22.4 µs (32 splits x 2 warps, the earlier default: 28.9)
 
 
 def quant_paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, last, *, row_pages: int, page: int,
@@ -211,7 +212,7 @@ def quant_paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, la
                                          page=page, bits=bits, group=group, vgroup=vgroup, sink=sink,
                                          window=window, scale=scale, softcap=softcap)
     G = Hq // (BH // B)
-    S = splits or max(1, min(128, triton.cdiv(table.shape[1], PAGES_PER_SPLIT)))
+    S = splits or max(1, min(SPLITS, table.shape[1]))
     pb = ref.PLANES[bits]
     n_out = kq["out_idx"].shape[-1] if "out_idx" in kq else 0
     fast = len(pb) == 1 and pb[0] <= 4 and vgroup == D and n_out == 0 and group >= page
