@@ -14,6 +14,7 @@
 #   qsweep    issue 4: packed-kernel sweep over warps and pipelining stages at 128K
 #   kivi      issue 4: the post-RoPE fast path (kivi4, kivi2) next to full and kv4, 32K-512K
 #   kivisweep issue 4: its tile / warp sweep at 128K
+#   nopipe    issue 4: kivi4 at 128K with the plain loop (next to the kivi step's double-buffered one)
 #   pipesweep issue 4: the double-buffered fast loop against the plain one (tiles x warps) at 128K
 #   hfquant   issue 4: transformers' QuantizedCache (optimum-quanto) vs its DynamicCache at 32K
 #   sparse    issue 5: gemma3 NIAH at 8x; RULER-style grid (trimmed), longkv and kvpress; report
@@ -62,7 +63,9 @@ step() {
               bench "$1" 330 $PY sparse_decode.py --contexts "${ctx}k" --layers 32 \
                 --only "full,quest 1/8,quest 1/8 r4,quest 1/8 r4 exact,quest 1/8 r8" ;;
     questq128|questq512) ctx=${1#questq}
-              bench "$1" 280 $PY sparse_decode.py --contexts "${ctx}k" --layers 32 --only "full,kv4,quest 1/8,kv4+quest 1/8,kv4+quest 1/32" ;;
+              bench "$1" 330 $PY sparse_decode.py --contexts "${ctx}k" --layers 32 \
+                --only "full,kivi4,quest 1/8,quest 1/32,kv4+quest 1/8,kv4+quest 1/32" ;;
+    nopipe) bench nopipe 120 $PY quant_decode.py --contexts 128k --caches full,kivi4 --new-tokens 24 --pipe 0 ;;
     quant) bench quant 240 $PY quant_decode.py --contexts 32k,128k,512k --caches full,kv4,kv2 --new-tokens 24 ;;
     qsweep) bench qsweep 90 $PY quant_sweep.py --context 128k --caches kv4,kv2 --dot 1 --block-n 64 --warps 4,8 \
               --stages 0,1,2,3,4 ;;
