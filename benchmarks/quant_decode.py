@@ -170,9 +170,10 @@ def main():
     ap.add_argument("--maxnreg", type=int, help="packed kernel: register cap per thread")
     ap.add_argument("--prefetch", type=int, help="packed kernel: L2 prefetch distance in tiles")
     ap.add_argument("--pipe", type=int, help="packed kernel: double-buffered fast loop (1) or the plain one (0)")
+    ap.add_argument("--block-n", type=int, help="packed kernel: tokens a tile (capped at the key group)")
     ap.add_argument("--smoke", action="store_true", help="tiny model and contexts (CPU check)")
     a = ap.parse_args()
-    knobs = {"warps": "NUM_WARPS", "maxnreg": "MAX_REGS", "prefetch": "PREFETCH", "pipe": "PIPE"}
+    knobs = {"warps": "NUM_WARPS", "maxnreg": "MAX_REGS", "prefetch": "PREFETCH", "pipe": "PIPE", "block_n": "BLOCK_N"}
     for name, knob in knobs.items():   # launch defaults of the packed kernel, for this run
         if getattr(a, name) is not None:
             setattr(qk, knob, getattr(a, name))
