@@ -88,8 +88,8 @@ def test_fast_path_is_taken_for_whole_pages(monkeypatch):
     from longkv.kernels import packed as pk
 
     calls = []
-    orig = pk.pair_tile
-    monkeypatch.setattr(pk, "pair_tile", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    orig = pk.pair_codes
+    monkeypatch.setattr(pk, "pair_codes", lambda *a, **k: calls.append(1) or orig(*a, **k))
     B, H, G, length, sink, group, window = 1, 1, 2, 300, 4, 32, 24
     kq, vq, kf, vf = layer(B, H, length, bits=4, group=group, vgroup=D, sink=sink, window=window, n_out=0, seed=3)
     row_pages = -(-length // P)

@@ -21,6 +21,12 @@ Two tile paths:
 Both produce tiles in the same column order (pair order when the fast path is possible at all), so
 one accumulator serves both; the store puts the columns back.
 
+Measured (H200, Llama-3-8B shape, 128K / 512K, kv4+quest 1/8, BENCHMARKS.md): the kernel 40 / 137 µs a
+layer; the whole step 8.6 / 13.7 ms against full bf16's 9.3 / 21.0 (1.08x / 1.53x faster, at 0.34x of
+its memory). Tried and not kept: the middle and the edges in one launch (the general path's registers
+for every program: 82 µs), the edges in one program a row (serial: 1/32 got slower than before), the
+fast loop double-buffered as kernels/quant.py's `_fast_loop` (fewer registers offline, but 50 / 162 µs).
+
 Reference: `quant_reference.quant_paged_attention`. Without a GPU the wrapper uses it unless
 `TRITON_INTERPRET=1` (the tests) forces the Triton path.
 """
@@ -105,30 +111,6 @@ if triton is not None:
         return m_new, l, acc * alpha[:, None] + _pv(p, v, dt, USE_DOT)
 
     @triton.jit
-    def _fast_page_load(Table, KP0, KS, KZ, VP0, VS, VZ, bh, stab, row_pages, jj, live, hq, kb0, sbase, cols,
-                        D: tl.constexpr, P: tl.constexpr, GROUP: tl.constexpr, PB0: tl.constexpr, SINK: tl.constexpr):
-        """The loads of table entry jj for the fast path (nothing read when not live): its rows' packed
-        words (keys, values), the statistics of the key groups its first and last rows fall in, the
-        rows' value scales and zeros. → (qi, ga, gb, wk, wv, ksa, kza, ksb, kzb, vs, vz)."""
-        t = tl.arange(0, P)
-        page = tl.load(Table + bh * stab + jj, mask=live, other=0) - bh * row_pages
-        s0 = tl.where(live, page * P - SINK, 0)                  # the page's first quantized row
-        qi = s0 + t
-        okr = t < tl.where(live, P, 0)
-        okc = cols < tl.where(live, D, 0)
-        ga = s0 // GROUP
-        gb = (s0 + P - 1) // GROUP
-        wk = pk.pair_words(KP0, kb0, qi, okr, D, PB0)
-        wv = pk.pair_words(VP0, kb0, qi, okr, D, PB0)
-        ksa = tl.load(KS + (sbase + ga) * D + cols, mask=okc, other=0.0)
-        kza = tl.load(KZ + (sbase + ga) * D + cols, mask=okc, other=0.0)
-        ksb = tl.load(KS + (sbase + gb) * D + cols, mask=okc, other=0.0)
-        kzb = tl.load(KZ + (sbase + gb) * D + cols, mask=okc, other=0.0)
-        vs = tl.load(VS + hq + qi, mask=okr, other=0.0)
-        vz = tl.load(VZ + hq + qi, mask=okr, other=0.0)
-        return qi, ga, gb, wk, wv, ksa, kza, ksb, kzb, vs, vz
-
-    @triton.jit
     def _paged_quant_kernel(Q, Len, Table, Nsel, Last, KP0, KP1, KS, KZ, KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV,
                             KF, VF, Out, Lse, stab, row_pages, scale,
                             G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
@@ -174,27 +156,25 @@ if triton is not None:
             kb0 = hq * (D * PB0 // 32)
             sbase = bh.to(tl.int64) * (NQ_CAP // GROUP)
             per = tl.cdiv(jb - ja, SPLITS)
-            j0 = ja + split * per
-            j1 = tl.minimum(j0 + per, jb)
-            # double buffering: entry jj + 1's words and statistics are loaded before entry jj is used
-            qi, ga, gb, wk, wv, ksa, kza, ksb, kzb, vs, vz = _fast_page_load(
-                Table, KP0, KS, KZ, VP0, VS, VZ, bh, stab, row_pages, j0, j0 < j1, hq, kb0, sbase, cols, D, P, GROUP,
-                PB0, SINK)
-            for jj in range(j0, j1):
-                qi1, ga1, gb1, wk1, wv1, ksa1, kza1, ksb1, kzb1, vs1, vz1 = _fast_page_load(
-                    Table, KP0, KS, KZ, VP0, VS, VZ, bh, stab, row_pages, jj + 1, jj + 1 < j1, hq, kb0, sbase, cols,
-                    D, P, GROUP, PB0, SINK)
-                kc = pk.pair_tile(wk, D, PB0, P, dt, PAIR)
-                s = _qk(q * ksa.to(tl.float32)[None, :], kc, dt, USE_DOT) + tl.sum(q * kza.to(tl.float32)[None, :], 1)[:, None]
+            for jj in range(ja + split * per, tl.minimum(ja + (split + 1) * per, jb)):
+                s0 = (tl.load(Table + bh * stab + jj) - bh * row_pages) * P - SINK   # first quantized row
+                qi = s0 + t
+                ga = s0 // GROUP
+                ks = tl.load(KS + (sbase + ga) * D + cols).to(tl.float32)[None, :]
+                kz = tl.load(KZ + (sbase + ga) * D + cols).to(tl.float32)[None, :]
+                kc = pk.pair_codes(KP0, kb0, qi, t < P, D, PB0, P, dt, PAIR)
+                s = _qk(q * ks, kc, dt, USE_DOT) + tl.sum(q * kz, 1)[:, None]
+                gb = (s0 + P - 1) // GROUP
                 if gb != ga:   # the page crosses into the next key group: its rows score with that group's
-                    sb = _qk(q * ksb.to(tl.float32)[None, :], kc, dt, USE_DOT)
-                    sb = sb + tl.sum(q * kzb.to(tl.float32)[None, :], 1)[:, None]
+                    ks = tl.load(KS + (sbase + gb) * D + cols).to(tl.float32)[None, :]
+                    kz = tl.load(KZ + (sbase + gb) * D + cols).to(tl.float32)[None, :]
+                    sb = _qk(q * ks, kc, dt, USE_DOT) + tl.sum(q * kz, 1)[:, None]
                     s = tl.where((qi // GROUP == ga)[None, :], s, sb)
                 m, l, alpha, p = _softmax(s, t < P, m, l, scale)
-                vc = pk.pair_tile(wv, D, PB0, P, dt, PAIR)
-                pv = _pv(p * vs.to(tl.float32)[None, :], vc, dt, USE_DOT)
-                acc = acc * alpha[:, None] + pv + tl.sum(p * vz.to(tl.float32)[None, :], 1)[:, None]
-                qi, ga, gb, wk, wv, ksa, kza, ksb, kzb, vs, vz = qi1, ga1, gb1, wk1, wv1, ksa1, kza1, ksb1, kzb1, vs1, vz1
+                vs = tl.load(VS + hq + qi).to(tl.float32)
+                vz = tl.load(VZ + hq + qi).to(tl.float32)
+                vc = pk.pair_codes(VP0, kb0, qi, t < P, D, PB0, P, dt, PAIR)
+                acc = acc * alpha[:, None] + _pv(p * vs[None, :], vc, dt, USE_DOT) + tl.sum(p * vz[None, :], 1)[:, None]
         elif MODE == 1:   # one edge entry a program: [0, ja) by e < NPRE, [jb, nsel) by the rest
             jj = tl.where(split < NPRE, split, jb + split - NPRE)
             if tl.where(split < NPRE, jj < ja, jj < nsel):
