@@ -36,6 +36,10 @@
 # sweep by hand; rerank512], [quest_rerank.py + ncu by hand], [copy x4; copy; install; gemma3 NIAH
 # 16K/32K x 8 depths, quest r4/r8, by hand (BENCHMARKS.md)], [rerank128 rerank512], [quest_rerank.py
 # --words by hand; questq128]; three starts refused.
+# Session 7 (2026-12-03): [questq128] after each kv4+quest kernel change (5 calls, one start refused),
+# [pipesweep; quant_decode.py 128k by hand; questq128], [questq128 kivi nopipe with
+# KIVI_CTX=32k,128k,512k], [questq512], [questq128 questq512; quant_decode.py --block-n 32 --warps 2
+# by hand].
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

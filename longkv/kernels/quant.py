@@ -27,11 +27,16 @@ two codes per 32-bit op, in *pair order* (`packed.pair_codes`; q, the key statis
 columns are permuted to match): 8.7 instead of 11.4 SASS instructions per code in the loop (sm_90,
 compiled offline). Hopper's bulk L2 prefetch runs `PREFETCH` tiles ahead.
 
-Where it stands (H200, 128K, BENCHMARKS.md issue 4): kivi4 243 µs a layer vs bf16's 143 — still
-slower than bf16. ncu: DRAM 12 % busy, 251 registers a thread → 2 warps a scheduler, stalls spread
-over shared-memory, fixed-latency and global-load dependencies: latency-bound with too few warps.
-Capping registers (`MAX_REGS`) trades that for spills (kv4 -2 %, kivi4 +28 %). A CUDA-core variant
-(`use_dot=False`) is kept for comparison; it is ~3x slower in Triton.
+On that path the loop is double-buffered (`_fast_loop`, `PIPE`): the next tile's words and statistics
+are loaded into registers before this tile is converted, so HBM's latency overlaps a tile of work
+(and, offline, 254 → 213 registers at 4 warps).
+
+Where it stands (H200, BENCHMARKS.md issue 4): kivi4 decodes at 1.12x of bf16 full at 128K and 1.16x
+at 512K (1.24x / 1.40x before the double buffering) — still slower than bf16. ncu (before it): DRAM
+12 % busy, 251 registers a thread → 2 warps a scheduler, stalls spread over shared-memory,
+fixed-latency and global-load dependencies: latency-bound with too few warps. Capping registers
+(`MAX_REGS`) trades that for spills (kv4 -2 %, kivi4 +28 %). A CUDA-core variant (`use_dot=False`) is
+kept for comparison; it is ~3x slower in Triton.
 
 References: `kernels/quant_reference.py`. Without a GPU the wrappers use the references unless
 `TRITON_INTERPRET=1` (the tests) forces the Triton path.
