@@ -1,7 +1,8 @@
 """Reading packed KV tiles in Triton: the pieces `kernels/quant.py`'s decode kernel is built from.
 
 - `codes` / `words`: the integer codes of a tile of rows (tokens) × channels from one or two bit
-  planes (`quant_reference.pack`), one 32-bit vector load per row, unpacked with shifts.
+  planes (`quant_reference.pack`), one 32-bit vector load per row, unpacked with shifts; `codes_at`:
+  the same for channels in any order (element by element).
 - `pair_codes` (= `pair_tile` of `pair_words`) / `pair_perm`: a whole row's codes as a bf16/fp16 tile
   in *pair order*, two codes per 32-bit op (the magic-number trick of fast int4 GEMM kernels; see its
   docstring); the load and the conversion apart, so a loop can load a tile ahead.
@@ -32,6 +33,20 @@ def codes(P0, P1, base0, base1, n, ok, c0: tl.constexpr, C: tl.constexpr, D: tl.
     if PB1 > 0:
         code = code | (words(P1, base1, n, ok, c0 * PB1 // 32, D * PB1 // 32, C * PB1 // 32, PB1, N) << PB0)
     return code
+
+
+@triton.jit
+def codes_at(P0, P1, base0, base1, rows, ok, ch, D: tl.constexpr, PB0: tl.constexpr, PB1: tl.constexpr):
+    """Codes (N, C) int32 of channels ch (C,) of rows (N,), any order: each element from its own word
+    (`codes` reads whole rows in channel order; this one serves a tile whose columns are permuted)."""
+    CPW0: tl.constexpr = 32 // PB0
+    w = tl.load(P0 + base0 + rows[:, None] * (D * PB0 // 32) + (ch // CPW0)[None, :], mask=ok[:, None], other=0)
+    c = (w >> ((ch % CPW0) * PB0)[None, :]) & ((1 << PB0) - 1)
+    if PB1 > 0:
+        CPW1: tl.constexpr = 32 // PB1
+        w1 = tl.load(P1 + base1 + rows[:, None] * (D * PB1 // 32) + (ch // CPW1)[None, :], mask=ok[:, None], other=0)
+        c = c | (((w1 >> ((ch % CPW1) * PB1)[None, :]) & ((1 << PB1) - 1)) << PB0)
+    return c
 
 
 @triton.jit

@@ -192,69 +192,71 @@ if triton is not None:
             if PIPE and FAST_K and FAST_V:   # double-buffered loop (`_fast_loop`)
                 m, l, acc = _fast_loop(q_pair, perm, m, l, acc, KP0, KS, KZ, VP0, VS, VZ, kb0, hq, sbase, start, end,
                                        scale, dt, D, PB0, BLOCK_N, GROUP, USE_DOT, PAIR, PREFETCH)
-                end = start   # (the loop below then does nothing)
-            for n0 in range(start, end, BLOCK_N):
-                if PREFETCH > 0:
-                    nj = n0 + PREFETCH * BLOCK_N
-                    pk.prefetch_tile(KP0, KP1, KS, KZ, VP0, VP1, VS, VZ, kb0, kb1, hq, (sbase + nj // GROUP) * D, nj,
-                                     end, D, PB0, PB1, NVG, BLOCK_N, FOLD_V)
-                n = n0 + i
-                ok = n < end
-                srow = (sbase + n0 // GROUP) * D
-                if PREROPE:
-                    k_lo = pk.levels(pk.codes(KP0, KP1, kb0, kb1, n, ok, 0, h, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
-                    k_hi = pk.levels(pk.codes(KP0, KP1, kb0, kb1, n, ok, h, h, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
-                    k_lo = k_lo * tl.load(KS + srow + c_lo).to(tl.float32)[None, :] + tl.load(KZ + srow + c_lo).to(tl.float32)[None, :]
-                    k_hi = k_hi * tl.load(KS + srow + c_hi).to(tl.float32)[None, :] + tl.load(KZ + srow + c_hi).to(tl.float32)[None, :]
-                    if N_OUT > 0:
-                        rows = tl.where(ok, hq + n, hq)
-                        k_lo = pk.outliers(k_lo, KOI, KOV, rows, c_lo, N_OUT)
-                        k_hi = pk.outliers(k_hi, KOI, KOV, rows, c_hi, N_OUT)
-                    r_lo = k_lo * ci - k_hi * si
-                    r_hi = k_hi * ci + k_lo * si
-                    tab = Tab + ((SINK + n0) // TS) * D
-                    ca = (tl.load(tab + c_lo) * rope_scaling)[None, :]
-                    sa = (tl.load(tab + c_hi) * rope_scaling)[None, :]
-                    qa_lo = q_lo * ca + q_hi * sa
-                    qa_hi = q_hi * ca - q_lo * sa
-                    s = _qk(qa_lo, r_lo, dt, USE_DOT) + _qk(qa_hi, r_hi, dt, USE_DOT)
-                else:  # keys stored rotated (KIVI): a tile shares one scale/zero per channel, so
-                    # q·(c∘s + z) = (q∘s)·c + q·z — the key tile is the levels themselves, no per-element
-                    # dequantization or rotation (the scale folds into q once per tile)
-                    if FAST_K:  # the same on a pair-order tile (`packed.pair_codes`; q and the stats permuted to match)
-                        ks = tl.load(KS + srow + perm).to(tl.float32)[None, :]
-                        kz = tl.load(KZ + srow + perm).to(tl.float32)[None, :]
-                        kc = pk.pair_codes(KP0, kb0, n, ok, D, PB0, BLOCK_N, dt, PAIR)
-                        s = _qk(q_pair * ks, kc, dt, USE_DOT) + tl.sum(q_pair * kz, 1)[:, None]
-                    else:
-                        ks = tl.load(KS + srow + d).to(tl.float32)[None, :]
-                        kz = tl.load(KZ + srow + d).to(tl.float32)[None, :]
-                        kl = pk.levels(pk.codes(KP0, KP1, kb0, kb1, n, ok, 0, D, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
+            else:
+                for n0 in range(start, end, BLOCK_N):
+                    if PREFETCH > 0:
+                        nj = n0 + PREFETCH * BLOCK_N
+                        pk.prefetch_tile(KP0, KP1, KS, KZ, VP0, VP1, VS, VZ, kb0, kb1, hq, (sbase + nj // GROUP) * D, nj,
+                                         end, D, PB0, PB1, NVG, BLOCK_N, FOLD_V)
+                    n = n0 + i
+                    ok = n < end
+                    srow = (sbase + n0 // GROUP) * D
+                    if PREROPE:
+                        k_lo = pk.levels(pk.codes(KP0, KP1, kb0, kb1, n, ok, 0, h, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
+                        k_hi = pk.levels(pk.codes(KP0, KP1, kb0, kb1, n, ok, h, h, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
+                        k_lo = (k_lo * tl.load(KS + srow + c_lo).to(tl.float32)[None, :]
+                                + tl.load(KZ + srow + c_lo).to(tl.float32)[None, :])
+                        k_hi = (k_hi * tl.load(KS + srow + c_hi).to(tl.float32)[None, :]
+                                + tl.load(KZ + srow + c_hi).to(tl.float32)[None, :])
                         if N_OUT > 0:
                             rows = tl.where(ok, hq + n, hq)
-                            s = _qk(q, pk.outliers(kl * ks + kz, KOI, KOV, rows, d, N_OUT), dt, USE_DOT)
+                            k_lo = pk.outliers(k_lo, KOI, KOV, rows, c_lo, N_OUT)
+                            k_hi = pk.outliers(k_hi, KOI, KOV, rows, c_hi, N_OUT)
+                        r_lo = k_lo * ci - k_hi * si
+                        r_hi = k_hi * ci + k_lo * si
+                        tab = Tab + ((SINK + n0) // TS) * D
+                        ca = (tl.load(tab + c_lo) * rope_scaling)[None, :]
+                        sa = (tl.load(tab + c_hi) * rope_scaling)[None, :]
+                        qa_lo = q_lo * ca + q_hi * sa
+                        qa_hi = q_hi * ca - q_lo * sa
+                        s = _qk(qa_lo, r_lo, dt, USE_DOT) + _qk(qa_hi, r_hi, dt, USE_DOT)
+                    else:  # keys stored rotated (KIVI): a tile shares one scale/zero per channel, so
+                        # q·(c∘s + z) = (q∘s)·c + q·z — the key tile is the levels themselves, no per-element
+                        # dequantization or rotation (the scale folds into q once per tile)
+                        if FAST_K:  # the same on a pair-order tile (`packed.pair_codes`; q, stats permuted)
+                            ks = tl.load(KS + srow + perm).to(tl.float32)[None, :]
+                            kz = tl.load(KZ + srow + perm).to(tl.float32)[None, :]
+                            kc = pk.pair_codes(KP0, kb0, n, ok, D, PB0, BLOCK_N, dt, PAIR)
+                            s = _qk(q_pair * ks, kc, dt, USE_DOT) + tl.sum(q_pair * kz, 1)[:, None]
                         else:
-                            s = _qk(q * ks, kl, dt, USE_DOT) + tl.sum(q * kz, 1)[:, None]
-                m, l, alpha, p = _softmax(s, ok, m, l, scale)
-                if FOLD_V:  # sum_n p_n (c_n s_n + z_n) = (p∘s)·c + p·z: dequantization costs O(N), not O(N·D)
-                    vs = tl.load(VS + hq + n, mask=ok, other=0.0).to(tl.float32)
-                    vz = tl.load(VZ + hq + n, mask=ok, other=0.0).to(tl.float32)
-                    if FAST_V:  # acc's columns in pair order; the store below puts them back
-                        vc = pk.pair_codes(VP0, kb0, n, ok, D, PB0, BLOCK_N, dt, PAIR)
+                            ks = tl.load(KS + srow + d).to(tl.float32)[None, :]
+                            kz = tl.load(KZ + srow + d).to(tl.float32)[None, :]
+                            kl = pk.levels(pk.codes(KP0, KP1, kb0, kb1, n, ok, 0, D, D, PB0, PB1, BLOCK_N), LutK, NUQ_K)
+                            if N_OUT > 0:
+                                rows = tl.where(ok, hq + n, hq)
+                                s = _qk(q, pk.outliers(kl * ks + kz, KOI, KOV, rows, d, N_OUT), dt, USE_DOT)
+                            else:
+                                s = _qk(q * ks, kl, dt, USE_DOT) + tl.sum(q * kz, 1)[:, None]
+                    m, l, alpha, p = _softmax(s, ok, m, l, scale)
+                    if FOLD_V:  # sum_n p_n (c_n s_n + z_n) = (p∘s)·c + p·z: dequantization costs O(N), not O(N·D)
+                        vs = tl.load(VS + hq + n, mask=ok, other=0.0).to(tl.float32)
+                        vz = tl.load(VZ + hq + n, mask=ok, other=0.0).to(tl.float32)
+                        if FAST_V:  # acc's columns in pair order; the store below puts them back
+                            vc = pk.pair_codes(VP0, kb0, n, ok, D, PB0, BLOCK_N, dt, PAIR)
+                        else:
+                            vc = pk.levels(pk.codes(VP0, VP1, kb0, kb1, n, ok, 0, D, D, PB0, PB1, BLOCK_N), LutV, False)
+                        pv = _pv(p * vs[None, :], vc, dt, USE_DOT)
+                        acc = acc * alpha[:, None] + pv + tl.sum(p * vz[None, :], 1)[:, None]
                     else:
-                        vc = pk.levels(pk.codes(VP0, VP1, kb0, kb1, n, ok, 0, D, D, PB0, PB1, BLOCK_N), LutV, False)
-                    pv = _pv(p * vs[None, :], vc, dt, USE_DOT)
-                    acc = acc * alpha[:, None] + pv + tl.sum(p * vz[None, :], 1)[:, None]
-                else:
-                    cv = pk.codes(VP0, VP1, kb0, kb1, n, ok, 0, D, D, PB0, PB1, BLOCK_N)
-                    rows = tl.where(ok, hq + n, hq)
-                    vrow = rows[:, None] * NVG + tl.arange(0, NVG)[None, :]
-                    vs = tl.load(VS + vrow).to(tl.float32)
-                    vz = tl.load(VZ + vrow).to(tl.float32)
-                    v = tl.reshape(pk.levels(cv, LutV, NUQ_V), (BLOCK_N, NVG, VG))
-                    v = tl.reshape(v * vs[:, :, None] + vz[:, :, None], (BLOCK_N, D))
-                    v = pk.outliers(v, VOI, VOV, rows, d, N_OUT)
-                    acc = acc * alpha[:, None] + _pv(p, v, dt, USE_DOT)
+                        cv = pk.codes(VP0, VP1, kb0, kb1, n, ok, 0, D, D, PB0, PB1, BLOCK_N)
+                        rows = tl.where(ok, hq + n, hq)
+                        vrow = rows[:, None] * NVG + tl.arange(0, NVG)[None, :]
+                        vs = tl.load(VS + vrow).to(tl.float32)
+                        vz = tl.load(VZ + vrow).to(tl.float32)
+                        v = tl.reshape(pk.levels(cv, LutV, NUQ_V), (BLOCK_N, NVG, VG))
+                        v = tl.reshape(v * vs[:, :, None] + vz[:, :, None], (BLOCK_N, D))
+                        v = pk.outliers(v, VOI, VOV, rows, d, N_OUT)
+                        acc = acc * alpha[:, None] + _pv(p, v, dt, USE_DOT)
         else:  # full precision: sink slots, then the ring (position p >= SINK in slot SINK + (p-SINK) % RING)
             last = length - 1
             fb = bh.to(tl.int64) * (SINK + RING) * D

@@ -52,20 +52,6 @@ except ImportError:  # CPU installs without triton use the reference
 if triton is not None:
 
     @triton.jit
-    def _codes_at(P0, P1, base0, base1, rows, ok, ch, D: tl.constexpr, PB0: tl.constexpr, PB1: tl.constexpr):
-        """Codes (N, C) int32 of channels ch (C,) of rows (N,): each element from its own word (the
-        general path's reader; `packed.codes` reads whole rows in channel order)."""
-        CPW0: tl.constexpr = 32 // PB0
-        w = tl.load(P0 + base0 + rows[:, None] * (D * PB0 // 32) + (ch // CPW0)[None, :], mask=ok[:, None], other=0)
-        c = (w >> ((ch % CPW0) * PB0)[None, :]) & ((1 << PB0) - 1)
-        if PB1 > 0:
-            CPW1: tl.constexpr = 32 // PB1
-            w1 = tl.load(P1 + base1 + rows[:, None] * (D * PB1 // 32) + (ch // CPW1)[None, :], mask=ok[:, None],
-                         other=0)
-            c = c | (((w1 >> ((ch % CPW1) * PB1)[None, :]) & ((1 << PB1) - 1)) << PB0)
-        return c
-
-    @triton.jit
     def _rows_tile(KP0, KP1, KS, KZ, KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV, KF, VF, slot, ok, nq, cols, hq, kb0, kb1,
                    sbase, fb, D: tl.constexpr, GROUP: tl.constexpr, VG: tl.constexpr, PB0: tl.constexpr,
                    PB1: tl.constexpr, N_OUT: tl.constexpr, SINK: tl.constexpr, RING: tl.constexpr):
@@ -77,10 +63,10 @@ if triton is not None:
         isq = ok & (slot >= SINK) & (qi < nq)
         qr = tl.where(isq, qi, 0)
         rows = hq + qr
-        kl = pk.levels(_codes_at(KP0, KP1, kb0, kb1, qr, isq, cols, D, PB0, PB1), KS, False)
+        kl = pk.levels(pk.codes_at(KP0, KP1, kb0, kb1, qr, isq, cols, D, PB0, PB1), KS, False)
         krow = (sbase + qr // GROUP)[:, None] * D + cols[None, :]
         k = kl * tl.load(KS + krow).to(tl.float32) + tl.load(KZ + krow).to(tl.float32)
-        vl = pk.levels(_codes_at(VP0, VP1, kb0, kb1, qr, isq, cols, D, PB0, PB1), VS, False)
+        vl = pk.levels(pk.codes_at(VP0, VP1, kb0, kb1, qr, isq, cols, D, PB0, PB1), VS, False)
         vrow = rows[:, None] * NVG + (cols // VG)[None, :]
         v = vl * tl.load(VS + vrow).to(tl.float32) + tl.load(VZ + vrow).to(tl.float32)
         if N_OUT > 0:
