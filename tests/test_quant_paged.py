@@ -10,6 +10,7 @@ from longkv.kernels import quant_paged as kp
 from longkv.kernels import quant_reference as ref
 
 D, P = 32, 16
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])   # cuda: bf16, the inline-PTX tiles
 
 
 def layer(B, H, length, *, bits, group, vgroup, sink, window, n_out, seed):
@@ -52,24 +53,28 @@ def table_for(B, H, length, k_pages, row_pages, seed):
     (8, 16, 16, 1, 2, 199),     # outliers
     (4, 8, D, 0, 4, 150),       # key groups shorter than a page: no fast path
 ])
-def test_paged_kernel_matches_reference(bits, group, vgroup, n_out, sink, length):
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_kernel_matches_reference(bits, group, vgroup, n_out, sink, length, device):
     B, H, G, window = 2, 2, 3, 24
     kq, vq, kf, vf = layer(B, H, length, bits=bits, group=group, vgroup=vgroup, sink=sink, window=window,
                            n_out=n_out, seed=bits + length)
+    dt, tol = (torch.float32, 1e-4) if device == "cpu" else (torch.bfloat16, 2e-2)
+    kq, vq = ({k: [p.to(device) for p in t] if k == "planes" else t.to(device) for k, t in d.items()} for d in (kq, vq))
+    kf, vf = kf.to(device, dt), vf.to(device, dt)
     row_pages = -(-(length + 40) // P)
-    table = table_for(B, H, length, 9, row_pages, seed=length)
-    nsel = torch.full((B * H,), table.shape[1], dtype=torch.int32)
+    table = table_for(B, H, length, 9, row_pages, seed=length).to(device)
+    nsel = torch.full((B * H,), table.shape[1], dtype=torch.int32, device=device)
     nsel[1] -= 2                      # a shorter row: its last two entries are not read
     table[1, nsel[1] - 1] = table[1, -1]
-    last = torch.full((B * H,), (length - 1) % P + 1, dtype=torch.int32)
-    q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(7))
-    n = torch.tensor([length])
+    last = torch.full((B * H,), (length - 1) % P + 1, dtype=torch.int32, device=device)
+    q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(7)).to(device, dt)
+    n = torch.tensor([length], device=device)
     kw = dict(row_pages=row_pages, page=P, bits=bits, group=group, vgroup=vgroup, sink=sink, window=window,
               scale=D ** -0.5)
     want = ref.quant_paged_attention(q, kq, vq, kf, vf, n, table, nsel, last, **kw).float()
     for splits in (1, 3):
         got = kp.quant_paged_attention(q, kq, vq, kf, vf, n, table, nsel, last, splits=splits, **kw).float()
-        assert (got - want).abs().max() < 1e-4, (splits, (got - want).abs().max())
+        assert (got - want).abs().max() < tol, (splits, (got - want).abs().max())
     # the answer really comes from the packed rows: flip the codes of one selected quantized row
     nq = group * max(0, (length - 1 - sink - window) // group)
     pages = [int(x) for x in table[0] if sink <= int(x) * P and int(x) * P + P <= sink + nq]
