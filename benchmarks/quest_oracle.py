@@ -73,12 +73,42 @@ def _scores(q, pmin, pmax, pos, *, page, sink, recent):
         cand = qmod.kq.select_pages(bound, int(_state["mode"][len("rerank"):]) * _state["k_pages"], pos, page=page,
                                     row_pages=rows)
         return qmod.kq.rerank_scores(q, kc.view(-1, page, kc.shape[-1]), bound, *cand, row_pages=rows)
+    if _state["mode"].startswith("mass"):   # massF[cB]: the bound's top F·k pages ranked by attention mass
+        return _mass_rerank(q, pmin, pmax, bound, pos, page)
     s = _page_mass(q, _state["k"], int(pos.reshape(-1)[-1]), page, _state["scale"])
     MP, n = pmin.shape[2], s.shape[-1]
     out = torch.full(s.shape[:2] + (MP,), float("-inf"))
     out[..., :n] = s
     idx = torch.arange(MP)
     return out.masked_fill((idx < sink) | ((idx >= n - recent) & (idx < n)), float("inf"))
+
+
+def _mass_rerank(q, pmin, pmax, bound, pos, page):
+    """massF or massFcB: candidates = the bound's top F·k pages; each scored by its attention mass over
+    the candidates (softmax of the logits over the candidates' tokens, per query, summed over the
+    query group), logits from the exact keys or from B-bit page-relative codes (`page_codes`)."""
+    from longkv.kernels import sparse_reference as sref
+
+    mode = _state["mode"][len("mass"):]
+    F, bits = (int(x) for x in mode.split("c")) if "c" in mode else (int(mode), 0)
+    kc, p = _state["k"], int(pos.reshape(-1)[-1])
+    n = p // page + 1
+    keys = kc[:, :, :n * page].float()
+    if bits:
+        keys = sref.page_keys(sref.page_codes(keys, pmin[:, :, :n], pmax[:, :, :n], bits), pmin[:, :, :n],
+                              pmax[:, :, :n], bits).flatten(2, 3)
+    B, Hq, _, D = q.shape
+    Hkv = kc.shape[1]
+    lg = (q.float().reshape(B, Hkv, Hq // Hkv, D) @ keys.transpose(-1, -2)) * _state["scale"]   # (B, Hkv, G, n·P)
+    lg[..., p + 1:] = float("-inf")
+    MP = pmin.shape[2]
+    cand = bound[..., :n].topk(min(n, F * _state["k_pages"]), -1).indices                       # (B, Hkv, C)
+    inc = torch.zeros(B, Hkv, n, dtype=torch.bool).scatter_(-1, cand, True)
+    lg = lg.masked_fill(~inc.repeat_interleave(page, -1)[:, :, None, :], float("-inf"))
+    mass = lg.softmax(-1).reshape(B, Hkv, -1, n, page).sum(-1).sum(2)                           # (B, Hkv, n)
+    out = torch.full((B, Hkv, MP), float("-inf"))
+    out[..., :n] = torch.where(inc, mass, torch.tensor(float("-inf")))
+    return torch.where(bound == float("inf"), bound, out)
 
 
 _orig = qmod.QuestCache.decode
@@ -96,7 +126,8 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=16,
                     help="room left for the answer when the prompt is built (`eval niah`: 32)")
     ap.add_argument("--modes", default="bound,oracle",
-                    help="bound (Quest), oracle (true page mass), rerankF (bound keeps F x the budget, exact logits pick)")
+                    help="bound (Quest), oracle (true page mass), rerankF (bound keeps F x the budget, exact logits "
+                         "pick), massF / massFcB (... their attention mass picks, from exact keys / B-bit page codes)")
     a = ap.parse_args()
     llm = longkv.load(a.model, device="cpu", progress=False)
     qmod.QuestCache.decode = _decode
