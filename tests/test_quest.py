@@ -307,3 +307,46 @@ def test_rerank_code_scores_kernel_matches_reference(B, Hq, Hkv, D, npages, kc, 
     assert ((got - exact).abs()[fin] <= slack[fin] + 1e-4).all()
     if bits == 1 and fin.any():
         assert (got - exact).abs()[fin].max() > 1e-2            # the codes, not the keys, were read
+
+
+@pytest.mark.parametrize("codes", [False, True])
+@pytest.mark.parametrize("B,Hq,Hkv,D,npages,kc,softcap", [(1, 6, 2, 16, 11, 5, None), (2, 9, 3, 32, 7, 7, 3.0),
+                                                          (1, 4, 1, 16, 1, 3, None)])
+def test_rerank_mass_matches_the_softmax_over_candidates(B, Hq, Hkv, D, npages, kc, softcap, codes):
+    """rank=mass: kernel vs reference, and each candidate's score is the log of its attention mass
+    when each query's softmax runs over the candidates' valid tokens only, summed over the group
+    (computed here directly, one softmax over the gathered tokens)."""
+    g = torch.Generator().manual_seed(npages + 17)
+    P, MP, scale, bits = 16, 12, 0.3, 2
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    keys = torch.randn(B * Hkv * MP, P, D, generator=g)
+    bound = _scores(g, B, Hkv, MP, npages, 1000)
+    pos = torch.tensor([(npages - 1) * P + 5])
+    cand = ref.select_pages(bound, kc, pos, page=P, row_pages=MP)
+    how = dict(row_pages=MP, rank="mass", scale=scale, softcap=softcap)
+    if codes:
+        mn, mx = ref.page_minmax(keys.reshape(B, Hkv, MP * P, D), P)
+        cd = ref.page_codes(keys.reshape(B, Hkv, MP * P, D), mn, mx, bits).reshape(-1, P, D * bits // 8)
+        mn, mx = mn.reshape(-1, D), mx.reshape(-1, D)
+        got = quest.rerank_code_scores(q, cd, mn, mx, bound, *cand, bits=bits, **how)
+        want = ref.rerank_code_scores(q, cd, mn, mx, bound, *cand, bits=bits, **how)
+        keys = ref.page_keys(cd, mn, mx, bits)
+    else:
+        got = quest.rerank_scores(q, keys, bound, *cand, **how)
+        want = ref.rerank_scores(q, keys, bound, *cand, **how)
+    assert torch.allclose(got, want, atol=1e-4)
+    assert (got == float("inf")).sum() == (bound[..., :npages] == float("inf")).sum()   # forced pages stay
+    assert ((got > float("-inf")).sum(-1) == min(kc, npages)).all()                       # only candidates
+    G = Hq // Hkv
+    for r in range(B * Hkv):
+        ids = cand[0][r, :int(cand[1][r])].long()
+        n_tok = [int(cand[2][r]) if j == len(ids) - 1 else P for j in range(len(ids))]
+        tok = torch.cat([keys[pid, :n] for pid, n in zip(ids.tolist(), n_tok)]).float()
+        lg = q[r // Hkv, (r % Hkv) * G:(r % Hkv + 1) * G, 0].float() @ tok.T * scale
+        if softcap:
+            lg = softcap * torch.tanh(lg / softcap)
+        p = lg.softmax(-1).sum(0).split(n_tok)                   # each page's mass, summed over the group
+        for pid, m in zip(ids.tolist(), p):
+            local = pid - r * MP
+            if bound.reshape(-1, MP)[r, local] != float("inf"):
+                assert abs(float(got.reshape(-1, MP)[r, local].exp()) - float(m.sum())) < 1e-4

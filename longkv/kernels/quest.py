@@ -108,12 +108,34 @@ if triton is not None:
         tl.store(S + bh * MP + p, s, mask=p < MP)
 
     @triton.jit
-    def _rerank_kernel(Q, K, Bound, Table, Nsel, Last, Out, sqb, sqh, stab, MP, row_pages,
+    def _page_out(s, ok, g, Bound, Out, bh, MP, local, scale, softcap, G: tl.constexpr, MASS: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr):
+        """One candidate page's logits s (BLOCK_G, P), valid where ok, into the second stage's output.
+        max: Out[bh, local] = the largest logit (a page the bound forced, +inf, stays +inf). mass:
+        Out[bh, local, g] = log-sum-exp of query g's scaled logits over the page's tokens (the
+        normalization over candidates and the sum over the group follow in `ref.page_mass`)."""
+        if MASS:
+            x = s * scale
+            if HAS_SOFTCAP:
+                x = softcap * (2 * tl.sigmoid(2 * x / softcap) - 1)
+            x = tl.where(ok, x, float("-inf"))
+            m = tl.max(x, 1)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            l = tl.sum(tl.exp(x - m[:, None]), 1)
+            lse = tl.where(l > 0, m + tl.log(tl.maximum(l, 1e-30)), float("-inf"))
+            tl.store(Out + (bh * MP + local) * G + g, lse, mask=g < G)
+        else:
+            best = tl.max(tl.max(tl.where(ok, s, float("-inf")), 1), 0)
+            bound = tl.load(Bound + bh * MP + local)
+            tl.store(Out + bh * MP + local, tl.where(bound == float("inf"), bound, best))
+
+    @triton.jit
+    def _rerank_kernel(Q, K, Bound, Table, Nsel, Last, Out, sqb, sqh, stab, MP, row_pages, scale, softcap,
                        G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr,
-                       HKV: tl.constexpr, ROW_STRIDE: tl.constexpr, PER: tl.constexpr):
-        """Quest's second stage, PER candidate pages a program: each page's largest exact logit over
-        its tokens and the query group (read through the page table), into Out[bh, page]; pages
-        the bound forced (+inf: sink, recent) stay +inf."""
+                       HKV: tl.constexpr, ROW_STRIDE: tl.constexpr, PER: tl.constexpr,
+                       MASS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+        """Quest's second stage, PER candidate pages a program: each page's exact logits over its
+        tokens and the query group (read through the page table) reduced by `_page_out`."""
         bh = tl.program_id(0)
         b = bh // HKV
         h = bh % HKV
@@ -130,15 +152,14 @@ if triton is not None:
                 k = tl.load(K + (page * P + t[:, None]) * ROW_STRIDE + d[None, :])
                 s = tl.dot(q, tl.trans(k)).to(tl.float32)                          # (BLOCK_G, P)
                 ok = (g[:, None] < G) & ((j < nsel - 1) | (t[None, :] < lastn))
-                best = tl.max(tl.max(tl.where(ok, s, float("-inf")), 1), 0)
-                local = page - bh * row_pages
-                bound = tl.load(Bound + bh * MP + local)
-                tl.store(Out + bh * MP + local, tl.where(bound == float("inf"), bound, best))
+                _page_out(s, ok, g, Bound, Out, bh, MP, page - bh * row_pages, scale, softcap,
+                          G, MASS, HAS_SOFTCAP)
 
     @triton.jit
     def _rerank_code_kernel(Q, Codes, Mn, Mx, Bound, Table, Nsel, Last, Out, sqb, sqh, stab, MP, row_pages,
-                            G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr,
-                            HKV: tl.constexpr, PER: tl.constexpr, BITS: tl.constexpr):
+                            scale, softcap, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+                            BLOCK_G: tl.constexpr, HKV: tl.constexpr, PER: tl.constexpr, BITS: tl.constexpr,
+                            MASS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
         """`_rerank_kernel` reading each candidate's `BITS`-bit page-relative codes instead of its
         keys, PER pages a program. The codes are planar (`ref.page_codes`): shifting a page's (P, NB)
         byte tile by i·BITS gives channels [i·NB, (i+1)·NB), rebuilt as min + code·(max − min)/L and
@@ -170,9 +191,7 @@ if triton is not None:
                     q = tl.load(qrow + c * NB, mask=g[:, None] < G, other=0.0)
                     s = tl.dot(q, tl.trans(k), s)
                 ok = (g[:, None] < G) & ((j < nsel - 1) | (t[None, :] < lastn))
-                best = tl.max(tl.max(tl.where(ok, s, float("-inf")), 1), 0)
-                bound = tl.load(Bound + bh * MP + local)
-                tl.store(Out + bh * MP + local, tl.where(bound == float("inf"), bound, best))
+                _page_out(s, ok, g, Bound, Out, bh, MP, local, scale, softcap, G, MASS, HAS_SOFTCAP)
 
     @triton.jit
     def _paged_kernel(Q, K, V, Table, Nsel, Last, Out, Lse, sqb, sqh, stab, scale, softcap,
@@ -253,44 +272,53 @@ def page_scores(q, pmin, pmax, pos, *, page: int, sink: int, recent: int, block_
     return out
 
 
-def rerank_scores(q, k_pool, bound, table, nsel, last, *, row_pages: int) -> torch.Tensor:
-    """See `sparse_reference.rerank_scores` (one kernel; the -inf fill is one memset)."""
+def _rerank_out(bound, G: int, rank: str) -> torch.Tensor:
+    if rank not in ("max", "mass"):
+        raise ValueError(f"rank={rank!r}: max or mass")
+    return torch.full(bound.shape + ((G,) if rank == "mass" else ()), float("-inf"), device=bound.device)
+
+
+def rerank_scores(q, k_pool, bound, table, nsel, last, *, row_pages: int, rank: str = "max", scale: float = 1.0,
+                  softcap: float | None = None) -> torch.Tensor:
+    """See `sparse_reference.rerank_scores` (one kernel and a memset; rank=mass adds `ref.page_mass`)."""
     if not _use_triton(q):
-        return ref.rerank_scores(q, k_pool, bound, table, nsel, last, row_pages=row_pages)
+        return ref.rerank_scores(q, k_pool, bound, table, nsel, last, row_pages=row_pages, rank=rank, scale=scale,
+                                 softcap=softcap)
     B, Hq, _, D = q.shape
     BH, MP = table.shape[0], bound.shape[2]
     Hkv = BH // B
     P = k_pool.shape[1]
-    out = torch.full_like(bound, float("-inf"))
+    out = _rerank_out(bound, Hq // Hkv, rank)
     PER = 4
     _rerank_kernel[(BH, triton.cdiv(table.shape[1], PER))](
         q, k_pool, bound, table, nsel, last, out, q.stride(0), q.stride(1), table.stride(0), MP, row_pages,
-        G=Hq // Hkv, D=D, P=P, BLOCK_G=max(16, triton.next_power_of_2(Hq // Hkv)), HKV=Hkv,
-        ROW_STRIDE=k_pool.stride(1), PER=PER)
-    return out
+        scale, softcap or 0.0, G=Hq // Hkv, D=D, P=P, BLOCK_G=max(16, triton.next_power_of_2(Hq // Hkv)), HKV=Hkv,
+        ROW_STRIDE=k_pool.stride(1), PER=PER, MASS=rank == "mass", HAS_SOFTCAP=bool(softcap))
+    return ref.page_mass(out, bound) if rank == "mass" else out
 
 
 RERANK_PER, RERANK_WARPS = 4, 1   # H200, 512K, 16K candidates a row: 1 warp 206 µs, 2 warps 300, 4 warps 543
 
 
 def rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last, *, row_pages: int,
-                       bits: int) -> torch.Tensor:
-    """See `sparse_reference.rerank_code_scores` (one kernel; the -inf fill is one memset)."""
+                       bits: int, rank: str = "max", scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+    """See `sparse_reference.rerank_code_scores` (one kernel and a memset; rank=mass adds `ref.page_mass`)."""
     if not _use_triton(q):
         return ref.rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last,
-                                      row_pages=row_pages, bits=bits)
+                                      row_pages=row_pages, bits=bits, rank=rank, scale=scale, softcap=softcap)
     B, Hq, _, D = q.shape
     BH, MP = table.shape[0], bound.shape[2]
     Hkv = BH // B
     P = codes_pool.shape[1]
     assert codes_pool.is_contiguous() and mn_pool.is_contiguous() and mx_pool.is_contiguous()
-    out = torch.full_like(bound, float("-inf"))
+    out = _rerank_out(bound, Hq // Hkv, rank)
     PER = RERANK_PER
     _rerank_code_kernel[(BH, triton.cdiv(table.shape[1], PER))](
         q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last, out, q.stride(0), q.stride(1), table.stride(0),
-        MP, row_pages, G=Hq // Hkv, D=D, P=P, BLOCK_G=max(16, triton.next_power_of_2(Hq // Hkv)), HKV=Hkv,
-        PER=PER, BITS=bits, num_warps=RERANK_WARPS)
-    return out
+        MP, row_pages, scale, softcap or 0.0, G=Hq // Hkv, D=D, P=P,
+        BLOCK_G=max(16, triton.next_power_of_2(Hq // Hkv)), HKV=Hkv, PER=PER, BITS=bits, MASS=rank == "mass",
+        HAS_SOFTCAP=bool(softcap), num_warps=RERANK_WARPS)
+    return ref.page_mass(out, bound) if rank == "mass" else out
 
 
 def paged_attention(q, k_pool, v_pool, table, nsel, last, *, scale: float, softcap: float | None = None,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["append_token", "fold_chunk_bounds", "fold_token_bounds", "page_codes", "page_keys", "page_minmax", "page_scores", "paged_attention",
-           "ragged_attention_lse", "rerank_scores", "select_pages"]
+           "page_mass", "ragged_attention_lse", "rerank_scores", "select_pages"]
 
 
 def page_minmax(k: torch.Tensor, P: int, valid: int | None = None):
@@ -158,36 +158,59 @@ def select_pages(scores: torch.Tensor, k: int, pos, *, page: int, row_pages: int
     return table, n.to(torch.int32).expand(BH).contiguous(), last
 
 
-def rerank_scores(q, k_pool, bound, table, nsel, last, *, row_pages: int) -> torch.Tensor:
-    """Exact page scores for Quest's second stage: bound (B, Hkv, MP) from `page_scores`; table, nsel,
-    last: candidate pages from `select_pages`. → (B, Hkv, MP) fp32: each candidate page's largest
-    exact logit q·k over its tokens and the KV head's query group (+inf kept where the bound forced
-    the page: sink and recent), -inf for every other page."""
+def rerank_scores(q, k_pool, bound, table, nsel, last, *, row_pages: int, rank: str = "max", scale: float = 1.0,
+                  softcap: float | None = None) -> torch.Tensor:
+    """Page scores for Quest's second stage: bound (B, Hkv, MP) from `page_scores`; table, nsel, last:
+    candidate pages from `select_pages`. → (B, Hkv, MP) fp32, -inf for every page not a candidate,
+    +inf kept where the bound forced the page (sink and recent), and for each candidate:
+    rank=max: its largest logit q·k over its tokens and the KV head's query group;
+    rank=mass: its share of the attention (`page_mass` of each query's log-sum-exp over the page's
+    tokens of the scaled, soft-capped logits)."""
+    if rank not in ("max", "mass"):
+        raise ValueError(f"rank={rank!r}: max or mass")
     B, Hq, _, D = q.shape
     Hkv, MP = bound.shape[1], bound.shape[2]
-    P = k_pool.shape[1]
-    out = torch.full_like(bound, float("-inf")).reshape(B * Hkv, MP)
-    qg = q.float().reshape(B * Hkv, Hq // Hkv, D)
+    G, P = Hq // Hkv, k_pool.shape[1]
+    out = torch.full((B * Hkv, MP, G), float("-inf"), device=q.device)
+    qg = q.float().reshape(B * Hkv, G, D)
     for r in range(B * Hkv):
         n = int(nsel.reshape(-1)[r])
         ids = table[r, :n].long()
-        k = k_pool[ids].float()                                       # (n, P, D)
-        lg = torch.einsum("gd,npd->npg", qg[r], k).amax(-1)           # (n, P)
+        lg = torch.einsum("gd,npd->npg", qg[r], k_pool[ids].float())   # (n, P, G)
         tok = torch.arange(P, device=q.device).expand(n, P)
         final = torch.arange(n, device=q.device)[:, None] == n - 1
-        lg = lg.masked_fill(final & (tok >= int(last.reshape(-1)[r])), float("-inf"))
-        local = ids - r * row_pages
-        out[r, local] = lg.amax(-1)
-    b = bound.reshape(B * Hkv, MP)
-    return torch.where(b == float("inf"), b, out).reshape(B, Hkv, MP)
+        drop = (final & (tok >= int(last.reshape(-1)[r])))[..., None]
+        if rank == "mass":
+            lg = lg * scale
+            if softcap:
+                lg = softcap * torch.tanh(lg / softcap)
+            out[r, ids - r * row_pages] = lg.masked_fill(drop, float("-inf")).logsumexp(1)
+        else:
+            out[r, ids - r * row_pages] = lg.masked_fill(drop, float("-inf")).amax(1)
+    out = out.reshape(B, Hkv, MP, G)
+    if rank == "mass":
+        return page_mass(out, bound)
+    out = out.amax(-1)
+    return torch.where(bound == float("inf"), bound, out)
+
+
+def page_mass(lse: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """lse (B, Hkv, MP, G): each query's log-sum-exp over a candidate page's tokens, -inf for a page
+    not a candidate → (B, Hkv, MP) the log of the page's attention mass over the candidates, summed over
+    the query group: log Σ_g exp(lse_g − Z_g), Z_g = logsumexp over the candidate pages. Ranking by it
+    ranks by the mass the page would carry if the candidates were all that was read (the max logit
+    misses pages of many moderately-scoring tokens: BENCHMARKS.md, Quest's depth-0 diagnostic).
+    Forced pages stay +inf."""
+    score = (lse - lse.logsumexp(2, keepdim=True)).logsumexp(-1)
+    return torch.where(bound == float("inf"), bound, score)
 
 
 def rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last, *, row_pages: int,
-                       bits: int) -> torch.Tensor:
+                       bits: int, rank: str = "max", scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
     """`rerank_scores` with each candidate page's keys read back from its `bits`-bit page-relative
     codes (`page_keys`): codes_pool (NP, P, D·bits/8), mn_pool/mx_pool (NP, D), the same pool page ids."""
     return rerank_scores(q, page_keys(codes_pool, mn_pool, mx_pool, bits), bound, table, nsel, last,
-                         row_pages=row_pages)
+                         row_pages=row_pages, rank=rank, scale=scale, softcap=softcap)
 
 
 def paged_attention(q, k_pool, v_pool, table, nsel, last, *, scale: float, softcap: float | None = None):

@@ -46,7 +46,10 @@ from ..registry import register
                                      "max logits pick the pages read (0 = Quest as published; rerank x budget "
                                      ">= the cache scores every page: at ratio=0.875, rerank=8)"),
                   "rbits": (int, 2, "bits of the page-relative key codes the second stage reads "
-                                    "(1, 2, 4 or 8; 0 = the exact keys)")},
+                                    "(1, 2, 4 or 8; 0 = the exact keys)"),
+                  "rank": (str, "max", "how the second stage ranks its candidates: max = a page's largest "
+                                       "logit, mass = its share of the attention over the candidates' tokens "
+                                       "(summed over the query group)")},
           composes=("full", "quant"))
 class QuestCache(FullCache):
     role = "select"
@@ -58,11 +61,11 @@ class QuestCache(FullCache):
         return super().__new__(cls)
 
     def __init__(self, specs, *, batch, capacity, device, dtype, ratio=None, budget=None, page=16, recent=2,
-                 dense_layers=2, rerank=0, rbits=2, storage=None):
+                 dense_layers=2, rerank=0, rbits=2, rank="max", storage=None):
         P = self._check_page(page)
         super().__init__(specs, batch=batch, capacity=P * math.ceil(capacity / P), device=device, dtype=dtype)
         self.capacity = capacity
-        self._pages(specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, rerank, rbits)
+        self._pages(specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, rerank, rbits, rank)
 
     @staticmethod
     def _check_page(page: int) -> int:
@@ -70,7 +73,7 @@ class QuestCache(FullCache):
             raise UserError(f"quest: page={page} must be a power of two >= 16")
         return page
 
-    def _pages(self, specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, rerank, rbits):
+    def _pages(self, specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, rerank, rbits, rank="max"):
         """The page machinery shared with `QuestStorageCache`: budget → pages read, bounds, codes."""
         self.P, self.recent, self.dense_layers = P, max(1, recent), max(0, dense_layers)
         self.budget = Budget.parse(ratio, budget, "quest")
@@ -80,7 +83,9 @@ class QuestCache(FullCache):
             raise UserError(f"quest: rerank={rerank} must be >= 0 (0 = off)")
         if rbits not in (0, 1, 2, 4, 8):
             raise UserError(f"quest: rbits={rbits} must be 1, 2, 4 or 8 (0 = exact keys)")
-        self.rerank = rerank
+        if rank not in ("max", "mass"):
+            raise UserError(f"quest: rank={rank!r} must be max or mass")
+        self.rerank, self.rank = rerank, rank
         self.k_cand = min(self.max_pages, rerank * self.k_pages)
         self.rbits = rbits if self.k_cand > self.k_pages else 0
         self.pmin, self.pmax, self.codes = [], [], []
@@ -135,11 +140,12 @@ class QuestCache(FullCache):
         D, rows = s.head_dim, kc.shape[2] // P
         if self.rerank and self.k_cand > self.k_pages:   # the bound's top candidates, re-scored exactly
             cand = kq.select_pages(scores, self.k_cand, pos, page=P, row_pages=rows)
+            how = dict(row_pages=rows, rank=self.rank, scale=s.scale, softcap=s.softcap)
             if codes is not None:
                 scores = kq.rerank_code_scores(q, codes.view(-1, P, codes.shape[-1]), mn.view(-1, D), mx.view(-1, D),
-                                               scores, *cand, row_pages=rows, bits=self.rbits)
+                                               scores, *cand, bits=self.rbits, **how)
             else:
-                scores = kq.rerank_scores(q, kc.view(-1, P, D), scores, *cand, row_pages=rows)
+                scores = kq.rerank_scores(q, kc.view(-1, P, D), scores, *cand, **how)
         table, nsel, last = kq.select_pages(scores, self.k_pages, pos, page=P, row_pages=rows)
         return kq.paged_attention(q, kc.view(-1, P, D), vc.view(-1, P, D), table, nsel, last, scale=s.scale,
                                   softcap=s.softcap)
@@ -150,6 +156,7 @@ class QuestCache(FullCache):
                   candidate_pages=self.k_cand if self.rerank else None,
                   rerank_reads=(f"{self.rbits}-bit page-relative key codes" if self.rbits else "exact keys")
                   if self.k_cand > self.k_pages else None,
+                  rerank_rank=self.rank if self.k_cand > self.k_pages else None,
                   note="quest keeps every token (no memory saving); it reads at most "
                        f"{self.k_pages * self.P} tokens per decode step in layers >= {self.dense_layers}")
         if self.k_pages >= self.max_pages:
