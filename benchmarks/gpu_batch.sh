@@ -7,8 +7,8 @@
 #   gemma64, gemma128, gemmappl, gemmase, gemmakv4   issue 6: gemma3-270m 11-depth grids, perplexity (extension_gpu.sh)
 #   quest512  issue 5: Quest 1/8, 1/32 vs full at 512K, 32 layers (H200: the 64 GiB bf16 KV fits)
 #   quest128  issue 5: the same at 128K
-#   rerank512, rerank128  issue 5: Quest 1/8 with its second stage from 2-bit page codes (r4, r8) and
-#             from exact keys (r4 exact), next to full and plain Quest
+#   rerank512, rerank128  issue 5: Quest 1/8 with its second stage from 2-bit page codes (r4, r8; ranked
+#             by max logit or by attention mass), next to full and plain Quest
 #   questq128, questq512  issue 5: kv4+quest 1/8 (Quest over packed storage) next to full, kv4, quest 1/8
 #   quant     issue 4: quant decode 32K-512K, full / kv4 / kv2
 #   qsweep    issue 4: packed-kernel sweep over warps and pipelining stages at 128K
@@ -19,6 +19,7 @@
 #   hfquant   issue 4: transformers' QuantizedCache (optimum-quanto) vs its DynamicCache at 32K
 #   sparse    issue 5: gemma3 NIAH at 8x; RULER-style grid (trimmed), longkv and kvpress; report
 #   gemmasparse  issue 5: only the gemma3 NIAH at 8x (16K/32K, 4 depths), and the report
+#   massgrid  issue 5: gemma3 NIAH 16K x 8 depths x SEEDS: full, quest 8x rerank=8 (max / mass), rerank=4 mass
 #
 # ext, gemma and sparse need real weights: benchmarks/device_setup.sh install first (same warm machine).
 # Calls made on the H200 (2026-12-03): [copy x5], [copy; install; ext], [quest512 hfquant],
@@ -65,7 +66,7 @@ step() {
                 --only "full,quest 1/8,quest 1/32,quest 1/8 r4" ;;
     rerank512|rerank128) ctx=${1#rerank}
               bench "$1" 330 $PY sparse_decode.py --contexts "${ctx}k" --layers 32 \
-                --only "full,quest 1/8,quest 1/8 r4,quest 1/8 r4 exact,quest 1/8 r8" ;;
+                --only "full,quest 1/8,quest 1/8 r4,quest 1/8 r8,quest 1/8 r8 mass,quest 1/8 r4 mass" ;;
     questq128|questq512) ctx=${1#questq}
               bench "$1" 330 $PY sparse_decode.py --contexts "${ctx}k" --layers 32 \
                 --only "full,kivi4,quest 1/8,quest 1/32,kv4+quest 1/8,kv4+quest 1/32" ;;
@@ -86,6 +87,14 @@ step() {
       RUNS=/tmp/sparse_runs OUT=$OUT STEP_LIMIT=200 LENGTHS=4k,8k SAMPLES=1 KVP_WHEELS=/tmp/wheels/kvpress \
         TASKS=niah_single_2,niah_multikey_1,niah_multivalue bash benchmarks/sparse_quality.sh kvpress-ruler report ;;
     gemmasparse) RUNS=/tmp/sparse_runs OUT=$OUT STEP_LIMIT=${STEP_LIMIT:-250} bash benchmarks/sparse_quality.sh gemma-niah report ;;
+    massgrid)  # gemma3 16K, 8 depths a seed: the second stage ranked by max logit vs attention mass
+      for seed in ${SEEDS:-0 4 1 2 3}; do
+        timeout "${SEED_LIMIT:-110}" $PY -m longkv eval niah --model gemma3-270m --dtype bfloat16 --lengths 16k \
+          --depths 0:1:8 --seed "$seed" -q --out "$OUT/massgrid-s$seed" --cache full \
+          --cache quest:ratio=0.875,rerank=8 --cache quest:ratio=0.875,rerank=8,rank=mass \
+          --cache quest:ratio=0.875,rerank=4,rank=mass > "$OUT/massgrid-s$seed.log" 2>&1
+        echo "massgrid seed $seed: rc $?; $(tail -n 3 "$OUT/massgrid-s$seed.log" | cut -c1-200)" >&2
+      done ;;
     *) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2 ;;
   esac
 }

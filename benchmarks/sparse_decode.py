@@ -51,6 +51,8 @@ def methods(ctx: int) -> list[tuple[str, str]]:
             ("quest 1/8 r4", f"quest:budget={b8},rerank=4"),   # + re-scoring 4x the pages from 2-bit codes
             ("quest 1/8 r4 exact", f"quest:budget={b8},rerank=4,rbits=0"),   # ... from the exact keys
             ("quest 1/8 r8", f"quest:budget={b8},rerank=8"),   # every page from its 2-bit codes
+            ("quest 1/8 r8 mass", f"quest:budget={b8},rerank=8,rank=mass"),   # ... ranked by attention mass
+            ("quest 1/8 r4 mass", f"quest:budget={b8},rerank=4,rank=mass"),
             ("kv4", "kv4"), ("kv4+quest 1/8", f"kv4+quest:budget={b8}"),   # Quest over packed storage
             ("kv4+quest 1/32", f"kv4+quest:budget={b32}"), ("kivi4", "kivi4"),
             ("snapkv 1/8", f"snapkv:budget={b8}"), ("snapkv 1/32", f"snapkv:budget={b32}"),
@@ -178,11 +180,13 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
     # the second stage: candidates' max logits from exact keys or page codes (candidate select included)
     pools = () if codes is None else (codes.view(-1, P, codes.shape[-1]), mn.view(-1, D), mx.view(-1, D))
 
+    how = dict(row_pages=rows, rank=getattr(cache, "rank", "max"), scale=s.scale, softcap=s.softcap)
+
     def rerank(mod):
         cand = mod.select_pages(scores, cache.k_cand, pos, page=P, row_pages=rows)
         if pools:
-            return mod.rerank_code_scores(q, *pools, scores, *cand, row_pages=rows, bits=bits)
-        return mod.rerank_scores(q, kc.view(-1, P, D), scores, *cand, row_pages=rows)
+            return mod.rerank_code_scores(q, *pools, scores, *cand, bits=bits, **how)
+        return mod.rerank_scores(q, kc.view(-1, P, D), scores, *cand, **how)
     if getattr(cache, "rerank", 0) and cache.k_cand > cache.k_pages:
         pieces["rerank_us"] = functools.partial(rerank, kq)
     out = {name: round(graph_time(fn, reps, dev) * 1e3, 1) for name, fn in pieces.items()}
