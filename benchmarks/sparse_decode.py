@@ -50,8 +50,10 @@ def methods(ctx: int) -> list[tuple[str, str]]:
             ("quest 1/8 p32", f"quest:budget={b8},page=32"),   # half the page-bound bytes
             ("quest 1/8 r4", f"quest:budget={b8},rerank=4"),   # + re-scoring 4x the pages from 2-bit codes
             ("quest 1/8 r4 exact", f"quest:budget={b8},rerank=4,rbits=0"),   # ... from the exact keys
-            ("quest 1/8 r8", f"quest:budget={b8},rerank=8"),   # every page from its 2-bit codes
-            ("quest 1/8 r8 mass", f"quest:budget={b8},rerank=8,rank=mass"),   # ... ranked by attention mass
+            # every page from its 2-bit codes (ratio, not budget: 8 x the pages read then covers the
+            # decode room too, so the cache takes its every-page path)
+            ("quest 1/8 r8", "quest:ratio=0.875,rerank=8"),
+            ("quest 1/8 r8 mass", "quest:ratio=0.875,rerank=8,rank=mass"),   # ... ranked by attention mass
             ("quest 1/8 r4 mass", f"quest:budget={b8},rerank=4,rank=mass"),
             ("kv4", "kv4"), ("kv4+quest 1/8", f"kv4+quest:budget={b8}"),   # Quest over packed storage
             ("kv4+quest 1/32", f"kv4+quest:budget={b32}"), ("kivi4", "kivi4"),
@@ -177,18 +179,26 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
     for bp, w in ((64, 4), (256, 8)):
         pieces[f"score_p{bp}w{w}_us"] = functools.partial(kq.page_scores, q, mn, mx, pos, page=P, sink=1,
                                                           recent=cache.recent, block_p=bp, warps=w)
-    # the second stage: candidates' max logits from exact keys or page codes (candidate select included)
+    # the second stage: candidates' scores from exact keys or page codes (candidate select included)
     pools = () if codes is None else (codes.view(-1, P, codes.shape[-1]), mn.view(-1, D), mx.view(-1, D))
 
     how = dict(row_pages=rows, rank=getattr(cache, "rank", "max"), scale=s.scale, softcap=s.softcap)
 
     def rerank(mod):
+        if pools and cache.k_cand >= cache.max_pages:   # every page a candidate: the cache's one-kernel path
+            return mod.all_page_code_scores(q, codes, mn, mx, scores, pos, bits=bits, rank=how["rank"],
+                                            scale=s.scale, softcap=s.softcap)
         cand = mod.select_pages(scores, cache.k_cand, pos, page=P, row_pages=rows)
         if pools:
             return mod.rerank_code_scores(q, *pools, scores, *cand, bits=bits, **how)
         return mod.rerank_scores(q, kc.view(-1, P, D), scores, *cand, **how)
     if getattr(cache, "rerank", 0) and cache.k_cand > cache.k_pages:
         pieces["rerank_us"] = functools.partial(rerank, kq)
+        if pools and cache.k_cand >= cache.max_pages:   # the one-kernel path's tiling, swept
+            for pg, w in ((4, 2), (4, 4), (8, 8), (16, 4), (16, 8)):
+                pieces[f"all_p{pg}w{w}_us"] = functools.partial(
+                    kq.all_page_code_scores, q, codes, mn, mx, scores, pos, bits=bits, rank=how["rank"],
+                    scale=s.scale, softcap=s.softcap, pages=pg, warps=w)
     out = {name: round(graph_time(fn, reps, dev) * 1e3, 1) for name, fn in pieces.items()}
     # the kernels against their plain-torch references on this very cache (compiled, at full size)
     from longkv.kernels import sparse_reference as ref

@@ -202,18 +202,19 @@ def graph_tokens(model, spec, x, new: int) -> list[int]:
     return toks
 
 
-@pytest.mark.parametrize("rbits,rank", [(0, "max"), (2, "max"), (2, "mass")])
-def test_quest_rerank_is_deterministic_and_graph_safe(tiny, rbits, rank):
+@pytest.mark.parametrize("rbits,rank,n", [(0, "max", 45), (2, "max", 45), (2, "mass", 45), (2, "mass", 110)])
+def test_quest_rerank_is_deterministic_and_graph_safe(tiny, rbits, rank, n):
     """Quest with its second stage (exact keys, or 2-bit page codes written through prefill and
-    decode; ranked by max logit or attention mass): same tokens eager and through the device-only
-    step, twice."""
+    decode; ranked by max logit or attention mass; every page a candidate at 45 tokens, some at 110):
+    same tokens eager and through the device-only step, twice."""
     model, _ = tiny
-    spec, x = f"quest:budget=16,dense_layers=1,rerank=2,rbits={rbits},rank={rank}", ids(45)
+    spec, x = f"quest:budget=16,dense_layers=1,rerank=2,rbits={rbits},rank={rank}", ids(n)
     logits, eager, kv = run(model, spec, x, new=6)
     assert kv.stats()["candidate_pages"] == min(kv.max_pages, 2 * kv.k_pages) > kv.k_pages
     assert kv.stats()["rerank_reads"] == ("2-bit page-relative key codes" if rbits else "exact keys")
     assert kv.stats()["rerank_rank"] == rank
-    full_pages = (45 + 6) // kv.P
+    assert (kv.k_cand >= kv.max_pages) == (n == 45)
+    full_pages = (n + 6) // kv.P
     for layer, codes in enumerate(kv.codes):   # every full page's codes are its keys' codes
         if codes is None:
             assert rbits == 0 or layer < 1

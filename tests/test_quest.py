@@ -350,3 +350,29 @@ def test_rerank_mass_matches_the_softmax_over_candidates(B, Hq, Hkv, D, npages, 
             local = pid - r * MP
             if bound.reshape(-1, MP)[r, local] != float("inf"):
                 assert abs(float(got.reshape(-1, MP)[r, local].exp()) - float(m.sum())) < 1e-4
+
+
+@pytest.mark.parametrize("rank", ["max", "mass"])
+@pytest.mark.parametrize("B,Hq,Hkv,D,MP,npages,bits,softcap", [(1, 6, 2, 32, 13, 11, 2, None),
+                                                              (2, 9, 3, 64, 21, 21, 4, 5.0),
+                                                              (1, 4, 1, 16, 9, 1, 2, None)])
+def test_all_page_code_scores_equal_the_second_stage_over_every_page(B, Hq, Hkv, D, MP, npages, bits, softcap, rank):
+    """Every page a candidate (rerank x budget >= the cache): the one-kernel path over the cache's
+    buffers equals the reference and the table-driven kernel given every page as a candidate."""
+    g = torch.Generator().manual_seed(MP + bits)
+    P = 16
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    keys = torch.randn(B, Hkv, MP * P, D, generator=g)
+    mn, mx = ref.page_minmax(keys, P)
+    codes = ref.page_codes(keys, mn, mx, bits)                                  # (B, Hkv, MP, P, NB)
+    bound = _scores(g, B, Hkv, MP, npages, 1000)
+    pos = torch.tensor([(npages - 1) * P + 6])
+    how = dict(bits=bits, rank=rank, scale=0.2, softcap=softcap)
+    got = quest.all_page_code_scores(q, codes, mn, mx, bound, pos, **how)
+    want = ref.all_page_code_scores(q, codes, mn, mx, bound, pos, **how)
+    assert torch.allclose(got, want, atol=1e-4)
+    cand = quest.select_pages(bound, MP, pos, page=P, row_pages=MP)
+    table = quest.rerank_code_scores(q, codes.reshape(-1, P, codes.shape[-1]), mn.reshape(-1, D), mx.reshape(-1, D),
+                                     bound, *cand, row_pages=MP, **how)
+    assert torch.allclose(got, table, atol=1e-4)
+    assert (got[..., :npages] > float("-inf")).all() and (got[..., npages:] == float("-inf")).all()

@@ -194,6 +194,60 @@ if triton is not None:
                 _page_out(s, ok, g, Bound, Out, bh, MP, local, scale, softcap, G, MASS, HAS_SOFTCAP)
 
     @triton.jit
+    def _all_code_kernel(Q, Codes, Mn, Mx, Bound, Pos, Out, sqb, sqh, scb, sch, smb, smh, MP, scale, softcap,
+                         G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr,
+                         HKV: tl.constexpr, PAGES: tl.constexpr, BITS: tl.constexpr, MASS: tl.constexpr,
+                         HAS_SOFTCAP: tl.constexpr):
+        """`_rerank_code_kernel` when every page is a candidate (rerank x budget >= the cache): PAGES
+        consecutive pages a program, read straight from the row's code buffer (no page table), one
+        (BLOCK_G, PAGES·P) product per channel slice instead of one 16 x 16 product a page."""
+        bh = tl.program_id(0)
+        b = bh // HKV
+        h = bh % HKV
+        pos = tl.load(Pos).to(tl.int32)
+        npages = pos // P + 1
+        p0 = tl.program_id(1) * PAGES
+        if p0 < npages:
+            VPB: tl.constexpr = 8 // BITS
+            NB: tl.constexpr = D // VPB
+            L: tl.constexpr = (1 << BITS) - 1
+            T: tl.constexpr = PAGES * P
+            g = tl.arange(0, BLOCK_G)
+            pg = p0 + tl.arange(0, PAGES)
+            t = tl.arange(0, P)
+            nb = tl.arange(0, NB)
+            okp = pg < npages
+            row = Codes + b * scb + h * sch
+            byte = tl.load(row + ((pg[:, None, None] * P + t[None, :, None]) * NB + nb[None, None, :]),
+                           mask=okp[:, None, None], other=0).to(tl.int32)                  # (PAGES, P, NB)
+            qrow = Q + b * sqb + (h * G + g[:, None]) * sqh + nb[None, :]
+            stat = b * smb + h * smh + pg[:, None] * D + nb[None, :]
+            s = tl.zeros([BLOCK_G, T], tl.float32)
+            for c in tl.static_range(VPB):
+                lo = tl.load(Mn + stat + c * NB, mask=okp[:, None], other=0.0).to(tl.float32)   # (PAGES, NB)
+                st = (tl.load(Mx + stat + c * NB, mask=okp[:, None], other=0.0).to(tl.float32) - lo) / L
+                k = lo[:, None, :] + ((byte >> (c * BITS)) & L).to(tl.float32) * st[:, None, :]
+                q = tl.load(qrow + c * NB, mask=g[:, None] < G, other=0.0)
+                s = tl.dot(q, tl.trans(tl.reshape(k.to(Q.dtype.element_ty), (T, NB))), s)
+            s = tl.reshape(s, (BLOCK_G, PAGES, P))
+            tok = pg[:, None] * P + t[None, :]
+            ok = (g[:, None, None] < G) & (tok <= pos)[None, :, :]
+            if MASS:
+                x = s * scale
+                if HAS_SOFTCAP:
+                    x = softcap * (2 * tl.sigmoid(2 * x / softcap) - 1)
+                x = tl.where(ok, x, float("-inf"))
+                m = tl.max(x, 2)
+                m = tl.where(m == float("-inf"), 0.0, m)
+                l = tl.sum(tl.exp(x - m[:, :, None]), 2)
+                lse = tl.where(l > 0, m + tl.log(tl.maximum(l, 1e-30)), float("-inf"))      # (BLOCK_G, PAGES)
+                tl.store(Out + (bh * MP + pg[None, :]) * G + g[:, None], lse, mask=(g[:, None] < G) & okp[None, :])
+            else:
+                best = tl.max(tl.max(tl.where(ok, s, float("-inf")), 2), 0)                   # (PAGES,)
+                bound = tl.load(Bound + bh * MP + pg, mask=okp, other=0.0)
+                tl.store(Out + bh * MP + pg, tl.where(bound == float("inf"), bound, best), mask=okp)
+
+    @triton.jit
     def _paged_kernel(Q, K, V, Table, Nsel, Last, Out, Lse, sqb, sqh, stab, scale, softcap,
                       G: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
                       BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -318,6 +372,31 @@ def rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last
         MP, row_pages, scale, softcap or 0.0, G=Hq // Hkv, D=D, P=P,
         BLOCK_G=max(16, triton.next_power_of_2(Hq // Hkv)), HKV=Hkv, PER=PER, BITS=bits, MASS=rank == "mass",
         HAS_SOFTCAP=bool(softcap), num_warps=RERANK_WARPS)
+    return ref.page_mass(out, bound) if rank == "mass" else out
+
+
+ALL_PAGES, ALL_WARPS = 8, 4
+
+
+def all_page_code_scores(q, codes, pmin, pmax, bound, pos, *, bits: int, rank: str = "max", scale: float = 1.0,
+                         softcap: float | None = None, pages: int | None = None, warps: int | None = None) -> torch.Tensor:
+    """`rerank_code_scores` with every page < pos // page + 1 a candidate, read from the cache's own
+    buffers: codes (B, Hkv, MP, P, D·bits/8), pmin/pmax (B, Hkv, MP, D), each (b, h) block contiguous;
+    bound (B, Hkv, MP) from `page_scores`. One kernel, no candidate select, no page table."""
+    if not _use_triton(q):
+        return ref.all_page_code_scores(q, codes, pmin, pmax, bound, pos, bits=bits, rank=rank, scale=scale,
+                                        softcap=softcap)
+    B, Hq, _, D = q.shape
+    Hkv, MP, P = codes.shape[1], codes.shape[2], codes.shape[3]
+    assert codes[0, 0].is_contiguous() and pmin[0, 0].is_contiguous() and pmin.stride() == pmax.stride()
+    G = Hq // Hkv
+    out = _rerank_out(bound, G, rank)
+    pages = pages or ALL_PAGES
+    _all_code_kernel[(B * Hkv, triton.cdiv(MP, pages))](
+        q, codes, pmin, pmax, bound, _pos(pos, q.device), out, q.stride(0), q.stride(1), codes.stride(0),
+        codes.stride(1), pmin.stride(0), pmin.stride(1), MP, scale, softcap or 0.0, G=G, D=D, P=P,
+        BLOCK_G=max(16, triton.next_power_of_2(G)), HKV=Hkv, PAGES=pages, BITS=bits, MASS=rank == "mass",
+        HAS_SOFTCAP=bool(softcap), num_warps=warps or ALL_WARPS)
     return ref.page_mass(out, bound) if rank == "mass" else out
 
 

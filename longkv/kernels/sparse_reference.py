@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["append_token", "fold_chunk_bounds", "fold_token_bounds", "page_codes", "page_keys", "page_minmax", "page_scores", "paged_attention",
+__all__ = ["all_page_code_scores", "append_token", "fold_chunk_bounds", "fold_token_bounds", "page_codes", "page_keys", "page_minmax", "page_scores", "paged_attention",
            "page_mass", "ragged_attention_lse", "rerank_scores", "select_pages"]
 
 
@@ -211,6 +211,17 @@ def rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last
     codes (`page_keys`): codes_pool (NP, P, D·bits/8), mn_pool/mx_pool (NP, D), the same pool page ids."""
     return rerank_scores(q, page_keys(codes_pool, mn_pool, mx_pool, bits), bound, table, nsel, last,
                          row_pages=row_pages, rank=rank, scale=scale, softcap=softcap)
+
+
+def all_page_code_scores(q, codes, pmin, pmax, bound, pos, *, bits: int, rank: str = "max", scale: float = 1.0,
+                         softcap: float | None = None) -> torch.Tensor:
+    """`rerank_code_scores` with every page up to the one holding pos a candidate: codes (B, Hkv, MP, P,
+    D·bits/8), pmin/pmax (B, Hkv, MP, D) the cache's buffers."""
+    B, Hkv, MP, P = codes.shape[:4]
+    D = pmin.shape[-1]
+    cand = select_pages(bound, MP, pos, page=P, row_pages=MP)
+    return rerank_code_scores(q, codes.reshape(-1, P, codes.shape[-1]), pmin.reshape(-1, D), pmax.reshape(-1, D),
+                              bound, *cand, row_pages=MP, bits=bits, rank=rank, scale=scale, softcap=softcap)
 
 
 def paged_attention(q, k_pool, v_pool, table, nsel, last, *, scale: float, softcap: float | None = None):

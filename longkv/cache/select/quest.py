@@ -139,13 +139,17 @@ class QuestCache(FullCache):
         scores = kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=self.recent)
         D, rows = s.head_dim, kc.shape[2] // P
         if self.rerank and self.k_cand > self.k_pages:   # the bound's top candidates, re-scored exactly
-            cand = kq.select_pages(scores, self.k_cand, pos, page=P, row_pages=rows)
-            how = dict(row_pages=rows, rank=self.rank, scale=s.scale, softcap=s.softcap)
-            if codes is not None:
-                scores = kq.rerank_code_scores(q, codes.view(-1, P, codes.shape[-1]), mn.view(-1, D), mx.view(-1, D),
-                                               scores, *cand, bits=self.rbits, **how)
+            how = dict(rank=self.rank, scale=s.scale, softcap=s.softcap)
+            if codes is not None and self.k_cand >= self.max_pages:   # every page: no candidate select
+                scores = kq.all_page_code_scores(q, codes, mn, mx, scores, pos, bits=self.rbits, **how)
             else:
-                scores = kq.rerank_scores(q, kc.view(-1, P, D), scores, *cand, **how)
+                cand = kq.select_pages(scores, self.k_cand, pos, page=P, row_pages=rows)
+                if codes is not None:
+                    scores = kq.rerank_code_scores(q, codes.view(-1, P, codes.shape[-1]), mn.view(-1, D),
+                                                   mx.view(-1, D), scores, *cand, row_pages=rows, bits=self.rbits,
+                                                   **how)
+                else:
+                    scores = kq.rerank_scores(q, kc.view(-1, P, D), scores, *cand, row_pages=rows, **how)
         table, nsel, last = kq.select_pages(scores, self.k_pages, pos, page=P, row_pages=rows)
         return kq.paged_attention(q, kc.view(-1, P, D), vc.view(-1, P, D), table, nsel, last, scale=s.scale,
                                   softcap=s.softcap)
