@@ -352,11 +352,12 @@ def test_rerank_mass_matches_the_softmax_over_candidates(B, Hq, Hkv, D, npages, 
                 assert abs(float(got.reshape(-1, MP)[r, local].exp()) - float(m.sum())) < 1e-4
 
 
-@pytest.mark.parametrize("rank", ["max", "mass"])
+@pytest.mark.parametrize("rank,fast", [("max", True), ("mass", True), ("mass", False)])
 @pytest.mark.parametrize("B,Hq,Hkv,D,MP,npages,bits,softcap", [(1, 6, 2, 32, 13, 11, 2, None),
                                                               (2, 9, 3, 64, 21, 21, 4, 5.0),
                                                               (1, 4, 1, 16, 9, 1, 2, None)])
-def test_all_page_code_scores_equal_the_second_stage_over_every_page(B, Hq, Hkv, D, MP, npages, bits, softcap, rank):
+def test_all_page_code_scores_equal_the_second_stage_over_every_page(B, Hq, Hkv, D, MP, npages, bits, softcap, rank,
+                                                                     fast):
     """Every page a candidate (rerank x budget >= the cache): the one-kernel path over the cache's
     buffers equals the reference and the table-driven kernel given every page as a candidate."""
     g = torch.Generator().manual_seed(MP + bits)
@@ -368,7 +369,7 @@ def test_all_page_code_scores_equal_the_second_stage_over_every_page(B, Hq, Hkv,
     bound = _scores(g, B, Hkv, MP, npages, 1000)
     pos = torch.tensor([(npages - 1) * P + 6])
     how = dict(bits=bits, rank=rank, scale=0.2, softcap=softcap)
-    got = quest.all_page_code_scores(q, codes, mn, mx, bound, pos, **how)
+    got = quest.all_page_code_scores(q, codes, mn, mx, bound, pos, fast=fast, **how)
     want = ref.all_page_code_scores(q, codes, mn, mx, bound, pos, **how)
     assert torch.allclose(got, want, atol=1e-4)
     cand = quest.select_pages(bound, MP, pos, page=P, row_pages=MP)
@@ -376,3 +377,20 @@ def test_all_page_code_scores_equal_the_second_stage_over_every_page(B, Hq, Hkv,
                                      bound, *cand, row_pages=MP, **how)
     assert torch.allclose(got, table, atol=1e-4)
     assert (got[..., :npages] > float("-inf")).all() and (got[..., npages:] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("G,MP", [(3, 2500), (1, 7), (4, 1024)])
+def test_page_mass_kernel_matches_reference(G, MP):
+    """The two-pass normalization kernel: candidates over a wide range of log-masses, non-candidates
+    (-inf for every query), forced pages (+inf bound)."""
+    g = torch.Generator().manual_seed(G + MP)
+    lse = torch.randn(2, 3, MP, G, generator=g) * 30
+    lse[:, :, 1::3] = float("-inf")
+    lse[0, 1, :, 0] = float("-inf")                      # one query's whole row empty but for others
+    bound = torch.randn(2, 3, MP, generator=g)
+    bound[..., 0] = float("inf")
+    got, want = quest.page_mass(lse, bound), ref.page_mass(lse, bound)
+    assert torch.equal(got == float("inf"), want == float("inf"))
+    assert torch.equal(got == float("-inf"), want == float("-inf"))
+    fin = want.isfinite()
+    assert torch.allclose(got[fin], want[fin], atol=1e-4)

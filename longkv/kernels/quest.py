@@ -197,10 +197,13 @@ if triton is not None:
     def _all_code_kernel(Q, Codes, Mn, Mx, Bound, Pos, Out, sqb, sqh, scb, sch, smb, smh, MP, scale, softcap,
                          G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr,
                          HKV: tl.constexpr, PAGES: tl.constexpr, BITS: tl.constexpr, MASS: tl.constexpr,
-                         HAS_SOFTCAP: tl.constexpr):
+                         HAS_SOFTCAP: tl.constexpr, FAST: tl.constexpr):
         """`_rerank_code_kernel` when every page is a candidate (rerank x budget >= the cache): PAGES
         consecutive pages a program, read straight from the row's code buffer (no page table), one
-        (BLOCK_G, PAGES·P) product per channel slice instead of one 16 x 16 product a page."""
+        (BLOCK_G, PAGES·P) product per channel slice instead of one 16 x 16 product a page. FAST: a
+        code becomes fp32 by the magic-number trick (code | 0x4B000000 is the float 2^23 + code; one
+        logic op and one add instead of an int-to-float conversion) and the product runs in tf32, so
+        no key is converted to bf16 either: the two conversions were the kernel's throughput limit."""
         bh = tl.program_id(0)
         b = bh // HKV
         h = bh % HKV
@@ -226,9 +229,15 @@ if triton is not None:
             for c in tl.static_range(VPB):
                 lo = tl.load(Mn + stat + c * NB, mask=okp[:, None], other=0.0).to(tl.float32)   # (PAGES, NB)
                 st = (tl.load(Mx + stat + c * NB, mask=okp[:, None], other=0.0).to(tl.float32) - lo) / L
-                k = lo[:, None, :] + ((byte >> (c * BITS)) & L).to(tl.float32) * st[:, None, :]
+                code = (byte >> (c * BITS)) & L
                 q = tl.load(qrow + c * NB, mask=g[:, None] < G, other=0.0)
-                s = tl.dot(q, tl.trans(tl.reshape(k.to(Q.dtype.element_ty), (T, NB))), s)
+                if FAST:
+                    f = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    k = lo[:, None, :] + f * st[:, None, :]
+                    s = tl.dot(q.to(tl.float32), tl.trans(tl.reshape(k, (T, NB))), s, input_precision="tf32")
+                else:
+                    k = lo[:, None, :] + code.to(tl.float32) * st[:, None, :]
+                    s = tl.dot(q, tl.trans(tl.reshape(k.to(Q.dtype.element_ty), (T, NB))), s)
             s = tl.reshape(s, (BLOCK_G, PAGES, P))
             tok = pg[:, None] * P + t[None, :]
             ok = (g[:, None, None] < G) & (tok <= pos)[None, :, :]
@@ -246,6 +255,36 @@ if triton is not None:
                 best = tl.max(tl.max(tl.where(ok, s, float("-inf")), 2), 0)                   # (PAGES,)
                 bound = tl.load(Bound + bh * MP + pg, mask=okp, other=0.0)
                 tl.store(Out + bh * MP + pg, tl.where(bound == float("inf"), bound, best), mask=okp)
+
+    @triton.jit
+    def _mass_kernel(Lse, Bound, Out, MP, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):
+        """`ref.page_mass` for one (b, kv head) row, two passes over its (MP, G) log-sum-exps: Z_g (a
+        running log-sum-exp over the pages), then each page's log Σ_g exp(lse_g − Z_g)."""
+        bh = tl.program_id(0)
+        g = tl.arange(0, BLOCK_G)
+        base = Lse + bh * MP * G
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_G], tl.float32)
+        for p0 in range(0, MP, BLOCK):
+            p = p0 + tl.arange(0, BLOCK)
+            x = tl.load(base + p[:, None] * G + g[None, :], mask=(p[:, None] < MP) & (g[None, :] < G),
+                        other=float("-inf"))
+            m_new = tl.maximum(m, tl.max(x, 0))
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l = l * tl.exp(m - safe) + tl.sum(tl.exp(x - safe[None, :]), 0)
+            m = m_new
+        z = tl.where(l > 0, m + tl.log(tl.maximum(l, 1e-30)), 0.0)
+        for p0 in range(0, MP, BLOCK):
+            p = p0 + tl.arange(0, BLOCK)
+            ok = p < MP
+            x = tl.load(base + p[:, None] * G + g[None, :], mask=ok[:, None] & (g[None, :] < G),
+                        other=float("-inf")) - z[None, :]
+            top = tl.max(x, 1)
+            safe = tl.where(top == float("-inf"), 0.0, top)
+            e = tl.sum(tl.exp(x - safe[:, None]), 1)
+            sc = tl.where(e > 0, safe + tl.log(tl.maximum(e, 1e-30)), float("-inf"))
+            b = tl.load(Bound + bh * MP + p, mask=ok, other=0.0)
+            tl.store(Out + bh * MP + p, tl.where(b == float("inf"), b, sc), mask=ok)
 
     @triton.jit
     def _paged_kernel(Q, K, V, Table, Nsel, Last, Out, Lse, sqb, sqh, stab, scale, softcap,
@@ -332,9 +371,20 @@ def _rerank_out(bound, G: int, rank: str) -> torch.Tensor:
     return torch.full(bound.shape + ((G,) if rank == "mass" else ()), float("-inf"), device=bound.device)
 
 
+def page_mass(lse: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """See `sparse_reference.page_mass` (one kernel, one program a (b, kv head) row)."""
+    if not _use_triton(lse):
+        return ref.page_mass(lse, bound)
+    B, Hkv, MP, G = lse.shape
+    assert lse.is_contiguous() and bound.is_contiguous()
+    out = torch.empty_like(bound)
+    _mass_kernel[(B * Hkv,)](lse, bound, out, MP, G=G, BLOCK_G=triton.next_power_of_2(G), BLOCK=1024)
+    return out
+
+
 def rerank_scores(q, k_pool, bound, table, nsel, last, *, row_pages: int, rank: str = "max", scale: float = 1.0,
                   softcap: float | None = None) -> torch.Tensor:
-    """See `sparse_reference.rerank_scores` (one kernel and a memset; rank=mass adds `ref.page_mass`)."""
+    """See `sparse_reference.rerank_scores` (one kernel and a memset; rank=mass adds `page_mass`)."""
     if not _use_triton(q):
         return ref.rerank_scores(q, k_pool, bound, table, nsel, last, row_pages=row_pages, rank=rank, scale=scale,
                                  softcap=softcap)
@@ -348,7 +398,7 @@ def rerank_scores(q, k_pool, bound, table, nsel, last, *, row_pages: int, rank: 
         q, k_pool, bound, table, nsel, last, out, q.stride(0), q.stride(1), table.stride(0), MP, row_pages,
         scale, softcap or 0.0, G=Hq // Hkv, D=D, P=P, BLOCK_G=max(16, triton.next_power_of_2(Hq // Hkv)), HKV=Hkv,
         ROW_STRIDE=k_pool.stride(1), PER=PER, MASS=rank == "mass", HAS_SOFTCAP=bool(softcap))
-    return ref.page_mass(out, bound) if rank == "mass" else out
+    return page_mass(out, bound) if rank == "mass" else out
 
 
 RERANK_PER, RERANK_WARPS = 4, 1   # H200, 512K, 16K candidates a row: 1 warp 206 µs, 2 warps 300, 4 warps 543
@@ -356,7 +406,7 @@ RERANK_PER, RERANK_WARPS = 4, 1   # H200, 512K, 16K candidates a row: 1 warp 206
 
 def rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last, *, row_pages: int,
                        bits: int, rank: str = "max", scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
-    """See `sparse_reference.rerank_code_scores` (one kernel and a memset; rank=mass adds `ref.page_mass`)."""
+    """See `sparse_reference.rerank_code_scores` (one kernel and a memset; rank=mass adds `page_mass`)."""
     if not _use_triton(q):
         return ref.rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last,
                                       row_pages=row_pages, bits=bits, rank=rank, scale=scale, softcap=softcap)
@@ -372,14 +422,15 @@ def rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last
         MP, row_pages, scale, softcap or 0.0, G=Hq // Hkv, D=D, P=P,
         BLOCK_G=max(16, triton.next_power_of_2(Hq // Hkv)), HKV=Hkv, PER=PER, BITS=bits, MASS=rank == "mass",
         HAS_SOFTCAP=bool(softcap), num_warps=RERANK_WARPS)
-    return ref.page_mass(out, bound) if rank == "mass" else out
+    return page_mass(out, bound) if rank == "mass" else out
 
 
-ALL_PAGES, ALL_WARPS = 8, 4
+ALL_PAGES, ALL_WARPS, ALL_FAST = 8, 4, True
 
 
 def all_page_code_scores(q, codes, pmin, pmax, bound, pos, *, bits: int, rank: str = "max", scale: float = 1.0,
-                         softcap: float | None = None, pages: int | None = None, warps: int | None = None) -> torch.Tensor:
+                         softcap: float | None = None, pages: int | None = None, warps: int | None = None,
+                         fast: bool | None = None) -> torch.Tensor:
     """`rerank_code_scores` with every page < pos // page + 1 a candidate, read from the cache's own
     buffers: codes (B, Hkv, MP, P, D·bits/8), pmin/pmax (B, Hkv, MP, D), each (b, h) block contiguous;
     bound (B, Hkv, MP) from `page_scores`. One kernel, no candidate select, no page table."""
@@ -396,8 +447,8 @@ def all_page_code_scores(q, codes, pmin, pmax, bound, pos, *, bits: int, rank: s
         q, codes, pmin, pmax, bound, _pos(pos, q.device), out, q.stride(0), q.stride(1), codes.stride(0),
         codes.stride(1), pmin.stride(0), pmin.stride(1), MP, scale, softcap or 0.0, G=G, D=D, P=P,
         BLOCK_G=max(16, triton.next_power_of_2(G)), HKV=Hkv, PAGES=pages, BITS=bits, MASS=rank == "mass",
-        HAS_SOFTCAP=bool(softcap), num_warps=warps or ALL_WARPS)
-    return ref.page_mass(out, bound) if rank == "mass" else out
+        HAS_SOFTCAP=bool(softcap), FAST=ALL_FAST if fast is None else fast, num_warps=warps or ALL_WARPS)
+    return page_mass(out, bound) if rank == "mass" else out
 
 
 def paged_attention(q, k_pool, v_pool, table, nsel, last, *, scale: float, softcap: float | None = None,

@@ -201,7 +201,8 @@ def page_mass(lse: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     ranks by the mass the page would carry if the candidates were all that was read (the max logit
     misses pages of many moderately-scoring tokens: BENCHMARKS.md, Quest's depth-0 diagnostic).
     Forced pages stay +inf."""
-    score = (lse - lse.logsumexp(2, keepdim=True)).logsumexp(-1)
+    z = lse.logsumexp(2, keepdim=True)
+    score = (lse - z.masked_fill(z == float("-inf"), 0.0)).logsumexp(-1)   # a query with no candidate adds nothing
     return torch.where(bound == float("inf"), bound, score)
 
 
