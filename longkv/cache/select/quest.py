@@ -14,6 +14,11 @@ F = 4 finds 3/4 at 2K and 4/4 at 4K (benchmarks/quest_oracle.py). The logits com
 codes of each key relative to its page's min/max (the bounds Quest keeps anyway), written when a page
 fills: at 2 bits +1/16 of the KV memory and 1/8 of the candidate keys' bytes read, with the same
 selections as exact keys on every grid measured (BENCHMARKS.md); `rbits=0` reads the exact keys.
+`rank=mass` ranks the candidates by their share of the attention instead (each query's softmax over
+the candidates' tokens, summed over the query group): a page of many moderate logits can carry more
+mass than one with a single high logit (gemma3-270m's 16K depth-0 needles: BENCHMARKS.md). When
+every page is a candidate (rerank x budget >= the cache) the second stage is one kernel over the code
+buffer (`kernels.quest.all_page_code_scores`), with no candidate select.
 
 `budget` = tokens read per decode step; `ratio` = fraction of the cache *not* read per step, sized on
 the cache's capacity (prompt + new tokens). Either way the number of pages is fixed when the cache is
