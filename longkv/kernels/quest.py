@@ -200,10 +200,11 @@ if triton is not None:
                          HAS_SOFTCAP: tl.constexpr, FAST: tl.constexpr):
         """`_rerank_code_kernel` when every page is a candidate (rerank x budget >= the cache): PAGES
         consecutive pages a program, read straight from the row's code buffer (no page table), one
-        (BLOCK_G, PAGES·P) product per channel slice instead of one 16 x 16 product a page. FAST: a
-        code becomes fp32 by the magic-number trick (code | 0x4B000000 is the float 2^23 + code; one
-        logic op and one add instead of an int-to-float conversion) and the product runs in tf32, so
-        no key is converted to bf16 either: the two conversions were the kernel's throughput limit."""
+        (BLOCK_G, PAGES·P) product per channel slice instead of one 16 x 16 product a page. FAST
+        (measured on the H200, `sparse_decode.py`'s all_* columns): 1 = a code becomes fp32 by the
+        magic-number trick (code | 0x4B000000 is the float 2^23 + code: a logic op and an add instead
+        of an int-to-float conversion); 2 = that, and the product in tf32 with no bf16 keys (slower:
+        140 vs 107 µs at 128K); 0 = plain conversions."""
         bh = tl.program_id(0)
         b = bh // HKV
         h = bh % HKV
@@ -231,10 +232,14 @@ if triton is not None:
                 st = (tl.load(Mx + stat + c * NB, mask=okp[:, None], other=0.0).to(tl.float32) - lo) / L
                 code = (byte >> (c * BITS)) & L
                 q = tl.load(qrow + c * NB, mask=g[:, None] < G, other=0.0)
-                if FAST:
+                if FAST == 2:
                     f = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                     k = lo[:, None, :] + f * st[:, None, :]
                     s = tl.dot(q.to(tl.float32), tl.trans(tl.reshape(k, (T, NB))), s, input_precision="tf32")
+                elif FAST == 1:
+                    f = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    k = lo[:, None, :] + f * st[:, None, :]
+                    s = tl.dot(q, tl.trans(tl.reshape(k.to(Q.dtype.element_ty), (T, NB))), s)
                 else:
                     k = lo[:, None, :] + code.to(tl.float32) * st[:, None, :]
                     s = tl.dot(q, tl.trans(tl.reshape(k.to(Q.dtype.element_ty), (T, NB))), s)
@@ -257,34 +262,44 @@ if triton is not None:
                 tl.store(Out + bh * MP + pg, tl.where(bound == float("inf"), bound, best), mask=okp)
 
     @triton.jit
-    def _mass_kernel(Lse, Bound, Out, MP, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):
-        """`ref.page_mass` for one (b, kv head) row, two passes over its (MP, G) log-sum-exps: Z_g (a
-        running log-sum-exp over the pages), then each page's log Σ_g exp(lse_g − Z_g)."""
+    def _lse_rows(x, axis: tl.constexpr):
+        """Log-sum-exp along axis of a tile holding -inf where empty (an empty line gives -inf)."""
+        m = tl.max(x, axis)
+        safe = tl.where(m == float("-inf"), 0.0, m)
+        e = tl.sum(tl.exp(x - tl.expand_dims(safe, axis)), axis)
+        return tl.where(e > 0, safe + tl.log(tl.maximum(e, 1e-30)), float("-inf"))
+
+    @triton.jit
+    def _mass_part_kernel(Lse, Part, MP, NBLK, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):
+        """`page_mass`, first pass: each query's log-sum-exp over a block of BLOCK pages."""
         bh = tl.program_id(0)
+        blk = tl.program_id(1)
         g = tl.arange(0, BLOCK_G)
-        base = Lse + bh * MP * G
-        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l = tl.zeros([BLOCK_G], tl.float32)
-        for p0 in range(0, MP, BLOCK):
-            p = p0 + tl.arange(0, BLOCK)
-            x = tl.load(base + p[:, None] * G + g[None, :], mask=(p[:, None] < MP) & (g[None, :] < G),
-                        other=float("-inf"))
-            m_new = tl.maximum(m, tl.max(x, 0))
-            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l = l * tl.exp(m - safe) + tl.sum(tl.exp(x - safe[None, :]), 0)
-            m = m_new
-        z = tl.where(l > 0, m + tl.log(tl.maximum(l, 1e-30)), 0.0)
-        for p0 in range(0, MP, BLOCK):
-            p = p0 + tl.arange(0, BLOCK)
-            ok = p < MP
-            x = tl.load(base + p[:, None] * G + g[None, :], mask=ok[:, None] & (g[None, :] < G),
-                        other=float("-inf")) - z[None, :]
-            top = tl.max(x, 1)
-            safe = tl.where(top == float("-inf"), 0.0, top)
-            e = tl.sum(tl.exp(x - safe[:, None]), 1)
-            sc = tl.where(e > 0, safe + tl.log(tl.maximum(e, 1e-30)), float("-inf"))
-            b = tl.load(Bound + bh * MP + p, mask=ok, other=0.0)
-            tl.store(Out + bh * MP + p, tl.where(b == float("inf"), b, sc), mask=ok)
+        p = blk * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(Lse + (bh * MP + p[:, None]) * G + g[None, :], mask=(p[:, None] < MP) & (g[None, :] < G),
+                    other=float("-inf"))
+        tl.store(Part + (bh * NBLK + blk) * BLOCK_G + g, _lse_rows(x, 0))
+
+    @triton.jit
+    def _mass_kernel(Lse, Part, Bound, Out, MP, NBLK, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+        """`page_mass`, second pass: Z_g from the row's block partials, then each page of this block:
+        log Σ_g exp(lse_g − Z_g) (a query with no candidate adds nothing); forced pages stay +inf."""
+        bh = tl.program_id(0)
+        blk = tl.program_id(1)
+        g = tl.arange(0, BLOCK_G)
+        kk = tl.arange(0, BLOCK_K)
+        part = tl.load(Part + (bh * NBLK + kk[:, None]) * BLOCK_G + g[None, :], mask=kk[:, None] < NBLK,
+                       other=float("-inf"))
+        z = _lse_rows(part, 0)
+        z = tl.where(z == float("-inf"), 0.0, z)
+        p = blk * BLOCK + tl.arange(0, BLOCK)
+        ok = p < MP
+        x = tl.load(Lse + (bh * MP + p[:, None]) * G + g[None, :], mask=ok[:, None] & (g[None, :] < G),
+                    other=float("-inf"))
+        sc = _lse_rows(x - z[None, :], 1)
+        b = tl.load(Bound + bh * MP + p, mask=ok, other=0.0)
+        tl.store(Out + bh * MP + p, tl.where(b == float("inf"), b, sc), mask=ok)
 
     @triton.jit
     def _paged_kernel(Q, K, V, Table, Nsel, Last, Out, Lse, sqb, sqh, stab, scale, softcap,
@@ -371,14 +386,18 @@ def _rerank_out(bound, G: int, rank: str) -> torch.Tensor:
     return torch.full(bound.shape + ((G,) if rank == "mass" else ()), float("-inf"), device=bound.device)
 
 
-def page_mass(lse: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """See `sparse_reference.page_mass` (one kernel, one program a (b, kv head) row)."""
+def page_mass(lse: torch.Tensor, bound: torch.Tensor, *, block: int = 1024) -> torch.Tensor:
+    """See `sparse_reference.page_mass` (two kernels: block partials of Z, then every page)."""
     if not _use_triton(lse):
         return ref.page_mass(lse, bound)
     B, Hkv, MP, G = lse.shape
     assert lse.is_contiguous() and bound.is_contiguous()
+    BG, nblk = triton.next_power_of_2(G), triton.cdiv(MP, block)
+    part = torch.empty(B * Hkv, nblk, BG, device=lse.device, dtype=torch.float32)
     out = torch.empty_like(bound)
-    _mass_kernel[(B * Hkv,)](lse, bound, out, MP, G=G, BLOCK_G=triton.next_power_of_2(G), BLOCK=1024)
+    _mass_part_kernel[(B * Hkv, nblk)](lse, part, MP, nblk, G=G, BLOCK_G=BG, BLOCK=block)
+    _mass_kernel[(B * Hkv, nblk)](lse, part, bound, out, MP, nblk, G=G, BLOCK_G=BG, BLOCK=block,
+                                  BLOCK_K=triton.next_power_of_2(nblk))
     return out
 
 
@@ -425,12 +444,12 @@ def rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last
     return page_mass(out, bound) if rank == "mass" else out
 
 
-ALL_PAGES, ALL_WARPS, ALL_FAST = 8, 4, True
+ALL_PAGES, ALL_WARPS, ALL_FAST = 8, 4, 0   # H200 128K: p8w4 107 µs; p4/p16, 2/8 warps, FAST=2 slower
 
 
 def all_page_code_scores(q, codes, pmin, pmax, bound, pos, *, bits: int, rank: str = "max", scale: float = 1.0,
                          softcap: float | None = None, pages: int | None = None, warps: int | None = None,
-                         fast: bool | None = None) -> torch.Tensor:
+                         fast: int | None = None) -> torch.Tensor:
     """`rerank_code_scores` with every page < pos // page + 1 a candidate, read from the cache's own
     buffers: codes (B, Hkv, MP, P, D·bits/8), pmin/pmax (B, Hkv, MP, D), each (b, h) block contiguous;
     bound (B, Hkv, MP) from `page_scores`. One kernel, no candidate select, no page table."""
@@ -447,7 +466,7 @@ def all_page_code_scores(q, codes, pmin, pmax, bound, pos, *, bits: int, rank: s
         q, codes, pmin, pmax, bound, _pos(pos, q.device), out, q.stride(0), q.stride(1), codes.stride(0),
         codes.stride(1), pmin.stride(0), pmin.stride(1), MP, scale, softcap or 0.0, G=G, D=D, P=P,
         BLOCK_G=max(16, triton.next_power_of_2(G)), HKV=Hkv, PAGES=pages, BITS=bits, MASS=rank == "mass",
-        HAS_SOFTCAP=bool(softcap), FAST=ALL_FAST if fast is None else fast, num_warps=warps or ALL_WARPS)
+        HAS_SOFTCAP=bool(softcap), FAST=ALL_FAST if fast is None else int(fast), num_warps=warps or ALL_WARPS)
     return page_mass(out, bound) if rank == "mass" else out
 
 
