@@ -203,8 +203,8 @@ if triton is not None:
         (BLOCK_G, PAGES·P) product per channel slice instead of one 16 x 16 product a page. FAST
         (measured on the H200, `sparse_decode.py`'s all_* columns): 1 = a code becomes fp32 by the
         magic-number trick (code | 0x4B000000 is the float 2^23 + code: a logic op and an add instead
-        of an int-to-float conversion); 2 = that, and the product in tf32 with no bf16 keys (slower:
-        140 vs 107 µs at 128K); 0 = plain conversions."""
+        of an int-to-float conversion; no faster); 2 = that, and the product in tf32 with no bf16 keys
+        (30 % slower); 0 = plain conversions."""
         bh = tl.program_id(0)
         b = bh // HKV
         h = bh % HKV
@@ -444,7 +444,9 @@ def rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last
     return page_mass(out, bound) if rank == "mass" else out
 
 
-ALL_PAGES, ALL_WARPS, ALL_FAST = 8, 4, 0   # H200 128K: p8w4 107 µs; p4/p16, 2/8 warps, FAST=2 slower
+# H200, 128K / 512K, max rank: 4 pages and 1 warp a program 73 / 275 µs; 8 and 4 106 / 394; 16 and 4
+# 141 / 534; 8 and 2 129 / 485; FAST=1 as fast as 0, FAST=2 (tf32) 30 % slower
+ALL_PAGES, ALL_WARPS, ALL_FAST = 4, 1, 0
 
 
 def all_page_code_scores(q, codes, pmin, pmax, bound, pos, *, bits: int, rank: str = "max", scale: float = 1.0,
