@@ -91,7 +91,7 @@ step() {
       for seed in ${SEEDS:-0 4 1 2 3}; do
         timeout "${SEED_LIMIT:-110}" $PY -m longkv eval niah --model gemma3-270m --dtype bfloat16 --lengths 16k \
           --depths 0:1:8 --seed "$seed" -q --out "$OUT/massgrid-s$seed" --cache full \
-          --cache quest:ratio=0.875,rerank=8 --cache quest:ratio=0.875,rerank=8,rank=mass \
+          --cache quest:ratio=0.875,rerank=8,rank=max --cache quest:ratio=0.875,rerank=8,rank=mass \
           --cache quest:ratio=0.875,rerank=4,rank=mass > "$OUT/massgrid-s$seed.log" 2>&1
         echo "massgrid seed $seed: rc $?; $(tail -n 3 "$OUT/massgrid-s$seed.log" | cut -c1-200)" >&2
       done ;;

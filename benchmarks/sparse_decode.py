@@ -48,11 +48,11 @@ def methods(ctx: int) -> list[tuple[str, str]]:
     return [("full", "full"),
             ("quest 1/8", f"quest:budget={b8}"), ("quest 1/32", f"quest:budget={b32}"),
             ("quest 1/8 p32", f"quest:budget={b8},page=32"),   # half the page-bound bytes
-            ("quest 1/8 r4", f"quest:budget={b8},rerank=4"),   # + re-scoring 4x the pages from 2-bit codes
-            ("quest 1/8 r4 exact", f"quest:budget={b8},rerank=4,rbits=0"),   # ... from the exact keys
+            ("quest 1/8 r4", f"quest:budget={b8},rerank=4,rank=max"),   # + re-scoring 4x the pages from 2-bit codes
+            ("quest 1/8 r4 exact", f"quest:budget={b8},rerank=4,rbits=0,rank=max"),   # ... from the exact keys
             # every page from its 2-bit codes (ratio, not budget: 8 x the pages read then covers the
             # decode room too, so the cache takes its every-page path)
-            ("quest 1/8 r8", "quest:ratio=0.875,rerank=8"),
+            ("quest 1/8 r8", "quest:ratio=0.875,rerank=8,rank=max"),
             ("quest 1/8 r8 mass", "quest:ratio=0.875,rerank=8,rank=mass"),   # ... ranked by attention mass
             ("quest 1/8 r4 mass", f"quest:budget={b8},rerank=4,rank=mass"),
             ("kv4", "kv4"), ("kv4+quest 1/8", f"kv4+quest:budget={b8}"),   # Quest over packed storage

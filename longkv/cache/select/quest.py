@@ -8,15 +8,16 @@ page table into the unchanged buffer (no copy). A decode step is five kernel lau
 (`kernels/quest.py`: append, score, select, paged attention, merge). Prefill is dense, and the first
 `dense_layers` layers stay dense (Quest skips 2).
 
-`rerank=F` (ours, not in the paper): a second stage re-scores the bound's top F·k pages by their
-largest logit and reads the top k of them. On smollm2-135m at 8× the bound alone loses every needle;
+`rerank=F` (ours, not in the paper): a second stage re-scores the bound's top F·k pages and reads the
+top k of them. On smollm2-135m at 8× the bound alone loses every needle;
 F = 4 finds 3/4 at 2K and 4/4 at 4K (benchmarks/quest_oracle.py). The logits come from `rbits`-bit
 codes of each key relative to its page's min/max (the bounds Quest keeps anyway), written when a page
 fills: at 2 bits +1/16 of the KV memory and 1/8 of the candidate keys' bytes read, with the same
 selections as exact keys on every grid measured (BENCHMARKS.md); `rbits=0` reads the exact keys.
-`rank=mass` ranks the candidates by their share of the attention instead (each query's softmax over
-the candidates' tokens, summed over the query group): a page of many moderate logits can carry more
-mass than one with a single high logit (gemma3-270m's 16K depth-0 needles: BENCHMARKS.md). When
+`rank=mass` (the default; `rank=max` = the largest logit, as before 2026-12-03) ranks the candidates
+by their share of the attention (each query's softmax over the candidates' tokens, summed over the
+query group): a page of many moderate logits can carry more mass than one with a single high logit
+(gemma3-270m's 16K depth-0 needles: BENCHMARKS.md). When
 every page is a candidate (rerank x budget >= the cache) the second stage is one kernel over the code
 buffer (`kernels.quest.all_page_code_scores`), with no candidate select.
 
@@ -47,14 +48,15 @@ from ..registry import register
                   "page": (int, 16, "tokens per page"),
                   "recent": (int, 2, "last pages always read (the current page included)"),
                   "dense_layers": (int, 2, "first layers that always read everything"),
-                  "rerank": (int, 0, "two stages: the bound keeps rerank x the pages as candidates, their "
-                                     "max logits pick the pages read (0 = Quest as published; rerank x budget "
-                                     ">= the cache scores every page: at ratio=0.875, rerank=8)"),
+                  "rerank": (int, 0, "two stages: the bound keeps rerank x the pages as candidates, scored "
+                                     "again from their codes (`rank`) to pick the pages read (0 = Quest as "
+                                     "published; rerank x budget >= the cache scores every page: at "
+                                     "ratio=0.875, rerank=8)"),
                   "rbits": (int, 2, "bits of the page-relative key codes the second stage reads "
                                     "(1, 2, 4 or 8; 0 = the exact keys)"),
-                  "rank": (str, "max", "how the second stage ranks its candidates: max = a page's largest "
-                                       "logit, mass = its share of the attention over the candidates' tokens "
-                                       "(summed over the query group)")},
+                  "rank": (str, "mass", "how the second stage ranks its candidates: mass = a page's share "
+                                        "of the attention over the candidates' tokens (summed over the query "
+                                        "group), max = its largest logit (the ranking before 2026-12-03)")},
           composes=("full", "quant"))
 class QuestCache(FullCache):
     role = "select"
@@ -66,7 +68,7 @@ class QuestCache(FullCache):
         return super().__new__(cls)
 
     def __init__(self, specs, *, batch, capacity, device, dtype, ratio=None, budget=None, page=16, recent=2,
-                 dense_layers=2, rerank=0, rbits=2, rank="max", storage=None):
+                 dense_layers=2, rerank=0, rbits=2, rank="mass", storage=None):
         P = self._check_page(page)
         super().__init__(specs, batch=batch, capacity=P * math.ceil(capacity / P), device=device, dtype=dtype)
         self.capacity = capacity
@@ -78,7 +80,7 @@ class QuestCache(FullCache):
             raise UserError(f"quest: page={page} must be a power of two >= 16")
         return page
 
-    def _pages(self, specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, rerank, rbits, rank="max"):
+    def _pages(self, specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, rerank, rbits, rank="mass"):
         """The page machinery shared with `QuestStorageCache`: budget → pages read, bounds, codes."""
         self.P, self.recent, self.dense_layers = P, max(1, recent), max(0, dense_layers)
         self.budget = Budget.parse(ratio, budget, "quest")

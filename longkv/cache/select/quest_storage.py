@@ -37,7 +37,7 @@ from .quest import QuestCache
 
 class QuestStorageCache(QuestCache):
     def __init__(self, specs, *, batch, capacity, device, dtype, storage, ratio=None, budget=None, page=16,
-                 recent=2, dense_layers=2, rerank=0, rbits=2, rank="max"):
+                 recent=2, dense_layers=2, rerank=0, rbits=2, rank="mass"):
         if rerank:
             raise UserError(f"quest: rerank={rerank} needs the full-precision storage (its page codes are "
                             f"written from full-precision keys); drop rerank or {storage[0]}")
