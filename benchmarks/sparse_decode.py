@@ -186,8 +186,8 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
 
     def rerank(mod):
         if pools and cache.k_cand >= cache.max_pages:   # every page a candidate: the cache's one-kernel path
-            return mod.all_page_code_scores(q, codes, mn, mx, scores, pos, bits=bits, rank=how["rank"],
-                                            scale=s.scale, softcap=s.softcap)
+            return mod.all_page_code_scores(q, codes, mn, mx, pos, bits=bits, sink=1, recent=cache.recent,
+                                            rank=how["rank"], scale=s.scale, softcap=s.softcap)
         cand = mod.select_pages(scores, cache.k_cand, pos, page=P, row_pages=rows)
         if pools:
             return mod.rerank_code_scores(q, *pools, scores, *cand, bits=bits, **how)
@@ -197,7 +197,8 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
         if pools and cache.k_cand >= cache.max_pages:   # the one-kernel path's tiling, swept
             for pg, w, fast in ((8, 4, 0), (2, 1, 0), (8, 1, 0), (4, 2, 0), (4, 1, 1)):
                 pieces[f"all_p{pg}w{w}f{fast}_us"] = functools.partial(
-                    kq.all_page_code_scores, q, codes, mn, mx, scores, pos, bits=bits, rank=how["rank"],
+                    kq.all_page_code_scores, q, codes, mn, mx, pos, bits=bits, sink=1, recent=cache.recent,
+                    rank=how["rank"],
                     scale=s.scale, softcap=s.softcap, pages=pg, warps=w, fast=fast)
     out = {name: round(graph_time(fn, reps, dev) * 1e3, 1) for name, fn in pieces.items()}
     # the kernels against their plain-torch references on this very cache (compiled, at full size)

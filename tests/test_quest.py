@@ -359,19 +359,21 @@ def test_rerank_mass_matches_the_softmax_over_candidates(B, Hq, Hkv, D, npages, 
 def test_all_page_code_scores_equal_the_second_stage_over_every_page(B, Hq, Hkv, D, MP, npages, bits, softcap, rank,
                                                                      fast):
     """Every page a candidate (rerank x budget >= the cache): the one-kernel path over the cache's
-    buffers equals the reference and the table-driven kernel given every page as a candidate."""
+    buffers (no bound: sink and recent pages forced from pos) equals the reference, and the table-driven
+    kernel given every page as a candidate and the real bound (whose forced pages are the same)."""
     g = torch.Generator().manual_seed(MP + bits)
     P = 16
     q = torch.randn(B, Hq, 1, D, generator=g)
     keys = torch.randn(B, Hkv, MP * P, D, generator=g)
     mn, mx = ref.page_minmax(keys, P)
     codes = ref.page_codes(keys, mn, mx, bits)                                  # (B, Hkv, MP, P, NB)
-    bound = _scores(g, B, Hkv, MP, npages, 1000)
     pos = torch.tensor([(npages - 1) * P + 6])
+    bound = quest.page_scores(q, mn, mx, pos, page=P, sink=1, recent=2)
     how = dict(bits=bits, rank=rank, scale=0.2, softcap=softcap)
-    got = quest.all_page_code_scores(q, codes, mn, mx, bound, pos, fast=fast, **how)
-    want = ref.all_page_code_scores(q, codes, mn, mx, bound, pos, **how)
+    got = quest.all_page_code_scores(q, codes, mn, mx, pos, sink=1, recent=2, fast=fast, **how)
+    want = ref.all_page_code_scores(q, codes, mn, mx, pos, sink=1, recent=2, **how)
     assert torch.allclose(got, want, atol=1e-4)
+    assert torch.equal(got == float("inf"), bound == float("inf"))
     cand = quest.select_pages(bound, MP, pos, page=P, row_pages=MP)
     table = quest.rerank_code_scores(q, codes.reshape(-1, P, codes.shape[-1]), mn.reshape(-1, D), mx.reshape(-1, D),
                                      bound, *cand, row_pages=MP, **how)
@@ -390,6 +392,11 @@ def test_page_mass_kernel_matches_reference(G, MP):
     bound = torch.randn(2, 3, MP, generator=g)
     bound[..., 0] = float("inf")
     got, want = quest.page_mass(lse, bound, block=256), ref.page_mass(lse, bound)
+    pos = torch.tensor([16 * (MP - 3) + 2])                      # forced pages from pos instead of a bound
+    by_pos = quest.page_mass(lse, None, block=256, pos=pos, page=16, sink=2, recent=3)
+    forced = ref.forced_bound(bound.shape, pos, page=16, sink=2, recent=3)
+    assert torch.equal(by_pos == float("inf"), forced == float("inf"))
+    assert torch.equal(by_pos.isfinite(), ref.page_mass(lse, forced).isfinite())
     assert torch.equal(got == float("inf"), want == float("inf"))
     assert torch.equal(got == float("-inf"), want == float("-inf"))
     fin = want.isfinite()

@@ -194,13 +194,14 @@ if triton is not None:
                 _page_out(s, ok, g, Bound, Out, bh, MP, local, scale, softcap, G, MASS, HAS_SOFTCAP)
 
     @triton.jit
-    def _all_code_kernel(Q, Codes, Mn, Mx, Bound, Pos, Out, sqb, sqh, scb, sch, smb, smh, MP, scale, softcap,
+    def _all_code_kernel(Q, Codes, Mn, Mx, Pos, Out, sqb, sqh, scb, sch, smb, smh, MP, sink, recent, scale, softcap,
                          G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr,
                          HKV: tl.constexpr, PAGES: tl.constexpr, BITS: tl.constexpr, MASS: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, FAST: tl.constexpr):
         """`_rerank_code_kernel` when every page is a candidate (rerank x budget >= the cache): PAGES
         consecutive pages a program, read straight from the row's code buffer (no page table), one
-        (BLOCK_G, PAGES·P) product per channel slice instead of one 16 x 16 product a page. FAST
+        (BLOCK_G, PAGES·P) product per channel slice instead of one 16 x 16 product a page. No page
+        bound is read: the pages Quest forces (the first `sink`, the last `recent`) are known from pos. FAST
         (measured on the H200, `sparse_decode.py`'s all_* columns): 1 = a code becomes fp32 by the
         magic-number trick (code | 0x4B000000 is the float 2^23 + code: a logic op and an add instead
         of an int-to-float conversion; no faster); 2 = that, and the product in tf32 with no bf16 keys
@@ -258,8 +259,8 @@ if triton is not None:
                 tl.store(Out + (bh * MP + pg[None, :]) * G + g[:, None], lse, mask=(g[:, None] < G) & okp[None, :])
             else:
                 best = tl.max(tl.max(tl.where(ok, s, float("-inf")), 2), 0)                   # (PAGES,)
-                bound = tl.load(Bound + bh * MP + pg, mask=okp, other=0.0)
-                tl.store(Out + bh * MP + pg, tl.where(bound == float("inf"), bound, best), mask=okp)
+                forced = (pg < sink) | (pg >= npages - recent)
+                tl.store(Out + bh * MP + pg, tl.where(forced, float("inf"), best), mask=okp)
 
     @triton.jit
     def _lse_rows(x, axis: tl.constexpr):
@@ -281,10 +282,11 @@ if triton is not None:
         tl.store(Part + (bh * NBLK + blk) * BLOCK_G + g, _lse_rows(x, 0))
 
     @triton.jit
-    def _mass_kernel(Lse, Part, Bound, Out, MP, NBLK, G: tl.constexpr, BLOCK_G: tl.constexpr,
-                     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _mass_kernel(Lse, Part, Bound, Pos, Out, MP, NBLK, PAGE, sink, recent, G: tl.constexpr,
+                     BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, BY_POS: tl.constexpr):
         """`page_mass`, second pass: Z_g from the row's block partials, then each page of this block:
-        log Σ_g exp(lse_g − Z_g) (a query with no candidate adds nothing); forced pages stay +inf."""
+        log Σ_g exp(lse_g − Z_g) (a query with no candidate adds nothing); forced pages (+inf in
+        Bound, or BY_POS: the first `sink` and last `recent` of the pages up to pos) are +inf."""
         bh = tl.program_id(0)
         blk = tl.program_id(1)
         g = tl.arange(0, BLOCK_G)
@@ -298,8 +300,12 @@ if triton is not None:
         x = tl.load(Lse + (bh * MP + p[:, None]) * G + g[None, :], mask=ok[:, None] & (g[None, :] < G),
                     other=float("-inf"))
         sc = _lse_rows(x - z[None, :], 1)
-        b = tl.load(Bound + bh * MP + p, mask=ok, other=0.0)
-        tl.store(Out + bh * MP + p, tl.where(b == float("inf"), b, sc), mask=ok)
+        if BY_POS:
+            npages = tl.load(Pos).to(tl.int32) // PAGE + 1
+            forced = ((p < sink) | (p >= npages - recent)) & (p < npages)
+        else:
+            forced = tl.load(Bound + bh * MP + p, mask=ok, other=0.0) == float("inf")
+        tl.store(Out + bh * MP + p, tl.where(forced, float("inf"), sc), mask=ok)
 
     @triton.jit
     def _paged_kernel(Q, K, V, Table, Nsel, Last, Out, Lse, sqb, sqh, stab, scale, softcap,
@@ -386,18 +392,25 @@ def _rerank_out(bound, G: int, rank: str) -> torch.Tensor:
     return torch.full(bound.shape + ((G,) if rank == "mass" else ()), float("-inf"), device=bound.device)
 
 
-def page_mass(lse: torch.Tensor, bound: torch.Tensor, *, block: int = 1024) -> torch.Tensor:
-    """See `sparse_reference.page_mass` (two kernels: block partials of Z, then every page)."""
+def page_mass(lse: torch.Tensor, bound: torch.Tensor | None, *, block: int = 1024, pos=None, page: int = 0,
+              sink: int = 0, recent: int = 0) -> torch.Tensor:
+    """See `sparse_reference.page_mass` (two kernels: block partials of Z, then every page); bound
+    None: the forced pages from pos, page, sink, recent (as `page_scores` forces them)."""
     if not _use_triton(lse):
+        if bound is None:
+            bound = ref.forced_bound(lse.shape[:3], pos, page=page, sink=sink, recent=recent, device=lse.device)
         return ref.page_mass(lse, bound)
     B, Hkv, MP, G = lse.shape
+    by_pos = bound is None
+    bound = lse if by_pos else bound   # (not read when by_pos)
     assert lse.is_contiguous() and bound.is_contiguous()
     BG, nblk = triton.next_power_of_2(G), triton.cdiv(MP, block)
     part = torch.empty(B * Hkv, nblk, BG, device=lse.device, dtype=torch.float32)
-    out = torch.empty_like(bound)
+    out = torch.empty(B, Hkv, MP, device=lse.device, dtype=torch.float32)
     _mass_part_kernel[(B * Hkv, nblk)](lse, part, MP, nblk, G=G, BLOCK_G=BG, BLOCK=block)
-    _mass_kernel[(B * Hkv, nblk)](lse, part, bound, out, MP, nblk, G=G, BLOCK_G=BG, BLOCK=block,
-                                  BLOCK_K=triton.next_power_of_2(nblk))
+    _mass_kernel[(B * Hkv, nblk)](lse, part, bound, _pos(pos, lse.device) if by_pos else bound, out, MP, nblk,
+                                  page, sink, recent, G=G, BLOCK_G=BG, BLOCK=block,
+                                  BLOCK_K=triton.next_power_of_2(nblk), BY_POS=by_pos)
     return out
 
 
@@ -449,27 +462,31 @@ def rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last
 ALL_PAGES, ALL_WARPS, ALL_FAST = 4, 1, 0
 
 
-def all_page_code_scores(q, codes, pmin, pmax, bound, pos, *, bits: int, rank: str = "max", scale: float = 1.0,
-                         softcap: float | None = None, pages: int | None = None, warps: int | None = None,
-                         fast: int | None = None) -> torch.Tensor:
-    """`rerank_code_scores` with every page < pos // page + 1 a candidate, read from the cache's own
-    buffers: codes (B, Hkv, MP, P, D·bits/8), pmin/pmax (B, Hkv, MP, D), each (b, h) block contiguous;
-    bound (B, Hkv, MP) from `page_scores`. One kernel, no candidate select, no page table."""
+def all_page_code_scores(q, codes, pmin, pmax, pos, *, bits: int, sink: int, recent: int, rank: str = "max",
+                         scale: float = 1.0, softcap: float | None = None, pages: int | None = None,
+                         warps: int | None = None, fast: int | None = None) -> torch.Tensor:
+    """Quest's second stage when every page up to pos is a candidate, read from the cache's own
+    buffers: codes (B, Hkv, MP, P, D·bits/8), pmin/pmax (B, Hkv, MP, D), each (b, h) block contiguous.
+    The first `sink` and last `recent` pages are forced (+inf) as `page_scores` forces them, so the
+    bound itself is not needed. One kernel (two more for rank=mass), no candidate select, no table."""
     if not _use_triton(q):
-        return ref.all_page_code_scores(q, codes, pmin, pmax, bound, pos, bits=bits, rank=rank, scale=scale,
-                                        softcap=softcap)
+        return ref.all_page_code_scores(q, codes, pmin, pmax, pos, bits=bits, sink=sink, recent=recent, rank=rank,
+                                        scale=scale, softcap=softcap)
     B, Hq, _, D = q.shape
     Hkv, MP, P = codes.shape[1], codes.shape[2], codes.shape[3]
     assert codes[0, 0].is_contiguous() and pmin[0, 0].is_contiguous() and pmin.stride() == pmax.stride()
     G = Hq // Hkv
-    out = _rerank_out(bound, G, rank)
+    out = torch.full((B, Hkv, MP) + ((G,) if rank == "mass" else ()), float("-inf"), device=q.device)
     pages = pages or ALL_PAGES
+    pos_t = _pos(pos, q.device)
     _all_code_kernel[(B * Hkv, triton.cdiv(MP, pages))](
-        q, codes, pmin, pmax, bound, _pos(pos, q.device), out, q.stride(0), q.stride(1), codes.stride(0),
-        codes.stride(1), pmin.stride(0), pmin.stride(1), MP, scale, softcap or 0.0, G=G, D=D, P=P,
+        q, codes, pmin, pmax, pos_t, out, q.stride(0), q.stride(1), codes.stride(0), codes.stride(1),
+        pmin.stride(0), pmin.stride(1), MP, sink, recent, scale, softcap or 0.0, G=G, D=D, P=P,
         BLOCK_G=max(16, triton.next_power_of_2(G)), HKV=Hkv, PAGES=pages, BITS=bits, MASS=rank == "mass",
         HAS_SOFTCAP=bool(softcap), FAST=ALL_FAST if fast is None else int(fast), num_warps=warps or ALL_WARPS)
-    return page_mass(out, bound) if rank == "mass" else out
+    if rank == "mass":
+        return page_mass(out, None, pos=pos_t, page=P, sink=sink, recent=recent)
+    return out
 
 
 def paged_attention(q, k_pool, v_pool, table, nsel, last, *, scale: float, softcap: float | None = None,

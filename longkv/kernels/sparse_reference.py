@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["all_page_code_scores", "append_token", "fold_chunk_bounds", "fold_token_bounds", "page_codes", "page_keys", "page_minmax", "page_scores", "paged_attention",
+__all__ = ["all_page_code_scores", "append_token", "fold_chunk_bounds", "fold_token_bounds", "forced_bound", "page_codes", "page_keys", "page_minmax", "page_scores", "paged_attention",
            "page_mass", "ragged_attention_lse", "rerank_scores", "select_pages"]
 
 
@@ -214,12 +214,26 @@ def rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last
                          row_pages=row_pages, rank=rank, scale=scale, softcap=softcap)
 
 
-def all_page_code_scores(q, codes, pmin, pmax, bound, pos, *, bits: int, rank: str = "max", scale: float = 1.0,
-                         softcap: float | None = None) -> torch.Tensor:
-    """`rerank_code_scores` with every page up to the one holding pos a candidate: codes (B, Hkv, MP, P,
-    D·bits/8), pmin/pmax (B, Hkv, MP, D) the cache's buffers."""
+def forced_bound(shape, pos, *, page: int, sink: int, recent: int, device=None) -> torch.Tensor:
+    """A bound of shape (B, Hkv, MP) that only forces: +inf on the pages `page_scores` forces (the
+    first `sink` and last `recent` of the npages = pos // page + 1), 0 on the other pages up to pos,
+    -inf past it."""
+    MP = shape[-1]
+    p = torch.arange(MP, device=device)
+    npages = _last(pos, device) // page + 1
+    s = torch.zeros(shape, device=device).masked_fill((p < sink) | ((p >= npages - recent) & (p < npages)),
+                                                      float("inf"))
+    return s.masked_fill(p >= npages, float("-inf"))
+
+
+def all_page_code_scores(q, codes, pmin, pmax, pos, *, bits: int, sink: int, recent: int, rank: str = "max",
+                         scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+    """`rerank_code_scores` with every page up to the one holding pos a candidate and the first `sink`
+    and last `recent` of them forced (+inf): codes (B, Hkv, MP, P, D·bits/8), pmin/pmax (B, Hkv, MP, D)
+    the cache's buffers."""
     B, Hkv, MP, P = codes.shape[:4]
     D = pmin.shape[-1]
+    bound = forced_bound((B, Hkv, MP), pos, page=P, sink=sink, recent=recent, device=q.device)
     cand = select_pages(bound, MP, pos, page=P, row_pages=MP)
     return rerank_code_scores(q, codes.reshape(-1, P, codes.shape[-1]), pmin.reshape(-1, D), pmax.reshape(-1, D),
                               bound, *cand, row_pages=MP, bits=bits, rank=rank, scale=scale, softcap=softcap)

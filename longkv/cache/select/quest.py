@@ -134,7 +134,8 @@ class QuestCache(FullCache):
     def decode(self, layer, q, k, v, step):
         """One token, four kernels and a merge, all on the device (graph-safe): append (RoPE, write,
         page min/max), score every page, select the top pages straight into an int32 page table
-        (ascending, so the current partial page is last), paged flash-decoding + merge."""
+        (ascending, so the current partial page is last), paged flash-decoding + merge. With a second
+        stage, its kernels between score and select; when it scores every page, it replaces the score."""
         if not self._sparse(layer):
             return super().decode(layer, q, k, v, step)
         s, P = self.specs[layer], self.P
@@ -143,13 +144,14 @@ class QuestCache(FullCache):
         kc, vc, mn, mx = self.k[layer], self.v[layer], self.pmin[layer], self.pmax[layer]
         codes = self.codes[layer]
         kq.append_token(k, v, cos, sin, pos, kc, vc, mn, mx, page=P, codes=codes, bits=self.rbits)
-        scores = kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=self.recent)
         D, rows = s.head_dim, kc.shape[2] // P
-        if self.rerank and self.k_cand > self.k_pages:   # the bound's top candidates, re-scored exactly
-            how = dict(rank=self.rank, scale=s.scale, softcap=s.softcap)
-            if codes is not None and self.k_cand >= self.max_pages:   # every page: no candidate select
-                scores = kq.all_page_code_scores(q, codes, mn, mx, scores, pos, bits=self.rbits, **how)
-            else:
+        how = dict(rank=self.rank, scale=s.scale, softcap=s.softcap)
+        if self.rerank and codes is not None and self.k_cand >= self.max_pages:   # every page from its codes:
+            scores = kq.all_page_code_scores(q, codes, mn, mx, pos, bits=self.rbits, sink=1, recent=self.recent,
+                                             **how)                         # no bound, no candidate select
+        else:
+            scores = kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=self.recent)
+            if self.rerank and self.k_cand > self.k_pages:   # the bound's top candidates, re-scored
                 cand = kq.select_pages(scores, self.k_cand, pos, page=P, row_pages=rows)
                 if codes is not None:
                     scores = kq.rerank_code_scores(q, codes.view(-1, P, codes.shape[-1]), mn.view(-1, D),
