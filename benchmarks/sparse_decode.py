@@ -195,7 +195,7 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
     if getattr(cache, "rerank", 0) and cache.k_cand > cache.k_pages:
         pieces["rerank_us"] = functools.partial(rerank, kq)
         if pools and cache.k_cand >= cache.max_pages:   # the one-kernel path's tiling, swept
-            for pg, w, fast in ((8, 4, 0), (2, 1, 0), (8, 1, 0), (4, 2, 0), (4, 1, 1)):
+            for pg, w, fast in ((8, 4, 0), (2, 1, 0), (4, 1, 3), (4, 2, 3), (8, 2, 3)):
                 pieces[f"all_p{pg}w{w}f{fast}_us"] = functools.partial(
                     kq.all_page_code_scores, q, codes, mn, mx, pos, bits=bits, sink=1, recent=cache.recent,
                     rank=how["rank"],
