@@ -41,6 +41,9 @@
 # [pipesweep; quant_decode.py 128k by hand; questq128], [questq128 kivi nopipe with
 # KIVI_CTX=32k,128k,512k], [questq512], [questq128 questq512; quant_decode.py --block-n 32 --warps 2
 # by hand].
+# Session 8 (2026-12-03): [copy x5; MODELS=gemma3-270m install; massgrid] (only 8 files come back a
+# call: the logs' tables are the record, not results.jsonl), [rerank128], [rerank128 rerank512] x2,
+# [sparse_decode.py 128k / 512k r8 rows by hand] x2; three starts refused.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
