@@ -113,7 +113,7 @@ if triton is not None:
         """One candidate page's logits s (BLOCK_G, P), valid where ok, into the second stage's output.
         max: Out[bh, local] = the largest logit (a page the bound forced, +inf, stays +inf). mass:
         Out[bh, local, g] = log-sum-exp of query g's scaled logits over the page's tokens (the
-        normalization over candidates and the sum over the group follow in `ref.page_mass`)."""
+        normalization over candidates and the sum over the group follow in `page_mass`)."""
         if MASS:
             x = s * scale
             if HAS_SOFTCAP:
@@ -201,8 +201,8 @@ if triton is not None:
         """`_rerank_code_kernel` when every page is a candidate (rerank x budget >= the cache): PAGES
         consecutive pages a program, read straight from the row's code buffer (no page table), one
         (BLOCK_G, PAGES·P) product per channel slice instead of one 16 x 16 product a page. No page
-        bound is read: the pages Quest forces (the first `sink`, the last `recent`) are known from pos. FAST
-        (measured on the H200, `sparse_decode.py`'s all_* columns): 1 = a code becomes fp32 by the
+        bound is read: the pages Quest forces (the first `sink`, the last `recent`) are known from pos.
+        FAST (measured on the H200, `sparse_decode.py`'s all_* columns): 1 = a code becomes fp32 by the
         magic-number trick (code | 0x4B000000 is the float 2^23 + code: a logic op and an add instead
         of an int-to-float conversion; no faster); 2 = that, and the product in tf32 with no bf16 keys
         (30 % slower); 3 = plain conversions, the product swapped (keys as the left operand: 168

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["all_page_code_scores", "append_token", "fold_chunk_bounds", "fold_token_bounds", "forced_bound", "page_codes", "page_keys", "page_minmax", "page_scores", "paged_attention",
-           "page_mass", "ragged_attention_lse", "rerank_scores", "select_pages"]
+__all__ = ["all_page_code_scores", "append_token", "fold_chunk_bounds", "fold_token_bounds", "forced_bound",
+           "page_codes", "page_keys", "page_mass", "page_minmax", "page_scores", "paged_attention",
+           "ragged_attention_lse", "rerank_scores", "select_pages"]
 
 
 def page_minmax(k: torch.Tensor, P: int, valid: int | None = None):
