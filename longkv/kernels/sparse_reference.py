@@ -24,7 +24,7 @@ import torch
 
 __all__ = ["all_page_code_scores", "append_token", "fold_chunk_bounds", "fold_token_bounds", "forced_bound",
            "page_codes", "page_keys", "page_mass", "page_minmax", "page_scores", "paged_attention",
-           "ragged_attention_lse", "rerank_scores", "select_pages"]
+           "ragged_attention_lse", "rerank_code_scores", "rerank_scores", "select_pages"]
 
 
 def page_minmax(k: torch.Tensor, P: int, valid: int | None = None):
