@@ -17,6 +17,7 @@ import torch
 from common import emit_json, parse_tokens, print_table, time_cuda
 
 from longkv.kernels import quest as kq
+from longkv.kernels import quest_rerank as kr
 from longkv.kernels import sparse_reference as ref
 
 
@@ -66,7 +67,7 @@ def main():
         want = ref.rerank_code_scores(q, codes, mnp, mxp, bound, *cand, row_pages=MP, bits=bits)
         for per in map(int, a.per.split(",")):
             for w in map(int, a.warps.split(",")):
-                kq.RERANK_PER, kq.RERANK_WARPS = per, w
+                kr.RERANK_PER, kr.RERANK_WARPS = per, w
                 row(f"codes{bits}", lambda: kq.rerank_code_scores(q, codes, mnp, mxp, bound, *cand, row_pages=MP,
                                                                   bits=bits), want, nbytes, per=per, warps=w)
     print_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
