@@ -17,9 +17,9 @@ selections as exact keys on every grid measured (BENCHMARKS.md); `rbits=0` reads
 `rank=mass` (the default; `rank=max` = the largest logit, as before 2026-12-03) ranks the candidates
 by their share of the attention (each query's softmax over the candidates' tokens, summed over the
 query group): a page of many moderate logits can carry more mass than one with a single high logit
-(gemma3-270m's 16K depth-0 needles: BENCHMARKS.md). When
-every page is a candidate (rerank x budget >= the cache) the second stage is one kernel over the code
-buffer (`kernels.quest.all_page_code_scores`), with no candidate select.
+(gemma3-270m's 16K depth-0 needles: BENCHMARKS.md). When every page is a candidate (rerank x budget
+>= the cache) the second stage is one kernel over the code buffer (`kernels/quest_rerank.py:
+all_page_code_scores`), with no bound kernel and no candidate select.
 
 `budget` = tokens read per decode step; `ratio` = fraction of the cache *not* read per step, sized on
 the cache's capacity (prompt + new tokens). Either way the number of pages is fixed when the cache is
@@ -49,7 +49,7 @@ from ..registry import register
                   "recent": (int, 2, "last pages always read (the current page included)"),
                   "dense_layers": (int, 2, "first layers that always read everything"),
                   "rerank": (int, 0, "two stages: the bound keeps rerank x the pages as candidates, scored "
-                                     "again from their codes (`rank`) to pick the pages read (0 = Quest as "
+                                     "again from their codes or keys (`rank`) to pick the pages read (0 = Quest as "
                                      "published; rerank x budget >= the cache scores every page: at "
                                      "ratio=0.875, rerank=8)"),
                   "rbits": (int, 2, "bits of the page-relative key codes the second stage reads "
