@@ -31,13 +31,19 @@ def _use_triton(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def scaled_scores(s, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+        """Raw logits q·k → scaled, and soft-capped (Gemma 2's softcap·tanh(s/softcap), as a sigmoid)."""
+        s = s * scale
+        if HAS_SOFTCAP:
+            s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)
+        return s
+
+    @triton.jit
     def online_step(q, k, v, ok, m, l, acc, scale, softcap, HAS_SOFTCAP: tl.constexpr):
         """One flash-decoding tile: scores of q (G, D) against k (N, D), masked by ok (N,), folded
         into the running max m, denominator l and output acc (G, D). Shared by every decode kernel
         that reads plain (unpacked) K/V tiles."""
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        if HAS_SOFTCAP:
-            s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)
+        s = scaled_scores(tl.dot(q, tl.trans(k)).to(tl.float32), scale, softcap, HAS_SOFTCAP)
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)

@@ -16,6 +16,8 @@ from .page_select import _pos
 if triton is not None:
     import triton.language as tl
 
+    from .decode import scaled_scores
+
     @triton.jit
     def _page_out(s, ok, g, Bound, Out, bh, MP, local, scale, softcap, G: tl.constexpr, MASS: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr):
@@ -24,9 +26,7 @@ if triton is not None:
         Out[bh, local, g] = log-sum-exp of query g's scaled logits over the page's tokens (the
         normalization over candidates and the sum over the group follow in `page_mass`)."""
         if MASS:
-            x = s * scale
-            if HAS_SOFTCAP:
-                x = softcap * (2 * tl.sigmoid(2 * x / softcap) - 1)
+            x = scaled_scores(s, scale, softcap, HAS_SOFTCAP)
             tl.store(Out + (bh * MP + local) * G + g, _lse_rows(tl.where(ok, x, float("-inf")), 1), mask=g < G)
         else:
             best = tl.max(tl.max(tl.where(ok, s, float("-inf")), 1), 0)
@@ -106,11 +106,11 @@ if triton is not None:
         consecutive pages a program, read straight from the row's code buffer (no page table), one
         (BLOCK_G, PAGES·P) product per channel slice instead of one 16 x 16 product a page. No page
         bound is read: the pages Quest forces (the first `sink`, the last `recent`) are known from pos.
-        FAST (measured on the H200, `sparse_decode.py`'s all_* columns): 1 = a code becomes fp32 by the
-        magic-number trick (code | 0x4B000000 is the float 2^23 + code: a logic op and an add instead
-        of an int-to-float conversion; no faster); 2 = that, and the product in tf32 with no bf16 keys
-        (30 % slower); 3 = plain conversions, the product swapped (keys as the left operand: 168
-        registers instead of 250 offline, not yet measured on the GPU); 0 = plain conversions."""
+        FAST (`sparse_decode.py`'s all_* columns): 0 = keys rebuilt in fp32, converted to bf16 for the
+        product; 2 = keys kept in fp32 (codes made fp32 by the magic number: code | 0x4B000000 is the
+        float 2^23 + code) and the product in tf32: 30 % slower on the H200, more precise; 3 = as 0 with
+        the product swapped (keys as the left operand: 168 registers instead of 250 offline, not yet
+        measured on the GPU). (The magic number with bf16 keys measured no faster than 0: removed.)"""
         bh = tl.program_id(0)
         b = bh // HKV
         h = bh % HKV
@@ -148,10 +148,6 @@ if triton is not None:
                 elif FAST == 3:
                     k = lo[:, None, :] + code.to(tl.float32) * st[:, None, :]
                     s = tl.dot(tl.reshape(k.to(Q.dtype.element_ty), (T, NB)), tl.trans(q), s)
-                elif FAST == 1:
-                    f = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                    k = lo[:, None, :] + f * st[:, None, :]
-                    s = tl.dot(q, tl.trans(tl.reshape(k.to(Q.dtype.element_ty), (T, NB))), s)
                 else:
                     k = lo[:, None, :] + code.to(tl.float32) * st[:, None, :]
                     s = tl.dot(q, tl.trans(tl.reshape(k.to(Q.dtype.element_ty), (T, NB))), s)
@@ -161,9 +157,7 @@ if triton is not None:
             tok = pg[:, None] * P + t[None, :]
             ok = (g[:, None, None] < G) & (tok <= pos)[None, :, :]
             if MASS:
-                x = s * scale
-                if HAS_SOFTCAP:
-                    x = softcap * (2 * tl.sigmoid(2 * x / softcap) - 1)
+                x = scaled_scores(s, scale, softcap, HAS_SOFTCAP)
                 lse = _lse_rows(tl.where(ok, x, float("-inf")), 2)                            # (BLOCK_G, PAGES)
                 tl.store(Out + (bh * MP + pg[None, :]) * G + g[:, None], lse, mask=(g[:, None] < G) & okp[None, :])
             else:
@@ -289,7 +283,7 @@ def rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last
 
 
 # H200, 128K / 512K, max rank: 4 pages and 1 warp a program 73 / 275 µs; 8 and 4 106 / 394; 16 and 4
-# 141 / 534; 8 and 2 129 / 485; FAST=1 as fast as 0, FAST=2 (tf32) 30 % slower
+# 141 / 534; 8 and 2 129 / 485; FAST=2 (tf32) 30 % slower
 ALL_PAGES, ALL_WARPS, ALL_FAST = 4, 1, 0
 
 
@@ -308,13 +302,14 @@ def all_page_code_scores(q, codes, pmin, pmax, pos, *, bits: int, sink: int, rec
     assert codes[0, 0].is_contiguous() and pmin[0, 0].is_contiguous() and pmin.stride() == pmax.stride()
     G = Hq // Hkv
     out = torch.full((B, Hkv, MP) + ((G,) if rank == "mass" else ()), float("-inf"), device=q.device)
-    pages = pages or ALL_PAGES
+    pages, fast = pages or ALL_PAGES, ALL_FAST if fast is None else fast
+    assert fast in (0, 2, 3), f"fast={fast}: 0, 2 or 3"
     pos_t = _pos(pos, q.device)
     _all_code_kernel[(B * Hkv, triton.cdiv(MP, pages))](
         q, codes, pmin, pmax, pos_t, out, q.stride(0), q.stride(1), codes.stride(0), codes.stride(1),
         pmin.stride(0), pmin.stride(1), MP, sink, recent, scale, softcap or 0.0, G=G, D=D, P=P,
         BLOCK_G=max(16, triton.next_power_of_2(G)), HKV=Hkv, PAGES=pages, BITS=bits, MASS=rank == "mass",
-        HAS_SOFTCAP=bool(softcap), FAST=ALL_FAST if fast is None else int(fast), num_warps=warps or ALL_WARPS)
+        HAS_SOFTCAP=bool(softcap), FAST=fast, num_warps=warps or ALL_WARPS)
     if rank == "mass":
         return page_mass(out, None, pos=pos_t, page=P, sink=sink, recent=recent)
     return out
