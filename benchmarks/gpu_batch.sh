@@ -91,14 +91,18 @@ step() {
         TASKS=niah_single_2,niah_multikey_1,niah_multivalue bash benchmarks/sparse_quality.sh kvpress-ruler report ;;
     gemmasparse) RUNS=/tmp/sparse_runs OUT=$OUT STEP_LIMIT=${STEP_LIMIT:-250} bash benchmarks/sparse_quality.sh gemma-niah report ;;
     massgrid)  # gemma3 16K, 8 depths a seed: the second stage ranked by max logit vs attention mass
+      # CACHES overrides the caches (space-separated specs); QUEST_FAST sets the every-page kernel's FAST
+      # mode for the run (quest_rerank.ALL_FAST; 2 = fp32 keys, tf32 product); TAG names the output
+      caches=${CACHES:-full quest:ratio=0.875,rerank=8,rank=max quest:ratio=0.875,rerank=8,rank=mass quest:ratio=0.875,rerank=4,rank=mass}
+      tag=massgrid${TAG:+-$TAG}
       for seed in ${SEEDS:-0 4 1 2 3}; do
-        timeout "${SEED_LIMIT:-110}" $PY -m longkv eval niah --model gemma3-270m --dtype bfloat16 --lengths 16k \
-          --depths 0:1:8 --seed "$seed" -q --out "/tmp/massgrid/s$seed" --cache full \
-          --cache quest:ratio=0.875,rerank=8,rank=max --cache quest:ratio=0.875,rerank=8,rank=mass \
-          --cache quest:ratio=0.875,rerank=4,rank=mass > "$OUT/massgrid-s$seed.log" 2>&1
-        echo "massgrid seed $seed: rc $?; $(tail -n 3 "$OUT/massgrid-s$seed.log" | cut -c1-200)" >&2
+        timeout "${SEED_LIMIT:-110}" $PY -c "import sys; import longkv.kernels.quest_rerank as r
+r.ALL_FAST = int('${QUEST_FAST:-0}'); from longkv.cli import main; sys.exit(main(sys.argv[1:]))" \
+          eval niah --model gemma3-270m --dtype bfloat16 --lengths 16k --depths "${DEPTHS:-0:1:8}" \
+          --seed "$seed" -q --out "/tmp/$tag/s$seed" $(printf -- '--cache %s ' $caches) > "$OUT/$tag-s$seed.log" 2>&1
+        echo "$tag seed $seed: rc $?; $(tail -n 3 "$OUT/$tag-s$seed.log" | cut -c1-200)" >&2
       done
-      tar czf "$OUT/massgrid.tgz" -C /tmp massgrid ;;   # one file: a call returns at most 8
+      tar czf "$OUT/$tag.tgz" -C /tmp "$tag" ;;   # one file: a call returns at most 8
     *) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2 ;;
   esac
 }

@@ -284,7 +284,12 @@ def main():
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--only", default=None, help='comma list of method labels to run, e.g. "full,quest 1/8"')
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, eager: checks that it runs")
+    ap.add_argument("--all-fast", type=int, default=None,
+                    help="the every-page second stage's FAST mode for the whole run (quest_rerank.ALL_FAST)")
     a = ap.parse_args()
+    if a.all_fast is not None:
+        from longkv.kernels import quest_rerank
+        quest_rerank.ALL_FAST = a.all_fast
     cfg = dict(LLAMA3_8B, num_hidden_layers=a.layers)
     if a.smoke:
         cfg.update(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
@@ -296,7 +301,8 @@ def main():
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     name = "CPU (smoke)" if a.smoke else torch.cuda.get_device_name()
     print(f"# {name}; Llama-3-8B shape, {cfg['num_hidden_layers']} layers, random weights; cache filled "
-          f"through its append path with random data (no real prefill)")
+          f"through its append path with random data (no real prefill)"
+          + ("" if a.all_fast is None else f"; every-page second stage FAST={a.all_fast}"))
     rows = []
     for ctx in [parse_tokens(c) for c in a.contexts.split(",")]:
         base_ms = None
