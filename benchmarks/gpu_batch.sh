@@ -20,6 +20,7 @@
 #   sparse    issue 5: gemma3 NIAH at 8x; RULER-style grid (trimmed), longkv and kvpress; report
 #   gemmasparse  issue 5: only the gemma3 NIAH at 8x (16K/32K, 4 depths), and the report
 #   massgrid  issue 5: gemma3 NIAH 16K x 8 depths x SEEDS: full, quest 8x rerank=8 (max / mass), rerank=4 mass
+#   gemma8x   issue 5: gemma3 full vs quest 8x (rerank=8, mass): NIAH 16K/32K x 3 samples, RULER-style 16K
 #
 # ext, gemma and sparse need real weights: benchmarks/device_setup.sh install first (same warm machine).
 # Calls made on the H200 (2026-12-03): [copy x5], [copy; install; ext], [quest512 hfquant],
@@ -44,6 +45,9 @@
 # Session 8 (2026-12-03): [copy x5; MODELS=gemma3-270m install; massgrid] (only 8 files come back a
 # call: the logs' tables are the record, not results.jsonl), [rerank128], [rerank128 rerank512] x2,
 # [sparse_decode.py 128k / 512k r8 rows by hand] x2; three starts refused.
+# Session 9 (2026-12-04): [copy; sparse_decode.py 128k (+ FAST=3) / 512k r8 rows by hand], [copy x3],
+# [copy; install; massgrid: TAG=s0 (seed 0 + rbits=0), TAG=s0f2 (FAST=2), TAG=more (SEEDS=5..9)] (then
+# two calls to read the s0f2 results left on the machine), [copy x4], [copy; install; gemma8x by hand].
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -91,18 +95,23 @@ step() {
         TASKS=niah_single_2,niah_multikey_1,niah_multivalue bash benchmarks/sparse_quality.sh kvpress-ruler report ;;
     gemmasparse) RUNS=/tmp/sparse_runs OUT=$OUT STEP_LIMIT=${STEP_LIMIT:-250} bash benchmarks/sparse_quality.sh gemma-niah report ;;
     massgrid)  # gemma3 16K, 8 depths a seed: the second stage ranked by max logit vs attention mass
-      # CACHES overrides the caches (space-separated specs); QUEST_FAST sets the every-page kernel's FAST
-      # mode for the run (quest_rerank.ALL_FAST; 2 = fp32 keys, tf32 product); TAG names the output
+      # CACHES overrides the caches (space-separated specs), DEPTHS the depths; TAG names the output
       caches=${CACHES:-full quest:ratio=0.875,rerank=8,rank=max quest:ratio=0.875,rerank=8,rank=mass quest:ratio=0.875,rerank=4,rank=mass}
       tag=massgrid${TAG:+-$TAG}
       for seed in ${SEEDS:-0 4 1 2 3}; do
-        timeout "${SEED_LIMIT:-110}" $PY -c "import sys; import longkv.kernels.quest_rerank as r
-r.ALL_FAST = int('${QUEST_FAST:-0}'); from longkv.cli import main; sys.exit(main(sys.argv[1:]))" \
-          eval niah --model gemma3-270m --dtype bfloat16 --lengths 16k --depths "${DEPTHS:-0:1:8}" \
-          --seed "$seed" -q --out "/tmp/$tag/s$seed" $(printf -- '--cache %s ' $caches) > "$OUT/$tag-s$seed.log" 2>&1
+        timeout "${SEED_LIMIT:-110}" $PY -m longkv eval niah --model gemma3-270m --dtype bfloat16 --lengths 16k \
+          --depths "${DEPTHS:-0:1:8}" --seed "$seed" -q --out "/tmp/$tag/s$seed" $(printf -- '--cache %s ' $caches) > "$OUT/$tag-s$seed.log" 2>&1
         echo "$tag seed $seed: rc $?; $(tail -n 3 "$OUT/$tag-s$seed.log" | cut -c1-200)" >&2
       done
       tar czf "$OUT/$tag.tgz" -C /tmp "$tag" ;;   # one file: a call returns at most 8
+    gemma8x)  # gemma3 at 8x, full vs quest r8 mass: NIAH 16K+32K x 8 depths x 3 samples, RULER-style 16K
+      q=quest:ratio=0.875,rerank=8,rank=mass
+      timeout 290 $PY -m longkv eval niah --model gemma3-270m --dtype bfloat16 --lengths 16k,32k --depths 0:1:8 \
+        --samples 3 --seed 10 -q --out /tmp/q2/niah --cache full --cache $q > "$OUT/niah.log" 2>&1
+      timeout 190 $PY -m longkv eval ruler --model gemma3-270m --dtype bfloat16 --lengths 16k --samples 3 --seed 0 \
+        --tasks niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery,vt,fwe -q --out /tmp/q2/ruler \
+        --cache full --cache $q > "$OUT/ruler.log" 2>&1
+      tar czf "$OUT/q2.tgz" -C /tmp q2 ;;
     *) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2 ;;
   esac
 }

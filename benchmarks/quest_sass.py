@@ -2,7 +2,7 @@
 GPU *without* one: registers, spills, SASS instructions per code, the most frequent opcodes. Last
 line: JSON.
 
-    python benchmarks/quest_sass.py --pages 4,8 --warps 1,2,4 --fast 0,3 --rank max,mass
+    python benchmarks/quest_sass.py --pages 4,8 --warps 1,2,4 --rank max,mass
 
 The same method as `quant_sass.py` (triton compiles for sm_90 on a CPU machine; ptxas, nvdisasm and
 cuobjdump come with its wheel). `instr/code` = the whole kernel's instructions divided by the 2-bit
@@ -33,9 +33,8 @@ TYPES = dict(Q="*bf16", Codes="*u8", Mn="*bf16", Mx="*bf16", Pos="*i64", Out="*f
              softcap="fp32")
 
 
-def inspect(pages: int, warps: int, fast: int, mass: bool, bits: int, arch: int) -> dict:
-    consts = dict(G=4, D=128, P=16, BLOCK_G=16, HKV=8, PAGES=pages, BITS=bits, MASS=mass, HAS_SOFTCAP=False,
-                  FAST=fast)
+def inspect(pages: int, warps: int, mass: bool, bits: int, arch: int) -> dict:
+    consts = dict(G=4, D=128, P=16, BLOCK_G=16, HKV=8, PAGES=pages, BITS=bits, MASS=mass, HAS_SOFTCAP=False)
     names = kr._all_code_kernel.arg_names
     sig = {n: "constexpr" if n in consts else TYPES[n] for n in names}
     src = ASTSource(fn=kr._all_code_kernel, signature=sig,
@@ -54,7 +53,7 @@ def inspect(pages: int, warps: int, fast: int, mass: bool, bits: int, arch: int)
             ops[re.sub(r"^@!?U?P\w+\s+", "", m.group(1)).split()[0].split(".")[0]] += 1
     codes = pages * 16 * 128 / (32 * warps)
     total = sum(ops.values())
-    return dict(pages=pages, warps=warps, fast=fast, rank="mass" if mass else "max",
+    return dict(pages=pages, warps=warps, rank="mass" if mass else "max",
                 regs=int(re.search(r"REG:(\d+)", res).group(1)), spills=ops["STL"] + ops["LDL"],
                 instr=total, instr_per_code=round(total / codes, 2),
                 per_code=", ".join(f"{k} {v / codes:.2f}" for k, v in ops.most_common(8)))
@@ -64,15 +63,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pages", default="4,8")
     ap.add_argument("--warps", default="1,4")
-    ap.add_argument("--fast", default="0,3", help="the kernel's FAST modes (docstring)")
     ap.add_argument("--rank", default="max,mass")
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--arch", type=int, default=90)
     a = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",")]
-    rows = [inspect(p, w, f, r == "mass", a.bits, a.arch) for p, w, f, r in
-            itertools.product(ints(a.pages), ints(a.warps), ints(a.fast), a.rank.split(","))]
-    print_table(rows, ["pages", "warps", "fast", "rank", "regs", "spills", "instr", "instr_per_code", "per_code"])
+    rows = [inspect(p, w, r == "mass", a.bits, a.arch) for p, w, r in
+            itertools.product(ints(a.pages), ints(a.warps), a.rank.split(","))]
+    print_table(rows, ["pages", "warps", "rank", "regs", "spills", "instr", "instr_per_code", "per_code"])
     emit_json({"bench": "quest_sass", "arch": f"sm_{a.arch}", "bits": a.bits, "rows": rows})
 
 

@@ -195,11 +195,10 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
     if getattr(cache, "rerank", 0) and cache.k_cand > cache.k_pages:
         pieces["rerank_us"] = functools.partial(rerank, kq)
         if pools and cache.k_cand >= cache.max_pages:   # the one-kernel path's tiling, swept
-            for pg, w, fast in ((8, 4, 0), (2, 1, 0), (4, 1, 3), (4, 2, 3), (8, 2, 3)):
-                pieces[f"all_p{pg}w{w}f{fast}_us"] = functools.partial(
+            for pg, w in ((8, 4), (2, 1), (4, 2), (8, 2)):
+                pieces[f"all_p{pg}w{w}_us"] = functools.partial(
                     kq.all_page_code_scores, q, codes, mn, mx, pos, bits=bits, sink=1, recent=cache.recent,
-                    rank=how["rank"],
-                    scale=s.scale, softcap=s.softcap, pages=pg, warps=w, fast=fast)
+                    rank=how["rank"], scale=s.scale, softcap=s.softcap, pages=pg, warps=w)
     out = {name: round(graph_time(fn, reps, dev) * 1e3, 1) for name, fn in pieces.items()}
     # the kernels against their plain-torch references on this very cache (compiled, at full size)
     from longkv.kernels import sparse_reference as ref
@@ -284,12 +283,7 @@ def main():
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--only", default=None, help='comma list of method labels to run, e.g. "full,quest 1/8"')
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, eager: checks that it runs")
-    ap.add_argument("--all-fast", type=int, default=None,
-                    help="the every-page second stage's FAST mode for the whole run (quest_rerank.ALL_FAST)")
     a = ap.parse_args()
-    if a.all_fast is not None:
-        from longkv.kernels import quest_rerank
-        quest_rerank.ALL_FAST = a.all_fast
     cfg = dict(LLAMA3_8B, num_hidden_layers=a.layers)
     if a.smoke:
         cfg.update(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
@@ -301,8 +295,7 @@ def main():
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     name = "CPU (smoke)" if a.smoke else torch.cuda.get_device_name()
     print(f"# {name}; Llama-3-8B shape, {cfg['num_hidden_layers']} layers, random weights; cache filled "
-          f"through its append path with random data (no real prefill)"
-          + ("" if a.all_fast is None else f"; every-page second stage FAST={a.all_fast}"))
+          f"through its append path with random data (no real prefill)")
     rows = []
     for ctx in [parse_tokens(c) for c in a.contexts.split(",")]:
         base_ms = None

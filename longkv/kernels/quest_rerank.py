@@ -101,16 +101,15 @@ if triton is not None:
     def _all_code_kernel(Q, Codes, Mn, Mx, Pos, Out, sqb, sqh, scb, sch, smb, smh, MP, sink, recent, scale, softcap,
                          G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr,
                          HKV: tl.constexpr, PAGES: tl.constexpr, BITS: tl.constexpr, MASS: tl.constexpr,
-                         HAS_SOFTCAP: tl.constexpr, FAST: tl.constexpr):
+                         HAS_SOFTCAP: tl.constexpr):
         """`_rerank_code_kernel` when every page is a candidate (rerank x budget >= the cache): PAGES
         consecutive pages a program, read straight from the row's code buffer (no page table), one
         (BLOCK_G, PAGES·P) product per channel slice instead of one 16 x 16 product a page. No page
         bound is read: the pages Quest forces (the first `sink`, the last `recent`) are known from pos.
-        FAST (`sparse_decode.py`'s all_* columns): 0 = keys rebuilt in fp32, converted to bf16 for the
-        product; 2 = keys kept in fp32 (codes made fp32 by the magic number: code | 0x4B000000 is the
-        float 2^23 + code) and the product in tf32: 30 % slower on the H200, more precise; 3 = as 0 with
-        the product swapped (keys as the left operand: 168 registers instead of 250 offline, not yet
-        measured on the GPU). (The magic number with bf16 keys measured no faster than 0: removed.)"""
+        Keys are rebuilt in fp32 and converted to bf16 for the product. Measured on the H200 and not kept
+        (BENCHMARKS.md): fp32 keys by the magic number with a tf32 product (30 % slower, and it did not
+        change the one gemma3 needle it was meant to test), the product swapped (keys as the left
+        operand: fewer registers offline, no quicker), the magic number with bf16 keys (no quicker)."""
         bh = tl.program_id(0)
         b = bh // HKV
         h = bh % HKV
@@ -132,27 +131,14 @@ if triton is not None:
                            mask=okp[:, None, None], other=0).to(tl.int32)                  # (PAGES, P, NB)
             qrow = Q + b * sqb + (h * G + g[:, None]) * sqh + nb[None, :]
             stat = b * smb + h * smh + pg[:, None] * D + nb[None, :]
-            if FAST == 3:
-                s = tl.zeros([T, BLOCK_G], tl.float32)
-            else:
-                s = tl.zeros([BLOCK_G, T], tl.float32)
+            s = tl.zeros([BLOCK_G, T], tl.float32)
             for c in tl.static_range(VPB):
                 lo = tl.load(Mn + stat + c * NB, mask=okp[:, None], other=0.0).to(tl.float32)   # (PAGES, NB)
                 st = (tl.load(Mx + stat + c * NB, mask=okp[:, None], other=0.0).to(tl.float32) - lo) / L
                 code = (byte >> (c * BITS)) & L
                 q = tl.load(qrow + c * NB, mask=g[:, None] < G, other=0.0)
-                if FAST == 2:
-                    f = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                    k = lo[:, None, :] + f * st[:, None, :]
-                    s = tl.dot(q.to(tl.float32), tl.trans(tl.reshape(k, (T, NB))), s, input_precision="tf32")
-                elif FAST == 3:
-                    k = lo[:, None, :] + code.to(tl.float32) * st[:, None, :]
-                    s = tl.dot(tl.reshape(k.to(Q.dtype.element_ty), (T, NB)), tl.trans(q), s)
-                else:
-                    k = lo[:, None, :] + code.to(tl.float32) * st[:, None, :]
-                    s = tl.dot(q, tl.trans(tl.reshape(k.to(Q.dtype.element_ty), (T, NB))), s)
-            if FAST == 3:
-                s = tl.trans(s)
+                k = lo[:, None, :] + code.to(tl.float32) * st[:, None, :]
+                s = tl.dot(q, tl.trans(tl.reshape(k.to(Q.dtype.element_ty), (T, NB))), s)
             s = tl.reshape(s, (BLOCK_G, PAGES, P))
             tok = pg[:, None] * P + t[None, :]
             ok = (g[:, None, None] < G) & (tok <= pos)[None, :, :]
@@ -283,13 +269,13 @@ def rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last
 
 
 # H200, 128K / 512K, max rank: 4 pages and 1 warp a program 73 / 275 µs; 8 and 4 106 / 394; 16 and 4
-# 141 / 534; 8 and 2 129 / 485; FAST=2 (tf32) 30 % slower
-ALL_PAGES, ALL_WARPS, ALL_FAST = 4, 1, 0
+# 141 / 534; 8 and 2 129 / 485
+ALL_PAGES, ALL_WARPS = 4, 1
 
 
 def all_page_code_scores(q, codes, pmin, pmax, pos, *, bits: int, sink: int, recent: int, rank: str = "max",
                          scale: float = 1.0, softcap: float | None = None, pages: int | None = None,
-                         warps: int | None = None, fast: int | None = None) -> torch.Tensor:
+                         warps: int | None = None) -> torch.Tensor:
     """Quest's second stage when every page up to pos is a candidate, read from the cache's own
     buffers: codes (B, Hkv, MP, P, D·bits/8), pmin/pmax (B, Hkv, MP, D), each (b, h) block contiguous.
     The first `sink` and last `recent` pages are forced (+inf) as `page_scores` forces them, so the
@@ -302,14 +288,13 @@ def all_page_code_scores(q, codes, pmin, pmax, pos, *, bits: int, sink: int, rec
     assert codes[0, 0].is_contiguous() and pmin[0, 0].is_contiguous() and pmin.stride() == pmax.stride()
     G = Hq // Hkv
     out = torch.full((B, Hkv, MP) + ((G,) if rank == "mass" else ()), float("-inf"), device=q.device)
-    pages, fast = pages or ALL_PAGES, ALL_FAST if fast is None else fast
-    assert fast in (0, 2, 3), f"fast={fast}: 0, 2 or 3"
+    pages = pages or ALL_PAGES
     pos_t = _pos(pos, q.device)
     _all_code_kernel[(B * Hkv, triton.cdiv(MP, pages))](
         q, codes, pmin, pmax, pos_t, out, q.stride(0), q.stride(1), codes.stride(0), codes.stride(1),
         pmin.stride(0), pmin.stride(1), MP, sink, recent, scale, softcap or 0.0, G=G, D=D, P=P,
         BLOCK_G=max(16, triton.next_power_of_2(G)), HKV=Hkv, PAGES=pages, BITS=bits, MASS=rank == "mass",
-        HAS_SOFTCAP=bool(softcap), FAST=fast, num_warps=warps or ALL_WARPS)
+        HAS_SOFTCAP=bool(softcap), num_warps=warps or ALL_WARPS)
     if rank == "mass":
         return page_mass(out, None, pos=pos_t, page=P, sink=sink, recent=recent)
     return out
