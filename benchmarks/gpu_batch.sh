@@ -20,6 +20,7 @@
 #   sparse    issue 5: gemma3 NIAH at 8x; RULER-style grid (trimmed), longkv and kvpress; report
 #   gemmasparse  issue 5: only the gemma3 NIAH at 8x (16K/32K, 4 depths), and the report
 #   massgrid  issue 5: gemma3 NIAH 16K x 8 depths x SEEDS: full, quest 8x rerank=8 (max / mass), rerank=4 mass
+#   gemmagrid issue 5: gemma3 16K NIAH (8 depths) + RULER-style, every method at 2x/4x/8x, one report
 #   gemma8x   issue 5: gemma3 full vs quest 8x (rerank=8, mass): NIAH 16K/32K x 3 samples, RULER-style 16K
 #
 # ext, gemma and sparse need real weights: benchmarks/device_setup.sh install first (same warm machine).
@@ -112,6 +113,10 @@ step() {
         --tasks niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery,vt,fwe -q --out /tmp/q2/ruler \
         --cache full --cache $q > "$OUT/ruler.log" 2>&1
       tar czf "$OUT/q2.tgz" -C /tmp q2 ;;
+    gemmagrid)  # gemma3 16K, every method at 2x/4x/8x (quest with and without its second stage)
+      G="snapkv streaming pyramidkv tova knorm adakv+snapkv quest quest-r8"
+      RUNS=/tmp/sparse_runs OUT=$OUT STEP_LIMIT=${STEP_LIMIT:-250} GEMMA_LENGTHS=16k GEMMA_DEPTHS=0:1:8 \
+        GEMMA_RATIOS="0.5 0.75 0.875" GEMMA_METHODS="$G" bash benchmarks/sparse_quality.sh gemma-niah gemma-ruler report ;;
     *) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2 ;;
   esac
 }

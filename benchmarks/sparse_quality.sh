@@ -14,6 +14,7 @@
 #   kvpress-niah kvpress-ruler   benchmarks/peers/kvpress_runner.py on the same grid (no quest/duo)
 #   report         longkv report over all folders present -> $OUT/sparse_report.md + .html
 #   gemma-niah     optional, gemma3-270m (needs its model in LONGKV_HOME): 16K/32K, a short grid
+#   gemma-ruler    optional, gemma3-270m RULER-style at 16K (GEMMA_* knobs as gemma-niah's)
 # Knobs (environment): PY, MODEL, LENGTHS, DEPTHS, TASKS, SAMPLES, RATIOS, METHODS, KVP_METHODS,
 # DEVICE, DTYPE, CORPUS, RUNS (results folders, default /tmp/sparse_runs), OUT, STEP_LIMIT, SMOKE=1
 # (a CPU-sized grid). What the lead runs on the H100, with minutes: benchmarks/peers/README.md.
@@ -45,12 +46,13 @@ SAMPLES=${SAMPLES:-2}                   # RULER samples per task and length (NIA
 RATIOS=${RATIOS:-0.5 0.75 0.875}
 # Evicting methods compress once after the whole prompt (chunked=false), as kvpress does, so both
 # engines are compared like with like; streaming keeps the same tokens either way.
-METHODS=${METHODS:-snapkv streaming pyramidkv tova knorm adakv+snapkv quest}
+METHODS=${METHODS:-snapkv streaming pyramidkv tova knorm adakv+snapkv quest}   # + quest-r8 (rerank=8)
 KVP_METHODS=${KVP_METHODS:-snapkv streaming pyramidkv tova knorm adakv+snapkv}
 
 spec() {   # METHOD RATIO -> cache spec
   case $1 in
     streaming|quest|duo) echo "$1:ratio=$2" ;;
+    quest-r8) echo "quest:ratio=$2,rerank=8" ;;   # + the second stage (2-bit page codes, attention mass)
     *) echo "$1:ratio=$2,chunked=false" ;;
   esac
 }
@@ -140,6 +142,13 @@ step_gemma_niah() {
     RATIOS=${GEMMA_RATIOS:-0.875} METHODS=${GEMMA_METHODS:-snapkv streaming quest} step_niah
 }
 
+step_gemma_ruler() {
+  # gemma3-270m RULER-style at 16K (tasks where its full cache scores > 0), every method x ratio
+  MODEL=gemma3-270m DTYPE=${GEMMA_DTYPE:-bfloat16} LENGTHS=${GEMMA_LENGTHS:-16k} \
+    TASKS=${GEMMA_TASKS:-niah_single_2,niah_multikey_1,niah_multiquery} SAMPLES=${GEMMA_SAMPLES:-2} \
+    METHODS=${GEMMA_METHODS:-$METHODS} step_ruler
+}
+
 step_report() {
   local dirs=() d
   for d in "$RUNS"/niah-* "$RUNS"/ruler-*; do [ -f "$d/results.jsonl" ] && dirs+=("$d"); done
@@ -162,7 +171,8 @@ for s in "$@"; do
     kvpress-niah) step_kvpress_niah ;;
     kvpress-ruler) step_kvpress_ruler ;;
     gemma-niah) step_gemma_niah ;;
+    gemma-ruler) step_gemma_ruler ;;
     report) step_report ;;
-    *) echo "unknown step $s (model niah ruler kvpress-setup kvpress-niah kvpress-ruler gemma-niah report)" >&2; exit 2 ;;
+    *) echo "unknown step $s (model niah ruler kvpress-setup kvpress-niah kvpress-ruler gemma-niah gemma-ruler report)" >&2; exit 2 ;;
   esac || { echo "step $s failed" >&2; exit 1; }
 done
