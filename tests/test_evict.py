@@ -253,3 +253,40 @@ def test_quest_prefill_bounds_across_unaligned_chunks(tiny):
         k = kv.k[layer][:, :, :48]
         mn, mx = ref.page_minmax(k, 16, valid=45)
         assert torch.equal(kv.pmin[layer][:, :, :3], mn) and torch.equal(kv.pmax[layer][:, :, :3], mx)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    """Gemma 3 layout: 5 sliding-window layers (window 8) and 1 global layer, GQA 4/2."""
+    cfg = transformers.Gemma3TextConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=6,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        sliding_window=8, query_pre_attn_scalar=16)
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("tiny_gemma")
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return load_model(path)
+
+
+def test_adakv_on_sliding_window_layers(tiny_gemma):
+    """AdaKV on Gemma 3: the windowed layers keep their window as a ring (as every method does), the
+    global layer's heads their own lengths in pages; full budget equals full, honest bytes, graph path."""
+    model = tiny_gemma
+    windowed = [i for i, s in enumerate(model.layer_specs()) if s.window is not None]
+    assert 0 < len(windowed) < len(model.layer_specs())
+    x = ids(45)
+    ref_logits, ref_toks, _ = run(model, "full", x)
+    logits, toks, _ = run(model, "adakv+snapkv:ratio=0", x)
+    assert (logits - ref_logits).abs().max() < 1e-4 and toks == ref_toks
+    spec = "adakv+snapkv:ratio=0.7,window=4"
+    a_logits, a_toks, a = run(model, spec, x)
+    assert a.nbytes() == tensor_bytes(a) and a.nbytes() < build(model, "full").nbytes()
+    assert all(a.ring.slots(i) == 8 and a.n[i] == 8 for i in windowed)          # the window, nothing more
+    assert all(a.ring.slots(i) == 0 for i in range(len(a.specs)) if i not in windowed)
+    assert all(a.store.kp[i] is None for i in windowed)                       # no pages for ring layers
+    st = a.stats()
+    assert st["head_tokens_min"] < st["head_tokens_max"]                      # global heads differ
+    # the windowed layers hold what plain snapkv's windowed layers hold (the window is not the budget)
+    _, _, b = run(model, "snapkv:ratio=0.7,window=4", x)
+    for i in windowed:
+        assert sorted(a.ring.positions(i, 8)[0, 0].tolist()) == sorted(b.store.positions(i, 8)[0, 0].tolist())
+    assert graph_tokens(model, spec, x, 5) == a_toks

@@ -6,6 +6,8 @@ its `alpha`·m best tokens (kvpress's alpha_safeguard), the rest go to the best 
 across heads. Scores are pooled over each KV head's query group (GQA: one cache per KV head). Unlike
 kvpress's AdaKVPress, which masks tokens in a full-size cache, heads are **stored** with different
 lengths in pages (`paged.py`): memory is what the heads keep, rounded up to a page per head.
+Sliding-window layers (Gemma 3) keep exactly their window as a ring, as under every eviction method
+(`base.py`): there is no budget to share across heads there.
 """
 from __future__ import annotations
 
@@ -41,19 +43,29 @@ class _AdaKV:
         super().__init__(specs, **kw)
         if not 0 <= alpha <= 1:
             raise UserError(f"adakv: alpha is the share of a head's uniform budget it always keeps, in [0, 1]; got {alpha}")
-        if any(s.window is not None for s in specs):
-            raise UserError("adakv does not handle sliding-window layers yet; use the method without adakv")
         self.alpha = alpha
+        self.ring = self.store    # the method's own storage: sliding-window layers' rings live there
         self.store = PagedStorage(specs, batch=self.batch, device=self.device, dtype=self.dtype, page=page)
         self.offh: list = [None] * len(specs)
 
+    def _windowed(self, layer: int) -> bool:
+        return self.specs[layer].window is not None
+
+    def storage(self, layer: int):
+        return self.ring if self._windowed(layer) else self.store
+
     def nbytes(self) -> int:
-        return super().nbytes() + sum(t.numel() * t.element_size() for t in self.offh if t is not None)
+        return (super().nbytes() + self.ring.nbytes()
+                + sum(t.numel() * t.element_size() for t in self.offh if t is not None))
 
     def past_attention(self, layer, q, step):
+        if self._windowed(layer):
+            return super().past_attention(layer, q, step)
         return self.store.past_attention(layer, q)
 
     def append(self, layer, k, v, step):
+        if self._windowed(layer):
+            return super().append(layer, k, v, step)
         cos, sin = step.rope[self.specs[layer].rope_index]
         self.store.append(layer, apply_rope(k, cos, sin), v, step.pos)
         self.n[layer] = max(self.store.lens[layer])
@@ -61,12 +73,16 @@ class _AdaKV:
         self.pending[layer] = True
 
     def score_input(self, layer):
+        if self._windowed(layer):
+            return super().score_input(layer)
         k, v, pos, valid = self.store.padded(layer)
         qw = self.qwin[layer]
         return ScoreInput(layer, self.specs[layer], k, v, pos, valid=valid,
                           q=None if qw is None else qw[0], q_pos=None if qw is None else qw[1])
 
     def _compact(self, layer):
+        if self._windowed(layer):
+            return super()._compact(layer)
         if not self.pending[layer]:
             return
         self.pending[layer] = False
@@ -82,6 +98,8 @@ class _AdaKV:
             self.last_window = (int(x.q_pos[0]), int(x.q_pos[-1]) + 1)
 
     def _enter_decode(self, layer):
+        if self._windowed(layer):
+            return super()._enter_decode(layer)
         self._compact(layer)
         self.qwin[layer] = None
         self.store.prepare_decode(layer, max(1, self.capacity - self.seen[layer]))
@@ -89,6 +107,8 @@ class _AdaKV:
         self.decoding[layer] = True
 
     def decode_step(self, layer, q, k, v, pos, cos, sin):
+        if self._windowed(layer):
+            return super().decode_step(layer, q, k, v, pos, cos, sin)
         phys = pos - self.offh[layer]
         self.store.decode_write(layer, apply_rope(k, cos, sin), v, pos, phys)
         return self.store.decode_attention(layer, q, phys)
@@ -98,14 +118,16 @@ class _AdaKV:
         super().advance(n)
         if dec:
             for i in range(len(self.specs)):
-                self.store.bump(i)
+                if not self._windowed(i):
+                    self.store.bump(i)
 
     def kept_tokens(self) -> int:
-        return sum(map(sum, self.store.lens))
+        return sum(self.n[i] * self.batch * s.num_kv_heads if self._windowed(i) else sum(self.store.lens[i])
+                   for i, s in enumerate(self.specs))
 
     def stats(self) -> dict:
         st = super().stats()
-        per_head = [n for lens in self.store.lens for n in lens]
+        per_head = [n for i, lens in enumerate(self.store.lens) if not self._windowed(i) for n in lens]
         st.update(adakv_alpha=self.alpha, head_tokens_min=min(per_head), head_tokens_max=max(per_head),
                   kept_per_head=round(sum(per_head) / max(1, len(per_head)), 1))
         return st

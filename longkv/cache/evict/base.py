@@ -168,6 +168,10 @@ class EvictionCache(Cache):
         w = self.specs[layer].window
         return min(self.n[layer], w) if w is not None else min(self.n[layer], self.keep(layer, self.seen[layer]))
 
+    def storage(self, layer: int):
+        """The storage that holds `layer` (one for every layer; AdaKV keeps sliding-window layers apart)."""
+        return self.store
+
     # -- the contract ---------------------------------------------------------------------------------
     def nbytes(self) -> int:
         extra = sum(q.numel() * q.element_size() + p.numel() * p.element_size()
@@ -176,14 +180,14 @@ class EvictionCache(Cache):
 
     def past_attention(self, layer, q, step: Step):
         n = self.n[layer]
-        return None if n == 0 else self.store.past_attention(layer, q, n, q_pos=step.pos)
+        return None if n == 0 else self.storage(layer).past_attention(layer, q, n, q_pos=step.pos)
 
     def append(self, layer, k, v, step: Step):
-        n, T = self.n[layer], step.n
-        if n + T > self.store.slots(layer):
-            self.store.reserve(layer, n + T + (n + T) // 4, n)
+        n, T, st = self.n[layer], step.n, self.storage(layer)
+        if n + T > st.slots(layer):
+            st.reserve(layer, n + T + (n + T) // 4, n)
         cos, sin = step.rope[self.specs[layer].rope_index]
-        self.store.write(layer, k, v, pos=step.pos, cos=cos, sin=sin, slot=n)
+        st.write(layer, k, v, pos=step.pos, cos=cos, sin=sin, slot=n)
         self.n[layer] += T
         self.seen[layer] += T
         self.pending[layer] = True
@@ -230,8 +234,9 @@ class EvictionCache(Cache):
             length = torch.clamp(phys + 1, max=f)
         else:
             slot, length = phys, phys + 1
-        self.store.write(layer, k, v, pos=pos, cos=cos, sin=sin, slot=slot)
-        return self.store.decode_attention(layer, q, length)
+        st = self.storage(layer)
+        st.write(layer, k, v, pos=pos, cos=cos, sin=sin, slot=slot)
+        return st.decode_attention(layer, q, length)
 
     def _enter_decode(self, layer: int) -> None:
         """Host-side, before the first decode step (and before any CUDA-graph capture)."""
@@ -245,7 +250,7 @@ class EvictionCache(Cache):
             slots = f + (pol == "argmin")          # argmin: one more slot for a token dropped at once
         else:
             slots = n + max(1, self.capacity - self.seen[layer])
-        self.store.reserve(layer, slots, n)
+        self.storage(layer).reserve(layer, slots, n)
         self.off[layer] = self.seen[layer] - n
         self.decoding[layer] = True
 
@@ -262,9 +267,10 @@ class EvictionCache(Cache):
 
     def score_input(self, layer: int) -> ScoreInput:
         n = self.n[layer]
-        k, v = self.store.read(layer, n)
+        st = self.storage(layer)
+        k, v = st.read(layer, n)
         qw = self.qwin[layer]
-        return ScoreInput(layer, self.specs[layer], k, v, self.store.positions(layer, n),
+        return ScoreInput(layer, self.specs[layer], k, v, st.positions(layer, n),
                           q=None if qw is None else qw[0], q_pos=None if qw is None else qw[1])
 
     def _compact(self, layer: int) -> None:
@@ -279,7 +285,7 @@ class EvictionCache(Cache):
             scores = x.pos.float()
         else:
             scores = self.scorer.score(x)
-        self.store.keep(layer, top_keep(scores, x.pos, m))
+        self.storage(layer).keep(layer, top_keep(scores, x.pos, m))
         self.n[layer] = m
         self.compactions += 1
         if x.q_pos is not None:
