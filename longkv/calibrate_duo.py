@@ -33,7 +33,7 @@ class _Probe(FullCache):
     positions >= `qstart` outside the first `sink` and the latest `window` keys."""
 
     def __init__(self, specs, *, sink: int, window: int, qstart: int, **kw):
-        super().__init__(specs, **kw)
+        super().__init__(specs, ring=False, **kw)   # reads every key of every layer
         self.sink, self.window, self.qstart = sink, window, qstart
         self.mass = torch.zeros(len(specs), specs[0].num_kv_heads, dtype=torch.float64)
         self.count = 0

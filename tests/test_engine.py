@@ -92,3 +92,43 @@ def test_bad_cache_specs(bad, msg):
 def test_spec_round_trip():
     s = cache_spec.parse("full")
     assert str(s) == "full" and cache_spec.parse(str(s)) == s
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    """Gemma 3 layout: 5 sliding-window layers (window 8), 1 global layer."""
+    cfg = transformers.Gemma3TextConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=6,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        sliding_window=8, query_pre_attn_scalar=16)
+    torch.manual_seed(4)
+    path = tmp_path_factory.mktemp("tiny_gemma")
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return load_model(path)
+
+
+@pytest.mark.parametrize("chunk", [3, 8, 16])
+def test_full_cache_keeps_only_the_window_of_sliding_layers(tiny_gemma, chunk):
+    """Sliding-window layers hold a ring of `window` slots: the same logits and tokens as keeping every
+    token (ring=False), eager and through the device-only decode step, in a fifth of the bytes here."""
+    model, cap = tiny_gemma, 64
+    specs = model.layer_specs()
+    ring = FullCache(specs, batch=1, capacity=cap, device="cpu", dtype=torch.float32)
+    every = FullCache(specs, batch=1, capacity=cap, device="cpu", dtype=torch.float32, ring=False)
+    x = ids(45, seed=1)
+    a, b = prefill(model, ring, x, chunk=chunk, logits="all"), prefill(model, every, x, chunk=chunk, logits="all")
+    assert (a - b).abs().max() < 1e-5
+    windowed = [i for i, s in enumerate(specs) if s.window is not None]
+    assert windowed and all(ring.k[i].shape[2] == 8 for i in windowed)
+    assert ring.nbytes() == sum(t.numel() * t.element_size() for t in ring.k + ring.v) < every.nbytes() / 3
+    assert ring.full_nbytes() == sum(2 * 2 * 16 * 4 * (8 if s.window else 45) for s in specs)
+    toks = [sum(decode_tokens(model, kv, lg[:, -1], max_new_tokens=12, sampling=Sampling(), stop_ids=set()), [])
+            for kv, lg in ((ring, a), (every, b))]
+    assert toks[0] == toks[1]
+    kv = FullCache(specs, batch=1, capacity=cap, device="cpu", dtype=torch.float32)   # the graph's step
+    out = [int(prefill(model, kv, x, chunk=chunk).argmax(-1))]
+    with torch.inference_mode():
+        for _ in range(11):
+            logits = model(torch.tensor([[out[-1]]]), model.make_step(torch.tensor([kv.length]), None), kv)[:, -1]
+            kv.advance(1)
+            out.append(int(logits.argmax(-1)))
+    assert out == toks[0]

@@ -102,10 +102,12 @@ class Cache(ABC):
         self.length += n
 
     def full_nbytes(self, tokens: int | None = None, dtype: torch.dtype | None = None) -> int:
-        """Bytes a full cache in `dtype` (default: the run's) would hold for `tokens` (default: seen)."""
+        """Bytes a full cache in `dtype` (default: the run's) would hold for `tokens` (default: seen);
+        sliding-window layers hold their window (`full`'s ring)."""
         tokens = self.length if tokens is None else tokens
         item = torch.empty((), dtype=dtype or self.dtype).element_size()
-        return sum(2 * self.batch * s.num_kv_heads * s.head_dim * tokens * item for s in self.specs)
+        return sum(2 * self.batch * s.num_kv_heads * s.head_dim * item * (tokens if s.window is None else
+                                                                         min(tokens, s.window)) for s in self.specs)
 
     def stats(self) -> dict:
         return {"cache": self.name, "tokens": self.length, "kv_bytes": self.nbytes(),

@@ -29,10 +29,6 @@ def _prompt_sha(ids: list[int]) -> str:
     return hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()[:16]
 
 
-def _full_bytes_per_token(llm) -> int:
-    return llm.new_cache("full", capacity=1).full_nbytes(tokens=1)
-
-
 def _rope(llm) -> str | None:
     """The run's `--rope` spec text (None: the model's own RoPE; peers and fakes have no `rope`)."""
     r = getattr(llm, "rope", None)
@@ -65,7 +61,6 @@ def _generation_loop(llm, cells: list[dict], make: Callable[[dict], object], sco
                      res: Results, *, kind: str, chunk: int, base: dict, progress: bool) -> list[dict]:
     """For each cell (the key fields of one sample) build the prompt once, run it with every spec
     not yet done, score and write one line per (cell, spec). Returns this run's records."""
-    per_tok = _full_bytes_per_token(llm)
     out = []
     bar = _bar(len(cells) * len(specs), f"{kind} {llm.name}", progress)
     try:
@@ -81,7 +76,7 @@ def _generation_loop(llm, cells: list[dict], make: Callable[[dict], object], sco
             sample = make(cell)
             for s in todo:
                 r = llm.generate(ids=sample.ids, max_new_tokens=sample.gen_tokens, cache=s, chunk=chunk)
-                seen = max(1, r.kv_bytes_full // per_tok)
+                seen = max(1, r.prompt_tokens + r.generated_tokens - 1)   # tokens the cache was given
                 rec = {"key": keys[s], "kind": kind, "cache": s, **cell, "score": score(r.text, sample),
                        "prediction": r.text, "answers": sample.answers, "meta": sample.meta,
                        "prompt_tokens": r.prompt_tokens, "prompt_sha": _prompt_sha(sample.ids),

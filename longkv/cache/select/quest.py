@@ -98,7 +98,7 @@ class QuestCache(FullCache):
         self.pmin, self.pmax, self.codes = [], [], []
         for i, s in enumerate(specs):
             shape = (batch, s.num_kv_heads, self.max_pages, s.head_dim)
-            sparse = i >= self.dense_layers
+            sparse = i >= self.dense_layers and s.window is None   # sliding-window layers: full's ring
             self.pmin.append(torch.zeros(shape, device=device, dtype=dtype) if sparse else None)
             self.pmax.append(torch.zeros(shape, device=device, dtype=dtype) if sparse else None)
             code_shape = (*shape[:3], P, s.head_dim * self.rbits // 8)
