@@ -114,7 +114,7 @@ step() {
         --cache full --cache $q > "$OUT/ruler.log" 2>&1
       tar czf "$OUT/q2.tgz" -C /tmp q2 ;;
     gemmagrid)  # gemma3 16K, every method at 2x/4x/8x (quest with and without its second stage)
-      G="snapkv streaming pyramidkv tova knorm adakv+snapkv quest quest-r8"
+      G="snapkv streaming pyramidkv tova knorm adakv+snapkv quest quest-r8"   # adakv: sliding layers since 2026-12-04
       RUNS=/tmp/sparse_runs OUT=$OUT STEP_LIMIT=${STEP_LIMIT:-250} GEMMA_LENGTHS=16k GEMMA_DEPTHS=0:1:8 \
         GEMMA_RATIOS="0.5 0.75 0.875" GEMMA_METHODS="$G" bash benchmarks/sparse_quality.sh gemma-niah gemma-ruler report ;;
     *) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2 ;;

@@ -46,7 +46,7 @@ SAMPLES=${SAMPLES:-2}                   # RULER samples per task and length (NIA
 RATIOS=${RATIOS:-0.5 0.75 0.875}
 # Evicting methods compress once after the whole prompt (chunked=false), as kvpress does, so both
 # engines are compared like with like; streaming keeps the same tokens either way.
-METHODS=${METHODS:-snapkv streaming pyramidkv tova knorm adakv+snapkv quest}   # + quest-r8 (rerank=8)
+METHODS=${METHODS:-snapkv streaming pyramidkv tova knorm adakv+snapkv quest quest-r8}   # quest-r8: rerank=8
 KVP_METHODS=${KVP_METHODS:-snapkv streaming pyramidkv tova knorm adakv+snapkv}
 
 spec() {   # METHOD RATIO -> cache spec
