@@ -7,3 +7,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Triton reads this when kernels are decorated, so it must be set before longkv.kernels imports it:
 # the kernel tests then run the Triton code on the CPU through its interpreter.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    """A tiny random Gemma 3: 5 sliding-window layers (window 8) and 1 global layer, GQA 4/2."""
+    import torch
+    import transformers
+
+    from longkv.models.load import load_model
+
+    cfg = transformers.Gemma3TextConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=6,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        sliding_window=8, query_pre_attn_scalar=16)
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("tiny_gemma")
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return load_model(path)

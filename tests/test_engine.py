@@ -94,18 +94,6 @@ def test_spec_round_trip():
     assert str(s) == "full" and cache_spec.parse(str(s)) == s
 
 
-@pytest.fixture(scope="module")
-def tiny_gemma(tmp_path_factory):
-    """Gemma 3 layout: 5 sliding-window layers (window 8), 1 global layer."""
-    cfg = transformers.Gemma3TextConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=6,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                        sliding_window=8, query_pre_attn_scalar=16)
-    torch.manual_seed(4)
-    path = tmp_path_factory.mktemp("tiny_gemma")
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    return load_model(path)
-
-
 @pytest.mark.parametrize("chunk", [3, 8, 16])
 def test_full_cache_keeps_only_the_window_of_sliding_layers(tiny_gemma, chunk):
     """Sliding-window layers hold a ring of `window` slots: the same logits and tokens as keeping every

@@ -255,18 +255,6 @@ def test_quest_prefill_bounds_across_unaligned_chunks(tiny):
         assert torch.equal(kv.pmin[layer][:, :, :3], mn) and torch.equal(kv.pmax[layer][:, :, :3], mx)
 
 
-@pytest.fixture(scope="module")
-def tiny_gemma(tmp_path_factory):
-    """Gemma 3 layout: 5 sliding-window layers (window 8) and 1 global layer, GQA 4/2."""
-    cfg = transformers.Gemma3TextConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=6,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                        sliding_window=8, query_pre_attn_scalar=16)
-    torch.manual_seed(3)
-    path = tmp_path_factory.mktemp("tiny_gemma")
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    return load_model(path)
-
-
 def test_adakv_on_sliding_window_layers(tiny_gemma):
     """AdaKV on Gemma 3: the windowed layers keep their window as a ring (as every method does), the
     global layer's heads their own lengths in pages; full budget equals full, honest bytes, graph path."""
