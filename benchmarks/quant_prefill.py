@@ -1,10 +1,10 @@
-"""Chunked-prefill time of `kv4` against `full`, and against itself with the whole quantized past
-unpacked for every chunk in every layer (what it did before a sliding-window layer unpacked only the
-groups its window reaches), same process, same tokens. Real weights, offline text.
+"""Chunked-prefill time and KV bytes of `kv4` against `full`, same process, same tokens. Real weights,
+offline text. (On Gemma 3 the sliding-window layers of both keep their window in full precision,
+`full`'s ring, since 2026-12-04; before, kv4 quantized every token of them.)
 
     python benchmarks/quant_prefill.py --tokens 8192          # gemma3-270m, Shakespeare, CPU
 
-Prints a table, then one JSON line (seconds per variant; largest logit difference of the two kv4 runs).
+Prints a table, then one JSON line (seconds and KV bytes per cache; largest logit difference kv4 - full).
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import longkv  # noqa: E402
-from longkv.cache.quant import QuantCache  # noqa: E402
 from longkv.engine.prefill import prefill  # noqa: E402
 from longkv.evals import corpora  # noqa: E402
 
@@ -40,22 +39,17 @@ def main() -> None:
         logits = prefill(llm.model, kv, x, chunk=a.chunk)
         if llm.device.type == "cuda":
             torch.cuda.synchronize()
-        return round(time.perf_counter() - t0, 2), logits
+        return round(time.perf_counter() - t0, 2), kv.nbytes(), logits
 
-    secs = {}
+    secs, kv_bytes, logits = {}, {}, {}
     with torch.inference_mode():
-        secs["full"], _ = run("full")
-        secs["kv4"], mine = run("kv4")
-        first = QuantCache._first_visible
-        QuantCache._first_visible = lambda self, s, n: 0          # the old behaviour: unpack everything
-        try:
-            secs["kv4_whole_past"], old = run("kv4")
-        finally:
-            QuantCache._first_visible = first
+        for spec in ("full", "kv4"):
+            secs[spec], kv_bytes[spec], logits[spec] = run(spec)
     for k, v in secs.items():
-        print(f"{k:16s} {v:8.2f} s   x full {v / secs['full']:.2f}")
+        print(f"{k:6s} {v:8.2f} s   x full {v / secs['full']:.2f}   KV {kv_bytes[k] / 2**20:8.1f} MiB")
     print(json.dumps({"bench": "quant_prefill", "model": a.model, "device": str(llm.device), "tokens": x.shape[1],
-                      "chunk": a.chunk, "seconds": secs, "kv4_logit_maxdiff": float((mine - old).abs().max())}))
+                      "chunk": a.chunk, "seconds": secs, "kv_bytes": kv_bytes,
+                      "kv4_logit_maxdiff": float((logits["kv4"] - logits["full"]).abs().max())}))
 
 
 if __name__ == "__main__":

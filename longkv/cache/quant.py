@@ -19,6 +19,9 @@ Layout per layer, all preallocated for `capacity` tokens (so decode can run in a
 - packed codes, fp16 scales/zero points, outliers (fp16 value + uint8 channel) for buffer index
   i ↔ position sink + i. How many tokens are quantized is a pure function of the length:
   n_q = group · max(0, (length - sink - window) // group), identical in every layer.
+
+Sliding-window layers (Gemma 3's local ones) are not quantized: they keep their window in full
+precision as `full` does (a ring, `full.py`), which at long context is smaller than packing every token.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from ..kernels import quant_reference as ref
 from ..kernels.attention import past_attention
 from ..models.rope import apply_rope
 from .base import Cache, Step
+from .full import FullCache
 from .registry import register
 
 PARAMS = {
@@ -117,15 +121,21 @@ class QuantCache(Cache):
             self.lut_k, self.lut_v = [x.to(device) for x in k], [x.to(device) for x in v]
         z = dict(device=device)
         shape = (batch, H, self.sink + self.ring, D)
-        self.kf = [torch.zeros(shape, dtype=dtype, **z) for _ in specs]
-        self.vf = [torch.zeros(shape, dtype=dtype, **z) for _ in specs]
-        self.kq = [self._alloc(batch, H, self.per_channel, z) for _ in specs]
+        # sliding-window layers: `full`'s ring, layer i as local layer self.win[i]
+        windowed = [i for i, s in enumerate(specs) if s.window is not None]
+        self.win = {i: j for j, i in enumerate(windowed)}
+        self.local = FullCache([specs[i] for i in windowed], batch=batch, capacity=capacity, device=device,
+                               dtype=dtype) if windowed else None
+        packed = [i not in self.win for i in range(len(specs))]
+        self.kf = [torch.zeros(shape, dtype=dtype, **z) if x else None for x in packed]
+        self.vf = [torch.zeros(shape, dtype=dtype, **z) if x else None for x in packed]
+        self.kq = [self._alloc(batch, H, self.per_channel, z) if x else None for x in packed]
         # the decode kernel's RoPE angles at every 16th position, one table per distinct RoPE
         from ..kernels.quant import rope_table, table_positions
         npos = table_positions(self.nq_cap, self.sink, self.ring)
         tabs: dict[int, torch.Tensor] = {}
         self.rope_tab = [tabs.setdefault(s.rope_index, rope_table(s.rope.inv_freq, npos, device)) for s in specs]
-        self.vq = [self._alloc(batch, H, False, z) for _ in specs]
+        self.vq = [self._alloc(batch, H, False, z) if x else None for x in packed]
         # The Triton path covers the main scheme; ablations run the torch reference (not in graphs).
         self.graph_safe = (self.per_channel and self.H is None
                            and D % (64 if self.bits == 3 else 32) == 0   # whole 32-bit words per half row
@@ -144,12 +154,15 @@ class QuantCache(Cache):
 
     # -- bookkeeping ------------------------------------------------------------------------------------
     def tensors(self) -> list[torch.Tensor]:
-        out = self.kf + self.vf + [t for t in (self.H,) if t is not None]
+        out = [t for t in self.kf + self.vf + [self.H] if t is not None]
         out += list({id(t): t for t in self.rope_tab}.values())
         out += [x for x in self.lut_k + self.lut_v if x is not None]
-        for d in self.kq + self.vq:
+        for d in self._packed():
             out += d["planes"] + [v for k, v in d.items() if k != "planes"]
-        return out
+        return out + ([] if self.local is None else self.local.k + self.local.v)
+
+    def _packed(self) -> list[dict]:
+        return [d for d in self.kq + self.vq if d is not None]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -159,12 +172,14 @@ class QuantCache(Cache):
 
     def stats(self) -> dict:
         elems = 2 * self.batch * sum(s.num_kv_heads * s.head_dim for s in self.specs)
-        packed = sum(t.numel() * t.element_size() for d in self.kq + self.vq
+        qelems = 2 * self.batch * sum(s.num_kv_heads * s.head_dim for i, s in enumerate(self.specs)
+                                      if i not in self.win)
+        packed = sum(t.numel() * t.element_size() for d in self._packed()
                      for t in d["planes"] + [v for k, v in d.items() if k != "planes"])
         # bits_per_element: everything held / capacity; quantized_bits: the packed region alone
         # (codes + scales + zeros + outliers), what a long context costs per element.
         return super().stats() | {"bits_per_element": round(8 * self.nbytes() / (elems * max(self.capacity, 1)), 3),
-                                  "quantized_bits": round(8 * packed / (elems * max(self.nq_cap, 1)), 3),
+                                  "quantized_bits": round(8 * packed / (max(qelems, 1) * max(self.nq_cap, 1)), 3),
                                   "capacity": self.capacity, "quantized_tokens": self.n_quantized(self.length)}
 
     def _slot(self, pos: torch.Tensor) -> torch.Tensor:
@@ -208,18 +223,14 @@ class QuantCache(Cache):
         v = ref.dequantize_tokens(cut(self.vq[layer], a, n), vgroup=self.vgroup, lut=self.lut_v[layer], **kw)
         return k, v
 
-    def _first_visible(self, s, n: int) -> int:
-        """The first quantized token (a group start) a chunk starting at n can see: a sliding-window
-        layer sees keys from n - window + 1 on, so only those groups are unpacked (unpacking the whole
-        past for every chunk made gemma3-270m's kv4 prefill ~10x slower than full at 128K)."""
-        return 0 if s.window is None else max(0, n - s.window + 1 - self.sink) // self.group * self.group
-
     def _rope(self, layer: int, k, pos):
         s = self.specs[layer]
         return ref.rope_at(k, pos, s.rope.inv_freq.to(k.device), s.rope.scaling) if self.prerope else k.float()
 
     # -- the contract -------------------------------------------------------------------------------------
     def append(self, layer, k, v, step: Step):
+        if layer in self.win:
+            return self.local.append(self.win[layer], k, v, step)
         start, end = step.start, step.start + step.n
         if end > self.capacity:
             raise UserError(f"the cache holds {self.capacity} tokens and this step needs {end}")
@@ -241,6 +252,8 @@ class QuantCache(Cache):
         self.vf[layer][:, :, sl] = v[:, :, pos - start].to(self.dtype)
 
     def past_attention(self, layer, q, step: Step):
+        if layer in self.win:
+            return self.local.past_attention(self.win[layer], q, step)
         n = step.start
         if n == 0:
             return None
@@ -249,12 +262,11 @@ class QuantCache(Cache):
         slots, pos = ref.fp_slots(n, self.sink, self.ring, self.sink + nq)
         slots, pos = slots.to(q.device), pos.to(q.device)
         ks, vs, kpos = [self.kf[layer][:, :, slots].float()], [self.vf[layer][:, :, slots].float()], [pos]
-        a = self._first_visible(s, n)
-        if nq > a:
-            kd, vd = self._dequant(layer, nq, a)
+        if nq:
+            kd, vd = self._dequant(layer, nq)
             ks.append(kd)
             vs.append(vd)
-            kpos.append(torch.arange(self.sink + a, self.sink + nq, device=q.device))
+            kpos.append(torch.arange(self.sink, self.sink + nq, device=q.device))
         kpos = torch.cat(kpos)
         k = self._rope(layer, torch.cat(ks, 2), kpos).to(q.dtype)
         v = torch.cat(vs, 2).to(q.dtype)
