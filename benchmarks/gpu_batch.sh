@@ -48,7 +48,9 @@
 # [sparse_decode.py 128k / 512k r8 rows by hand] x2; three starts refused.
 # Session 9 (2026-12-04): [copy; sparse_decode.py 128k (+ FAST=3) / 512k r8 rows by hand], [copy x3],
 # [copy; install; massgrid: TAG=s0 (seed 0 + rbits=0), TAG=s0f2 (FAST=2), TAG=more (SEEDS=5..9)] (then
-# two calls to read the s0f2 results left on the machine), [copy x4], [copy; install; gemma8x by hand].
+# two calls to read the s0f2 results left on the machine), [copy x4], [copy; install; gemma8x by hand],
+# [copy x4], [copy; install; gemmagrid] (adakv then refused sliding layers: the eval stopped there),
+# [sparse_quality.sh gemma-niah gemma-ruler report without adakv, by hand]; device time then spent.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
