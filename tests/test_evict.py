@@ -278,3 +278,15 @@ def test_adakv_on_sliding_window_layers(tiny_gemma):
     for i in windowed:
         assert sorted(a.ring.positions(i, 8)[0, 0].tolist()) == sorted(b.store.positions(i, 8)[0, 0].tolist())
     assert graph_tokens(model, spec, x, 5) == a_toks
+
+
+def test_adakv_when_every_layer_has_a_window(tmp_path):
+    """Mistral-style: every layer windowed, so AdaKV has no heads to budget: it runs as the rings."""
+    cfg = transformers.MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=12)
+    torch.manual_seed(5)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    _, toks, kv = run(model, "adakv+snapkv:ratio=0.5,window=4", ids(40))
+    _, want, _ = run(model, "full", ids(40))
+    assert toks == want and "head_tokens_min" not in kv.stats() and kv.nbytes() == tensor_bytes(kv)

@@ -128,8 +128,10 @@ class _AdaKV:
     def stats(self) -> dict:
         st = super().stats()
         per_head = [n for i, lens in enumerate(self.store.lens) if not self._windowed(i) for n in lens]
-        st.update(adakv_alpha=self.alpha, head_tokens_min=min(per_head), head_tokens_max=max(per_head),
-                  kept_per_head=round(sum(per_head) / max(1, len(per_head)), 1))
+        st.update(adakv_alpha=self.alpha)
+        if per_head:   # none when every layer has a sliding window
+            st.update(head_tokens_min=min(per_head), head_tokens_max=max(per_head),
+                      kept_per_head=round(sum(per_head) / len(per_head), 1))
         return st
 
 
