@@ -206,21 +206,20 @@ class QuantCache(Cache):
                 if key in src:
                     dst[key][:, :, lo:lo + n] = src[key]
 
-    def _dequant(self, layer: int, n: int, a: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Quantized tokens a..n-1 (a a multiple of the group) → keys (as stored, un-rotated), values;
-        fp32 (B, H, n - a, D)."""
-        def cut(d, r0, r1):
-            return {k: ([p[:, :, a:n] for p in t] if k == "planes" else
-                        t[:, :, r0:r1] if k in ("scale", "zero") else t[:, :, a:n]) for k, t in d.items()}
+    def _dequant(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantized tokens 0..n-1 → keys (as stored, un-rotated), values; fp32 (B, H, n, D)."""
+        def cut(d, r1):
+            return {k: ([p[:, :, :n] for p in t] if k == "planes" else
+                        t[:, :, :r1] if k in ("scale", "zero") else t[:, :, :n]) for k, t in d.items()}
         kw = dict(bits=self.bits, d=self.D)
         if self.per_channel:
-            k = ref.dequantize_keys(cut(self.kq[layer], a // self.group, n // self.group), group=self.group,
+            k = ref.dequantize_keys(cut(self.kq[layer], n // self.group), group=self.group,
                                     lut=self.lut_k[layer], **kw)
         else:
-            k = ref.dequantize_tokens(cut(self.kq[layer], a, n), vgroup=self.vgroup, lut=self.lut_k[layer], **kw)
+            k = ref.dequantize_tokens(cut(self.kq[layer], n), vgroup=self.vgroup, lut=self.lut_k[layer], **kw)
         if self.H is not None:
             k = k @ self.H
-        v = ref.dequantize_tokens(cut(self.vq[layer], a, n), vgroup=self.vgroup, lut=self.lut_v[layer], **kw)
+        v = ref.dequantize_tokens(cut(self.vq[layer], n), vgroup=self.vgroup, lut=self.lut_v[layer], **kw)
         return k, v
 
     def _rope(self, layer: int, k, pos):

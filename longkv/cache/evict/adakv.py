@@ -11,6 +11,8 @@ Sliding-window layers (Gemma 3) keep exactly their window as a ring, as under ev
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ...errors import UserError
@@ -36,6 +38,17 @@ def adaptive_keep(scores: torch.Tensor, valid: torch.Tensor, m: int, alpha: floa
     return [row.nonzero()[:, 0] for row in sel.reshape(B * H, N)]
 
 
+def _heads_only(method):
+    """AdaKV's version of a per-layer method for global layers; sliding-window layers (their ring)
+    run the eviction method's own."""
+    @functools.wraps(method)
+    def run(self, layer, *args, **kw):
+        if self._windowed(layer):
+            return getattr(super(_AdaKV, self), method.__name__)(layer, *args, **kw)
+        return method(self, layer, *args, **kw)
+    return run
+
+
 class _AdaKV:
     """Mixed in before an eviction method's class (see `AdaKVCache.wrap`)."""
 
@@ -58,31 +71,27 @@ class _AdaKV:
         return (super().nbytes() + self.ring.nbytes()
                 + sum(t.numel() * t.element_size() for t in self.offh if t is not None))
 
+    @_heads_only
     def past_attention(self, layer, q, step):
-        if self._windowed(layer):
-            return super().past_attention(layer, q, step)
         return self.store.past_attention(layer, q)
 
+    @_heads_only
     def append(self, layer, k, v, step):
-        if self._windowed(layer):
-            return super().append(layer, k, v, step)
         cos, sin = step.rope[self.specs[layer].rope_index]
         self.store.append(layer, apply_rope(k, cos, sin), v, step.pos)
         self.n[layer] = max(self.store.lens[layer])
         self.seen[layer] += step.n
         self.pending[layer] = True
 
+    @_heads_only
     def score_input(self, layer):
-        if self._windowed(layer):
-            return super().score_input(layer)
         k, v, pos, valid = self.store.padded(layer)
         qw = self.qwin[layer]
         return ScoreInput(layer, self.specs[layer], k, v, pos, valid=valid,
                           q=None if qw is None else qw[0], q_pos=None if qw is None else qw[1])
 
+    @_heads_only
     def _compact(self, layer):
-        if self._windowed(layer):
-            return super()._compact(layer)
         if not self.pending[layer]:
             return
         self.pending[layer] = False
@@ -97,18 +106,16 @@ class _AdaKV:
         if x.q_pos is not None:
             self.last_window = (int(x.q_pos[0]), int(x.q_pos[-1]) + 1)
 
+    @_heads_only
     def _enter_decode(self, layer):
-        if self._windowed(layer):
-            return super()._enter_decode(layer)
         self._compact(layer)
         self.qwin[layer] = None
         self.store.prepare_decode(layer, max(1, self.capacity - self.seen[layer]))
         self.offh[layer] = self.seen[layer] - torch.tensor(self.store.lens[layer], device=self.device)
         self.decoding[layer] = True
 
+    @_heads_only
     def decode_step(self, layer, q, k, v, pos, cos, sin):
-        if self._windowed(layer):
-            return super().decode_step(layer, q, k, v, pos, cos, sin)
         phys = pos - self.offh[layer]
         self.store.decode_write(layer, apply_rope(k, cos, sin), v, pos, phys)
         return self.store.decode_attention(layer, q, phys)
