@@ -195,10 +195,12 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
     if getattr(cache, "rerank", 0) and cache.k_cand > cache.k_pages:
         pieces["rerank_us"] = functools.partial(rerank, kq)
         if pools and cache.k_cand >= cache.max_pages:   # the one-kernel path's tiling, swept
-            for pg, w in ((8, 4), (2, 1), (4, 2), (8, 2)):
-                pieces[f"all_p{pg}w{w}_us"] = functools.partial(
-                    kq.all_page_code_scores, q, codes, mn, mx, pos, bits=bits, sink=1, recent=cache.recent,
-                    rank=how["rank"], scale=s.scale, softcap=s.softcap, pages=pg, warps=w)
+            every = dict(bits=bits, sink=1, recent=cache.recent, rank=how["rank"], scale=s.scale, softcap=s.softcap)
+            pieces["all_p4w1_us"] = functools.partial(kq.all_page_code_scores, q, codes, mn, mx, pos, pages=4,
+                                                      warps=1, fold=False, **every)   # the kernel before the fold
+            for gr, w in ((1, 1), (2, 1), (4, 1), (8, 1), (2, 2), (4, 2)):
+                pieces[f"fold_g{gr}w{w}_us"] = functools.partial(kq.all_page_code_scores, q, codes, mn, mx, pos,
+                                                                 groups=gr, warps=w, fold=True, **every)
     out = {name: round(graph_time(fn, reps, dev) * 1e3, 1) for name, fn in pieces.items()}
     # the kernels against their plain-torch references on this very cache (compiled, at full size)
     from longkv.kernels import sparse_reference as ref
@@ -216,6 +218,8 @@ def quest_breakdown(model, cache, layer: int, dev, reps: int) -> dict:
     if "rerank_us" in pieces:
         want_r = rerank(ref)
         out["rerank_err"] = float(f"{(pieces['rerank_us']() - want_r).abs().nan_to_num().max().item():.2e}")
+        if "all_p4w1_us" in pieces:   # the folded kernel against the one before it, on this cache
+            out["fold_vs_code"] = float(f"{(pieces['fold_g2w1_us']() - pieces['all_p4w1_us']()).abs().nan_to_num().max().item():.2e}")
     out["score_tilings_eq"] = all(torch.allclose(pieces[f"score_p{bp}w{w}_us"](), scores, rtol=1e-5, atol=1e-5)
                                   for bp, w in ((64, 4), (256, 8)))
     want = ref.paged_attention(q, kc.view(-1, P, D), vc.view(-1, P, D), rt, rn, rl, scale=s.scale, softcap=s.softcap)

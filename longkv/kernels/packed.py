@@ -76,19 +76,31 @@ def pair_tile(w, D: tl.constexpr, PB: tl.constexpr, N: tl.constexpr, dt, PAIR: t
     CPW: tl.constexpr = 32 // PB
     HALF: tl.constexpr = CPW // 2
     MASK: tl.constexpr = ((1 << PB) - 1) * 65537
-    x = (w[:, :, None] >> (tl.arange(0, HALF) * PB)[None, None, :]) & MASK
+    x = w[:, :, None] >> (tl.arange(0, HALF) * PB)[None, None, :]
+    lo, hi = halves(x, tl.full(x.shape, MASK, tl.int32), dt, PAIR)
+    return tl.reshape(tl.join(lo, hi), (N, D))
+
+
+@triton.jit
+def halves(x, mask, dt, PAIR: tl.constexpr):
+    """x & mask, int32 words holding two small codes (< 256) at bits 0 and 16 → (lo, hi) floats of
+    dtype dt, exactly: the magic-number conversion of `pair_codes` (PAIR 1 bf16, 2 fp16, 0 plain
+    conversions). On the GPU the mask and the magic number are one LOP3 ((x & mask) | magic)."""
     if PAIR == 1:
         lo, hi = tl.inline_asm_elementwise(
-            "{ .reg .b32 t, c; mov.b32 c, 0x43004300; or.b32 t, $2, c; sub.rn.bf16x2 t, t, c; mov.b32 {$0, $1}, t; }",
-            "=h,=h,r", [x], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+            "{ .reg .b32 t, c; mov.b32 c, 0x43004300; lop3.b32 t, $2, $3, c, 0xEA; sub.rn.bf16x2 t, t, c; "
+            "mov.b32 {$0, $1}, t; }",
+            "=h,=h,r,r", [x, mask], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
     elif PAIR == 2:
         lo, hi = tl.inline_asm_elementwise(
-            "{ .reg .b32 t, c; mov.b32 c, 0x64006400; or.b32 t, $2, c; sub.rn.f16x2 t, t, c; mov.b32 {$0, $1}, t; }",
-            "=h,=h,r", [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+            "{ .reg .b32 t, c; mov.b32 c, 0x64006400; lop3.b32 t, $2, $3, c, 0xEA; sub.rn.f16x2 t, t, c; "
+            "mov.b32 {$0, $1}, t; }",
+            "=h,=h,r,r", [x, mask], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
     else:
+        x = x & mask
         lo = (x & 0xFFFF).to(dt)
         hi = (x >> 16).to(dt)
-    return tl.reshape(tl.join(lo, hi), (N, D))
+    return lo, hi
 
 
 @triton.jit

@@ -12,10 +12,12 @@ import torch
 from . import sparse_reference as ref
 from .decode import _use_triton, triton
 from .page_select import _pos
+from .quant import _pair_mode
 
 if triton is not None:
     import triton.language as tl
 
+    from . import packed as pk
     from .decode import scaled_scores
 
     @triton.jit
@@ -152,6 +154,80 @@ if triton is not None:
                 tl.store(Out + bh * MP + pg, tl.where(forced, float("inf"), best), mask=okp)
 
     @triton.jit
+    def _all_fold_kernel(Q, Codes, Mn, Mx, Pos, Out, sqb, sqh, scb, sch, smb, smh, MP, sink, recent, scale, softcap,
+                         G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr,
+                         HKV: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr, MASS: tl.constexpr,
+                         HAS_SOFTCAP: tl.constexpr, PAIR: tl.constexpr):
+        """`_all_code_kernel` with the page statistics folded into the query and the codes left exact.
+        A key is lo + c∘st (per page and channel), so q·k = q·lo + (q∘st)·c. The product's 16 rows are
+        R = 16 / BLOCK_G pages × the query group: row (j, g) holds q_g∘st of page j, the columns are the
+        R pages' tokens as their integer codes, and only the diagonal blocks (row page = column page) are
+        kept. The tensor cores do R times the work they need, but each code costs only its extraction
+        (two codes a 32-bit op, `packed.halves`) instead of a shift, a conversion and an FMA in fp32; the
+        fold costs q∘st and q·lo once a page. Codes are read as 32-bit words: a word of a key holds bytes
+        4w..4w+3, and (word >> (c·BITS + 8e)) & mask puts channels c·NB + 4w + e and ... + 2 at bits 0 and
+        16 (`_fold_perm` gives each column's channel; q and the statistics are read in that order).
+        GROUPS groups of R pages a program. BITS <= 4 (the codes must be exact in bf16 from 128)."""
+        bh = tl.program_id(0)
+        b = bh // HKV
+        h = bh % HKV
+        pos = tl.load(Pos).to(tl.int32)
+        npages = pos // P + 1
+        R: tl.constexpr = 16 // BLOCK_G
+        VPB: tl.constexpr = 8 // BITS
+        NB: tl.constexpr = D // VPB
+        NW: tl.constexpr = NB // 4
+        K: tl.constexpr = 2 * VPB
+        L: tl.constexpr = (1 << BITS) - 1
+        T: tl.constexpr = R * P
+        dt = Q.dtype.element_ty
+        f = tl.arange(0, D)
+        k = (f // 2) % K
+        perm = (k % VPB) * NB + 4 * (f // (2 * K)) + k // VPB + 2 * (f % 2)
+        g = tl.arange(0, BLOCK_G)
+        q = tl.load(Q + b * sqb + (h * G + g[:, None]) * sqh + perm[None, :], mask=g[:, None] < G,
+                    other=0.0).to(tl.float32)                                                    # (BLOCK_G, D)
+        qrep = tl.reshape(tl.broadcast_to(q[None, :, :], (R, BLOCK_G, D)), (16, D)).to(dt)       # row (j, g): q_g
+        sh = (tl.arange(0, K) % VPB) * BITS + 8 * (tl.arange(0, K) // VPB)
+        words = (Codes + b * scb + h * sch).to(tl.pointer_type(tl.int32))
+        t = tl.arange(0, T)
+        w = tl.arange(0, NW)
+        r = tl.arange(0, 16)
+        tp = tl.arange(0, P)
+        for i in range(GROUPS):
+            p0 = (tl.program_id(1) * GROUPS + i) * R
+            if p0 < npages:
+                pg = p0 + tl.arange(0, R)
+                okp = pg < npages
+                stat = b * smb + h * smh + pg[:, None] * D + perm[None, :]
+                lo = tl.load(Mn + stat, mask=okp[:, None], other=0.0).to(tl.float32)                    # (R, D)
+                st = (tl.load(Mx + stat, mask=okp[:, None], other=0.0).to(tl.float32) - lo) / L
+                a = tl.reshape(st[:, None, :] * q[None, :, :], (16, D)).to(dt)                     # rows (j, g)
+                # q·lo on the tensor cores too: row (j, g) of qrep · lo16ᵀ at column j·BLOCK_G (the rows of lo16
+                # repeat page j's lo BLOCK_G times); lo and q are bf16 in the cache, so the products are exact
+                lo16 = tl.reshape(tl.broadcast_to(lo[:, None, :], (R, BLOCK_G, D)), (16, D)).to(dt)
+                qlo = tl.dot(qrep, tl.trans(lo16)).to(tl.float32)                                       # (16, 16)
+                qlo = tl.sum(tl.where(r[:, None] - r[:, None] % BLOCK_G == r[None, :], qlo, 0.0), 1)
+                tok = p0 * P + t
+                wd = tl.load(words + tok[:, None] * NW + w[None, :], mask=(tok < npages * P)[:, None], other=0)
+                x = wd[:, :, None] >> sh[None, None, :]                                               # (T, NW, K)
+                c_lo, c_hi = pk.halves(x, tl.full(x.shape, L * 65537, tl.int32), dt, PAIR)
+                c = tl.reshape(tl.join(c_lo, c_hi), (T, D))
+                s = tl.dot(a, tl.trans(c)).to(tl.float32)                                               # (16, T)
+                s = tl.where(r[:, None] // BLOCK_G == t[None, :] // P, s, 0.0)       # the diagonal blocks
+                s = tl.sum(tl.reshape(s, (16, R, P)), 1) + qlo[:, None]           # (16, P): page j's tokens
+                rp = p0 + r // BLOCK_G
+                ok = ((r % BLOCK_G < G) & (rp < npages))[:, None] & ((rp * P)[:, None] + tp[None, :] <= pos)
+                if MASS:
+                    xs = scaled_scores(s, scale, softcap, HAS_SOFTCAP)
+                    lse = _lse_rows(tl.where(ok, xs, float("-inf")), 1)                                # (16,)
+                    tl.store(Out + (bh * MP + rp) * G + r % BLOCK_G, lse, mask=(r % BLOCK_G < G) & (rp < npages))
+                else:
+                    best = tl.max(tl.reshape(tl.where(ok, s, float("-inf")), (R, BLOCK_G * P)), 1)   # (R,)
+                    forced = (pg < sink) | (pg >= npages - recent)
+                    tl.store(Out + bh * MP + pg, tl.where(forced, float("inf"), best), mask=okp)
+
+    @triton.jit
     def _lse_rows(x, axis: tl.constexpr):
         """Log-sum-exp along axis of a tile holding -inf where empty (an empty line gives -inf)."""
         m = tl.max(x, axis)
@@ -271,15 +347,18 @@ def rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last
 # H200, 128K / 512K, max rank: 4 pages and 1 warp a program 73 / 275 µs; 8 and 4 106 / 394; 16 and 4
 # 141 / 534; 8 and 2 129 / 485
 ALL_PAGES, ALL_WARPS = 4, 1
+FOLD, FOLD_GROUPS, FOLD_WARPS = True, 1, 1   # `_all_fold_kernel` (bits <= 4, query group <= 16)
 
 
 def all_page_code_scores(q, codes, pmin, pmax, pos, *, bits: int, sink: int, recent: int, rank: str = "max",
                          scale: float = 1.0, softcap: float | None = None, pages: int | None = None,
-                         warps: int | None = None) -> torch.Tensor:
+                         warps: int | None = None, groups: int | None = None, fold: bool | None = None) -> torch.Tensor:
     """Quest's second stage when every page up to pos is a candidate, read from the cache's own
     buffers: codes (B, Hkv, MP, P, D·bits/8), pmin/pmax (B, Hkv, MP, D), each (b, h) block contiguous.
     The first `sink` and last `recent` pages are forced (+inf) as `page_scores` forces them, so the
-    bound itself is not needed. One kernel (two more for rank=mass), no candidate select, no table."""
+    bound itself is not needed. One kernel (two more for rank=mass), no candidate select, no table:
+    `_all_fold_kernel` (groups of 16/G pages, `groups` a program) where it applies (bits <= 4, G <= 16,
+    fold not False), else `_all_code_kernel` (`pages` a program)."""
     if not _use_triton(q):
         return ref.all_page_code_scores(q, codes, pmin, pmax, pos, bits=bits, sink=sink, recent=recent, rank=rank,
                                         scale=scale, softcap=softcap)
@@ -288,13 +367,23 @@ def all_page_code_scores(q, codes, pmin, pmax, pos, *, bits: int, sink: int, rec
     assert codes[0, 0].is_contiguous() and pmin[0, 0].is_contiguous() and pmin.stride() == pmax.stride()
     G = Hq // Hkv
     out = torch.full((B, Hkv, MP) + ((G,) if rank == "mass" else ()), float("-inf"), device=q.device)
-    pages = pages or ALL_PAGES
     pos_t = _pos(pos, q.device)
-    _all_code_kernel[(B * Hkv, triton.cdiv(MP, pages))](
-        q, codes, pmin, pmax, pos_t, out, q.stride(0), q.stride(1), codes.stride(0), codes.stride(1),
-        pmin.stride(0), pmin.stride(1), MP, sink, recent, scale, softcap or 0.0, G=G, D=D, P=P,
-        BLOCK_G=max(16, triton.next_power_of_2(G)), HKV=Hkv, PAGES=pages, BITS=bits, MASS=rank == "mass",
-        HAS_SOFTCAP=bool(softcap), num_warps=warps or ALL_WARPS)
+    BG = max(1, triton.next_power_of_2(G))
+    NB = codes.shape[-1]
+    if (FOLD if fold is None else fold) and bits <= 4 and BG <= 16 and NB % 4 == 0 and codes.stride(1) % 4 == 0 and codes.stride(0) % 4 == 0:
+        groups = groups or FOLD_GROUPS
+        _all_fold_kernel[(B * Hkv, triton.cdiv(MP, groups * (16 // BG)))](
+            q, codes, pmin, pmax, pos_t, out, q.stride(0), q.stride(1), codes.stride(0), codes.stride(1),
+            pmin.stride(0), pmin.stride(1), MP, sink, recent, scale, softcap or 0.0, G=G, D=D, P=P, BLOCK_G=BG,
+            HKV=Hkv, GROUPS=groups, BITS=bits, MASS=rank == "mass", HAS_SOFTCAP=bool(softcap),
+            PAIR=_pair_mode(q), num_warps=warps or FOLD_WARPS)
+    else:
+        pages = pages or ALL_PAGES
+        _all_code_kernel[(B * Hkv, triton.cdiv(MP, pages))](
+            q, codes, pmin, pmax, pos_t, out, q.stride(0), q.stride(1), codes.stride(0), codes.stride(1),
+            pmin.stride(0), pmin.stride(1), MP, sink, recent, scale, softcap or 0.0, G=G, D=D, P=P,
+            BLOCK_G=max(16, BG), HKV=Hkv, PAGES=pages, BITS=bits, MASS=rank == "mass",
+            HAS_SOFTCAP=bool(softcap), num_warps=warps or ALL_WARPS)
     if rank == "mass":
         return page_mass(out, None, pos=pos_t, page=P, sink=sink, recent=recent)
     return out
