@@ -11,18 +11,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-@pytest.fixture(scope="module")
-def tiny_gemma(tmp_path_factory):
-    """A tiny random Gemma 3: 5 sliding-window layers (window 8) and 1 global layer, GQA 4/2."""
+def _tiny_gemma(tmp_path_factory, head_dim: int):
     import torch
     import transformers
 
     from longkv.models.load import load_model
 
     cfg = transformers.Gemma3TextConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=6,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
                                         sliding_window=8, query_pre_attn_scalar=16)
     torch.manual_seed(3)
-    path = tmp_path_factory.mktemp("tiny_gemma")
+    path = tmp_path_factory.mktemp(f"tiny_gemma{head_dim}")
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     return load_model(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    """A tiny random Gemma 3: 5 sliding-window layers (window 8) and 1 global layer, GQA 4/2, head dim 16."""
+    return _tiny_gemma(tmp_path_factory, 16)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma32(tmp_path_factory):
+    """The same with head dim 32 (the packed decode kernel wants whole 32-bit words a half row)."""
+    return _tiny_gemma(tmp_path_factory, 32)

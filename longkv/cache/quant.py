@@ -137,9 +137,10 @@ class QuantCache(Cache):
         self.rope_tab = [tabs.setdefault(s.rope_index, rope_table(s.rope.inv_freq, npos, device)) for s in specs]
         self.vq = [self._alloc(batch, H, False, z) if x else None for x in packed]
         # The Triton path covers the main scheme; ablations run the torch reference (not in graphs).
+        # Sliding-window layers decode through `full`'s ring (graph-safe), so only the packed layers count.
         self.graph_safe = (self.per_channel and self.H is None
                            and D % (64 if self.bits == 3 else 32) == 0   # whole 32-bit words per half row
-                           and all(s.window is None and not s.softcap for s in specs))
+                           and all(not s.softcap for i, s in enumerate(specs) if i not in self.win))
 
     def _alloc(self, B, H, per_channel, z) -> dict:
         n, D = self.nq_cap, self.D
@@ -280,6 +281,8 @@ class QuantCache(Cache):
 
         if not self.graph_safe:
             raise NotImplementedError("this quant configuration has no graph-safe decode path")
+        if layer in self.win:
+            return self.local.decode(self.win[layer], q, k, v, step)
         s = self.specs[layer]
         length = step.pos[-1:] + 1
         if not self.prerope:
