@@ -19,6 +19,22 @@ LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, interm
                  tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
 
 
+# Gemma 3: five sliding-window layers (local RoPE) to one global layer. 270m: the real model's text config;
+# 4b: the 4B model's published text config (the KV of 34 layers, 4 KV heads of 256, a 1024-token window).
+_GEMMA3 = dict(model_type="gemma3_text", hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, head_dim=256,
+               query_pre_attn_scalar=256, max_position_embeddings=1 << 20, tie_word_embeddings=True,
+               bos_token_id=2, eos_token_id=1, pad_token_id=0,
+               rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})
+GEMMA3_270M = dict(_GEMMA3, vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                   num_attention_heads=4, num_key_value_heads=1, sliding_window=512,
+                   layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3)
+GEMMA3_4B = dict(_GEMMA3, vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                 num_attention_heads=8, num_key_value_heads=4, sliding_window=1024,
+                 layer_types=[("full_attention" if i % 6 == 5 else "sliding_attention") for i in range(34)])
+SHAPES = {"llama3-8b": LLAMA3_8B, "gemma3-270m": GEMMA3_270M, "gemma3-4b": GEMMA3_4B}
+
+
 def parse_tokens(s: str) -> int:
     """'32k' -> 32768, '1m' -> 1048576, '300' -> 300."""
     s = s.strip().lower()

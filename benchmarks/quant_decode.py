@@ -9,6 +9,7 @@ scales, zeros, outliers and the fp sink/window for the quantized caches; K and V
 A check compares the packed kernel with the plain-torch reference on the GPU first.
 
     python benchmarks/quant_decode.py --contexts 32k,128k,512k --caches full,kv4,kv2 --million
+    python benchmarks/quant_decode.py --shape gemma3-4b --contexts 32k,128k --caches full,kv4,kivi4
     python benchmarks/quant_decode.py --device cpu --smoke          # tiny shapes, checks it runs
 
 Last line: JSON.
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-from common import LLAMA3_8B, copy_bandwidth, emit_json, parse_tokens, print_table, random_model, weight_bytes_read
+from common import LLAMA3_8B, SHAPES, copy_bandwidth, emit_json, parse_tokens, print_table, random_model, weight_bytes_read
 
 from longkv.cache import spec as cache_spec
 from longkv.kernels import quant as qk
@@ -64,30 +65,37 @@ def fill(model, kv, ctx: int, chunk: int, dev, seed: int = 0):
         kv.advance(n)
 
 
+def global_layer(kv) -> int:
+    """The first layer without a sliding window (the one whose whole context is read)."""
+    return next(i for i, s in enumerate(kv.specs) if s.window is None)
+
+
 def attention_bytes(kv, ctx: int) -> int:
-    """Bytes layer 0's decode attention must read at `ctx` tokens."""
+    """Bytes the first global layer's decode attention must read at `ctx` tokens."""
+    i = global_layer(kv)
     if not hasattr(kv, "kq"):
-        return 2 * kv.k[0][:, :, :ctx].numel() * kv.k[0].element_size()
+        return 2 * kv.k[i][:, :, :ctx].numel() * kv.k[i].element_size()
     n = kv.n_quantized(ctx)
-    tot = kv.kf[0].numel() * kv.kf[0].element_size() * 2   # fp sink + ring (read in full)
-    for d in (kv.kq[0], kv.vq[0]):
+    tot = kv.kf[i].numel() * kv.kf[i].element_size() * 2   # fp sink + ring (read in full)
+    for d in (kv.kq[i], kv.vq[i]):
         for key, t in d.items():
             for x in (t if key == "planes" else [t]):
                 per = x.numel() * x.element_size() / x.shape[2]
-                rows = n // kv.group if (key in ("scale", "zero") and d is kv.kq[0] and kv.per_channel) else n
+                rows = n // kv.group if (key in ("scale", "zero") and d is kv.kq[i] and kv.per_channel) else n
                 tot += per * rows
     return int(tot)
 
 
 def attention_alone(model, kv, ctx: int, dev, reps: int) -> float:
-    sp = model.layer_specs()[0]
+    i = global_layer(kv)
+    sp = model.layer_specs()[i]
     q = torch.randn(kv.batch, sp.num_heads, 1, sp.head_dim, device=dev, dtype=kv.dtype)
     length = torch.tensor([ctx], device=dev)
     if hasattr(kv, "kq"):
-        kw = kv.kernel_kwargs(0)
-        fn = lambda: qk.quant_decode_attention(q, kv.kq[0], kv.vq[0], kv.kf[0], kv.vf[0], length, **kw)
+        kw = kv.kernel_kwargs(i)
+        fn = lambda: qk.quant_decode_attention(q, kv.kq[i], kv.vq[i], kv.kf[i], kv.vf[i], length, **kw)
     else:
-        fn = lambda: decode_attention(q, kv.k[0], kv.v[0], length, scale=sp.scale)
+        fn = lambda: decode_attention(q, kv.k[i], kv.v[i], length, scale=sp.scale)
     fn()
     return timed(fn, reps, dev)
 
@@ -103,12 +111,13 @@ def check(model, dev) -> dict:
         dtype = dtype if half else torch.float32
         kv = cache_spec.parse(spec).build(model.layer_specs(), batch=1, capacity=5000, device=dev, dtype=dtype)
         fill(model, kv, 4321, 1024, dev, seed=1)
-        sp = model.layer_specs()[0]
+        i = global_layer(kv)
+        sp = model.layer_specs()[i]
         q = torch.randn(1, sp.num_heads, 1, sp.head_dim, device=dev, dtype=kv.dtype)
-        kw = kv.kernel_kwargs(0)
-        got = qk.quant_decode_attention(q, kv.kq[0], kv.vq[0], kv.kf[0], kv.vf[0], torch.tensor([4321], device=dev),
+        kw = kv.kernel_kwargs(i)
+        got = qk.quant_decode_attention(q, kv.kq[i], kv.vq[i], kv.kf[i], kv.vf[i], torch.tensor([4321], device=dev),
                                         **kw)
-        want = ref.quant_decode_attention(q, kv.kq[0], kv.vq[0], kv.kf[0], kv.vf[0], 4321, **kw)
+        want = ref.quant_decode_attention(q, kv.kq[i], kv.vq[i], kv.kf[i], kv.vf[i], 4321, **kw)
         out[f"{spec}/{str(dtype)[6:]}"] = round((got.float() - want.float()).abs().max().item(), 5)
     return out
 
@@ -171,6 +180,8 @@ def main():
     ap.add_argument("--prefetch", type=int, help="packed kernel: L2 prefetch distance in tiles")
     ap.add_argument("--pipe", type=int, help="packed kernel: double-buffered fast loop (1) or the plain one (0)")
     ap.add_argument("--block-n", type=int, help="packed kernel: tokens a tile (capped at the key group)")
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES),
+                    help="model shape (random weights); gemma3-*: 5 of every 6 layers keep a sliding window")
     ap.add_argument("--smoke", action="store_true", help="tiny model and contexts (CPU check)")
     a = ap.parse_args()
     knobs = {"warps": "NUM_WARPS", "maxnreg": "MAX_REGS", "prefetch": "PREFETCH", "pipe": "PIPE", "block_n": "BLOCK_N"}
@@ -178,12 +189,16 @@ def main():
         if getattr(a, name) is not None:
             setattr(qk, knob, getattr(a, name))
     dev = torch.device(a.device)
-    cfg = SMOKE if a.smoke else dict(LLAMA3_8B)
+    cfg = dict(SHAPES[a.shape])
+    if a.smoke:   # the chosen shape, shrunk (Gemma 3: its first 6 layers, a 128-token window)
+        cfg = dict(SMOKE) if "layer_types" not in cfg else dict(
+            cfg, vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
+            head_dim=64, num_hidden_layers=6, layer_types=cfg["layer_types"][:6], sliding_window=128)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if a.smoke:
         a.contexts, a.new_tokens, a.reps, a.fill_chunk = "300,1k", 8, 2, 256
     model = random_model(cfg, device=dev, dtype=dtype)
-    head = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu")
+    head = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", shape=a.shape)
     if dev.type == "cuda":
         head.update(copy_TBps=round(copy_bandwidth() / 1e12, 3), weights_GB=round(weight_bytes_read(model) / 1e9, 2))
     head["kernel_vs_reference_maxdiff"] = check(model, dev)

@@ -3,6 +3,8 @@ layer 0's attention alone at one context, TB/s on the bytes it must read, and th
 from the default launch. Last line: JSON.
 
     python benchmarks/quant_sweep.py --context 128k --caches kv4,kv2
+    python benchmarks/quant_sweep.py --shape gemma3-4b --context 128k --caches kivi4 --block-n 16,32,64 --warps 2,4,8
+(a Gemma 3 shape: its first six layers, the sixth global; that layer is timed)
 """
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import itertools
 
 import torch
 
-from common import LLAMA3_8B, emit_json, parse_tokens, print_table, random_model, time_cuda
-from quant_decode import attention_bytes, fill
+from common import SHAPES, emit_json, parse_tokens, print_table, random_model, time_cuda
+from quant_decode import attention_bytes, fill, global_layer
 
 from longkv.cache import spec as cache_spec
 from longkv.kernels import quant as qk
@@ -21,6 +23,7 @@ from longkv.kernels import quant as qk
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", default="128k")
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--caches", default="kv4,kv2")
     ap.add_argument("--dot", default="1,0", help="tensor-core tiles (1) and/or CUDA-core FMAs (0)")
     ap.add_argument("--block-n", default="16,32,64")
@@ -33,17 +36,21 @@ def main():
     ap.add_argument("--reps", type=int, default=30, help="timed calls per launch (10 moved by +-30 %% between runs)")
     a = ap.parse_args()
     ctx = parse_tokens(a.context)
-    model = random_model(dict(LLAMA3_8B, num_hidden_layers=1))
-    sp = model.layer_specs()[0]
+    cfg = SHAPES[a.shape]
+    cfg = dict(cfg, num_hidden_layers=6, layer_types=cfg["layer_types"][:6]) if "layer_types" in cfg else \
+        dict(cfg, num_hidden_layers=1)
+    model = random_model(cfg)
     rows = []
     for spec in a.caches.split(","):
         kv = cache_spec.parse(spec).build(model.layer_specs(), batch=1, capacity=ctx + 8, device="cuda",
                                           dtype=torch.bfloat16)
         fill(model, kv, ctx, 16384, torch.device("cuda"))
+        i = global_layer(kv)
+        sp = model.layer_specs()[i]
         q = torch.randn(1, sp.num_heads, 1, sp.head_dim, device="cuda", dtype=torch.bfloat16)
         length = torch.tensor([ctx], device="cuda")
-        kw = kv.kernel_kwargs(0)
-        base = qk.quant_decode_attention(q, kv.kq[0], kv.vq[0], kv.kf[0], kv.vf[0], length, prefetch=0, **kw).float()
+        kw = kv.kernel_kwargs(i)
+        base = qk.quant_decode_attention(q, kv.kq[i], kv.vq[i], kv.kf[i], kv.vf[i], length, prefetch=0, **kw).float()
         nbytes = attention_bytes(kv, ctx)
         ints = lambda x: [int(v) for v in x.split(",")]
         grid = itertools.product([bool(d) for d in ints(a.dot)], ints(a.block_n), ints(a.warps), ints(a.splits),
@@ -53,7 +60,7 @@ def main():
                 continue
             cfg = dict(cache=spec, dot=dot, block_n=bn, warps=w, stages=st or None, splits=nsp or None,
                        prefetch=None if pf < 0 else pf, maxnreg=mr or None, pipe=pipe)
-            f = lambda: qk.quant_decode_attention(q, kv.kq[0], kv.vq[0], kv.kf[0], kv.vf[0], length, block_n=bn,
+            f = lambda: qk.quant_decode_attention(q, kv.kq[i], kv.vq[i], kv.kf[i], kv.vf[i], length, block_n=bn,
                                                   num_warps=w, num_stages=cfg["stages"], splits=cfg["splits"],
                                                   use_dot=dot, prefetch=cfg["prefetch"], max_regs=cfg["maxnreg"],
                                                   pipe=bool(pipe), **kw)
@@ -71,7 +78,7 @@ def main():
     rows.sort(key=lambda r: (r["cache"], r["us"] if isinstance(r["us"], float) else 1e9))
     print_table(rows, ["cache", "dot", "block_n", "warps", "stages", "splits", "prefetch", "maxnreg", "pipe", "us", "TBps",
                        "maxdiff"])
-    emit_json({"bench": "quant_sweep", "context": ctx, "rows": rows})
+    emit_json({"bench": "quant_sweep", "shape": a.shape, "context": ctx, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -60,8 +60,9 @@ class FullCache(Cache):
         if w is not None:    # only the last w tokens of the chunk can still be seen
             t = min(step.n, w)
             slots = step.pos[-t:] % w
-            self.k[layer].index_copy_(2, slots, apply_rope(k[:, :, -t:], cos[-t:], sin[-t:]))
-            self.v[layer].index_copy_(2, slots, v[:, :, -t:])
+            dt = self.k[layer].dtype      # index_copy_ does not convert (slice assignment below does)
+            self.k[layer].index_copy_(2, slots, apply_rope(k[:, :, -t:], cos[-t:], sin[-t:]).to(dt))
+            self.v[layer].index_copy_(2, slots, v[:, :, -t:].to(dt))
             return
         self.k[layer][:, :, step.start:end] = apply_rope(k, cos, sin)
         self.v[layer][:, :, step.start:end] = v
@@ -72,8 +73,8 @@ class FullCache(Cache):
         s, w = self.specs[layer], self.ring[layer]
         cos, sin = step.rope[s.rope_index]
         slot = step.pos if w is None else step.pos % w
-        self.k[layer].index_copy_(2, slot, apply_rope(k, cos, sin))
-        self.v[layer].index_copy_(2, slot, v)
+        self.k[layer].index_copy_(2, slot, apply_rope(k, cos, sin).to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, slot, v.to(self.v[layer].dtype))
         if w is not None:    # the ring is the window: every filled slot is visible
             return decode_attention(q, self.k[layer], self.v[layer], torch.clamp(step.pos[-1] + 1, max=w),
                                     scale=s.scale, window=None, softcap=s.softcap)
