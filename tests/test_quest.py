@@ -279,11 +279,14 @@ def test_append_token_writes_page_codes_when_the_page_fills(pos, bits):
         assert torch.equal(mine[4][:, :, p], bufs[4][:, :, p])
 
 
+@pytest.mark.parametrize("fold", [None, False])
 @pytest.mark.parametrize("B,Hq,Hkv,D,npages,kc,bits", [(1, 6, 2, 16, 11, 5, 2), (2, 9, 3, 32, 7, 7, 4),
-                                                       (1, 4, 1, 16, 1, 3, 2), (1, 8, 2, 64, 12, 9, 1)])
-def test_rerank_code_scores_kernel_matches_reference(B, Hq, Hkv, D, npages, kc, bits):
+                                                       (1, 4, 1, 16, 1, 3, 2), (1, 8, 2, 64, 12, 9, 1),
+                                                       (1, 4, 2, 16, 9, 4, 8)])
+def test_rerank_code_scores_kernel_matches_reference(B, Hq, Hkv, D, npages, kc, bits, fold):
     """The second stage from page-relative codes: kernel vs reference, and each score within the
-    codes' error bound of the exact largest logit."""
+    codes' error bound of the exact largest logit. fold=None: the folded kernel where it applies (bits
+    <= 4; 8 bits takes the other); False: the per-page kernel everywhere."""
     g = torch.Generator().manual_seed(npages + bits)
     P, MP = 16, 12
     q = torch.randn(B, Hq, 1, D, generator=g)
@@ -294,7 +297,7 @@ def test_rerank_code_scores_kernel_matches_reference(B, Hq, Hkv, D, npages, kc, 
     bound = _scores(g, B, Hkv, MP, npages, 1000)
     pos = torch.tensor([(npages - 1) * P + 5])
     cand = ref.select_pages(bound, kc, pos, page=P, row_pages=MP)
-    got = quest.rerank_code_scores(q, codes, mn, mx, bound, *cand, row_pages=MP, bits=bits)
+    got = quest.rerank_code_scores(q, codes, mn, mx, bound, *cand, row_pages=MP, bits=bits, fold=fold)
     want = ref.rerank_code_scores(q, codes, mn, mx, bound, *cand, row_pages=MP, bits=bits)
     assert torch.allclose(got, want, atol=1e-4)
     exact = ref.rerank_scores(q, keys.reshape(-1, P, D), bound, *cand, row_pages=MP)
@@ -356,7 +359,9 @@ def test_rerank_mass_matches_the_softmax_over_candidates(B, Hq, Hkv, D, npages, 
 @pytest.mark.parametrize("B,Hq,Hkv,D,MP,npages,bits,softcap", [(1, 6, 2, 32, 13, 11, 2, None),
                                                               (2, 9, 3, 64, 21, 21, 4, 5.0),
                                                               (1, 4, 1, 16, 9, 1, 2, None)])
-def test_all_page_code_scores_equal_the_second_stage_over_every_page(B, Hq, Hkv, D, MP, npages, bits, softcap, rank):
+@pytest.mark.parametrize("fold", [None, False])
+def test_all_page_code_scores_equal_the_second_stage_over_every_page(B, Hq, Hkv, D, MP, npages, bits, softcap, rank,
+                                                                    fold):
     """Every page a candidate (rerank x budget >= the cache): the one-kernel path over the cache's
     buffers (no bound: sink and recent pages forced from pos) equals the reference, and the table-driven
     kernel given every page as a candidate and the real bound (whose forced pages are the same)."""
@@ -369,13 +374,13 @@ def test_all_page_code_scores_equal_the_second_stage_over_every_page(B, Hq, Hkv,
     pos = torch.tensor([(npages - 1) * P + 6])
     bound = quest.page_scores(q, mn, mx, pos, page=P, sink=1, recent=2)
     how = dict(bits=bits, rank=rank, scale=0.2, softcap=softcap)
-    got = quest.all_page_code_scores(q, codes, mn, mx, pos, sink=1, recent=2, **how)
+    got = quest.all_page_code_scores(q, codes, mn, mx, pos, sink=1, recent=2, fold=fold, **how)
     want = ref.all_page_code_scores(q, codes, mn, mx, pos, sink=1, recent=2, **how)
     assert torch.allclose(got, want, atol=1e-4)
     assert torch.equal(got == float("inf"), bound == float("inf"))
     cand = quest.select_pages(bound, MP, pos, page=P, row_pages=MP)
     table = quest.rerank_code_scores(q, codes.reshape(-1, P, codes.shape[-1]), mn.reshape(-1, D), mx.reshape(-1, D),
-                                     bound, *cand, row_pages=MP, **how)
+                                     bound, *cand, row_pages=MP, fold=fold, **how)
     assert torch.allclose(got, table, atol=1e-4)
     assert (got[..., :npages] > float("-inf")).all() and (got[..., npages:] == float("-inf")).all()
 

@@ -154,44 +154,82 @@ if triton is not None:
                 tl.store(Out + bh * MP + pg, tl.where(forced, float("inf"), best), mask=okp)
 
     @triton.jit
+    def _fold_setup(Q, qoff, sqh, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BITS: tl.constexpr):
+        """What `_fold_logits` needs once a program: each column's channel (perm), the query group in that
+        order (q, fp32) and in channel order repeated for the 16/BLOCK_G pages (qrep, rows (j, g)), the
+        shifts. Column f of a code tile: word w = f // 2K, pair k = (f // 2) % K (byte e = k // VPB, slice
+        c = k % VPB), half f % 2; channel c·NB + 4w + e + 2·half (`ref.page_codes`' planar bytes)."""
+        R: tl.constexpr = 16 // BLOCK_G
+        VPB: tl.constexpr = 8 // BITS
+        NB: tl.constexpr = D // VPB
+        K: tl.constexpr = 2 * VPB
+        f = tl.arange(0, D)
+        k = (f // 2) % K
+        perm = (k % VPB) * NB + 4 * (f // (2 * K)) + k // VPB + 2 * (f % 2)
+        g = tl.arange(0, BLOCK_G)
+        q = tl.load(Q + qoff + g[:, None] * sqh + perm[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
+        qrep = tl.reshape(tl.broadcast_to(q[None, :, :], (R, BLOCK_G, D)), (16, D)).to(Q.dtype.element_ty)
+        sh = (tl.arange(0, K) % VPB) * BITS + 8 * (tl.arange(0, K) // VPB)
+        return perm, q, qrep, sh
+
+    @triton.jit
+    def _fold_logits(q, qrep, perm, sh, words, Mn, Mx, sbase, pg, first, okp, ntok, dt, D: tl.constexpr, P: tl.constexpr,
+                     BLOCK_G: tl.constexpr, BITS: tl.constexpr, PAIR: tl.constexpr, CONSEC: tl.constexpr):
+        """Raw logits q·k (16, P) of R = 16/BLOCK_G pages pg (R,) and the query group: row (j, g), column t =
+        token t of page pg[j] (its first ntok[j] tokens read; okp: pages that exist). CONSEC: the pages are
+        consecutive from `first` and ntok one count of tokens from its first token. A key is lo + c∘st
+        (per page and channel), so q·k = q·lo + (q∘st)·c: the product's rows hold q_g∘st of page j and its
+        columns the R pages' tokens as their integer codes; only the diagonal blocks (row page = column
+        page) are kept. The tensor cores do R times the work they need, but a code costs only its
+        extraction (two a 32-bit op, `packed.halves`) instead of a shift, a conversion and an FMA in fp32;
+        q∘st is once a page, q·lo one more small product (bf16 inputs: exact products). Codes are read as
+        32-bit words: (word >> (c·BITS + 8e)) & mask puts channels c·NB + 4w + e and ... + 2 of a key's
+        word w at bits 0 and 16 (`_fold_setup`'s perm: q and the page statistics are read in that order).
+        words: the int32 view of the codes; page pg's rows at (pg·P + t)·NW; statistics at sbase + pg·D."""
+        R: tl.constexpr = 16 // BLOCK_G
+        NW: tl.constexpr = D * BITS // 32
+        L: tl.constexpr = (1 << BITS) - 1
+        T: tl.constexpr = R * P
+        stat = sbase + pg[:, None] * D + perm[None, :]
+        lo = tl.load(Mn + stat, mask=okp[:, None], other=0.0).to(tl.float32)                     # (R, D)
+        st = (tl.load(Mx + stat, mask=okp[:, None], other=0.0).to(tl.float32) - lo) / L
+        a = tl.reshape(st[:, None, :] * q[None, :, :], (16, D)).to(dt)                          # rows (j, g)
+        # q·lo: row (j, g) of qrep · lo16ᵀ at column j·BLOCK_G (lo16's rows repeat page j's lo BLOCK_G times)
+        r = tl.arange(0, 16)
+        lo16 = tl.reshape(tl.broadcast_to(lo[:, None, :], (R, BLOCK_G, D)), (16, D)).to(dt)
+        qlo = tl.dot(qrep, tl.trans(lo16)).to(tl.float32)                                        # (16, 16)
+        qlo = tl.sum(tl.where(r[:, None] - r[:, None] % BLOCK_G == r[None, :], qlo, 0.0), 1)
+        tp = tl.arange(0, P)
+        tj = tl.arange(0, T) // P
+        if CONSEC:   # pages pg[0], pg[0] + 1, ...: ntok is the count of tokens from pg[0]'s first on
+            row = first * P + tl.arange(0, T)
+            okt = tl.arange(0, T) < ntok
+        else:        # token t of page pg[t // P]
+            okt = tl.reshape(tp[None, :] < ntok[:, None], (T,))
+            row = tl.reshape(pg[:, None] * P + tp[None, :], (T,))
+        wd = tl.load(words + row[:, None] * NW + tl.arange(0, NW)[None, :], mask=okt[:, None], other=0)
+        x = wd[:, :, None] >> sh[None, None, :]                                                    # (T, NW, K)
+        c_lo, c_hi = pk.halves(x, tl.full(x.shape, L * 65537, tl.int32), dt, PAIR)
+        c = tl.reshape(tl.join(c_lo, c_hi), (T, D))
+        s = tl.dot(a, tl.trans(c)).to(tl.float32)                                                # (16, T)
+        s = tl.where(r[:, None] // BLOCK_G == tj[None, :], s, 0.0)                 # the diagonal blocks
+        return tl.sum(tl.reshape(s, (16, R, P)), 1) + qlo[:, None]                  # (16, P): page j's tokens
+
+    @triton.jit
     def _all_fold_kernel(Q, Codes, Mn, Mx, Pos, Out, sqb, sqh, scb, sch, smb, smh, MP, sink, recent, scale, softcap,
                          G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr,
                          HKV: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr, MASS: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, PAIR: tl.constexpr):
-        """`_all_code_kernel` with the page statistics folded into the query and the codes left exact.
-        A key is lo + c∘st (per page and channel), so q·k = q·lo + (q∘st)·c. The product's 16 rows are
-        R = 16 / BLOCK_G pages × the query group: row (j, g) holds q_g∘st of page j, the columns are the
-        R pages' tokens as their integer codes, and only the diagonal blocks (row page = column page) are
-        kept. The tensor cores do R times the work they need, but each code costs only its extraction
-        (two codes a 32-bit op, `packed.halves`) instead of a shift, a conversion and an FMA in fp32; the
-        fold costs q∘st and q·lo once a page. Codes are read as 32-bit words: a word of a key holds bytes
-        4w..4w+3, and (word >> (c·BITS + 8e)) & mask puts channels c·NB + 4w + e and ... + 2 at bits 0 and
-        16 (`_fold_perm` gives each column's channel; q and the statistics are read in that order).
-        GROUPS groups of R pages a program. BITS <= 4 (the codes must be exact in bf16 from 128)."""
+        """`_all_code_kernel` by `_fold_logits`: GROUPS groups of R = 16/BLOCK_G consecutive pages a program,
+        read straight from the row's buffers. BITS <= 4 (codes exact in bf16 from 128)."""
         bh = tl.program_id(0)
         b = bh // HKV
         h = bh % HKV
         pos = tl.load(Pos).to(tl.int32)
         npages = pos // P + 1
         R: tl.constexpr = 16 // BLOCK_G
-        VPB: tl.constexpr = 8 // BITS
-        NB: tl.constexpr = D // VPB
-        NW: tl.constexpr = NB // 4
-        K: tl.constexpr = 2 * VPB
-        L: tl.constexpr = (1 << BITS) - 1
-        T: tl.constexpr = R * P
-        dt = Q.dtype.element_ty
-        f = tl.arange(0, D)
-        k = (f // 2) % K
-        perm = (k % VPB) * NB + 4 * (f // (2 * K)) + k // VPB + 2 * (f % 2)
-        g = tl.arange(0, BLOCK_G)
-        q = tl.load(Q + b * sqb + (h * G + g[:, None]) * sqh + perm[None, :], mask=g[:, None] < G,
-                    other=0.0).to(tl.float32)                                                    # (BLOCK_G, D)
-        qrep = tl.reshape(tl.broadcast_to(q[None, :, :], (R, BLOCK_G, D)), (16, D)).to(dt)       # row (j, g): q_g
-        sh = (tl.arange(0, K) % VPB) * BITS + 8 * (tl.arange(0, K) // VPB)
+        perm, q, qrep, sh = _fold_setup(Q, b * sqb + h * G * sqh, sqh, G, D, BLOCK_G, BITS)
         words = (Codes + b * scb + h * sch).to(tl.pointer_type(tl.int32))
-        t = tl.arange(0, T)
-        w = tl.arange(0, NW)
         r = tl.arange(0, 16)
         tp = tl.arange(0, P)
         for i in range(GROUPS):
@@ -199,23 +237,8 @@ if triton is not None:
             if p0 < npages:
                 pg = p0 + tl.arange(0, R)
                 okp = pg < npages
-                stat = b * smb + h * smh + pg[:, None] * D + perm[None, :]
-                lo = tl.load(Mn + stat, mask=okp[:, None], other=0.0).to(tl.float32)                    # (R, D)
-                st = (tl.load(Mx + stat, mask=okp[:, None], other=0.0).to(tl.float32) - lo) / L
-                a = tl.reshape(st[:, None, :] * q[None, :, :], (16, D)).to(dt)                     # rows (j, g)
-                # q·lo on the tensor cores too: row (j, g) of qrep · lo16ᵀ at column j·BLOCK_G (the rows of lo16
-                # repeat page j's lo BLOCK_G times); lo and q are bf16 in the cache, so the products are exact
-                lo16 = tl.reshape(tl.broadcast_to(lo[:, None, :], (R, BLOCK_G, D)), (16, D)).to(dt)
-                qlo = tl.dot(qrep, tl.trans(lo16)).to(tl.float32)                                       # (16, 16)
-                qlo = tl.sum(tl.where(r[:, None] - r[:, None] % BLOCK_G == r[None, :], qlo, 0.0), 1)
-                tok = p0 * P + t
-                wd = tl.load(words + tok[:, None] * NW + w[None, :], mask=(tok < npages * P)[:, None], other=0)
-                x = wd[:, :, None] >> sh[None, None, :]                                               # (T, NW, K)
-                c_lo, c_hi = pk.halves(x, tl.full(x.shape, L * 65537, tl.int32), dt, PAIR)
-                c = tl.reshape(tl.join(c_lo, c_hi), (T, D))
-                s = tl.dot(a, tl.trans(c)).to(tl.float32)                                               # (16, T)
-                s = tl.where(r[:, None] // BLOCK_G == t[None, :] // P, s, 0.0)       # the diagonal blocks
-                s = tl.sum(tl.reshape(s, (16, R, P)), 1) + qlo[:, None]           # (16, P): page j's tokens
+                s = _fold_logits(q, qrep, perm, sh, words, Mn, Mx, b * smb + h * smh, pg, p0, okp, pos + 1 - p0 * P,
+                                 Q.dtype.element_ty, D, P, BLOCK_G, BITS, PAIR, True)
                 rp = p0 + r // BLOCK_G
                 ok = ((r % BLOCK_G < G) & (rp < npages))[:, None] & ((rp * P)[:, None] + tp[None, :] <= pos)
                 if MASS:
@@ -226,6 +249,46 @@ if triton is not None:
                     best = tl.max(tl.reshape(tl.where(ok, s, float("-inf")), (R, BLOCK_G * P)), 1)   # (R,)
                     forced = (pg < sink) | (pg >= npages - recent)
                     tl.store(Out + bh * MP + pg, tl.where(forced, float("inf"), best), mask=okp)
+
+    @triton.jit
+    def _rerank_fold_kernel(Q, Codes, Mn, Mx, Bound, Table, Nsel, Last, Out, sqb, sqh, stab, MP, row_pages,
+                            scale, softcap, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+                            BLOCK_G: tl.constexpr, HKV: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
+                            MASS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PAIR: tl.constexpr):
+        """`_rerank_code_kernel` by `_fold_logits`: GROUPS groups of R = 16/BLOCK_G candidates a program,
+        pages through the table (pool ids), the last candidate read up to `last`. Forced pages stay +inf."""
+        bh = tl.program_id(0)
+        b = bh // HKV
+        h = bh % HKV
+        R: tl.constexpr = 16 // BLOCK_G
+        nsel = tl.load(Nsel + bh).to(tl.int32)
+        lastn = tl.load(Last + bh).to(tl.int32)
+        perm, q, qrep, sh = _fold_setup(Q, b * sqb + h * G * sqh, sqh, G, D, BLOCK_G, BITS)
+        words = Codes.to(tl.pointer_type(tl.int32))
+        r = tl.arange(0, 16)
+        tp = tl.arange(0, P)
+        for i in range(GROUPS):
+            j0 = (tl.program_id(1) * GROUPS + i) * R
+            if j0 < nsel:
+                j = j0 + tl.arange(0, R)
+                okp = j < nsel
+                pg = tl.load(Table + bh * stab + j, mask=okp, other=0).to(tl.int64)
+                ntok = tl.where(okp, tl.where(j == nsel - 1, lastn, P), 0)
+                s = _fold_logits(q, qrep, perm, sh, words, Mn, Mx, 0, pg, 0, okp, ntok, Q.dtype.element_ty, D, P,
+                                 BLOCK_G, BITS, PAIR, False)
+                jr = j0 + r // BLOCK_G
+                n_r = tl.where(jr == nsel - 1, lastn, P)
+                ok = ((r % BLOCK_G < G) & (jr < nsel))[:, None] & (tp[None, :] < n_r[:, None])
+                local = pg - bh * row_pages                                                          # (R,)
+                if MASS:
+                    xs = scaled_scores(s, scale, softcap, HAS_SOFTCAP)
+                    lse = _lse_rows(tl.where(ok, xs, float("-inf")), 1)                                # (16,)
+                    loc_r = tl.sum(tl.where(tl.arange(0, R)[None, :] == (r // BLOCK_G)[:, None], local[None, :], 0), 1)
+                    tl.store(Out + (bh * MP + loc_r) * G + r % BLOCK_G, lse, mask=(r % BLOCK_G < G) & (jr < nsel))
+                else:
+                    best = tl.max(tl.reshape(tl.where(ok, s, float("-inf")), (R, BLOCK_G * P)), 1)   # (R,)
+                    bound = tl.load(Bound + bh * MP + local, mask=okp, other=0.0)
+                    tl.store(Out + bh * MP + local, tl.where(bound == float("inf"), bound, best), mask=okp)
 
     @triton.jit
     def _lse_rows(x, axis: tl.constexpr):
@@ -320,12 +383,23 @@ def rerank_scores(q, k_pool, bound, table, nsel, last, *, row_pages: int, rank: 
     return page_mass(out, bound) if rank == "mass" else out
 
 
+FOLD, FOLD_GROUPS, FOLD_WARPS = True, 1, 1   # the `_fold_logits` kernels (`_foldable`); H200 sweep in BENCHMARKS
 RERANK_PER, RERANK_WARPS = 4, 1   # H200, 512K, 16K candidates a row: 1 warp 206 µs, 2 warps 300, 4 warps 543
 
 
+def _foldable(fold: bool | None, bits: int, block_g: int, codes: torch.Tensor) -> bool:
+    """Whether the `_fold_logits` kernels serve this call: codes exact in bf16 from 128 (bits <= 4), the
+    query group within 16 rows, whole aligned 32-bit words a key (fold=None: `FOLD`)."""
+    return ((FOLD if fold is None else fold) and bits <= 4 and block_g <= 16 and codes.shape[-1] % 4 == 0
+            and all(st % 4 == 0 for st in codes.stride()[:-1]) and codes.data_ptr() % 4 == 0)
+
+
 def rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last, *, row_pages: int,
-                       bits: int, rank: str = "max", scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
-    """See `sparse_reference.rerank_code_scores` (one kernel and a memset; rank=mass adds `page_mass`)."""
+                       bits: int, rank: str = "max", scale: float = 1.0, softcap: float | None = None,
+                       fold: bool | None = None, groups: int | None = None) -> torch.Tensor:
+    """See `sparse_reference.rerank_code_scores` (one kernel and a memset; rank=mass adds `page_mass`):
+    `_rerank_fold_kernel` (`groups` of 16/G candidates a program) where it applies (`_foldable`), else
+    `_rerank_code_kernel`."""
     if not _use_triton(q):
         return ref.rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last,
                                       row_pages=row_pages, bits=bits, rank=rank, scale=scale, softcap=softcap)
@@ -335,19 +409,27 @@ def rerank_code_scores(q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last
     P = codes_pool.shape[1]
     assert codes_pool.is_contiguous() and mn_pool.is_contiguous() and mx_pool.is_contiguous()
     out = _rerank_out(bound, Hq // Hkv, rank)
-    PER = RERANK_PER
-    _rerank_code_kernel[(BH, triton.cdiv(table.shape[1], PER))](
-        q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last, out, q.stride(0), q.stride(1), table.stride(0),
-        MP, row_pages, scale, softcap or 0.0, G=Hq // Hkv, D=D, P=P,
-        BLOCK_G=max(16, triton.next_power_of_2(Hq // Hkv)), HKV=Hkv, PER=PER, BITS=bits, MASS=rank == "mass",
-        HAS_SOFTCAP=bool(softcap), num_warps=RERANK_WARPS)
+    G = Hq // Hkv
+    BG = triton.next_power_of_2(G)
+    if _foldable(fold, bits, BG, codes_pool):
+        groups = groups or FOLD_GROUPS
+        _rerank_fold_kernel[(BH, triton.cdiv(table.shape[1], groups * (16 // BG)))](
+            q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last, out, q.stride(0), q.stride(1),
+            table.stride(0), MP, row_pages, scale, softcap or 0.0, G=G, D=D, P=P, BLOCK_G=BG, HKV=Hkv,
+            GROUPS=groups, BITS=bits, MASS=rank == "mass", HAS_SOFTCAP=bool(softcap), PAIR=_pair_mode(q),
+            num_warps=FOLD_WARPS)
+    else:
+        PER = RERANK_PER
+        _rerank_code_kernel[(BH, triton.cdiv(table.shape[1], PER))](
+            q, codes_pool, mn_pool, mx_pool, bound, table, nsel, last, out, q.stride(0), q.stride(1), table.stride(0),
+            MP, row_pages, scale, softcap or 0.0, G=G, D=D, P=P, BLOCK_G=max(16, BG), HKV=Hkv, PER=PER, BITS=bits,
+            MASS=rank == "mass", HAS_SOFTCAP=bool(softcap), num_warps=RERANK_WARPS)
     return page_mass(out, bound) if rank == "mass" else out
 
 
 # H200, 128K / 512K, max rank: 4 pages and 1 warp a program 73 / 275 µs; 8 and 4 106 / 394; 16 and 4
 # 141 / 534; 8 and 2 129 / 485
 ALL_PAGES, ALL_WARPS = 4, 1
-FOLD, FOLD_GROUPS, FOLD_WARPS = True, 1, 1   # `_all_fold_kernel` (bits <= 4, query group <= 16)
 
 
 def all_page_code_scores(q, codes, pmin, pmax, pos, *, bits: int, sink: int, recent: int, rank: str = "max",
@@ -368,9 +450,8 @@ def all_page_code_scores(q, codes, pmin, pmax, pos, *, bits: int, sink: int, rec
     G = Hq // Hkv
     out = torch.full((B, Hkv, MP) + ((G,) if rank == "mass" else ()), float("-inf"), device=q.device)
     pos_t = _pos(pos, q.device)
-    BG = max(1, triton.next_power_of_2(G))
-    NB = codes.shape[-1]
-    if (FOLD if fold is None else fold) and bits <= 4 and BG <= 16 and NB % 4 == 0 and codes.stride(1) % 4 == 0 and codes.stride(0) % 4 == 0:
+    BG = triton.next_power_of_2(G)
+    if _foldable(fold, bits, BG, codes):
         groups = groups or FOLD_GROUPS
         _all_fold_kernel[(B * Hkv, triton.cdiv(MP, groups * (16 // BG)))](
             q, codes, pmin, pmax, pos_t, out, q.stride(0), q.stride(1), codes.stride(0), codes.stride(1),
