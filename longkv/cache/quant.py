@@ -324,8 +324,8 @@ _preset("kivi4", "4-bit KV in KIVI's layout (Liu et al. 2024) = quant:bits=4,gro
                  "channel *after* RoPE, values per token; the decode kernel folds the key scale into q "
                  "and reads the codes as they are (no per-element dequantization or rotation); 4.5 "
                  "bits/element beyond the fp window, ppl +0.08 % vs kv4's +0.04 % on smollm2-135m; the "
-                 "fastest 4-bit decode, still slower than bf16 (H200, 8B shape, 128K: 1.25x full's "
-                 "ms/token, kv4 1.46x)",
+                 "fastest 4-bit decode, still slower than bf16 (H200, 8B shape, 128K: 1.12x full's "
+                 "ms/token, kv4 1.45x)",
         bits=4, prerope=False)
 _preset("kivi2", "2-bit KV in KIVI's layout = quant:bits=2,group=16,prerope=0: 16-token key groups after "
                  "RoPE, one value range per token, no outliers (the kernel's fast path); 3.25 "
