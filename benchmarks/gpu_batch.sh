@@ -51,6 +51,12 @@
 # two calls to read the s0f2 results left on the machine), [copy x4], [copy; install; gemma8x by hand],
 # [copy x4], [copy; install; gemmagrid] (adakv then refused sliding layers: the eval stopped there),
 # [sparse_quality.sh gemma-niah gemma-ruler report without adakv, by hand]; device time then spent.
+# Session 10 (2026-12-04), all by hand: [sparse_decode.py 128k / 512k full, quest 1/8, r8 mass] (fold
+# sweep), [quant_decode.py --shape gemma3-4b / gemma3-270m] x2 (the first hit a dtype bug in full's
+# ring writes), [quant_sweep.py --shape gemma3-4b], [copy x4; copy; install; NIAH 16K seeds 0/4/1 full,
+# quest r8 mass, kv4], [sparse_decode.py 128k,512k + r4 mass (fold vs before)], [copy x4; copy; install;
+# sparse_quality.sh gemma-niah gemma-ruler report with GEMMA_METHODS=adakv+snapkv], [sparse_decode.py
+# 512k r8 mass, groups unrolled]. No refusals.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

@@ -14,6 +14,9 @@ For each context and method:
   `attend_us` (paged flash-decoding + merge), and `topk_us`: the torch.topk + sort selection the
   select kernel replaced, on the same scores (for comparison; not part of the step); `select_eq_ref`,
   `attend_err`: the select and attention kernels against the plain-torch references on this cache;
+  with a second stage: `rerank_us` (its kernels as the step runs them), `rerank_nofold_us` (the same
+  from codes with the per-page kernels, `quest_rerank._foldable`), `fold_g{groups}w{warps}_us` (the
+  every-page kernel's launch sweep), `rerank_err` (vs the reference), `fold_vs_nofold`;
 - kv4+quest rows, likewise: `write_us`, `bounds_us`, `score_us`, `select_us`, `attend_us` (the paged
   packed kernel) and its launch variants, `attend_err` against its reference;
 - `decode_ms`: a whole one-token decode step of the model (CUDA graph), and its ratio to `full`;
