@@ -1,4 +1,4 @@
-"""`longkv <verb>`: generate, ask, models, caches (and later eval, bench, report).
+"""`longkv <verb>`: generate, ask, models, caches, eval, report, bench, calibrate.
 
 User mistakes end in one line on stderr and exit status 2, never a stack trace.
 """
@@ -139,10 +139,12 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_models)
     c = sub.add_parser("caches", help="list the cache specs")
     c.set_defaults(fn=cmd_caches)
+    from .bench import add_subcommand as bench_command
     from .calibrate import add_subcommands as calibrate_commands
     from .eval_cli import add_subcommands as eval_commands
 
     eval_commands(sub)
+    bench_command(sub)
     calibrate_commands(sub)
     return ap
 

@@ -91,8 +91,9 @@ class LLM:
     def stream(self, prompt: str | None = None, *, ids: list[int] | None = None, max_new_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, cache="full",
                chunk: int = 2048, chat: bool | None = None, progress: bool = False,
-               use_graph: bool = True) -> Iterator[str]:
-        """Yields the answer's text as it is generated; afterwards `self.last` holds the `Result`."""
+               use_graph: bool = True, ignore_stop: bool = False) -> Iterator[str]:
+        """Yields the answer's text as it is generated; afterwards `self.last` holds the `Result`.
+        ignore_stop: decode exactly max_new_tokens (`longkv bench`)."""
         if ids is None:
             if prompt is None or not prompt.strip():
                 raise UserError("the prompt is empty")
@@ -125,12 +126,13 @@ class LLM:
         dec = StreamDecoder(self.tokenizer)
         out: list[int] = []
         reason = "length"
+        stops = set() if ignore_stop else self.tokenizer.stop_ids
         t1 = time.perf_counter()
         for new in decode_tokens(self.model, kv, logits, max_new_tokens=max_new_tokens,
                                  sampling=Sampling(temperature, top_p, seed),
-                                 stop_ids=self.tokenizer.stop_ids, graph=graph):
+                                 stop_ids=stops, graph=graph):
             out += new
-            if out and out[-1] in self.tokenizer.stop_ids:
+            if out and out[-1] in stops:
                 reason, new = "stop", new[:-1]
             piece = "".join(dec.push(t) for t in new)
             if piece:
