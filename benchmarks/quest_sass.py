@@ -6,7 +6,8 @@ line: JSON.
 
 The same method as `quant_sass.py` (triton compiles for sm_90 on a CPU machine; ptxas, nvdisasm and
 cuobjdump come with its wheel). `instr/code` = the whole kernel's instructions divided by the 2-bit
-codes one thread handles (no loop: the channel slices are unrolled). It counts work, not time.
+codes one thread handles (no loop: the channel slices are unrolled; the fold kernel's groups are a
+loop, so count it with --pages 1). It counts work, not time.
 Shapes: Llama-3-8B (32 query / 8 KV heads, D 128), 16-token pages.
 """
 from __future__ import annotations
