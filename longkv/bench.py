@@ -114,12 +114,14 @@ def run(llm, specs: list[str], lengths: list[int], ids: list[int], *, new_tokens
             r = llm.generate(ids=ids[:n], cache=spec, **kw)
             row = {"length": n, "cache": r.cache, "prefill_s": round(r.prefill_s, 3),
                    "decode_ms": round(1e3 / r.decode_tokens_per_s, 3) if r.decode_tokens_per_s else None,
-                   "kv_MiB": round(r.kv_bytes / 2**20, 2), "kv_vs_full": round(r.kv_bytes / r.kv_bytes_full, 3)}
+                   "kv_MiB": round(r.kv_bytes / 2**20, 2)}
             if cuda:
                 row["peak_GiB"] = round(torch.cuda.max_memory_allocated(llm.device) / 2**30, 2)
             if base is None:
-                base = (row, r.token_ids)
+                base = (row, r.token_ids, r.kv_bytes)
+                row["kv_vs_full"] = 1.0
             else:
+                row["kv_vs_full"] = round(r.kv_bytes / base[2], 3)   # against full's buffers in this run
                 if row["decode_ms"] and base[0]["decode_ms"]:
                     row["decode_x_full"] = round(row["decode_ms"] / base[0]["decode_ms"], 3)
                 row["prefill_x_full"] = round(row["prefill_s"] / max(base[0]["prefill_s"], 1e-9), 3)

@@ -35,6 +35,8 @@ def test_rows_against_the_full_cache(llm):
     want = {s: llm.new_cache(s, capacity=605) for s in ("full", "kv4")}
     assert full600["kv_MiB"] == round(want["full"].nbytes() / 2**20, 2)
     assert kv4600["kv_MiB"] == round(want["kv4"].nbytes() / 2**20, 2) < full600["kv_MiB"]
+    assert full600["kv_vs_full"] == 1.0
+    assert kv4600["kv_vs_full"] == round(want["kv4"].nbytes() / want["full"].nbytes(), 3)
     assert snap600["kv_vs_full"] < 0.75 and kv4600["kv_vs_full"] < 0.65   # kv4: 132 fp tokens of 605
     for r in rows:
         assert r["decode_ms"] > 0 and r["prefill_s"] > 0
