@@ -9,7 +9,9 @@ From codes, two forms of each kernel: `_rerank_fold_kernel` / `_all_fold_kernel`
 codes to the tensor cores as exact integers, 16/G pages sharing one product (`_fold_logits`; offline
 sm_90: 5.6 SASS instructions a code against 11.0; H200, 512K: 229 vs 323 µs a layer every page,
 161 vs 255 µs for 1/2 of the pages through the table); `_rerank_code_kernel` / `_all_code_kernel`
-rebuild each key in fp32 first (8-bit codes, larger groups).
+rebuild each key in fp32 first and serve what the fold does not: 8-bit codes (the magic number cannot
+hold them), query groups over 16, and keys whose codes are not whole 32-bit words (head_dim x rbits
+not a multiple of 32, as in the tests' tiny models).
 Used by `kernels/quest.py`'s step (re-exported there); references in `kernels/sparse_reference.py`.
 """
 from __future__ import annotations
