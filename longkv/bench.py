@@ -97,13 +97,12 @@ def run(llm, specs: list[str], lengths: list[int], ids: list[int], *, new_tokens
     """One row per (length, spec), `specs[0]` the baseline the ratios refer to."""
     cuda = llm.device.type == "cuda"
     kw = dict(max_new_tokens=new_tokens, chunk=chunk, ignore_stop=True)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(specs) * (len(lengths) + 1), unit="run", desc="bench", file=sys.stderr, leave=False)
+    from tqdm import tqdm
+    bar = tqdm(total=len(specs) * (len(lengths) + 1), unit="run", desc="bench", file=sys.stderr, leave=False,
+               disable=not progress)
     for spec in specs:   # warm-up: Triton compilation, first graph capture
         llm.generate(ids=ids[:min(256, len(ids))], cache=spec, **dict(kw, max_new_tokens=4))
-        bar and bar.update()
+        bar.update()
     rows = []
     for n in lengths:
         base = None
@@ -127,9 +126,8 @@ def run(llm, specs: list[str], lengths: list[int], ids: list[int], *, new_tokens
                 row["prefill_x_full"] = round(row["prefill_s"] / max(base[0]["prefill_s"], 1e-9), 3)
                 row["same_tokens"] = _common_prefix(r.token_ids, base[1])
             rows.append(row)
-            bar and bar.update()
-    if bar:
-        bar.close()
+            bar.update()
+    bar.close()
     return rows
 
 
