@@ -27,6 +27,7 @@ from triton.compiler import ASTSource
 from common import emit_json, print_table
 from quant_sass import _tool
 
+from longkv.kernels import quest_fold as kf
 from longkv.kernels import quest_rerank as kr
 
 TYPES = dict(Q="*bf16", Codes="*u8", Mn="*bf16", Mx="*bf16", Pos="*i64", Out="*fp32", sqb="i32", sqh="i32",
@@ -36,7 +37,7 @@ TYPES = dict(Q="*bf16", Codes="*u8", Mn="*bf16", Mx="*bf16", Pos="*i64", Out="*f
 
 def inspect(pages: int, warps: int, mass: bool, bits: int, arch: int, fold: bool) -> dict:
     """fold: `_all_fold_kernel` with `pages` groups of 4 pages a program (else `_all_code_kernel`)."""
-    fn = kr._all_fold_kernel if fold else kr._all_code_kernel
+    fn = kf._all_fold_kernel if fold else kr._all_code_kernel
     consts = dict(G=4, D=128, P=16, BLOCK_G=4 if fold else 16, HKV=8, BITS=bits, MASS=mass, HAS_SOFTCAP=False)
     consts.update(dict(GROUPS=pages, PAIR=1) if fold else dict(PAGES=pages))
     names = fn.arg_names

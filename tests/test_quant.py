@@ -179,14 +179,20 @@ def test_sliding_window_layers_keep_their_window_unquantized(tiny_gemma):
                                   "quant:bits=2,group=16,sink=2,window=3,prerope=0,outliers=0.02"])
 def test_graph_decode_path_equals_eager_path(tiny, spec):
     """The device-only decode (what a CUDA graph replays) equals prefill-style attention step by step."""
-    x = ids(40, 3)
-    eager, graph = build(tiny, spec, 64), build(tiny, spec, 64)
-    prefill(tiny, eager, x[:, :20], chunk=6)
-    prefill(tiny, graph, x[:, :20], chunk=6)
-    for i in range(20, 40):
+    _graph_equals_eager(tiny, spec, ids(40, 3))
+
+
+def _graph_equals_eager(model, spec, x, start=20):
+    """Prefill x[:, :start] into two caches, then decode the rest one token at a time: eagerly (host
+    positions) in one, device-only (step.start None, the CUDA-graph path) in the other; equal logits."""
+    eager, graph = build(model, spec, 64), build(model, spec, 64)
+    assert graph.graph_safe
+    prefill(model, eager, x[:, :start], chunk=6)
+    prefill(model, graph, x[:, :start], chunk=6)
+    for i in range(start, x.shape[1]):
         pos = torch.tensor([i])
-        a = tiny(x[:, i:i + 1], tiny.make_step(pos, i), eager)
-        b = tiny(x[:, i:i + 1], tiny.make_step(pos, None), graph)
+        a = model(x[:, i:i + 1], model.make_step(pos, i), eager)
+        b = model(x[:, i:i + 1], model.make_step(pos, None), graph)
         graph.advance(1)
         assert (a - b).abs().max() < 2e-3 * a.abs().max()
 
@@ -197,17 +203,7 @@ def test_graph_decode_on_sliding_window_layers(tiny_gemma32, spec):
     """Gemma 3 (5 sliding-window layers, 1 global): the device-only decode goes through `full`'s ring on
     the windowed layers and the packed kernel on the global one, and equals the eager path; a wrong ring
     slot or a global layer sent to the ring would not (60 tokens: the ring of 8 wraps many times)."""
-    model, x = tiny_gemma32, ids(60, 5)
-    eager, graph = build(model, spec, 64), build(model, spec, 64)
-    assert graph.graph_safe
-    prefill(model, eager, x[:, :20], chunk=6)
-    prefill(model, graph, x[:, :20], chunk=6)
-    for i in range(20, 60):
-        pos = torch.tensor([i])
-        a = model(x[:, i:i + 1], model.make_step(pos, i), eager)
-        b = model(x[:, i:i + 1], model.make_step(pos, None), graph)
-        graph.advance(1)
-        assert (a - b).abs().max() < 2e-3 * a.abs().max()
+    _graph_equals_eager(tiny_gemma32, spec, ids(60, 5))
 
 
 @pytest.mark.parametrize("spec,word", [("quant:bits=5", "bits"), ("quant:group=24", "group"),

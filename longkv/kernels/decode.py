@@ -39,6 +39,14 @@ if triton is not None:
         return s
 
     @triton.jit
+    def lse_rows(x, axis: tl.constexpr):
+        """Log-sum-exp along axis of a tile holding -inf where empty (an empty line gives -inf)."""
+        m = tl.max(x, axis)
+        safe = tl.where(m == float("-inf"), 0.0, m)
+        e = tl.sum(tl.exp(x - tl.expand_dims(safe, axis)), axis)
+        return tl.where(e > 0, safe + tl.log(tl.maximum(e, 1e-30)), float("-inf"))
+
+    @triton.jit
     def online_step(q, k, v, ok, m, l, acc, scale, softcap, HAS_SOFTCAP: tl.constexpr):
         """One flash-decoding tile: scores of q (G, D) against k (N, D), masked by ok (N,), folded
         into the running max m, denominator l and output acc (G, D). Shared by every decode kernel

@@ -4,14 +4,11 @@ the code buffer when every page is a candidate), ranked by the largest logit (ra
 mass (rank=mass: each kernel writes every query's log-sum-exp over a page, `page_mass` normalizes each
 query over the candidates and sums the group).
 
-From codes, two forms of each kernel: `_rerank_fold_kernel` / `_all_fold_kernel` (the default where
-`_foldable`: bits <= 4, query group <= 16) fold each page's min and step into the query and feed the
-codes to the tensor cores as exact integers, 16/G pages sharing one product (`_fold_logits`; offline
-sm_90: 5.6 SASS instructions a code against 11.0; H200, 512K: 229 vs 323 µs a layer every page,
-161 vs 255 µs for 1/2 of the pages through the table); `_rerank_code_kernel` / `_all_code_kernel`
-rebuild each key in fp32 first and serve what the fold does not: 8-bit codes (the magic number cannot
-hold them), query groups over 16, and keys whose codes are not whole 32-bit words (head_dim x rbits
-not a multiple of 32, as in the tests' tiny models).
+From codes, two forms of each kernel: `quest_fold.py`'s (the default where `_foldable`) fold each
+page's min and step into the query and feed the codes to the tensor cores as exact integers;
+`_rerank_code_kernel` / `_all_code_kernel` here rebuild each key in fp32 first and serve what the fold
+does not: 8-bit codes, query groups over 16, and keys whose codes are not whole 32-bit words (head_dim
+x rbits not a multiple of 32, as in the tests' tiny models).
 Used by `kernels/quest.py`'s step (re-exported there); references in `kernels/sparse_reference.py`.
 """
 from __future__ import annotations
@@ -26,8 +23,9 @@ from .quant import _pair_mode
 if triton is not None:
     import triton.language as tl
 
-    from . import packed as pk
+    from .decode import lse_rows
     from .decode import scaled_scores
+    from .quest_fold import _all_fold_kernel, _rerank_fold_kernel
 
     @triton.jit
     def _page_out(s, ok, g, Bound, Out, bh, MP, local, scale, softcap, G: tl.constexpr, MASS: tl.constexpr,
@@ -38,7 +36,7 @@ if triton is not None:
         normalization over candidates and the sum over the group follow in `page_mass`)."""
         if MASS:
             x = scaled_scores(s, scale, softcap, HAS_SOFTCAP)
-            tl.store(Out + (bh * MP + local) * G + g, _lse_rows(tl.where(ok, x, float("-inf")), 1), mask=g < G)
+            tl.store(Out + (bh * MP + local) * G + g, lse_rows(tl.where(ok, x, float("-inf")), 1), mask=g < G)
         else:
             best = tl.max(tl.max(tl.where(ok, s, float("-inf")), 1), 0)
             bound = tl.load(Bound + bh * MP + local)
@@ -155,157 +153,12 @@ if triton is not None:
             ok = (g[:, None, None] < G) & (tok <= pos)[None, :, :]
             if MASS:
                 x = scaled_scores(s, scale, softcap, HAS_SOFTCAP)
-                lse = _lse_rows(tl.where(ok, x, float("-inf")), 2)                            # (BLOCK_G, PAGES)
+                lse = lse_rows(tl.where(ok, x, float("-inf")), 2)                            # (BLOCK_G, PAGES)
                 tl.store(Out + (bh * MP + pg[None, :]) * G + g[:, None], lse, mask=(g[:, None] < G) & okp[None, :])
             else:
                 best = tl.max(tl.max(tl.where(ok, s, float("-inf")), 2), 0)                   # (PAGES,)
                 forced = (pg < sink) | (pg >= npages - recent)
                 tl.store(Out + bh * MP + pg, tl.where(forced, float("inf"), best), mask=okp)
-
-    @triton.jit
-    def _fold_setup(Q, qoff, sqh, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BITS: tl.constexpr):
-        """What `_fold_logits` needs once a program: each column's channel (perm), the query group in that
-        order (q, fp32) and in channel order repeated for the 16/BLOCK_G pages (qrep, rows (j, g)), the
-        shifts. Column f of a code tile: word w = f // 2K, pair k = (f // 2) % K (byte e = k // VPB, slice
-        c = k % VPB), half f % 2; channel c·NB + 4w + e + 2·half (`ref.page_codes`' planar bytes)."""
-        R: tl.constexpr = 16 // BLOCK_G
-        VPB: tl.constexpr = 8 // BITS
-        NB: tl.constexpr = D // VPB
-        K: tl.constexpr = 2 * VPB
-        f = tl.arange(0, D)
-        k = (f // 2) % K
-        perm = (k % VPB) * NB + 4 * (f // (2 * K)) + k // VPB + 2 * (f % 2)
-        g = tl.arange(0, BLOCK_G)
-        q = tl.load(Q + qoff + g[:, None] * sqh + perm[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
-        qrep = tl.reshape(tl.broadcast_to(q[None, :, :], (R, BLOCK_G, D)), (16, D)).to(Q.dtype.element_ty)
-        sh = (tl.arange(0, K) % VPB) * BITS + 8 * (tl.arange(0, K) // VPB)
-        return perm, q, qrep, sh
-
-    @triton.jit
-    def _fold_logits(q, qrep, perm, sh, words, Mn, Mx, sbase, pg, first, okp, ntok, dt, D: tl.constexpr, P: tl.constexpr,
-                     BLOCK_G: tl.constexpr, BITS: tl.constexpr, PAIR: tl.constexpr, CONSEC: tl.constexpr):
-        """Raw logits q·k (16, P) of R = 16/BLOCK_G pages pg (R,) and the query group: row (j, g), column t =
-        token t of page pg[j] (its first ntok[j] tokens read; okp: pages that exist). CONSEC: the pages are
-        consecutive from `first` and ntok one count of tokens from its first token. A key is lo + c∘st
-        (per page and channel), so q·k = q·lo + (q∘st)·c: the product's rows hold q_g∘st of page j and its
-        columns the R pages' tokens as their integer codes; only the diagonal blocks (row page = column
-        page) are kept. The tensor cores do R times the work they need, but a code costs only its
-        extraction (two a 32-bit op, `packed.halves`) instead of a shift, a conversion and an FMA in fp32;
-        q∘st is once a page, q·lo one more small product (bf16 inputs: exact products). Codes are read as
-        32-bit words: (word >> (c·BITS + 8e)) & mask puts channels c·NB + 4w + e and ... + 2 of a key's
-        word w at bits 0 and 16 (`_fold_setup`'s perm: q and the page statistics are read in that order).
-        words: the int32 view of the codes; page pg's rows at (pg·P + t)·NW; statistics at sbase + pg·D."""
-        R: tl.constexpr = 16 // BLOCK_G
-        NW: tl.constexpr = D * BITS // 32
-        L: tl.constexpr = (1 << BITS) - 1
-        T: tl.constexpr = R * P
-        stat = sbase + pg[:, None] * D + perm[None, :]
-        lo = tl.load(Mn + stat, mask=okp[:, None], other=0.0).to(tl.float32)                     # (R, D)
-        st = (tl.load(Mx + stat, mask=okp[:, None], other=0.0).to(tl.float32) - lo) / L
-        a = tl.reshape(st[:, None, :] * q[None, :, :], (16, D)).to(dt)                          # rows (j, g)
-        # q·lo: row (j, g) of qrep · lo16ᵀ at column j·BLOCK_G (lo16's rows repeat page j's lo BLOCK_G times)
-        r = tl.arange(0, 16)
-        lo16 = tl.reshape(tl.broadcast_to(lo[:, None, :], (R, BLOCK_G, D)), (16, D)).to(dt)
-        qlo = tl.dot(qrep, tl.trans(lo16)).to(tl.float32)                                        # (16, 16)
-        qlo = tl.sum(tl.where(r[:, None] - r[:, None] % BLOCK_G == r[None, :], qlo, 0.0), 1)
-        tp = tl.arange(0, P)
-        tj = tl.arange(0, T) // P
-        if CONSEC:   # pages pg[0], pg[0] + 1, ...: ntok is the count of tokens from pg[0]'s first on
-            row = first * P + tl.arange(0, T)
-            okt = tl.arange(0, T) < ntok
-        else:        # token t of page pg[t // P]
-            okt = tl.reshape(tp[None, :] < ntok[:, None], (T,))
-            row = tl.reshape(pg[:, None] * P + tp[None, :], (T,))
-        wd = tl.load(words + row[:, None] * NW + tl.arange(0, NW)[None, :], mask=okt[:, None], other=0)
-        x = wd[:, :, None] >> sh[None, None, :]                                                    # (T, NW, K)
-        c_lo, c_hi = pk.halves(x, tl.full(x.shape, L * 65537, tl.int32), dt, PAIR)
-        c = tl.reshape(tl.join(c_lo, c_hi), (T, D))
-        s = tl.dot(a, tl.trans(c)).to(tl.float32)                                                # (16, T)
-        s = tl.where(r[:, None] // BLOCK_G == tj[None, :], s, 0.0)                 # the diagonal blocks
-        return tl.sum(tl.reshape(s, (16, R, P)), 1) + qlo[:, None]                  # (16, P): page j's tokens
-
-    @triton.jit
-    def _all_fold_kernel(Q, Codes, Mn, Mx, Pos, Out, sqb, sqh, scb, sch, smb, smh, MP, sink, recent, scale, softcap,
-                         G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr,
-                         HKV: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr, MASS: tl.constexpr,
-                         HAS_SOFTCAP: tl.constexpr, PAIR: tl.constexpr):
-        """`_all_code_kernel` by `_fold_logits`: GROUPS groups of R = 16/BLOCK_G consecutive pages a program,
-        read straight from the row's buffers. BITS <= 4 (codes exact in bf16 from 128)."""
-        bh = tl.program_id(0)
-        b = bh // HKV
-        h = bh % HKV
-        pos = tl.load(Pos).to(tl.int32)
-        npages = pos // P + 1
-        R: tl.constexpr = 16 // BLOCK_G
-        perm, q, qrep, sh = _fold_setup(Q, b * sqb + h * G * sqh, sqh, G, D, BLOCK_G, BITS)
-        words = (Codes + b * scb + h * sch).to(tl.pointer_type(tl.int32))
-        r = tl.arange(0, 16)
-        tp = tl.arange(0, P)
-        for i in range(GROUPS):
-            p0 = (tl.program_id(1) * GROUPS + i) * R
-            if p0 < npages:
-                pg = p0 + tl.arange(0, R)
-                okp = pg < npages
-                s = _fold_logits(q, qrep, perm, sh, words, Mn, Mx, b * smb + h * smh, pg, p0, okp, pos + 1 - p0 * P,
-                                 Q.dtype.element_ty, D, P, BLOCK_G, BITS, PAIR, True)
-                rp = p0 + r // BLOCK_G
-                ok = ((r % BLOCK_G < G) & (rp < npages))[:, None] & ((rp * P)[:, None] + tp[None, :] <= pos)
-                if MASS:
-                    xs = scaled_scores(s, scale, softcap, HAS_SOFTCAP)
-                    lse = _lse_rows(tl.where(ok, xs, float("-inf")), 1)                                # (16,)
-                    tl.store(Out + (bh * MP + rp) * G + r % BLOCK_G, lse, mask=(r % BLOCK_G < G) & (rp < npages))
-                else:
-                    best = tl.max(tl.reshape(tl.where(ok, s, float("-inf")), (R, BLOCK_G * P)), 1)   # (R,)
-                    forced = (pg < sink) | (pg >= npages - recent)
-                    tl.store(Out + bh * MP + pg, tl.where(forced, float("inf"), best), mask=okp)
-
-    @triton.jit
-    def _rerank_fold_kernel(Q, Codes, Mn, Mx, Bound, Table, Nsel, Last, Out, sqb, sqh, stab, MP, row_pages,
-                            scale, softcap, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-                            BLOCK_G: tl.constexpr, HKV: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
-                            MASS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PAIR: tl.constexpr):
-        """`_rerank_code_kernel` by `_fold_logits`: GROUPS groups of R = 16/BLOCK_G candidates a program,
-        pages through the table (pool ids), the last candidate read up to `last`. Forced pages stay +inf."""
-        bh = tl.program_id(0)
-        b = bh // HKV
-        h = bh % HKV
-        R: tl.constexpr = 16 // BLOCK_G
-        nsel = tl.load(Nsel + bh).to(tl.int32)
-        lastn = tl.load(Last + bh).to(tl.int32)
-        perm, q, qrep, sh = _fold_setup(Q, b * sqb + h * G * sqh, sqh, G, D, BLOCK_G, BITS)
-        words = Codes.to(tl.pointer_type(tl.int32))
-        r = tl.arange(0, 16)
-        tp = tl.arange(0, P)
-        for i in range(GROUPS):
-            j0 = (tl.program_id(1) * GROUPS + i) * R
-            if j0 < nsel:
-                j = j0 + tl.arange(0, R)
-                okp = j < nsel
-                pg = tl.load(Table + bh * stab + j, mask=okp, other=0).to(tl.int64)
-                ntok = tl.where(okp, tl.where(j == nsel - 1, lastn, P), 0)
-                s = _fold_logits(q, qrep, perm, sh, words, Mn, Mx, 0, pg, 0, okp, ntok, Q.dtype.element_ty, D, P,
-                                 BLOCK_G, BITS, PAIR, False)
-                jr = j0 + r // BLOCK_G
-                n_r = tl.where(jr == nsel - 1, lastn, P)
-                ok = ((r % BLOCK_G < G) & (jr < nsel))[:, None] & (tp[None, :] < n_r[:, None])
-                local = pg - bh * row_pages                                                          # (R,)
-                if MASS:
-                    xs = scaled_scores(s, scale, softcap, HAS_SOFTCAP)
-                    lse = _lse_rows(tl.where(ok, xs, float("-inf")), 1)                                # (16,)
-                    loc_r = tl.sum(tl.where(tl.arange(0, R)[None, :] == (r // BLOCK_G)[:, None], local[None, :], 0), 1)
-                    tl.store(Out + (bh * MP + loc_r) * G + r % BLOCK_G, lse, mask=(r % BLOCK_G < G) & (jr < nsel))
-                else:
-                    best = tl.max(tl.reshape(tl.where(ok, s, float("-inf")), (R, BLOCK_G * P)), 1)   # (R,)
-                    bound = tl.load(Bound + bh * MP + local, mask=okp, other=0.0)
-                    tl.store(Out + bh * MP + local, tl.where(bound == float("inf"), bound, best), mask=okp)
-
-    @triton.jit
-    def _lse_rows(x, axis: tl.constexpr):
-        """Log-sum-exp along axis of a tile holding -inf where empty (an empty line gives -inf)."""
-        m = tl.max(x, axis)
-        safe = tl.where(m == float("-inf"), 0.0, m)
-        e = tl.sum(tl.exp(x - tl.expand_dims(safe, axis)), axis)
-        return tl.where(e > 0, safe + tl.log(tl.maximum(e, 1e-30)), float("-inf"))
 
     @triton.jit
     def _mass_part_kernel(Lse, Part, MP, NBLK, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):
@@ -316,7 +169,7 @@ if triton is not None:
         p = blk * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(Lse + (bh * MP + p[:, None]) * G + g[None, :], mask=(p[:, None] < MP) & (g[None, :] < G),
                     other=float("-inf"))
-        tl.store(Part + (bh * NBLK + blk) * BLOCK_G + g, _lse_rows(x, 0))
+        tl.store(Part + (bh * NBLK + blk) * BLOCK_G + g, lse_rows(x, 0))
 
     @triton.jit
     def _mass_kernel(Lse, Part, Bound, Pos, Out, MP, NBLK, PAGE, sink, recent, G: tl.constexpr,
@@ -330,13 +183,13 @@ if triton is not None:
         kk = tl.arange(0, BLOCK_K)
         part = tl.load(Part + (bh * NBLK + kk[:, None]) * BLOCK_G + g[None, :], mask=kk[:, None] < NBLK,
                        other=float("-inf"))
-        z = _lse_rows(part, 0)
+        z = lse_rows(part, 0)
         z = tl.where(z == float("-inf"), 0.0, z)
         p = blk * BLOCK + tl.arange(0, BLOCK)
         ok = p < MP
         x = tl.load(Lse + (bh * MP + p[:, None]) * G + g[None, :], mask=ok[:, None] & (g[None, :] < G),
                     other=float("-inf"))
-        sc = _lse_rows(x - z[None, :], 1)
+        sc = lse_rows(x - z[None, :], 1)
         if BY_POS:
             npages = tl.load(Pos).to(tl.int32) // PAGE + 1
             forced = ((p < sink) | (p >= npages - recent)) & (p < npages)
