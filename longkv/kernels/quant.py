@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import torch
 
+from . import quant_cuda as qc
 from . import quant_reference as ref
 from .decode import _use_triton, num_splits
 from .quant_append import append_flush, outs, planes  # noqa: F401  (append_flush: the cache's writer)
@@ -345,13 +346,15 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
                            num_warps: int | None = None, num_stages: int | None = None,
                            rope_tab: torch.Tensor | None = None, use_dot: bool | None = None,
                            prerope: bool = True, prefetch: int | None = None,
-                           max_regs: int | None = None, pipe: bool | None = None) -> torch.Tensor:
+                           max_regs: int | None = None, pipe: bool | None = None,
+                           impl: str | None = None) -> torch.Tensor:
     """q (B, Hq, 1, D) post-RoPE; the packed cache of one layer (see `ref.quant_decode_attention`);
     length: (1,) int64 device tensor; rope_tab: `rope_table(inv_freq, table_positions(...))`, made
     here when not given (the cache keeps one); prerope=False: keys stored rotated (no RoPE here);
     prefetch: tiles of L2 prefetch ahead (None: `PREFETCH` where the GPU has it); max_regs: a register
-    cap per thread for the launch (more programs resident per SM, at the price of spills).
-    Returns (B, Hq, 1, D) in q's dtype."""
+    cap per thread for the launch (more programs resident per SM, at the price of spills); impl: "cuda"
+    (`quant_cuda.decode_attention`, the default where `quant_cuda.supported`: KIVI's layout at 2/4 bits)
+    or "triton". Returns (B, Hq, 1, D) in q's dtype."""
     if not _use_triton(q):
         return ref.quant_decode_attention(q, kq, vq, kf, vf, int(length.reshape(-1)[-1]), bits=bits, group=group,
                                           vgroup=vgroup, sink=sink, window=window, scale=scale,
@@ -360,6 +363,10 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
+    if impl != "triton" and qc.supported(q, kq, bits=bits, group=group, vgroup=vgroup, prerope=prerope,
+                                         lut_k=lut_k, lut_v=lut_v, G=G):
+        return qc.decode_attention(q, kq, vq, kf, vf, length.reshape(-1)[-1:], bits=bits, group=group, sink=sink,
+                                   window=window, scale=scale, splits=splits)
     cap = kq["planes"][0].shape[2]
     S = splits or num_splits(cap, B * H)
     part = torch.empty(B * H * (S + 1) * G, D, device=q.device, dtype=torch.float32)

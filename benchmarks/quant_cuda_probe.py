@@ -1,0 +1,102 @@
+"""Where the CUDA packed-decode kernel's time goes, one layer (Llama-3-8B shape: 8 KV heads, 32 query
+heads, head dim 128), random packed data: the splits kernel alone (packed and full-precision splits),
+the merge alone and the whole call (`quant_cuda.decode_attention`), the Triton kernel's whole call,
+and bf16 flash-decoding over the same context; each captured in a CUDA graph and replayed, TB/s on
+the packed bytes (codes and statistics).
+
+    python benchmarks/quant_cuda_probe.py --context 128k --bits 4,2 --splits 0,128 --tile 16,32 --pf 0,2 --minb 0,16
+
+Last line: JSON.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from common import emit_json, parse_tokens, print_table, time_cuda
+
+from longkv.kernels import quant as qk
+from longkv.kernels import quant_cuda as qc
+from longkv.kernels.decode import decode_attention
+
+
+def graphed(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    return time_cuda(g.replay, reps) * 1e3   # µs
+
+
+def layer(ctx: int, bits: int, group: int, H: int, D: int, sink: int, window: int, dev):
+    cap = group * ((ctx - sink) // group + 1)
+    w = D * bits // 8
+    kq = {"planes": [torch.randint(0, 256, (1, H, cap, w), dtype=torch.uint8, device=dev)],
+          "scale": (torch.rand(1, H, cap // group, D, device=dev) * 0.1 + 0.01).half(),
+          "zero": (torch.randn(1, H, cap // group, D, device=dev)).half()}
+    vq = {"planes": [torch.randint(0, 256, (1, H, cap, w), dtype=torch.uint8, device=dev)],
+          "scale": (torch.rand(1, H, cap, 1, device=dev) * 0.1 + 0.01).half(),
+          "zero": torch.randn(1, H, cap, 1, device=dev).half()}
+    ring = window + 2 * group
+    kf = torch.randn(1, H, sink + ring, D, device=dev, dtype=torch.bfloat16)
+    vf = torch.randn(1, H, sink + ring, D, device=dev, dtype=torch.bfloat16)
+    return kq, vq, kf, vf
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--context", default="128k")
+    ap.add_argument("--bits", default="4,2")
+    ap.add_argument("--splits", default="0", help="0: the default (quant_cuda.num_splits)")
+    ap.add_argument("--tile", default="16,32")
+    ap.add_argument("--pf", default="0", help="L2 prefetch distances (tiles)")
+    ap.add_argument("--minb", default="0", help="__launch_bounds__ minimum programs an SM")
+    ap.add_argument("--reps", type=int, default=50)
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    ctx = parse_tokens(a.context)
+    H, G, D, sink, window = 8, 4, 128, 4, 128
+    q = torch.randn(1, H * G, 1, D, device=dev, dtype=torch.bfloat16)
+    length = torch.tensor([ctx], device=dev)
+    rows = []
+    k = torch.randn(1, H, ctx, D, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    us = graphed(lambda: decode_attention(q, k, v, length, scale=D ** -0.5), a.reps)
+    rows.append(dict(what="full bf16 flash-decoding", splits="", tile="", us=round(us, 1),
+                     TBps=round(2 * k.numel() * 2 / us / 1e6, 2)))
+    del k, v
+    for bits in map(int, a.bits.split(",")):
+        group = 64 if bits == 4 else 16
+        kq, vq, kf, vf = layer(ctx, bits, group, H, D, sink, window, dev)
+        nq = group * ((ctx - 1 - sink - window) // group)
+        nbytes = nq * H * (2 * D * bits // 8 + 2 * 2) + (nq // group) * H * D * 2 * 2   # codes + v stats + k stats
+        kw = dict(bits=bits, group=group, vgroup=D, sink=sink, window=window, scale=D ** -0.5,
+                  inv_freq=1.0 / (10000 ** (torch.arange(0, D, 2, device=dev).float() / D)), prerope=False)
+        us = graphed(lambda: qk.quant_decode_attention(q, kq, vq, kf, vf, length, impl="triton", **kw), a.reps)
+        rows.append(dict(what=f"{bits}-bit Triton (whole call)", splits="", tile="", us=round(us, 1),
+                         TBps=round(nbytes / us / 1e6, 2)))
+        for S in map(int, a.splits.split(",")):
+            for tile in map(int, a.tile.split(",")):
+                for pf in map(int, a.pf.split(",")):
+                    for minb in map(int, a.minb.split(",")):
+                        kw2 = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5, splits=S or None,
+                                   tile=tile, pf=pf, minb=minb)
+                        attn, merge, _ = qc.decode_attention(q, kq, vq, kf, vf, length, parts=True, **kw2)
+                        us_a, us_m = graphed(attn, a.reps), graphed(merge, a.reps)
+                        us = graphed(lambda: qc.decode_attention(q, kq, vq, kf, vf, length, **kw2), a.reps)
+                        cfg = qc.defines(D=D, bits=bits, group=group, G=G, sink=sink, ring=kf.shape[2] - sink,
+                                         bf16=True, tile=tile, pf=pf, minb=minb)
+                        fps = (kf.shape[2] + 31) // 32
+                        rows.append(dict(what=f"{bits}-bit CUDA: splits kernel | merge | whole call",
+                                         splits=S or qc.num_splits(qc._kernels(cfg)[2], H, fps), tile=tile, pf=pf,
+                                         minb=minb, us=f"{us_a:.1f} | {us_m:.1f} | {us:.1f}",
+                                         TBps=round(nbytes / us / 1e6, 2)))
+    print_table(rows, ["what", "splits", "tile", "pf", "minb", "us", "TBps"])
+    emit_json({"bench": "quant_cuda_probe", "device": torch.cuda.get_device_name(), "context": ctx, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,508 @@
+"""Decode attention over KIVI-layout packed KV in hand-written CUDA: codes go to the tensor cores
+in the MMA fragment order they are loaded in.
+
+Why not Triton here: the Triton kernel (`kernels/quant.py`) converts a tile of codes to bf16 in one
+register layout and `tl.dot` then moves it through shared memory into the MMA operand layout, and it
+keeps the padded 16-row query block in registers; offline that was 7.6 SASS instructions a code at
+213-254 registers (2 warps a scheduler), and it read 0.6 TB/s. Here each thread loads exactly the
+32-bit words whose codes its own MMA fragment registers hold, so nothing goes through shared memory:
+
+- scores, tokens on the MMA's M side: S (16 tokens x 8 queries) = codes (A, 16 x 16 channels) ·
+  (q∘s)ᵀ (B). Keys are quantized per channel after RoPE (KIVI, Liu et al. 2024), so a token group
+  shares one scale s and zero z per channel: q·(c∘s + z) = (q∘s)·c + q·z. The scale folds into the B
+  operand once per group, the codes are the A operand as exact fp16 integers: `(w >> sh) & 0x000F000F
+  | 0x64006400` is two fp16 numbers 1024 + c, one `sub.f16x2` leaves c, c'. Thread (g, t) (g = lane/4,
+  t = lane%4) reads its two tokens' channels [t·D/4, (t+1)·D/4) as one vector load each; which channel
+  is which MMA column is a permutation, and q∘s is built in the same one.
+- values, per token (one range a token): out = Σ_n p_n (c_n s_n + z_n) = (p∘s)·c + p·z. Oᵀ (16
+  channels x 8 queries) = codes (A, 16 channels x 16 tokens) · (p∘s)ᵀ (B). The A operand pairs two
+  *tokens* of one channel; one `prmt` of two token words interleaves them, then the same mask trick.
+  The probabilities come out of the score MMA as (token row, query column) and the value MMA wants
+  (query row, token column): one `movmatrix.trans` per 8 x 8 block, no shared memory.
+- GQA: the query group (G <= 8) is the MMA's N side (8 columns), every KV byte is read once.
+- flash-decoding: one warp a program, grid (batch·KV heads, splits); each split writes a partial
+  output + log-sum-exp, `merge` combines them (and the full-precision sink + ring split, which the
+  Triton kernel still computes). The next tile's words are loaded before this tile is computed.
+
+Compiled at first use with NVRTC through `torch.cuda._compile_kernel` (PyTorch's own wrapper; the
+library ships with CUDA builds of torch), one module per layout. Used by `quant.quant_decode_attention`
+when `supported(...)` says so; `LONGKV_QUANT_KERNEL=triton` (or impl="triton") keeps the Triton kernel.
+Reference: `quant_reference.quant_decode_attention`; GPU test: tests/test_quant_cuda.py.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+TILE = 32          # tokens a loop iteration (and a double-buffered load); 16 at head dim 256 (`tile_for`)
+PF = 0             # L2 prefetch distance in tiles (0 = off)
+MINB = 0           # __launch_bounds__ minimum programs an SM (0 = the compiler's register choice)
+_MODULES: dict = {}
+
+SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef long long i64;
+struct alignas(16) U4 { u32 x, y, z, w; };
+struct alignas(8) U2 { u32 x, y; };
+struct alignas(8) F2 { float x, y; };
+
+#define W (D * BITS / 32)          /* 32-bit words a token row */
+#define KW (W / 4)                 /* key words a thread a token */
+#define VW (W / 8)                 /* value words a thread a token */
+#define KSTEPS (D / 16)
+#define PPW (16 / BITS)            /* code pairs in a 32-bit word; a pair is codes (j, j + PPW) */
+#define CPW (32 / BITS)            /* codes in a word */
+#define CMASK (BITS == 4 ? 0x000F000Fu : 0x00030003u)
+#define MB (D / 16)
+#define SUB (TILE / 16)
+#define STEP (TILE > GROUP ? TILE : GROUP)
+#define NEG_INF (__int_as_float(0xff800000))
+
+__device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ float q2f(u16 h) {
+#if QBF16
+  return __uint_as_float(((u32)h) << 16);
+#else
+  return h2f(h);
+#endif
+}
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+  u32 r; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r;
+}
+__device__ __forceinline__ u32 lop_or(u32 a, u32 b, u32 c) {      /* (a & b) | c, one LOP3 */
+  u32 r; asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
+}
+/* codes at bits (bit, 16 + bit) of w -> fp16x2 (c, c'), exactly: masked in place they are 1024 + c·2^sub
+   once ORed into the exponent of 1024 (0x6400), and one fma by (2^-sub, -1024·2^-sub) leaves c; only
+   whole-byte shifts remain (one per word, shared by its pairs). */
+__device__ __forceinline__ u32 pair(u32 w, int bit) {
+  const int sh = bit / 8 * 8, sub = bit % 8;
+  const u32 x = lop_or(sh ? w >> sh : w, CMASK << sub, 0x64006400u);
+  const u32 sc = (u32)((15 - sub) << 10), bi = 0x8000u | (u32)((25 - sub) << 10);
+  u32 r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(x), "r"(sc | sc << 16), "r"(bi | bi << 16));
+  return r;
+}
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
+  u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s)); return r;
+}
+__device__ __forceinline__ u32 trans(u32 x) {
+  u32 r; asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x)); return r;
+}
+__device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <int N> __device__ __forceinline__ void ldw(u32* dst, const u32* src) {   /* N words, vector loads */
+  if (N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) { U4 v = *(const U4*)(src + i); dst[i] = v.x; dst[i+1] = v.y; dst[i+2] = v.z; dst[i+3] = v.w; }
+  } else if (N == 2) { U2 v = *(const U2*)src; dst[0] = v.x; dst[1] = v.y; }
+  else { dst[0] = src[0]; }
+}
+
+struct Buf { u32 k[SUB][2][KW]; u32 v[SUB][4][VW]; u16 vs[SUB][2]; u16 vz[SUB][2]; };
+
+/* tile t0: the thread's words (zeros past the end) */
+__device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const u16* vs, const u16* vz,
+                                     int t0, int end, int g, int t) {
+#pragma unroll
+  for (int u = 0; u < SUB; u++) {
+    int tok = t0 + 16 * u;
+    if (tok < end) {
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        int row = tok + g + 8 * r;
+        ldw<KW>(b.k[u][r], kp + (i64)row * W + t * KW);
+        b.vs[u][r] = vs[row];
+        b.vz[u][r] = vz[row];
+      }
+#pragma unroll
+      for (int e = 0; e < 4; e++) ldw<VW>(b.v[u][e], vp + (i64)(tok + 2 * t + (e & 1) + 8 * (e >> 1)) * W + g * VW);
+    }
+  }
+#if PF
+  /* L2 prefetch PF tiles further on: the tile's key and value rows (TILE·W words each), one line a lane */
+  const int tp = t0 + PF * TILE;
+  if (tp < end) {
+    const int lines = TILE * W * 4 / 128;          /* 128-byte lines in a tile of keys */
+    for (int i = threadIdx.x; i < lines; i += 32) {
+      asm volatile("prefetch.global.L2 [%0];" :: "l"(kp + (i64)tp * W + 32 * i));
+      asm volatile("prefetch.global.L2 [%0];" :: "l"(vp + (i64)tp * W + 32 * i));
+    }
+  }
+#endif
+}
+
+struct State {
+  float m0, m1, l0, l1, z0, z1, cq0, cq1;      /* queries 2t, 2t+1 */
+  float acc[MB][4];
+  u32 qf[KSTEPS][2];
+};
+
+/* a new key group: the B operand q∘s (fp16, in the codes' channel order) and the zero term q·z */
+__device__ __forceinline__ void group_stats(State& st, const u16* qr, float qok, const u16* sp, const u16* zp, int t) {
+  u32 qw[D / 8], sw[D / 8], zw[D / 8];
+  ldw<D / 8>(qw, (const u32*)qr);
+  ldw<D / 8>(sw, (const u32*)sp);
+  ldw<D / 8>(zw, (const u32*)zp);
+  float cq = 0.f, qs[D / 4];
+#pragma unroll
+  for (int i = 0; i < D / 4; i++) {
+    const int sh = 16 * (i & 1);
+    const float qv = q2f((u16)(qw[i / 2] >> sh)) * qok;
+    qs[i] = qv * h2f((u16)(sw[i / 2] >> sh));
+    cq += qv * h2f((u16)(zw[i / 2] >> sh));
+  }
+#pragma unroll
+  for (int s = 0; s < KSTEPS; s++) {
+    const int w = s / (PPW / 2), j = 2 * (s % (PPW / 2)), a = w * CPW + j;
+    st.qf[s][0] = pack2(qs[a], qs[a + PPW]);
+    st.qf[s][1] = pack2(qs[a + 1], qs[a + 1 + PPW]);
+  }
+  cq += __shfl_xor_sync(0xffffffffu, cq, 1);
+  cq += __shfl_xor_sync(0xffffffffu, cq, 2);
+  st.cq0 = __shfl_sync(0xffffffffu, cq, 8 * t);        /* query 2t lives in lanes 8t..8t+3 */
+  st.cq1 = __shfl_sync(0xffffffffu, cq, 8 * t + 4);
+}
+
+__device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end, const u16* qr, float qok,
+                                     const u16* ks, const u16* kz, int t, float sl2) {
+#pragma unroll
+  for (int u = 0; u < SUB; u++) {
+    const int tok = t0 + 16 * u;
+    if (tok >= end) break;
+    if (tok % GROUP == 0) group_stats(st, qr, qok, ks + (i64)(tok / GROUP) * D, kz + (i64)(tok / GROUP) * D, t);
+    /* scores: rows = tokens g, g + 8; columns = queries 2t, 2t + 1 */
+    float s4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int s = 0; s < KSTEPS; s++) {
+      const int w = s / (PPW / 2), j = 2 * (s % (PPW / 2));
+      mma(s4, pair(cur.k[u][0][w], BITS * j), pair(cur.k[u][1][w], BITS * j),
+              pair(cur.k[u][0][w], BITS * (j + 1)), pair(cur.k[u][1][w], BITS * (j + 1)), st.qf[s][0], st.qf[s][1]);
+    }
+    const float x0 = (s4[0] + st.cq0) * sl2, x1 = (s4[1] + st.cq1) * sl2;
+    const float x2 = (s4[2] + st.cq0) * sl2, x3 = (s4[3] + st.cq1) * sl2;
+    float mx0 = fmaxf(x0, x2), mx1 = fmaxf(x1, x3);
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
+    }
+    const float n0 = fmaxf(st.m0, mx0), n1 = fmaxf(st.m1, mx1);
+    const float al0 = exp2f(st.m0 - n0), al1 = exp2f(st.m1 - n1);
+    st.m0 = n0; st.m1 = n1;
+    const float p0 = exp2f(x0 - n0), p1 = exp2f(x1 - n1), p2 = exp2f(x2 - n0), p3 = exp2f(x3 - n1);
+    const float s0 = h2f(cur.vs[u][0]), s1 = h2f(cur.vs[u][1]);
+    const float zz0 = h2f(cur.vz[u][0]), zz1 = h2f(cur.vz[u][1]);
+    st.l0 = st.l0 * al0 + p0 + p2;
+    st.l1 = st.l1 * al1 + p1 + p3;
+    st.z0 = st.z0 * al0 + p0 * zz0 + p2 * zz1;
+    st.z1 = st.z1 * al1 + p1 * zz0 + p3 * zz1;
+    /* (token, query) -> (query, token): the value MMA's B operand */
+    const u32 b0 = trans(pack2(p0 * s0, p1 * s0)), b1 = trans(pack2(p2 * s1, p3 * s1));
+    /* values: rows = channels, columns = queries; A pairs tokens (2t, 2t+1) and (2t+8, 2t+9) */
+#pragma unroll
+    for (int mb = 0; mb < MB; mb++) {
+      u32 a[4];
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+          const int li = 2 * mb + r, w = li / CPW, e = li % CPW;
+          const u32 x = cur.v[u][2 * h][w], y = cur.v[u][2 * h + 1][w];
+          const u32 z = e < PPW ? prmt(x, y, 0x5410u) : prmt(x, y, 0x7632u);
+          a[2 * h + r] = pair(z, BITS * (e % PPW));
+        }
+      }
+      st.acc[mb][0] *= al0; st.acc[mb][1] *= al1; st.acc[mb][2] *= al0; st.acc[mb][3] *= al1;
+      mma(st.acc[mb], a[0], a[1], a[2], a[3], b0, b1);
+    }
+  }
+}
+
+/* The full-precision sink + ring (keys stored after RoPE): FPS programs of 32 slots, one slot a lane.
+   Position of a ring slot: the newest p <= last with p = slot (mod RING), as the cache writes them; a slot
+   counts when that position is past the packed region (the group being flushed is still read here). */
+#define FPS ((SINK + RING + 31) / 32)
+__device__ __forceinline__ void fp_split(const u16* __restrict__ Q, const u16* __restrict__ KF, const u16* __restrict__ VF,
+                                         float* __restrict__ Part, float* __restrict__ Lse, i64 last, int nq, int bh,
+                                         int f, i64 row0, float sl2) {
+  const int lane = threadIdx.x, slot = 32 * f + lane;
+  i64 pos = slot;
+  if (slot >= SINK) pos = last - ((last - slot) % RING + RING) % RING;
+  const bool ok = slot < SINK + RING && pos >= 0 && pos <= last && (slot < SINK || pos >= SINK + nq);
+  const u16* kr = KF + ((i64)bh * (SINK + RING) + min(slot, SINK + RING - 1)) * D;
+  const u16* qg = Q + (i64)bh * G * D;
+  float sc[G];
+#pragma unroll
+  for (int q = 0; q < G; q++) sc[q] = 0.f;
+  for (int d = 0; d < D; d += 8) {
+    const U4 kw = *(const U4*)(kr + d);
+    const u32 k4[4] = {kw.x, kw.y, kw.z, kw.w};
+#pragma unroll
+    for (int q = 0; q < G; q++) {
+      const U4 qw = *(const U4*)(qg + q * D + d);
+      const u32 q4[4] = {qw.x, qw.y, qw.z, qw.w};
+#pragma unroll
+      for (int i = 0; i < 4; i++)
+        sc[q] += q2f((u16)q4[i]) * q2f((u16)k4[i]) + q2f((u16)(q4[i] >> 16)) * q2f((u16)(k4[i] >> 16));
+    }
+  }
+  float m[G], p[G], l[G];
+#pragma unroll
+  for (int q = 0; q < G; q++) {
+    const float x = ok ? sc[q] * sl2 : NEG_INF;
+    m[q] = x;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m[q] = fmaxf(m[q], __shfl_xor_sync(0xffffffffu, m[q], o));
+    p[q] = ok ? exp2f(x - m[q]) : 0.f;
+    l[q] = p[q];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) l[q] += __shfl_xor_sync(0xffffffffu, l[q], o);
+  }
+  const int n = min(32, SINK + RING - 32 * f);      /* slots this program holds */
+  for (int d0 = 0; d0 < D; d0 += 64) {              /* two channels a lane a pass */
+    float acc[G][2];
+#pragma unroll
+    for (int q = 0; q < G; q++) acc[q][0] = acc[q][1] = 0.f;
+    for (int j = 0; j < n; j++) {
+      const u32 vw = *(const u32*)(VF + ((i64)bh * (SINK + RING) + 32 * f + j) * D + d0 + 2 * lane);
+      const float v0 = q2f((u16)vw), v1 = q2f((u16)(vw >> 16));
+#pragma unroll
+      for (int q = 0; q < G; q++) {
+        const float pj = __shfl_sync(0xffffffffu, p[q], j);
+        acc[q][0] += pj * v0;
+        acc[q][1] += pj * v1;
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < G; q++) {
+      const float inv = l[q] > 0.f ? 1.f / l[q] : 0.f;
+      *(F2*)(Part + (row0 + q) * D + d0 + 2 * lane) = F2{acc[q][0] * inv, acc[q][1] * inv};
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int q = 0; q < G; q++) Lse[row0 + q] = l[q] > 0.f ? (m[q] + log2f(l[q])) * 0.6931471805599453f : NEG_INF;
+  }
+}
+
+#if MINB
+#define BOUNDS __launch_bounds__(32, MINB)
+#else
+#define BOUNDS __launch_bounds__(32)
+#endif
+extern "C" __global__ void BOUNDS kivi_attn(
+    const u16* __restrict__ Q, const i64* __restrict__ Len, const u32* __restrict__ KP, const u16* __restrict__ KS,
+    const u16* __restrict__ KZ, const u32* __restrict__ VP, const u16* __restrict__ VS, const u16* __restrict__ VZ,
+    const u16* __restrict__ KF, const u16* __restrict__ VF, float* __restrict__ Part, float* __restrict__ Lse,
+    double scale_log2_d, int S, int NQ_CAP) {
+  const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+  const int bh = blockIdx.x, split = blockIdx.y;
+  const float sl2 = (float)scale_log2_d;
+  const i64 avail = Len[0] - 1 - SINK - WINDOW;      /* groups flushed before this token arrived */
+  const int nq = avail > 0 ? (int)(avail / GROUP) * GROUP : 0;
+  const int S1 = S + FPS;                            /* splits 0..S-1 packed, then FPS full-precision ones */
+  if (split >= S) {
+    fp_split(Q, KF, VF, Part, Lse, Len[0] - 1, nq, bh, split - S, ((i64)bh * S1 + split) * G, sl2);
+    return;
+  }
+  int per = (nq + S - 1) / S;
+  per = (per + STEP - 1) / STEP * STEP;
+  const int start = split * per, end = min(start + per, nq);
+  const i64 hq = (i64)bh * NQ_CAP;
+  const u32* kp = KP + hq * W;
+  const u32* vp = VP + hq * W;
+  const u16* vs = VS + hq;
+  const u16* vz = VZ + hq;
+  const u16* ks = KS + (i64)bh * (NQ_CAP / GROUP) * D + t * (D / 4);
+  const u16* kz = KZ + (i64)bh * (NQ_CAP / GROUP) * D + t * (D / 4);
+  const u16* qr = Q + ((i64)bh * G + min(g, G - 1)) * D + t * (D / 4);
+  const float qok = g < G ? 1.f : 0.f;
+
+  State st;
+  st.m0 = st.m1 = NEG_INF;
+  st.l0 = st.l1 = st.z0 = st.z1 = st.cq0 = st.cq1 = 0.f;
+#pragma unroll
+  for (int i = 0; i < MB; i++) { st.acc[i][0] = st.acc[i][1] = st.acc[i][2] = st.acc[i][3] = 0.f; }
+#pragma unroll
+  for (int s = 0; s < KSTEPS; s++) { st.qf[s][0] = st.qf[s][1] = 0u; }
+
+  Buf A, B;     /* double buffer: the next tile's words load while this one is computed */
+  if (start < end) load(A, kp, vp, vs, vz, start, end, g, t);
+  for (int t0 = start; t0 < end; t0 += 2 * TILE) {
+    if (t0 + TILE < end) load(B, kp, vp, vs, vz, t0 + TILE, end, g, t);
+    tile(st, A, t0, end, qr, qok, ks, kz, t, sl2);
+    if (t0 + TILE >= end) break;
+    if (t0 + 2 * TILE < end) load(A, kp, vp, vs, vz, t0 + 2 * TILE, end, g, t);
+    tile(st, B, t0 + TILE, end, qr, qok, ks, kz, t, sl2);
+  }
+  float l0 = st.l0, l1 = st.l1, z0 = st.z0, z1 = st.z1;
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, o);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, o);
+    z0 += __shfl_xor_sync(0xffffffffu, z0, o);
+    z1 += __shfl_xor_sync(0xffffffffu, z1, o);
+  }
+  const i64 row = ((i64)bh * S1 + split) * G + 2 * t;
+  const float d0 = l0 > 0.f ? 1.f / l0 : 0.f, d1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+  for (int mb = 0; mb < MB; mb++) {
+    const int col = g * (D / 8) + 2 * mb;
+    if (2 * t < G) *(F2*)(Part + row * D + col) = F2{(st.acc[mb][0] + z0) * d0, (st.acc[mb][2] + z0) * d0};
+    if (2 * t + 1 < G) *(F2*)(Part + (row + 1) * D + col) = F2{(st.acc[mb][1] + z1) * d1, (st.acc[mb][3] + z1) * d1};
+  }
+  if (g == 0) {
+    const float LN2 = 0.6931471805599453f;
+    if (2 * t < G) Lse[row] = l0 > 0.f ? (st.m0 + log2f(l0)) * LN2 : NEG_INF;
+    if (2 * t + 1 < G) Lse[row + 1] = l1 > 0.f ? (st.m1 + log2f(l1)) * LN2 : NEG_INF;
+  }
+}
+
+/* out[b, h·G + q, :] = the splits merged by their log-sum-exp; one program a (KV head, query) of MW warps:
+   the maximum first, then each warp a stride of splits (independent loads), then the warps summed. */
+#define MW 16
+extern "C" __global__ void __launch_bounds__(32 * MW) kivi_merge(const float* __restrict__ Part,
+                                                                 const float* __restrict__ Lse, u16* __restrict__ Out, int S1) {
+  __shared__ float red[MW][D];
+  __shared__ float dens[MW], mxs[MW];
+  const int pid = blockIdx.x, bh = pid / G, q = pid % G, tid = threadIdx.x, wp = tid >> 5, lane = tid & 31;
+  const i64 base = (i64)bh * S1 * G + q;                 /* row of split s: base + s·G */
+  float mx = NEG_INF;
+  for (int s = tid; s < S1; s += 32 * MW) mx = fmaxf(mx, Lse[base + (i64)s * G]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if (lane == 0) mxs[wp] = mx;
+  __syncthreads();
+  mx = mxs[0];
+#pragma unroll
+  for (int i = 1; i < MW; i++) mx = fmaxf(mx, mxs[i]);
+  float acc[D / 32], den = 0.f;
+#pragma unroll
+  for (int i = 0; i < D / 32; i++) acc[i] = 0.f;
+  if (mx != NEG_INF) {
+#pragma unroll 4
+    for (int s = wp; s < S1; s += MW) {
+      const i64 row = base + (i64)s * G;
+      const float w = __expf(Lse[row] - mx);             /* exp(-inf) = 0: empty splits weigh nothing */
+      den += w;
+#pragma unroll
+      for (int i = 0; i < D / 32; i++) acc[i] += w * Part[row * D + lane + 32 * i];
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < D / 32; i++) red[wp][lane + 32 * i] = acc[i];
+  if (lane == 0) dens[wp] = den;
+  __syncthreads();
+  for (int d = tid; d < D; d += 32 * MW) {
+    float o = 0.f, dd = 0.f;
+#pragma unroll
+    for (int i = 0; i < MW; i++) { o += red[i][d]; dd += dens[i]; }
+    o = dd > 0.f ? o / dd : 0.f;
+    u16 h;
+#if QBF16
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(o));
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(o));
+#endif
+    Out[(i64)pid * D + d] = h;
+  }
+}
+"""
+
+
+def defines(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
+            pf: int | None = None, minb: int | None = None) -> str:
+    """The #defines of one compiled layout (window = ring - 2·group, as the cache sizes its ring); tile:
+    tokens a loop step; pf: L2 prefetch this many tiles ahead (0 = off); minb: programs an SM the
+    compiler must fit (caps registers; 0 = its own choice)."""
+    cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
+               TILE=tile or tile_for(D), PF=PF if pf is None else pf, MINB=MINB if minb is None else minb)
+    return "".join(f"#define {k} {v}\n" for k, v in cfg.items())
+
+
+def tile_for(D: int) -> int:
+    """At head dim 256 two 32-token buffers need more than 255 registers (spills, offline sm_90)."""
+    return 16 if D > 128 else TILE
+
+
+def supported(q: torch.Tensor, kq: dict, *, bits: int, group: int, vgroup: int, prerope: bool,
+              lut_k=None, lut_v=None, G: int) -> bool:
+    """The layouts this kernel reads: KIVI's (keys after RoPE, per channel), one plane of 2- or
+    4-bit uniform codes, one value range a token, no outliers; G <= 8 queries a KV head; head dim
+    64/128/256 with whole words for each thread; bf16/fp16 on sm_80 or later."""
+    D = q.shape[-1]
+    if os.environ.get("LONGKV_QUANT_KERNEL", "") == "triton" or not q.is_cuda:
+        return False
+    if q.dtype not in (torch.bfloat16, torch.float16) or torch.cuda.get_device_capability(q.device)[0] < 8:
+        return False
+    return (not prerope and bits in (2, 4) and len(kq["planes"]) == 1 and "out_idx" not in kq
+            and lut_k is None and lut_v is None and vgroup == D and 1 <= G <= 8 and D in (64, 128, 256)
+            and D * bits >= 256 and group >= 16)
+
+
+def _kernels(cfg: str):
+    """(splits kernel, merge kernel, one-warp programs the whole GPU holds at once) for a layout."""
+    if cfg not in _MODULES:
+        import ctypes
+        from torch.cuda import _compile_kernel
+        from torch.cuda._utils import _get_gpu_runtime_library
+        src = cfg + SOURCE
+        attn = _compile_kernel(src, "kivi_attn")
+        n = ctypes.c_int()
+        _get_gpu_runtime_library().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), attn.func, 32, 0)
+        slots = max(1, n.value) * torch.cuda.get_device_properties().multi_processor_count
+        _MODULES[cfg] = (attn, _compile_kernel(src, "kivi_merge"), slots)
+    return _MODULES[cfg]
+
+
+def num_splits(slots: int, heads: int, fp_splits: int) -> int:
+    """Packed splits a KV head so that every program of the launch is resident at once (one wave:
+    with one-warp programs of equal work a second, partial wave costs a whole program's time)."""
+    return max(1, slots // max(heads, 1) - fp_splits)
+
+
+MERGE_WARPS = 16    # MW in the source
+
+
+def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group: int, sink: int, window: int,
+                     scale: float, splits: int | None = None, tile: int | None = None, pf: int | None = None,
+                     minb: int | None = None, parts: bool = False):
+    """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
+    full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
+    parts=True returns the two launches as closures instead (benchmarks/quant_cuda_probe.py times them)."""
+    B, Hq, _, D = q.shape
+    H = kf.shape[1]
+    G = Hq // H
+    ring = kf.shape[2] - sink
+    assert ring == window + 2 * group, "the cache's ring is window + 2·group"
+    cap = kq["planes"][0].shape[2]
+    attn, mrg, slots = _kernels(defines(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring,
+                                        bf16=q.dtype == torch.bfloat16, tile=tile, pf=pf, minb=minb))
+    fps = (sink + ring + 31) // 32
+    S = splits or num_splits(slots, B * H, fps)
+    S1 = S + fps
+    part = torch.empty(B * H * S1 * G, D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B * H * S1 * G, device=q.device, dtype=torch.float32)
+    out = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
+    q = q.contiguous()
+    kp, vp = kq["planes"][0].view(torch.int32), vq["planes"][0].view(torch.int32)
+
+    def run_attn():
+        attn(grid=(B * H, S1, 1), block=(32, 1, 1),
+             args=[q, length, kp, kq["scale"], kq["zero"], vp, vq["scale"], vq["zero"], kf, vf, part, lse,
+                   float(scale * math.log2(math.e)), int(S), int(cap)])
+
+    def run_merge():
+        mrg(grid=(B * Hq, 1, 1), block=(32 * MERGE_WARPS, 1, 1), args=[part, lse, out, int(S1)])
+
+    if parts:
+        return run_attn, run_merge, out
+    run_attn()
+    run_merge()
+    return out
