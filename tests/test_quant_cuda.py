@@ -34,7 +34,8 @@ def _cuda(x):
     (256, 4, 64, 2, 1300, 3), (256, 2, 16, 4, 600, 2), (128, 4, 64, 4, 100, 2),   # 100: nothing quantized yet
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype):
+@pytest.mark.parametrize("nst", [0, 4])     # register double buffer / cp.async stages
+def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype, nst):
     B, H, sink, window = 2, 2, 4, 128
     ring = window + 2 * group
     cap = 3072
@@ -46,7 +47,8 @@ def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype)
     qg = q.cuda().to(dtype)
     args = (qg, _cuda(kq), _cuda(vq), kf.cuda().to(dtype), vf.cuda().to(dtype), torch.tensor([length]).cuda())
     assert qc.supported(qg, args[1], bits=bits, group=group, vgroup=D, prerope=False, G=G)
-    got = qk.quant_decode_attention(*args, splits=splits, impl="cuda", **kw).float().cpu()
+    got = qc.decode_attention(*args, splits=splits, nst=nst, **{k: kw[k] for k in ("bits", "group", "sink", "window",
+                                                                                 "scale")}).float().cpu()
     tri = qk.quant_decode_attention(*args, splits=splits, impl="triton", **kw).float().cpu()
     tol = 4e-2 if dtype == torch.bfloat16 else 1e-2   # the Triton kernel's own error on these inputs: 6e-3 (fp16)
     err, err_tri = (got - want).abs().max().item(), (tri - want).abs().max().item()

@@ -38,6 +38,7 @@ import torch
 
 TILE = 32          # tokens a loop iteration (and a double-buffered load); 16 at head dim 256 (`tile_for`)
 PF = 0             # L2 prefetch distance in tiles (0 = off)
+NST = 0            # cp.async stages (0 = register double buffer)
 MINB = 0           # __launch_bounds__ minimum programs an SM (0 = the compiler's register choice)
 _MODULES: dict = {}
 
@@ -74,16 +75,6 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
 }
 __device__ __forceinline__ u32 lop_or(u32 a, u32 b, u32 c) {      /* (a & b) | c, one LOP3 */
   u32 r; asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
-}
-/* codes at bits (bit, 16 + bit) of w -> fp16x2 (c, c'), exactly: masked in place they are 1024 + c·2^sub
-   once ORed into the exponent of 1024 (0x6400), and one fma by (2^-sub, -1024·2^-sub) leaves c; only
-   whole-byte shifts remain (one per word, shared by its pairs). */
-__device__ __forceinline__ u32 pair(u32 w, int bit) {
-  const int sh = bit / 8 * 8, sub = bit % 8;
-  const u32 x = lop_or(sh ? w >> sh : w, CMASK << sub, 0x64006400u);
-  const u32 sc = (u32)((15 - sub) << 10), bi = 0x8000u | (u32)((25 - sub) << 10);
-  u32 r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(x), "r"(sc | sc << 16), "r"(bi | bi << 16));
-  return r;
 }
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
   u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s)); return r;
@@ -137,13 +128,68 @@ __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const
 #endif
 }
 
+#if NST
+/* cp.async stages (NST of them, 16 tokens each) in shared memory, one ring a warp: a stage holds the 16
+   key rows as they are in memory, the 16 value rows padded by 16 bytes (each lane's value reads then fall
+   in distinct banks), the 16 value scales and zeros, and when the 16 tokens open a key group, its
+   scale and zero rows. The warp copies a stage cooperatively (16-byte cp.async, coalesced); each lane
+   then reads its own fragment words from it. */
+#define KRB (W * 4)
+#define VRB (W * 4 + 16)
+#define KB (16 * KRB)
+#define VB (16 * VRB)
+#define STB (KB + VB + 64 + 4 * D)
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u32 a; asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p)); return a;
+}
+__device__ __forceinline__ void cp16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(dst)), "l"(src));
+}
+__device__ __forceinline__ void issue(unsigned char* st, const u32* kp, const u32* vp, const u16* vs, const u16* vz,
+                                      const u16* ksg, const u16* kzg, int tok, int end, int lane) {
+  if (tok < end) {
+    const unsigned char* kg = (const unsigned char*)(kp + (i64)tok * W);
+    const unsigned char* vg = (const unsigned char*)(vp + (i64)tok * W);
+#pragma unroll
+    for (int c = lane; c < KB / 16; c += 32) {
+      cp16(st + 16 * c, kg + 16 * c);
+      cp16(st + KB + (c / (KRB / 16)) * VRB + (c % (KRB / 16)) * 16, vg + 16 * c);
+    }
+    if (lane < 4) cp16(st + KB + VB + 16 * lane, (lane < 2 ? vs : vz - 16) + tok + 8 * lane);
+    if (tok % GROUP == 0) {
+      const unsigned char* sg = (const unsigned char*)(ksg + (i64)(tok / GROUP) * D);
+      const unsigned char* zg = (const unsigned char*)(kzg + (i64)(tok / GROUP) * D);
+      for (int c = lane; c < D / 8; c += 32) {
+        cp16(st + KB + VB + 64 + 16 * c, sg + 16 * c);
+        cp16(st + KB + VB + 64 + 2 * D + 16 * c, zg + 16 * c);
+      }
+    }
+  }
+  asm volatile("cp.async.commit_group;");
+}
+__device__ __forceinline__ void unstage(Buf& b, const unsigned char* st, int g, int t) {
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    ldw<KW>(b.k[0][r], (const u32*)(st + (g + 8 * r) * KRB) + t * KW);
+    b.vs[0][r] = ((const u16*)(st + KB + VB))[g + 8 * r];
+    b.vz[0][r] = ((const u16*)(st + KB + VB + 32))[g + 8 * r];
+  }
+#pragma unroll
+  for (int e = 0; e < 4; e++) ldw<VW>(b.v[0][e], (const u32*)(st + KB + (2 * t + (e & 1) + 8 * (e >> 1)) * VRB) + g * VW);
+}
+#endif
+
 struct State {
-  float m0, m1, l0, l1, z0, z1, cq0, cq1;      /* queries 2t, 2t+1 */
+  float m0, m1, l0, l1, z0, z1, p0, p1, cq0, cq1;   /* queries 2t, 2t+1 (p: Σ of the fp16 value weights) */
   float acc[MB][4];
   u32 qf[KSTEPS][2];
 };
 
-/* a new key group: the B operand q∘s (fp16, in the codes' channel order) and the zero term q·z */
+__device__ __forceinline__ float hsum(u32 h) { return h2f((u16)h) + h2f((u16)(h >> 16)); }
+
+/* A new key group: the B operand q∘s in fp16, in the codes' channel order and scaled by 2^-sub of each
+   pair (the codes come as 1024 + c·2^sub, `raw`), and the zero term q·z less 1024·Σ(B operand), so the
+   scores need no per-code subtraction. */
 __device__ __forceinline__ void group_stats(State& st, const u16* qr, float qok, const u16* sp, const u16* zp, int t) {
   u32 qw[D / 8], sw[D / 8], zw[D / 8];
   ldw<D / 8>(qw, (const u32*)qr);
@@ -157,53 +203,81 @@ __device__ __forceinline__ void group_stats(State& st, const u16* qr, float qok,
     qs[i] = qv * h2f((u16)(sw[i / 2] >> sh));
     cq += qv * h2f((u16)(zw[i / 2] >> sh));
   }
+  float off = 0.f;
 #pragma unroll
   for (int s = 0; s < KSTEPS; s++) {
     const int w = s / (PPW / 2), j = 2 * (s % (PPW / 2)), a = w * CPW + j;
-    st.qf[s][0] = pack2(qs[a], qs[a + PPW]);
-    st.qf[s][1] = pack2(qs[a + 1], qs[a + 1 + PPW]);
+    const float f0 = 1.f / (1 << (BITS * j % 8)), f1 = 1.f / (1 << (BITS * (j + 1) % 8));
+    st.qf[s][0] = pack2(qs[a] * f0, qs[a + PPW] * f0);
+    st.qf[s][1] = pack2(qs[a + 1] * f1, qs[a + 1 + PPW] * f1);
+    off += hsum(st.qf[s][0]) + hsum(st.qf[s][1]);
   }
+  cq -= 1024.f * off;
   cq += __shfl_xor_sync(0xffffffffu, cq, 1);
   cq += __shfl_xor_sync(0xffffffffu, cq, 2);
   st.cq0 = __shfl_sync(0xffffffffu, cq, 8 * t);        /* query 2t lives in lanes 8t..8t+3 */
   st.cq1 = __shfl_sync(0xffffffffu, cq, 8 * t + 4);
 }
 
+/* codes at bits (bit, 16 + bit) of w as fp16x2 (1024 + c·2^sub, 1024 + c'·2^sub), sub = bit % 8: masked in
+   place and ORed into the exponent of 1024, one LOP3 (whole-byte shifts are shared by a word's pairs) */
+__device__ __forceinline__ u32 raw(u32 w, int bit) {
+  const int sh = bit / 8 * 8, sub = bit % 8;
+  return lop_or(sh ? w >> sh : w, CMASK << sub, 0x64006400u);
+}
+#define VSUB(li) (BITS * (((li) % CPW) % PPW) % 8)    /* value channel li's 2^sub */
+#define TH 8.f                                         /* lazy rescaling: weights up to 2^TH */
+
 __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end, const u16* qr, float qok,
-                                     const u16* ks, const u16* kz, int t, float sl2) {
+                                     const u16* ks, const u16* kz, int t, float sl2,
+                                     const u16* sps = nullptr, const u16* zps = nullptr) {
 #pragma unroll
   for (int u = 0; u < SUB; u++) {
     const int tok = t0 + 16 * u;
     if (tok >= end) break;
-    if (tok % GROUP == 0) group_stats(st, qr, qok, ks + (i64)(tok / GROUP) * D, kz + (i64)(tok / GROUP) * D, t);
-    /* scores: rows = tokens g, g + 8; columns = queries 2t, 2t + 1 */
-    float s4[4] = {0.f, 0.f, 0.f, 0.f};
+    if (tok % GROUP == 0) {
+      if (sps) group_stats(st, qr, qok, sps, zps, t);     /* staged in shared memory with the codes */
+      else group_stats(st, qr, qok, ks + (i64)(tok / GROUP) * D, kz + (i64)(tok / GROUP) * D, t);
+    }
+    /* scores: rows = tokens g, g + 8; columns = queries 2t, 2t + 1; two chains of MMAs */
+    float s4[4] = {0.f, 0.f, 0.f, 0.f}, r4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int s = 0; s < KSTEPS; s++) {
       const int w = s / (PPW / 2), j = 2 * (s % (PPW / 2));
-      mma(s4, pair(cur.k[u][0][w], BITS * j), pair(cur.k[u][1][w], BITS * j),
-              pair(cur.k[u][0][w], BITS * (j + 1)), pair(cur.k[u][1][w], BITS * (j + 1)), st.qf[s][0], st.qf[s][1]);
+      mma(s & 1 ? r4 : s4, raw(cur.k[u][0][w], BITS * j), raw(cur.k[u][1][w], BITS * j),
+          raw(cur.k[u][0][w], BITS * (j + 1)), raw(cur.k[u][1][w], BITS * (j + 1)), st.qf[s][0], st.qf[s][1]);
     }
-    const float x0 = (s4[0] + st.cq0) * sl2, x1 = (s4[1] + st.cq1) * sl2;
-    const float x2 = (s4[2] + st.cq0) * sl2, x3 = (s4[3] + st.cq1) * sl2;
+    const float x0 = (s4[0] + r4[0] + st.cq0) * sl2, x1 = (s4[1] + r4[1] + st.cq1) * sl2;
+    const float x2 = (s4[2] + r4[2] + st.cq0) * sl2, x3 = (s4[3] + r4[3] + st.cq1) * sl2;
     float mx0 = fmaxf(x0, x2), mx1 = fmaxf(x1, x3);
+    /* FlashAttention-4's lazy rescaling: the running maximum moves (and everything is rescaled) only when
+       a score passes it by more than TH; otherwise weights up to 2^TH enter as they are */
+    if (__any_sync(0xffffffffu, mx0 > st.m0 + TH || mx1 > st.m1 + TH)) {
 #pragma unroll
-    for (int o = 4; o < 32; o <<= 1) {
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
+      for (int o = 4; o < 32; o <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
+      }
+      const float n0 = fmaxf(st.m0, mx0), n1 = fmaxf(st.m1, mx1);
+      const float al0 = exp2f(st.m0 - n0), al1 = exp2f(st.m1 - n1);
+      st.m0 = n0; st.m1 = n1;
+      st.l0 *= al0; st.z0 *= al0; st.p0 *= al0;
+      st.l1 *= al1; st.z1 *= al1; st.p1 *= al1;
+#pragma unroll
+      for (int mb = 0; mb < MB; mb++) { st.acc[mb][0] *= al0; st.acc[mb][1] *= al1; st.acc[mb][2] *= al0; st.acc[mb][3] *= al1; }
     }
-    const float n0 = fmaxf(st.m0, mx0), n1 = fmaxf(st.m1, mx1);
-    const float al0 = exp2f(st.m0 - n0), al1 = exp2f(st.m1 - n1);
-    st.m0 = n0; st.m1 = n1;
-    const float p0 = exp2f(x0 - n0), p1 = exp2f(x1 - n1), p2 = exp2f(x2 - n0), p3 = exp2f(x3 - n1);
+    const float p0 = exp2f(x0 - st.m0), p1 = exp2f(x1 - st.m1), p2 = exp2f(x2 - st.m0), p3 = exp2f(x3 - st.m1);
     const float s0 = h2f(cur.vs[u][0]), s1 = h2f(cur.vs[u][1]);
     const float zz0 = h2f(cur.vz[u][0]), zz1 = h2f(cur.vz[u][1]);
-    st.l0 = st.l0 * al0 + p0 + p2;
-    st.l1 = st.l1 * al1 + p1 + p3;
-    st.z0 = st.z0 * al0 + p0 * zz0 + p2 * zz1;
-    st.z1 = st.z1 * al1 + p1 * zz0 + p3 * zz1;
+    st.l0 += p0 + p2;
+    st.l1 += p1 + p3;
+    st.z0 += p0 * zz0 + p2 * zz1;
+    st.z1 += p1 * zz0 + p3 * zz1;
+    const u32 w0 = pack2(p0 * s0, p1 * s0), w1 = pack2(p2 * s1, p3 * s1);   /* value weights p∘s, fp16 */
+    st.p0 += h2f((u16)w0) + h2f((u16)w1);
+    st.p1 += h2f((u16)(w0 >> 16)) + h2f((u16)(w1 >> 16));
     /* (token, query) -> (query, token): the value MMA's B operand */
-    const u32 b0 = trans(pack2(p0 * s0, p1 * s0)), b1 = trans(pack2(p2 * s1, p3 * s1));
+    const u32 b0 = trans(w0), b1 = trans(w1);
     /* values: rows = channels, columns = queries; A pairs tokens (2t, 2t+1) and (2t+8, 2t+9) */
 #pragma unroll
     for (int mb = 0; mb < MB; mb++) {
@@ -215,10 +289,9 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
           const int li = 2 * mb + r, w = li / CPW, e = li % CPW;
           const u32 x = cur.v[u][2 * h][w], y = cur.v[u][2 * h + 1][w];
           const u32 z = e < PPW ? prmt(x, y, 0x5410u) : prmt(x, y, 0x7632u);
-          a[2 * h + r] = pair(z, BITS * (e % PPW));
+          a[2 * h + r] = raw(z, BITS * (e % PPW));
         }
       }
-      st.acc[mb][0] *= al0; st.acc[mb][1] *= al1; st.acc[mb][2] *= al0; st.acc[mb][3] *= al1;
       mma(st.acc[mb], a[0], a[1], a[2], a[3], b0, b1);
     }
   }
@@ -326,12 +399,32 @@ extern "C" __global__ void BOUNDS kivi_attn(
 
   State st;
   st.m0 = st.m1 = NEG_INF;
-  st.l0 = st.l1 = st.z0 = st.z1 = st.cq0 = st.cq1 = 0.f;
+  st.l0 = st.l1 = st.z0 = st.z1 = st.p0 = st.p1 = st.cq0 = st.cq1 = 0.f;
 #pragma unroll
   for (int i = 0; i < MB; i++) { st.acc[i][0] = st.acc[i][1] = st.acc[i][2] = st.acc[i][3] = 0.f; }
 #pragma unroll
   for (int s = 0; s < KSTEPS; s++) { st.qf[s][0] = st.qf[s][1] = 0u; }
 
+#if NST
+  extern __shared__ __align__(16) unsigned char smem[];
+  const u16* ksg = ks - t * (D / 4);                 /* the group rows, whole */
+  const u16* kzg = kz - t * (D / 4);
+#pragma unroll
+  for (int i = 0; i < NST - 1; i++) issue(smem + i * STB, kp, vp, vs, vz, ksg, kzg, start + 16 * i, end, lane);
+  for (int i = 0, tok = start; tok < end; i++, tok += 16) {
+    issue(smem + ((i + NST - 1) % NST) * STB, kp, vp, vs, vz, ksg, kzg, tok + 16 * (NST - 1), end, lane);
+    asm volatile("cp.async.wait_group %0;" :: "n"(NST - 1));
+    __syncwarp();
+    const unsigned char* sb = smem + (i % NST) * STB;
+    Buf A;
+    unstage(A, sb, g, t);
+    const u16* sps = (const u16*)(sb + KB + VB + 64) + t * (D / 4);
+    const u16* zps = (const u16*)(sb + KB + VB + 64 + 2 * D) + t * (D / 4);
+    tile(st, A, tok, end, qr, qok, ks, kz, t, sl2, sps, zps);
+    __syncwarp();                                    /* every lane is done with this stage before it refills */
+  }
+  asm volatile("cp.async.wait_group 0;");
+#else
   Buf A, B;     /* double buffer: the next tile's words load while this one is computed */
   if (start < end) load(A, kp, vp, vs, vz, start, end, g, t);
   for (int t0 = start; t0 < end; t0 += 2 * TILE) {
@@ -341,21 +434,30 @@ extern "C" __global__ void BOUNDS kivi_attn(
     if (t0 + 2 * TILE < end) load(A, kp, vp, vs, vz, t0 + 2 * TILE, end, g, t);
     tile(st, B, t0 + TILE, end, qr, qok, ks, kz, t, sl2);
   }
-  float l0 = st.l0, l1 = st.l1, z0 = st.z0, z1 = st.z1;
+#endif
+  float l0 = st.l0, l1 = st.l1, z0 = st.z0, z1 = st.z1, w0 = st.p0, w1 = st.p1;
 #pragma unroll
   for (int o = 4; o < 32; o <<= 1) {
     l0 += __shfl_xor_sync(0xffffffffu, l0, o);
     l1 += __shfl_xor_sync(0xffffffffu, l1, o);
     z0 += __shfl_xor_sync(0xffffffffu, z0, o);
     z1 += __shfl_xor_sync(0xffffffffu, z1, o);
+    w0 += __shfl_xor_sync(0xffffffffu, w0, o);
+    w1 += __shfl_xor_sync(0xffffffffu, w1, o);
   }
   const i64 row = ((i64)bh * S1 + split) * G + 2 * t;
   const float d0 = l0 > 0.f ? 1.f / l0 : 0.f, d1 = l1 > 0.f ? 1.f / l1 : 0.f;
 #pragma unroll
   for (int mb = 0; mb < MB; mb++) {
+    /* a channel's MMA sum is Σ w·(1024 + c·2^sub): take off 1024·Σw, scale by 2^-sub, add the zero term */
     const int col = g * (D / 8) + 2 * mb;
-    if (2 * t < G) *(F2*)(Part + row * D + col) = F2{(st.acc[mb][0] + z0) * d0, (st.acc[mb][2] + z0) * d0};
-    if (2 * t + 1 < G) *(F2*)(Part + (row + 1) * D + col) = F2{(st.acc[mb][1] + z1) * d1, (st.acc[mb][3] + z1) * d1};
+    const float f0 = 1.f / (1 << VSUB(2 * mb)), f1 = 1.f / (1 << VSUB(2 * mb + 1));
+    if (2 * t < G)
+      *(F2*)(Part + row * D + col) = F2{((st.acc[mb][0] - 1024.f * w0) * f0 + z0) * d0,
+                                        ((st.acc[mb][2] - 1024.f * w0) * f1 + z0) * d0};
+    if (2 * t + 1 < G)
+      *(F2*)(Part + (row + 1) * D + col) = F2{((st.acc[mb][1] - 1024.f * w1) * f0 + z1) * d1,
+                                              ((st.acc[mb][3] - 1024.f * w1) * f1 + z1) * d1};
   }
   if (g == 0) {
     const float LN2 = 0.6931471805599453f;
@@ -417,12 +519,15 @@ extern "C" __global__ void __launch_bounds__(32 * MW) kivi_merge(const float* __
 
 
 def defines(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
-            pf: int | None = None, minb: int | None = None) -> str:
+            pf: int | None = None, minb: int | None = None, nst: int | None = None) -> str:
     """The #defines of one compiled layout (window = ring - 2·group, as the cache sizes its ring); tile:
     tokens a loop step; pf: L2 prefetch this many tiles ahead (0 = off); minb: programs an SM the
-    compiler must fit (caps registers; 0 = its own choice)."""
+    compiler must fit (caps registers; 0 = its own choice); nst: cp.async stages of 16 tokens in shared
+    memory (0 = the register double buffer of `tile`-token tiles)."""
+    nst = NST if nst is None else nst
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
-               TILE=tile or tile_for(D), PF=PF if pf is None else pf, MINB=MINB if minb is None else minb)
+               TILE=16 if nst else tile or tile_for(D), PF=PF if pf is None else pf, MINB=MINB if minb is None else minb,
+               NST=nst)
     return "".join(f"#define {k} {v}\n" for k, v in cfg.items())
 
 
@@ -446,6 +551,14 @@ def supported(q: torch.Tensor, kq: dict, *, bits: int, group: int, vgroup: int, 
             and D * bits >= 256 and group >= 16)
 
 
+def smem_bytes(cfg: str) -> int:
+    """Dynamic shared memory of the splits kernel (the cp.async stages), from its #defines."""
+    v = dict(line.split()[1:3] for line in cfg.splitlines())
+    D, bits, nst = int(v["D"]), int(v["BITS"]), int(v["NST"])
+    w = D * bits // 8   # bytes a row
+    return nst * (16 * w + 16 * (w + 16) + 64 + 4 * D)
+
+
 def _kernels(cfg: str):
     """(splits kernel, merge kernel, one-warp programs the whole GPU holds at once) for a layout."""
     if cfg not in _MODULES:
@@ -455,7 +568,8 @@ def _kernels(cfg: str):
         src = cfg + SOURCE
         attn = _compile_kernel(src, "kivi_attn")
         n = ctypes.c_int()
-        _get_gpu_runtime_library().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), attn.func, 32, 0)
+        _get_gpu_runtime_library().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), attn.func, 32,
+                                                                                ctypes.c_size_t(smem_bytes(cfg)))
         slots = max(1, n.value) * torch.cuda.get_device_properties().multi_processor_count
         _MODULES[cfg] = (attn, _compile_kernel(src, "kivi_merge"), slots)
     return _MODULES[cfg]
@@ -472,7 +586,7 @@ MERGE_WARPS = 16    # MW in the source
 
 def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group: int, sink: int, window: int,
                      scale: float, splits: int | None = None, tile: int | None = None, pf: int | None = None,
-                     minb: int | None = None, parts: bool = False):
+                     minb: int | None = None, nst: int | None = None, parts: bool = False):
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
     parts=True returns the two launches as closures instead (benchmarks/quant_cuda_probe.py times them)."""
@@ -482,8 +596,10 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     ring = kf.shape[2] - sink
     assert ring == window + 2 * group, "the cache's ring is window + 2·group"
     cap = kq["planes"][0].shape[2]
-    attn, mrg, slots = _kernels(defines(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring,
-                                        bf16=q.dtype == torch.bfloat16, tile=tile, pf=pf, minb=minb))
+    cfg = defines(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
+                  pf=pf, minb=minb, nst=nst)
+    attn, mrg, slots = _kernels(cfg)
+    smem = smem_bytes(cfg)
     fps = (sink + ring + 31) // 32
     S = splits or num_splits(slots, B * H, fps)
     S1 = S + fps
@@ -494,7 +610,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     kp, vp = kq["planes"][0].view(torch.int32), vq["planes"][0].view(torch.int32)
 
     def run_attn():
-        attn(grid=(B * H, S1, 1), block=(32, 1, 1),
+        attn(grid=(B * H, S1, 1), block=(32, 1, 1), shared_mem=smem,
              args=[q, length, kp, kq["scale"], kq["zero"], vp, vq["scale"], vq["zero"], kf, vf, part, lse,
                    float(scale * math.log2(math.e)), int(S), int(cap)])
 
