@@ -8,7 +8,7 @@ Also timed alone: layer 0's attention kernel, reported in TB/s of the bytes it m
 scales, zeros, outliers and the fp sink/window for the quantized caches; K and V for bf16).
 A check compares the packed kernel with the plain-torch reference on the GPU first.
 
-    python benchmarks/quant_decode.py --contexts 32k,128k,512k --caches full,kv4,kv2 --million
+    python benchmarks/quant_decode.py --contexts 32k,128k,512k --caches full,kivi4,kivi2 --million
     python benchmarks/quant_decode.py --shape gemma3-4b --contexts 32k,128k --caches full,kv4,kivi4
     python benchmarks/quant_decode.py --device cpu --smoke          # tiny shapes, checks it runs
 
@@ -175,7 +175,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contexts", default="32k,128k,512k")
     ap.add_argument("--caches", default="full,kv4,kv2")
-    ap.add_argument("--million", action="store_true", help="also kv4 and kv2 at 1M tokens (2^20)")
+    ap.add_argument("--million", action="store_true", help="also every cache but full at 1M tokens (2^20)")
     ap.add_argument("--new-tokens", type=int, default=36)
     ap.add_argument("--reps", type=int, default=20, help="attention-alone repetitions")
     ap.add_argument("--fill-chunk", type=int, default=16384)
@@ -211,7 +211,7 @@ def main():
     rows = []
     jobs = [(c, parse_tokens(x)) for x in a.contexts.split(",") for c in a.caches.split(",")]
     if a.million:
-        jobs += [("kv4", 1 << 20), ("kv2", 1 << 20)]
+        jobs += [(c, 1 << 20) for c in a.caches.split(",") if c != "full"]
     for spec, ctx in jobs:
         rows.append(run(model, spec, ctx, a, dev, dtype))
         base = next((r for r in rows if r["cache"] == "full" and r["context"] == ctx

@@ -34,8 +34,10 @@ def _cuda(x):
     (256, 4, 64, 2, 1300, 3), (256, 2, 16, 4, 600, 2), (128, 4, 64, 4, 100, 2),   # 100: nothing quantized yet
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("nst", [0, 4])     # register double buffer / cp.async stages
-def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype, nst):
+@pytest.mark.parametrize("variant", [{}, {"nst": 4}, {"cw": 4}, {"pf": 2}])   # the defaults; cp.async stages,
+def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype, variant):  # 4 warps a program, prefetch
+    if variant and dtype != torch.bfloat16:
+        pytest.skip("launch variants: bf16 is enough")
     B, H, sink, window = 2, 2, 4, 128
     ring = window + 2 * group
     cap = 3072
@@ -47,7 +49,7 @@ def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype,
     qg = q.cuda().to(dtype)
     args = (qg, _cuda(kq), _cuda(vq), kf.cuda().to(dtype), vf.cuda().to(dtype), torch.tensor([length]).cuda())
     assert qc.supported(qg, args[1], bits=bits, group=group, vgroup=D, prerope=False, G=G)
-    got = qc.decode_attention(*args, splits=splits, nst=nst, **{k: kw[k] for k in ("bits", "group", "sink", "window",
+    got = qc.decode_attention(*args, splits=splits, **variant, **{k: kw[k] for k in ("bits", "group", "sink", "window",
                                                                                  "scale")}).float().cpu()
     tri = qk.quant_decode_attention(*args, splits=splits, impl="triton", **kw).float().cpu()
     tol = 4e-2 if dtype == torch.bfloat16 else 1e-2   # the Triton kernel's own error on these inputs: 6e-3 (fp16)

@@ -36,9 +36,10 @@ import os
 
 import torch
 
-TILE = 32          # tokens a loop iteration (and a double-buffered load); 16 at head dim 256 (`tile_for`)
+TILE = 16          # tokens a loop step (and a double-buffered load); 32 measured slower (more registers)
 PF = 0             # L2 prefetch distance in tiles (0 = off)
 NST = 0            # cp.async stages (0 = register double buffer)
+CW = 1             # warps a program (each its own stretch of tokens, combined in shared memory)
 MINB = 0           # __launch_bounds__ minimum programs an SM (0 = the compiler's register choice)
 _MODULES: dict = {}
 
@@ -116,13 +117,24 @@ __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const
     }
   }
 #if PF
-  /* L2 prefetch PF tiles further on: the tile's key and value rows (TILE·W words each), one line a lane */
+  /* prefetch PF tiles further on into L1 (PFL2: into L2): each lane its own rows' lines */
   const int tp = t0 + PF * TILE;
   if (tp < end) {
-    const int lines = TILE * W * 4 / 128;          /* 128-byte lines in a tile of keys */
-    for (int i = threadIdx.x; i < lines; i += 32) {
-      asm volatile("prefetch.global.L2 [%0];" :: "l"(kp + (i64)tp * W + 32 * i));
-      asm volatile("prefetch.global.L2 [%0];" :: "l"(vp + (i64)tp * W + 32 * i));
+#pragma unroll
+    for (int u = 0; u < SUB; u++) {
+      const u32* kr = kp + (i64)(tp + 16 * u + g) * W + t * KW;
+      const u32* vr = vp + (i64)(tp + 16 * u + 2 * t) * W + g * VW;
+#if PFL2
+      asm volatile("prefetch.global.L2 [%0];" :: "l"(kr));
+      asm volatile("prefetch.global.L2 [%0];" :: "l"(kr + 8 * W));
+      asm volatile("prefetch.global.L2 [%0];" :: "l"(vr));
+      asm volatile("prefetch.global.L2 [%0];" :: "l"(vr + 8 * W));
+#else
+      asm volatile("prefetch.global.L1 [%0];" :: "l"(kr));
+      asm volatile("prefetch.global.L1 [%0];" :: "l"(kr + 8 * W));
+      asm volatile("prefetch.global.L1 [%0];" :: "l"(vr));
+      asm volatile("prefetch.global.L1 [%0];" :: "l"(vr + 8 * W));
+#endif
     }
   }
 #endif
@@ -304,7 +316,7 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
 __device__ __forceinline__ void fp_split(const u16* __restrict__ Q, const u16* __restrict__ KF, const u16* __restrict__ VF,
                                          float* __restrict__ Part, float* __restrict__ Lse, i64 last, int nq, int bh,
                                          int f, i64 row0, float sl2) {
-  const int lane = threadIdx.x, slot = 32 * f + lane;
+  const int lane = threadIdx.x & 31, slot = 32 * f + lane;
   i64 pos = slot;
   if (slot >= SINK) pos = last - ((last - slot) % RING + RING) % RING;
   const bool ok = slot < SINK + RING && pos >= 0 && pos <= last && (slot < SINK || pos >= SINK + nq);
@@ -364,29 +376,42 @@ __device__ __forceinline__ void fp_split(const u16* __restrict__ Q, const u16* _
   }
 }
 
+/* CW warps a program: each warp its own stretch of tokens (a virtual split), combined in shared memory
+   into one partial result, so the merge reads CW times fewer rows */
+#define FPC ((FPS + CW - 1) / CW)                     /* programs for the full-precision splits */
 #if MINB
-#define BOUNDS __launch_bounds__(32, MINB)
+#define BOUNDS __launch_bounds__(32 * CW, MINB)
 #else
-#define BOUNDS __launch_bounds__(32)
+#define BOUNDS __launch_bounds__(32 * CW)
 #endif
 extern "C" __global__ void BOUNDS kivi_attn(
     const u16* __restrict__ Q, const i64* __restrict__ Len, const u32* __restrict__ KP, const u16* __restrict__ KS,
     const u16* __restrict__ KZ, const u32* __restrict__ VP, const u16* __restrict__ VS, const u16* __restrict__ VZ,
     const u16* __restrict__ KF, const u16* __restrict__ VF, float* __restrict__ Part, float* __restrict__ Lse,
     double scale_log2_d, int S, int NQ_CAP) {
-  const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wq = threadIdx.x >> 5;
   const int bh = blockIdx.x, split = blockIdx.y;
   const float sl2 = (float)scale_log2_d;
   const i64 avail = Len[0] - 1 - SINK - WINDOW;      /* groups flushed before this token arrived */
   const int nq = avail > 0 ? (int)(avail / GROUP) * GROUP : 0;
-  const int S1 = S + FPS;                            /* splits 0..S-1 packed, then FPS full-precision ones */
+  const int S1 = S + FPC;                            /* programs 0..S-1 packed, then FPC full-precision ones */
+#if CW > 1
+  __shared__ float so[CW][G][D], sls[CW][G];
+  float* OutP = &so[wq][0][0];
+  float* OutL = &sls[wq][0];
+  const i64 orow = 0;                                /* rows of this warp's own partial result */
+#else
+  float* OutP = Part;
+  float* OutL = Lse;
+  const i64 orow = ((i64)bh * S1 + split) * G;
+#endif
   if (split >= S) {
-    fp_split(Q, KF, VF, Part, Lse, Len[0] - 1, nq, bh, split - S, ((i64)bh * S1 + split) * G, sl2);
-    return;
-  }
-  int per = (nq + S - 1) / S;
+    fp_split(Q, KF, VF, OutP, OutL, Len[0] - 1, nq, bh, (split - S) * CW + wq, orow, sl2);
+  } else {
+  const int vsp = split * CW + wq;                   /* this warp's stretch */
+  int per = (nq + S * CW - 1) / (S * CW);
   per = (per + STEP - 1) / STEP * STEP;
-  const int start = split * per, end = min(start + per, nq);
+  const int start = vsp * per, end = min(start + per, nq);
   const i64 hq = (i64)bh * NQ_CAP;
   const u32* kp = KP + hq * W;
   const u32* vp = VP + hq * W;
@@ -445,7 +470,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
     w0 += __shfl_xor_sync(0xffffffffu, w0, o);
     w1 += __shfl_xor_sync(0xffffffffu, w1, o);
   }
-  const i64 row = ((i64)bh * S1 + split) * G + 2 * t;
+  const i64 row = orow + 2 * t;
   const float d0 = l0 > 0.f ? 1.f / l0 : 0.f, d1 = l1 > 0.f ? 1.f / l1 : 0.f;
 #pragma unroll
   for (int mb = 0; mb < MB; mb++) {
@@ -453,17 +478,35 @@ extern "C" __global__ void BOUNDS kivi_attn(
     const int col = g * (D / 8) + 2 * mb;
     const float f0 = 1.f / (1 << VSUB(2 * mb)), f1 = 1.f / (1 << VSUB(2 * mb + 1));
     if (2 * t < G)
-      *(F2*)(Part + row * D + col) = F2{((st.acc[mb][0] - 1024.f * w0) * f0 + z0) * d0,
+      *(F2*)(OutP + row * D + col) = F2{((st.acc[mb][0] - 1024.f * w0) * f0 + z0) * d0,
                                         ((st.acc[mb][2] - 1024.f * w0) * f1 + z0) * d0};
     if (2 * t + 1 < G)
-      *(F2*)(Part + (row + 1) * D + col) = F2{((st.acc[mb][1] - 1024.f * w1) * f0 + z1) * d1,
+      *(F2*)(OutP + (row + 1) * D + col) = F2{((st.acc[mb][1] - 1024.f * w1) * f0 + z1) * d1,
                                               ((st.acc[mb][3] - 1024.f * w1) * f1 + z1) * d1};
   }
   if (g == 0) {
     const float LN2 = 0.6931471805599453f;
-    if (2 * t < G) Lse[row] = l0 > 0.f ? (st.m0 + log2f(l0)) * LN2 : NEG_INF;
-    if (2 * t + 1 < G) Lse[row + 1] = l1 > 0.f ? (st.m1 + log2f(l1)) * LN2 : NEG_INF;
+    if (2 * t < G) OutL[row] = l0 > 0.f ? (st.m0 + log2f(l0)) * LN2 : NEG_INF;
+    if (2 * t + 1 < G) OutL[row + 1] = l1 > 0.f ? (st.m1 + log2f(l1)) * LN2 : NEG_INF;
   }
+  }
+#if CW > 1
+  __syncthreads();
+  const i64 prow = ((i64)bh * S1 + split) * G;
+  for (int i = threadIdx.x; i < G * D; i += 32 * CW) {
+    const int q = i / D, d = i % D;
+    float mx = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < CW; w++) mx = fmaxf(mx, sls[w][q]);
+    float o = 0.f, den = 0.f;
+    if (mx != NEG_INF) {
+#pragma unroll
+      for (int w = 0; w < CW; w++) { const float e = __expf(sls[w][q] - mx); o += e * so[w][q][d]; den += e; }
+    }
+    Part[(prow + q) * D + d] = den > 0.f ? o / den : 0.f;
+    if (d == 0) Lse[prow + q] = den > 0.f ? mx + __logf(den) : NEG_INF;
+  }
+#endif
 }
 
 /* out[b, h·G + q, :] = the splits merged by their log-sum-exp; one program a (KV head, query) of MW warps:
@@ -519,21 +562,16 @@ extern "C" __global__ void __launch_bounds__(32 * MW) kivi_merge(const float* __
 
 
 def defines(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
-            pf: int | None = None, minb: int | None = None, nst: int | None = None) -> str:
+            pf: int | None = None, minb: int | None = None, nst: int | None = None, cw: int | None = None) -> str:
     """The #defines of one compiled layout (window = ring - 2·group, as the cache sizes its ring); tile:
     tokens a loop step; pf: L2 prefetch this many tiles ahead (0 = off); minb: programs an SM the
     compiler must fit (caps registers; 0 = its own choice); nst: cp.async stages of 16 tokens in shared
     memory (0 = the register double buffer of `tile`-token tiles)."""
     nst = NST if nst is None else nst
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
-               TILE=16 if nst else tile or tile_for(D), PF=PF if pf is None else pf, MINB=MINB if minb is None else minb,
-               NST=nst)
+               TILE=16 if nst else tile or TILE, PF=PF if pf is None else pf, MINB=MINB if minb is None else minb,
+               NST=nst, PFL2=0, CW=CW if cw is None else cw)
     return "".join(f"#define {k} {v}\n" for k, v in cfg.items())
-
-
-def tile_for(D: int) -> int:
-    """At head dim 256 two 32-token buffers need more than 255 registers (spills, offline sm_90)."""
-    return 16 if D > 128 else TILE
 
 
 def supported(q: torch.Tensor, kq: dict, *, bits: int, group: int, vgroup: int, prerope: bool,
@@ -551,16 +589,19 @@ def supported(q: torch.Tensor, kq: dict, *, bits: int, group: int, vgroup: int, 
             and D * bits >= 256 and group >= 16)
 
 
+def _cfg(cfg: str) -> dict:
+    return {k: int(v) for k, v in (line.split()[1:3] for line in cfg.splitlines())}
+
+
 def smem_bytes(cfg: str) -> int:
-    """Dynamic shared memory of the splits kernel (the cp.async stages), from its #defines."""
-    v = dict(line.split()[1:3] for line in cfg.splitlines())
-    D, bits, nst = int(v["D"]), int(v["BITS"]), int(v["NST"])
-    w = D * bits // 8   # bytes a row
-    return nst * (16 * w + 16 * (w + 16) + 64 + 4 * D)
+    """Dynamic shared memory of the splits kernel (the cp.async stages of each warp), from its #defines."""
+    v = _cfg(cfg)
+    w = v["D"] * v["BITS"] // 8   # bytes a row
+    return v["CW"] * v["NST"] * (16 * w + 16 * (w + 16) + 64 + 4 * v["D"])
 
 
 def _kernels(cfg: str):
-    """(splits kernel, merge kernel, one-warp programs the whole GPU holds at once) for a layout."""
+    """(splits kernel, merge kernel, programs the whole GPU holds at once) for a layout."""
     if cfg not in _MODULES:
         import ctypes
         from torch.cuda import _compile_kernel
@@ -568,16 +609,16 @@ def _kernels(cfg: str):
         src = cfg + SOURCE
         attn = _compile_kernel(src, "kivi_attn")
         n = ctypes.c_int()
-        _get_gpu_runtime_library().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), attn.func, 32,
-                                                                                ctypes.c_size_t(smem_bytes(cfg)))
+        _get_gpu_runtime_library().cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            ctypes.byref(n), attn.func, 32 * _cfg(cfg)["CW"], ctypes.c_size_t(smem_bytes(cfg)))
         slots = max(1, n.value) * torch.cuda.get_device_properties().multi_processor_count
         _MODULES[cfg] = (attn, _compile_kernel(src, "kivi_merge"), slots)
     return _MODULES[cfg]
 
 
 def num_splits(slots: int, heads: int, fp_splits: int) -> int:
-    """Packed splits a KV head so that every program of the launch is resident at once (one wave:
-    with one-warp programs of equal work a second, partial wave costs a whole program's time)."""
+    """Packed programs a KV head so that every program of the launch is resident at once (one wave:
+    with programs of equal work a second, partial wave costs a whole program's time)."""
     return max(1, slots // max(heads, 1) - fp_splits)
 
 
@@ -586,7 +627,7 @@ MERGE_WARPS = 16    # MW in the source
 
 def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group: int, sink: int, window: int,
                      scale: float, splits: int | None = None, tile: int | None = None, pf: int | None = None,
-                     minb: int | None = None, nst: int | None = None, parts: bool = False):
+                     minb: int | None = None, nst: int | None = None, cw: int | None = None, parts: bool = False):
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
     parts=True returns the two launches as closures instead (benchmarks/quant_cuda_probe.py times them)."""
@@ -597,10 +638,11 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     assert ring == window + 2 * group, "the cache's ring is window + 2·group"
     cap = kq["planes"][0].shape[2]
     cfg = defines(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
-                  pf=pf, minb=minb, nst=nst)
+                  pf=pf, minb=minb, nst=nst, cw=cw)
     attn, mrg, slots = _kernels(cfg)
     smem = smem_bytes(cfg)
-    fps = (sink + ring + 31) // 32
+    warps = _cfg(cfg)["CW"]
+    fps = -(-((sink + ring + 31) // 32) // warps)    # programs of the full-precision splits (FPC)
     S = splits or num_splits(slots, B * H, fps)
     S1 = S + fps
     part = torch.empty(B * H * S1 * G, D, device=q.device, dtype=torch.float32)
@@ -610,7 +652,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     kp, vp = kq["planes"][0].view(torch.int32), vq["planes"][0].view(torch.int32)
 
     def run_attn():
-        attn(grid=(B * H, S1, 1), block=(32, 1, 1), shared_mem=smem,
+        attn(grid=(B * H, S1, 1), block=(32 * warps, 1, 1), shared_mem=smem,
              args=[q, length, kp, kq["scale"], kq["zero"], vp, vq["scale"], vq["zero"], kf, vf, part, lse,
                    float(scale * math.log2(math.e)), int(S), int(cap)])
 
