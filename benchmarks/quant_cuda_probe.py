@@ -4,7 +4,7 @@ the merge alone and the whole call (`quant_cuda.decode_attention`), the Triton k
 and bf16 flash-decoding over the same context; each captured in a CUDA graph and replayed, TB/s on
 the packed bytes (codes and statistics).
 
-    python benchmarks/quant_cuda_probe.py --context 128k --bits 4,2 --splits 0,128 --tile 16,32 --pf 0,2 --minb 0,16
+    python benchmarks/quant_cuda_probe.py --context 128k --bits 4,2 --tile 16,32 --pf 0,1,2 --cw 1,2,4 --minb 0,16
 
 Last line: JSON.
 """
@@ -54,7 +54,6 @@ def main():
     ap.add_argument("--tile", default="16,32")
     ap.add_argument("--pf", default="0", help="L2 prefetch distances (tiles)")
     ap.add_argument("--minb", default="0", help="__launch_bounds__ minimum programs an SM")
-    ap.add_argument("--nst", default="0", help="cp.async stages (0: register double buffer)")
     ap.add_argument("--cw", default="1", help="warps a program")
     ap.add_argument("--reps", type=int, default=50)
     a = ap.parse_args()
@@ -83,23 +82,20 @@ def main():
         for S in map(int, a.splits.split(",")):
             for tile in map(int, a.tile.split(",")):
                 for pf in map(int, a.pf.split(",")):
-                    for minb, nst, cw in [(m, n, c) for m in map(int, a.minb.split(",")) for n in map(int, a.nst.split(","))
-                                          for c in map(int, a.cw.split(","))]:
-                        if nst and tile != 16:
-                            continue
+                    for minb, cw in [(m, c) for m in map(int, a.minb.split(",")) for c in map(int, a.cw.split(","))]:
                         kw2 = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5, splits=S or None,
-                                   tile=tile, pf=pf, minb=minb, nst=nst, cw=cw)
+                                   tile=tile, pf=pf, minb=minb, cw=cw)
                         attn, merge, _ = qc.decode_attention(q, kq, vq, kf, vf, length, parts=True, **kw2)
                         us_a, us_m = graphed(attn, a.reps), graphed(merge, a.reps)
                         us = graphed(lambda: qc.decode_attention(q, kq, vq, kf, vf, length, **kw2), a.reps)
                         cfg = qc.defines(D=D, bits=bits, group=group, G=G, sink=sink, ring=kf.shape[2] - sink,
-                                         bf16=True, tile=tile, pf=pf, minb=minb, nst=nst, cw=cw)
+                                         bf16=True, tile=tile, pf=pf, minb=minb, cw=cw)
                         fps = -(-((kf.shape[2] + 31) // 32) // cw)
                         rows.append(dict(what=f"{bits}-bit CUDA: splits kernel | merge | whole call",
                                          splits=S or qc.num_splits(qc._kernels(cfg)[2], H, fps), tile=tile, pf=pf,
-                                         minb=minb, nst=nst, cw=cw, us=f"{us_a:.1f} | {us_m:.1f} | {us:.1f}",
+                                         minb=minb, cw=cw, us=f"{us_a:.1f} | {us_m:.1f} | {us:.1f}",
                                          TBps=round(nbytes / us / 1e6, 2)))
-    print_table(rows, ["what", "splits", "tile", "pf", "minb", "nst", "cw", "us", "TBps"])
+    print_table(rows, ["what", "splits", "tile", "pf", "minb", "cw", "us", "TBps"])
     emit_json({"bench": "quant_cuda_probe", "device": torch.cuda.get_device_name(), "context": ctx, "rows": rows})
 
 

@@ -57,7 +57,6 @@ def main() -> None:
     ap.add_argument("--arch", default="90")
     ap.add_argument("--pf", type=int, default=0)
     ap.add_argument("--minb", type=int, default=0)
-    ap.add_argument("--nst", type=int, default=0)
     ap.add_argument("--cw", type=int, default=1)
     ap.add_argument("--dump", action="store_true", help="print the kernel's SASS")
     a = ap.parse_args()
@@ -70,7 +69,7 @@ def main() -> None:
             for tile in map(int, a.tile.split(",")):
                 group = 64 if bits == 4 else 16
                 src = qc.defines(D=D, bits=bits, group=group, G=a.g, sink=4, ring=128 + 2 * group, bf16=True, tile=tile,
-                                 pf=a.pf, minb=a.minb, nst=a.nst, cw=a.cw) + qc.SOURCE
+                                 pf=a.pf, minb=a.minb, cw=a.cw) + qc.SOURCE
                 cubin = nvrtc_cubin(lib, src, a.arch)
                 with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                     f.write(cubin)

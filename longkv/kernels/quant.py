@@ -31,8 +31,15 @@ On that path the loop is double-buffered (`_fast_loop`, `PIPE`): the next tile's
 are loaded into registers before this tile is converted, so HBM's latency overlaps a tile of work
 (and, offline, 254 → 213 registers at 4 warps).
 
-Where it stands (H200, BENCHMARKS.md issue 4): kivi4 decodes at 1.12x of bf16 full at 128K and 1.16x
-at 512K (1.24x / 1.40x before the double buffering) — still slower than bf16. ncu (before it): DRAM
+On a GPU the KIVI layout at 2 and 4 bits (post-RoPE keys, one value range a token, no outliers or
+codebooks: `kivi4`, `kivi2`) does not run here but in `kernels/quant_cuda.py`, which loads the codes
+in MMA fragment order (H200, 8B shape, 128K: 60 µs a layer against this kernel's 183; kivi4 decodes
+at 0.73x of bf16 full). Everything else (pre-RoPE keys: `kv4`, `kv3`, `kv2`; outliers, codebooks,
+3 and 8 bits) runs here, and the tests run this kernel on the KIVI layout too (interpreter).
+
+Where this kernel stands (H200, BENCHMARKS.md issue 4): kv4 decodes at 1.45x of bf16 full at 128K;
+on the KIVI layout it reached 1.12x at 128K and 1.16x at 512K (1.24x / 1.40x before the double
+buffering) — slower than bf16. ncu (before it): DRAM
 12 % busy, 251 registers a thread → 2 warps a scheduler, stalls spread over shared-memory,
 fixed-latency and global-load dependencies: latency-bound with too few warps. Capping registers
 (`MAX_REGS`) trades that for spills (kv4 -2 %, kivi4 +28 %). A CUDA-core variant (`use_dot=False`) is

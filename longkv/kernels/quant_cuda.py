@@ -5,29 +5,45 @@ Why not Triton here: the Triton kernel (`kernels/quant.py`) converts a tile of c
 register layout and `tl.dot` then moves it through shared memory into the MMA operand layout, and it
 keeps the padded 16-row query block in registers; offline that was 7.6 SASS instructions a code at
 213-254 registers (2 warps a scheduler), and it read 0.6 TB/s. Here each thread loads exactly the
-32-bit words whose codes its own MMA fragment registers hold, so nothing goes through shared memory:
+32-bit words whose codes its own MMA fragment registers hold, so nothing goes through shared memory
+(offline sm_90, `benchmarks/quant_cuda_sass.py`: ~1.7 instructions a code, 161 registers):
 
 - scores, tokens on the MMA's M side: S (16 tokens x 8 queries) = codes (A, 16 x 16 channels) ·
   (q∘s)ᵀ (B). Keys are quantized per channel after RoPE (KIVI, Liu et al. 2024), so a token group
   shares one scale s and zero z per channel: q·(c∘s + z) = (q∘s)·c + q·z. The scale folds into the B
-  operand once per group, the codes are the A operand as exact fp16 integers: `(w >> sh) & 0x000F000F
-  | 0x64006400` is two fp16 numbers 1024 + c, one `sub.f16x2` leaves c, c'. Thread (g, t) (g = lane/4,
+  operand once per group; the codes enter as fp16 straight from the word: `(w & mask<<sub) | 0x6400..`
+  (one LOP3) is two fp16 numbers 1024 + c·2^sub, exactly. 2^-sub goes into the B operand and
+  1024·Σ(B operand) into the zero term, so no per-code subtraction is left. Thread (g, t) (g = lane/4,
   t = lane%4) reads its two tokens' channels [t·D/4, (t+1)·D/4) as one vector load each; which channel
   is which MMA column is a permutation, and q∘s is built in the same one.
 - values, per token (one range a token): out = Σ_n p_n (c_n s_n + z_n) = (p∘s)·c + p·z. Oᵀ (16
   channels x 8 queries) = codes (A, 16 channels x 16 tokens) · (p∘s)ᵀ (B). The A operand pairs two
-  *tokens* of one channel; one `prmt` of two token words interleaves them, then the same mask trick.
-  The probabilities come out of the score MMA as (token row, query column) and the value MMA wants
-  (query row, token column): one `movmatrix.trans` per 8 x 8 block, no shared memory.
+  *tokens* of one channel; one `prmt` of two token words interleaves them, then the same LOP3. The
+  1024 offset comes off at the end with a running Σ of the fp16 weights (the same rounded numbers the
+  MMA saw), the 2^sub per channel too. The probabilities come out of the score MMA as (token row,
+  query column) and the value MMA wants (query row, token column): one `movmatrix.trans` per 8 x 8
+  block, no shared memory.
+- softmax: FlashAttention-4's lazy rescaling — the running maximum moves (and the accumulators are
+  rescaled) only when a score passes it by more than 2^8 (`TH`), a warp vote decides.
 - GQA: the query group (G <= 8) is the MMA's N side (8 columns), every KV byte is read once.
-- flash-decoding: one warp a program, grid (batch·KV heads, splits); each split writes a partial
-  output + log-sum-exp, `merge` combines them (and the full-precision sink + ring split, which the
-  Triton kernel still computes). The next tile's words are loaded before this tile is computed.
+- flash-decoding: one warp a program, grid (batch·KV heads, splits); the full-precision sink + ring
+  are the last splits of the same launch (32 slots a program); each split writes a partial output +
+  log-sum-exp and `kivi_merge` combines them. The split count fills the GPU in one wave (occupancy
+  API). The next 16 tokens' words load into registers while these are computed.
+
+Measured (H200, Llama-3-8B shape, BENCHMARKS.md issue 4, session 11): one layer at 128K 58.5 µs
+(2.5 TB/s on the packed bytes) against the Triton kernel's 183 µs and bf16 flash-decoding's 131 µs;
+decode kivi4 0.73x of bf16 full at 128K, 0.53x at 512K. Tried and measured no faster for 4 bits: L1
+prefetch (`pf`), several warps a program combined in shared memory (`cw`; 5 % faster for 2 bits),
+register caps (`minb`), 32-token tiles; they stay as options of `defines` for
+`benchmarks/quant_cuda_probe.py`. A 3-6 stage cp.async pipeline in shared memory was 8 % slower and
+was removed (BENCHMARKS.md).
 
 Compiled at first use with NVRTC through `torch.cuda._compile_kernel` (PyTorch's own wrapper; the
 library ships with CUDA builds of torch), one module per layout. Used by `quant.quant_decode_attention`
 when `supported(...)` says so; `LONGKV_QUANT_KERNEL=triton` (or impl="triton") keeps the Triton kernel.
-Reference: `quant_reference.quant_decode_attention`; GPU test: tests/test_quant_cuda.py.
+Reference: `quant_reference.quant_decode_attention`; GPU test: tests/test_quant_cuda.py (skipped
+without a GPU: CI has none, so this file's CUDA runs only on the GPU machine).
 """
 from __future__ import annotations
 
@@ -37,8 +53,7 @@ import os
 import torch
 
 TILE = 16          # tokens a loop step (and a double-buffered load); 32 measured slower (more registers)
-PF = 0             # L2 prefetch distance in tiles (0 = off)
-NST = 0            # cp.async stages (0 = register double buffer)
+PF = 0             # L1 prefetch distance in tiles (0 = off)
 CW = 1             # warps a program (each its own stretch of tokens, combined in shared memory)
 MINB = 0           # __launch_bounds__ minimum programs an SM (0 = the compiler's register choice)
 _MODULES: dict = {}
@@ -117,79 +132,21 @@ __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const
     }
   }
 #if PF
-  /* prefetch PF tiles further on into L1 (PFL2: into L2): each lane its own rows' lines */
+  /* prefetch PF tiles further on into L1: each lane its own rows' lines */
   const int tp = t0 + PF * TILE;
   if (tp < end) {
 #pragma unroll
     for (int u = 0; u < SUB; u++) {
       const u32* kr = kp + (i64)(tp + 16 * u + g) * W + t * KW;
       const u32* vr = vp + (i64)(tp + 16 * u + 2 * t) * W + g * VW;
-#if PFL2
-      asm volatile("prefetch.global.L2 [%0];" :: "l"(kr));
-      asm volatile("prefetch.global.L2 [%0];" :: "l"(kr + 8 * W));
-      asm volatile("prefetch.global.L2 [%0];" :: "l"(vr));
-      asm volatile("prefetch.global.L2 [%0];" :: "l"(vr + 8 * W));
-#else
       asm volatile("prefetch.global.L1 [%0];" :: "l"(kr));
       asm volatile("prefetch.global.L1 [%0];" :: "l"(kr + 8 * W));
       asm volatile("prefetch.global.L1 [%0];" :: "l"(vr));
       asm volatile("prefetch.global.L1 [%0];" :: "l"(vr + 8 * W));
-#endif
     }
   }
 #endif
 }
-
-#if NST
-/* cp.async stages (NST of them, 16 tokens each) in shared memory, one ring a warp: a stage holds the 16
-   key rows as they are in memory, the 16 value rows padded by 16 bytes (each lane's value reads then fall
-   in distinct banks), the 16 value scales and zeros, and when the 16 tokens open a key group, its
-   scale and zero rows. The warp copies a stage cooperatively (16-byte cp.async, coalesced); each lane
-   then reads its own fragment words from it. */
-#define KRB (W * 4)
-#define VRB (W * 4 + 16)
-#define KB (16 * KRB)
-#define VB (16 * VRB)
-#define STB (KB + VB + 64 + 4 * D)
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-  u32 a; asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p)); return a;
-}
-__device__ __forceinline__ void cp16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(dst)), "l"(src));
-}
-__device__ __forceinline__ void issue(unsigned char* st, const u32* kp, const u32* vp, const u16* vs, const u16* vz,
-                                      const u16* ksg, const u16* kzg, int tok, int end, int lane) {
-  if (tok < end) {
-    const unsigned char* kg = (const unsigned char*)(kp + (i64)tok * W);
-    const unsigned char* vg = (const unsigned char*)(vp + (i64)tok * W);
-#pragma unroll
-    for (int c = lane; c < KB / 16; c += 32) {
-      cp16(st + 16 * c, kg + 16 * c);
-      cp16(st + KB + (c / (KRB / 16)) * VRB + (c % (KRB / 16)) * 16, vg + 16 * c);
-    }
-    if (lane < 4) cp16(st + KB + VB + 16 * lane, (lane < 2 ? vs : vz - 16) + tok + 8 * lane);
-    if (tok % GROUP == 0) {
-      const unsigned char* sg = (const unsigned char*)(ksg + (i64)(tok / GROUP) * D);
-      const unsigned char* zg = (const unsigned char*)(kzg + (i64)(tok / GROUP) * D);
-      for (int c = lane; c < D / 8; c += 32) {
-        cp16(st + KB + VB + 64 + 16 * c, sg + 16 * c);
-        cp16(st + KB + VB + 64 + 2 * D + 16 * c, zg + 16 * c);
-      }
-    }
-  }
-  asm volatile("cp.async.commit_group;");
-}
-__device__ __forceinline__ void unstage(Buf& b, const unsigned char* st, int g, int t) {
-#pragma unroll
-  for (int r = 0; r < 2; r++) {
-    ldw<KW>(b.k[0][r], (const u32*)(st + (g + 8 * r) * KRB) + t * KW);
-    b.vs[0][r] = ((const u16*)(st + KB + VB))[g + 8 * r];
-    b.vz[0][r] = ((const u16*)(st + KB + VB + 32))[g + 8 * r];
-  }
-#pragma unroll
-  for (int e = 0; e < 4; e++) ldw<VW>(b.v[0][e], (const u32*)(st + KB + (2 * t + (e & 1) + 8 * (e >> 1)) * VRB) + g * VW);
-}
-#endif
 
 struct State {
   float m0, m1, l0, l1, z0, z1, p0, p1, cq0, cq1;   /* queries 2t, 2t+1 (p: Σ of the fp16 value weights) */
@@ -241,16 +198,12 @@ __device__ __forceinline__ u32 raw(u32 w, int bit) {
 #define TH 8.f                                         /* lazy rescaling: weights up to 2^TH */
 
 __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end, const u16* qr, float qok,
-                                     const u16* ks, const u16* kz, int t, float sl2,
-                                     const u16* sps = nullptr, const u16* zps = nullptr) {
+                                     const u16* ks, const u16* kz, int t, float sl2) {
 #pragma unroll
   for (int u = 0; u < SUB; u++) {
     const int tok = t0 + 16 * u;
     if (tok >= end) break;
-    if (tok % GROUP == 0) {
-      if (sps) group_stats(st, qr, qok, sps, zps, t);     /* staged in shared memory with the codes */
-      else group_stats(st, qr, qok, ks + (i64)(tok / GROUP) * D, kz + (i64)(tok / GROUP) * D, t);
-    }
+    if (tok % GROUP == 0) group_stats(st, qr, qok, ks + (i64)(tok / GROUP) * D, kz + (i64)(tok / GROUP) * D, t);
     /* scores: rows = tokens g, g + 8; columns = queries 2t, 2t + 1; two chains of MMAs */
     float s4[4] = {0.f, 0.f, 0.f, 0.f}, r4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -430,26 +383,6 @@ extern "C" __global__ void BOUNDS kivi_attn(
 #pragma unroll
   for (int s = 0; s < KSTEPS; s++) { st.qf[s][0] = st.qf[s][1] = 0u; }
 
-#if NST
-  extern __shared__ __align__(16) unsigned char smem[];
-  const u16* ksg = ks - t * (D / 4);                 /* the group rows, whole */
-  const u16* kzg = kz - t * (D / 4);
-#pragma unroll
-  for (int i = 0; i < NST - 1; i++) issue(smem + i * STB, kp, vp, vs, vz, ksg, kzg, start + 16 * i, end, lane);
-  for (int i = 0, tok = start; tok < end; i++, tok += 16) {
-    issue(smem + ((i + NST - 1) % NST) * STB, kp, vp, vs, vz, ksg, kzg, tok + 16 * (NST - 1), end, lane);
-    asm volatile("cp.async.wait_group %0;" :: "n"(NST - 1));
-    __syncwarp();
-    const unsigned char* sb = smem + (i % NST) * STB;
-    Buf A;
-    unstage(A, sb, g, t);
-    const u16* sps = (const u16*)(sb + KB + VB + 64) + t * (D / 4);
-    const u16* zps = (const u16*)(sb + KB + VB + 64 + 2 * D) + t * (D / 4);
-    tile(st, A, tok, end, qr, qok, ks, kz, t, sl2, sps, zps);
-    __syncwarp();                                    /* every lane is done with this stage before it refills */
-  }
-  asm volatile("cp.async.wait_group 0;");
-#else
   Buf A, B;     /* double buffer: the next tile's words load while this one is computed */
   if (start < end) load(A, kp, vp, vs, vz, start, end, g, t);
   for (int t0 = start; t0 < end; t0 += 2 * TILE) {
@@ -459,7 +392,6 @@ extern "C" __global__ void BOUNDS kivi_attn(
     if (t0 + 2 * TILE < end) load(A, kp, vp, vs, vz, t0 + 2 * TILE, end, g, t);
     tile(st, B, t0 + TILE, end, qr, qok, ks, kz, t, sl2);
   }
-#endif
   float l0 = st.l0, l1 = st.l1, z0 = st.z0, z1 = st.z1, w0 = st.p0, w1 = st.p1;
 #pragma unroll
   for (int o = 4; o < 32; o <<= 1) {
@@ -562,15 +494,13 @@ extern "C" __global__ void __launch_bounds__(32 * MW) kivi_merge(const float* __
 
 
 def defines(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
-            pf: int | None = None, minb: int | None = None, nst: int | None = None, cw: int | None = None) -> str:
+            pf: int | None = None, minb: int | None = None, cw: int | None = None) -> str:
     """The #defines of one compiled layout (window = ring - 2·group, as the cache sizes its ring); tile:
-    tokens a loop step; pf: L2 prefetch this many tiles ahead (0 = off); minb: programs an SM the
-    compiler must fit (caps registers; 0 = its own choice); nst: cp.async stages of 16 tokens in shared
-    memory (0 = the register double buffer of `tile`-token tiles)."""
-    nst = NST if nst is None else nst
+    tokens a loop step; pf: L1 prefetch this many tiles ahead (0 = off); minb: programs an SM the
+    compiler must fit (caps registers; 0 = its own choice); cw: warps a program."""
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
-               TILE=16 if nst else tile or TILE, PF=PF if pf is None else pf, MINB=MINB if minb is None else minb,
-               NST=nst, PFL2=0, CW=CW if cw is None else cw)
+               TILE=tile or TILE, PF=PF if pf is None else pf, MINB=MINB if minb is None else minb,
+               CW=CW if cw is None else cw)
     return "".join(f"#define {k} {v}\n" for k, v in cfg.items())
 
 
@@ -593,13 +523,6 @@ def _cfg(cfg: str) -> dict:
     return {k: int(v) for k, v in (line.split()[1:3] for line in cfg.splitlines())}
 
 
-def smem_bytes(cfg: str) -> int:
-    """Dynamic shared memory of the splits kernel (the cp.async stages of each warp), from its #defines."""
-    v = _cfg(cfg)
-    w = v["D"] * v["BITS"] // 8   # bytes a row
-    return v["CW"] * v["NST"] * (16 * w + 16 * (w + 16) + 64 + 4 * v["D"])
-
-
 def _kernels(cfg: str):
     """(splits kernel, merge kernel, programs the whole GPU holds at once) for a layout."""
     if cfg not in _MODULES:
@@ -610,7 +533,7 @@ def _kernels(cfg: str):
         attn = _compile_kernel(src, "kivi_attn")
         n = ctypes.c_int()
         _get_gpu_runtime_library().cuOccupancyMaxActiveBlocksPerMultiprocessor(
-            ctypes.byref(n), attn.func, 32 * _cfg(cfg)["CW"], ctypes.c_size_t(smem_bytes(cfg)))
+            ctypes.byref(n), attn.func, 32 * _cfg(cfg)["CW"], ctypes.c_size_t(0))
         slots = max(1, n.value) * torch.cuda.get_device_properties().multi_processor_count
         _MODULES[cfg] = (attn, _compile_kernel(src, "kivi_merge"), slots)
     return _MODULES[cfg]
@@ -627,7 +550,7 @@ MERGE_WARPS = 16    # MW in the source
 
 def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group: int, sink: int, window: int,
                      scale: float, splits: int | None = None, tile: int | None = None, pf: int | None = None,
-                     minb: int | None = None, nst: int | None = None, cw: int | None = None, parts: bool = False):
+                     minb: int | None = None, cw: int | None = None, parts: bool = False):
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
     parts=True returns the two launches as closures instead (benchmarks/quant_cuda_probe.py times them)."""
@@ -638,9 +561,8 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     assert ring == window + 2 * group, "the cache's ring is window + 2·group"
     cap = kq["planes"][0].shape[2]
     cfg = defines(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
-                  pf=pf, minb=minb, nst=nst, cw=cw)
+                  pf=pf, minb=minb, cw=cw)
     attn, mrg, slots = _kernels(cfg)
-    smem = smem_bytes(cfg)
     warps = _cfg(cfg)["CW"]
     fps = -(-((sink + ring + 31) // 32) // warps)    # programs of the full-precision splits (FPC)
     S = splits or num_splits(slots, B * H, fps)
@@ -652,7 +574,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     kp, vp = kq["planes"][0].view(torch.int32), vq["planes"][0].view(torch.int32)
 
     def run_attn():
-        attn(grid=(B * H, S1, 1), block=(32 * warps, 1, 1), shared_mem=smem,
+        attn(grid=(B * H, S1, 1), block=(32 * warps, 1, 1),
              args=[q, length, kp, kq["scale"], kq["zero"], vp, vq["scale"], vq["zero"], kf, vf, part, lse,
                    float(scale * math.log2(math.e)), int(S), int(cap)])
 
