@@ -253,3 +253,27 @@ def test_kv4_greedy_on_the_default_model():
         agree.append(int(out.argmax()) == nxt)
     assert sum(agree) >= 0.75 * len(agree), agree
     assert kv.nbytes() < llm.new_cache("full", capacity=len(ids) + 16).nbytes()
+
+
+def test_cuda_kernel_that_cannot_be_built_falls_back_to_triton(monkeypatch):
+    """Where NVRTC is missing or refuses the source, the KIVI layout decodes through the Triton kernel
+    (one warning), and impl="cuda" says why instead."""
+    from longkv.kernels import quant_cuda as qc
+
+    def refuse(*a, **k):
+        raise RuntimeError("nvrtc: library not found")
+    monkeypatch.setattr(qc, "supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", refuse)
+    monkeypatch.setattr(qc, "_MODULES", {})
+    B, Hq, H, D, group, sink, window = 1, 4, 1, 64, 16, 3, 5
+    kq, vq = packed_layer(B, H, D, 64, group, D, 4, 0, None)
+    kf = torch.randn(B, H, sink + window + 2 * group, D, generator=gen(4))
+    vf = torch.randn(B, H, sink + window + 2 * group, D, generator=gen(5))
+    q = torch.randn(B, Hq, 1, D, generator=gen(6))
+    kw = dict(bits=4, group=group, vgroup=D, sink=sink, window=window, scale=D ** -0.5,
+              inv_freq=1.0 / (10000 ** (torch.arange(0, D, 2).float() / D)), prerope=False)
+    with pytest.warns(UserWarning, match="CUDA decode kernel not built: nvrtc"):
+        got = qk.quant_decode_attention(q, kq, vq, kf, vf, torch.tensor([60]), splits=2, **kw)
+    assert (got - ref.quant_decode_attention(q, kq, vq, kf, vf, 60, **kw)).abs().max() < 2e-3
+    with pytest.raises(qc.Unavailable):
+        qk.quant_decode_attention(q, kq, vq, kf, vf, torch.tensor([60]), impl="cuda", **kw)

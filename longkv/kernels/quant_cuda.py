@@ -523,19 +523,29 @@ def _cfg(cfg: str) -> dict:
     return {k: int(v) for k, v in (line.split()[1:3] for line in cfg.splitlines())}
 
 
+class Unavailable(RuntimeError):
+    """The kernel could not be built here (no NVRTC, an old driver, an unknown GPU): use the Triton one."""
+
+
 def _kernels(cfg: str):
     """(splits kernel, merge kernel, programs the whole GPU holds at once) for a layout."""
     if cfg not in _MODULES:
         import ctypes
-        from torch.cuda import _compile_kernel
-        from torch.cuda._utils import _get_gpu_runtime_library
         src = cfg + SOURCE
-        attn = _compile_kernel(src, "kivi_attn")
-        n = ctypes.c_int()
-        _get_gpu_runtime_library().cuOccupancyMaxActiveBlocksPerMultiprocessor(
-            ctypes.byref(n), attn.func, 32 * _cfg(cfg)["CW"], ctypes.c_size_t(0))
-        slots = max(1, n.value) * torch.cuda.get_device_properties().multi_processor_count
-        _MODULES[cfg] = (attn, _compile_kernel(src, "kivi_merge"), slots)
+        try:
+            from torch.cuda import _compile_kernel
+            from torch.cuda._utils import _get_gpu_runtime_library
+            attn, mrg = _compile_kernel(src, "kivi_attn"), _compile_kernel(src, "kivi_merge")
+        except (ImportError, OSError, RuntimeError) as e:   # no NVRTC library, or it refused the source
+            why = str(e).splitlines()[0] if str(e) else repr(e)
+            _MODULES[cfg] = Unavailable(f"CUDA decode kernel not built: {why}")
+        else:
+            n = ctypes.c_int()
+            _get_gpu_runtime_library().cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                ctypes.byref(n), attn.func, 32 * _cfg(cfg)["CW"], ctypes.c_size_t(0))
+            _MODULES[cfg] = (attn, mrg, max(1, n.value) * torch.cuda.get_device_properties().multi_processor_count)
+    if isinstance(_MODULES[cfg], Unavailable):
+        raise _MODULES[cfg]
     return _MODULES[cfg]
 
 
