@@ -113,7 +113,7 @@ template <int N> __device__ __forceinline__ void ldw(u32* dst, const u32* src) {
 
 struct Buf { u32 k[SUB][2][KW]; u32 v[SUB][4][VW]; u16 vs[SUB][2]; u16 vz[SUB][2]; };
 
-/* tile t0: the thread's words (zeros past the end) */
+/* tile t0: the thread's words (16-token steps past the end are not loaded; `tile` skips them) */
 __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const u16* vs, const u16* vz,
                                      int t0, int end, int g, int t) {
 #pragma unroll
@@ -568,7 +568,10 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     H = kf.shape[1]
     G = Hq // H
     ring = kf.shape[2] - sink
-    assert ring == window + 2 * group, "the cache's ring is window + 2·group"
+    if ring != window + 2 * group or kf.dtype != q.dtype or vf.dtype != q.dtype or not (kf.is_contiguous()
+                                                                                         and vf.is_contiguous()):
+        raise Unavailable("CUDA decode kernel: the full-precision ring is not laid out as `cache/quant.py` keeps it")
+    length = length if length.dtype == torch.int64 else length.long()
     cap = kq["planes"][0].shape[2]
     cfg = defines(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
                   pf=pf, minb=minb, cw=cw)
