@@ -1,0 +1,434 @@
+// Decode attention over KIVI-layout packed KV, one layer: the CUDA source of `quant_cuda.py` (see its
+// docstring for the design and the figures). Compiled by NVRTC with a block of #defines in front
+// (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, PF, MINB, CW.
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef long long i64;
+struct alignas(16) U4 { u32 x, y, z, w; };
+struct alignas(8) U2 { u32 x, y; };
+struct alignas(8) F2 { float x, y; };
+
+#define W (D * BITS / 32)          /* 32-bit words a token row */
+#define KW (W / 4)                 /* key words a thread a token */
+#define VW (W / 8)                 /* value words a thread a token */
+#define KSTEPS (D / 16)
+#define PPW (16 / BITS)            /* code pairs in a 32-bit word; a pair is codes (j, j + PPW) */
+#define CPW (32 / BITS)            /* codes in a word */
+#define CMASK (BITS == 4 ? 0x000F000Fu : 0x00030003u)
+#define MB (D / 16)
+#define SUB (TILE / 16)
+#define STEP (TILE > GROUP ? TILE : GROUP)
+#define NEG_INF (__int_as_float(0xff800000))
+
+__device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ float q2f(u16 h) {
+#if QBF16
+  return __uint_as_float(((u32)h) << 16);
+#else
+  return h2f(h);
+#endif
+}
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+  u32 r; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r;
+}
+__device__ __forceinline__ u32 lop_or(u32 a, u32 b, u32 c) {      /* (a & b) | c, one LOP3 */
+  u32 r; asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
+}
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
+  u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s)); return r;
+}
+__device__ __forceinline__ u32 trans(u32 x) {
+  u32 r; asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x)); return r;
+}
+__device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <int N> __device__ __forceinline__ void ldw(u32* dst, const u32* src) {   /* N words, vector loads */
+  if (N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) { U4 v = *(const U4*)(src + i); dst[i] = v.x; dst[i+1] = v.y; dst[i+2] = v.z; dst[i+3] = v.w; }
+  } else if (N == 2) { U2 v = *(const U2*)src; dst[0] = v.x; dst[1] = v.y; }
+  else { dst[0] = src[0]; }
+}
+
+struct Buf { u32 k[SUB][2][KW]; u32 v[SUB][4][VW]; u16 vs[SUB][2]; u16 vz[SUB][2]; };
+
+/* tile t0: the thread's words (16-token steps past the end are not loaded; `tile` skips them) */
+__device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const u16* vs, const u16* vz,
+                                     int t0, int end, int g, int t) {
+#pragma unroll
+  for (int u = 0; u < SUB; u++) {
+    int tok = t0 + 16 * u;
+    if (tok < end) {
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        int row = tok + g + 8 * r;
+        ldw<KW>(b.k[u][r], kp + (i64)row * W + t * KW);
+        b.vs[u][r] = vs[row];
+        b.vz[u][r] = vz[row];
+      }
+#pragma unroll
+      for (int e = 0; e < 4; e++) ldw<VW>(b.v[u][e], vp + (i64)(tok + 2 * t + (e & 1) + 8 * (e >> 1)) * W + g * VW);
+    }
+  }
+#if PF
+  /* prefetch PF tiles further on into L1: each lane its own rows' lines */
+  const int tp = t0 + PF * TILE;
+  if (tp < end) {
+#pragma unroll
+    for (int u = 0; u < SUB; u++) {
+      const u32* kr = kp + (i64)(tp + 16 * u + g) * W + t * KW;
+      const u32* vr = vp + (i64)(tp + 16 * u + 2 * t) * W + g * VW;
+      asm volatile("prefetch.global.L1 [%0];" :: "l"(kr));
+      asm volatile("prefetch.global.L1 [%0];" :: "l"(kr + 8 * W));
+      asm volatile("prefetch.global.L1 [%0];" :: "l"(vr));
+      asm volatile("prefetch.global.L1 [%0];" :: "l"(vr + 8 * W));
+    }
+  }
+#endif
+}
+
+struct State {
+  float m0, m1, l0, l1, z0, z1, p0, p1, cq0, cq1;   /* queries 2t, 2t+1 (p: Σ of the fp16 value weights) */
+  float acc[MB][4];
+  u32 qf[KSTEPS][2];
+};
+
+__device__ __forceinline__ float hsum(u32 h) { return h2f((u16)h) + h2f((u16)(h >> 16)); }
+
+/* A new key group: the B operand q∘s in fp16, in the codes' channel order and scaled by 2^-sub of each
+   pair (the codes come as 1024 + c·2^sub, `raw`), and the zero term q·z less 1024·Σ(B operand), so the
+   scores need no per-code subtraction. */
+__device__ __forceinline__ void group_stats(State& st, const u16* qr, float qok, const u16* sp, const u16* zp, int t) {
+  u32 qw[D / 8], sw[D / 8], zw[D / 8];
+  ldw<D / 8>(qw, (const u32*)qr);
+  ldw<D / 8>(sw, (const u32*)sp);
+  ldw<D / 8>(zw, (const u32*)zp);
+  float cq = 0.f, qs[D / 4];
+#pragma unroll
+  for (int i = 0; i < D / 4; i++) {
+    const int sh = 16 * (i & 1);
+    const float qv = q2f((u16)(qw[i / 2] >> sh)) * qok;
+    qs[i] = qv * h2f((u16)(sw[i / 2] >> sh));
+    cq += qv * h2f((u16)(zw[i / 2] >> sh));
+  }
+  float off = 0.f;
+#pragma unroll
+  for (int s = 0; s < KSTEPS; s++) {
+    const int w = s / (PPW / 2), j = 2 * (s % (PPW / 2)), a = w * CPW + j;
+    const float f0 = 1.f / (1 << (BITS * j % 8)), f1 = 1.f / (1 << (BITS * (j + 1) % 8));
+    st.qf[s][0] = pack2(qs[a] * f0, qs[a + PPW] * f0);
+    st.qf[s][1] = pack2(qs[a + 1] * f1, qs[a + 1 + PPW] * f1);
+    off += hsum(st.qf[s][0]) + hsum(st.qf[s][1]);
+  }
+  cq -= 1024.f * off;
+  cq += __shfl_xor_sync(0xffffffffu, cq, 1);
+  cq += __shfl_xor_sync(0xffffffffu, cq, 2);
+  st.cq0 = __shfl_sync(0xffffffffu, cq, 8 * t);        /* query 2t lives in lanes 8t..8t+3 */
+  st.cq1 = __shfl_sync(0xffffffffu, cq, 8 * t + 4);
+}
+
+/* codes at bits (bit, 16 + bit) of w as fp16x2 (1024 + c·2^sub, 1024 + c'·2^sub), sub = bit % 8: masked in
+   place and ORed into the exponent of 1024, one LOP3 (whole-byte shifts are shared by a word's pairs) */
+__device__ __forceinline__ u32 raw(u32 w, int bit) {
+  const int sh = bit / 8 * 8, sub = bit % 8;
+  return lop_or(sh ? w >> sh : w, CMASK << sub, 0x64006400u);
+}
+#define VSUB(li) (BITS * (((li) % CPW) % PPW) % 8)    /* value channel li's 2^sub */
+#define TH 8.f                                         /* lazy rescaling: weights up to 2^TH */
+
+__device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end, const u16* qr, float qok,
+                                     const u16* ks, const u16* kz, int t, float sl2) {
+#pragma unroll
+  for (int u = 0; u < SUB; u++) {
+    const int tok = t0 + 16 * u;
+    if (tok >= end) break;
+    if (tok % GROUP == 0) group_stats(st, qr, qok, ks + (i64)(tok / GROUP) * D, kz + (i64)(tok / GROUP) * D, t);
+    /* scores: rows = tokens g, g + 8; columns = queries 2t, 2t + 1; two chains of MMAs */
+    float s4[4] = {0.f, 0.f, 0.f, 0.f}, r4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int s = 0; s < KSTEPS; s++) {
+      const int w = s / (PPW / 2), j = 2 * (s % (PPW / 2));
+      mma(s & 1 ? r4 : s4, raw(cur.k[u][0][w], BITS * j), raw(cur.k[u][1][w], BITS * j),
+          raw(cur.k[u][0][w], BITS * (j + 1)), raw(cur.k[u][1][w], BITS * (j + 1)), st.qf[s][0], st.qf[s][1]);
+    }
+    const float x0 = (s4[0] + r4[0] + st.cq0) * sl2, x1 = (s4[1] + r4[1] + st.cq1) * sl2;
+    const float x2 = (s4[2] + r4[2] + st.cq0) * sl2, x3 = (s4[3] + r4[3] + st.cq1) * sl2;
+    float mx0 = fmaxf(x0, x2), mx1 = fmaxf(x1, x3);
+    /* FlashAttention-4's lazy rescaling: the running maximum moves (and everything is rescaled) only when
+       a score passes it by more than TH; otherwise weights up to 2^TH enter as they are */
+    if (__any_sync(0xffffffffu, mx0 > st.m0 + TH || mx1 > st.m1 + TH)) {
+#pragma unroll
+      for (int o = 4; o < 32; o <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
+      }
+      const float n0 = fmaxf(st.m0, mx0), n1 = fmaxf(st.m1, mx1);
+      const float al0 = exp2f(st.m0 - n0), al1 = exp2f(st.m1 - n1);
+      st.m0 = n0; st.m1 = n1;
+      st.l0 *= al0; st.z0 *= al0; st.p0 *= al0;
+      st.l1 *= al1; st.z1 *= al1; st.p1 *= al1;
+#pragma unroll
+      for (int mb = 0; mb < MB; mb++) { st.acc[mb][0] *= al0; st.acc[mb][1] *= al1; st.acc[mb][2] *= al0; st.acc[mb][3] *= al1; }
+    }
+    const float p0 = exp2f(x0 - st.m0), p1 = exp2f(x1 - st.m1), p2 = exp2f(x2 - st.m0), p3 = exp2f(x3 - st.m1);
+    const float s0 = h2f(cur.vs[u][0]), s1 = h2f(cur.vs[u][1]);
+    const float zz0 = h2f(cur.vz[u][0]), zz1 = h2f(cur.vz[u][1]);
+    st.l0 += p0 + p2;
+    st.l1 += p1 + p3;
+    st.z0 += p0 * zz0 + p2 * zz1;
+    st.z1 += p1 * zz0 + p3 * zz1;
+    const u32 w0 = pack2(p0 * s0, p1 * s0), w1 = pack2(p2 * s1, p3 * s1);   /* value weights p∘s, fp16 */
+    st.p0 += h2f((u16)w0) + h2f((u16)w1);
+    st.p1 += h2f((u16)(w0 >> 16)) + h2f((u16)(w1 >> 16));
+    /* (token, query) -> (query, token): the value MMA's B operand */
+    const u32 b0 = trans(w0), b1 = trans(w1);
+    /* values: rows = channels, columns = queries; A pairs tokens (2t, 2t+1) and (2t+8, 2t+9) */
+#pragma unroll
+    for (int mb = 0; mb < MB; mb++) {
+      u32 a[4];
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+          const int li = 2 * mb + r, w = li / CPW, e = li % CPW;
+          const u32 x = cur.v[u][2 * h][w], y = cur.v[u][2 * h + 1][w];
+          const u32 z = e < PPW ? prmt(x, y, 0x5410u) : prmt(x, y, 0x7632u);
+          a[2 * h + r] = raw(z, BITS * (e % PPW));
+        }
+      }
+      mma(st.acc[mb], a[0], a[1], a[2], a[3], b0, b1);
+    }
+  }
+}
+
+/* The full-precision sink + ring (keys stored after RoPE): FPS programs of 32 slots, one slot a lane.
+   Position of a ring slot: the newest p <= last with p = slot (mod RING), as the cache writes them; a slot
+   counts when that position is past the packed region (the group being flushed is still read here). */
+#define FPS ((SINK + RING + 31) / 32)
+__device__ __forceinline__ void fp_split(const u16* __restrict__ Q, const u16* __restrict__ KF, const u16* __restrict__ VF,
+                                         float* __restrict__ Part, float* __restrict__ Lse, i64 last, int nq, int bh,
+                                         int f, i64 row0, float sl2) {
+  const int lane = threadIdx.x & 31, slot = 32 * f + lane;
+  i64 pos = slot;
+  if (slot >= SINK) pos = last - ((last - slot) % RING + RING) % RING;
+  const bool ok = slot < SINK + RING && pos >= 0 && pos <= last && (slot < SINK || pos >= SINK + nq);
+  const u16* kr = KF + ((i64)bh * (SINK + RING) + min(slot, SINK + RING - 1)) * D;
+  const u16* qg = Q + (i64)bh * G * D;
+  float sc[G];
+#pragma unroll
+  for (int q = 0; q < G; q++) sc[q] = 0.f;
+  for (int d = 0; d < D; d += 8) {
+    const U4 kw = *(const U4*)(kr + d);
+    const u32 k4[4] = {kw.x, kw.y, kw.z, kw.w};
+#pragma unroll
+    for (int q = 0; q < G; q++) {
+      const U4 qw = *(const U4*)(qg + q * D + d);
+      const u32 q4[4] = {qw.x, qw.y, qw.z, qw.w};
+#pragma unroll
+      for (int i = 0; i < 4; i++)
+        sc[q] += q2f((u16)q4[i]) * q2f((u16)k4[i]) + q2f((u16)(q4[i] >> 16)) * q2f((u16)(k4[i] >> 16));
+    }
+  }
+  float m[G], p[G], l[G];
+#pragma unroll
+  for (int q = 0; q < G; q++) {
+    const float x = ok ? sc[q] * sl2 : NEG_INF;
+    m[q] = x;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m[q] = fmaxf(m[q], __shfl_xor_sync(0xffffffffu, m[q], o));
+    p[q] = ok ? exp2f(x - m[q]) : 0.f;
+    l[q] = p[q];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) l[q] += __shfl_xor_sync(0xffffffffu, l[q], o);
+  }
+  const int n = min(32, SINK + RING - 32 * f);      /* slots this program holds */
+  for (int d0 = 0; d0 < D; d0 += 64) {              /* two channels a lane a pass */
+    float acc[G][2];
+#pragma unroll
+    for (int q = 0; q < G; q++) acc[q][0] = acc[q][1] = 0.f;
+    for (int j = 0; j < n; j++) {
+      const u32 vw = *(const u32*)(VF + ((i64)bh * (SINK + RING) + 32 * f + j) * D + d0 + 2 * lane);
+      const float v0 = q2f((u16)vw), v1 = q2f((u16)(vw >> 16));
+#pragma unroll
+      for (int q = 0; q < G; q++) {
+        const float pj = __shfl_sync(0xffffffffu, p[q], j);
+        acc[q][0] += pj * v0;
+        acc[q][1] += pj * v1;
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < G; q++) {
+      const float inv = l[q] > 0.f ? 1.f / l[q] : 0.f;
+      *(F2*)(Part + (row0 + q) * D + d0 + 2 * lane) = F2{acc[q][0] * inv, acc[q][1] * inv};
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int q = 0; q < G; q++) Lse[row0 + q] = l[q] > 0.f ? (m[q] + log2f(l[q])) * 0.6931471805599453f : NEG_INF;
+  }
+}
+
+/* CW warps a program: each warp its own stretch of tokens (a virtual split), combined in shared memory
+   into one partial result, so the merge reads CW times fewer rows */
+#define FPC ((FPS + CW - 1) / CW)                     /* programs for the full-precision splits */
+#if MINB
+#define BOUNDS __launch_bounds__(32 * CW, MINB)
+#else
+#define BOUNDS __launch_bounds__(32 * CW)
+#endif
+extern "C" __global__ void BOUNDS kivi_attn(
+    const u16* __restrict__ Q, const i64* __restrict__ Len, const u32* __restrict__ KP, const u16* __restrict__ KS,
+    const u16* __restrict__ KZ, const u32* __restrict__ VP, const u16* __restrict__ VS, const u16* __restrict__ VZ,
+    const u16* __restrict__ KF, const u16* __restrict__ VF, float* __restrict__ Part, float* __restrict__ Lse,
+    double scale_log2_d, int S, int NQ_CAP) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wq = threadIdx.x >> 5;
+  const int bh = blockIdx.x, split = blockIdx.y;
+  const float sl2 = (float)scale_log2_d;
+  const i64 avail = Len[0] - 1 - SINK - WINDOW;      /* groups flushed before this token arrived */
+  const int nq = avail > 0 ? (int)(avail / GROUP) * GROUP : 0;
+  const int S1 = S + FPC;                            /* programs 0..S-1 packed, then FPC full-precision ones */
+#if CW > 1
+  __shared__ float so[CW][G][D], sls[CW][G];
+  float* OutP = &so[wq][0][0];
+  float* OutL = &sls[wq][0];
+  const i64 orow = 0;                                /* rows of this warp's own partial result */
+#else
+  float* OutP = Part;
+  float* OutL = Lse;
+  const i64 orow = ((i64)bh * S1 + split) * G;
+#endif
+  if (split >= S) {
+    fp_split(Q, KF, VF, OutP, OutL, Len[0] - 1, nq, bh, (split - S) * CW + wq, orow, sl2);
+  } else {
+  const int vsp = split * CW + wq;                   /* this warp's stretch */
+  int per = (nq + S * CW - 1) / (S * CW);
+  per = (per + STEP - 1) / STEP * STEP;
+  const int start = vsp * per, end = min(start + per, nq);
+  const i64 hq = (i64)bh * NQ_CAP;
+  const u32* kp = KP + hq * W;
+  const u32* vp = VP + hq * W;
+  const u16* vs = VS + hq;
+  const u16* vz = VZ + hq;
+  const u16* ks = KS + (i64)bh * (NQ_CAP / GROUP) * D + t * (D / 4);
+  const u16* kz = KZ + (i64)bh * (NQ_CAP / GROUP) * D + t * (D / 4);
+  const u16* qr = Q + ((i64)bh * G + min(g, G - 1)) * D + t * (D / 4);
+  const float qok = g < G ? 1.f : 0.f;
+
+  State st;
+  st.m0 = st.m1 = NEG_INF;
+  st.l0 = st.l1 = st.z0 = st.z1 = st.p0 = st.p1 = st.cq0 = st.cq1 = 0.f;
+#pragma unroll
+  for (int i = 0; i < MB; i++) { st.acc[i][0] = st.acc[i][1] = st.acc[i][2] = st.acc[i][3] = 0.f; }
+#pragma unroll
+  for (int s = 0; s < KSTEPS; s++) { st.qf[s][0] = st.qf[s][1] = 0u; }
+
+  Buf A, B;     /* double buffer: the next tile's words load while this one is computed */
+  if (start < end) load(A, kp, vp, vs, vz, start, end, g, t);
+  for (int t0 = start; t0 < end; t0 += 2 * TILE) {
+    if (t0 + TILE < end) load(B, kp, vp, vs, vz, t0 + TILE, end, g, t);
+    tile(st, A, t0, end, qr, qok, ks, kz, t, sl2);
+    if (t0 + TILE >= end) break;
+    if (t0 + 2 * TILE < end) load(A, kp, vp, vs, vz, t0 + 2 * TILE, end, g, t);
+    tile(st, B, t0 + TILE, end, qr, qok, ks, kz, t, sl2);
+  }
+  float l0 = st.l0, l1 = st.l1, z0 = st.z0, z1 = st.z1, w0 = st.p0, w1 = st.p1;
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, o);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, o);
+    z0 += __shfl_xor_sync(0xffffffffu, z0, o);
+    z1 += __shfl_xor_sync(0xffffffffu, z1, o);
+    w0 += __shfl_xor_sync(0xffffffffu, w0, o);
+    w1 += __shfl_xor_sync(0xffffffffu, w1, o);
+  }
+  const i64 row = orow + 2 * t;
+  const float d0 = l0 > 0.f ? 1.f / l0 : 0.f, d1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+  for (int mb = 0; mb < MB; mb++) {
+    /* a channel's MMA sum is Σ w·(1024 + c·2^sub): take off 1024·Σw, scale by 2^-sub, add the zero term */
+    const int col = g * (D / 8) + 2 * mb;
+    const float f0 = 1.f / (1 << VSUB(2 * mb)), f1 = 1.f / (1 << VSUB(2 * mb + 1));
+    if (2 * t < G)
+      *(F2*)(OutP + row * D + col) = F2{((st.acc[mb][0] - 1024.f * w0) * f0 + z0) * d0,
+                                        ((st.acc[mb][2] - 1024.f * w0) * f1 + z0) * d0};
+    if (2 * t + 1 < G)
+      *(F2*)(OutP + (row + 1) * D + col) = F2{((st.acc[mb][1] - 1024.f * w1) * f0 + z1) * d1,
+                                              ((st.acc[mb][3] - 1024.f * w1) * f1 + z1) * d1};
+  }
+  if (g == 0) {
+    const float LN2 = 0.6931471805599453f;
+    if (2 * t < G) OutL[row] = l0 > 0.f ? (st.m0 + log2f(l0)) * LN2 : NEG_INF;
+    if (2 * t + 1 < G) OutL[row + 1] = l1 > 0.f ? (st.m1 + log2f(l1)) * LN2 : NEG_INF;
+  }
+  }
+#if CW > 1
+  __syncthreads();
+  const i64 prow = ((i64)bh * S1 + split) * G;
+  for (int i = threadIdx.x; i < G * D; i += 32 * CW) {
+    const int q = i / D, d = i % D;
+    float mx = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < CW; w++) mx = fmaxf(mx, sls[w][q]);
+    float o = 0.f, den = 0.f;
+    if (mx != NEG_INF) {
+#pragma unroll
+      for (int w = 0; w < CW; w++) { const float e = __expf(sls[w][q] - mx); o += e * so[w][q][d]; den += e; }
+    }
+    Part[(prow + q) * D + d] = den > 0.f ? o / den : 0.f;
+    if (d == 0) Lse[prow + q] = den > 0.f ? mx + __logf(den) : NEG_INF;
+  }
+#endif
+}
+
+/* out[b, h·G + q, :] = the splits merged by their log-sum-exp; one program a (KV head, query) of MW warps:
+   the maximum first, then each warp a stride of splits (independent loads), then the warps summed. */
+#define MW 16
+extern "C" __global__ void __launch_bounds__(32 * MW) kivi_merge(const float* __restrict__ Part,
+                                                                 const float* __restrict__ Lse, u16* __restrict__ Out, int S1) {
+  __shared__ float red[MW][D];
+  __shared__ float dens[MW], mxs[MW];
+  const int pid = blockIdx.x, bh = pid / G, q = pid % G, tid = threadIdx.x, wp = tid >> 5, lane = tid & 31;
+  const i64 base = (i64)bh * S1 * G + q;                 /* row of split s: base + s·G */
+  float mx = NEG_INF;
+  for (int s = tid; s < S1; s += 32 * MW) mx = fmaxf(mx, Lse[base + (i64)s * G]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if (lane == 0) mxs[wp] = mx;
+  __syncthreads();
+  mx = mxs[0];
+#pragma unroll
+  for (int i = 1; i < MW; i++) mx = fmaxf(mx, mxs[i]);
+  float acc[D / 32], den = 0.f;
+#pragma unroll
+  for (int i = 0; i < D / 32; i++) acc[i] = 0.f;
+  if (mx != NEG_INF) {
+#pragma unroll 4
+    for (int s = wp; s < S1; s += MW) {
+      const i64 row = base + (i64)s * G;
+      const float w = __expf(Lse[row] - mx);             /* exp(-inf) = 0: empty splits weigh nothing */
+      den += w;
+#pragma unroll
+      for (int i = 0; i < D / 32; i++) acc[i] += w * Part[row * D + lane + 32 * i];
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < D / 32; i++) red[wp][lane + 32 * i] = acc[i];
+  if (lane == 0) dens[wp] = den;
+  __syncthreads();
+  for (int d = tid; d < D; d += 32 * MW) {
+    float o = 0.f, dd = 0.f;
+#pragma unroll
+    for (int i = 0; i < MW; i++) { o += red[i][d]; dd += dens[i]; }
+    o = dd > 0.f ? o / dd : 0.f;
+    u16 h;
+#if QBF16
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(o));
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(o));
+#endif
+    Out[(i64)pid * D + d] = h;
+  }
+}
