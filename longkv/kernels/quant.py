@@ -310,7 +310,6 @@ PREFETCH = 4                 # L2 bulk prefetch this many tiles ahead (Hopper an
 NUM_WARPS = None             # None: `_default_warps`
 MAX_REGS = None              # register cap per thread (None: the compiler's choice)
 PIPE = True                  # double-buffered fast loop (`_fast_loop`); False: the plain loop
-_WARNED: set = set()         # quant_cuda.Unavailable messages already shown
 
 
 def _default_warps(tile: int, fast_k: bool) -> int:
@@ -378,12 +377,10 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
         try:
             return qc.decode_attention(q, kq, vq, kf, vf, length.reshape(-1)[-1:], bits=bits, group=group, sink=sink,
                                        window=window, scale=scale, splits=splits)
-        except qc.Unavailable as e:   # said once a layout (the failure is remembered); the Triton kernel serves
+        except qc.Unavailable as e:   # the failure is remembered a layout; the warning shows once (same text)
             if impl == "cuda":
                 raise
-            if str(e) not in _WARNED:
-                _WARNED.add(str(e))
-                warnings.warn(f"{e}; using the Triton kernel")
+            warnings.warn(f"{e}; using the Triton kernel")
     cap = kq["planes"][0].shape[2]
     S = splits or num_splits(cap, B * H)
     part = torch.empty(B * H * (S + 1) * G, D, device=q.device, dtype=torch.float32)
