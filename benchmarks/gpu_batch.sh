@@ -13,6 +13,8 @@
 #   quant     issue 4: quant decode 32K-512K, full / kv4 / kv2
 #   qsweep    issue 4: packed-kernel sweep over warps and pipelining stages at 128K
 #   kivi      issue 4: the post-RoPE fast path (kivi4, kivi2) next to full and kv4, 32K-512K
+#   quantcuda issue 4: the CUDA kernel for that layout: its GPU tests, the one-layer probe at 128K, and
+#             decode 32K-512K + 1M (full, kivi4, kivi2)
 #   kivisweep issue 4: its tile / warp sweep at 128K
 #   nopipe    issue 4: kivi4 at 128K with the plain loop (next to the kivi step's double-buffered one)
 #   pipesweep issue 4: the double-buffered fast loop against the plain one (tiles x warps) at 128K
@@ -57,6 +59,9 @@
 # quest r8 mass, kv4], [sparse_decode.py 128k,512k + r4 mass (fold vs before)], [copy x4; copy; install;
 # sparse_quality.sh gemma-niah gemma-ruler report with GEMMA_METHODS=adakv+snapkv], [sparse_decode.py
 # 512k r8 mass, groups unrolled]. No refusals.
+# Session 11 (2026-12-04), all by hand (now the `quantcuda` step): [tests/test_quant_cuda.py +
+# quant_cuda_probe.py sweeps] x6 as the CUDA kernel changed, [quant_decode.py 32k-512k] x3 (the last
+# with --million), [quant_decode.py --shape gemma3-4b]. No refusals.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -90,6 +95,11 @@ step() {
     quant) bench quant 240 $PY quant_decode.py --contexts 32k,128k,512k --caches full,kv4,kv2 --new-tokens 24 ;;
     qsweep) bench qsweep 90 $PY quant_sweep.py --context 128k --caches kv4,kv2 --dot 1 --block-n 64 --warps 4,8 \
               --stages 0,1,2,3,4 ;;
+    quantcuda) (TRITON_INTERPRET=0 timeout 250 $PY -m pytest -q -rf --tb=line tests/test_quant_cuda.py) > "$OUT/quantcuda_tests.log" 2>&1
+               echo "quantcuda tests: $(tail -n 1 "$OUT/quantcuda_tests.log")" >&2
+               bench quantcuda_probe 200 $PY quant_cuda_probe.py --context 128k --bits 4,2
+               bench quantcuda_decode 400 $PY quant_decode.py --contexts 32k,128k,512k --caches full,kivi4,kivi2 \
+                 --million --new-tokens 24 ;;
     kivi) bench kivi${KIVI_CTX:+_${KIVI_CTX//,/_}} 330 $PY quant_decode.py --contexts ${KIVI_CTX:-32k,128k,512k} --caches full,kv4,kivi4,kivi2 --new-tokens 24 ;;
     pipesweep) bench pipesweep 200 $PY quant_sweep.py --context 128k --caches kivi4,kivi2 --dot 1 --block-n 16,32,64 \
               --warps 2,4,8 --pipe 0,1 ;;
