@@ -69,7 +69,7 @@ def main() -> None:
             for tile in map(int, a.tile.split(",")):
                 group = 64 if bits == 4 else 16
                 src = qc.defines(D=D, bits=bits, group=group, G=a.g, sink=4, ring=128 + 2 * group, bf16=True, tile=tile,
-                                 pf=a.pf, minb=a.minb, cw=a.cw) + qc.SOURCE
+                                 pf=a.pf, minb=a.minb, cw=a.cw) + qc.source()
                 cubin = nvrtc_cubin(lib, src, a.arch)
                 with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                     f.write(cubin)

@@ -60,7 +60,10 @@ CW = 1             # warps a program (each its own stretch of tokens, combined i
 MINB = 0           # __launch_bounds__ minimum programs an SM (0 = the compiler's register choice)
 _MODULES: dict = {}
 
-SOURCE = (Path(__file__).with_name("quant_cuda.cu")).read_text()   # the kernels; `defines` go in front
+
+def source() -> str:
+    """The kernels' CUDA source (read when first compiled, not at import); `defines` go in front."""
+    return Path(__file__).with_name("quant_cuda.cu").read_text()
 
 
 def defines(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
@@ -101,7 +104,7 @@ def _kernels(cfg: str):
     """(splits kernel, merge kernel, programs the whole GPU holds at once) for a layout."""
     if cfg not in _MODULES:
         import ctypes
-        src = cfg + SOURCE
+        src = cfg + source()
         try:
             from torch.cuda import _compile_kernel
             from torch.cuda._utils import _get_gpu_runtime_library
