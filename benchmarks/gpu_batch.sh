@@ -59,9 +59,10 @@
 # quest r8 mass, kv4], [sparse_decode.py 128k,512k + r4 mass (fold vs before)], [copy x4; copy; install;
 # sparse_quality.sh gemma-niah gemma-ruler report with GEMMA_METHODS=adakv+snapkv], [sparse_decode.py
 # 512k r8 mass, groups unrolled]. No refusals.
-# Session 11 (2026-12-04), all by hand (now the `quantcuda` step): [tests/test_quant_cuda.py +
-# quant_cuda_probe.py sweeps] x6 as the CUDA kernel changed, [quant_decode.py 32k-512k] x3 (the last
-# with --million), [quant_decode.py --shape gemma3-4b]. No refusals.
+# Session 11 (2026-12-04), all by hand (now the `quantcuda` step), 11 calls: [tests/test_quant_cuda.py +
+# quant_decode.py 128k], [tests + quant_cuda_probe.py sweep] x4 as the CUDA kernel changed, [tests +
+# quant_decode.py 32k-512k], [quant_decode.py 32k-512k], [tests + probe sweep], [quant_decode.py
+# 32k-512k --million], [quant_decode.py --shape gemma3-4b], [tests + probe] (final). No refusals.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
