@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -85,6 +86,29 @@ def time_cuda(fn, reps: int) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def timed(fn, reps: int, dev) -> float:
+    """Mean ms per call (CUDA events on a GPU, wall clock on the CPU)."""
+    if dev.type == "cuda":
+        return time_cuda(fn, reps)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+def graph_time(fn, reps: int, dev) -> float:
+    """ms per call of `fn`, captured in a CUDA graph on CUDA (after two warm-up calls; the kernels' time,
+    not Python's launch overhead), eager on CPU."""
+    fn()
+    fn()
+    if dev.type == "cuda":
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        fn = g.replay
+    return timed(fn, reps, dev)
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:

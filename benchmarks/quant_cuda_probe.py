@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from common import emit_json, parse_tokens, print_table, time_cuda
+from common import emit_json, graph_time, parse_tokens, print_table
 
 from longkv.kernels import quant as qk
 from longkv.kernels import quant_cuda as qc
@@ -22,13 +22,7 @@ from longkv.kernels.decode import decode_attention
 
 
 def graphed(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    return time_cuda(g.replay, reps) * 1e3   # µs
+    return graph_time(fn, reps, torch.device("cuda")) * 1e3   # µs
 
 
 def layer(ctx: int, bits: int, group: int, H: int, D: int, sink: int, window: int, dev):
@@ -85,14 +79,11 @@ def main():
                     for minb, cw in [(m, c) for m in map(int, a.minb.split(",")) for c in map(int, a.cw.split(","))]:
                         kw2 = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5, splits=S or None,
                                    tile=tile, pf=pf, minb=minb, cw=cw)
-                        attn, merge, _ = qc.decode_attention(q, kq, vq, kf, vf, length, parts=True, **kw2)
+                        attn, merge, _, splits = qc.decode_attention(q, kq, vq, kf, vf, length, parts=True, **kw2)
                         us_a, us_m = graphed(attn, a.reps), graphed(merge, a.reps)
                         us = graphed(lambda: qc.decode_attention(q, kq, vq, kf, vf, length, **kw2), a.reps)
-                        cfg = qc.defines(D=D, bits=bits, group=group, G=G, sink=sink, ring=kf.shape[2] - sink,
-                                         bf16=True, tile=tile, pf=pf, minb=minb, cw=cw)
-                        fps = -(-((kf.shape[2] + 31) // 32) // cw)
                         rows.append(dict(what=f"{bits}-bit CUDA: splits kernel | merge | whole call",
-                                         splits=S or qc.num_splits(qc._kernels(cfg)[2], H, fps), tile=tile, pf=pf,
+                                         splits=splits, tile=tile, pf=pf,
                                          minb=minb, cw=cw, us=f"{us_a:.1f} | {us_m:.1f} | {us:.1f}",
                                          TBps=round(nbytes / us / 1e6, 2)))
     print_table(rows, ["what", "splits", "tile", "pf", "minb", "cw", "us", "TBps"])

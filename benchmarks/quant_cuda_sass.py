@@ -1,5 +1,5 @@
 """Compile the CUDA decode kernel (`longkv/kernels/quant_cuda.py`) offline, without a GPU, and count
-what it costs: registers, spills, and SASS instructions a code in the main loop.
+what it costs: registers, spills, and SASS instructions a code in the main loop (`quant_sass.cubin_stats`).
 
 Needs NVRTC (the `nvidia-cuda-nvrtc-cu12` wheel: `pip download --no-deps nvidia-cuda-nvrtc-cu12` and
 unzip it; pass the folder holding libnvrtc.so.12 with --nvrtc) and the cuobjdump/nvdisasm that ship in
@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
-from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import emit_json, print_table  # noqa: E402
+from quant_sass import cubin_stats  # noqa: E402
+
 from longkv.kernels import quant_cuda as qc  # noqa: E402
 
 
@@ -42,11 +40,6 @@ def nvrtc_cubin(lib: ctypes.CDLL, src: str, arch: str) -> bytes:
     return buf.raw
 
 
-def tools() -> Path:
-    import triton
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nvrtc", required=True, help="folder holding libnvrtc.so.12")
@@ -58,7 +51,7 @@ def main() -> None:
     ap.add_argument("--pf", type=int, default=0)
     ap.add_argument("--minb", type=int, default=0)
     ap.add_argument("--cw", type=int, default=1)
-    ap.add_argument("--dump", action="store_true", help="print the kernel's SASS")
+    ap.add_argument("--dump", action="store_true", help="print each row's statistics as it is made")
     a = ap.parse_args()
     lib = ctypes.CDLL(os.path.join(a.nvrtc, "libnvrtc.so.12"))
     rows = []
@@ -70,34 +63,14 @@ def main() -> None:
                 group = 64 if bits == 4 else 16
                 src = qc.defines(D=D, bits=bits, group=group, G=a.g, sink=4, ring=128 + 2 * group, bf16=True, tile=tile,
                                  pf=a.pf, minb=a.minb, cw=a.cw) + qc.source()
-                cubin = nvrtc_cubin(lib, src, a.arch)
-                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                    f.write(cubin)
-                    f.flush()
-                    res = subprocess.run([str(tools() / "cuobjdump"), "--dump-resource-usage", f.name],
-                                         capture_output=True, text=True).stdout
-                    sass = subprocess.run([str(tools() / "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
-                regs = re.search(r"Function kivi_attn:\s*\n\s*REG:(\d+)\s+STACK:(\d+)", res)
-                body = sass[sass.index("kivi_attn"):]
-                body = body[:body.index("kivi_merge")] if "kivi_merge" in body else body
-                ins = [m.group(1).split(".")[0] for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", body)]
+                r = cubin_stats(nvrtc_cubin(lib, src, a.arch), func="kivi_attn")
                 if a.dump:
-                    print(body)
-                c = Counter(ins)
-                # the loop: tiles are unrolled twice (A and B buffers); count the whole kernel body and
-                # divide by the codes two tiles hold per thread as an upper bound of the loop's cost
+                    print(r)
+                # the main loop holds two 16-token steps (the double buffer's A and B tiles) of K and V codes
                 codes = 2 * tile * D * 2 // 32
-                rows.append({"bits": bits, "D": D, "tile": tile, "regs": int(regs.group(1)) if regs else None,
-                             "stack": int(regs.group(2)) if regs else None, "instructions": len(ins),
-                             "per_code_bound": round(len(ins) / codes, 2), "HMMA": c["HMMA"], "LDG": c["LDG"],
-                             "PRMT": c["PRMT"], "LOP3": c["LOP3"], "HADD2": c["HADD2"], "SHF": c["SHF"],
-                             "MOVM": c["MOVM"], "STL": c["STL"], "LDL": c["LDL"], "SHFL": c["SHFL"]})
-    keys = list(rows[0])
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(str(r[k]) for k in keys) + " |")
-    print(json.dumps({"rows": rows}))
+                rows.append(dict(bits=bits, D=D, tile=tile, **r, instr_per_code=round(r["loop"] / codes, 2)))
+    print_table(rows, list(rows[0]))
+    emit_json({"bench": "quant_cuda_sass", "arch": a.arch, "rows": rows})
 
 
 if __name__ == "__main__":

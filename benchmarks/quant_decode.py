@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from common import LLAMA3_8B, SHAPES, copy_bandwidth, emit_json, parse_tokens, print_table, random_model, weight_bytes_read
+from common import (LLAMA3_8B, SHAPES, copy_bandwidth, emit_json, graph_time, parse_tokens, print_table, random_model,
+                    timed, weight_bytes_read)
 
 from longkv.cache import spec as cache_spec
 from longkv.kernels import quant as qk
@@ -36,17 +37,6 @@ SMOKE = dict(LLAMA3_8B, vocab_size=512, hidden_size=256, intermediate_size=512, 
 def sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize()
-
-
-def timed(fn, reps: int, dev) -> float:
-    """Mean ms per call (CUDA events on a GPU, wall clock on the CPU)."""
-    if dev.type == "cuda":
-        from common import time_cuda
-        return time_cuda(fn, reps)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps * 1e3
 
 
 @torch.inference_mode()
@@ -96,13 +86,7 @@ def attention_alone(model, kv, ctx: int, dev, reps: int) -> float:
         fn = lambda: qk.quant_decode_attention(q, kv.kq[i], kv.vq[i], kv.kf[i], kv.vf[i], length, **kw)
     else:
         fn = lambda: decode_attention(q, kv.k[i], kv.v[i], length, scale=sp.scale)
-    fn()
-    if dev.type == "cuda":   # replayed as a CUDA graph: the kernels' time, not the Python launch overhead
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return timed(graph.replay, reps, dev)
-    return timed(fn, reps, dev)
+    return graph_time(fn, reps, dev)
 
 
 def check(model, dev) -> dict:

@@ -54,15 +54,20 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def inspect(kernel) -> dict:
-    """Registers (cuobjdump), shared memory, and the opcode counts of the packed loop (nvdisasm);
-    loop 0 when no loop with tensor-core instructions is found."""
+def cubin_stats(cubin: bytes, func: str | None = None) -> dict:
+    """Registers (cuobjdump), spills, and the opcode counts of the main loop (nvdisasm) of a cubin, or
+    of its function `func` only; the main loop is the first loop with tensor-core instructions (0 when
+    there is none)."""
     d = tempfile.mkdtemp()
-    cubin = os.path.join(d, "k.cubin")
-    with open(cubin, "wb") as f:
-        f.write(kernel.asm["cubin"])
-    res = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
-    sass = subprocess.run([_tool("nvdisasm"), "-hex", cubin], capture_output=True, text=True).stdout
+    path = os.path.join(d, "k.cubin")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    res = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout
+    sass = subprocess.run([_tool("nvdisasm"), "-hex", path], capture_output=True, text=True).stdout
+    if func:   # that function's section alone
+        sass = sass[sass.index(f".text.{func}:"):]
+        sass = sass[:sass.index("\t.section", 1)] if "\t.section" in sass[1:] else sass
+        res = res[res.index(f"Function {func}:"):]
     ins, labels, pending = [], {}, []
     for line in sass.splitlines():
         m = re.match(r"\s*(\.L_x_\d+):", line)
@@ -86,8 +91,14 @@ def inspect(kernel) -> dict:
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in best)
     regs = re.search(r"REG:(\d+)", res)
     spills = sum(1 for _, t in ins if re.search(r"\b(STL|LDL)\b", t))   # local-memory traffic = spills
-    return dict(regs=int(regs.group(1)) if regs else None, spills=spills, smem=kernel.metadata.shared, loop=len(best),
+    return dict(regs=int(regs.group(1)) if regs else None, spills=spills, loop=len(best),
                 top=", ".join(f"{k} {v}" for k, v in ops.most_common(6)))
+
+
+def inspect(kernel) -> dict:
+    """`cubin_stats` of a compiled Triton kernel, with its shared memory."""
+    r = cubin_stats(kernel.asm["cubin"])
+    return dict(regs=r["regs"], spills=r["spills"], smem=kernel.metadata.shared, loop=r["loop"], top=r["top"])
 
 
 def main():

@@ -41,7 +41,7 @@ import gc
 import time
 
 import torch
-from common import LLAMA3_8B, emit_json, parse_tokens, print_table, random_model, time_cuda
+from common import LLAMA3_8B, emit_json, graph_time, parse_tokens, print_table, random_model, timed
 
 from longkv.cache import spec as cache_spec
 
@@ -84,27 +84,6 @@ def fill(model, cache, ctx: int, chunk: int, dev, gen):
                 cache._remember(layer, q, pos[-q.shape[2]:])
             cache.append(layer, k, v, step)
         cache.advance(n)
-
-
-def timed(fn, reps: int, dev) -> float:
-    if dev.type == "cuda":
-        return time_cuda(fn, reps)
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t) / reps * 1e3
-
-
-def graph_time(fn, reps: int, dev) -> float:
-    """ms per call of `fn`, captured in a CUDA graph on CUDA (after two warm-up calls), eager on CPU."""
-    fn()
-    fn()
-    if dev.type == "cuda":
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        fn = g.replay
-    return timed(fn, reps, dev)
 
 
 def count_kernels(fn, dev):

@@ -6,7 +6,9 @@ register layout and `tl.dot` then moves it through shared memory into the MMA op
 keeps the padded 16-row query block in registers; offline that was 7.6 SASS instructions a code at
 213-254 registers (2 warps a scheduler), and it read 0.6 TB/s. Here each thread loads exactly the
 32-bit words whose codes its own MMA fragment registers hold, so nothing goes through shared memory
-(offline sm_90, `benchmarks/quant_cuda_sass.py`: ~1.7 instructions a code, 161 registers):
+(offline sm_90: 160 registers; ~220 instructions a 16-token step on the common path by a hand count
+of the SASS, 1.7 a code; `benchmarks/quant_cuda_sass.py` counts the loop's static size, 6.7 a code, which
+also holds the once-a-group query rebuild and the rare rescale):
 
 - scores, tokens on the MMA's M side: S (16 tokens x 8 queries) = codes (A, 16 x 16 channels) ·
   (q∘s)ᵀ (B). Keys are quantized per channel after RoPE (KIVI, Liu et al. 2024), so a token group
@@ -92,16 +94,13 @@ def supported(q: torch.Tensor, kq: dict, *, bits: int, group: int, vgroup: int, 
             and D * bits >= 256 and group >= 16)
 
 
-def _cfg(cfg: str) -> dict:
-    return {k: int(v) for k, v in (line.split()[1:3] for line in cfg.splitlines())}
-
-
 class Unavailable(RuntimeError):
     """The kernel could not be built here (no NVRTC, an old driver, an unknown GPU): use the Triton one."""
 
 
-def _kernels(cfg: str):
-    """(splits kernel, merge kernel, programs the whole GPU holds at once) for a layout."""
+def _kernels(cfg: str, warps: int):
+    """(splits kernel, merge kernel, programs the whole GPU holds at once) for a layout of `warps`-warp
+    programs."""
     if cfg not in _MODULES:
         import ctypes
         src = cfg + source()
@@ -115,7 +114,7 @@ def _kernels(cfg: str):
         else:
             n = ctypes.c_int()
             _get_gpu_runtime_library().cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                ctypes.byref(n), attn.func, 32 * _cfg(cfg)["CW"], ctypes.c_size_t(0))
+                ctypes.byref(n), attn.func, 32 * warps, ctypes.c_size_t(0))
             _MODULES[cfg] = (attn, mrg, max(1, n.value) * torch.cuda.get_device_properties().multi_processor_count)
     if isinstance(_MODULES[cfg], Unavailable):
         raise _MODULES[cfg]
@@ -136,7 +135,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
                      minb: int | None = None, cw: int | None = None, parts: bool = False):
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
-    parts=True returns the two launches as closures instead (benchmarks/quant_cuda_probe.py times them)."""
+    parts=True returns (the two launches as closures, out, splits) instead (benchmarks/quant_cuda_probe.py)."""
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
@@ -148,8 +147,8 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     cap = kq["planes"][0].shape[2]
     cfg = defines(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
                   pf=pf, minb=minb, cw=cw)
-    attn, mrg, slots = _kernels(cfg)
-    warps = _cfg(cfg)["CW"]
+    warps = CW if cw is None else cw
+    attn, mrg, slots = _kernels(cfg, warps)
     fps = -(-((sink + ring + 31) // 32) // warps)    # programs of the full-precision splits (FPC)
     S = splits or num_splits(slots, B * H, fps)
     S1 = S + fps
@@ -168,7 +167,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
         mrg(grid=(B * Hq, 1, 1), block=(32 * MERGE_WARPS, 1, 1), args=[part, lse, out, int(S1)])
 
     if parts:
-        return run_attn, run_merge, out
+        return run_attn, run_merge, out, S
     run_attn()
     run_merge()
     return out
