@@ -10,6 +10,8 @@ what a cache physically holds. Every cache reports `nbytes()`, the bytes it real
 """
 from __future__ import annotations
 
+import functools
+
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -51,6 +53,12 @@ class Step:
     @property
     def n(self) -> int:
         return self.pos.shape[0]
+
+    @functools.cached_property
+    def length(self) -> torch.Tensor:
+        """(1,) int64 on the device: tokens held once this step's are in (pos[-1] + 1); computed once a
+        step rather than once a layer (inside a CUDA graph each is a kernel)."""
+        return self.pos[-1:] + 1
 
 
 class Cache(ABC):

@@ -76,7 +76,7 @@ class FullCache(Cache):
         self.k[layer].index_copy_(2, slot, apply_rope(k, cos, sin).to(self.k[layer].dtype))
         self.v[layer].index_copy_(2, slot, v.to(self.v[layer].dtype))
         if w is not None:    # the ring is the window: every filled slot is visible
-            return decode_attention(q, self.k[layer], self.v[layer], torch.clamp(step.pos[-1] + 1, max=w),
+            return decode_attention(q, self.k[layer], self.v[layer], torch.clamp(step.length, max=w),
                                     scale=s.scale, window=None, softcap=s.softcap)
-        return decode_attention(q, self.k[layer], self.v[layer], step.pos[-1] + 1, scale=s.scale,
+        return decode_attention(q, self.k[layer], self.v[layer], step.length, scale=s.scale,
                                 window=s.window, softcap=s.softcap)

@@ -33,8 +33,29 @@ def gelu_mul(g, u):
 GATED = {"silu": silu_mul, "gelu_pytorch_tanh": gelu_tanh_mul, "gelu": gelu_mul}
 
 
+@on_cuda
+def rms_norm(x, w, eps: float):
+    # F.rms_norm computes in fp32 and rounds once to x's dtype: HF's order (weight * normalized)
+    return w * F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+@on_cuda
+def add_rms_norm(x, r, w, eps: float):
+    """(x + r, rms_norm(x + r)): a residual add and the next norm in one kernel at decode."""
+    x = x + r
+    return x, w * F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+@on_cuda
+def gemma_rms_norm(x, w, eps: float):
+    xf = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return (xf * (1.0 + w.float())).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm: normalise in fp32, cast back, then scale (weight * x)."""
+    """Llama's RMSNorm: normalise in fp32, cast back, then scale (weight * x). On CUDA the norm and
+    the scale are one compiled kernel (two eager ones cost 4.5 µs a call at decode, 0.3 ms a token on
+    the 8B shape)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -42,16 +63,22 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # F.rms_norm computes in fp32 and rounds once to x's dtype: HF's order, in one kernel
-        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add(self, x, r):
+        """(x + r, self(x + r))."""
+        return add_rms_norm(x, r, self.weight, self.eps)
 
 
 class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: scale by (1 + weight), all in fp32, then cast back."""
 
     def forward(self, x):
-        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+        return gemma_rms_norm(x, self.weight, self.eps)
+
+    def add(self, x, r):
+        x = x + r
+        return x, self(x)
 
 
 class MLP(nn.Module):
