@@ -34,7 +34,8 @@ def _cuda(x):
     (256, 4, 64, 2, 1300, 3), (256, 2, 16, 4, 600, 2), (128, 4, 64, 4, 100, 2),   # 100: nothing quantized yet
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("variant", [{}, {"cw": 4}, {"pf": 2}])   # the defaults; 4 warps a program; prefetch
+# the defaults; 4 warps a program; L2 prefetch; the key-group prefetch on / off (its default depends on the group)
+@pytest.mark.parametrize("variant", [{}, {"cw": 4}, {"pf": 2}, {"gpf": 1}, {"gpf": 0}])
 def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype, variant):
     if variant and dtype != torch.bfloat16:
         pytest.skip("launch variants: bf16 is enough")
@@ -49,6 +50,11 @@ def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype,
     qg = q.cuda().to(dtype)
     args = (qg, _cuda(kq), _cuda(vq), kf.cuda().to(dtype), vf.cuda().to(dtype), torch.tensor([length]).cuda())
     assert qc.supported(qg, args[1], bits=bits, group=group, vgroup=D, prerope=False, G=G)
+    if qc.smem_bytes(D=D, G=G, cw=variant.get("cw", 1)) > 48 * 1024:
+        with pytest.raises(qc.Unavailable, match="shared memory"):
+            qc.decode_attention(*args, splits=splits, **variant, **{k: kw[k] for k in ("bits", "group", "sink",
+                                                                                      "window", "scale")})
+        return
     got = qc.decode_attention(*args, splits=splits, **variant, **{k: kw[k] for k in ("bits", "group", "sink", "window",
                                                                                  "scale")}).float().cpu()
     tri = qk.quant_decode_attention(*args, splits=splits, impl="triton", **kw).float().cpu()

@@ -284,7 +284,7 @@ class QuantCache(Cache):
         if layer in self.win:
             return self.local.decode(self.win[layer], q, k, v, step)
         s = self.specs[layer]
-        length = step.pos[-1:] + 1
+        length = step.length
         if not self.prerope:
             k = apply_rope(k, *step.rope[s.rope_index])
         kw = self.kernel_kwargs(layer)
@@ -325,10 +325,11 @@ _preset("kivi4", "4-bit KV in KIVI's layout (Liu et al. 2024) = quant:bits=4,gro
                  "and reads the codes as they are (no per-element dequantization or rotation); 4.5 "
                  "bits/element beyond the fp window, ppl +0.08 % vs kv4's +0.04 % on smollm2-135m; the "
                  "fastest decode: a CUDA kernel feeds the codes to the tensor cores (H200, Llama-3-8B "
-                 "shape: 0.73x of bf16 full's ms/token at 128K, 0.53x at 512K; kv4 1.45x / 1.74x)",
+                 "shape: 0.69x of bf16 full's ms/token at 128K, 0.50x at 512K; kv4 1.45x / 1.74x)",
         bits=4, prerope=False)
 _preset("kivi2", "2-bit KV in KIVI's layout = quant:bits=2,group=16,prerope=0: 16-token key groups after "
                  "RoPE, one value range per token, no outliers (the CUDA kernel's layout); 3.25 "
                  "bits/element beyond the fp window, ppl +6.2 % vs kv2's +4.8 % on smollm2-135m; "
-                 "0.80x of bf16 full's ms/token at 128K, 0.66x at 512K (H200, 8B shape)",
+                 "0.73x of bf16 full's ms/token at 128K, 0.56x at 512K (H200, 8B shape; 32-token groups, "
+                 "quant:bits=2,group=32,prerope=0: 0.71x / 0.51x, 2.75 bits, ppl +8.8 %)",
         bits=2, group=16, prerope=False)

@@ -33,8 +33,8 @@ are loaded into registers before this tile is converted, so HBM's latency overla
 
 On a GPU the KIVI layout at 2 and 4 bits (post-RoPE keys, one value range a token, no outliers or
 codebooks: `kivi4`, `kivi2`) does not run here but in `kernels/quant_cuda.py`, which loads the codes
-in MMA fragment order (H200, 8B shape, 128K: 60 µs a layer against this kernel's 183; kivi4 decodes
-at 0.73x of bf16 full). Everything else (pre-RoPE keys: `kv4`, `kv3`, `kv2`; outliers, codebooks,
+in MMA fragment order (H200, 8B shape, 128K: 59 µs a layer against this kernel's 183; kivi4 decodes
+at 0.69x of bf16 full). Everything else (pre-RoPE keys: `kv4`, `kv3`, `kv2`; outliers, codebooks,
 3 and 8 bits) runs here, and the tests run this kernel on the KIVI layout too (interpreter).
 
 Where this kernel stands (H200, BENCHMARKS.md issue 4): kv4 decodes at 1.45x of bf16 full at 128K;

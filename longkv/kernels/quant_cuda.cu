@@ -1,6 +1,6 @@
 // Decode attention over KIVI-layout packed KV, one layer: the CUDA source of `quant_cuda.py` (see its
 // docstring for the design and the figures). Compiled by NVRTC with a block of #defines in front
-// (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, PF, MINB, CW.
+// (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, PF, GPF, MINB, CW.
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef long long i64;
@@ -55,9 +55,40 @@ template <int N> __device__ __forceinline__ void ldw(u32* dst, const u32* src) {
 
 struct Buf { u32 k[SUB][2][KW]; u32 v[SUB][4][VW]; u16 vs[SUB][2]; u16 vz[SUB][2]; };
 
+/* L2 prefetch PF tiles ahead: a warp holds two tiles in registers, too few bytes in flight for DRAM's
+   latency under load. Lane i prefetches line i of a tile (the key codes' 128-byte lines, the values',
+   then the value ranges' scale and zero; lines 32.. by lane i - 32): address a + tile start · m. */
+#define PF_LINES (2 * (TILE * W * 4 / 128) + 2)
+struct Pf { const char* a0; const char* a1; int m0, m1; bool on0, on1; };
+__device__ __forceinline__ void pf_line(int i, const u32* kp, const u32* vp, const u16* vs, const u16* vz,
+                                        const char*& a, int& m, bool& on) {
+  constexpr int KL = TILE * W * 4 / 128;
+  on = i < PF_LINES;
+  a = i < KL ? (const char*)kp + 128 * i : i < 2 * KL ? (const char*)vp + 128 * (i - KL)
+    : i == 2 * KL ? (const char*)vs : (const char*)vz;
+  m = i < 2 * KL ? W * 4 : 2;
+}
+__device__ __forceinline__ Pf pf_lines(int lane, const u32* kp, const u32* vp, const u16* vs, const u16* vz) {
+  Pf p;
+  pf_line(lane, kp, vp, vs, vz, p.a0, p.m0, p.on0);
+  pf_line(lane + 32, kp, vp, vs, vz, p.a1, p.m1, p.on1);
+  return p;
+}
+
 /* tile t0: the thread's words (16-token steps past the end are not loaded; `tile` skips them) */
 __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const u16* vs, const u16* vz,
-                                     int t0, int end, int g, int t) {
+                                     const u16* ks, const u16* kz, int t0, int end, int g, int t, const Pf& pf) {
+#if GPF
+  /* the key group starting GPF tiles after this one: its scale and zero rows (this thread's part) into
+     L1, so that the query rebuild at its first tile does not wait a DRAM latency */
+  {
+    const int tg = t0 + GPF * TILE;
+    if (tg % GROUP == 0 && tg < end) {
+      asm volatile("prefetch.global.L1 [%0];" :: "l"(ks + (i64)(tg / GROUP) * D));
+      asm volatile("prefetch.global.L1 [%0];" :: "l"(kz + (i64)(tg / GROUP) * D));
+    }
+  }
+#endif
 #pragma unroll
   for (int u = 0; u < SUB; u++) {
     int tok = t0 + 16 * u;
@@ -74,18 +105,11 @@ __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const
     }
   }
 #if PF
-  /* prefetch PF tiles further on into L1: each lane its own rows' lines */
+  /* PF tiles further on into L2 (see `Pf`) */
   const int tp = t0 + PF * TILE;
-  if (tp < end) {
-#pragma unroll
-    for (int u = 0; u < SUB; u++) {
-      const u32* kr = kp + (i64)(tp + 16 * u + g) * W + t * KW;
-      const u32* vr = vp + (i64)(tp + 16 * u + 2 * t) * W + g * VW;
-      asm volatile("prefetch.global.L1 [%0];" :: "l"(kr));
-      asm volatile("prefetch.global.L1 [%0];" :: "l"(kr + 8 * W));
-      asm volatile("prefetch.global.L1 [%0];" :: "l"(vr));
-      asm volatile("prefetch.global.L1 [%0];" :: "l"(vr + 8 * W));
-    }
+  if (tp + TILE <= end) {
+    if (pf.on0) asm volatile("prefetch.global.L2 [%0];" :: "l"(pf.a0 + (i64)tp * pf.m0));
+    if (PF_LINES > 32 && pf.on1) asm volatile("prefetch.global.L2 [%0];" :: "l"(pf.a1 + (i64)tp * pf.m1));
   }
 #endif
 }
@@ -98,36 +122,63 @@ struct State {
 
 __device__ __forceinline__ float hsum(u32 h) { return h2f((u16)h) + h2f((u16)(h >> 16)); }
 
-/* A new key group: the B operand q∘s in fp16, in the codes' channel order and scaled by 2^-sub of each
-   pair (the codes come as 1024 + c·2^sub, `raw`), and the zero term q·z less 1024·Σ(B operand), so the
-   scores need no per-code subtraction. */
-__device__ __forceinline__ void group_stats(State& st, const u16* qr, float qok, const u16* sp, const u16* zp, int t) {
-  u32 qw[D / 8], sw[D / 8], zw[D / 8];
+/* The query in the score MMA's B-operand order (thread t holds channels t·D/4 + a, a + PPW, ... of query
+   g; see group_stats), fp16, once a split into shared memory: qb with each pair's 2^-sub folded in (the
+   codes come as 1024 + c·2^sub, `raw`), qn without. Layout [word / 4][lane][word % 4]: 128-bit loads,
+   no bank conflicts. */
+#define QW (2 * KSTEPS)                               /* words a lane an array */
+__device__ __forceinline__ void query_frags(u32* qsm, const u16* qr, float qok, int lane) {
+  u32 qw[D / 8];
   ldw<D / 8>(qw, (const u32*)qr);
-  ldw<D / 8>(sw, (const u32*)sp);
-  ldw<D / 8>(zw, (const u32*)zp);
-  float cq = 0.f, qs[D / 4];
+  float qv[D / 4];
 #pragma unroll
-  for (int i = 0; i < D / 4; i++) {
-    const int sh = 16 * (i & 1);
-    const float qv = q2f((u16)(qw[i / 2] >> sh)) * qok;
-    qs[i] = qv * h2f((u16)(sw[i / 2] >> sh));
-    cq += qv * h2f((u16)(zw[i / 2] >> sh));
-  }
-  float off = 0.f;
+  for (int i = 0; i < D / 4; i++) qv[i] = q2f((u16)(qw[i / 2] >> (16 * (i & 1)))) * qok;
 #pragma unroll
   for (int s = 0; s < KSTEPS; s++) {
     const int w = s / (PPW / 2), j = 2 * (s % (PPW / 2)), a = w * CPW + j;
     const float f0 = 1.f / (1 << (BITS * j % 8)), f1 = 1.f / (1 << (BITS * (j + 1) % 8));
-    st.qf[s][0] = pack2(qs[a] * f0, qs[a + PPW] * f0);
-    st.qf[s][1] = pack2(qs[a + 1] * f1, qs[a + 1 + PPW] * f1);
-    off += hsum(st.qf[s][0]) + hsum(st.qf[s][1]);
+    const u32 v[4] = {pack2(qv[a] * f0, qv[a + PPW] * f0), pack2(qv[a + 1] * f1, qv[a + 1 + PPW] * f1),
+                      pack2(qv[a], qv[a + PPW]), pack2(qv[a + 1], qv[a + 1 + PPW])};
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const int k = 2 * s + r;
+      qsm[((k / 4) * 32 + lane) * 4 + k % 4] = v[r];
+      qsm[QW * 32 + ((k / 4) * 32 + lane) * 4 + k % 4] = v[2 + r];
+    }
   }
-  cq -= 1024.f * off;
-  cq += __shfl_xor_sync(0xffffffffu, cq, 1);
-  cq += __shfl_xor_sync(0xffffffffu, cq, 2);
-  st.cq0 = __shfl_sync(0xffffffffu, cq, 8 * t);        /* query 2t lives in lanes 8t..8t+3 */
-  st.cq1 = __shfl_sync(0xffffffffu, cq, 8 * t + 4);
+  __syncwarp();
+}
+
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) { u32 r; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
+
+/* A new key group: the B operand q∘s (qb times the scales, paired as the codes are) and the zero term
+   Σ q·z − 1024·Σ B, both sums on the tensor cores, where the score MMA's lanes want them: Σ B as
+   ones × B, Σ q·z as z (every row) × qn; so the scores need no per-code subtraction and the group costs
+   ~90 instructions a thread (it was ~350 in fp32 with shuffles: 27 % of the 4-bit kernel's). */
+__device__ __forceinline__ void group_stats(State& st, const u32* qsm, const u16* sp, const u16* zp, int lane) {
+  u32 sw[D / 8], zw[D / 8], qb[QW], qn[QW];
+  ldw<D / 8>(sw, (const u32*)sp);
+  ldw<D / 8>(zw, (const u32*)zp);
+#pragma unroll
+  for (int c = 0; c < QW / 4; c++) {
+    const U4 x = ((const U4*)qsm)[c * 32 + lane], y = ((const U4*)(qsm + QW * 32))[c * 32 + lane];
+    qb[4 * c] = x.x; qb[4 * c + 1] = x.y; qb[4 * c + 2] = x.z; qb[4 * c + 3] = x.w;
+    qn[4 * c] = y.x; qn[4 * c + 1] = y.y; qn[4 * c + 2] = y.z; qn[4 * c + 3] = y.w;
+  }
+  const u32 ONES = 0x3C003C00u;
+  float sb[4] = {0.f, 0.f, 0.f, 0.f}, qz[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int s = 0; s < KSTEPS; s++) {
+    const int w = s / (PPW / 2), j = 2 * (s % (PPW / 2)), a = w * CPW + j;   /* a, a + PPW: words a/2, (a+PPW)/2 */
+    const u32 s0 = prmt(sw[a / 2], sw[(a + PPW) / 2], 0x5410u), s1 = prmt(sw[a / 2], sw[(a + PPW) / 2], 0x7632u);
+    const u32 z0 = prmt(zw[a / 2], zw[(a + PPW) / 2], 0x5410u), z1 = prmt(zw[a / 2], zw[(a + PPW) / 2], 0x7632u);
+    st.qf[s][0] = hmul2(qb[2 * s], s0);
+    st.qf[s][1] = hmul2(qb[2 * s + 1], s1);
+    mma(sb, ONES, ONES, ONES, ONES, st.qf[s][0], st.qf[s][1]);
+    mma(qz, z0, z0, z1, z1, qn[2 * s], qn[2 * s + 1]);
+  }
+  st.cq0 = qz[0] - 1024.f * sb[0];                  /* query 2t (row g; every row holds the same) */
+  st.cq1 = qz[1] - 1024.f * sb[1];                  /* query 2t + 1 */
 }
 
 /* codes at bits (bit, 16 + bit) of w as fp16x2 (1024 + c·2^sub, 1024 + c'·2^sub), sub = bit % 8: masked in
@@ -139,13 +190,13 @@ __device__ __forceinline__ u32 raw(u32 w, int bit) {
 #define VSUB(li) (BITS * (((li) % CPW) % PPW) % 8)    /* value channel li's 2^sub */
 #define TH 8.f                                         /* lazy rescaling: weights up to 2^TH */
 
-__device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end, const u16* qr, float qok,
+__device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end, const u32* qsm, int lane,
                                      const u16* ks, const u16* kz, int t, float sl2) {
 #pragma unroll
   for (int u = 0; u < SUB; u++) {
     const int tok = t0 + 16 * u;
     if (tok >= end) break;
-    if (tok % GROUP == 0) group_stats(st, qr, qok, ks + (i64)(tok / GROUP) * D, kz + (i64)(tok / GROUP) * D, t);
+    if (tok % GROUP == 0) group_stats(st, qsm, ks + (i64)(tok / GROUP) * D, kz + (i64)(tok / GROUP) * D, lane);
     /* scores: rows = tokens g, g + 8; columns = queries 2t, 2t + 1; two chains of MMAs */
     float s4[4] = {0.f, 0.f, 0.f, 0.f}, r4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -316,6 +367,9 @@ extern "C" __global__ void BOUNDS kivi_attn(
   const u16* kz = KZ + (i64)bh * (NQ_CAP / GROUP) * D + t * (D / 4);
   const u16* qr = Q + ((i64)bh * G + min(g, G - 1)) * D + t * (D / 4);
   const float qok = g < G ? 1.f : 0.f;
+  __shared__ __align__(16) u32 qsm_all[CW][2 * QW * 32];
+  u32* qsm = qsm_all[wq];
+  query_frags(qsm, qr, qok, lane);
 
   State st;
   st.m0 = st.m1 = NEG_INF;
@@ -325,14 +379,15 @@ extern "C" __global__ void BOUNDS kivi_attn(
 #pragma unroll
   for (int s = 0; s < KSTEPS; s++) { st.qf[s][0] = st.qf[s][1] = 0u; }
 
+  const Pf pf = pf_lines(lane, kp, vp, vs, vz);
   Buf A, B;     /* double buffer: the next tile's words load while this one is computed */
-  if (start < end) load(A, kp, vp, vs, vz, start, end, g, t);
+  if (start < end) load(A, kp, vp, vs, vz, ks, kz, start, end, g, t, pf);
   for (int t0 = start; t0 < end; t0 += 2 * TILE) {
-    if (t0 + TILE < end) load(B, kp, vp, vs, vz, t0 + TILE, end, g, t);
-    tile(st, A, t0, end, qr, qok, ks, kz, t, sl2);
+    if (t0 + TILE < end) load(B, kp, vp, vs, vz, ks, kz, t0 + TILE, end, g, t, pf);
+    tile(st, A, t0, end, qsm, lane, ks, kz, t, sl2);
     if (t0 + TILE >= end) break;
-    if (t0 + 2 * TILE < end) load(A, kp, vp, vs, vz, t0 + 2 * TILE, end, g, t);
-    tile(st, B, t0 + TILE, end, qr, qok, ks, kz, t, sl2);
+    if (t0 + 2 * TILE < end) load(A, kp, vp, vs, vz, ks, kz, t0 + 2 * TILE, end, g, t, pf);
+    tile(st, B, t0 + TILE, end, qsm, lane, ks, kz, t, sl2);
   }
   float l0 = st.l0, l1 = st.l1, z0 = st.z0, z1 = st.z1, w0 = st.p0, w1 = st.p1;
 #pragma unroll

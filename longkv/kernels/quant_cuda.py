@@ -7,15 +7,19 @@ keeps the padded 16-row query block in registers; offline that was 7.6 SASS inst
 213-254 registers (2 warps a scheduler), and it read 0.6 TB/s. Here each thread loads exactly the
 32-bit words whose codes its own MMA fragment registers hold, so nothing goes through shared memory
 (offline sm_90: 160 registers; ~220 instructions a 16-token step on the common path by a hand count
-of the SASS, 1.7 a code; `benchmarks/quant_cuda_sass.py` counts the loop's static size, 6.7 a code, which
-also holds the once-a-group query rebuild and the rare rescale):
+of the SASS, 1.7 a code; `benchmarks/quant_cuda_sass.py` counts the loop's static size, 6.5 a code, which
+also holds the once-a-group query rebuild and the rare rescale; ncu's per-instruction counts on the
+H200 agree: 203 a 16-token step):
 
 - scores, tokens on the MMA's M side: S (16 tokens x 8 queries) = codes (A, 16 x 16 channels) ·
   (q∘s)ᵀ (B). Keys are quantized per channel after RoPE (KIVI, Liu et al. 2024), so a token group
   shares one scale s and zero z per channel: q·(c∘s + z) = (q∘s)·c + q·z. The scale folds into the B
   operand once per group; the codes enter as fp16 straight from the word: `(w & mask<<sub) | 0x6400..`
   (one LOP3) is two fp16 numbers 1024 + c·2^sub, exactly. 2^-sub goes into the B operand and
-  1024·Σ(B operand) into the zero term, so no per-code subtraction is left. Thread (g, t) (g = lane/4,
+  1024·Σ(B operand) into the zero term, so no per-code subtraction is left. The group's rebuild is
+  ~90 instructions a thread: the query sits in shared memory in B order (fp16, once a split), q∘s is one
+  HMUL2 a register pair, and Σ B and q·z come from two MMAs (ones × B, z × q) in the lanes that use
+  them (in fp32 with shuffles it was ~350, 27 % of the 4-bit kernel's instructions by ncu). Thread (g, t) (g = lane/4,
   t = lane%4) reads its two tokens' channels [t·D/4, (t+1)·D/4) as one vector load each; which channel
   is which MMA column is a permutation, and q∘s is built in the same one.
 - values, per token (one range a token): out = Σ_n p_n (c_n s_n + z_n) = (p∘s)·c + p·z. Oᵀ (16
@@ -31,15 +35,16 @@ also holds the once-a-group query rebuild and the rare rescale):
 - flash-decoding: one warp a program, grid (batch·KV heads, splits); the full-precision sink + ring
   are the last splits of the same launch (32 slots a program); each split writes a partial output +
   log-sum-exp and `kivi_merge` combines them. The split count fills the GPU in one wave (occupancy
-  API). The next 16 tokens' words load into registers while these are computed.
+  API). The next 16 tokens' words load into registers while these are computed; with 16-token key
+  groups (kivi2) the next group's scale and zero rows are prefetched into L1 (`GPF`).
 
-Measured (H200, Llama-3-8B shape, BENCHMARKS.md issue 4, session 11): one layer at 128K 58.5 µs
-(2.5 TB/s on the packed bytes) against the Triton kernel's 183 µs and bf16 flash-decoding's 131 µs;
-decode kivi4 0.73x of bf16 full at 128K, 0.53x at 512K. Tried and measured no faster for 4 bits: L1
-prefetch (`pf`), several warps a program combined in shared memory (`cw`; 5 % faster for 2 bits),
-register caps (`minb`), 32-token tiles; they stay as options of `defines` for
-`benchmarks/quant_cuda_probe.py`. A 3-6 stage cp.async pipeline in shared memory was 8 % slower and
-was removed (BENCHMARKS.md).
+Measured (H200, Llama-3-8B shape, BENCHMARKS.md issue 4, sessions 11-12): one layer at 128K 57.4 µs
+(2.56 TB/s on the packed bytes) against the Triton kernel's 183 µs and bf16 flash-decoding's 133 µs;
+decode kivi4 0.69x of bf16 full at 128K, 0.50x at 512K; kivi2 0.73x / 0.56x. Tried and measured no
+faster for 4 bits: L2 prefetch of the codes 2-8 tiles ahead (`pf`; an L1 form before it), several
+warps a program combined in shared memory (`cw`; 5 % faster for 2 bits), register caps (`minb`),
+32-token tiles; they stay as options of `defines` for `benchmarks/quant_cuda_probe.py`. A 3-6 stage
+cp.async pipeline in shared memory was 8 % slower and was removed (BENCHMARKS.md).
 
 The CUDA source is `quant_cuda.cu` beside this file. Compiled at first use with NVRTC through
 `torch.cuda._compile_kernel` (PyTorch's own wrapper; the
@@ -57,7 +62,10 @@ from pathlib import Path
 import torch
 
 TILE = 16          # tokens a loop step (and a double-buffered load); 32 measured slower (more registers)
-PF = 0             # L1 prefetch distance in tiles (0 = off)
+PF = 0             # L2 prefetch distance in tiles (0 = off)
+GPF = None         # L1 prefetch of a key group's scale/zero rows, this many tiles ahead (0 = off; None: 1 when
+                   # every tile starts a group, e.g. kivi2's 16-token groups: 72 -> 61 µs at 128K; 4-bit's
+                   # 64-token groups measured 1.6 µs slower with it)
 CW = 1             # warps a program (each its own stretch of tokens, combined in shared memory)
 MINB = 0           # __launch_bounds__ minimum programs an SM (0 = the compiler's register choice)
 _MODULES: dict = {}
@@ -69,14 +77,22 @@ def source() -> str:
 
 
 def defines(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
-            pf: int | None = None, minb: int | None = None, cw: int | None = None) -> str:
+            pf: int | None = None, gpf: int | None = None, minb: int | None = None, cw: int | None = None) -> str:
     """The #defines of one compiled layout (window = ring - 2·group, as the cache sizes its ring); tile:
-    tokens a loop step; pf: L1 prefetch this many tiles ahead (0 = off); minb: programs an SM the
+    tokens a loop step; pf: L2 prefetch this many tiles ahead (0 = off); gpf: the key
+    group statistics into L1 this many tiles ahead (0 = off); minb: programs an SM the
     compiler must fit (caps registers; 0 = its own choice); cw: warps a program."""
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
-               TILE=tile or TILE, PF=PF if pf is None else pf, MINB=MINB if minb is None else minb,
+               TILE=tile or TILE, PF=PF if pf is None else pf,
+               GPF=gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)), MINB=MINB if minb is None else minb,
                CW=CW if cw is None else cw)
     return "".join(f"#define {k} {v}\n" for k, v in cfg.items())
+
+
+def smem_bytes(*, D: int, G: int, cw: int) -> int:
+    """Static shared memory of a program: the query fragments (2 arrays of D/8 words a lane, a warp) and,
+    for several warps a program, their partial results."""
+    return cw * 2 * (D // 8) * 32 * 4 + (cw * G * (D + 1) * 4 if cw > 1 else 0)
 
 
 def supported(q: torch.Tensor, kq: dict, *, bits: int, group: int, vgroup: int, prerope: bool,
@@ -132,7 +148,7 @@ MERGE_WARPS = 16    # MW in the source
 
 def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group: int, sink: int, window: int,
                      scale: float, splits: int | None = None, tile: int | None = None, pf: int | None = None,
-                     minb: int | None = None, cw: int | None = None, parts: bool = False):
+                     gpf: int | None = None, minb: int | None = None, cw: int | None = None, parts: bool = False):
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
     parts=True returns (the two launches as closures, out, splits) instead (benchmarks/quant_cuda_probe.py)."""
@@ -146,8 +162,10 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     length = length if length.dtype == torch.int64 else length.long()
     cap = kq["planes"][0].shape[2]
     cfg = defines(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
-                  pf=pf, minb=minb, cw=cw)
+                  pf=pf, gpf=gpf, minb=minb, cw=cw)
     warps = CW if cw is None else cw
+    if smem_bytes(D=D, G=G, cw=warps) > 48 * 1024:
+        raise Unavailable(f"CUDA decode kernel: {warps} warps a program need more than 48 KiB of shared memory here")
     attn, mrg, slots = _kernels(cfg, warps)
     fps = -(-((sink + ring + 31) // 32) // warps)    # programs of the full-precision splits (FPC)
     S = splits or num_splits(slots, B * H, fps)
