@@ -111,6 +111,28 @@ def graph_time(fn, reps: int, dev) -> float:
     return timed(fn, reps, dev)
 
 
+def kernel_profile(fn, reps: int = 5, top: int = 16) -> tuple[float, list[tuple[str, float, float]]]:
+    """What the GPU runs in one call of `fn` (a graph replay or eager code), from torch.profiler:
+    (kernel µs a call in all, [(kernel name, µs a call, launches a call)] for the `top` costliest).
+    Step time minus the kernel sum is what the launches' gaps cost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    by: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0:
+            t = by.setdefault(e.name[:90], [0.0, 0])
+            t[0] += e.device_time / reps
+            t[1] += 1 / reps
+    rows = sorted(((n, round(t, 2), round(c, 2)) for n, (t, c) in by.items()), key=lambda r: -r[1])
+    return round(sum(r[1] for r in rows), 1), rows[:top]
+
+
 def print_table(rows: list[dict], cols: list[str]) -> None:
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
     print(" | ".join(c.ljust(widths[c]) for c in cols))

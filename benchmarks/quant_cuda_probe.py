@@ -47,6 +47,7 @@ def main():
     ap.add_argument("--splits", default="0", help="0: the default (quant_cuda.num_splits)")
     ap.add_argument("--tile", default="16,32")
     ap.add_argument("--pf", default="0", help="L2 prefetch distances (tiles)")
+    ap.add_argument("--gpf", default="0", help="L1 prefetch of the key group statistics (tiles ahead)")
     ap.add_argument("--minb", default="0", help="__launch_bounds__ minimum programs an SM")
     ap.add_argument("--cw", default="1", help="warps a program")
     ap.add_argument("--reps", type=int, default=50)
@@ -75,18 +76,18 @@ def main():
                          TBps=round(nbytes / us / 1e6, 2)))
         for S in map(int, a.splits.split(",")):
             for tile in map(int, a.tile.split(",")):
-                for pf in map(int, a.pf.split(",")):
+                for pf, gpf in [(p, gp) for p in map(int, a.pf.split(",")) for gp in map(int, a.gpf.split(","))]:
                     for minb, cw in [(m, c) for m in map(int, a.minb.split(",")) for c in map(int, a.cw.split(","))]:
                         kw2 = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5, splits=S or None,
-                                   tile=tile, pf=pf, minb=minb, cw=cw)
+                                   tile=tile, pf=pf, gpf=gpf, minb=minb, cw=cw)
                         attn, merge, _, splits = qc.decode_attention(q, kq, vq, kf, vf, length, parts=True, **kw2)
                         us_a, us_m = graphed(attn, a.reps), graphed(merge, a.reps)
                         us = graphed(lambda: qc.decode_attention(q, kq, vq, kf, vf, length, **kw2), a.reps)
                         rows.append(dict(what=f"{bits}-bit CUDA: splits kernel | merge | whole call",
-                                         splits=splits, tile=tile, pf=pf,
+                                         splits=splits, tile=tile, pf=pf, gpf=gpf,
                                          minb=minb, cw=cw, us=f"{us_a:.1f} | {us_m:.1f} | {us:.1f}",
                                          TBps=round(nbytes / us / 1e6, 2)))
-    print_table(rows, ["what", "splits", "tile", "pf", "minb", "cw", "us", "TBps"])
+    print_table(rows, ["what", "splits", "tile", "pf", "gpf", "minb", "cw", "us", "TBps"])
     emit_json({"bench": "quant_cuda_probe", "device": torch.cuda.get_device_name(), "context": ctx, "rows": rows})
 
 

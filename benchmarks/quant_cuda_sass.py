@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--tile", default=str(qc.TILE))
     ap.add_argument("--arch", default="90")
     ap.add_argument("--pf", type=int, default=0)
+    ap.add_argument("--gpf", type=int, default=0)
     ap.add_argument("--minb", type=int, default=0)
     ap.add_argument("--cw", type=int, default=1)
     ap.add_argument("--dump", action="store_true", help="print each row's statistics as it is made")
@@ -62,7 +63,7 @@ def main() -> None:
             for tile in map(int, a.tile.split(",")):
                 group = 64 if bits == 4 else 16
                 src = qc.defines(D=D, bits=bits, group=group, G=a.g, sink=4, ring=128 + 2 * group, bf16=True, tile=tile,
-                                 pf=a.pf, minb=a.minb, cw=a.cw) + qc.source()
+                                 pf=a.pf, gpf=a.gpf, minb=a.minb, cw=a.cw) + qc.source()
                 r = cubin_stats(nvrtc_cubin(lib, src, a.arch), func="kivi_attn")
                 if a.dump:
                     print(r)

@@ -10,6 +10,7 @@ A check compares the packed kernel with the plain-torch reference on the GPU fir
 
     python benchmarks/quant_decode.py --contexts 32k,128k,512k --caches full,kivi4,kivi2 --million
     python benchmarks/quant_decode.py --shape gemma3-4b --contexts 32k,128k --caches full,kv4,kivi4
+    python benchmarks/quant_decode.py --contexts 128k --caches "full;kivi4" --profile   # + each step's kernels
     python benchmarks/quant_decode.py --device cpu --smoke          # tiny shapes, checks it runs
 
 Last line: JSON.
@@ -22,8 +23,8 @@ import time
 
 import torch
 
-from common import (LLAMA3_8B, SHAPES, copy_bandwidth, emit_json, graph_time, parse_tokens, print_table, random_model,
-                    timed, weight_bytes_read)
+from common import (LLAMA3_8B, SHAPES, copy_bandwidth, emit_json, graph_time, kernel_profile, parse_tokens, print_table,
+                    random_model, timed, weight_bytes_read)
 
 from longkv.cache import spec as cache_spec
 from longkv.kernels import quant as qk
@@ -139,6 +140,12 @@ def run(model, spec: str, ctx: int, a, dev, dtype) -> dict:
         for _ in range(3):
             step()
         ms = timed(step, a.new_tokens - 4, dev)
+        prof = None
+        if a.profile and dev.type == "cuda":
+            busy, kernels = kernel_profile(step)
+            prof = dict(kernel_us=busy, gaps_us=round(ms * 1e3 - busy, 1))
+            print(f"# {spec} {ctx}: step {ms * 1e3:.1f} us, kernels {busy} us, gaps {prof['gaps_us']} us")
+            print_table([dict(kernel=n, us=t, launches=c) for n, t, c in kernels], ["kernel", "us", "launches"])
         attn_ms = attention_alone(model, kv, kv.length, dev, a.reps)
         abytes = attention_bytes(kv, kv.length)
     except torch.OutOfMemoryError:
@@ -146,6 +153,8 @@ def run(model, spec: str, ctx: int, a, dev, dtype) -> dict:
     row = dict(cache=spec, context=ctx, decode_ms=round(ms, 3), attn_layer_us=round(attn_ms * 1e3, 1),
                attn_TBps=round(abytes / (attn_ms / 1e3) / 1e12, 3), kv_GiB=round(kv.nbytes() / 2**30, 2),
                fill_s=round(fill_s, 1))
+    if prof:
+        row.update(prof)
     st = kv.stats()
     if "bits_per_element" in st:
         row.update(bits=st["bits_per_element"], quantized_bits=st["quantized_bits"])
@@ -158,7 +167,8 @@ def run(model, spec: str, ctx: int, a, dev, dtype) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contexts", default="32k,128k,512k")
-    ap.add_argument("--caches", default="full,kv4,kv2")
+    ap.add_argument("--caches", default="full,kv4,kv2",
+                    help="comma-separated specs, or ';'-separated when a spec has parameters")
     ap.add_argument("--million", action="store_true", help="also every cache but full at 1M tokens (2^20)")
     ap.add_argument("--new-tokens", type=int, default=36)
     ap.add_argument("--reps", type=int, default=20, help="attention-alone repetitions")
@@ -171,6 +181,8 @@ def main():
     ap.add_argument("--block-n", type=int, help="packed kernel: tokens a tile (capped at the key group)")
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES),
                     help="model shape (random weights); gemma3-*: 5 of every 6 layers keep a sliding window")
+    ap.add_argument("--profile", action="store_true",
+                    help="GPU: the kernels of one decode step (torch.profiler over graph replays), by cost")
     ap.add_argument("--smoke", action="store_true", help="tiny model and contexts (CPU check)")
     a = ap.parse_args()
     knobs = {"warps": "NUM_WARPS", "maxnreg": "MAX_REGS", "prefetch": "PREFETCH", "pipe": "PIPE", "block_n": "BLOCK_N"}
@@ -193,9 +205,10 @@ def main():
     head["kernel_vs_reference_maxdiff"] = check(model, dev)
     print("#", head, flush=True)
     rows = []
-    jobs = [(c, parse_tokens(x)) for x in a.contexts.split(",") for c in a.caches.split(",")]
+    caches = a.caches.split(";" if ";" in a.caches else ",")
+    jobs = [(c, parse_tokens(x)) for x in a.contexts.split(",") for c in caches]
     if a.million:
-        jobs += [(c, 1 << 20) for c in a.caches.split(",") if c != "full"]
+        jobs += [(c, 1 << 20) for c in caches if c != "full"]
     for spec, ctx in jobs:
         rows.append(run(model, spec, ctx, a, dev, dtype))
         base = next((r for r in rows if r["cache"] == "full" and r["context"] == ctx
