@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--tile", default=str(qc.TILE))
     ap.add_argument("--arch", default="90")
     ap.add_argument("--pf", type=int, default=0)
-    ap.add_argument("--gpf", type=int, default=0)
+    ap.add_argument("--gpf", type=int, default=None, help="default: the kernel's own choice for the group")
     ap.add_argument("--minb", type=int, default=0)
     ap.add_argument("--cw", type=int, default=1)
     ap.add_argument("--dump", action="store_true", help="print each row's statistics as it is made")

@@ -120,7 +120,6 @@ struct State {
   u32 qf[KSTEPS][2];
 };
 
-__device__ __forceinline__ float hsum(u32 h) { return h2f((u16)h) + h2f((u16)(h >> 16)); }
 
 /* The query in the score MMA's B-operand order (thread t holds channels t·D/4 + a, a + PPW, ... of query
    g; see group_stats), fp16, once a split into shared memory: qb with each pair's 2^-sub folded in (the

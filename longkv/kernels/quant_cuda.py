@@ -7,7 +7,7 @@ keeps the padded 16-row query block in registers; offline that was 7.6 SASS inst
 213-254 registers (2 warps a scheduler), and it read 0.6 TB/s. Here each thread loads exactly the
 32-bit words whose codes its own MMA fragment registers hold, so nothing goes through shared memory
 (offline sm_90: 160 registers; ~220 instructions a 16-token step on the common path by a hand count
-of the SASS, 1.7 a code; `benchmarks/quant_cuda_sass.py` counts the loop's static size, 6.5 a code, which
+of the SASS, 1.7 a code; `benchmarks/quant_cuda_sass.py` counts the loop's static size, 6.4 a code, which
 also holds the once-a-group query rebuild and the rare rescale; ncu's per-instruction counts on the
 H200 agree: 203 a 16-token step):
 
