@@ -47,7 +47,8 @@ def main():
     ap.add_argument("--splits", default="0", help="0: the default (quant_cuda.num_splits)")
     ap.add_argument("--tile", default="16,32")
     ap.add_argument("--pf", default="0", help="L2 prefetch distances (tiles)")
-    ap.add_argument("--gpf", default="0", help="L1 prefetch of the key group statistics (tiles ahead)")
+    ap.add_argument("--gpf", default="auto",
+                    help="L1 prefetch of the key group statistics (tiles ahead; auto: the kernel's own choice)")
     ap.add_argument("--minb", default="0", help="__launch_bounds__ minimum programs an SM")
     ap.add_argument("--cw", default="1", help="warps a program")
     ap.add_argument("--reps", type=int, default=50)
@@ -76,7 +77,7 @@ def main():
                          TBps=round(nbytes / us / 1e6, 2)))
         for S in map(int, a.splits.split(",")):
             for tile in map(int, a.tile.split(",")):
-                for pf, gpf in [(p, gp) for p in map(int, a.pf.split(",")) for gp in map(int, a.gpf.split(","))]:
+                for pf, gpf in [(p, gp) for p in map(int, a.pf.split(",")) for gp in (None if x == "auto" else int(x) for x in a.gpf.split(","))]:
                     for minb, cw in [(m, c) for m in map(int, a.minb.split(",")) for c in map(int, a.cw.split(","))]:
                         kw2 = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5, splits=S or None,
                                    tile=tile, pf=pf, gpf=gpf, minb=minb, cw=cw)
