@@ -63,11 +63,12 @@
 # quant_decode.py 128k], [tests + quant_cuda_probe.py sweep] x4 as the CUDA kernel changed, [tests +
 # quant_decode.py 32k-512k], [quant_decode.py 32k-512k], [tests + probe sweep], [quant_decode.py
 # 32k-512k --million], [quant_decode.py --shape gemma3-4b], [tests + probe] (final). No refusals.
-# Session 12 (2026-12-04), all by hand, 10 calls: [tests/test_quant_cuda.py + quant_decode.py 128k --profile],
+# Session 12 (2026-12-04), all by hand, 12 calls: [tests/test_quant_cuda.py + quant_decode.py 128k --profile],
 # [ncu sections of kivi_attn + quant_decode.py 128k --profile], [tests -k variant + probe --pf 0,2,4,8],
 # [ncu stall metrics], [ncu SourceCounters -> per-instruction csv], [probe --pf 0,2 --gpf 0,1,2], [tests +
 # probe --gpf 0,1 + quant_decode.py 128k], [tests + quant_decode.py 32k-512k], [quant_decode.py 128k
-# --million], [quant_decode.py --shape gemma3-4b]. Machine restarts between some calls; no refusals.
+# --million], [quant_decode.py --shape gemma3-4b], [tests + probe] (final kernel), [tests + probe +
+# quant_decode.py 128k] (a merge variant, not kept). Machine restarts between some calls; no refusals.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
