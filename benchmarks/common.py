@@ -111,9 +111,10 @@ def graph_time(fn, reps: int, dev) -> float:
     return timed(fn, reps, dev)
 
 
-def kernel_profile(fn, reps: int = 5, top: int = 16) -> tuple[float, list[tuple[str, float, float]]]:
+def kernel_profile(fn, reps: int = 5, top: int | None = 16) -> tuple[float, list[tuple[str, float, float]]]:
     """What the GPU runs in one call of `fn` (a graph replay or eager code), from torch.profiler:
-    (kernel µs a call in all, [(kernel name, µs a call, launches a call)] for the `top` costliest).
+    (kernel µs a call in all, [(kernel name, µs a call, launches a call)] for the `top` costliest, or
+    all of them for top=None).
     Step time minus the kernel sum is what the launches' gaps cost."""
     from torch.profiler import ProfilerActivity, profile
 

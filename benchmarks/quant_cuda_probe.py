@@ -4,7 +4,7 @@ the merge alone and the whole call (`quant_cuda.decode_attention`), the Triton k
 and bf16 flash-decoding over the same context; each captured in a CUDA graph and replayed, TB/s on
 the packed bytes (codes and statistics).
 
-    python benchmarks/quant_cuda_probe.py --context 128k --bits 4,2 --tile 16,32 --pf 0,1,2 --cw 1,2,4 --minb 0,16
+    python benchmarks/quant_cuda_probe.py --context 128k --bits 4,2 --tile 16,32 --gpf 0,1 --cw 1,2,4 --minb 0,16
 
 Last line: JSON.
 """
@@ -46,7 +46,6 @@ def main():
     ap.add_argument("--bits", default="4,2")
     ap.add_argument("--splits", default="0", help="0: the default (quant_cuda.num_splits)")
     ap.add_argument("--tile", default="16,32")
-    ap.add_argument("--pf", default="0", help="L2 prefetch distances (tiles)")
     ap.add_argument("--gpf", default="auto",
                     help="L1 prefetch of the key group statistics (tiles ahead; auto: the kernel's own choice)")
     ap.add_argument("--minb", default="0", help="__launch_bounds__ minimum programs an SM")
@@ -77,18 +76,18 @@ def main():
                          TBps=round(nbytes / us / 1e6, 2)))
         for S in map(int, a.splits.split(",")):
             for tile in map(int, a.tile.split(",")):
-                for pf, gpf in [(p, gp) for p in map(int, a.pf.split(",")) for gp in (None if x == "auto" else int(x) for x in a.gpf.split(","))]:
+                for gpf in (None if x == "auto" else int(x) for x in a.gpf.split(",")):
                     for minb, cw in [(m, c) for m in map(int, a.minb.split(",")) for c in map(int, a.cw.split(","))]:
                         kw2 = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5, splits=S or None,
-                                   tile=tile, pf=pf, gpf=gpf, minb=minb, cw=cw)
+                                   tile=tile, gpf=gpf, minb=minb, cw=cw)
                         attn, merge, _, splits = qc.decode_attention(q, kq, vq, kf, vf, length, parts=True, **kw2)
                         us_a, us_m = graphed(attn, a.reps), graphed(merge, a.reps)
                         us = graphed(lambda: qc.decode_attention(q, kq, vq, kf, vf, length, **kw2), a.reps)
                         rows.append(dict(what=f"{bits}-bit CUDA: splits kernel | merge | whole call",
-                                         splits=splits, tile=tile, pf=pf, gpf=gpf,
+                                         splits=splits, tile=tile, gpf=gpf,
                                          minb=minb, cw=cw, us=f"{us_a:.1f} | {us_m:.1f} | {us:.1f}",
                                          TBps=round(nbytes / us / 1e6, 2)))
-    print_table(rows, ["what", "splits", "tile", "pf", "gpf", "minb", "cw", "us", "TBps"])
+    print_table(rows, ["what", "splits", "tile", "gpf", "minb", "cw", "us", "TBps"])
     emit_json({"bench": "quant_cuda_probe", "device": torch.cuda.get_device_name(), "context": ctx, "rows": rows})
 
 

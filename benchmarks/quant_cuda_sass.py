@@ -48,7 +48,6 @@ def main() -> None:
     ap.add_argument("--g", type=int, default=4)
     ap.add_argument("--tile", default=str(qc.TILE))
     ap.add_argument("--arch", default="90")
-    ap.add_argument("--pf", type=int, default=0)
     ap.add_argument("--gpf", type=int, default=None, help="default: the kernel's own choice for the group")
     ap.add_argument("--minb", type=int, default=0)
     ap.add_argument("--cw", type=int, default=1)
@@ -63,7 +62,7 @@ def main() -> None:
             for tile in map(int, a.tile.split(",")):
                 group = 64 if bits == 4 else 16
                 src = qc.defines(D=D, bits=bits, group=group, G=a.g, sink=4, ring=128 + 2 * group, bf16=True, tile=tile,
-                                 pf=a.pf, gpf=a.gpf, minb=a.minb, cw=a.cw) + qc.source()
+                                 gpf=a.gpf, minb=a.minb, cw=a.cw) + qc.source()
                 r = cubin_stats(nvrtc_cubin(lib, src, a.arch), func="kivi_attn")
                 if a.dump:
                     print(r)

@@ -41,7 +41,7 @@ import gc
 import time
 
 import torch
-from common import LLAMA3_8B, emit_json, graph_time, parse_tokens, print_table, random_model, timed
+from common import LLAMA3_8B, emit_json, graph_time, kernel_profile, parse_tokens, print_table, random_model, timed
 
 from longkv.cache import spec as cache_spec
 
@@ -91,14 +91,7 @@ def count_kernels(fn, dev):
     if dev.type != "cuda":
         return None
     try:
-        from torch.profiler import ProfilerActivity, profile
-
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        return round(sum(c for *_, c in kernel_profile(fn, reps=1, top=None)[1]))
     except (RuntimeError, AttributeError, ValueError):   # a nicety: never lose the run for it
         return None
 

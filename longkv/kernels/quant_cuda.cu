@@ -1,6 +1,6 @@
 // Decode attention over KIVI-layout packed KV, one layer: the CUDA source of `quant_cuda.py` (see its
 // docstring for the design and the figures). Compiled by NVRTC with a block of #defines in front
-// (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, PF, GPF, MINB, CW.
+// (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, GPF, MINB, CW.
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef long long i64;
@@ -55,29 +55,9 @@ template <int N> __device__ __forceinline__ void ldw(u32* dst, const u32* src) {
 
 struct Buf { u32 k[SUB][2][KW]; u32 v[SUB][4][VW]; u16 vs[SUB][2]; u16 vz[SUB][2]; };
 
-/* L2 prefetch PF tiles ahead: a warp holds two tiles in registers, too few bytes in flight for DRAM's
-   latency under load. Lane i prefetches line i of a tile (the key codes' 128-byte lines, the values',
-   then the value ranges' scale and zero; lines 32.. by lane i - 32): address a + tile start · m. */
-#define PF_LINES (2 * (TILE * W * 4 / 128) + 2)
-struct Pf { const char* a0; const char* a1; int m0, m1; bool on0, on1; };
-__device__ __forceinline__ void pf_line(int i, const u32* kp, const u32* vp, const u16* vs, const u16* vz,
-                                        const char*& a, int& m, bool& on) {
-  constexpr int KL = TILE * W * 4 / 128;
-  on = i < PF_LINES;
-  a = i < KL ? (const char*)kp + 128 * i : i < 2 * KL ? (const char*)vp + 128 * (i - KL)
-    : i == 2 * KL ? (const char*)vs : (const char*)vz;
-  m = i < 2 * KL ? W * 4 : 2;
-}
-__device__ __forceinline__ Pf pf_lines(int lane, const u32* kp, const u32* vp, const u16* vs, const u16* vz) {
-  Pf p;
-  pf_line(lane, kp, vp, vs, vz, p.a0, p.m0, p.on0);
-  pf_line(lane + 32, kp, vp, vs, vz, p.a1, p.m1, p.on1);
-  return p;
-}
-
 /* tile t0: the thread's words (16-token steps past the end are not loaded; `tile` skips them) */
 __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const u16* vs, const u16* vz,
-                                     const u16* ks, const u16* kz, int t0, int end, int g, int t, const Pf& pf) {
+                                     const u16* ks, const u16* kz, int t0, int end, int g, int t) {
 #if GPF
   /* the key group starting GPF tiles after this one: its scale and zero rows (this thread's part) into
      L1, so that the query rebuild at its first tile does not wait a DRAM latency */
@@ -104,14 +84,6 @@ __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const
       for (int e = 0; e < 4; e++) ldw<VW>(b.v[u][e], vp + (i64)(tok + 2 * t + (e & 1) + 8 * (e >> 1)) * W + g * VW);
     }
   }
-#if PF
-  /* PF tiles further on into L2 (see `Pf`) */
-  const int tp = t0 + PF * TILE;
-  if (tp + TILE <= end) {
-    if (pf.on0) asm volatile("prefetch.global.L2 [%0];" :: "l"(pf.a0 + (i64)tp * pf.m0));
-    if (PF_LINES > 32 && pf.on1) asm volatile("prefetch.global.L2 [%0];" :: "l"(pf.a1 + (i64)tp * pf.m1));
-  }
-#endif
 }
 
 struct State {
@@ -378,14 +350,13 @@ extern "C" __global__ void BOUNDS kivi_attn(
 #pragma unroll
   for (int s = 0; s < KSTEPS; s++) { st.qf[s][0] = st.qf[s][1] = 0u; }
 
-  const Pf pf = pf_lines(lane, kp, vp, vs, vz);
   Buf A, B;     /* double buffer: the next tile's words load while this one is computed */
-  if (start < end) load(A, kp, vp, vs, vz, ks, kz, start, end, g, t, pf);
+  if (start < end) load(A, kp, vp, vs, vz, ks, kz, start, end, g, t);
   for (int t0 = start; t0 < end; t0 += 2 * TILE) {
-    if (t0 + TILE < end) load(B, kp, vp, vs, vz, ks, kz, t0 + TILE, end, g, t, pf);
+    if (t0 + TILE < end) load(B, kp, vp, vs, vz, ks, kz, t0 + TILE, end, g, t);
     tile(st, A, t0, end, qsm, lane, ks, kz, t, sl2);
     if (t0 + TILE >= end) break;
-    if (t0 + 2 * TILE < end) load(A, kp, vp, vs, vz, ks, kz, t0 + 2 * TILE, end, g, t, pf);
+    if (t0 + 2 * TILE < end) load(A, kp, vp, vs, vz, ks, kz, t0 + 2 * TILE, end, g, t);
     tile(st, B, t0 + TILE, end, qsm, lane, ks, kz, t, sl2);
   }
   float l0 = st.l0, l1 = st.l1, z0 = st.z0, z1 = st.z1, w0 = st.p0, w1 = st.p1;

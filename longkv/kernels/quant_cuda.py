@@ -41,7 +41,8 @@ H200 agree: 203 a 16-token step):
 Measured (H200, Llama-3-8B shape, BENCHMARKS.md issue 4, sessions 11-12): one layer at 128K 57.4 µs
 (2.56 TB/s on the packed bytes) against the Triton kernel's 183 µs and bf16 flash-decoding's 133 µs;
 decode kivi4 0.69x of bf16 full at 128K, 0.50x at 512K; kivi2 0.73x / 0.56x. Tried and measured no
-faster for 4 bits: L2 prefetch of the codes 2-8 tiles ahead (`pf`; an L1 form before it), several
+faster for 4 bits: prefetching the codes into L1 1-2 tiles ahead or into L2 2-8 tiles ahead (both
+removed again), several
 warps a program combined in shared memory (`cw`; 5 % faster for 2 bits), register caps (`minb`),
 32-token tiles; they stay as options of `defines` for `benchmarks/quant_cuda_probe.py`. A 3-6 stage
 cp.async pipeline in shared memory was 8 % slower and was removed (BENCHMARKS.md).
@@ -62,7 +63,6 @@ from pathlib import Path
 import torch
 
 TILE = 16          # tokens a loop step (and a double-buffered load); 32 measured slower (more registers)
-PF = 0             # L2 prefetch distance in tiles (0 = off)
 GPF = None         # L1 prefetch of a key group's scale/zero rows, this many tiles ahead (0 = off; None: 1 when
                    # every tile starts a group, e.g. kivi2's 16-token groups: 72 -> 61 µs at 128K; 4-bit's
                    # 64-token groups measured 1.6 µs slower with it)
@@ -77,13 +77,13 @@ def source() -> str:
 
 
 def defines(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
-            pf: int | None = None, gpf: int | None = None, minb: int | None = None, cw: int | None = None) -> str:
+            gpf: int | None = None, minb: int | None = None, cw: int | None = None) -> str:
     """The #defines of one compiled layout (window = ring - 2·group, as the cache sizes its ring); tile:
     tokens a loop step; pf: L2 prefetch this many tiles ahead (0 = off); gpf: the key
     group statistics into L1 this many tiles ahead (0 = off); minb: programs an SM the
     compiler must fit (caps registers; 0 = its own choice); cw: warps a program."""
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
-               TILE=tile or TILE, PF=PF if pf is None else pf,
+               TILE=tile or TILE,
                GPF=gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)), MINB=MINB if minb is None else minb,
                CW=CW if cw is None else cw)
     return "".join(f"#define {k} {v}\n" for k, v in cfg.items())
@@ -147,7 +147,7 @@ MERGE_WARPS = 16    # MW in the source
 
 
 def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group: int, sink: int, window: int,
-                     scale: float, splits: int | None = None, tile: int | None = None, pf: int | None = None,
+                     scale: float, splits: int | None = None, tile: int | None = None,
                      gpf: int | None = None, minb: int | None = None, cw: int | None = None, parts: bool = False):
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
@@ -162,7 +162,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     length = length if length.dtype == torch.int64 else length.long()
     cap = kq["planes"][0].shape[2]
     cfg = defines(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
-                  pf=pf, gpf=gpf, minb=minb, cw=cw)
+                  gpf=gpf, minb=minb, cw=cw)
     warps = CW if cw is None else cw
     if smem_bytes(D=D, G=G, cw=warps) > 48 * 1024:
         raise Unavailable(f"CUDA decode kernel: {warps} warps a program need more than 48 KiB of shared memory here")

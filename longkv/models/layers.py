@@ -65,20 +65,12 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         return rms_norm(x, self.weight, self.eps)
 
-    def add(self, x, r):
-        """(x + r, self(x + r))."""
-        return add_rms_norm(x, r, self.weight, self.eps)
-
 
 class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: scale by (1 + weight), all in fp32, then cast back."""
 
     def forward(self, x):
         return gemma_rms_norm(x, self.weight, self.eps)
-
-    def add(self, x, r):
-        x = x + r
-        return x, self(x)
 
 
 class MLP(nn.Module):

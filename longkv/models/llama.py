@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .layers import MLP, Attention, CausalLM, RMSNorm
+from .layers import MLP, Attention, CausalLM, RMSNorm, add_rms_norm
 
 
 class LlamaBlock(nn.Module):
@@ -19,7 +19,8 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, step, cache):
-        x, h = self.post_attention_layernorm.add(x, self.self_attn(self.input_layernorm(x), step, cache))
+        n = self.post_attention_layernorm    # its residual add and the norm: one kernel on CUDA
+        x, h = add_rms_norm(x, self.self_attn(self.input_layernorm(x), step, cache), n.weight, n.eps)
         return x + self.mlp(h)
 
 

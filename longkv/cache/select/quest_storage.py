@@ -80,7 +80,7 @@ class QuestStorageCache(QuestCache):
             out, _ = ragged_attention_lse(q, kk, vv, valid, scale=s.scale, softcap=s.softcap)
             return out.to(q.dtype)
         if not self._sparse(layer):
-            return self.store.decode_attention(layer, q, pos + 1)
+            return self.store.decode_attention(layer, q, step.length)
         mn, mx = self.pmin[layer], self.pmax[layer]
         kq.append_token(k, v, cos, sin, pos, None, None, mn, mx, page=P)     # RoPE + page bounds, one kernel
         scores = kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=self.recent)
