@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--gpf", type=int, default=None, help="default: the kernel's own choice for the group")
     ap.add_argument("--minb", type=int, default=0)
     ap.add_argument("--cw", type=int, default=1)
+    ap.add_argument("--paged", action="store_true", help="the Quest-over-key-groups variant (reads via a table)")
     ap.add_argument("--dump", action="store_true", help="print each row's statistics as it is made")
     a = ap.parse_args()
     lib = ctypes.CDLL(os.path.join(a.nvrtc, "libnvrtc.so.12"))
@@ -62,7 +63,7 @@ def main() -> None:
             for tile in map(int, a.tile.split(",")):
                 group = 64 if bits == 4 else 16
                 src = qc.defines(D=D, bits=bits, group=group, G=a.g, sink=4, ring=128 + 2 * group, bf16=True, tile=tile,
-                                 gpf=a.gpf, minb=a.minb, cw=a.cw) + qc.source()
+                                 gpf=a.gpf, minb=a.minb, cw=a.cw, paged=a.paged) + qc.source()
                 r = cubin_stats(nvrtc_cubin(lib, src, a.arch), func="kivi_attn")
                 if a.dump:
                     print(r)

@@ -60,6 +60,9 @@ def methods(ctx: int) -> list[tuple[str, str]]:
             ("quest 1/8 r4 mass", f"quest:budget={b8},rerank=4,rank=mass"),
             ("kv4", "kv4"), ("kv4+quest 1/8", f"kv4+quest:budget={b8}"),   # Quest over packed storage
             ("kv4+quest 1/32", f"kv4+quest:budget={b32}"), ("kivi4", "kivi4"),
+            # pages = the 64-token key groups, bounds from their scale/zero, the CUDA kernel through a table
+            ("kv4+quest 1/8 groups", f"kv4+quest:budget={b8},groups=1"),
+            ("kv4+quest 1/32 groups", f"kv4+quest:budget={b32},groups=1"),
             ("snapkv 1/8", f"snapkv:budget={b8}"), ("snapkv 1/32", f"snapkv:budget={b32}"),
             ("streaming 1/8", f"streaming:budget={b8}"), ("adakv+snapkv 1/8", f"adakv+snapkv:budget={b8}"),
             ("tova 1/8", f"tova:budget={b8}")]
@@ -218,6 +221,29 @@ def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32
     s, pos, step, q, k, v = layer_inputs(model, cache, layer, dev)
     P, st = cache.P, cache.store
     cos, sin = step.rope[s.rope_index]
+    if cache.groups:   # groups=1: score the key groups from their statistics, the CUDA kernel via the table
+        from longkv.kernels import quant_cuda as qc
+        kd, vd = st.kq[layer], st.vq[layer]
+        MG = kd["scale"].shape[2]
+        gk = dict(bits=st.bits, group=P, sink=st.S, window=st.W)
+        scores, npos = kq.group_scores(q, kd["scale"], kd["zero"], pos + 1, **gk)
+        table, nsel, _ = kq.select_pages(scores, cache.k_pages, npos, page=P, row_pages=MG)
+        args = (q, kd, vd, st.kf[layer], st.vf[layer], pos + 1, table, nsel)
+        pieces = {
+            "write_us": lambda: st.write(layer, k, v, pos=pos, cos=cos, sin=sin, slot=pos),
+            "score_us": lambda: kq.group_scores(q, kd["scale"], kd["zero"], pos + 1, **gk),
+            "select_us": lambda: kq.select_pages(scores, cache.k_pages, npos, page=P, row_pages=MG),
+            "attend_us": lambda: qp.quant_group_attention(*args, row_pages=MG, vgroup=st._vg(layer), scale=s.scale,
+                                                          **gk),
+        }
+        for n in (16, 32, 64, 128) if dev.type == "cuda" else ():
+            pieces[f"attend_s{n}_us"] = functools.partial(qc.paged_attention, *args, row_pages=MG, splits=n,
+                                                          scale=s.scale, **gk)
+        out = {name: round(graph_time(fn, reps, dev) * 1e3, 1) for name, fn in pieces.items()}
+        want = qref.quant_group_attention(*args, row_pages=MG, vgroup=st._vg(layer), scale=s.scale, **gk)
+        out["attend_err"] = float(f"{(pieces['attend_us']().float() - want.float()).abs().max().item():.2e}")
+        out["groups_read"] = cache.k_pages
+        return out
     mn, mx = cache.pmin[layer], cache.pmax[layer]
     scores = kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=cache.recent)
     table, nsel, last = kq.select_pages(scores, cache.k_pages, pos, page=P, row_pages=cache.max_pages)

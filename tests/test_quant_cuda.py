@@ -62,3 +62,40 @@ def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype,
     err, err_tri = (got - want).abs().max().item(), (tri - want).abs().max().item()
     assert err < tol, f"cuda {err:.2e}, triton {err_tri:.2e}"
     assert err < 2 * err_tri + 1e-3    # and no less exact than the Triton kernel (its products round to bf16)
+
+
+@pytest.mark.parametrize("D,bits,group,G,length,k,splits", [
+    (128, 4, 64, 4, 3000, 10, None), (128, 4, 64, 4, 3000, 10, 3), (128, 4, 64, 1, 1000, 3, 2),
+    (128, 2, 16, 4, 2000, 40, None), (128, 2, 16, 5, 777, 9, 4), (64, 4, 64, 3, 2500, 7, 2),
+    (256, 4, 64, 2, 1300, 5, 3), (128, 4, 64, 8, 3000, 60, None),   # k past the packed groups: all of them
+    (128, 4, 64, 4, 150, 4, None),                                   # nothing packed yet: the fp slots only
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_paged_kernel_matches_reference(D, bits, group, G, length, k, splits, dtype):
+    """Quest over key groups (`paged_attention`): the listed groups (ascending, inside the packed region, as
+    `select_pages` over `group_scores` lists them) and every full-precision slot."""
+    B, H, sink, window = 2, 2, 4, 128
+    ring = window + 2 * group
+    cap = 3072
+    kq, vq, kf, vf = _layer(B, H, D, cap, group, bits, sink, ring, seed=1)
+    q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(7)) * 2
+    MG = cap // group
+    ngq = max(0, (length - 1 - sink - window) // group)
+    g = torch.Generator().manual_seed(length)
+    nsel = min(k, ngq)
+    table = torch.zeros(B * H, k, dtype=torch.int32)
+    for bh in range(B * H):
+        pick = sorted(torch.randperm(ngq, generator=g)[:nsel].tolist()) if ngq else []
+        table[bh, :len(pick)] = torch.tensor([bh * MG + p for p in pick], dtype=torch.int32)
+    n = torch.tensor([length])
+    kw = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5)
+    want = ref.quant_group_attention(q, kq, vq, kf, vf, n, table, torch.tensor([nsel]), row_pages=MG, vgroup=D, **kw)
+    got = qc.paged_attention(q.cuda().to(dtype), _cuda(kq), _cuda(vq), kf.cuda().to(dtype), vf.cuda().to(dtype),
+                             n.cuda(), table.cuda(), torch.tensor([nsel], dtype=torch.int32).cuda(), row_pages=MG,
+                             splits=splits, **kw).float().cpu()
+    dense = qc.decode_attention(q.cuda().to(dtype), _cuda(kq), _cuda(vq), kf.cuda().to(dtype), vf.cuda().to(dtype),
+                                n.cuda(), **kw).float().cpu()
+    err_dense = (dense - ref.quant_decode_attention(q, kq, vq, kf, vf, length, vgroup=D, inv_freq=torch.zeros(D // 2),
+                                                    prerope=False, **kw)).abs().max().item()
+    err = (got - want).abs().max().item()
+    assert err < 2 * err_dense + 1e-3, f"paged {err:.2e}, dense {err_dense:.2e}"   # as exact as the dense kernel

@@ -108,3 +108,87 @@ def test_fast_path_is_taken_for_whole_pages(monkeypatch):
     want = ref.quant_paged_attention(q, kq, vq, kf, vf, torch.tensor([length]), table, nsel, last, **kw)
     assert (got - want).abs().max() < 1e-4
     assert len(calls) == 3 * 2        # pages 1, 2 and 5: a key and a value tile each
+
+
+# -- Quest over key groups (`quest:groups=1`): bounds from the groups' statistics, groups read via a table --
+def _dense_masked(q, kq, vq, kf, vf, length, keep_group, *, bits, group, sink, window, scale):
+    """Independent of `quant_group_attention`: every position's key/value (sink and ring from the fp
+    buffer, the quantized region dequantized whole), masked to the sink, the fp positions and the kept
+    groups, through plain attention."""
+    from longkv.kernels.sparse_reference import ragged_attention_lse
+
+    B, H = kf.shape[:2]
+    ring = kf.shape[2] - sink
+    nq = group * max(0, (length - 1 - sink - window) // group)
+    kd = ref.dequantize_keys(kq, bits=bits, group=group, d=D)
+    vd = ref.dequantize_tokens(vq, bits=bits, vgroup=D, d=D)
+    ks, vs, ok = [], [], []
+    for p in range(length):
+        if sink <= p < sink + nq:
+            ks.append(kd[:, :, p - sink]), vs.append(vd[:, :, p - sink])
+            ok.append(keep_group[:, :, (p - sink) // group])
+        else:
+            r = p if p < sink else sink + (p - sink) % ring
+            ks.append(kf[:, :, r]), vs.append(vf[:, :, r])
+            ok.append(torch.ones(B, H, dtype=torch.bool))
+    k, v, ok = torch.stack(ks, 2), torch.stack(vs, 2), torch.stack(ok, 2)     # (B, H, length[, D])
+    out, _ = ragged_attention_lse(q, k, v, ok, scale=scale)
+    return out
+
+
+@pytest.mark.parametrize("bits,group,sink,length", [(4, 32, 4, 333), (2, 16, 0, 300), (4, 16, 3, 100)])
+def test_group_attention_reads_the_listed_groups_and_every_fp_slot(bits, group, sink, length):
+    B, H, G, window = 2, 2, 3, 24
+    kq, vq, kf, vf = layer(B, H, length, bits=bits, group=group, vgroup=D, sink=sink, window=window, n_out=0,
+                           seed=length)
+    q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(1))
+    MG = kq["scale"].shape[2]
+    nqg = max(0, (length - 1 - sink - window) // group)
+    g = torch.Generator().manual_seed(2)
+    keep = torch.zeros(B, H, MG, dtype=torch.bool)
+    rows = []
+    for bh in range(B * H):
+        pick = sorted(torch.randperm(MG, generator=g)[:max(1, MG // 2)].tolist())   # some past the region
+        keep.view(B * H, MG)[bh, pick] = True
+        rows.append([bh * MG + p for p in pick] + [0] * (MG - len(pick)))
+    table = torch.tensor(rows, dtype=torch.int32)
+    nsel = torch.tensor([max(1, MG // 2)] * (B * H), dtype=torch.int32)
+    kw = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5)
+    got = ref.quant_group_attention(q, kq, vq, kf, vf, torch.tensor([length]), table, nsel, row_pages=MG, vgroup=D,
+                                    **kw)
+    want = _dense_masked(q, kq, vq, kf, vf, length, keep & (torch.arange(MG) < nqg), **kw)
+    assert (got - want).abs().max() < 1e-5
+    # every group listed: the dense packed decode
+    every = torch.arange(B * H * MG, dtype=torch.int32).reshape(B * H, MG)
+    got = ref.quant_group_attention(q, kq, vq, kf, vf, length, every, torch.tensor([MG]), row_pages=MG, vgroup=D,
+                                    **kw)
+    dense = ref.quant_decode_attention(q, kq, vq, kf, vf, length, vgroup=D, inv_freq=torch.zeros(D // 2),
+                                       prerope=False, **kw)
+    assert (got - dense).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("bits,G,length", [(4, 3, 333), (2, 8, 1000), (4, 1, 20)])
+def test_group_scores_kernel_matches_reference(bits, G, length):
+    """The Triton bound over key groups (interpreter) = the reference, and it is a real bound: no key of a
+    group scores above it (for the query of any head of the group)."""
+    from longkv.kernels import quest as kq_
+
+    B, H, group, sink, window = 2, 2, 16, 4, 24
+    kq, vq, kf, vf = layer(B, H, length, bits=bits, group=group, vgroup=D, sink=sink, window=window, n_out=0,
+                           seed=3)
+    q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(4))
+    kw = dict(bits=bits, group=group, sink=sink, window=window)
+    n = torch.tensor([length])
+    want, wpos = ref.group_scores(q, kq["scale"], kq["zero"], n, **kw)
+    got, gpos = kq_.group_scores(q, kq["scale"], kq["zero"], n, **kw)
+    assert torch.equal(gpos, wpos) and gpos.item() == group * max(0, (length - 1 - sink - window) // group) - 1
+    fin = torch.isfinite(want)
+    assert torch.equal(fin, torch.isfinite(got)) and (got[~fin] < 0).all()
+    assert fin.any() == (length > 1 + sink + window + group)
+    if fin.any():
+        assert (got[fin] - want[fin]).abs().max() < 1e-3 * want[fin].abs().max()
+        k = ref.dequantize_keys(kq, bits=bits, group=group, d=D)                      # (B, H, cap, D)
+        logits = (q.reshape(B, H, G, D) @ k.transpose(-1, -2)).amax(2)                # (B, H, cap)
+        MG = k.shape[2] // group
+        best = logits.reshape(B, H, MG, group).amax(-1)
+        assert (best[fin] <= want[fin] + 1e-3).all()

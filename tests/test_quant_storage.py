@@ -245,3 +245,35 @@ def test_quant_quest_sliding_window_layers_read_their_window(tmp_path):
     ref_logits = prefill(model, ref_kv, ids(), chunk=16, logits="all")
     assert toks == greedy(model, ref_kv, ref_logits, 10)
     assert graph_greedy(model, spec, 10) == toks
+
+
+KV4G = "kv4:group=16,sink=2,window=4"
+GROUPS = "quest:groups=1,dense_layers=0"
+
+
+def test_quest_over_key_groups_every_group_equals_the_storage_decode(tiny):
+    """groups=1 with a budget of every quantized group (4 of the 5 the buffer holds at the end): the sparse
+    path (bounds from the groups' scale/zero, select, the listed groups + the fp slots) decodes what the
+    storage's own dense decode does."""
+    logits, toks, kv = run(tiny, f"{KV4G}+{GROUPS},budget=86")
+    d_logits, d_toks, dense = run(tiny, f"{KV4G}+quest:dense_layers=0,ratio=0")
+    assert kv.groups and kv.k_pages == 4 and kv._sparse(0) and not dense._sparse(0)
+    assert kv.store.nq(int(kv.store.cnt[0])) == 64                   # 4 groups packed by the end
+    assert toks == d_toks and (logits - d_logits).abs().max() < 1e-4 * d_logits.abs().max()
+
+
+def test_quest_over_key_groups_reads_fewer_and_holds_no_bounds(tiny):
+    _, toks, kv = run(tiny, f"{KV4G}+{GROUPS},budget=40")
+    _, _, minmax = run(tiny, f"{KV4G}+quest:dense_layers=0,budget=40")
+    assert kv.k_pages == 2 and kv._sparse(1)                          # 2 of the 4 packed groups a step
+    assert all(t is None for t in kv.pmin + kv.pmax)
+    assert kv.nbytes() == tensor_bytes(kv) == kv.store.nbytes() < minmax.nbytes()
+    assert "key groups" in kv.stats()["note"]
+    assert graph_greedy(tiny, f"{KV4G}+{GROUPS},budget=40", 12) == toks
+
+
+@pytest.mark.parametrize("spec,msg", [(f"{Q8}+quest:groups=1", "2/4-bit"), ("quest:groups=1", "packed storage"),
+                                      ("kv2+quest:groups=1", "outliers")])
+def test_quest_over_key_groups_refuses_what_it_cannot_read(tiny, spec, msg):
+    with pytest.raises(UserError, match=msg):
+        build(tiny, spec)

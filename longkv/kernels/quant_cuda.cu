@@ -1,6 +1,6 @@
 // Decode attention over KIVI-layout packed KV, one layer: the CUDA source of `quant_cuda.py` (see its
 // docstring for the design and the figures). Compiled by NVRTC with a block of #defines in front
-// (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, GPF, MINB, CW.
+// (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, GPF, MINB, CW, PAGED.
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef long long i64;
@@ -305,7 +305,8 @@ extern "C" __global__ void BOUNDS kivi_attn(
     const u16* __restrict__ Q, const i64* __restrict__ Len, const u32* __restrict__ KP, const u16* __restrict__ KS,
     const u16* __restrict__ KZ, const u32* __restrict__ VP, const u16* __restrict__ VS, const u16* __restrict__ VZ,
     const u16* __restrict__ KF, const u16* __restrict__ VF, float* __restrict__ Part, float* __restrict__ Lse,
-    double scale_log2_d, int S, int NQ_CAP) {
+    double scale_log2_d, int S, int NQ_CAP, const int* __restrict__ Table, const int* __restrict__ Nsel, int stab,
+    int row_pages) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wq = threadIdx.x >> 5;
   const int bh = blockIdx.x, split = blockIdx.y;
   const float sl2 = (float)scale_log2_d;
@@ -326,9 +327,25 @@ extern "C" __global__ void BOUNDS kivi_attn(
     fp_split(Q, KF, VF, OutP, OutL, Len[0] - 1, nq, bh, (split - S) * CW + wq, orow, sl2);
   } else {
   const int vsp = split * CW + wq;                   /* this warp's stretch */
+#if PAGED
+  /* Quest over key groups: the row's table lists the selected groups (ascending global ids bh·row_pages +
+     group); this warp takes a run of whole entries. v counts tokens along the selected groups, TOK(v) is
+     the quantized row it stands for; every tile lies inside one group (GROUP % TILE == 0), so loads and
+     tiles run to the buffer's end (LIM) and a new group's statistics are rebuilt at its first tile. */
+  const int* tab = Table + (i64)bh * stab;
+  const int tb = bh * row_pages;
+  const int nsel = min(Nsel[bh], nq / GROUP);
+  const int perg = (nsel + S * CW - 1) / (S * CW);
+  const int start = vsp * perg * GROUP, end = min(vsp * perg + perg, nsel) * GROUP;
+#define TOK(v) ((tab[(v) / GROUP] - tb) * GROUP + (v) % GROUP)
+#define LIM NQ_CAP
+#else
   int per = (nq + S * CW - 1) / (S * CW);
   per = (per + STEP - 1) / STEP * STEP;
   const int start = vsp * per, end = min(start + per, nq);
+#define TOK(v) (v)
+#define LIM end
+#endif
   const i64 hq = (i64)bh * NQ_CAP;
   const u32* kp = KP + hq * W;
   const u32* vp = VP + hq * W;
@@ -351,13 +368,13 @@ extern "C" __global__ void BOUNDS kivi_attn(
   for (int s = 0; s < KSTEPS; s++) { st.qf[s][0] = st.qf[s][1] = 0u; }
 
   Buf A, B;     /* double buffer: the next tile's words load while this one is computed */
-  if (start < end) load(A, kp, vp, vs, vz, ks, kz, start, end, g, t);
+  if (start < end) load(A, kp, vp, vs, vz, ks, kz, TOK(start), LIM, g, t);
   for (int t0 = start; t0 < end; t0 += 2 * TILE) {
-    if (t0 + TILE < end) load(B, kp, vp, vs, vz, ks, kz, t0 + TILE, end, g, t);
-    tile(st, A, t0, end, qsm, lane, ks, kz, t, sl2);
+    if (t0 + TILE < end) load(B, kp, vp, vs, vz, ks, kz, TOK(t0 + TILE), LIM, g, t);
+    tile(st, A, TOK(t0), LIM, qsm, lane, ks, kz, t, sl2);
     if (t0 + TILE >= end) break;
-    if (t0 + 2 * TILE < end) load(A, kp, vp, vs, vz, ks, kz, t0 + 2 * TILE, end, g, t);
-    tile(st, B, t0 + TILE, end, qsm, lane, ks, kz, t, sl2);
+    if (t0 + 2 * TILE < end) load(A, kp, vp, vs, vz, ks, kz, TOK(t0 + 2 * TILE), LIM, g, t);
+    tile(st, B, TOK(t0 + TILE), LIM, qsm, lane, ks, kz, t, sl2);
   }
   float l0 = st.l0, l1 = st.l1, z0 = st.z0, z1 = st.z1, w0 = st.p0, w1 = st.p1;
 #pragma unroll

@@ -77,15 +77,16 @@ def source() -> str:
 
 
 def defines(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
-            gpf: int | None = None, minb: int | None = None, cw: int | None = None) -> str:
+            gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False) -> str:
     """The #defines of one compiled layout (window = ring - 2·group, as the cache sizes its ring); tile:
     tokens a loop step; pf: L2 prefetch this many tiles ahead (0 = off); gpf: the key
-    group statistics into L1 this many tiles ahead (0 = off); minb: programs an SM the
-    compiler must fit (caps registers; 0 = its own choice); cw: warps a program."""
+    group statistics into L1 this many tiles ahead (0 = off; always off when paged); minb: programs an SM the
+    compiler must fit (caps registers; 0 = its own choice); cw: warps a program; paged: read the key groups a
+    page table lists (Quest over key groups, `paged_attention`) instead of every quantized group."""
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
                TILE=tile or TILE,
-               GPF=gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)), MINB=MINB if minb is None else minb,
-               CW=CW if cw is None else cw)
+               GPF=0 if paged else gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)),
+               MINB=MINB if minb is None else minb, CW=CW if cw is None else cw, PAGED=int(paged))
     return "".join(f"#define {k} {v}\n" for k, v in cfg.items())
 
 
@@ -152,6 +153,25 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
     parts=True returns (the two launches as closures, out, splits) instead (benchmarks/quant_cuda_probe.py)."""
+    return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
+                   splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts)
+
+
+def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
+                    sink: int, window: int, scale: float, splits: int | None = None, parts: bool = False):
+    """Quest over key groups (`cache/select/quest_storage.py`): as `decode_attention`, but of the quantized
+    region only the key groups listed in `table` (B·Hkv, K) int32 (global ids bh·row_pages + group index,
+    the first nsel[bh] entries of a row; groups at or past the region's end are not read); the
+    full-precision sink and ring are always read. Reference: `quant_reference.quant_group_attention`."""
+    if group % TILE:
+        raise Unavailable(f"CUDA paged kernel: key groups of {group} tokens are not whole {TILE}-token tiles")
+    return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
+                   splits=splits, parts=parts, paged=(table, nsel.reshape(-1).expand(table.shape[0]).contiguous(),
+                                                      row_pages))
+
+
+def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, splits=None, tile=None, gpf=None,
+            minb=None, cw=None, parts=False, paged=None):
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
@@ -162,13 +182,19 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     length = length if length.dtype == torch.int64 else length.long()
     cap = kq["planes"][0].shape[2]
     cfg = defines(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
-                  gpf=gpf, minb=minb, cw=cw)
+                  gpf=gpf, minb=minb, cw=cw, paged=paged is not None)
     warps = CW if cw is None else cw
     if smem_bytes(D=D, G=G, cw=warps) > 48 * 1024:
         raise Unavailable(f"CUDA decode kernel: {warps} warps a program need more than 48 KiB of shared memory here")
     attn, mrg, slots = _kernels(cfg, warps)
     fps = -(-((sink + ring + 31) // 32) // warps)    # programs of the full-precision splits (FPC)
     S = splits or num_splits(slots, B * H, fps)
+    if paged is not None:
+        table, nsel, row_pages = paged
+        S = min(S, max(1, table.shape[1]))           # at least one selected group a program
+        extra = [table, nsel, int(table.stride(0)), int(row_pages)]
+    else:
+        extra = [length, length, 0, 0]               # unused (pointers of the right kind)
     S1 = S + fps
     part = torch.empty(B * H * S1 * G, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B * H * S1 * G, device=q.device, dtype=torch.float32)
@@ -179,7 +205,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     def run_attn():
         attn(grid=(B * H, S1, 1), block=(32 * warps, 1, 1),
              args=[q, length, kp, kq["scale"], kq["zero"], vp, vq["scale"], vq["zero"], kf, vf, part, lse,
-                   float(scale * math.log2(math.e)), int(S), int(cap)])
+                   float(scale * math.log2(math.e)), int(S), int(cap), *extra])
 
     def run_merge():
         mrg(grid=(B * Hq, 1, 1), block=(32 * MERGE_WARPS, 1, 1), args=[part, lse, out, int(S1)])

@@ -230,3 +230,23 @@ def quant_paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, la
         _paged_quant_kernel[(BH, S)](*args, MODE=2, num_warps=4, **kw)
     _merge_kernel[(BH * G,)](part, lse, out, G=G, SPLITS=parts, D=D, BLOCK_S=triton.next_power_of_2(parts))
     return out
+
+
+def quant_group_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int,
+                          group: int, vgroup: int, sink: int, window: int, scale: float) -> torch.Tensor:
+    """Quest with pages = the key groups (`quant_reference.quant_group_attention`): the full-precision
+    sink and ring plus the listed quantized groups. On a GPU `quant_cuda.paged_attention` (the KIVI-layout
+    CUDA kernel reading the groups through the table); elsewhere, or where that kernel cannot be built
+    (one warning), the reference."""
+    from . import quant_cuda as qc
+
+    G = q.shape[1] // kf.shape[1]
+    if qc.supported(q, kq, bits=bits, group=group, vgroup=vgroup, prerope=False, G=G) and group % qc.TILE == 0:
+        try:
+            return qc.paged_attention(q, kq, vq, kf, vf, length.reshape(-1)[-1:], table, nsel, row_pages=row_pages,
+                                      bits=bits, group=group, sink=sink, window=window, scale=scale)
+        except qc.Unavailable as e:
+            import warnings
+            warnings.warn(f"{e}; Quest over key groups attends in torch (no speed gain)")
+    return ref.quant_group_attention(q, kq, vq, kf, vf, length, table, nsel, row_pages=row_pages, bits=bits,
+                                     group=group, vgroup=vgroup, sink=sink, window=window, scale=scale)

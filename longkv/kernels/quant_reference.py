@@ -294,3 +294,52 @@ def quant_paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, la
     valid = torch.arange(K * page, device=q.device).reshape(1, 1, -1) < n_tok
     out, _ = ragged_attention_lse(q, k, v, valid, scale=scale, softcap=softcap)
     return out.to(q.dtype)
+
+
+# -- Quest over key groups (`cache/select/quest_storage.py`, page = the storage's key group) -------------
+def group_scores(q, ks, kz, length, *, bits: int, group: int, sink: int, window: int):
+    """Quest's page bound with pages = the quantized key groups, from the statistics they already hold: a
+    group's keys lie in [z, z + L·s] per channel (L = 2^bits - 1; KIVI's per-channel keys after RoPE), so
+    q's largest logit there is Σ_c max(q_c·z_c, q_c·(z_c + L·s_c)) = q·z + L·Σ_c max(0, q_c·s_c); max over
+    the KV head's query group. q (B, Hq, 1, D); ks, kz (B, Hkv, MG, D) fp16; length: int or (1,) device
+    int64 (tokens held). Groups the decode kernel reads, n_q(length - 1) / group, score; the rest -inf.
+    → (scores (B, Hkv, MG) fp32, npos (1,) int64 = n_q - 1: `select_pages(..., pos=npos, page=group)`
+    then takes only scored groups)."""
+    B, Hq, _, D = q.shape
+    Hkv, MG = ks.shape[1], ks.shape[2]
+    n = torch.as_tensor(length, device=q.device).reshape(-1)[-1:]
+    nqg = torch.clamp((n - 1 - sink - window) // group, min=0)
+    qf = q.float().reshape(B, Hkv, Hq // Hkv, 1, D)
+    s = (qf * kz.float()[:, :, None]).sum(-1) + (2 ** bits - 1) * (qf * ks.float()[:, :, None]).clamp(min=0).sum(-1)
+    s = s.amax(2).masked_fill(torch.arange(MG, device=q.device) >= nqg, float("-inf"))
+    return s.contiguous(), nqg * group - 1
+
+
+def quant_group_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int,
+                          group: int, vgroup: int, sink: int, window: int, scale: float) -> torch.Tensor:
+    """Reference for `kernels.quant_cuda.paged_attention`: q (B, Hq, 1, D) against a packed layer's
+    full-precision slots (the sink, and the ring's positions past the quantized region) and, of the
+    quantized region n_q(length - 1), the key groups of the first nsel[bh] entries of table row bh
+    (global ids bh·row_pages + group index; groups past the region are skipped). Keys after RoPE
+    (`cache/quant_storage.py`, slot = position). Returns (B, Hq, 1, D) in q's dtype."""
+    from .sparse_reference import ragged_attention_lse
+
+    B, Hq, _, D = q.shape
+    H = kf.shape[1]
+    BH, K = table.shape
+    ring = kf.shape[2] - sink
+    n = torch.as_tensor(length, device=q.device).reshape(-1)[-1]
+    nq = group * torch.clamp((n - 1 - sink - window) // group, min=0)
+    g = table.long() - torch.arange(BH, device=q.device)[:, None] * row_pages                   # (BH, K)
+    ok_g = (torch.arange(K, device=q.device) < nsel.reshape(-1).expand(BH)[:, None]) & (g * group < nq)
+    rows_q = (sink + g[:, :, None] * group + torch.arange(group, device=q.device)).reshape(BH, K * group)
+    ok_q = ok_g[:, :, None].expand(-1, -1, group).reshape(BH, K * group)
+    f = torch.arange(sink + ring, device=q.device)
+    rows_f = (sink + nq + f - sink).clamp(min=0)              # the ring's candidates: positions sink + nq + i
+    rows_f = torch.where(f < sink, f, rows_f)
+    ok_f = (f < torch.clamp(n, max=sink)) | ((f >= sink) & (rows_f < n))
+    rows = torch.cat([rows_f.expand(BH, -1), rows_q], 1).reshape(B, H, -1)
+    valid = torch.cat([ok_f.expand(BH, -1), ok_q], 1).reshape(B, H, -1)
+    k, v = gather_rows(kq, vq, kf, vf, rows, nq, bits=bits, group=group, vgroup=vgroup, sink=sink)
+    out, _ = ragged_attention_lse(q, k, v, valid, scale=scale)
+    return out.to(q.dtype)

@@ -109,6 +109,28 @@ if triton is not None:
         tl.store(S + bh * MP + p, s, mask=p < MP)
 
     @triton.jit
+    def _group_score_kernel(Q, KS, KZ, Len, S, NPos, MG, HALF, SINK: tl.constexpr, WINDOW: tl.constexpr,
+                            GROUP: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
+                            BLOCK_P: tl.constexpr):
+        """Pages = a packed layer's key groups, bounds from their statistics: a group's keys lie in
+        [z, z + 2·HALF·s] per channel, so c = z + HALF·s, r = HALF·|s| (the `_score_kernel` bound)."""
+        bh = tl.program_id(0)
+        p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        nqg = tl.maximum((tl.load(Len) - 1 - SINK - WINDOW) // GROUP, 0).to(tl.int32)
+        if (bh == 0) & (tl.program_id(1) == 0):
+            tl.store(NPos, nqg.to(tl.int64) * GROUP - 1)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        q = tl.load(Q + (bh * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
+        ok = p < nqg
+        base = (bh * MG + p[:, None]) * D + d[None, :]
+        sc = tl.load(KS + base, mask=ok[:, None], other=0.0).to(tl.float32)
+        z = tl.load(KZ + base, mask=ok[:, None], other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(z + HALF * sc)) + tl.dot(tl.abs(q), tl.trans(HALF * tl.abs(sc)))
+        s = tl.max(tl.where(g[:, None] < G, s, float("-inf")), 0)
+        tl.store(S + bh * MG + p, tl.where(ok, s, float("-inf")), mask=p < MG)
+
+    @triton.jit
     def _paged_kernel(Q, K, V, Table, Nsel, Last, Out, Lse, sqb, sqh, stab, scale, softcap,
                       G: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
                       BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -185,6 +207,26 @@ def page_scores(q, pmin, pmax, pos, *, page: int, sink: int, recent: int, block_
         pmin.stride(2), MP, page, sink, recent, G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)),
         BLOCK_P=BLOCK_P, HKV=Hkv, num_warps=warps)
     return out
+
+
+def group_scores(q, ks, kz, length, *, bits: int, group: int, sink: int, window: int, block_p: int = 64,
+                 warps: int = 4):
+    """See `quant_reference.group_scores` (Quest's bound with pages = a packed layer's key groups, from
+    their scale and zero): → (scores (B, Hkv, MG) fp32, npos (1,) int64 for `select_pages`). length:
+    (1,) int64 device tensor."""
+    if not _use_triton(q):
+        from .quant_reference import group_scores as reference
+        return reference(q, ks, kz, length, bits=bits, group=group, sink=sink, window=window)
+    B, Hq, _, D = q.shape
+    Hkv, MG = ks.shape[1], ks.shape[2]
+    assert ks.is_contiguous() and kz.is_contiguous()
+    out = torch.empty(B, Hkv, MG, device=q.device, dtype=torch.float32)
+    npos = torch.empty(1, device=q.device, dtype=torch.int64)
+    G = Hq // Hkv
+    _group_score_kernel[(B * Hkv, triton.cdiv(MG, block_p))](
+        q.contiguous(), ks, kz, _pos(length, q.device), out, npos, MG, (2 ** bits - 1) / 2, SINK=sink, WINDOW=window,
+        GROUP=group, G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_P=block_p, num_warps=warps)
+    return out, npos
 
 
 def paged_attention(q, k_pool, v_pool, table, nsel, last, *, scale: float, softcap: float | None = None,

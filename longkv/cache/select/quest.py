@@ -59,7 +59,10 @@ from ..registry import register
                                     "(1, 2, 4 or 8; 0 = the exact keys)"),
                   "rank": (str, "mass", "how the second stage ranks its candidates: mass = a page's share "
                                         "of the attention over the candidates' tokens (summed over the query "
-                                        "group), max = its largest logit (the ranking before 2026-12-03)")},
+                                        "group), max = its largest logit (the ranking before 2026-12-03)"),
+                  "groups": (bool, False, "over 2/4-bit packed storage (kv4+quest, kivi4+quest): the pages are "
+                                          "the storage's key groups, bounded by their scale and zero (no page "
+                                          "min/max kept; `page` is the group size), read by the CUDA kernel")},
           composes=("full", "quant"))
 class QuestCache(FullCache):
     role = "select"
@@ -71,7 +74,10 @@ class QuestCache(FullCache):
         return super().__new__(cls)
 
     def __init__(self, specs, *, batch, capacity, device, dtype, ratio=None, budget=None, page=16, recent=2,
-                 dense_layers=2, rerank=0, rbits=2, rank="mass", storage=None):
+                 dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False, storage=None):
+        if groups:
+            raise UserError("quest: groups=1 reads the key groups of a packed storage; put one under it "
+                            "(e.g. kivi4+quest:groups=1) or drop groups")
         P = self._check_page(page)
         super().__init__(specs, batch=batch, capacity=P * math.ceil(capacity / P), device=device, dtype=dtype)
         self.capacity = capacity
@@ -83,8 +89,10 @@ class QuestCache(FullCache):
             raise UserError(f"quest: page={page} must be a power of two >= 16")
         return page
 
-    def _pages(self, specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, rerank, rbits, rank="mass"):
-        """The page machinery shared with `QuestStorageCache`: budget → pages read, bounds, codes."""
+    def _pages(self, specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, rerank, rbits, rank="mass",
+               bounds: bool = True):
+        """The page machinery shared with `QuestStorageCache`: budget → pages read, bounds (page min/max;
+        none when the storage's key groups are the pages), codes."""
         self.P, self.recent, self.dense_layers = P, max(1, recent), max(0, dense_layers)
         self.budget = Budget.parse(ratio, budget, "quest")
         self.max_pages = math.ceil(self.capacity / P)
@@ -101,7 +109,7 @@ class QuestCache(FullCache):
         self.pmin, self.pmax, self.codes = [], [], []
         for i, s in enumerate(specs):
             shape = (batch, s.num_kv_heads, self.max_pages, s.head_dim)
-            sparse = i >= self.dense_layers and s.window is None   # sliding-window layers: full's ring
+            sparse = bounds and i >= self.dense_layers and s.window is None   # sliding-window layers: full's ring
             self.pmin.append(torch.zeros(shape, device=device, dtype=dtype) if sparse else None)
             self.pmax.append(torch.zeros(shape, device=device, dtype=dtype) if sparse else None)
             code_shape = (*shape[:3], P, s.head_dim * self.rbits // 8)

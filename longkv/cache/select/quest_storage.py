@@ -26,7 +26,7 @@ import torch
 
 from ...errors import UserError
 from ...kernels import quest as kq
-from ...kernels.quant_paged import quant_paged_attention
+from ...kernels.quant_paged import quant_group_attention, quant_paged_attention
 from ...kernels import sparse_reference as ref
 from ...kernels.reference import ragged_attention_lse
 from ...models.rope import apply_rope
@@ -37,18 +37,40 @@ from .quest import QuestCache
 
 class QuestStorageCache(QuestCache):
     def __init__(self, specs, *, batch, capacity, device, dtype, storage, ratio=None, budget=None, page=16,
-                 recent=2, dense_layers=2, rerank=0, rbits=2, rank="mass"):
+                 recent=2, dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False):
         if rerank:
             raise UserError(f"quest: rerank={rerank} needs the full-precision storage (its page codes are "
                             f"written from full-precision keys); drop rerank or {storage[0]}")
-        P = self._check_page(page)
         Cache.__init__(self, specs, batch=batch, capacity=capacity, device=device, dtype=dtype)
-        self._pages(specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, 0, 0)
         self.store = make_storage(storage, specs, batch=batch, device=device, dtype=dtype)
         self.storage_name = storage[0]
-        self.store.append_only = True     # positions only grow: the write is one append + flush kernel
+        st = self.store
+        self.groups = bool(groups)               # pages = the storage's key groups (module docstring)
+        P = st.g if self.groups else self._check_page(page)
+        if self.groups:
+            bad = [why for ok, why in ((st.bits in (2, 4), f"bits={st.bits} (2 or 4)"),
+                                       (st.vgroup in (0, *{s.head_dim for s in specs}), f"vgroup={st.vgroup} (one "
+                                        "value range a token)"), (not any(st.n_out), "outliers"),
+                                       (not any(s.softcap for s in specs), "a logit softcap"))
+                   if not ok]
+            if bad:
+                raise UserError(f"quest: groups=1 reads {storage[0]}'s key groups as pages only for 2/4-bit "
+                                f"codes, one value range a token, no outliers and no softcap, not "
+                                f"{', '.join(bad)}; drop groups")
+        self._pages(specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, 0, 0,
+                    bounds=not self.groups)
+        st.append_only = True     # positions only grow: the write is one append + flush kernel
         for i in range(len(specs)):
-            self.store.reserve(i, P * self.max_pages, 0)
+            st.reserve(i, P * self.max_pages, 0)
+        if self.groups:   # groups read besides the sink and the fp window, which count toward the budget
+            keep = self.budget.keep(self.capacity) - st.S - st.W - P
+            self.k_pages = max(1, -(-keep // P))
+            self.dense = [i < self.dense_layers or s.window is not None for i, s in enumerate(specs)]
+
+    def _sparse(self, layer: int) -> bool:
+        if not self.groups:
+            return super()._sparse(layer)
+        return not self.dense[layer] and self.k_pages < self.store.kq[layer]["scale"].shape[2]
 
     def nbytes(self) -> int:
         return self.store.nbytes() + sum(t.numel() * t.element_size() for t in self.pmin + self.pmax if t is not None)
@@ -81,11 +103,20 @@ class QuestStorageCache(QuestCache):
             return out.to(q.dtype)
         if not self._sparse(layer):
             return self.store.decode_attention(layer, q, step.length)
+        st = self.store
+        if self.groups:   # score the key groups from their statistics, select, attend to them + the fp slots
+            kd, vd = st.kq[layer], st.vq[layer]
+            scores, npos = kq.group_scores(q, kd["scale"], kd["zero"], pos + 1, bits=st.bits, group=P, sink=st.S,
+                                           window=st.W)
+            MG = kd["scale"].shape[2]
+            table, nsel, _ = kq.select_pages(scores, self.k_pages, npos, page=P, row_pages=MG)
+            return quant_group_attention(q, kd, vd, st.kf[layer], st.vf[layer], pos + 1, table, nsel, row_pages=MG,
+                                         bits=st.bits, group=P, vgroup=st._vg(layer), sink=st.S, window=st.W,
+                                         scale=s.scale)
         mn, mx = self.pmin[layer], self.pmax[layer]
         kq.append_token(k, v, cos, sin, pos, None, None, mn, mx, page=P)     # RoPE + page bounds, one kernel
         scores = kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=self.recent)
         table, nsel, last = kq.select_pages(scores, self.k_pages, pos, page=P, row_pages=self.max_pages)
-        st = self.store
         return quant_paged_attention(q, st.kq[layer], st.vq[layer], st.kf[layer], st.vf[layer], pos + 1, table,
                                      nsel, last, row_pages=self.max_pages, page=P, bits=st.bits, group=st.g,
                                      vgroup=st._vg(layer), sink=st.S, window=st.W, scale=s.scale,
@@ -96,6 +127,11 @@ class QuestStorageCache(QuestCache):
         st.update(self.store.stats())
         st["note"] = (f"{self.storage_name}+quest: packed storage; a decode step reads at most "
                       f"{self.k_pages * self.P} tokens' packed rows in layers >= {self.dense_layers}")
-        if self.k_pages >= self.max_pages:
+        if self.groups:
+            st["note"] = (f"{self.storage_name}+quest, pages = the {self.P}-token key groups (bounds from their "
+                          f"scale/zero, no page min/max): a decode step reads the sink, the full-precision window "
+                          f"and {self.k_pages} groups ({self.k_pages * self.P} tokens) in layers >= "
+                          f"{self.dense_layers}")
+        if self.k_pages >= (self.store.kq[-1]["scale"].shape[2] if self.groups else self.max_pages):
             st["note"] = f"{self.budget} reads every page: degraded to {self.storage_name}"
         return st
