@@ -268,14 +268,20 @@ def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32
 
 
 @torch.inference_mode()
-def decode_time(model, cache, dev, reps: int) -> float:
+def decode_time(model, cache, dev, reps: int, profile: str | None = None) -> float:
     """ms per whole-model decode step (CUDA graph on CUDA, eager on CPU); positions do not advance,
-    so every replay does the same work (the step rewrites the same slot)."""
+    so every replay does the same work (the step rewrites the same slot). profile: a label to print the
+    step's kernels under (torch.profiler over graph replays, by cost)."""
     tok = torch.zeros(1, dtype=torch.long, device=dev)
     if dev.type == "cuda":
         from longkv.engine.graph import GraphStep
         graph = GraphStep(model, cache, batch=1)
-        return timed(lambda: graph(tok, cache.length), reps, dev)
+        ms = timed(lambda: graph(tok, cache.length), reps, dev)
+        if profile:
+            busy, kernels = kernel_profile(lambda: graph(tok, cache.length), top=30)
+            print(f"# {profile}: step {ms * 1e3:.1f} us, kernels {busy} us, gaps {ms * 1e3 - busy:.1f} us")
+            print_table([dict(kernel=n, us=t, launches=c) for n, t, c in kernels], ["kernel", "us", "launches"])
+        return ms
     step = model.make_step(torch.tensor([cache.length], device=dev), None)
     model(tok.view(1, 1), step, cache)
     return timed(lambda: model(tok.view(1, 1), step, cache), reps, dev)
@@ -289,6 +295,8 @@ def main():
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--only", default=None, help='comma list of method labels to run, e.g. "full,quest 1/8"')
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, eager: checks that it runs")
+    ap.add_argument("--profile", action="store_true", help="GPU: each row's decode-step kernels, by cost")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel breakdown of one layer")
     a = ap.parse_args()
     cfg = dict(LLAMA3_8B, num_hidden_layers=a.layers)
     if a.smoke:
@@ -329,11 +337,11 @@ def main():
                 row["layer_us"] = round(us, 1)
                 if kernels is not None:
                     row["layer_kernels"] = kernels
-                if label.startswith("quest") and cache._sparse(layer):
+                if label.startswith("quest") and cache._sparse(layer) and not a.no_breakdown:
                     row.update(quest_breakdown(model, cache, layer, dev, a.reps))
-                if "+quest" in label and cache._sparse(layer):
+                if "+quest" in label and cache._sparse(layer) and not a.no_breakdown:
                     row.update(quest_storage_breakdown(model, cache, layer, dev, a.reps))
-                ms = decode_time(model, cache, dev, a.reps)
+                ms = decode_time(model, cache, dev, a.reps, profile=f"{label} {ctx}" if a.profile else None)
                 row["decode_ms"] = round(ms, 3)
                 # after the first decode step: the final compaction and resize have happened
                 row["kv_GiB"] = round(cache.nbytes() / 2**30, 3)

@@ -79,6 +79,7 @@ def test_cuda_paged_kernel_matches_reference(D, bits, group, G, length, k, split
     cap = 3072
     kq, vq, kf, vf = _layer(B, H, D, cap, group, bits, sink, ring, seed=1)
     q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(7)) * 2
+    q, kf, vf = (x.to(dtype).float() for x in (q, kf, vf))     # the reference sees the inputs the kernel sees
     MG = cap // group
     ngq = max(0, (length - 1 - sink - window) // group)
     g = torch.Generator().manual_seed(length)

@@ -188,6 +188,8 @@ class QuantStorage:
              "device": self.device}
         kq, vq = _alloc(B, H, cap, D, per_channel=True, **a), _alloc(B, H, cap, D, per_channel=False, **a)
         pos = torch.zeros(B, H, slots, device=self.device, dtype=torch.int32)
+        if self.append_only:      # slot = position, written once here instead of at every decode step
+            pos.copy_(torch.arange(slots, device=self.device, dtype=torch.int32).expand(B, H, -1))
         if used:
             old = torch.tensor([self._ring_slot(layer, j) for j in self._mirror(layer, used)], device=self.device)
             R0, self.ring[layer] = self.ring[layer], R
@@ -248,17 +250,16 @@ class QuantStorage:
     def _write_one(self, layer, kr, v, pos, slot):
         """One token at a device slot (1,) or (B,), graph-safe (see the module docstring)."""
         B, g, S = self.batch, self.g, self.S
+        if self.append_only:   # slot == count == position: cache/quant.py's write + flush kernel, one launch;
+            from ..kernels.quant_append import append_flush      # `pos` already holds slot j = j (reserve)
+
+            c1 = torch.add(slot.reshape(-1)[:1], 1, out=self.cnt[layer])
+            append_flush(kr.to(self.dtype), v.to(self.dtype), c1, self.kf[layer], self.vf[layer], self.kq[layer],
+                         self.vq[layer], bits=self.bits, group=g, vgroup=self._vg(layer), sink=S, window=self.W)
+            return
         b = torch.arange(B, device=self.device)
         s = slot.reshape(-1).expand(B).long()
         c1 = torch.maximum(self.cnt[layer], s.max().reshape(1) + 1)          # (1,) slots held after
-        if self.append_only:   # slot == count: cache/quant.py's write + flush kernel, one launch
-            from ..kernels.quant_append import append_flush
-
-            append_flush(kr.to(self.dtype), v.to(self.dtype), c1, self.kf[layer], self.vf[layer], self.kq[layer],
-                         self.vq[layer], bits=self.bits, group=g, vgroup=self._vg(layer), sink=S, window=self.W)
-            self.pos[layer][b, :, s] = pos.reshape(-1)[-1:].to(torch.int32).expand(B, 1)
-            self.cnt[layer].copy_(c1)
-            return
         nq1, nqk = self.nq(c1), self.nq_read(c1)
         # 1. the full-precision mirror
         rs = self._ring_slot(layer, s)
@@ -358,7 +359,7 @@ class QuantStorage:
             return quant_decode_attention(
                 q, self.kq[layer], self.vq[layer], self.kf[layer], self.vf[layer], length.reshape(-1)[-1:],
                 bits=self.bits, group=self.g, vgroup=self._vg(layer), sink=self.S, window=self.W,
-                scale=s.scale, inv_freq=self.no_rope[s.head_dim])
+                scale=s.scale, inv_freq=self.no_rope[s.head_dim], prerope=False)   # keys stored after RoPE
         n = self.slots(layer)   # loud in stats(): dequantizes everything, no speed gain
         k, v = self.read(layer, n)
         mask = (torch.arange(n, device=self.device) < length.reshape(-1)[-1:])[None]

@@ -106,11 +106,12 @@ class QuestStorageCache(QuestCache):
         st = self.store
         if self.groups:   # score the key groups from their statistics, select, attend to them + the fp slots
             kd, vd = st.kq[layer], st.vq[layer]
-            scores, npos = kq.group_scores(q, kd["scale"], kd["zero"], pos + 1, bits=st.bits, group=P, sink=st.S,
+            n = st.cnt[layer]                  # tokens held, this one included (the write set it)
+            scores, npos = kq.group_scores(q, kd["scale"], kd["zero"], n, bits=st.bits, group=P, sink=st.S,
                                            window=st.W)
             MG = kd["scale"].shape[2]
             table, nsel, _ = kq.select_pages(scores, self.k_pages, npos, page=P, row_pages=MG)
-            return quant_group_attention(q, kd, vd, st.kf[layer], st.vf[layer], pos + 1, table, nsel, row_pages=MG,
+            return quant_group_attention(q, kd, vd, st.kf[layer], st.vf[layer], n, table, nsel, row_pages=MG,
                                          bits=st.bits, group=P, vgroup=st._vg(layer), sink=st.S, window=st.W,
                                          scale=s.scale)
         mn, mx = self.pmin[layer], self.pmax[layer]
