@@ -3,9 +3,10 @@
 
 Scores (B, Hkv, MP) fp32 → an int32 page table of the top-k pages per (b, kv head) row, ascending
 (so the page holding the newest token, when chosen, is last), with `nsel` entries used and `last`
-tokens in the final entry. The k-th largest score is found by bisection in one program a row for
-short rows (the row in registers), by a radix select over many programs for long ones. Reference:
-`sparse_reference.select_pages`.
+tokens in the final entry. On a GPU the default is one CUDA thread block a row (`page_select.cu`: a
+radix select, 8 bits a pass, each pass a shared-memory histogram; one launch); the Triton selects find
+the k-th largest score by bisection in one program a row for short rows (the row in registers), by a
+radix select over many programs for long ones (6 launches). Reference: `sparse_reference.select_pages`.
 """
 from __future__ import annotations
 
@@ -158,10 +159,31 @@ SELECT_CHUNK = 4096     # the longest row (pages) the bisection select holds in 
 SELECT_SEG = 1024       # pages per program of the multi-program select
 
 
+_BLOCK: dict = {}
+
+
+def block_kernel():
+    """The "block" select (`page_select.cu`: one 1024-thread block a row, a radix select with shared-memory
+    histograms, then the table in one ordered pass), compiled once by NVRTC; None where it cannot be built."""
+    if "k" not in _BLOCK:
+        try:
+            from pathlib import Path
+
+            from torch.cuda import _compile_kernel
+            _BLOCK["k"] = _compile_kernel(Path(__file__).with_name("page_select.cu").read_text(), "page_select")
+        except (ImportError, OSError, RuntimeError) as e:   # no NVRTC, or it refused the source
+            import warnings
+            warnings.warn(f"CUDA page select not built ({str(e).splitlines()[0] if str(e) else e!r}); "
+                          f"using the Triton select")
+            _BLOCK["k"] = None
+    return _BLOCK["k"]
+
+
 def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str | None = None,
                  seg: int | None = None):
     """See `sparse_reference.select_pages` (no sort, no top-k): → table (B·Hkv, k) int32, nsel
-    (B·Hkv,) int32, last (B·Hkv,) int32. `method`: "bisect" (one program a row, the row in
+    (B·Hkv,) int32, last (B·Hkv,) int32. `method`: "block" (CUDA, one thread block a row, one launch;
+    the default on a GPU where NVRTC builds it), "bisect" (one program a row, the row in
     registers, 32 counting passes; rows up to SELECT_CHUNK pages = 64K tokens at page 16, the
     default there) or "multi" (a radix select over row segments of `seg` pages, 6 launches; the
     default for longer rows). Measured on the H200, Llama-3-8B shape (8 rows): at 128K multi 24 µs
@@ -177,6 +199,12 @@ def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str 
     nsel = torch.empty(BH, device=dev, dtype=torch.int32)
     last = torch.empty(BH, device=dev, dtype=torch.int32)
     pos = _pos(pos, dev)
+    if method in (None, "block") and scores.is_cuda and block_kernel() is not None:
+        block_kernel()(grid=(BH, 1, 1), block=(1024, 1, 1),
+                       args=[scores, pos.long(), table, nsel, last, MP, k, page, row_pages, table.stride(0)])
+        return table, nsel, last
+    if method == "block":
+        raise ValueError("the block select needs a CUDA GPU with NVRTC")
     method = method or ("bisect" if MP <= SELECT_CHUNK else "multi")
     if method == "bisect":
         if MP > SELECT_CHUNK:
