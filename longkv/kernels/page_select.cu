@@ -25,11 +25,22 @@ __device__ __forceinline__ int block_scan(bool flag, int* wsum, int& total) {
   return before + __popc(bal & ((1u << lane) - 1u));
 }
 
+#define RK 16                    /* keys a thread keeps in registers: rows up to RK·NT pages stay there */
+
+/* hist[d] += 1 for this lane's digit, one shared-memory atomic a distinct digit of the warp (the keys of a
+   row share their top bits: plain atomics would queue on a few bins) */
+__device__ __forceinline__ void count(u32* hist, u32 d, bool on) {
+  const u32 act = __ballot_sync(0xffffffffu, on);
+  if (!on) return;
+  const u32 same = __match_any_sync(act, d);
+  if ((threadIdx.x & 31) == __ffs(same) - 1) atomicAdd(&hist[d], __popc(same));
+}
+
 /* Row bh of S (rows of MP scores): pages [0, npages), npages = min(pos / PAGE + 1, MP) (C division, as
    the Triton select); need = min(npages, K) of them: every page whose key is above the need-th largest
    key T and the lowest-index pages equal to it, written ascending as bh·row_pages + page. T comes from
    a radix select, 8 bits a pass from the top, each pass one shared-memory histogram of the keys that
-   still match the digits chosen so far (the row is re-read from L2 each pass). */
+   still match the digits chosen so far (keys past RK·NT are re-read from L2 each pass). */
 extern "C" __global__ void __launch_bounds__(NT) page_select(const float* __restrict__ S, const i64* __restrict__ Pos,
                                                              int* __restrict__ Table, int* __restrict__ Nsel,
                                                              int* __restrict__ Last, int MP, int K, int PAGE,
@@ -43,15 +54,25 @@ extern "C" __global__ void __launch_bounds__(NT) page_select(const float* __rest
   const i64 pos = Pos[0];
   const int npages = (int)min(pos / PAGE + 1, (i64)MP);
   const int need = min(npages, K);
+  u32 key[RK];
+#pragma unroll
+  for (int r = 0; r < RK; r++) { const int i = tid + r * NT; key[r] = i < npages ? ukey(row[i]) : 0u; }
   u32 prefix = 0;
   int want = need;
   for (int pass = 0; pass < 4; pass++) {
     const int shift = 24 - 8 * pass;
     if (tid < 256) hist[tid] = 0;
     __syncthreads();
-    for (int i = tid; i < npages; i += NT) {
-      const u32 u = ukey(row[i]);
-      if (pass == 0 || (u >> (shift + 8)) == prefix) atomicAdd(&hist[(u >> shift) & 255], 1u);
+#pragma unroll
+    for (int r = 0; r < RK; r++) {
+      if (r * NT >= npages) break;                                  /* uniform over the block */
+      const u32 u = key[r];
+      count(hist, (u >> shift) & 255, tid + r * NT < npages && (pass == 0 || (u >> (shift + 8)) == prefix));
+    }
+    for (int base = RK * NT; base < npages; base += NT) {
+      const int i = base + tid;
+      const u32 u = i < npages ? ukey(row[i]) : 0u;
+      count(hist, (u >> shift) & 255, i < npages && (pass == 0 || (u >> (shift + 8)) == prefix));
     }
     __syncthreads();
     if (tid < 32) {   /* one warp: suffix sums of the 256 bins (8 a lane), the largest digit b with
@@ -88,8 +109,11 @@ extern "C" __global__ void __launch_bounds__(NT) page_select(const float* __rest
   if (tid == 0) topmax = -1;
   int taken = 0, eqs = 0;
   for (int base = 0; base < npages; base += NT) {
-    const int i = base + tid;
-    const u32 u = i < npages ? ukey(row[i]) : 0u;
+    const int i = base + tid, r = base / NT;
+    u32 u = 0u;
+#pragma unroll
+    for (int j = 0; j < RK; j++) u = j == r ? key[j] : u;                /* registers, without local memory */
+    if (r >= RK) u = i < npages ? ukey(row[i]) : 0u;
     const bool ok = i < npages;
     int n_eq, n_take;
     const int eq_rank = eqs + block_scan(ok && u == prefix, wsum, n_eq);
