@@ -12,20 +12,28 @@ __device__ __forceinline__ u32 ukey(float s) {
   return (u32)b ^ 0x80000000u;
 }
 
-/* exclusive prefix count of `flag` over the block's NT threads (index order), and the block's total */
-__device__ __forceinline__ int block_scan(bool flag, int* wsum, int& total) {
+/* exclusive prefix sum of each thread's x over the block (thread order), and the block's total */
+__device__ __forceinline__ int block_scan(int x, int* wsum, int& total) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  const u32 bal = __ballot_sync(0xffffffffu, flag);
-  if (lane == 0) wsum[w] = __popc(bal);
+  int inc = x;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) { const int y = __shfl_up_sync(0xffffffffu, inc, o); if (lane >= o) inc += y; }
+  if (lane == 31) wsum[w] = inc;
   __syncthreads();
-  int before = 0;
-  total = 0;
-  for (int i = 0; i < NW; i++) { const int c = wsum[i]; before += i < w ? c : 0; total += c; }
+  if (w == 0) {
+    int v = wsum[lane];
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) { const int y = __shfl_up_sync(0xffffffffu, v, o); if (lane >= o) v += y; }
+    wsum[lane] = v;                                   /* inclusive over the warps */
+  }
   __syncthreads();
-  return before + __popc(bal & ((1u << lane) - 1u));
+  total = wsum[NW - 1];
+  const int before = (w ? wsum[w - 1] : 0) + inc - x;
+  __syncthreads();
+  return before;
 }
 
-#define RK 16                    /* keys a thread keeps in registers: rows up to RK·NT pages stay there */
+#define RK 16                    /* keys a thread holds (pages tid·RK .. tid·RK + RK - 1): rows up to RK·NT pages */
 
 /* hist[d] += 1 for this lane's digit, one shared-memory atomic a distinct digit of the warp (the keys of a
    row share their top bits: plain atomics would queue on a few bins) */
@@ -40,7 +48,8 @@ __device__ __forceinline__ void count(u32* hist, u32 d, bool on) {
    the Triton select); need = min(npages, K) of them: every page whose key is above the need-th largest
    key T and the lowest-index pages equal to it, written ascending as bh·row_pages + page. T comes from
    a radix select, 8 bits a pass from the top, each pass one shared-memory histogram of the keys that
-   still match the digits chosen so far (keys past RK·NT are re-read from L2 each pass). */
+   still match the digits chosen so far; the keys stay in registers (thread t holds pages t·RK ..), so
+   the table is written with two block-wide prefix sums. Rows up to RK·NT pages (`page_select.py`). */
 extern "C" __global__ void __launch_bounds__(NT) page_select(const float* __restrict__ S, const i64* __restrict__ Pos,
                                                              int* __restrict__ Table, int* __restrict__ Nsel,
                                                              int* __restrict__ Last, int MP, int K, int PAGE,
@@ -56,7 +65,14 @@ extern "C" __global__ void __launch_bounds__(NT) page_select(const float* __rest
   const int need = min(npages, K);
   u32 key[RK];
 #pragma unroll
-  for (int r = 0; r < RK; r++) { const int i = tid + r * NT; key[r] = i < npages ? ukey(row[i]) : 0u; }
+  for (int r = 0; r < RK; r += 4) {
+    const int i = tid * RK + r;
+    float4 f = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (i + 3 < npages && (MP & 3) == 0) f = *(const float4*)(row + i);
+    else { if (i < npages) f.x = row[i]; if (i + 1 < npages) f.y = row[i + 1]; if (i + 2 < npages) f.z = row[i + 2];
+           if (i + 3 < npages) f.w = row[i + 3]; }
+    key[r] = ukey(f.x); key[r + 1] = ukey(f.y); key[r + 2] = ukey(f.z); key[r + 3] = ukey(f.w);
+  }
   u32 prefix = 0;
   int want = need;
   for (int pass = 0; pass < 4; pass++) {
@@ -65,14 +81,8 @@ extern "C" __global__ void __launch_bounds__(NT) page_select(const float* __rest
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < RK; r++) {
-      if (r * NT >= npages) break;                                  /* uniform over the block */
       const u32 u = key[r];
-      count(hist, (u >> shift) & 255, tid + r * NT < npages && (pass == 0 || (u >> (shift + 8)) == prefix));
-    }
-    for (int base = RK * NT; base < npages; base += NT) {
-      const int i = base + tid;
-      const u32 u = i < npages ? ukey(row[i]) : 0u;
-      count(hist, (u >> shift) & 255, i < npages && (pass == 0 || (u >> (shift + 8)) == prefix));
+      count(hist, (u >> shift) & 255, tid * RK + r < npages && (pass == 0 || (u >> (shift + 8)) == prefix));
     }
     __syncthreads();
     if (tid < 32) {   /* one warp: suffix sums of the 256 bins (8 a lane), the largest digit b with
@@ -105,27 +115,39 @@ extern "C" __global__ void __launch_bounds__(NT) page_select(const float* __rest
     want -= (int)chosen[1];
     __syncthreads();
   }
-  /* prefix = T; take keys > T and the first `want` keys == T, ascending */
+  /* prefix = T; take keys > T and the first `want` keys == T (index order), written ascending */
   if (tid == 0) topmax = -1;
-  int taken = 0, eqs = 0;
-  for (int base = 0; base < npages; base += NT) {
-    const int i = base + tid, r = base / NT;
-    u32 u = 0u;
+  int n_eq = 0;
 #pragma unroll
-    for (int j = 0; j < RK; j++) u = j == r ? key[j] : u;                /* registers, without local memory */
-    if (r >= RK) u = i < npages ? ukey(row[i]) : 0u;
-    const bool ok = i < npages;
-    int n_eq, n_take;
-    const int eq_rank = eqs + block_scan(ok && u == prefix, wsum, n_eq);
-    const bool take = ok && (u > prefix || (u == prefix && eq_rank < want));
-    const int slot = taken + block_scan(take, wsum, n_take);
-    if (take) {
-      Table[(i64)bh * stab + slot] = i + bh * row_pages;
-      atomicMax(&topmax, i);
+  for (int r = 0; r < RK; r++) n_eq += tid * RK + r < npages && key[r] == prefix;
+  int tot;
+  int eq_rank = block_scan(n_eq, wsum, tot);           /* equal keys before this thread's */
+  int mine = 0;                                        /* keys this thread takes */
+  {
+    int e = eq_rank;
+#pragma unroll
+    for (int r = 0; r < RK; r++) {
+      const bool ok = tid * RK + r < npages;
+      const bool eq = ok && key[r] == prefix;
+      mine += (ok && key[r] > prefix) || (eq && e < want);
+      e += eq;
     }
-    taken += n_take;
-    eqs += n_eq;
   }
+  int slot = block_scan(mine, wsum, tot);
+  int top = -1;
+#pragma unroll
+  for (int r = 0; r < RK; r++) {
+    const int i = tid * RK + r;
+    const bool ok = i < npages;
+    const bool eq = ok && key[r] == prefix;
+    if ((ok && key[r] > prefix) || (eq && eq_rank < want)) {
+      Table[(i64)bh * stab + slot] = i + bh * row_pages;
+      slot++;
+      top = i;
+    }
+    eq_rank += eq;
+  }
+  if (top >= 0) atomicMax(&topmax, top);
   __syncthreads();
   if (tid == 0) {
     Nsel[bh] = need;

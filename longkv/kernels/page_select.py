@@ -157,6 +157,7 @@ def _pos(pos, device) -> torch.Tensor:
 
 SELECT_CHUNK = 4096     # the longest row (pages) the bisection select holds in one program's registers
 SELECT_SEG = 1024       # pages per program of the multi-program select
+BLOCK_ROW = 16384       # the longest row the block select holds (RK·NT in page_select.cu)
 
 
 _BLOCK: dict = {}
@@ -199,12 +200,12 @@ def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str 
     nsel = torch.empty(BH, device=dev, dtype=torch.int32)
     last = torch.empty(BH, device=dev, dtype=torch.int32)
     pos = _pos(pos, dev)
-    if method in (None, "block") and scores.is_cuda and block_kernel() is not None:
+    if method in (None, "block") and scores.is_cuda and MP <= BLOCK_ROW and block_kernel() is not None:
         block_kernel()(grid=(BH, 1, 1), block=(1024, 1, 1),
                        args=[scores, pos.long(), table, nsel, last, MP, k, page, row_pages, table.stride(0)])
         return table, nsel, last
     if method == "block":
-        raise ValueError("the block select needs a CUDA GPU with NVRTC")
+        raise ValueError(f"the block select needs a CUDA GPU with NVRTC and rows of at most {BLOCK_ROW} pages")
     method = method or ("bisect" if MP <= SELECT_CHUNK else "multi")
     if method == "bisect":
         if MP > SELECT_CHUNK:

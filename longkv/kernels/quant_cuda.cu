@@ -337,7 +337,10 @@ extern "C" __global__ void BOUNDS kivi_attn(
   const int nsel = min(Nsel[bh], nq / GROUP);
   const int perg = (nsel + S * CW - 1) / (S * CW);
   const int start = vsp * perg * GROUP, end = min(vsp * perg + perg, nsel) * GROUP;
-#define TOK(v) ((tab[(v) / GROUP] - tb) * GROUP + (v) % GROUP)
+  /* up to 32 entries of the run sit one a lane (a shuffle, not a dependent load, finds a tile's group) */
+  const int tabv = perg <= 32 && start + lane * GROUP < end ? tab[start / GROUP + lane] - tb : 0;
+#define TOK(v) ((perg <= 32 ? __shfl_sync(0xffffffffu, tabv, (v) / GROUP - start / GROUP) : tab[(v) / GROUP] - tb) \
+                * GROUP + (v) % GROUP)
 #define LIM NQ_CAP
 #else
   int per = (nq + S * CW - 1) / (S * CW);
