@@ -239,6 +239,9 @@ def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32
         for bp, w in ((32, 2), (64, 4), (128, 4), (128, 8), (256, 8)):
             pieces[f"score_p{bp}w{w}_us"] = functools.partial(kq.group_scores, q, kd["scale"], kd["zero"], pos + 1,
                                                              block_p=bp, warps=w, **gk)
+        for n in (0, 1, 2) if dev.type == "cuda" else ():
+            pieces[f"attend_gpf{n}_us"] = functools.partial(qc.paged_attention, *args, row_pages=MG, gpf=n,
+                                                            scale=s.scale, **gk)
         for n in (16, 32, 64, 128) if dev.type == "cuda" else ():
             pieces[f"attend_s{n}_us"] = functools.partial(qc.paged_attention, *args, row_pages=MG, splits=n,
                                                           scale=s.scale, **gk)

@@ -99,4 +99,7 @@ def test_cuda_paged_kernel_matches_reference(D, bits, group, G, length, k, split
     err_dense = (dense - ref.quant_decode_attention(q, kq, vq, kf, vf, length, vgroup=D, inv_freq=torch.zeros(D // 2),
                                                     prerope=False, **kw)).abs().max().item()
     err = (got - want).abs().max().item()
-    assert err < 2 * err_dense + 1e-3, f"paged {err:.2e}, dense {err_dense:.2e}"   # as exact as the dense kernel
+    tol = 4e-2 if dtype == torch.bfloat16 else 1e-2   # as the dense kernel's test; fewer keys, less averaging
+    assert err < tol, f"paged {err:.2e}, dense {err_dense:.2e}"
+    if nsel == ngq:   # every packed group listed: the dense kernel's result, up to the splits' rounding
+        assert (got - dense).abs().max().item() < 2 * err_dense + 1e-3

@@ -37,11 +37,22 @@ __device__ __forceinline__ int block_scan(int x, int* wsum, int& total) {
 
 /* hist[d] += 1 for this lane's digit, one shared-memory atomic a distinct digit of the warp (the keys of a
    row share their top bits: plain atomics would queue on a few bins) */
+#ifndef AGG
+#define AGG 1
+#endif
 __device__ __forceinline__ void count(u32* hist, u32 d, bool on) {
   const u32 act = __ballot_sync(0xffffffffu, on);
   if (!on) return;
+#if AGG == 0          /* one atomic a distinct digit of the warp */
   const u32 same = __match_any_sync(act, d);
   if ((threadIdx.x & 31) == __ffs(same) - 1) atomicAdd(&hist[d], __popc(same));
+#elif AGG == 1        /* one atomic when the warp's digits agree (the top passes), else one a lane */
+  const u32 lo = __reduce_min_sync(act, d), hi = __reduce_max_sync(act, d);
+  if (lo == hi) { if ((threadIdx.x & 31) == __ffs(act) - 1) atomicAdd(&hist[d], __popc(act)); }
+  else atomicAdd(&hist[d], 1u);
+#else                 /* one a lane */
+  atomicAdd(&hist[d], 1u);
+#endif
 }
 
 /* Row bh of S (rows of MP scores): pages [0, npages), npages = min(pos / PAGE + 1, MP) (C division, as

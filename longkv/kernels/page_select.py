@@ -163,21 +163,23 @@ BLOCK_ROW = 16384       # the longest row the block select holds (RK·NT in page
 _BLOCK: dict = {}
 
 
-def block_kernel():
+def block_kernel(agg: int | None = None):
     """The "block" select (`page_select.cu`: one 1024-thread block a row, a radix select with shared-memory
-    histograms, then the table in one ordered pass), compiled once by NVRTC; None where it cannot be built."""
-    if "k" not in _BLOCK:
+    histograms, then the table from two block-wide prefix sums), compiled once by NVRTC; None where it
+    cannot be built. agg: how the histogram's atomics are combined (the source's AGG; None = its default)."""
+    if agg not in _BLOCK:
         try:
             from pathlib import Path
 
             from torch.cuda import _compile_kernel
-            _BLOCK["k"] = _compile_kernel(Path(__file__).with_name("page_select.cu").read_text(), "page_select")
+            src = ("" if agg is None else f"#define AGG {agg}\n") + Path(__file__).with_name("page_select.cu").read_text()
+            _BLOCK[agg] = _compile_kernel(src, "page_select")
         except (ImportError, OSError, RuntimeError) as e:   # no NVRTC, or it refused the source
             import warnings
             warnings.warn(f"CUDA page select not built ({str(e).splitlines()[0] if str(e) else e!r}); "
                           f"using the Triton select")
-            _BLOCK["k"] = None
-    return _BLOCK["k"]
+            _BLOCK[agg] = None
+    return _BLOCK[agg]
 
 
 def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str | None = None,

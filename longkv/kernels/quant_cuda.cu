@@ -58,7 +58,7 @@ struct Buf { u32 k[SUB][2][KW]; u32 v[SUB][4][VW]; u16 vs[SUB][2]; u16 vz[SUB][2
 /* tile t0: the thread's words (16-token steps past the end are not loaded; `tile` skips them) */
 __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const u16* vs, const u16* vz,
                                      const u16* ks, const u16* kz, int t0, int end, int g, int t) {
-#if GPF
+#if GPF && !PAGED
   /* the key group starting GPF tiles after this one: its scale and zero rows (this thread's part) into
      L1, so that the query rebuild at its first tile does not wait a DRAM latency */
   {
@@ -342,12 +342,20 @@ extern "C" __global__ void BOUNDS kivi_attn(
 #define TOK(v) ((perg <= 32 ? __shfl_sync(0xffffffffu, tabv, (v) / GROUP - start / GROUP) : tab[(v) / GROUP] - tb) \
                 * GROUP + (v) % GROUP)
 #define LIM NQ_CAP
+#if GPF
+  /* the key group starting GPF tiles after tile v (in table order): its scale and zero rows into L1 */
+#define PF(v) { const int vv = (v) + GPF * TILE; if (vv < end && vv % GROUP == 0) { const i64 r = (i64)(TOK(vv) / GROUP) * D; \
+                asm volatile("prefetch.global.L1 [%0];" :: "l"(ks + r)); asm volatile("prefetch.global.L1 [%0];" :: "l"(kz + r)); } }
+#endif
 #else
   int per = (nq + S * CW - 1) / (S * CW);
   per = (per + STEP - 1) / STEP * STEP;
   const int start = vsp * per, end = min(start + per, nq);
 #define TOK(v) (v)
 #define LIM end
+#endif
+#ifndef PF
+#define PF(v)
 #endif
   const i64 hq = (i64)bh * NQ_CAP;
   const u32* kp = KP + hq * W;
@@ -371,11 +379,13 @@ extern "C" __global__ void BOUNDS kivi_attn(
   for (int s = 0; s < KSTEPS; s++) { st.qf[s][0] = st.qf[s][1] = 0u; }
 
   Buf A, B;     /* double buffer: the next tile's words load while this one is computed */
-  if (start < end) load(A, kp, vp, vs, vz, ks, kz, TOK(start), LIM, g, t);
+  if (start < end) { PF(start - TILE); load(A, kp, vp, vs, vz, ks, kz, TOK(start), LIM, g, t); }
   for (int t0 = start; t0 < end; t0 += 2 * TILE) {
+    PF(t0);
     if (t0 + TILE < end) load(B, kp, vp, vs, vz, ks, kz, TOK(t0 + TILE), LIM, g, t);
     tile(st, A, TOK(t0), LIM, qsm, lane, ks, kz, t, sl2);
     if (t0 + TILE >= end) break;
+    PF(t0 + TILE);
     if (t0 + 2 * TILE < end) load(A, kp, vp, vs, vz, ks, kz, TOK(t0 + 2 * TILE), LIM, g, t);
     tile(st, B, TOK(t0 + TILE), LIM, qsm, lane, ks, kz, t, sl2);
   }
