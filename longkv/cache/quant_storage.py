@@ -132,7 +132,6 @@ class QuantStorage:
         self.pos: list = [None] * L
         self.cnt = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in specs]  # slots held (device)
         self.count = [0] * L                                                               # host mirror
-        self.shared_count = False   # `share_count`: one device count for every layer (append-only)
         self.ring = [1] * L
         self.no_rope = {D: torch.zeros(D // 2, dtype=torch.float32, device=self.device)
                         for D in sorted({s.head_dim for s in specs})}
@@ -211,13 +210,6 @@ class QuantStorage:
         self.ring[layer] = R
         self._set_count(layer, used)
 
-    def share_count(self) -> None:
-        """Append-only policies (every layer holds the same tokens): one device count for all layers, set
-        by layer 0's decode write (one kernel a step instead of one a layer)."""
-        assert self.append_only
-        self.cnt = [self.cnt[0]] * len(self.cnt)
-        self.shared_count = True
-
     def _set_count(self, layer, n: int):
         self.count[layer] = n
         self.cnt[layer].fill_(n)
@@ -261,11 +253,9 @@ class QuantStorage:
         if self.append_only:   # slot == count == position: cache/quant.py's write + flush kernel, one launch;
             from ..kernels.quant_append import append_flush      # `pos` already holds slot j = j (reserve)
 
-            c1 = self.cnt[layer]
-            if not self.shared_count or layer == 0:    # shared: layer 0 writes first, every step
-                torch.add(slot.reshape(-1)[:1], 1, out=c1)
-            append_flush(kr.to(self.dtype), v.to(self.dtype), c1, self.kf[layer], self.vf[layer], self.kq[layer],
-                         self.vq[layer], bits=self.bits, group=g, vgroup=self._vg(layer), sink=S, window=self.W)
+            append_flush(kr.to(self.dtype), v.to(self.dtype), slot.reshape(-1)[:1], self.kf[layer], self.vf[layer],
+                         self.kq[layer], self.vq[layer], bits=self.bits, group=g, vgroup=self._vg(layer), sink=S,
+                         window=self.W, from_slot=True, count_out=self.cnt[layer])   # cnt = slot + 1, no own kernel
             return
         b = torch.arange(B, device=self.device)
         s = slot.reshape(-1).expand(B).long()
@@ -378,7 +368,7 @@ class QuantStorage:
 
     # -- reporting ----------------------------------------------------------------------------------------
     def tensors(self) -> list[torch.Tensor]:
-        out = [t for t in self.kf + self.vf + self.pos + self.cnt[:1 if self.shared_count else None] if t is not None]
+        out = [t for t in self.kf + self.vf + self.pos + self.cnt if t is not None]
         out += list(self.no_rope.values())
         for d in filter(None, self.kq + self.vq):
             out += d["planes"] + [t for k, t in d.items() if k != "planes"]

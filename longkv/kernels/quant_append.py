@@ -57,14 +57,17 @@ if triton is not None:
 
     @triton.jit
     def _append_flush_kernel(K, V, Len, KF, VF, KP0, KP1, KS, KZ, KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV,
-                             MidK, MidV,
+                             MidK, MidV, Cnt, FROM_SLOT: tl.constexpr, HAS_CNT: tl.constexpr,
                              D: tl.constexpr, GROUP: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr,
                              PB0: tl.constexpr, PB1: tl.constexpr, N_OUT: tl.constexpr, SINK: tl.constexpr,
                              WINDOW: tl.constexpr, RING: tl.constexpr, NQ_CAP: tl.constexpr,
                              NUQ_K: tl.constexpr, NUQ_V: tl.constexpr):
         bh = tl.program_id(0)
         c = tl.arange(0, D)
-        length = tl.load(Len).to(tl.int32)
+        length = tl.load(Len).to(tl.int32) + (1 if FROM_SLOT else 0)
+        if HAS_CNT:                  # the caller's device count of tokens held, written here (no own launch)
+            if bh == 0:
+                tl.store(Cnt, length.to(tl.int64))
         p = length - 1
         slot = tl.where(p < SINK, p, SINK + (p - SINK) % RING)
         fb = bh.to(tl.int64) * (SINK + RING) * D
@@ -142,15 +145,18 @@ def outs(d: dict):
 
 
 def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: int, vgroup: int,
-                 sink: int, window: int, lut_k=None, lut_v=None) -> None:
+                 sink: int, window: int, lut_k=None, lut_v=None, from_slot: bool = False,
+                 count_out: torch.Tensor | None = None) -> None:
     """Decode-time write + flush. k, v (B, Hkv, 1, D) pre-RoPE; length: (1,) int64 device tensor
-    (tokens held after this one). Writes the token to its fp slot and quantizes the
-    group this token completes, if any. Reference: the same steps with `ref.quantize_keys` /
-    `ref.quantize_tokens`."""
+    (tokens held after this one; with from_slot, the token's slot = length - 1). Writes the token to its
+    fp slot and quantizes the group this token completes, if any; count_out (1,) int64, if given, is
+    set to the length. Reference: the same steps with `ref.quantize_keys` / `ref.quantize_tokens`."""
     B, H, _, D = k.shape
     ring = kf.shape[2] - sink
     if not _use_triton(k):
-        n = int(length)
+        n = int(length) + int(from_slot)
+        if count_out is not None:
+            count_out.fill_(n)
         p = n - 1
         slot = p if p < sink else sink + (p - sink) % ring
         kf[:, :, slot], vf[:, :, slot] = k[:, :, 0], v[:, :, 0]
@@ -179,6 +185,7 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
         k.contiguous(), v.contiguous(), length.reshape(-1)[-1:], kf, vf, *planes(kq), kq["scale"], kq["zero"],
         *outs(kq), *planes(vq), vq["scale"], vq["zero"], *outs(vq),
         dummy if mid_k is None else mid_k, dummy if mid_v is None else mid_v,
+        length if count_out is None else count_out, FROM_SLOT=from_slot, HAS_CNT=count_out is not None,
         D=D, GROUP=group, VG=vgroup, BITS=bits, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out,
         SINK=sink, WINDOW=window, RING=ring, NQ_CAP=kq["planes"][0].shape[2], NUQ_K=mid_k is not None,
         NUQ_V=mid_v is not None)

@@ -60,7 +60,6 @@ class QuestStorageCache(QuestCache):
         self._pages(specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, 0, 0,
                     bounds=not self.groups)
         st.append_only = True     # positions only grow: the write is one append + flush kernel
-        st.share_count()
         for i in range(len(specs)):
             st.reserve(i, P * self.max_pages, 0)
         if self.groups:   # groups read besides the sink and the fp window, which count toward the budget
