@@ -236,13 +236,16 @@ def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32
             "attend_us": lambda: qp.quant_group_attention(*args, row_pages=MG, vgroup=st._vg(layer), scale=s.scale,
                                                           **gk),
         }
-        for bp, w in ((32, 2), (64, 4), (128, 4), (128, 8), (256, 8)):
-            pieces[f"score_p{bp}w{w}_us"] = functools.partial(kq.group_scores, q, kd["scale"], kd["zero"], pos + 1,
-                                                             block_p=bp, warps=w, **gk)
-        for n in (0, 1, 2) if dev.type == "cuda" else ():
-            pieces[f"attend_gpf{n}_us"] = functools.partial(qc.paged_attention, *args, row_pages=MG, gpf=n,
-                                                            scale=s.scale, **gk)
-        for n in (16, 32, 64, 128) if dev.type == "cuda" else ():
+        for bp, w, lp in ((64, 4, 0), (128, 4, 0), (128, 4, 1), (256, 8, 1)):
+            pieces[f"score_p{bp}w{w}{'h' if lp else ''}_us"] = functools.partial(
+                kq.group_scores, q, kd["scale"], kd["zero"], pos + 1, block_p=bp, warps=w, lowp=bool(lp), **gk)
+        for n in (4,) if dev.type == "cuda" else ():
+            pieces[f"attend_cw{n}_us"] = functools.partial(qc.paged_attention, *args, row_pages=MG, cw=n,
+                                                           scale=s.scale, **gk)
+        if dev.type == "cuda":   # the full-precision splits alone (no group listed)
+            pieces["attend_fp_only_us"] = functools.partial(qc.paged_attention, *args[:7], torch.zeros_like(nsel),
+                                                            row_pages=MG, scale=s.scale, **gk)
+        for n in (64, 128, 384, 512) if dev.type == "cuda" else ():
             pieces[f"attend_s{n}_us"] = functools.partial(qc.paged_attention, *args, row_pages=MG, splits=n,
                                                           scale=s.scale, **gk)
         out = {name: round(graph_time(fn, reps, dev) * 1e3, 1) for name, fn in pieces.items()}

@@ -342,11 +342,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
 #define TOK(v) ((perg <= 32 ? __shfl_sync(0xffffffffu, tabv, (v) / GROUP - start / GROUP) : tab[(v) / GROUP] - tb) \
                 * GROUP + (v) % GROUP)
 #define LIM NQ_CAP
-#if GPF
-  /* the key group starting GPF tiles after tile v (in table order): its scale and zero rows into L1 */
-#define PF(v) { const int vv = (v) + GPF * TILE; if (vv < end && vv % GROUP == 0) { const i64 r = (i64)(TOK(vv) / GROUP) * D; \
-                asm volatile("prefetch.global.L1 [%0];" :: "l"(ks + r)); asm volatile("prefetch.global.L1 [%0];" :: "l"(kz + r)); } }
-#endif
+
 #else
   int per = (nq + S * CW - 1) / (S * CW);
   per = (per + STEP - 1) / STEP * STEP;
@@ -354,9 +350,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
 #define TOK(v) (v)
 #define LIM end
 #endif
-#ifndef PF
-#define PF(v)
-#endif
+
   const i64 hq = (i64)bh * NQ_CAP;
   const u32* kp = KP + hq * W;
   const u32* vp = VP + hq * W;
@@ -379,13 +373,11 @@ extern "C" __global__ void BOUNDS kivi_attn(
   for (int s = 0; s < KSTEPS; s++) { st.qf[s][0] = st.qf[s][1] = 0u; }
 
   Buf A, B;     /* double buffer: the next tile's words load while this one is computed */
-  if (start < end) { PF(start - TILE); load(A, kp, vp, vs, vz, ks, kz, TOK(start), LIM, g, t); }
+  if (start < end) load(A, kp, vp, vs, vz, ks, kz, TOK(start), LIM, g, t);
   for (int t0 = start; t0 < end; t0 += 2 * TILE) {
-    PF(t0);
     if (t0 + TILE < end) load(B, kp, vp, vs, vz, ks, kz, TOK(t0 + TILE), LIM, g, t);
     tile(st, A, TOK(t0), LIM, qsm, lane, ks, kz, t, sl2);
     if (t0 + TILE >= end) break;
-    PF(t0 + TILE);
     if (t0 + 2 * TILE < end) load(A, kp, vp, vs, vz, ks, kz, TOK(t0 + 2 * TILE), LIM, g, t);
     tile(st, B, TOK(t0 + TILE), LIM, qsm, lane, ks, kz, t, sl2);
   }

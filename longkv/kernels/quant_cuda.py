@@ -66,7 +66,6 @@ TILE = 16          # tokens a loop step (and a double-buffered load); 32 measure
 GPF = None         # L1 prefetch of a key group's scale/zero rows, this many tiles ahead (0 = off; None: 1 when
                    # every tile starts a group, e.g. kivi2's 16-token groups: 72 -> 61 µs at 128K; 4-bit's
                    # 64-token groups measured 1.6 µs slower with it)
-PAGED_GPF = 1      # the same for the paged kernel (the next listed group's rows, this many tiles ahead)
 CW = 1             # warps a program (each its own stretch of tokens, combined in shared memory)
 MINB = 0           # __launch_bounds__ minimum programs an SM (0 = the compiler's register choice)
 _MODULES: dict = {}
@@ -80,14 +79,14 @@ def source() -> str:
 def defines(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
             gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False) -> str:
     """The #defines of one compiled layout (window = ring - 2·group, as the cache sizes its ring); tile:
-    tokens a loop step; pf: L2 prefetch this many tiles ahead (0 = off); gpf: the key
-    group statistics into L1 this many tiles ahead (0 = off; paged: the next listed group's); minb: programs an SM the
+    tokens a loop step; gpf: the key
+    group statistics into L1 this many tiles ahead (0 = off; always off when paged: the next listed group's
+    rows prefetched 1-2 tiles ahead measured no faster); minb: programs an SM the
     compiler must fit (caps registers; 0 = its own choice); cw: warps a program; paged: read the key groups a
     page table lists (Quest over key groups, `paged_attention`) instead of every quantized group."""
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
                TILE=tile or TILE,
-               GPF=(gpf if gpf is not None else PAGED_GPF) if paged else
-               gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)),
+               GPF=0 if paged else gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)),
                MINB=MINB if minb is None else minb, CW=CW if cw is None else cw, PAGED=int(paged))
     return "".join(f"#define {k} {v}\n" for k, v in cfg.items())
 
@@ -160,7 +159,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
 
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
-                    sink: int, window: int, scale: float, splits: int | None = None, gpf: int | None = None,
+                    sink: int, window: int, scale: float, splits: int | None = None, cw: int | None = None,
                     parts: bool = False):
     """Quest over key groups (`cache/select/quest_storage.py`): as `decode_attention`, but of the quantized
     region only the key groups listed in `table` (B·Hkv, K) int32 (global ids bh·row_pages + group index,
@@ -169,7 +168,7 @@ def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_p
     if group % TILE:
         raise Unavailable(f"CUDA paged kernel: key groups of {group} tokens are not whole {TILE}-token tiles")
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
-                   splits=splits, gpf=gpf, parts=parts, paged=(table, nsel.reshape(-1).expand(table.shape[0]).contiguous(),
+                   splits=splits, cw=cw, parts=parts, paged=(table, nsel.reshape(-1).expand(table.shape[0]).contiguous(),
                                                       row_pages))
 
 
@@ -194,7 +193,7 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     S = splits or num_splits(slots, B * H, fps)
     if paged is not None:
         table, nsel, row_pages = paged
-        S = min(S, max(1, table.shape[1]))           # at least one selected group a program
+        S = S if splits else min(S, max(1, table.shape[1]))   # at least one selected group a program
         extra = [table, nsel, int(table.stride(0)), int(row_pages)]
     else:
         extra = [length, length, 0, 0]               # unused (pointers of the right kind)

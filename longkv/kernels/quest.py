@@ -111,7 +111,7 @@ if triton is not None:
     @triton.jit
     def _group_score_kernel(Q, KS, KZ, Len, S, NPos, MG, HALF, SINK: tl.constexpr, WINDOW: tl.constexpr,
                             GROUP: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
-                            BLOCK_P: tl.constexpr):
+                            BLOCK_P: tl.constexpr, LOWP: tl.constexpr):
         """Pages = a packed layer's key groups, bounds from their statistics: a group's keys lie in
         [z, z + 2·HALF·s] per channel, so c = z + HALF·s, r = HALF·|s| (the `_score_kernel` bound)."""
         bh = tl.program_id(0)
@@ -126,7 +126,12 @@ if triton is not None:
         base = (bh * MG + p[:, None]) * D + d[None, :]
         sc = tl.load(KS + base, mask=ok[:, None], other=0.0).to(tl.float32)
         z = tl.load(KZ + base, mask=ok[:, None], other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(z + HALF * sc)) + tl.dot(tl.abs(q), tl.trans(HALF * tl.abs(sc)))
+        c, r = z + HALF * sc, HALF * tl.abs(sc)
+        if LOWP:   # fp16 operands (the products still add in fp32)
+            s = tl.dot(q.to(tl.float16), tl.trans(c.to(tl.float16))) + tl.dot(tl.abs(q).to(tl.float16),
+                                                                          tl.trans(r.to(tl.float16)))
+        else:
+            s = tl.dot(q, tl.trans(c)) + tl.dot(tl.abs(q), tl.trans(r))
         s = tl.max(tl.where(g[:, None] < G, s, float("-inf")), 0)
         tl.store(S + bh * MG + p, tl.where(ok, s, float("-inf")), mask=p < MG)
 
@@ -210,7 +215,7 @@ def page_scores(q, pmin, pmax, pos, *, page: int, sink: int, recent: int, block_
 
 
 def group_scores(q, ks, kz, length, *, bits: int, group: int, sink: int, window: int, block_p: int = 128,
-                 warps: int = 4):
+                 warps: int = 4, lowp: bool = False):
     """See `quant_reference.group_scores` (Quest's bound with pages = a packed layer's key groups, from
     their scale and zero): → (scores (B, Hkv, MG) fp32, npos (1,) int64 for `select_pages`). length:
     (1,) int64 device tensor. 128 groups a program: 15.5 µs at 512K on the H200 (64: 16.9, 256 x 8 warps:
@@ -226,7 +231,8 @@ def group_scores(q, ks, kz, length, *, bits: int, group: int, sink: int, window:
     G = Hq // Hkv
     _group_score_kernel[(B * Hkv, triton.cdiv(MG, block_p))](
         q.contiguous(), ks, kz, _pos(length, q.device), out, npos, MG, (2 ** bits - 1) / 2, SINK=sink, WINDOW=window,
-        GROUP=group, G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_P=block_p, num_warps=warps)
+        GROUP=group, G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_P=block_p, LOWP=lowp,
+        num_warps=warps)
     return out, npos
 
 
