@@ -242,6 +242,7 @@ __device__ __forceinline__ void fp_split(const u16* __restrict__ Q, const u16* _
   float sc[G];
 #pragma unroll
   for (int q = 0; q < G; q++) sc[q] = 0.f;
+#pragma unroll 4
   for (int d = 0; d < D; d += 8) {
     const U4 kw = *(const U4*)(kr + d);
     const u32 k4[4] = {kw.x, kw.y, kw.z, kw.w};
@@ -271,14 +272,22 @@ __device__ __forceinline__ void fp_split(const u16* __restrict__ Q, const u16* _
     float acc[G][2];
 #pragma unroll
     for (int q = 0; q < G; q++) acc[q][0] = acc[q][1] = 0.f;
-    for (int j = 0; j < n; j++) {
-      const u32 vw = *(const u32*)(VF + ((i64)bh * (SINK + RING) + 32 * f + j) * D + d0 + 2 * lane);
-      const float v0 = q2f((u16)vw), v1 = q2f((u16)(vw >> 16));
 #pragma unroll
-      for (int q = 0; q < G; q++) {
-        const float pj = __shfl_sync(0xffffffffu, p[q], j);
-        acc[q][0] += pj * v0;
-        acc[q][1] += pj * v1;
+    for (int h = 0; h < 32; h += 16) {
+      u32 vw[16];                                   /* 16 slots' words first: 16 loads in flight, not one
+                                                       latency a slot (~15 µs a program at D 128 that way) */
+#pragma unroll
+      for (int j = 0; j < 16; j++)
+        vw[j] = h + j < n ? *(const u32*)(VF + ((i64)bh * (SINK + RING) + 32 * f + h + j) * D + d0 + 2 * lane) : 0u;
+#pragma unroll
+      for (int j = 0; j < 16; j++) {
+        const float v0 = q2f((u16)vw[j]), v1 = q2f((u16)(vw[j] >> 16));
+#pragma unroll
+        for (int q = 0; q < G; q++) {
+          const float pj = __shfl_sync(0xffffffffu, p[q], h + j);   /* 0 past the program's slots */
+          acc[q][0] += pj * v0;
+          acc[q][1] += pj * v1;
+        }
       }
     }
 #pragma unroll

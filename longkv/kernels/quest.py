@@ -215,11 +215,12 @@ def page_scores(q, pmin, pmax, pos, *, page: int, sink: int, recent: int, block_
 
 
 def group_scores(q, ks, kz, length, *, bits: int, group: int, sink: int, window: int, block_p: int = 128,
-                 warps: int = 4, lowp: bool = False):
+                 warps: int = 4, lowp: bool = True):
     """See `quant_reference.group_scores` (Quest's bound with pages = a packed layer's key groups, from
     their scale and zero): → (scores (B, Hkv, MG) fp32, npos (1,) int64 for `select_pages`). length:
-    (1,) int64 device tensor. 128 groups a program: 15.5 µs at 512K on the H200 (64: 16.9, 256 x 8 warps:
-    16.6; sparse_decode.py's breakdown)."""
+    (1,) int64 device tensor. lowp: the two dot products on fp16 operands (bounds rounded to fp16; sums in
+    fp32). H200, 512K, 8B shape (sparse_decode.py's breakdown, graph-replayed): 128 groups a program 11.9 µs
+    with lowp, 18.6 without (64 groups: 17.4)."""
     if not _use_triton(q):
         from .quant_reference import group_scores as reference
         return reference(q, ks, kz, length, bits=bits, group=group, sink=sink, window=window)
