@@ -242,10 +242,13 @@ def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32
         for n in (4,) if dev.type == "cuda" else ():
             pieces[f"attend_cw{n}_us"] = functools.partial(qc.paged_attention, *args, row_pages=MG, cw=n,
                                                            scale=s.scale, **gk)
+        for n in (12, 16) if dev.type == "cuda" else ():   # programs an SM the registers must allow
+            pieces[f"attend_minb{n}_us"] = functools.partial(qc.paged_attention, *args, row_pages=MG, minb=n,
+                                                             scale=s.scale, **gk)
         if dev.type == "cuda":   # the full-precision splits alone (no group listed)
             pieces["attend_fp_only_us"] = functools.partial(qc.paged_attention, *args[:7], torch.zeros_like(nsel),
                                                             row_pages=MG, scale=s.scale, **gk)
-        for n in (64, 128, 384, 512) if dev.type == "cuda" else ():
+        for n in (128, 192) if dev.type == "cuda" else ():
             pieces[f"attend_s{n}_us"] = functools.partial(qc.paged_attention, *args, row_pages=MG, splits=n,
                                                           scale=s.scale, **gk)
         out = {name: round(graph_time(fn, reps, dev) * 1e3, 1) for name, fn in pieces.items()}

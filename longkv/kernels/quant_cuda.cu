@@ -338,17 +338,20 @@ extern "C" __global__ void BOUNDS kivi_attn(
   const int vsp = split * CW + wq;                   /* this warp's stretch */
 #if PAGED
   /* Quest over key groups: the row's table lists the selected groups (ascending global ids bh·row_pages +
-     group); this warp takes a run of whole entries. v counts tokens along the selected groups, TOK(v) is
-     the quantized row it stands for; every tile lies inside one group (GROUP % TILE == 0), so loads and
-     tiles run to the buffer's end (LIM) and a new group's statistics are rebuilt at its first tile. */
+     group). v counts tokens along the selected groups, TOK(v) is the quantized row it stands for; this
+     warp takes a run of whole tiles (not whole groups: 1021 groups over 255 warps would be 5 for some and
+     0 for others), so a run may start inside a group, whose statistics are then built before the loop.
+     Every tile lies inside one group (GROUP % TILE == 0): loads and tiles run to the buffer's end (LIM),
+     and a group's statistics are rebuilt at its first tile. */
   const int* tab = Table + (i64)bh * stab;
   const int tb = bh * row_pages;
   const int nsel = min(Nsel[bh], nq / GROUP);
-  const int perg = (nsel + S * CW - 1) / (S * CW);
-  const int start = vsp * perg * GROUP, end = min(vsp * perg + perg, nsel) * GROUP;
-  /* up to 32 entries of the run sit one a lane (a shuffle, not a dependent load, finds a tile's group) */
-  const int tabv = perg <= 32 && start + lane * GROUP < end ? tab[start / GROUP + lane] - tb : 0;
-#define TOK(v) ((perg <= 32 ? __shfl_sync(0xffffffffu, tabv, (v) / GROUP - start / GROUP) : tab[(v) / GROUP] - tb) \
+  const int pert = (nsel * (GROUP / TILE) + S * CW - 1) / (S * CW);         /* tiles a warp */
+  const int start = min(vsp * pert * TILE, nsel * GROUP), end = min(start + pert * TILE, nsel * GROUP);
+  /* the run's entries, up to 32, one a lane (a shuffle, not a dependent load, finds a tile's group) */
+  const int g0 = start / GROUP, nrun = start < end ? (end - 1) / GROUP - g0 + 1 : 0;
+  const int tabv = nrun <= 32 && lane < nrun ? tab[g0 + lane] - tb : 0;
+#define TOK(v) ((nrun <= 32 ? __shfl_sync(0xffffffffu, tabv, (v) / GROUP - g0) : tab[(v) / GROUP] - tb) \
                 * GROUP + (v) % GROUP)
 #define LIM NQ_CAP
 
@@ -383,6 +386,12 @@ extern "C" __global__ void BOUNDS kivi_attn(
 
   Buf A, B;     /* double buffer: the next tile's words load while this one is computed */
   if (start < end) load(A, kp, vp, vs, vz, ks, kz, TOK(start), LIM, g, t);
+#if PAGED
+  if (start < end && start % GROUP) {    /* the run starts inside a group */
+    const i64 r = (i64)(TOK(start) / GROUP) * D;
+    group_stats(st, qsm, ks + r, kz + r, lane);
+  }
+#endif
   for (int t0 = start; t0 < end; t0 += 2 * TILE) {
     if (t0 + TILE < end) load(B, kp, vp, vs, vz, ks, kz, TOK(t0 + TILE), LIM, g, t);
     tile(st, A, TOK(t0), LIM, qsm, lane, ks, kz, t, sl2);

@@ -160,7 +160,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
                     sink: int, window: int, scale: float, splits: int | None = None, cw: int | None = None,
-                    parts: bool = False):
+                    minb: int | None = None, parts: bool = False):
     """Quest over key groups (`cache/select/quest_storage.py`): as `decode_attention`, but of the quantized
     region only the key groups listed in `table` (B·Hkv, K) int32 (global ids bh·row_pages + group index,
     the first nsel[bh] entries of a row; groups at or past the region's end are not read); the
@@ -168,7 +168,7 @@ def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_p
     if group % TILE:
         raise Unavailable(f"CUDA paged kernel: key groups of {group} tokens are not whole {TILE}-token tiles")
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
-                   splits=splits, cw=cw, parts=parts, paged=(table, nsel.reshape(-1).expand(table.shape[0]).contiguous(),
+                   splits=splits, cw=cw, minb=minb, parts=parts, paged=(table, nsel.reshape(-1).expand(table.shape[0]).contiguous(),
                                                       row_pages))
 
 
