@@ -31,7 +31,8 @@ def main() -> None:
         k = max(1, int(MP * a.frac))
         pos = torch.tensor([MP * 16 - 1], device=dev)
         want = ref.select_pages(s, k, pos, page=16, row_pages=MP)
-        variants = {f"block agg={agg}": (lambda agg=agg: _block(s, k, pos, MP, agg)) for agg in (0, 1, 2)}
+        variants = {f"block agg={agg} rk={rk}": (lambda agg=agg, rk=rk: _block(s, k, pos, MP, agg, rk))
+                    for agg in (1, 2) for rk in (8, 16) if MP <= 1024 * rk}
         variants["triton multi"] = lambda: ps.select_pages(s, k, pos, page=16, row_pages=MP, method="multi")
         if MP <= ps.SELECT_CHUNK:
             variants["triton bisect"] = lambda: ps.select_pages(s, k, pos, page=16, row_pages=MP, method="bisect")
@@ -46,12 +47,12 @@ def main() -> None:
     emit_json({"bench": "select_probe", "device": torch.cuda.get_device_name(), "rows": rows})
 
 
-def _block(s, k, pos, MP, agg):
+def _block(s, k, pos, MP, agg, rk):
     B, H, _ = s.shape
     table = torch.empty(B * H, k, device=s.device, dtype=torch.int32)
     nsel = torch.empty(B * H, device=s.device, dtype=torch.int32)
     last = torch.empty(B * H, device=s.device, dtype=torch.int32)
-    ps.block_kernel(agg)(grid=(B * H, 1, 1), block=(1024, 1, 1),
+    ps.block_kernel(agg, rk)(grid=(B * H, 1, 1), block=(1024, 1, 1),
                          args=[s, pos, table, nsel, last, MP, k, 16, MP, table.stride(0)])
     return table, nsel, last
 

@@ -33,7 +33,9 @@ __device__ __forceinline__ int block_scan(int x, int* wsum, int& total) {
   return before;
 }
 
+#ifndef RK
 #define RK 16                    /* keys a thread holds (pages tid·RK .. tid·RK + RK - 1): rows up to RK·NT pages */
+#endif
 
 /* hist[d] += 1 for this lane's digit, one shared-memory atomic a distinct digit of the warp (the keys of a
    row share their top bits: plain atomics would queue on a few bins) */

@@ -163,23 +163,25 @@ BLOCK_ROW = 16384       # the longest row the block select holds (RK·NT in page
 _BLOCK: dict = {}
 
 
-def block_kernel(agg: int | None = None):
+def block_kernel(agg: int | None = None, rk: int = 16):
     """The "block" select (`page_select.cu`: one 1024-thread block a row, a radix select with shared-memory
     histograms, then the table from two block-wide prefix sums), compiled once by NVRTC; None where it
-    cannot be built. agg: how the histogram's atomics are combined (the source's AGG; None = its default)."""
-    if agg not in _BLOCK:
+    cannot be built. agg: how the histogram's atomics are combined (the source's AGG; None = its default);
+    rk: keys a thread holds (rows up to 1024·rk pages)."""
+    key = (agg, rk)
+    if key not in _BLOCK:
         try:
             from pathlib import Path
 
             from torch.cuda import _compile_kernel
-            src = ("" if agg is None else f"#define AGG {agg}\n") + Path(__file__).with_name("page_select.cu").read_text()
-            _BLOCK[agg] = _compile_kernel(src, "page_select")
+            src = ("" if agg is None else f"#define AGG {agg}\n") + f"#define RK {rk}\n"
+            _BLOCK[key] = _compile_kernel(src + Path(__file__).with_name("page_select.cu").read_text(), "page_select")
         except (ImportError, OSError, RuntimeError) as e:   # no NVRTC, or it refused the source
             import warnings
             warnings.warn(f"CUDA page select not built ({str(e).splitlines()[0] if str(e) else e!r}); "
                           f"using the Triton select")
-            _BLOCK[agg] = None
-    return _BLOCK[agg]
+            _BLOCK[key] = None
+    return _BLOCK[key]
 
 
 def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str | None = None,
@@ -202,9 +204,10 @@ def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str 
     nsel = torch.empty(BH, device=dev, dtype=torch.int32)
     last = torch.empty(BH, device=dev, dtype=torch.int32)
     pos = _pos(pos, dev)
-    if method in (None, "block") and scores.is_cuda and MP <= BLOCK_ROW and block_kernel() is not None:
-        block_kernel()(grid=(BH, 1, 1), block=(1024, 1, 1),
-                       args=[scores, pos.long(), table, nsel, last, MP, k, page, row_pages, table.stride(0)])
+    rk = 8 if MP <= BLOCK_ROW // 2 else 16     # 8 keys a thread where the row fits: half the serial work
+    if method in (None, "block") and scores.is_cuda and MP <= BLOCK_ROW and block_kernel(rk=rk) is not None:
+        block_kernel(rk=rk)(grid=(BH, 1, 1), block=(1024, 1, 1),
+                            args=[scores, pos.long(), table, nsel, last, MP, k, page, row_pages, table.stride(0)])
         return table, nsel, last
     if method == "block":
         raise ValueError(f"the block select needs a CUDA GPU with NVRTC and rows of at most {BLOCK_ROW} pages")
