@@ -9,6 +9,7 @@ from longkv.cache import spec as cache_spec
 from longkv.engine.prefill import prefill
 from longkv.errors import UserError
 from longkv.kernels import quant as qk
+from longkv.kernels import quant_append
 from longkv.kernels import quant_reference as ref
 from longkv.models.load import load_model
 
@@ -93,14 +94,15 @@ def test_decode_kernel_matches_reference(bits, nuq, n_out, length, vgroup, prero
         assert (got - want).abs().max() < 2e-3
 
 
-@pytest.mark.parametrize("bits,nuq,n_out", [(4, False, 0), (3, True, 1), (2, False, 2)])
-def test_append_flush_kernel_matches_reference(bits, nuq, n_out, monkeypatch):
+@pytest.mark.parametrize("bits,nuq,n_out,rope", [(4, False, 0, False), (3, True, 1, False), (2, False, 2, False),
+                                                 (4, False, 0, True)])   # rope: the key rotated in the kernel
+def test_append_flush_kernel_matches_reference(bits, nuq, n_out, rope, monkeypatch):
     B, H, D, group, sink, window = 1, 3, 64, 16, 2, 3
     ring = window + 2 * group
     lut = torch.sort(torch.rand(2 ** bits, generator=gen(7))).values if nuq else None
     outs = []
     for triton_path in (True, False):
-        monkeypatch.setattr(qk, "_use_triton", lambda x: triton_path)
+        monkeypatch.setattr(quant_append, "_use_triton", lambda x: triton_path)   # append_flush's own module
         kf = torch.zeros(B, H, sink + ring, D)
         vf = torch.zeros_like(kf)
         kq, vq = packed_layer(B, H, D, 64, group, 16, bits, n_out, lut)
@@ -109,13 +111,18 @@ def test_append_flush_kernel_matches_reference(bits, nuq, n_out, monkeypatch):
         g = gen(8)
         for n in range(1, sink + window + 2 * group + 2):
             k, v = torch.randn(B, H, 1, D, generator=g) * 3, torch.randn(B, H, 1, D, generator=g)
+            ang = torch.rand(1, D // 2, generator=g).repeat(1, 2) * 6
             qk.append_flush(k, v, torch.tensor([n]), kf, vf, kq, vq, bits=bits, group=group, vgroup=16,
-                            sink=sink, window=window, lut_k=lut, lut_v=lut)
+                            sink=sink, window=window, lut_k=lut, lut_v=lut,
+                            rope=(ang.cos(), ang.sin()) if rope else None)
         deq = (ref.dequantize_keys(kq, bits=bits, group=group, d=D, lut=lut)[:, :, :2 * group],
                ref.dequantize_tokens(vq, bits=bits, vgroup=16, d=D, lut=lut)[:, :, :2 * group])
         outs.append((kf, vf) + deq)
     for a, b in zip(*outs):
         assert (a - b).abs().max() < 1e-2 * b.abs().max()
+    if rope:   # the stored keys really are rotated: the last token (position n - 1) against its raw key
+        slot = sink + (n - 1 - sink) % ring
+        assert (outs[0][0][:, :, slot] - k[:, :, 0]).abs().max() > 0.1
 
 
 @pytest.fixture(scope="module")

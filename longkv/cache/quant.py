@@ -285,11 +285,10 @@ class QuantCache(Cache):
             return self.local.decode(self.win[layer], q, k, v, step)
         s = self.specs[layer]
         length = step.length
-        if not self.prerope:
-            k = apply_rope(k, *step.rope[s.rope_index])
         kw = self.kernel_kwargs(layer)
         qk.append_flush(k.to(self.dtype), v.to(self.dtype), length, self.kf[layer], self.vf[layer],
-                        self.kq[layer], self.vq[layer], **{x: kw[x] for x in self._FLUSH_ARGS})
+                        self.kq[layer], self.vq[layer], **{x: kw[x] for x in self._FLUSH_ARGS},
+                        rope=None if self.prerope else step.rope[s.rope_index])   # kivi: rotated in the kernel
         return qk.quant_decode_attention(q, self.kq[layer], self.vq[layer], self.kf[layer], self.vf[layer], length,
                                          rope_tab=self.rope_tab[layer], **kw)
 

@@ -240,6 +240,12 @@ class QuantStorage:
         self._set_count(layer, c1)
 
     def write(self, layer, k, v, *, pos, cos, sin, slot):
+        if self.append_only and not isinstance(slot, int):   # one launch: RoPE, write, flush, count
+            from ..kernels.quant_append import append_flush
+            append_flush(k.to(self.dtype), v.to(self.dtype), slot.reshape(-1)[:1], self.kf[layer], self.vf[layer],
+                         self.kq[layer], self.vq[layer], bits=self.bits, group=self.g, vgroup=self._vg(layer),
+                         sink=self.S, window=self.W, from_slot=True, count_out=self.cnt[layer], rope=(cos, sin))
+            return       # `pos` already holds slot j = j (reserve)
         kr = apply_rope(k, cos, sin)
         if isinstance(slot, int):
             self._put(layer, kr, v, slot)
@@ -250,13 +256,6 @@ class QuantStorage:
     def _write_one(self, layer, kr, v, pos, slot):
         """One token at a device slot (1,) or (B,), graph-safe (see the module docstring)."""
         B, g, S = self.batch, self.g, self.S
-        if self.append_only:   # slot == count == position: cache/quant.py's write + flush kernel, one launch;
-            from ..kernels.quant_append import append_flush      # `pos` already holds slot j = j (reserve)
-
-            append_flush(kr.to(self.dtype), v.to(self.dtype), slot.reshape(-1)[:1], self.kf[layer], self.vf[layer],
-                         self.kq[layer], self.vq[layer], bits=self.bits, group=g, vgroup=self._vg(layer), sink=S,
-                         window=self.W, from_slot=True, count_out=self.cnt[layer])   # cnt = slot + 1, no own kernel
-            return
         b = torch.arange(B, device=self.device)
         s = slot.reshape(-1).expand(B).long()
         c1 = torch.maximum(self.cnt[layer], s.max().reshape(1) + 1)          # (1,) slots held after

@@ -57,7 +57,8 @@ if triton is not None:
 
     @triton.jit
     def _append_flush_kernel(K, V, Len, KF, VF, KP0, KP1, KS, KZ, KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV,
-                             MidK, MidV, Cnt, FROM_SLOT: tl.constexpr, HAS_CNT: tl.constexpr,
+                             MidK, MidV, Cnt, Cos, Sin, FROM_SLOT: tl.constexpr, HAS_CNT: tl.constexpr,
+                             ROPE: tl.constexpr,
                              D: tl.constexpr, GROUP: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr,
                              PB0: tl.constexpr, PB1: tl.constexpr, N_OUT: tl.constexpr, SINK: tl.constexpr,
                              WINDOW: tl.constexpr, RING: tl.constexpr, NQ_CAP: tl.constexpr,
@@ -71,7 +72,13 @@ if triton is not None:
         p = length - 1
         slot = tl.where(p < SINK, p, SINK + (p - SINK) % RING)
         fb = bh.to(tl.int64) * (SINK + RING) * D
-        tl.store(KF + fb + slot * D + c, tl.load(K + bh * D + c))
+        kk = tl.load(K + bh * D + c)
+        if ROPE:   # k arrives before RoPE: rotated here (x·cos + rotate_half(x)·sin, as models/rope.py)
+            other = tl.load(K + bh * D + (c + D // 2) % D).to(tl.float32)
+            rot = tl.where(c < D // 2, -other, other)
+            kk = (kk.to(tl.float32) * tl.load(Cos + c).to(tl.float32)
+                  + rot * tl.load(Sin + c).to(tl.float32)).to(KF.dtype.element_ty)
+        tl.store(KF + fb + slot * D + c, kk)
         tl.store(VF + fb + slot * D + c, tl.load(V + bh * D + c))
         tl.debug_barrier()  # the group below may include the token just written (window = 0)
         ng = (length - SINK - WINDOW) // GROUP
@@ -146,13 +153,17 @@ def outs(d: dict):
 
 def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: int, vgroup: int,
                  sink: int, window: int, lut_k=None, lut_v=None, from_slot: bool = False,
-                 count_out: torch.Tensor | None = None) -> None:
+                 count_out: torch.Tensor | None = None, rope=None) -> None:
     """Decode-time write + flush. k, v (B, Hkv, 1, D) pre-RoPE; length: (1,) int64 device tensor
     (tokens held after this one; with from_slot, the token's slot = length - 1). Writes the token to its
     fp slot and quantizes the group this token completes, if any; count_out (1,) int64, if given, is
-    set to the length. Reference: the same steps with `ref.quantize_keys` / `ref.quantize_tokens`."""
+    set to the length; rope (cos, sin), each (1, D), if given: k is rotated first, in the same launch
+    (keys stored after RoPE). Reference: the same steps with `ref.quantize_keys` / `ref.quantize_tokens`."""
     B, H, _, D = k.shape
     ring = kf.shape[2] - sink
+    if rope is not None and not _use_triton(k):
+        from ..models.rope import apply_rope
+        k, rope = apply_rope(k, *rope).to(k.dtype), None
     if not _use_triton(k):
         n = int(length) + int(from_slot)
         if count_out is not None:
@@ -185,7 +196,8 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
         k.contiguous(), v.contiguous(), length.reshape(-1)[-1:], kf, vf, *planes(kq), kq["scale"], kq["zero"],
         *outs(kq), *planes(vq), vq["scale"], vq["zero"], *outs(vq),
         dummy if mid_k is None else mid_k, dummy if mid_v is None else mid_v,
-        length if count_out is None else count_out, FROM_SLOT=from_slot, HAS_CNT=count_out is not None,
+        length if count_out is None else count_out, *((kf, kf) if rope is None else (r.reshape(-1) for r in rope)),
+        FROM_SLOT=from_slot, HAS_CNT=count_out is not None, ROPE=rope is not None,
         D=D, GROUP=group, VG=vgroup, BITS=bits, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out,
         SINK=sink, WINDOW=window, RING=ring, NQ_CAP=kq["planes"][0].shape[2], NUQ_K=mid_k is not None,
         NUQ_V=mid_v is not None)

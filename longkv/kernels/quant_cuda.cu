@@ -448,14 +448,17 @@ extern "C" __global__ void BOUNDS kivi_attn(
 #endif
 }
 
-/* out[b, h·G + q, :] = the splits merged by their log-sum-exp; one program a (KV head, query) of MW warps:
-   the maximum first, then each warp a stride of splits (independent loads), then the warps summed. */
+/* out[b, h·G + q, :] = the splits merged by their log-sum-exp; one program a (KV head, query) and 32
+   channels (a lane each; D/32 programs a query: the paged kernel's 1/8 reads leave the merge a tenth of
+   the step's attention, and one program a query used only 32 SMs), of MW warps: the maximum first, then
+   each warp a stride of splits (independent loads), then the warps summed. */
 #define MW 16
 extern "C" __global__ void __launch_bounds__(32 * MW) kivi_merge(const float* __restrict__ Part,
                                                                  const float* __restrict__ Lse, u16* __restrict__ Out, int S1) {
-  __shared__ float red[MW][D];
+  __shared__ float red[MW][32];
   __shared__ float dens[MW], mxs[MW];
-  const int pid = blockIdx.x, bh = pid / G, q = pid % G, tid = threadIdx.x, wp = tid >> 5, lane = tid & 31;
+  const int pid = blockIdx.x, c = blockIdx.y * 32, bh = pid / G, q = pid % G, tid = threadIdx.x, wp = tid >> 5,
+            lane = tid & 31;
   const i64 base = (i64)bh * S1 * G + q;                 /* row of split s: base + s·G */
   float mx = NEG_INF;
   for (int s = tid; s < S1; s += 32 * MW) mx = fmaxf(mx, Lse[base + (i64)s * G]);
@@ -466,27 +469,23 @@ extern "C" __global__ void __launch_bounds__(32 * MW) kivi_merge(const float* __
   mx = mxs[0];
 #pragma unroll
   for (int i = 1; i < MW; i++) mx = fmaxf(mx, mxs[i]);
-  float acc[D / 32], den = 0.f;
-#pragma unroll
-  for (int i = 0; i < D / 32; i++) acc[i] = 0.f;
+  float acc = 0.f, den = 0.f;
   if (mx != NEG_INF) {
 #pragma unroll 4
     for (int s = wp; s < S1; s += MW) {
       const i64 row = base + (i64)s * G;
       const float w = __expf(Lse[row] - mx);             /* exp(-inf) = 0: empty splits weigh nothing */
       den += w;
-#pragma unroll
-      for (int i = 0; i < D / 32; i++) acc[i] += w * Part[row * D + lane + 32 * i];
+      acc += w * Part[row * D + c + lane];
     }
   }
-#pragma unroll
-  for (int i = 0; i < D / 32; i++) red[wp][lane + 32 * i] = acc[i];
+  red[wp][lane] = acc;
   if (lane == 0) dens[wp] = den;
   __syncthreads();
-  for (int d = tid; d < D; d += 32 * MW) {
+  if (tid < 32) {
     float o = 0.f, dd = 0.f;
 #pragma unroll
-    for (int i = 0; i < MW; i++) { o += red[i][d]; dd += dens[i]; }
+    for (int i = 0; i < MW; i++) { o += red[i][tid]; dd += dens[i]; }
     o = dd > 0.f ? o / dd : 0.f;
     u16 h;
 #if QBF16
@@ -494,6 +493,6 @@ extern "C" __global__ void __launch_bounds__(32 * MW) kivi_merge(const float* __
 #else
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(o));
 #endif
-    Out[(i64)pid * D + d] = h;
+    Out[(i64)pid * D + c + tid] = h;
   }
 }

@@ -210,7 +210,7 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
                    float(scale * math.log2(math.e)), int(S), int(cap), *extra])
 
     def run_merge():
-        mrg(grid=(B * Hq, 1, 1), block=(32 * MERGE_WARPS, 1, 1), args=[part, lse, out, int(S1)])
+        mrg(grid=(B * Hq, D // 32, 1), block=(32 * MERGE_WARPS, 1, 1), args=[part, lse, out, int(S1)])
 
     if parts:
         return run_attn, run_merge, out, S
