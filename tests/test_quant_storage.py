@@ -277,3 +277,8 @@ def test_quest_over_key_groups_reads_fewer_and_holds_no_bounds(tiny):
 def test_quest_over_key_groups_refuses_what_it_cannot_read(tiny, spec, msg):
     with pytest.raises(UserError, match=msg):
         build(tiny, spec)
+
+
+def test_kivi_presets_are_storages_whose_groups_are_the_pages(tiny):
+    kv = build(tiny, "kivi2:sink=2,window=4+quest:groups=1,budget=40")
+    assert kv.groups and kv.P == 16 == kv.store.g and kv.store.bits == 2

@@ -2,7 +2,7 @@
 
 A spec such as `quant:bits=4+snapkv:ratio=0.5` names at most one part of each role:
 
-    storage  full (default), quant (kv4, kv3, kv2)   how K/V bytes are held (full precision, packed)
+    storage  full (default), quant (kv4, kv3, kv2, kivi4, kivi2)   how K/V bytes are held
     evict    streaming, snapkv, pyramidkv, tova, knorm      which tokens survive (really removed)
     wrap     adakv                        per-head budgets on top of an `evict` scorer
     select   quest                        keeps everything, chooses the pages each decode step reads

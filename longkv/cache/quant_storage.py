@@ -390,6 +390,6 @@ def _preset_storage(name: str):
     register_storage(name)(cls)
 
 
-for _name in ("kv4", "kv3", "kv2"):
+for _name in ("kv4", "kv3", "kv2", "kivi4", "kivi2"):
     assert issubclass(REGISTRY[_name].cls, QuantCache)
     _preset_storage(_name)

@@ -5,7 +5,9 @@ ring and, when that token completes a group, quantizes + packs the group from th
 channel, values per token; KIVI, Liu et al. 2024; KVQuant's dense-and-sparse outliers and
 non-uniform codebooks, Hooper et al. 2024). The test is on the device, so the launch is the same at
 every step (CUDA graph) and needs no host-side "is a group full" check; the other steps only write
-the token (a group re-derived at every step cost 6.8 µs a layer, 0.2 ms a token on the 8B shape). Reading
+the token (a group re-derived at every step cost 6.8 µs a layer, 0.2 ms a token on the 8B shape). For
+layouts that keep keys after RoPE (kivi4/kivi2, Quest's packed storage) the key is rotated in the same
+launch (`rope=`), and the caller's device count of tokens can be set here too (`count_out=`). Reading
 the packed bytes back is `kernels/quant.py`; the torch reference is `kernels/quant_reference.py`.
 """
 from __future__ import annotations

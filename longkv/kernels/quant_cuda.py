@@ -34,13 +34,19 @@ H200 agree: 203 a 16-token step):
 - GQA: the query group (G <= 8) is the MMA's N side (8 columns), every KV byte is read once.
 - flash-decoding: one warp a program, grid (batch·KV heads, splits); the full-precision sink + ring
   are the last splits of the same launch (32 slots a program); each split writes a partial output +
-  log-sum-exp and `kivi_merge` combines them. The split count fills the GPU in one wave (occupancy
+  log-sum-exp and `kivi_merge` combines them (one program a query and 32 channels). The split count fills the GPU in one wave (occupancy
   API). The next 16 tokens' words load into registers while these are computed; with 16-token key
   groups (kivi2) the next group's scale and zero rows are prefetched into L1 (`GPF`).
 
-Measured (H200, Llama-3-8B shape, BENCHMARKS.md issue 4, sessions 11-12): one layer at 128K 57.4 µs
-(2.56 TB/s on the packed bytes) against the Triton kernel's 183 µs and bf16 flash-decoding's 133 µs;
-decode kivi4 0.69x of bf16 full at 128K, 0.50x at 512K; kivi2 0.73x / 0.56x. Tried and measured no
+- paged (`paged_attention`, PAGED=1): Quest over key groups (`cache/select/quest_storage.py`, groups=1):
+  a table lists each KV head's selected groups; a warp takes a run of whole tiles along them (a run
+  may start inside a group; the run's table entries sit one a lane and a shuffle finds a tile's group),
+  and the fp sink + ring splits are the same.
+
+Measured (H200, Llama-3-8B shape, BENCHMARKS.md issue 4, sessions 11-13): one layer at 128K 56.1 µs
+(2.63 TB/s on every byte it reads) against the Triton kernel's 183 µs and bf16 flash-decoding's 133 µs;
+decode kivi4 0.68x of bf16 full at 128K, 0.50x at 512K; kivi2 0.73x / 0.56x. Paged, 1/8 of the groups
+at 512K: ~34 µs a layer inside the decode step (issue 5). Tried and measured no
 faster for 4 bits: prefetching the codes into L1 1-2 tiles ahead or into L2 2-8 tiles ahead (both
 removed again), several
 warps a program combined in shared memory (`cw`; 5 % faster for 2 bits), register caps (`minb`),

@@ -17,8 +17,22 @@ full at 128K.)
 Dense layers (the first `dense_layers`) decode with the storage's packed kernel; sliding-window layers
 gather and dequantize their window's rows (`QuantStorage.read_rows`) and attend to them in torch.
 
-`nbytes()` is the storage's bytes plus the page bounds. Not here: `rerank` (the second stage's codes
-are written when a page fills, from full-precision keys this storage no longer keeps).
+`groups=1` (`kv4+quest:groups=1`): the pages are the storage's key groups (64 tokens for kv4). A group's
+keys already carry a per-channel scale s and zero z, so its keys lie in [z, z + (2^bits - 1)·s] and
+Quest's bound needs no page min/max at all (`kernels/quest.py: group_scores`, 4 bytes a channel a group
+read, an eighth of the group's key codes). The selected groups go to the KIVI-layout CUDA kernel's paged
+variant (`kernels/quant_cuda.py: paged_attention`, a table of groups instead of every group; the sink
+and the full-precision window are always read, so they count toward the budget), the select is one
+CUDA block a row (`kernels/page_select.py`). A sparse layer is 5 launches: the append + flush (RoPE
+included), score, select, attention, merge. H200, Llama-3-8B shape, 512K (BENCHMARKS.md, issue 5,
+session 13): 3.05x full's decode speed at budget 1/8, 3.36x at 1/32, 0.28x its memory. The price is a
+coarser bound: 64-token groups with per-channel ranges bound loosely, and on smollm2-135m's NIAH at
+8x it finds fewer needles than 16-token Quest pages (BENCHMARKS.md). 2/4-bit codes with one value
+range a token and no outliers (the CUDA kernel's layout); elsewhere the same steps run in torch.
+
+`nbytes()` is the storage's bytes plus the page bounds (none with groups=1). Not here: `rerank` (the
+second stage's codes are written when a page fills, from full-precision keys this storage no longer
+keeps).
 """
 from __future__ import annotations
 
