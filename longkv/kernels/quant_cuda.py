@@ -169,8 +169,9 @@ def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_p
                     minb: int | None = None, parts: bool = False):
     """Quest over key groups (`cache/select/quest_storage.py`): as `decode_attention`, but of the quantized
     region only the key groups listed in `table` (B·Hkv, K) int32 (global ids bh·row_pages + group index,
-    the first nsel[bh] entries of a row; groups at or past the region's end are not read); the
-    full-precision sink and ring are always read. Reference: `quant_reference.quant_group_attention`."""
+    ascending and inside the packed region, as `select_pages` over `kernels/quest.py: group_scores` lists
+    them; a row's first min(nsel[bh], packed groups) entries are read); the full-precision sink and ring
+    are always read. Reference: `quant_reference.quant_group_attention`."""
     if group % TILE:
         raise Unavailable(f"CUDA paged kernel: key groups of {group} tokens are not whole {TILE}-token tiles")
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
@@ -199,7 +200,7 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     S = splits or num_splits(slots, B * H, fps)
     if paged is not None:
         table, nsel, row_pages = paged
-        S = S if splits else min(S, max(1, table.shape[1]))   # at least one selected group a program
+        S = S if splits else min(S, max(1, table.shape[1]))   # no more programs a row than listed groups
         extra = [table, nsel, int(table.stride(0)), int(row_pages)]
     else:
         extra = [length, length, 0, 0]               # unused (pointers of the right kind)

@@ -241,7 +241,7 @@ def quant_group_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *,
     from . import quant_cuda as qc
 
     G = q.shape[1] // kf.shape[1]
-    if qc.supported(q, kq, bits=bits, group=group, vgroup=vgroup, prerope=False, G=G) and group % qc.TILE == 0:
+    if qc.supported(q, kq, bits=bits, group=group, vgroup=vgroup, prerope=False, G=G):
         try:
             return qc.paged_attention(q, kq, vq, kf, vf, length.reshape(-1)[-1:], table, nsel, row_pages=row_pages,
                                       bits=bits, group=group, sink=sink, window=window, scale=scale)
