@@ -69,9 +69,9 @@
 # probe --gpf 0,1 + quant_decode.py 128k], [tests + quant_decode.py 32k-512k], [quant_decode.py 128k
 # --million], [quant_decode.py --shape gemma3-4b], [tests + probe] (final kernel), [tests + probe +
 # quant_decode.py 128k] (a merge variant, not kept). Machine restarts between some calls; no refusals.
-# Session 13 (2026-12-04), all by hand, 12 calls (one taken back before it ran): [tests -k paged +
+# Session 13 (2026-12-04), all by hand, 13 calls (one taken back before it ran): [tests -k paged +
 # sparse_decode.py 512k full / kv4+quest 1/8, 1/32 groups] then the same with --profile after each change
-# (x6, with select_probe.py from the fifth), [tests + sparse_decode.py 128k,512k --no-breakdown --profile +
+# (x7, select_probe.py in two), [tests + sparse_decode.py 128k,512k --no-breakdown --profile +
 # quant_decode.py 128k full;kivi4] (final), [tests -k paged], [tests -k variant0], [the rest of the
 # CUDA tests]. No refusals.
 set -uo pipefail
