@@ -162,7 +162,8 @@ class QuantStorage:
 
     def _mirror(self, layer, n: int) -> list[int]:
         """Slots with a valid full-precision copy when n are held: sinks and [sink + n_q(n - 1), n);
-        append-only, from the last completed group on (the append kernel re-derives it each step)."""
+        append-only, from the last completed group on (it was flushed from the ring; the decode kernel
+        reads it from there until the next token arrives)."""
         lo = max(0, self.nq(n) - self.g) if self.append_only else self.nq_read(n)
         return list(range(min(self.S, n))) + list(range(self.S + lo, n)) if n else []
 
@@ -178,8 +179,8 @@ class QuantStorage:
             return
         s, B = self.specs[layer], self.batch
         H, D = s.num_kv_heads, s.head_dim
-        # append-only: the append kernel re-derives the last completed group every step until the next
-        # one completes, so its members must stay in the ring one group longer (as cache/quant.py)
+        # append-only: cache/quant.py's layout (ring = window + 2·group), which the append + flush kernel
+        # and the CUDA decode kernel read; the last completed group stays mirrored (`_mirror`)
         R = max(1, min(self.W + (2 if self.append_only else 1) * self.g, slots - self.S))
         cap = max(self.g, self.nq(slots))        # at least one group: the kernel needs real buffers
         kf = torch.zeros(B, H, self.S + R, D, device=self.device, dtype=self.dtype)

@@ -120,8 +120,7 @@ extern "C" __global__ void __launch_bounds__(NT) page_select(const float* __rest
       int best = b;
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) best = max(best, __shfl_xor_sync(0xffffffffu, best, o));
-      if (b == best && b >= 0) { chosen[0] = (u32)b; chosen[1] = gt; }
-      if (best < 0 && tid == 0) { chosen[0] = 0; chosen[1] = 0; }   /* want = 0 never reaches here */
+      if (b == best) { chosen[0] = (u32)b; chosen[1] = gt; }   /* b >= 0: count(digit >= 0) >= want */
     }
     __syncthreads();
     prefix = (prefix << 8) | chosen[0];

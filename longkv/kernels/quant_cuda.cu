@@ -58,7 +58,7 @@ struct Buf { u32 k[SUB][2][KW]; u32 v[SUB][4][VW]; u16 vs[SUB][2]; u16 vz[SUB][2
 /* tile t0: the thread's words (16-token steps past the end are not loaded; `tile` skips them) */
 __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const u16* vs, const u16* vz,
                                      const u16* ks, const u16* kz, int t0, int end, int g, int t) {
-#if GPF && !PAGED
+#if GPF
   /* the key group starting GPF tiles after this one: its scale and zero rows (this thread's part) into
      L1, so that the query rebuild at its first tile does not wait a DRAM latency */
   {

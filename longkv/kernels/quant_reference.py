@@ -300,19 +300,17 @@ def quant_paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, la
 def group_scores(q, ks, kz, length, *, bits: int, group: int, sink: int, window: int):
     """Quest's page bound with pages = the quantized key groups, from the statistics they already hold: a
     group's keys lie in [z, z + L·s] per channel (L = 2^bits - 1; KIVI's per-channel keys after RoPE), so
-    q's largest logit there is Σ_c max(q_c·z_c, q_c·(z_c + L·s_c)) = q·z + L·Σ_c max(0, q_c·s_c); max over
-    the KV head's query group. q (B, Hq, 1, D); ks, kz (B, Hkv, MG, D) fp16; length: int or (1,) device
-    int64 (tokens held). Groups the decode kernel reads, n_q(length - 1) / group, score; the rest -inf.
+    this is `sparse_reference.page_scores` with pmin = z, pmax = z + L·s (max over the KV head's query
+    group). q (B, Hq, 1, D); ks, kz (B, Hkv, MG, D) fp16; length: int or (1,) device int64 (tokens held).
+    Groups the decode kernel reads, n_q(length - 1) / group, score; the rest -inf.
     → (scores (B, Hkv, MG) fp32, npos (1,) int64 = n_q - 1: `select_pages(..., pos=npos, page=group)`
     then takes only scored groups)."""
-    B, Hq, _, D = q.shape
-    Hkv, MG = ks.shape[1], ks.shape[2]
+    from .sparse_reference import page_scores
+
     n = torch.as_tensor(length, device=q.device).reshape(-1)[-1:]
-    nqg = torch.clamp((n - 1 - sink - window) // group, min=0)
-    qf = q.float().reshape(B, Hkv, Hq // Hkv, 1, D)
-    s = (qf * kz.float()[:, :, None]).sum(-1) + (2 ** bits - 1) * (qf * ks.float()[:, :, None]).clamp(min=0).sum(-1)
-    s = s.amax(2).masked_fill(torch.arange(MG, device=q.device) >= nqg, float("-inf"))
-    return s.contiguous(), nqg * group - 1
+    npos = torch.clamp((n - 1 - sink - window) // group, min=0) * group - 1
+    z = kz.float()
+    return page_scores(q, z, z + (2 ** bits - 1) * ks.float(), npos, page=group, sink=0, recent=0), npos
 
 
 def quant_group_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int,
