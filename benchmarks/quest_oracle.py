@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -75,6 +76,8 @@ def _scores(q, pmin, pmax, pos, *, page, sink, recent):
         return qmod.kq.rerank_scores(q, kc.view(-1, page, kc.shape[-1]), bound, *cand, row_pages=rows)
     if _state["mode"].startswith("mass"):   # massF[cB]: the bound's top F·k pages ranked by attention mass
         return _mass_rerank(q, pmin, pmax, bound, pos, page)
+    if _state["mode"].startswith("sparq"):   # sparqR[cB[gG]]: every page's mass from R channels' logits
+        return _sparq(q, bound, pos, page, pmin.shape[2])
     s = _page_mass(q, _state["k"], int(pos.reshape(-1)[-1]), page, _state["scale"])
     MP, n = pmin.shape[2], s.shape[-1]
     out = torch.full(s.shape[:2] + (MP,), float("-inf"))
@@ -111,6 +114,43 @@ def _mass_rerank(q, pmin, pmax, bound, pos, page):
     return torch.where(bound == float("inf"), bound, out)
 
 
+def _sparq(q, bound, pos, page, MP):
+    """sparqR[cB[gG]]: SparQ-style (Ribar et al. 2023) approximate logits from the R channels of largest
+    |q| (summed over the KV head's query group), temperature corrected by the L1 share of q they hold;
+    keys exact or B-bit codes relative to each channel's min/max over G-token groups. Pages ranked by
+    attention mass (softmax over every token, summed over the page and the query group)."""
+    m = re.fullmatch(r"sparq(\d+)(?:c(\d+))?(?:g(\d+))?", _state["mode"])
+    R, bits, grp = int(m[1]), int(m[2] or 0), int(m[3] or 64)
+    kc, p = _state["k"], int(pos.reshape(-1)[-1])
+    n = p // page + 1
+    keys = kc[:, :, :n * page].float()
+    if bits:
+        T = keys.shape[2]
+        padT = -(-T // grp) * grp
+        kp = torch.nn.functional.pad(keys, (0, 0, 0, padT - T)).unflatten(2, (-1, grp))
+        lo, hi = kp.amin(3, keepdim=True), kp.amax(3, keepdim=True)
+        L = 2 ** bits - 1
+        st = (hi - lo).clamp_min(1e-8) / L
+        kp = lo + ((kp - lo) / st).round().clamp(0, L) * st
+        keys = kp.flatten(2, 3)[:, :, :T]
+    B, Hq, _, D = q.shape
+    Hkv = kc.shape[1]
+    qg = q.float().reshape(B, Hkv, Hq // Hkv, D)
+    ch = qg.abs().sum(2).topk(R, -1).indices                                                  # (B, Hkv, R)
+    qr = qg.gather(-1, ch[:, :, None, :].expand(-1, -1, qg.shape[2], -1))
+    kr = keys.gather(-1, ch[:, :, None, :].expand(-1, -1, keys.shape[2], -1))
+    share = qr.abs().sum(-1, keepdim=True) / qg.abs().sum(-1, keepdim=True)                  # (B, Hkv, G, 1)
+    lg = (qr @ kr.transpose(-1, -2)) / (D * share).sqrt()
+    lg[..., p + 1:] = float("-inf")
+    if _state.get("rank") == "max":
+        mass = lg.reshape(B, Hkv, -1, n, page).amax(-1).amax(2)
+    else:
+        mass = lg.softmax(-1).reshape(B, Hkv, -1, n, page).sum(-1).sum(2)
+    out = torch.full((B, Hkv, MP), float("-inf"))
+    out[..., :n] = mass
+    return torch.where(bound == float("inf"), bound, out)
+
+
 _orig = qmod.QuestCache.decode
 
 
@@ -125,10 +165,13 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="the needle (as `longkv eval niah --seed`)")
     ap.add_argument("--gen-tokens", type=int, default=16,
                     help="room left for the answer when the prompt is built (`eval niah`: 32)")
+    ap.add_argument("--extra", default="", help="appended to the cache spec, e.g. ',page=64'")
     ap.add_argument("--modes", default="bound,oracle",
                     help="bound (Quest), oracle (true page mass), rerankF (bound keeps F x the budget, exact logits "
                          "pick), massF / massFcB (... their attention mass picks, from exact keys / B-bit page codes)")
+    ap.add_argument("--rank", default="mass", help="sparq modes: mass or max")
     a = ap.parse_args()
+    _state["rank"] = a.rank
     llm = longkv.load(a.model, device="cpu", progress=False)
     qmod.QuestCache.decode = _decode
     qmod.kq.page_scores = _scores
@@ -140,7 +183,7 @@ def main():
                                    gen_tokens=a.gen_tokens)
             _state["cover"] = []
             with torch.no_grad():
-                r = llm.generate(ids=smp.ids, max_new_tokens=a.new_tokens, cache=f"quest:ratio={a.ratio}")
+                r = llm.generate(ids=smp.ids, max_new_tokens=a.new_tokens, cache=f"quest:ratio={a.ratio}{a.extra}")
             cover = sum(_state["cover"]) / max(1, len(_state["cover"]))
             rows.append({"mode": mode, "depth": d, "correct": niah.score(r.text, smp), "answer": r.text.strip()[:40],
                          "expected": smp.answers[0], "mass_covered": round(cover, 3)})

@@ -63,6 +63,10 @@ def methods(ctx: int) -> list[tuple[str, str]]:
             # pages = the 64-token key groups, bounds from their scale/zero, the CUDA kernel through a table
             ("kv4+quest 1/8 groups", f"kv4+quest:budget={b8},groups=1"),
             ("kv4+quest 1/32 groups", f"kv4+quest:budget={b32},groups=1"),
+            # ... scored SparQ's way from an eighth of the channels (a channel-major copy of the key codes)
+            ("kv4+quest 1/8 sparq", f"kv4+quest:budget={b8},groups=1,channels=0.125"),
+            ("kv4+quest 1/8 sparq max", f"kv4+quest:budget={b8},groups=1,channels=0.125,rank=max"),
+            ("kv4+quest 1/32 sparq", f"kv4+quest:budget={b32},groups=1,channels=0.125"),
             ("snapkv 1/8", f"snapkv:budget={b8}"), ("snapkv 1/32", f"snapkv:budget={b32}"),
             ("streaming 1/8", f"streaming:budget={b8}"), ("adakv+snapkv 1/8", f"adakv+snapkv:budget={b8}"),
             ("tova 1/8", f"tova:budget={b8}")]
@@ -236,9 +240,25 @@ def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32
             "attend_us": lambda: qp.quant_group_attention(*args, row_pages=MG, vgroup=st._vg(layer), scale=s.scale,
                                                           **gk),
         }
-        for bp, w, lp in ((64, 4, 0), (128, 4, 0), (128, 4, 1), (256, 8, 1)):
+        for bp, w, lp in ((64, 4, 0), (128, 4, 0), (128, 4, 1), (256, 8, 1)) if cache.sketch[layer] is None else ():
             pieces[f"score_p{bp}w{w}{'h' if lp else ''}_us"] = functools.partial(
                 kq.group_scores, q, kd["scale"], kd["zero"], pos + 1, block_p=bp, warps=w, lowp=bool(lp), **gk)
+        if cache.sketch[layer] is not None:   # channels=F: the sketch write and the SparQ score instead
+            from longkv.kernels import quest_sparq as qs
+            sk, sz, R = cache.sketch[layer], cache.sz[layer], cache.channels[layer]
+            sp = dict(group=P, sink=st.S, window=st.W, channels=R)
+            pl = kd["planes"]
+            sel = qs.prepare(q, pl, kd["scale"], kd["zero"], sk, sz, pos + 1, **sp)
+            pieces["prepare_us"] = lambda: qs.prepare(q, pl, kd["scale"], kd["zero"], sk, sz, pos + 1, **sp)
+            pieces["score_us"] = lambda: qs.sparq_group_scores(q, sk, sz, pos + 1, sel, rank=cache.rank, scale=s.scale,
+                                                               **sp)
+            for bp, w in ((4, 4), (8, 2), (8, 8), (16, 4), (16, 8)):
+                pieces[f"score_p{bp}w{w}_us"] = functools.partial(
+                    qs.sparq_group_scores, q, sk, sz, pos + 1, sel, rank=cache.rank, scale=s.scale, block_p=bp,
+                    warps=w, **sp)
+            if cache.rank == "mass":
+                lse, npos = qs.sparq_group_scores(q, sk, sz, pos + 1, sel, rank="mass", scale=s.scale, **sp)
+                pieces["mass_us"] = lambda: kq.page_mass(lse, None, pos=npos, page=P, sink=0, recent=0)
         for n in (4,) if dev.type == "cuda" else ():
             pieces[f"attend_cw{n}_us"] = functools.partial(qc.paged_attention, *args, row_pages=MG, cw=n,
                                                            scale=s.scale, **gk)

@@ -192,3 +192,114 @@ def test_group_scores_kernel_matches_reference(bits, G, length):
         MG = k.shape[2] // group
         best = logits.reshape(B, H, MG, group).amax(-1)
         assert (best[fin] <= want[fin] + 1e-3).all()
+
+
+# -- `quest:groups=1,channels=F`: key groups scored from R channels of a channel-major copy (SparQ) --------
+def _sketched(B, H, length, *, group, sink, window, seed):
+    kq, vq, kf, vf = layer(B, H, length, bits=4, group=group, vgroup=D, sink=sink, window=window, n_out=0, seed=seed)
+    MG, cap = kq["scale"].shape[2], kq["planes"][0].shape[2]
+    sk = torch.zeros(B, H, D, cap // 2, dtype=torch.uint8)
+    sz = torch.zeros(B, H, D, MG, 2, dtype=torch.float16)
+    return kq, sk, sz
+
+
+def test_sketch_is_the_key_codes_channel_major():
+    B, H, group, MG = 2, 3, 16, 5
+    kq, sk, sz = _sketched(B, H, group * MG, group=group, sink=0, window=0, seed=5)
+    ref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], sk, sz, 1, 4, group=group)
+    codes = ref.unpack(kq["planes"], 4, D).long()                                  # (B, H, cap, D)
+    b = sk.long()
+    lo, hi = b & 15, b >> 4
+    got = torch.stack([lo, hi], -1).flatten(-2)                                    # (B, H, D, cap)
+    assert torch.equal(got[..., group:4 * group], codes.transpose(2, 3)[..., group:4 * group])
+    assert (got[..., :group] == 0).all() and (got[..., 4 * group:] == 0).all()     # outside [1, 4): untouched
+    assert torch.equal(sz[:, :, :, 1:4, 0], kq["scale"][:, :, 1:4].transpose(2, 3))
+    assert torch.equal(sz[:, :, :, 1:4, 1], kq["zero"][:, :, 1:4].transpose(2, 3))
+    assert (sz[:, :, :, [0, 4]] == 0).all()
+
+
+def _to(device, *ts):
+    return [({k: ([p.to(device) for p in v] if k == "planes" else v.to(device)) for k, v in t.items()}
+             if isinstance(t, dict) else t.to(device)) for t in ts]
+
+
+@pytest.mark.parametrize("length", [5, 200, 333])
+@pytest.mark.parametrize("device", DEVICES)
+def test_prepare_writes_the_last_flushed_group_and_picks_the_channels(length, device):
+    from longkv.kernels import quest_sparq as ks
+
+    B, H, group, sink, window = 2, 2, 16, 4, 24
+    kq, sk, sz = _sketched(B, H, length, group=group, sink=sink, window=window, seed=6)
+    sk2, sz2 = sk.clone(), sz.clone()
+    n = torch.tensor([length])
+    G, R = 3, 5
+    q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(12))
+    kq_d, sk_d, sz_d, n_d, q_d = _to(device, kq, sk, sz, n, q)
+    idx, tau = ks.prepare(q_d, kq_d["planes"], kq_d["scale"], kq_d["zero"], sk_d, sz_d, n_d, group=group, sink=sink,
+                          window=window, channels=R)
+    sk, sz, idx, tau = sk_d.cpu(), sz_d.cpu(), idx.cpu(), tau.cpu()
+    want, share = ref.sparq_channels(q.reshape(B, H, G, D), R)                      # the channel choice too
+    assert torch.equal(idx[:, :R].long(), want.reshape(B * H, R))
+    assert torch.equal(idx.long().sort(-1).values, torch.arange(D).expand(B * H, -1))   # the rest: every other channel
+    assert torch.allclose(tau[:, :G], share.reshape(B * H, G).rsqrt(), rtol=1e-5)
+    g1 = max(0, length - sink - window) // group
+    ref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], sk2, sz2, g1 - 1, g1, group=group)
+    assert torch.equal(sk, sk2) and torch.equal(sz, sz2)
+    assert (sk != 0).any() == (g1 > 0)
+
+
+def test_sparq_scores_with_every_channel_are_the_exact_logits():
+    """channels = D: every channel, share 1, so the estimate is the exact logit of the dequantized keys:
+    rank=max is each group's largest logit, rank=mass each query's log-sum-exp over the group."""
+    B, H, G, group, sink, window, length = 2, 2, 3, 16, 4, 24, 333
+    kq, sk, sz = _sketched(B, H, length, group=group, sink=sink, window=window, seed=7)
+    MG = kq["scale"].shape[2]
+    ref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], sk, sz, 0, MG, group=group)
+    q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(8))
+    kw = dict(group=group, sink=sink, window=window, channels=D, scale=0.3)
+    n = torch.tensor([length])
+    k = ref.dequantize_keys(kq, bits=4, group=group, d=D)
+    lg = (q.reshape(B, H, G, D) @ k.transpose(-1, -2) * 0.3).reshape(B, H, G, MG, group)
+    nqg = (length - 1 - sink - window) // group
+    smax, npos = ref.sparq_group_scores(q, sk, sz, n, rank="max", **kw)
+    assert npos.item() == nqg * group - 1
+    assert torch.allclose(smax[..., :nqg], lg.amax(-1).amax(2)[..., :nqg], atol=1e-4)
+    assert (smax[..., nqg:] == float("-inf")).all()
+    smass, _ = ref.sparq_group_scores(q, sk, sz, n, rank="mass", **kw)
+    assert torch.allclose(smass[:, :, :nqg], lg.logsumexp(-1).transpose(2, 3)[:, :, :nqg], atol=1e-4)
+    assert (smass[:, :, nqg:] == float("-inf")).all()
+
+
+def test_sparq_channels_are_the_largest_of_the_query_group():
+    q = torch.randn(2, 6, 1, D, generator=torch.Generator().manual_seed(9)).reshape(2, 2, 3, D)
+    idx, share = ref.sparq_channels(q, 5)
+    want = q.abs().sum(2).topk(5, -1).indices
+    assert torch.equal(idx.sort(-1).values, want.sort(-1).values)
+    assert torch.allclose(share, q.abs().gather(-1, want[:, :, None].expand(-1, -1, 3, -1)).sum(-1) / q.abs().sum(-1))
+
+
+@pytest.mark.parametrize("G,channels,length,rank", [(3, 4, 333, "max"), (4, 8, 1000, "mass"), (1, 32, 20, "max"),
+                                                    (8, 16, 700, "mass")])
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparq_score_kernel_matches_reference(G, channels, length, rank, device):
+    from longkv.kernels import quest_sparq as ks
+
+    B, H, group, sink, window = 2, 2, 16, 4, 24
+    kq, sk, sz = _sketched(B, H, length, group=group, sink=sink, window=window, seed=10)
+    MG = kq["scale"].shape[2]
+    ref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], sk, sz, 0, MG, group=group)
+    q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(11))
+    kw = dict(group=group, sink=sink, window=window, channels=channels, scale=D ** -0.5, rank=rank)
+    n = torch.tensor([length])
+    want, wpos = ref.sparq_group_scores(q, sk, sz, n, **kw)
+    args = _to(device, q, sk, sz, n)
+    sel = ks.prepare(args[0], None, None, None, *args[1:], group=group, sink=sink, window=window, channels=channels,
+                     sketch=False)
+    for bp, w in ((4, 4), (16, 4), (32, 8)) if device == "cuda" else ((4, 4),):
+        got, gpos = ks.sparq_group_scores(*args, sel, block_p=bp, warps=w, **kw)
+        got, gpos = got.cpu(), gpos.cpu()
+        assert torch.equal(gpos, wpos) and got.shape == want.shape
+        fin = torch.isfinite(want)
+        assert torch.equal(fin, torch.isfinite(got))
+        if fin.any():
+            assert (got[fin] - want[fin]).abs().max() < 2e-2 * (1 + want[fin].abs().max())

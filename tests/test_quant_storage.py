@@ -282,3 +282,37 @@ def test_quest_over_key_groups_refuses_what_it_cannot_read(tiny, spec, msg):
 def test_kivi_presets_are_storages_whose_groups_are_the_pages(tiny):
     kv = build(tiny, "kivi2:sink=2,window=4+quest:groups=1,budget=40")
     assert kv.groups and kv.P == 16 == kv.store.g and kv.store.bits == 2
+
+
+def test_quest_over_key_groups_scored_from_channels(tiny):
+    """channels=F (SparQ estimates from a channel-major copy of the key codes): the copy holds every flushed
+    group's codes and statistics after prefill chunks and decode flushes, nbytes counts it, and the
+    device-only step decodes what the eager one does (both ranks)."""
+    from longkv.kernels import quant_reference as ref
+
+    spec = f"{KV4G}+{GROUPS},budget=40,channels=0.25,rank=max"
+    _, toks, kv = run(tiny, spec)
+    st = kv.store
+    for layer in range(2):
+        kd = st.kq[layer]
+        sk, sz = torch.zeros_like(kv.sketch[layer]), torch.zeros_like(kv.sz[layer])
+        ref.sketch_groups(kd["planes"], kd["scale"], kd["zero"], sk, sz, 0, st.nq(int(st.cnt[layer])) // kv.P,
+                          group=kv.P)
+        assert st.nq(int(st.cnt[layer])) == 64 and torch.equal(sk, kv.sketch[layer]) and torch.equal(sz, kv.sz[layer])
+    assert kv.channels == [8, 8] and "channels" in kv.stats()["note"]
+    _, _, plain = run(tiny, f"{KV4G}+{GROUPS},budget=40")
+    assert kv.nbytes() == tensor_bytes(kv) == plain.nbytes() + sum(t.numel() * t.element_size()
+                                                                  for t in kv.sketch + kv.sz)
+    assert graph_greedy(tiny, spec, 12) == toks
+    for rank in ("max", "mass"):
+        s = f"{KV4G}+{GROUPS},budget=40,channels=0.25,rank={rank}"
+        assert graph_greedy(tiny, s, 12) == run(tiny, s)[1]
+
+
+@pytest.mark.parametrize("spec,msg", [(f"{KV4G}+quest:channels=0.25", "groups=1"),
+                                      ("kivi2+quest:groups=1,channels=0.25", "4-bit"),
+                                      (f"{KV4G}+quest:groups=1,channels=2", "fraction"),
+                                      ("quest:channels=0.5", "packed storage")])
+def test_quest_channels_refuses_what_it_cannot_read(tiny, spec, msg):
+    with pytest.raises(UserError, match=msg):
+        build(tiny, spec)

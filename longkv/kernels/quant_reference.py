@@ -26,7 +26,7 @@ from .reference import attention_lse
 
 __all__ = ["PLANES", "hadamard", "pack", "unpack", "quantize_keys", "quantize_tokens", "dequantize_keys",
            "dequantize_tokens", "rope_at", "fp_slots", "quant_decode_attention", "normalized", "gather_rows",
-           "quant_paged_attention"]
+           "quant_paged_attention", "sketch_groups", "sparq_channels", "sparq_group_scores"]
 
 PLANES = {2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}
 
@@ -311,6 +311,72 @@ def group_scores(q, ks, kz, length, *, bits: int, group: int, sink: int, window:
     npos = torch.clamp((n - 1 - sink - window) // group, min=0) * group - 1
     z = kz.float()
     return page_scores(q, z, z + (2 ** bits - 1) * ks.float(), npos, page=group, sink=0, recent=0), npos
+
+
+def sketch_groups(planes: list, ks, kz, sk, sz, g0, g1, *, group: int) -> None:
+    """The channel-major copy of a 4-bit packed layer's key groups [g0, g1) that `sparq_group_scores`
+    reads (`quest:groups=1,channels=F`): sk (B, H, D, cap/2) uint8, byte m of channel c = the codes of
+    the group-relative tokens 2m (low nibble) and 2m + 1 (high); sz (B, H, D, MG, 2) fp16 = (scale, zero)
+    of channel c in each group. planes: the storage's key planes (B, H, cap, D/2); g0, g1 ints or 0-dim
+    device tensors (graph-safe: a range of one group, clamped to the buffer)."""
+    D = ks.shape[-1]
+    gi = torch.arange(ks.shape[2], device=ks.device)
+    sel = (gi >= g0) & (gi < g1)
+    codes = unpack(planes, 4, D).reshape(*planes[0].shape[:2], -1, group, D)[:, :, :ks.shape[2]]   # (B, H, MG, g, D)
+    pairs = codes[:, :, :, 0::2].to(torch.int32) | (codes[:, :, :, 1::2].to(torch.int32) << 4)      # (B, H, MG, g/2, D)
+    new = pairs.permute(0, 1, 4, 2, 3).reshape(*sk.shape[:3], -1).to(torch.uint8)                    # (B, H, D, MG·g/2)
+    tok = sel.repeat_interleave(group // 2)
+    sk.copy_(torch.where(tok, new[..., :sk.shape[-1]], sk))
+    st = torch.stack([ks, kz], -1).transpose(2, 3)                                                    # (B, H, D, MG, 2)
+    sz.copy_(torch.where(sel[:, None], st.to(sz.dtype), sz))
+
+
+def sparq_channels(q, channels: int):
+    """The `channels` channels of largest Σ_g |q_g| over each KV head's query group (ties: the lower
+    channel), → (idx (B, Hkv, R) int64 in ascending rank order, share (B, Hkv, G) fp32 = the L1 fraction
+    of each query those channels hold). q (B, Hq, 1, D), Hq = Hkv·G given by the caller's reshape."""
+    a = q.float().abs().sum(2)                                                                        # (B, Hkv, D)
+    D = a.shape[-1]
+    c = torch.arange(D, device=q.device)
+    beats = (a[..., None, :] > a[..., :, None]) | ((a[..., None, :] == a[..., :, None]) & (c[None, :] < c[:, None]))
+    rank = beats.sum(-1)                                                                              # (B, Hkv, D)
+    idx = rank.argsort(-1)[..., :channels]
+    qa = q.float().abs()
+    share = qa.gather(-1, idx[:, :, None, :].expand(-1, -1, q.shape[2], -1)).sum(-1) / qa.sum(-1).clamp_min(1e-30)
+    return idx, share
+
+
+def sparq_group_scores(q, sk, sz, length, *, group: int, sink: int, window: int, channels: int, scale: float,
+                       rank: str = "max"):
+    """Score a 4-bit packed layer's key groups by logits estimated from `channels` channels (SparQ:
+    Ribar et al., "SparQ Attention: Bandwidth-Efficient LLM Inference", ICML 2024, arXiv 2312.04985): the
+    channels of largest |q| summed over the KV head's query group, keys from the channel-major copy
+    (`sketch_groups`), each query's logits scaled by scale / sqrt(share) (SparQ's temperature: the
+    channels kept hold `share` of the query's L1 norm). rank="max": a group's largest estimated logit
+    over its tokens and the query group → (B, Hkv, MG); rank="mass": each query's log-sum-exp over the
+    group's tokens → (B, Hkv, MG, G) for `page_mass`. Groups the decode kernel reads, n_q(length - 1) /
+    group, score; the rest -inf. Returns (scores, npos) as `group_scores`. q (B, Hq, 1, D)."""
+    B, Hq, _, D = q.shape
+    H = sk.shape[1]
+    G = Hq // H
+    MG = sz.shape[3]
+    n = torch.as_tensor(length, device=q.device).reshape(-1)[-1:]
+    nqg = torch.clamp((n - 1 - sink - window) // group, min=0)
+    qg = q.float().reshape(B, H, G, D)
+    idx, share = sparq_channels(qg, channels)
+    qr = qg.gather(-1, idx[:, :, None, :].expand(-1, -1, G, -1))                                       # (B, H, G, R)
+    b = sk.gather(2, idx[..., None].expand(-1, -1, -1, sk.shape[-1])).to(torch.int32)                 # (B, H, R, cap/2)
+    codes = torch.stack([b & 15, b >> 4], -1).flatten(-2)[..., :MG * group].float()                   # (B, H, R, MG·g)
+    st = sz.gather(2, idx[..., None, None].expand(-1, -1, -1, MG, 2)).float()                          # (B, H, R, MG, 2)
+    k = (st[..., 1:] + codes.reshape(B, H, -1, MG, group) * st[..., :1]).flatten(-2)                   # (B, H, R, MG·g)
+    lg = (qr @ k) * (scale / share.clamp_min(1e-30).sqrt())[..., None]                                # (B, H, G, MG·g)
+    lg = lg.reshape(B, H, G, MG, group)
+    ok = torch.arange(MG, device=q.device) < nqg
+    if rank == "max":
+        s = lg.amax(-1).amax(2)
+        return torch.where(ok, s, float("-inf")), nqg * group - 1
+    s = lg.logsumexp(-1).transpose(2, 3)                                                               # (B, H, MG, G)
+    return torch.where(ok[:, None], s, float("-inf")).contiguous(), nqg * group - 1
 
 
 def quant_group_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int,

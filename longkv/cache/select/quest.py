@@ -30,7 +30,8 @@ built, so a step is one CUDA graph.
 
 Over packed storage (`quant:bits=4+quest:budget=2048`, `kv4+quest`): `select/quest_storage.py`; there
 `groups=1` makes the storage's key groups the pages (bounds from their scale/zero, the CUDA kernel):
-3.05x full's decode speed at 1/8 and 512K on the 8B shape, with a coarser bound (fewer needles found).
+3.05x full's decode speed at 1/8 and 512K on the 8B shape, with a coarser bound (fewer needles found);
+`channels=F` scores those groups from F of the channels instead (SparQ), which finds them again.
 """
 from __future__ import annotations
 
@@ -66,7 +67,11 @@ from ..registry import register
                                           "the pages are the storage's key groups, bounded by their scale and "
                                           "zero (no page min/max kept; `page` is the group size), read by the "
                                           "CUDA kernel; faster (3x full at 1/8, 512K, 8B shape) but a coarser "
-                                          "bound than 16-token pages: fewer needles found")},
+                                          "bound than 16-token pages: fewer needles found"),
+                  "channels": (float, 0.0, "with groups=1 over 4-bit storage: score the key groups from this "
+                                           "fraction of the channels, those where the query is largest (SparQ), "
+                                           "read from a channel-major copy of the key codes (+1/8 of bf16 keys); "
+                                           "ranked by `rank`. 0 = Quest's bound")},
           composes=("full", "quant"))
 class QuestCache(FullCache):
     role = "select"
@@ -78,8 +83,8 @@ class QuestCache(FullCache):
         return super().__new__(cls)
 
     def __init__(self, specs, *, batch, capacity, device, dtype, ratio=None, budget=None, page=16, recent=2,
-                 dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False, storage=None):
-        if groups:
+                 dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False, channels=0.0, storage=None):
+        if groups or channels:
             raise UserError("quest: groups=1 reads the key groups of a packed storage; put one under it "
                             "(e.g. kv4+quest:groups=1) or drop groups")
         P = self._check_page(page)

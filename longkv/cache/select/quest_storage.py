@@ -30,17 +30,29 @@ coarser bound: 64-token groups with per-channel ranges bound loosely, and on smo
 8x it finds fewer needles than 16-token Quest pages (BENCHMARKS.md). 2/4-bit codes with one value
 range a token and no outliers (the CUDA kernel's layout); elsewhere the same steps run in torch.
 
-`nbytes()` is the storage's bytes plus the page bounds (none with groups=1). Not here: `rerank` (the
+`channels=F` (with groups=1 over 4-bit storage): the groups are scored SparQ's way instead of by the
+bound (Ribar et al., arXiv 2312.04985; `kernels/quest_sparq.py`): every token's logit is estimated from
+the F·D channels where the query group's |q| is largest, read from a channel-major copy of the key codes
+(+1/8 of bf16 keys' bytes, written as groups flush), and a group ranks by its largest estimate
+(`rank=max`) or its attention mass (`rank=mass`). On smollm2-135m's NIAH at 8x this finds the needles
+the bound loses (BENCHMARKS.md, issue 5, session 14). A sparse layer is then 6 launches (the first
+writes the copy's newest group and picks the channels).
+
+`nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy. Not here: `rerank` (the
 second stage's codes are written when a page fills, from full-precision keys this storage no longer
 keeps).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from ...errors import UserError
 from ...kernels import quest as kq
 from ...kernels.quant_paged import quant_group_attention, quant_paged_attention
+from ...kernels.quant_reference import sketch_groups
+from ...kernels.quest_sparq import prepare, sparq_group_scores
 from ...kernels import sparse_reference as ref
 from ...kernels.reference import ragged_attention_lse
 from ...models.rope import apply_rope
@@ -51,7 +63,7 @@ from .quest import QuestCache
 
 class QuestStorageCache(QuestCache):
     def __init__(self, specs, *, batch, capacity, device, dtype, storage, ratio=None, budget=None, page=16,
-                 recent=2, dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False):
+                 recent=2, dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False, channels=0.0):
         if rerank:
             raise UserError(f"quest: rerank={rerank} needs the full-precision storage (its page codes are "
                             f"written from full-precision keys); drop rerank or {storage[0]}")
@@ -71,7 +83,13 @@ class QuestStorageCache(QuestCache):
                 raise UserError(f"quest: groups=1 reads {storage[0]}'s key groups as pages only for 2/4-bit "
                                 f"codes, one value range a token, no outliers and no softcap, not "
                                 f"{', '.join(bad)}; drop groups")
-        self._pages(specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, 0, 0,
+        if channels and not (self.groups and st.bits == 4):
+            raise UserError(f"quest: channels={channels} scores the key groups of 4-bit storage; use it with "
+                            f"groups=1 over kv4 or kivi4 (not {storage[0]} with bits={st.bits}"
+                            f"{'' if self.groups else ', groups=0'})")
+        if not 0 <= channels <= 1:
+            raise UserError(f"quest: channels={channels} must be a fraction of the head dim in (0, 1]")
+        self._pages(specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, 0, 0, rank,
                     bounds=not self.groups)
         st.append_only = True     # positions only grow: the write is one append + flush kernel
         for i in range(len(specs)):
@@ -80,6 +98,17 @@ class QuestStorageCache(QuestCache):
             keep = self.budget.keep(self.capacity) - st.S - st.W - P
             self.k_pages = max(1, -(-keep // P))
             self.dense = [i < self.dense_layers or s.window is not None for i, s in enumerate(specs)]
+        # channels: SparQ scores from a channel-major copy of the key codes (kernels/quest_sparq.py)
+        self.channels = [max(1, math.ceil(channels * s.head_dim)) if channels else 0 for s in specs]
+        self.sketch, self.sz = [], []
+        for i, s in enumerate(specs):
+            on = self.channels[i] and self._sparse(i)
+            cap = st.kq[i]["planes"][0].shape[2] if on else 0
+            H = s.num_kv_heads
+            self.sketch.append(torch.zeros(batch, H, s.head_dim, cap // 2, device=device, dtype=torch.uint8)
+                               if on else None)
+            self.sz.append(torch.zeros(batch, H, s.head_dim, cap // P, 2, device=device, dtype=torch.float16)
+                           if on else None)
 
     def _sparse(self, layer: int) -> bool:
         if not self.groups:
@@ -87,7 +116,8 @@ class QuestStorageCache(QuestCache):
         return not self.dense[layer] and self.k_pages < self.store.kq[layer]["scale"].shape[2]
 
     def nbytes(self) -> int:
-        return self.store.nbytes() + sum(t.numel() * t.element_size() for t in self.pmin + self.pmax if t is not None)
+        return self.store.nbytes() + sum(t.numel() * t.element_size() for t in self.pmin + self.pmax
+                                         + getattr(self, "sketch", []) + getattr(self, "sz", []) if t is not None)
 
     def past_attention(self, layer, q, step):
         n = step.start
@@ -98,7 +128,12 @@ class QuestStorageCache(QuestCache):
         if end > self.capacity:
             raise UserError(f"the cache holds {self.capacity} tokens and this step needs {end}")
         cos, sin = step.rope[self.specs[layer].rope_index]
+        g0 = self.store.nq(step.start) // self.P
         self.store.write(layer, k, v, pos=step.pos, cos=cos, sin=sin, slot=step.start)
+        if self.groups and self.sketch[layer] is not None:
+            kd = self.store.kq[layer]
+            sketch_groups(kd["planes"], kd["scale"], kd["zero"], self.sketch[layer], self.sz[layer], g0,
+                          self.store.nq(end) // self.P, group=self.P)
         if self.pmin[layer] is not None:
             ref.fold_chunk_bounds(apply_rope(k, cos, sin), step.start, self.pmin[layer], self.pmax[layer], page=self.P)
 
@@ -121,8 +156,17 @@ class QuestStorageCache(QuestCache):
         if self.groups:   # score the key groups from their statistics, select, attend to them + the fp slots
             kd, vd = st.kq[layer], st.vq[layer]
             n = st.cnt[layer]                  # tokens held, this one included (the write set it)
-            scores, npos = kq.group_scores(q, kd["scale"], kd["zero"], n, bits=st.bits, group=P, sink=st.S,
-                                           window=st.W)
+            if self.sketch[layer] is not None:   # SparQ estimates from R channels (kernels/quest_sparq.py)
+                sk, sz, R = self.sketch[layer], self.sz[layer], self.channels[layer]
+                sel = prepare(q, kd["planes"], kd["scale"], kd["zero"], sk, sz, n, group=P, sink=st.S, window=st.W,
+                              channels=R)
+                scores, npos = sparq_group_scores(q, sk, sz, n, sel, group=P, sink=st.S, window=st.W, channels=R,
+                                                  scale=s.scale, rank=self.rank)
+                if self.rank == "mass":
+                    scores = kq.page_mass(scores, None, pos=npos, page=P, sink=0, recent=0)
+            else:
+                scores, npos = kq.group_scores(q, kd["scale"], kd["zero"], n, bits=st.bits, group=P, sink=st.S,
+                                               window=st.W)
             MG = kd["scale"].shape[2]
             table, nsel, _ = kq.select_pages(scores, self.k_pages, npos, page=P, row_pages=MG)
             return quant_group_attention(q, kd, vd, st.kf[layer], st.vf[layer], n, table, nsel, row_pages=MG,
@@ -143,10 +187,11 @@ class QuestStorageCache(QuestCache):
         st["note"] = (f"{self.storage_name}+quest: packed storage; a decode step reads at most "
                       f"{self.k_pages * self.P} tokens' packed rows in layers >= {self.dense_layers}")
         if self.groups:
-            st["note"] = (f"{self.storage_name}+quest, pages = the {self.P}-token key groups (bounds from their "
-                          f"scale/zero, no page min/max): a decode step reads the sink, the full-precision window "
-                          f"and {self.k_pages} groups ({self.k_pages * self.P} tokens) in layers >= "
-                          f"{self.dense_layers}")
+            how = (f"scored from {max(self.channels)} channels of a channel-major copy of the key codes (SparQ)"
+                   if any(self.channels) else "bounds from their scale/zero, no page min/max")
+            st["note"] = (f"{self.storage_name}+quest, pages = the {self.P}-token key groups ({how}): a decode "
+                          f"step reads the sink, the full-precision window and {self.k_pages} groups "
+                          f"({self.k_pages * self.P} tokens) in layers >= {self.dense_layers}")
         if self.k_pages >= (self.store.kq[-1]["scale"].shape[2] if self.groups else self.max_pages):
             st["note"] = f"{self.budget} reads every page: degraded to {self.storage_name}"
         return st

@@ -1,0 +1,63 @@
+"""One layer's SparQ group scoring (`kv4+quest:groups=1,channels=F`, kernels/quest_sparq.py) on synthetic
+data, variant by variant: block of groups, warps, rank, and a probe that stops after the loads, so the time
+splits into its parts. Also the step's first launch (`prepare`: the sketch write and the channel choice). Each call replayed in a CUDA graph (common.graph_time).
+
+    python benchmarks/sparq_probe.py --context 512k
+
+Prints a table and ends with one JSON line."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import emit_json, graph_time, parse_tokens, print_table
+
+from longkv.kernels import quest_sparq as qs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--context", default="512k")
+    ap.add_argument("--heads", default="32,8", help="query heads, KV heads")
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--channels", type=float, default=0.125)
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--variants", default="4:4,8:2,8:4,8:8,16:4,16:8,32:8", help="block_p:warps,...")
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    T = parse_tokens(a.context)
+    Hq, H = (int(x) for x in a.heads.split(","))
+    D, group = a.d, 64
+    MG = T // group
+    R = max(1, round(a.channels * D))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    sk = torch.randint(0, 256, (1, H, D, T // 2), device=dev, dtype=torch.uint8, generator=gen)
+    sz = (torch.rand(1, H, D, MG, 2, device=dev, generator=gen) * 0.2).half()
+    q = torch.randn(1, Hq, 1, D, device=dev, dtype=torch.bfloat16, generator=gen)
+    n = torch.tensor([T], device=dev)
+    kw = dict(group=group, sink=4, window=128, channels=R)
+    nbytes = H * R * (T // 2 + MG * 4)
+    planes = [torch.randint(0, 256, (1, H, T, D // 2), device=dev, dtype=torch.uint8, generator=gen)]
+    ks, kz = (torch.rand(1, H, MG, D, device=dev, generator=gen).half() for _ in range(2))
+    sel = qs.prepare(q, planes, ks, kz, sk, sz, n, **kw)
+    rows = []
+    for sketch in (True, False):
+        us = graph_time(lambda: qs.prepare(q, planes, ks, kz, sk, sz, n, sketch=sketch, **kw), a.reps, dev) * 1e3
+        rows.append(dict(rank="-", what=f"prepare{'' if sketch else ' (no sketch)'}", block_p=0, warps=4,
+                         us=round(us, 1), TBps=None))
+    for rank in ("max", "mass"):
+        for v in a.variants.split(","):
+            bp, w = (int(x) for x in v.split(":"))
+            for probe in (0, 1):
+                fn = lambda: qs.sparq_group_scores(q, sk, sz, n, sel, rank=rank, block_p=bp, warps=w, probe=probe,
+                                                   scale=D ** -0.5, **kw)
+                us = graph_time(fn, a.reps, dev) * 1e3
+                rows.append(dict(rank=rank, what="loads only" if probe else "score", block_p=bp, warps=w,
+                                 us=round(us, 1), TBps=round(nbytes / us / 1e6, 2)))
+    print(f"# {torch.cuda.get_device_name()}; {T} tokens, {H} KV heads, D {D}, R {R}: {nbytes / 1e6:.1f} MB read")
+    print_table(rows, list(rows[0]))
+    emit_json({"bench": "sparq_probe", "context": T, "channels": R, "bytes": nbytes, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

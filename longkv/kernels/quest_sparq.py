@@ -1,0 +1,174 @@
+"""Quest's pages scored SparQ's way: `kv4+quest:groups=1,channels=F` (cache/select/quest_storage.py).
+
+Quest's min/max bound over a 64-token key group is too loose to find needles on small models
+(BENCHMARKS.md, issue 5). SparQ (Ribar et al., "SparQ Attention: Bandwidth-Efficient LLM Inference",
+ICML 2024, arXiv 2312.04985) estimates every token's logit from the few channels where the query is
+largest: q_R · k_R, scaled by 1/sqrt(share of |q|_1 those channels hold). Here that estimate ranks the
+storage's key groups (each group scored by its largest estimated logit, or each query's log-sum-exp over
+it for `page_mass`), and the selected groups go to the paged CUDA kernel as before.
+
+Reading R of D channels is only cheaper if a channel's codes are contiguous, and the storage keeps a
+token's D codes together. So the layer keeps a channel-major copy of its 4-bit key codes: `sketch`
+(B, H, D, cap/2) uint8 (byte m of a channel: the group's tokens 2m and 2m + 1) and `sz` (B, H, D, MG, 2)
+fp16 (the group's scale and zero of that channel). `_sketch_kernel` writes the last flushed group of each
+row every decode step (idempotent; the group the append + flush kernel just completed), prefill writes
+whole ranges in torch. With R = D/8, a step reads 1/8 of the key codes plus their statistics.
+
+References: `quant_reference.sketch_groups`, `sparq_group_scores`.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import quant_reference as ref
+from .decode import _use_triton, triton
+from .page_select import _pos
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _prep_kernel(Q, KP, KS, KZ, Len, SK, SZ, IDX, TAU, CAPH, MG, G: tl.constexpr, GROUP: tl.constexpr,
+                     SINK: tl.constexpr, WINDOW: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+                     BLOCK_G: tl.constexpr, SKETCH: tl.constexpr):
+        """One program a (batch, KV head) row. SKETCH: the channel-major copy of the last flushed key
+        group. Then the channel choice: Σ_g |q_g| per channel, sorted once (key = the sum's bits, then the
+        reversed channel: ties go to the lower channel) → IDX (D,) channels by rank; TAU (BLOCK_G,) =
+        1 / sqrt(share of each query's |q|_1 the first R hold)."""
+        bh = tl.program_id(0)
+        if SKETCH:
+            gi = (tl.maximum(tl.load(Len) - SINK - WINDOW, 0) // GROUP - 1).to(tl.int32)
+            if gi >= 0:
+                m = tl.arange(0, GROUP // 2)
+                j = tl.arange(0, D // 2)
+                rows = bh * (CAPH * 2) + gi * GROUP                 # the group's first token row
+                ev = tl.load(KP + (rows + 2 * m[:, None]) * (D // 2) + j[None, :]).to(tl.int32)    # (g/2, D/2)
+                od = tl.load(KP + (rows + 2 * m[:, None] + 1) * (D // 2) + j[None, :]).to(tl.int32)
+                lo = (ev & 15) | ((od & 15) << 4)            # channel 2j, tokens 2m | 2m + 1
+                hi = (ev >> 4) | (od & 240)                  # channel 2j + 1
+                base = (bh * D + 2 * j[None, :]) * CAPH + gi * (GROUP // 2) + m[:, None]
+                tl.store(SK + base, lo.to(tl.uint8))
+                tl.store(SK + base + CAPH, hi.to(tl.uint8))
+                c = tl.arange(0, D)
+                o = ((bh * D + c) * MG + gi) * 2
+                tl.store(SZ + o, tl.load(KS + (bh * MG + gi) * D + c))
+                tl.store(SZ + o + 1, tl.load(KZ + (bh * MG + gi) * D + c))
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        qa = tl.abs(tl.load(Q + (bh * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32))
+        a = tl.sum(qa, 0)                                                            # (D,), >= 0
+        key = (a.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (D - 1 - d).to(tl.int64)
+        srt = tl.sort(key, 0, descending=True)
+        tl.store(IDX + bh * D + d, (D - 1 - (srt & 0xFFFFFFFF)).to(tl.int32))
+        kth = tl.sum(tl.where(d == R - 1, srt, 0), 0)
+        sel = key >= kth
+        share = tl.sum(tl.where(sel[None, :], qa, 0.0), 1) / tl.maximum(tl.sum(qa, 1), 1e-30)
+        tl.store(TAU + bh * BLOCK_G + g, 1.0 / tl.sqrt(tl.maximum(share, 1e-30)))
+
+    @triton.jit
+    def _sparq_score_kernel(Q, SK, SZ, Len, IDX, TAU, S, NPos, CAPH, MG, scale, SINK: tl.constexpr,
+                            WINDOW: tl.constexpr, GROUP: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                            R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                            MASS: tl.constexpr, PROBE: tl.constexpr):
+        """BLOCK_P key groups of one row: the R channels' codes of each group (BLOCK_P x R x GROUP/2
+        bytes, one load), each group's scale folded into the query (q∘s, one fp16 rounding) so the codes
+        go to the tensor cores as exact integers, one batched dot (a batch entry a group) for each nibble,
+        q·z added after. PROBE (benchmarks only): 1 = stop after the loads."""
+        bh = tl.program_id(0)
+        pid = tl.program_id(1)
+        nqg = tl.maximum((tl.load(Len) - 1 - SINK - WINDOW) // GROUP, 0).to(tl.int32)
+        if (bh == 0) & (pid == 0):
+            tl.store(NPos, nqg.to(tl.int64) * GROUP - 1)
+        g = tl.arange(0, BLOCK_G)
+        r = tl.arange(0, BLOCK_R)
+        HG: tl.constexpr = GROUP // 2
+        idx = tl.load(IDX + bh * D + r, mask=r < R, other=0)                          # (BLOCK_R,)
+        qr = tl.load(Q + (bh * G + g[:, None]) * D + idx[None, :], mask=(g[:, None] < G) & (r[None, :] < R),
+                     other=0.0).to(tl.float32)                                        # (BLOCK_G, BLOCK_R)
+        tau = tl.load(TAU + bh * BLOCK_G + g) * scale
+        p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+        ok = p < nqg
+        pc = tl.minimum(p, MG - 1)
+        m = tl.arange(0, HG)
+        b = tl.load(SK + ((bh * D + idx) * CAPH)[None, :, None] + (pc * HG)[:, None, None] + m[None, None, :],
+                    mask=(r < R)[None, :, None], other=0).to(tl.int32)              # (BLOCK_P, BLOCK_R, g/2)
+        so = ((bh * D + idx) * MG)[None, :] + pc[:, None]                              # (BLOCK_P, BLOCK_R)
+        sc = tl.load(SZ + so * 2, mask=(r < R)[None, :], other=0.0).to(tl.float32)
+        z = tl.load(SZ + so * 2 + 1, mask=(r < R)[None, :], other=0.0).to(tl.float32)
+        if PROBE == 1:
+            t = tl.sum(tl.sum(b, 2).to(tl.float32) + sc + z, 1)
+            tl.store(S + bh * MG + p, t, mask=p < MG)
+            return
+        qs = (qr[None, :, :] * sc[:, None, :]).to(tl.float16)                          # (BLOCK_P, BLOCK_G, BLOCK_R)
+        qz = tl.sum(qr[None, :, :] * z[:, None, :], 2)                                  # (BLOCK_P, BLOCK_G)
+        l0 = tl.dot(qs, (b & 15).to(tl.float16))                                       # (BLOCK_P, BLOCK_G, g/2)
+        l1 = tl.dot(qs, (b >> 4).to(tl.float16))
+        mx = tl.maximum(tl.max(l0, 2), tl.max(l1, 2))                                 # (BLOCK_P, BLOCK_G)
+        t2 = tau[None, :]
+        if MASS:
+            e = tl.sum(tl.exp((l0 - mx[:, :, None]) * t2[:, :, None]), 2) + \
+                tl.sum(tl.exp((l1 - mx[:, :, None]) * t2[:, :, None]), 2)
+            v = tl.where(ok[:, None], (mx + qz) * t2 + tl.log(e), float("-inf"))
+            tl.store(S + (bh * MG + p[:, None]) * G + g[None, :], v, mask=(p[:, None] < MG) & (g[None, :] < G))
+        else:
+            v = tl.max(tl.where(g[None, :] < G, (mx + qz) * t2, float("-inf")), 1)
+            tl.store(S + bh * MG + p, tl.where(ok, v, float("-inf")), mask=p < MG)
+
+
+def sketch_update(planes: list, ks, kz, sk, sz, length, *, group: int, sink: int, window: int) -> None:
+    """Decode step (graph-safe): the channel-major copy of the last key group flushed when `length`
+    (a (1,) int64 device tensor) tokens are held (reference only; on a GPU `prepare` does it)."""
+    n = torch.as_tensor(length, device=ks.device).reshape(-1)[-1]
+    g1 = torch.clamp(n - sink - window, min=0) // group
+    ref.sketch_groups(planes, ks, kz, sk, sz, g1 - 1, g1, group=group)
+
+
+def prepare(q, planes, ks, kz, sk, sz, length, *, group: int, sink: int, window: int, channels: int,
+            sketch: bool = True):
+    """A decode step's first launch (graph-safe): with `sketch`, the channel-major copy of the last
+    flushed key group (`sketch_update`); and the channel choice of each row (`quant_reference.sparq_channels`)
+    → (idx (B·Hkv, D) int32 channels by rank, tau (B·Hkv, BLOCK_G) fp32 = 1 / sqrt(share)), what
+    `sparq_group_scores` reads."""
+    B, Hq, _, D = q.shape
+    H = sk.shape[1]
+    G = Hq // H
+    BG = max(16, 1 << (G - 1).bit_length())
+    if not _use_triton(q):
+        if sketch:
+            sketch_update(planes, ks, kz, sk, sz, length, group=group, sink=sink, window=window)
+        idx, share = ref.sparq_channels(q.float().reshape(B, H, G, D), channels)
+        rest = torch.ones(B, H, D, dtype=torch.bool, device=q.device).scatter_(-1, idx, False)
+        full = torch.cat([idx, rest.nonzero()[:, -1].reshape(B, H, D - channels)], -1)
+        tau = torch.ones(B * H, BG, device=q.device)
+        tau[:, :G] = share.reshape(B * H, G).rsqrt()
+        return full.reshape(B * H, D).to(torch.int32), tau
+    if not sketch:
+        planes, ks, kz = [sk], sz, sz     # not read
+    assert planes[0].is_contiguous() and ks.is_contiguous() and sk.is_contiguous() and sz.is_contiguous()
+    idx = torch.empty(B * H, D, device=q.device, dtype=torch.int32)
+    tau = torch.empty(B * H, BG, device=q.device, dtype=torch.float32)
+    _prep_kernel[(B * H,)](q.contiguous(), planes[0], ks, kz, _pos(length, q.device), sk, sz, idx, tau, sk.shape[-1],
+                           sz.shape[3], G=G, GROUP=group, SINK=sink, WINDOW=window, D=D, R=channels, BLOCK_G=BG,
+                           SKETCH=sketch, num_warps=4)
+    return idx, tau
+
+
+def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window: int, channels: int, scale: float,
+                       rank: str = "max", block_p: int = 8, warps: int = 4, probe: int = 0):
+    """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau)): → (scores (B, Hkv, MG) for
+    rank=max or lse (B, Hkv, MG, G) for rank=mass, npos (1,) int64)."""
+    if not _use_triton(q):
+        return ref.sparq_group_scores(q, sk, sz, length, group=group, sink=sink, window=window, channels=channels,
+                                      scale=scale, rank=rank)
+    B, Hq, _, D = q.shape
+    H, MG = sk.shape[1], sz.shape[3]
+    G = Hq // H
+    mass = rank == "mass"
+    out = torch.empty((B, H, MG, G) if mass else (B, H, MG), device=q.device, dtype=torch.float32)
+    npos = torch.empty(1, device=q.device, dtype=torch.int64)
+    idx, tau = sel
+    _sparq_score_kernel[(B * H, triton.cdiv(MG, block_p))](
+        q.contiguous(), sk, sz, _pos(length, q.device), idx, tau, out, npos, sk.shape[-1], MG, scale, SINK=sink,
+        WINDOW=window, GROUP=group, G=G, D=D, R=channels, BLOCK_G=tau.shape[1],
+        BLOCK_R=max(16, triton.next_power_of_2(channels)), BLOCK_P=block_p, MASS=mass, PROBE=probe, num_warps=warps)
+    return out, npos
