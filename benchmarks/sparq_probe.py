@@ -22,7 +22,7 @@ def main():
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--channels", type=float, default=0.125)
     ap.add_argument("--reps", type=int, default=200)
-    ap.add_argument("--variants", default="4:4,8:2,8:4,8:8,16:4,16:8,32:8", help="block_p:warps,...")
+    ap.add_argument("--variants", default="4:4,8:2,8:4,16:4,16:8,32:8", help="block_p:warps,...")
     a = ap.parse_args()
     dev = torch.device("cuda")
     T = parse_tokens(a.context)
@@ -41,9 +41,10 @@ def main():
     ks, kz = (torch.rand(1, H, MG, D, device=dev, generator=gen).half() for _ in range(2))
     sel = qs.prepare(q, planes, ks, kz, sk, sz, n, **kw)
     rows = []
-    for sketch in (True, False):
-        us = graph_time(lambda: qs.prepare(q, planes, ks, kz, sk, sz, n, sketch=sketch, **kw), a.reps, dev) * 1e3
-        rows.append(dict(rank="-", what=f"prepare{'' if sketch else ' (no sketch)'}", block_p=0, warps=4,
+    for sketch, w in ((True, 4), (False, 4), (True, 1), (True, 2)):
+        us = graph_time(lambda: qs.prepare(q, planes, ks, kz, sk, sz, n, sketch=sketch, warps=w, **kw), a.reps,
+                        dev) * 1e3
+        rows.append(dict(rank="-", what=f"prepare{'' if sketch else ' (no sketch)'}", block_p=0, warps=w,
                          us=round(us, 1), TBps=None))
     for rank in ("max", "mass"):
         for v in a.variants.split(","):

@@ -64,9 +64,9 @@ def methods(ctx: int) -> list[tuple[str, str]]:
             ("kv4+quest 1/8 groups", f"kv4+quest:budget={b8},groups=1"),
             ("kv4+quest 1/32 groups", f"kv4+quest:budget={b32},groups=1"),
             # ... scored SparQ's way from an eighth of the channels (a channel-major copy of the key codes)
-            ("kv4+quest 1/8 sparq", f"kv4+quest:budget={b8},groups=1,channels=0.125"),
-            ("kv4+quest 1/8 sparq max", f"kv4+quest:budget={b8},groups=1,channels=0.125,rank=max"),
-            ("kv4+quest 1/32 sparq", f"kv4+quest:budget={b32},groups=1,channels=0.125"),
+            ("kv4+quest 1/8 sparq", f"kv4+quest:budget={b8},groups=1,channels=0.125,rank=max"),
+            ("kv4+quest 1/8 sparq mass", f"kv4+quest:budget={b8},groups=1,channels=0.125,rank=mass"),
+            ("kv4+quest 1/32 sparq", f"kv4+quest:budget={b32},groups=1,channels=0.125,rank=max"),
             ("snapkv 1/8", f"snapkv:budget={b8}"), ("snapkv 1/32", f"snapkv:budget={b32}"),
             ("streaming 1/8", f"streaming:budget={b8}"), ("adakv+snapkv 1/8", f"adakv+snapkv:budget={b8}"),
             ("tova 1/8", f"tova:budget={b8}")]
@@ -252,7 +252,7 @@ def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32
             pieces["prepare_us"] = lambda: qs.prepare(q, pl, kd["scale"], kd["zero"], sk, sz, pos + 1, **sp)
             pieces["score_us"] = lambda: qs.sparq_group_scores(q, sk, sz, pos + 1, sel, rank=cache.rank, scale=s.scale,
                                                                **sp)
-            for bp, w in ((4, 4), (8, 2), (8, 8), (16, 4), (16, 8)):
+            for bp, w in ((4, 4), (8, 4), (16, 2), (16, 4)):
                 pieces[f"score_p{bp}w{w}_us"] = functools.partial(
                     qs.sparq_group_scores, q, sk, sz, pos + 1, sel, rank=cache.rank, scale=s.scale, block_p=bp,
                     warps=w, **sp)

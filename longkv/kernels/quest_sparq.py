@@ -10,9 +10,17 @@ it for `page_mass`), and the selected groups go to the paged CUDA kernel as befo
 Reading R of D channels is only cheaper if a channel's codes are contiguous, and the storage keeps a
 token's D codes together. So the layer keeps a channel-major copy of its 4-bit key codes: `sketch`
 (B, H, D, cap/2) uint8 (byte m of a channel: the group's tokens 2m and 2m + 1) and `sz` (B, H, D, MG, 2)
-fp16 (the group's scale and zero of that channel). `_sketch_kernel` writes the last flushed group of each
-row every decode step (idempotent; the group the append + flush kernel just completed), prefill writes
-whole ranges in torch. With R = D/8, a step reads 1/8 of the key codes plus their statistics.
+fp16 (the group's scale and zero of that channel). A sparse layer's step: `_prep_kernel` (one program a
+row) writes the copy's last flushed group (idempotent; the group the append + flush kernel just completed;
+prefill writes whole ranges in torch) and picks the channels once (one `tl.sort` of 128 keys), then
+`_sparq_score_kernel` reads R = D/8 channels' codes of every group: 1/8 of the key codes plus their
+statistics.
+
+H200, 8B shape, 512K, one layer (benchmarks/sparq_probe.py): prepare 5.5 µs; score 33 µs (rank=max; 65 with
+mass), of which the loads alone take 10 µs (37.7 MB, 3.8 TB/s), so the score is bound by its arithmetic,
+not its bytes. Tried on the way: the channel choice in every score program (28-107 µs by itself), one 2-D
+tile with a scale/zero load per code (~200 µs), a loop of one group a step (88 µs), CUDA-core FMAs in a
+3-D layout (41 µs); the batched tensor-core dot kept is the fastest.
 
 References: `quant_reference.sketch_groups`, `sparq_group_scores`.
 """
@@ -124,7 +132,7 @@ def sketch_update(planes: list, ks, kz, sk, sz, length, *, group: int, sink: int
 
 
 def prepare(q, planes, ks, kz, sk, sz, length, *, group: int, sink: int, window: int, channels: int,
-            sketch: bool = True):
+            sketch: bool = True, warps: int = 4):
     """A decode step's first launch (graph-safe): with `sketch`, the channel-major copy of the last
     flushed key group (`sketch_update`); and the channel choice of each row (`quant_reference.sparq_channels`)
     → (idx (B·Hkv, D) int32 channels by rank, tau (B·Hkv, BLOCK_G) fp32 = 1 / sqrt(share)), what
@@ -149,12 +157,12 @@ def prepare(q, planes, ks, kz, sk, sz, length, *, group: int, sink: int, window:
     tau = torch.empty(B * H, BG, device=q.device, dtype=torch.float32)
     _prep_kernel[(B * H,)](q.contiguous(), planes[0], ks, kz, _pos(length, q.device), sk, sz, idx, tau, sk.shape[-1],
                            sz.shape[3], G=G, GROUP=group, SINK=sink, WINDOW=window, D=D, R=channels, BLOCK_G=BG,
-                           SKETCH=sketch, num_warps=4)
+                           SKETCH=sketch, num_warps=warps)
     return idx, tau
 
 
 def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window: int, channels: int, scale: float,
-                       rank: str = "max", block_p: int = 8, warps: int = 4, probe: int = 0):
+                       rank: str = "max", block_p: int = 8, warps: int = 2, probe: int = 0):
     """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau)): → (scores (B, Hkv, MG) for
     rank=max or lse (B, Hkv, MG, G) for rank=mass, npos (1,) int64)."""
     if not _use_triton(q):
