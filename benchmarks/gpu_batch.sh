@@ -74,6 +74,11 @@
 # (x7, select_probe.py in two), [tests + sparse_decode.py 128k,512k --no-breakdown --profile +
 # quant_decode.py 128k full;kivi4] (final), [tests -k paged], [tests -k variant0], [the rest of the
 # CUDA tests]. No refusals.
+# Session 14 (2026-12-04), all by hand, 7 calls: [tests -k sketch/sparq + sparse_decode.py 512k full, groups,
+# sparq 1/8 mass / max], [the same after a one-group-a-step loop kernel], [sparq_probe.py] (failed on a
+# probe-only shape bug), [sparq_probe.py: tile / loop variants], [tests + sparq_probe.py: prepare + batched
+# dot], [tests + sparq_probe.py + sparse_decode.py 512k: CUDA-core FMA vs dot], [sparse_decode.py 512k
+# --no-breakdown full, groups, sparq 1/8, 1/32] (final). Three starts refused; device time then spent.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

@@ -71,7 +71,7 @@ from ..registry import register
                   "channels": (float, 0.0, "with groups=1 over 4-bit storage: score the key groups from this "
                                            "fraction of the channels, those where the query is largest (SparQ), "
                                            "read from a channel-major copy of the key codes (+1/8 of bf16 keys); "
-                                           "ranked by `rank`. 0 = Quest's bound")},
+                                           "ranked by `rank` (rank=max found more needles). 0 = Quest's bound")},
           composes=("full", "quant"))
 class QuestCache(FullCache):
     role = "select"
@@ -85,8 +85,8 @@ class QuestCache(FullCache):
     def __init__(self, specs, *, batch, capacity, device, dtype, ratio=None, budget=None, page=16, recent=2,
                  dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False, channels=0.0, storage=None):
         if groups or channels:
-            raise UserError("quest: groups=1 reads the key groups of a packed storage; put one under it "
-                            "(e.g. kv4+quest:groups=1) or drop groups")
+            raise UserError("quest: groups=1 (and channels) read the key groups of a packed storage; put one "
+                            "under it (e.g. kv4+quest:groups=1) or drop them")
         P = self._check_page(page)
         super().__init__(specs, batch=batch, capacity=P * math.ceil(capacity / P), device=device, dtype=dtype)
         self.capacity = capacity

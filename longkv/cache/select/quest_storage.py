@@ -34,13 +34,16 @@ range a token and no outliers (the CUDA kernel's layout); elsewhere the same ste
 bound (Ribar et al., arXiv 2312.04985; `kernels/quest_sparq.py`): every token's logit is estimated from
 the F·D channels where the query group's |q| is largest, read from a channel-major copy of the key codes
 (+1/8 of bf16 keys' bytes, written as groups flush), and a group ranks by its largest estimate
-(`rank=max`) or its attention mass (`rank=mass`). On smollm2-135m's NIAH at 8x this finds the needles
-the bound loses (BENCHMARKS.md, issue 5, session 14). A sparse layer is then 6 launches (the first
-writes the copy's newest group and picks the channels).
+(`rank=max`) or its attention mass (`rank=mass`). On smollm2-135m at 8x, rank=max finds the NIAH
+needles the bound loses (9/10 = full's); RULER-style multi-key/multi-value tasks need channels=0.25 there
+(16 of 64 channels: 79.2 = full's mean over 4K/8K; 0.125 scores 37.5). A sparse layer is then 6 launches
+(the first writes the copy's newest group and picks the channels). H200, 8B shape, 512K, channels=0.125:
+2.74x full's decode speed at 1/8, 2.99x at 1/32 (the bound alone: 3.06x); BENCHMARKS.md, issue 5,
+session 14.
 
-`nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy. Not here: `rerank` (the
-second stage's codes are written when a page fills, from full-precision keys this storage no longer
-keeps).
+`nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy.
+Not here: `rerank` (the second stage's codes are written when a page fills, from full-precision keys
+this storage no longer keeps).
 """
 from __future__ import annotations
 
@@ -116,8 +119,8 @@ class QuestStorageCache(QuestCache):
         return not self.dense[layer] and self.k_pages < self.store.kq[layer]["scale"].shape[2]
 
     def nbytes(self) -> int:
-        return self.store.nbytes() + sum(t.numel() * t.element_size() for t in self.pmin + self.pmax
-                                         + getattr(self, "sketch", []) + getattr(self, "sz", []) if t is not None)
+        return self.store.nbytes() + sum(t.numel() * t.element_size()
+                                         for t in self.pmin + self.pmax + self.sketch + self.sz if t is not None)
 
     def past_attention(self, layer, q, step):
         n = step.start
