@@ -118,7 +118,10 @@ def _sparq(q, bound, pos, page, MP):
     """sparqR[cB[gG]]: SparQ-style (Ribar et al. 2023) approximate logits from the R channels of largest
     |q| (summed over the KV head's query group), temperature corrected by the L1 share of q they hold;
     keys exact or B-bit codes relative to each channel's min/max over G-token groups. Pages ranked by
-    attention mass (softmax over every token, summed over the page and the query group)."""
+    attention mass (softmax over every token, summed over the page and the query group), or with
+    `--rank max` by their largest estimate. The channel choice is the cache's (`sparq_channels`)."""
+    from longkv.kernels.quant_reference import sparq_channels
+
     m = re.fullmatch(r"sparq(\d+)(?:c(\d+))?(?:g(\d+))?", _state["mode"])
     R, bits, grp = int(m[1]), int(m[2] or 0), int(m[3] or 64)
     kc, p = _state["k"], int(pos.reshape(-1)[-1])
@@ -136,11 +139,10 @@ def _sparq(q, bound, pos, page, MP):
     B, Hq, _, D = q.shape
     Hkv = kc.shape[1]
     qg = q.float().reshape(B, Hkv, Hq // Hkv, D)
-    ch = qg.abs().sum(2).topk(R, -1).indices                                                  # (B, Hkv, R)
+    ch, share = sparq_channels(qg, R)                                                          # (B, Hkv, R), (B, Hkv, G)
     qr = qg.gather(-1, ch[:, :, None, :].expand(-1, -1, qg.shape[2], -1))
     kr = keys.gather(-1, ch[:, :, None, :].expand(-1, -1, keys.shape[2], -1))
-    share = qr.abs().sum(-1, keepdim=True) / qg.abs().sum(-1, keepdim=True)                  # (B, Hkv, G, 1)
-    lg = (qr @ kr.transpose(-1, -2)) / (D * share).sqrt()
+    lg = (qr @ kr.transpose(-1, -2)) / (D * share[..., None]).sqrt()
     lg[..., p + 1:] = float("-inf")
     if _state.get("rank") == "max":
         mass = lg.reshape(B, Hkv, -1, n, page).amax(-1).amax(2)

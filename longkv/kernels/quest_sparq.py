@@ -163,8 +163,9 @@ def prepare(q, planes, ks, kz, sk, sz, length, *, group: int, sink: int, window:
 
 def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window: int, channels: int, scale: float,
                        rank: str = "max", block_p: int = 8, warps: int = 2, probe: int = 0):
-    """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau)): → (scores (B, Hkv, MG) for
-    rank=max or lse (B, Hkv, MG, G) for rank=mass, npos (1,) int64)."""
+    """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau); the reference, on the CPU,
+    picks the same channels itself): → (scores (B, Hkv, MG) for rank=max or lse (B, Hkv, MG, G) for
+    rank=mass, npos (1,) int64)."""
     if not _use_triton(q):
         return ref.sparq_group_scores(q, sk, sz, length, group=group, sink=sink, window=window, channels=channels,
                                       scale=scale, rank=rank)
