@@ -320,14 +320,23 @@ def sketch_groups(planes: list, ks, kz, sk, sz, g0, g1, *, group: int) -> None:
     of channel c in each group. planes: the storage's key planes (B, H, cap, D/2); g0, g1 ints or 0-dim
     device tensors (graph-safe: a range of one group, clamped to the buffer)."""
     D = ks.shape[-1]
-    gi = torch.arange(ks.shape[2], device=ks.device)
+
+    def channel_major(a, b):   # groups [a, b) → (B, H, D, (b - a)·g/2) bytes, (B, H, D, b - a, 2) statistics
+        codes = unpack([p[:, :, a * group:b * group] for p in planes], 4, D)                       # (B, H, T, D)
+        pairs = codes[:, :, 0::2].to(torch.int32) | (codes[:, :, 1::2].to(torch.int32) << 4)         # (B, H, T/2, D)
+        return pairs.transpose(2, 3).to(torch.uint8), torch.stack([ks[:, :, a:b], kz[:, :, a:b]], -1).transpose(2, 3)
+
+    if isinstance(g0, int) and isinstance(g1, int):   # a prefill chunk's range: only those groups
+        g0, g1 = max(g0, 0), min(g1, ks.shape[2])
+        if g1 > g0:
+            new, st = channel_major(g0, g1)
+            sk[..., g0 * group // 2:g1 * group // 2] = new
+            sz[:, :, :, g0:g1] = st.to(sz.dtype)
+        return
+    gi = torch.arange(ks.shape[2], device=ks.device)   # device bounds (graph-safe): the whole layer, masked
     sel = (gi >= g0) & (gi < g1)
-    codes = unpack(planes, 4, D).reshape(*planes[0].shape[:2], -1, group, D)[:, :, :ks.shape[2]]   # (B, H, MG, g, D)
-    pairs = codes[:, :, :, 0::2].to(torch.int32) | (codes[:, :, :, 1::2].to(torch.int32) << 4)      # (B, H, MG, g/2, D)
-    new = pairs.permute(0, 1, 4, 2, 3).reshape(*sk.shape[:3], -1).to(torch.uint8)                    # (B, H, D, MG·g/2)
-    tok = sel.repeat_interleave(group // 2)
-    sk.copy_(torch.where(tok, new[..., :sk.shape[-1]], sk))
-    st = torch.stack([ks, kz], -1).transpose(2, 3)                                                    # (B, H, D, MG, 2)
+    new, st = channel_major(0, ks.shape[2])
+    sk.copy_(torch.where(sel.repeat_interleave(group // 2), new[..., :sk.shape[-1]], sk))
     sz.copy_(torch.where(sel[:, None], st.to(sz.dtype), sz))
 
 
@@ -335,12 +344,7 @@ def sparq_channels(q, channels: int):
     """The `channels` channels of largest Σ_g |q_g| over each KV head's query group (ties: the lower
     channel), → (idx (B, Hkv, R) int64 in ascending rank order, share (B, Hkv, G) fp32 = the L1 fraction
     of each query those channels hold). q (B, Hq, 1, D), Hq = Hkv·G given by the caller's reshape."""
-    a = q.float().abs().sum(2)                                                                        # (B, Hkv, D)
-    D = a.shape[-1]
-    c = torch.arange(D, device=q.device)
-    beats = (a[..., None, :] > a[..., :, None]) | ((a[..., None, :] == a[..., :, None]) & (c[None, :] < c[:, None]))
-    rank = beats.sum(-1)                                                                              # (B, Hkv, D)
-    idx = rank.argsort(-1)[..., :channels]
+    idx = q.float().abs().sum(2).neg().argsort(dim=-1, stable=True)[..., :channels]                    # (B, Hkv, R)
     qa = q.float().abs()
     share = qa.gather(-1, idx[:, :, None, :].expand(-1, -1, q.shape[2], -1)).sum(-1) / qa.sum(-1).clamp_min(1e-30)
     return idx, share
