@@ -23,6 +23,7 @@ def main():
     ap.add_argument("--channels", type=float, default=0.125)
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--variants", default="4:4,8:2,8:4,16:4,16:8,32:8", help="block_p:warps,...")
+    ap.add_argument("--cvts", default="0,1,2", help="code-to-fp16 conversions to time (quest_sparq CVT)")
     a = ap.parse_args()
     dev = torch.device("cuda")
     T = parse_tokens(a.context)
@@ -49,11 +50,11 @@ def main():
     for rank in ("max", "mass"):
         for v in a.variants.split(","):
             bp, w = (int(x) for x in v.split(":"))
-            for probe in (0, 1):
+            for probe, cvt in [(0, int(c)) for c in a.cvts.split(",")] + [(1, 0)]:
                 fn = lambda: qs.sparq_group_scores(q, sk, sz, n, sel, rank=rank, block_p=bp, warps=w, probe=probe,
-                                                   scale=D ** -0.5, **kw)
+                                                   cvt=cvt, scale=D ** -0.5, **kw)
                 us = graph_time(fn, a.reps, dev) * 1e3
-                rows.append(dict(rank=rank, what="loads only" if probe else "score", block_p=bp, warps=w,
+                rows.append(dict(rank=rank, what="loads only" if probe else f"score cvt={cvt}", block_p=bp, warps=w,
                                  us=round(us, 1), TBps=round(nbytes / us / 1e6, 2)))
     print(f"# {torch.cuda.get_device_name()}; {T} tokens, {H} KV heads, D {D}, R {R}: {nbytes / 1e6:.1f} MB read")
     print_table(rows, list(rows[0]))

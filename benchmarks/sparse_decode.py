@@ -67,6 +67,7 @@ def methods(ctx: int) -> list[tuple[str, str]]:
             ("kv4+quest 1/8 sparq", f"kv4+quest:budget={b8},groups=1,channels=0.125,rank=max"),
             ("kv4+quest 1/8 sparq mass", f"kv4+quest:budget={b8},groups=1,channels=0.125,rank=mass"),
             ("kv4+quest 1/32 sparq", f"kv4+quest:budget={b32},groups=1,channels=0.125,rank=max"),
+            ("kv4+quest 1/8 sparq 0.25", f"kv4+quest:budget={b8},groups=1,channels=0.25,rank=max"),
             ("snapkv 1/8", f"snapkv:budget={b8}"), ("snapkv 1/32", f"snapkv:budget={b32}"),
             ("streaming 1/8", f"streaming:budget={b8}"), ("adakv+snapkv 1/8", f"adakv+snapkv:budget={b8}"),
             ("tova 1/8", f"tova:budget={b8}")]

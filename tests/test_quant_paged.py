@@ -295,8 +295,10 @@ def test_sparq_score_kernel_matches_reference(G, channels, length, rank, device)
     args = _to(device, q, sk, sz, n)
     sel = ks.prepare(args[0], None, None, None, *args[1:], group=group, sink=sink, window=window, channels=channels,
                      sketch=False)
-    for bp, w in ((4, 4), (8, 2), (16, 4), (32, 8)) if device == "cuda" else ((4, 4),):
-        got, gpos = ks.sparq_group_scores(*args, sel, block_p=bp, warps=w, **kw)
+    cfg = [(bp, w, c) for bp, w in ((4, 4), (8, 2), (16, 4), (32, 8)) for c in (0, 1, 2)] if device == "cuda" \
+        else [(4, 4, c) for c in (0, 1, 2)]
+    for bp, w, cvt in cfg:
+        got, gpos = ks.sparq_group_scores(*args, sel, block_p=bp, warps=w, cvt=cvt, **kw)
         got, gpos = got.cpu(), gpos.cpu()
         assert torch.equal(gpos, wpos) and got.shape == want.shape
         fin = torch.isfinite(want)

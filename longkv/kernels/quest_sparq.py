@@ -77,11 +77,13 @@ if triton is not None:
     def _sparq_score_kernel(Q, SK, SZ, Len, IDX, TAU, S, NPos, CAPH, MG, scale, SINK: tl.constexpr,
                             WINDOW: tl.constexpr, GROUP: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                             R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-                            MASS: tl.constexpr, PROBE: tl.constexpr):
+                            MASS: tl.constexpr, PROBE: tl.constexpr, CVT: tl.constexpr):
         """BLOCK_P key groups of one row: the R channels' codes of each group (BLOCK_P x R x GROUP/2
         bytes, one load), each group's scale folded into the query (q∘s, one fp16 rounding) so the codes
         go to the tensor cores as exact integers, one batched dot (a batch entry a group) for each nibble,
-        q·z added after. PROBE (benchmarks only): 1 = stop after the loads."""
+        q·z added after. CVT: how a code becomes fp16: 0 = `cvt` (quarter rate on Hopper); 1 = its bits
+        OR 0x6400 (the fp16 1024 + c) minus 1024; 2 = the same with the 1024 · Σ q∘s taken off q·z instead
+        (the max over a group's tokens commutes with it). PROBE (benchmarks only): 1 = stop after the loads."""
         bh = tl.program_id(0)
         pid = tl.program_id(1)
         nqg = tl.maximum((tl.load(Len) - 1 - SINK - WINDOW) // GROUP, 0).to(tl.int32)
@@ -109,8 +111,19 @@ if triton is not None:
             return
         qs = (qr[None, :, :] * sc[:, None, :]).to(tl.float16)                          # (BLOCK_P, BLOCK_G, BLOCK_R)
         qz = tl.sum(qr[None, :, :] * z[:, None, :], 2)                                  # (BLOCK_P, BLOCK_G)
-        l0 = tl.dot(qs, (b & 15).to(tl.float16))                                       # (BLOCK_P, BLOCK_G, g/2)
-        l1 = tl.dot(qs, (b >> 4).to(tl.float16))
+        if CVT == 0:
+            c0 = (b & 15).to(tl.float16)
+            c1 = (b >> 4).to(tl.float16)
+        else:
+            c0 = ((b & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)         # 1024 + c, exact
+            c1 = ((b >> 4) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            if CVT == 1:
+                c0 = c0 - 1024.0
+                c1 = c1 - 1024.0
+            else:
+                qz -= 1024.0 * tl.sum(qs.to(tl.float32), 2)
+        l0 = tl.dot(qs, c0)                                                            # (BLOCK_P, BLOCK_G, g/2)
+        l1 = tl.dot(qs, c1)
         mx = tl.maximum(tl.max(l0, 2), tl.max(l1, 2))                                 # (BLOCK_P, BLOCK_G)
         t2 = tau[None, :]
         if MASS:
@@ -162,10 +175,10 @@ def prepare(q, planes, ks, kz, sk, sz, length, *, group: int, sink: int, window:
 
 
 def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window: int, channels: int, scale: float,
-                       rank: str = "max", block_p: int = 8, warps: int = 2, probe: int = 0):
+                       rank: str = "max", block_p: int = 8, warps: int = 2, cvt: int = 0, probe: int = 0):
     """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau); the reference, on the CPU,
     picks the same channels itself): → (scores (B, Hkv, MG) for rank=max or lse (B, Hkv, MG, G) for
-    rank=mass, npos (1,) int64)."""
+    rank=mass, npos (1,) int64). cvt: the code-to-fp16 conversion (`_sparq_score_kernel`'s CVT; 1 and 2 not yet timed on a GPU)."""
     if not _use_triton(q):
         return ref.sparq_group_scores(q, sk, sz, length, group=group, sink=sink, window=window, channels=channels,
                                       scale=scale, rank=rank)
@@ -179,5 +192,6 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
     _sparq_score_kernel[(B * H, triton.cdiv(MG, block_p))](
         q.contiguous(), sk, sz, _pos(length, q.device), idx, tau, out, npos, sk.shape[-1], MG, scale, SINK=sink,
         WINDOW=window, GROUP=group, G=G, D=D, R=channels, BLOCK_G=tau.shape[1],
-        BLOCK_R=max(16, triton.next_power_of_2(channels)), BLOCK_P=block_p, MASS=mass, PROBE=probe, num_warps=warps)
+        BLOCK_R=max(16, triton.next_power_of_2(channels)), BLOCK_P=block_p, MASS=mass, PROBE=probe, CVT=cvt,
+        num_warps=warps)
     return out, npos
