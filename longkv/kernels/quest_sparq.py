@@ -178,7 +178,8 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
                        rank: str = "max", block_p: int = 8, warps: int = 2, cvt: int = 0, probe: int = 0):
     """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau); the reference, on the CPU,
     picks the same channels itself): → (scores (B, Hkv, MG) for rank=max or lse (B, Hkv, MG, G) for
-    rank=mass, npos (1,) int64). cvt: the code-to-fp16 conversion (`_sparq_score_kernel`'s CVT; 1 and 2 not yet timed on a GPU)."""
+    rank=mass, npos (1,) int64). cvt: the code-to-fp16 conversion (`_sparq_score_kernel`'s CVT; 1 and 2
+    are not yet timed on a GPU)."""
     if not _use_triton(q):
         return ref.sparq_group_scores(q, sk, sz, length, group=group, sink=sink, window=window, channels=channels,
                                       scale=scale, rank=rank)
