@@ -47,6 +47,7 @@ def _page_mass(q, kc, pos: int, page: int, scale: float) -> torch.Tensor:
 def _decode(self, layer, q, k, v, step):
     """QuestCache.decode, then the attention mass its selection covered (re-derived: same scores)."""
     _state["k"], _state["scale"] = self.k[layer], self.specs[layer].scale   # for the oracle's scores
+    _state["layer"] = layer
     _state["k_pages"] = self.k_pages
     out = _orig(self, layer, q, k, v, step)   # writes k/v first, so the cache holds this token too
     if self._sparse(layer):
@@ -78,6 +79,8 @@ def _scores(q, pmin, pmax, pos, *, page, sink, recent):
         return _mass_rerank(q, pmin, pmax, bound, pos, page)
     if _state["mode"].startswith("sparq"):   # sparqR[cB[gG]]: every page's mass from R channels' logits
         return _sparq(q, bound, pos, page, pmin.shape[2])
+    if _state["mode"].startswith("pca"):     # pcaR[cB[gG]]: ... from R principal components of the keys
+        return _pca(q, bound, pos, page, pmin.shape[2])
     s = _page_mass(q, _state["k"], int(pos.reshape(-1)[-1]), page, _state["scale"])
     MP, n = pmin.shape[2], s.shape[-1]
     out = torch.full(s.shape[:2] + (MP,), float("-inf"))
@@ -153,6 +156,46 @@ def _sparq(q, bound, pos, page, MP):
     return torch.where(bound == float("inf"), bound, out)
 
 
+def _pca(q, bound, pos, page, MP):
+    """pcaR[c4[gG]][fN]: Loki-style (Singhania et al. 2024, arXiv 2406.02542) approximate logits in the
+    R-dim principal subspace of the keys, per layer and KV head, as `quest:pca=F` computes them
+    (`quant_reference.pca_basis`: uncentred, from the sample's first N keys, default every key held at its
+    first decode step; or with `--pca-from` another prompt's, an offline calibration). Projected keys
+    exact, or with c4 in 4-bit codes over G-token groups (`pca_project`). Pages ranked as sparq."""
+    from longkv.kernels.quant_reference import pca_basis, pca_project
+
+    m = re.fullmatch(r"pca(\d+)(?:c(\d+))?(?:g(\d+))?(?:f(\d+))?", _state["mode"])
+    R, bits, grp, fit = int(m[1]), int(m[2] or 0), int(m[3] or 64), int(m[4] or 0)
+    kc, p = _state["k"], int(pos.reshape(-1)[-1])
+    n = p // page + 1
+    keys = kc[:, :, :n * page].float()
+    basis = _state["pca"]
+    if _state["layer"] not in basis:
+        k0 = keys[:, :, :min(p + 1, fit or p + 1)].double()
+        basis[_state["layer"]] = pca_basis(k0.transpose(-1, -2) @ k0, R)
+    V = basis[_state["layer"]]
+    if bits:
+        T = keys.shape[2]
+        pad = torch.nn.functional.pad(keys, (0, 0, 0, -(-T // grp) * grp - T))
+        b, st = pca_project(pad, V, grp)                                                   # (B, H, R, T'/2), (.., 2)
+        c = torch.stack([b.int() & 15, b.int() >> 4], -1).flatten(-2).float()             # (B, H, R, T')
+        kp = (st[..., 1:] + c.unflatten(-1, (-1, grp)) * st[..., :1]).flatten(-2)[..., :T].transpose(-1, -2)
+    else:
+        kp = keys @ V                                                                       # (B, Hkv, T, R)
+    B, Hq, _, D = q.shape
+    Hkv = kc.shape[1]
+    qp = q.float().reshape(B, Hkv, Hq // Hkv, D) @ V                                       # (B, Hkv, G, R)
+    lg = (qp @ kp.transpose(-1, -2)) * _state["scale"]
+    lg[..., p + 1:] = float("-inf")
+    if _state.get("rank") == "max":
+        mass = lg.reshape(B, Hkv, -1, n, page).amax(-1).amax(2)
+    else:
+        mass = lg.softmax(-1).reshape(B, Hkv, -1, n, page).sum(-1).sum(2)
+    out = torch.full((B, Hkv, MP), float("-inf"))
+    out[..., :n] = mass
+    return torch.where(bound == float("inf"), bound, out)
+
+
 _orig = qmod.QuestCache.decode
 
 
@@ -171,7 +214,10 @@ def main():
     ap.add_argument("--modes", default="bound,oracle",
                     help="bound (Quest), oracle (true page mass), rerankF (bound keeps F x the budget, exact logits "
                          "pick), massF / massFcB (... their attention mass picks, from exact keys / B-bit page codes)")
-    ap.add_argument("--rank", default="mass", help="sparq modes: mass or max")
+    ap.add_argument("--rank", default="mass", help="sparq and pca modes: mass or max")
+    ap.add_argument("--pca-from", type=float, default=None,
+                    help="pca modes: the basis from the prompt with the needle at this depth and seed+1 (one "
+                         "decode step), kept for every sample; default: each sample's own prompt")
     a = ap.parse_args()
     _state["rank"] = a.rank
     llm = longkv.load(a.model, device="cpu", progress=False)
@@ -179,8 +225,15 @@ def main():
     qmod.kq.page_scores = _scores
     rows = []
     for mode in a.modes.split(","):
-        _state["mode"] = mode
+        _state["mode"], _state["pca"] = mode, {}
+        if mode.startswith("pca") and a.pca_from is not None:   # calibrate on another needle and position
+            smp = niah.make_sample(llm.tokenizer, length=a.length, depth=a.pca_from, index=0, seed=a.seed + 1,
+                                   corpus=a.corpus, gen_tokens=a.gen_tokens)
+            with torch.no_grad():
+                llm.generate(ids=smp.ids, max_new_tokens=2, cache=f"quest:ratio={a.ratio}{a.extra}")
         for d in (float(x) for x in a.depths.split(",")):
+            if a.pca_from is None:
+                _state["pca"] = {}
             smp = niah.make_sample(llm.tokenizer, length=a.length, depth=d, index=0, seed=a.seed, corpus=a.corpus,
                                    gen_tokens=a.gen_tokens)
             _state["cover"] = []

@@ -305,3 +305,86 @@ def test_sparq_score_kernel_matches_reference(G, channels, length, rank, device)
         assert torch.equal(fin, torch.isfinite(got))
         if fin.any():
             assert (got[fin] - want[fin]).abs().max() < 2e-2 * (1 + want[fin].abs().max())
+
+
+# -- quest:pca=F: the keys' principal subspace (kernels/quest_pca.py) ------------------------------------
+def test_pca_basis_spans_the_keys_top_singular_directions():
+    k = torch.randn(2, 3, 200, D, generator=torch.Generator().manual_seed(20)) * torch.linspace(3, 0.1, D)
+    V = ref.pca_basis(k.transpose(-1, -2) @ k, 6)                                     # (B, H, D, 6)
+    assert torch.allclose(V.transpose(-1, -2) @ V, torch.eye(6).expand(2, 3, 6, 6), atol=1e-5)
+    U = torch.linalg.svd(k, full_matrices=False).Vh[..., :6, :].transpose(-1, -2)   # top right singular vectors
+    assert torch.allclose(V @ V.transpose(-1, -2), U @ U.transpose(-1, -2), atol=1e-4)
+
+
+def test_pca_project_codes_each_component_within_half_a_step():
+    group = 16
+    k = torch.randn(2, 2, 4 * group, D, generator=torch.Generator().manual_seed(21)) + 2
+    V = ref.pca_basis(k.transpose(-1, -2) @ k, 5)
+    b, st = ref.pca_project(k, V, group)                                             # (B, H, R, T/2), (B, H, R, n, 2)
+    assert b.shape == (2, 2, 5, 2 * group) and st.shape == (2, 2, 5, 4, 2)
+    c = torch.stack([b.long() & 15, b.long() >> 4], -1).flatten(-2).float()          # (B, H, R, T)
+    got = st[..., 1:] + c.unflatten(-1, (4, group)) * st[..., :1]
+    want = (k @ V).transpose(-1, -2).unflatten(-1, (4, group))
+    assert ((got - want).abs() <= st[..., :1] / 2 + 1e-5).all()
+    assert (c.unflatten(-1, (4, group)).amin(-1) == 0).all()                          # min/max: both ends used
+    assert (c.unflatten(-1, (4, group)).amax(-1) == 15).all()
+
+
+@pytest.mark.parametrize("length", [20, 333, 1000])
+@pytest.mark.parametrize("device", DEVICES)
+def test_pca_prepare_projects_the_queries_and_the_last_flushed_group(length, device):
+    from longkv.kernels import quest_pca as kpca
+
+    B, H, G, R, group, sink, window = 2, 2, 3, 5, 16, 4, 24
+    kq, _, _ = _sketched(B, H, length, group=group, sink=sink, window=window, seed=22)
+    MG, cap = kq["scale"].shape[2], kq["planes"][0].shape[2]
+    sk, sz = torch.zeros(B, H, R, cap // 2, dtype=torch.uint8), torch.zeros(B, H, R, MG, 2, dtype=torch.float16)
+    keys = torch.randn(B, H, 64, D, generator=torch.Generator().manual_seed(23)) + 1
+    V = ref.pca_basis(keys.transpose(-1, -2) @ keys, R)
+    q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(24))
+    n = torch.tensor([length])
+    sk2, sz2 = sk.clone(), sz.clone()
+    g1 = max(0, length - sink - window) // group
+    ref.pca_sketch_groups(kq["planes"], kq["scale"], kq["zero"], V, sk2, sz2, g1 - 1, g1, group=group)
+    kq_d, sk_d, sz_d, n_d, q_d, V_d = _to(device, kq, sk, sz, n, q, V)
+    qp = kpca.pca_prepare(q_d, V_d, kq_d["planes"], kq_d["scale"], kq_d["zero"], sk_d, sz_d, n_d, group=group,
+                          sink=sink, window=window)
+    assert torch.allclose(qp.cpu(), (q.reshape(B, H, G, D) @ V).reshape(B, H * G, 1, R), atol=1e-4)
+    sk, sz = sk_d.cpu(), sz_d.cpu()
+    assert torch.allclose(sz.float(), sz2.float(), rtol=1e-3, atol=1e-4)
+    c, c2 = (torch.stack([x.long() & 15, x.long() >> 4], -1).flatten(-2) for x in (sk, sk2))
+    assert (c - c2).abs().max() <= 1 and (c != c2).float().mean() < 0.01    # a rounding edge at most
+    assert (sk != 0).any() == (g1 > 0)
+    if g1 > 1:   # the range path and the device-bounds (masked) path write the same
+        sk3, sz3 = torch.zeros_like(sk2), torch.zeros_like(sz2)
+        ref.pca_sketch_groups(kq["planes"], kq["scale"], kq["zero"], V, sk3, sz3, torch.tensor(g1 - 1),
+                              torch.tensor(g1), group=group)
+        assert torch.equal(sk3, sk2) and torch.equal(sz3, sz2)
+
+
+def test_pca_scores_with_every_component_are_the_exact_logits_up_to_the_codes():
+    """R = D: the subspace is everything, so each token's estimate is q·k of the dequantized key up to
+    the projection's 4-bit codes (half a step a component)."""
+    from longkv.kernels import quest_pca as kpca
+    from longkv.kernels import quest_sparq as ks
+
+    B, H, G, group, sink, window, length = 1, 2, 3, 16, 4, 24, 333
+    kq, _, _ = _sketched(B, H, length, group=group, sink=sink, window=window, seed=25)
+    MG, cap = kq["scale"].shape[2], kq["planes"][0].shape[2]
+    codes = ref.unpack(kq["planes"], 4, D).float()
+    keys = kq["zero"].float().repeat_interleave(group, 2) + codes * kq["scale"].float().repeat_interleave(group, 2)
+    V = ref.pca_basis(keys.transpose(-1, -2) @ keys, D)
+    sk, sz = torch.zeros(B, H, D, cap // 2, dtype=torch.uint8), torch.zeros(B, H, D, MG, 2, dtype=torch.float16)
+    ref.pca_sketch_groups(kq["planes"], kq["scale"], kq["zero"], V, sk, sz, 0, MG, group=group)
+    q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(26))
+    qp = kpca.pca_prepare(q, V, None, None, None, sk, sz, torch.tensor([length]), group=group, sink=sink,
+                          window=window, sketch=False)
+    sel = kpca.every_component(B * H, D, G, q.device)
+    got, _ = ks.sparq_group_scores(qp, sk, sz, torch.tensor([length]), sel, group=group, sink=sink, window=window,
+                                   channels=D, scale=1.0, rank="max")
+    lg = (q.reshape(B, H, G, D) @ keys.transpose(-1, -2)).reshape(B, H, G, MG, group).amax(-1).amax(2)
+    nqg = (length - 1 - sink - window) // group
+    step = sz[..., 0].float().amax()
+    err = (got[..., :nqg] - lg[..., :nqg]).abs().max()
+    assert err <= q.abs().sum(-1).max() * (step / 2 + 1e-2) and err < 0.05 * lg.abs().max()
+    assert (got[..., nqg:] == float("-inf")).all()

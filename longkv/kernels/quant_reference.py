@@ -383,6 +383,58 @@ def sparq_group_scores(q, sk, sz, length, *, group: int, sink: int, window: int,
     return torch.where(ok[:, None], s, float("-inf")).contiguous(), nqg * group - 1
 
 
+def pca_basis(kcov, components: int):
+    """The principal subspace `quest:pca=F` scores in (Loki: Singhania et al., "Loki: Low-rank Keys for
+    Efficient Sparse Attention", NeurIPS 2024, arXiv 2406.02542): the top `components` eigenvectors of
+    kcov = Σ_t k_t k_tᵀ (B, H, D, D), largest first → (B, H, D, R) fp32. Uncentred, so the subspace keeps
+    most of the keys' squared norm, mean included: q·Pk is then q·k's best rank-R estimate for queries
+    spread evenly over directions, and a head's estimates need no per-head constant."""
+    vec = torch.linalg.eigh(kcov.double()).eigenvectors
+    return vec.flip(-1)[..., :components].float().contiguous()
+
+
+def pca_project(keys, basis, group: int):
+    """keys (B, H, T, D), T a multiple of `group`, projected on basis (B, H, D, R) and coded in 4 bits per
+    component over each group's tokens (min/max, codes floor((x - lo)/s + 1/2)) → the channel-major bytes
+    (B, H, R, T/2) (token 2m low nibble, 2m + 1 high, as `sketch_groups`) and (B, H, R, T/group, 2) fp32
+    (scale, zero)."""
+    B, H, T, _ = keys.shape
+    kp = (keys.float() @ basis).unflatten(2, (T // group, group))                             # (B, H, n, g, R)
+    lo, hi = kp.amin(3, keepdim=True), kp.amax(3, keepdim=True)
+    st = (hi - lo) / 15
+    inv = torch.where(st > 0, 1 / st, torch.zeros_like(st))
+    c = ((kp - lo) * inv + 0.5).floor().clamp(0, 15).to(torch.int32)
+    pairs = (c[:, :, :, 0::2] | (c[:, :, :, 1::2] << 4)).flatten(2, 3)                        # (B, H, T/2, R)
+    return pairs.transpose(2, 3).to(torch.uint8), torch.cat([st, lo], 3).permute(0, 1, 4, 2, 3)
+
+
+def pca_sketch_groups(planes: list, ks, kz, basis, sk, sz, g0, g1, *, group: int) -> None:
+    """`quest:pca=F`'s copy of a 4-bit packed layer's key groups [g0, g1): the dequantized keys projected
+    on `basis` (`pca_basis`), 4-bit codes per component and group (`pca_project`), into sk (B, H, R, cap/2)
+    uint8 and sz (B, H, R, MG, 2) fp16, the layout `sparq_group_scores` reads. g0, g1 ints, or 0-dim device
+    tensors (graph-safe: the whole layer, masked)."""
+    D = ks.shape[-1]
+
+    def project(a, b):
+        codes = unpack([p[:, :, a * group:b * group] for p in planes], 4, D).float()              # (B, H, T, D)
+        keys = kz[:, :, a:b].float().repeat_interleave(group, 2) + codes * ks[:, :, a:b].float().repeat_interleave(
+            group, 2)
+        return pca_project(keys, basis, group)
+
+    if isinstance(g0, int) and isinstance(g1, int):
+        g0, g1 = max(g0, 0), min(g1, ks.shape[2])
+        if g1 > g0:
+            new, st = project(g0, g1)
+            sk[..., g0 * group // 2:g1 * group // 2] = new
+            sz[:, :, :, g0:g1] = st.to(sz.dtype)
+        return
+    gi = torch.arange(ks.shape[2], device=ks.device)
+    sel = (gi >= g0) & (gi < g1)
+    new, st = project(0, ks.shape[2])
+    sk.copy_(torch.where(sel.repeat_interleave(group // 2), new[..., :sk.shape[-1]], sk))
+    sz.copy_(torch.where(sel[:, None], st.to(sz.dtype), sz))
+
+
 def quant_group_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int,
                           group: int, vgroup: int, sink: int, window: int, scale: float) -> torch.Tensor:
     """Reference for `kernels.quant_cuda.paged_attention`: q (B, Hq, 1, D) against a packed layer's

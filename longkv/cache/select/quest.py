@@ -71,7 +71,12 @@ from ..registry import register
                   "channels": (float, 0.0, "with groups=1 over 4-bit storage: score the key groups from this "
                                            "fraction of the channels, those where the query is largest (SparQ), "
                                            "read from a channel-major copy of the key codes (+1/8 of bf16 keys); "
-                                           "ranked by `rank` (rank=max found more needles). 0 = Quest's bound")},
+                                           "ranked by `rank` (rank=max found more needles). 0 = Quest's bound"),
+                  "pca": (float, 0.0, "with groups=1 over 4-bit storage: score the key groups in the principal "
+                                      "subspace of the keys (Loki), this fraction of the head dim, fitted on the "
+                                      "prompt's first `fit` keys; the projected keys kept in 4 bits (+R/D/4 of "
+                                      "bf16 keys); use rank=max"),
+                  "fit": (int, 8192, "pca: the prompt tokens whose keys fit the subspace (the first `fit`)")},
           composes=("full", "quant"))
 class QuestCache(FullCache):
     role = "select"
@@ -83,9 +88,10 @@ class QuestCache(FullCache):
         return super().__new__(cls)
 
     def __init__(self, specs, *, batch, capacity, device, dtype, ratio=None, budget=None, page=16, recent=2,
-                 dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False, channels=0.0, storage=None):
-        if groups or channels:
-            raise UserError("quest: groups=1 (and channels) read the key groups of a packed storage; put one "
+                 dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False, channels=0.0, pca=0.0, fit=8192,
+                 storage=None):
+        if groups or channels or pca:
+            raise UserError("quest: groups=1 (and channels, pca) read the key groups of a packed storage; put one "
                             "under it (e.g. kv4+quest:groups=1) or drop them")
         P = self._check_page(page)
         super().__init__(specs, batch=batch, capacity=P * math.ceil(capacity / P), device=device, dtype=dtype)
