@@ -31,7 +31,9 @@ built, so a step is one CUDA graph.
 Over packed storage (`quant:bits=4+quest:budget=2048`, `kv4+quest`): `select/quest_storage.py`; there
 `groups=1` makes the storage's key groups the pages (bounds from their scale/zero, the CUDA kernel):
 3.05x full's decode speed at 1/8 and 512K on the 8B shape, with a coarser bound (fewer needles found);
-`channels=F` scores those groups from F of the channels instead (SparQ), which finds them again.
+`channels=F` scores those groups from F of the channels instead (SparQ), which finds them again on
+smollm2; `pca=F` scores them in the keys' principal subspace fitted on the prompt (Loki), which also
+works where SparQ's channels do not (gemma3's normalized queries).
 """
 from __future__ import annotations
 

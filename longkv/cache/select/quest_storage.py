@@ -41,7 +41,19 @@ needles the bound loses (9/10 = full's); RULER-style multi-key/multi-value tasks
 2.74x full's decode speed at 1/8, 2.99x at 1/32 (the bound alone: 3.06x); BENCHMARKS.md, issue 5,
 session 14.
 
-`nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy.
+`pca=F` (with groups=1 over 4-bit storage): the groups are scored in the keys' principal subspace
+instead (Loki, Singhania et al., arXiv 2406.02542; `kernels/quest_pca.py`): the top R = F·D eigenvectors
+of Σ k kᵀ over the prompt's first `fit` post-RoPE keys (accumulated chunk by chunk during prefill; each
+chunk that adds to the fit refits and re-projects the groups held, so the basis does not depend on the
+chunk size; frozen after), each flushed group's keys projected and coded in 4 bits per component
+(a copy of R/D of the channel-major one: 1/64 of bf16 keys at F = 1/8), the query projected at each step,
+and the score kernel of `channels` run over every component. SparQ's channels lose gemma3-270m's needles
+(its q/k RMSNorm spreads a query over many channels), and an eighth of smollm2's channels loses its
+multi-key tasks; a fixed subspace fitted on the keys has neither problem (BENCHMARKS.md, issue 5,
+session 15).
+
+`nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy
+(for pca: the projected copy, the basis and the fit's D×D sums).
 Not here: `rerank` (the second stage's codes are written when a page fills, from full-precision keys
 this storage no longer keeps).
 """
