@@ -79,6 +79,8 @@ def _scores(q, pmin, pmax, pos, *, page, sink, recent):
         return _mass_rerank(q, pmin, pmax, bound, pos, page)
     if _state["mode"].startswith("sparq"):   # sparqR[cB[gG]]: every page's mass from R channels' logits
         return _sparq(q, bound, pos, page, pmin.shape[2])
+    if _state["mode"].startswith("rsparq"):  # rsparqR[cB][w]: SparQ in the keys' principal axes
+        return _rsparq(q, bound, pos, page, pmin.shape[2])
     if _state["mode"].startswith("pca"):     # pcaR[cB[gG]]: ... from R principal components of the keys
         return _pca(q, bound, pos, page, pmin.shape[2])
     s = _page_mass(q, _state["k"], int(pos.reshape(-1)[-1]), page, _state["scale"])
@@ -157,23 +159,26 @@ def _sparq(q, bound, pos, page, MP):
 
 
 def _pca(q, bound, pos, page, MP):
-    """pcaR[c4[gG]][fN]: Loki-style (Singhania et al. 2024, arXiv 2406.02542) approximate logits in the
+    """pcaR[c4[gG]][fN][m]: Loki-style (Singhania et al. 2024, arXiv 2406.02542) approximate logits in the
     R-dim principal subspace of the keys, per layer and KV head, as `quest:pca=F` computes them
     (`quant_reference.pca_basis`: uncentred, from the sample's first N keys, default every key held at its
     first decode step; or with `--pca-from` another prompt's, an offline calibration). Projected keys
-    exact, or with c4 in 4-bit codes over G-token groups (`pca_project`). Pages ranked as sparq."""
+    exact, or with c4 in 4-bit codes over G-token groups (`pca_project`); m: centred (the keys' mean
+    kept exactly: q·mean + (qV)·((k - mean)V)). Pages ranked as sparq."""
     from longkv.kernels.quant_reference import pca_basis, pca_project
 
-    m = re.fullmatch(r"pca(\d+)(?:c(\d+))?(?:g(\d+))?(?:f(\d+))?", _state["mode"])
-    R, bits, grp, fit = int(m[1]), int(m[2] or 0), int(m[3] or 64), int(m[4] or 0)
+    m = re.fullmatch(r"pca(\d+)(?:c(\d+))?(?:g(\d+))?(?:f(\d+))?(m?)", _state["mode"])
+    R, bits, grp, fit, centre = int(m[1]), int(m[2] or 0), int(m[3] or 64), int(m[4] or 0), bool(m[5])
     kc, p = _state["k"], int(pos.reshape(-1)[-1])
     n = p // page + 1
     keys = kc[:, :, :n * page].float()
     basis = _state["pca"]
     if _state["layer"] not in basis:
         k0 = keys[:, :, :min(p + 1, fit or p + 1)].double()
-        basis[_state["layer"]] = pca_basis(k0.transpose(-1, -2) @ k0, R)
-    V = basis[_state["layer"]]
+        mu = k0.mean(2, keepdim=True) if centre else torch.zeros_like(k0[:, :, :1])
+        basis[_state["layer"]] = (pca_basis((k0 - mu).transpose(-1, -2) @ (k0 - mu), R), mu.float())
+    V, mu = basis[_state["layer"]]
+    keys = keys - mu
     if bits:
         T = keys.shape[2]
         pad = torch.nn.functional.pad(keys, (0, 0, 0, -(-T // grp) * grp - T))
@@ -185,7 +190,54 @@ def _pca(q, bound, pos, page, MP):
     B, Hq, _, D = q.shape
     Hkv = kc.shape[1]
     qp = q.float().reshape(B, Hkv, Hq // Hkv, D) @ V                                       # (B, Hkv, G, R)
-    lg = (qp @ kp.transpose(-1, -2)) * _state["scale"]
+    qmu = q.float().reshape(B, Hkv, Hq // Hkv, D) @ mu.transpose(-1, -2)                  # (B, Hkv, G, 1): q·mean
+    lg = (qp @ kp.transpose(-1, -2) + qmu) * _state["scale"]
+    lg[..., p + 1:] = float("-inf")
+    if _state.get("rank") == "max":
+        mass = lg.reshape(B, Hkv, -1, n, page).amax(-1).amax(2)
+    else:
+        mass = lg.softmax(-1).reshape(B, Hkv, -1, n, page).sum(-1).sum(2)
+    out = torch.full((B, Hkv, MP), float("-inf"))
+    out[..., :n] = mass
+    return torch.where(bound == float("inf"), bound, out)
+
+
+def _rsparq(q, bound, pos, page, MP):
+    """rsparqR[c4][w][i]: SparQ's channel choice (R of D, by Σ|q| over the query group, temperature by the
+    share) made in the keys' principal axes (every axis of `pca_basis` from the keys held at the
+    sample's first decode step); with w, keys whitened (divided by the root of their axis's mean
+    square) and queries scaled by it, so the choice weighs |q_i| by how large keys are along axis i.
+    c4: the rotated keys in 4-bit codes over 64-token groups; i: no rotation (the stored channels, so
+    with w: channels chosen by |q_i| times the keys' root mean square along i). Pages ranked as sparq."""
+    from longkv.kernels.quant_reference import pca_basis, pca_project, sparq_channels
+
+    m = re.fullmatch(r"rsparq(\d+)(?:c(\d+))?(w?)(i?)", _state["mode"])
+    R, bits, white, ident = int(m[1]), int(m[2] or 0), bool(m[3]), bool(m[4])
+    kc, p = _state["k"], int(pos.reshape(-1)[-1])
+    n = p // page + 1
+    keys = kc[:, :, :n * page].float()
+    B, Hq, _, D = q.shape
+    if _state["layer"] not in _state["pca"]:
+        k0 = keys[:, :, :p + 1].double()
+        cov = k0.transpose(-1, -2) @ k0
+        V = torch.eye(D).expand(cov.shape).contiguous() if ident else pca_basis(cov, D)
+        lam = (V.double().transpose(-1, -2) @ cov @ V.double()).diagonal(dim1=-2, dim2=-1) / (p + 1)
+        w = (lam + 1e-3 * lam.mean(-1, keepdim=True)).sqrt().float() if white else torch.ones(lam.shape)
+        _state["pca"][_state["layer"]] = (V, w)
+    V, w = _state["pca"][_state["layer"]]
+    kr = (keys @ V) / w[:, :, None, :]                                                     # (B, Hkv, T, D)
+    if bits:
+        T = kr.shape[2]
+        pad = torch.nn.functional.pad(kr, (0, 0, 0, -(-T // 64) * 64 - T))
+        b, st = pca_project(pad, torch.eye(D).expand(B, kr.shape[1], D, D), 64)
+        c = torch.stack([b.int() & 15, b.int() >> 4], -1).flatten(-2).float()
+        kr = (st[..., 1:] + c.unflatten(-1, (-1, 64)) * st[..., :1]).flatten(-2)[..., :T].transpose(-1, -2)
+    Hkv = kc.shape[1]
+    qr = (q.float().reshape(B, Hkv, Hq // Hkv, D) @ V) * w[:, :, None, :]                  # (B, Hkv, G, D)
+    ch, share = sparq_channels(qr, R)
+    qs = qr.gather(-1, ch[:, :, None, :].expand(-1, -1, qr.shape[2], -1))
+    ks = kr.gather(-1, ch[:, :, None, :].expand(-1, -1, kr.shape[2], -1))
+    lg = (qs @ ks.transpose(-1, -2)) / (D * share[..., None]).sqrt()
     lg[..., p + 1:] = float("-inf")
     if _state.get("rank") == "max":
         mass = lg.reshape(B, Hkv, -1, n, page).amax(-1).amax(2)

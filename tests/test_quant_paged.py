@@ -278,6 +278,37 @@ def test_sparq_channels_are_the_largest_of_the_query_group():
     assert torch.allclose(share, q.abs().gather(-1, want[:, :, None].expand(-1, -1, 3, -1)).sum(-1) / q.abs().sum(-1))
 
 
+def test_weighted_channels_are_the_largest_q_times_key_rms():
+    g = torch.Generator().manual_seed(30)
+    q = torch.randn(2, 6, 1, D, generator=g).reshape(2, 2, 3, D)
+    w = torch.rand(2, 2, D, generator=g) * 3
+    idx, share = ref.sparq_channels(q, 5, w)
+    qa = q.abs() * w[:, :, None, :]
+    want = qa.sum(2).topk(5, -1).indices
+    assert torch.equal(idx.sort(-1).values, want.sort(-1).values)
+    assert torch.allclose(share, qa.gather(-1, want[:, :, None].expand(-1, -1, 3, -1)).sum(-1) / qa.sum(-1))
+    assert not torch.equal(idx.sort(-1).values, ref.sparq_channels(q, 5)[0].sort(-1).values)   # the weights count
+    ksq = torch.rand(2, 2, D, generator=g) * 50
+    assert torch.allclose(ref.sparq_weights(ksq, 25) ** 2, ksq / 25 + 1e-3 * (ksq / 25).mean(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prepare_weighs_the_channel_choice(device):
+    from longkv.kernels import quest_sparq as ks
+
+    B, H, G, R, group, sink, window, length = 2, 2, 3, 5, 16, 4, 24, 333
+    kq, sk, sz = _sketched(B, H, length, group=group, sink=sink, window=window, seed=31)
+    g = torch.Generator().manual_seed(32)
+    q = torch.randn(B, H * G, 1, D, generator=g)
+    w = torch.rand(B, H, D, generator=g) * 3
+    q_d, sk_d, sz_d, n_d, w_d = _to(device, q, sk, sz, torch.tensor([length]), w)
+    idx, tau = ks.prepare(q_d, None, None, None, sk_d, sz_d, n_d, group=group, sink=sink, window=window, channels=R,
+                          sketch=False, weight=w_d)
+    want, share = ref.sparq_channels(q.reshape(B, H, G, D), R, w)
+    assert torch.equal(idx.cpu()[:, :R].long(), want.reshape(B * H, R))
+    assert torch.allclose(tau.cpu()[:, :G], share.reshape(B * H, G).rsqrt(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("G,channels,length,rank", [(3, 4, 333, "max"), (4, 8, 1000, "mass"), (1, 32, 20, "max"),
                                                     (8, 16, 700, "mass")])
 @pytest.mark.parametrize("device", DEVICES)

@@ -339,6 +339,31 @@ def test_quest_over_key_groups_scored_in_the_keys_principal_subspace(tiny):
         assert graph_greedy(tiny, s, 12) == run(tiny, s)[1]
 
 
+def test_quest_channels_weighed_by_the_keys_rms(tiny):
+    """weigh=1: Σ k² per channel over the first `fit` keys (two prefill chunks of 16 here), the weights
+    from it, nbytes counting both, a choice that differs from |q| alone, graph step = eager (both ranks)."""
+    from longkv.kernels import quant_reference as ref
+
+    spec = f"{KV4G}+{GROUPS},budget=40,channels=0.25,weigh=1,fit=32,rank=max"
+    _, toks, kv = run(tiny, spec)
+    assert kv.fitted == [32, 32]
+    for layer in range(2):
+        assert (kv.ksq[layer] > 0).all() and torch.equal(kv.wch[layer], ref.sparq_weights(kv.ksq[layer], 32))
+    _, _, plain = run(tiny, f"{KV4G}+{GROUPS},budget=40,channels=0.25,rank=max")
+    assert kv.nbytes() == tensor_bytes(kv) == plain.nbytes() + sum(t.numel() * t.element_size()
+                                                                  for t in kv.ksq + kv.wch)
+    q = torch.randn(1, tiny.layer_specs()[0].num_heads, 1, kv.wch[0].shape[-1], generator=torch.Generator().manual_seed(3))
+    G = q.shape[1] // kv.wch[0].shape[1]
+    qg = q.reshape(1, -1, G, q.shape[-1])
+    assert not torch.equal(ref.sparq_channels(qg, 8, kv.wch[0])[0].sort(-1).values,
+                           ref.sparq_channels(qg, 8)[0].sort(-1).values)
+    for rank in ("max", "mass"):
+        s = f"{KV4G}+{GROUPS},budget=40,channels=0.25,weigh=1,fit=32,rank={rank}"
+        assert graph_greedy(tiny, s, 12) == run(tiny, s)[1]
+    with pytest.raises(UserError, match="weigh=1"):
+        build(tiny, f"{KV4G}+{GROUPS},budget=40,weigh=1")
+
+
 @pytest.mark.parametrize("spec,msg", [(f"{KV4G}+quest:pca=0.25", "groups=1"),
                                       ("kivi2+quest:groups=1,pca=0.25", "4-bit"),
                                       (f"{KV4G}+quest:groups=1,pca=1.5", "fraction"),

@@ -26,7 +26,8 @@ from .reference import attention_lse
 
 __all__ = ["PLANES", "hadamard", "pack", "unpack", "quantize_keys", "quantize_tokens", "dequantize_keys",
            "dequantize_tokens", "rope_at", "fp_slots", "quant_decode_attention", "normalized", "gather_rows",
-           "quant_paged_attention", "sketch_groups", "sparq_channels", "sparq_group_scores"]
+           "quant_paged_attention", "sketch_groups", "sparq_channels", "sparq_group_scores",
+           "sparq_weights"]
 
 PLANES = {2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}
 
@@ -340,18 +341,22 @@ def sketch_groups(planes: list, ks, kz, sk, sz, g0, g1, *, group: int) -> None:
     sz.copy_(torch.where(sel[:, None], st.to(sz.dtype), sz))
 
 
-def sparq_channels(q, channels: int):
+def sparq_channels(q, channels: int, weight=None):
     """The `channels` channels of largest Σ_g |q_g| over each KV head's query group (ties: the lower
     channel), → (idx (B, Hkv, R) int64 in ascending rank order, share (B, Hkv, G) fp32 = the L1 fraction
-    of each query those channels hold). q (B, Hq, 1, D), Hq = Hkv·G given by the caller's reshape."""
-    idx = q.float().abs().sum(2).neg().argsort(dim=-1, stable=True)[..., :channels]                    # (B, Hkv, R)
+    of each query those channels hold). q (B, Hq, 1, D), Hq = Hkv·G given by the caller's reshape.
+    weight (B, Hkv, D) (`channels=F,weigh=1`): |q_g| times the keys' root mean square along each channel
+    (`sparq_weights`), for the choice and the share: a channel counts for what it can add to q·k."""
     qa = q.float().abs()
+    if weight is not None:
+        qa = qa * weight.float()[:, :, None, :]
+    idx = qa.sum(2).neg().argsort(dim=-1, stable=True)[..., :channels]                                # (B, Hkv, R)
     share = qa.gather(-1, idx[:, :, None, :].expand(-1, -1, q.shape[2], -1)).sum(-1) / qa.sum(-1).clamp_min(1e-30)
     return idx, share
 
 
 def sparq_group_scores(q, sk, sz, length, *, group: int, sink: int, window: int, channels: int, scale: float,
-                       rank: str = "max"):
+                       rank: str = "max", weight=None):
     """Score a 4-bit packed layer's key groups by logits estimated from `channels` channels (SparQ:
     Ribar et al., "SparQ Attention: Bandwidth-Efficient LLM Inference", ICML 2024, arXiv 2312.04985): the
     channels of largest |q| summed over the KV head's query group, keys from the channel-major copy
@@ -367,7 +372,7 @@ def sparq_group_scores(q, sk, sz, length, *, group: int, sink: int, window: int,
     n = torch.as_tensor(length, device=q.device).reshape(-1)[-1:]
     nqg = torch.clamp((n - 1 - sink - window) // group, min=0)
     qg = q.float().reshape(B, H, G, D)
-    idx, share = sparq_channels(qg, channels)
+    idx, share = sparq_channels(qg, channels, weight)
     qr = qg.gather(-1, idx[:, :, None, :].expand(-1, -1, G, -1))                                       # (B, H, G, R)
     b = sk.gather(2, idx[..., None].expand(-1, -1, -1, sk.shape[-1])).to(torch.int32)                 # (B, H, R, cap/2)
     codes = torch.stack([b & 15, b >> 4], -1).flatten(-2)[..., :MG * group].float()                   # (B, H, R, MG·g)
@@ -383,6 +388,13 @@ def sparq_group_scores(q, sk, sz, length, *, group: int, sink: int, window: int,
     return torch.where(ok[:, None], s, float("-inf")).contiguous(), nqg * group - 1
 
 
+def sparq_weights(ksq, count):
+    """The channel weights of `sparq_channels` from ksq = Σ_t k_t² (B, H, D) over `count` keys: each
+    channel's root mean square, +1e-3 of the mean square under the root (no channel weighs ~0)."""
+    ms = ksq.float() / max(int(count), 1)
+    return (ms + 1e-3 * ms.mean(-1, keepdim=True)).sqrt()
+
+
 def pca_basis(kcov, components: int):
     """The principal subspace `quest:pca=F` scores in (Loki: Singhania et al., "Loki: Low-rank Keys for
     Efficient Sparse Attention", NeurIPS 2024, arXiv 2406.02542): the top `components` eigenvectors of
@@ -391,6 +403,21 @@ def pca_basis(kcov, components: int):
     spread evenly over directions, and a head's estimates need no per-head constant."""
     vec = torch.linalg.eigh(kcov.double()).eigenvectors
     return vec.flip(-1)[..., :components].float().contiguous()
+
+
+def pca_axes(kcov, count, *, rotate: bool = True):
+    """The axes `quest:axes=pca` makes SparQ's channel choice in: the keys' principal axes (every
+    eigenvector of kcov = Σ_t k_t k_tᵀ over `count` keys, largest first; `rotate=False`: the stored
+    channels), keys divided and queries multiplied by the keys' root mean square along each axis
+    (+1e-3 of the mean, so no axis divides by ~0). q·k is unchanged, and SparQ's |q_i| becomes |q_i|·rms_i:
+    an axis is chosen for how much it can add to the logit, not for the query alone. → (kbasis, qbasis)
+    (B, H, D, D) fp32."""
+    D = kcov.shape[-1]
+    c = kcov.double()
+    V = pca_basis(c, D).double() if rotate else torch.eye(D, dtype=torch.float64, device=c.device).expand(c.shape)
+    lam = (V.transpose(-1, -2) @ c @ V).diagonal(dim1=-2, dim2=-1).clamp_min(0) / max(int(count), 1)
+    w = (lam + 1e-3 * lam.mean(-1, keepdim=True)).sqrt().clamp_min(1e-12)[..., None, :]
+    return (V / w).float().contiguous(), (V * w).float().contiguous()
 
 
 def pca_project(keys, basis, group: int):

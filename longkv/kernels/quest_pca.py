@@ -29,19 +29,20 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _pca_prep_kernel(Q, V, KP, KS, KZ, Len, SK, SZ, QP, CAPH, MG, G: tl.constexpr, GROUP: tl.constexpr,
+    def _pca_prep_kernel(Q, VQ, V, KP, KS, KZ, Len, SK, SZ, QP, CAPH, MG, G: tl.constexpr, GROUP: tl.constexpr,
                          SINK: tl.constexpr, WINDOW: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, SKETCH: tl.constexpr):
-        """One program a (batch, KV head) row: QP (G, R) = the query group times V (D, R); with SKETCH,
+        """One program a (batch, KV head) row: QP (G, R) = the query group times VQ (D, R); with SKETCH,
         the newest flushed key group dequantized (even and odd channels apart, as packed), projected,
-        coded in 4 bits per component (`ref.pca_project`) and stored channel-major."""
+        coded in 4 bits per component (`ref.pca_project`) and stored channel-major. V projects the
+        keys, VQ the queries (the same matrix unless the axes are scaled, `quant_reference.pca_axes`)."""
         bh = tl.program_id(0)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, D)
         r = tl.arange(0, BLOCK_R)
         q = tl.load(Q + (bh * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
         vb = V + bh * D * R
-        v = tl.load(vb + d[:, None] * R + r[None, :], mask=r[None, :] < R, other=0.0)            # (D, BLOCK_R)
+        v = tl.load(VQ + bh * D * R + d[:, None] * R + r[None, :], mask=r[None, :] < R, other=0.0)  # (D, BLOCK_R)
         qp = tl.dot(q, v, input_precision="ieee")                                                # (BLOCK_G, BLOCK_R)
         tl.store(QP + (bh * G + g[:, None]) * R + r[None, :], qp, mask=(g[:, None] < G) & (r[None, :] < R))
         if SKETCH:
@@ -76,10 +77,12 @@ if triton is not None:
 
 
 def pca_prepare(q, basis, planes, ks, kz, sk, sz, length, *, group: int, sink: int, window: int,
-                sketch: bool = True, warps: int = 4):
+                sketch: bool = True, qbasis=None, warps: int = 4):
     """A decode step's first launch (graph-safe): with `sketch`, the projected copy of the key group
     flushed last when `length` (a (1,) int64 device tensor) tokens are held; → the projected queries
-    qp (B, Hq, 1, R) fp32, what `quest_sparq.sparq_group_scores` reads with channels = R."""
+    qp (B, Hq, 1, R) fp32, what `quest_sparq.sparq_group_scores` reads with channels = R. `basis`
+    (B, Hkv, D, R) projects the keys, `qbasis` the queries (default: `basis`)."""
+    qbasis = basis if qbasis is None else qbasis
     B, Hq, _, D = q.shape
     H, R = basis.shape[1], basis.shape[-1]
     G = Hq // H
@@ -88,12 +91,12 @@ def pca_prepare(q, basis, planes, ks, kz, sk, sz, length, *, group: int, sink: i
             n = torch.as_tensor(length, device=ks.device).reshape(-1)[-1]
             g1 = torch.clamp(n - sink - window, min=0) // group
             ref.pca_sketch_groups(planes, ks, kz, basis, sk, sz, g1 - 1, g1, group=group)
-        return (q.float().reshape(B, H, G, D) @ basis).reshape(B, Hq, 1, R)
+        return (q.float().reshape(B, H, G, D) @ qbasis).reshape(B, Hq, 1, R)
     if not sketch:
         planes, ks, kz = [sk], sz, sz     # not read
-    assert basis.is_contiguous() and planes[0].is_contiguous() and ks.is_contiguous() and sk.is_contiguous()
+    assert basis.is_contiguous() and qbasis.is_contiguous() and planes[0].is_contiguous() and ks.is_contiguous() and sk.is_contiguous()
     qp = torch.empty(B, Hq, 1, R, device=q.device, dtype=torch.float32)
-    _pca_prep_kernel[(B * H,)](q.contiguous(), basis, planes[0], ks, kz, _pos(length, q.device), sk, sz, qp,
+    _pca_prep_kernel[(B * H,)](q.contiguous(), qbasis, basis, planes[0], ks, kz, _pos(length, q.device), sk, sz, qp,
                                sk.shape[-1], sz.shape[3], G=G, GROUP=group, SINK=sink, WINDOW=window, D=D, R=R,
                                BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_R=max(16, triton.next_power_of_2(R)),
                                SKETCH=sketch, num_warps=warps)

@@ -36,13 +36,14 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _prep_kernel(Q, KP, KS, KZ, Len, SK, SZ, IDX, TAU, CAPH, MG, G: tl.constexpr, GROUP: tl.constexpr,
+    def _prep_kernel(Q, KP, KS, KZ, Len, SK, SZ, IDX, TAU, W, CAPH, MG, G: tl.constexpr, GROUP: tl.constexpr,
                      SINK: tl.constexpr, WINDOW: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
-                     BLOCK_G: tl.constexpr, SKETCH: tl.constexpr):
+                     BLOCK_G: tl.constexpr, SKETCH: tl.constexpr, WEIGH: tl.constexpr):
         """One program a (batch, KV head) row. SKETCH: the channel-major copy of the last flushed key
         group. Then the channel choice: Σ_g |q_g| per channel, sorted once (key = the sum's bits, then the
         reversed channel: ties go to the lower channel) → IDX (D,) channels by rank; TAU (BLOCK_G,) =
-        1 / sqrt(share of each query's |q|_1 the first R hold)."""
+        1 / sqrt(share of each query's |q|_1 the first R hold). WEIGH: |q| times W (D,), the channels'
+        weights (`quant_reference.sparq_weights`), for the choice and the share."""
         bh = tl.program_id(0)
         if SKETCH:
             gi = (tl.maximum(tl.load(Len) - SINK - WINDOW, 0) // GROUP - 1).to(tl.int32)
@@ -64,6 +65,8 @@ if triton is not None:
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, D)
         qa = tl.abs(tl.load(Q + (bh * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32))
+        if WEIGH:
+            qa = qa * tl.load(W + bh * D + d)[None, :]
         a = tl.sum(qa, 0)                                                            # (D,), >= 0
         key = (a.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (D - 1 - d).to(tl.int64)
         srt = tl.sort(key, 0, descending=True)
@@ -145,11 +148,11 @@ def sketch_update(planes: list, ks, kz, sk, sz, length, *, group: int, sink: int
 
 
 def prepare(q, planes, ks, kz, sk, sz, length, *, group: int, sink: int, window: int, channels: int,
-            sketch: bool = True, warps: int = 4):
+            sketch: bool = True, weight=None, warps: int = 4):
     """A decode step's first launch (graph-safe): with `sketch`, the channel-major copy of the last
     flushed key group (`sketch_update`); and the channel choice of each row (`quant_reference.sparq_channels`)
     → (idx (B·Hkv, D) int32 channels by rank, tau (B·Hkv, BLOCK_G) fp32 = 1 / sqrt(share)), what
-    `sparq_group_scores` reads."""
+    `sparq_group_scores` reads. weight: (B, Hkv, D) channel weights for the choice (`sparq_channels`)."""
     B, Hq, _, D = q.shape
     H = sk.shape[1]
     G = Hq // H
@@ -157,7 +160,7 @@ def prepare(q, planes, ks, kz, sk, sz, length, *, group: int, sink: int, window:
     if not _use_triton(q):
         if sketch:
             sketch_update(planes, ks, kz, sk, sz, length, group=group, sink=sink, window=window)
-        idx, share = ref.sparq_channels(q.float().reshape(B, H, G, D), channels)
+        idx, share = ref.sparq_channels(q.float().reshape(B, H, G, D), channels, weight)
         rest = torch.ones(B, H, D, dtype=torch.bool, device=q.device).scatter_(-1, idx, False)
         full = torch.cat([idx, rest.nonzero()[:, -1].reshape(B, H, D - channels)], -1)
         tau = torch.ones(B * H, BG, device=q.device)
@@ -168,21 +171,24 @@ def prepare(q, planes, ks, kz, sk, sz, length, *, group: int, sink: int, window:
     assert planes[0].is_contiguous() and ks.is_contiguous() and sk.is_contiguous() and sz.is_contiguous()
     idx = torch.empty(B * H, D, device=q.device, dtype=torch.int32)
     tau = torch.empty(B * H, BG, device=q.device, dtype=torch.float32)
-    _prep_kernel[(B * H,)](q.contiguous(), planes[0], ks, kz, _pos(length, q.device), sk, sz, idx, tau, sk.shape[-1],
+    _prep_kernel[(B * H,)](q.contiguous(), planes[0], ks, kz, _pos(length, q.device), sk, sz, idx, tau,
+                           tau if weight is None else weight.contiguous(), sk.shape[-1],
                            sz.shape[3], G=G, GROUP=group, SINK=sink, WINDOW=window, D=D, R=channels, BLOCK_G=BG,
-                           SKETCH=sketch, num_warps=warps)
+                           SKETCH=sketch, WEIGH=weight is not None, num_warps=warps)
     return idx, tau
 
 
 def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window: int, channels: int, scale: float,
-                       rank: str = "max", block_p: int = 8, warps: int = 2, cvt: int = 0, probe: int = 0):
+                       rank: str = "max", block_p: int = 8, warps: int = 2, cvt: int = 0, probe: int = 0,
+                       weight=None):
     """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau); the reference, on the CPU,
     picks the same channels itself): → (scores (B, Hkv, MG) for rank=max or lse (B, Hkv, MG, G) for
     rank=mass, npos (1,) int64). cvt: the code-to-fp16 conversion (`_sparq_score_kernel`'s CVT; 1 and 2
-    are not yet timed on a GPU)."""
+    are not yet timed on a GPU). weight: the channel weights, read only by the CPU reference (on a GPU
+    `prepare` has already chosen with them)."""
     if not _use_triton(q):
         return ref.sparq_group_scores(q, sk, sz, length, group=group, sink=sink, window=window, channels=channels,
-                                      scale=scale, rank=rank)
+                                      scale=scale, rank=rank, weight=weight)
     B, Hq, _, D = q.shape
     H, MG = sk.shape[1], sz.shape[3]
     G = Hq // H

@@ -78,7 +78,10 @@ from ..registry import register
                                       "subspace of the keys (Loki), this fraction of the head dim, fitted on the "
                                       "prompt's first `fit` keys; the projected keys kept in 4 bits (+R/D/4 of "
                                       "bf16 keys); use rank=max"),
-                  "fit": (int, 8192, "pca: the prompt tokens whose keys fit the subspace (the first `fit`)")},
+                  "fit": (int, 8192, "pca, weigh: the prompt tokens whose keys fit the subspace / weights "
+                                     "(the first `fit`)"),
+                  "weigh": (bool, False, "channels=F: choose the channels by |q| times the keys' root mean square "
+                                         "along each (over the prompt's first `fit` keys) instead of |q| alone")},
           composes=("full", "quant"))
 class QuestCache(FullCache):
     role = "select"
@@ -91,8 +94,8 @@ class QuestCache(FullCache):
 
     def __init__(self, specs, *, batch, capacity, device, dtype, ratio=None, budget=None, page=16, recent=2,
                  dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False, channels=0.0, pca=0.0, fit=8192,
-                 storage=None):
-        if groups or channels or pca:
+                 weigh=False, storage=None):
+        if groups or channels or pca or weigh:
             raise UserError("quest: groups=1 (and channels, pca) read the key groups of a packed storage; put one "
                             "under it (e.g. kv4+quest:groups=1) or drop them")
         P = self._check_page(page)

@@ -66,7 +66,8 @@ import torch
 from ...errors import UserError
 from ...kernels import quest as kq
 from ...kernels.quant_paged import quant_group_attention, quant_paged_attention
-from ...kernels.quant_reference import pca_basis, pca_sketch_groups, sketch_groups
+from ...kernels.quant_reference import (pca_basis, pca_sketch_groups, sketch_groups,
+                                         sparq_weights)
 from ...kernels.quest_pca import every_component, pca_prepare
 from ...kernels.quest_sparq import prepare, sparq_group_scores
 from ...kernels import sparse_reference as ref
@@ -80,7 +81,7 @@ from .quest import QuestCache
 class QuestStorageCache(QuestCache):
     def __init__(self, specs, *, batch, capacity, device, dtype, storage, ratio=None, budget=None, page=16,
                  recent=2, dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False, channels=0.0, pca=0.0,
-                 fit=8192):
+                 fit=8192, weigh=False):
         if rerank:
             raise UserError(f"quest: rerank={rerank} needs the full-precision storage (its page codes are "
                             f"written from full-precision keys); drop rerank or {storage[0]}")
@@ -113,6 +114,8 @@ class QuestStorageCache(QuestCache):
             raise UserError(f"quest: pca={pca} must be a fraction of the head dim in (0, 1]")
         if pca and channels:
             raise UserError("quest: channels and pca are two ways to score the key groups; pick one")
+        if weigh and not channels:
+            raise UserError("quest: weigh=1 weighs the channel choice of channels=F; add channels or drop weigh")
         if fit < 1:
             raise UserError(f"quest: fit={fit} (the prompt tokens pca's subspace is fitted on) must be >= 1")
         self._pages(specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, 0, 0, rank,
@@ -130,7 +133,7 @@ class QuestStorageCache(QuestCache):
         self.pca = [max(1, math.ceil(pca * s.head_dim)) if pca and self._sparse(i) else 0
                     for i, s in enumerate(specs)]
         self.fit, self.fitted = int(fit), [0] * len(specs)
-        self.sketch, self.sz, self.basis, self.kcov, self.sel = [], [], [], [], []
+        self.sketch, self.sz, self.basis, self.kcov, self.sel, self.ksq, self.wch = [], [], [], [], [], [], []
         for i, s in enumerate(specs):
             on = (self.channels[i] or self.pca[i]) and self._sparse(i)
             cap = st.kq[i]["planes"][0].shape[2] if on else 0
@@ -144,6 +147,9 @@ class QuestStorageCache(QuestCache):
             self.basis.append(torch.zeros(batch, H, D, R, device=device) if R else None)
             self.kcov.append(torch.zeros(batch, H, D, D, device=device) if R else None)
             self.sel.append(every_component(batch * H, R, s.num_heads // H, device) if R else None)
+            w = weigh and self.channels[i] and self._sparse(i)   # weigh: Σ k² per channel, and the weights
+            self.ksq.append(torch.zeros(batch, H, D, device=device) if w else None)
+            self.wch.append(torch.ones(batch, H, D, device=device) if w else None)
 
     def _sparse(self, layer: int) -> bool:
         if not self.groups:
@@ -153,7 +159,7 @@ class QuestStorageCache(QuestCache):
     def nbytes(self) -> int:
         return self.store.nbytes() + sum(t.numel() * t.element_size()
                                          for t in self.pmin + self.pmax + self.sketch + self.sz + self.basis
-                                         + self.kcov if t is not None)
+                                         + self.kcov + self.ksq + self.wch if t is not None)
 
     def past_attention(self, layer, q, step):
         n = step.start
@@ -182,6 +188,11 @@ class QuestStorageCache(QuestCache):
             else:
                 sketch_groups(kd["planes"], kd["scale"], kd["zero"], self.sketch[layer], self.sz[layer], g0, g1,
                               group=self.P)
+                if self.ksq[layer] is not None and self.fitted[layer] < self.fit:   # weigh: the channels' rms
+                    take = min(self.fit - self.fitted[layer], step.n)
+                    self.ksq[layer] += apply_rope(k, cos, sin)[:, :, :take].float().square().sum(2)
+                    self.fitted[layer] += take
+                    self.wch[layer].copy_(sparq_weights(self.ksq[layer], self.fitted[layer]))
         if self.pmin[layer] is not None:
             ref.fold_chunk_bounds(apply_rope(k, cos, sin), step.start, self.pmin[layer], self.pmax[layer], page=self.P)
 
@@ -215,9 +226,9 @@ class QuestStorageCache(QuestCache):
             elif self.sketch[layer] is not None:   # SparQ estimates from R channels (kernels/quest_sparq.py)
                 sk, sz, R = self.sketch[layer], self.sz[layer], self.channels[layer]
                 sel = prepare(q, kd["planes"], kd["scale"], kd["zero"], sk, sz, n, group=P, sink=st.S, window=st.W,
-                              channels=R)
+                              channels=R, weight=self.wch[layer])
                 scores, npos = sparq_group_scores(q, sk, sz, n, sel, group=P, sink=st.S, window=st.W, channels=R,
-                                                  scale=s.scale, rank=self.rank)
+                                                  scale=s.scale, rank=self.rank, weight=self.wch[layer])
                 if self.rank == "mass":
                     scores = kq.page_mass(scores, None, pos=npos, page=P, sink=0, recent=0)
             else:
