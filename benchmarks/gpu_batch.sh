@@ -24,8 +24,8 @@
 #   massgrid  issue 5: gemma3 NIAH 16K x 8 depths x SEEDS: full, quest 8x rerank=8 (max / mass), rerank=4 mass
 #   gemmagrid issue 5: gemma3 16K NIAH (8 depths) + RULER-style, every method at 2x/4x/8x, one report
 #   gemma8x   issue 5: gemma3 full vs quest 8x (rerank=8, mass): NIAH 16K/32K x 3 samples, RULER-style 16K
-#   pca512    issue 5: the pca/sparq GPU tests, sparq_probe (code conversions), 512K decode: full, groups,
-#             sparq 1/8, pca 1/8 and 1/32 (kv4+quest:groups=1,pca=0.125)
+#   sparq512  issue 5: the sparq GPU tests, sparq_probe (code conversions), 512K decode: full, groups,
+#             sparq 1/8 (|q| and weigh=1), 1/8 at channels=0.25
 #
 # ext, gemma and sparse need real weights: benchmarks/device_setup.sh install first (same warm machine).
 # Calls made on the H200 (2026-12-03): [copy x5], [copy; install; ext], [quest512 hfquant],
@@ -154,12 +154,12 @@ step() {
       G="snapkv streaming pyramidkv tova knorm adakv+snapkv quest quest-r8"   # adakv: sliding layers since 2026-12-04
       RUNS=/tmp/sparse_runs OUT=$OUT STEP_LIMIT=${STEP_LIMIT:-250} GEMMA_LENGTHS=16k GEMMA_DEPTHS=0:1:8 \
         GEMMA_RATIOS="0.5 0.75 0.875" GEMMA_METHODS="$G" bash benchmarks/sparse_quality.sh gemma-niah gemma-ruler report ;;
-    pca512)  # the pca / sparq kernels' GPU tests, the score's code conversions, then 512K decode rows
-      (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q tests/test_quant_paged.py -k "pca or sparq or prepare") \
-        > "$OUT/pca_tests.log" 2>&1; echo "pca tests: $(tail -n 1 "$OUT/pca_tests.log")" >&2
+    sparq512)  # the sparq kernels' GPU tests, the score's code conversions, then 512K decode rows
+      (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q tests/test_quant_paged.py -k "sparq or prepare or weigh") \
+        > "$OUT/sparq_tests.log" 2>&1; echo "sparq tests: $(tail -n 1 "$OUT/sparq_tests.log")" >&2
       bench sparq_probe 120 $PY sparq_probe.py --context 512k --variants 8:2,8:4,16:4 --reps 100
-      bench pca512 300 $PY sparse_decode.py --contexts 512k --layers 32 --no-breakdown \
-        --only "full,kv4+quest 1/8 groups,kv4+quest 1/8 sparq,kv4+quest 1/8 pca,kv4+quest 1/32 pca" ;;
+      bench sparq512 300 $PY sparse_decode.py --contexts 512k --layers 32 --no-breakdown \
+        --only "full,kv4+quest 1/8 groups,kv4+quest 1/8 sparq,kv4+quest 1/8 sparq weigh,kv4+quest 1/8 sparq 0.25" ;;
     *) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2 ;;
   esac
 }

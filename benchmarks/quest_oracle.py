@@ -158,6 +158,31 @@ def _sparq(q, bound, pos, page, MP):
     return torch.where(bound == float("inf"), bound, out)
 
 
+def pca_basis(kcov, components: int):
+    """The principal subspace `quest:pca=F` scores in (Loki: Singhania et al., "Loki: Low-rank Keys for
+    Efficient Sparse Attention", NeurIPS 2024, arXiv 2406.02542): the top `components` eigenvectors of
+    kcov = Σ_t k_t k_tᵀ (B, H, D, D), largest first → (B, H, D, R) fp32. Uncentred, so the subspace keeps
+    most of the keys' squared norm, mean included: q·Pk is then q·k's best rank-R estimate for queries
+    spread evenly over directions, and a head's estimates need no per-head constant."""
+    vec = torch.linalg.eigh(kcov.double()).eigenvectors
+    return vec.flip(-1)[..., :components].float().contiguous()
+
+
+def pca_project(keys, basis, group: int):
+    """keys (B, H, T, D), T a multiple of `group`, projected on basis (B, H, D, R) and coded in 4 bits per
+    component over each group's tokens (min/max, codes floor((x - lo)/s + 1/2)) → the channel-major bytes
+    (B, H, R, T/2) (token 2m low nibble, 2m + 1 high, as `sketch_groups`) and (B, H, R, T/group, 2) fp32
+    (scale, zero)."""
+    B, H, T, _ = keys.shape
+    kp = (keys.float() @ basis).unflatten(2, (T // group, group))                             # (B, H, n, g, R)
+    lo, hi = kp.amin(3, keepdim=True), kp.amax(3, keepdim=True)
+    st = (hi - lo) / 15
+    inv = torch.where(st > 0, 1 / st, torch.zeros_like(st))
+    c = ((kp - lo) * inv + 0.5).floor().clamp(0, 15).to(torch.int32)
+    pairs = (c[:, :, :, 0::2] | (c[:, :, :, 1::2] << 4)).flatten(2, 3)                        # (B, H, T/2, R)
+    return pairs.transpose(2, 3).to(torch.uint8), torch.cat([st, lo], 3).permute(0, 1, 4, 2, 3)
+
+
 def _pca(q, bound, pos, page, MP):
     """pcaR[c4[gG]][fN][m]: Loki-style (Singhania et al. 2024, arXiv 2406.02542) approximate logits in the
     R-dim principal subspace of the keys, per layer and KV head, as `quest:pca=F` computes them
@@ -165,8 +190,6 @@ def _pca(q, bound, pos, page, MP):
     first decode step; or with `--pca-from` another prompt's, an offline calibration). Projected keys
     exact, or with c4 in 4-bit codes over G-token groups (`pca_project`); m: centred (the keys' mean
     kept exactly: q·mean + (qV)·((k - mean)V)). Pages ranked as sparq."""
-    from longkv.kernels.quant_reference import pca_basis, pca_project
-
     m = re.fullmatch(r"pca(\d+)(?:c(\d+))?(?:g(\d+))?(?:f(\d+))?(m?)", _state["mode"])
     R, bits, grp, fit, centre = int(m[1]), int(m[2] or 0), int(m[3] or 64), int(m[4] or 0), bool(m[5])
     kc, p = _state["k"], int(pos.reshape(-1)[-1])
@@ -209,7 +232,7 @@ def _rsparq(q, bound, pos, page, MP):
     square) and queries scaled by it, so the choice weighs |q_i| by how large keys are along axis i.
     c4: the rotated keys in 4-bit codes over 64-token groups; i: no rotation (the stored channels, so
     with w: channels chosen by |q_i| times the keys' root mean square along i). Pages ranked as sparq."""
-    from longkv.kernels.quant_reference import pca_basis, pca_project, sparq_channels
+    from longkv.kernels.quant_reference import sparq_channels
 
     m = re.fullmatch(r"rsparq(\d+)(?:c(\d+))?(w?)(i?)", _state["mode"])
     R, bits, white, ident = int(m[1]), int(m[2] or 0), bool(m[3]), bool(m[4])

@@ -68,9 +68,8 @@ def methods(ctx: int) -> list[tuple[str, str]]:
             ("kv4+quest 1/8 sparq mass", f"kv4+quest:budget={b8},groups=1,channels=0.125,rank=mass"),
             ("kv4+quest 1/32 sparq", f"kv4+quest:budget={b32},groups=1,channels=0.125,rank=max"),
             ("kv4+quest 1/8 sparq 0.25", f"kv4+quest:budget={b8},groups=1,channels=0.25,rank=max"),
-            # ... scored in the keys' principal subspace, an eighth of the head dim (Loki; a projected copy)
-            ("kv4+quest 1/8 pca", f"kv4+quest:budget={b8},groups=1,pca=0.125,rank=max"),
-            ("kv4+quest 1/32 pca", f"kv4+quest:budget={b32},groups=1,pca=0.125,rank=max"),
+            # ... the channels chosen by |q| times the keys' rms (weigh=1)
+            ("kv4+quest 1/8 sparq weigh", f"kv4+quest:budget={b8},groups=1,channels=0.125,rank=max,weigh=1"),
             ("snapkv 1/8", f"snapkv:budget={b8}"), ("snapkv 1/32", f"snapkv:budget={b32}"),
             ("streaming 1/8", f"streaming:budget={b8}"), ("adakv+snapkv 1/8", f"adakv+snapkv:budget={b8}"),
             ("tova 1/8", f"tova:budget={b8}")]
@@ -247,23 +246,14 @@ def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32
         for bp, w, lp in ((64, 4, 0), (128, 4, 0), (128, 4, 1), (256, 8, 1)) if cache.sketch[layer] is None else ():
             pieces[f"score_p{bp}w{w}{'h' if lp else ''}_us"] = functools.partial(
                 kq.group_scores, q, kd["scale"], kd["zero"], pos + 1, block_p=bp, warps=w, lowp=bool(lp), **gk)
-        if cache.pca[layer]:   # pca=F: the query projection + copy write, and the score over every component
-            from longkv.kernels import quest_pca as qpca
-            from longkv.kernels import quest_sparq as qs
-            sk, sz, R, V = cache.sketch[layer], cache.sz[layer], cache.pca[layer], cache.basis[layer]
-            sp = dict(group=P, sink=st.S, window=st.W)
-            pl = kd["planes"]
-            qproj = qpca.pca_prepare(q, V, pl, kd["scale"], kd["zero"], sk, sz, pos + 1, **sp)
-            pieces["prepare_us"] = lambda: qpca.pca_prepare(q, V, pl, kd["scale"], kd["zero"], sk, sz, pos + 1, **sp)
-            pieces["score_us"] = lambda: qs.sparq_group_scores(qproj, sk, sz, pos + 1, cache.sel[layer], rank=cache.rank,
-                                                               scale=s.scale, channels=R, **sp)
-        elif cache.sketch[layer] is not None:   # channels=F: the sketch write and the SparQ score instead
+        if cache.sketch[layer] is not None:   # channels=F: the sketch write and the SparQ score instead
             from longkv.kernels import quest_sparq as qs
             sk, sz, R = cache.sketch[layer], cache.sz[layer], cache.channels[layer]
             sp = dict(group=P, sink=st.S, window=st.W, channels=R)
             pl = kd["planes"]
-            sel = qs.prepare(q, pl, kd["scale"], kd["zero"], sk, sz, pos + 1, **sp)
-            pieces["prepare_us"] = lambda: qs.prepare(q, pl, kd["scale"], kd["zero"], sk, sz, pos + 1, **sp)
+            wt = cache.wch[layer]    # weigh=1: the channel weights (None: |q| alone)
+            sel = qs.prepare(q, pl, kd["scale"], kd["zero"], sk, sz, pos + 1, weight=wt, **sp)
+            pieces["prepare_us"] = lambda: qs.prepare(q, pl, kd["scale"], kd["zero"], sk, sz, pos + 1, weight=wt, **sp)
             pieces["score_us"] = lambda: qs.sparq_group_scores(q, sk, sz, pos + 1, sel, rank=cache.rank, scale=s.scale,
                                                                **sp)
             for bp, w in ((4, 4), (8, 4), (16, 2), (16, 4)):

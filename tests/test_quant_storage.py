@@ -309,36 +309,6 @@ def test_quest_over_key_groups_scored_from_channels(tiny):
         assert graph_greedy(tiny, s, 12) == run(tiny, s)[1]
 
 
-def test_quest_over_key_groups_scored_in_the_keys_principal_subspace(tiny):
-    """pca=F (Loki): the basis is fitted on the first `fit` keys (two prefill chunks of 16 here) and then
-    frozen; the projected copy holds every flushed group under that basis after prefill chunks (the
-    refit re-projects what was held) and decode flushes; nbytes counts copy, basis and covariance; the
-    device-only step decodes what the eager one does (both ranks)."""
-    from longkv.kernels import quant_reference as ref
-
-    spec = f"{KV4G}+{GROUPS},budget=40,pca=0.25,fit=32,rank=max"
-    _, toks, kv = run(tiny, spec)
-    st = kv.store
-    assert kv.fitted == [32, 32] and kv.pca == [8, 8] and "principal subspace" in kv.stats()["note"]
-    for layer in range(2):
-        V = kv.basis[layer]
-        assert torch.allclose(V.transpose(-1, -2) @ V, torch.eye(8).expand_as(V.transpose(-1, -2) @ V), atol=1e-5)
-        assert torch.allclose(V, ref.pca_basis(kv.kcov[layer], 8))
-        kd = st.kq[layer]
-        sk, sz = torch.zeros_like(kv.sketch[layer]), torch.zeros_like(kv.sz[layer])
-        ng = st.nq(int(st.cnt[layer])) // kv.P
-        ref.pca_sketch_groups(kd["planes"], kd["scale"], kd["zero"], V, sk, sz, 0, ng, group=kv.P)
-        c, c2 = (torch.stack([x.long() & 15, x.long() >> 4], -1).flatten(-2) for x in (sk, kv.sketch[layer]))
-        assert ng == 4 and (c - c2).abs().max() <= 1 and (c != c2).float().mean() < 0.01
-        assert torch.allclose(sz.float(), kv.sz[layer].float(), rtol=1e-3, atol=1e-4) and (sz[..., :ng, 0] > 0).all()
-    _, _, plain = run(tiny, f"{KV4G}+{GROUPS},budget=40")
-    assert kv.nbytes() == tensor_bytes(kv) == plain.nbytes() + sum(t.numel() * t.element_size()
-                                                                  for t in kv.sketch + kv.sz + kv.basis + kv.kcov)
-    for rank in ("max", "mass"):
-        s = f"{KV4G}+{GROUPS},budget=40,pca=0.25,fit=32,rank={rank}"
-        assert graph_greedy(tiny, s, 12) == run(tiny, s)[1]
-
-
 def test_quest_channels_weighed_by_the_keys_rms(tiny):
     """weigh=1: Σ k² per channel over the first `fit` keys (two prefill chunks of 16 here), the weights
     from it, nbytes counting both, a choice that differs from |q| alone, graph step = eager (both ranks)."""
@@ -362,17 +332,6 @@ def test_quest_channels_weighed_by_the_keys_rms(tiny):
         assert graph_greedy(tiny, s, 12) == run(tiny, s)[1]
     with pytest.raises(UserError, match="weigh=1"):
         build(tiny, f"{KV4G}+{GROUPS},budget=40,weigh=1")
-
-
-@pytest.mark.parametrize("spec,msg", [(f"{KV4G}+quest:pca=0.25", "groups=1"),
-                                      ("kivi2+quest:groups=1,pca=0.25", "4-bit"),
-                                      (f"{KV4G}+quest:groups=1,pca=1.5", "fraction"),
-                                      (f"{KV4G}+quest:groups=1,pca=0.25,channels=0.25", "pick one"),
-                                      (f"{KV4G}+quest:groups=1,pca=0.25,fit=0", "fit=0"),
-                                      ("quest:pca=0.5", "packed storage")])
-def test_quest_pca_refuses_what_it_cannot_read(tiny, spec, msg):
-    with pytest.raises(UserError, match=msg):
-        build(tiny, spec)
 
 
 @pytest.mark.parametrize("spec,msg", [(f"{KV4G}+quest:channels=0.25", "groups=1"),

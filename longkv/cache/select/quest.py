@@ -32,8 +32,7 @@ Over packed storage (`quant:bits=4+quest:budget=2048`, `kv4+quest`): `select/que
 `groups=1` makes the storage's key groups the pages (bounds from their scale/zero, the CUDA kernel):
 3.05x full's decode speed at 1/8 and 512K on the 8B shape, with a coarser bound (fewer needles found);
 `channels=F` scores those groups from F of the channels instead (SparQ), which finds them again on
-smollm2; `pca=F` scores them in the keys' principal subspace fitted on the prompt (Loki), which also
-works where SparQ's channels do not (gemma3's normalized queries).
+smollm2, and with `weigh=1` (channels chosen by |q| times the keys' rms) on gemma3 too.
 """
 from __future__ import annotations
 
@@ -74,12 +73,8 @@ from ..registry import register
                                            "fraction of the channels, those where the query is largest (SparQ), "
                                            "read from a channel-major copy of the key codes (+1/8 of bf16 keys); "
                                            "ranked by `rank` (rank=max found more needles). 0 = Quest's bound"),
-                  "pca": (float, 0.0, "with groups=1 over 4-bit storage: score the key groups in the principal "
-                                      "subspace of the keys (Loki), this fraction of the head dim, fitted on the "
-                                      "prompt's first `fit` keys; the projected keys kept in 4 bits (+R/D/4 of "
-                                      "bf16 keys); use rank=max"),
-                  "fit": (int, 8192, "pca, weigh: the prompt tokens whose keys fit the subspace / weights "
-                                     "(the first `fit`)"),
+                  "fit": (int, 8192, "weigh: the prompt tokens whose keys give the channel weights (the first "
+                                     "`fit`)"),
                   "weigh": (bool, False, "channels=F: choose the channels by |q| times the keys' root mean square "
                                          "along each (over the prompt's first `fit` keys) instead of |q| alone")},
           composes=("full", "quant"))
@@ -93,10 +88,10 @@ class QuestCache(FullCache):
         return super().__new__(cls)
 
     def __init__(self, specs, *, batch, capacity, device, dtype, ratio=None, budget=None, page=16, recent=2,
-                 dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False, channels=0.0, pca=0.0, fit=8192,
-                 weigh=False, storage=None):
-        if groups or channels or pca or weigh:
-            raise UserError("quest: groups=1 (and channels, pca) read the key groups of a packed storage; put one "
+                 dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False, channels=0.0, fit=8192, weigh=False,
+                 storage=None):
+        if groups or channels or weigh:
+            raise UserError("quest: groups=1 (and channels) read the key groups of a packed storage; put one "
                             "under it (e.g. kv4+quest:groups=1) or drop them")
         P = self._check_page(page)
         super().__init__(specs, batch=batch, capacity=P * math.ceil(capacity / P), device=device, dtype=dtype)

@@ -41,19 +41,8 @@ needles the bound loses (9/10 = full's); RULER-style multi-key/multi-value tasks
 2.74x full's decode speed at 1/8, 2.99x at 1/32 (the bound alone: 3.06x); BENCHMARKS.md, issue 5,
 session 14.
 
-`pca=F` (with groups=1 over 4-bit storage): the groups are scored in the keys' principal subspace
-instead (Loki, Singhania et al., arXiv 2406.02542; `kernels/quest_pca.py`): the top R = F·D eigenvectors
-of Σ k kᵀ over the prompt's first `fit` post-RoPE keys (accumulated chunk by chunk during prefill; each
-chunk that adds to the fit refits and re-projects the groups held, so the basis does not depend on the
-chunk size; frozen after), each flushed group's keys projected and coded in 4 bits per component
-(a copy of R/D of the channel-major one: 1/64 of bf16 keys at F = 1/8), the query projected at each step,
-and the score kernel of `channels` run over every component. SparQ's channels lose gemma3-270m's needles
-(its q/k RMSNorm spreads a query over many channels), and an eighth of smollm2's channels loses its
-multi-key tasks; a fixed subspace fitted on the keys has neither problem (BENCHMARKS.md, issue 5,
-session 15).
-
 `nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy
-(for pca: the projected copy, the basis and the fit's D×D sums).
+(and with weigh=1 the per-channel sums and weights).
 Not here: `rerank` (the second stage's codes are written when a page fills, from full-precision keys
 this storage no longer keeps).
 """
@@ -66,9 +55,7 @@ import torch
 from ...errors import UserError
 from ...kernels import quest as kq
 from ...kernels.quant_paged import quant_group_attention, quant_paged_attention
-from ...kernels.quant_reference import (pca_basis, pca_sketch_groups, sketch_groups,
-                                         sparq_weights)
-from ...kernels.quest_pca import every_component, pca_prepare
+from ...kernels.quant_reference import sketch_groups, sparq_weights
 from ...kernels.quest_sparq import prepare, sparq_group_scores
 from ...kernels import sparse_reference as ref
 from ...kernels.reference import ragged_attention_lse
@@ -80,8 +67,8 @@ from .quest import QuestCache
 
 class QuestStorageCache(QuestCache):
     def __init__(self, specs, *, batch, capacity, device, dtype, storage, ratio=None, budget=None, page=16,
-                 recent=2, dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False, channels=0.0, pca=0.0,
-                 fit=8192, weigh=False):
+                 recent=2, dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False, channels=0.0, fit=8192,
+                 weigh=False):
         if rerank:
             raise UserError(f"quest: rerank={rerank} needs the full-precision storage (its page codes are "
                             f"written from full-precision keys); drop rerank or {storage[0]}")
@@ -107,17 +94,10 @@ class QuestStorageCache(QuestCache):
                             f"{'' if self.groups else ', groups=0'})")
         if not 0 <= channels <= 1:
             raise UserError(f"quest: channels={channels} must be a fraction of the head dim in (0, 1]")
-        if pca and not (self.groups and st.bits == 4):
-            raise UserError(f"quest: pca={pca} scores the key groups of 4-bit storage; use it with groups=1 over "
-                            f"kv4 or kivi4 (not {storage[0]} with bits={st.bits}{'' if self.groups else ', groups=0'})")
-        if not 0 <= pca <= 1:
-            raise UserError(f"quest: pca={pca} must be a fraction of the head dim in (0, 1]")
-        if pca and channels:
-            raise UserError("quest: channels and pca are two ways to score the key groups; pick one")
         if weigh and not channels:
             raise UserError("quest: weigh=1 weighs the channel choice of channels=F; add channels or drop weigh")
         if fit < 1:
-            raise UserError(f"quest: fit={fit} (the prompt tokens pca's subspace is fitted on) must be >= 1")
+            raise UserError(f"quest: fit={fit} (the prompt tokens weigh's channel weights come from) must be >= 1")
         self._pages(specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, 0, 0, rank,
                     bounds=not self.groups)
         st.append_only = True     # positions only grow: the write is one append + flush kernel
@@ -127,26 +107,18 @@ class QuestStorageCache(QuestCache):
             keep = self.budget.keep(self.capacity) - st.S - st.W - P
             self.k_pages = max(1, -(-keep // P))
             self.dense = [i < self.dense_layers or s.window is not None for i, s in enumerate(specs)]
-        # channels: SparQ scores from a channel-major copy of the key codes (kernels/quest_sparq.py);
-        # pca: Loki's, from the keys projected on their principal subspace (kernels/quest_pca.py)
+        # channels: SparQ scores from a channel-major copy of the key codes (kernels/quest_sparq.py)
         self.channels = [max(1, math.ceil(channels * s.head_dim)) if channels else 0 for s in specs]
-        self.pca = [max(1, math.ceil(pca * s.head_dim)) if pca and self._sparse(i) else 0
-                    for i, s in enumerate(specs)]
         self.fit, self.fitted = int(fit), [0] * len(specs)
-        self.sketch, self.sz, self.basis, self.kcov, self.sel, self.ksq, self.wch = [], [], [], [], [], [], []
+        self.sketch, self.sz, self.ksq, self.wch = [], [], [], []
         for i, s in enumerate(specs):
-            on = (self.channels[i] or self.pca[i]) and self._sparse(i)
+            on = self.channels[i] and self._sparse(i)
             cap = st.kq[i]["planes"][0].shape[2] if on else 0
             H, D = s.num_kv_heads, s.head_dim
-            rows = self.pca[i] or D
-            self.sketch.append(torch.zeros(batch, H, rows, cap // 2, device=device, dtype=torch.uint8)
+            self.sketch.append(torch.zeros(batch, H, D, cap // 2, device=device, dtype=torch.uint8)
                                if on else None)
-            self.sz.append(torch.zeros(batch, H, rows, cap // P, 2, device=device, dtype=torch.float16)
+            self.sz.append(torch.zeros(batch, H, D, cap // P, 2, device=device, dtype=torch.float16)
                            if on else None)
-            R = self.pca[i]
-            self.basis.append(torch.zeros(batch, H, D, R, device=device) if R else None)
-            self.kcov.append(torch.zeros(batch, H, D, D, device=device) if R else None)
-            self.sel.append(every_component(batch * H, R, s.num_heads // H, device) if R else None)
             w = weigh and self.channels[i] and self._sparse(i)   # weigh: Σ k² per channel, and the weights
             self.ksq.append(torch.zeros(batch, H, D, device=device) if w else None)
             self.wch.append(torch.ones(batch, H, D, device=device) if w else None)
@@ -158,8 +130,8 @@ class QuestStorageCache(QuestCache):
 
     def nbytes(self) -> int:
         return self.store.nbytes() + sum(t.numel() * t.element_size()
-                                         for t in self.pmin + self.pmax + self.sketch + self.sz + self.basis
-                                         + self.kcov + self.ksq + self.wch if t is not None)
+                                         for t in self.pmin + self.pmax + self.sketch + self.sz + self.ksq + self.wch
+                                         if t is not None)
 
     def past_attention(self, layer, q, step):
         n = step.start
@@ -175,24 +147,13 @@ class QuestStorageCache(QuestCache):
         if self.groups and self.sketch[layer] is not None:
             kd = self.store.kq[layer]
             g1 = self.store.nq(end) // self.P
-            if self.pca[layer]:
-                if self.fitted[layer] < self.fit:   # still fitting: add this chunk's keys, refit, re-project all
-                    take = min(self.fit - self.fitted[layer], step.n)
-                    kr = apply_rope(k, cos, sin)[:, :, :take].float()
-                    self.kcov[layer] += kr.transpose(-1, -2) @ kr
-                    self.fitted[layer] += take
-                    self.basis[layer].copy_(pca_basis(self.kcov[layer], self.pca[layer]))
-                    g0 = 0
-                pca_sketch_groups(kd["planes"], kd["scale"], kd["zero"], self.basis[layer], self.sketch[layer],
-                                  self.sz[layer], g0, g1, group=self.P)
-            else:
-                sketch_groups(kd["planes"], kd["scale"], kd["zero"], self.sketch[layer], self.sz[layer], g0, g1,
-                              group=self.P)
-                if self.ksq[layer] is not None and self.fitted[layer] < self.fit:   # weigh: the channels' rms
-                    take = min(self.fit - self.fitted[layer], step.n)
-                    self.ksq[layer] += apply_rope(k, cos, sin)[:, :, :take].float().square().sum(2)
-                    self.fitted[layer] += take
-                    self.wch[layer].copy_(sparq_weights(self.ksq[layer], self.fitted[layer]))
+            sketch_groups(kd["planes"], kd["scale"], kd["zero"], self.sketch[layer], self.sz[layer], g0, g1,
+                          group=self.P)
+            if self.ksq[layer] is not None and self.fitted[layer] < self.fit:   # weigh: the channels' rms
+                take = min(self.fit - self.fitted[layer], step.n)
+                self.ksq[layer] += apply_rope(k, cos, sin)[:, :, :take].float().square().sum(2)
+                self.fitted[layer] += take
+                self.wch[layer].copy_(sparq_weights(self.ksq[layer], self.fitted[layer]))
         if self.pmin[layer] is not None:
             ref.fold_chunk_bounds(apply_rope(k, cos, sin), step.start, self.pmin[layer], self.pmax[layer], page=self.P)
 
@@ -215,15 +176,7 @@ class QuestStorageCache(QuestCache):
         if self.groups:   # score the key groups from their statistics, select, attend to them + the fp slots
             kd, vd = st.kq[layer], st.vq[layer]
             n = st.cnt[layer]                  # tokens held, this one included (the write set it)
-            if self.pca[layer]:   # Loki estimates in the keys' principal subspace (kernels/quest_pca.py)
-                sk, sz, R = self.sketch[layer], self.sz[layer], self.pca[layer]
-                qp = pca_prepare(q, self.basis[layer], kd["planes"], kd["scale"], kd["zero"], sk, sz, n, group=P,
-                                 sink=st.S, window=st.W)
-                scores, npos = sparq_group_scores(qp, sk, sz, n, self.sel[layer], group=P, sink=st.S, window=st.W,
-                                                  channels=R, scale=s.scale, rank=self.rank)
-                if self.rank == "mass":
-                    scores = kq.page_mass(scores, None, pos=npos, page=P, sink=0, recent=0)
-            elif self.sketch[layer] is not None:   # SparQ estimates from R channels (kernels/quest_sparq.py)
+            if self.sketch[layer] is not None:   # SparQ estimates from R channels (kernels/quest_sparq.py)
                 sk, sz, R = self.sketch[layer], self.sz[layer], self.channels[layer]
                 sel = prepare(q, kd["planes"], kd["scale"], kd["zero"], sk, sz, n, group=P, sink=st.S, window=st.W,
                               channels=R, weight=self.wch[layer])
@@ -255,9 +208,7 @@ class QuestStorageCache(QuestCache):
                       f"{self.k_pages * self.P} tokens' packed rows in layers >= {self.dense_layers}")
         if self.groups:
             how = (f"scored from {max(self.channels)} channels of a channel-major copy of the key codes (SparQ)"
-                   if any(self.channels) else
-                   f"scored in the keys' {max(self.pca)}-dim principal subspace, fitted on the prompt's first "
-                   f"{self.fit} tokens (Loki)" if any(self.pca) else "bounds from their scale/zero, no page min/max")
+                   if any(self.channels) else "bounds from their scale/zero, no page min/max")
             st["note"] = (f"{self.storage_name}+quest, pages = the {self.P}-token key groups ({how}): a decode "
                           f"step reads the sink, the full-precision window and {self.k_pages} groups "
                           f"({self.k_pages * self.P} tokens) in layers >= {self.dense_layers}")
