@@ -41,6 +41,12 @@ needles the bound loses (9/10 = full's); RULER-style multi-key/multi-value tasks
 2.74x full's decode speed at 1/8, 2.99x at 1/32 (the bound alone: 3.06x); BENCHMARKS.md, issue 5,
 session 14.
 
+`weigh=1` (with channels=F): the channels are chosen by Σ_g |q_g| times the keys' root mean square along
+each channel (Σ k² of the prompt's first `fit` post-RoPE keys, summed as prefill chunks arrive), so a
+channel counts for what it can add to q·k rather than for the query alone (the same copy and score; the
+choice and SparQ's share change). On gemma3-270m, whose q/k RMSNorm leaves |q| spread over its 256
+channels, |q| alone misses needles that the weighted choice finds (BENCHMARKS.md, issue 5, session 15).
+
 `nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy
 (and with weigh=1 the per-channel sums and weights).
 Not here: `rerank` (the second stage's codes are written when a page fills, from full-precision keys
