@@ -81,6 +81,7 @@
 # probe-only shape bug), [sparq_probe.py: tile / loop variants], [tests + sparq_probe.py: prepare + batched
 # dot], [tests + sparq_probe.py + sparse_decode.py 512k: CUDA-core FMA vs dot], [sparse_decode.py 512k
 # --no-breakdown full, groups, sparq 1/8, 1/32] (final). Three starts refused; device time then spent.
+# Session 15 (2026-12-04/05): no calls (no device machine was lent); `sparq512` is written for the next.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
