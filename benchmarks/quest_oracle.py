@@ -119,6 +119,20 @@ def _mass_rerank(q, pmin, pmax, bound, pos, page):
     return torch.where(bound == float("inf"), bound, out)
 
 
+def _rank_pages(lg, bound, n: int, page: int, MP: int):
+    """Estimated logits lg (B, Hkv, G, n·page) → page scores (B, Hkv, MP): each page's largest estimate
+    (`--rank max`) or its attention mass (softmax over every token, summed over the page and the query
+    group); the bound's forced pages (+inf) kept."""
+    B, Hkv = lg.shape[:2]
+    if _state.get("rank") == "max":
+        mass = lg.reshape(B, Hkv, -1, n, page).amax(-1).amax(2)
+    else:
+        mass = lg.softmax(-1).reshape(B, Hkv, -1, n, page).sum(-1).sum(2)
+    out = torch.full((B, Hkv, MP), float("-inf"))
+    out[..., :n] = mass
+    return torch.where(bound == float("inf"), bound, out)
+
+
 def _sparq(q, bound, pos, page, MP):
     """sparqR[cB[gG]]: SparQ-style (Ribar et al. 2023) approximate logits from the R channels of largest
     |q| (summed over the KV head's query group), temperature corrected by the L1 share of q they hold;
@@ -149,13 +163,7 @@ def _sparq(q, bound, pos, page, MP):
     kr = keys.gather(-1, ch[:, :, None, :].expand(-1, -1, keys.shape[2], -1))
     lg = (qr @ kr.transpose(-1, -2)) / (D * share[..., None]).sqrt()
     lg[..., p + 1:] = float("-inf")
-    if _state.get("rank") == "max":
-        mass = lg.reshape(B, Hkv, -1, n, page).amax(-1).amax(2)
-    else:
-        mass = lg.softmax(-1).reshape(B, Hkv, -1, n, page).sum(-1).sum(2)
-    out = torch.full((B, Hkv, MP), float("-inf"))
-    out[..., :n] = mass
-    return torch.where(bound == float("inf"), bound, out)
+    return _rank_pages(lg, bound, n, page, MP)
 
 
 def pca_basis(kcov, components: int):
@@ -216,13 +224,7 @@ def _pca(q, bound, pos, page, MP):
     qmu = q.float().reshape(B, Hkv, Hq // Hkv, D) @ mu.transpose(-1, -2)                  # (B, Hkv, G, 1): q·mean
     lg = (qp @ kp.transpose(-1, -2) + qmu) * _state["scale"]
     lg[..., p + 1:] = float("-inf")
-    if _state.get("rank") == "max":
-        mass = lg.reshape(B, Hkv, -1, n, page).amax(-1).amax(2)
-    else:
-        mass = lg.softmax(-1).reshape(B, Hkv, -1, n, page).sum(-1).sum(2)
-    out = torch.full((B, Hkv, MP), float("-inf"))
-    out[..., :n] = mass
-    return torch.where(bound == float("inf"), bound, out)
+    return _rank_pages(lg, bound, n, page, MP)
 
 
 def _rsparq(q, bound, pos, page, MP):
@@ -262,13 +264,7 @@ def _rsparq(q, bound, pos, page, MP):
     ks = kr.gather(-1, ch[:, :, None, :].expand(-1, -1, kr.shape[2], -1))
     lg = (qs @ ks.transpose(-1, -2)) / (D * share[..., None]).sqrt()
     lg[..., p + 1:] = float("-inf")
-    if _state.get("rank") == "max":
-        mass = lg.reshape(B, Hkv, -1, n, page).amax(-1).amax(2)
-    else:
-        mass = lg.softmax(-1).reshape(B, Hkv, -1, n, page).sum(-1).sum(2)
-    out = torch.full((B, Hkv, MP), float("-inf"))
-    out[..., :n] = mass
-    return torch.where(bound == float("inf"), bound, out)
+    return _rank_pages(lg, bound, n, page, MP)
 
 
 _orig = qmod.QuestCache.decode
@@ -288,7 +284,9 @@ def main():
     ap.add_argument("--extra", default="", help="appended to the cache spec, e.g. ',page=64'")
     ap.add_argument("--modes", default="bound,oracle",
                     help="bound (Quest), oracle (true page mass), rerankF (bound keeps F x the budget, exact logits "
-                         "pick), massF / massFcB (... their attention mass picks, from exact keys / B-bit page codes)")
+                         "pick), massF / massFcB (... their attention mass picks, from exact keys / B-bit page codes), "
+                         "sparqR[cB][gG] (SparQ), pcaR[c4][gG][fN][m] (Loki), rsparqR[c4][w][i] (SparQ in the keys' "
+                         "principal axes / weighted by the keys' rms); see each mode's function")
     ap.add_argument("--rank", default="mass", help="sparq and pca modes: mass or max")
     ap.add_argument("--pca-from", type=float, default=None,
                     help="pca modes: the basis from the prompt with the needle at this depth and seed+1 (one "
