@@ -158,7 +158,7 @@ def _sparq(q, bound, pos, page, MP):
     B, Hq, _, D = q.shape
     Hkv = kc.shape[1]
     qg = q.float().reshape(B, Hkv, Hq // Hkv, D)
-    ch, share = sparq_channels(qg, R)                                                          # (B, Hkv, R), (B, Hkv, G)
+    ch, share = sparq_channels(qg, R)                                                # (B, Hkv, R), (B, Hkv, G)
     qr = qg.gather(-1, ch[:, :, None, :].expand(-1, -1, qg.shape[2], -1))
     kr = keys.gather(-1, ch[:, :, None, :].expand(-1, -1, keys.shape[2], -1))
     lg = (qr @ kr.transpose(-1, -2)) / (D * share[..., None]).sqrt()

@@ -336,4 +336,3 @@ def test_sparq_score_kernel_matches_reference(G, channels, length, rank, device)
         assert torch.equal(fin, torch.isfinite(got))
         if fin.any():
             assert (got[fin] - want[fin]).abs().max() < 2e-2 * (1 + want[fin].abs().max())
-

@@ -322,7 +322,8 @@ def test_quest_channels_weighed_by_the_keys_rms(tiny):
     _, _, plain = run(tiny, f"{KV4G}+{GROUPS},budget=40,channels=0.25,rank=max")
     assert kv.nbytes() == tensor_bytes(kv) == plain.nbytes() + sum(t.numel() * t.element_size()
                                                                   for t in kv.ksq + kv.wch)
-    q = torch.randn(1, tiny.layer_specs()[0].num_heads, 1, kv.wch[0].shape[-1], generator=torch.Generator().manual_seed(3))
+    q = torch.randn(1, tiny.layer_specs()[0].num_heads, 1, kv.wch[0].shape[-1],
+                    generator=torch.Generator().manual_seed(3))
     G = q.shape[1] // kv.wch[0].shape[1]
     qg = q.reshape(1, -1, G, q.shape[-1])
     assert not torch.equal(ref.sparq_channels(qg, 8, kv.wch[0])[0].sort(-1).values,
