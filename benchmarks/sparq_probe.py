@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--variants", default="4:4,8:2,8:4,16:4,16:8,32:8", help="block_p:warps,...")
     ap.add_argument("--cvts", default="0,1,2", help="code-to-fp16 conversions to time (quest_sparq CVT)")
+    ap.add_argument("--stacks", default="1,0", help="1: groups stacked into one dot (quest_sparq STACK); 0: one a dot")
     a = ap.parse_args()
     dev = torch.device("cuda")
     T = parse_tokens(a.context)
@@ -47,15 +48,22 @@ def main():
                         dev) * 1e3
         rows.append(dict(rank="-", what=f"prepare{'' if sketch else ' (no sketch)'}", block_p=0, warps=w,
                          us=round(us, 1), TBps=None))
+    for wpt in (1, 2, 4, 8):
+        us = graph_time(lambda: qs.sparq_group_scores(q, sk, sz, n, sel, rank="max", impl="cuda", wpt=wpt,
+                                                      scale=D ** -0.5, **kw), a.reps, dev) * 1e3
+        rows.append(dict(rank="max", what=f"score cuda wpt={wpt}", block_p=0, warps=qs.CUDA_THREADS // 32,
+                         us=round(us, 1), TBps=round(nbytes / us / 1e6, 2)))
     for rank in ("max", "mass"):
         for v in a.variants.split(","):
             bp, w = (int(x) for x in v.split(":"))
-            for probe, cvt in [(0, int(c)) for c in a.cvts.split(",")] + [(1, 0)]:
+            runs = [(0, int(c), int(st)) for st in a.stacks.split(",") for c in a.cvts.split(",")] + [(1, 0, 0)]
+            for probe, cvt, st in runs:
                 fn = lambda: qs.sparq_group_scores(q, sk, sz, n, sel, rank=rank, block_p=bp, warps=w, probe=probe,
-                                                   cvt=cvt, scale=D ** -0.5, **kw)
+                                                   cvt=cvt, stack=bool(st), scale=D ** -0.5, **kw)
                 us = graph_time(fn, a.reps, dev) * 1e3
-                rows.append(dict(rank=rank, what="loads only" if probe else f"score cvt={cvt}", block_p=bp, warps=w,
-                                 us=round(us, 1), TBps=round(nbytes / us / 1e6, 2)))
+                what = "loads only" if probe else f"score cvt={cvt}{' stacked' if st else ''}"
+                rows.append(dict(rank=rank, what=what, block_p=bp, warps=w, us=round(us, 1),
+                                 TBps=round(nbytes / us / 1e6, 2)))
     print(f"# {torch.cuda.get_device_name()}; {T} tokens, {H} KV heads, D {D}, R {R}: {nbytes / 1e6:.1f} MB read")
     print_table(rows, list(rows[0]))
     emit_json({"bench": "sparq_probe", "context": T, "channels": R, "bytes": nbytes, "rows": rows})

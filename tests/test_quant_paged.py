@@ -326,13 +326,41 @@ def test_sparq_score_kernel_matches_reference(G, channels, length, rank, device)
     args = _to(device, q, sk, sz, n)
     sel = ks.prepare(args[0], None, None, None, *args[1:], group=group, sink=sink, window=window, channels=channels,
                      sketch=False)
-    cfg = [(bp, w, c) for bp, w in ((4, 4), (8, 2), (16, 4), (32, 8)) for c in (0, 1, 2)] if device == "cuda" \
-        else [(4, 4, c) for c in (0, 1, 2)]
-    for bp, w, cvt in cfg:
-        got, gpos = ks.sparq_group_scores(*args, sel, block_p=bp, warps=w, cvt=cvt, **kw)
+    cfg = [(bp, w, c, st) for bp, w in ((4, 4), (8, 2), (16, 4), (32, 8)) for c in (0, 1, 2) for st in (0, 1)] \
+        if device == "cuda" else [(4, 4, c, st) for c in (0, 1, 2) for st in (0, 1)]
+    for bp, w, cvt, st in cfg:
+        got, gpos = ks.sparq_group_scores(*args, sel, block_p=bp, warps=w, cvt=cvt, stack=bool(st), **kw)
         got, gpos = got.cpu(), gpos.cpu()
         assert torch.equal(gpos, wpos) and got.shape == want.shape
         fin = torch.isfinite(want)
         assert torch.equal(fin, torch.isfinite(got))
         if fin.any():
+            assert (got[fin] - want[fin]).abs().max() < 2e-2 * (1 + want[fin].abs().max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA score runs on a GPU only")
+@pytest.mark.parametrize("G,channels,length,group", [(3, 4, 333, 16), (4, 16, 5000, 64), (1, 32, 700, 32),
+                                                     (8, 16, 2000, 64), (4, 20, 200, 64)])
+def test_sparq_cuda_score_matches_reference(G, channels, length, group):
+    """quest_sparq.cu (rank=max): bf16 and fp16 queries, fp16 sums over the channels; -inf past the held groups."""
+    from longkv.kernels import quest_sparq as ks
+
+    B, H, sink, window = 2, 2, 4, 24
+    kq, sk, sz = _sketched(B, H, length, group=group, sink=sink, window=window, seed=10)
+    ref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], sk, sz, 0, kq["scale"].shape[2], group=group)
+    q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(11))
+    kw = dict(group=group, sink=sink, window=window, channels=channels, scale=D ** -0.5, rank="max")
+    n = torch.tensor([length])
+    for dt in (torch.bfloat16, torch.float16):
+        qd = q.to(dt)
+        want, wpos = ref.sparq_group_scores(qd.float(), sk, sz, n, **kw)
+        args = _to("cuda", qd, sk, sz, n)
+        sel = ks.prepare(args[0], None, None, None, *args[1:], group=group, sink=sink, window=window,
+                         channels=channels, sketch=False)
+        for wpt in (1, 2, 4, 8):
+            got, gpos = ks.sparq_group_scores(*args, sel, impl="cuda", wpt=wpt, **kw)
+            got, gpos = got.cpu(), gpos.cpu()
+            fin = torch.isfinite(want)
+            assert torch.equal(gpos, wpos) and got.shape == want.shape and torch.equal(fin, torch.isfinite(got))
+            assert fin.any()
             assert (got[fin] - want[fin]).abs().max() < 2e-2 * (1 + want[fin].abs().max())

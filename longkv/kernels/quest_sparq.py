@@ -79,28 +79,32 @@ if triton is not None:
     @triton.jit
     def _sparq_score_kernel(Q, SK, SZ, Len, IDX, TAU, S, NPos, CAPH, MG, scale, SINK: tl.constexpr,
                             WINDOW: tl.constexpr, GROUP: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                            R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-                            MASS: tl.constexpr, PROBE: tl.constexpr, CVT: tl.constexpr):
+                            R: tl.constexpr, BLOCK_G: tl.constexpr, GP: tl.constexpr, STACK: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, MASS: tl.constexpr, PROBE: tl.constexpr,
+                            CVT: tl.constexpr):
         """BLOCK_P key groups of one row: the R channels' codes of each group (BLOCK_P x R x GROUP/2
         bytes, one load), each group's scale folded into the query (q∘s, one fp16 rounding) so the codes
-        go to the tensor cores as exact integers, one batched dot (a batch entry a group) for each nibble,
-        q·z added after. CVT: how a code becomes fp16: 0 = `cvt` (quarter rate on Hopper); 1 = its bits
-        OR 0x6400 (the fp16 1024 + c) minus 1024; 2 = the same with the 1024 · Σ q∘s taken off q·z instead
-        (the max over a group's tokens commutes with it). PROBE (benchmarks only): 1 = stop after the loads."""
+        go to the tensor cores as exact integers, q·z added after. STACK groups share one dot (for each
+        nibble): their GP (G padded) scaled queries are the rows of a block-diagonal (STACK·GP) x (STACK·R)
+        matrix and their codes are stacked along the reduction, so a small query group (G = 4) fills the
+        dot's 16 rows with real logits instead of padding (STACK = 1, GP = 16: one group a dot). CVT: how a
+        code becomes fp16: 0 = `cvt` (quarter rate on Hopper); 1 = its bits OR 0x6400 (the fp16 1024 + c)
+        minus 1024; 2 = the same with the 1024 · Σ q∘s taken off q·z instead (the max over a group's
+        tokens commutes with it). PROBE (benchmarks only): 1 = stop after the loads."""
         bh = tl.program_id(0)
         pid = tl.program_id(1)
         nqg = tl.maximum((tl.load(Len) - 1 - SINK - WINDOW) // GROUP, 0).to(tl.int32)
         if (bh == 0) & (pid == 0):
             tl.store(NPos, nqg.to(tl.int64) * GROUP - 1)
-        g = tl.arange(0, BLOCK_G)
+        NB: tl.constexpr = BLOCK_P // STACK
+        M: tl.constexpr = STACK * GP
+        g = tl.arange(0, GP)
         r = tl.arange(0, BLOCK_R)
         HG: tl.constexpr = GROUP // 2
         idx = tl.load(IDX + bh * D + r, mask=r < R, other=0)                          # (BLOCK_R,)
         qr = tl.load(Q + (bh * G + g[:, None]) * D + idx[None, :], mask=(g[:, None] < G) & (r[None, :] < R),
-                     other=0.0).to(tl.float32)                                        # (BLOCK_G, BLOCK_R)
-        tau = tl.load(TAU + bh * BLOCK_G + g) * scale
+                     other=0.0).to(tl.float32)                                        # (GP, BLOCK_R)
         p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-        ok = p < nqg
         pc = tl.minimum(p, MG - 1)
         m = tl.arange(0, HG)
         b = tl.load(SK + ((bh * D + idx) * CAPH)[None, :, None] + (pc * HG)[:, None, None] + m[None, None, :],
@@ -112,8 +116,8 @@ if triton is not None:
             t = tl.sum(tl.sum(b, 2).to(tl.float32) + sc + z, 1)
             tl.store(S + bh * MG + p, t, mask=p < MG)
             return
-        qs = (qr[None, :, :] * sc[:, None, :]).to(tl.float16)                          # (BLOCK_P, BLOCK_G, BLOCK_R)
-        qz = tl.sum(qr[None, :, :] * z[:, None, :], 2)                                  # (BLOCK_P, BLOCK_G)
+        qs = qr[None, :, :] * sc[:, None, :]                                           # (BLOCK_P, GP, BLOCK_R)
+        qz = tl.sum(qr[None, :, :] * z[:, None, :], 2)                                  # (BLOCK_P, GP)
         if CVT == 0:
             c0 = (b & 15).to(tl.float16)
             c1 = (b >> 4).to(tl.float16)
@@ -124,19 +128,27 @@ if triton is not None:
                 c0 = c0 - 1024.0
                 c1 = c1 - 1024.0
             else:
-                qz -= 1024.0 * tl.sum(qs.to(tl.float32), 2)
-        l0 = tl.dot(qs, c0)                                                            # (BLOCK_P, BLOCK_G, g/2)
-        l1 = tl.dot(qs, c1)
-        mx = tl.maximum(tl.max(l0, 2), tl.max(l1, 2))                                 # (BLOCK_P, BLOCK_G)
-        t2 = tau[None, :]
+                qz -= 1024.0 * tl.sum(qs.to(tl.float16).to(tl.float32), 2)
+        s = tl.arange(0, STACK)
+        eye = s[:, None] == s[None, :]
+        a = tl.where(eye[None, :, None, :, None], tl.reshape(qs, (NB, STACK, GP, BLOCK_R))[:, :, :, None, :], 0.0)
+        a = tl.reshape(a.to(tl.float16), (NB, M, STACK * BLOCK_R))                   # block-diagonal queries
+        l0 = tl.dot(a, tl.reshape(c0, (NB, STACK * BLOCK_R, HG)))                     # (NB, M, g/2)
+        l1 = tl.dot(a, tl.reshape(c1, (NB, STACK * BLOCK_R, HG)))
+        mx = tl.maximum(tl.max(l0, 2), tl.max(l1, 2))                                 # (NB, M): row = (group, query)
+        i = tl.arange(0, M)
+        t2 = tl.load(TAU + bh * BLOCK_G + i % GP) * scale                             # (M,)
+        pr = pid * BLOCK_P + tl.arange(0, NB)[:, None] * STACK + (i // GP)[None, :]     # (NB, M): the group
+        gr = (i % GP)[None, :]
+        v = (mx + tl.reshape(qz, (NB, M))) * t2[None, :]
         if MASS:
-            e = tl.sum(tl.exp((l0 - mx[:, :, None]) * t2[:, :, None]), 2) + \
-                tl.sum(tl.exp((l1 - mx[:, :, None]) * t2[:, :, None]), 2)
-            v = tl.where(ok[:, None], (mx + qz) * t2 + tl.log(e), float("-inf"))
-            tl.store(S + (bh * MG + p[:, None]) * G + g[None, :], v, mask=(p[:, None] < MG) & (g[None, :] < G))
+            e = tl.sum(tl.exp((l0 - mx[:, :, None]) * t2[None, :, None]), 2) + \
+                tl.sum(tl.exp((l1 - mx[:, :, None]) * t2[None, :, None]), 2)
+            v = tl.where(pr < nqg, v + tl.log(e), float("-inf"))
+            tl.store(S + (bh * MG + pr) * G + gr, v, mask=(pr < MG) & (gr < G))
         else:
-            v = tl.max(tl.where(g[None, :] < G, (mx + qz) * t2, float("-inf")), 1)
-            tl.store(S + bh * MG + p, tl.where(ok, v, float("-inf")), mask=p < MG)
+            v = tl.max(tl.reshape(tl.where(gr < G, v, float("-inf")), (BLOCK_P, GP)), 1)
+            tl.store(S + bh * MG + p, tl.where(p < nqg, v, float("-inf")), mask=p < MG)
 
 
 def sketch_update(planes: list, ks, kz, sk, sz, length, *, group: int, sink: int, window: int) -> None:
@@ -178,9 +190,43 @@ def prepare(q, planes, ks, kz, sk, sz, length, *, group: int, sink: int, window:
     return idx, tau
 
 
+_CUDA: dict = {}
+CUDA_THREADS = 256
+CUDA_WPT = 4            # 32-bit words (8 tokens each) of a channel a thread
+
+
+def cuda_score_kernel(*, D: int, G: int, R: int, group: int, sink: int, window: int, bf16: bool,
+                      threads: int = CUDA_THREADS, wpt: int = CUDA_WPT):
+    """The CUDA score (`quest_sparq.cu`, rank=max) for one layout, built by NVRTC once; None where it
+    cannot be (no NVRTC, or it refused the source: a warning says why, and the Triton score is used)."""
+    key = (D, G, R, group, sink, window, bf16, threads, wpt)
+    if key not in _CUDA:
+        try:
+            from pathlib import Path
+
+            from torch.cuda import _compile_kernel
+            src = "".join(f"#define {k} {v}\n" for k, v in dict(D=D, G=G, R=R, GROUP=group, SINK=sink, WINDOW=window,
+                                                               QBF16=int(bf16), NT=threads, WPT=wpt).items())
+            _CUDA[key] = _compile_kernel(src + Path(__file__).with_name("quest_sparq.cu").read_text(), "sparq_score")
+        except (ImportError, OSError, RuntimeError) as e:   # no NVRTC, or it refused the source
+            import warnings
+            warnings.warn(f"CUDA SparQ score not built ({str(e).splitlines()[0] if str(e) else e!r}); "
+                          f"using the Triton score")
+            _CUDA[key] = None
+    return _CUDA[key]
+
+
+def _cuda_ok(q, sk, sz, group: int, rank: str, probe: int) -> bool:
+    """Where the CUDA score applies: rank=max on a GPU, fp16/bf16 queries, groups of 8·2^k tokens."""
+    wpg = group // 8
+    return (rank == "max" and not probe and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and group % 8 == 0 and 0 < wpg <= 32 and wpg & (wpg - 1) == 0 and sk.is_contiguous()
+            and sk.shape[-1] % 4 == 0 and sk.data_ptr() % 4 == 0 and sz.is_contiguous() and sz.dtype == torch.float16)
+
+
 def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window: int, channels: int, scale: float,
                        rank: str = "max", block_p: int = 8, warps: int = 2, cvt: int = 0, probe: int = 0,
-                       weight=None):
+                       weight=None, stack: bool = True, impl: str | None = None, wpt: int = CUDA_WPT):
     """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau); the reference, on the CPU,
     picks the same channels itself): → (scores (B, Hkv, MG) for rank=max or lse (B, Hkv, MG, G) for
     rank=mass, npos (1,) int64). cvt: the code-to-fp16 conversion (`_sparq_score_kernel`'s CVT; 1 and 2
@@ -196,9 +242,25 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
     out = torch.empty((B, H, MG, G) if mass else (B, H, MG), device=q.device, dtype=torch.float32)
     npos = torch.empty(1, device=q.device, dtype=torch.int64)
     idx, tau = sel
+    if impl != "triton" and _cuda_ok(q, sk, sz, group, rank, probe):
+        wpt = min(wpt, group // 8)
+        kern = cuda_score_kernel(D=D, G=G, R=channels, group=group, sink=sink, window=window,
+                                 bf16=q.dtype == torch.bfloat16, wpt=wpt)
+        if kern is not None:
+            gpb = CUDA_THREADS // (group // 8 // wpt)
+            kern(grid=(triton.cdiv(MG, gpb), B * H, 1), block=(CUDA_THREADS, 1, 1),
+                 args=[q.contiguous(), sk, sz, _pos(length, q.device).long(), idx, tau, out, npos, int(sk.shape[-1]),
+                       int(MG), float(scale), int(tau.shape[1])])
+            return out, npos
+    if impl == "cuda":
+        raise ValueError("the CUDA SparQ score needs rank=max, a CUDA GPU with NVRTC, fp16/bf16 queries and "
+                         "groups of 8·2^k tokens")
+    gp = triton.next_power_of_2(G) if stack and G < 16 else tau.shape[1]
+    st = max(1, 16 // gp)
+    block_p = max(block_p, st)
     _sparq_score_kernel[(B * H, triton.cdiv(MG, block_p))](
         q.contiguous(), sk, sz, _pos(length, q.device), idx, tau, out, npos, sk.shape[-1], MG, scale, SINK=sink,
-        WINDOW=window, GROUP=group, G=G, D=D, R=channels, BLOCK_G=tau.shape[1],
+        WINDOW=window, GROUP=group, G=G, D=D, R=channels, BLOCK_G=tau.shape[1], GP=gp, STACK=st,
         BLOCK_R=max(16, triton.next_power_of_2(channels)), BLOCK_P=block_p, MASS=mass, PROBE=probe, CVT=cvt,
         num_warps=warps)
     return out, npos

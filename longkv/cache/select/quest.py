@@ -70,8 +70,9 @@ from ..registry import register
                                           "CUDA kernel; faster (3x full at 1/8, 512K, 8B shape) but a coarser "
                                           "bound than 16-token pages: fewer needles found"),
                   "channels": (float, 0.0, "with groups=1 over 4-bit storage: score the key groups from this "
-                                           "fraction of the channels, those where the query is largest (SparQ), "
-                                           "read from a channel-major copy of the key codes (+1/8 of bf16 keys); "
+                                           "fraction of the channels (at least 16, or all), those where the query is "
+                                           "largest (SparQ), read from a channel-major copy of the key codes "
+                                           "(+1/8 of bf16 keys); "
                                            "ranked by `rank` (rank=max found more needles). 0 = Quest's bound"),
                   "fit": (int, 8192, "weigh: the prompt tokens whose keys give the channel weights (the first "
                                      "`fit`)"),

@@ -32,14 +32,14 @@ range a token and no outliers (the CUDA kernel's layout); elsewhere the same ste
 
 `channels=F` (with groups=1 over 4-bit storage): the groups are scored SparQ's way instead of by the
 bound (Ribar et al., arXiv 2312.04985; `kernels/quest_sparq.py`): every token's logit is estimated from
-the F·D channels where the query group's |q| is largest, read from a channel-major copy of the key codes
-(+1/8 of bf16 keys' bytes, written as groups flush), and a group ranks by its largest estimate
-(`rank=max`) or its attention mass (`rank=mass`). On smollm2-135m at 8x, rank=max finds the NIAH
-needles the bound loses (9/10 = full's); RULER-style multi-key/multi-value tasks need channels=0.25 there
-(16 of 64 channels: 79.2 = full's mean over 4K/8K; 0.125 scores 37.5). A sparse layer is then 6 launches
-(the first writes the copy's newest group and picks the channels). H200, 8B shape, 512K, channels=0.125:
-2.74x full's decode speed at 1/8, 2.99x at 1/32 (the bound alone: 3.06x); BENCHMARKS.md, issue 5,
-session 14.
+the F·D channels where the query group's |q| is largest (at least 16, or all D: the score's dot reads 16
+anyway), read from a channel-major copy of the key codes (+1/8 of bf16 keys' bytes, written as groups
+flush), and a group ranks by its largest estimate (`rank=max`) or its attention mass (`rank=mass`). On
+smollm2-135m at 8x, rank=max finds the NIAH needles the bound loses (9/10 = full's); its RULER-style
+multi-key/multi-value tasks need 16 of its 64 channels (79.2 = full's mean over 4K/8K; 8 channels scored
+37.5, hence the floor). A sparse layer is then 6 launches (the first writes the copy's newest group and
+picks the channels). H200, 8B shape, 512K, channels=0.125: 2.74x full's decode speed at 1/8, 2.99x at
+1/32 (the bound alone: 3.06x); BENCHMARKS.md, issue 5, session 14.
 
 `weigh=1` (with channels=F): the channels are chosen by Σ_g |q_g| times the keys' root mean square along
 each channel (Σ k² of the prompt's first `fit` post-RoPE keys, summed as prefill chunks arrive), so a
@@ -69,6 +69,8 @@ from ...models.rope import apply_rope
 from ..base import Cache
 from ..compose import make_storage
 from .quest import QuestCache
+
+MIN_CHANNELS = 16   # channels=F reads at least this many channels (or all D)
 
 
 class QuestStorageCache(QuestCache):
@@ -114,7 +116,9 @@ class QuestStorageCache(QuestCache):
             self.k_pages = max(1, -(-keep // P))
             self.dense = [i < self.dense_layers or s.window is not None for i, s in enumerate(specs)]
         # channels: SparQ scores from a channel-major copy of the key codes (kernels/quest_sparq.py)
-        self.channels = [max(1, math.ceil(channels * s.head_dim)) if channels else 0 for s in specs]
+        # (at least MIN_CHANNELS: the score's dot reads 16 channels anyway, and 8 of smollm2's 64 lose needles)
+        self.channels = [min(s.head_dim, max(MIN_CHANNELS, math.ceil(channels * s.head_dim))) if channels else 0
+                         for s in specs]
         self.fit, self.fitted = int(fit), [0] * len(specs)
         self.sketch, self.sz, self.ksq, self.wch = [], [], [], []
         for i, s in enumerate(specs):

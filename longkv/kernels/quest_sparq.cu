@@ -1,0 +1,114 @@
+// SparQ group scores (rank=max) from the channel-major 4-bit key copy: the CUDA source of
+// `quest_sparq.py`'s "cuda" score (see there). Compiled by NVRTC through torch.cuda._compile_kernel with a
+// block of #defines in front: D, G, R, GROUP, SINK, WINDOW, QBF16, NT, WPT.
+//
+// WPG / WPT threads a key group (WPT 32-bit words each: 8 codes of one channel, 8 tokens, a word), the R
+// chosen channels in a loop. A word's nibbles become four fp16 pairs by one LOP3 each (0x6400 | c is the fp16 1024 + c)
+// and a subtraction; each query's q∘s (the group's scale folded in, fp16) multiplies them in packed
+// fp16 FMAs (fp16 sums over the R channels: ~1e-3 of their size), q·z is added in fp32 after the max
+// over the group's tokens. No layout conversion and no padding of a small query group (G = 4) to 16.
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef long long i64;
+
+#define WPG (GROUP / 8)            /* 32-bit words of one channel of one group */
+#define TPG (WPG / WPT)            /* threads a group */
+#define GPB (NT / TPG)             /* groups a block */
+#define NEG_INF (__int_as_float(0xff800000))
+
+__device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ float q2f(u16 h) {
+#if QBF16
+  return __uint_as_float(((u32)h) << 16);
+#else
+  return h2f(h);
+#endif
+}
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+  u32 r; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r;
+}
+__device__ __forceinline__ u32 lop_or(u32 a, u32 b, u32 c) {      /* (a & b) | c, one LOP3 */
+  u32 r; asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
+}
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
+  u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s)); return r;
+}
+__device__ __forceinline__ u32 hsub2(u32 a, u32 b) { u32 r; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) { u32 r; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+  u32 r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
+}
+__device__ __forceinline__ u32 hmax2(u32 a, u32 b) { u32 r; asm("max.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
+
+/* Q (B·Hkv·G, D) the step's queries; SK (B·Hkv, D, CAPH) bytes (byte m of a group's channel: tokens 2m, 2m + 1);
+   SZ (B·Hkv, D, MG) fp16 pairs (scale, zero); IDX (B·Hkv, D) channels by rank (`prepare`); TAU (B·Hkv, TS)
+   1 / sqrt(share). S (B·Hkv, MG): each quantized group's largest estimated logit over its tokens and the
+   row's queries, times scale and tau; -inf past the npos groups held; NPos = nqg · GROUP - 1. */
+extern "C" __global__ void __launch_bounds__(NT) sparq_score(
+    const u16* __restrict__ Q, const unsigned char* __restrict__ SK, const u32* __restrict__ SZ,
+    const i64* __restrict__ Len, const int* __restrict__ IDX, const float* __restrict__ TAU, float* __restrict__ S,
+    i64* __restrict__ NPos, int CAPH, int MG, double scale_d, int TS) {
+  const float scale = (float)scale_d;   /* torch passes a Python float as a double */
+  const int bh = blockIdx.y;
+  const int lane = threadIdx.x % TPG;
+  const int p = blockIdx.x * GPB + threadIdx.x / TPG;
+  const i64 len = Len[0] - 1 - SINK - WINDOW;
+  const int nqg = len > 0 ? (int)(len / GROUP) : 0;
+  if (bh == 0 && blockIdx.x == 0 && threadIdx.x == 0) NPos[0] = (i64)nqg * GROUP - 1;
+  __shared__ u32 qh[R][G];          /* q of the chosen channels, as fp16 pairs (q, q) */
+  __shared__ float qf[R][G];
+  __shared__ int ch[R];
+  for (int i = threadIdx.x; i < R * G; i += NT) {
+    const int r = i / G, g = i % G;
+    const int c = IDX[bh * D + r];
+    const float v = q2f(Q[((i64)bh * G + g) * D + c]);
+    qf[r][g] = v;
+    qh[r][g] = pack2(v, v);
+    if (g == 0) ch[r] = c;
+  }
+  __syncthreads();
+  const int pc = p < MG ? p : MG - 1;
+  u32 acc[G][4 * WPT];
+  float qz[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    qz[g] = 0.f;
+#pragma unroll
+    for (int k = 0; k < 4 * WPT; ++k) acc[g][k] = 0u;
+  }
+  const u32 bias = 0x64006400u;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const i64 row = (i64)bh * D + ch[r];
+    const u32* wp = reinterpret_cast<const u32*>(SK + row * CAPH + (i64)pc * (GROUP / 2)) + lane * WPT;
+    const u32 sz = SZ[row * MG + pc];
+    const u32 s2 = prmt(sz, sz, 0x1010);      /* (s, s) */
+    const float z = h2f((u16)(sz >> 16));
+    u32 c[4 * WPT];                            /* nibbles (k, k + 4) of each word (the max ignores token order) */
+#pragma unroll
+    for (int j = 0; j < WPT; ++j) {
+      const u32 w = wp[j];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) c[4 * j + k] = hsub2(lop_or(w >> (4 * k), 0x000F000Fu, bias), bias);
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const u32 qs = hmul2(qh[r][g], s2);
+      qz[g] += qf[r][g] * z;
+#pragma unroll
+      for (int k = 0; k < 4 * WPT; ++k) acc[g][k] = hfma2(qs, c[k], acc[g][k]);
+    }
+  }
+  float best = NEG_INF;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    u32 m2 = acc[g][0];
+#pragma unroll
+    for (int k = 1; k < 4 * WPT; ++k) m2 = hmax2(m2, acc[g][k]);
+    float m = fmaxf(h2f((u16)m2), h2f((u16)(m2 >> 16)));
+#pragma unroll
+    for (int o = TPG / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o, TPG));
+    best = fmaxf(best, (m + qz[g]) * (TAU[bh * TS + g] * scale));
+  }
+  if (lane == 0 && p < MG) S[(i64)bh * MG + p] = p < nqg ? best : NEG_INF;
+}
