@@ -24,8 +24,8 @@
 #   massgrid  issue 5: gemma3 NIAH 16K x 8 depths x SEEDS: full, quest 8x rerank=8 (max / mass), rerank=4 mass
 #   gemmagrid issue 5: gemma3 16K NIAH (8 depths) + RULER-style, every method at 2x/4x/8x, one report
 #   gemma8x   issue 5: gemma3 full vs quest 8x (rerank=8, mass): NIAH 16K/32K x 3 samples, RULER-style 16K
-#   sparq512  issue 5: the sparq GPU tests, sparq_probe (code conversions), 512K decode: full, groups,
-#             sparq 1/8 (|q| and weigh=1), 1/8 at channels=0.25
+#   sparq512  issue 5: the sparq GPU tests (Triton and CUDA scores), sparq_probe, decode at 128K and 512K:
+#             full, groups 1/8, sparq weigh=1 1/8 and 1/32
 #
 # ext, gemma and sparse need real weights: benchmarks/device_setup.sh install first (same warm machine).
 # Calls made on the H200 (2026-12-03): [copy x5], [copy; install; ext], [quest512 hfquant],
@@ -82,6 +82,8 @@
 # dot], [tests + sparq_probe.py + sparse_decode.py 512k: CUDA-core FMA vs dot], [sparse_decode.py 512k
 # --no-breakdown full, groups, sparq 1/8, 1/32] (final). Three starts refused; device time then spent.
 # Session 15 (2026-12-04/05): no calls (no device machine was lent); `sparq512` is written for the next.
+# Session 16 (2026-12-05): [sparq512], [tests + sparq_probe (stacks, cvts) + 512K decode by hand], two
+# calls of the same after the CUDA score (the first of them with two bugs in it); five starts refused.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -158,9 +160,9 @@ step() {
     sparq512)  # the sparq kernels' GPU tests, the score's code conversions, then 512K decode rows
       (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q tests/test_quant_paged.py -k "sparq or prepare or weigh") \
         > "$OUT/sparq_tests.log" 2>&1; echo "sparq tests: $(tail -n 1 "$OUT/sparq_tests.log")" >&2
-      bench sparq_probe 120 $PY sparq_probe.py --context 512k --variants 8:2,8:4,16:4 --reps 100
-      bench sparq512 300 $PY sparse_decode.py --contexts 512k --layers 32 --no-breakdown \
-        --only "full,kv4+quest 1/8 groups,kv4+quest 1/8 sparq,kv4+quest 1/8 sparq weigh,kv4+quest 1/8 sparq 0.25" ;;
+      bench sparq_probe 120 $PY sparq_probe.py --context 512k --variants 8:2,16:4 --cvts 1 --reps 100
+      bench sparq512 300 $PY sparse_decode.py --contexts 128k,512k --layers 32 --no-breakdown \
+        --only "full,kv4+quest 1/8 groups,kv4+quest 1/8 sparq weigh,kv4+quest 1/32 sparq weigh" ;;
     *) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2 ;;
   esac
 }

@@ -24,6 +24,8 @@ def main():
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--variants", default="4:4,8:2,8:4,16:4,16:8,32:8", help="block_p:warps,...")
     ap.add_argument("--cvts", default="0,1,2", help="code-to-fp16 conversions to time (quest_sparq CVT)")
+    ap.add_argument("--cuda", default="1:1:256,2:1:256,4:1:256,8:1:256",
+                    help="CUDA score launches to time, wpt:minb:threads,... (quest_sparq.cu WPT, MINB, NT)")
     ap.add_argument("--stacks", default="1,0", help="1: groups stacked into one dot (quest_sparq STACK); 0: one a dot")
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -48,10 +50,11 @@ def main():
                         dev) * 1e3
         rows.append(dict(rank="-", what=f"prepare{'' if sketch else ' (no sketch)'}", block_p=0, warps=w,
                          us=round(us, 1), TBps=None))
-    for wpt in (1, 2, 4, 8):
-        us = graph_time(lambda: qs.sparq_group_scores(q, sk, sz, n, sel, rank="max", impl="cuda", wpt=wpt,
-                                                      scale=D ** -0.5, **kw), a.reps, dev) * 1e3
-        rows.append(dict(rank="max", what=f"score cuda wpt={wpt}", block_p=0, warps=qs.CUDA_THREADS // 32,
+    for cfg in a.cuda.split(","):
+        wpt, minb, nt = (int(x) for x in cfg.split(":"))
+        us = graph_time(lambda: qs.sparq_group_scores(q, sk, sz, n, sel, rank="max", impl="cuda", wpt=wpt, minb=minb,
+                                                      threads=nt, scale=D ** -0.5, **kw), a.reps, dev) * 1e3
+        rows.append(dict(rank="max", what=f"score cuda {cfg}", block_p=0, warps=nt // 32,
                          us=round(us, 1), TBps=round(nbytes / us / 1e6, 2)))
     for rank in ("max", "mass"):
         for v in a.variants.split(","):

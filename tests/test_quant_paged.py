@@ -357,8 +357,8 @@ def test_sparq_cuda_score_matches_reference(G, channels, length, group):
         args = _to("cuda", qd, sk, sz, n)
         sel = ks.prepare(args[0], None, None, None, *args[1:], group=group, sink=sink, window=window,
                          channels=channels, sketch=False)
-        for wpt in (1, 2, 4, 8):
-            got, gpos = ks.sparq_group_scores(*args, sel, impl="cuda", wpt=wpt, **kw)
+        for wpt, minb, nt in ((1, 1, 256), (2, 3, 256), (4, 1, 128), (8, 1, 64), (4, 2, 256)):
+            got, gpos = ks.sparq_group_scores(*args, sel, impl="cuda", wpt=wpt, minb=minb, threads=nt, **kw)
             got, gpos = got.cpu(), gpos.cpu()
             fin = torch.isfinite(want)
             assert torch.equal(gpos, wpos) and got.shape == want.shape and torch.equal(fin, torch.isfinite(got))

@@ -44,7 +44,10 @@ __device__ __forceinline__ u32 hmax2(u32 a, u32 b) { u32 r; asm("max.f16x2 %0, %
    SZ (B·Hkv, D, MG) fp16 pairs (scale, zero); IDX (B·Hkv, D) channels by rank (`prepare`); TAU (B·Hkv, TS)
    1 / sqrt(share). S (B·Hkv, MG): each quantized group's largest estimated logit over its tokens and the
    row's queries, times scale and tau; -inf past the npos groups held; NPos = nqg · GROUP - 1. */
-extern "C" __global__ void __launch_bounds__(NT) sparq_score(
+#ifndef MINB
+#define MINB 1                     /* blocks an SM the registers must allow (__launch_bounds__) */
+#endif
+extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
     const u16* __restrict__ Q, const unsigned char* __restrict__ SK, const u32* __restrict__ SZ,
     const i64* __restrict__ Len, const int* __restrict__ IDX, const float* __restrict__ TAU, float* __restrict__ S,
     i64* __restrict__ NPos, int CAPH, int MG, double scale_d, int TS) {

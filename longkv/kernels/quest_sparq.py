@@ -13,18 +13,24 @@ token's D codes together. So the layer keeps a channel-major copy of its 4-bit k
 fp16 (the group's scale and zero of that channel). A sparse layer's step: `_prep_kernel` (one program a
 row) writes the copy's last flushed group (idempotent; the group the append + flush kernel just completed;
 prefill writes whole ranges in torch) and picks the channels once (one `tl.sort` of 128 keys), then
-`_sparq_score_kernel` reads R = D/8 channels' codes of every group: 1/8 of the key codes plus their
-statistics.
+the score reads R channels' codes of every group (R = 16 of 128 on the 8B shape: 1/8 of the key codes)
+plus their statistics.
 
-H200, 8B shape, 512K, one layer (benchmarks/sparq_probe.py): prepare 5.5 µs; score 33 µs (rank=max; 65 with
-mass), of which the loads alone take 10 µs (37.7 MB, 3.8 TB/s), so the score is bound by its arithmetic,
-not its bytes. Tried on the way: the channel choice in every score program (28-107 µs by itself), one 2-D
-tile with a scale/zero load per code (~200 µs), a loop of one group a step (88 µs), CUDA-core FMAs in a
-3-D layout (41 µs); the batched tensor-core dot kept is the fastest.
+The score: for rank=max on a GPU with 16-bit queries, `quest_sparq.cu` (CUDA through NVRTC: a thread
+takes WPT words of a group's channel, nibble pairs to fp16 pairs by LOP3, packed fp16 FMAs, no tensor
+cores); otherwise `_sparq_score_kernel` (Triton: a batched tensor-core dot, 16/G groups stacked in one
+dot so a small query group fills its rows). H200, 8B shape, 512K, one layer (benchmarks/sparq_probe.py,
+BENCHMARKS.md issue 5, session 16): prepare 5.7 µs; the CUDA score 23.3 µs (WPT 4; 21.4 at 8), the
+Triton one 23-34 µs between calls (33 in session 14), rank=mass 39 µs stacked (61 one group a dot);
+the loads alone take 10 µs (37.7 MB). Tried on the way: the channel choice in every score program
+(28-107 µs by itself), one 2-D tile with a scale/zero load per code (~200 µs), a loop of one group a step
+(88 µs), Triton CUDA-core FMAs in a 3-D layout (41 µs), the codes to fp16 by 0x6400|c (CVT, ~2 µs).
 
 References: `quant_reference.sketch_groups`, `sparq_group_scores`.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -156,6 +162,8 @@ def sketch_update(planes: list, ks, kz, sk, sz, length, *, group: int, sink: int
     (a (1,) int64 device tensor) tokens are held (reference only; on a GPU `prepare` does it)."""
     n = torch.as_tensor(length, device=ks.device).reshape(-1)[-1]
     g1 = torch.clamp(n - sink - window, min=0) // group
+    if not g1.is_cuda:   # on the CPU the count can be read: convert the one group, not the masked layer
+        g1 = int(g1)
     ref.sketch_groups(planes, ks, kz, sk, sz, g1 - 1, g1, group=group)
 
 
@@ -191,22 +199,24 @@ def prepare(q, planes, ks, kz, sk, sz, length, *, group: int, sink: int, window:
 
 
 _CUDA: dict = {}
-CUDA_THREADS = 256
-CUDA_WPT = 4            # 32-bit words (8 tokens each) of a channel a thread
+# the CUDA score's launch: words (8 tokens each) of a channel a thread, blocks an SM the registers must
+# allow, threads a block; LONGKV_SPARQ_CUDA=wpt:minb:threads overrides them (benchmarks)
+CUDA_WPT, CUDA_MINB, CUDA_THREADS = (int(x) for x in os.environ.get("LONGKV_SPARQ_CUDA", "4:1:256").split(":"))
 
 
 def cuda_score_kernel(*, D: int, G: int, R: int, group: int, sink: int, window: int, bf16: bool,
-                      threads: int = CUDA_THREADS, wpt: int = CUDA_WPT):
+                      threads: int = CUDA_THREADS, wpt: int = CUDA_WPT, minb: int = CUDA_MINB):
     """The CUDA score (`quest_sparq.cu`, rank=max) for one layout, built by NVRTC once; None where it
     cannot be (no NVRTC, or it refused the source: a warning says why, and the Triton score is used)."""
-    key = (D, G, R, group, sink, window, bf16, threads, wpt)
+    key = (D, G, R, group, sink, window, bf16, threads, wpt, minb)
     if key not in _CUDA:
         try:
             from pathlib import Path
 
             from torch.cuda import _compile_kernel
             src = "".join(f"#define {k} {v}\n" for k, v in dict(D=D, G=G, R=R, GROUP=group, SINK=sink, WINDOW=window,
-                                                               QBF16=int(bf16), NT=threads, WPT=wpt).items())
+                                                               QBF16=int(bf16), NT=threads, WPT=wpt,
+                                                               MINB=minb).items())
             _CUDA[key] = _compile_kernel(src + Path(__file__).with_name("quest_sparq.cu").read_text(), "sparq_score")
         except (ImportError, OSError, RuntimeError) as e:   # no NVRTC, or it refused the source
             import warnings
@@ -226,7 +236,8 @@ def _cuda_ok(q, sk, sz, group: int, rank: str, probe: int) -> bool:
 
 def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window: int, channels: int, scale: float,
                        rank: str = "max", block_p: int = 8, warps: int = 2, cvt: int = 0, probe: int = 0,
-                       weight=None, stack: bool = True, impl: str | None = None, wpt: int = CUDA_WPT):
+                       weight=None, stack: bool = True, impl: str | None = None, wpt: int | None = None,
+                       minb: int | None = None, threads: int | None = None):
     """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau); the reference, on the CPU,
     picks the same channels itself): → (scores (B, Hkv, MG) for rank=max or lse (B, Hkv, MG, G) for
     rank=mass, npos (1,) int64). cvt: the code-to-fp16 conversion (`_sparq_score_kernel`'s CVT; 1 and 2
@@ -243,12 +254,12 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
     npos = torch.empty(1, device=q.device, dtype=torch.int64)
     idx, tau = sel
     if impl != "triton" and _cuda_ok(q, sk, sz, group, rank, probe):
-        wpt = min(wpt, group // 8)
+        wpt, minb, threads = min(wpt or CUDA_WPT, group // 8), minb or CUDA_MINB, threads or CUDA_THREADS
         kern = cuda_score_kernel(D=D, G=G, R=channels, group=group, sink=sink, window=window,
-                                 bf16=q.dtype == torch.bfloat16, wpt=wpt)
+                                 bf16=q.dtype == torch.bfloat16, wpt=wpt, minb=minb, threads=threads)
         if kern is not None:
-            gpb = CUDA_THREADS // (group // 8 // wpt)
-            kern(grid=(triton.cdiv(MG, gpb), B * H, 1), block=(CUDA_THREADS, 1, 1),
+            gpb = threads // (group // 8 // wpt)
+            kern(grid=(triton.cdiv(MG, gpb), B * H, 1), block=(threads, 1, 1),
                  args=[q.contiguous(), sk, sz, _pos(length, q.device).long(), idx, tau, out, npos, int(sk.shape[-1]),
                        int(MG), float(scale), int(tau.shape[1])])
             return out, npos

@@ -38,8 +38,9 @@ flush), and a group ranks by its largest estimate (`rank=max`) or its attention 
 smollm2-135m at 8x, rank=max finds the NIAH needles the bound loses (9/10 = full's); its RULER-style
 multi-key/multi-value tasks need 16 of its 64 channels (79.2 = full's mean over 4K/8K; 8 channels scored
 37.5, hence the floor). A sparse layer is then 6 launches (the first writes the copy's newest group and
-picks the channels). H200, 8B shape, 512K, channels=0.125: 2.74x full's decode speed at 1/8, 2.99x at
-1/32 (the bound alone: 3.06x); BENCHMARKS.md, issue 5, session 14.
+picks the channels). H200, 8B shape, 512K, channels=0.125,weigh=1 with the CUDA score: 2.82x full's
+decode speed at 1/8, 3.08x at 1/32 (the bound alone: 3.02x in the same run); BENCHMARKS.md, issue 5,
+session 16.
 
 `weigh=1` (with channels=F): the channels are chosen by Σ_g |q_g| times the keys' root mean square along
 each channel (Σ k² of the prompt's first `fit` post-RoPE keys, summed as prefill chunks arrive), so a
