@@ -14,6 +14,7 @@ import torch
 
 from . import sparse_reference as ref
 from .decode import _use_triton, triton
+from .nvrtc import build
 
 if triton is not None:
     import triton.language as tl
@@ -170,17 +171,8 @@ def block_kernel(agg: int | None = None, rk: int = 16):
     rk: keys a thread holds (rows up to 1024·rk pages)."""
     key = (agg, rk)
     if key not in _BLOCK:
-        try:
-            from pathlib import Path
-
-            from torch.cuda import _compile_kernel
-            src = ("" if agg is None else f"#define AGG {agg}\n") + f"#define RK {rk}\n"
-            _BLOCK[key] = _compile_kernel(src + Path(__file__).with_name("page_select.cu").read_text(), "page_select")
-        except (ImportError, OSError, RuntimeError) as e:   # no NVRTC, or it refused the source
-            import warnings
-            warnings.warn(f"CUDA page select not built ({str(e).splitlines()[0] if str(e) else e!r}); "
-                          f"using the Triton select")
-            _BLOCK[key] = None
+        _BLOCK[key] = build(dict(AGG=agg, RK=rk), ("page_select.cu",), "page_select", "CUDA page select",
+                            "the Triton select")
     return _BLOCK[key]
 
 

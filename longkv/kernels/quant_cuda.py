@@ -78,8 +78,9 @@ _MODULES: dict = {}
 
 
 def source() -> str:
-    """The kernels' CUDA source (read when first compiled, not at import); `defines` go in front."""
-    return Path(__file__).with_name("quant_cuda.cu").read_text()
+    """The kernels' CUDA source (read when first compiled, not at import): the shared PTX helpers
+    (`ptx.cuh`) and `quant_cuda.cu`; `defines` go in front."""
+    return "".join(Path(__file__).with_name(f).read_text() for f in ("ptx.cuh", "quant_cuda.cu"))
 
 
 def defines(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,

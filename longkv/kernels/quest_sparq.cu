@@ -1,44 +1,30 @@
 // SparQ group scores (rank=max) from the channel-major 4-bit key copy: the CUDA source of
 // `quest_sparq.py`'s "cuda" score (see there). Compiled by NVRTC through torch.cuda._compile_kernel with a
-// block of #defines in front: D, G, R, GROUP, SINK, WINDOW, QBF16, NT, WPT.
+// block of #defines in front (D, G, R, GROUP, SINK, WINDOW, QBF16, NT, WPT, MINB), then ptx.cuh.
 //
 // WPG / WPT threads a key group (WPT 32-bit words each: 8 codes of one channel, 8 tokens, a word), the R
-// chosen channels in a loop. A word's nibbles become four fp16 pairs by one LOP3 each (0x6400 | c is the fp16 1024 + c)
-// and a subtraction; each query's q∘s (the group's scale folded in, fp16) multiplies them in packed
+// chosen channels in a loop. A word's nibbles become four fp16 pairs by one LOP3 each (0x6400 | c is the
+// fp16 1024 + c) and a subtraction; each query's q∘s (the group's scale folded in, fp16) multiplies them in packed
 // fp16 FMAs (fp16 sums over the R channels: ~1e-3 of their size), q·z is added in fp32 after the max
 // over the group's tokens. No layout conversion and no padding of a small query group (G = 4) to 16.
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef long long i64;
 
 #define WPG (GROUP / 8)            /* 32-bit words of one channel of one group */
 #define TPG (WPG / WPT)            /* threads a group */
 #define GPB (NT / TPG)             /* groups a block */
 #define NEG_INF (__int_as_float(0xff800000))
 
-__device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
-__device__ __forceinline__ float q2f(u16 h) {
-#if QBF16
-  return __uint_as_float(((u32)h) << 16);
-#else
-  return h2f(h);
-#endif
+__device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
+  u32 r; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
 }
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
-  u32 r; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r;
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
+  u32 r; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
 }
-__device__ __forceinline__ u32 lop_or(u32 a, u32 b, u32 c) {      /* (a & b) | c, one LOP3 */
-  u32 r; asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
-}
-__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
-  u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s)); return r;
-}
-__device__ __forceinline__ u32 hsub2(u32 a, u32 b) { u32 r; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
-__device__ __forceinline__ u32 hmul2(u32 a, u32 b) { u32 r; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
 __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
   u32 r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
 }
-__device__ __forceinline__ u32 hmax2(u32 a, u32 b) { u32 r; asm("max.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
+__device__ __forceinline__ u32 hmax2(u32 a, u32 b) {
+  u32 r; asm("max.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
+}
 
 /* Q (B·Hkv·G, D) the step's queries; SK (B·Hkv, D, CAPH) bytes (byte m of a group's channel: tokens 2m, 2m + 1);
    SZ (B·Hkv, D, MG) fp16 pairs (scale, zero); IDX (B·Hkv, D) channels by rank (`prepare`); TAU (B·Hkv, TS)

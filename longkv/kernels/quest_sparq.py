@@ -36,6 +36,7 @@ import torch
 
 from . import quant_reference as ref
 from .decode import _use_triton, triton
+from .nvrtc import build
 from .page_select import _pos
 
 if triton is not None:
@@ -210,19 +211,9 @@ def cuda_score_kernel(*, D: int, G: int, R: int, group: int, sink: int, window: 
     cannot be (no NVRTC, or it refused the source: a warning says why, and the Triton score is used)."""
     key = (D, G, R, group, sink, window, bf16, threads, wpt, minb)
     if key not in _CUDA:
-        try:
-            from pathlib import Path
-
-            from torch.cuda import _compile_kernel
-            src = "".join(f"#define {k} {v}\n" for k, v in dict(D=D, G=G, R=R, GROUP=group, SINK=sink, WINDOW=window,
-                                                               QBF16=int(bf16), NT=threads, WPT=wpt,
-                                                               MINB=minb).items())
-            _CUDA[key] = _compile_kernel(src + Path(__file__).with_name("quest_sparq.cu").read_text(), "sparq_score")
-        except (ImportError, OSError, RuntimeError) as e:   # no NVRTC, or it refused the source
-            import warnings
-            warnings.warn(f"CUDA SparQ score not built ({str(e).splitlines()[0] if str(e) else e!r}); "
-                          f"using the Triton score")
-            _CUDA[key] = None
+        _CUDA[key] = build(dict(D=D, G=G, R=R, GROUP=group, SINK=sink, WINDOW=window, QBF16=int(bf16), NT=threads,
+                                WPT=wpt, MINB=minb), ("ptx.cuh", "quest_sparq.cu"), "sparq_score",
+                           "CUDA SparQ score", "the Triton score")
     return _CUDA[key]
 
 
