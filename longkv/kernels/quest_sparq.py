@@ -220,7 +220,7 @@ def cuda_score_kernel(*, D: int, G: int, R: int, group: int, sink: int, window: 
 def _cuda_ok(q, sk, sz, group: int, rank: str, probe: int) -> bool:
     """Where the CUDA score applies: rank=max on a GPU, fp16/bf16 queries, groups of 8·2^k tokens."""
     wpg = group // 8
-    return (rank == "max" and not probe and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return (rank == "max" and not probe and q.is_cuda and sz.shape[3] > 0 and q.dtype in (torch.float16, torch.bfloat16)
             and group % 8 == 0 and 0 < wpg <= 32 and wpg & (wpg - 1) == 0 and sk.is_contiguous()
             and sk.shape[-1] % 4 == 0 and sk.data_ptr() % 4 == 0 and sz.is_contiguous() and sz.dtype == torch.float16)
 
@@ -231,9 +231,11 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
                        minb: int | None = None, threads: int | None = None):
     """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau); the reference, on the CPU,
     picks the same channels itself): → (scores (B, Hkv, MG) for rank=max or lse (B, Hkv, MG, G) for
-    rank=mass, npos (1,) int64). cvt: the code-to-fp16 conversion (`_sparq_score_kernel`'s CVT; 1 and 2
-    are not yet timed on a GPU). weight: the channel weights, read only by the CPU reference (on a GPU
-    `prepare` has already chosen with them)."""
+    rank=mass, npos (1,) int64). impl: None = the CUDA score (`quest_sparq.cu`) where it applies
+    (`_cuda_ok`), else Triton; "cuda" or "triton" to insist. wpt / minb / threads: the CUDA launch (None =
+    CUDA_WPT, CUDA_MINB, CUDA_THREADS). Triton's: block_p, warps, cvt (the code-to-fp16 conversion, its
+    CVT), stack (groups stacked into one dot, its STACK). weight: the channel weights, read only by the
+    CPU reference (on a GPU `prepare` has already chosen with them)."""
     if not _use_triton(q):
         return ref.sparq_group_scores(q, sk, sz, length, group=group, sink=sink, window=window, channels=channels,
                                       scale=scale, rank=rank, weight=weight)
