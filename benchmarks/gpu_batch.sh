@@ -83,7 +83,8 @@
 # --no-breakdown full, groups, sparq 1/8, 1/32] (final). Three starts refused; device time then spent.
 # Session 15 (2026-12-04/05): no calls (no device machine was lent); `sparq512` is written for the next.
 # Session 16 (2026-12-05): [sparq512], [tests + sparq_probe (stacks, cvts) + 512K decode by hand], two
-# calls of the same after the CUDA score (the first of them with two bugs in it); five starts refused.
+# calls of the same after the CUDA score (the first of them with two bugs in it); six attempts refused, the
+# last for lack of device time (a MINB / block-size sweep of the CUDA score was ready for it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -160,7 +161,8 @@ step() {
     sparq512)  # the sparq kernels' GPU tests, the score's code conversions, then 512K decode rows
       (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q tests/test_quant_paged.py -k "sparq or prepare or weigh") \
         > "$OUT/sparq_tests.log" 2>&1; echo "sparq tests: $(tail -n 1 "$OUT/sparq_tests.log")" >&2
-      bench sparq_probe 120 $PY sparq_probe.py --context 512k --variants 8:2,16:4 --cvts 1 --reps 100
+      bench sparq_probe 120 $PY sparq_probe.py --context 512k --variants 8:2,16:4 --cvts 1 --reps 100 \
+        --cuda 4:1:256,4:2:256,4:1:128,4:1:64,2:3:256,2:1:128,2:1:64,8:1:64,8:1:128,1:1:128
       bench sparq512 300 $PY sparse_decode.py --contexts 128k,512k --layers 32 --no-breakdown \
         --only "full,kv4+quest 1/8 groups,kv4+quest 1/8 sparq weigh,kv4+quest 1/32 sparq weigh" ;;
     *) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2 ;;
