@@ -4,9 +4,10 @@
 //
 // WPG / WPT threads a key group (WPT 32-bit words each: 8 codes of one channel, 8 tokens, a word), the R
 // chosen channels in a loop. A word's nibbles become four fp16 pairs by one LOP3 each (0x6400 | c is the
-// fp16 1024 + c) and a subtraction; each query's q∘s (the group's scale folded in, fp16) multiplies them in packed
-// fp16 FMAs (fp16 sums over the R channels: ~1e-3 of their size), q·z is added in fp32 after the max
-// over the group's tokens. No layout conversion and no padding of a small query group (G = 4) to 16.
+// fp16 1024 + c) and a subtraction; each query's q∘s (the group's scale folded in, fp16) multiplies them
+// in packed fp16 FMAs (fp16 sums over the R channels: ~1e-3 of their size), q·z is added in fp32 after
+// the max over the group's tokens. No layout conversion and no padding of a small query group (G = 4).
+// MINB: the blocks an SM the registers must allow (__launch_bounds__).
 
 #define WPG (GROUP / 8)            /* 32-bit words of one channel of one group */
 #define TPG (WPG / WPT)            /* threads a group */
@@ -30,9 +31,6 @@ __device__ __forceinline__ u32 hmax2(u32 a, u32 b) {
    SZ (B·Hkv, D, MG) fp16 pairs (scale, zero); IDX (B·Hkv, D) channels by rank (`prepare`); TAU (B·Hkv, TS)
    1 / sqrt(share). S (B·Hkv, MG): each quantized group's largest estimated logit over its tokens and the
    row's queries, times scale and tau; -inf past the npos groups held; NPos = nqg · GROUP - 1. */
-#ifndef MINB
-#define MINB 1                     /* blocks an SM the registers must allow (__launch_bounds__) */
-#endif
 extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
     const u16* __restrict__ Q, const unsigned char* __restrict__ SK, const u32* __restrict__ SZ,
     const i64* __restrict__ Len, const int* __restrict__ IDX, const float* __restrict__ TAU, float* __restrict__ S,

@@ -202,7 +202,11 @@ def prepare(q, planes, ks, kz, sk, sz, length, *, group: int, sink: int, window:
 _CUDA: dict = {}
 # the CUDA score's launch: words (8 tokens each) of a channel a thread, blocks an SM the registers must
 # allow, threads a block; LONGKV_SPARQ_CUDA=wpt:minb:threads overrides them (benchmarks)
-CUDA_WPT, CUDA_MINB, CUDA_THREADS = (int(x) for x in os.environ.get("LONGKV_SPARQ_CUDA", "4:1:256").split(":"))
+_env = os.environ.get("LONGKV_SPARQ_CUDA", "4:1:256")
+try:
+    CUDA_WPT, CUDA_MINB, CUDA_THREADS = (int(x) for x in _env.split(":"))
+except ValueError:
+    raise ValueError(f"LONGKV_SPARQ_CUDA={_env!r}: expected wpt:minb:threads, e.g. 4:1:256") from None
 
 
 def cuda_score_kernel(*, D: int, G: int, R: int, group: int, sink: int, window: int, bf16: bool,

@@ -72,8 +72,8 @@ from ..registry import register
                   "channels": (float, 0.0, "with groups=1 over 4-bit storage: score the key groups from this "
                                            "fraction of the channels (at least 16, or all), those where the query is "
                                            "largest (SparQ), read from a channel-major copy of the key codes "
-                                           "(+1/8 of bf16 keys); "
-                                           "ranked by `rank` (rank=max found more needles). 0 = Quest's bound"),
+                                           "(+1/8 of bf16 keys); ranked by `rank` (rank=max found more needles). "
+                                           "0 = Quest's bound"),
                   "fit": (int, 8192, "weigh: the prompt tokens whose keys give the channel weights (the first "
                                      "`fit`)"),
                   "weigh": (bool, False, "channels=F: choose the channels by |q| times the keys' root mean square "
