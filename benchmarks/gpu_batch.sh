@@ -25,7 +25,8 @@
 #   gemmagrid issue 5: gemma3 16K NIAH (8 depths) + RULER-style, every method at 2x/4x/8x, one report
 #   gemma8x   issue 5: gemma3 full vs quest 8x (rerank=8, mass): NIAH 16K/32K x 3 samples, RULER-style 16K
 #   sparq512  issue 5: the sparq GPU tests (Triton and CUDA scores), sparq_probe, decode at 128K and 512K:
-#             full, groups 1/8, sparq weigh=1 1/8 and 1/32
+#             full, groups 1/8, sparq weigh=1 1/8 and 1/32 (the sparq rows also with LAUNCHES, CUDA score
+#             launches wpt:minb:threads:vec)
 #
 # ext, gemma and sparse need real weights: benchmarks/device_setup.sh install first (same warm machine).
 # Calls made on the H200 (2026-12-03): [copy x5], [copy; install; ext], [quest512 hfquant],
@@ -161,10 +162,11 @@ step() {
     sparq512)  # the sparq kernels' GPU tests, the score's code conversions, then 512K decode rows
       (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q tests/test_quant_paged.py -k "sparq or prepare or weigh") \
         > "$OUT/sparq_tests.log" 2>&1; echo "sparq tests: $(tail -n 1 "$OUT/sparq_tests.log")" >&2
-      bench sparq_probe 120 $PY sparq_probe.py --context 512k --variants 8:2,16:4 --cvts 1 --reps 100 \
-        --cuda 4:1:256,4:2:256,4:1:128,4:1:64,2:3:256,2:1:128,2:1:64,8:1:64,8:1:128,1:1:128
+      bench sparq_probe 150 $PY sparq_probe.py --context 512k --variants 8:2 --cvts 1 --stacks 1 --reps 100 \
+        --cuda 4:1:256:0,4:1:256:1,4:2:256:0,4:2:256:1,4:1:128:1,2:3:256:1,2:1:128:1,8:1:64:1,8:2:128:1,1:1:128:0
       bench sparq512 300 $PY sparse_decode.py --contexts 128k,512k --layers 32 --no-breakdown \
-        --only "full,kv4+quest 1/8 groups,kv4+quest 1/8 sparq weigh,kv4+quest 1/32 sparq weigh" ;;
+        --only "full,kv4+quest 1/8 groups,kv4+quest 1/8 sparq weigh,kv4+quest 1/32 sparq weigh" \
+        --cuda-launches ${LAUNCHES:-4:1:256:1,4:2:256:1,2:3:256:1,8:1:64:1} ;;
     *) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2 ;;
   esac
 }

@@ -1,6 +1,8 @@
 """One layer's SparQ group scoring (`kv4+quest:groups=1,channels=F`, kernels/quest_sparq.py) on synthetic
 data, variant by variant: block of groups, warps, rank, and a probe that stops after the loads, so the time
-splits into its parts. Also the step's first launch (`prepare`: the sketch write and the channel choice). Each call replayed in a CUDA graph (common.graph_time).
+splits into its parts. The scores read `--copies` layers' codes in turn, so the L2 cannot hold them (as in
+decode). Also the step's first launch (`prepare`: the sketch write and the channel choice). Each call
+replayed in a CUDA graph (common.graph_time).
 
     python benchmarks/sparq_probe.py --context 512k
 
@@ -24,8 +26,11 @@ def main():
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--variants", default="4:4,8:2,8:4,16:4,16:8,32:8", help="block_p:warps,...")
     ap.add_argument("--cvts", default="0,1,2", help="code-to-fp16 conversions to time (quest_sparq CVT)")
-    ap.add_argument("--cuda", default="1:1:256,2:1:256,4:1:256,8:1:256",
-                    help="CUDA score launches to time, wpt:minb:threads,... (quest_sparq.cu WPT, MINB, NT)")
+    ap.add_argument("--cuda", default="1:1:256:0,2:1:256:1,4:1:256:0,4:1:256:1,8:1:256:1",
+                    help="CUDA score launches to time, wpt:minb:threads:vec,... (quest_sparq.cu WPT, MINB, NT, VEC)")
+    ap.add_argument("--copies", type=int, default=4,
+                    help="layers' worth of codes, scored in turn in each timed call (4 x 37.7 MB at 512K: more than "
+                         "the L2, as in decode; 1 = one layer replayed, which the L2 may hold)")
     ap.add_argument("--stacks", default="1,0", help="1: groups stacked into one dot (quest_sparq STACK); 0: one a dot")
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -35,8 +40,10 @@ def main():
     MG = T // group
     R = max(1, round(a.channels * D))
     gen = torch.Generator(device=dev).manual_seed(0)
-    sk = torch.randint(0, 256, (1, H, D, T // 2), device=dev, dtype=torch.uint8, generator=gen)
-    sz = (torch.rand(1, H, D, MG, 2, device=dev, generator=gen) * 0.2).half()
+    sks = [torch.randint(0, 256, (1, H, D, T // 2), device=dev, dtype=torch.uint8, generator=gen)
+           for _ in range(a.copies)]
+    szs = [(torch.rand(1, H, D, MG, 2, device=dev, generator=gen) * 0.2).half() for _ in range(a.copies)]
+    sk, sz = sks[0], szs[0]
     q = torch.randn(1, Hq, 1, D, device=dev, dtype=torch.bfloat16, generator=gen)
     n = torch.tensor([T], device=dev)
     kw = dict(group=group, sink=4, window=128, channels=R)
@@ -50,10 +57,14 @@ def main():
                         dev) * 1e3
         rows.append(dict(rank="-", what=f"prepare{'' if sketch else ' (no sketch)'}", block_p=0, warps=w,
                          us=round(us, 1), TBps=None))
+    def each(fn):   # fn(sk, sz) on every copy: the time of one is the call's / copies
+        return lambda: [fn(k, z) for k, z in zip(sks, szs)]
+
     for cfg in a.cuda.split(","):
-        wpt, minb, nt = (int(x) for x in cfg.split(":"))
-        us = graph_time(lambda: qs.sparq_group_scores(q, sk, sz, n, sel, rank="max", impl="cuda", wpt=wpt, minb=minb,
-                                                      threads=nt, scale=D ** -0.5, **kw), a.reps, dev) * 1e3
+        wpt, minb, nt, vec = (int(x) for x in cfg.split(":"))
+        us = graph_time(each(lambda k, z: qs.sparq_group_scores(q, k, z, n, sel, rank="max", impl="cuda", wpt=wpt,
+                                                                minb=minb, threads=nt, vec=vec, scale=D ** -0.5,
+                                                                **kw)), a.reps, dev) * 1e3 / a.copies
         rows.append(dict(rank="max", what=f"score cuda {cfg}", block_p=0, warps=nt // 32,
                          us=round(us, 1), TBps=round(nbytes / us / 1e6, 2)))
     for rank in ("max", "mass"):
@@ -61,15 +72,17 @@ def main():
             bp, w = (int(x) for x in v.split(":"))
             runs = [(0, int(c), int(st)) for st in a.stacks.split(",") for c in a.cvts.split(",")] + [(1, 0, 0)]
             for probe, cvt, st in runs:
-                fn = lambda: qs.sparq_group_scores(q, sk, sz, n, sel, rank=rank, block_p=bp, warps=w, probe=probe,
-                                                   cvt=cvt, stack=bool(st), scale=D ** -0.5, **kw)
-                us = graph_time(fn, a.reps, dev) * 1e3
+                fn = each(lambda k, z: qs.sparq_group_scores(q, k, z, n, sel, rank=rank, block_p=bp, warps=w,
+                                                             probe=probe, cvt=cvt, stack=bool(st), scale=D ** -0.5,
+                                                             **kw))
+                us = graph_time(fn, a.reps, dev) * 1e3 / a.copies
                 what = "loads only" if probe else f"score cvt={cvt}{' stacked' if st else ''}"
                 rows.append(dict(rank=rank, what=what, block_p=bp, warps=w, us=round(us, 1),
                                  TBps=round(nbytes / us / 1e6, 2)))
-    print(f"# {torch.cuda.get_device_name()}; {T} tokens, {H} KV heads, D {D}, R {R}: {nbytes / 1e6:.1f} MB read")
+    print(f"# {torch.cuda.get_device_name()}; {T} tokens, {H} KV heads, D {D}, R {R}: {nbytes / 1e6:.1f} MB read "
+          f"a score, {a.copies} copies scored in turn (the scores' times are per copy)")
     print_table(rows, list(rows[0]))
-    emit_json({"bench": "sparq_probe", "context": T, "channels": R, "bytes": nbytes, "rows": rows})
+    emit_json({"bench": "sparq_probe", "context": T, "channels": R, "bytes": nbytes, "copies": a.copies, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -357,10 +357,12 @@ def test_sparq_cuda_score_matches_reference(G, channels, length, group):
         args = _to("cuda", qd, sk, sz, n)
         sel = ks.prepare(args[0], None, None, None, *args[1:], group=group, sink=sink, window=window,
                          channels=channels, sketch=False)
-        for wpt, minb, nt in ((1, 1, 256), (2, 3, 256), (4, 1, 128), (8, 1, 64), (4, 2, 256)):
-            got, gpos = ks.sparq_group_scores(*args, sel, impl="cuda", wpt=wpt, minb=minb, threads=nt, **kw)
+        for wpt, minb, nt, vec in ((1, 1, 256, 0), (2, 3, 256, 1), (4, 1, 128, 1), (8, 1, 64, 1), (4, 2, 256, 0),
+                                   (4, 1, 256, 1)):
+            got, gpos = ks.sparq_group_scores(*args, sel, impl="cuda", wpt=wpt, minb=minb, threads=nt, vec=vec, **kw)
             got, gpos = got.cpu(), gpos.cpu()
             fin = torch.isfinite(want)
             assert torch.equal(gpos, wpos) and got.shape == want.shape and torch.equal(fin, torch.isfinite(got))
             assert fin.any()
             assert (got[fin] - want[fin]).abs().max() < 2e-2 * (1 + want[fin].abs().max())
+    assert any(k[-1] == 1 for k in ks._CUDA)     # the 8/16-byte loads were built and run (the codes are aligned)

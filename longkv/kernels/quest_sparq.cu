@@ -1,13 +1,14 @@
 // SparQ group scores (rank=max) from the channel-major 4-bit key copy: the CUDA source of
 // `quest_sparq.py`'s "cuda" score (see there). Compiled by NVRTC through torch.cuda._compile_kernel with a
-// block of #defines in front (D, G, R, GROUP, SINK, WINDOW, QBF16, NT, WPT, MINB), then ptx.cuh.
+// block of #defines in front (D, G, R, GROUP, SINK, WINDOW, QBF16, NT, WPT, MINB, VEC), then ptx.cuh.
 //
 // WPG / WPT threads a key group (WPT 32-bit words each: 8 codes of one channel, 8 tokens, a word), the R
 // chosen channels in a loop. A word's nibbles become four fp16 pairs by one LOP3 each (0x6400 | c is the
 // fp16 1024 + c) and a subtraction; each query's q∘s (the group's scale folded in, fp16) multiplies them
 // in packed fp16 FMAs (fp16 sums over the R channels: ~1e-3 of their size), q·z is added in fp32 after
 // the max over the group's tokens. No layout conversion and no padding of a small query group (G = 4).
-// MINB: the blocks an SM the registers must allow (__launch_bounds__).
+// MINB: the blocks an SM the registers must allow (__launch_bounds__). VEC: a thread's WPT words of a channel
+// by 8- or 16-byte loads instead of 4-byte ones.
 
 #define WPG (GROUP / 8)            /* 32-bit words of one channel of one group */
 #define TPG (WPG / WPT)            /* threads a group */
@@ -71,10 +72,23 @@ extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
     const u32 sz = SZ[row * MG + pc];
     const u32 s2 = prmt(sz, sz, 0x1010);      /* (s, s) */
     const float z = h2f((u16)(sz >> 16));
+    u32 wv[WPT];
+#if VEC && WPT % 4 == 0                        /* 16-byte loads (the launcher checks the alignment) */
+#pragma unroll
+    for (int j = 0; j < WPT; j += 4) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(wp + j));
+      wv[j] = v.x; wv[j + 1] = v.y; wv[j + 2] = v.z; wv[j + 3] = v.w;
+    }
+#elif VEC && WPT == 2
+    { const uint2 v = __ldg(reinterpret_cast<const uint2*>(wp)); wv[0] = v.x; wv[1] = v.y; }
+#else
+#pragma unroll
+    for (int j = 0; j < WPT; ++j) wv[j] = wp[j];
+#endif
     u32 c[4 * WPT];                            /* nibbles (k, k + 4) of each word (the max ignores token order) */
 #pragma unroll
     for (int j = 0; j < WPT; ++j) {
-      const u32 w = wp[j];
+      const u32 w = wv[j];
 #pragma unroll
       for (int k = 0; k < 4; ++k) c[4 * j + k] = hsub2(lop_or(w >> (4 * k), 0x000F000Fu, bias), bias);
     }

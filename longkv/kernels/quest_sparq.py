@@ -201,22 +201,23 @@ def prepare(q, planes, ks, kz, sk, sz, length, *, group: int, sink: int, window:
 
 _CUDA: dict = {}
 # the CUDA score's launch: words (8 tokens each) of a channel a thread, blocks an SM the registers must
-# allow, threads a block; LONGKV_SPARQ_CUDA=wpt:minb:threads overrides them (benchmarks)
-_env = os.environ.get("LONGKV_SPARQ_CUDA", "4:1:256")
+# allow, threads a block, and whether a thread's words come by 8/16-byte loads (where aligned);
+# LONGKV_SPARQ_CUDA=wpt:minb:threads[:vec] overrides them (benchmarks)
+_env = os.environ.get("LONGKV_SPARQ_CUDA", "4:1:256:0")
 try:
-    CUDA_WPT, CUDA_MINB, CUDA_THREADS = (int(x) for x in _env.split(":"))
+    CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC = (int(x) for x in (_env + ":0").split(":")[:4])
 except ValueError:
-    raise ValueError(f"LONGKV_SPARQ_CUDA={_env!r}: expected wpt:minb:threads, e.g. 4:1:256") from None
+    raise ValueError(f"LONGKV_SPARQ_CUDA={_env!r}: expected wpt:minb:threads[:vec], e.g. 4:1:256:1") from None
 
 
 def cuda_score_kernel(*, D: int, G: int, R: int, group: int, sink: int, window: int, bf16: bool,
-                      threads: int = CUDA_THREADS, wpt: int = CUDA_WPT, minb: int = CUDA_MINB):
+                      threads: int = CUDA_THREADS, wpt: int = CUDA_WPT, minb: int = CUDA_MINB, vec: int = 0):
     """The CUDA score (`quest_sparq.cu`, rank=max) for one layout, built by NVRTC once; None where it
     cannot be (no NVRTC, or it refused the source: a warning says why, and the Triton score is used)."""
-    key = (D, G, R, group, sink, window, bf16, threads, wpt, minb)
+    key = (D, G, R, group, sink, window, bf16, threads, wpt, minb, vec)
     if key not in _CUDA:
         _CUDA[key] = build(dict(D=D, G=G, R=R, GROUP=group, SINK=sink, WINDOW=window, QBF16=int(bf16), NT=threads,
-                                WPT=wpt, MINB=minb), ("ptx.cuh", "quest_sparq.cu"), "sparq_score",
+                                WPT=wpt, MINB=minb, VEC=vec), ("ptx.cuh", "quest_sparq.cu"), "sparq_score",
                            "CUDA SparQ score", "the Triton score")
     return _CUDA[key]
 
@@ -232,13 +233,14 @@ def _cuda_ok(q, sk, sz, group: int, rank: str, probe: int) -> bool:
 def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window: int, channels: int, scale: float,
                        rank: str = "max", block_p: int = 8, warps: int = 2, cvt: int = 0, probe: int = 0,
                        weight=None, stack: bool = True, impl: str | None = None, wpt: int | None = None,
-                       minb: int | None = None, threads: int | None = None):
+                       minb: int | None = None, threads: int | None = None, vec: int | None = None):
     """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau); the reference, on the CPU,
     picks the same channels itself): → (scores (B, Hkv, MG) for rank=max or lse (B, Hkv, MG, G) for
     rank=mass, npos (1,) int64). impl: None = the CUDA score (`quest_sparq.cu`) where it applies
-    (`_cuda_ok`), else Triton; "cuda" or "triton" to insist. wpt / minb / threads: the CUDA launch (None =
-    CUDA_WPT, CUDA_MINB, CUDA_THREADS). Triton's: block_p, warps, cvt (the code-to-fp16 conversion, its
-    CVT), stack (groups stacked into one dot, its STACK). weight: the channel weights, read only by the
+    (`_cuda_ok`), else Triton; "cuda" or "triton" to insist. wpt / minb / threads / vec: the CUDA launch
+    (None = CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC; vec only where the codes are aligned for it).
+    Triton's: block_p, warps, cvt (the code-to-fp16 conversion, its CVT), stack (groups stacked into one
+    dot, its STACK). weight: the channel weights, read only by the
     CPU reference (on a GPU `prepare` has already chosen with them)."""
     if not _use_triton(q):
         return ref.sparq_group_scores(q, sk, sz, length, group=group, sink=sink, window=window, channels=channels,
@@ -252,8 +254,11 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
     idx, tau = sel
     if impl != "triton" and _cuda_ok(q, sk, sz, group, rank, probe):
         wpt, minb, threads = min(wpt or CUDA_WPT, group // 8), minb or CUDA_MINB, threads or CUDA_THREADS
+        align = 4 * min(wpt, 4)     # bytes of one vector load
+        vec = int(bool(CUDA_VEC if vec is None else vec) and wpt > 1 and sk.data_ptr() % align == 0
+                  and sk.shape[-1] % align == 0)
         kern = cuda_score_kernel(D=D, G=G, R=channels, group=group, sink=sink, window=window,
-                                 bf16=q.dtype == torch.bfloat16, wpt=wpt, minb=minb, threads=threads)
+                                 bf16=q.dtype == torch.bfloat16, wpt=wpt, minb=minb, threads=threads, vec=vec)
         if kern is not None:
             gpb = threads // (group // 8 // wpt)
             kern(grid=(triton.cdiv(MG, gpb), B * H, 1), block=(threads, 1, 1),
