@@ -166,7 +166,7 @@ step() {
         --cuda 4:1:256:0,4:1:256:1,4:2:256:0,4:2:256:1,4:1:128:1,2:3:256:1,2:1:128:1,8:1:64:1,8:2:128:1,1:1:128:0
       bench sparq512 300 $PY sparse_decode.py --contexts 128k,512k --layers 32 --no-breakdown \
         --only "full,kv4+quest 1/8 groups,kv4+quest 1/8 sparq weigh,kv4+quest 1/32 sparq weigh" \
-        --cuda-launches ${LAUNCHES:-4:1:256:1,4:2:256:1,2:3:256:1,8:1:64:1} ;;
+        --cuda-launches ${LAUNCHES:-4:1:256:0:0,4:1:256:1:1,4:2:256:1:1,2:3:256:1:1,8:1:64:1:1} ;;
     *) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2 ;;
   esac
 }

@@ -28,6 +28,8 @@ def main():
     ap.add_argument("--cvts", default="0,1,2", help="code-to-fp16 conversions to time (quest_sparq CVT)")
     ap.add_argument("--cuda", default="1:1:256:0,2:1:256:1,4:1:256:0,4:1:256:1,8:1:256:1",
                     help="CUDA score launches to time, wpt:minb:threads:vec,... (quest_sparq.cu WPT, MINB, NT, VEC)")
+    ap.add_argument("--cuda-choose", default="4:1:256:1,4:2:256:1",
+                    help="CUDA score launches to time with the channel choice in the kernel (no `prepare`)")
     ap.add_argument("--copies", type=int, default=4,
                     help="layers' worth of codes, scored in turn in each timed call (4 x 37.7 MB at 512K: more than "
                          "the L2, as in decode; 1 = one layer replayed, which the L2 may hold)")
@@ -66,6 +68,14 @@ def main():
                                                                 minb=minb, threads=nt, vec=vec, scale=D ** -0.5,
                                                                 **kw)), a.reps, dev) * 1e3 / a.copies
         rows.append(dict(rank="max", what=f"score cuda {cfg}", block_p=0, warps=nt // 32,
+                         us=round(us, 1), TBps=round(nbytes / us / 1e6, 2)))
+    w = torch.rand(1, H, D, device=dev, generator=gen) + 0.5
+    for cfg in a.cuda_choose.split(","):   # the channels picked in every block of the score (no `prepare`)
+        wpt, minb, nt, vec = (int(x) for x in cfg.split(":"))
+        us = graph_time(each(lambda k, z: qs.sparq_group_scores(q, k, z, n, None, rank="max", impl="cuda", wpt=wpt,
+                                                                minb=minb, threads=nt, vec=vec, weight=w,
+                                                                scale=D ** -0.5, **kw)), a.reps, dev) * 1e3 / a.copies
+        rows.append(dict(rank="max", what=f"score cuda {cfg} + choice (weighed)", block_p=0, warps=nt // 32,
                          us=round(us, 1), TBps=round(nbytes / us / 1e6, 2)))
     for rank in ("max", "mass"):
         for v in a.variants.split(","):

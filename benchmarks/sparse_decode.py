@@ -335,8 +335,9 @@ def main():
     ap.add_argument("--profile", action="store_true", help="GPU: each row's decode-step kernels, by cost")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel breakdown of one layer")
     ap.add_argument("--cuda-launches", default="",
-                    help="sparq rows: also time the step with these CUDA score launches, wpt:minb:threads:vec,... "
-                         "(same filled cache; a column each)")
+                    help="sparq rows: also time the step with these CUDA score launches, wpt:minb:threads:vec[:choose],"
+                         "... (choose 0: `prepare` picks the channels, one launch more; same filled cache, a column "
+                         "each)")
     a = ap.parse_args()
     cfg = dict(LLAMA3_8B, num_hidden_layers=a.layers)
     if a.smoke:
@@ -385,11 +386,12 @@ def main():
                 row["decode_ms"] = round(ms, 3)
                 if "sparq" in label and a.cuda_launches:
                     from longkv.kernels import quest_sparq as qs
-                    default = qs.CUDA_WPT, qs.CUDA_MINB, qs.CUDA_THREADS, qs.CUDA_VEC
+                    default = qs.CUDA_WPT, qs.CUDA_MINB, qs.CUDA_THREADS, qs.CUDA_VEC, qs.CUDA_CHOOSE
                     for launch in a.cuda_launches.split(","):
-                        qs.CUDA_WPT, qs.CUDA_MINB, qs.CUDA_THREADS, qs.CUDA_VEC = (int(x) for x in launch.split(":"))
+                        (qs.CUDA_WPT, qs.CUDA_MINB, qs.CUDA_THREADS, qs.CUDA_VEC,
+                         qs.CUDA_CHOOSE) = (int(x) for x in (launch + ":1").split(":")[:5])
                         row[f"ms {launch}"] = round(decode_time(model, cache, dev, a.reps), 3)
-                    qs.CUDA_WPT, qs.CUDA_MINB, qs.CUDA_THREADS, qs.CUDA_VEC = default
+                    qs.CUDA_WPT, qs.CUDA_MINB, qs.CUDA_THREADS, qs.CUDA_VEC, qs.CUDA_CHOOSE = default
                 # after the first decode step: the final compaction and resize have happened
                 row["kv_GiB"] = round(cache.nbytes() / 2**30, 3)
                 row["kv_vs_full"] = round(cache.nbytes() / cache.full_nbytes(), 3)

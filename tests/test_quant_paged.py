@@ -342,7 +342,8 @@ def test_sparq_score_kernel_matches_reference(G, channels, length, rank, device)
 @pytest.mark.parametrize("G,channels,length,group", [(3, 4, 333, 16), (4, 16, 5000, 64), (1, 32, 700, 32),
                                                      (8, 16, 2000, 64), (4, 20, 200, 64)])
 def test_sparq_cuda_score_matches_reference(G, channels, length, group):
-    """quest_sparq.cu (rank=max): bf16 and fp16 queries, fp16 sums over the channels; -inf past the held groups."""
+    """quest_sparq.cu (rank=max): bf16 and fp16 queries, fp16 sums over the channels; -inf past the held groups;
+    launches; the channels from `prepare` or chosen in the kernel (with and without weights)."""
     from longkv.kernels import quest_sparq as ks
 
     B, H, sink, window = 2, 2, 4, 24
@@ -365,4 +366,15 @@ def test_sparq_cuda_score_matches_reference(G, channels, length, group):
             assert torch.equal(gpos, wpos) and got.shape == want.shape and torch.equal(fin, torch.isfinite(got))
             assert fin.any()
             assert (got[fin] - want[fin]).abs().max() < 2e-2 * (1 + want[fin].abs().max())
-    assert any(k[-1] == 1 for k in ks._CUDA)     # the 8/16-byte loads were built and run (the codes are aligned)
+        # sel=None: every block picks the channels itself (CHOOSE), by |q| alone or weighed (WEIGH)
+        w = torch.rand(B, H, D, generator=torch.Generator().manual_seed(12)) + 0.1
+        for weight in (None, w):
+            want, wpos = ref.sparq_group_scores(qd.float(), sk, sz, n, weight=weight, **kw)
+            got, gpos = ks.sparq_group_scores(*args, None, impl="cuda", weight=None if weight is None else w.cuda(),
+                                              **kw)
+            got, gpos = got.cpu(), gpos.cpu()
+            fin = torch.isfinite(want)
+            assert torch.equal(gpos, wpos) and torch.equal(fin, torch.isfinite(got)) and fin.any()
+            assert (got[fin] - want[fin]).abs().max() < 2e-2 * (1 + want[fin].abs().max())
+    assert any(k[-3] == 1 for k in ks._CUDA)     # the 8/16-byte loads were built and run (the codes are aligned)
+    assert any(k[-2] and k[-1] for k in ks._CUDA)

@@ -240,13 +240,17 @@ class QuantStorage:
             self.vf[layer][:, :, dst] = v[:, :, src].to(self.dtype)
         self._set_count(layer, c1)
 
-    def write(self, layer, k, v, *, pos, cos, sin, slot):
+    def write(self, layer, k, v, *, pos, cos, sin, slot, sketch=None):
+        """sketch (sk, sz): a decode write (append_only) also puts a flushed key group into that
+        channel-major copy, in the same launch (`quant_append.append_flush`)."""
         if self.append_only and not isinstance(slot, int):   # one launch: RoPE, write, flush, count
             from ..kernels.quant_append import append_flush
             append_flush(k.to(self.dtype), v.to(self.dtype), slot.reshape(-1)[:1], self.kf[layer], self.vf[layer],
                          self.kq[layer], self.vq[layer], bits=self.bits, group=self.g, vgroup=self._vg(layer),
-                         sink=self.S, window=self.W, from_slot=True, count_out=self.cnt[layer], rope=(cos, sin))
+                         sink=self.S, window=self.W, from_slot=True, count_out=self.cnt[layer], rope=(cos, sin),
+                         sketch=sketch)
             return       # `pos` already holds slot j = j (reserve)
+        assert sketch is None, "the channel-major copy is written by the append-only decode path"
         kr = apply_rope(k, cos, sin)
         if isinstance(slot, int):
             self._put(layer, kr, v, slot)

@@ -59,8 +59,8 @@ if triton is not None:
 
     @triton.jit
     def _append_flush_kernel(K, V, Len, KF, VF, KP0, KP1, KS, KZ, KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV,
-                             MidK, MidV, Cnt, Cos, Sin, FROM_SLOT: tl.constexpr, HAS_CNT: tl.constexpr,
-                             ROPE: tl.constexpr,
+                             MidK, MidV, Cnt, Cos, Sin, SK, SZ, CAPH, MG, FROM_SLOT: tl.constexpr,
+                             HAS_CNT: tl.constexpr, ROPE: tl.constexpr, SKETCH: tl.constexpr,
                              D: tl.constexpr, GROUP: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr,
                              PB0: tl.constexpr, PB1: tl.constexpr, N_OUT: tl.constexpr, SINK: tl.constexpr,
                              WINDOW: tl.constexpr, RING: tl.constexpr, NQ_CAP: tl.constexpr,
@@ -110,6 +110,15 @@ if triton is not None:
             _pack_store(code, KP0, rows, D, PB0, 0, GROUP)
             if PB1 > 0:
                 _pack_store(code, KP1, rows, D, PB1, PB0, GROUP)
+            if SKETCH:   # the channel-major copy (`ref.sketch_groups`): byte m of channel c = tokens 2m | 2m + 1
+                pair = tl.reshape(code, (GROUP // 2, 2, D))
+                byte = tl.sum(pair << (tl.arange(0, 2) * 4)[None, :, None], axis=1)          # (GROUP/2, D)
+                m = tl.arange(0, GROUP // 2)
+                tl.store(SK + (bh.to(tl.int64) * D + c[None, :]) * CAPH + gi * (GROUP // 2) + m[:, None],
+                         byte.to(tl.uint8))
+                o = ((bh.to(tl.int64) * D + c) * MG + gi) * 2
+                tl.store(SZ + o, tl.max(sc, 0).to(tl.float16))
+                tl.store(SZ + o + 1, tl.max(zero, 0).to(tl.float16))
             # values: per token over VG-channel groups
             x = tl.load(VF + src).to(tl.float32)
             NVG: tl.constexpr = D // VG
@@ -155,14 +164,17 @@ def outs(d: dict):
 
 def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: int, vgroup: int,
                  sink: int, window: int, lut_k=None, lut_v=None, from_slot: bool = False,
-                 count_out: torch.Tensor | None = None, rope=None) -> None:
+                 count_out: torch.Tensor | None = None, rope=None, sketch=None) -> None:
     """Decode-time write + flush. k, v (B, Hkv, 1, D) pre-RoPE; length: (1,) int64 device tensor
     (tokens held after this one; with from_slot, the token's slot = length - 1). Writes the token to its
     fp slot and quantizes the group this token completes, if any; count_out (1,) int64, if given, is
     set to the length; rope (cos, sin), each (1, D), if given: k is rotated first, in the same launch
-    (keys stored after RoPE). Reference: the same steps with `ref.quantize_keys` / `ref.quantize_tokens`."""
+    (keys stored after RoPE); sketch (sk, sz), if given (4-bit keys without outliers): the flushed group is
+    also written to that channel-major copy (`ref.sketch_groups`, SparQ scoring in `quest_sparq.py`). Reference: the same steps with `ref.quantize_keys` / `ref.quantize_tokens`."""
     B, H, _, D = k.shape
     ring = kf.shape[2] - sink
+    if sketch is not None and (bits != 4 or "out_idx" in kq or lut_k is not None):
+        raise ValueError("the channel-major key copy (sketch) needs 4-bit uniform keys without outliers")
     if rope is not None and not _use_triton(k):
         from ..models.rope import apply_rope
         k, rope = apply_rope(k, *rope).to(k.dtype), None
@@ -188,6 +200,8 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
                 for key in ("out_idx", "out_val"):
                     if key in src:
                         dst[key][:, :, lo:lo + group] = src[key]
+            if sketch is not None:
+                ref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], *sketch, ng - 1, ng, group=group)
         return
     pb = ref.PLANES[bits]
     n_out = kq["out_idx"].shape[-1] if "out_idx" in kq else 0
@@ -199,7 +213,8 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
         *outs(kq), *planes(vq), vq["scale"], vq["zero"], *outs(vq),
         dummy if mid_k is None else mid_k, dummy if mid_v is None else mid_v,
         length if count_out is None else count_out, *((kf, kf) if rope is None else (r.reshape(-1) for r in rope)),
-        FROM_SLOT=from_slot, HAS_CNT=count_out is not None, ROPE=rope is not None,
+        *((kf, kf, 0, 0) if sketch is None else (sketch[0], sketch[1], sketch[0].shape[-1], sketch[1].shape[3])),
+        FROM_SLOT=from_slot, HAS_CNT=count_out is not None, ROPE=rope is not None, SKETCH=sketch is not None,
         D=D, GROUP=group, VG=vgroup, BITS=bits, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out,
         SINK=sink, WINDOW=window, RING=ring, NQ_CAP=kq["planes"][0].shape[2], NUQ_K=mid_k is not None,
         NUQ_V=mid_v is not None)

@@ -1,6 +1,7 @@
 // SparQ group scores (rank=max) from the channel-major 4-bit key copy: the CUDA source of
 // `quest_sparq.py`'s "cuda" score (see there). Compiled by NVRTC through torch.cuda._compile_kernel with a
-// block of #defines in front (D, G, R, GROUP, SINK, WINDOW, QBF16, NT, WPT, MINB, VEC), then ptx.cuh.
+// block of #defines in front (D, G, R, GROUP, SINK, WINDOW, QBF16, NT, WPT, MINB, VEC, CHOOSE,
+// WEIGH), then ptx.cuh.
 //
 // WPG / WPT threads a key group (WPT 32-bit words each: 8 codes of one channel, 8 tokens, a word), the R
 // chosen channels in a loop. A word's nibbles become four fp16 pairs by one LOP3 each (0x6400 | c is the
@@ -29,13 +30,16 @@ __device__ __forceinline__ u32 hmax2(u32 a, u32 b) {
 }
 
 /* Q (B·Hkv·G, D) the step's queries; SK (B·Hkv, D, CAPH) bytes (byte m of a group's channel: tokens 2m, 2m + 1);
-   SZ (B·Hkv, D, MG) fp16 pairs (scale, zero); IDX (B·Hkv, D) channels by rank (`prepare`); TAU (B·Hkv, TS)
-   1 / sqrt(share). S (B·Hkv, MG): each quantized group's largest estimated logit over its tokens and the
-   row's queries, times scale and tau; -inf past the npos groups held; NPos = nqg · GROUP - 1. */
+   SZ (B·Hkv, D, MG) fp16 pairs (scale, zero); IDX (B·Hkv, D) channels by rank and TAU (B·Hkv, TS)
+   1 / sqrt(share), from `prepare`, or, with CHOOSE, the channel choice made here by every block (no launch
+   of its own): |q| summed over the query group (times W (B·Hkv, D), the channels' weights, with WEIGH),
+   ranked by counting (ties: the lower channel), as `quant_reference.sparq_channels`. S (B·Hkv, MG): each
+   quantized group's largest estimated logit over its tokens and the row's queries, times scale and tau;
+   -inf past the npos groups held; NPos = nqg · GROUP - 1. */
 extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
     const u16* __restrict__ Q, const unsigned char* __restrict__ SK, const u32* __restrict__ SZ,
     const i64* __restrict__ Len, const int* __restrict__ IDX, const float* __restrict__ TAU, float* __restrict__ S,
-    i64* __restrict__ NPos, int CAPH, int MG, double scale_d, int TS) {
+    i64* __restrict__ NPos, int CAPH, int MG, double scale_d, int TS, const float* __restrict__ W) {
   const float scale = (float)scale_d;   /* torch passes a Python float as a double */
   const int bh = blockIdx.y;
   const int lane = threadIdx.x % TPG;
@@ -46,13 +50,54 @@ extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
   __shared__ u32 qh[R][G];          /* q of the chosen channels, as fp16 pairs (q, q) */
   __shared__ float qf[R][G];
   __shared__ int ch[R];
+  __shared__ float tau[G];
+#if CHOOSE
+  __shared__ float qa[G][D];        /* |q| (times the channel weight) */
+  __shared__ float sum[D];
+  for (int i = threadIdx.x; i < G * D; i += NT) {
+    const int g = i / D, d = i % D;
+    float v = fabsf(q2f(Q[(i64)bh * G * D + i]));
+#if WEIGH
+    v *= W[bh * D + d];
+#endif
+    qa[g][d] = v;
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += NT) {
+    float a = 0.f;
+#pragma unroll
+    for (int g = 0; g < G; ++g) a += qa[g][d];
+    sum[d] = a;
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += NT) {
+    const float a = sum[d];
+    int rank = 0;
+    for (int e = 0; e < D; ++e) rank += (sum[e] > a) | ((sum[e] == a) & (e < d));
+    if (rank < R) ch[rank] = d;
+  }
+  __syncthreads();
+  for (int g = threadIdx.x / 32; g < G; g += NT / 32) {   /* a warp a query: the share its R channels hold */
+    float all = 0.f, kept = 0.f;
+    for (int d = threadIdx.x % 32; d < D; d += 32) all += qa[g][d];
+    for (int r = threadIdx.x % 32; r < R; r += 32) kept += qa[g][ch[r]];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      all += __shfl_xor_sync(0xffffffffu, all, o);
+      kept += __shfl_xor_sync(0xffffffffu, kept, o);
+    }
+    if (threadIdx.x % 32 == 0) tau[g] = rsqrtf(fmaxf(kept / fmaxf(all, 1e-30f), 1e-30f));
+  }
+#else
+  for (int i = threadIdx.x; i < R; i += NT) ch[i] = IDX[bh * D + i];
+  for (int i = threadIdx.x; i < G; i += NT) tau[i] = TAU[bh * TS + i];
+#endif
+  __syncthreads();
   for (int i = threadIdx.x; i < R * G; i += NT) {
     const int r = i / G, g = i % G;
-    const int c = IDX[bh * D + r];
-    const float v = q2f(Q[((i64)bh * G + g) * D + c]);
+    const float v = q2f(Q[((i64)bh * G + g) * D + ch[r]]);
     qf[r][g] = v;
     qh[r][g] = pack2(v, v);
-    if (g == 0) ch[r] = c;
   }
   __syncthreads();
   const int pc = p < MG ? p : MG - 1;
@@ -109,7 +154,7 @@ extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
     float m = fmaxf(h2f((u16)m2), h2f((u16)(m2 >> 16)));
 #pragma unroll
     for (int o = TPG / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o, TPG));
-    best = fmaxf(best, (m + qz[g]) * (TAU[bh * TS + g] * scale));
+    best = fmaxf(best, (m + qz[g]) * (tau[g] * scale));
   }
   if (lane == 0 && p < MG) S[(i64)bh * MG + p] = p < nqg ? best : NEG_INF;
 }

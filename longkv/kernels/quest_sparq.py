@@ -201,23 +201,29 @@ def prepare(q, planes, ks, kz, sk, sz, length, *, group: int, sink: int, window:
 
 _CUDA: dict = {}
 # the CUDA score's launch: words (8 tokens each) of a channel a thread, blocks an SM the registers must
-# allow, threads a block, and whether a thread's words come by 8/16-byte loads (where aligned);
-# LONGKV_SPARQ_CUDA=wpt:minb:threads[:vec] overrides them (benchmarks)
-_env = os.environ.get("LONGKV_SPARQ_CUDA", "4:1:256:0")
+# allow, threads a block, whether a thread's words come by 8/16-byte loads (where aligned), and whether
+# the score picks the channels itself when the caller has not (else `prepare` does, one launch more);
+# LONGKV_SPARQ_CUDA=wpt:minb:threads[:vec[:choose]] overrides them (benchmarks)
+_env = os.environ.get("LONGKV_SPARQ_CUDA") or "4:1:256:0:1"
 try:
-    CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC = (int(x) for x in (_env + ":0").split(":")[:4])
+    _parts = _env.split(":")
+    if not 3 <= len(_parts) <= 5:
+        raise ValueError
+    CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_CHOOSE = (int(x) for x in _parts + ["0", "1"][len(_parts) - 3:])
 except ValueError:
-    raise ValueError(f"LONGKV_SPARQ_CUDA={_env!r}: expected wpt:minb:threads[:vec], e.g. 4:1:256:1") from None
+    raise ValueError(f"LONGKV_SPARQ_CUDA={_env!r}: expected wpt:minb:threads[:vec[:choose]], e.g. 4:1:256:1:1") \
+        from None
 
 
 def cuda_score_kernel(*, D: int, G: int, R: int, group: int, sink: int, window: int, bf16: bool,
-                      threads: int = CUDA_THREADS, wpt: int = CUDA_WPT, minb: int = CUDA_MINB, vec: int = 0):
+                      threads: int = CUDA_THREADS, wpt: int = CUDA_WPT, minb: int = CUDA_MINB, vec: int = 0,
+                      choose: bool = False, weigh: bool = False):
     """The CUDA score (`quest_sparq.cu`, rank=max) for one layout, built by NVRTC once; None where it
     cannot be (no NVRTC, or it refused the source: a warning says why, and the Triton score is used)."""
-    key = (D, G, R, group, sink, window, bf16, threads, wpt, minb, vec)
+    key = (D, G, R, group, sink, window, bf16, threads, wpt, minb, vec, choose, weigh)
     if key not in _CUDA:
         _CUDA[key] = build(dict(D=D, G=G, R=R, GROUP=group, SINK=sink, WINDOW=window, QBF16=int(bf16), NT=threads,
-                                WPT=wpt, MINB=minb, VEC=vec), ("ptx.cuh", "quest_sparq.cu"), "sparq_score",
+                                WPT=wpt, MINB=minb, VEC=vec, CHOOSE=int(choose), WEIGH=int(weigh)), ("ptx.cuh", "quest_sparq.cu"), "sparq_score",
                            "CUDA SparQ score", "the Triton score")
     return _CUDA[key]
 
@@ -234,14 +240,15 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
                        rank: str = "max", block_p: int = 8, warps: int = 2, cvt: int = 0, probe: int = 0,
                        weight=None, stack: bool = True, impl: str | None = None, wpt: int | None = None,
                        minb: int | None = None, threads: int | None = None, vec: int | None = None):
-    """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau); the reference, on the CPU,
-    picks the same channels itself): → (scores (B, Hkv, MG) for rank=max or lse (B, Hkv, MG, G) for
+    """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau), or None: the CUDA score
+    chooses the channels itself, in each block, and elsewhere `prepare` is called here; the reference, on
+    the CPU, picks them itself): → (scores (B, Hkv, MG) for rank=max or lse (B, Hkv, MG, G) for
     rank=mass, npos (1,) int64). impl: None = the CUDA score (`quest_sparq.cu`) where it applies
     (`_cuda_ok`), else Triton; "cuda" or "triton" to insist. wpt / minb / threads / vec: the CUDA launch
     (None = CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC; vec only where the codes are aligned for it).
     Triton's: block_p, warps, cvt (the code-to-fp16 conversion, its CVT), stack (groups stacked into one
-    dot, its STACK). weight: the channel weights, read only by the
-    CPU reference (on a GPU `prepare` has already chosen with them)."""
+    dot, its STACK). weight: the channel weights, read by the channel choice (`prepare`'s, or the CUDA
+    score's with sel=None) and the CPU reference."""
     if not _use_triton(q):
         return ref.sparq_group_scores(q, sk, sz, length, group=group, sink=sink, window=window, channels=channels,
                                       scale=scale, rank=rank, weight=weight)
@@ -251,23 +258,30 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
     mass = rank == "mass"
     out = torch.empty((B, H, MG, G) if mass else (B, H, MG), device=q.device, dtype=torch.float32)
     npos = torch.empty(1, device=q.device, dtype=torch.int64)
-    idx, tau = sel
     if impl != "triton" and _cuda_ok(q, sk, sz, group, rank, probe):
+        if sel is None and not CUDA_CHOOSE:
+            sel = prepare(q, None, None, None, sk, sz, length, group=group, sink=sink, window=window,
+                          channels=channels, sketch=False, weight=weight)
         wpt, minb, threads = min(wpt or CUDA_WPT, group // 8), minb or CUDA_MINB, threads or CUDA_THREADS
         align = 4 * min(wpt, 4)     # bytes of one vector load
         vec = int(bool(CUDA_VEC if vec is None else vec) and wpt > 1 and sk.data_ptr() % align == 0
                   and sk.shape[-1] % align == 0)
         kern = cuda_score_kernel(D=D, G=G, R=channels, group=group, sink=sink, window=window,
-                                 bf16=q.dtype == torch.bfloat16, wpt=wpt, minb=minb, threads=threads, vec=vec)
+                                 bf16=q.dtype == torch.bfloat16, wpt=wpt, minb=minb, threads=threads, vec=vec,
+                                 choose=sel is None, weigh=sel is None and weight is not None)
         if kern is not None:
             gpb = threads // (group // 8 // wpt)
+            idx, tau = sel if sel is not None else (npos, out)        # not read: the kernel chooses
+            w = weight.float().contiguous() if sel is None and weight is not None else out   # out: not read
             kern(grid=(triton.cdiv(MG, gpb), B * H, 1), block=(threads, 1, 1),
                  args=[q.contiguous(), sk, sz, _pos(length, q.device).long(), idx, tau, out, npos, int(sk.shape[-1]),
-                       int(MG), float(scale), int(tau.shape[1])])
+                       int(MG), float(scale), int(tau.shape[-1]), w])
             return out, npos
     if impl == "cuda":
         raise ValueError("the CUDA SparQ score needs rank=max, a CUDA GPU with NVRTC, fp16/bf16 queries and "
                          "groups of 8·2^k tokens")
+    idx, tau = sel if sel is not None else prepare(q, None, None, None, sk, sz, length, group=group, sink=sink,
+                                                   window=window, channels=channels, sketch=False, weight=weight)
     gp = triton.next_power_of_2(G) if stack and G < 16 else tau.shape[1]
     st = max(1, 16 // gp)
     block_p = max(block_p, st)

@@ -63,7 +63,7 @@ from ...errors import UserError
 from ...kernels import quest as kq
 from ...kernels.quant_paged import quant_group_attention, quant_paged_attention
 from ...kernels.quant_reference import sketch_groups, sparq_weights
-from ...kernels.quest_sparq import prepare, sparq_group_scores
+from ...kernels.quest_sparq import sparq_group_scores
 from ...kernels import sparse_reference as ref
 from ...kernels.reference import ragged_attention_lse
 from ...models.rope import apply_rope
@@ -174,7 +174,8 @@ class QuestStorageCache(QuestCache):
         s, P = self.specs[layer], self.P
         pos = step.pos.reshape(-1)[-1:]
         cos, sin = step.rope[s.rope_index]
-        self.store.write(layer, k, v, pos=pos, cos=cos, sin=sin, slot=pos)
+        sketch = (self.sketch[layer], self.sz[layer]) if self.groups and self.sketch[layer] is not None else None
+        self.store.write(layer, k, v, pos=pos, cos=cos, sin=sin, slot=pos, sketch=sketch)
         if s.window is not None:           # its window's rows, dequantized
             rows = pos - s.window + 1 + torch.arange(s.window, device=pos.device)
             kk, vv = self.store.read_rows(layer, rows.clamp(min=0).expand(q.shape[0], s.num_kv_heads, -1))
@@ -187,11 +188,9 @@ class QuestStorageCache(QuestCache):
         if self.groups:   # score the key groups from their statistics, select, attend to them + the fp slots
             kd, vd = st.kq[layer], st.vq[layer]
             n = st.cnt[layer]                  # tokens held, this one included (the write set it)
-            if self.sketch[layer] is not None:   # SparQ estimates from R channels (kernels/quest_sparq.py)
-                sk, sz, R = self.sketch[layer], self.sz[layer], self.channels[layer]
-                sel = prepare(q, kd["planes"], kd["scale"], kd["zero"], sk, sz, n, group=P, sink=st.S, window=st.W,
-                              channels=R, weight=self.wch[layer])
-                scores, npos = sparq_group_scores(q, sk, sz, n, sel, group=P, sink=st.S, window=st.W, channels=R,
+            if sketch is not None:   # SparQ estimates from R channels (kernels/quest_sparq.py); the write
+                R = self.channels[layer]   # above put a flushed group into the channel-major copy
+                scores, npos = sparq_group_scores(q, *sketch, n, None, group=P, sink=st.S, window=st.W, channels=R,
                                                   scale=s.scale, rank=self.rank, weight=self.wch[layer])
                 if self.rank == "mass":
                     scores = kq.page_mass(scores, None, pos=npos, page=P, sink=0, recent=0)
