@@ -26,7 +26,7 @@
 #   gemma8x   issue 5: gemma3 full vs quest 8x (rerank=8, mass): NIAH 16K/32K x 3 samples, RULER-style 16K
 #   sparq512  issue 5: the sparq GPU tests (Triton and CUDA scores), sparq_probe, decode at 128K and 512K:
 #             full, groups 1/8, sparq weigh=1 1/8 and 1/32 (the sparq rows also with LAUNCHES, CUDA score
-#             launches wpt:minb:threads:vec)
+#             launches wpt:minb:threads:vec:choose)
 #
 # ext, gemma and sparse need real weights: benchmarks/device_setup.sh install first (same warm machine).
 # Calls made on the H200 (2026-12-03): [copy x5], [copy; install; ext], [quest512 hfquant],
@@ -159,15 +159,16 @@ step() {
       G="snapkv streaming pyramidkv tova knorm adakv+snapkv quest quest-r8"   # adakv: sliding layers since 2026-12-04
       RUNS=/tmp/sparse_runs OUT=$OUT STEP_LIMIT=${STEP_LIMIT:-250} GEMMA_LENGTHS=16k GEMMA_DEPTHS=0:1:8 \
         GEMMA_RATIOS="0.5 0.75 0.875" GEMMA_METHODS="$G" bash benchmarks/sparse_quality.sh gemma-niah gemma-ruler report ;;
-    sparq512)  # the sparq kernels' GPU tests, the score's code conversions, then 512K decode rows
+    sparq512)  # the sparq kernels' GPU tests, the CUDA score's launches, then decode rows (CTX, LAUNCHES, PROFILE=1)
       (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q tests/test_quant_paged.py tests/test_quant.py \
-         -k "sparq or prepare or weigh or sketch or append_flush") \
+         -k "sparq or prepare or weigh or channel_major_sketch") \
         > "$OUT/sparq_tests.log" 2>&1; echo "sparq tests: $(tail -n 1 "$OUT/sparq_tests.log")" >&2
       bench sparq_probe 150 $PY sparq_probe.py --context 512k --variants 8:2 --cvts 1 --stacks 1 --reps 100 \
-        --cuda 4:1:256:0,4:1:256:1,4:2:256:0,4:2:256:1,4:1:128:1,2:3:256:1,2:1:128:1,8:1:64:1,8:2:128:1,1:1:128:0
-      bench sparq512 300 $PY sparse_decode.py --contexts 128k,512k --layers 32 --no-breakdown \
-        --only "full,kv4+quest 1/8 groups,kv4+quest 1/8 sparq weigh,kv4+quest 1/32 sparq weigh" \
-        --cuda-launches ${LAUNCHES:-4:1:256:0:0,4:1:256:1:1,4:2:256:1:1,2:3:256:1:1,8:1:64:1:1} ;;
+        --cuda ${PROBE_CUDA:-4:1:256:1,4:2:256:0,4:2:256:1,4:2:128:1,2:3:256:1,8:1:64:1} \
+        --cuda-choose ${PROBE_CHOOSE:-4:2:256:1,4:2:128:1,2:3:256:1}
+      bench sparq512 300 $PY sparse_decode.py --contexts ${CTX:-128k,512k} --layers 32 --no-breakdown \
+        ${PROFILE:+--profile} --only "full,kv4+quest 1/8 groups,kv4+quest 1/8 sparq weigh,kv4+quest 1/32 sparq weigh" \
+        --cuda-launches ${LAUNCHES:-4:1:256:0:0,4:2:256:1:0,4:2:128:1:1,2:3:256:1:1} ;;
     *) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2 ;;
   esac
 }

@@ -125,27 +125,33 @@ def test_append_flush_kernel_matches_reference(bits, nuq, n_out, rope, monkeypat
         assert (outs[0][0][:, :, slot] - k[:, :, 0]).abs().max() > 0.1
 
 
-@pytest.mark.parametrize("triton_path", [True, False])
-def test_append_flush_writes_the_channel_major_sketch(triton_path, monkeypatch):
+@pytest.mark.parametrize("path", ["interpreter", "torch",
+                                  pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                reason="needs a GPU"))])
+def test_append_flush_writes_the_channel_major_sketch(path, monkeypatch):
     """sketch=(sk, sz): each group the append flushes also lands in the channel-major copy that SparQ
     scoring reads, equal to `ref.sketch_groups` of the packed planes; groups not yet flushed stay as they were."""
     B, H, D, group, sink, window = 1, 2, 64, 16, 2, 3
     ring = window + 2 * group
-    monkeypatch.setattr(quant_append, "_use_triton", lambda x: triton_path)
-    kf = torch.zeros(B, H, sink + ring, D)
+    dev = "cuda" if path == "cuda" else "cpu"
+    if path != "cuda":
+        monkeypatch.setattr(quant_append, "_use_triton", lambda x: path == "interpreter")
+    kf = torch.zeros(B, H, sink + ring, D, device=dev)
     vf = torch.zeros_like(kf)
     kq, vq = packed_layer(B, H, D, 64, group, 16, 4, 0, None)
-    kq = {k: ([torch.zeros_like(p) for p in t] if k == "planes" else torch.zeros_like(t)) for k, t in kq.items()}
-    vq = {k: ([torch.zeros_like(p) for p in t] if k == "planes" else torch.zeros_like(t)) for k, t in vq.items()}
+    kq = {k: ([torch.zeros_like(p, device=dev) for p in t] if k == "planes" else torch.zeros_like(t, device=dev))
+          for k, t in kq.items()}
+    vq = {k: ([torch.zeros_like(p, device=dev) for p in t] if k == "planes" else torch.zeros_like(t, device=dev))
+          for k, t in vq.items()}
     MG = kq["scale"].shape[2]
-    sk = torch.full((B, H, D, MG * group // 2), 7, dtype=torch.uint8)
-    sz = torch.full((B, H, D, MG, 2), 3.0, dtype=torch.float16)
+    sk = torch.full((B, H, D, MG * group // 2), 7, dtype=torch.uint8, device=dev)
+    sz = torch.full((B, H, D, MG, 2), 3.0, dtype=torch.float16, device=dev)
     g = gen(9)
     n = sink + window + 2 * group + 5          # two groups flushed
     for t in range(1, n + 1):
         k, v = torch.randn(B, H, 1, D, generator=g) * 3, torch.randn(B, H, 1, D, generator=g)
-        qk.append_flush(k, v, torch.tensor([t]), kf, vf, kq, vq, bits=4, group=group, vgroup=16, sink=sink,
-                        window=window, sketch=(sk, sz))
+        qk.append_flush(k.to(dev), v.to(dev), torch.tensor([t], device=dev), kf, vf, kq, vq, bits=4, group=group,
+                        vgroup=16, sink=sink, window=window, sketch=(sk, sz))
     wk, wz = torch.full_like(sk, 7), torch.full_like(sz, 3.0)
     ref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], wk, wz, 0, 2, group=group)
     assert kq["scale"][:, :, :2].abs().sum() > 0 and torch.equal(sk, wk) and torch.equal(sz, wz)

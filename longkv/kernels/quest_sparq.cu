@@ -52,28 +52,37 @@ extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
   __shared__ int ch[R];
   __shared__ float tau[G];
 #if CHOOSE
-  __shared__ float qa[G][D];        /* |q| (times the channel weight) */
-  __shared__ float sum[D];
-  for (int i = threadIdx.x; i < G * D; i += NT) {
-    const int g = i / D, d = i % D;
-    float v = fabsf(q2f(Q[(i64)bh * G * D + i]));
+  __shared__ float qa[G][D];                /* |q| (times the channel weight) */
+  __shared__ float qv[G][D];                /* q */
+  __shared__ __align__(16) float sum[D];
+  for (int d = threadIdx.x; d < D; d += NT) {   /* a thread a channel: its G queries' |q| summed */
 #if WEIGH
-    v *= W[bh * D + d];
+    const float w = W[bh * D + d];
+#else
+    const float w = 1.f;
 #endif
-    qa[g][d] = v;
-  }
-  __syncthreads();
-  for (int d = threadIdx.x; d < D; d += NT) {
     float a = 0.f;
 #pragma unroll
-    for (int g = 0; g < G; ++g) a += qa[g][d];
+    for (int g = 0; g < G; ++g) {
+      const float v = q2f(Q[((i64)bh * G + g) * D + d]);
+      qv[g][d] = v;
+      qa[g][d] = fabsf(v) * w;
+      a += qa[g][d];
+    }
     sum[d] = a;
   }
   __syncthreads();
-  for (int d = threadIdx.x; d < D; d += NT) {
+  for (int d = threadIdx.x; d < D; d += NT) {   /* rank by counting (ties: the lower channel first) */
     const float a = sum[d];
     int rank = 0;
-    for (int e = 0; e < D; ++e) rank += (sum[e] > a) | ((sum[e] == a) & (e < d));
+#pragma unroll 8
+    for (int e = 0; e < D; e += 4) {
+      const float4 s4 = *reinterpret_cast<const float4*>(&sum[e]);
+      rank += (s4.x > a) | ((s4.x == a) & (e < d));
+      rank += (s4.y > a) | ((s4.y == a) & (e + 1 < d));
+      rank += (s4.z > a) | ((s4.z == a) & (e + 2 < d));
+      rank += (s4.w > a) | ((s4.w == a) & (e + 3 < d));
+    }
     if (rank < R) ch[rank] = d;
   }
   __syncthreads();
@@ -88,10 +97,15 @@ extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
     }
     if (threadIdx.x % 32 == 0) tau[g] = rsqrtf(fmaxf(kept / fmaxf(all, 1e-30f), 1e-30f));
   }
+  for (int i = threadIdx.x; i < R * G; i += NT) {
+    const int r = i / G, g = i % G;
+    const float v = qv[g][ch[r]];
+    qf[r][g] = v;
+    qh[r][g] = pack2(v, v);
+  }
 #else
   for (int i = threadIdx.x; i < R; i += NT) ch[i] = IDX[bh * D + i];
   for (int i = threadIdx.x; i < G; i += NT) tau[i] = TAU[bh * TS + i];
-#endif
   __syncthreads();
   for (int i = threadIdx.x; i < R * G; i += NT) {
     const int r = i / G, g = i % G;
@@ -99,6 +113,7 @@ extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
     qf[r][g] = v;
     qh[r][g] = pack2(v, v);
   }
+#endif
   __syncthreads();
   const int pc = p < MG ? p : MG - 1;
   u32 acc[G][4 * WPT];

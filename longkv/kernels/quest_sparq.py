@@ -204,7 +204,7 @@ _CUDA: dict = {}
 # allow, threads a block, whether a thread's words come by 8/16-byte loads (where aligned), and whether
 # the score picks the channels itself when the caller has not (else `prepare` does, one launch more);
 # LONGKV_SPARQ_CUDA=wpt:minb:threads[:vec[:choose]] overrides them (benchmarks)
-_env = os.environ.get("LONGKV_SPARQ_CUDA") or "4:1:256:0:1"
+_env = os.environ.get("LONGKV_SPARQ_CUDA") or "4:2:256:1:1"
 try:
     _parts = _env.split(":")
     if not 3 <= len(_parts) <= 5:
