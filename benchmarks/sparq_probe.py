@@ -27,7 +27,8 @@ def main():
     ap.add_argument("--variants", default="4:4,8:2,8:4,16:4,16:8,32:8", help="block_p:warps,...")
     ap.add_argument("--cvts", default="0,1,2", help="code-to-fp16 conversions to time (quest_sparq CVT)")
     ap.add_argument("--cuda", default="1:1:256:0,2:1:256:1,4:1:256:0,4:1:256:1,8:1:256:1",
-                    help="CUDA score launches to time, wpt:minb:threads:vec,... (quest_sparq.cu WPT, MINB, NT, VEC)")
+                    help="CUDA score launches to time, wpt:minb:threads:vec[:pipe],... (quest_sparq.cu WPT, MINB, NT, VEC, "
+                         "PIPE)")
     ap.add_argument("--cuda-choose", default="4:1:256:1,4:2:256:1",
                     help="CUDA score launches to time with the channel choice in the kernel (no `prepare`)")
     ap.add_argument("--copies", type=int, default=4,
@@ -63,17 +64,17 @@ def main():
         return lambda: [fn(k, z) for k, z in zip(sks, szs)]
 
     for cfg in a.cuda.split(","):
-        wpt, minb, nt, vec = (int(x) for x in cfg.split(":"))
+        wpt, minb, nt, vec, pipe = (int(x) for x in (cfg + ":0").split(":")[:5])
         us = graph_time(each(lambda k, z: qs.sparq_group_scores(q, k, z, n, sel, rank="max", impl="cuda", wpt=wpt,
-                                                                minb=minb, threads=nt, vec=vec, scale=D ** -0.5,
-                                                                **kw)), a.reps, dev) * 1e3 / a.copies
+                                                                minb=minb, threads=nt, vec=vec, pipe=pipe,
+                                                                scale=D ** -0.5, **kw)), a.reps, dev) * 1e3 / a.copies
         rows.append(dict(rank="max", what=f"score cuda {cfg}", block_p=0, warps=nt // 32,
                          us=round(us, 1), TBps=round(nbytes / us / 1e6, 2)))
     w = torch.rand(1, H, D, device=dev, generator=gen) + 0.5
     for cfg in a.cuda_choose.split(","):   # the channels picked in every block of the score (no `prepare`)
-        wpt, minb, nt, vec = (int(x) for x in cfg.split(":"))
+        wpt, minb, nt, vec, pipe = (int(x) for x in (cfg + ":0").split(":")[:5])
         us = graph_time(each(lambda k, z: qs.sparq_group_scores(q, k, z, n, None, rank="max", impl="cuda", wpt=wpt,
-                                                                minb=minb, threads=nt, vec=vec, weight=w,
+                                                                minb=minb, threads=nt, vec=vec, pipe=pipe, weight=w,
                                                                 scale=D ** -0.5, **kw)), a.reps, dev) * 1e3 / a.copies
         rows.append(dict(rank="max", what=f"score cuda {cfg} + choice (weighed)", block_p=0, warps=nt // 32,
                          us=round(us, 1), TBps=round(nbytes / us / 1e6, 2)))

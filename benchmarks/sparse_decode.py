@@ -335,9 +335,9 @@ def main():
     ap.add_argument("--profile", action="store_true", help="GPU: each row's decode-step kernels, by cost")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel breakdown of one layer")
     ap.add_argument("--cuda-launches", default="",
-                    help="sparq rows: also time the step with these CUDA score launches, wpt:minb:threads:vec[:choose],"
-                         "... (choose 0: `prepare` picks the channels, one launch more; same filled cache, a column "
-                         "each)")
+                    help="sparq rows: also time the step with these CUDA score launches, wpt:minb:threads[:vec[:choose"
+                         "[:pipe]]],... (quest_sparq.CUDA_*; choose 0: `prepare` picks the channels, one launch more; "
+                         "same filled cache, a column each)")
     a = ap.parse_args()
     cfg = dict(LLAMA3_8B, num_hidden_layers=a.layers)
     if a.smoke:
@@ -386,12 +386,14 @@ def main():
                 row["decode_ms"] = round(ms, 3)
                 if "sparq" in label and a.cuda_launches:
                     from longkv.kernels import quest_sparq as qs
-                    default = qs.CUDA_WPT, qs.CUDA_MINB, qs.CUDA_THREADS, qs.CUDA_VEC, qs.CUDA_CHOOSE
+                    names = "CUDA_WPT", "CUDA_MINB", "CUDA_THREADS", "CUDA_VEC", "CUDA_CHOOSE", "CUDA_PIPE"
+                    default = [getattr(qs, k) for k in names]
                     for launch in a.cuda_launches.split(","):
-                        (qs.CUDA_WPT, qs.CUDA_MINB, qs.CUDA_THREADS, qs.CUDA_VEC,
-                         qs.CUDA_CHOOSE) = (int(x) for x in (launch + ":1").split(":")[:5])
+                        for k, x in zip(names, [int(x) for x in launch.split(":")] + default[len(launch.split(":")):]):
+                            setattr(qs, k, x)
                         row[f"ms {launch}"] = round(decode_time(model, cache, dev, a.reps), 3)
-                    qs.CUDA_WPT, qs.CUDA_MINB, qs.CUDA_THREADS, qs.CUDA_VEC, qs.CUDA_CHOOSE = default
+                    for k, x in zip(names, default):
+                        setattr(qs, k, x)
                 # after the first decode step: the final compaction and resize have happened
                 row["kv_GiB"] = round(cache.nbytes() / 2**30, 3)
                 row["kv_vs_full"] = round(cache.nbytes() / cache.full_nbytes(), 3)

@@ -358,9 +358,11 @@ def test_sparq_cuda_score_matches_reference(G, channels, length, group):
         args = _to("cuda", qd, sk, sz, n)
         sel = ks.prepare(args[0], None, None, None, *args[1:], group=group, sink=sink, window=window,
                          channels=channels, sketch=False)
-        for wpt, minb, nt, vec in ((1, 1, 256, 0), (2, 3, 256, 1), (4, 1, 128, 1), (8, 1, 64, 1), (4, 2, 256, 0),
-                                   (4, 1, 256, 1)):
-            got, gpos = ks.sparq_group_scores(*args, sel, impl="cuda", wpt=wpt, minb=minb, threads=nt, vec=vec, **kw)
+        for wpt, minb, nt, vec, pipe in ((1, 1, 256, 0, 0), (2, 3, 256, 1, 0), (4, 1, 128, 1, 0), (8, 1, 64, 1, 0),
+                                         (4, 2, 256, 0, 0), (4, 1, 256, 1, 0), (2, 3, 128, 1, 1), (1, 2, 256, 1, 2),
+                                         (4, 1, 64, 1, 2)):   # pipe k > 1: k blocks a row, looping
+            got, gpos = ks.sparq_group_scores(*args, sel, impl="cuda", wpt=wpt, minb=minb, threads=nt, vec=vec,
+                                              pipe=pipe, **kw)
             got, gpos = got.cpu(), gpos.cpu()
             fin = torch.isfinite(want)
             assert torch.equal(gpos, wpos) and got.shape == want.shape and torch.equal(fin, torch.isfinite(got))
@@ -371,10 +373,10 @@ def test_sparq_cuda_score_matches_reference(G, channels, length, group):
         for weight in (None, w):
             want, wpos = ref.sparq_group_scores(qd.float(), sk, sz, n, weight=weight, **kw)
             got, gpos = ks.sparq_group_scores(*args, None, impl="cuda", weight=None if weight is None else w.cuda(),
-                                              **kw)
+                                              pipe=2 if weight is not None else 0, **kw)
             got, gpos = got.cpu(), gpos.cpu()
             fin = torch.isfinite(want)
             assert torch.equal(gpos, wpos) and torch.equal(fin, torch.isfinite(got)) and fin.any()
             assert (got[fin] - want[fin]).abs().max() < 2e-2 * (1 + want[fin].abs().max())
-    assert any(k[-3] == 1 for k in ks._CUDA)     # the 8/16-byte loads were built and run (the codes are aligned)
-    assert any(k[-2] and k[-1] for k in ks._CUDA)
+    assert any(k[-4] == 1 for k in ks._CUDA)     # the 8/16-byte loads were built and run (the codes are aligned)
+    assert any(k[-3] and k[-2] for k in ks._CUDA) and any(k[-1] for k in ks._CUDA)   # choice, weighed; pipelined

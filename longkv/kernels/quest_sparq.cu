@@ -1,7 +1,7 @@
 // SparQ group scores (rank=max) from the channel-major 4-bit key copy: the CUDA source of
 // `quest_sparq.py`'s "cuda" score (see there). Compiled by NVRTC through torch.cuda._compile_kernel with a
 // block of #defines in front (D, G, R, GROUP, SINK, WINDOW, QBF16, NT, WPT, MINB, VEC, CHOOSE,
-// WEIGH), then ptx.cuh.
+// WEIGH, PIPE), then ptx.cuh.
 //
 // WPG / WPT threads a key group (WPT 32-bit words each: 8 codes of one channel, 8 tokens, a word), the R
 // chosen channels in a loop. A word's nibbles become four fp16 pairs by one LOP3 each (0x6400 | c is the
@@ -9,7 +9,8 @@
 // in packed fp16 FMAs (fp16 sums over the R channels: ~1e-3 of their size), q·z is added in fp32 after
 // the max over the group's tokens. No layout conversion and no padding of a small query group (G = 4).
 // MINB: the blocks an SM the registers must allow (__launch_bounds__). VEC: a thread's WPT words of a channel
-// by 8- or 16-byte loads instead of 4-byte ones.
+// by 8- or 16-byte loads instead of 4-byte ones. PIPE: a block loops over tiles of its row, the next tile's
+// loads in flight while it computes (software pipelining; grid (blocks a row, rows)).
 
 #define WPG (GROUP / 8)            /* 32-bit words of one channel of one group */
 #define TPG (WPG / WPT)            /* threads a group */
@@ -29,6 +30,75 @@ __device__ __forceinline__ u32 hmax2(u32 a, u32 b) {
   u32 r; asm("max.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
 }
 
+/* A thread's WPT words of group pc for each of the R chosen channels, and each channel's (scale, zero). */
+__device__ __forceinline__ void load_group(const unsigned char* __restrict__ SK, const u32* __restrict__ SZ,
+                                           const int* ch, i64 bh, int pc, int lane, int CAPH, int MG,
+                                           u32 (&wv)[R][WPT], u32 (&zv)[R]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const i64 row = bh * D + ch[r];
+    const u32* wp = reinterpret_cast<const u32*>(SK + row * CAPH + (i64)pc * (GROUP / 2)) + lane * WPT;
+    zv[r] = SZ[row * MG + pc];
+#if VEC && WPT % 4 == 0                        /* 16-byte loads (the launcher checks the alignment) */
+#pragma unroll
+    for (int j = 0; j < WPT; j += 4) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(wp + j));
+      wv[r][j] = v.x; wv[r][j + 1] = v.y; wv[r][j + 2] = v.z; wv[r][j + 3] = v.w;
+    }
+#elif VEC && WPT == 2
+    { const uint2 v = __ldg(reinterpret_cast<const uint2*>(wp)); wv[r][0] = v.x; wv[r][1] = v.y; }
+#else
+#pragma unroll
+    for (int j = 0; j < WPT; ++j) wv[r][j] = wp[j];
+#endif
+  }
+}
+
+/* The group's largest estimated logit (over its tokens, this thread's share then the group's TPG threads,
+   and the queries), times tau and scale. */
+__device__ __forceinline__ float score_group(const u32 (&wv)[R][WPT], const u32 (&zv)[R], const u32 (*qh)[G],
+                                             const float (*qf)[G], const float* tau, float scale) {
+  u32 acc[G][4 * WPT];
+  float qz[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    qz[g] = 0.f;
+#pragma unroll
+    for (int k = 0; k < 4 * WPT; ++k) acc[g][k] = 0u;
+  }
+  const u32 bias = 0x64006400u;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const u32 s2 = prmt(zv[r], zv[r], 0x1010);      /* (s, s) */
+    const float z = h2f((u16)(zv[r] >> 16));
+    u32 c[4 * WPT];                            /* nibbles (k, k + 4) of each word (the max ignores token order) */
+#pragma unroll
+    for (int j = 0; j < WPT; ++j) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) c[4 * j + k] = hsub2(lop_or(wv[r][j] >> (4 * k), 0x000F000Fu, bias), bias);
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const u32 qs = hmul2(qh[r][g], s2);
+      qz[g] += qf[r][g] * z;
+#pragma unroll
+      for (int k = 0; k < 4 * WPT; ++k) acc[g][k] = hfma2(qs, c[k], acc[g][k]);
+    }
+  }
+  float best = NEG_INF;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    u32 m2 = acc[g][0];
+#pragma unroll
+    for (int k = 1; k < 4 * WPT; ++k) m2 = hmax2(m2, acc[g][k]);
+    float m = fmaxf(h2f((u16)m2), h2f((u16)(m2 >> 16)));
+#pragma unroll
+    for (int o = TPG / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o, TPG));
+    best = fmaxf(best, (m + qz[g]) * (tau[g] * scale));
+  }
+  return best;
+}
+
 /* Q (B·Hkv·G, D) the step's queries; SK (B·Hkv, D, CAPH) bytes (byte m of a group's channel: tokens 2m, 2m + 1);
    SZ (B·Hkv, D, MG) fp16 pairs (scale, zero); IDX (B·Hkv, D) channels by rank and TAU (B·Hkv, TS)
    1 / sqrt(share), from `prepare`, or, with CHOOSE, the channel choice made here by every block (no launch
@@ -43,7 +113,6 @@ extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
   const float scale = (float)scale_d;   /* torch passes a Python float as a double */
   const int bh = blockIdx.y;
   const int lane = threadIdx.x % TPG;
-  const int p = blockIdx.x * GPB + threadIdx.x / TPG;
   const i64 len = Len[0] - 1 - SINK - WINDOW;
   const int nqg = len > 0 ? (int)(len / GROUP) : 0;
   if (bh == 0 && blockIdx.x == 0 && threadIdx.x == 0) NPos[0] = (i64)nqg * GROUP - 1;
@@ -115,61 +184,29 @@ extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
   }
 #endif
   __syncthreads();
-  const int pc = p < MG ? p : MG - 1;
-  u32 acc[G][4 * WPT];
-  float qz[G];
+  u32 wv[R][WPT], zv[R];
+#if PIPE   /* grid (blocks a row, rows): block b takes tiles b, b + gridDim.x, ... of GPB groups, loading the next
+              tile's codes while it scores this one */
+  const int gi = threadIdx.x / TPG, ntile = (MG + GPB - 1) / GPB;
+  load_group(SK, SZ, ch, bh, min((int)blockIdx.x * GPB + gi, MG - 1), lane, CAPH, MG, wv, zv);
+#pragma unroll 1
+  for (int t = blockIdx.x; t < ntile; t += gridDim.x) {
+    u32 wn[R][WPT], zn[R];
+    load_group(SK, SZ, ch, bh, min((t + (int)gridDim.x) * GPB + gi, MG - 1), lane, CAPH, MG, wn, zn);
+    const int pt = t * GPB + gi;
+    const float best = score_group(wv, zv, qh, qf, tau, scale);
+    if (lane == 0 && pt < MG) S[(i64)bh * MG + pt] = pt < nqg ? best : NEG_INF;
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
-    qz[g] = 0.f;
+    for (int r = 0; r < R; ++r) {
+      zv[r] = zn[r];
 #pragma unroll
-    for (int k = 0; k < 4 * WPT; ++k) acc[g][k] = 0u;
-  }
-  const u32 bias = 0x64006400u;
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const i64 row = (i64)bh * D + ch[r];
-    const u32* wp = reinterpret_cast<const u32*>(SK + row * CAPH + (i64)pc * (GROUP / 2)) + lane * WPT;
-    const u32 sz = SZ[row * MG + pc];
-    const u32 s2 = prmt(sz, sz, 0x1010);      /* (s, s) */
-    const float z = h2f((u16)(sz >> 16));
-    u32 wv[WPT];
-#if VEC && WPT % 4 == 0                        /* 16-byte loads (the launcher checks the alignment) */
-#pragma unroll
-    for (int j = 0; j < WPT; j += 4) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(wp + j));
-      wv[j] = v.x; wv[j + 1] = v.y; wv[j + 2] = v.z; wv[j + 3] = v.w;
+      for (int j = 0; j < WPT; ++j) wv[r][j] = wn[r][j];
     }
-#elif VEC && WPT == 2
-    { const uint2 v = __ldg(reinterpret_cast<const uint2*>(wp)); wv[0] = v.x; wv[1] = v.y; }
+  }
 #else
-#pragma unroll
-    for (int j = 0; j < WPT; ++j) wv[j] = wp[j];
-#endif
-    u32 c[4 * WPT];                            /* nibbles (k, k + 4) of each word (the max ignores token order) */
-#pragma unroll
-    for (int j = 0; j < WPT; ++j) {
-      const u32 w = wv[j];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) c[4 * j + k] = hsub2(lop_or(w >> (4 * k), 0x000F000Fu, bias), bias);
-    }
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      const u32 qs = hmul2(qh[r][g], s2);
-      qz[g] += qf[r][g] * z;
-#pragma unroll
-      for (int k = 0; k < 4 * WPT; ++k) acc[g][k] = hfma2(qs, c[k], acc[g][k]);
-    }
-  }
-  float best = NEG_INF;
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    u32 m2 = acc[g][0];
-#pragma unroll
-    for (int k = 1; k < 4 * WPT; ++k) m2 = hmax2(m2, acc[g][k]);
-    float m = fmaxf(h2f((u16)m2), h2f((u16)(m2 >> 16)));
-#pragma unroll
-    for (int o = TPG / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o, TPG));
-    best = fmaxf(best, (m + qz[g]) * (tau[g] * scale));
-  }
+  const int p = blockIdx.x * GPB + threadIdx.x / TPG;
+  load_group(SK, SZ, ch, bh, p < MG ? p : MG - 1, lane, CAPH, MG, wv, zv);
+  const float best = score_group(wv, zv, qh, qf, tau, scale);
   if (lane == 0 && p < MG) S[(i64)bh * MG + p] = p < nqg ? best : NEG_INF;
+#endif
 }

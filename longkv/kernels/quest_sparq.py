@@ -201,31 +201,38 @@ def prepare(q, planes, ks, kz, sk, sz, length, *, group: int, sink: int, window:
 
 _CUDA: dict = {}
 # the CUDA score's launch: words (8 tokens each) of a channel a thread, blocks an SM the registers must
-# allow, threads a block, whether a thread's words come by 8/16-byte loads (where aligned), and whether
-# the score picks the channels itself when the caller has not (else `prepare` does, one launch more);
-# LONGKV_SPARQ_CUDA=wpt:minb:threads[:vec[:choose]] overrides them (benchmarks)
-_env = os.environ.get("LONGKV_SPARQ_CUDA") or "4:2:256:1:1"
+# allow, threads a block, whether a thread's words come by 8/16-byte loads (where aligned), whether the
+# score picks the channels itself when the caller has not (else `prepare` does, one launch more), and
+# whether a block loops over tiles with the next one's loads in flight (PIPE);
+# LONGKV_SPARQ_CUDA=wpt:minb:threads[:vec[:choose[:pipe]]] overrides them (benchmarks)
+_env = os.environ.get("LONGKV_SPARQ_CUDA") or "4:2:256:1:1:0"
 try:
     _parts = _env.split(":")
-    if not 3 <= len(_parts) <= 5:
+    if not 3 <= len(_parts) <= 6:
         raise ValueError
-    CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_CHOOSE = (int(x) for x in _parts + ["0", "1"][len(_parts) - 3:])
+    CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_CHOOSE, CUDA_PIPE = (
+        int(x) for x in _parts + ["0", "1", "0"][len(_parts) - 3:])
 except ValueError:
-    raise ValueError(f"LONGKV_SPARQ_CUDA={_env!r}: expected wpt:minb:threads[:vec[:choose]], e.g. 4:1:256:1:1") \
-        from None
+    raise ValueError(f"LONGKV_SPARQ_CUDA={_env!r}: expected wpt:minb:threads[:vec[:choose[:pipe]]], e.g. "
+                     "4:2:256:1:1:0") from None
 
 
 def cuda_score_kernel(*, D: int, G: int, R: int, group: int, sink: int, window: int, bf16: bool,
                       threads: int = CUDA_THREADS, wpt: int = CUDA_WPT, minb: int = CUDA_MINB, vec: int = 0,
-                      choose: bool = False, weigh: bool = False):
+                      choose: bool = False, weigh: bool = False, pipe: bool = False):
     """The CUDA score (`quest_sparq.cu`, rank=max) for one layout, built by NVRTC once; None where it
     cannot be (no NVRTC, or it refused the source: a warning says why, and the Triton score is used)."""
-    key = (D, G, R, group, sink, window, bf16, threads, wpt, minb, vec, choose, weigh)
+    key = (D, G, R, group, sink, window, bf16, threads, wpt, minb, vec, choose, weigh, pipe)
     if key not in _CUDA:
         _CUDA[key] = build(dict(D=D, G=G, R=R, GROUP=group, SINK=sink, WINDOW=window, QBF16=int(bf16), NT=threads,
-                                WPT=wpt, MINB=minb, VEC=vec, CHOOSE=int(choose), WEIGH=int(weigh)), ("ptx.cuh", "quest_sparq.cu"), "sparq_score",
+                                WPT=wpt, MINB=minb, VEC=vec, CHOOSE=int(choose), WEIGH=int(weigh),
+                                PIPE=int(pipe)), ("ptx.cuh", "quest_sparq.cu"), "sparq_score",
                            "CUDA SparQ score", "the Triton score")
     return _CUDA[key]
+
+
+def _sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _cuda_ok(q, sk, sz, group: int, rank: str, probe: int) -> bool:
@@ -239,13 +246,15 @@ def _cuda_ok(q, sk, sz, group: int, rank: str, probe: int) -> bool:
 def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window: int, channels: int, scale: float,
                        rank: str = "max", block_p: int = 8, warps: int = 2, cvt: int = 0, probe: int = 0,
                        weight=None, stack: bool = True, impl: str | None = None, wpt: int | None = None,
-                       minb: int | None = None, threads: int | None = None, vec: int | None = None):
+                       minb: int | None = None, threads: int | None = None, vec: int | None = None,
+                       pipe: int | None = None):
     """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau), or None: the CUDA score
     chooses the channels itself, in each block, and elsewhere `prepare` is called here; the reference, on
     the CPU, picks them itself): → (scores (B, Hkv, MG) for rank=max or lse (B, Hkv, MG, G) for
     rank=mass, npos (1,) int64). impl: None = the CUDA score (`quest_sparq.cu`) where it applies
-    (`_cuda_ok`), else Triton; "cuda" or "triton" to insist. wpt / minb / threads / vec: the CUDA launch
-    (None = CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC; vec only where the codes are aligned for it).
+    (`_cuda_ok`), else Triton; "cuda" or "triton" to insist. wpt / minb / threads / vec / pipe: the
+    CUDA launch (None = CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_PIPE; vec only where the codes
+    are aligned for it; pipe 1: as many blocks a row as are resident at once, k > 1: k blocks a row).
     Triton's: block_p, warps, cvt (the code-to-fp16 conversion, its CVT), stack (groups stacked into one
     dot, its STACK). weight: the channel weights, read by the channel choice (`prepare`'s, or the CUDA
     score's with sel=None) and the CPU reference."""
@@ -266,14 +275,18 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
         align = 4 * min(wpt, 4)     # bytes of one vector load
         vec = int(bool(CUDA_VEC if vec is None else vec) and wpt > 1 and sk.data_ptr() % align == 0
                   and sk.shape[-1] % align == 0)
+        pipe = CUDA_PIPE if pipe is None else pipe
         kern = cuda_score_kernel(D=D, G=G, R=channels, group=group, sink=sink, window=window,
                                  bf16=q.dtype == torch.bfloat16, wpt=wpt, minb=minb, threads=threads, vec=vec,
-                                 choose=sel is None, weigh=sel is None and weight is not None)
+                                 choose=sel is None, weigh=sel is None and weight is not None, pipe=pipe > 0)
         if kern is not None:
             gpb = threads // (group // 8 // wpt)
+            nb = triton.cdiv(MG, gpb)           # blocks a row (PIPE: as many as are resident at once, looping)
+            if pipe:
+                nb = max(1, min(nb, pipe if pipe > 1 else _sms(q.device) * minb // (B * H)))
             idx, tau = sel if sel is not None else (npos, out)        # not read: the kernel chooses
             w = weight.float().contiguous() if sel is None and weight is not None else out   # out: not read
-            kern(grid=(triton.cdiv(MG, gpb), B * H, 1), block=(threads, 1, 1),
+            kern(grid=(nb, B * H, 1), block=(threads, 1, 1),
                  args=[q.contiguous(), sk, sz, _pos(length, q.device).long(), idx, tau, out, npos, int(sk.shape[-1]),
                        int(MG), float(scale), int(tau.shape[-1]), w])
             return out, npos
