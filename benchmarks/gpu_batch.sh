@@ -161,7 +161,7 @@ step() {
         GEMMA_RATIOS="0.5 0.75 0.875" GEMMA_METHODS="$G" bash benchmarks/sparse_quality.sh gemma-niah gemma-ruler report ;;
     sparq512)  # the sparq kernels' GPU tests, the CUDA score's launches, then decode rows (CTX, LAUNCHES, PROFILE=1)
       (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q tests/test_quant_paged.py tests/test_quant.py \
-         -k "sparq or prepare or weigh or channel_major_sketch") \
+         -k "${TESTS_K:-sparq or prepare or weigh or channel_major_sketch}") \
         > "$OUT/sparq_tests.log" 2>&1; echo "sparq tests: $(tail -n 1 "$OUT/sparq_tests.log")" >&2
       bench sparq_probe 150 $PY sparq_probe.py --context 512k --variants 8:2 --cvts 1 --stacks 1 --reps 100 \
         --cuda ${PROBE_CUDA:-4:1:256:1,4:2:256:0,4:2:256:1,4:2:128:1,2:3:256:1,8:1:64:1} \

@@ -37,10 +37,11 @@ anyway), read from a channel-major copy of the key codes (+1/8 of bf16 keys' byt
 flush), and a group ranks by its largest estimate (`rank=max`) or its attention mass (`rank=mass`). On
 smollm2-135m at 8x, rank=max finds the NIAH needles the bound loses (9/10 = full's); its RULER-style
 multi-key/multi-value tasks need 16 of its 64 channels (79.2 = full's mean over 4K/8K; 8 channels scored
-37.5, hence the floor). A sparse layer is then 6 launches (the first writes the copy's newest group and
-picks the channels). H200, 8B shape, 512K, channels=0.125,weigh=1 with the CUDA score: 2.82x full's
-decode speed at 1/8, 3.08x at 1/32 (the bound alone: 3.02x in the same run); BENCHMARKS.md, issue 5,
-session 16.
+37.5, hence the floor). A sparse layer is 5 launches, as with the bound: the append + flush also writes
+a flushed group into the copy (`sketch=`), and the CUDA score (rank=max) picks the channels in each of
+its blocks; elsewhere `prepare` picks them first (6). H200, 8B shape, 512K, channels=0.125,weigh=1:
+2.96x full's decode speed at 1/8, 3.25x at 1/32 (the bound alone: 3.04x in the same run); BENCHMARKS.md,
+issue 5, session 17.
 
 `weigh=1` (with channels=F): the channels are chosen by Σ_g |q_g| times the keys' root mean square along
 each channel (Σ k² of the prompt's first `fit` post-RoPE keys, summed as prefill chunks arrive), so a
