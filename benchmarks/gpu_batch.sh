@@ -86,6 +86,10 @@
 # Session 16 (2026-12-05): [sparq512], [tests + sparq_probe (stacks, cvts) + 512K decode by hand], two
 # calls of the same after the CUDA score (the first of them with two bugs in it); six attempts refused, the
 # last for lack of device time (a MINB / block-size sweep of the CUDA score was ready for it).
+# Session 17 (2026-12-05): [sparq512] (the MINB / VEC sweep), [CTX=512k PROFILE=1 sparq512] (the choice in
+# the score, the sketch in the flush); one call lost (the machine taken back mid-run), eight refusals, then
+# "none lent". The PIPE sweep (the defaults of sparq512's PROBE_CUDA / PROBE_CHOOSE / LAUNCHES now) did
+# not run: the next call is `CTX=512k TESTS_K="cuda_score or channel_major_sketch" gpu_batch.sh sparq512`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -164,11 +168,11 @@ step() {
          -k "${TESTS_K:-sparq or prepare or weigh or channel_major_sketch}") \
         > "$OUT/sparq_tests.log" 2>&1; echo "sparq tests: $(tail -n 1 "$OUT/sparq_tests.log")" >&2
       bench sparq_probe 150 $PY sparq_probe.py --context 512k --variants 8:2 --cvts 1 --stacks 1 --reps 100 \
-        --cuda ${PROBE_CUDA:-4:1:256:1,4:2:256:0,4:2:256:1,4:2:128:1,2:3:256:1,8:1:64:1} \
-        --cuda-choose ${PROBE_CHOOSE:-4:2:256:1,4:2:128:1,2:3:256:1}
+        --cuda ${PROBE_CUDA:-4:2:256:1,2:3:128:1:1,1:2:256:1:1,1:3:128:1:1,4:1:256:1:1,2:2:256:1:1} \
+        --cuda-choose ${PROBE_CHOOSE:-4:2:256:1,2:3:128:1:1,1:3:128:1:1,4:1:256:1:1}
       bench sparq512 300 $PY sparse_decode.py --contexts ${CTX:-128k,512k} --layers 32 --no-breakdown \
         ${PROFILE:+--profile} --only "full,kv4+quest 1/8 groups,kv4+quest 1/8 sparq weigh,kv4+quest 1/32 sparq weigh" \
-        --cuda-launches ${LAUNCHES:-4:1:256:0:0,4:2:256:1:0,4:2:128:1:1,2:3:256:1:1} ;;
+        --cuda-launches ${LAUNCHES:-2:3:128:1:1:1,1:3:128:1:1:1,4:1:256:1:1:1,2:2:256:1:1:1} ;;
     *) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2 ;;
   esac
 }

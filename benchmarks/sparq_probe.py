@@ -1,8 +1,8 @@
 """One layer's SparQ group scoring (`kv4+quest:groups=1,channels=F`, kernels/quest_sparq.py) on synthetic
 data, variant by variant: block of groups, warps, rank, and a probe that stops after the loads, so the time
 splits into its parts. The scores read `--copies` layers' codes in turn, so the L2 cannot hold them (as in
-decode). Also the step's first launch (`prepare`: the sketch write and the channel choice). Each call
-replayed in a CUDA graph (common.graph_time).
+decode). Also `prepare` (the channel choice before a Triton score). Each call replayed in a CUDA graph
+(common.graph_time).
 
     python benchmarks/sparq_probe.py --context 512k
 
@@ -46,20 +46,17 @@ def main():
     sks = [torch.randint(0, 256, (1, H, D, T // 2), device=dev, dtype=torch.uint8, generator=gen)
            for _ in range(a.copies)]
     szs = [(torch.rand(1, H, D, MG, 2, device=dev, generator=gen) * 0.2).half() for _ in range(a.copies)]
-    sk, sz = sks[0], szs[0]
     q = torch.randn(1, Hq, 1, D, device=dev, dtype=torch.bfloat16, generator=gen)
     n = torch.tensor([T], device=dev)
     kw = dict(group=group, sink=4, window=128, channels=R)
     nbytes = H * R * (T // 2 + MG * 4)
-    planes = [torch.randint(0, 256, (1, H, T, D // 2), device=dev, dtype=torch.uint8, generator=gen)]
-    ks, kz = (torch.rand(1, H, MG, D, device=dev, generator=gen).half() for _ in range(2))
-    sel = qs.prepare(q, planes, ks, kz, sk, sz, n, **kw)
+    sel = qs.prepare(q, H, R)
     rows = []
-    for sketch, w in ((True, 4), (False, 4), (True, 1), (True, 2)):
-        us = graph_time(lambda: qs.prepare(q, planes, ks, kz, sk, sz, n, sketch=sketch, warps=w, **kw), a.reps,
-                        dev) * 1e3
-        rows.append(dict(rank="-", what=f"prepare{'' if sketch else ' (no sketch)'}", block_p=0, warps=w,
-                         us=round(us, 1), TBps=None))
+    for w in (4, 1, 2):
+        us = graph_time(lambda: qs.prepare(q, H, R, warps=w), a.reps, dev) * 1e3
+        rows.append(dict(rank="-", what="prepare (the channel choice, Triton)", block_p=0, warps=w, us=round(us, 1),
+                         TBps=None))
+
     def each(fn):   # fn(sk, sz) on every copy: the time of one is the call's / copies
         return lambda: [fn(k, z) for k, z in zip(sks, szs)]
 

@@ -247,14 +247,13 @@ def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32
         for bp, w, lp in ((64, 4, 0), (128, 4, 0), (128, 4, 1), (256, 8, 1)) if cache.sketch[layer] is None else ():
             pieces[f"score_p{bp}w{w}{'h' if lp else ''}_us"] = functools.partial(
                 kq.group_scores, q, kd["scale"], kd["zero"], pos + 1, block_p=bp, warps=w, lowp=bool(lp), **gk)
-        if cache.sketch[layer] is not None:   # channels=F: the sketch write and the SparQ score instead
+        if cache.sketch[layer] is not None:   # channels=F: the channel choice and the SparQ score instead
             from longkv.kernels import quest_sparq as qs
             sk, sz, R = cache.sketch[layer], cache.sz[layer], cache.channels[layer]
             sp = dict(group=P, sink=st.S, window=st.W, channels=R)
-            pl = kd["planes"]
             wt = cache.wch[layer]    # weigh=1: the channel weights (None: |q| alone)
-            sel = qs.prepare(q, pl, kd["scale"], kd["zero"], sk, sz, pos + 1, weight=wt, **sp)
-            pieces["prepare_us"] = lambda: qs.prepare(q, pl, kd["scale"], kd["zero"], sk, sz, pos + 1, weight=wt, **sp)
+            sel = qs.prepare(q, sk.shape[1], R, weight=wt)
+            pieces["prepare_us"] = lambda: qs.prepare(q, sk.shape[1], R, weight=wt)
             pieces["score_us"] = lambda: qs.sparq_group_scores(q, sk, sz, pos + 1, sel, rank=cache.rank, scale=s.scale,
                                                                **sp)
             for bp, w in ((4, 4), (8, 4), (16, 2), (16, 4)):

@@ -10,21 +10,25 @@ it for `page_mass`), and the selected groups go to the paged CUDA kernel as befo
 Reading R of D channels is only cheaper if a channel's codes are contiguous, and the storage keeps a
 token's D codes together. So the layer keeps a channel-major copy of its 4-bit key codes: `sketch`
 (B, H, D, cap/2) uint8 (byte m of a channel: the group's tokens 2m and 2m + 1) and `sz` (B, H, D, MG, 2)
-fp16 (the group's scale and zero of that channel). A sparse layer's step: `_prep_kernel` (one program a
-row) writes the copy's last flushed group (idempotent; the group the append + flush kernel just completed;
-prefill writes whole ranges in torch) and picks the channels once (one `tl.sort` of 128 keys), then
-the score reads R channels' codes of every group (R = 16 of 128 on the 8B shape: 1/8 of the key codes)
-plus their statistics.
+fp16 (the group's scale and zero of that channel). The append + flush kernel writes a group into the copy
+when it completes (`quant_append.append_flush(..., sketch=)`; prefill writes whole ranges in torch). A
+sparse layer's step then picks the channels (Σ_g |q_g|, optionally weighed, ranked; tau = 1 / sqrt(share))
+and scores every group from R channels' codes (R = 16 of 128 on the 8B shape: 1/8 of the key codes) plus
+their statistics.
 
 The score: for rank=max on a GPU with 16-bit queries, `quest_sparq.cu` (CUDA through NVRTC: a thread
 takes WPT words of a group's channel, nibble pairs to fp16 pairs by LOP3, packed fp16 FMAs, no tensor
-cores); otherwise `_sparq_score_kernel` (Triton: a batched tensor-core dot, 16/G groups stacked in one
-dot so a small query group fills its rows). H200, 8B shape, 512K, one layer (benchmarks/sparq_probe.py,
-BENCHMARKS.md issue 5, session 16): prepare 5.7 µs; the CUDA score 23.3 µs (WPT 4; 21.4 at 8), the
-Triton one 23-34 µs between calls (33 in session 14), rank=mass 39 µs stacked (61 one group a dot);
-the loads alone take 10 µs (37.7 MB). Tried on the way: the channel choice in every score program
-(28-107 µs by itself), one 2-D tile with a scale/zero load per code (~200 µs), a loop of one group a step
-(88 µs), Triton CUDA-core FMAs in a 3-D layout (41 µs), the codes to fp16 by 0x6400|c (CVT, ~2 µs).
+cores), which also picks the channels itself in every block (no launch of its own); otherwise `prepare`
+(`_prep_kernel`, one program a row, one `tl.sort` of D keys) picks them and `_sparq_score_kernel`
+(Triton: a batched tensor-core dot, 16/G groups stacked in one dot so a small query group fills its rows)
+scores. H200, 8B shape, 512K, one layer read from HBM (benchmarks/sparq_probe.py, BENCHMARKS.md issue 5,
+session 17): the CUDA score 18.6 µs at its default launch (WPT 4, two 256-thread blocks an SM, 16-byte
+loads), +2.6 with the channel choice; `prepare` 5.1-5.7; the Triton score 18.5, rank=mass 39.6; the loads
+alone 12.7 (37.7 MB). PIPE (a block loops over its row's tiles, loading the next while scoring this one)
+is written and off by default: not yet run on a GPU. Tried on the way: the channel choice in every Triton
+score program (28-107 µs by itself), one 2-D tile with a scale/zero load per code (~200 µs), a loop of one
+group a step (88 µs), Triton CUDA-core FMAs in a 3-D layout (41 µs), the codes to fp16 by 0x6400|c (CVT,
+~2 µs).
 
 References: `quant_reference.sketch_groups`, `sparq_group_scores`.
 """
@@ -43,32 +47,13 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _prep_kernel(Q, KP, KS, KZ, Len, SK, SZ, IDX, TAU, W, CAPH, MG, G: tl.constexpr, GROUP: tl.constexpr,
-                     SINK: tl.constexpr, WINDOW: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
-                     BLOCK_G: tl.constexpr, SKETCH: tl.constexpr, WEIGH: tl.constexpr):
-        """One program a (batch, KV head) row. SKETCH: the channel-major copy of the last flushed key
-        group. Then the channel choice: Σ_g |q_g| per channel, sorted once (key = the sum's bits, then the
-        reversed channel: ties go to the lower channel) → IDX (D,) channels by rank; TAU (BLOCK_G,) =
-        1 / sqrt(share of each query's |q|_1 the first R hold). WEIGH: |q| times W (D,), the channels'
-        weights (`quant_reference.sparq_weights`), for the choice and the share."""
+    def _prep_kernel(Q, IDX, TAU, W, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_G: tl.constexpr,
+                     WEIGH: tl.constexpr):
+        """One program a (batch, KV head) row: the channel choice. Σ_g |q_g| per channel, sorted once (key =
+        the sum's bits, then the reversed channel: ties go to the lower channel) → IDX (D,) channels by rank;
+        TAU (BLOCK_G,) = 1 / sqrt(share of each query's |q|_1 the first R hold). WEIGH: |q| times W (D,), the
+        channels' weights (`quant_reference.sparq_weights`), for the choice and the share."""
         bh = tl.program_id(0)
-        if SKETCH:
-            gi = (tl.maximum(tl.load(Len) - SINK - WINDOW, 0) // GROUP - 1).to(tl.int32)
-            if gi >= 0:
-                m = tl.arange(0, GROUP // 2)
-                j = tl.arange(0, D // 2)
-                rows = bh * (CAPH * 2) + gi * GROUP                 # the group's first token row
-                ev = tl.load(KP + (rows + 2 * m[:, None]) * (D // 2) + j[None, :]).to(tl.int32)    # (g/2, D/2)
-                od = tl.load(KP + (rows + 2 * m[:, None] + 1) * (D // 2) + j[None, :]).to(tl.int32)
-                lo = (ev & 15) | ((od & 15) << 4)            # channel 2j, tokens 2m | 2m + 1
-                hi = (ev >> 4) | (od & 240)                  # channel 2j + 1
-                base = (bh * D + 2 * j[None, :]) * CAPH + gi * (GROUP // 2) + m[:, None]
-                tl.store(SK + base, lo.to(tl.uint8))
-                tl.store(SK + base + CAPH, hi.to(tl.uint8))
-                c = tl.arange(0, D)
-                o = ((bh * D + c) * MG + gi) * 2
-                tl.store(SZ + o, tl.load(KS + (bh * MG + gi) * D + c))
-                tl.store(SZ + o + 1, tl.load(KZ + (bh * MG + gi) * D + c))
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, D)
         qa = tl.abs(tl.load(Q + (bh * G + g[:, None]) * D + d[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32))
@@ -158,44 +143,26 @@ if triton is not None:
             tl.store(S + bh * MG + p, tl.where(p < nqg, v, float("-inf")), mask=p < MG)
 
 
-def sketch_update(planes: list, ks, kz, sk, sz, length, *, group: int, sink: int, window: int) -> None:
-    """Decode step (graph-safe): the channel-major copy of the last key group flushed when `length`
-    (a (1,) int64 device tensor) tokens are held (reference only; on a GPU `prepare` does it)."""
-    n = torch.as_tensor(length, device=ks.device).reshape(-1)[-1]
-    g1 = torch.clamp(n - sink - window, min=0) // group
-    if not g1.is_cuda:   # on the CPU the count can be read: convert the one group, not the masked layer
-        g1 = int(g1)
-    ref.sketch_groups(planes, ks, kz, sk, sz, g1 - 1, g1, group=group)
-
-
-def prepare(q, planes, ks, kz, sk, sz, length, *, group: int, sink: int, window: int, channels: int,
-            sketch: bool = True, weight=None, warps: int = 4):
-    """A decode step's first launch (graph-safe): with `sketch`, the channel-major copy of the last
-    flushed key group (`sketch_update`); and the channel choice of each row (`quant_reference.sparq_channels`)
-    → (idx (B·Hkv, D) int32 channels by rank, tau (B·Hkv, BLOCK_G) fp32 = 1 / sqrt(share)), what
-    `sparq_group_scores` reads. weight: (B, Hkv, D) channel weights for the choice (`sparq_channels`)."""
+def prepare(q, heads: int, channels: int, *, weight=None, warps: int = 4):
+    """The channel choice before a Triton score (graph-safe; the CUDA score makes it itself) of each of the
+    `heads` KV heads' query groups (`quant_reference.sparq_channels`) → (idx (B·Hkv, D) int32 channels by
+    rank, tau (B·Hkv, BLOCK_G) fp32 = 1 / sqrt(share)), what `sparq_group_scores` reads. weight: (B, Hkv,
+    D) channel weights for the choice (`sparq_channels`)."""
     B, Hq, _, D = q.shape
-    H = sk.shape[1]
+    H = heads
     G = Hq // H
     BG = max(16, 1 << (G - 1).bit_length())
     if not _use_triton(q):
-        if sketch:
-            sketch_update(planes, ks, kz, sk, sz, length, group=group, sink=sink, window=window)
         idx, share = ref.sparq_channels(q.float().reshape(B, H, G, D), channels, weight)
         rest = torch.ones(B, H, D, dtype=torch.bool, device=q.device).scatter_(-1, idx, False)
         full = torch.cat([idx, rest.nonzero()[:, -1].reshape(B, H, D - channels)], -1)
         tau = torch.ones(B * H, BG, device=q.device)
         tau[:, :G] = share.reshape(B * H, G).rsqrt()
         return full.reshape(B * H, D).to(torch.int32), tau
-    if not sketch:
-        planes, ks, kz = [sk], sz, sz     # not read
-    assert planes[0].is_contiguous() and ks.is_contiguous() and sk.is_contiguous() and sz.is_contiguous()
     idx = torch.empty(B * H, D, device=q.device, dtype=torch.int32)
     tau = torch.empty(B * H, BG, device=q.device, dtype=torch.float32)
-    _prep_kernel[(B * H,)](q.contiguous(), planes[0], ks, kz, _pos(length, q.device), sk, sz, idx, tau,
-                           tau if weight is None else weight.contiguous(), sk.shape[-1],
-                           sz.shape[3], G=G, GROUP=group, SINK=sink, WINDOW=window, D=D, R=channels, BLOCK_G=BG,
-                           SKETCH=sketch, WEIGH=weight is not None, num_warps=warps)
+    _prep_kernel[(B * H,)](q.contiguous(), idx, tau, tau if weight is None else weight.contiguous(), G=G, D=D,
+                           R=channels, BLOCK_G=BG, WEIGH=weight is not None, num_warps=warps)
     return idx, tau
 
 
@@ -269,8 +236,7 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
     npos = torch.empty(1, device=q.device, dtype=torch.int64)
     if impl != "triton" and _cuda_ok(q, sk, sz, group, rank, probe):
         if sel is None and not CUDA_CHOOSE:
-            sel = prepare(q, None, None, None, sk, sz, length, group=group, sink=sink, window=window,
-                          channels=channels, sketch=False, weight=weight)
+            sel = prepare(q, H, channels, weight=weight)
         wpt, minb, threads = min(wpt or CUDA_WPT, group // 8), minb or CUDA_MINB, threads or CUDA_THREADS
         align = 4 * min(wpt, 4)     # bytes of one vector load
         vec = int(bool(CUDA_VEC if vec is None else vec) and wpt > 1 and sk.data_ptr() % align == 0
@@ -293,8 +259,7 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
     if impl == "cuda":
         raise ValueError("the CUDA SparQ score needs rank=max, a CUDA GPU with NVRTC, fp16/bf16 queries and "
                          "groups of 8·2^k tokens")
-    idx, tau = sel if sel is not None else prepare(q, None, None, None, sk, sz, length, group=group, sink=sink,
-                                                   window=window, channels=channels, sketch=False, weight=weight)
+    idx, tau = sel if sel is not None else prepare(q, H, channels, weight=weight)
     gp = triton.next_power_of_2(G) if stack and G < 16 else tau.shape[1]
     st = max(1, 16 // gp)
     block_p = max(block_p, st)
