@@ -27,8 +27,8 @@ def main():
     ap.add_argument("--variants", default="4:4,8:2,8:4,16:4,16:8,32:8", help="block_p:warps,...")
     ap.add_argument("--cvts", default="0,1,2", help="code-to-fp16 conversions to time (quest_sparq CVT)")
     ap.add_argument("--cuda", default="1:1:256:0,2:1:256:1,4:1:256:0,4:1:256:1,8:1:256:1",
-                    help="CUDA score launches to time, wpt:minb:threads:vec[:pipe],... (quest_sparq.cu WPT, MINB, NT, VEC, "
-                         "PIPE)")
+                    help="CUDA score launches to time, wpt:minb:threads:vec[:pipe],... (quest_sparq.cu WPT, MINB, "
+                         "NT, VEC, PIPE)")
     ap.add_argument("--cuda-choose", default="4:1:256:1,4:2:256:1",
                     help="CUDA score launches to time with the channel choice in the kernel (no `prepare`)")
     ap.add_argument("--copies", type=int, default=4,

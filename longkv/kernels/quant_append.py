@@ -170,7 +170,8 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
     fp slot and quantizes the group this token completes, if any; count_out (1,) int64, if given, is
     set to the length; rope (cos, sin), each (1, D), if given: k is rotated first, in the same launch
     (keys stored after RoPE); sketch (sk, sz), if given (4-bit keys without outliers): the flushed group is
-    also written to that channel-major copy (`ref.sketch_groups`, SparQ scoring in `quest_sparq.py`). Reference: the same steps with `ref.quantize_keys` / `ref.quantize_tokens`."""
+    also written to that channel-major copy (`ref.sketch_groups`, SparQ scoring in `quest_sparq.py`).
+    Reference: the same steps with `ref.quantize_keys` / `ref.quantize_tokens`."""
     B, H, _, D = k.shape
     ring = kf.shape[2] - sink
     if sketch is not None and (bits != 4 or "out_idx" in kq or lut_k is not None):

@@ -149,8 +149,7 @@ def prepare(q, heads: int, channels: int, *, weight=None, warps: int = 4):
     rank, tau (B·Hkv, BLOCK_G) fp32 = 1 / sqrt(share)), what `sparq_group_scores` reads. weight: (B, Hkv,
     D) channel weights for the choice (`sparq_channels`)."""
     B, Hq, _, D = q.shape
-    H = heads
-    G = Hq // H
+    H, G = heads, Hq // heads
     BG = max(16, 1 << (G - 1).bit_length())
     if not _use_triton(q):
         idx, share = ref.sparq_channels(q.float().reshape(B, H, G, D), channels, weight)
