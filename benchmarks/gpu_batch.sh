@@ -168,8 +168,8 @@ step() {
          -k "${TESTS_K:-sparq or prepare or weigh or channel_major_sketch}") \
         > "$OUT/sparq_tests.log" 2>&1; echo "sparq tests: $(tail -n 1 "$OUT/sparq_tests.log")" >&2
       bench sparq_probe 150 $PY sparq_probe.py --context 512k --variants 8:2 --cvts 1 --stacks 1 --reps 100 \
-        --cuda ${PROBE_CUDA:-4:2:256:1,2:3:128:1:1,1:2:256:1:1,1:3:128:1:1,4:1:256:1:1,2:2:256:1:1} \
-        --cuda-choose ${PROBE_CHOOSE:-4:2:256:1,2:3:128:1:1,1:3:128:1:1,4:1:256:1:1}
+        --cuda ${PROBE_CUDA:-4:2:256:1,2:3:128:1:1:1,1:2:256:1:1:1,1:3:128:1:1:1,4:1:256:1:1:1,2:2:256:1:1:1} \
+        --cuda-choose ${PROBE_CHOOSE:-4:2:256:1,2:3:128:1:1:1,1:3:128:1:1:1,4:1:256:1:1:1}
       bench sparq512 300 $PY sparse_decode.py --contexts ${CTX:-128k,512k} --layers 32 --no-breakdown \
         ${PROFILE:+--profile} --only "full,kv4+quest 1/8 groups,kv4+quest 1/8 sparq weigh,kv4+quest 1/32 sparq weigh" \
         --cuda-launches ${LAUNCHES:-2:3:128:1:1:1,1:3:128:1:1:1,4:1:256:1:1:1,2:2:256:1:1:1} ;;

@@ -27,10 +27,10 @@ def main():
     ap.add_argument("--variants", default="4:4,8:2,8:4,16:4,16:8,32:8", help="block_p:warps,...")
     ap.add_argument("--cvts", default="0,1,2", help="code-to-fp16 conversions to time (quest_sparq CVT)")
     ap.add_argument("--cuda", default="1:1:256:0,2:1:256:1,4:1:256:0,4:1:256:1,8:1:256:1",
-                    help="CUDA score launches to time, wpt:minb:threads:vec[:pipe],... (quest_sparq.cu WPT, MINB, "
-                         "NT, VEC, PIPE)")
+                    help="CUDA score launches to time, wpt:minb:threads[:vec[:choose[:pipe]]],... "
+                         "(quest_sparq.parse_launch; choose is ignored: these rows take `prepare`'s choice)")
     ap.add_argument("--cuda-choose", default="4:1:256:1,4:2:256:1",
-                    help="CUDA score launches to time with the channel choice in the kernel (no `prepare`)")
+                    help="CUDA score launches to time with the channel choice in the kernel (no `prepare`), as --cuda")
     ap.add_argument("--copies", type=int, default=4,
                     help="layers' worth of codes, scored in turn in each timed call (4 x 37.7 MB at 512K: more than "
                          "the L2, as in decode; 1 = one layer replayed, which the L2 may hold)")
@@ -61,7 +61,7 @@ def main():
         return lambda: [fn(k, z) for k, z in zip(sks, szs)]
 
     for cfg in a.cuda.split(","):
-        wpt, minb, nt, vec, pipe = (int(x) for x in (cfg + ":0").split(":")[:5])
+        wpt, minb, nt, vec, pipe = (qs.parse_launch(cfg)[i] for i in (0, 1, 2, 3, 5))
         us = graph_time(each(lambda k, z: qs.sparq_group_scores(q, k, z, n, sel, rank="max", impl="cuda", wpt=wpt,
                                                                 minb=minb, threads=nt, vec=vec, pipe=pipe,
                                                                 scale=D ** -0.5, **kw)), a.reps, dev) * 1e3 / a.copies
@@ -69,7 +69,7 @@ def main():
                          us=round(us, 1), TBps=round(nbytes / us / 1e6, 2)))
     w = torch.rand(1, H, D, device=dev, generator=gen) + 0.5
     for cfg in a.cuda_choose.split(","):   # the channels picked in every block of the score (no `prepare`)
-        wpt, minb, nt, vec, pipe = (int(x) for x in (cfg + ":0").split(":")[:5])
+        wpt, minb, nt, vec, pipe = (qs.parse_launch(cfg)[i] for i in (0, 1, 2, 3, 5))
         us = graph_time(each(lambda k, z: qs.sparq_group_scores(q, k, z, n, None, rank="max", impl="cuda", wpt=wpt,
                                                                 minb=minb, threads=nt, vec=vec, pipe=pipe, weight=w,
                                                                 scale=D ** -0.5, **kw)), a.reps, dev) * 1e3 / a.copies

@@ -385,10 +385,10 @@ def main():
                 row["decode_ms"] = round(ms, 3)
                 if "sparq" in label and a.cuda_launches:
                     from longkv.kernels import quest_sparq as qs
-                    names = "CUDA_WPT", "CUDA_MINB", "CUDA_THREADS", "CUDA_VEC", "CUDA_CHOOSE", "CUDA_PIPE"
+                    names = [f"CUDA_{k.upper()}" for k in qs.LAUNCH_FIELDS]
                     default = [getattr(qs, k) for k in names]
                     for launch in a.cuda_launches.split(","):
-                        for k, x in zip(names, [int(x) for x in launch.split(":")] + default[len(launch.split(":")):]):
+                        for k, x in zip(names, qs.parse_launch(launch)):
                             setattr(qs, k, x)
                         row[f"ms {launch}"] = round(decode_time(model, cache, dev, a.reps), 3)
                     for k, x in zip(names, default):

@@ -171,16 +171,26 @@ _CUDA: dict = {}
 # score picks the channels itself when the caller has not (else `prepare` does, one launch more), and
 # whether a block loops over tiles with the next one's loads in flight (PIPE);
 # LONGKV_SPARQ_CUDA=wpt:minb:threads[:vec[:choose[:pipe]]] overrides them (benchmarks)
+LAUNCH_FIELDS = ("wpt", "minb", "threads", "vec", "choose", "pipe")
+
+
+def parse_launch(text: str) -> tuple[int, ...]:
+    """'wpt:minb:threads[:vec[:choose[:pipe]]]' → the six fields (vec 0, choose 1, pipe 0 where left out)."""
+    parts = text.split(":")
+    try:
+        if not 3 <= len(parts) <= 6:
+            raise ValueError
+        return tuple(int(x) for x in parts + ["0", "1", "0"][len(parts) - 3:])
+    except ValueError:
+        raise ValueError(f"CUDA score launch {text!r}: expected wpt:minb:threads[:vec[:choose[:pipe]]], e.g. "
+                         "4:2:256:1:1:0") from None
+
+
 _env = os.environ.get("LONGKV_SPARQ_CUDA") or "4:2:256:1:1:0"
 try:
-    _parts = _env.split(":")
-    if not 3 <= len(_parts) <= 6:
-        raise ValueError
-    CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_CHOOSE, CUDA_PIPE = (
-        int(x) for x in _parts + ["0", "1", "0"][len(_parts) - 3:])
-except ValueError:
-    raise ValueError(f"LONGKV_SPARQ_CUDA={_env!r}: expected wpt:minb:threads[:vec[:choose[:pipe]]], e.g. "
-                     "4:2:256:1:1:0") from None
+    CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_CHOOSE, CUDA_PIPE = parse_launch(_env)
+except ValueError as e:
+    raise ValueError(f"LONGKV_SPARQ_CUDA: {e}") from None
 
 
 def cuda_score_kernel(*, D: int, G: int, R: int, group: int, sink: int, window: int, bf16: bool,
