@@ -69,12 +69,12 @@ def graph_greedy(model, spec, new: int) -> list[int]:
 def run(model, spec, new=12):
     """Prefill 60 tokens in chunks of 16, then `new` greedy decode steps (memoized: runs are deterministic,
     which test_deterministic checks without the memo)."""
-    if (spec, new) not in _RUNS:
+    if (id(model), spec, new) not in _RUNS:
         kv = build(model, spec)
         logits = prefill(model, kv, ids(), chunk=16, logits="all")
         toks = greedy(model, kv, logits, new)
-        _RUNS[spec, new] = logits, toks, kv
-    return _RUNS[spec, new]
+        _RUNS[id(model), spec, new] = logits, toks, kv
+    return _RUNS[id(model), spec, new]
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
@@ -230,8 +230,8 @@ def test_append_only_writes_equal_the_general_writes(params):
 
 
 def test_quant_quest_sliding_window_layers_read_their_window(tmp_path):
-    """Windowed layers (Mistral-style, window 24 < 60 tokens) decode from their window's packed rows:
-    the same tokens as full-precision quest, eager and through the device-only step."""
+    """Windowed layers (Mistral-style, window 24 < 60 tokens) keep their window as `full`'s ring: the same
+    tokens as full-precision quest, eager and through the device-only step."""
     cfg = transformers.MistralConfig(vocab_size=97, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, sliding_window=24)
     torch.manual_seed(2)
@@ -249,6 +249,29 @@ def test_quant_quest_sliding_window_layers_read_their_window(tmp_path):
 
 KV4G = "kv4:group=16,sink=2,window=4"
 GROUPS = "quest:groups=1,dense_layers=0"
+
+
+def test_quest_over_key_groups_keeps_sliding_layers_as_a_full_precision_ring(tiny_gemma32):
+    """Gemma 3's sliding-window layers are not in the packed storage: they hold their window in full
+    precision, the same bytes as `full`'s ring (so they do not grow with the context), and only the global
+    layer is packed and scored. With nothing quantized (window 64) the cache decodes what `full` does;
+    sparse, the device-only step decodes what the eager one does."""
+    model = tiny_gemma32
+    specs = model.layer_specs()
+    windowed = [i for i, s in enumerate(specs) if s.window is not None]
+    assert windowed and len(windowed) < len(specs)
+    logits, toks, _ = run(model, "kv4:group=16,sink=2,window=64+quest:groups=1,dense_layers=0,budget=40")
+    f_logits, f_toks, full = run(model, "full")
+    assert toks == f_toks and (logits - f_logits).abs().max() < 1e-4 * f_logits.abs().max()
+    spec = f"{KV4G}+{GROUPS},budget=40"
+    _, toks, kv = run(model, spec)
+    assert kv._sparse(5) and kv.store.nq(int(kv.store.cnt[5])) == 64      # the global layer: packed and scored
+    assert all(kv.store.kq[i] is None and kv.store.kf[i] is None for i in windowed)
+    held = sum(kv.local.k[kv.win[i]].nbytes + kv.local.v[kv.win[i]].nbytes for i in windowed)
+    assert held == sum(full.k[i].nbytes + full.v[i].nbytes for i in windowed) < sum(full.k[5].nbytes for _ in windowed)
+    assert kv.nbytes() == tensor_bytes(kv)
+    assert "sliding-window layers" in kv.stats()["note"]
+    assert graph_greedy(model, spec, 12) == toks
 
 
 def test_quest_over_key_groups_every_group_equals_the_storage_decode(tiny):

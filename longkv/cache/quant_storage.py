@@ -57,6 +57,7 @@ import torch
 
 from ..errors import UserError
 from ..kernels import quant_reference as ref
+from ..kernels.attention import past_attention
 from ..kernels.reference import attention_lse, visible
 from ..models.rope import apply_rope
 from .compose import register_storage
@@ -86,6 +87,13 @@ def _rows(d: dict, rows: torch.Tensor, group: int, per_channel: bool) -> dict:
             r = rows[:, :1] // group if (per_channel and k in ("scale", "zero")) else rows
             out[k] = t.gather(2, r[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
     return out
+
+
+def _slice(d: dict, a: int, b: int, group: int, per_channel: bool) -> dict:
+    """Quantized rows [a, b) of a packed dict (a, b whole groups when per_channel), as views."""
+    return {k: ([p[:, :, a:b] for p in t] if k == "planes" else
+                t[:, :, a // group:b // group] if per_channel and k in ("scale", "zero") else t[:, :, a:b])
+            for k, t in d.items()}
 
 
 def _put_rows(d: dict, src: dict, rows: torch.Tensor, group: int, per_channel: bool) -> None:
@@ -310,16 +318,21 @@ class QuantStorage:
         _put_rows(self.kq[layer], kq, rows, self.g, True)
         _put_rows(self.vq[layer], vq, rows, self.g, False)
 
-    def read(self, layer, n):
-        """Dequantized view of slots [0, n) (graph-safe: the layout comes from the device count)."""
+    def read(self, layer, n, start: int = 0):
+        """Dequantized view of slots [start, n) (graph-safe: the layout comes from the device count; only
+        the quantized rows that can hold those slots are unpacked, not the reserved capacity)."""
         D = self.specs[layer].head_dim
-        j = torch.arange(n, device=self.device)
+        j = torch.arange(start, n, device=self.device)
         nq = self.nq(self.cnt[layer])
-        use_q = ((j >= self.S) & (j < self.S + nq))[:, None]                 # (n, 1)
+        use_q = ((j >= self.S) & (j < self.S + nq))[:, None]                 # (n - start, 1)
         cap = self.kq[layer]["planes"][0].shape[2]
-        qi = torch.clamp(j - self.S, 0, cap - 1)
-        kd = ref.dequantize_keys(self.kq[layer], bits=self.bits, group=self.g, d=D)[:, :, qi]
-        vd = ref.dequantize_tokens(self.vq[layer], bits=self.bits, vgroup=self._vg(layer), d=D)[:, :, qi]
+        a = min(max(start - self.S, 0), cap - 1) // self.g * self.g          # whole key groups [a, b)
+        b = max(a + self.g, min(cap, -(-max(n - self.S, 0) // self.g) * self.g))
+        qi = torch.clamp(j - self.S - a, 0, b - a - 1)
+        kd = ref.dequantize_keys(_slice(self.kq[layer], a, b, self.g, True), bits=self.bits, group=self.g,
+                                 d=D)[:, :, qi]
+        vd = ref.dequantize_tokens(_slice(self.vq[layer], a, b, self.g, False), bits=self.bits,
+                                   vgroup=self._vg(layer), d=D)[:, :, qi]
         rs = self._ring_slot(layer, j)
         k = torch.where(use_q, kd, self.kf[layer][:, :, rs].float()).to(self.dtype)
         v = torch.where(use_q, vd, self.vf[layer][:, :, rs].float()).to(self.dtype)
@@ -350,10 +363,20 @@ class QuantStorage:
         assert self.count[layer] == m
 
     def past_attention(self, layer, q, n, *, q_pos):
+        """The chunk's queries (positions q_pos) over slots [0, n) (prefill: not graph-safe). A
+        sliding-window layer unpacks only from the first slot its window can see (one host sync)."""
         s = self.specs[layer]
-        k, v = self.read(layer, n)
-        mask = None if s.window is None else visible(q_pos, self.pos[layer][0, 0, :n].long(), s.window)
-        return attention_lse(q, k, v, scale=s.scale, mask=mask, softcap=s.softcap)
+        lo, k_pos = 0, None
+        if s.window is not None:
+            k_pos = self.pos[layer][0, 0, :n].long()
+            seen = visible(q_pos, k_pos, s.window).any(0).nonzero()
+            if not len(seen):
+                return None
+            lo = int(seen[0])
+            k_pos = k_pos[lo:]
+        k, v = self.read(layer, n, lo)
+        return past_attention(q, k, v, scale=s.scale, q_pos=q_pos, k_pos=k_pos, window=s.window,
+                              softcap=s.softcap)
 
     def decode_attention(self, layer, q, length):
         s = self.specs[layer]

@@ -14,8 +14,10 @@ full-precision ring from the fp buffer). So the step reads the bounds and the se
 bytes, not the whole layer, and writes no dequantized copy. (Before that kernel, the selected rows
 were gathered and dequantized in torch into a scratch: ~350 small kernels a layer, 7.6x slower than
 full at 128K.)
-Dense layers (the first `dense_layers`) decode with the storage's packed kernel; sliding-window layers
-gather and dequantize their window's rows (`QuantStorage.read_rows`) and attend to them in torch.
+Dense layers (the first `dense_layers`) decode with the storage's packed kernel. Sliding-window layers
+(Gemma 3's local ones) are not in the storage: they keep their window in full precision, `full`'s ring,
+as `quant` keeps them (gemma3-270m at 32K: 15 of 18 layers; the spec's bytes drop from 0.87x of full's
+to 0.25x, and a prompt chunk no longer dequantizes their whole past).
 
 `groups=1` (`kv4+quest:groups=1`): the pages are the storage's key groups (64 tokens for kv4). A group's
 keys already carry a per-channel scale s and zero z, so its keys lie in [z, z + (2^bits - 1)·s] and
@@ -66,10 +68,10 @@ from ...kernels.quant_paged import quant_group_attention, quant_paged_attention
 from ...kernels.quant_reference import sketch_groups, sparq_weights
 from ...kernels.quest_sparq import sparq_group_scores
 from ...kernels import sparse_reference as ref
-from ...kernels.reference import ragged_attention_lse
 from ...models.rope import apply_rope
 from ..base import Cache
 from ..compose import make_storage
+from ..full import FullCache
 from .quest import QuestCache
 
 MIN_CHANNELS = 16   # channels=F reads at least this many channels (or all D)
@@ -111,8 +113,15 @@ class QuestStorageCache(QuestCache):
         self._pages(specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, 0, 0, rank,
                     bounds=not self.groups)
         st.append_only = True     # positions only grow: the write is one append + flush kernel
+        # sliding-window layers (Gemma 3's local ones): `full`'s ring of their window, as `quant` keeps them
+        # (local layer self.win[i]); the storage holds the other layers
+        windowed = [i for i, s in enumerate(specs) if s.window is not None]
+        self.win = {i: j for j, i in enumerate(windowed)}
+        self.local = FullCache([specs[i] for i in windowed], batch=batch, capacity=capacity, device=device,
+                               dtype=dtype) if windowed else None
         for i in range(len(specs)):
-            st.reserve(i, P * self.max_pages, 0)
+            if i not in self.win:
+                st.reserve(i, P * self.max_pages, 0)
         if self.groups:   # groups read besides the sink and the fp window, which count toward the budget
             keep = self.budget.keep(self.capacity) - st.S - st.W - P
             self.k_pages = max(1, -(-keep // P))
@@ -141,11 +150,13 @@ class QuestStorageCache(QuestCache):
         return not self.dense[layer] and self.k_pages < self.store.kq[layer]["scale"].shape[2]
 
     def nbytes(self) -> int:
-        return self.store.nbytes() + sum(t.numel() * t.element_size()
+        return self.store.nbytes() + (self.local.nbytes() if self.local else 0) + sum(t.numel() * t.element_size()
                                          for t in self.pmin + self.pmax + self.sketch + self.sz + self.ksq + self.wch
                                          if t is not None)
 
     def past_attention(self, layer, q, step):
+        if layer in self.win:
+            return self.local.past_attention(self.win[layer], q, step)
         n = step.start
         return None if n == 0 else self.store.past_attention(layer, q, n, q_pos=step.pos)
 
@@ -153,6 +164,8 @@ class QuestStorageCache(QuestCache):
         end = step.start + step.n
         if end > self.capacity:
             raise UserError(f"the cache holds {self.capacity} tokens and this step needs {end}")
+        if layer in self.win:
+            return self.local.append(self.win[layer], k, v, step)
         cos, sin = step.rope[self.specs[layer].rope_index]
         g0 = self.store.nq(step.start) // self.P
         self.store.write(layer, k, v, pos=step.pos, cos=cos, sin=sin, slot=step.start)
@@ -172,17 +185,13 @@ class QuestStorageCache(QuestCache):
     def decode(self, layer, q, k, v, step):
         """One token, graph-safe: write, then (sparse layers) fold the bounds, score, select, gather and
         dequantize the selected pages' rows, paged attention over them."""
+        if layer in self.win:
+            return self.local.decode(self.win[layer], q, k, v, step)
         s, P = self.specs[layer], self.P
         pos = step.pos.reshape(-1)[-1:]
         cos, sin = step.rope[s.rope_index]
         sketch = (self.sketch[layer], self.sz[layer]) if self.groups and self.sketch[layer] is not None else None
         self.store.write(layer, k, v, pos=pos, cos=cos, sin=sin, slot=pos, sketch=sketch)
-        if s.window is not None:           # its window's rows, dequantized
-            rows = pos - s.window + 1 + torch.arange(s.window, device=pos.device)
-            kk, vv = self.store.read_rows(layer, rows.clamp(min=0).expand(q.shape[0], s.num_kv_heads, -1))
-            valid = (rows >= 0).expand(q.shape[0], s.num_kv_heads, -1)
-            out, _ = ragged_attention_lse(q, kk, vv, valid, scale=s.scale, softcap=s.softcap)
-            return out.to(q.dtype)
         if not self._sparse(layer):
             return self.store.decode_attention(layer, q, step.length)
         st = self.store
@@ -223,6 +232,9 @@ class QuestStorageCache(QuestCache):
             st["note"] = (f"{self.storage_name}+quest, pages = the {self.P}-token key groups ({how}): a decode "
                           f"step reads the sink, the full-precision window and {self.k_pages} groups "
                           f"({self.k_pages * self.P} tokens) in layers >= {self.dense_layers}")
-        if self.k_pages >= (self.store.kq[-1]["scale"].shape[2] if self.groups else self.max_pages):
+        last = max((i for i in range(len(self.specs)) if i not in self.win), default=None)   # one the storage holds
+        if last is None or self.k_pages >= (self.store.kq[last]["scale"].shape[2] if self.groups else self.max_pages):
             st["note"] = f"{self.budget} reads every page: degraded to {self.storage_name}"
+        if self.win:
+            st["note"] += f"; sliding-window layers {sorted(self.win)} keep their window in full precision"
         return st
