@@ -27,6 +27,8 @@
 #   sparq512  issue 5: the sparq GPU tests (Triton and CUDA scores), sparq_probe, decode at 128K and 512K:
 #             full, groups 1/8, sparq weigh=1 1/8 and 1/32 (the sparq rows also with LAUNCHES, CUDA score
 #             launches wpt:minb:threads:vec:choose)
+#   diag512   issue 5: why the paged attention reads at ~1.8 TB/s and the select takes 9 us: ncu (speed of
+#             light, occupancy, warp states, memory) on one sparse layer's kernels at 512K, 1/8, 4 layers
 #
 # ext, gemma and sparse need real weights: benchmarks/device_setup.sh install first (same warm machine).
 # Calls made on the H200 (2026-12-03): [copy x5], [copy; install; ext], [quest512 hfquant],
@@ -90,6 +92,8 @@
 # the score, the sketch in the flush); one call lost (the machine taken back mid-run), eight refusals, then
 # "none lent". The PIPE sweep (the defaults of sparq512's PROBE_CUDA / PROBE_CHOOSE / LAUNCHES now) did
 # not run: the next call is `CTX=512k TESTS_K="cuda_score or channel_major_sketch" gpu_batch.sh sparq512`.
+# Session 18 (2026-12-05): no calls ("no new device machine is lent at present"); `diag512` written for the
+# call after sparq512.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -173,6 +177,14 @@ step() {
       bench sparq512 300 $PY sparse_decode.py --contexts ${CTX:-128k,512k} --layers 32 --no-breakdown \
         ${PROFILE:+--profile} --only "full,kv4+quest 1/8 groups,kv4+quest 1/8 sparq weigh,kv4+quest 1/32 sparq weigh" \
         --cuda-launches ${LAUNCHES:-2:3:128:1:1:1,1:3:128:1:1:1,4:1:256:1:1:1,2:2:256:1:1:1} ;;
+    diag512)   # ncu of the 1/8 sparq row's kernels (layers 2-3 are sparse), then the report as text
+      (cd benchmarks && timeout 400 ncu --clock-control none -k 'regex:kivi_attn|page_select|sparq_score|kivi_merge' \
+         -c ${NCU_COUNT:-12} --section SpeedOfLight --section Occupancy --section LaunchStats \
+         --section WarpStateStats --section MemoryWorkloadAnalysis -o "$OUT/diag512" -f \
+         $PY sparse_decode.py --contexts 512k --layers 4 --no-breakdown --reps 3 --only "kv4+quest 1/8 sparq weigh") \
+        > "$OUT/diag512_run.log" 2>&1
+      ncu --import "$OUT/diag512.ncu-rep" --page details > "$OUT/diag512.txt" 2>&1
+      echo "diag512: $(grep -c 'kivi_attn\|page_select\|sparq_score\|kivi_merge' "$OUT/diag512.txt") kernel lines" >&2 ;;
     *) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2 ;;
   esac
 }
