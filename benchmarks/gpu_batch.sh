@@ -26,7 +26,7 @@
 #   gemma8x   issue 5: gemma3 full vs quest 8x (rerank=8, mass): NIAH 16K/32K x 3 samples, RULER-style 16K
 #   sparq512  issue 5: the sparq GPU tests (Triton and CUDA scores), sparq_probe, decode at 128K and 512K:
 #             full, groups 1/8, sparq weigh=1 1/8 and 1/32 (the sparq rows also with LAUNCHES, CUDA score
-#             launches wpt:minb:threads:vec:choose)
+#             launches wpt:minb:threads:vec:choose; and with PAGED, the paged attention at cw:frac)
 #   diag512   issue 5: why the paged attention reads at ~1.8 TB/s and the select takes 9 us: ncu (speed of
 #             light, occupancy, warp states, memory) on one sparse layer's kernels at 512K, 1/8, 4 layers
 #
@@ -93,7 +93,9 @@
 # "none lent". The PIPE sweep (the defaults of sparq512's PROBE_CUDA / PROBE_CHOOSE / LAUNCHES now) did
 # not run: the next call is `CTX=512k TESTS_K="cuda_score or channel_major_sketch" gpu_batch.sh sparq512`.
 # Session 18 (2026-12-05): no calls ("no new device machine is lent at present"); `diag512` written for the
-# call after sparq512.
+# call after sparq512, and sparq512 now also sweeps the paged attention's warps a program / splits (PAGED)
+# and runs its GPU test at cw 1/2/4. The next call: `CTX=512k TESTS_K="cuda_score or channel_major_sketch
+# or cuda_paged" gpu_batch.sh sparq512`, then `gpu_batch.sh diag512`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -168,15 +170,16 @@ step() {
       RUNS=/tmp/sparse_runs OUT=$OUT STEP_LIMIT=${STEP_LIMIT:-250} GEMMA_LENGTHS=16k GEMMA_DEPTHS=0:1:8 \
         GEMMA_RATIOS="0.5 0.75 0.875" GEMMA_METHODS="$G" bash benchmarks/sparse_quality.sh gemma-niah gemma-ruler report ;;
     sparq512)  # the sparq kernels' GPU tests, the CUDA score's launches, then decode rows (CTX, LAUNCHES, PROFILE=1)
-      (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q tests/test_quant_paged.py tests/test_quant.py \
-         -k "${TESTS_K:-sparq or prepare or weigh or channel_major_sketch}") \
+      (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q tests/test_quant_paged.py tests/test_quant.py tests/test_quant_cuda.py \
+         -k "${TESTS_K:-sparq or prepare or weigh or channel_major_sketch or cuda_paged}") \
         > "$OUT/sparq_tests.log" 2>&1; echo "sparq tests: $(tail -n 1 "$OUT/sparq_tests.log")" >&2
       bench sparq_probe 150 $PY sparq_probe.py --context 512k --variants 8:2 --cvts 1 --stacks 1 --reps 100 \
         --cuda ${PROBE_CUDA:-4:2:256:1,2:3:128:1:1:1,1:2:256:1:1:1,1:3:128:1:1:1,4:1:256:1:1:1,2:2:256:1:1:1} \
         --cuda-choose ${PROBE_CHOOSE:-4:2:256:1,2:3:128:1:1:1,1:3:128:1:1:1,4:1:256:1:1:1}
       bench sparq512 300 $PY sparse_decode.py --contexts ${CTX:-128k,512k} --layers 32 --no-breakdown \
         ${PROFILE:+--profile} --only "full,kv4+quest 1/8 groups,kv4+quest 1/8 sparq weigh,kv4+quest 1/32 sparq weigh" \
-        --cuda-launches ${LAUNCHES:-2:3:128:1:1:1,1:3:128:1:1:1,4:1:256:1:1:1,2:2:256:1:1:1} ;;
+        --cuda-launches ${LAUNCHES:-2:3:128:1:1:1,1:3:128:1:1:1,4:1:256:1:1:1,2:2:256:1:1:1} \
+        --paged-launches ${PAGED:-2:1,4:1,1:0.5} ;;
     diag512)   # ncu of the 1/8 sparq row's kernels (layers 2-3 are sparse), then the report as text
       (cd benchmarks && timeout 400 ncu --clock-control none -k 'regex:kivi_attn|page_select|sparq_score|kivi_merge' \
          -c ${NCU_COUNT:-12} --section SpeedOfLight --section Occupancy --section LaunchStats \

@@ -74,6 +74,10 @@ GPF = None         # L1 prefetch of a key group's scale/zero rows, this many til
                    # 64-token groups measured 1.6 µs slower with it)
 CW = 1             # warps a program (each its own stretch of tokens, combined in shared memory)
 MINB = 0           # __launch_bounds__ minimum programs an SM (0 = the compiler's register choice)
+# the paged kernel (Quest over key groups): warps a program, and its splits as a share of one wave's; where a
+# split holds ~20 tiles (1/8 of 512K), fewer, longer splits or several warps a program leave the merge fewer
+# rows (benchmarks/sparse_decode.py --paged-launches sweeps them; not measured yet)
+PAGED_CW, PAGED_FRAC = 1, 1.0
 _MODULES: dict = {}
 
 
@@ -167,21 +171,23 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
                     sink: int, window: int, scale: float, splits: int | None = None, cw: int | None = None,
-                    minb: int | None = None, parts: bool = False):
+                    minb: int | None = None, frac: float | None = None, parts: bool = False):
     """Quest over key groups (`cache/select/quest_storage.py`): as `decode_attention`, but of the quantized
     region only the key groups listed in `table` (B·Hkv, K) int32 (global ids bh·row_pages + group index,
     ascending and inside the packed region, as `select_pages` over `kernels/quest.py: group_scores` lists
     them; a row's first min(nsel[bh], packed groups) entries are read); the full-precision sink and ring
-    are always read. Reference: `quant_reference.quant_group_attention`."""
+    are always read. cw / frac: warps a program and the splits' share of one wave (None: PAGED_CW /
+    PAGED_FRAC). Reference: `quant_reference.quant_group_attention`."""
     if group % TILE:
         raise Unavailable(f"CUDA paged kernel: key groups of {group} tokens are not whole {TILE}-token tiles")
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
-                   splits=splits, cw=cw, minb=minb, parts=parts, paged=(table, nsel.reshape(-1).expand(table.shape[0]).contiguous(),
-                                                      row_pages))
+                   splits=splits, cw=PAGED_CW if cw is None else cw, minb=minb, parts=parts,
+                   frac=PAGED_FRAC if frac is None else frac,
+                   paged=(table, nsel.reshape(-1).expand(table.shape[0]).contiguous(), row_pages))
 
 
 def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, splits=None, tile=None, gpf=None,
-            minb=None, cw=None, parts=False, paged=None):
+            minb=None, cw=None, parts=False, paged=None, frac=1.0):
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
@@ -198,7 +204,7 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
         raise Unavailable(f"CUDA decode kernel: {warps} warps a program need more than 48 KiB of shared memory here")
     attn, mrg, slots = _kernels(cfg, warps)
     fps = -(-((sink + ring + 31) // 32) // warps)    # programs of the full-precision splits (FPC)
-    S = splits or num_splits(slots, B * H, fps)
+    S = splits or max(1, int(num_splits(slots, B * H, fps) * frac))
     if paged is not None:
         table, nsel, row_pages = paged
         S = S if splits else min(S, max(1, table.shape[1]))   # no more programs a row than listed groups
