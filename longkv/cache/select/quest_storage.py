@@ -151,9 +151,9 @@ class QuestStorageCache(QuestCache):
         return not self.dense[layer] and self.k_pages < self.store.kq[layer]["scale"].shape[2]
 
     def nbytes(self) -> int:
-        return self.store.nbytes() + (self.local.nbytes() if self.local else 0) + sum(t.numel() * t.element_size()
-                                         for t in self.pmin + self.pmax + self.sketch + self.sz + self.ksq + self.wch
-                                         if t is not None)
+        extra = self.pmin + self.pmax + self.sketch + self.sz + self.ksq + self.wch
+        return (self.store.nbytes() + (self.local.nbytes() if self.local else 0)
+                + sum(t.numel() * t.element_size() for t in extra if t is not None))
 
     def past_attention(self, layer, q, step):
         if layer in self.win:
