@@ -80,3 +80,12 @@ class FullCache(Cache):
                                     scale=s.scale, window=None, softcap=s.softcap)
         return decode_attention(q, self.k[layer], self.v[layer], step.length, scale=s.scale,
                                 window=s.window, softcap=s.softcap)
+
+
+def window_rings(specs, *, batch, capacity, device, dtype) -> tuple[dict, FullCache | None]:
+    """Sliding-window layers kept as `full`'s ring inside another cache (`quant`, `kv4+quest`): → ({layer:
+    its index in the local cache}, the local FullCache over those layers, or None where there are none)."""
+    windowed = [i for i, s in enumerate(specs) if s.window is not None]
+    local = FullCache([specs[i] for i in windowed], batch=batch, capacity=capacity, device=device,
+                      dtype=dtype) if windowed else None
+    return {i: j for j, i in enumerate(windowed)}, local

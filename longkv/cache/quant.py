@@ -36,7 +36,7 @@ from ..kernels import quant_reference as ref
 from ..kernels.attention import past_attention
 from ..models.rope import apply_rope
 from .base import Cache, Step
-from .full import FullCache
+from .full import window_rings
 from .registry import register
 
 PARAMS = {
@@ -122,10 +122,7 @@ class QuantCache(Cache):
         z = dict(device=device)
         shape = (batch, H, self.sink + self.ring, D)
         # sliding-window layers: `full`'s ring, layer i as local layer self.win[i]
-        windowed = [i for i, s in enumerate(specs) if s.window is not None]
-        self.win = {i: j for j, i in enumerate(windowed)}
-        self.local = FullCache([specs[i] for i in windowed], batch=batch, capacity=capacity, device=device,
-                               dtype=dtype) if windowed else None
+        self.win, self.local = window_rings(specs, batch=batch, capacity=capacity, device=device, dtype=dtype)
         packed = [i not in self.win for i in range(len(specs))]
         self.kf = [torch.zeros(shape, dtype=dtype, **z) if x else None for x in packed]
         self.vf = [torch.zeros(shape, dtype=dtype, **z) if x else None for x in packed]

@@ -72,7 +72,7 @@ from ...kernels import sparse_reference as ref
 from ...models.rope import apply_rope
 from ..base import Cache
 from ..compose import make_storage
-from ..full import FullCache
+from ..full import window_rings
 from .quest import QuestCache
 
 MIN_CHANNELS = 16   # channels=F reads at least this many channels (or all D)
@@ -116,10 +116,7 @@ class QuestStorageCache(QuestCache):
         st.append_only = True     # positions only grow: the write is one append + flush kernel
         # sliding-window layers (Gemma 3's local ones): `full`'s ring of their window, as `quant` keeps them
         # (local layer self.win[i]); the storage holds the other layers
-        windowed = [i for i, s in enumerate(specs) if s.window is not None]
-        self.win = {i: j for j, i in enumerate(windowed)}
-        self.local = FullCache([specs[i] for i in windowed], batch=batch, capacity=capacity, device=device,
-                               dtype=dtype) if windowed else None
+        self.win, self.local = window_rings(specs, batch=batch, capacity=capacity, device=device, dtype=dtype)
         for i in range(len(specs)):
             if i not in self.win:
                 st.reserve(i, P * self.max_pages, 0)
