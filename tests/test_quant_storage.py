@@ -159,17 +159,28 @@ def test_listing_names_quant_storages():
     assert any(c.startswith("[full|") and "quant" in c and c.endswith("tova") for c in compose.combinations())
 
 
-def test_read_rows_equals_the_whole_layer_read(tiny):
-    """Per-head rows (packed ones with outliers among them, sinks, the recent ring) dequantized one by one."""
+def test_rows_gathered_one_by_one_equal_the_layer_read(tiny):
+    """Per-head rows (packed ones with outliers among them, sinks, the recent ring) dequantized one by one
+    (`gather_rows`) equal the layer's read, and a read from a later slot is the same rows."""
     _, _, kv = run(tiny, "quant:bits=4,group=16,sink=2,window=4,outliers=0.05+snapkv:ratio=0")
     st, n = kv.store, kv.store.count[1]
     assert st.nq(n) > 0 and st.n_out[1] > 0
     k, v = st.read(1, n)
     rows = torch.randint(0, n, (1, 2, 37), generator=torch.Generator().manual_seed(0))
     rows[0, 0, :3] = torch.tensor([0, 1, n - 1])
-    kr, vr = st.read_rows(1, rows)
+    kr, vr = ref_gather_rows(st, 1, rows)
     idx = rows[..., None].expand(-1, -1, -1, k.shape[-1])
     assert torch.equal(kr, k.gather(2, idx)) and torch.equal(vr, v.gather(2, idx))
+    for start in (1, 19, n - 3):                        # inside the sink, a packed group, the ring
+        ks, vs = st.read(1, n, start)
+        assert torch.equal(ks, k[:, :, start:]) and torch.equal(vs, v[:, :, start:])
+
+
+def ref_gather_rows(st, layer, rows):
+    from longkv.kernels import quant_reference as ref
+    k, v = ref.gather_rows(st.kq[layer], st.vq[layer], st.kf[layer], st.vf[layer], rows, st.nq(st.cnt[layer]),
+                           bits=st.bits, group=st.g, vgroup=st._vg(layer), sink=st.S)
+    return k.to(st.dtype), v.to(st.dtype)
 
 
 QUEST = "quest:dense_layers=0,recent=1"

@@ -338,16 +338,6 @@ class QuantStorage:
         v = torch.where(use_q, vd, self.vf[layer][:, :, rs].float()).to(self.dtype)
         return k, v
 
-    def read_rows(self, layer, rows):
-        """Dequantized keys (after RoPE) and values of the slots `rows` (B, H, R) int64, each head its
-        own, graph-safe → each (B, H, R, D) in the run's dtype. Only those rows' codes, statistics and
-        outliers are gathered (`read` unpacks the whole layer); rows outside [0, slots) are clamped."""
-        rows = rows.clamp(0, self.slots(layer) - 1)
-        k, v = ref.gather_rows(self.kq[layer], self.vq[layer], self.kf[layer], self.vf[layer], rows,
-                               self.nq(self.cnt[layer]), bits=self.bits, group=self.g, vgroup=self._vg(layer),
-                               sink=self.S)
-        return k.to(self.dtype), v.to(self.dtype)
-
     def positions(self, layer, n):
         return self.pos[layer][:, :, :n].long()
 
