@@ -334,8 +334,9 @@ def main():
     ap.add_argument("--profile", action="store_true", help="GPU: each row's decode-step kernels, by cost")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel breakdown of one layer")
     ap.add_argument("--paged-launches", default="",
-                    help="kv4+quest rows: re-time the step with the paged attention at cw:frac,... (warps a program, "
-                         "splits as a share of one wave: quant_cuda.PAGED_CW / PAGED_FRAC), e.g. 2:1,1:0.5")
+                    help="kv4+quest rows: re-time the step with the paged attention at cw:frac[:minb],... (warps a "
+                         "program, splits as a share of one wave, minimum programs an SM: quant_cuda.PAGED_CW / "
+                         "PAGED_FRAC / PAGED_MINB), e.g. 2:1,1:0.5,1:1:16")
     ap.add_argument("--cuda-launches", default="",
                     help="sparq rows: also time the step with these CUDA score launches, wpt:minb:threads[:vec[:choose"
                          "[:pipe]]],... (quest_sparq.CUDA_*; choose 0: `prepare` picks the channels, one launch more; "
@@ -398,12 +399,12 @@ def main():
                         setattr(qs, k, x)
                 if "+quest" in label and a.paged_launches:     # the paged attention's warps a program / splits
                     from longkv.kernels import quant_cuda as qc
-                    default = qc.PAGED_CW, qc.PAGED_FRAC
+                    default = qc.PAGED_CW, qc.PAGED_FRAC, qc.PAGED_MINB
                     for launch in a.paged_launches.split(","):
-                        cw, frac = launch.split(":")
-                        qc.PAGED_CW, qc.PAGED_FRAC = int(cw), float(frac)
+                        cw, frac, minb = (launch.split(":") + ["0"])[:3]
+                        qc.PAGED_CW, qc.PAGED_FRAC, qc.PAGED_MINB = int(cw), float(frac), int(minb)
                         row[f"ms paged {launch}"] = round(decode_time(model, cache, dev, a.reps), 3)
-                    qc.PAGED_CW, qc.PAGED_FRAC = default
+                    qc.PAGED_CW, qc.PAGED_FRAC, qc.PAGED_MINB = default
                 # after the first decode step: the final compaction and resize have happened
                 row["kv_GiB"] = round(cache.nbytes() / 2**30, 3)
                 row["kv_vs_full"] = round(cache.nbytes() / cache.full_nbytes(), 3)

@@ -76,8 +76,9 @@ CW = 1             # warps a program (each its own stretch of tokens, combined i
 MINB = 0           # __launch_bounds__ minimum programs an SM (0 = the compiler's register choice)
 # the paged kernel (Quest over key groups): warps a program, and its splits as a share of one wave's; where a
 # split holds ~20 tiles (1/8 of 512K), fewer, longer splits or several warps a program leave the merge fewer
-# rows (benchmarks/sparse_decode.py --paged-launches sweeps them; not measured yet)
-PAGED_CW, PAGED_FRAC = 1, 1.0
+# rows (benchmarks/sparse_decode.py --paged-launches sweeps them: no gain on the H100, session 19); its minimum
+# programs an SM (MINB): 132 registers fit 3 warps a scheduler, 128 fit 4 (16 an SM, no spills, ptxas 12.9)
+PAGED_CW, PAGED_FRAC, PAGED_MINB = 1, 1.0, 0
 _MODULES: dict = {}
 
 
@@ -176,12 +177,13 @@ def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_p
     region only the key groups listed in `table` (B·Hkv, K) int32 (global ids bh·row_pages + group index,
     ascending and inside the packed region, as `select_pages` over `kernels/quest.py: group_scores` lists
     them; a row's first min(nsel[bh], packed groups) entries are read); the full-precision sink and ring
-    are always read. cw / frac: warps a program and the splits' share of one wave (None: PAGED_CW /
-    PAGED_FRAC). Reference: `quant_reference.quant_group_attention`."""
+    are always read. cw / frac / minb: warps a program, the splits' share of one wave and the minimum programs
+    an SM (None: PAGED_CW / PAGED_FRAC / PAGED_MINB). Reference: `quant_reference.quant_group_attention`."""
     if group % TILE:
         raise Unavailable(f"CUDA paged kernel: key groups of {group} tokens are not whole {TILE}-token tiles")
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
-                   splits=splits, cw=PAGED_CW if cw is None else cw, minb=minb, parts=parts,
+                   splits=splits, cw=PAGED_CW if cw is None else cw, parts=parts,
+                   minb=PAGED_MINB if minb is None else minb,
                    frac=PAGED_FRAC if frac is None else frac,
                    paged=(table, nsel.reshape(-1).expand(table.shape[0]).contiguous(), row_pages))
 
