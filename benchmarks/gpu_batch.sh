@@ -24,9 +24,9 @@
 #   massgrid  issue 5: gemma3 NIAH 16K x 8 depths x SEEDS: full, quest 8x rerank=8 (max / mass), rerank=4 mass
 #   gemmagrid issue 5: gemma3 16K NIAH (8 depths) + RULER-style, every method at 2x/4x/8x, one report
 #   gemma8x   issue 5: gemma3 full vs quest 8x (rerank=8, mass): NIAH 16K/32K x 3 samples, RULER-style 16K
-#   sparq512  issue 5: the sparq GPU tests (Triton and CUDA scores), sparq_probe, decode at 128K and 512K:
+#   sparq512  issue 5: the sparq GPU tests (Triton and CUDA scores), sparq_probe (PROBE=1), decode 128K/512K:
 #             full, groups 1/8, sparq weigh=1 1/8 and 1/32 (the sparq rows also with LAUNCHES, CUDA score
-#             launches wpt:minb:threads:vec:choose; and with PAGED, the paged attention at cw:frac)
+#             launches wpt:minb:threads:vec:choose; and with PAGED, the paged attention at cw:frac:minb)
 #   diag512   issue 5: why the paged attention reads at ~1.8 TB/s and the select takes 9 us: ncu (speed of
 #             light, occupancy, warp states, memory) on one sparse layer's kernels at 512K, 1/8, 4 layers
 #
@@ -96,6 +96,10 @@
 # call after sparq512, and sparq512 now also sweeps the paged attention's warps a program / splits (PAGED)
 # and runs its GPU test at cw 1/2/4. The next call: `CTX=512k TESTS_K="cuda_score or channel_major_sketch
 # or cuda_paged" gpu_batch.sh sparq512`, then `gpu_batch.sh diag512`.
+# Session 19 (2026-12-05), on an H100 (512K full does not fit: OOM): [tests + sparse_decode.py 512k with
+# the PIPE launches and PAGED=2:1,4:1,1:0.5 by hand] (no gain), [NCU_COUNT=8 diag512]; then 12 starts refused
+# over 50 min, which spent the device time. PAGED now sweeps the paged kernel's register cap (cw:frac:minb).
+# The next call: `CTX=512k TESTS_K="cuda_paged" gpu_batch.sh sparq512` (H200, so full fits).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -169,17 +173,18 @@ step() {
       G="snapkv streaming pyramidkv tova knorm adakv+snapkv quest quest-r8"   # adakv: sliding layers since 2026-12-04
       RUNS=/tmp/sparse_runs OUT=$OUT STEP_LIMIT=${STEP_LIMIT:-250} GEMMA_LENGTHS=16k GEMMA_DEPTHS=0:1:8 \
         GEMMA_RATIOS="0.5 0.75 0.875" GEMMA_METHODS="$G" bash benchmarks/sparse_quality.sh gemma-niah gemma-ruler report ;;
-    sparq512)  # the sparq kernels' GPU tests, the CUDA score's launches, then decode rows (CTX, LAUNCHES, PROFILE=1)
-      (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q tests/test_quant_paged.py tests/test_quant.py tests/test_quant_cuda.py \
+    sparq512)  # the sparq kernels' GPU tests, the score probe (PROBE=1), decode rows (CTX, LAUNCHES, PAGED, PROFILE=1);
+               # the PIPE launches (session 17's LAUNCHES default) gained nothing on the H100 in session 19
+      (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q tests/test_quant_paged.py tests/test_quant.py tests/test_quant_cuda.py \
          -k "${TESTS_K:-sparq or prepare or weigh or channel_major_sketch or cuda_paged}") \
         > "$OUT/sparq_tests.log" 2>&1; echo "sparq tests: $(tail -n 1 "$OUT/sparq_tests.log")" >&2
-      bench sparq_probe 150 $PY sparq_probe.py --context 512k --variants 8:2 --cvts 1 --stacks 1 --reps 100 \
+      [ "${PROBE:-0}" = 1 ] && bench sparq_probe 150 $PY sparq_probe.py --context 512k --variants 8:2 --cvts 1 --stacks 1 --reps 100 \
         --cuda ${PROBE_CUDA:-4:2:256:1,2:3:128:1:1:1,1:2:256:1:1:1,1:3:128:1:1:1,4:1:256:1:1:1,2:2:256:1:1:1} \
         --cuda-choose ${PROBE_CHOOSE:-4:2:256:1,2:3:128:1:1:1,1:3:128:1:1:1,4:1:256:1:1:1}
       bench sparq512 300 $PY sparse_decode.py --contexts ${CTX:-128k,512k} --layers 32 --no-breakdown \
         ${PROFILE:+--profile} --only "full,kv4+quest 1/8 groups,kv4+quest 1/8 sparq weigh,kv4+quest 1/32 sparq weigh" \
-        --cuda-launches ${LAUNCHES:-2:3:128:1:1:1,1:3:128:1:1:1,4:1:256:1:1:1,2:2:256:1:1:1} \
-        --paged-launches ${PAGED:-2:1,4:1,1:0.5} ;;
+        --cuda-launches "${LAUNCHES:-}" \
+        --paged-launches ${PAGED:-1:1:16,2:1:8,1:1:0} ;;
     diag512)   # ncu of the 1/8 sparq row's kernels (layers 2-3 are sparse), then the report as text
       (cd benchmarks && timeout 400 ncu --clock-control none -k 'regex:kivi_attn|page_select|sparq_score|kivi_merge' \
          -c ${NCU_COUNT:-12} --section SpeedOfLight --section Occupancy --section LaunchStats \
