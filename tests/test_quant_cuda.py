@@ -71,7 +71,7 @@ def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype,
     (128, 4, 64, 4, 150, 4, None),                                   # nothing packed yet: the fp slots only
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("cw,minb", [(1, 0), (2, 0), (4, 0), (1, 16)])
+@pytest.mark.parametrize("cw,minb", [(1, None), (1, 0), (2, 0), (4, 0)])   # None: the default (MINB 16: 4 bits, D <= 128)
 def test_cuda_paged_kernel_matches_reference(D, bits, group, G, length, k, splits, dtype, cw, minb):
     """Quest over key groups (`paged_attention`): the listed groups (ascending, inside the packed region, as
     `select_pages` over `group_scores` lists them) and every full-precision slot."""

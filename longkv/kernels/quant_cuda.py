@@ -76,9 +76,11 @@ CW = 1             # warps a program (each its own stretch of tokens, combined i
 MINB = 0           # __launch_bounds__ minimum programs an SM (0 = the compiler's register choice)
 # the paged kernel (Quest over key groups): warps a program, and its splits as a share of one wave's; where a
 # split holds ~20 tiles (1/8 of 512K), fewer, longer splits or several warps a program leave the merge fewer
-# rows (benchmarks/sparse_decode.py --paged-launches sweeps them: no gain on the H100, session 19); its minimum
-# programs an SM (MINB): 132 registers fit 3 warps a scheduler, 128 fit 4 (16 an SM, no spills, ptxas 12.9)
-PAGED_CW, PAGED_FRAC, PAGED_MINB = 1, 1.0, 0
+# rows (benchmarks/sparse_decode.py --paged-launches sweeps them: no gain on the H100, session 19). Its minimum
+# programs an SM (MINB): at D 128 and 4 bits, 132 registers fit 3 warps a scheduler and MINB 16's 128 fit 4
+# (no spills, ptxas 12.9): 512K at 1/8, H200, 7.014 -> 6.966 ms a step (3 calls: 0.5-0.7 %). Applied only to
+# 4 bits at D <= 128: D 256 (252 registers) and 2 bits (136) spill under the cap.
+PAGED_CW, PAGED_FRAC, PAGED_MINB = 1, 1.0, 16
 _MODULES: dict = {}
 
 
@@ -178,12 +180,13 @@ def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_p
     ascending and inside the packed region, as `select_pages` over `kernels/quest.py: group_scores` lists
     them; a row's first min(nsel[bh], packed groups) entries are read); the full-precision sink and ring
     are always read. cw / frac / minb: warps a program, the splits' share of one wave and the minimum programs
-    an SM (None: PAGED_CW / PAGED_FRAC / PAGED_MINB). Reference: `quant_reference.quant_group_attention`."""
+    an SM (None: PAGED_CW / PAGED_FRAC, and PAGED_MINB for 4 bits at D <= 128, else 0).
+    Reference: `quant_reference.quant_group_attention`."""
     if group % TILE:
         raise Unavailable(f"CUDA paged kernel: key groups of {group} tokens are not whole {TILE}-token tiles")
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
                    splits=splits, cw=PAGED_CW if cw is None else cw, parts=parts,
-                   minb=PAGED_MINB if minb is None else minb,
+                   minb=(PAGED_MINB if bits == 4 and q.shape[-1] <= 128 else 0) if minb is None else minb,
                    frac=PAGED_FRAC if frac is None else frac,
                    paged=(table, nsel.reshape(-1).expand(table.shape[0]).contiguous(), row_pages))
 
