@@ -43,8 +43,9 @@ multi-key/multi-value tasks need 16 of its 64 channels (79.2 = full's mean over 
 37.5, hence the floor). A sparse layer is 5 launches, as with the bound: the append + flush also writes
 a flushed group into the copy (`sketch=`), and the CUDA score (rank=max) picks the channels in each of
 its blocks; elsewhere `prepare` picks them first (6). H200, 8B shape, 512K, channels=0.125,weigh=1:
-2.96x full's decode speed at 1/8, 3.25x at 1/32 (the bound alone: 3.04x in the same run); BENCHMARKS.md,
-issue 5, session 17.
+2.96x full's decode speed at 1/8, 3.25x at 1/32 (the bound alone: 3.04x in the same run; session 17);
+3.07-3.08x at 1/8 in session 19's two calls with the paged kernel's register cap (`quant_cuda.PAGED_MINB`),
+against a slower full (21.44 ms there, 20.3-20.8 in session 17's). BENCHMARKS.md, issue 5.
 
 `weigh=1` (with channels=F): the channels are chosen by Σ_g |q_g| times the keys' root mean square along
 each channel (Σ k² of the prompt's first `fit` post-RoPE keys, summed as prefill chunks arrive), so a
