@@ -336,7 +336,7 @@ def main():
     ap.add_argument("--paged-launches", default="",
                     help="kv4+quest rows: re-time the step with the paged attention at cw:frac[:minb],... (warps a "
                          "program, splits as a share of one wave, minimum programs an SM: quant_cuda.PAGED_CW / "
-                         "PAGED_FRAC / PAGED_MINB), e.g. 2:1,1:0.5,1:1:16")
+                         "PAGED_FRAC / PAGED_MINB, the default where left out), e.g. 2:1,1:0.5,1:1:0")
     ap.add_argument("--cuda-launches", default="",
                     help="sparq rows: also time the step with these CUDA score launches, wpt:minb:threads[:vec[:choose"
                          "[:pipe]]],... (quest_sparq.CUDA_*; choose 0: `prepare` picks the channels, one launch more; "
@@ -397,11 +397,11 @@ def main():
                         row[f"ms {launch}"] = round(decode_time(model, cache, dev, a.reps), 3)
                     for k, x in zip(names, default):
                         setattr(qs, k, x)
-                if "+quest" in label and a.paged_launches:     # the paged attention's warps a program / splits
+                if "+quest" in label and a.paged_launches:     # the paged attention's warps, splits, register cap
                     from longkv.kernels import quant_cuda as qc
                     default = qc.PAGED_CW, qc.PAGED_FRAC, qc.PAGED_MINB
                     for launch in a.paged_launches.split(","):
-                        cw, frac, minb = (launch.split(":") + ["0"])[:3]
+                        cw, frac, minb = (launch.split(":") + [str(default[2])])[:3]   # no minb: the default's
                         qc.PAGED_CW, qc.PAGED_FRAC, qc.PAGED_MINB = int(cw), float(frac), int(minb)
                         row[f"ms paged {launch}"] = round(decode_time(model, cache, dev, a.reps), 3)
                     qc.PAGED_CW, qc.PAGED_FRAC, qc.PAGED_MINB = default

@@ -41,7 +41,8 @@ H200 agree: 203 a 16-token step):
 - paged (`paged_attention`, PAGED=1): Quest over key groups (`cache/select/quest_storage.py`, groups=1):
   a table lists each KV head's selected groups; a warp takes a run of whole tiles along them (a run
   may start inside a group; the run's table entries sit one a lane and a shuffle finds a tile's group),
-  and the fp sink + ring splits are the same.
+  and the fp sink + ring splits are the same. At 4 bits and D <= 128 it is capped at 128 registers
+  (`PAGED_MINB`: four warps a scheduler instead of three; 0.5-0.7 % of the 512K step, session 19).
 
 Measured (H200, Llama-3-8B shape, BENCHMARKS.md issue 4, sessions 11-13): one layer at 128K 56.1 µs
 (2.63 TB/s on every byte it reads) against the Triton kernel's 183 µs and bf16 flash-decoding's 133 µs;
