@@ -15,6 +15,7 @@ from longkv.engine.decode import decode_tokens
 from longkv.engine.prefill import prefill
 from longkv.engine.sampling import Sampling
 from longkv.errors import UserError
+from longkv.kernels import quant_reference as qref
 from longkv.models.load import load_model
 
 CAP = 96
@@ -177,8 +178,7 @@ def test_rows_gathered_one_by_one_equal_the_layer_read(tiny):
 
 
 def ref_gather_rows(st, layer, rows):
-    from longkv.kernels import quant_reference as ref
-    k, v = ref.gather_rows(st.kq[layer], st.vq[layer], st.kf[layer], st.vf[layer], rows, st.nq(st.cnt[layer]),
+    k, v = qref.gather_rows(st.kq[layer], st.vq[layer], st.kf[layer], st.vf[layer], rows, st.nq(st.cnt[layer]),
                            bits=st.bits, group=st.g, vgroup=st._vg(layer), sink=st.S)
     return k.to(st.dtype), v.to(st.dtype)
 
