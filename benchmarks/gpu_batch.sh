@@ -27,6 +27,9 @@
 #   sparq512  issue 5: the sparq GPU tests (Triton and CUDA scores), sparq_probe (PROBE=1), decode 128K/512K:
 #             full, groups 1/8, sparq weigh=1 1/8 and 1/32 (the sparq rows also with LAUNCHES, CUDA score
 #             launches wpt:minb:threads:vec:choose; and with PAGED, the paged attention at cw:frac:minb)
+#   select512 issue 5: the cluster page select (page_select_cluster.cu): the select GPU tests (+ the paged
+#             attention's, TESTS_K), select_probe.py (8K / 2K / 32K-page rows), decode 512K (CTX) full and
+#             sparq weigh 1/8 with the block and the cluster select as the default
 #   diag512   issue 5: why the paged attention reads at ~1.8 TB/s and the select takes 9 us: ncu (speed of
 #             light, occupancy, warp states, memory) on one sparse layer's kernels at 512K, 1/8, 4 layers
 #
@@ -173,6 +176,13 @@ step() {
       G="snapkv streaming pyramidkv tova knorm adakv+snapkv quest quest-r8"   # adakv: sliding layers since 2026-12-04
       RUNS=/tmp/sparse_runs OUT=$OUT STEP_LIMIT=${STEP_LIMIT:-250} GEMMA_LENGTHS=16k GEMMA_DEPTHS=0:1:8 \
         GEMMA_RATIOS="0.5 0.75 0.875" GEMMA_METHODS="$G" bash benchmarks/sparse_quality.sh gemma-niah gemma-ruler report ;;
+    select512)
+      (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q tests/test_quest.py tests/test_quant_cuda.py \
+         -k "${TESTS_K:-block_matches or cuda_paged}") > "$OUT/select_tests.log" 2>&1
+      echo "select tests: $(tail -n 1 "$OUT/select_tests.log")" >&2
+      bench select_probe 120 $PY select_probe.py --pages 8192,2048,32768
+      bench select512 300 $PY sparse_decode.py --contexts ${CTX:-512k} --layers 32 --no-breakdown \
+        --only "full,kv4+quest 1/8 sparq weigh" --selects block,cluster,block ;;
     sparq512)  # the sparq kernels' GPU tests, the score probe (PROBE=1), decode rows (CTX, LAUNCHES, PAGED, PROFILE=1);
                # the PIPE launches (session 17's LAUNCHES default) gained nothing on the H100 in session 19
       (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q tests/test_quant_paged.py tests/test_quant.py tests/test_quant_cuda.py \

@@ -1,5 +1,6 @@
 """Quest's page select alone (`kernels/page_select.py`), graph-replayed on the GPU: the CUDA block select
-with each way of combining its histogram atomics (`AGG` in page_select.cu) next to the Triton selects,
+with each way of combining its histogram atomics (`AGG` in page_select.cu), the cluster select
+(`page_select_cluster.cu`) at several block sizes, next to the Triton selects,
 on rows shaped like a decode step's (8 KV heads, one row of page or key-group scores each), every
 variant checked against the reference.
 
@@ -33,6 +34,12 @@ def main() -> None:
         want = ref.select_pages(s, k, pos, page=16, row_pages=MP)
         variants = {f"block agg={agg} rk={rk}": (lambda agg=agg, rk=rk: _block(s, k, pos, MP, agg, rk))
                     for agg in (1, 2) for rk in (8, 16) if MP <= 1024 * rk}
+        for ct in (256, 512, 1024):
+            for agg in ((1, 2) if ct == 256 else (2,)):
+                crk = ps._cluster_keys(MP, ct)
+                if crk and ps.cluster_kernel(ct, crk, agg) is not None:
+                    variants[f"cluster ct={ct} rk={crk} agg={agg}"] = (
+                        lambda ct=ct, crk=crk, agg=agg: _cluster(s, k, pos, MP, ct, crk, agg))
         variants["triton multi"] = lambda: ps.select_pages(s, k, pos, page=16, row_pages=MP, method="multi")
         if MP <= ps.SELECT_CHUNK:
             variants["triton bisect"] = lambda: ps.select_pages(s, k, pos, page=16, row_pages=MP, method="bisect")
@@ -54,6 +61,16 @@ def _block(s, k, pos, MP, agg, rk):
     last = torch.empty(B * H, device=s.device, dtype=torch.int32)
     ps.block_kernel(agg, rk)(grid=(B * H, 1, 1), block=(1024, 1, 1),
                          args=[s, pos, table, nsel, last, MP, k, 16, MP, table.stride(0)])
+    return table, nsel, last
+
+
+def _cluster(s, k, pos, MP, ct, crk, agg):
+    B, H, _ = s.shape
+    table = torch.empty(B * H, k, device=s.device, dtype=torch.int32)
+    nsel = torch.empty(B * H, device=s.device, dtype=torch.int32)
+    last = torch.empty(B * H, device=s.device, dtype=torch.int32)
+    ps.cluster_kernel(ct, crk, agg)(grid=(B * H * ps.CLUSTER, 1, 1), block=(ct, 1, 1),
+                                    args=[s, pos, table, nsel, last, MP, k, 16, MP, table.stride(0)])
     return table, nsel, last
 
 

@@ -337,6 +337,8 @@ def main():
                     help="kv4+quest rows: re-time the step with the paged attention at cw:frac[:minb],... (warps a "
                          "program, splits as a share of one wave, minimum programs an SM: quant_cuda.PAGED_CW / "
                          "PAGED_FRAC / PAGED_MINB, the default where left out), e.g. 2:1,1:0.5,1:1:0")
+    ap.add_argument("--selects", default="",
+                    help="+quest rows: also time each of these page selects as the default, e.g. block,cluster")
     ap.add_argument("--cuda-launches", default="",
                     help="sparq rows: also time the step with these CUDA score launches, wpt:minb:threads[:vec[:choose"
                          "[:pipe]]],... (quest_sparq.CUDA_*; choose 0: `prepare` picks the channels, one launch more; "
@@ -405,6 +407,13 @@ def main():
                         qc.PAGED_CW, qc.PAGED_FRAC, qc.PAGED_MINB = int(cw), float(frac), int(minb)
                         row[f"ms paged {launch}"] = round(decode_time(model, cache, dev, a.reps), 3)
                     qc.PAGED_CW, qc.PAGED_FRAC, qc.PAGED_MINB = default
+                if "+quest" in label and a.selects:             # the page select's default (page_select.py)
+                    from longkv.kernels import page_select as ps
+                    default = ps.SELECT_METHOD
+                    for method in a.selects.split(","):
+                        ps.SELECT_METHOD = method
+                        row[f"ms select {method}"] = round(decode_time(model, cache, dev, a.reps), 3)
+                    ps.SELECT_METHOD = default
                 # after the first decode step: the final compaction and resize have happened
                 row["kv_GiB"] = round(cache.nbytes() / 2**30, 3)
                 row["kv_vs_full"] = round(cache.nbytes() / cache.full_nbytes(), 3)

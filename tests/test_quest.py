@@ -412,13 +412,16 @@ def test_page_mass_kernel_matches_reference(G, MP):
     (1, 2, 13, 13, 5, 4), (2, 3, 70, 41, 9, 1000), (1, 1, 37, 30, 12, 2), (1, 2, 5, 3, 4, 5), (1, 1, 9, 1, 4, 5),
     (2, 2, 300, 283, 31, 100000), (1, 8, 8192, 8190, 1021, 10 ** 6), (1, 4, 16384, 16001, 5000, 50),
     (1, 2, 3000, 2999, 3000, 7), (1, 2, 4001, 3999, 17, 10 ** 6)])   # odd row length: scalar loads                                             # k = every page
-def test_select_pages_block_matches_reference(B, Hkv, MP, npages, k, levels):
+@pytest.mark.parametrize("method", ["block", "cluster"])
+def test_select_pages_block_matches_reference(B, Hkv, MP, npages, k, levels, method):
+    if method == "cluster" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the cluster select needs sm_90+")
     g = torch.Generator().manual_seed(MP + k)
     s = _scores(g, B, Hkv, MP, npages, levels)
     s[0, 0, 1] = -0.0
     s[0, -1, 2] = float("inf")
     pos = torch.tensor([(npages - 1) * 16 + 7])
-    got = quest.select_pages(s.cuda(), k, pos.cuda(), page=16, row_pages=MP + 2, method="block")
+    got = quest.select_pages(s.cuda(), k, pos.cuda(), page=16, row_pages=MP + 2, method=method)
     want = ref.select_pages(s, k, pos, page=16, row_pages=MP + 2)
     assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[2].cpu(), want[2])
     assert _valid(got[0].cpu(), got[1].cpu()) == _valid(want[0], want[1])

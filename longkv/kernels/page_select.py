@@ -159,6 +159,10 @@ def _pos(pos, device) -> torch.Tensor:
 SELECT_CHUNK = 4096     # the longest row (pages) the bisection select holds in one program's registers
 SELECT_SEG = 1024       # pages per program of the multi-program select
 BLOCK_ROW = 16384       # the longest row the block select holds (RK·NT in page_select.cu)
+CLUSTER = 8             # blocks a row of the cluster select (CL in page_select_cluster.cu)
+CLUSTER_CT = 256        # threads a block of the cluster select
+CLUSTER_MIN = 2048      # the shortest row (pages) the default sends to the cluster select
+SELECT_METHOD = "block"  # the GPU default for rows the CUDA selects hold: "block" or "cluster"
 
 
 _BLOCK: dict = {}
@@ -176,11 +180,36 @@ def block_kernel(agg: int | None = None, rk: int = 16):
     return _BLOCK[key]
 
 
+_CLUSTER: dict = {}
+
+
+def cluster_kernel(ct: int = CLUSTER_CT, crk: int = 4, agg: int | None = None):
+    """The "cluster" select (`page_select_cluster.cu`: a row over a cluster of CLUSTER blocks of `ct` threads,
+    `crk` keys a thread, the histograms shared through distributed shared memory), compiled once by NVRTC;
+    None where it cannot be built, or on a GPU older than sm_90 (no clusters)."""
+    key = (ct, crk, agg)
+    if key not in _CLUSTER:
+        if torch.cuda.get_device_capability()[0] < 9:
+            _CLUSTER[key] = None
+        else:
+            _CLUSTER[key] = build(dict(CL=CLUSTER, CT=ct, CRK=crk, AGG=agg), ("page_select.cu", "page_select_cluster.cu"),
+                                  "page_select_cluster", "CUDA cluster page select", "the block select")
+    return _CLUSTER[key]
+
+
+def _cluster_keys(MP: int, ct: int) -> int:
+    """Keys a thread of the cluster select for rows of MP pages: the fewest of 1, 2, 4, 8, 16 that hold it
+    (0: none does)."""
+    return next((r for r in (1, 2, 4, 8, 16) if CLUSTER * ct * r >= MP), 0)
+
+
 def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str | None = None,
                  seg: int | None = None):
     """See `sparse_reference.select_pages` (no sort, no top-k): → table (B·Hkv, k) int32, nsel
     (B·Hkv,) int32, last (B·Hkv,) int32. `method`: "block" (CUDA, one thread block a row, one launch;
-    the default on a GPU where NVRTC builds it), "bisect" (one program a row, the row in
+    the default on a GPU where NVRTC builds it), "cluster" (CUDA on sm_90+, a row over a cluster of
+    CLUSTER blocks; the default instead where SELECT_METHOD says so, for rows of at least CLUSTER_MIN
+    pages), "bisect" (one program a row, the row in
     registers, 32 counting passes; rows up to SELECT_CHUNK pages = 64K tokens at page 16, the
     default there) or "multi" (a radix select over row segments of `seg` pages, 6 launches; the
     default for longer rows). Measured on the H200, Llama-3-8B shape (8 rows): at 128K multi 24 µs
@@ -196,6 +225,16 @@ def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str 
     nsel = torch.empty(BH, device=dev, dtype=torch.int32)
     last = torch.empty(BH, device=dev, dtype=torch.int32)
     pos = _pos(pos, dev)
+    if method == "cluster" or (method is None and SELECT_METHOD == "cluster" and MP >= CLUSTER_MIN):
+        crk = _cluster_keys(MP, CLUSTER_CT)
+        kern = cluster_kernel(CLUSTER_CT, crk) if scores.is_cuda and crk else None
+        if kern is not None:
+            kern(grid=(BH * CLUSTER, 1, 1), block=(CLUSTER_CT, 1, 1),
+                 args=[scores, pos.long(), table, nsel, last, MP, k, page, row_pages, table.stride(0)])
+            return table, nsel, last
+        if method == "cluster":
+            raise ValueError(f"the cluster select needs an sm_90+ CUDA GPU with NVRTC and rows of at most "
+                             f"{CLUSTER * CLUSTER_CT * 16} pages")
     rk = 8 if MP <= BLOCK_ROW // 2 else 16     # 8 keys a thread where the row fits: half the serial work
     if method in (None, "block") and scores.is_cuda and MP <= BLOCK_ROW and block_kernel(rk=rk) is not None:
         block_kernel(rk=rk)(grid=(BH, 1, 1), block=(1024, 1, 1),

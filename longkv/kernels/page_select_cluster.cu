@@ -1,0 +1,156 @@
+// The page select over a cluster of CL thread blocks a row (sm_90+: distributed shared memory): the "cluster"
+// method of `page_select.py`. Appended to page_select.cu (ukey, count) by NVRTC. Each block holds a slice of
+// CT·CRK pages of the row, builds its own histogram each radix pass, and after one cluster barrier every
+// block reads all CL histograms (ld.shared::cluster) and makes the same digit choice, so a pass costs one
+// cluster barrier and no global memory. The single-block select (page_select.cu) runs a row on one SM:
+// 8 rows busy 8 of 132 SMs, 10.9 us a layer at 512K under ncu (session 19).
+#ifndef CL
+#define CL 8                     /* blocks a row (a cluster; 8 is the portable maximum) */
+#endif
+#ifndef CT
+#define CT 256                   /* threads a block */
+#endif
+#ifndef CRK
+#define CRK 4                    /* keys a thread: rows up to CL·CT·CRK pages */
+#endif
+#define CW (CT / 32)
+
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
+
+/* *p in the shared memory of the cluster's block `rank` */
+__device__ __forceinline__ u32 cluster_ld(const u32* p, u32 rank) {
+  u32 a = (u32)__cvta_generic_to_shared(p), r, v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+  asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(r) : "memory");
+  return v;
+}
+
+/* exclusive prefix sum of each thread's x over the block (thread order), and the block's total */
+__device__ __forceinline__ int cscan(int x, int* wsum, int& total) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  int inc = x;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) { const int y = __shfl_up_sync(0xffffffffu, inc, o); if (lane >= o) inc += y; }
+  if (lane == 31) wsum[w] = inc;
+  __syncthreads();
+  int before = 0;
+  total = 0;
+#pragma unroll
+  for (int q = 0; q < CW; q++) { const int s = wsum[q]; before += q < w ? s : 0; total += s; }
+  return before + inc - x;
+}
+
+/* As page_select (same arguments, same result), the row bh = blockIdx.x / CL spread over the CL blocks of a
+   cluster (grid BH·CL blocks of CT threads). Each radix pass may end the search early: when every key still
+   matching the chosen digits is taken, T need not be resolved further (all of them go in the table). */
+extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CT)
+page_select_cluster(const float* __restrict__ S, const i64* __restrict__ Pos, int* __restrict__ Table,
+                    int* __restrict__ Nsel, int* __restrict__ Last, int MP, int K, int PAGE, int row_pages, int stab) {
+  __shared__ u32 hist[4][256];
+  __shared__ u32 chosen[4][3];     /* a pass's digit, count above it, count equal to it */
+  __shared__ u32 post[2];          /* this block's keys above / equal to T, read by the later blocks */
+  __shared__ int wsum[CW];
+  const int bh = blockIdx.x / CL, rank = blockIdx.x % CL, tid = threadIdx.x;
+  const int base = (rank * CT + tid) * CRK;           /* the page of key[0] */
+  const float* row = S + (i64)bh * MP;
+  const i64 pos = Pos[0];
+  const int npages = (int)min(pos / PAGE + 1, (i64)MP);
+  const int need = min(npages, K);
+  for (int i = tid; i < 4 * 256; i += CT) (&hist[0][0])[i] = 0;
+  u32 key[CRK];
+#if CRK % 4 == 0
+#pragma unroll
+  for (int r = 0; r < CRK; r += 4) {
+    const int i = base + r;
+    float4 f = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (i + 3 < npages && (MP & 3) == 0) f = *(const float4*)(row + i);
+    else { if (i < npages) f.x = row[i]; if (i + 1 < npages) f.y = row[i + 1]; if (i + 2 < npages) f.z = row[i + 2];
+           if (i + 3 < npages) f.w = row[i + 3]; }
+    key[r] = ukey(f.x); key[r + 1] = ukey(f.y); key[r + 2] = ukey(f.z); key[r + 3] = ukey(f.w);
+  }
+#else
+#pragma unroll
+  for (int r = 0; r < CRK; r++) key[r] = ukey(base + r < npages ? row[base + r] : 0.f);
+#endif
+  __syncthreads();
+  u32 prefix = 0;                  /* T's top 32 - level bits */
+  int want = need, level = 0;
+  for (int pass = 0; pass < 4; pass++) {
+    const int shift = 24 - 8 * pass;
+#pragma unroll
+    for (int r = 0; r < CRK; r++) {
+      const u32 u = key[r];
+      count(hist[pass], (u >> shift) & 255, base + r < npages && (pass == 0 || (u >> (shift + 8)) == prefix));
+    }
+    cluster_arrive();
+    cluster_wait();
+    if (tid < 32) {   /* one warp, in every block alike: the cluster's bins 8·tid .. 8·tid + 7 summed, suffix sums,
+                         the largest digit b with count(digit >= b) >= want, count(digit > b), count(digit == b) */
+      u32 h[8], c[8], run = 0;
+#pragma unroll
+      for (int j = 0; j < 8; j++) h[j] = 0;
+#pragma unroll
+      for (int q = 0; q < CL; q++)
+#pragma unroll
+        for (int j = 0; j < 8; j++) h[j] += cluster_ld(&hist[pass][8 * tid + j], q);
+#pragma unroll
+      for (int j = 7; j >= 0; j--) { run += h[j]; c[j] = run; }
+      const u32 own = run;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const u32 x = __shfl_down_sync(0xffffffffu, run, o);
+        if (tid + o < 32) run += x;
+      }
+      const u32 above = run - own;
+      int b = -1;
+      u32 gt = 0, eq = 0;
+#pragma unroll
+      for (int j = 0; j < 8; j++)
+        if (c[j] + above >= (u32)want) { b = 8 * tid + j; gt = (j < 7 ? c[j + 1] : 0u) + above; eq = h[j]; }
+      int best = b;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) best = max(best, __shfl_xor_sync(0xffffffffu, best, o));
+      if (b == best) { chosen[pass][0] = (u32)b; chosen[pass][1] = gt; chosen[pass][2] = eq; }
+    }
+    __syncthreads();
+    prefix = (prefix << 8) | chosen[pass][0];
+    want -= (int)chosen[pass][1];
+    level = shift;
+    if ((int)chosen[pass][2] == want) break;          /* every key left is taken (the same in every block) */
+  }
+  /* keys with (key >> level) > prefix are taken, and the first `want` equal to it in page order */
+  int n_gt = 0, n_eq = 0;
+#pragma unroll
+  for (int r = 0; r < CRK; r++) {
+    const bool ok = base + r < npages;
+    const u32 v = key[r] >> level;
+    n_gt += ok && v > prefix;
+    n_eq += ok && v == prefix;
+  }
+  int tot;
+  const int before = cscan((n_eq << 16) | n_gt, wsum, tot);    /* both counts fit 16 bits: CT·CRK < 65536 */
+  if (tid == 0) { post[0] = (u32)(tot & 0xffff); post[1] = (u32)(tot >> 16); }
+  cluster_arrive();
+  cluster_wait();
+  int gt0 = 0, eq0 = 0;                                /* the row's earlier blocks */
+#pragma unroll
+  for (int q = 0; q < CL - 1; q++)
+    if (q < rank) { gt0 += (int)cluster_ld(&post[0], q); eq0 += (int)cluster_ld(&post[1], q); }
+  cluster_arrive();                                    /* done with the other blocks' memory; wait before exit */
+  int e = eq0 + (before >> 16);
+  int slot = gt0 + (before & 0xffff) + min(e, want);
+#pragma unroll
+  for (int r = 0; r < CRK; r++) {
+    const int i = base + r;
+    const bool ok = i < npages;
+    const u32 v = key[r] >> level;
+    const bool eq = ok && v == prefix;
+    const bool take = (ok && v > prefix) || (eq && e < want);
+    if (take) Table[(i64)bh * stab + slot++] = i + bh * row_pages;
+    if (i == npages - 1) Last[bh] = take ? (int)(pos % PAGE) + 1 : PAGE;
+    e += eq;
+  }
+  if (rank == 0 && tid == 0) Nsel[bh] = need;
+  cluster_wait();
+}
