@@ -32,8 +32,9 @@ def main() -> None:
         k = max(1, int(MP * a.frac))
         pos = torch.tensor([MP * 16 - 1], device=dev)
         want = ref.select_pages(s, k, pos, page=16, row_pages=MP)
-        variants = {f"block agg={agg} rk={rk}": (lambda agg=agg, rk=rk: _block(s, k, pos, MP, agg, rk))
-                    for agg in (1, 2) for rk in (8, 16) if MP <= 1024 * rk}
+        variants = {f"block agg={agg} rk={rk} early={early}":
+                    (lambda agg=agg, rk=rk, early=early: _block(s, k, pos, MP, agg, rk, early))
+                    for agg, early in ((1, 0), (2, 0), (2, 1)) for rk in (8, 16) if MP <= 1024 * rk}
         for ct in (256, 512, 1024):
             for agg in ((1, 2) if ct == 256 else (2,)):
                 crk = ps._cluster_keys(MP, ct)
@@ -54,12 +55,12 @@ def main() -> None:
     emit_json({"bench": "select_probe", "device": torch.cuda.get_device_name(), "rows": rows})
 
 
-def _block(s, k, pos, MP, agg, rk):
+def _block(s, k, pos, MP, agg, rk, early):
     B, H, _ = s.shape
     table = torch.empty(B * H, k, device=s.device, dtype=torch.int32)
     nsel = torch.empty(B * H, device=s.device, dtype=torch.int32)
     last = torch.empty(B * H, device=s.device, dtype=torch.int32)
-    ps.block_kernel(agg, rk)(grid=(B * H, 1, 1), block=(1024, 1, 1),
+    ps.block_kernel(agg, rk, early)(grid=(B * H, 1, 1), block=(1024, 1, 1),
                          args=[s, pos, table, nsel, last, MP, k, 16, MP, table.stride(0)])
     return table, nsel, last
 

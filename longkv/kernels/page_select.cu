@@ -57,6 +57,10 @@ __device__ __forceinline__ void count(u32* hist, u32 d, bool on) {
 #endif
 }
 
+#ifndef EARLY
+#define EARLY 0     /* end the radix passes once every key still matching the chosen digits is taken */
+#endif
+
 /* Row bh of S (rows of MP scores): pages [0, npages), npages = min(pos / PAGE + 1, MP) (C division, as
    the Triton select); need = min(npages, K) of them: every page whose key is above the need-th largest
    key T and the lowest-index pages equal to it, written ascending as bh·row_pages + page. T comes from
@@ -68,7 +72,7 @@ extern "C" __global__ void __launch_bounds__(NT) page_select(const float* __rest
                                                              int* __restrict__ Last, int MP, int K, int PAGE,
                                                              int row_pages, int stab) {
   __shared__ u32 hist[256];
-  __shared__ u32 chosen[2];
+  __shared__ u32 chosen[3];
   __shared__ int wsum[NW];
   __shared__ int topmax;
   const int bh = blockIdx.x, tid = threadIdx.x;
@@ -87,7 +91,7 @@ extern "C" __global__ void __launch_bounds__(NT) page_select(const float* __rest
     key[r] = ukey(f.x); key[r + 1] = ukey(f.y); key[r + 2] = ukey(f.z); key[r + 3] = ukey(f.w);
   }
   u32 prefix = 0;
-  int want = need;
+  int want = need, level = 0;
   for (int pass = 0; pass < 4; pass++) {
     const int shift = 24 - 8 * pass;
     if (tid < 256) hist[tid] = 0;
@@ -112,26 +116,30 @@ extern "C" __global__ void __launch_bounds__(NT) page_select(const float* __rest
       const u32 above = run - own;                                            /* lanes above this one */
       /* c[j] + above = count(digit >= 8·tid + j) */
       int b = -1;
-      u32 gt = 0;
+      u32 gt = 0, eq = 0;
 #pragma unroll
       for (int j = 0; j < 8; j++)
-        if (c[j] + above >= (u32)want) { b = 8 * tid + j; gt = (j < 7 ? c[j + 1] : 0u) + above; }
+        if (c[j] + above >= (u32)want) { b = 8 * tid + j; gt = (j < 7 ? c[j + 1] : 0u) + above; eq = hist[8 * tid + j]; }
       /* the largest b over the lanes */
       int best = b;
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) best = max(best, __shfl_xor_sync(0xffffffffu, best, o));
-      if (b == best) { chosen[0] = (u32)b; chosen[1] = gt; }   /* b >= 0: count(digit >= 0) >= want */
+      if (b == best) { chosen[0] = (u32)b; chosen[1] = gt; chosen[2] = eq; }   /* b >= 0: count(digit >= 0) >= want */
     }
     __syncthreads();
     prefix = (prefix << 8) | chosen[0];
     want -= (int)chosen[1];
+    level = shift;
+    const bool done = EARLY && (int)chosen[2] == want;    /* every key left is taken: T need not be resolved further */
     __syncthreads();
+    if (done) break;
   }
-  /* prefix = T; take keys > T and the first `want` keys == T (index order), written ascending */
+  /* prefix = T's top 32 - level bits; take keys above it and the first `want` keys equal to it (index order),
+     written ascending */
   if (tid == 0) topmax = -1;
   int n_eq = 0;
 #pragma unroll
-  for (int r = 0; r < RK; r++) n_eq += tid * RK + r < npages && key[r] == prefix;
+  for (int r = 0; r < RK; r++) n_eq += tid * RK + r < npages && key[r] >> level == prefix;
   int tot;
   int eq_rank = block_scan(n_eq, wsum, tot);           /* equal keys before this thread's */
   int mine = 0;                                        /* keys this thread takes */
@@ -140,8 +148,8 @@ extern "C" __global__ void __launch_bounds__(NT) page_select(const float* __rest
 #pragma unroll
     for (int r = 0; r < RK; r++) {
       const bool ok = tid * RK + r < npages;
-      const bool eq = ok && key[r] == prefix;
-      mine += (ok && key[r] > prefix) || (eq && e < want);
+      const bool eq = ok && key[r] >> level == prefix;
+      mine += (ok && key[r] >> level > prefix) || (eq && e < want);
       e += eq;
     }
   }
@@ -151,8 +159,8 @@ extern "C" __global__ void __launch_bounds__(NT) page_select(const float* __rest
   for (int r = 0; r < RK; r++) {
     const int i = tid * RK + r;
     const bool ok = i < npages;
-    const bool eq = ok && key[r] == prefix;
-    if ((ok && key[r] > prefix) || (eq && eq_rank < want)) {
+    const bool eq = ok && key[r] >> level == prefix;
+    if ((ok && key[r] >> level > prefix) || (eq && eq_rank < want)) {
       Table[(i64)bh * stab + slot] = i + bh * row_pages;
       slot++;
       top = i;

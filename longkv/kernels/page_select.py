@@ -162,20 +162,22 @@ BLOCK_ROW = 16384       # the longest row the block select holds (RK·NT in page
 CLUSTER = 8             # blocks a row of the cluster select (CL in page_select_cluster.cu)
 CLUSTER_CT = 256        # threads a block of the cluster select
 CLUSTER_MIN = 2048      # the shortest row (pages) the default sends to the cluster select
+BLOCK_EARLY = None      # the block select's EARLY (page_select.cu; None: the source's default)
 SELECT_METHOD = "block"  # the GPU default for rows the CUDA selects hold: "block" or "cluster"
 
 
 _BLOCK: dict = {}
 
 
-def block_kernel(agg: int | None = None, rk: int = 16):
+def block_kernel(agg: int | None = None, rk: int = 16, early: int | None = None):
     """The "block" select (`page_select.cu`: one 1024-thread block a row, a radix select with shared-memory
     histograms, then the table from two block-wide prefix sums), compiled once by NVRTC; None where it
     cannot be built. agg: how the histogram's atomics are combined (the source's AGG; None = its default);
-    rk: keys a thread holds (rows up to 1024·rk pages)."""
-    key = (agg, rk)
+    rk: keys a thread holds (rows up to 1024·rk pages); early: end the radix passes once every key left
+    is taken (the source's EARLY; None = its default)."""
+    key = (agg, rk, early)
     if key not in _BLOCK:
-        _BLOCK[key] = build(dict(AGG=agg, RK=rk), ("page_select.cu",), "page_select", "CUDA page select",
+        _BLOCK[key] = build(dict(AGG=agg, RK=rk, EARLY=early), ("page_select.cu",), "page_select", "CUDA page select",
                             "the Triton select")
     return _BLOCK[key]
 
@@ -192,8 +194,9 @@ def cluster_kernel(ct: int = CLUSTER_CT, crk: int = 4, agg: int | None = None):
         if torch.cuda.get_device_capability()[0] < 9:
             _CLUSTER[key] = None
         else:
-            _CLUSTER[key] = build(dict(CL=CLUSTER, CT=ct, CRK=crk, AGG=agg), ("page_select.cu", "page_select_cluster.cu"),
-                                  "page_select_cluster", "CUDA cluster page select", "the block select")
+            _CLUSTER[key] = build(dict(CL=CLUSTER, CT=ct, CRK=crk, AGG=agg),
+                                  ("page_select.cu", "page_select_cluster.cu"), "page_select_cluster",
+                                  "CUDA cluster page select", "the block select")
     return _CLUSTER[key]
 
 
@@ -236,9 +239,10 @@ def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str 
             raise ValueError(f"the cluster select needs an sm_90+ CUDA GPU with NVRTC and rows of at most "
                              f"{CLUSTER * CLUSTER_CT * 16} pages")
     rk = 8 if MP <= BLOCK_ROW // 2 else 16     # 8 keys a thread where the row fits: half the serial work
-    if method in (None, "block") and scores.is_cuda and MP <= BLOCK_ROW and block_kernel(rk=rk) is not None:
-        block_kernel(rk=rk)(grid=(BH, 1, 1), block=(1024, 1, 1),
-                            args=[scores, pos.long(), table, nsel, last, MP, k, page, row_pages, table.stride(0)])
+    kern = block_kernel(rk=rk, early=BLOCK_EARLY) if method in (None, "block") and scores.is_cuda else None
+    if kern is not None and MP <= BLOCK_ROW:
+        kern(grid=(BH, 1, 1), block=(1024, 1, 1),
+             args=[scores, pos.long(), table, nsel, last, MP, k, page, row_pages, table.stride(0)])
         return table, nsel, last
     if method == "block":
         raise ValueError(f"the block select needs a CUDA GPU with NVRTC and rows of at most {BLOCK_ROW} pages")
