@@ -35,7 +35,7 @@ def main() -> None:
         variants = {f"block agg={agg} rk={rk} early={early}":
                     (lambda agg=agg, rk=rk, early=early: _block(s, k, pos, MP, agg, rk, early))
                     for agg, early in ((1, 0), (2, 0), (2, 1)) for rk in (8, 16) if MP <= 1024 * rk}
-        for ct in (256, 512, 1024):
+        for ct in (256, 512):
             for agg in ((1, 2) if ct == 256 else (2,)):
                 crk = ps._cluster_keys(MP, ct)
                 if crk and ps.cluster_kernel(ct, crk, agg) is not None:

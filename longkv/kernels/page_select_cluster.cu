@@ -1,8 +1,10 @@
 // The page select over a cluster of CL thread blocks a row (sm_90+: distributed shared memory): the "cluster"
 // method of `page_select.py`. Appended to page_select.cu (ukey, count) by NVRTC. Each block holds a slice of
 // CT·CRK pages of the row, builds its own histogram each radix pass, and after one cluster barrier every
-// block reads all CL histograms (ld.shared::cluster) and makes the same digit choice, so a pass costs one
-// cluster barrier and no global memory. The single-block select (page_select.cu) runs a row on one SM:
+// block sums the CL histograms (ld.shared::cluster, a thread a bin, the CL loads in flight together) and makes
+// the same digit choice, so a pass costs one cluster barrier and no global memory. (Session 20's first form,
+// one warp gathering all 8·256 bins, measured 22 us at 8K pages on the H100: its remote loads ran a few at
+// a time.) The single-block select (page_select.cu) runs a row on one SM:
 // 8 rows busy 8 of 132 SMs, 10.9 us a layer at 512K under ncu (session 19).
 #ifndef CL
 #define CL 8                     /* blocks a row (a cluster; 8 is the portable maximum) */
@@ -13,8 +15,12 @@
 #ifndef CRK
 #define CRK 4                    /* keys a thread: rows up to CL·CT·CRK pages */
 #endif
+#if CT < 256
+#error "CT >= 256: a thread a histogram bin"
+#endif
 #define CW (CT / 32)
 
+/* (release / acquire at cluster scope: ptxas makes the arrive a MEMBAR.ALL.GPU on sm_90) */
 __device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
 
@@ -50,6 +56,8 @@ page_select_cluster(const float* __restrict__ S, const i64* __restrict__ Pos, in
   __shared__ u32 hist[4][256];
   __shared__ u32 chosen[4][3];     /* a pass's digit, count above it, count equal to it */
   __shared__ u32 post[2];          /* this block's keys above / equal to T, read by the later blocks */
+  __shared__ u32 sum[256];         /* a pass's histogram summed over the cluster */
+  __shared__ u32 pre[CL][2];       /* post[] of every block of the row */
   __shared__ int wsum[CW];
   const int bh = blockIdx.x / CL, rank = blockIdx.x % CL, tid = threadIdx.x;
   const int base = (rank * CT + tid) * CRK;           /* the page of key[0] */
@@ -85,17 +93,20 @@ page_select_cluster(const float* __restrict__ S, const i64* __restrict__ Pos, in
     }
     cluster_arrive();
     cluster_wait();
-    if (tid < 32) {   /* one warp, in every block alike: the cluster's bins 8·tid .. 8·tid + 7 summed, suffix sums,
-                         the largest digit b with count(digit >= b) >= want, count(digit > b), count(digit == b) */
-      u32 h[8], c[8], run = 0;
+    if (tid < 256) {  /* bin tid summed over the cluster: CL remote loads in flight at once */
+      u32 v[CL], h = 0;
 #pragma unroll
-      for (int j = 0; j < 8; j++) h[j] = 0;
+      for (int q = 0; q < CL; q++) v[q] = cluster_ld(&hist[pass][tid], q);
 #pragma unroll
-      for (int q = 0; q < CL; q++)
+      for (int q = 0; q < CL; q++) h += v[q];
+      sum[tid] = h;
+    }
+    __syncthreads();
+    if (tid < 32) {   /* one warp, in every block alike: suffix sums of the cluster's bins (8 a lane), the largest
+                         digit b with count(digit >= b) >= want, count(digit > b), count(digit == b) */
+      u32 c[8], run = 0;
 #pragma unroll
-        for (int j = 0; j < 8; j++) h[j] += cluster_ld(&hist[pass][8 * tid + j], q);
-#pragma unroll
-      for (int j = 7; j >= 0; j--) { run += h[j]; c[j] = run; }
+      for (int j = 7; j >= 0; j--) { run += sum[8 * tid + j]; c[j] = run; }
       const u32 own = run;
 #pragma unroll
       for (int o = 1; o < 32; o <<= 1) {
@@ -107,7 +118,7 @@ page_select_cluster(const float* __restrict__ S, const i64* __restrict__ Pos, in
       u32 gt = 0, eq = 0;
 #pragma unroll
       for (int j = 0; j < 8; j++)
-        if (c[j] + above >= (u32)want) { b = 8 * tid + j; gt = (j < 7 ? c[j + 1] : 0u) + above; eq = h[j]; }
+        if (c[j] + above >= (u32)want) { b = 8 * tid + j; gt = (j < 7 ? c[j + 1] : 0u) + above; eq = sum[8 * tid + j]; }
       int best = b;
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) best = max(best, __shfl_xor_sync(0xffffffffu, best, o));
@@ -133,11 +144,13 @@ page_select_cluster(const float* __restrict__ S, const i64* __restrict__ Pos, in
   if (tid == 0) { post[0] = (u32)(tot & 0xffff); post[1] = (u32)(tot >> 16); }
   cluster_arrive();
   cluster_wait();
+  if (tid < CL) { pre[tid][0] = cluster_ld(&post[0], tid); pre[tid][1] = cluster_ld(&post[1], tid); }
+  cluster_arrive();                                    /* done with the other blocks' memory; wait before exit */
+  __syncthreads();
   int gt0 = 0, eq0 = 0;                                /* the row's earlier blocks */
 #pragma unroll
   for (int q = 0; q < CL - 1; q++)
-    if (q < rank) { gt0 += (int)cluster_ld(&post[0], q); eq0 += (int)cluster_ld(&post[1], q); }
-  cluster_arrive();                                    /* done with the other blocks' memory; wait before exit */
+    if (q < rank) { gt0 += (int)pre[q][0]; eq0 += (int)pre[q][1]; }
   int e = eq0 + (before >> 16);
   int slot = gt0 + (before & 0xffff) + min(e, want);
 #pragma unroll
