@@ -412,12 +412,12 @@ def test_page_mass_kernel_matches_reference(G, MP):
     (1, 2, 13, 13, 5, 4), (2, 3, 70, 41, 9, 1000), (1, 1, 37, 30, 12, 2), (1, 2, 5, 3, 4, 5), (1, 1, 9, 1, 4, 5),
     (2, 2, 300, 283, 31, 100000), (1, 8, 8192, 8190, 1021, 10 ** 6), (1, 4, 16384, 16001, 5000, 50),
     (1, 2, 3000, 2999, 3000, 7), (1, 2, 4001, 3999, 17, 10 ** 6)])   # odd row length: scalar loads                                             # k = every page
-@pytest.mark.parametrize("method", ["block", "block-early", "cluster"])
+@pytest.mark.parametrize("method", ["block", "block-late", "cluster"])
 def test_select_pages_block_matches_reference(B, Hkv, MP, npages, k, levels, method, monkeypatch):
     if method == "cluster" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the cluster select needs sm_90+")
-    if method == "block-early":
-        monkeypatch.setattr(page_select, "BLOCK_EARLY", 1)
+    if method == "block-late":      # every radix pass, no early end
+        monkeypatch.setattr(page_select, "BLOCK_EARLY", 0)
         method = "block"
     g = torch.Generator().manual_seed(MP + k)
     s = _scores(g, B, Hkv, MP, npages, levels)

@@ -58,7 +58,8 @@ __device__ __forceinline__ void count(u32* hist, u32 d, bool on) {
 }
 
 #ifndef EARLY
-#define EARLY 0     /* end the radix passes once every key still matching the chosen digits is taken */
+#define EARLY 1     /* end the radix passes once every key still matching the chosen digits is taken (H100, 8 rows
+                       of 8192, select_probe.py: 8.91 us against 9.59 without) */
 #endif
 
 /* Row bh of S (rows of MP scores): pages [0, npages), npages = min(pos / PAGE + 1, MP) (C division, as
