@@ -30,6 +30,8 @@
 #   select512 issue 5: the cluster page select (page_select_cluster.cu): the select GPU tests (+ the paged
 #             attention's, TESTS_K), select_probe.py (8K / 2K / 32K-page rows), decode 512K (CTX) full and
 #             sparq weigh 1/8 with the block and the cluster select as the default
+#   select2   issue 5: the cluster select's second form: the select GPU tests, select_probe.py (8K / 32K-page
+#             rows), and decode 512K (block against cluster select) only where the probe has the cluster faster
 #   diag512   issue 5: why the paged attention reads at ~1.8 TB/s and the select takes 9 us: ncu (speed of
 #             light, occupancy, warp states, memory) on one sparse layer's kernels at 512K, 1/8, 4 layers
 #
@@ -182,6 +184,21 @@ step() {
       echo "select tests: $(tail -n 1 "$OUT/select_tests.log")" >&2
       bench select_probe 120 $PY select_probe.py --pages 8192,2048,32768
       bench select512 300 $PY sparse_decode.py --contexts ${CTX:-512k} --layers 32 --no-breakdown \
+        --only "full,kv4+quest 1/8 sparq weigh" --selects block,cluster,block ;;
+    select2)
+      (TRITON_INTERPRET=0 timeout 120 $PY -m pytest -q tests/test_quest.py -k block_matches) > "$OUT/select_tests.log" 2>&1
+      echo "select tests: $(tail -n 1 "$OUT/select_tests.log")" >&2
+      bench select_probe 90 $PY select_probe.py --pages 8192,32768 --reps 100
+      grep "|" "$OUT/select_probe.log" | tail -n 14 >&2
+      $PY - "$OUT/select_probe.log" <<'P' || return 0
+import json, sys
+rows = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])["rows"]
+us = {r["variant"]: r["us"] for r in rows if r["pages"] == 8192}
+block, cluster = us["block agg=2 rk=8 early=1"], min(v for k, v in us.items() if k.startswith("cluster"))
+print(f"8K pages: block {block} us, best cluster {cluster} us", file=sys.stderr)
+sys.exit(0 if cluster < block else 1)
+P
+      bench select512 240 $PY sparse_decode.py --contexts ${CTX:-512k} --layers 32 --no-breakdown \
         --only "full,kv4+quest 1/8 sparq weigh" --selects block,cluster,block ;;
     sparq512)  # the sparq kernels' GPU tests, the score probe (PROBE=1), decode rows (CTX, LAUNCHES, PAGED, PROFILE=1);
                # the PIPE launches (session 17's LAUNCHES default) gained nothing on the H100 in session 19
