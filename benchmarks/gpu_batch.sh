@@ -105,6 +105,10 @@
 # the PIPE launches and PAGED=2:1,4:1,1:0.5 by hand] (no gain), [NCU_COUNT=8 diag512]; then 12 starts refused
 # over 50 min, which spent the device time. PAGED now sweeps the paged kernel's register cap (cw:frac:minb).
 # The next call: `CTX=512k TESTS_K="cuda_paged" gpu_batch.sh sparq512` (H200, so full fits).
+# Session 20 (2026-12-05), on an H100 both times: [select512] (the cluster select's first form, 22 us: slower),
+# [the cluster select's GPU tests + select_probe.py --pages 8192 by hand, = select2 without the decode] (8.66
+# against the block select's 8.85 us); nine starts refused. The 512K side-by-side 3x on an H200 is still the
+# call worth making: `CTX=512k TESTS_K="cuda_paged" gpu_batch.sh sparq512`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

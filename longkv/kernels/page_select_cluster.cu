@@ -4,7 +4,8 @@
 // block sums the CL histograms (ld.shared::cluster, a thread a bin, the CL loads in flight together) and makes
 // the same digit choice, so a pass costs one cluster barrier and no global memory. (Session 20's first form,
 // one warp gathering all 8·256 bins, measured 22 us at 8K pages on the H100: its remote loads ran a few at
-// a time.) The single-block select (page_select.cu) runs a row on one SM:
+// a time. This form: 8.66 us against the block select's 8.85, so not the default: the select is a chain of
+// dependent steps, and a cluster barrier, a MEMBAR.ALL.GPU each, costs what a block's barriers do.) The single-block select (page_select.cu) runs a row on one SM:
 // 8 rows busy 8 of 132 SMs, 10.9 us a layer at 512K under ncu (session 19).
 #ifndef CL
 #define CL 8                     /* blocks a row (a cluster; 8 is the portable maximum) */
