@@ -57,6 +57,52 @@ __device__ __forceinline__ void count(u32* hist, u32 d, bool on) {
 #endif
 }
 
+/* One warp (lane = threadIdx.x < 32), from a pass's 256 bins in shared memory: suffix sums (8 bins a lane),
+   the largest digit b with count(digit >= b) >= want (b >= 0 exists: count(digit >= 0) >= want), and
+   out = {b, count(digit > b), count(digit == b)}. */
+__device__ __forceinline__ void choose(const u32* bins, int want, u32* out) {
+  const int lane = threadIdx.x;
+  u32 c[8], run = 0;
+#pragma unroll
+  for (int j = 7; j >= 0; j--) { run += bins[8 * lane + j]; c[j] = run; }   /* within the lane, from its top */
+  const u32 own = run;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {                                        /* suffix sums over the lanes */
+    const u32 x = __shfl_down_sync(0xffffffffu, run, o);
+    if (lane + o < 32) run += x;
+  }
+  const u32 above = run - own;                                              /* lanes above this one */
+  /* c[j] + above = count(digit >= 8·lane + j) */
+  int b = -1;
+  u32 gt = 0, eq = 0;
+#pragma unroll
+  for (int j = 0; j < 8; j++)
+    if (c[j] + above >= (u32)want) { b = 8 * lane + j; gt = (j < 7 ? c[j + 1] : 0u) + above; eq = bins[8 * lane + j]; }
+  int best = b;                                                             /* the largest b over the lanes */
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) best = max(best, __shfl_xor_sync(0xffffffffu, best, o));
+  if (b == best) { out[0] = (u32)b; out[1] = gt; out[2] = eq; }
+}
+
+/* key[0 .. N) = the keys of pages base .. base + N - 1 of a row (npages valid; float4 loads where aligned) */
+template <int N>
+__device__ __forceinline__ void load_keys(const float* row, int base, int npages, int MP, u32* key) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int r = 0; r < N; r += 4) {
+      const int i = base + r;
+      float4 f = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (i + 3 < npages && (MP & 3) == 0) f = *(const float4*)(row + i);
+      else { if (i < npages) f.x = row[i]; if (i + 1 < npages) f.y = row[i + 1]; if (i + 2 < npages) f.z = row[i + 2];
+             if (i + 3 < npages) f.w = row[i + 3]; }
+      key[r] = ukey(f.x); key[r + 1] = ukey(f.y); key[r + 2] = ukey(f.z); key[r + 3] = ukey(f.w);
+    }
+  } else {
+#pragma unroll
+    for (int r = 0; r < N; r++) key[r] = ukey(base + r < npages ? row[base + r] : 0.f);
+  }
+}
+
 #ifndef EARLY
 #define EARLY 1     /* end the radix passes once every key still matching the chosen digits is taken (H100, 8 rows
                        of 8192, select_probe.py: 8.91 us against 9.59 without) */
@@ -82,15 +128,7 @@ extern "C" __global__ void __launch_bounds__(NT) page_select(const float* __rest
   const int npages = (int)min(pos / PAGE + 1, (i64)MP);
   const int need = min(npages, K);
   u32 key[RK];
-#pragma unroll
-  for (int r = 0; r < RK; r += 4) {
-    const int i = tid * RK + r;
-    float4 f = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (i + 3 < npages && (MP & 3) == 0) f = *(const float4*)(row + i);
-    else { if (i < npages) f.x = row[i]; if (i + 1 < npages) f.y = row[i + 1]; if (i + 2 < npages) f.z = row[i + 2];
-           if (i + 3 < npages) f.w = row[i + 3]; }
-    key[r] = ukey(f.x); key[r + 1] = ukey(f.y); key[r + 2] = ukey(f.z); key[r + 3] = ukey(f.w);
-  }
+  load_keys<RK>(row, tid * RK, npages, MP, key);
   u32 prefix = 0;
   int want = need, level = 0;
   for (int pass = 0; pass < 4; pass++) {
@@ -103,30 +141,7 @@ extern "C" __global__ void __launch_bounds__(NT) page_select(const float* __rest
       count(hist, (u >> shift) & 255, tid * RK + r < npages && (pass == 0 || (u >> (shift + 8)) == prefix));
     }
     __syncthreads();
-    if (tid < 32) {   /* one warp: suffix sums of the 256 bins (8 a lane), the largest digit b with
-                         count(digit >= b) >= want, and count(digit > b) */
-      u32 c[8], run = 0;
-#pragma unroll
-      for (int j = 7; j >= 0; j--) { run += hist[8 * tid + j]; c[j] = run; }   /* within the lane, from its top */
-      const u32 own = run;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {                                      /* suffix sums over the lanes */
-        const u32 x = __shfl_down_sync(0xffffffffu, run, o);
-        if (tid + o < 32) run += x;
-      }
-      const u32 above = run - own;                                            /* lanes above this one */
-      /* c[j] + above = count(digit >= 8·tid + j) */
-      int b = -1;
-      u32 gt = 0, eq = 0;
-#pragma unroll
-      for (int j = 0; j < 8; j++)
-        if (c[j] + above >= (u32)want) { b = 8 * tid + j; gt = (j < 7 ? c[j + 1] : 0u) + above; eq = hist[8 * tid + j]; }
-      /* the largest b over the lanes */
-      int best = b;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) best = max(best, __shfl_xor_sync(0xffffffffu, best, o));
-      if (b == best) { chosen[0] = (u32)b; chosen[1] = gt; chosen[2] = eq; }   /* b >= 0: count(digit >= 0) >= want */
-    }
+    if (tid < 32) choose(hist, want, chosen);
     __syncthreads();
     prefix = (prefix << 8) | chosen[0];
     want -= (int)chosen[1];

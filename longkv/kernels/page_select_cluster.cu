@@ -68,20 +68,7 @@ page_select_cluster(const float* __restrict__ S, const i64* __restrict__ Pos, in
   const int need = min(npages, K);
   for (int i = tid; i < 4 * 256; i += CT) (&hist[0][0])[i] = 0;
   u32 key[CRK];
-#if CRK % 4 == 0
-#pragma unroll
-  for (int r = 0; r < CRK; r += 4) {
-    const int i = base + r;
-    float4 f = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (i + 3 < npages && (MP & 3) == 0) f = *(const float4*)(row + i);
-    else { if (i < npages) f.x = row[i]; if (i + 1 < npages) f.y = row[i + 1]; if (i + 2 < npages) f.z = row[i + 2];
-           if (i + 3 < npages) f.w = row[i + 3]; }
-    key[r] = ukey(f.x); key[r + 1] = ukey(f.y); key[r + 2] = ukey(f.z); key[r + 3] = ukey(f.w);
-  }
-#else
-#pragma unroll
-  for (int r = 0; r < CRK; r++) key[r] = ukey(base + r < npages ? row[base + r] : 0.f);
-#endif
+  load_keys<CRK>(row, base, npages, MP, key);
   __syncthreads();
   u32 prefix = 0;                  /* T's top 32 - level bits */
   int want = need, level = 0;
@@ -103,28 +90,7 @@ page_select_cluster(const float* __restrict__ S, const i64* __restrict__ Pos, in
       sum[tid] = h;
     }
     __syncthreads();
-    if (tid < 32) {   /* one warp, in every block alike: suffix sums of the cluster's bins (8 a lane), the largest
-                         digit b with count(digit >= b) >= want, count(digit > b), count(digit == b) */
-      u32 c[8], run = 0;
-#pragma unroll
-      for (int j = 7; j >= 0; j--) { run += sum[8 * tid + j]; c[j] = run; }
-      const u32 own = run;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const u32 x = __shfl_down_sync(0xffffffffu, run, o);
-        if (tid + o < 32) run += x;
-      }
-      const u32 above = run - own;
-      int b = -1;
-      u32 gt = 0, eq = 0;
-#pragma unroll
-      for (int j = 0; j < 8; j++)
-        if (c[j] + above >= (u32)want) { b = 8 * tid + j; gt = (j < 7 ? c[j + 1] : 0u) + above; eq = sum[8 * tid + j]; }
-      int best = b;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) best = max(best, __shfl_xor_sync(0xffffffffu, best, o));
-      if (b == best) { chosen[pass][0] = (u32)b; chosen[pass][1] = gt; chosen[pass][2] = eq; }
-    }
+    if (tid < 32) choose(sum, want, chosen[pass]);      /* in every block alike */
     __syncthreads();
     prefix = (prefix << 8) | chosen[pass][0];
     want -= (int)chosen[pass][1];
