@@ -180,8 +180,8 @@ def block_kernel(agg: int | None = None, rk: int = 16, early: int | None = None)
     is taken (the source's EARLY; None = its default)."""
     key = (agg, rk, early)
     if key not in _BLOCK:
-        _BLOCK[key] = build(dict(AGG=agg, RK=rk, EARLY=early), ("page_select.cu",), "page_select", "CUDA page select",
-                            "the Triton select")
+        _BLOCK[key] = build(dict(AGG=agg, RK=rk, EARLY=early), ("page_select.cu",), "page_select",
+                            "CUDA page select", "the Triton select")
     return _BLOCK[key]
 
 
@@ -242,8 +242,9 @@ def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str 
             raise ValueError(f"the cluster select needs an sm_90+ CUDA GPU with NVRTC and rows of at most "
                              f"{CLUSTER * CLUSTER_CT * 16} pages")
     rk = 8 if MP <= BLOCK_ROW // 2 else 16     # 8 keys a thread where the row fits: half the serial work
-    kern = block_kernel(rk=rk, early=BLOCK_EARLY) if method in (None, "block") and scores.is_cuda else None
-    if kern is not None and MP <= BLOCK_ROW:
+    on = method in (None, "block") and scores.is_cuda and MP <= BLOCK_ROW
+    kern = block_kernel(rk=rk, early=BLOCK_EARLY) if on else None
+    if kern is not None:
         kern(grid=(BH, 1, 1), block=(1024, 1, 1),
              args=[scores, pos.long(), table, nsel, last, MP, k, page, row_pages, table.stride(0)])
         return table, nsel, last
