@@ -1,12 +1,13 @@
 // The page select over a cluster of CL thread blocks a row (sm_90+: distributed shared memory): the "cluster"
-// method of `page_select.py`. Appended to page_select.cu (ukey, count) by NVRTC. Each block holds a slice of
-// CT·CRK pages of the row, builds its own histogram each radix pass, and after one cluster barrier every
-// block sums the CL histograms (ld.shared::cluster, a thread a bin, the CL loads in flight together) and makes
-// the same digit choice, so a pass costs one cluster barrier and no global memory. (Session 20's first form,
-// one warp gathering all 8·256 bins, measured 22 us at 8K pages on the H100: its remote loads ran a few at
-// a time. This form: 8.66 us against the block select's 8.85, so not the default: the select is a chain of
-// dependent steps, and a cluster barrier, a MEMBAR.ALL.GPU each, costs what a block's barriers do.) The single-block select (page_select.cu) runs a row on one SM:
-// 8 rows busy 8 of 132 SMs, 10.9 us a layer at 512K under ncu (session 19).
+// method of `page_select.py`. Appended to page_select.cu (ukey, count, choose, load_keys) by NVRTC. Why: the
+// single-block select (page_select.cu) runs a row on one SM, so 8 rows busy 8 of 132 SMs (10.9 us a layer at
+// 512K under ncu, session 19). Here each block holds a slice of CT·CRK pages of the row and builds its own
+// histogram each radix pass; after one cluster barrier every block sums the CL histograms (ld.shared::cluster,
+// a thread a bin, the CL loads in flight together) and makes the same digit choice, so a pass costs one
+// cluster barrier and no global memory. Measured (H100, 8 rows of 8K pages): 8.66 us against the block
+// select's 8.85, so not the default. The select is a chain of dependent steps, and a cluster barrier (a
+// MEMBAR.ALL.GPU each) costs what a block's barriers do. Session 20's first form (one warp gathering all 8·256
+// bins, its remote loads a few at a time) took 22 us.
 #ifndef CL
 #define CL 8                     /* blocks a row (a cluster; 8 is the portable maximum) */
 #endif
@@ -22,7 +23,9 @@
 #define CW (CT / 32)
 
 /* (release / acquire at cluster scope: ptxas makes the arrive a MEMBAR.ALL.GPU on sm_90) */
-__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+__device__ __forceinline__ void cluster_arrive() {
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
 
 /* *p in the shared memory of the cluster's block `rank` */
