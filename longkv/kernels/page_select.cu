@@ -12,20 +12,21 @@ __device__ __forceinline__ u32 ukey(float s) {
   return (u32)b ^ 0x80000000u;
 }
 
+/* inclusive prefix sum of x over the warp's lanes */
+__device__ __forceinline__ int warp_scan(int x) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) { const int y = __shfl_up_sync(0xffffffffu, x, o); if (lane >= o) x += y; }
+  return x;
+}
+
 /* exclusive prefix sum of each thread's x over the block (thread order), and the block's total */
 __device__ __forceinline__ int block_scan(int x, int* wsum, int& total) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  int inc = x;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) { const int y = __shfl_up_sync(0xffffffffu, inc, o); if (lane >= o) inc += y; }
+  const int inc = warp_scan(x);
   if (lane == 31) wsum[w] = inc;
   __syncthreads();
-  if (w == 0) {
-    int v = wsum[lane];
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) { const int y = __shfl_up_sync(0xffffffffu, v, o); if (lane >= o) v += y; }
-    wsum[lane] = v;                                   /* inclusive over the warps */
-  }
+  if (w == 0) wsum[lane] = warp_scan(wsum[lane]);     /* inclusive over the warps */
   __syncthreads();
   total = wsum[NW - 1];
   const int before = (w ? wsum[w - 1] : 0) + inc - x;

@@ -36,12 +36,11 @@ __device__ __forceinline__ u32 cluster_ld(const u32* p, u32 rank) {
   return v;
 }
 
-/* exclusive prefix sum of each thread's x over the block (thread order), and the block's total */
+/* exclusive prefix sum of each thread's x over the block (thread order), and the block's total: block_scan
+   over CW warps, the warp sums added up by every thread (no second warp scan) */
 __device__ __forceinline__ int cscan(int x, int* wsum, int& total) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  int inc = x;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) { const int y = __shfl_up_sync(0xffffffffu, inc, o); if (lane >= o) inc += y; }
+  const int inc = warp_scan(x);
   if (lane == 31) wsum[w] = inc;
   __syncthreads();
   int before = 0;
