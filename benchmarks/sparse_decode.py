@@ -323,6 +323,18 @@ def decode_time(model, cache, dev, reps: int, profile: str | None = None) -> flo
     return timed(lambda: model(tok.view(1, 1), step, cache), reps, dev)
 
 
+def _retime(row: dict, key: str, module, settings: dict, time) -> None:
+    """row[key] = time() in ms with the module's attributes set as `settings`, restored afterwards."""
+    old = {k: getattr(module, k) for k in settings}
+    try:
+        for k, v in settings.items():
+            setattr(module, k, v)
+        row[key] = round(time(), 3)
+    finally:
+        for k, v in old.items():
+            setattr(module, k, v)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="128k")
@@ -389,31 +401,23 @@ def main():
                     row.update(quest_storage_breakdown(model, cache, layer, dev, a.reps))
                 ms = decode_time(model, cache, dev, a.reps, profile=f"{label} {ctx}" if a.profile else None)
                 row["decode_ms"] = round(ms, 3)
+                again = functools.partial(decode_time, model, cache, dev, a.reps)   # the step timed again
+                retime = lambda key, module, **kw: _retime(row, key, module, kw, again)   # noqa: E731
                 if "sparq" in label and a.cuda_launches:
                     from longkv.kernels import quest_sparq as qs
-                    names = [f"CUDA_{k.upper()}" for k in qs.LAUNCH_FIELDS]
-                    default = [getattr(qs, k) for k in names]
                     for launch in a.cuda_launches.split(","):
-                        for k, x in zip(names, qs.parse_launch(launch)):
-                            setattr(qs, k, x)
-                        row[f"ms {launch}"] = round(decode_time(model, cache, dev, a.reps), 3)
-                    for k, x in zip(names, default):
-                        setattr(qs, k, x)
+                        retime(f"ms {launch}", qs, **{f"CUDA_{k.upper()}": x
+                                                      for k, x in zip(qs.LAUNCH_FIELDS, qs.parse_launch(launch))})
                 if "+quest" in label and a.paged_launches:     # the paged attention's warps, splits, register cap
                     from longkv.kernels import quant_cuda as qc
-                    default = qc.PAGED_CW, qc.PAGED_FRAC, qc.PAGED_MINB
                     for launch in a.paged_launches.split(","):
-                        cw, frac, minb = (launch.split(":") + [str(default[2])])[:3]   # no minb: the default's
-                        qc.PAGED_CW, qc.PAGED_FRAC, qc.PAGED_MINB = int(cw), float(frac), int(minb)
-                        row[f"ms paged {launch}"] = round(decode_time(model, cache, dev, a.reps), 3)
-                    qc.PAGED_CW, qc.PAGED_FRAC, qc.PAGED_MINB = default
+                        cw, frac, minb = (launch.split(":") + [str(qc.PAGED_MINB)])[:3]   # no minb: the default's
+                        retime(f"ms paged {launch}", qc, PAGED_CW=int(cw), PAGED_FRAC=float(frac),
+                               PAGED_MINB=int(minb))
                 if "+quest" in label and a.selects:             # the page select's default (page_select.py)
                     from longkv.kernels import page_select as ps
-                    default = ps.SELECT_METHOD
                     for method in a.selects.split(","):
-                        ps.SELECT_METHOD = method
-                        row[f"ms select {method}"] = round(decode_time(model, cache, dev, a.reps), 3)
-                    ps.SELECT_METHOD = default
+                        retime(f"ms select {method}", ps, SELECT_METHOD=method)
                 # after the first decode step: the final compaction and resize have happened
                 row["kv_GiB"] = round(cache.nbytes() / 2**30, 3)
                 row["kv_vs_full"] = round(cache.nbytes() / cache.full_nbytes(), 3)
