@@ -306,6 +306,15 @@ def test_quest_over_key_groups_reads_fewer_and_holds_no_bounds(tiny):
     assert graph_greedy(tiny, f"{KV4G}+{GROUPS},budget=40", 12) == toks
 
 
+def test_quest_over_key_groups_says_when_the_fp_window_exceeds_the_budget(tiny):
+    """The sink and window are always read and count toward the budget: a window wider than the budget
+    reads more than the budget, and the stats say so (with the tokens a step really reads)."""
+    fits = build(tiny, f"{KV4G}+{GROUPS},budget=40").stats()["note"]
+    over = build(tiny, f"kv4:group=16,sink=2,window=32+{GROUPS},budget=20").stats()["note"]
+    assert "exceed" not in fits
+    assert "alone exceed the 20-token budget" in over and f"about 66 of {CAP} tokens" in over   # 2 + 32 + 2 x 16
+
+
 @pytest.mark.parametrize("spec,msg", [(f"{Q8}+quest:groups=1", "2/4-bit"), ("quest:groups=1", "packed storage"),
                                       ("kv2+quest:groups=1", "outliers")])
 def test_quest_over_key_groups_refuses_what_it_cannot_read(tiny, spec, msg):

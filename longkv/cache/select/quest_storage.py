@@ -124,6 +124,7 @@ class QuestStorageCache(QuestCache):
         if self.groups:   # groups read besides the sink and the fp window, which count toward the budget
             keep = self.budget.keep(self.capacity) - st.S - st.W - P
             self.k_pages = max(1, -(-keep // P))
+            self.over = keep < 1 and self.budget.keep(self.capacity) < self.capacity   # the fp part alone fills it
             self.dense = [i < self.dense_layers or s.window is not None for i, s in enumerate(specs)]
         # channels: SparQ scores from a channel-major copy of the key codes (kernels/quest_sparq.py)
         # (at least MIN_CHANNELS: the score's dot reads 16 channels anyway, and 8 of smollm2's 64 lose needles)
@@ -231,6 +232,12 @@ class QuestStorageCache(QuestCache):
             st["note"] = (f"{self.storage_name}+quest, pages = the {self.P}-token key groups ({how}): a decode "
                           f"step reads the sink, the full-precision window and {self.k_pages} groups "
                           f"({self.k_pages * self.P} tokens) in layers >= {self.dense_layers}")
+            if self.over:   # e.g. window=1024 at 4K and 8x: the step reads ~1,100 of 4,096 tokens, not 512
+                fp = self.store.S + self.store.W
+                st["note"] += (f"; the sink and the full-precision window ({fp} tokens) alone exceed the "
+                               f"{self.budget.keep(self.capacity)}-token budget, so a step reads about "
+                               f"{fp + (self.k_pages + 1) * self.P} of {self.capacity} tokens (a smaller window "
+                               f"keeps the budget)")
         last = max((i for i in range(len(self.specs)) if i not in self.win), default=None)   # one the storage holds
         if last is None or self.k_pages >= (self.store.kq[last]["scale"].shape[2] if self.groups else self.max_pages):
             st["note"] = f"{self.budget} reads every page: degraded to {self.storage_name}"
