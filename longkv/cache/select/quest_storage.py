@@ -53,6 +53,15 @@ channel counts for what it can add to q·k rather than for the query alone (the 
 choice and SparQ's share change). On gemma3-270m, whose q/k RMSNorm leaves |q| spread over its 256
 channels, |q| alone misses needles that the weighted choice finds (BENCHMARKS.md, issue 5, session 15).
 
+The storage's full-precision window (`quant:window`, 128 in kv4) holds the prompt's last tokens, the
+question and the answer template among them. On gemma3-270m at 32K those tokens at 4 bits cost RULER-style
+cells (a formatting token's margin +0.32 → +0.02), so for long prompts the fast spec is
+`kv4:window=1024+quest:ratio=0.875,groups=1,channels=0.125,rank=max,weigh=1`: gemma3 32K in bf16 on an
+H100, 20 samples a cell, 43.1 against full's 41.8 (the 128-token window: 37.6), decode at 512K 0.4-0.5 %
+slower than with 128 (8B shape). The window counts toward the budget, so below ~8K tokens at 8x it is
+more than the budget (the stats say so); there the 128-token window keeps 8x (smollm2-135m 4K/8K: -0.5
+points). BENCHMARKS.md, issue 5, session 21.
+
 `nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy
 (and with weigh=1 the per-channel sums and weights).
 Not here: `rerank` (the second stage's codes are written when a page fills, from full-precision keys
