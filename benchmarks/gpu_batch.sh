@@ -32,6 +32,7 @@
 #             sparq weigh 1/8 with the block and the cluster select as the default
 #   select2   issue 5: the cluster select's second form: the select GPU tests, select_probe.py (8K / 32K-page
 #             rows), and decode 512K (block against cluster select) only where the probe has the cluster faster
+#   fast512   issue 5: decode at 512K (CTX), full next to the fast spec with fp windows 128 and 1,024 (H200)
 #   fastgrid  issue 5: gemma3 RULER-style 32K (LENGTH) in bf16 on the GPU, SAMPLES a cell (24): full, the fast spec, and
 #             the fast spec with a 1,024-token fp window (needs real weights: device_setup.sh install first)
 #   diag512   issue 5: why the paged attention reads at ~1.8 TB/s and the select takes 9 us: ncu (speed of
@@ -111,6 +112,10 @@
 # [the cluster select's GPU tests + select_probe.py --pages 8192 by hand, = select2 without the decode] (8.66
 # against the block select's 8.85 us); nine starts refused. The 512K side-by-side 3x on an H200 is still the
 # call worth making: `CTX=512k TESTS_K="cuda_paged" gpu_batch.sh sparq512`.
+# Session 21 (2026-12-05), all on H100s: [sparse_decode.py 512k + 128k by hand: full, groups, sparq weigh, sparq
+# weigh w1024] (w1024 +0.5 % at 512K), [copy x4], [copy; MODELS=gemma3-270m install; fastgrid], [fastgrid,
+# resumed: 20 samples a cell], [the 512K rows again, asked for an H200, got an H100]; then too little device
+# time to start an H200. The next call: `gpu_batch.sh fast512` on an H200 (the w1024 spec's 3x side by side).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -218,6 +223,9 @@ P
         ${PROFILE:+--profile} --only "full,kv4+quest 1/8 groups,kv4+quest 1/8 sparq weigh,kv4+quest 1/32 sparq weigh" \
         --cuda-launches "${LAUNCHES:-}" \
         --paged-launches ${PAGED:-1:1:16,2:1:8,1:1:0} ;;
+    fast512)   # the 3x side by side for the fast spec with the 1,024-token fp window (H200: full fits at 512K)
+      bench fast512 300 $PY sparse_decode.py --contexts ${CTX:-512k} --layers 32 --no-breakdown --reps 30 \
+        --only "full,kv4+quest 1/8 sparq weigh,kv4+quest 1/8 sparq weigh w1024" ;;
     fastgrid)  # gemma3 RULER-style (LENGTH, default 32k; 3 tasks) on the GPU in bf16, many samples a cell: full and
                # the fast spec with the 4-bit storage's fp window at 128 and at 1,024 tokens (the real CUDA path)
       q=quest:ratio=0.875,groups=1,channels=0.125,rank=max,weigh=1
