@@ -118,7 +118,22 @@ def cmd_caches(a) -> int:
         for k, (kind, default, h) in params.items():
             print(f"    {k}={kind.__name__} (default {default}): {h}")
     print("\ncombinations (join parts with '+'): " + ", ".join(combinations()))
+    print("\nmeasured starting points (figures and commands: BENCHMARKS.md):")
+    for spec, what in RECIPES:
+        print(f"  {spec}\n      {what}")
     return 0
+
+
+# (spec, what it was measured to do): the specs BENCHMARKS.md's issue 4 and 5 sections settle on
+RECIPES = [
+    ("kivi4", "4-bit keys and values, the fastest decode: 0.68x of bf16 full's time at 128K (H200, 8B shape), "
+              "0.27x its KV; smollm2 perplexity +0.08 %"),
+    ("quest:ratio=0.875,rerank=8", "reads 1/8 of the pages a step, keeps every token in bf16: within 1 point "
+                                   "of full on smollm2 and gemma3 grids at 8x; 1.3x full's decode at 512K"),
+    ("kv4:window=1024+quest:ratio=0.875,groups=1,channels=0.125,rank=max,weigh=1",
+     "reads 1/8 of the 4-bit key groups a step: ~3x full's decode at 512K (8B shape), 0.41x its KV; "
+     "gemma3 32K RULER-style within 2 points of full (bf16, 20 samples); below ~8K tokens use window=128"),
+]
 
 
 def parser() -> argparse.ArgumentParser:
