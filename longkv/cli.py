@@ -131,8 +131,8 @@ RECIPES = [
     ("quest:ratio=0.875,rerank=8", "reads 1/8 of the pages a step, keeps every token in bf16: within 1 point "
                                    "of full on smollm2 and gemma3 grids at 8x; 1.3x full's decode at 512K"),
     ("kv4:window=1024+quest:ratio=0.875,groups=1,channels=0.125,rank=max,weigh=1",
-     "reads 1/8 of the 4-bit key groups a step: ~3x full's decode at 512K (8B shape), 0.41x its KV; "
-     "gemma3 32K RULER-style within 2 points of full (bf16, 20 samples); below ~8K tokens use window=128"),
+     "prompts of 32K+: reads 1/8 of the 4-bit key groups a step, ~3x full's decode at 512K (8B shape), 0.41x "
+     "its KV; the fp window counts toward the budget, so below 32K use kv4's own (kv4+quest:...)"),
 ]
 
 

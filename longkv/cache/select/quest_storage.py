@@ -55,12 +55,15 @@ channels, |q| alone misses needles that the weighted choice finds (BENCHMARKS.md
 
 The storage's full-precision window (`quant:window`, 128 in kv4) holds the prompt's last tokens, the
 question and the answer template among them. On gemma3-270m at 32K those tokens at 4 bits cost RULER-style
-cells (a formatting token's margin +0.32 → +0.02), so for long prompts the fast spec is
-`kv4:window=1024+quest:ratio=0.875,groups=1,channels=0.125,rank=max,weigh=1`: gemma3 32K in bf16 on an
-H100, 20 samples a cell, 43.1 against full's 41.8 (the 128-token window: 37.6), decode at 512K 0.4-0.5 %
-slower than with 128 (8B shape). The window counts toward the budget, so below ~8K tokens at 8x it is
-more than the budget (the stats say so); there the 128-token window keeps 8x (smollm2-135m 4K/8K: -0.5
-points). BENCHMARKS.md, issue 5, session 21.
+cells (a formatting token's margin +0.32 → +0.02), and `kv4:window=1024+quest:ratio=0.875,groups=1,
+channels=0.125,rank=max,weigh=1` wins them back: 43.1 against full's 41.8 in bf16 on an H100 (20 samples a
+cell; the 128-token window 37.6), though -2.8 in fp32 on CPU (12 samples; two multivalue cells lost in both
+precisions). Decode at 512K is 0.4-0.5 % slower than with 128 (8B shape). But the window counts toward the
+budget: at 16K and 8x, 1,024 of the 2,048 tokens read leave 15 groups to select instead of 29, and a
+multi-key needle's group goes unselected (first digit's margin -0.81; +1.07 with window 512 or 128). So
+the 1,024-token window is for prompts of 32K and more; below, kv4's 128 equalled full on the grids measured
+(gemma3 16K, smollm2 4K/8K). Below ~8K tokens at 8x even 1,024 is the whole budget (the stats say so).
+BENCHMARKS.md, issue 5, session 21.
 
 `nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy
 (and with weigh=1 the per-channel sums and weights).
