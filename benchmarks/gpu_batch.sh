@@ -117,8 +117,8 @@
 # weigh w1024] (w1024 +0.5 % at 512K), [copy x4], [copy; MODELS=gemma3-270m install; fastgrid], [fastgrid,
 # resumed: 20 samples a cell], [the 512K rows again, asked for an H200, got an H100]; then too little device
 # time to start an H200. The next calls: `gpu_batch.sh fast512` on an H200 (the w1024 spec's 3x side by side);
-# [copy x4], [copy; MODELS=gemma3-270m install; LENGTH=16k WINDOWS="128 512 1024" fastgrid] (the window as a
-# quarter of the budget: 512 at 16K).
+# [copy x4], [copy; MODELS=gemma3-270m install; LENGTH=16k WINDOWS="128 512 1024" fastgrid] (which window at
+# 16K, over more than the CPU grid's 9 cells: there 1,024 missed a needle's group and 512 a near-tie digit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
