@@ -126,8 +126,8 @@ def cmd_caches(a) -> int:
 
 # (spec, what it was measured to do): the specs BENCHMARKS.md's issue 4 and 5 sections settle on
 RECIPES = [
-    ("kivi4", "4-bit keys and values, the fastest decode: 0.68x of bf16 full's time at 128K (H200, 8B shape), "
-              "0.27x its KV; smollm2 perplexity +0.08 %"),
+    ("kivi4", "4-bit keys and values in KIVI's layout, the fastest decode of the quantized caches (figures: its "
+              "entry above)"),
     ("quest:ratio=0.875,rerank=8", "reads 1/8 of the pages a step, keeps every token in bf16: within 1 point "
                                    "of full on smollm2 and gemma3 grids at 8x; 1.3x full's decode at 512K"),
     ("kv4:window=1024+quest:ratio=0.875,groups=1,channels=0.125,rank=max,weigh=1",

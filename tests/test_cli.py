@@ -10,6 +10,7 @@ import pytest
 
 import longkv
 from longkv.cache.spec import parse
+from longkv.cli import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,8 +65,6 @@ def test_models_and_caches_listings():
     assert r.returncode == 0 and "smollm2-135m" in r.stdout and "gemma3-270m" in r.stdout
     r = run("caches")
     assert r.returncode == 0 and r.stdout.startswith("full")
-    from longkv.cli import RECIPES
-
     for spec, _ in RECIPES:     # the listed starting points are specs the parser takes
         assert spec in r.stdout and parse(spec)
 

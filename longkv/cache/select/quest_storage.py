@@ -60,7 +60,8 @@ channels=0.125,rank=max,weigh=1` wins them back: 43.1 against full's 41.8 in bf1
 cell; the 128-token window 37.6), though -2.8 in fp32 on CPU (12 samples; two multivalue cells lost in both
 precisions). Decode at 512K is 0.4-0.5 % slower than with 128 (8B shape). But the window counts toward the
 budget: at 16K and 8x, 1,024 of the 2,048 tokens read leave 15 groups to select instead of 29, and a
-multi-key needle's group goes unselected (first digit's margin -0.81; +1.07 with window 512 or 128). So
+multi-key needle's group goes unselected (first digit's margin -0.81; +1.07 with window 512 or 128, though
+512 lost that cell at a near-tie digit of the 4-bit storage itself). So
 the 1,024-token window is for prompts of 32K and more; below, kv4's 128 equalled full on the grids measured
 (gemma3 16K, smollm2 4K/8K). Below ~8K tokens at 8x even 1,024 is the whole budget (the stats say so).
 BENCHMARKS.md, issue 5, session 21.
@@ -136,7 +137,6 @@ class QuestStorageCache(QuestCache):
         if self.groups:   # groups read besides the sink and the fp window, which count toward the budget
             keep = self.budget.keep(self.capacity) - st.S - st.W - P
             self.k_pages = max(1, -(-keep // P))
-            self.over = keep < 1 and self.budget.keep(self.capacity) < self.capacity   # the fp part alone fills it
             self.dense = [i < self.dense_layers or s.window is not None for i, s in enumerate(specs)]
         # channels: SparQ scores from a channel-major copy of the key codes (kernels/quest_sparq.py)
         # (at least MIN_CHANNELS: the score's dot reads 16 channels anyway, and 8 of smollm2's 64 lose needles)
@@ -244,10 +244,11 @@ class QuestStorageCache(QuestCache):
             st["note"] = (f"{self.storage_name}+quest, pages = the {self.P}-token key groups ({how}): a decode "
                           f"step reads the sink, the full-precision window and {self.k_pages} groups "
                           f"({self.k_pages * self.P} tokens) in layers >= {self.dense_layers}")
-            if self.over:   # e.g. window=1024 at 4K and 8x: the step reads ~1,100 of 4,096 tokens, not 512
-                fp = self.store.S + self.store.W
+            fp, budget = self.store.S + self.store.W, self.budget.keep(self.capacity)
+            if fp + self.P >= budget and budget < self.capacity:   # as k_pages' sizing: 1 group, fp part over budget
+                # e.g. window=1024 at 4K and 8x: the step reads ~1,100 of 4,096 tokens, not 512
                 st["note"] += (f"; the sink and the full-precision window ({fp} tokens) alone exceed the "
-                               f"{self.budget.keep(self.capacity)}-token budget, so a step reads about "
+                               f"{budget}-token budget, so a step reads about "
                                f"{fp + (self.k_pages + 1) * self.P} of {self.capacity} tokens (a smaller window "
                                f"keeps the budget)")
         last = max((i for i in range(len(self.specs)) if i not in self.win), default=None)   # one the storage holds
