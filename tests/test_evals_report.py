@@ -37,7 +37,10 @@ def test_report_tables_plots_html(tmp_path):
     md, files = report.build([tmp_path / "run"], plots=tmp_path / "plots", html_out=tmp_path / "r.html")
     assert "### NIAH — m, cache `full`, corpus noise" in md and "### NIAH — m, cache `kv4`, corpus noise" in md
     assert "| 0% | 100 | 100 |" in md and "| 0% | 100 | 0 |" in md          # kv4 misses (2K, depth 0)
-    assert "| m | `full` | 4K | 1 | 100.0 | 40.0 | **70.0** | 1,000 |" in md
+    assert "| m | `full` | 4K | 1 | 100.0 | 40.0 | **70.0** | 1,000 | — | — |" in md
+    assert "| m | `kv4` | 4K | 1 | 100.0 | 40.0 | **70.0** | 280 | +0.0 | 0/0 of 2 |" in md   # one pair a task: no ±
+    # NIAH: kv4 misses both samples at (2K, depth 0): 2 of 12 paired cells, -16.7 points
+    assert "Against `full` on the same prompts: -16.7 ± " in md and "cells won/lost 0/2 of 12." in md
     assert "qa_1" in md and "SQuAD" in md                                  # says what is left out and why
     ppl_full = f"{__import__('math').exp(2.1):.3f}"
     assert f"| m | words | 8K | `full` | 2 | {ppl_full} | 1.0000 | 1,000 |" in md
@@ -53,6 +56,24 @@ def test_report_tables_plots_html(tmp_path):
     first = re.search(r"base64,([A-Za-z0-9+/=]+)", page).group(1)
     assert base64.b64decode(first)[:4] == b"\x89PNG"
     assert (tmp_path / "plots" / "report.md").exists()
+
+
+def test_versus_full_pairs_cells_and_stratifies_by_task():
+    def rec(task, i, score, **kw):
+        return {"task": task, "length": 4096, "index": i, "score": score, **kw}
+    full = [rec("a", i, s) for i, s in enumerate((1, 1, 0, 1))] + [rec("b", i, s) for i, s in enumerate((1, 0))]
+    # task a: one cell lost, one won (of 4); task b: one lost; an unpaired cell (index 9) is left out
+    mine = ([rec("a", i, s) for i, s in enumerate((0, 1, 1, 1))] + [rec("b", i, s) for i, s in enumerate((0, 0))]
+            + [rec("b", 9, 1)])
+    v = report.versus_full(mine, full)
+    assert (v["won"], v["lost"], v["cells"]) == (1, 2, 6)
+    assert v["delta"] == pytest.approx((0 + -50) / 2)                 # task means 0 and -50, then over tasks
+    var_a = (2 * 100 ** 2 / 3) / 4                                     # diffs -100, 0, 100, 0: s² = 20000/3
+    var_b = (2 * 50 ** 2 / 1) / 2                                      # diffs -100, 0: s² = 5000
+    assert v["ci"] == pytest.approx(1.96 * (var_a + var_b) ** 0.5 / 2)
+    assert report.versus_full(mine, [rec("c", 0, 1)]) is None         # nothing pairs up
+    other = [dict(r, prompt_sha="x") for r in full]                   # another prompt: not the same cell
+    assert report.versus_full(mine, other) is None
 
 
 def test_report_errors(tmp_path):

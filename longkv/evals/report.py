@@ -51,8 +51,48 @@ def _group(recs, kind, *fields):
     return g
 
 
+def _cell(r) -> tuple:
+    """What makes two records the same prompt: a cache's record pairs with `full`'s of the same cell."""
+    return (r.get("task"), r["length"], r.get("depth"), r.get("index"), r.get("seed"), r.get("corpus"),
+            r.get("prompt_sha"))
+
+
+def versus_full(rs, full_rs) -> dict | None:
+    """A cache's records against `full`'s on the very same prompts (same model run-set), paired cell by cell.
+
+    delta: points (score × 100) the cache gains (+) or loses (-) against full, averaged over the paired
+    cells of each task and then over tasks (the tables' `avg`, restricted to cells both caches scored);
+    ci: the half-width of its 95 % interval, normal approximation on the per-cell differences, tasks as
+    strata (None with fewer than two pairs in a task); won / lost: cells scored higher / lower than full.
+    None when no cell pairs up. A cell missing from either side (a run stopped early) is left out, so
+    the delta compares like with like where the `avg` columns may not."""
+    full = {_cell(r): r["score"] for r in full_rs}
+    diffs = defaultdict(list)
+    for r in rs:
+        if _cell(r) in full:
+            diffs[r.get("task")].append(100 * (r["score"] - full[_cell(r)]))
+    if not diffs:
+        return None
+    T = len(diffs)
+    delta = sum(mean(d) for d in diffs.values()) / T
+    var = [(sum((x - mean(d)) ** 2 for x in d) / (len(d) - 1)) / len(d) if len(d) > 1 else None
+           for d in diffs.values()]
+    ci = None if None in var else 1.96 * math.sqrt(sum(var)) / T
+    flat = [x for d in diffs.values() for x in d]
+    return {"delta": delta, "ci": ci, "won": sum(x > 0 for x in flat), "lost": sum(x < 0 for x in flat),
+            "cells": len(flat)}
+
+
+def _vs(v: dict | None) -> list[str]:
+    if v is None:
+        return ["—", "—"]
+    d = f"{v['delta']:+.1f}" + (f" ± {v['ci']:.1f}" if v["ci"] is not None else "")
+    return [d, f"{v['won']}/{v['lost']} of {v['cells']}"]
+
+
 def niah_tables(recs) -> list[Table]:
     out = []
+    fulls = _group(recs, "niah", "model", "corpus", "cache")
     for (model, cache, corpus), rs in sorted(_group(recs, "niah", "model", "cache", "corpus").items()):
         lengths = sorted({r["length"] for r in rs})
         depths = sorted({r["depth"] for r in rs})
@@ -64,6 +104,10 @@ def niah_tables(recs) -> list[Table]:
         n = max(len(v) for v in cell.values())
         note = (f"NIAH accuracy (%), needle depth × context length; {n} sample(s) per cell; corpus {corpus}; "
                 f"overall {_pct([r['score'] for r in rs])}%, {_bpt(rs):,.0f} KV bytes/token.")
+        v = versus_full(rs, fulls.get((model, corpus, "full"), [])) if cache != "full" else None
+        if v:
+            d, wl = _vs(v)
+            note += f" Against `full` on the same prompts: {d} points (95 %), cells won/lost {wl}."
         out.append((f"NIAH — {model}, cache `{cache}`, corpus {corpus}", note, ["depth"] + [klen(L) for L in lengths], rows))
     return out
 
@@ -75,6 +119,7 @@ def ruler_tables(recs) -> list[Table]:
     tasks = [t for t in TASKS if any(r["task"] == t for rs in g.values() for r in rs)]
     rows = []
     for (model, cache, length), rs in sorted(g.items()):
+        v = versus_full(rs, g.get((model, "full", length), [])) if cache != "full" else None
         by = defaultdict(list)
         for r in rs:
             by[r["task"]].append(r["score"])
@@ -82,11 +127,14 @@ def ruler_tables(recs) -> list[Table]:
         avg = mean(s for s in scores if s is not None)
         n = min(len(v) for v in by.values())
         rows.append([model, f"`{cache}`", klen(length), str(n)] + [_num(s) for s in scores]
-                    + [f"**{avg:.1f}**", f"{_bpt(rs):,.0f}"])
+                    + [f"**{avg:.1f}**", f"{_bpt(rs):,.0f}"] + _vs(v))
     left = "; ".join(f"{k} {v}" for k, v in LEFT_OUT.items())
     note = ("RULER-style scores (string_match_all × 100, mean over samples); avg = mean over the tasks "
-            f"shown, not RULER's 13. Left out: {left}.")
-    return [("RULER-style tasks", note, ["model", "cache", "length", "n"] + tasks + ["avg", "KV B/tok"], rows)]
+            "shown, not RULER's 13. vs full = points against `full` of the same model and length on the "
+            "same prompts, cell by cell (± its 95 % interval, normal approximation); won/lost = cells "
+            f"scored higher/lower than full. Left out: {left}.")
+    return [("RULER-style tasks", note, ["model", "cache", "length", "n"] + tasks
+             + ["avg", "KV B/tok", "vs full", "won/lost"], rows)]
 
 
 def ppl_tables(recs) -> list[Table]:
