@@ -38,7 +38,9 @@ def test_report_tables_plots_html(tmp_path):
     assert "### NIAH — m, cache `full`, corpus noise" in md and "### NIAH — m, cache `kv4`, corpus noise" in md
     assert "| 0% | 100 | 100 |" in md and "| 0% | 100 | 0 |" in md          # kv4 misses (2K, depth 0)
     assert "| m | `full` | 4K | 1 | 100.0 | 40.0 | **70.0** | 1,000 | — | — |" in md
-    assert "| m | `kv4` | 4K | 1 | 100.0 | 40.0 | **70.0** | 280 | +0.0 | 0/0 of 2 |" in md   # one pair a task: no ±
+    # one pair a task, equal: each task's variance is the pseudo-pairs' alone, 100² / 3², over 2 tasks
+    assert f"| m | `kv4` | 4K | 1 | 100.0 | 40.0 | **70.0** | 280 | +0.0 ± {1.96 * (2 * 100 ** 2 / 9) ** 0.5 / 2:.1f} " \
+           "| 0/0 of 2 |" in md
     # NIAH: kv4 misses both samples at (2K, depth 0): 2 of 12 paired cells, -16.7 points
     assert "Against `full` on the same prompts: -16.7 ± " in md and "cells won/lost 0/2 of 12." in md
     assert "qa_1" in md and "SQuAD" in md                                  # says what is left out and why
@@ -68,9 +70,13 @@ def test_versus_full_pairs_cells_and_stratifies_by_task():
     v = report.versus_full(mine, full)
     assert (v["won"], v["lost"], v["cells"]) == (1, 2, 6)
     assert v["delta"] == pytest.approx((0 + -50) / 2)                 # task means 0 and -50, then over tasks
-    var_a = (2 * 100 ** 2 / 3) / 4                                     # diffs -100, 0, 100, 0: s² = 20000/3
-    var_b = (2 * 50 ** 2 / 1) / 2                                      # diffs -100, 0: s² = 5000
+    # Agresti-Min per task: + half a pair won, half lost, one tied; n' = n + 2, variance of the mean
+    # (Σd² + 100²)/n'² - (Σd)²/n'³ (task a: diffs -100, 0, 100, 0; task b: -100, 0)
+    var_a = (2 * 100 ** 2 + 100 ** 2) / 6 ** 2 - 0 ** 2 / 6 ** 3
+    var_b = (100 ** 2 + 100 ** 2) / 4 ** 2 - 100 ** 2 / 4 ** 3
     assert v["ci"] == pytest.approx(1.96 * (var_a + var_b) ** 0.5 / 2)
+    none_differ = report.versus_full(full, full)                       # a grid with no differing cell: not ±0
+    assert none_differ["delta"] == 0 and none_differ["ci"] > 10
     assert report.versus_full(mine, [rec("c", 0, 1)]) is None         # nothing pairs up
     other = [dict(r, prompt_sha="x") for r in full]                   # another prompt: not the same cell
     assert report.versus_full(mine, other) is None

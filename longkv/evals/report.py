@@ -62,10 +62,12 @@ def versus_full(rs, full_rs) -> dict | None:
 
     delta: points (score × 100) the cache gains (+) or loses (-) against full, averaged over the paired
     cells of each task and then over tasks (the tables' `avg`, restricted to cells both caches scored);
-    ci: the half-width of its 95 % interval, normal approximation on the per-cell differences, tasks as
-    strata (None with fewer than two pairs in a task); won / lost: cells scored higher / lower than full.
-    None when no cell pairs up. A cell missing from either side (a run stopped early) is left out, so
-    the delta compares like with like where the `avg` columns may not."""
+    ci: the half-width of its 95 % interval, tasks as strata, each task's variance from Agresti and Min's
+    adjusted Wald interval for paired proportions (2005: half a pseudo-pair won and half a pseudo-pair
+    lost, one tied, so that a grid with no differing cell still gets an honest width instead of ±0);
+    won / lost: cells scored higher / lower than full. None when no cell pairs up. A cell missing from
+    either side (a run stopped early) is left out, so the delta compares like with like where the `avg`
+    columns may not."""
     full = {_cell(r): r["score"] for r in full_rs}
     diffs = defaultdict(list)
     for r in rs:
@@ -75,9 +77,11 @@ def versus_full(rs, full_rs) -> dict | None:
         return None
     T = len(diffs)
     delta = sum(mean(d) for d in diffs.values()) / T
-    var = [(sum((x - mean(d)) ** 2 for x in d) / (len(d) - 1)) / len(d) if len(d) > 1 else None
-           for d in diffs.values()]
-    ci = None if None in var else 1.96 * math.sqrt(sum(var)) / T
+    var = 0.0
+    for d in diffs.values():
+        n = len(d) + 2                                   # + the pseudo-pairs at +100, -100 (½ each) and 0 (1)
+        var += (sum(x * x for x in d) + 100 ** 2) / n ** 2 - sum(d) ** 2 / n ** 3
+    ci = 1.96 * math.sqrt(var) / T
     flat = [x for d in diffs.values() for x in d]
     return {"delta": delta, "ci": ci, "won": sum(x > 0 for x in flat), "lost": sum(x < 0 for x in flat),
             "cells": len(flat)}
@@ -86,7 +90,7 @@ def versus_full(rs, full_rs) -> dict | None:
 def _vs(v: dict | None) -> list[str]:
     if v is None:
         return ["—", "—"]
-    d = f"{v['delta']:+.1f}" + (f" ± {v['ci']:.1f}" if v["ci"] is not None else "")
+    d = f"{v['delta']:+.1f} ± {v['ci']:.1f}"
     return [d, f"{v['won']}/{v['lost']} of {v['cells']}"]
 
 
@@ -131,7 +135,7 @@ def ruler_tables(recs) -> list[Table]:
     left = "; ".join(f"{k} {v}" for k, v in LEFT_OUT.items())
     note = ("RULER-style scores (string_match_all × 100, mean over samples); avg = mean over the tasks "
             "shown, not RULER's 13. vs full = points against `full` of the same model and length on the "
-            "same prompts, cell by cell (± its 95 % interval, normal approximation); won/lost = cells "
+            "same prompts, cell by cell (± its 95 % interval: Agresti-Min's adjusted Wald per task); won/lost = cells "
             f"scored higher/lower than full. Left out: {left}.")
     return [("RULER-style tasks", note, ["model", "cache", "length", "n"] + tasks
              + ["avg", "KV B/tok", "vs full", "won/lost"], rows)]
