@@ -65,7 +65,8 @@ def add_subcommands(sub) -> None:
     p.set_defaults(fn=cmd_ppl)
     c = ev.add_parser("corpora", help="list the corpora and whether each is installed")
     c.set_defaults(fn=cmd_corpora)
-    rp = sub.add_parser("report", help="tables (each cache against full on the same prompts: points ± 95 %%, cells won/lost), plots and an HTML page from result folders")
+    rp = sub.add_parser("report", help="tables (each cache against full on the same prompts: points ± 95 %%, "
+                                       "cells won/lost), plots and an HTML page from result folders")
     rp.add_argument("dirs", nargs="+", metavar="DIR")
     rp.add_argument("--html", default=None, help="HTML file to write (default PLOTS/report.html)")
     rp.add_argument("--plots", default=None, help="folder for PNGs and report.md (default DIR/report)")
