@@ -71,8 +71,8 @@ def versus_full(rs, full_rs) -> dict | None:
     full = {_cell(r): r["score"] for r in full_rs}
     diffs = defaultdict(list)
     for r in rs:
-        if _cell(r) in full:
-            diffs[r.get("task")].append(100 * (r["score"] - full[_cell(r)]))
+        if (f := full.get(_cell(r))) is not None:
+            diffs[r.get("task")].append(100 * (r["score"] - f))
     if not diffs:
         return None
     T = len(diffs)
@@ -96,8 +96,8 @@ def _vs(v: dict | None) -> list[str]:
 
 def niah_tables(recs) -> list[Table]:
     out = []
-    fulls = _group(recs, "niah", "model", "corpus", "cache")
-    for (model, cache, corpus), rs in sorted(_group(recs, "niah", "model", "cache", "corpus").items()):
+    g = _group(recs, "niah", "model", "cache", "corpus")
+    for (model, cache, corpus), rs in sorted(g.items()):
         lengths = sorted({r["length"] for r in rs})
         depths = sorted({r["depth"] for r in rs})
         cell = defaultdict(list)
@@ -108,7 +108,7 @@ def niah_tables(recs) -> list[Table]:
         n = max(len(v) for v in cell.values())
         note = (f"NIAH accuracy (%), needle depth × context length; {n} sample(s) per cell; corpus {corpus}; "
                 f"overall {_pct([r['score'] for r in rs])}%, {_bpt(rs):,.0f} KV bytes/token.")
-        v = versus_full(rs, fulls.get((model, corpus, "full"), [])) if cache != "full" else None
+        v = versus_full(rs, g.get((model, "full", corpus), [])) if cache != "full" else None
         if v:
             d, wl = _vs(v)
             note += f" Against `full` on the same prompts: {d} points (95 %), cells won/lost {wl}."
@@ -135,8 +135,8 @@ def ruler_tables(recs) -> list[Table]:
     left = "; ".join(f"{k} {v}" for k, v in LEFT_OUT.items())
     note = ("RULER-style scores (string_match_all × 100, mean over samples); avg = mean over the tasks "
             "shown, not RULER's 13. vs full = points against `full` of the same model and length on the "
-            "same prompts, cell by cell (± its 95 % interval: Agresti-Min's adjusted Wald per task); won/lost = cells "
-            f"scored higher/lower than full. Left out: {left}.")
+            "same prompts, cell by cell (± its 95 % interval: Agresti-Min's adjusted Wald per task); "
+            f"won/lost = cells scored higher/lower than full. Left out: {left}.")
     return [("RULER-style tasks", note, ["model", "cache", "length", "n"] + tasks
              + ["avg", "KV B/tok", "vs full", "won/lost"], rows)]
 

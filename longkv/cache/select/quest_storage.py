@@ -62,9 +62,11 @@ precisions). Decode at 512K is 0.4-0.5 % slower than with 128 (8B shape). But th
 budget: at 16K and 8x, 1,024 of the 2,048 tokens read leave 15 groups to select instead of 29, and a
 multi-key needle's group goes unselected (first digit's margin -0.81; +1.07 with window 512 or 128, though
 512 lost that cell at a near-tie digit of the 4-bit storage itself). So
-the 1,024-token window is for prompts of 32K and more; below, kv4's 128 equalled full on the grids measured
-(gemma3 16K, smollm2 4K/8K). Below ~8K tokens at 8x even 1,024 is the whole budget (the stats say so).
-BENCHMARKS.md, issue 5, session 21.
+the 1,024-token window is for prompts of 32K and more; below, kv4's 128 (smollm2 4K/8K equalled full). At
+gemma3 16K, over 36 cells in bf16 (session 22), the 128 window is -4.2 ± 11.5 points against full and
+512 / 1,024 -6.9 / -6.2: every grid measured is that wide, so these orders are point estimates inside the
+noise (`longkv report`'s "vs full"). Below ~8K tokens at 8x even 1,024 is the whole budget (the stats say
+so). BENCHMARKS.md, issue 5, sessions 21-22.
 
 `nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy
 (and with weigh=1 the per-channel sums and weights).
