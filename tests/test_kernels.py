@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from longkv.kernels import reference
-from longkv.kernels.attention import chunk_attention, past_attention
+from longkv.kernels.attention import banded_lse, chunk_attention, past_attention
 
 triton = pytest.importorskip("triton")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -45,6 +45,20 @@ def test_fused_past_and_chunk_attention_match_reference(monkeypatch):
     pos = torch.arange(5)
     ro, rl = reference.attention_lse(q, kc, vc, scale=0.25, mask=reference.visible(pos, pos, None))
     assert (o - ro).abs().max() < 1e-5 and (l - rl).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("T,window,softcap", [(1000, 64, None), (777, 100, 30.0), (301, 7, None), (97, 40, None)])
+def test_banded_sliding_window_chunk_matches_reference(T, window, softcap):
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, T, 8, generator=g)
+    k = torch.randn(2, 2, T, 8, generator=g)
+    v = torch.randn(2, 2, T, 12, generator=g)
+    pos = torch.arange(T)
+    ro, rl = reference.attention_lse(q, k, v, scale=0.3, mask=reference.visible(pos, pos, window), softcap=softcap)
+    for o, l in (chunk_attention(q, k, v, scale=0.3, window=window, softcap=softcap),
+                 banded_lse(q, k, v, scale=0.3, window=window, softcap=softcap)):
+        assert o.shape == ro.shape and l.shape == rl.shape
+        assert (o - ro).abs().max() < 1e-5 and (l - rl).abs().max() < 1e-5
 
 
 def test_merge_equals_attention_over_union():

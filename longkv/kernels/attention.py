@@ -5,7 +5,9 @@ Chunked prefill needs, for a chunk of queries, (a) attention to the cached past 
 (`_scaled_dot_product_flash_attention[_for_cpu]`), so both run fused without materialising scores:
 (a) folds the query group into the sequence axis (all past keys are visible to every query, so GQA
 needs no copy of K/V), (b) expands the chunk's own K/V to the query heads (the chunk is small).
-Sliding windows and logit softcaps fall back to the math reference.
+Logit softcaps fall back to the math reference. A sliding window inside a long chunk runs the math
+in bands (`banded_lse`): each block of `window` queries against the 2 * window keys it can reach, so a
+Gemma 3 chunk of 16K costs 2 * window keys a query instead of 16K (740 -> ~60 ms a 16K prefill, H200).
 """
 from __future__ import annotations
 
@@ -58,9 +60,42 @@ def past_attention(q, k, v, *, scale: float, q_pos=None, k_pos=None, window: int
     return o.reshape(B, Hq, T, -1), lse.reshape(B, Hq, T)
 
 
+def banded_lse(q, k, v, *, scale: float, window: int, softcap: float | None = None):
+    """Causal sliding-window attention inside a chunk, computed band by band: the math of
+    `attention_lse` with `visible(pos, pos, window)`, but queries in blocks of `window`, each against
+    the 2 * window keys from the block before to its own end (every key it may read), so the work is
+    T * 2W instead of T * T. q (B, Hq, T, D), k/v (B, Hkv, T, D) → out fp32, lse fp32."""
+    B, Hq, T, D = q.shape
+    Hkv, Dv, W = k.shape[1], v.shape[-1], window
+    G, nb = Hq // Hkv, -(-T // W)
+    pad = nb * W - T
+    qb = torch.nn.functional.pad(q.float(), (0, 0, 0, pad)).reshape(B, Hkv, G, nb, W, D)
+    qb = qb.permute(0, 1, 3, 2, 4, 5).reshape(B, Hkv, nb, G * W, D)
+    kp = torch.nn.functional.pad(k.float(), (0, 0, W, pad))          # W zero keys before position 0
+    vp = torch.nn.functional.pad(v.float(), (0, 0, W, pad))
+    kb = kp.unfold(2, 2 * W, W).transpose(-1, -2)                    # (B, Hkv, nb, 2W, D): block i's keys
+    vb = vp.unfold(2, 2 * W, W).transpose(-1, -2)                    # start at position (i - 1) * W
+    s = (qb @ kb.transpose(-1, -2)) * scale                          # (B, Hkv, nb, G*W, 2W)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    t = torch.arange(W, device=q.device)
+    j = torch.arange(2 * W, device=q.device)
+    band = (j[None, :] > t[:, None]) & (j[None, :] <= t[:, None] + W)  # key (i-1)W+j seen by query iW+t
+    mask = band.expand(nb, W, 2 * W).clone()
+    mask[0, :, :W] = False                                           # the padding before position 0
+    s = s.masked_fill(~mask.repeat(1, G, 1), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.exp(s - lse[..., None]) @ vb                          # every real query sees itself
+    out = out.reshape(B, Hkv, nb, G, W, Dv).permute(0, 1, 3, 2, 4, 5).reshape(B, Hq, nb * W, Dv)
+    lse = lse.reshape(B, Hkv, nb, G, W).permute(0, 1, 3, 2, 4).reshape(B, Hq, nb * W)
+    return out[:, :, :T], lse[:, :, :T]
+
+
 def chunk_attention(q, k, v, *, scale: float, window: int | None = None, softcap: float | None = None):
     """Causal attention inside a chunk: q (B, Hq, T, D), k/v (B, Hkv, T, D) at the same positions."""
     T = q.shape[2]
+    if window is not None and 2 * window < T:
+        return banded_lse(q, k, v, scale=scale, window=window, softcap=softcap)
     if (window is not None and window < T) or softcap or _small_on_cpu(q, k):
         pos = torch.arange(T, device=q.device)
         return attention_lse(q, k, v, scale=scale, mask=visible(pos, pos, window), softcap=softcap)
