@@ -34,7 +34,8 @@
 #             rows), and decode 512K (block against cluster select) only where the probe has the cluster faster
 #   fast512   issue 5: decode at 512K (CTX), full next to the fast spec with fp windows 128 and 1,024, each
 #             scored from an eighth and (FAST_EXTRA, on by default) a quarter of the channels (H200)
-#   fastgrid  issue 5: gemma3 RULER-style 32K (LENGTH) in bf16 on the GPU, SAMPLES a cell (24; prefill CHUNK 1024): full and the fast spec
+#   fastgrid  issue 5: gemma3 RULER-style 32K (LENGTH) in bf16 on the GPU, SAMPLES a cell (24; prefill CHUNK 1024, or
+#             the length for one chunk: ~0.5 s a 16K cell, session 23): full and the fast spec
 #             at fp windows WINDOWS (128 1024; session 21 named them kv4+... and quant:bits=4,window=1024+...)
 #             and EXTRA (more specs, space-separated, e.g. quest:ratio=0.875,rerank=8 on the same prompts)
 #             (needs real weights: device_setup.sh install first)
@@ -131,6 +132,15 @@
 # can tell a 2-point loss from none. The next calls: `fast512` on an H200 (still not side by side); then a
 # grid big enough for ±2: `LENGTH=16k CHUNK=4096 SAMPLES=100 WINDOWS=128 EXTRA=quest:ratio=0.875,rerank=8
 # GRID_LIMIT=540 fastgrid` (at CHUNK 1024 a 16K cell is 1.2-1.8 s of prefill and ~0.2 s of decode; resume it in a second call).
+# Session 23 (2026-12-05): [cell_profile.py 16K on an H200], [the same after banded_lse, an H100], [copy x4],
+# [copy; install; LENGTH=16k CHUNK=16384 SAMPLES=500 WINDOWS=128 EXTRA=quest:ratio=0.875,rerank=8 GRID_LIMIT=420
+# fastgrid] (cut at 88 samples a task, 792 cells, 0.53 s a cell: the one-chunk prefill), [the same + EXTRA kv4 and
+# kv4+quest:...,rerank=8: refused, rerank needs the fp storage], [its fix: the machine stopped answering, lost];
+# then a start was refused and 242 s was too little to stage again. The folder is .stage/fg16/fastgrid-16k.tgz.
+# The next calls: [copy x4], [copy part04 + .stage/fg16; install; tar xzf .stage/fg16/fastgrid-16k.tgz -C /tmp;
+# LENGTH=16k CHUNK=16384 SAMPLES=88 WINDOWS=128 CHANNELS=0.25 EXTRA=kv4 GRID_LIMIT=360 fastgrid] (a quarter of
+# the channels and kv4 alone on the same 264 prompts, ~140 s each); then more samples for all of them, and
+# `fast512` with C 0.25 on an H200 (is a quarter of the channels still ~3x at 512K?).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

@@ -94,6 +94,16 @@ def test_spec_round_trip():
     assert str(s) == "full" and cache_spec.parse(str(s)) == s
 
 
+def test_gemma_one_chunk_prefill_equals_small_chunks(tiny_gemma):
+    """A chunk over twice the sliding window runs those layers' attention in bands (banded_lse): the same
+    logits as chunks smaller than the window, where every chunk attends through the cache."""
+    specs = tiny_gemma.layer_specs()
+    x = ids(45, seed=2)
+    a, b = (prefill(tiny_gemma, FullCache(specs, batch=1, capacity=64, device="cpu", dtype=torch.float32), x,
+                    chunk=c, logits="all") for c in (45, 3))
+    assert (a - b).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("chunk", [3, 8, 16])
 def test_full_cache_keeps_only_the_window_of_sliding_layers(tiny_gemma, chunk):
     """Sliding-window layers hold a ring of `window` slots: the same logits and tokens as keeping every
