@@ -50,7 +50,7 @@ def _profile(fn, top: int):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    kern, host, syncs = {}, {}, 0
+    kern, host, syncs, under = {}, {}, 0, {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0:
             kern[e.name[:80]] = kern.get(e.name[:80], 0.0) + e.device_time / 1e3
@@ -58,8 +58,14 @@ def _profile(fn, top: int):
             host[e.name[:80]] = host.get(e.name[:80], 0.0) + e.self_cpu_time_total / 1e3
             if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense"):
                 syncs += 1
+                chain, p = [], e.cpu_parent     # the ops it ran under (torch's sync debug mode sees torch ops only)
+                while p is not None and len(chain) < 3:
+                    chain.append(p.name[:40])
+                    p = p.cpu_parent
+                key = f"{e.name} < {' < '.join(chain) or '(top level)'}"
+                under[key] = under.get(key, 0) + 1
     best = lambda d: sorted(((n, round(t, 2)) for n, t in d.items()), key=lambda r: -r[1])[:top]  # noqa: E731
-    return round(sum(kern.values()), 1), syncs, best(host), best(kern)
+    return round(sum(kern.values()), 1), syncs, best(host), best(kern), best(under)
 
 
 def _sync_sites(fn, top: int) -> list[tuple[str, int]]:
@@ -135,11 +141,11 @@ def main():
                                    stop_ids=set(), graph=graph):
                 pass
         d_ms, _ = _wall(run)
-        k_ms, syncs, host, kern = _profile(fill, a.top)
+        k_ms, syncs, host, kern, under = _profile(fill, a.top)
         sites = _sync_sites(fill, a.top)
         row.update(prefill_kernel_ms=k_ms, host_syncs=syncs, capture_ms=round(g_ms, 1), decode_ms=round(d_ms, 1),
                    ms_a_step=round(d_ms / a.new, 2))
-        detail.append(dict(row, host=host, kernels=kern, sites=sites))
+        detail.append(dict(row, host=host, kernels=kern, sites=sites, under=under))
         kv = graph = logits = None
         torch.cuda.empty_cache()
     attn.banded_lse = banded["1"]
@@ -149,6 +155,7 @@ def main():
         print("host ops (self ms):", ", ".join(f"{n} {t}" for n, t in d["host"]))
         print("kernels (ms):", ", ".join(f"{n} {t}" for n, t in d["kernels"]))
         print("host syncs at:", "; ".join(f"{n} x{c}" for n, c in d["sites"]))
+        print("host syncs under:", "; ".join(f"{n} x{c}" for n, c in d["under"]))
     print()
     print_table(rows, list(rows[-1]))
     emit_json(dict(bench="cell_profile", shape=a.shape, ctx=T, device=torch.cuda.get_device_name() if gpu else "cpu",
