@@ -7,7 +7,9 @@ Chunked prefill needs, for a chunk of queries, (a) attention to the cached past 
 needs no copy of K/V), (b) expands the chunk's own K/V to the query heads (the chunk is small).
 Logit softcaps fall back to the math reference. A sliding window inside a long chunk runs the math
 in bands (`banded_lse`): each block of `window` queries against the 2 * window keys it can reach, so a
-Gemma 3 chunk of 16K costs 2 * window keys a query instead of 16K (740 -> ~60 ms a 16K prefill, H200).
+Gemma 3 chunk of 16K costs 2 * window keys a query instead of 16K (a one-chunk 16K prefill of gemma3-270m:
+740 ms of kernels on an H200 before, 70 ms on an H100 after; BENCHMARKS.md, session 23). Its fp32 scores
+take T * 2W * Hq * 4 bytes (0.5 GiB for gemma3-270m at 32K), where the math path took T * T * Hq * 4.
 """
 from __future__ import annotations
 
