@@ -134,7 +134,7 @@ RECIPES = [
     ("kv4:window=1024+quest:ratio=0.875,groups=1,channels=0.125,rank=max,weigh=1",
      "prompts of 32K+: reads 1/8 of the 4-bit key groups a step, ~3x full's decode at 512K (8B shape), 0.41x "
      "its KV; the fp window counts toward the budget, so below 32K use kv4's own (kv4+quest:...). An eighth "
-     "of the channels is too few on gemma3 (head dim 256): -6.7 ± 3.8 points at 16K, single needles missed "
+     "of the channels is too few on gemma3 (head dim 256): -6.7 ± 3.8 points at 16K, needles missed "
      "that channels=0.25 finds (slower: 1.62x against 1.67x at 128K)"),
 ]
 

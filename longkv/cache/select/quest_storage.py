@@ -67,8 +67,8 @@ gemma3 16K, over 36 cells in bf16 (session 22), the 128 window is -4.2 ± 11.5 p
 512 / 1,024 -6.9 / -6.2: every grid measured is that wide, so these orders are point estimates inside the
 noise (`longkv report`'s "vs full"). Below ~8K tokens at 8x even 1,024 is the whole budget (the stats say
 so). Over 264 paired cells (gemma3 16K, bf16, one-chunk prefill, session 23) the 128 window with
-channels=0.125 is -6.7 ± 3.8 points: an eighth of gemma3's 256 channels misses single needles whose groups a
-quarter finds (CPU: 6 of 7 lost ones tried; the 7th is lost by 8x selection of 64-token groups even from the
+channels=0.125 is -6.7 ± 3.8 points: an eighth of gemma3's 256 channels misses needles whose groups a quarter
+finds (CPU: 11 of 14 lost cells tried; the other 3 are lost by 8x selection of 64-token groups even from the
 exact logits), so on head dim 256 use channels=0.25; plain `quest:ratio=0.875,rerank=8` is -1.1 ± 2.0 there. BENCHMARKS.md, issue 5, sessions 21-23.
 
 `nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy
