@@ -33,7 +33,8 @@
 #   select2   issue 5: the cluster select's second form: the select GPU tests, select_probe.py (8K / 32K-page
 #             rows), and decode 512K (block against cluster select) only where the probe has the cluster faster
 #   fast512   issue 5: decode at 512K (CTX), full next to the fast spec with fp windows 128 and 1,024, each
-#             scored from an eighth and (FAST_EXTRA, on by default) a quarter of the channels (H200)
+#             scored from an eighth and (FAST_EXTRA, on by default) a quarter of the channels, and over 32-token
+#             key groups (kv4:group=32) at an eighth and a quarter (H200)
 #   fastgrid  issue 5: gemma3 RULER-style 32K (LENGTH) in bf16 on the GPU, SAMPLES a cell (24; prefill CHUNK 1024, or
 #             the length for one chunk: ~0.5 s a 16K cell, session 23): full and the fast spec
 #             at fp windows WINDOWS (128 1024; session 21 named them kv4+... and quant:bits=4,window=1024+...)
@@ -141,7 +142,10 @@
 # The next calls: [copy x4], [copy part04 + .stage/fg16; install; RESUME=.stage/fg16/fastgrid-16k.tgz
 # LENGTH=16k CHUNK=16384 SAMPLES=88 WINDOWS=128 CHANNELS=0.25 EXTRA=kv4 GRID_LIMIT=360 fastgrid] (a quarter of
 # the channels and kv4 alone on the same 264 prompts, ~140 s each); then more samples for all of them, and
-# `fast512` with C 0.25 on an H200 (is a quarter of the channels still ~3x at 512K?).
+# `fast512` with C 0.25 on an H200 (is a quarter of the channels still ~3x at 512K?). CPU since: 32-token key
+# groups with C 0.25 find the 3 cells 64-token groups lose even from exact logits, so grid
+# EXTRA="kv4:group=32+quest:ratio=0.875,groups=1,channels=0.25,rank=max,weigh=1" too, and time its rows
+# (fast512 has them; first check on CPU that `sparse_decode.py --contexts 4k --layers 2` builds them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -251,7 +255,7 @@ P
         --paged-launches ${PAGED:-1:1:16,2:1:8,1:1:0} ;;
     fast512)   # the 3x side by side for the fast spec with the 1,024-token fp window (H200: full fits at 512K)
       bench fast512 480 $PY sparse_decode.py --contexts ${CTX:-512k} --layers 32 --no-breakdown --reps 30 \
-        --only "full,kv4+quest 1/8 sparq weigh,kv4+quest 1/8 sparq weigh w1024${FAST_EXTRA:-,kv4+quest 1/8 sparq 0.25 weigh,kv4+quest 1/8 sparq 0.25 weigh w1024}" ;;
+        --only "full,kv4+quest 1/8 sparq weigh,kv4+quest 1/8 sparq weigh w1024${FAST_EXTRA:-,kv4+quest 1/8 sparq 0.25 weigh,kv4+quest 1/8 sparq 0.25 weigh w1024,kv4 g32+quest 1/8 sparq 0.25 weigh,kv4 g32+quest 1/8 sparq weigh}" ;;
     fastgrid)  # gemma3 RULER-style (LENGTH, default 32k; 3 tasks) on the GPU in bf16, many samples a cell: full and
                # the fast spec with the 4-bit storage's fp window at WINDOWS tokens (128 1024; the real CUDA path)
       q=quest:ratio=0.875,groups=1,channels=${CHANNELS:-0.125},rank=max,weigh=1   # CHANNELS: the scored share
