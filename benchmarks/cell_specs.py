@@ -42,7 +42,7 @@ def main():
             t = time.perf_counter()
             r = llm.generate(ids=s.ids, max_new_tokens=a.new, cache=spec, chunk=a.chunk)
             rows.append(dict(index=idx, spec=spec, answer="/".join(s.answers), said=repr(r.text[:30]),
-                             score=round(ruler.score(r.text[:30], s), 2), seconds=round(time.perf_counter() - t, 1)))
+                             score=round(ruler.score(r.text, s), 2), seconds=round(time.perf_counter() - t, 1)))
             print(rows[-1], flush=True)
     print()
     print_table(rows, list(rows[0]))
