@@ -81,7 +81,8 @@ def methods(ctx: int) -> list[tuple[str, str]]:
             # ... over 32-token key groups (gemma3 16K: 64-token groups lose needles even from the exact logits)
             ("kv4 g32+quest 1/8 sparq 0.25 weigh",
              f"kv4:group=32+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1"),
-            ("kv4 g32+quest 1/8 sparq weigh", f"kv4:group=32+quest:budget={b8},groups=1,channels=0.125,rank=max,weigh=1"),
+            ("kv4 g32+quest 1/8 sparq weigh",
+             f"kv4:group=32+quest:budget={b8},groups=1,channels=0.125,rank=max,weigh=1"),
             ("snapkv 1/8", f"snapkv:budget={b8}"), ("snapkv 1/32", f"snapkv:budget={b32}"),
             ("streaming 1/8", f"streaming:budget={b8}"), ("adakv+snapkv 1/8", f"adakv+snapkv:budget={b8}"),
             ("tova 1/8", f"tova:budget={b8}")]

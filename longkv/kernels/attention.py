@@ -9,7 +9,8 @@ Logit softcaps fall back to the math reference. A sliding window inside a long c
 in bands (`banded_lse`): each block of `window` queries against the 2 * window keys it can reach, so a
 Gemma 3 chunk of 16K costs 2 * window keys a query instead of 16K (a one-chunk 16K prefill of gemma3-270m:
 740 ms of kernels on an H200 before, 70 ms on an H100 after; BENCHMARKS.md, session 23). Its fp32 scores
-take T * 2W * Hq * 4 bytes (0.5 GiB for gemma3-270m at 32K), where the math path took T * T * Hq * 4.
+take T * 2W * Hq * 4 bytes (0.5 GiB for gemma3-270m at 32K), where the math path took T * T * Hq * 4 (and a
+masked copy and an exp copy of it besides).
 """
 from __future__ import annotations
 
@@ -85,9 +86,9 @@ def banded_lse(q, k, v, *, scale: float, window: int, softcap: float | None = No
     band = (j[None, :] > t[:, None]) & (j[None, :] <= t[:, None] + W)  # key (i-1)W+j seen by query iW+t
     mask = band.expand(nb, W, 2 * W).clone()
     mask[0, :, :W] = False                                           # the padding before position 0
-    s = s.masked_fill(~mask.repeat(1, G, 1), float("-inf"))
+    s.masked_fill_(~mask.repeat(1, G, 1), float("-inf"))               # in place: one score tensor at a time
     lse = torch.logsumexp(s, dim=-1)
-    out = torch.exp(s - lse[..., None]) @ vb                          # every real query sees itself
+    out = s.sub_(lse[..., None]).exp_() @ vb                          # every real query sees itself
     out = out.reshape(B, Hkv, nb, G, W, Dv).permute(0, 1, 3, 2, 4, 5).reshape(B, Hq, nb * W, Dv)
     lse = lse.reshape(B, Hkv, nb, G, W).permute(0, 1, 3, 2, 4).reshape(B, Hq, nb * W)
     return out[:, :, :T], lse[:, :, :T]

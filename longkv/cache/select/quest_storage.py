@@ -70,7 +70,8 @@ so). Over 264 paired cells (gemma3 16K, bf16, one-chunk prefill, session 23) the
 channels=0.125 is -6.7 ± 3.8 points: an eighth of gemma3's 256 channels misses needles whose groups a quarter
 finds (CPU: 11 of 14 lost cells tried; the other 3 are lost by 8x selection of 64-token groups even from the
 exact logits, found by 32-token groups, `kv4:group=32+quest:...,channels=0.25`, not yet timed or gridded), so on
-head dim 256 use channels=0.25; plain `quest:ratio=0.875,rerank=8` is -1.1 ± 2.0 there. BENCHMARKS.md, issue 5, sessions 21-23.
+head dim 256 use channels=0.25; plain `quest:ratio=0.875,rerank=8` is -1.1 ± 2.0 there. BENCHMARKS.md,
+issue 5, sessions 21-23.
 
 `nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy
 (and with weigh=1 the per-channel sums and weights).
