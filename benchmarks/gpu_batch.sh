@@ -146,6 +146,12 @@
 # groups with C 0.25 find the 3 cells 64-token groups lose even from exact logits, so grid
 # EXTRA="kv4:group=32+quest:ratio=0.875,groups=1,channels=0.25,rank=max,weigh=1" too, and time its rows
 # (fast512 has them; first check on CPU that `sparse_decode.py --contexts 4k --layers 2` builds them).
+# Session 24 (2026-12-05): on an H100, [copy x4], [copy; install; RESUME=.stage/fg16/fastgrid-16k.tgz LENGTH=16k
+# CHUNK=16384 SAMPLES=88 WINDOWS=128 CHANNELS=0.25 EXTRA="kv4 kv4:group=32+..." GRID_LIMIT=430 fastgrid] (792
+# cells), [the same folder to SAMPLES=176 for full, C 0.25 and quest r8] (792 cells, 363 s; the folder is
+# .stage/fg16 again); then on an H200 (one start refused first): [FAST_EXTRA=",kv4+quest 1/8 sparq 0.25 weigh"
+# fast512] (2.77x against the eighth's 2.96x), [the two sparq rows with --profile]. WINDOWS= (empty) now runs no
+# fast-spec rows, for a grid of full and EXTRA alone (e.g. plain Quest at 32K).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

@@ -129,13 +129,13 @@ RECIPES = [
     ("kivi4", "4-bit keys and values in KIVI's layout, the fastest decode of the quantized caches (figures: its "
               "entry above)"),
     ("quest:ratio=0.875,rerank=8", "reads 1/8 of the pages a step, keeps every token in bf16; 1.3x full's "
-                                   "decode at 512K; at 8x on gemma3 16K, -1.1 ± 2.0 points against full over "
-                                   "264 paired RULER-style cells"),
+                                   "decode at 512K; at 8x on gemma3 16K, -0.6 ± 1.2 points against full over "
+                                   "528 paired RULER-style cells"),
     ("kv4:window=1024+quest:ratio=0.875,groups=1,channels=0.125,rank=max,weigh=1",
      "prompts of 32K+: reads 1/8 of the 4-bit key groups a step, ~3x full's decode at 512K (8B shape), 0.41x "
      "its KV; the fp window counts toward the budget, so below 32K use kv4's own (kv4+quest:...). An eighth "
      "of the channels is too few on gemma3 (head dim 256): -6.7 ± 3.8 points at 16K, needles missed "
-     "that channels=0.25 finds (slower: 1.62x against 1.67x at 128K)"),
+     "that channels=0.25 finds (-1.8 ± 1.8 over 528 cells; slower: 2.77x against 2.96x at 512K)"),
 ]
 
 

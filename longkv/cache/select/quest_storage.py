@@ -69,9 +69,11 @@ noise (`longkv report`'s "vs full"). Below ~8K tokens at 8x even 1,024 is the wh
 so). Over 264 paired cells (gemma3 16K, bf16, one-chunk prefill, session 23) the 128 window with
 channels=0.125 is -6.7 ± 3.8 points: an eighth of gemma3's 256 channels misses needles whose groups a quarter
 finds (CPU: 11 of 14 lost cells tried; the other 3 are lost by 8x selection of 64-token groups even from the
-exact logits, found by 32-token groups, `kv4:group=32+quest:...,channels=0.25`, not yet timed or gridded), so on
-head dim 256 use channels=0.25; plain `quest:ratio=0.875,rerank=8` is -1.1 ± 2.0 there. BENCHMARKS.md,
-issue 5, sessions 21-23.
+exact logits). Over 528 cells (session 24) channels=0.25 is -1.8 ± 1.8 points, so on head dim 256 use it;
+plain `quest:ratio=0.875,rerank=8` is -0.6 ± 1.2 there. 32-token groups (`kv4:group=32+quest:...`) keep those
+3 cells but lose others: -2.7 ± 2.5 over 264 cells, against -1.5 ± 2.9 for 64-token groups on the same cells.
+A quarter of the channels costs 15 µs a layer on the 8B shape at 512K (2.77x of full against the eighth's
+2.96x, H200). BENCHMARKS.md, issue 5, sessions 21-24.
 
 `nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy
 (and with weigh=1 the per-channel sums and weights).
