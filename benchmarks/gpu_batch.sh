@@ -152,6 +152,13 @@
 # .stage/fg16 again); then on an H200 (one start refused first): [FAST_EXTRA=",kv4+quest 1/8 sparq 0.25 weigh"
 # fast512] (2.77x against the eighth's 2.96x), [the two sparq rows with --profile]. WINDOWS= (empty) now runs no
 # fast-spec rows, for a grid of full and EXTRA alone (e.g. plain Quest at 32K).
+# Two more starts were refused (one cost 180 s); then too little device time to start one. The next calls:
+# [copy x4], [copy; MODELS="gemma3-270m smollm2-135m" install; LENGTH=32k CHUNK=32768 SAMPLES=200 WINDOWS=
+# EXTRA=quest:ratio=0.875,rerank=8 GRID_LIMIT=250 fastgrid; MODEL=smollm2-135m LENGTH=8k CHUNK=8192 SAMPLES=300
+# WINDOWS= EXTRA=quest:ratio=0.875,rerank=8 GRID_LIMIT=150 fastgrid] (plain Quest's interval at gemma3 32K and
+# smollm2 8K); and `cell_specs.py --device cuda --dtype float32` vs bfloat16 on the 7 cells a quarter of the
+# channels loses on the GPU and finds on CPU (single 49; multikey 52, 95, 122, 72; multivalue 167, 168): the bf16
+# model, or the CUDA score's fp16 sums?
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
