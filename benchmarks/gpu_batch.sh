@@ -156,9 +156,9 @@
 # [copy x4], [copy; MODELS="gemma3-270m smollm2-135m" install; LENGTH=32k CHUNK=32768 SAMPLES=200 WINDOWS=
 # EXTRA=quest:ratio=0.875,rerank=8 GRID_LIMIT=250 fastgrid; MODEL=smollm2-135m LENGTH=8k CHUNK=8192 SAMPLES=300
 # WINDOWS= EXTRA=quest:ratio=0.875,rerank=8 GRID_LIMIT=150 fastgrid] (plain Quest's interval at gemma3 32K and
-# smollm2 8K); and `cell_specs.py --device cuda --dtype float32` vs bfloat16 on the 7 cells a quarter of the
-# channels loses on the GPU and finds on CPU (single 49; multikey 52, 95, 122, 72; multivalue 167, 168): the bf16
-# model, or the CUDA score's fp16 sums?
+# smollm2 8K); and `cell_specs.py --device cuda --dtype bfloat16`, with and without LONGKV_SPARQ_CUDA=off (the
+# Triton score, fp32 sums), on the cells a quarter of the channels loses on the GPU and finds on CPU in bf16
+# (multikey 52, 95, 122, 72): the CUDA score's fp16 sums, or the GPU's other kernels?
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

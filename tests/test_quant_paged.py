@@ -366,3 +366,20 @@ def test_sparq_cuda_score_matches_reference(G, channels, length, group):
             assert (got[fin] - want[fin]).abs().max() < 2e-2 * (1 + want[fin].abs().max())
     assert any(k[-4] == 1 for k in ks._CUDA)     # the 8/16-byte loads were built and run (the codes are aligned)
     assert any(k[-3] and k[-2] for k in ks._CUDA) and any(k[-1] for k in ks._CUDA)   # choice, weighed; pipelined
+
+
+def test_sparq_cuda_env_switches_the_cuda_score_off_or_names_a_bad_launch():
+    """LONGKV_SPARQ_CUDA=off keeps the Triton score on the GPU too (to tell the CUDA score's fp16 sums from the
+    rest of a GPU run); a malformed launch is an error naming the variable."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import longkv.kernels.quest_sparq as q; print(q.CUDA_OFF, q.CUDA_WPT)"
+    for value, want in (("off", "True 4"), ("2:1:128", "False 2")):
+        out = subprocess.run([sys.executable, "-c", code], env=os.environ | {"LONGKV_SPARQ_CUDA": value},
+                             capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.split() == want.split(), out.stderr
+    out = subprocess.run([sys.executable, "-c", code], env=os.environ | {"LONGKV_SPARQ_CUDA": "fast"},
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "LONGKV_SPARQ_CUDA" in out.stderr and "or off" in out.stderr

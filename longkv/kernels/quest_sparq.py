@@ -170,7 +170,7 @@ _CUDA: dict = {}
 # allow, threads a block, whether a thread's words come by 8/16-byte loads (where aligned), whether the
 # score picks the channels itself when the caller has not (else `prepare` does, one launch more), and
 # whether a block loops over tiles with the next one's loads in flight (PIPE);
-# LONGKV_SPARQ_CUDA=wpt:minb:threads[:vec[:choose[:pipe]]] overrides them (benchmarks)
+# LONGKV_SPARQ_CUDA=wpt:minb:threads[:vec[:choose[:pipe]]] overrides them (benchmarks), or "off"
 LAUNCH_FIELDS = ("wpt", "minb", "threads", "vec", "choose", "pipe")
 
 
@@ -187,10 +187,13 @@ def parse_launch(text: str) -> tuple[int, ...]:
 
 
 _env = os.environ.get("LONGKV_SPARQ_CUDA") or "4:2:256:1:1:0"
+# "off": the Triton score everywhere (fp32 sums), to tell the CUDA score's fp16 sums from the rest of a GPU run
+CUDA_OFF = _env == "off"
 try:
-    CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_CHOOSE, CUDA_PIPE = parse_launch(_env)
+    CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_CHOOSE, CUDA_PIPE = parse_launch(
+        "4:2:256:1:1:0" if CUDA_OFF else _env)
 except ValueError as e:
-    raise ValueError(f"LONGKV_SPARQ_CUDA: {e}") from None
+    raise ValueError(f"LONGKV_SPARQ_CUDA: {e} (or off)") from None
 
 
 def cuda_score_kernel(*, D: int, G: int, R: int, group: int, sink: int, window: int, bf16: bool,
@@ -224,16 +227,16 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
                        weight=None, stack: bool = True, impl: str | None = None, wpt: int | None = None,
                        minb: int | None = None, threads: int | None = None, vec: int | None = None,
                        pipe: int | None = None):
-    """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau), or None: the CUDA score
-    chooses the channels itself, in each block, and elsewhere `prepare` is called here; the reference, on
-    the CPU, picks them itself): → (scores (B, Hkv, MG) for rank=max or lse (B, Hkv, MG, G) for
-    rank=mass, npos (1,) int64). impl: None = the CUDA score (`quest_sparq.cu`) where it applies
-    (`_cuda_ok`), else Triton; "cuda" or "triton" to insist. wpt / minb / threads / vec / pipe: the
-    CUDA launch (None = CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_PIPE; vec only where the codes
-    are aligned for it; pipe 1: as many blocks a row as are resident at once, k > 1: k blocks a row).
-    Triton's: block_p, warps, cvt (the code-to-fp16 conversion, its CVT), stack (groups stacked into one
-    dot, its STACK). weight: the channel weights, read by the channel choice (`prepare`'s, or the CUDA
-    score's with sel=None) and the CPU reference."""
+    """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau), or None: the CUDA score chooses
+    the channels itself, in each block, and elsewhere `prepare` is called here; the reference, on the CPU, picks
+    them itself): → (scores (B, Hkv, MG) for rank=max or lse (B, Hkv, MG, G) for rank=mass, npos (1,) int64).
+    impl: None = the CUDA score (`quest_sparq.cu`) where it applies (`_cuda_ok`; not with
+    LONGKV_SPARQ_CUDA=off), else Triton; "cuda" or "triton" to insist. wpt / minb / threads / vec / pipe: the
+    CUDA launch (None = CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_PIPE; vec only where the codes are
+    aligned for it; pipe 1: as many blocks a row as are resident at once, k > 1: k blocks a row). Triton's:
+    block_p, warps, cvt (the code-to-fp16 conversion, its CVT), stack (groups stacked into one dot, its STACK).
+    weight: the channel weights, read by the channel choice (`prepare`'s, or the CUDA score's with sel=None) and
+    the CPU reference."""
     if not _use_triton(q):
         return ref.sparq_group_scores(q, sk, sz, length, group=group, sink=sink, window=window, channels=channels,
                                       scale=scale, rank=rank, weight=weight)
@@ -243,7 +246,7 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
     mass = rank == "mass"
     out = torch.empty((B, H, MG, G) if mass else (B, H, MG), device=q.device, dtype=torch.float32)
     npos = torch.empty(1, device=q.device, dtype=torch.int64)
-    if impl != "triton" and _cuda_ok(q, sk, sz, group, rank, probe):
+    if (impl == "cuda" or impl is None and not CUDA_OFF) and _cuda_ok(q, sk, sz, group, rank, probe):
         if sel is None and not CUDA_CHOOSE:
             sel = prepare(q, H, channels, weight=weight)
         wpt, minb, threads = min(wpt or CUDA_WPT, group // 8), minb or CUDA_MINB, threads or CUDA_THREADS
