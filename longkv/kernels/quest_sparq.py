@@ -186,12 +186,13 @@ def parse_launch(text: str) -> tuple[int, ...]:
                          "4:2:256:1:1:0") from None
 
 
-_env = os.environ.get("LONGKV_SPARQ_CUDA") or "4:2:256:1:1:0"
+_DEFAULT_LAUNCH = "4:2:256:1:1:0"
+_env = os.environ.get("LONGKV_SPARQ_CUDA") or _DEFAULT_LAUNCH
 # "off": the Triton score everywhere (fp32 sums), to tell the CUDA score's fp16 sums from the rest of a GPU run
 CUDA_OFF = _env == "off"
 try:
     CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_CHOOSE, CUDA_PIPE = parse_launch(
-        "4:2:256:1:1:0" if CUDA_OFF else _env)
+        _DEFAULT_LAUNCH if CUDA_OFF else _env)
 except ValueError as e:
     raise ValueError(f"LONGKV_SPARQ_CUDA: {e} (or off)") from None
 
