@@ -33,8 +33,8 @@
 #   select2   issue 5: the cluster select's second form: the select GPU tests, select_probe.py (8K / 32K-page
 #             rows), and decode 512K (block against cluster select) only where the probe has the cluster faster
 #   fast512   issue 5: decode at 512K (CTX), full next to the fast spec with fp windows 128 and 1,024, each
-#             scored from an eighth and (FAST_EXTRA, on by default) a quarter of the channels, and over 32-token
-#             key groups (kv4:group=32) at an eighth and a quarter (H200)
+#             scored from an eighth and (FAST_EXTRA, on by default) a quarter of the channels (H200); the 32-token
+#             group rows of sparse_decode.py (kv4 g32+...) only by FAST_EXTRA: they lost the 16K grid (session 24)
 #   fastgrid  issue 5: gemma3 RULER-style 32K (LENGTH) in bf16 on the GPU, SAMPLES a cell (24; prefill CHUNK 1024, or
 #             the length for one chunk: ~0.5 s a 16K cell, session 23): full and the fast spec
 #             at fp windows WINDOWS (128 1024; session 21 named them kv4+... and quant:bits=4,window=1024+...)
@@ -268,7 +268,7 @@ P
         --paged-launches ${PAGED:-1:1:16,2:1:8,1:1:0} ;;
     fast512)   # the 3x side by side for the fast spec with the 1,024-token fp window (H200: full fits at 512K)
       bench fast512 480 $PY sparse_decode.py --contexts ${CTX:-512k} --layers 32 --no-breakdown --reps 30 \
-        --only "full,kv4+quest 1/8 sparq weigh,kv4+quest 1/8 sparq weigh w1024${FAST_EXTRA:-,kv4+quest 1/8 sparq 0.25 weigh,kv4+quest 1/8 sparq 0.25 weigh w1024,kv4 g32+quest 1/8 sparq 0.25 weigh,kv4 g32+quest 1/8 sparq weigh}" ;;
+        --only "full,kv4+quest 1/8 sparq weigh,kv4+quest 1/8 sparq weigh w1024${FAST_EXTRA:-,kv4+quest 1/8 sparq 0.25 weigh,kv4+quest 1/8 sparq 0.25 weigh w1024}" ;;
     fastgrid)  # gemma3 (or MODEL) RULER-style (LENGTH, default 32k; 3 tasks) on the GPU in bf16, many samples a cell: full and
                # the fast spec with the 4-bit storage's fp window at WINDOWS tokens (128 1024; the real CUDA path)
       q=quest:ratio=0.875,groups=1,channels=${CHANNELS:-0.125},rank=max,weigh=1   # CHANNELS: the scored share

@@ -78,7 +78,8 @@ def methods(ctx: int) -> list[tuple[str, str]]:
             ("kv4+quest 1/8 sparq 0.25 weigh", f"kv4+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1"),
             ("kv4+quest 1/8 sparq 0.25 weigh w1024",
              f"quant:bits=4,window=1024+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1"),
-            # ... over 32-token key groups (gemma3 16K: 64-token groups lose needles even from the exact logits)
+            # ... over 32-token key groups (they keep needles 64-token groups lose from the exact logits, but
+            # score -2.7 ± 2.5 against -1.5 ± 2.9 on gemma3 16K's 264 cells: BENCHMARKS.md, session 24)
             ("kv4 g32+quest 1/8 sparq 0.25 weigh",
              f"kv4:group=32+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1"),
             ("kv4 g32+quest 1/8 sparq weigh",

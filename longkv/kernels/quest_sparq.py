@@ -172,6 +172,7 @@ _CUDA: dict = {}
 # whether a block loops over tiles with the next one's loads in flight (PIPE);
 # LONGKV_SPARQ_CUDA=wpt:minb:threads[:vec[:choose[:pipe]]] overrides them (benchmarks), or "off"
 LAUNCH_FIELDS = ("wpt", "minb", "threads", "vec", "choose", "pipe")
+_DEFAULT_LAUNCH = "4:2:256:1:1:0"
 
 
 def parse_launch(text: str) -> tuple[int, ...]:
@@ -183,10 +184,9 @@ def parse_launch(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in parts + ["0", "1", "0"][len(parts) - 3:])
     except ValueError:
         raise ValueError(f"CUDA score launch {text!r}: expected wpt:minb:threads[:vec[:choose[:pipe]]], e.g. "
-                         "4:2:256:1:1:0") from None
+                         f"{_DEFAULT_LAUNCH}") from None
 
 
-_DEFAULT_LAUNCH = "4:2:256:1:1:0"
 _env = os.environ.get("LONGKV_SPARQ_CUDA") or _DEFAULT_LAUNCH
 # "off": the Triton score everywhere (fp32 sums), to tell the CUDA score's fp16 sums from the rest of a GPU run
 CUDA_OFF = _env == "off"
