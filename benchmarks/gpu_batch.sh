@@ -284,6 +284,23 @@ P
       echo "$tag: rc $?; $(grep -c . "/tmp/$tag/results.jsonl") cells" >&2
       $PY -m longkv report "/tmp/$tag" > "$OUT/$tag-report.md" 2>&1; tail -n 8 "$OUT/$tag-report.md" >&2
       tar czf "$OUT/$tag.tgz" -C /tmp "$tag" ;;
+    cells)     # the gemma3 16K cells the fast spec (C 1/8) or a quarter of the channels lost on the GPU grid (session 24's
+               # folder), re-run in three settings: the CUDA score and paged kernel (default; full, kv4, C 1/8, C 1/4), the
+               # Triton score (LONGKV_SPARQ_CUDA=off, fp32 sums; C 1/8, C 1/4), and Triton for the 4-bit attention too
+               # (+ LONGKV_QUANT_KERNEL=triton; kv4, C 1/8, C 1/4). CELLS: "task:i,j,..." words; 12 tokens generated
+      q=quest:ratio=0.875,groups=1,rank=max,weigh=1
+      sq="--spec kv4:window=128+$q,channels=0.125 --spec kv4:window=128+$q,channels=0.25"
+      for n in 1 2 3; do
+        case $n in 1) e=; sp="--spec full --spec kv4 $sq" ;; 2) e=LONGKV_SPARQ_CUDA=off; sp=$sq ;;
+                   3) e="LONGKV_SPARQ_CUDA=off LONGKV_QUANT_KERNEL=triton"; sp="--spec kv4 $sq" ;; esac
+        for c in ${CELLS:-niah_multikey_1:0,3,18,21,28,35,42,45,52,72,79,95,122,170,172 \
+                   niah_multivalue:3,8,15,21,26,30,32,35,45,48,50,55,58,64,66,72,96,123,162,167,168 \
+                   niah_single_2:9,13,18,25,27,29,49,62,81,104}; do
+          idx=${c#*:}
+          bench "cells$n-${c%%:*}" "${CELL_LIMIT:-150}" env $e $PY cell_specs.py --model gemma3-270m --task "${c%%:*}" \
+            --length 16k --chunk 16384 --device cuda --dtype bfloat16 $(printf -- '--index %s ' ${idx//,/ }) $sp
+        done
+      done ;;
     diag512)   # ncu of the 1/8 sparq row's kernels (layers 2-3 are sparse), then the report as text
       (cd benchmarks && timeout 400 ncu --clock-control none -k 'regex:kivi_attn|page_select|sparq_score|kivi_merge' \
          -c ${NCU_COUNT:-12} --section SpeedOfLight --section Occupancy --section LaunchStats \

@@ -37,43 +37,26 @@ range a token and no outliers (the CUDA kernel's layout); elsewhere the same ste
 bound (Ribar et al., arXiv 2312.04985; `kernels/quest_sparq.py`): every token's logit is estimated from
 the F·D channels where the query group's |q| is largest (at least 16, or all D: the score's dot reads 16
 anyway), read from a channel-major copy of the key codes (+1/8 of bf16 keys' bytes, written as groups
-flush), and a group ranks by its largest estimate (`rank=max`) or its attention mass (`rank=mass`). On
-smollm2-135m at 8x, rank=max finds the NIAH needles the bound loses (9/10 = full's); its RULER-style
-multi-key/multi-value tasks need 16 of its 64 channels (79.2 = full's mean over 4K/8K; 8 channels scored
-37.5, hence the floor). A sparse layer is 5 launches, as with the bound: the append + flush also writes
-a flushed group into the copy (`sketch=`), and the CUDA score (rank=max) picks the channels in each of
-its blocks; elsewhere `prepare` picks them first (6). H200, 8B shape, 512K, channels=0.125,weigh=1:
-2.96x full's decode speed at 1/8, 3.25x at 1/32 (the bound alone: 3.04x in the same run; session 17);
-3.07-3.08x at 1/8 in session 19's two calls with the paged kernel's register cap (`quant_cuda.PAGED_MINB`),
-against a slower full (21.44 ms there, 20.3-20.8 in session 17's). BENCHMARKS.md, issue 5.
+flush), and a group ranks by its largest estimate (`rank=max`) or its attention mass (`rank=mass`).
+A sparse layer is 5 launches, as with the bound: the append + flush also writes a flushed group into the
+copy (`sketch=`), and the CUDA score (rank=max) picks the channels in each of its blocks; elsewhere
+`prepare` picks them first (6).
 
 `weigh=1` (with channels=F): the channels are chosen by Σ_g |q_g| times the keys' root mean square along
 each channel (Σ k² of the prompt's first `fit` post-RoPE keys, summed as prefill chunks arrive), so a
 channel counts for what it can add to q·k rather than for the query alone (the same copy and score; the
-choice and SparQ's share change). On gemma3-270m, whose q/k RMSNorm leaves |q| spread over its 256
-channels, |q| alone misses needles that the weighted choice finds (BENCHMARKS.md, issue 5, session 15).
+choice and SparQ's share change). gemma3-270m's q/k RMSNorm leaves |q| spread over its 256 channels, and
+|q| alone misses needles there that the weighted choice finds.
 
-The storage's full-precision window (`quant:window`, 128 in kv4) holds the prompt's last tokens, the
-question and the answer template among them. On gemma3-270m at 32K those tokens at 4 bits cost RULER-style
-cells (a formatting token's margin +0.32 → +0.02), and `kv4:window=1024+quest:ratio=0.875,groups=1,
-channels=0.125,rank=max,weigh=1` wins them back: 43.1 against full's 41.8 in bf16 on an H100 (20 samples a
-cell; the 128-token window 37.6), though -2.8 in fp32 on CPU (12 samples; two multivalue cells lost in both
-precisions). Decode at 512K is 0.4-0.5 % slower than with 128 (8B shape). But the window counts toward the
-budget: at 16K and 8x, 1,024 of the 2,048 tokens read leave 15 groups to select instead of 29, and a
-multi-key needle's group goes unselected (first digit's margin -0.81; +1.07 with window 512 or 128, though
-512 lost that cell at a near-tie digit of the 4-bit storage itself). So
-the 1,024-token window is for prompts of 32K and more; below, kv4's 128 (smollm2 4K/8K equalled full). At
-gemma3 16K, over 36 cells in bf16 (session 22), the 128 window is -4.2 ± 11.5 points against full and
-512 / 1,024 -6.9 / -6.2: every grid measured is that wide, so these orders are point estimates inside the
-noise (`longkv report`'s "vs full"). Below ~8K tokens at 8x even 1,024 is the whole budget (the stats say
-so). Over 264 paired cells (gemma3 16K, bf16, one-chunk prefill, session 23) the 128 window with
-channels=0.125 is -6.7 ± 3.8 points: an eighth of gemma3's 256 channels misses needles whose groups a quarter
-finds (CPU: 11 of 14 lost cells tried; the other 3 are lost by 8x selection of 64-token groups even from the
-exact logits). Over 528 cells (session 24) channels=0.25 is -1.8 ± 1.8 points, so on head dim 256 use it;
-plain `quest:ratio=0.875,rerank=8` is -0.6 ± 1.2 there. 32-token groups (`kv4:group=32+quest:...`) keep those
-3 cells but lose others: -2.7 ± 2.5 over 264 cells, against -1.5 ± 2.9 for 64-token groups on the same cells.
-A quarter of the channels costs 15 µs a layer on the 8B shape at 512K (2.77x of full against the eighth's
-2.96x, H200). BENCHMARKS.md, issue 5, sessions 21-24.
+The storage's full-precision window (`quant:window`, 128 in kv4) holds the prompt's last tokens (the
+question and the answer template among them) and counts toward the budget: at 16K and 8x a 1,024-token
+window leaves half the groups to select. So a larger window is for prompts of 32K and more.
+
+Where it stands (BENCHMARKS.md, issue 5, "Where Quest stands" and sessions 13-24): on the 8B shape at
+512K and 1/8, `kv4+quest:ratio=0.875,groups=1,channels=0.125,rank=max,weigh=1` decodes at 2.96-3.08x of
+full (H200, side by side) and `channels=0.25` at 2.77x; on gemma3-270m (head dim 256) at 16K and 8x,
+over 528 paired cells, `channels=0.25` is -1.8 ± 1.8 points against full, `channels=0.125` -6.7 ± 3.8
+(264 cells), and plain `quest:ratio=0.875,rerank=8` -0.6 ± 1.2. So on head dim 256 use a quarter.
 
 `nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy
 (and with weigh=1 the per-channel sums and weights).
