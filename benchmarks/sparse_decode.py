@@ -76,6 +76,14 @@ def methods(ctx: int) -> list[tuple[str, str]]:
              f"quant:bits=4,window=1024+quest:budget={b8},groups=1,channels=0.125,rank=max,weigh=1"),
             # ... scored from a quarter of the channels (gemma3 32K multivalue: 32 of 256 miss a needle's group)
             ("kv4+quest 1/8 sparq 0.25 weigh", f"kv4+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1"),
+            # ... choosing the groups every 2 / 4 decode steps and reading the same ones in between (every=K,
+            # LServe's reusable page selector): decode_ms is the mean over K consecutive positions
+            ("kv4+quest 1/8 sparq 0.25 weigh every2",
+             f"kv4+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1,every=2"),
+            ("kv4+quest 1/8 sparq 0.25 weigh every4",
+             f"kv4+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1,every=4"),
+            ("kv4+quest 1/8 sparq weigh every4",
+             f"kv4+quest:budget={b8},groups=1,channels=0.125,rank=max,weigh=1,every=4"),
             ("kv4+quest 1/8 sparq 0.25 weigh w1024",
              f"quant:bits=4,window=1024+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1"),
             # ... over 32-token key groups (they keep needles 64-token groups lose from the exact logits, but
@@ -319,13 +327,16 @@ def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32
 @torch.inference_mode()
 def decode_time(model, cache, dev, reps: int, profile: str | None = None) -> float:
     """ms per whole-model decode step (CUDA graph on CUDA, eager on CPU); positions do not advance,
-    so every replay does the same work (the step rewrites the same slot). profile: a label to print the
+    so every replay does the same work (the step rewrites the same slot). A cache that chooses its pages
+    every K steps (quest's every=K) is timed at the K positions after the fill, reps replays each, and the mean
+    taken: one step that chooses and K - 1 that keep their table. profile: a label to print the
     step's kernels under (torch.profiler over graph replays, by cost)."""
     tok = torch.zeros(1, dtype=torch.long, device=dev)
+    every = getattr(cache, "every", 1)
     if dev.type == "cuda":
         from longkv.engine.graph import GraphStep
         graph = GraphStep(model, cache, batch=1)
-        ms = timed(lambda: graph(tok, cache.length), reps, dev)
+        ms = sum(timed(lambda j=j: graph(tok, cache.length + j), reps, dev) for j in range(every)) / every
         if profile:
             busy, kernels = kernel_profile(lambda: graph(tok, cache.length), top=30)
             print(f"# {profile}: step {ms * 1e3:.1f} us, kernels {busy} us, gaps {ms * 1e3 - busy:.1f} us")

@@ -364,8 +364,42 @@ def test_sparq_cuda_score_matches_reference(G, channels, length, group):
             fin = torch.isfinite(want)
             assert torch.equal(gpos, wpos) and torch.equal(fin, torch.isfinite(got)) and fin.any()
             assert (got[fin] - want[fin]).abs().max() < 2e-2 * (1 + want[fin].abs().max())
-    assert any(k[-4] == 1 for k in ks._CUDA)     # the 8/16-byte loads were built and run (the codes are aligned)
-    assert any(k[-3] and k[-2] for k in ks._CUDA) and any(k[-1] for k in ks._CUDA)   # choice, weighed; pipelined
+    assert any(k[-5] == 1 for k in ks._CUDA)     # the 8/16-byte loads were built and run (the codes are aligned)
+    assert any(k[-4] and k[-3] for k in ks._CUDA) and any(k[-2] for k in ks._CUDA)   # choice, weighed; pipelined
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the gated CUDA score and select run on a GPU only")
+def test_gated_cuda_score_and_select_keep_the_table_between_refreshes():
+    """quest's every=K on the GPU: on the steps that choose afresh the gated CUDA score equals the ungated one;
+    the gated block select keeps its table on the others, and the table so kept equals the where-based
+    fallback's (the Triton select) step by step."""
+    from longkv.kernels import page_select as ps
+    from longkv.kernels import quest_sparq as ks
+
+    B, H, G, group, sink, window, length, every = 1, 2, 4, 64, 4, 24, 5000, 3
+    kq, sk, sz = _sketched(B, H, length + 8, group=group, sink=sink, window=window, seed=13)
+    ref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], sk, sz, 0, kq["scale"].shape[2], group=group)
+    q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(14)).to(torch.bfloat16).cuda()
+    kw = dict(group=group, sink=sink, window=window, channels=16, scale=D ** -0.5, rank="max")
+    sk, sz = sk.cuda(), sz.cuda()
+    p0 = torch.tensor([length - 1], device="cuda")
+    K = 10
+    tabs = {m: (torch.zeros(B * H, K, dtype=torch.int32, device="cuda"),
+                torch.zeros(B * H, dtype=torch.int32, device="cuda")) for m in ("block", "bisect")}
+    for step in range(7):
+        n = torch.tensor([length + step], device="cuda")
+        gate = (n, p0, every)
+        want, wpos = ks.sparq_group_scores(q, sk, sz, n, None, impl="cuda", **kw)
+        out, npos = ks.sparq_group_scores(q, sk, sz, n, None, impl="cuda", gate=gate, **kw)
+        if step % every == 0:
+            assert torch.equal(out, want) and torch.equal(npos, wpos)
+        for m, o in tabs.items():
+            before = o[0].clone()
+            ps.select_pages(want, K, wpos, page=group, row_pages=want.shape[-1], method=m, out=o, gate=gate)
+            if step % every:
+                assert torch.equal(o[0], before), (m, step)
+        assert torch.equal(tabs["block"][0], tabs["bisect"][0]) and torch.equal(tabs["block"][1], tabs["bisect"][1])
+    assert any(k[-1] == every for k in ks._CUDA) and any(k[-1] == every for k in ps._BLOCK)
 
 
 def test_sparq_cuda_env_switches_the_cuda_score_off_or_names_a_bad_launch():

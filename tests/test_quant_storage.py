@@ -385,3 +385,34 @@ def test_quest_channels_weighed_by_the_keys_rms(tiny):
 def test_quest_channels_refuses_what_it_cannot_read(tiny, spec, msg):
     with pytest.raises(UserError, match=msg):
         build(tiny, spec)
+
+
+def test_quest_every_k_steps_keeps_its_table_in_between(tiny):
+    """every=K (LServe's reusable page selector): the groups read are chosen on the first decode step after the
+    prompt and every K-th after it, and the same table is read in between; every=1 is the default; nbytes
+    counts the kept tables; the device-only step decodes what the eager one does."""
+    base = f"{KV4G}+{GROUPS},budget=40,channels=0.25,rank=max"
+    assert run(tiny, f"{base},every=1")[1] == run(tiny, base)[1]
+    kv = build(tiny, f"{base},every=3")
+    logits = prefill(tiny, kv, ids(), chunk=16)
+    assert int(kv.p0) == 60
+    toks, tabs = [int(logits.argmax(-1))], []
+    with torch.inference_mode():
+        for _ in range(9):
+            out = tiny(torch.tensor([[toks[-1]]]), tiny.make_step(torch.tensor([kv.length]), None), kv)[:, -1]
+            kv.advance(1)
+            toks.append(int(out.argmax(-1)))
+            tabs.append([(kv.tab[i].clone(), kv.tabn[i].clone()) for i in range(2)])
+    same = lambda a, b: all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    for i in range(1, 9):                       # steps 0, 3, 6 choose; 1-2, 4-5, 7-8 keep the table
+        if i % 3:
+            assert same(tabs[i], tabs[i - 1]), i
+    assert not all(same(tabs[i], tabs[i - 1]) for i in (3, 6))      # and a fresh choice does change it
+    assert toks[:2] == run(tiny, base, new=2)[1]                     # the first decode step chooses as every=1
+    assert kv.nbytes() == tensor_bytes(kv) == run(tiny, base)[2].nbytes() + sum(
+        t.numel() * t.element_size() for t in kv.tab + kv.tabn + [kv.p0])
+    assert graph_greedy(tiny, f"{base},every=3", 10) == toks
+    for bad, msg in ((f"{base},every=0", "every=0"), (f"{KV4G}+quest:every=2", "groups=1"),
+                     ("quest:every=2", "packed storage")):
+        with pytest.raises(UserError, match=msg):
+            build(tiny, bad)

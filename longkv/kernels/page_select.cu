@@ -115,10 +115,22 @@ __device__ __forceinline__ void load_keys(const float* row, int base, int npages
    a radix select, 8 bits a pass from the top, each pass one shared-memory histogram of the keys that
    still match the digits chosen so far; the keys stay in registers (thread t holds pages t·RK ..), so
    the table is written with two block-wide prefix sums. Rows up to RK·NT pages (`page_select.py`). */
+/* EVERY > 1 (quest's every=K): two more arguments, Len (tokens held, this one included) and P0 (the first decode
+   step's position); the kernel returns at once, leaving Table and Nsel as they are, unless this step is P0's or
+   the K-th after one (page_select.py: refresh) */
+#if defined(EVERY) && EVERY > 1
+#define GATE_ARGS , const i64* __restrict__ Len, const i64* __restrict__ P0
+#define KEEP_TABLE ((Len[0] - 1 - P0[0]) % EVERY != 0)
+#else
+#define GATE_ARGS
+#define KEEP_TABLE false
+#endif
+
 extern "C" __global__ void __launch_bounds__(NT) page_select(const float* __restrict__ S, const i64* __restrict__ Pos,
                                                              int* __restrict__ Table, int* __restrict__ Nsel,
                                                              int* __restrict__ Last, int MP, int K, int PAGE,
-                                                             int row_pages, int stab) {
+                                                             int row_pages, int stab GATE_ARGS) {
+  if (KEEP_TABLE) return;
   __shared__ u32 hist[256];
   __shared__ u32 chosen[3];
   __shared__ int wsum[NW];

@@ -172,16 +172,17 @@ SELECT_METHOD = "block"  # the GPU default for rows the CUDA selects hold: "bloc
 _BLOCK: dict = {}
 
 
-def block_kernel(agg: int | None = None, rk: int = 16, early: int | None = None):
+def block_kernel(agg: int | None = None, rk: int = 16, early: int | None = None, every: int = 1):
     """The "block" select (`page_select.cu`: one 1024-thread block a row, a radix select with shared-memory
     histograms, then the table from two block-wide prefix sums), compiled once by NVRTC; None where it
     cannot be built. agg: how the histogram's atomics are combined (the source's AGG; None = its default);
     rk: keys a thread holds (rows up to 1024·rk pages); early: end the radix passes once every key left
-    is taken (the source's EARLY; None = its default)."""
-    key = (agg, rk, early)
+    is taken (the source's EARLY; None = its default); every > 1: the kernel takes two more arguments (the
+    tokens held and the first decode step's position) and returns at once unless this step chooses afresh."""
+    key = (agg, rk, early, every)
     if key not in _BLOCK:
-        _BLOCK[key] = build(dict(AGG=agg, RK=rk, EARLY=early), ("page_select.cu",), "page_select",
-                            "CUDA page select", "the Triton select")
+        _BLOCK[key] = build(dict(AGG=agg, RK=rk, EARLY=early, EVERY=every if every > 1 else None),
+                            ("page_select.cu",), "page_select", "CUDA page select", "the Triton select")
     return _BLOCK[key]
 
 
@@ -209,8 +210,34 @@ def _cluster_keys(MP: int, ct: int) -> int:
     return next((r for r in (1, 2, 4, 8, 16) if CLUSTER * ct * r >= MP), 0)
 
 
+def _block(scores, k: int, pos, page: int, row_pages: int, table, nsel, last, gate=None) -> bool:
+    """The block select into (table, nsel, last) where it applies (a CUDA GPU, rows up to BLOCK_ROW pages,
+    NVRTC); gate (n, p0, every > 1): the kernel returns at once on the steps that keep their table. False:
+    not launched."""
+    B, Hkv, MP = scores.shape
+    if not (scores.is_cuda and MP <= BLOCK_ROW and scores.is_contiguous() and scores.dtype == torch.float32):
+        return False
+    every = gate[2] if gate is not None else 1
+    kern = block_kernel(rk=8 if MP <= BLOCK_ROW // 2 else 16, early=BLOCK_EARLY, every=every)  # 8 keys a thread
+    if kern is None:                                                           # where the row fits: half the work
+        return False
+    extra = [_pos(gate[0], scores.device).long(), gate[1]] if every > 1 else []
+    kern(grid=(B * Hkv, 1, 1), block=(1024, 1, 1),
+         args=[scores, _pos(pos, scores.device).long(), table, nsel, last, MP, k, page, row_pages, table.stride(0),
+               *extra])
+    return True
+
+
+def refresh(gate) -> torch.Tensor:
+    """gate = (n, p0, every): whether this decode step chooses its pages afresh, (1,) bool on n's device: n the
+    tokens held (this one included), p0 the first decode step's position; afresh on that step and every
+    `every`-th after it."""
+    n, p0, every = gate
+    return (_pos(n, p0.device) - 1 - p0) % every == 0
+
+
 def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str | None = None,
-                 seg: int | None = None):
+                 seg: int | None = None, out=None, gate=None):
     """See `sparse_reference.select_pages` (no sort, no top-k): → table (B·Hkv, k) int32, nsel
     (B·Hkv,) int32, last (B·Hkv,) int32. `method`: "block" (CUDA, one thread block a row, one launch;
     the default on a GPU where NVRTC builds it), "cluster" (CUDA on sm_90+, a row over a cluster of
@@ -220,7 +247,23 @@ def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str 
     default there) or "multi" (a radix select over row segments of `seg` pages, 6 launches; the
     default for longer rows). Measured on the H200, Llama-3-8B shape (8 rows): at 128K multi 24 µs
     vs bisection 42 µs; at 512K multi 27 µs vs 182 µs for the one-program-a-row radix select it
-    replaced."""
+    replaced.
+    out = (table, nsel): write into these and return them (with `last`); gate = (n, p0, every) with out: only on
+    the steps `refresh(gate)` names; on the others out keeps the table it holds (the block select then returns
+    at once; elsewhere the fresh table is computed and not taken)."""
+    if out is not None:
+        table, nsel = out
+        if gate is not None and gate[2] > 1:
+            last = torch.empty_like(nsel)
+            if method in (None, "block") and _block(scores, k, pos, page, row_pages, table, nsel, last, gate):
+                return table, nsel, last
+            t, c, last = select_pages(scores, k, pos, page=page, row_pages=row_pages, method=method, seg=seg)
+            fresh = refresh(gate)
+            table.copy_(torch.where(fresh, t, table)), nsel.copy_(torch.where(fresh, c, nsel))
+        else:
+            t, c, last = select_pages(scores, k, pos, page=page, row_pages=row_pages, method=method, seg=seg)
+            table.copy_(t), nsel.copy_(c)
+        return table, nsel, last
     if not _use_triton(scores):
         return ref.select_pages(scores, k, pos, page=page, row_pages=row_pages)
     B, Hkv, MP = scores.shape
@@ -241,12 +284,7 @@ def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str 
         if method == "cluster":
             raise ValueError(f"the cluster select needs an sm_90+ CUDA GPU with NVRTC and rows of at most "
                              f"{CLUSTER * CLUSTER_CT * 16} pages")
-    rk = 8 if MP <= BLOCK_ROW // 2 else 16     # 8 keys a thread where the row fits: half the serial work
-    on = method in (None, "block") and scores.is_cuda and MP <= BLOCK_ROW
-    kern = block_kernel(rk=rk, early=BLOCK_EARLY) if on else None
-    if kern is not None:
-        kern(grid=(BH, 1, 1), block=(1024, 1, 1),
-             args=[scores, pos.long(), table, nsel, last, MP, k, page, row_pages, table.stride(0)])
+    if method in (None, "block") and _block(scores, k, pos, page, row_pages, table, nsel, last):
         return table, nsel, last
     if method == "block":
         raise ValueError(f"the block select needs a CUDA GPU with NVRTC and rows of at most {BLOCK_ROW} pages")

@@ -1,7 +1,7 @@
 // SparQ group scores (rank=max) from the channel-major 4-bit key copy: the CUDA source of
 // `quest_sparq.py`'s "cuda" score (see there). Compiled by NVRTC through torch.cuda._compile_kernel with a
 // block of #defines in front (D, G, R, GROUP, SINK, WINDOW, QBF16, NT, WPT, MINB, VEC, CHOOSE,
-// WEIGH, PIPE), then ptx.cuh.
+// WEIGH, PIPE, EVERY), then ptx.cuh.
 //
 // WPG / WPT threads a key group (WPT 32-bit words each: 8 codes of one channel, 8 tokens, a word), the R
 // chosen channels in a loop. A word's nibbles become four fp16 pairs by one LOP3 each (0x6400 | c is the
@@ -106,10 +106,19 @@ __device__ __forceinline__ float score_group(const u32 (&wv)[R][WPT], const u32 
    ranked by counting (ties: the lower channel), as `quant_reference.sparq_channels`. S (B·Hkv, MG): each
    quantized group's largest estimated logit over its tokens and the row's queries, times scale and tau;
    -inf past the npos groups held; NPos = nqg · GROUP - 1. */
+#if defined(EVERY) && EVERY > 1   /* quest's every=K: P0, the first decode step's position; the score runs on that
+                                    step and every K-th after it (as the select, page_select.cu), else returns */
+#define GATE_ARGS , const i64* __restrict__ P0
+#define KEEP_TABLE ((Len[0] - 1 - P0[0]) % EVERY != 0)
+#else
+#define GATE_ARGS
+#define KEEP_TABLE false
+#endif
 extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
     const u16* __restrict__ Q, const unsigned char* __restrict__ SK, const u32* __restrict__ SZ,
     const i64* __restrict__ Len, const int* __restrict__ IDX, const float* __restrict__ TAU, float* __restrict__ S,
-    i64* __restrict__ NPos, int CAPH, int MG, double scale_d, int TS, const float* __restrict__ W) {
+    i64* __restrict__ NPos, int CAPH, int MG, double scale_d, int TS, const float* __restrict__ W GATE_ARGS) {
+  if (KEEP_TABLE) return;
   const float scale = (float)scale_d;   /* torch passes a Python float as a double */
   const int bh = blockIdx.y;
   const int lane = threadIdx.x % TPG;

@@ -199,14 +199,17 @@ except ValueError as e:
 
 def cuda_score_kernel(*, D: int, G: int, R: int, group: int, sink: int, window: int, bf16: bool,
                       threads: int = CUDA_THREADS, wpt: int = CUDA_WPT, minb: int = CUDA_MINB, vec: int = 0,
-                      choose: bool = False, weigh: bool = False, pipe: bool = False):
+                      choose: bool = False, weigh: bool = False, pipe: bool = False, every: int = 1):
     """The CUDA score (`quest_sparq.cu`, rank=max) for one layout, built by NVRTC once; None where it
-    cannot be (no NVRTC, or it refused the source: a warning says why, and the Triton score is used)."""
-    key = (D, G, R, group, sink, window, bf16, threads, wpt, minb, vec, choose, weigh, pipe)
+    cannot be (no NVRTC, or it refused the source: a warning says why, and the Triton score is used).
+    every > 1: one more argument (the first decode step's position) and the score runs only on the steps
+    that choose afresh (`page_select.refresh`)."""
+    key = (D, G, R, group, sink, window, bf16, threads, wpt, minb, vec, choose, weigh, pipe, every)
     if key not in _CUDA:
         _CUDA[key] = build(dict(D=D, G=G, R=R, GROUP=group, SINK=sink, WINDOW=window, QBF16=int(bf16), NT=threads,
                                 WPT=wpt, MINB=minb, VEC=vec, CHOOSE=int(choose), WEIGH=int(weigh),
-                                PIPE=int(pipe)), ("ptx.cuh", "quest_sparq.cu"), "sparq_score",
+                                PIPE=int(pipe), EVERY=every if every > 1 else None),
+                           ("ptx.cuh", "quest_sparq.cu"), "sparq_score",
                            "CUDA SparQ score", "the Triton score")
     return _CUDA[key]
 
@@ -227,7 +230,7 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
                        rank: str = "max", block_p: int = 8, warps: int = 2, cvt: int = 0, probe: int = 0,
                        weight=None, stack: bool = True, impl: str | None = None, wpt: int | None = None,
                        minb: int | None = None, threads: int | None = None, vec: int | None = None,
-                       pipe: int | None = None):
+                       pipe: int | None = None, gate=None):
     """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau), or None: the CUDA score chooses
     the channels itself, in each block, and elsewhere `prepare` is called here; the reference, on the CPU, picks
     them itself): → (scores (B, Hkv, MG) for rank=max or lse (B, Hkv, MG, G) for rank=mass, npos (1,) int64).
@@ -237,7 +240,9 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
     aligned for it; pipe 1: as many blocks a row as are resident at once, k > 1: k blocks a row). Triton's:
     block_p, warps, cvt (the code-to-fp16 conversion, its CVT), stack (groups stacked into one dot, its STACK).
     weight: the channel weights, read by the channel choice (`prepare`'s, or the CUDA score's with sel=None) and
-    the CPU reference."""
+    the CPU reference. gate = (n, p0, every) (quest's every=K, `page_select.refresh`): the CUDA score returns at
+    once on the steps that keep their table (the scores are then not written: the gated select does not read
+    them); elsewhere it scores every step."""
     if not _use_triton(q):
         return ref.sparq_group_scores(q, sk, sz, length, group=group, sink=sink, window=window, channels=channels,
                                       scale=scale, rank=rank, weight=weight)
@@ -255,9 +260,11 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
         vec = int(bool(CUDA_VEC if vec is None else vec) and wpt > 1 and sk.data_ptr() % align == 0
                   and sk.shape[-1] % align == 0)
         pipe = CUDA_PIPE if pipe is None else pipe
+        every = gate[2] if gate is not None else 1
         kern = cuda_score_kernel(D=D, G=G, R=channels, group=group, sink=sink, window=window,
                                  bf16=q.dtype == torch.bfloat16, wpt=wpt, minb=minb, threads=threads, vec=vec,
-                                 choose=sel is None, weigh=sel is None and weight is not None, pipe=pipe > 0)
+                                 choose=sel is None, weigh=sel is None and weight is not None, pipe=pipe > 0,
+                                 every=every)
         if kern is not None:
             gpb = threads // (group // 8 // wpt)
             nb = triton.cdiv(MG, gpb)           # blocks a row (PIPE: as many as are resident at once, looping)
@@ -267,7 +274,7 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
             w = weight.float().contiguous() if sel is None and weight is not None else out   # out: not read
             kern(grid=(nb, B * H, 1), block=(threads, 1, 1),
                  args=[q.contiguous(), sk, sz, _pos(length, q.device).long(), idx, tau, out, npos, int(sk.shape[-1]),
-                       int(MG), float(scale), int(tau.shape[-1]), w])
+                       int(MG), float(scale), int(tau.shape[-1]), w, *([gate[1]] if every > 1 else [])])
             return out, npos
     if impl == "cuda":
         raise ValueError("the CUDA SparQ score needs rank=max, a CUDA GPU with NVRTC, fp16/bf16 queries and "

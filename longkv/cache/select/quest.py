@@ -77,7 +77,10 @@ from ..registry import register
                   "fit": (int, 8192, "weigh: the prompt tokens whose keys give the channel weights (the first "
                                      "`fit`)"),
                   "weigh": (bool, False, "channels=F: choose the channels by |q| times the keys' root mean square "
-                                         "along each (over the prompt's first `fit` keys) instead of |q| alone")},
+                                         "along each (over the prompt's first `fit` keys) instead of |q| alone"),
+                  "every": (int, 1, "with groups=1: score and select the groups every `every` decode steps and "
+                                    "read the same ones in between (LServe's reusable page selector, interval 4 "
+                                    "there); 1 = every step")},
           composes=("full", "quant"))
 class QuestCache(FullCache):
     role = "select"
@@ -90,10 +93,10 @@ class QuestCache(FullCache):
 
     def __init__(self, specs, *, batch, capacity, device, dtype, ratio=None, budget=None, page=16, recent=2,
                  dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False, channels=0.0, fit=8192, weigh=False,
-                 storage=None):
-        if groups or channels or weigh:
-            raise UserError("quest: groups=1 (and channels) read the key groups of a packed storage; put one "
-                            "under it (e.g. kv4+quest:groups=1) or drop them")
+                 every=1, storage=None):
+        if groups or channels or weigh or every != 1:
+            raise UserError("quest: groups=1 (and channels, every) read the key groups of a packed storage; put "
+                            "one under it (e.g. kv4+quest:groups=1) or drop them")
         P = self._check_page(page)
         super().__init__(specs, batch=batch, capacity=P * math.ceil(capacity / P), device=device, dtype=dtype)
         self.capacity = capacity

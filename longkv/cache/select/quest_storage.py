@@ -87,7 +87,7 @@ MIN_CHANNELS = 16   # channels=F reads at least this many channels (or all D)
 class QuestStorageCache(QuestCache):
     def __init__(self, specs, *, batch, capacity, device, dtype, storage, ratio=None, budget=None, page=16,
                  recent=2, dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False, channels=0.0, fit=8192,
-                 weigh=False):
+                 weigh=False, every=1):
         if rerank:
             raise UserError(f"quest: rerank={rerank} needs the full-precision storage (its page codes are "
                             f"written from full-precision keys); drop rerank or {storage[0]}")
@@ -115,6 +115,9 @@ class QuestStorageCache(QuestCache):
             raise UserError(f"quest: channels={channels} must be a fraction of the head dim in (0, 1]")
         if weigh and not channels:
             raise UserError("quest: weigh=1 weighs the channel choice of channels=F; add channels or drop weigh")
+        if every < 1 or every > 1 and not groups:
+            raise UserError(f"quest: every={every} must be >= 1, and above 1 it needs groups=1 (the key groups' "
+                            f"select is the one reused)")
         if fit < 1:
             raise UserError(f"quest: fit={fit} (the prompt tokens weigh's channel weights come from) must be >= 1")
         self._pages(specs, batch, device, dtype, ratio, budget, P, recent, dense_layers, 0, 0, rank,
@@ -134,6 +137,14 @@ class QuestStorageCache(QuestCache):
         # (at least MIN_CHANNELS: the score's dot reads 16 channels anyway, and 8 of smollm2's 64 lose needles)
         self.channels = [min(s.head_dim, max(MIN_CHANNELS, math.ceil(channels * s.head_dim))) if channels else 0
                          for s in specs]
+        # every=K: the table of groups read is chosen on the first decode step after a prompt and every K-th
+        # after it, and kept in between (per layer: table and count; p0 = the first decode step's position)
+        self.every = int(every)
+        self.p0 = torch.zeros(1, device=device, dtype=torch.long) if self.every > 1 else None
+        self.tab = [torch.zeros(batch * s.num_kv_heads, self.k_pages, device=device, dtype=torch.int32)
+                    if self.every > 1 and self._sparse(i) else None for i, s in enumerate(specs)]
+        self.tabn = [torch.zeros(batch * s.num_kv_heads, device=device, dtype=torch.int32)
+                     if t is not None else None for s, t in zip(specs, self.tab)]
         self.fit, self.fitted = int(fit), [0] * len(specs)
         self.sketch, self.sz, self.ksq, self.wch = [], [], [], []
         for i, s in enumerate(specs):
@@ -154,7 +165,7 @@ class QuestStorageCache(QuestCache):
         return not self.dense[layer] and self.k_pages < self.store.kq[layer]["scale"].shape[2]
 
     def nbytes(self) -> int:
-        extra = self.pmin + self.pmax + self.sketch + self.sz + self.ksq + self.wch
+        extra = self.pmin + self.pmax + self.sketch + self.sz + self.ksq + self.wch + self.tab + self.tabn + [self.p0]
         return (self.store.nbytes() + (self.local.nbytes() if self.local else 0)
                 + sum(t.numel() * t.element_size() for t in extra if t is not None))
 
@@ -171,6 +182,8 @@ class QuestStorageCache(QuestCache):
         if layer in self.win:
             return self.local.append(self.win[layer], k, v, step)
         cos, sin = step.rope[self.specs[layer].rope_index]
+        if self.p0 is not None:
+            self.p0.fill_(end)      # every=K: the next decode step chooses its groups afresh
         g0 = self.store.nq(step.start) // self.P
         self.store.write(layer, k, v, pos=step.pos, cos=cos, sin=sin, slot=step.start)
         if self.groups and self.sketch[layer] is not None:
@@ -205,14 +218,20 @@ class QuestStorageCache(QuestCache):
             if sketch is not None:   # SparQ estimates from R channels (kernels/quest_sparq.py); the write
                 R = self.channels[layer]   # above put a flushed group into the channel-major copy
                 scores, npos = sparq_group_scores(q, *sketch, n, None, group=P, sink=st.S, window=st.W, channels=R,
-                                                  scale=s.scale, rank=self.rank, weight=self.wch[layer])
+                                                  scale=s.scale, rank=self.rank, weight=self.wch[layer],
+                                                  gate=(n, self.p0, self.every) if self.every > 1 else None)
                 if self.rank == "mass":
                     scores = kq.page_mass(scores, None, pos=npos, page=P, sink=0, recent=0)
             else:
                 scores, npos = kq.group_scores(q, kd["scale"], kd["zero"], n, bits=st.bits, group=P, sink=st.S,
                                                window=st.W)
             MG = kd["scale"].shape[2]
-            table, nsel, _ = kq.select_pages(scores, self.k_pages, npos, page=P, row_pages=MG)
+            if self.tab[layer] is None:
+                table, nsel, _ = kq.select_pages(scores, self.k_pages, npos, page=P, row_pages=MG)
+            else:   # every=K: a fresh table only on the K-th steps (in place; kept in between)
+                table, nsel = self.tab[layer], self.tabn[layer]
+                kq.select_pages(scores, self.k_pages, npos, page=P, row_pages=MG, out=(table, nsel),
+                                gate=(n, self.p0, self.every))
             return quant_group_attention(q, kd, vd, st.kf[layer], st.vf[layer], n, table, nsel, row_pages=MG,
                                          bits=st.bits, group=P, vgroup=st._vg(layer), sink=st.S, window=st.W,
                                          scale=s.scale)
