@@ -35,6 +35,11 @@
 #   fast512   issue 5: decode at 512K (CTX), full next to the fast spec with fp windows 128 and 1,024, each
 #             scored from an eighth and (FAST_EXTRA, on by default) a quarter of the channels (H200); the 32-token
 #             group rows of sparse_decode.py (kv4 g32+...) only by FAST_EXTRA: they lost the 16K grid (session 24)
+#   every512  issue 5: quest every=K (groups chosen every K decode steps, LServe's reusable page selector): the gated
+#             kernels' GPU tests, then decode at 512K (CTX; H200): full, a quarter of the channels every 1/2/4 steps,
+#             the eighth every 4 (each every=K row the mean over K consecutive positions)
+#   cells     issue 5: the gemma3 16K cells the sparq specs lost on the GPU grid, under the CUDA score, the Triton score
+#             and Triton attention (needs real weights)
 #   fastgrid  issue 5: gemma3 RULER-style 32K (LENGTH) in bf16 on the GPU, SAMPLES a cell (24; prefill CHUNK 1024, or
 #             the length for one chunk: ~0.5 s a 16K cell, session 23): full and the fast spec
 #             at fp windows WINDOWS (128 1024; session 21 named them kv4+... and quant:bits=4,window=1024+...)
@@ -269,6 +274,12 @@ P
     fast512)   # the 3x side by side for the fast spec with the 1,024-token fp window (H200: full fits at 512K)
       bench fast512 480 $PY sparse_decode.py --contexts ${CTX:-512k} --layers 32 --no-breakdown --reps 30 \
         --only "full,kv4+quest 1/8 sparq weigh,kv4+quest 1/8 sparq weigh w1024${FAST_EXTRA:-,kv4+quest 1/8 sparq 0.25 weigh,kv4+quest 1/8 sparq 0.25 weigh w1024}" ;;
+    every512)  # quest every=K (the groups chosen every K decode steps): the gated kernels' GPU tests, then decode at 512K
+               # (CTX; H200) side by side: full, a quarter of the channels every step / every 2 / every 4, the eighth every 4
+      (TRITON_INTERPRET=0 timeout 110 $PY -m pytest -q -x tests/test_quant_paged.py -k "gated or sparq_cuda_score" \
+        > "$OUT/every_tests.log" 2>&1; echo "every tests: rc $?; $(tail -n 1 "$OUT/every_tests.log")" >&2)
+      bench every512 470 $PY sparse_decode.py --contexts ${CTX:-512k} --layers 32 --no-breakdown --reps 30 \
+        --only "full,kv4+quest 1/8 sparq 0.25 weigh,kv4+quest 1/8 sparq 0.25 weigh every2,kv4+quest 1/8 sparq 0.25 weigh every4,kv4+quest 1/8 sparq weigh every4" ;;
     fastgrid)  # gemma3 (or MODEL) RULER-style (LENGTH, default 32k; 3 tasks) on the GPU in bf16, many samples a cell: full and
                # the fast spec with the 4-bit storage's fp window at WINDOWS tokens (128 1024; the real CUDA path)
       q=quest:ratio=0.875,groups=1,channels=${CHANNELS:-0.125},rank=max,weigh=1   # CHANNELS: the scored share
