@@ -48,6 +48,17 @@ channel counts for what it can add to q·k rather than for the query alone (the 
 choice and SparQ's share change). gemma3-270m's q/k RMSNorm leaves |q| spread over its 256 channels, and
 |q| alone misses needles there that the weighted choice finds.
 
+`every=K` (with groups=1): the groups are scored and selected on the first decode step after a prompt and
+every K-th step after it, and the steps between read the same table (LServe's reusable page selector: Yang
+et al., "LServe: Efficient Long-sequence LLM Serving with Unified Sparse Attention", MLSys 2025, arXiv
+2502.14866, which refreshes every 4 steps). The table and its count are kept per layer, and the step's
+decision is made on the device (the CUDA score and block select read the step's position and return at once
+on the steps between: `page_select.refresh`), so a CUDA graph replays one step for both kinds. Elsewhere (CPU,
+Triton) the fresh table is computed every step and taken only on the refresh steps. A group that completes
+between two refreshes is not read until the next one (its tokens have left the full-precision window).
+On gemma3-270m at 16K, 8x, a quarter of the channels, consecutive steps' tables share ~45 % of their groups
+(Jaccard, 6 cells, CPU), yet reusing each table for a second step changed none of those 6 answers.
+
 The storage's full-precision window (`quant:window`, 128 in kv4) holds the prompt's last tokens (the
 question and the answer template among them) and counts toward the budget: at 16K and 8x a 1,024-token
 window leaves half the groups to select. So a larger window is for prompts of 32K and more.
