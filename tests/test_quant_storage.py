@@ -395,7 +395,7 @@ def test_quest_every_k_steps_keeps_its_table_in_between(tiny):
     assert run(tiny, f"{base},every=1")[1] == run(tiny, base)[1]
     kv = build(tiny, f"{base},every=3")
     logits = prefill(tiny, kv, ids(), chunk=16)
-    assert int(kv.p0) == 60
+    assert int(kv.p0) == 60 and "chosen every 3 decode steps" in kv.stats()["note"]
     toks, tabs = [int(logits.argmax(-1))], []
     with torch.inference_mode():
         for _ in range(9):

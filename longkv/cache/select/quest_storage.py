@@ -265,7 +265,8 @@ class QuestStorageCache(QuestCache):
                    if any(self.channels) else "bounds from their scale/zero, no page min/max")
             st["note"] = (f"{self.storage_name}+quest, pages = the {self.P}-token key groups ({how}): a decode "
                           f"step reads the sink, the full-precision window and {self.k_pages} groups "
-                          f"({self.k_pages * self.P} tokens) in layers >= {self.dense_layers}")
+                          f"({self.k_pages * self.P} tokens) in layers >= {self.dense_layers}"
+                          + (f", chosen every {self.every} decode steps" if self.every > 1 else ""))
             fp, budget = self.store.S + self.store.W, self.budget.keep(self.capacity)
             if fp + self.P >= budget and budget < self.capacity:   # as k_pages' sizing: 1 group, fp part over budget
                 # e.g. window=1024 at 4K and 8x: the step reads ~1,100 of 4,096 tokens, not 512
