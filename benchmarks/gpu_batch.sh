@@ -164,11 +164,11 @@
 # smollm2 8K); and `cell_specs.py --device cuda --dtype bfloat16`, with and without LONGKV_SPARQ_CUDA=off (the
 # Triton score, fp32 sums), on the cells a quarter of the channels loses on the GPU and finds on CPU in bf16
 # (multikey 52, 95, 122, 72): the CUDA score's fp16 sums, or the GPU's other kernels?
-# Session 25 (2026-12-05/06): no machine started (every H200 and H100 request refused; ~1,000 s of the budget
+# Session 25 (2026-12-05/06): no machine started (every H200 and H100 request refused; ~1,400 s of the budget
 # spent on refusals). The next calls: `every512` on an H200 (needs_h200), then, if every 2 or 4 reaches 3x, [copy
 # x4], [copy part04; install; RESUME=.stage/fg16/fastgrid-16k.tgz LENGTH=16k CHUNK=16384 SAMPLES=176 WINDOWS=
-# EXTRA="kv4:window=128+quest:ratio=0.875,groups=1,channels=0.25,rank=max,weigh=1,every=4" GRID_LIMIT=330 fastgrid],
-# then `cells` and the plain-Quest grids at gemma3 32K / smollm2 8K (session 24's next calls).
+# EXTRA="kv4:window=128+quest:ratio=0.875,groups=1,channels=0.25,rank=max,weigh=1,every=2" GRID_LIMIT=330 fastgrid]
+# (every=2 first: on CPU every 4 lost a last digit in 1 of 4 unchosen cells), then `cells` and the plain-Quest grids at gemma3 32K / smollm2 8K (session 24's next calls).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
