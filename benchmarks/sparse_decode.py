@@ -330,7 +330,7 @@ def decode_time(model, cache, dev, reps: int, profile: str | None = None) -> flo
     so every replay does the same work (the step rewrites the same slot). A cache that chooses its pages
     every K steps (quest's every=K) is timed at the K positions after the fill, reps replays each, and the mean
     taken: one step that chooses and K - 1 that keep their table. profile: a label to print the
-    step's kernels under (torch.profiler over graph replays, by cost)."""
+    step's kernels under (torch.profiler over graph replays, by cost; for every=K, the choosing step's)."""
     tok = torch.zeros(1, dtype=torch.long, device=dev)
     every = getattr(cache, "every", 1)
     if dev.type == "cuda":

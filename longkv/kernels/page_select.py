@@ -248,21 +248,17 @@ def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str 
     default for longer rows). Measured on the H200, Llama-3-8B shape (8 rows): at 128K multi 24 µs
     vs bisection 42 µs; at 512K multi 27 µs vs 182 µs for the one-program-a-row radix select it
     replaced.
-    out = (table, nsel): write into these and return them (with `last`); gate = (n, p0, every) with out: only on
+    out = (table, nsel) and gate = (n, p0, every) (quest's every=K; both or neither): write into out only on
     the steps `refresh(gate)` names; on the others out keeps the table it holds (the block select then returns
-    at once; elsewhere the fresh table is computed and not taken)."""
+    at once; elsewhere the fresh table is computed and not taken). Returns out's tensors (with `last`)."""
     if out is not None:
         table, nsel = out
-        if gate is not None and gate[2] > 1:
-            last = torch.empty_like(nsel)
-            if method in (None, "block") and _block(scores, k, pos, page, row_pages, table, nsel, last, gate):
-                return table, nsel, last
-            t, c, last = select_pages(scores, k, pos, page=page, row_pages=row_pages, method=method, seg=seg)
-            fresh = refresh(gate)
-            table.copy_(torch.where(fresh, t, table)), nsel.copy_(torch.where(fresh, c, nsel))
-        else:
-            t, c, last = select_pages(scores, k, pos, page=page, row_pages=row_pages, method=method, seg=seg)
-            table.copy_(t), nsel.copy_(c)
+        last = torch.empty_like(nsel)
+        if method in (None, "block") and _block(scores, k, pos, page, row_pages, table, nsel, last, gate):
+            return table, nsel, last
+        t, c, last = select_pages(scores, k, pos, page=page, row_pages=row_pages, method=method, seg=seg)
+        fresh = refresh(gate)
+        table.copy_(torch.where(fresh, t, table)), nsel.copy_(torch.where(fresh, c, nsel))
         return table, nsel, last
     if not _use_triton(scores):
         return ref.select_pages(scores, k, pos, page=page, row_pages=row_pages)
