@@ -28,7 +28,7 @@ demo: model
 	$(BIN)/python -m longkv.demo
 
 bench: model
-	$(BIN)/longkv bench --cache kv4 --cache kivi4 --cache quest:ratio=0.875,rerank=8 --lengths 2k,4k
+	$(BIN)/longkv bench --cache kv4 --cache quant:bits=4 --cache quest:ratio=0.875,rerank=8 --lengths 2k,4k
 
 test: models
 	$(BIN)/python -m pytest -q

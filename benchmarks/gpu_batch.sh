@@ -37,7 +37,8 @@
 #             group rows of sparse_decode.py (kv4 g32+...) only by FAST_EXTRA: they lost the 16K grid (session 24)
 #   every512  issue 5: quest every=K (groups chosen every K decode steps, LServe's reusable page selector): the gated
 #             kernels' GPU tests, then decode at 512K (CTX; H200): full, a quarter of the channels every 1/2/4 steps,
-#             the eighth every 4 (each every=K row the mean over K consecutive positions)
+#             the eighth every 4 (each every=K row the mean over K consecutive positions); on an H100, LAYERS=16
+#             (full bf16 at 512K fits there only with half the layers; every row then has 16)
 #   cells     issue 5: the gemma3 16K cells the sparq specs lost on the GPU grid, under the CUDA score, the Triton score
 #             and Triton attention (needs real weights)
 #   fastgrid  issue 5: gemma3 RULER-style 32K (LENGTH) in bf16 on the GPU, SAMPLES a cell (24; prefill CHUNK 1024, or
@@ -283,7 +284,7 @@ P
                # (CTX; H200) side by side: full, a quarter of the channels every step / every 2 / every 4, the eighth every 4
       (TRITON_INTERPRET=0 timeout 110 $PY -m pytest -q -x tests/test_quant_paged.py -k "gated or sparq_cuda_score" \
         > "$OUT/every_tests.log" 2>&1; echo "every tests: rc $?; $(tail -n 1 "$OUT/every_tests.log")" >&2)
-      bench every512 470 $PY sparse_decode.py --contexts ${CTX:-512k} --layers 32 --no-breakdown --reps 30 \
+      bench every512 470 $PY sparse_decode.py --contexts ${CTX:-512k} --layers ${LAYERS:-32} --no-breakdown --reps ${REPS:-30} \
         --only "full,kv4+quest 1/8 sparq 0.25 weigh,kv4+quest 1/8 sparq 0.25 weigh every2,kv4+quest 1/8 sparq 0.25 weigh every4,kv4+quest 1/8 sparq weigh every4" ;;
     fastgrid)  # gemma3 (or MODEL) RULER-style (LENGTH, default 32k; 3 tasks) on the GPU in bf16, many samples a cell: full and
                # the fast spec with the 4-bit storage's fp window at WINDOWS tokens (128 1024; the real CUDA path)

@@ -10,7 +10,7 @@ compilation and graph capture are not timed). On the CPU the times are wall cloc
 compare the ratios, not the absolute figures.
 
     longkv bench --model gemma3-270m --cache kv4 --cache quest:ratio=0.875,rerank=8 --lengths 4k,16k
-    longkv bench --cache kivi4 --lengths 2k --json        # one JSON object on stdout
+    longkv bench --cache kv4 --lengths 2k --json        # one JSON object on stdout
 
 `full` always runs first at each length (the baseline); `--out FILE` also writes the JSON there
 (written to a temporary file, then renamed).

@@ -2,7 +2,8 @@
 
 KVQuant (Hooper et al. 2024, §3.3): one codebook per layer for keys and one for values, fitted by
 k-means on activations normalised to their group's range, then rescaled per group at run time. Here
-the activations are the pre-RoPE keys and the values the model produces on calibration text (the
+the activations are the keys (pre-RoPE, or after RoPE for a `prerope=0` spec such as `kv4`: the keys
+the cache will quantize; the file records which) and the values the model produces on calibration text (the
 *last* windows of the corpus, so perplexity measured on the earlier part is not calibrated on);
 normalisation uses exactly the grouping and outlier rule of the cache spec the codebook is for.
 Unlike KVQuant the k-means is unweighted (no Fisher information: that needs a backward pass the
@@ -38,16 +39,22 @@ def kmeans_1d(x: torch.Tensor, k: int, iters: int = 40) -> torch.Tensor:
 
 
 class _Capture:
-    """Collects each layer's pre-RoPE keys and values while a full cache runs the model."""
+    """Collects each layer's keys (pre-RoPE, or rotated at their positions when `post_rope`) and values
+    while a full cache runs the model."""
 
-    def __init__(self, inner):
-        self.inner, self.k, self.v = inner, {}, {}
+    def __init__(self, inner, post_rope: bool = False):
+        self.inner, self.k, self.v, self.post_rope = inner, {}, {}, post_rope
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def attend(self, layer, q, k, v, *, step):
-        self.k.setdefault(layer, []).append(k.float().cpu())
+        kk = k
+        if self.post_rope:
+            from .models.rope import apply_rope
+
+            kk = apply_rope(k, *step.rope[self.inner.specs[layer].rope_index])
+        self.k.setdefault(layer, []).append(kk.float().cpu())
         self.v.setdefault(layer, []).append(v.float().cpu())
         return self.inner.attend(layer, q, k, v, step=step)
 
@@ -78,7 +85,7 @@ def calibrate(llm, folder: Path, *, spec: str, corpus: str = "auto", length: int
     for s in range(samples):  # the corpus's last windows: evaluation uses the earlier part
         x = torch.tensor([ids[len(ids) - (s + 1) * length:len(ids) - s * length]], device=llm.device)
         cap = _Capture(cache_spec.parse("full").build(layers, batch=1, capacity=length, device=llm.device,
-                                                      dtype=llm.dtype))
+                                                      dtype=llm.dtype), post_rope=not probe.prerope)
         prefill(llm.model, cap, x, chunk=length)
         for i in range(len(layers)):
             k, v = torch.cat(cap.k[i], 2), torch.cat(cap.v[i], 2)
@@ -96,11 +103,13 @@ def calibrate(llm, folder: Path, *, spec: str, corpus: str = "auto", length: int
             dst.append([round(float(z), 6) for z in kmeans_1d(t, 2 ** probe.bits)])
     s0 = layers[0]
     grouping = f"{probe.p['keys']}-{probe.group}-{probe.vgroup}-{probe.n_out}-{int(probe.p['rotate'])}"
+    if not probe.prerope:
+        grouping += "-postrope"   # (pre-RoPE files keep their old name)
     tag = hashlib.sha1(grouping.encode()).hexdigest()[:8]
     out = Path(folder) / f"nuq-{probe.bits}bit-{tag}.json"
     out.write_text(json.dumps({
         "bits": probe.bits, "shape": [len(layers), s0.num_kv_heads, s0.head_dim], "model": llm.name,
-        "grouping": grouping, "spec": spec, "corpus": c.name, "samples": samples, "length": length,
+        "grouping": grouping, "prerope": bool(probe.prerope), "spec": spec, "corpus": c.name, "samples": samples, "length": length,
         "method": "unweighted 1-D k-means per layer (KVQuant nuq without Fisher weighting)",
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "k": k_levels, "v": v_levels}))
     return out

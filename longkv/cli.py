@@ -126,8 +126,8 @@ def cmd_caches(a) -> int:
 
 # (spec, what it was measured to do): the specs BENCHMARKS.md's issue 4 and 5 sections settle on
 RECIPES = [
-    ("kivi4", "4-bit keys and values in KIVI's layout, the fastest decode of the quantized caches (figures: its "
-              "entry above)"),
+    ("kv4", "4-bit keys and values in KIVI's layout, the fastest decode of the quantized caches (figures: its "
+            "entry above)"),
     ("quest:ratio=0.875,rerank=8", "reads 1/8 of the pages a step, keeps every token in bf16; 1.3x full's "
                                    "decode at 512K; at 8x on gemma3 16K, -0.6 ± 1.2 points against full over "
                                    "528 paired RULER-style cells"),

@@ -271,6 +271,39 @@ def test_codebook_from_another_model_is_refused(tiny, tmp_path):
         build(tiny, f"quant:bits=4,nuq={f}", 32)
 
 
+@pytest.mark.parametrize("spec,fitted,ok", [("kv4", True, False), ("quant:bits=4", True, True),
+                                             ("kv4", False, True), ("quant:bits=4", False, False)])
+def test_codebook_fitted_to_the_other_side_of_rope_is_refused(tiny, tmp_path, spec, fitted, ok):
+    """A codebook records whether it was fitted to pre- or post-RoPE keys (files without the field are
+    pre-RoPE); kv4 quantizes keys after RoPE, quant:bits=4 before, and each takes only its own kind."""
+    import json
+    f = tmp_path / "book.json"
+    book = {"bits": 4, "shape": [2, 2, 32], "model": "tiny",
+            "k": [[i / 15 for i in range(16)]] * 2, "v": [[i / 15 for i in range(16)]] * 2}
+    f.write_text(json.dumps(book if fitted else book | {"prerope": False}))
+    if ok:
+        assert build(tiny, f"{spec}{',' if ':' in spec else ':'}nuq={f}", 32).lut_k[0] is not None
+    else:
+        with pytest.raises(UserError, match="nuq.*RoPE"):
+            build(tiny, f"{spec}{',' if ':' in spec else ':'}nuq={f}", 32)
+
+
+def test_calibration_captures_the_keys_the_cache_quantizes(tiny):
+    """For a post-RoPE spec (kv4) `longkv calibrate` fits the keys after RoPE: what it captures equals
+    what `full` stores (rotated at their positions); for a pre-RoPE one, the keys as the model made them."""
+    from longkv.calibrate import _Capture
+    x = ids(40, 2)
+    post = _Capture(build(tiny, "full", 40), post_rope=True)
+    pre = _Capture(build(tiny, "full", 40))
+    prefill(tiny, post, x, chunk=16)
+    prefill(tiny, pre, x, chunk=16)
+    for layer in range(2):
+        k_post, k_pre = torch.cat(post.k[layer], 2), torch.cat(pre.k[layer], 2)
+        stored = post.inner.k[layer][:, :, :40].float()
+        assert (k_post - stored).abs().max() < 1e-5 * stored.abs().max() + 1e-6
+        assert (k_pre - stored).abs().max() > 0.1 * stored.abs().max()     # RoPE moved them
+
+
 @pytest.mark.slow
 def test_kv4_greedy_on_the_default_model():
     """smollm2-135m. A short prompt: kv4 text == full text. A ~450-token Shakespeare prompt (three

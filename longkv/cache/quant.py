@@ -1,4 +1,4 @@
-"""`quant` (and presets `kv4`, `kv3`, `kv2`): a KV cache stored in 2/3/4/8-bit codes.
+"""`quant` (and presets `kv4`, `kv3`, `kv2`, `kivi4`, `kivi2`): a KV cache stored in 2/3/4/8-bit codes.
 
 KVQuant (Hooper et al. 2024) + KIVI (Liu et al. 2024): keys are quantized *before RoPE* and per
 channel, statistics over groups of `group` consecutive tokens (pre-RoPE key outliers sit in fixed
@@ -8,8 +8,17 @@ at least the `window` most recent tokens (KIVI's residual) stay in full precisio
 `window` recent tokens are held, the oldest whole group is quantized ("flushed"). Options:
 dense-and-sparse outliers (KVQuant §3.4), non-uniform per-layer codebooks fitted by
 `longkv calibrate` (KVQuant's nuq, §3.3), Hadamard rotation of keys (QuaRot, Ashkboos et al. 2024),
-keys quantized after RoPE (`prerope=0`, KIVI's layout; presets `kivi4`, `kivi2`), which lets the
+keys quantized after RoPE (`prerope=0`, KIVI's layout; presets `kv4` = `kivi4`, `kivi2`), which lets the
 decode kernel fold the key scale into the query instead of dequantizing and rotating every key.
+
+Why `kv4` is KIVI's layout and `quant:bits=4` KVQuant's: on smollm2-135m where the keys are rotated
+barely matters at 4 bits (perplexity +0.08 % against +0.04 %, the same needles found), but pre-RoPE
+keys must be dequantized and rotated one by one in the kernel, which decodes slower than bf16 (1.45x
+of full at 128K on the 8B shape), while post-RoPE codes go straight to the tensor cores (0.69x). A
+4-bit cache that is slower than bf16 is not what anyone asks for by `kv4`. Composed with an eviction
+or selection method (`kv4+quest`, ...) the storage holds post-RoPE keys anyway (`quant_storage.py`),
+so `kv4` now means one layout everywhere. At 3 and 2 bits (`kv3`, `kv2`) the presets keep KVQuant's
+layout, where pre-RoPE keys are worth about a point of perplexity at 2 bits.
 
 Layout per layer, all preallocated for `capacity` tokens (so decode can run in a CUDA graph):
 - kf, vf (B, Hkv, sink + ring, D) in the run's dtype, keys as they are quantized (pre- or post-RoPE):
@@ -73,7 +82,7 @@ def _check(spec_head_dim: int, p: dict) -> None:
         raise UserError(f"quant: rotate needs a power-of-two head dim, not {spec_head_dim}")
 
 
-def load_codebook(path: str, specs, bits: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def load_codebook(path: str, specs, bits: int, prerope: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-layer key and value levels (2**bits,) in [0, 1], checked against this model's shape."""
     f = Path(path).expanduser()
     if not f.is_file():
@@ -88,6 +97,10 @@ def load_codebook(path: str, specs, bits: int) -> tuple[list[torch.Tensor], list
                         f"layers×kv heads×head dim {book.get('shape')}); this model is {shape}")
     if book.get("bits") != bits:
         raise UserError(f"quant: nuq={path} holds {book.get('bits')}-bit levels but bits={bits}")
+    if book.get("prerope", True) != prerope:   # files written before the field held pre-RoPE keys
+        fitted, asked = ("before", "after") if prerope is False else ("after", "before")
+        raise UserError(f"quant: nuq={path} was fitted to keys {fitted} RoPE but this cache quantizes them "
+                        f"{asked} (prerope={int(prerope)}); calibrate for this spec (`longkv calibrate --cache ...`)")
     k = [torch.tensor(x, dtype=torch.float32) for x in book["k"]]
     v = [torch.tensor(x, dtype=torch.float32) for x in book["v"]]
     return k, v
@@ -117,7 +130,7 @@ class QuantCache(Cache):
         self.H = ref.hadamard(D, device) if p["rotate"] else None
         self.lut_k = self.lut_v = [None] * len(specs)
         if p["nuq"]:
-            k, v = load_codebook(p["nuq"], specs, self.bits)
+            k, v = load_codebook(p["nuq"], specs, self.bits, prerope=bool(p["prerope"]))
             self.lut_k, self.lut_v = [x.to(device) for x in k], [x.to(device) for x in v]
         z = dict(device=device)
         shape = (batch, H, self.sink + self.ring, D)
@@ -305,28 +318,30 @@ def _preset(name: str, help: str, **defaults):
     register(name, help=help, params=params)(cls)
 
 
-_preset("kv4", "4-bit KV = quant:bits=4,group=64: keys pre-RoPE per channel in 64-token groups, values "
-               "per token (one range per head), 4 sink + >=128 recent tokens in full precision; "
-               "4.5 bits/element at head dim 64 (4.38 at 128) beyond the fp window",
-        bits=4)
-_preset("kv3", "3-bit KV = quant:bits=3,group=64: as kv4 with 3-bit codes; 3.5 bits/element at head "
-               "dim 64 (3.38 at 128) beyond the fp window",
+_preset("kv4", "4-bit KV = quant:bits=4,group=64,prerope=0 (KIVI's layout, Liu et al. 2024): keys per "
+               "channel *after* RoPE in 64-token groups, values per token (one range a head), 4 sink + >=128 "
+               "recent tokens in full precision; 4.5 bits/element at head dim 64 (4.38 at 128) beyond the fp "
+               "window. The decode kernel folds the key scale into q and feeds the codes to the tensor cores "
+               "(CUDA; H200, Llama-3-8B shape: 0.69x of bf16 full's ms/token at 128K, 0.50x at 512K); ppl "
+               "+0.08 % on smollm2-135m; the same needles as full. KVQuant's pre-RoPE keys are "
+               "quant:bits=4 (+0.04 %, but every key rotated in the kernel: 1.45x of full at 128K)",
+        bits=4, prerope=False)
+_preset("kv3", "3-bit KV = quant:bits=3,group=64: KVQuant's layout, keys per channel *before* RoPE in "
+               "64-token groups (no fast 3-bit kernel, so the layout that quantizes best), values per token; "
+               "3.5 bits/element at head dim 64 (3.38 at 128) beyond the fp window",
         bits=3)
 _preset("kv2", "2-bit KV = quant:bits=2,group=32,vgroup=32,outliers=0.01: 32-token key groups, values in "
                "32-channel groups, ~1% of each token's channels kept exactly (fp16 + index), 4 sink + "
                ">=128 recent tokens in full precision; 3.38 bits/element beyond the fp window",
         bits=2, group=32, vgroup=32, outliers=0.01)
-_preset("kivi4", "4-bit KV in KIVI's layout (Liu et al. 2024) = quant:bits=4,group=64,prerope=0: keys per "
-                 "channel *after* RoPE, values per token; the decode kernel folds the key scale into q "
-                 "and reads the codes as they are (no per-element dequantization or rotation); 4.5 "
-                 "bits/element beyond the fp window, ppl +0.08 % vs kv4's +0.04 % on smollm2-135m; the "
-                 "fastest decode: a CUDA kernel feeds the codes to the tensor cores (H200, Llama-3-8B "
-                 "shape: 0.69x of bf16 full's ms/token at 128K, 0.50x at 512K; kv4 1.45x / 1.74x)",
+_preset("kivi4", "= kv4 (quant:bits=4,group=64,prerope=0) under the paper's name (KIVI, Liu et al. 2024): keys "
+                 "per channel after RoPE, values per token",
         bits=4, prerope=False)
 _preset("kivi2", "2-bit KV in KIVI's layout = quant:bits=2,group=16,prerope=0: 16-token key groups after "
                  "RoPE, one value range per token, no outliers (the CUDA kernel's layout); 3.25 "
-                 "bits/element beyond the fp window, ppl +6.2 % vs kv2's +4.8 % on smollm2-135m; "
+                 "bits/element beyond the fp window, ppl +6.2 % vs kv2's +4.8 % on smollm2-135m (kv2's pre-RoPE "
+                 "keys and outliers run on the Triton kernel, slower than full); "
                  "0.73x of bf16 full's ms/token at 128K, 0.56x at 512K (H200, 8B shape; 32-token groups, "
                  "quant:bits=2,group=32,prerope=0: 0.71x / 0.51x, 2.75 bits, ppl +8.8 %); finds 7 of the 14 "
-                 "needles full finds on smollm2-135m at 2K-7K (kivi4 and kv4: all 14)",
+                 "needles full finds on smollm2-135m at 2K-7K (kv4: all 14)",
         bits=2, group=16, prerope=False)

@@ -2,8 +2,8 @@
 
 The eviction policy decides which tokens stay (compose.py's `Storage` protocol); this module holds them
 in packed 2/3/4/8-bit codes. After a compaction the kept tokens of one (batch, KV head) are no longer
-position-contiguous, so, unlike `cache/quant.py` (pre-RoPE keys, KVQuant), keys are stored **after
-RoPE**, and all statistics run over *slots*, not positions (KIVI, Liu et al. 2024, which quantizes
+position-contiguous, so, unlike `cache/quant.py` with `prerope=1` (KVQuant's pre-RoPE keys; `kv3`, `kv2`,
+`quant`'s default), keys are stored **after RoPE** (as `kv4` stores them on its own), and all statistics run over *slots*, not positions (KIVI, Liu et al. 2024, which quantizes
 post-RoPE keys):
 
 - keys per channel, statistics over groups of `group` consecutive slots; values per token, over
@@ -46,7 +46,7 @@ dequantizes: no speed gain" for those layers. `tova` computes its own attention 
 score tokens), so with `tova` every decode step dequantizes the layer: smaller, not faster.
 
 Not supported here (errors): pre-RoPE keys (`prerope`), rotation, per-token keys, nuq codebooks
-(fitted to pre-RoPE keys).
+(their lookup is not in the slot kernels).
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ class QuantStorage:
         for key, bad, why in (("prerope", True, "keys are stored after RoPE here (slots are not positions)"),
                               ("rotate", True, "rotation is not supported under eviction"),
                               ("keys", "token", "keys are quantized per channel under eviction"),
-                              ("nuq", None, "nuq codebooks are fitted to pre-RoPE keys")):
+                              ("nuq", None, "nuq codebooks are not read by the slot kernels")):
             if key in kw and (kw[key] == bad or (bad is None and kw[key])):
                 raise UserError(f"quant storage (quant+<eviction>): {key}={kw[key]} is not supported: {why}")
         p |= kw
