@@ -9,7 +9,7 @@ scales, zeros, outliers and the fp sink/window for the quantized caches; K and V
 A check compares the packed kernel with the plain-torch reference on the GPU first.
 
     python benchmarks/quant_decode.py --contexts 32k,128k,512k --caches full,kivi4,kivi2 --million
-    python benchmarks/quant_decode.py --shape gemma3-4b --contexts 32k,128k --caches full,kv4,kivi4
+    python benchmarks/quant_decode.py --shape gemma3-4b --contexts 32k,128k --caches "full;kv4;quant:bits=4"
     python benchmarks/quant_decode.py --contexts 128k --caches "full;kivi4" --profile   # + each step's kernels
     python benchmarks/quant_decode.py --device cpu --smoke          # tiny shapes, checks it runs
 
@@ -96,7 +96,8 @@ def check(model, dev) -> dict:
     4 and 2 bits, and the fp16 form of the fast path)."""
     half = dev.type == "cuda"
     out = {}
-    for spec, dtype in (("kv4:outliers=0.01", torch.bfloat16), ("kv4", torch.bfloat16), ("kivi4", torch.bfloat16),
+    for spec, dtype in (("quant:bits=4,outliers=0.01", torch.bfloat16), ("quant:bits=4", torch.bfloat16),
+                        ("kv4", torch.bfloat16),
                         ("kivi2", torch.bfloat16), ("kivi4", torch.float16)):
         dtype = dtype if half else torch.float32
         kv = cache_spec.parse(spec).build(model.layer_specs(), batch=1, capacity=5000, device=dev, dtype=dtype)

@@ -1,7 +1,7 @@
 """The packed decode kernel compiled for a GPU *without* one: registers, shared memory and SASS
 instructions per loop iteration, per launch configuration. Last line: JSON.
 
-    python benchmarks/quant_sass.py --paths kivi4,kv4 --warps 4,8 --block-n 64
+    python benchmarks/quant_sass.py --paths kivi4,prerope4 --warps 4,8 --block-n 64
 
 Triton compiles for any target it knows (here sm_90, the H100/H200) and its wheel ships ptxas,
 nvdisasm and cuobjdump, so the kernel's cost per tile can be read on a CPU machine before spending
@@ -29,7 +29,7 @@ from longkv.kernels import quant as qk
 from longkv.kernels import quant_reference as ref
 
 PATHS = {  # name -> (bits, prerope, outliers)
-    "kv4": (4, True, 0), "kivi4": (4, False, 0), "kivi2": (2, False, 0), "kv4-outliers": (4, True, 1),
+    "prerope4": (4, True, 0), "kivi4": (4, False, 0), "kivi2": (2, False, 0), "prerope4-outliers": (4, True, 1),
 }
 TYPES = dict(Q="*bf16", Len="*i64", KP0="*i32", KP1="*i32", KS="*fp16", KZ="*fp16", KOI="*u8", KOV="*fp16",
              VP0="*i32", VP1="*i32", VS="*fp16", VZ="*fp16", VOI="*u8", VOV="*fp16", KF="*bf16", VF="*bf16",
@@ -103,7 +103,7 @@ def inspect(kernel) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--paths", default="kivi4,kv4", help=",".join(PATHS))
+    ap.add_argument("--paths", default="kivi4,prerope4", help=",".join(PATHS))
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--block-n", default="64", help="tile sizes (capped at each path's key group: kivi2 16)")
     ap.add_argument("--prefetch", default="4")
