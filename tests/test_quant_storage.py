@@ -316,7 +316,7 @@ def test_quest_over_key_groups_says_when_the_fp_window_exceeds_the_budget(tiny):
 
 
 @pytest.mark.parametrize("spec,msg", [(f"{Q8}+quest:groups=1", "2/4-bit"), ("quest:groups=1", "packed storage"),
-                                      ("kv2+quest:groups=1", "outliers")])
+                                      ("quant:bits=2,outliers=0.01+quest:groups=1", "outliers")])
 def test_quest_over_key_groups_refuses_what_it_cannot_read(tiny, spec, msg):
     with pytest.raises(UserError, match=msg):
         build(tiny, spec)

@@ -8,17 +8,19 @@ at least the `window` most recent tokens (KIVI's residual) stay in full precisio
 `window` recent tokens are held, the oldest whole group is quantized ("flushed"). Options:
 dense-and-sparse outliers (KVQuant §3.4), non-uniform per-layer codebooks fitted by
 `longkv calibrate` (KVQuant's nuq, §3.3), Hadamard rotation of keys (QuaRot, Ashkboos et al. 2024),
-keys quantized after RoPE (`prerope=0`, KIVI's layout; presets `kv4` = `kivi4`, `kivi2`), which lets the
+keys quantized after RoPE (`prerope=0`, KIVI's layout; presets `kv4` = `kivi4`, `kv2` = `kivi2`), which lets the
 decode kernel fold the key scale into the query instead of dequantizing and rotating every key.
 
-Why `kv4` is KIVI's layout and `quant:bits=4` KVQuant's: on smollm2-135m where the keys are rotated
+Why `kv4` and `kv2` are KIVI's layout and `quant:bits=4` KVQuant's: on smollm2-135m where the keys are rotated
 barely matters at 4 bits (perplexity +0.08 % against +0.04 %, the same needles found), but pre-RoPE
 keys must be dequantized and rotated one by one in the kernel, which decodes slower than bf16 (1.45x
 of full at 128K on the 8B shape), while post-RoPE codes go straight to the tensor cores (0.69x). A
 4-bit cache that is slower than bf16 is not what anyone asks for by `kv4`. Composed with an eviction
 or selection method (`kv4+quest`, ...) the storage holds post-RoPE keys anyway (`quant_storage.py`),
-so `kv4` now means one layout everywhere. At 3 and 2 bits (`kv3`, `kv2`) the presets keep KVQuant's
-layout, where pre-RoPE keys are worth about a point of perplexity at 2 bits.
+so `kv4` now means one layout everywhere. At 2 bits the same holds with more to gain: KVQuant's layout
+(pre-RoPE keys, 32-token groups, 1 % outliers) is +4.8 % perplexity against +6.2 %, but it holds more
+bytes (3.38 bits against 3.25), finds fewer needles (4 of 15 against 7 at 2K-7K on smollm2) and decodes
+slower than bf16. `kv3` keeps KVQuant's layout: there is no fast 3-bit kernel.
 
 Layout per layer, all preallocated for `capacity` tokens (so decode can run in a CUDA graph):
 - kf, vf (B, Hkv, sink + ring, D) in the run's dtype, keys as they are quantized (pre- or post-RoPE):
@@ -330,18 +332,17 @@ _preset("kv3", "3-bit KV = quant:bits=3,group=64: KVQuant's layout, keys per cha
                "64-token groups (no fast 3-bit kernel, so the layout that quantizes best), values per token; "
                "3.5 bits/element at head dim 64 (3.38 at 128) beyond the fp window",
         bits=3)
-_preset("kv2", "2-bit KV = quant:bits=2,group=32,vgroup=32,outliers=0.01: 32-token key groups, values in "
-               "32-channel groups, ~1% of each token's channels kept exactly (fp16 + index), 4 sink + "
-               ">=128 recent tokens in full precision; 3.38 bits/element beyond the fp window",
-        bits=2, group=32, vgroup=32, outliers=0.01)
+_preset("kv2", "2-bit KV = quant:bits=2,group=16,prerope=0 (KIVI's layout, as kv4): 16-token key groups "
+               "after RoPE, one value range per token, no outliers (the CUDA kernel's layout); 3.25 "
+               "bits/element beyond the fp window; ppl +6.2 % on smollm2-135m; 0.73x of bf16 full's ms/token "
+               "at 128K, 0.56x at 512K (H200, 8B shape; 32-token groups, quant:bits=2,group=32,prerope=0: "
+               "0.71x / 0.51x, 2.75 bits, ppl +8.8 %); finds 7 of the 14 needles full finds on smollm2-135m "
+               "at 2K-7K (kv4: all 14). KVQuant's 2-bit layout, quant:bits=2,group=32,vgroup=32,outliers=0.01 "
+               "(pre-RoPE keys, 1 % outliers): ppl +4.8 %, but 3.38 bits, 4 needles of the 15 where this finds 7, "
+               "and the Triton kernel, slower than full",
+        bits=2, group=16, prerope=False)
 _preset("kivi4", "= kv4 (quant:bits=4,group=64,prerope=0) under the paper's name (KIVI, Liu et al. 2024): keys "
                  "per channel after RoPE, values per token",
         bits=4, prerope=False)
-_preset("kivi2", "2-bit KV in KIVI's layout = quant:bits=2,group=16,prerope=0: 16-token key groups after "
-                 "RoPE, one value range per token, no outliers (the CUDA kernel's layout); 3.25 "
-                 "bits/element beyond the fp window, ppl +6.2 % vs kv2's +4.8 % on smollm2-135m (kv2's pre-RoPE "
-                 "keys and outliers run on the Triton kernel, slower than full); "
-                 "0.73x of bf16 full's ms/token at 128K, 0.56x at 512K (H200, 8B shape; 32-token groups, "
-                 "quant:bits=2,group=32,prerope=0: 0.71x / 0.51x, 2.75 bits, ppl +8.8 %); finds 7 of the 14 "
-                 "needles full finds on smollm2-135m at 2K-7K (kv4: all 14)",
+_preset("kivi2", "= kv2 (quant:bits=2,group=16,prerope=0) under the paper's name (KIVI, Liu et al. 2024)",
         bits=2, group=16, prerope=False)
