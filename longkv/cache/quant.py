@@ -58,7 +58,7 @@ PARAMS = {
     "window": (int, 128, "at least this many most recent tokens kept in full precision"),
     "outliers": (float, 0.0, "fraction of each token's channels kept exactly (dense-and-sparse), e.g. 0.01"),
     "keys": (str, "channel", "key statistics: channel (KVQuant/KIVI) or token (ablation)"),
-    "prerope": (bool, True, "quantize keys before RoPE (KVQuant); false = after RoPE (ablation)"),
+    "prerope": (bool, True, "quantize keys before RoPE (KVQuant); 0 = after RoPE (KIVI: the kv4 and kv2 presets)"),
     "rotate": (bool, False, "Hadamard-rotate keys before quantizing (QuaRot-style)"),
     "nuq": (str, "", "codebook file from `longkv calibrate` (non-uniform levels per layer)"),
 }
@@ -109,7 +109,7 @@ def load_codebook(path: str, specs, bits: int, prerope: bool = True) -> tuple[li
 
 
 @register("quant", help="quantized KV (KVQuant/KIVI): pre-RoPE per-channel keys, per-token values, "
-                        "fp sink + recent window; options for outliers, nuq codebooks, rotation",
+                        "fp sink + recent window; options for outliers, nuq codebooks, rotation, post-RoPE keys",
           params=PARAMS)
 class QuantCache(Cache):
     DEFAULTS: dict = {}
