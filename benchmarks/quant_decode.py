@@ -1,4 +1,6 @@
-"""Decode speed and memory of quantized KV caches (kv4, kv2: KIVI's layout since 2026-12-06) against our bf16 full cache, same run.
+"""Decode speed and memory of quantized KV caches (kv4, kv2) against our bf16 full cache, same run.
+
+(`kv4` and `kv2` are KIVI's post-RoPE layout since 2026-12-06; KVQuant's pre-RoPE 4-bit cache is quant:bits=4.)
 
 Llama-3-8B shape, random bf16 weights, batch 1. For every context and cache the cache is filled
 through its own `append` path with random keys and values (a real prefill of 512K-1M tokens takes

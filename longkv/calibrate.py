@@ -109,7 +109,8 @@ def calibrate(llm, folder: Path, *, spec: str, corpus: str = "auto", length: int
     out = Path(folder) / f"nuq-{probe.bits}bit-{tag}.json"
     out.write_text(json.dumps({
         "bits": probe.bits, "shape": [len(layers), s0.num_kv_heads, s0.head_dim], "model": llm.name,
-        "grouping": grouping, "prerope": bool(probe.prerope), "spec": spec, "corpus": c.name, "samples": samples, "length": length,
+        "grouping": grouping, "prerope": bool(probe.prerope), "spec": spec, "corpus": c.name, "samples": samples,
+        "length": length,
         "method": "unweighted 1-D k-means per layer (KVQuant nuq without Fisher weighting)",
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "k": k_levels, "v": v_levels}))
     return out

@@ -11,8 +11,8 @@ dense-and-sparse outliers (KVQuant §3.4), non-uniform per-layer codebooks fitte
 keys quantized after RoPE (`prerope=0`, KIVI's layout; presets `kv4` = `kivi4`, `kv2` = `kivi2`), which lets the
 decode kernel fold the key scale into the query instead of dequantizing and rotating every key.
 
-Why `kv4` and `kv2` are KIVI's layout and `quant:bits=4` KVQuant's: on smollm2-135m where the keys are rotated
-barely matters at 4 bits (perplexity +0.08 % against +0.04 %, the same needles found), but pre-RoPE
+Why `kv4` and `kv2` are KIVI's layout and `quant:bits=4` KVQuant's: on smollm2-135m, where the keys are
+rotated barely matters at 4 bits (perplexity +0.08 % against +0.04 %, the same needles found), but pre-RoPE
 keys must be dequantized and rotated one by one in the kernel, which decodes slower than bf16 (1.45x
 of full at 128K on the 8B shape), while post-RoPE codes go straight to the tensor cores (0.69x). A
 4-bit cache that is slower than bf16 is not what anyone asks for by `kv4`. Composed with an eviction

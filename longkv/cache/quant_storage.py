@@ -2,9 +2,9 @@
 
 The eviction policy decides which tokens stay (compose.py's `Storage` protocol); this module holds them
 in packed 2/3/4/8-bit codes. After a compaction the kept tokens of one (batch, KV head) are no longer
-position-contiguous, so, unlike `cache/quant.py` with `prerope=1` (KVQuant's pre-RoPE keys; `kv3`, `kv2`,
-`quant`'s default), keys are stored **after RoPE** (as `kv4` stores them on its own), and all statistics run over *slots*, not positions (KIVI, Liu et al. 2024, which quantizes
-post-RoPE keys):
+position-contiguous, so, unlike `cache/quant.py` with `prerope=1` (KVQuant's pre-RoPE keys: `kv3` and
+`quant`'s default), keys are stored **after RoPE** (as `kv4` and `kv2` store them on their own), and all
+statistics run over *slots*, not positions (KIVI, Liu et al. 2024, which quantizes post-RoPE keys):
 
 - keys per channel, statistics over groups of `group` consecutive slots; values per token, over
   `vgroup` channels; optional dense-and-sparse outliers (KVQuant §3.4), as `quant`;
