@@ -327,11 +327,13 @@ P
             --length 16k --chunk 16384 --device cuda --dtype bfloat16 $(printf -- '--index %s ' ${idx//,/ }) $sp
         done
       done ;;
-    diag512)   # ncu of the 1/8 sparq row's kernels (layers 2-3 are sparse), then the report as text
+    diag512)   # ncu of the 1/8 sparq row's kernels (layers 2-3 are sparse), then the report as text;
+               # ROW: another sparse_decode.py row (e.g. "kv4+quest 1/8 sparq 0.25 weigh": the quarter, which needs
+               # ~18 µs a sparse layer less for 3x on the H200)
       (cd benchmarks && timeout 400 ncu --clock-control none -k 'regex:kivi_attn|page_select|sparq_score|kivi_merge' \
          -c ${NCU_COUNT:-12} --section SpeedOfLight --section Occupancy --section LaunchStats \
          --section WarpStateStats --section MemoryWorkloadAnalysis -o "$OUT/diag512" -f \
-         $PY sparse_decode.py --contexts 512k --layers 4 --no-breakdown --reps 3 --only "kv4+quest 1/8 sparq weigh") \
+         $PY sparse_decode.py --contexts 512k --layers 4 --no-breakdown --reps 3 --only "${ROW:-kv4+quest 1/8 sparq weigh}") \
         > "$OUT/diag512_run.log" 2>&1
       ncu --import "$OUT/diag512.ncu-rep" --page details > "$OUT/diag512.txt" 2>&1
       echo "diag512: $(grep -c 'kivi_attn\|page_select\|sparq_score\|kivi_merge' "$OUT/diag512.txt") kernel lines" >&2 ;;
