@@ -2,8 +2,8 @@
 
 KVQuant (Hooper et al. 2024, §3.3): one codebook per layer for keys and one for values, fitted by
 k-means on activations normalised to their group's range, then rescaled per group at run time. Here
-the activations are the keys (pre-RoPE, or after RoPE for a `prerope=0` spec such as `kv4`: the keys
-the cache will quantize; the file records which) and the values the model produces on calibration text (the
+the activations are the keys the cache will quantize (pre-RoPE, or after RoPE for a `prerope=0` spec
+such as `kv4`; the file records which) and the values the model produces on calibration text (the
 *last* windows of the corpus, so perplexity measured on the earlier part is not calibrated on);
 normalisation uses exactly the grouping and outlier rule of the cache spec the codebook is for.
 Unlike KVQuant the k-means is unweighted (no Fisher information: that needs a backward pass the
@@ -109,8 +109,8 @@ def calibrate(llm, folder: Path, *, spec: str, corpus: str = "auto", length: int
     out = Path(folder) / f"nuq-{probe.bits}bit-{tag}.json"
     out.write_text(json.dumps({
         "bits": probe.bits, "shape": [len(layers), s0.num_kv_heads, s0.head_dim], "model": llm.name,
-        "grouping": grouping, "prerope": bool(probe.prerope), "spec": spec, "corpus": c.name, "samples": samples,
-        "length": length,
+        "grouping": grouping, "prerope": bool(probe.prerope), "spec": spec, "corpus": c.name,
+        "samples": samples, "length": length,
         "method": "unweighted 1-D k-means per layer (KVQuant nuq without Fisher weighting)",
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "k": k_levels, "v": v_levels}))
     return out

@@ -271,16 +271,16 @@ def test_codebook_from_another_model_is_refused(tiny, tmp_path):
         build(tiny, f"quant:bits=4,nuq={f}", 32)
 
 
-@pytest.mark.parametrize("spec,fitted,ok", [("kv4", True, False), ("quant:bits=4", True, True),
-                                             ("kv4", False, True), ("quant:bits=4", False, False)])
-def test_codebook_fitted_to_the_other_side_of_rope_is_refused(tiny, tmp_path, spec, fitted, ok):
+@pytest.mark.parametrize("spec,book_prerope,ok", [("kv4", True, False), ("quant:bits=4", True, True),
+                                                  ("kv4", False, True), ("quant:bits=4", False, False)])
+def test_codebook_fitted_to_the_other_side_of_rope_is_refused(tiny, tmp_path, spec, book_prerope, ok):
     """A codebook records whether it was fitted to pre- or post-RoPE keys (files without the field are
     pre-RoPE); kv4 quantizes keys after RoPE, quant:bits=4 before, and each takes only its own kind."""
     import json
     f = tmp_path / "book.json"
     book = {"bits": 4, "shape": [2, 2, 32], "model": "tiny",
             "k": [[i / 15 for i in range(16)]] * 2, "v": [[i / 15 for i in range(16)]] * 2}
-    f.write_text(json.dumps(book if fitted else book | {"prerope": False}))
+    f.write_text(json.dumps(book if book_prerope else book | {"prerope": False}))
     if ok:
         assert build(tiny, f"{spec}{',' if ':' in spec else ':'}nuq={f}", 32).lut_k[0] is not None
     else:
