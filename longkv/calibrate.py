@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .models.rope import apply_rope
 
 
 def kmeans_1d(x: torch.Tensor, k: int, iters: int = 40) -> torch.Tensor:
@@ -49,11 +50,7 @@ class _Capture:
         return getattr(self.inner, name)
 
     def attend(self, layer, q, k, v, *, step):
-        kk = k
-        if self.post_rope:
-            from .models.rope import apply_rope
-
-            kk = apply_rope(k, *step.rope[self.inner.specs[layer].rope_index])
+        kk = apply_rope(k, *step.rope[self.inner.specs[layer].rope_index]) if self.post_rope else k
         self.k.setdefault(layer, []).append(kk.float().cpu())
         self.v.setdefault(layer, []).append(v.float().cpu())
         return self.inner.attend(layer, q, k, v, step=step)

@@ -100,7 +100,7 @@ def load_codebook(path: str, specs, bits: int, prerope: bool = True) -> tuple[li
     if book.get("bits") != bits:
         raise UserError(f"quant: nuq={path} holds {book.get('bits')}-bit levels but bits={bits}")
     if book.get("prerope", True) != prerope:   # files written before the field held pre-RoPE keys
-        fitted, asked = ("before", "after") if prerope is False else ("after", "before")
+        fitted, asked = ("after", "before") if prerope else ("before", "after")
         raise UserError(f"quant: nuq={path} was fitted to keys {fitted} RoPE but this cache quantizes them "
                         f"{asked} (prerope={int(prerope)}); calibrate for this spec (`longkv calibrate --cache ...`)")
     k = [torch.tensor(x, dtype=torch.float32) for x in book["k"]]
