@@ -39,10 +39,6 @@
 #             kernels' GPU tests, then decode at 512K (CTX; H200): full, a quarter of the channels every 1/2/4 steps,
 #             the eighth every 4 (each every=K row the mean over K consecutive positions); on an H100, LAYERS=16
 #             (full bf16 at 512K fits there only with half the layers; every row then has 16)
-#   mmatest   issue 5: the tensor-core SparQ score (quest_sparq.cu MMA): its GPU tests, then sparq_probe.py at 512K (a quarter
-#             and an eighth of the channels): the CUDA-core score next to mma 1/2/4 (PROBE_LAUNCHES)
-#   mma512    issue 5: decode at 512K (CTX; LAYERS=16 on an H100): full, the eighth and the quarter, the sparq rows
-#             retimed with MMA_LAUNCHES (the tensor-core score, k groups a warp at once)
 #   cells     issue 5: the gemma3 16K cells the sparq specs lost on the GPU grid, under the CUDA score, the Triton score
 #             and Triton attention (needs real weights)
 #   fastgrid  issue 5: gemma3 RULER-style 32K (LENGTH) in bf16 on the GPU, SAMPLES a cell (24; prefill CHUNK 1024, or
@@ -299,19 +295,6 @@ P
         > "$OUT/every_tests.log" 2>&1; echo "every tests: rc $?; $(tail -n 1 "$OUT/every_tests.log")" >&2)
       bench every512 470 $PY sparse_decode.py --contexts ${CTX:-512k} --layers ${LAYERS:-32} --no-breakdown --reps ${REPS:-30} \
         --only "full,kv4+quest 1/8 sparq 0.25 weigh,kv4+quest 1/8 sparq 0.25 weigh every2,kv4+quest 1/8 sparq 0.25 weigh every4,kv4+quest 1/8 sparq weigh every4" ;;
-    mmatest)   # issue 5: the tensor-core SparQ score (quest_sparq.cu MMA): its GPU tests (and the gated ones), then
-               # sparq_probe.py at 512K, a quarter and an eighth of the channels: the CUDA-core score against mma 1/2/4
-      (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q -x tests/test_quant_paged.py -k "gated or sparq_cuda" \
-        > "$OUT/mma_tests.log" 2>&1; echo "mma tests: rc $?; $(tail -n 1 "$OUT/mma_tests.log")" >&2)
-      for ch in 0.25 0.125; do
-        bench "mmaprobe$ch" 150 $PY sparq_probe.py --context 512k --channels $ch --cuda "" --variants "" --cuda-choose \
-          "${PROBE_LAUNCHES:-4:2:256:1:1:0:0,4:2:256:1:1:0:1,4:2:256:1:1:0:2,4:2:256:1:1:0:4,4:1:256:1:1:0:4,4:4:128:1:1:0:2,4:1:128:1:1:0:4}"
-      done ;;
-    mma512)    # issue 5: decode at 512K (CTX; LAYERS, 16 on an H100: full bf16 fits there only with half the layers), full,
-               # the eighth and the quarter of the channels, each sparq row retimed with MMA_LAUNCHES (the tensor-core score)
-      bench mma512 500 $PY sparse_decode.py --contexts ${CTX:-512k} --layers ${LAYERS:-32} --no-breakdown --reps ${REPS:-30} \
-        --only "full,kv4+quest 1/8 sparq weigh,kv4+quest 1/8 sparq 0.25 weigh" \
-        --cuda-launches "${MMA_LAUNCHES:-4:2:256:1:1:0:2,4:2:256:1:1:0:4}" ;;
     fastgrid)  # gemma3 (or MODEL) RULER-style (LENGTH, default 32k; 3 tasks) on the GPU in bf16, many samples a cell: full and
                # the fast spec with the 4-bit storage's fp window at WINDOWS tokens (128 1024; the real CUDA path)
       q=quest:ratio=0.875,groups=1,channels=${CHANNELS:-0.125},rank=max,weigh=1   # CHANNELS: the scored share

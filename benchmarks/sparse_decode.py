@@ -377,8 +377,8 @@ def main():
                     help="+quest rows: also time each of these page selects as the default, e.g. block,cluster")
     ap.add_argument("--cuda-launches", default="",
                     help="sparq rows: also time the step with these CUDA score launches, wpt:minb:threads[:vec[:choose"
-                         "[:pipe[:mma]]]],... (quest_sparq.CUDA_*; choose 0: `prepare` picks the channels, one launch "
-                         "more; mma k: the tensor-core score; same filled cache, a column each)")
+                         "[:pipe]]],... (quest_sparq.CUDA_*; choose 0: `prepare` picks the channels, one launch more; "
+                         "same filled cache, a column each)")
     a = ap.parse_args()
     cfg = dict(LLAMA3_8B, num_hidden_layers=a.layers)
     if a.smoke:

@@ -99,81 +99,6 @@ __device__ __forceinline__ float score_group(const u32 (&wv)[R][WPT], const u32 
   return best;
 }
 
-#if MMA
-/* MMA=1: the same scores on the tensor cores, a warp a key group (GROUP 64, G <= 8), looping over its row's
-   groups with the next group's words in flight. The m16n8k16 product's rows are tokens, its K the chosen
-   channels (padded to 16·KS with q = 0), its columns the queries (G of 8): lane (g, t) = (lane / 4, lane % 4)
-   loads word g (tokens 8g..8g+7) of its four channel slots 16k + 2t, +1, +8, +9, so one warp's loads are the
-   group's R·32 code bytes, each once. The max over tokens ignores their order, so row g takes nibble i and row
-   g + 8 nibble i + 4 of that word (i = 0..3: every token once): two channels' words meet by one PRMT in a
-   register's halves, and a nibble becomes the fp16 1024 + c (or 1024 + 16c for the odd nibbles, masked in
-   place) by one LOP3, as in quant_cuda.cu. B = q∘s (the group's scales, one HMUL2 a pair); Σ B and Σ q·z come
-   from two more MMAs (ones × B, z × q), so a score is (max_t C − 1024·ΣB)·(1 or 1/16) + q·z: fp32 sums. */
-#define KS ((R + 15) / 16)
-__device__ __forceinline__ void mma16(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-struct MmaWords { u32 c[KS][4], z[KS][4]; };
-
-/* MMAC consecutive groups from pc0 (those before nqg): code word g of each slot's channel and the channel's
-   (scale, zero) pair. One index a slot, ZO = channel · MG + pc0 (the copy holds 32 code bytes a group: CAPH = 32·MG),
-   so SZB + ZO is the pair's address and SKB + 32·ZO (SKB: word g of the row's first channel) the codes'; the
-   further groups at immediate offsets */
-__device__ __forceinline__ void mma_load(MmaWords (&w)[MMAC], const unsigned char* __restrict__ SKB,
-                                         const u32* __restrict__ SZB, const u32 (&zo)[KS][4], int pc0, int nqg) {
-#pragma unroll
-  for (int k = 0; k < KS; ++k)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const u32 idx = zo[k][j] + (u32)pc0;
-      const u32* cp = reinterpret_cast<const u32*>(SKB + (unsigned long long)idx * (GROUP / 2));
-      const u32* zp = SZB + idx;
-#pragma unroll
-      for (int i = 0; i < MMAC; ++i)
-        if (pc0 + i < nqg) {
-          w[i].c[k][j] = __ldg(cp + i * (GROUP / 8));
-          w[i].z[k][j] = __ldg(zp + i);
-        }
-    }
-}
-
-__device__ __forceinline__ float mma_group(const MmaWords& w, const u32 (&qp)[KS][2], float tsc0, float tsc1) {
-  const u32 BIAS = 0x64006400u, ONES = 0x3C003C00u, LO = 0x000F000Fu, HI = 0x00F000F0u;
-  float e0[4] = {0.f, 0.f, 0.f, 0.f}, o1[4] = {0.f, 0.f, 0.f, 0.f}, e2[4] = {0.f, 0.f, 0.f, 0.f},
-        o3[4] = {0.f, 0.f, 0.f, 0.f}, sb[4] = {0.f, 0.f, 0.f, 0.f}, qz[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-  for (int k = 0; k < KS; ++k) {
-    const u32 l0 = prmt(w.c[k][0], w.c[k][1], 0x5410u), h0 = prmt(w.c[k][0], w.c[k][1], 0x7632u);
-    const u32 l1 = prmt(w.c[k][2], w.c[k][3], 0x5410u), h1 = prmt(w.c[k][2], w.c[k][3], 0x7632u);
-    const u32 b0 = hmul2(qp[k][0], prmt(w.z[k][0], w.z[k][1], 0x5410u));   /* (s, s') of the slot pairs */
-    const u32 b1 = hmul2(qp[k][1], prmt(w.z[k][2], w.z[k][3], 0x5410u));
-    const u32 z0 = prmt(w.z[k][0], w.z[k][1], 0x7632u), z1 = prmt(w.z[k][2], w.z[k][3], 0x7632u);
-    mma16(sb, ONES, ONES, ONES, ONES, b0, b1);
-    mma16(qz, z0, z0, z1, z1, qp[k][0], qp[k][1]);
-    mma16(e0, lop_or(l0, LO, BIAS), lop_or(h0, LO, BIAS), lop_or(l1, LO, BIAS), lop_or(h1, LO, BIAS), b0, b1);
-    mma16(o1, lop_or(l0, HI, BIAS), lop_or(h0, HI, BIAS), lop_or(l1, HI, BIAS), lop_or(h1, HI, BIAS), b0, b1);
-    const u32 l0s = l0 >> 8, h0s = h0 >> 8, l1s = l1 >> 8, h1s = h1 >> 8;
-    mma16(e2, lop_or(l0s, LO, BIAS), lop_or(h0s, LO, BIAS), lop_or(l1s, LO, BIAS), lop_or(h1s, LO, BIAS), b0, b1);
-    mma16(o3, lop_or(l0s, HI, BIAS), lop_or(h0s, HI, BIAS), lop_or(l1s, HI, BIAS), lop_or(h1s, HI, BIAS), b0, b1);
-  }
-  /* columns 2t (c[0], c[2]: rows g, g + 8) and 2t + 1 (c[1], c[3]) */
-  const float c0 = 1024.f * sb[0], c1 = 1024.f * sb[1];
-  const float me0 = fmaxf(fmaxf(e0[0], e0[2]), fmaxf(e2[0], e2[2]));
-  const float mo0 = fmaxf(fmaxf(o1[0], o1[2]), fmaxf(o3[0], o3[2]));
-  const float me1 = fmaxf(fmaxf(e0[1], e0[3]), fmaxf(e2[1], e2[3]));
-  const float mo1 = fmaxf(fmaxf(o1[1], o1[3]), fmaxf(o3[1], o3[3]));
-  const float v0 = (fmaxf(me0 - c0, (mo0 - c0) * 0.0625f) + qz[0]) * tsc0;
-  const float v1 = (fmaxf(me1 - c1, (mo1 - c1) * 0.0625f) + qz[1]) * tsc1;
-  /* the warp's max by one integer reduction: a float's bits, negatives' magnitude bits flipped, order as ints */
-  int key = __float_as_int(fmaxf(tsc0 > 0.f ? v0 : NEG_INF, tsc1 > 0.f ? v1 : NEG_INF));
-  key = __reduce_max_sync(0xffffffffu, key ^ ((key >> 31) & 0x7fffffff));
-  return __int_as_float(key ^ ((key >> 31) & 0x7fffffff));
-}
-#endif
-
 /* Q (B·Hkv·G, D) the step's queries; SK (B·Hkv, D, CAPH) bytes (byte m of a group's channel: tokens 2m, 2m + 1);
    SZ (B·Hkv, D, MG) fp16 pairs (scale, zero); IDX (B·Hkv, D) channels by rank and TAU (B·Hkv, TS)
    1 / sqrt(share), from `prepare`, or, with CHOOSE, the channel choice made here by every block (no launch
@@ -268,39 +193,6 @@ extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
   }
 #endif
   __syncthreads();
-#if MMA
-  {
-    const int wl = threadIdx.x & 31, g = wl >> 2, t = wl & 3;
-    u32 zo[KS][4], qp[KS][2];
-#pragma unroll
-    for (int k = 0; k < KS; ++k) {
-      float qv[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int slot = 16 * k + 2 * t + (j & 1) + 8 * (j >> 1);
-        zo[k][j] = (u32)ch[slot < R ? slot : 0] * (u32)MG;
-        qv[j] = slot < R && g < G ? qf[slot < R ? slot : 0][g < G ? g : 0] : 0.f;
-      }
-      qp[k][0] = pack2(qv[0], qv[1]);
-      qp[k][1] = pack2(qv[2], qv[3]);
-    }
-    const float tsc0 = 2 * t < G ? tau[2 * t < G ? 2 * t : 0] * scale : 0.f;
-    const float tsc1 = 2 * t + 1 < G ? tau[2 * t + 1 < G ? 2 * t + 1 : 0] * scale : 0.f;
-    const unsigned char* SKB = SK + (i64)bh * D * CAPH + 4 * g;
-    const u32* SZB = SZ + (i64)bh * D * MG;
-    const int nw = gridDim.x * (NT / 32);
-#pragma unroll 1
-    for (int pc0 = (blockIdx.x * (NT / 32) + threadIdx.x / 32) * MMAC; pc0 < MG; pc0 += nw * MMAC) {
-      MmaWords w[MMAC];
-      mma_load(w, SKB, SZB, zo, pc0, nqg);
-#pragma unroll
-      for (int i = 0; i < MMAC; ++i) {
-        const float best = pc0 + i < nqg ? mma_group(w[i], qp, tsc0, tsc1) : NEG_INF;
-        if (wl == 0 && pc0 + i < MG) S[(i64)bh * MG + pc0 + i] = best;
-      }
-    }
-  }
-#else
   u32 wv[R][WPT], zv[R];
 #if PIPE   /* grid (blocks a row, rows): block b takes tiles b, b + gridDim.x, ... of GPB groups, loading the next
               tile's codes while it scores this one */
@@ -325,6 +217,5 @@ extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
   load_group(SK, SZ, ch, bh, p < MG ? p : MG - 1, lane, CAPH, MG, wv, zv);
   const float best = score_group(wv, zv, qh, qf, tau, scale);
   if (lane == 0 && p < MG) S[(i64)bh * MG + p] = p < nqg ? best : NEG_INF;
-#endif
 #endif
 }

@@ -168,25 +168,22 @@ def prepare(q, heads: int, channels: int, *, weight=None, warps: int = 4):
 _CUDA: dict = {}
 # the CUDA score's launch: words (8 tokens each) of a channel a thread, blocks an SM the registers must
 # allow, threads a block, whether a thread's words come by 8/16-byte loads (where aligned), whether the
-# score picks the channels itself when the caller has not (else `prepare` does, one launch more), whether
-# a block loops over tiles with the next one's loads in flight (PIPE), and mma k > 0: the tensor-core score
-# (quest_sparq.cu's MMA: a warp a group, k consecutive groups at once; wpt, vec and pipe then unused; where it
-# applies, `_mma_ok`, else the CUDA-core one);
-# LONGKV_SPARQ_CUDA=wpt:minb:threads[:vec[:choose[:pipe[:mma]]]] overrides them (benchmarks), or "off"
-LAUNCH_FIELDS = ("wpt", "minb", "threads", "vec", "choose", "pipe", "mma")
-_DEFAULT_LAUNCH = "4:2:256:1:1:0:0"
+# score picks the channels itself when the caller has not (else `prepare` does, one launch more), and
+# whether a block loops over tiles with the next one's loads in flight (PIPE);
+# LONGKV_SPARQ_CUDA=wpt:minb:threads[:vec[:choose[:pipe]]] overrides them (benchmarks), or "off"
+LAUNCH_FIELDS = ("wpt", "minb", "threads", "vec", "choose", "pipe")
+_DEFAULT_LAUNCH = "4:2:256:1:1:0"
 
 
 def parse_launch(text: str) -> tuple[int, ...]:
-    """'wpt:minb:threads[:vec[:choose[:pipe[:mma]]]]' → the seven fields (vec 0, choose 1, pipe 0, mma 0 where
-    left out)."""
+    """'wpt:minb:threads[:vec[:choose[:pipe]]]' → the six fields (vec 0, choose 1, pipe 0 where left out)."""
     parts = text.split(":")
     try:
-        if not 3 <= len(parts) <= 7:
+        if not 3 <= len(parts) <= 6:
             raise ValueError
-        return tuple(int(x) for x in parts + ["0", "1", "0", "0"][len(parts) - 3:])
+        return tuple(int(x) for x in parts + ["0", "1", "0"][len(parts) - 3:])
     except ValueError:
-        raise ValueError(f"CUDA score launch {text!r}: expected wpt:minb:threads[:vec[:choose[:pipe[:mma]]]], e.g. "
+        raise ValueError(f"CUDA score launch {text!r}: expected wpt:minb:threads[:vec[:choose[:pipe]]], e.g. "
                          f"{_DEFAULT_LAUNCH}") from None
 
 
@@ -194,7 +191,7 @@ _env = os.environ.get("LONGKV_SPARQ_CUDA") or _DEFAULT_LAUNCH
 # "off": the Triton score everywhere (fp32 sums), to tell the CUDA score's fp16 sums from the rest of a GPU run
 CUDA_OFF = _env == "off"
 try:
-    CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_CHOOSE, CUDA_PIPE, CUDA_MMA = parse_launch(
+    CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_CHOOSE, CUDA_PIPE = parse_launch(
         _DEFAULT_LAUNCH if CUDA_OFF else _env)
 except ValueError as e:
     raise ValueError(f"LONGKV_SPARQ_CUDA: {e} (or off)") from None
@@ -202,17 +199,16 @@ except ValueError as e:
 
 def cuda_score_kernel(*, D: int, G: int, R: int, group: int, sink: int, window: int, bf16: bool,
                       threads: int = CUDA_THREADS, wpt: int = CUDA_WPT, minb: int = CUDA_MINB, vec: int = 0,
-                      choose: bool = False, weigh: bool = False, pipe: bool = False, every: int = 1, mma: int = 0):
+                      choose: bool = False, weigh: bool = False, pipe: bool = False, every: int = 1):
     """The CUDA score (`quest_sparq.cu`, rank=max) for one layout, built by NVRTC once; None where it
     cannot be (no NVRTC, or it refused the source: a warning says why, and the Triton score is used).
     every > 1: one more argument (the first decode step's position) and the score runs only on the steps
-    that choose afresh (`page_select.refresh`). mma k > 0: the tensor-core score, k groups a warp at once."""
-    key = (D, G, R, group, sink, window, bf16, threads, wpt, minb, vec, choose, weigh, pipe, every, mma)
+    that choose afresh (`page_select.refresh`)."""
+    key = (D, G, R, group, sink, window, bf16, threads, wpt, minb, vec, choose, weigh, pipe, every)
     if key not in _CUDA:
         _CUDA[key] = build(dict(D=D, G=G, R=R, GROUP=group, SINK=sink, WINDOW=window, QBF16=int(bf16), NT=threads,
                                 WPT=wpt, MINB=minb, VEC=vec, CHOOSE=int(choose), WEIGH=int(weigh),
-                                PIPE=int(pipe), EVERY=every if every > 1 else None, MMA=int(mma > 0),
-                                MMAC=mma if mma > 0 else None),
+                                PIPE=int(pipe), EVERY=every if every > 1 else None),
                            ("ptx.cuh", "quest_sparq.cu"), "sparq_score",
                            "CUDA SparQ score", "the Triton score")
     return _CUDA[key]
@@ -220,13 +216,6 @@ def cuda_score_kernel(*, D: int, G: int, R: int, group: int, sink: int, window: 
 
 def _sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _mma_ok(q, sk, sz, group: int, G: int) -> bool:
-    """Where the tensor-core score applies (beyond `_cuda_ok`): 64-token groups, at most 8 queries a KV head,
-    the copy holding exactly 32 code bytes a group (its index arithmetic), an sm_80+ GPU (mma.sync)."""
-    return (group == 64 and G <= 8 and sk.shape[-1] == 32 * sz.shape[3]
-            and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
 def _cuda_ok(q, sk, sz, group: int, rank: str, probe: int) -> bool:
@@ -241,17 +230,15 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
                        rank: str = "max", block_p: int = 8, warps: int = 2, cvt: int = 0, probe: int = 0,
                        weight=None, stack: bool = True, impl: str | None = None, wpt: int | None = None,
                        minb: int | None = None, threads: int | None = None, vec: int | None = None,
-                       pipe: int | None = None, mma: int | None = None, gate=None):
+                       pipe: int | None = None, gate=None):
     """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau), or None: the CUDA score chooses
     the channels itself, in each block, and elsewhere `prepare` is called here; the reference, on the CPU, picks
     them itself): → (scores (B, Hkv, MG) for rank=max or lse (B, Hkv, MG, G) for rank=mass, npos (1,) int64).
     impl: None = the CUDA score (`quest_sparq.cu`) where it applies (`_cuda_ok`; not with
-    LONGKV_SPARQ_CUDA=off), else Triton; "cuda" or "triton" to insist. wpt / minb / threads / vec / pipe / mma:
-    the CUDA launch (None = CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_PIPE, CUDA_MMA; vec only where the
-    codes are aligned for it; pipe 1: as many blocks a row as are resident at once, k > 1: k blocks a row; mma
-    k > 0: the tensor-core score where `_mma_ok`, k groups a warp at once, as many blocks a row as are
-    resident). Triton's: block_p, warps, cvt (the code-to-fp16 conversion, its CVT), stack (groups stacked into
-    one dot, its STACK).
+    LONGKV_SPARQ_CUDA=off), else Triton; "cuda" or "triton" to insist. wpt / minb / threads / vec / pipe: the
+    CUDA launch (None = CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_PIPE; vec only where the codes are
+    aligned for it; pipe 1: as many blocks a row as are resident at once, k > 1: k blocks a row). Triton's:
+    block_p, warps, cvt (the code-to-fp16 conversion, its CVT), stack (groups stacked into one dot, its STACK).
     weight: the channel weights, read by the channel choice (`prepare`'s, or the CUDA score's with sel=None) and
     the CPU reference. gate = (n, p0, every) (quest's every=K, `page_select.refresh`): the CUDA score returns at
     once on the steps that keep their table (the scores are then not written: the gated select does not read
@@ -273,23 +260,16 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
         vec = int(bool(CUDA_VEC if vec is None else vec) and wpt > 1 and sk.data_ptr() % align == 0
                   and sk.shape[-1] % align == 0)
         pipe = CUDA_PIPE if pipe is None else pipe
-        mma = CUDA_MMA if mma is None else mma
-        mma = mma if mma > 0 and _mma_ok(q, sk, sz, group, G) else 0
-        if mma:
-            wpt, vec, pipe = CUDA_WPT, 0, 0      # not read by the tensor-core score: one build for every value
         every = gate[2] if gate is not None else 1
         kern = cuda_score_kernel(D=D, G=G, R=channels, group=group, sink=sink, window=window,
                                  bf16=q.dtype == torch.bfloat16, wpt=wpt, minb=minb, threads=threads, vec=vec,
                                  choose=sel is None, weigh=sel is None and weight is not None, pipe=pipe > 0,
-                                 every=every, mma=mma)
+                                 every=every)
         if kern is not None:
-            if mma:                             # warps loop over their row's groups, mma at a time
-                nb = max(1, min(triton.cdiv(MG, threads // 32 * mma), _sms(q.device) * minb // (B * H)))
-            else:
-                gpb = threads // (group // 8 // wpt)
-                nb = triton.cdiv(MG, gpb)           # blocks a row (PIPE: as many as are resident at once, looping)
-                if pipe:
-                    nb = max(1, min(nb, pipe if pipe > 1 else _sms(q.device) * minb // (B * H)))
+            gpb = threads // (group // 8 // wpt)
+            nb = triton.cdiv(MG, gpb)           # blocks a row (PIPE: as many as are resident at once, looping)
+            if pipe:
+                nb = max(1, min(nb, pipe if pipe > 1 else _sms(q.device) * minb // (B * H)))
             idx, tau = sel if sel is not None else (npos, out)        # not read: the kernel chooses
             w = weight.float().contiguous() if sel is None and weight is not None else out   # out: not read
             kern(grid=(nb, B * H, 1), block=(threads, 1, 1),
