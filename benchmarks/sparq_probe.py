@@ -24,11 +24,12 @@ def main():
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--channels", type=float, default=0.125)
     ap.add_argument("--reps", type=int, default=200)
-    ap.add_argument("--variants", default="4:4,8:2,8:4,16:4,16:8,32:8", help="block_p:warps,...")
+    ap.add_argument("--variants", default="4:4,8:2,8:4,16:4,16:8,32:8", help="block_p:warps,... (empty: none)")
     ap.add_argument("--cvts", default="0,1,2", help="code-to-fp16 conversions to time (quest_sparq CVT)")
     ap.add_argument("--cuda", default="1:1:256:0,2:1:256:1,4:1:256:0,4:1:256:1,8:1:256:1",
                     help="CUDA score launches to time, wpt:minb:threads[:vec[:choose[:pipe]]],... "
-                         "(quest_sparq.parse_launch; choose is ignored: these rows take `prepare`'s choice)")
+                         "(quest_sparq.parse_launch; choose is ignored: these rows take `prepare`'s choice); "
+                         "empty: none")
     ap.add_argument("--cuda-choose", default="4:1:256:1,4:2:256:1",
                     help="CUDA score launches to time with the channel choice in the kernel (no `prepare`), as --cuda")
     ap.add_argument("--copies", type=int, default=4,
@@ -60,7 +61,7 @@ def main():
     def each(fn):   # fn(sk, sz) on every copy: the time of one is the call's / copies
         return lambda: [fn(k, z) for k, z in zip(sks, szs)]
 
-    for cfg in a.cuda.split(","):
+    for cfg in filter(None, a.cuda.split(",")):
         wpt, minb, nt, vec, pipe = (qs.parse_launch(cfg)[i] for i in (0, 1, 2, 3, 5))
         us = graph_time(each(lambda k, z: qs.sparq_group_scores(q, k, z, n, sel, rank="max", impl="cuda", wpt=wpt,
                                                                 minb=minb, threads=nt, vec=vec, pipe=pipe,
@@ -68,7 +69,7 @@ def main():
         rows.append(dict(rank="max", what=f"score cuda {cfg}", block_p=0, warps=nt // 32,
                          us=round(us, 1), TBps=round(nbytes / us / 1e6, 2)))
     w = torch.rand(1, H, D, device=dev, generator=gen) + 0.5
-    for cfg in a.cuda_choose.split(","):   # the channels picked in every block of the score (no `prepare`)
+    for cfg in filter(None, a.cuda_choose.split(",")):   # the channels picked in every block (no `prepare`)
         wpt, minb, nt, vec, pipe = (qs.parse_launch(cfg)[i] for i in (0, 1, 2, 3, 5))
         us = graph_time(each(lambda k, z: qs.sparq_group_scores(q, k, z, n, None, rank="max", impl="cuda", wpt=wpt,
                                                                 minb=minb, threads=nt, vec=vec, pipe=pipe, weight=w,
@@ -76,7 +77,7 @@ def main():
         rows.append(dict(rank="max", what=f"score cuda {cfg} + choice (weighed)", block_p=0, warps=nt // 32,
                          us=round(us, 1), TBps=round(nbytes / us / 1e6, 2)))
     for rank in ("max", "mass"):
-        for v in a.variants.split(","):
+        for v in filter(None, a.variants.split(",")):
             bp, w = (int(x) for x in v.split(":"))
             runs = [(0, int(c), int(st)) for st in a.stacks.split(",") for c in a.cvts.split(",")] + [(1, 0, 0)]
             for probe, cvt, st in runs:
