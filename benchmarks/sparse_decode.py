@@ -242,7 +242,9 @@ def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32
     """`kv4+quest`'s sparse layer piece by piece (each in its own CUDA graph): write (append + flush
     into the packed storage), bounds (RoPE + page min/max fold, one kernel), score, select, attend (the
     paged packed kernel + merge) and its launch variants (`attend_s{splits}w{warps}_us`: splits a row,
-    warps of the fast launch);
+    warps of the fast launch); `floor_us`: a graph of one 4-byte fill, what replaying a graph costs by itself.
+    A piece of one small kernel reads mostly that floor (the write: ~14 µs here against 1.5 µs of kernel in
+    the step's --profile, BENCHMARKS.md issue 5, session 27): the step's profile gives the kernels' own times.
     `attend_err`: the kernel against `quant_reference.quant_paged_attention` on this very cache."""
     from longkv.kernels import quant_paged as qp
     from longkv.kernels import quant_reference as qref
@@ -258,7 +260,9 @@ def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32
         scores, npos = kq.group_scores(q, kd["scale"], kd["zero"], pos + 1, **gk)
         table, nsel, _ = kq.select_pages(scores, cache.k_pages, npos, page=P, row_pages=MG)
         args = (q, kd, vd, st.kf[layer], st.vf[layer], pos + 1, table, nsel)
+        one = torch.zeros(1, device=dev)
         pieces = {
+            "floor_us": lambda: one.fill_(1.0),
             "write_us": lambda: st.write(layer, k, v, pos=pos, cos=cos, sin=sin, slot=pos),
             "score_us": lambda: kq.group_scores(q, kd["scale"], kd["zero"], pos + 1, **gk),
             "select_us": lambda: kq.select_pages(scores, cache.k_pages, npos, page=P, row_pages=MG),
@@ -307,7 +311,9 @@ def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32
     args = (q, st.kq[layer], st.vq[layer], st.kf[layer], st.vf[layer], pos + 1, table, nsel, last)
     kw = dict(row_pages=cache.max_pages, page=P, bits=st.bits, group=st.g, vgroup=st._vg(layer), sink=st.S,
               window=st.W, scale=s.scale)
+    one = torch.zeros(1, device=dev)
     pieces = {
+        "floor_us": lambda: one.fill_(1.0),
         "write_us": lambda: st.write(layer, k, v, pos=pos, cos=cos, sin=sin, slot=pos),
         "bounds_us": lambda: kq.append_token(k, v, cos, sin, pos, None, None, mn, mx, page=P),
         "score_us": lambda: kq.page_scores(q, mn, mx, pos, page=P, sink=1, recent=cache.recent),
