@@ -242,9 +242,10 @@ def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32
     """`kv4+quest`'s sparse layer piece by piece (each in its own CUDA graph): write (append + flush
     into the packed storage), bounds (RoPE + page min/max fold, one kernel), score, select, attend (the
     paged packed kernel + merge) and its launch variants (`attend_s{splits}w{warps}_us`: splits a row,
-    warps of the fast launch); `floor_us`: a graph of one 4-byte fill, what replaying a graph costs by itself.
-    A piece of one small kernel reads mostly that floor (the write: ~14 µs here against 1.5 µs of kernel in
-    the step's --profile, BENCHMARKS.md issue 5, session 27): the step's profile gives the kernels' own times.
+    warps of the fast launch); `floor_us`: a graph of one 4-byte fill, what replaying a graph costs by itself
+    (the host's replay rate when the GPU work is shorter). A piece shorter than that floor reads the floor: the
+    write read 14.2 µs on an H200 (session 24) where the step's --profile has its kernel at 1.5 µs (BENCHMARKS.md,
+    issue 5, session 27); the step's profile gives the kernels' own times.
     `attend_err`: the kernel against `quant_reference.quant_paged_attention` on this very cache."""
     from longkv.kernels import quant_paged as qp
     from longkv.kernels import quant_reference as qref
