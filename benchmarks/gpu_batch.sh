@@ -189,9 +189,10 @@
 # WINDOWS=128 CHANNELS=0.25] (-2.6 ± 2.2), [the same with EXTRA adding kv4] (kv4 alone -2.0 ± 1.8); the folder is
 # kept as benchmarks/grids/fastgrid-smollm2-135m-8k.tgz (RESUME= it: another 4-bit storage on the same 633 cells
 # costs ~4 min, e.g. EXTRA="quest:ratio=0.875,rerank=8 kv4 quant:bits=4,group=32,prerope=0 quant:bits=4").
-# The next calls: that kv4-variants grid (is the storage's 2-point loss on smollm2 its 64-token key groups?); an
-# H200 for the every-step quarter at 32 layers (`every512`); `cells` needs gemma3's bundle, which is no longer
-# staged here (rebuild it as the comment at the top of device_setup.sh says).
+# (answer_logprob.py on CPU then found kv4's 64-token groups, 32-token groups and the pre-RoPE layout lower the
+# answers alike: that grid is not worth a call.) The next calls: an H200 for the every-step quarter at 32 layers
+# (`every512`); `cells` needs gemma3's bundle, which is no longer staged here (rebuild it as the comment at the top
+# of device_setup.sh says).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
