@@ -129,8 +129,9 @@ RECIPES = [
     ("kv4", "4-bit keys and values in KIVI's layout, the fastest decode of the quantized caches (figures: its "
             "entry above)"),
     ("quest:ratio=0.875,rerank=8", "reads 1/8 of the pages a step, keeps every token in bf16; 1.3x full's "
-                                   "decode at 512K; at 8x on gemma3, -0.6 ± 1.2 points against full over "
-                                   "528 paired RULER-style cells at 16K, +0.2 ± 1.3 over 446 at 32K"),
+                                   "decode at 512K; at 8x, against full over paired RULER-style cells: "
+                                   "gemma3 -0.6 ± 1.2 points (528 at 16K), +0.2 ± 1.3 (446 at 32K); smollm2 "
+                                   "-0.6 ± 1.4 (633 at 8K)"),
     ("kv4:window=1024+quest:ratio=0.875,groups=1,channels=0.125,rank=max,weigh=1",
      "prompts of 32K+: reads 1/8 of the 4-bit key groups a step, ~3x full's decode at 512K (8B shape), 0.41x "
      "its KV; the fp window counts toward the budget, so below 32K use kv4's own (kv4+quest:...). An eighth "

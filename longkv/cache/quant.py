@@ -325,7 +325,9 @@ _preset("kv4", "4-bit KV = quant:bits=4,group=64,prerope=0 (KIVI's layout, Liu e
                "recent tokens in full precision; 4.5 bits/element at head dim 64 (4.38 at 128) beyond the fp "
                "window. The decode kernel folds the key scale into q and feeds the codes to the tensor cores "
                "(CUDA; H200, Llama-3-8B shape: 0.69x of bf16 full's ms/token at 128K, 0.50x at 512K); ppl "
-               "+0.08 % at 2K and +0.06 % at 8K on smollm2-135m; the same needles as full. KVQuant's pre-RoPE "
+               "+0.08 % at 2K and +0.06 % at 8K on smollm2-135m; the same needles as full, but -2.0 ± 1.8 "
+               "points on its RULER-style tasks at 8K (633 cells; 4 bits itself: the other layouts alike). "
+               "KVQuant's pre-RoPE "
                "keys are quant:bits=4 (+0.04 % / +0.09 %, but every key rotated in the kernel: 1.45x of full at "
                "128K)",
         bits=4, prerope=False)
@@ -335,13 +337,12 @@ _preset("kv3", "3-bit KV = quant:bits=3,group=64: KVQuant's layout, keys per cha
         bits=3)
 _preset("kv2", "2-bit KV = quant:bits=2,group=16,prerope=0 (KIVI's layout, as kv4): 16-token key groups "
                "after RoPE, one value range per token, no outliers (the CUDA kernel's layout); 3.25 "
-               "bits/element beyond the fp window; ppl +6.2 % at 2K, +6.5 % at 8K on smollm2-135m; 0.73x of bf16 "
-               "full's ms/token "
-               "at 128K, 0.56x at 512K (H200, 8B shape; 32-token groups, quant:bits=2,group=32,prerope=0: "
-               "0.71x / 0.51x, 2.75 bits, ppl +8.8 %); finds 7 of the 14 needles full finds on smollm2-135m "
-               "at 2K-7K (kv4: all 14). KVQuant's 2-bit layout, quant:bits=2,group=32,vgroup=32,outliers=0.01 "
-               "(pre-RoPE keys, 1 % outliers): ppl +4.8 % / +8.5 %, 3.38 bits, 4 needles of the 15 where this finds 7, "
-               "and the Triton kernel, slower than full",
+               "bits/element beyond the fp window; ppl +6.2 % at 2K, +6.5 % at 8K on smollm2-135m; 0.73x of "
+               "bf16 full's ms/token at 128K, 0.56x at 512K (H200, 8B shape; 32-token groups, "
+               "quant:bits=2,group=32,prerope=0: 0.71x / 0.51x, 2.75 bits, ppl +8.8 %); finds 7 of the 14 "
+               "needles full finds on smollm2-135m at 2K-7K (kv4: all 14). KVQuant's 2-bit layout, "
+               "quant:bits=2,group=32,vgroup=32,outliers=0.01 (pre-RoPE keys, 1 % outliers): ppl +4.8 % / "
+               "+8.5 %, 3.38 bits, 4 needles of the 15 where this finds 7, and the Triton kernel, slower than full",
         bits=2, group=16, prerope=False)
 _preset("kivi4", "= kv4 (quant:bits=4,group=64,prerope=0) under the paper's name (KIVI, Liu et al. 2024): keys "
                  "per channel after RoPE, values per token",

@@ -67,10 +67,11 @@ window leaves half the groups to select. So a larger window is for prompts of 32
 
 Where it stands (BENCHMARKS.md, issue 5, "Where Quest stands" and sessions 13-24): on the 8B shape at
 512K and 1/8, `kv4+quest:ratio=0.875,groups=1,channels=0.125,rank=max,weigh=1` decodes at 2.96-3.08x of
-full (H200, side by side) and `channels=0.25` at 2.77x (2.92x on an H100 at 16 layers, 3.13x with
-every=2); on gemma3-270m (head dim 256) at 16K and 8x, over 528 paired cells, `channels=0.25` is -1.8 ±
+full (H200, side by side) and `channels=0.25` at 2.77x (2.92x and 3.02x on two H100s at 16 layers, 3.13x
+with every=2); on gemma3-270m (head dim 256) at 16K and 8x, over 528 paired cells, `channels=0.25` is -1.8 ±
 1.8 points against full (every=2: -3.2 ± 1.7), `channels=0.125` -6.7 ± 3.8 (264 cells), and plain
 `quest:ratio=0.875,rerank=8` -0.6 ± 1.2 (+0.2 ± 1.3 at 32K, 446 cells). So on head dim 256 use a quarter.
+On smollm2-135m at 8K (633 cells) the quarter is -2.6 ± 2.2, of which its 4-bit storage alone (`kv4`) is -2.0 ± 1.8.
 
 `nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy
 (and with weigh=1 the per-channel sums and weights).
