@@ -52,9 +52,6 @@ def main() -> None:
     ap.add_argument("--minb", type=int, default=0)
     ap.add_argument("--cw", type=int, default=1)
     ap.add_argument("--paged", action="store_true", help="the Quest-over-key-groups variant (reads via a table)")
-    ap.add_argument("--spf", type=int, default=0, help="paged: the groups' scale/zero rows by cp.async (quant_cuda.PAGED_SPF)")
-    ap.add_argument("--tpf", type=int, default=0, help="paged: the tile this many ahead into L2 (quant_cuda.PAGED_TPF)")
-    ap.add_argument("--nbuf", type=int, default=2, help="paged: tiles of words in registers (quant_cuda.PAGED_NBUF)")
     ap.add_argument("--dump", action="store_true", help="print each row's statistics as it is made")
     a = ap.parse_args()
     lib = ctypes.CDLL(os.path.join(a.nvrtc, "libnvrtc.so.12"))
@@ -66,7 +63,7 @@ def main() -> None:
             for tile in map(int, a.tile.split(",")):
                 group = 64 if bits == 4 else 16
                 src = qc.defines(D=D, bits=bits, group=group, G=a.g, sink=4, ring=128 + 2 * group, bf16=True, tile=tile,
-                                 gpf=a.gpf, minb=a.minb, cw=a.cw, paged=a.paged, spf=a.spf, tpf=a.tpf, nbuf=a.nbuf) + qc.source()
+                                 gpf=a.gpf, minb=a.minb, cw=a.cw, paged=a.paged) + qc.source()
                 r = cubin_stats(nvrtc_cubin(lib, src, a.arch), func="kivi_attn")
                 if a.dump:
                     print(r)

@@ -295,10 +295,6 @@ def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32
         for n in (12, 16) if dev.type == "cuda" else ():   # programs an SM the registers must allow
             pieces[f"attend_minb{n}_us"] = functools.partial(qc.paged_attention, *args, row_pages=MG, minb=n,
                                                              scale=s.scale, **gk)
-        for spf, tpf, nb, mb in ((1, 0, 2, None), (1, 1, 2, None), (0, 0, 3, 0), (1, 0, 3, 0)) if dev.type == "cuda" else ():
-            # the paged kernel's prefetches: group rows by cp.async, the tile after next into L2, three tile buffers
-            pieces[f"attend_spf{spf}tpf{tpf}nbuf{nb}_us"] = functools.partial(
-                qc.paged_attention, *args, row_pages=MG, spf=spf, tpf=tpf, nbuf=nb, minb=mb, scale=s.scale, **gk)
         if dev.type == "cuda":   # the full-precision splits alone (no group listed)
             pieces["attend_fp_only_us"] = functools.partial(qc.paged_attention, *args[:7], torch.zeros_like(nsel),
                                                             row_pages=MG, scale=s.scale, **gk)
@@ -308,8 +304,6 @@ def quest_storage_breakdown(model, cache, layer: int, dev, reps: int, splits=(32
         out = {name: round(graph_time(fn, reps, dev) * 1e3, 1) for name, fn in pieces.items()}
         want = qref.quant_group_attention(*args, row_pages=MG, vgroup=st._vg(layer), scale=s.scale, **gk)
         out["attend_err"] = float(f"{(pieces['attend_us']().float() - want.float()).abs().max().item():.2e}")
-        for key in [k for k in pieces if k.startswith("attend_spf")]:
-            out[key[:-3] + "_err"] = float(f"{(pieces[key]().float() - want.float()).abs().max().item():.2e}")
         out["groups_read"] = cache.k_pages
         return out
     mn, mx = cache.pmin[layer], cache.pmax[layer]
@@ -383,11 +377,9 @@ def main():
     ap.add_argument("--profile", action="store_true", help="GPU: each row's decode-step kernels, by cost")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel breakdown of one layer")
     ap.add_argument("--paged-launches", default="",
-                    help="kv4+quest rows: re-time the step with the paged attention at cw:frac[:minb[:spf[:tpf[:nbuf]]]],"
-                         "... (warps a program, splits as a share of one wave, minimum programs an SM, the group rows by "
-                         "cp.async, the tile this many ahead into L2, tile buffers: quant_cuda.PAGED_CW / PAGED_FRAC / "
-                         "PAGED_MINB / PAGED_SPF / PAGED_TPF / PAGED_NBUF, the default where left out), e.g. "
-                         "2:1,1:0.5,1:1:0,1:1:16:1:1,1:1:0:1:0:3")
+                    help="kv4+quest rows: re-time the step with the paged attention at cw:frac[:minb],... (warps a "
+                         "program, splits as a share of one wave, minimum programs an SM: quant_cuda.PAGED_CW / "
+                         "PAGED_FRAC / PAGED_MINB, the default where left out), e.g. 2:1,1:0.5,1:1:0")
     ap.add_argument("--selects", default="",
                     help="+quest rows: also time each of these page selects as the default, e.g. block,cluster")
     ap.add_argument("--cuda-launches", default="",
@@ -450,10 +442,9 @@ def main():
                 if "+quest" in label and a.paged_launches:     # the paged attention's warps, splits, register cap
                     from longkv.kernels import quant_cuda as qc
                     for launch in a.paged_launches.split(","):
-                        f = launch.split(":")   # cw:frac[:minb[:spf[:tpf[:nbuf]]]], the defaults where left out
-                        f += [str(x) for x in (qc.PAGED_MINB, qc.PAGED_SPF, qc.PAGED_TPF, qc.PAGED_NBUF)][len(f) - 2:]
-                        retime(f"ms paged {launch}", qc, PAGED_CW=int(f[0]), PAGED_FRAC=float(f[1]),
-                               PAGED_MINB=int(f[2]), PAGED_SPF=int(f[3]), PAGED_TPF=int(f[4]), PAGED_NBUF=int(f[5]))
+                        cw, frac, minb = (launch.split(":") + [str(qc.PAGED_MINB)])[:3]   # no minb: the default's
+                        retime(f"ms paged {launch}", qc, PAGED_CW=int(cw), PAGED_FRAC=float(frac),
+                               PAGED_MINB=int(minb))
                 if "+quest" in label and a.selects:             # the page select's default (page_select.py)
                     from longkv.kernels import page_select as ps
                     for method in a.selects.split(","):

@@ -1,7 +1,6 @@
 // Decode attention over KIVI-layout packed KV, one layer: the CUDA source of `quant_cuda.py` (see its
 // docstring for the design and the figures). Compiled by NVRTC with a block of #defines in front
-// (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, GPF, MINB, CW, PAGED, SPF, TPF, NBUF;
-// then
+// (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, GPF, MINB, CW, PAGED; then
 // ptx.cuh (the shared typedefs and PTX helpers), then this file.
 struct alignas(16) U4 { u32 x, y, z, w; };
 struct alignas(8) U2 { u32 x, y; };
@@ -34,33 +33,6 @@ template <int N> __device__ __forceinline__ void ldw(u32* dst, const u32* src) {
   } else if (N == 2) { U2 v = *(const U2*)src; dst[0] = v.x; dst[1] = v.y; }
   else { dst[0] = src[0]; }
 }
-
-#if SPF
-/* a key group's scale and zero rows (D fp16 each) into one of this warp's two shared slots by cp.async, one 16-byte
-   chunk a lane (D/4 chunks: the scale row's D/8, then the zero row's), so the group's rebuild reads them from shared
-   memory instead of waiting a DRAM latency at its first tile (ncu, H100, 512K at 1/8: 18 % of the paged kernel's
-   stall samples were the rebuild's PRMTs waiting on these two rows) */
-__device__ __forceinline__ void stats_async(u16* dst, const u16* ks_row, const u16* kz_row, int lane) {
-  const u32 s = (u32)__cvta_generic_to_shared(dst);
-#pragma unroll
-  for (int c = lane; c < D / 4; c += 32) {
-    const u16* src = c < D / 8 ? ks_row + 8 * c : kz_row + 8 * (c - D / 8);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(s + 16 * c), "l"(src));
-  }
-}
-__device__ __forceinline__ void stats_commit() { asm volatile("cp.async.commit_group;"); }
-#endif
-#if TPF
-/* the tile TPF tiles ahead into L2: lanes 0-7 its key rows, 8-15 its value rows (128 bytes each a lane at D 128,
-   4 bits), 16-17 its value scale and zero */
-__device__ __forceinline__ void tile_l2(const u32* kp, const u32* vp, const u16* vs, const u16* vz, int tok, int lane) {
-  const int lines = TILE * W * 4 / 128;        /* 128-byte lines of a tile's key (or value) rows */
-  const char* a = lane < lines ? (const char*)(kp + (i64)tok * W) + 128 * lane
-                : lane < 2 * lines ? (const char*)(vp + (i64)tok * W) + 128 * (lane - lines)
-                : lane == 2 * lines ? (const char*)(vs + tok) : (const char*)(vz + tok);
-  if (lane <= 2 * lines + 1) asm volatile("prefetch.global.L2 [%0];" :: "l"(a));
-}
-#endif
 
 struct Buf { u32 k[SUB][2][KW]; u32 v[SUB][4][VW]; u16 vs[SUB][2]; u16 vz[SUB][2]; };
 
@@ -171,21 +143,12 @@ __device__ __forceinline__ u32 raw(u32 w, int bit) {
 #define TH 8.f                                         /* lazy rescaling: weights up to 2^TH */
 
 __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end, const u32* qsm, int lane,
-                                     const u16* ks, const u16* kz, int t, float sl2, const u16* gs) {
+                                     const u16* ks, const u16* kz, int t, float sl2) {
 #pragma unroll
   for (int u = 0; u < SUB; u++) {
     const int tok = t0 + 16 * u;
     if (tok >= end) break;
-#if SPF   /* the group's rows are in this tile's shared slot (gs: this thread's part of the scale row; the zero row
-            follows at + D): all but the newest NBUF - 1 cp.async groups (the next tiles') are complete */
-    if (tok % GROUP == 0) {
-      asm volatile("cp.async.wait_group %0;" :: "n"(NBUF - 1) : "memory");
-      __syncwarp();
-      group_stats(st, qsm, gs, gs + D, lane);
-    }
-#else
     if (tok % GROUP == 0) group_stats(st, qsm, ks + (i64)(tok / GROUP) * D, kz + (i64)(tok / GROUP) * D, lane);
-#endif
     /* scores: rows = tokens g, g + 8; columns = queries 2t, 2t + 1; two chains of MMAs */
     float s4[4] = {0.f, 0.f, 0.f, 0.f}, r4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -402,68 +365,21 @@ extern "C" __global__ void BOUNDS kivi_attn(
 #pragma unroll
   for (int s = 0; s < KSTEPS; s++) { st.qf[s][0] = st.qf[s][1] = 0u; }
 
-#if SPF   /* (paged only) a group's scale/zero rows go to shared memory with its first tile's loads: NSLOT slots a
-            warp, by the run's group (v / GROUP); one cp.async group committed every load step, empty or not */
-#define NSLOT (NBUF == 3 ? 4 : 2)
-  __shared__ __align__(16) u16 gst_all[CW][NSLOT][2 * D];
-  u16* gsm = &gst_all[wq][0][0];
-#define PRE(v) do { const int p_ = TOK(v); if (p_ % GROUP == 0) { __syncwarp(); \
-    stats_async(gsm + ((v) / GROUP & (NSLOT - 1)) * 2 * D, ks - t * (D / 4) + (i64)(p_ / GROUP) * D, \
-                kz - t * (D / 4) + (i64)(p_ / GROUP) * D, lane); } } while (0)
-#define COMMIT() stats_commit()
-#define GS(v) (gsm + ((v) / GROUP & (NSLOT - 1)) * 2 * D + t * (D / 4))
-#else
-#define PRE(v) do {} while (0)
-#define COMMIT() do {} while (0)
-#define GS(v) ((const u16*)0)
-#endif
-#if TPF   /* (paged only) the tile after next into L2 as the next one's loads go out */
-#define AHEAD(v) do { if ((v) + TPF * TILE < end) tile_l2(kp, vp, vs, vz, TOK((v) + TPF * TILE), lane); } while (0)
-#else
-#define AHEAD(v) do {} while (0)
-#endif
   Buf A, B;     /* double buffer: the next tile's words load while this one is computed */
-#if NBUF == 3
-  Buf C;        /* (paged only) triple: the next two tiles' words in flight */
-#endif
-  if (start < end) { load(A, kp, vp, vs, vz, ks, kz, TOK(start), LIM, g, t); PRE(start); }
-  COMMIT();
-#if NBUF == 3
-  if (start + TILE < end) { load(B, kp, vp, vs, vz, ks, kz, TOK(start + TILE), LIM, g, t); PRE(start + TILE); }
-  COMMIT();
-#endif
+  if (start < end) load(A, kp, vp, vs, vz, ks, kz, TOK(start), LIM, g, t);
 #if PAGED
   if (start < end && start % GROUP) {    /* the run starts inside a group */
     const i64 r = (i64)(TOK(start) / GROUP) * D;
     group_stats(st, qsm, ks + r, kz + r, lane);
   }
 #endif
-#if NBUF == 3
-#define STEP3(X, Y, o) \
-    if (t0 + (o + 2) * TILE < end) { \
-      load(Y, kp, vp, vs, vz, ks, kz, TOK(t0 + (o + 2) * TILE), LIM, g, t); PRE(t0 + (o + 2) * TILE); \
-    } \
-    COMMIT(); \
-    tile(st, X, TOK(t0 + o * TILE), LIM, qsm, lane, ks, kz, t, sl2, GS(t0 + o * TILE)); \
-    if (t0 + (o + 1) * TILE >= end) break;
-  for (int t0 = start; t0 < end; t0 += 3 * TILE) {
-    STEP3(A, C, 0)
-    STEP3(B, A, 1)
-    STEP3(C, B, 2)
-  }
-#else
   for (int t0 = start; t0 < end; t0 += 2 * TILE) {
-    if (t0 + TILE < end) { load(B, kp, vp, vs, vz, ks, kz, TOK(t0 + TILE), LIM, g, t); PRE(t0 + TILE); AHEAD(t0 + TILE); }
-    COMMIT();
-    tile(st, A, TOK(t0), LIM, qsm, lane, ks, kz, t, sl2, GS(t0));
+    if (t0 + TILE < end) load(B, kp, vp, vs, vz, ks, kz, TOK(t0 + TILE), LIM, g, t);
+    tile(st, A, TOK(t0), LIM, qsm, lane, ks, kz, t, sl2);
     if (t0 + TILE >= end) break;
-    if (t0 + 2 * TILE < end) {
-      load(A, kp, vp, vs, vz, ks, kz, TOK(t0 + 2 * TILE), LIM, g, t); PRE(t0 + 2 * TILE); AHEAD(t0 + 2 * TILE);
-    }
-    COMMIT();
-    tile(st, B, TOK(t0 + TILE), LIM, qsm, lane, ks, kz, t, sl2, GS(t0 + TILE));
+    if (t0 + 2 * TILE < end) load(A, kp, vp, vs, vz, ks, kz, TOK(t0 + 2 * TILE), LIM, g, t);
+    tile(st, B, TOK(t0 + TILE), LIM, qsm, lane, ks, kz, t, sl2);
   }
-#endif
   float l0 = st.l0, l1 = st.l1, z0 = st.z0, z1 = st.z1, w0 = st.p0, w1 = st.p1;
 #pragma unroll
   for (int o = 4; o < 32; o <<= 1) {

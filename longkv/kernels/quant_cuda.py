@@ -82,10 +82,6 @@ MINB = 0           # __launch_bounds__ minimum programs an SM (0 = the compiler'
 # (no spills, ptxas 12.9): 512K at 1/8, H200, 7.014 -> 6.966 ms a step (3 calls: 0.5-0.7 %). Applied only to
 # 4 bits at D <= 128: D 256 (252 registers) and 2 bits (136) spill under the cap.
 PAGED_CW, PAGED_FRAC, PAGED_MINB = 1, 1.0, 16
-# the paged kernel's prefetches: SPF, a new group's scale/zero rows into shared memory by cp.async with its first
-# tile's loads (else read from global at that tile); TPF, the tile that many tiles ahead into L2 (0 = off)
-PAGED_SPF, PAGED_TPF = 0, 0
-PAGED_NBUF = 2     # the paged kernel's tiles of words in registers: 2 (the next one in flight) or 3 (the next two)
 _MODULES: dict = {}
 
 
@@ -96,8 +92,7 @@ def source() -> str:
 
 
 def defines(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
-            gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False,
-            spf: int = 0, tpf: int = 0, nbuf: int = 2) -> str:
+            gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False) -> str:
     """The #defines of one compiled layout (window = ring - 2·group, as the cache sizes its ring); tile:
     tokens a loop step; gpf: the key
     group statistics into L1 this many tiles ahead (0 = off; always off when paged: the next listed group's
@@ -107,16 +102,14 @@ def defines(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
                TILE=tile or TILE,
                GPF=0 if paged else gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)),
-               MINB=MINB if minb is None else minb, CW=CW if cw is None else cw, PAGED=int(paged),
-               SPF=int(bool(spf) and paged), TPF=int(tpf) if paged else 0, NBUF=int(nbuf) if paged else 2)
+               MINB=MINB if minb is None else minb, CW=CW if cw is None else cw, PAGED=int(paged))
     return "".join(f"#define {k} {v}\n" for k, v in cfg.items())
 
 
-def smem_bytes(*, D: int, G: int, cw: int, spf: int = 0, nbuf: int = 2) -> int:
-    """Static shared memory of a program: the query fragments (2 arrays of D/8 words a lane, a warp),
-    for several warps a program their partial results, and with spf two groups' scale/zero rows a warp."""
-    slots = 4 if nbuf == 3 else 2
-    return cw * 2 * (D // 8) * 32 * 4 + (cw * G * (D + 1) * 4 if cw > 1 else 0) + (cw * slots * 2 * D * 2 if spf else 0)
+def smem_bytes(*, D: int, G: int, cw: int) -> int:
+    """Static shared memory of a program: the query fragments (2 arrays of D/8 words a lane, a warp) and,
+    for several warps a program, their partial results."""
+    return cw * 2 * (D // 8) * 32 * 4 + (cw * G * (D + 1) * 4 if cw > 1 else 0)
 
 
 def supported(q: torch.Tensor, kq: dict, *, bits: int, group: int, vgroup: int, prerope: bool,
@@ -182,8 +175,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
                     sink: int, window: int, scale: float, splits: int | None = None, cw: int | None = None,
-                    minb: int | None = None, frac: float | None = None, spf: int | None = None, tpf: int | None = None,
-                    nbuf: int | None = None, parts: bool = False):
+                    minb: int | None = None, frac: float | None = None, parts: bool = False):
     """Quest over key groups (`cache/select/quest_storage.py`): as `decode_attention`, but of the quantized
     region only the key groups listed in `table` (B·Hkv, K) int32 (global ids bh·row_pages + group index,
     ascending and inside the packed region, as `select_pages` over `kernels/quest.py: group_scores` lists
@@ -196,13 +188,12 @@ def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_p
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
                    splits=splits, cw=PAGED_CW if cw is None else cw, parts=parts,
                    minb=(PAGED_MINB if bits == 4 and q.shape[-1] <= 128 else 0) if minb is None else minb,
-                   frac=PAGED_FRAC if frac is None else frac, spf=PAGED_SPF if spf is None else spf,
-                   tpf=PAGED_TPF if tpf is None else tpf, nbuf=PAGED_NBUF if nbuf is None else nbuf,
+                   frac=PAGED_FRAC if frac is None else frac,
                    paged=(table, nsel.reshape(-1).expand(table.shape[0]).contiguous(), row_pages))
 
 
 def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, splits=None, tile=None, gpf=None,
-            minb=None, cw=None, parts=False, paged=None, frac=1.0, spf=0, tpf=0, nbuf=2):
+            minb=None, cw=None, parts=False, paged=None, frac=1.0):
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
@@ -213,9 +204,9 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     length = length if length.dtype == torch.int64 else length.long()
     cap = kq["planes"][0].shape[2]
     cfg = defines(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
-                  gpf=gpf, minb=minb, cw=cw, paged=paged is not None, spf=spf, tpf=tpf, nbuf=nbuf)
+                  gpf=gpf, minb=minb, cw=cw, paged=paged is not None)
     warps = CW if cw is None else cw
-    if smem_bytes(D=D, G=G, cw=warps, spf=spf and paged is not None, nbuf=nbuf) > 48 * 1024:
+    if smem_bytes(D=D, G=G, cw=warps) > 48 * 1024:
         raise Unavailable(f"CUDA decode kernel: {warps} warps a program need more than 48 KiB of shared memory here")
     attn, mrg, slots = _kernels(cfg, warps)
     fps = -(-((sink + ring + 31) // 32) // warps)    # programs of the full-precision splits (FPC)
