@@ -12,6 +12,13 @@ whose every answer token is still the greedy choice ("kept") against full's coun
     python benchmarks/answer_logprob.py --model smollm2-135m --task niah_multikey_1 --length 8k --indices 0:24 \
         --chunk 8192 --spec kv4 --spec quant:bits=4,group=32,prerope=0 --spec quant:bits=4
 
+A spec `fq:...` is a diagnostic, not a cache of the package: the full cache with its keys and/or values
+fake-quantized as `kv4` stores them (quantized and dequantized in place as its 64-token groups fill past the 4 sink
+and 128 recent tokens; keys per channel after RoPE, values per token), to tell which half of a 4-bit cache moves
+the answers: `fq:k=4` (keys only), `fq:v=4` (values only), `fq:k=4,v=4` (both: the same numbers as `kv4` on a
+one-chunk prefill), `vrot=1` / `krot=1` (Hadamard-rotate values / keys before quantizing), `kg=16` (key groups of 16
+tokens), `ktok=1` (keys per token). The forced decode steps stay in full precision (they are inside the window).
+
 Prints a table and ends with one JSON line."""
 from __future__ import annotations
 
@@ -23,9 +30,53 @@ import torch
 from common import emit_json, parse_tokens, print_table
 from needle_margin import forced_logits
 
+from longkv.cache.full import FullCache
 from longkv.cache.spec import parse
 from longkv.evals import ruler
+from longkv.kernels import quant_reference as ref
 from longkv.llm import load
+
+
+class FakeQuant(FullCache):
+    """`fq:` specs (see the module docstring): `full`, with each layer's tokens quantized and dequantized in place
+    in 64-token groups once they are past `sink` + `window`, as `kv4` flushes them."""
+
+    def __init__(self, specs, *, k=0, v=0, vrot=0, krot=0, kg=64, ktok=0, group=64, sink=4, window=128, **kw):
+        super().__init__(specs, **kw)
+        self.kb, self.vb, self.vrot, self.krot, self.kg, self.ktok = k, v, vrot, krot, kg, ktok
+        self.g, self.sink, self.win = group, sink, window
+        self.done = [0] * len(specs)
+        self.H = ref.hadamard(specs[0].head_dim)
+
+    def _fq(self, x, bits, per_channel, group, rot):
+        D = x.shape[-1]
+        x = x @ self.H if rot else x
+        if per_channel:
+            x = ref.dequantize_keys(ref.quantize_keys(x, bits=bits, group=group), bits=bits, group=group, d=D)
+        else:
+            x = ref.dequantize_tokens(ref.quantize_tokens(x, bits=bits, vgroup=D), bits=bits, vgroup=D, d=D)
+        return x @ self.H if rot else x
+
+    def append(self, layer, k, v, step):
+        super().append(layer, k, v, step)
+        if self.ring[layer] is not None:     # sliding-window layers: as `kv4` keeps them, in full precision
+            return
+        new = self.g * max(0, (step.start + step.n - self.sink - self.win) // self.g)
+        lo, hi = self.sink + self.done[layer], self.sink + new
+        if hi > lo:
+            kk, vv = self.k[layer][:, :, lo:hi], self.v[layer][:, :, lo:hi]
+            if self.kb:
+                kk.copy_(self._fq(kk.float(), self.kb, not self.ktok, self.kg, self.krot))
+            if self.vb:
+                vv.copy_(self._fq(vv.float(), self.vb, False, self.g, self.vrot))
+            self.done[layer] = new
+
+
+def build(spec: str, model, **kw):
+    if spec.startswith("fq:"):
+        p = {a: int(b) for a, b in (x.split("=") for x in spec[3:].split(","))}
+        return FakeQuant(model.layer_specs(), **p, **kw)
+    return parse(spec).build(model.layer_specs(), **kw)
 
 
 def indices(text: str) -> list[int]:
@@ -72,7 +123,7 @@ def main():
         cap = ids.shape[1] + len(forced) + 8
         line = []
         for spec in specs:
-            kv = parse(spec).build(m.layer_specs(), batch=1, capacity=cap, device=llm.device, dtype=llm.dtype)
+            kv = build(spec, m, batch=1, capacity=cap, device=llm.device, dtype=llm.dtype)
             out, _ = forced_logits(m, kv, ids, forced, a.chunk)
             per[spec].append(answer_stats(out[None], forced))
             line.append(f"{spec} {per[spec][-1][0]:+.3f}{'' if per[spec][-1][1] else ' (lost)'}")

@@ -341,6 +341,16 @@ P
             --length 16k --chunk 16384 --device cuda --dtype bfloat16 $(printf -- '--index %s ' ${idx//,/ }) $sp
         done
       done ;;
+    src512)    # ncu's per-instruction counts and stall samples (SourceCounters) of one decode step's kernels in the
+               # quarter's row (ROW) at 512K, 4 layers (0-1 dense, 2-3 sparse): SASS as csv, one file a kernel, to read
+               # offline where the paged attention's and the score's cycles go
+      (cd benchmarks && timeout 360 ncu --clock-control none -k 'regex:kivi_attn|sparq_score' -c ${NCU_COUNT:-4} \
+         --section SourceCounters --section WarpStateStats --section SpeedOfLight -o "$OUT/src512" -f \
+         $PY sparse_decode.py --contexts 512k --layers 4 --no-breakdown --reps 2 \
+         --only "${ROW:-kv4+quest 1/8 sparq 0.25 weigh}") > "$OUT/src512_run.log" 2>&1
+      ncu --import "$OUT/src512.ncu-rep" --page details > "$OUT/src512.txt" 2>&1
+      ncu --import "$OUT/src512.ncu-rep" --page source --csv --print-source sass > "$OUT/src512_sass.csv" 2>&1
+      echo "src512: $(wc -l < "$OUT/src512_sass.csv") csv lines" >&2 ;;
     diag512)   # ncu of the 1/8 sparq row's kernels (layers 2-3 are sparse), then the report as text;
                # ROW: another sparse_decode.py row (e.g. "kv4+quest 1/8 sparq 0.25 weigh": the quarter, which needs
                # ~18 µs a sparse layer less for 3x on the H200)
