@@ -136,7 +136,7 @@ RECIPES = [
      "prompts of 32K+: reads 1/8 of the 4-bit key groups a step, ~3x full's decode at 512K (8B shape), 0.41x "
      "its KV; the fp window counts toward the budget, so below 32K use kv4's own (kv4+quest:...). An eighth "
      "of the channels is too few on gemma3 (head dim 256): -6.7 ± 3.8 points at 16K, needles missed "
-     "that channels=0.25 finds (-1.8 ± 1.8 over 528 cells; slower: 2.77x against 2.96x at 512K)"),
+     "that channels=0.25 finds (-1.8 ± 1.8 over 528 cells; slower: 2.8x against 2.96-2.98x at 512K)"),
 ]
 
 

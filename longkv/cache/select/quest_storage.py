@@ -57,21 +57,23 @@ on the steps between: `page_select.refresh`), so a CUDA graph replays one step f
 Triton) the fresh table is computed every step and taken only on the refresh steps. A group that completes
 between two refreshes is not read until the next one (its tokens have left the full-precision window).
 On gemma3-270m at 16K, 8x, a quarter of the channels, consecutive steps' tables share ~45 % of their groups
-(Jaccard, 6 cells, CPU). Measured (session 26): every 2 takes the quarter from 2.92x to 3.13x of full at
-512K (H100, 16 layers) but costs cells: -3.2 ± 1.7 points against full over 528 gemma3 16K cells, against
--1.8 ± 1.8 every step, mostly digits lost mid-number (the stale step needs a group the refresh did not rank).
+(Jaccard, 6 cells, CPU). Measured (sessions 26, 28): every 2 takes the quarter from 2.92x to 3.13x of full at
+512K (H100, 16 layers) and from 2.80x to 3.05x (H200, 32 layers) but costs cells: -3.2 ± 1.7 points against
+full over 528 gemma3 16K cells, against -1.8 ± 1.8 every step, mostly digits lost mid-number (the stale step
+needs a group the refresh did not rank).
 
 The storage's full-precision window (`quant:window`, 128 in kv4) holds the prompt's last tokens (the
 question and the answer template among them) and counts toward the budget: at 16K and 8x a 1,024-token
 window leaves half the groups to select. So a larger window is for prompts of 32K and more.
 
-Where it stands (BENCHMARKS.md, issue 5, "Where Quest stands" and sessions 13-24): on the 8B shape at
+Where it stands (BENCHMARKS.md, issue 5, "Where Quest stands" and sessions 13-28): on the 8B shape at
 512K and 1/8, `kv4+quest:ratio=0.875,groups=1,channels=0.125,rank=max,weigh=1` decodes at 2.96-3.08x of
-full (H200, side by side) and `channels=0.25` at 2.77x (2.92x and 3.02x on two H100s at 16 layers, 3.13x
-with every=2); on gemma3-270m (head dim 256) at 16K and 8x, over 528 paired cells, `channels=0.25` is -1.8 ±
-1.8 points against full (every=2: -3.2 ± 1.7), `channels=0.125` -6.7 ± 3.8 (264 cells), and plain
-`quest:ratio=0.875,rerank=8` -0.6 ± 1.2 (+0.2 ± 1.3 at 32K, 446 cells). So on head dim 256 use a quarter.
-On smollm2-135m at 8K (633 cells) the quarter is -2.6 ± 2.2, of which its 4-bit storage alone (`kv4`) is -2.0 ± 1.8.
+full (H200, side by side) and `channels=0.25` at 2.77-2.80x (2.92-3.05x on four H100s at 16 layers; 3.05x
+with every=2 on the H200); on gemma3-270m (head dim 256) at 16K and 8x, over 528 paired cells,
+`channels=0.25` is -1.8 ± 1.8 points against full (every=2: -3.2 ± 1.7), `channels=0.125` -6.7 ± 3.8 (264
+cells), and plain `quest:ratio=0.875,rerank=8` -0.6 ± 1.2 (+0.2 ± 1.3 at 32K, 446 cells). So on head dim 256
+use a quarter. On smollm2-135m at 8K (633 cells) the quarter is -2.6 ± 2.2, of which its 4-bit storage alone
+(`kv4`) is -2.0 ± 1.8, mostly its keys (BENCHMARKS.md, issue 4, session 28).
 
 `nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy
 (and with weigh=1 the per-channel sums and weights).
