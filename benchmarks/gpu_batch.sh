@@ -193,6 +193,15 @@
 # answers alike: that grid is not worth a call.) The next calls: an H200 for the every-step quarter at 32 layers
 # (`every512`); `cells` needs gemma3's bundle, which is no longer staged here (rebuild it as the comment at the top
 # of device_setup.sh says).
+# Session 28 (2026-12-06): on two H100s, [NCU_COUNT=6 src512 (new: SourceCounters as SASS csv) + the 512K breakdown at
+# 16 layers], [the paged kernel's prefetch variants: GPU tests + breakdown + --paged-launches], [the same for NBUF 3];
+# none faster (ba309a8 holds them, eca809e reverts). Then, after three refused H200 starts, one H200: [quant_cuda_probe
+# 64K + 512K at 32 layers: full, the eighth, the quarter], [the variants at 32 layers], [every512's tests and rows by
+# hand] (the quarter 2.80x, every 2 3.05x); and one more H100: [quant_decode.py 128k with 16/32-token key groups].
+# The next calls: a grid of `quant:bits=4,group=32,prerope=0` (and group=16) on smollm2 8K, RESUMEing the committed
+# folder ([copy part00], [copy part01; MODELS=smollm2-135m install <sha>; RESUME=benchmarks/grids/fastgrid-smollm2-
+# 135m-8k.tgz MODEL=smollm2-135m LENGTH=8k CHUNK=8192 SAMPLES=211 WINDOWS= EXTRA="quant:bits=4,group=32,prerope=0
+# quant:bits=4,group=16,prerope=0" GRID_LIMIT=450 fastgrid]): CPU log-probabilities put kv4's loss in its keys.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
