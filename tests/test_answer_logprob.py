@@ -6,23 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 from longkv.engine.prefill import prefill
-from longkv.models.load import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import answer_logprob as al  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tinyfq")
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    return load_model(path)
+def tiny(tiny_llama32):
+    return tiny_llama32
 
 
 def next_logits(model, spec, n=400):

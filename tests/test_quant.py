@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-import transformers
 
 from longkv.cache import spec as cache_spec
 from longkv.engine.prefill import prefill
@@ -13,7 +12,6 @@ from longkv.errors import UserError
 from longkv.kernels import quant as qk
 from longkv.kernels import quant_append
 from longkv.kernels import quant_reference as ref
-from longkv.models.load import load_model
 
 
 def gen(seed=0):
@@ -167,13 +165,8 @@ def test_append_flush_writes_the_channel_major_sketch(path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tinyq")
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    return load_model(path)
+def tiny(tiny_llama32):
+    return tiny_llama32
 
 
 def build(model, spec, cap):

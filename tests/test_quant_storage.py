@@ -27,14 +27,8 @@ FULL_BUDGET = {"snapkv": "snapkv:ratio=0", "streaming": "streaming:budget=1000",
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    # head dim 32: the packed Triton decode kernel runs (interpreter on the CPU)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tinyqs")
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    return load_model(path)
+def tiny(tiny_llama32):
+    return tiny_llama32
 
 
 def ids(n=60, seed=0):
