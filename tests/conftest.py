@@ -38,18 +38,24 @@ def tiny_gemma32(tmp_path_factory):
     return _tiny_gemma(tmp_path_factory, 32)
 
 
+def save_tiny_llama(tmp_path_factory, name: str, **cfg):
+    """A random Llama (vocab 97, intermediate 64, 2 layers, seed 0; `cfg` overrides) saved as a Hugging Face
+    folder; returns the folder."""
+    import torch
+    import transformers
+
+    cfg = dict(vocab_size=97, intermediate_size=64, num_hidden_layers=2) | cfg
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp(name)
+    transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**cfg)).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny_llama32(tmp_path_factory):
     """A tiny random Llama: 2 layers, GQA 4/2, head dim 32 (the packed Triton decode kernel runs, through the
     interpreter on the CPU)."""
-    import torch
-    import transformers
-
     from longkv.models.load import load_model
 
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_llama32")
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    return load_model(path)
+    return load_model(save_tiny_llama(tmp_path_factory, "tiny_llama32", hidden_size=128, num_attention_heads=4,
+                                      num_key_value_heads=2))

@@ -1,7 +1,7 @@
 """Engine invariants on a tiny random Llama: chunking, determinism, sampling, honest bytes, specs."""
 import pytest
 import torch
-import transformers
+from conftest import save_tiny_llama
 
 from longkv.cache import spec as cache_spec
 from longkv.cache.full import FullCache
@@ -14,12 +14,8 @@ from longkv.models.load import load_model
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=6, num_key_value_heads=2)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny")
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    return load_model(path)
+    return load_model(save_tiny_llama(tmp_path_factory, "tiny", hidden_size=48, num_attention_heads=6,
+                                      num_key_value_heads=2))
 
 
 def cache(model, cap=64):

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import transformers
+from conftest import save_tiny_llama
 
 from longkv.cache import spec as cache_spec
 from longkv.cache.registry import REGISTRY
@@ -20,11 +21,8 @@ CAP = 80
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
-                                   num_attention_heads=6, num_key_value_heads=2)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny")
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    path = save_tiny_llama(tmp_path_factory, "tiny", hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
+                           num_key_value_heads=2)
     (path / "duo_heads.json").write_text(json.dumps({"scores": [[0.1, 0.9], [0.5, 0.3], [0.2, 0.8]]}))
     return load_model(path), path
 
