@@ -76,6 +76,10 @@ def methods(ctx: int) -> list[tuple[str, str]]:
              f"quant:bits=4,window=1024+quest:budget={b8},groups=1,channels=0.125,rank=max,weigh=1"),
             # ... scored from a quarter of the channels (gemma3 32K multivalue: 32 of 256 miss a needle's group)
             ("kv4+quest 1/8 sparq 0.25 weigh", f"kv4+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1"),
+            # ... estimated from the query group's sum (qsum=1: one query a KV head, 1/G of the score's multiply-adds)
+            ("kv4+quest 1/8 sparq 0.25 weigh qsum",
+             f"kv4+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1,qsum=1"),
+            ("kv4+quest 1/8 sparq weigh qsum", f"kv4+quest:budget={b8},groups=1,channels=0.125,rank=max,weigh=1,qsum=1"),
             # ... choosing the groups every 2 / 4 decode steps and reading the same ones in between (every=K,
             # LServe's reusable page selector): decode_ms is the mean over K consecutive positions
             ("kv4+quest 1/8 sparq 0.25 weigh every2",
@@ -90,6 +94,9 @@ def methods(ctx: int) -> list[tuple[str, str]]:
             # score -2.7 ± 2.5 against -1.5 ± 2.9 on gemma3 16K's 264 cells: BENCHMARKS.md, session 24)
             ("kv4 g32+quest 1/8 sparq 0.25 weigh",
              f"kv4:group=32+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1"),
+            # ... over 16-token key groups (smollm2 8K: kv4 alone -0.6 ± 1.6 with them, -2.0 ± 1.8 with 64; session 29)
+            ("kv4 g16+quest 1/8 sparq 0.25 weigh",
+             f"kv4:group=16+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1"),
             ("kv4 g32+quest 1/8 sparq weigh",
              f"kv4:group=32+quest:budget={b8},groups=1,channels=0.125,rank=max,weigh=1"),
             ("snapkv 1/8", f"snapkv:budget={b8}"), ("snapkv 1/32", f"snapkv:budget={b32}"),
