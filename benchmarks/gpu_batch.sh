@@ -39,7 +39,6 @@
 #             kernels' GPU tests, then decode at 512K (CTX; H200): full, a quarter of the channels every 1/2/4 steps,
 #             the eighth every 4 (each every=K row the mean over K consecutive positions); on an H100, LAYERS=16
 #             (full bf16 at 512K fits there only with half the layers; every row then has 16)
-#   qsum512   issue 5: qsum=1 (the score from the query group's sum): its GPU tests, sparq_probe, decode at 512K vs full
 #   cells     issue 5: the gemma3 16K cells the sparq specs lost on the GPU grid, under the CUDA score, the Triton score
 #             and Triton attention (needs real weights)
 #   fastgrid  issue 5: gemma3 RULER-style 32K (LENGTH) in bf16 on the GPU, SAMPLES a cell (24; prefill CHUNK 1024, or
@@ -351,18 +350,6 @@ P
             --length 16k --chunk 16384 --device cuda --dtype bfloat16 $(printf -- '--index %s ' ${idx//,/ }) $sp
         done
       done ;;
-    qsum512)   # issue 5: qsum=1 (the score estimates the query group's sum: 1/G of its multiply-adds): the CUDA score's GPU
-               # tests, sparq_probe at a quarter / an eighth of the channels (each choose launch with and without qsum),
-               # then decode at 512K (CTX) next to full: the quarter and the eighth, each with qsum (LAYERS: 16 on an H100)
-      (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q -rf --tb=line tests/test_quant_paged.py -k "sparq or qsum") \
-        > "$OUT/qsum_tests.log" 2>&1
-      echo "qsum tests: $(tail -n 1 "$OUT/qsum_tests.log")" >&2
-      for c in 0.25 0.125; do
-        bench "qsum_probe_$c" 120 $PY sparq_probe.py --context "${CTX:-512k}" --channels $c --cuda "" --variants "" \
-          --cuda-choose "${CHOOSE_LAUNCHES:-4:2:256:1,4:3:256:1,4:4:256:1,2:4:256:1}"
-      done
-      bench qsum512 330 $PY sparse_decode.py --contexts "${CTX:-512k}" --layers "${LAYERS:-32}" --no-breakdown --reps 30 \
-        --only "full,kv4+quest 1/8 sparq 0.25 weigh,kv4+quest 1/8 sparq 0.25 weigh qsum,kv4+quest 1/8 sparq weigh,kv4+quest 1/8 sparq weigh qsum" ;;
     src512)    # ncu's per-instruction counts and stall samples (SourceCounters) of one decode step's kernels in the
                # quarter's row (ROW) at 512K, 4 layers (0-1 dense, 2-3 sparse): SASS as csv, one file a kernel, to read
                # offline where the paged attention's and the score's cycles go

@@ -35,8 +35,6 @@ def main():
     ap.add_argument("--copies", type=int, default=4,
                     help="layers' worth of codes, scored in turn in each timed call (4 x 37.7 MB at 512K: more than "
                          "the L2, as in decode; 1 = one layer replayed, which the L2 may hold)")
-    ap.add_argument("--qsum", type=int, default=1, help="1: each --cuda-choose launch also with qsum (the query "
-                                                        "group's sum as one query)")
     ap.add_argument("--stacks", default="1,0", help="1: groups stacked into one dot (quest_sparq STACK); 0: one a dot")
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -71,14 +69,13 @@ def main():
         rows.append(dict(rank="max", what=f"score cuda {cfg}", block_p=0, warps=nt // 32,
                          us=round(us, 1), TBps=round(nbytes / us / 1e6, 2)))
     w = torch.rand(1, H, D, device=dev, generator=gen) + 0.5
-    for cfg, qsum in [(c, m) for c in filter(None, a.cuda_choose.split(",")) for m in (0, 1)[:1 + a.qsum]]:
-        wpt, minb, nt, vec, pipe = (qs.parse_launch(cfg)[i] for i in (0, 1, 2, 3, 5))   # the channels picked in
+    for cfg in filter(None, a.cuda_choose.split(",")):   # the channels picked in every block (no `prepare`)
+        wpt, minb, nt, vec, pipe = (qs.parse_launch(cfg)[i] for i in (0, 1, 2, 3, 5))
         us = graph_time(each(lambda k, z: qs.sparq_group_scores(q, k, z, n, None, rank="max", impl="cuda", wpt=wpt,
                                                                 minb=minb, threads=nt, vec=vec, pipe=pipe, weight=w,
-                                                                qsum=bool(qsum), scale=D ** -0.5, **kw)),
-                        a.reps, dev) * 1e3 / a.copies                  # every block (no `prepare`)
-        rows.append(dict(rank="max", what=f"score cuda {cfg} + choice (weighed){' qsum' if qsum else ''}", block_p=0,
-                         warps=nt // 32, us=round(us, 1), TBps=round(nbytes / us / 1e6, 2)))
+                                                                scale=D ** -0.5, **kw)), a.reps, dev) * 1e3 / a.copies
+        rows.append(dict(rank="max", what=f"score cuda {cfg} + choice (weighed)", block_p=0, warps=nt // 32,
+                         us=round(us, 1), TBps=round(nbytes / us / 1e6, 2)))
     for rank in ("max", "mass"):
         for v in filter(None, a.variants.split(",")):
             bp, w = (int(x) for x in v.split(":"))

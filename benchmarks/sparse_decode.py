@@ -76,10 +76,6 @@ def methods(ctx: int) -> list[tuple[str, str]]:
              f"quant:bits=4,window=1024+quest:budget={b8},groups=1,channels=0.125,rank=max,weigh=1"),
             # ... scored from a quarter of the channels (gemma3 32K multivalue: 32 of 256 miss a needle's group)
             ("kv4+quest 1/8 sparq 0.25 weigh", f"kv4+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1"),
-            # ... estimated from the query group's sum (qsum=1: one query a KV head, 1/G of the score's multiply-adds)
-            ("kv4+quest 1/8 sparq 0.25 weigh qsum",
-             f"kv4+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1,qsum=1"),
-            ("kv4+quest 1/8 sparq weigh qsum", f"kv4+quest:budget={b8},groups=1,channels=0.125,rank=max,weigh=1,qsum=1"),
             # ... choosing the groups every 2 / 4 decode steps and reading the same ones in between (every=K,
             # LServe's reusable page selector): decode_ms is the mean over K consecutive positions
             ("kv4+quest 1/8 sparq 0.25 weigh every2",

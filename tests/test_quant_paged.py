@@ -325,30 +325,6 @@ def test_sparq_score_kernel_matches_reference(G, channels, length, rank, device)
             assert (got[fin] - want[fin]).abs().max() < 2e-2 * (1 + want[fin].abs().max())
 
 
-@pytest.mark.parametrize("G,rank", [(3, "max"), (4, "mass"), (1, "max")])
-@pytest.mark.parametrize("device", DEVICES)
-def test_sparq_qsum_scores_the_query_groups_sum(G, rank, device):
-    """qsum=True: one estimate a token, of the KV head's queries summed (channels chosen by that sum), as the
-    reference scores that sum; it differs from the per-query estimate where G > 1 and is it where G = 1."""
-    from longkv.kernels import quest_sparq as ks
-
-    B, H, group, sink, window, length, R = 2, 2, 16, 4, 24, 500, 8
-    kq, sk, sz = _sketched(B, H, length, group=group, sink=sink, window=window, seed=40)
-    ref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], sk, sz, 0, kq["scale"].shape[2], group=group)
-    q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(41))
-    kw = dict(group=group, sink=sink, window=window, channels=R, scale=D ** -0.5, rank=rank)
-    n = torch.tensor([length])
-    want, wpos = ref.sparq_group_scores(q.reshape(B, H, G, 1, D).sum(2), sk, sz, n, **kw)
-    per_query, _ = ref.sparq_group_scores(q, sk, sz, n, **kw)
-    got, gpos = ks.sparq_group_scores(*_to(device, q, sk, sz, n), None, qsum=True, **kw)
-    got, gpos = got.cpu(), gpos.cpu()
-    fin = torch.isfinite(want)
-    assert torch.equal(gpos, wpos) and got.shape == want.shape and torch.equal(fin, torch.isfinite(got))
-    assert (got[fin] - want[fin]).abs().max() < 2e-2 * (1 + want[fin].abs().max())
-    assert torch.equal(want, per_query) == (G == 1)
-    assert want.shape == ((B, H, kq["scale"].shape[2], 1) if rank == "mass" else (B, H, kq["scale"].shape[2]))
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA score runs on a GPU only")
 @pytest.mark.parametrize("G,channels,length,group", [(3, 4, 333, 16), (4, 16, 5000, 64), (1, 32, 700, 32),
                                                      (8, 16, 2000, 64), (4, 20, 200, 64)])
@@ -388,17 +364,6 @@ def test_sparq_cuda_score_matches_reference(G, channels, length, group):
             fin = torch.isfinite(want)
             assert torch.equal(gpos, wpos) and torch.equal(fin, torch.isfinite(got)) and fin.any()
             assert (got[fin] - want[fin]).abs().max() < 2e-2 * (1 + want[fin].abs().max())
-        # qsum: the estimate of the query group's sum (QSUM, summed in the kernel), as the reference's of that sum
-        qs = qd.float().reshape(B, H, G, 1, D).sum(2)
-        for weight in (None, w):
-            want, wpos = ref.sparq_group_scores(qs, sk, sz, n, weight=weight, **kw)
-            got, gpos = ks.sparq_group_scores(*args, None, impl="cuda", weight=None if weight is None else w.cuda(),
-                                              qsum=True, **kw)
-            got, gpos = got.cpu(), gpos.cpu()
-            fin = torch.isfinite(want)
-            assert torch.equal(gpos, wpos) and torch.equal(fin, torch.isfinite(got)) and fin.any()
-            assert (got[fin] - want[fin]).abs().max() < 2e-2 * (1 + want[fin].abs().max())
-    assert any(k[7] for k in ks._CUDA) or G == 1   # QSUM built (for G > 1)
     assert any(k[-5] == 1 for k in ks._CUDA)     # the 8/16-byte loads were built and run (the codes are aligned)
     assert any(k[-4] and k[-3] for k in ks._CUDA) and any(k[-2] for k in ks._CUDA)   # choice, weighed; pipelined
 

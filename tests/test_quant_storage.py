@@ -372,18 +372,6 @@ def test_quest_channels_weighed_by_the_keys_rms(tiny):
         build(tiny, f"{KV4G}+{GROUPS},budget=40,weigh=1")
 
 
-def test_quest_channels_from_the_query_groups_sum(tiny):
-    """qsum=1: the groups are scored from the KV head's queries summed (GQA 2 here): the device-only step
-    decodes what the eager one does (both ranks), the bytes held are qsum=0's, and it needs channels=F."""
-    base = f"{KV4G}+{GROUPS},budget=40,channels=0.25,weigh=1,fit=32"
-    for rank in ("max", "mass"):
-        _, toks, kv = run(tiny, f"{base},rank={rank},qsum=1")
-        assert kv.qsum and graph_greedy(tiny, f"{base},rank={rank},qsum=1", 12) == toks
-        assert kv.nbytes() == run(tiny, f"{base},rank={rank}")[2].nbytes()
-    with pytest.raises(UserError, match="qsum=1"):
-        build(tiny, f"{KV4G}+{GROUPS},budget=40,qsum=1")
-
-
 @pytest.mark.parametrize("spec,msg", [(f"{KV4G}+quest:channels=0.25", "groups=1"),
                                       ("kivi2+quest:groups=1,channels=0.25", "4-bit"),
                                       (f"{KV4G}+quest:groups=1,channels=2", "fraction"),

@@ -1,7 +1,7 @@
 // SparQ group scores (rank=max) from the channel-major 4-bit key copy: the CUDA source of
 // `quest_sparq.py`'s "cuda" score (see there). Compiled by NVRTC through torch.cuda._compile_kernel with a
 // block of #defines in front (D, G, R, GROUP, SINK, WINDOW, QBF16, NT, WPT, MINB, VEC, CHOOSE,
-// WEIGH, PIPE, EVERY, QSUM), then ptx.cuh.
+// WEIGH, PIPE, EVERY), then ptx.cuh.
 //
 // WPG / WPT threads a key group (WPT 32-bit words each: 8 codes of one channel, 8 tokens, a word), the R
 // chosen channels in a loop. A word's nibbles become four fp16 pairs by one LOP3 each (0x6400 | c is the
@@ -11,19 +11,11 @@
 // MINB: the blocks an SM the registers must allow (__launch_bounds__). VEC: a thread's WPT words of a channel
 // by 8- or 16-byte loads instead of 4-byte ones. PIPE: a block loops over tiles of its row, the next tile's
 // loads in flight while it computes (software pipelining; grid (blocks a row, rows)).
-// QSUM (with CHOOSE): the estimate is of the query group's sum, Σ_g q_g (quest's qsum=1): the channels are chosen
-// by its |Σ_g q_g| (times the weights) and each token gets one estimated logit, NQ = 1 query instead of G in the
-// multiply-adds (a quarter of them at G = 4).
 
 #define WPG (GROUP / 8)            /* 32-bit words of one channel of one group */
 #define TPG (WPG / WPT)            /* threads a group */
 #define GPB (NT / TPG)             /* groups a block */
 #define NEG_INF (__int_as_float(0xff800000))
-#if defined(QSUM) && QSUM
-#define NQ 1                       /* queries in the estimate: the group's sum */
-#else
-#define NQ G
-#endif
 
 __device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
   u32 r; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
@@ -64,12 +56,12 @@ __device__ __forceinline__ void load_group(const unsigned char* __restrict__ SK,
 
 /* The group's largest estimated logit (over its tokens, this thread's share then the group's TPG threads,
    and the queries), times tau and scale. */
-__device__ __forceinline__ float score_group(const u32 (&wv)[R][WPT], const u32 (&zv)[R], const u32 (*qh)[NQ],
-                                             const float (*qf)[NQ], const float* tau, float scale) {
-  u32 acc[NQ][4 * WPT];
-  float qz[NQ];
+__device__ __forceinline__ float score_group(const u32 (&wv)[R][WPT], const u32 (&zv)[R], const u32 (*qh)[G],
+                                             const float (*qf)[G], const float* tau, float scale) {
+  u32 acc[G][4 * WPT];
+  float qz[G];
 #pragma unroll
-  for (int g = 0; g < NQ; ++g) {
+  for (int g = 0; g < G; ++g) {
     qz[g] = 0.f;
 #pragma unroll
     for (int k = 0; k < 4 * WPT; ++k) acc[g][k] = 0u;
@@ -86,7 +78,7 @@ __device__ __forceinline__ float score_group(const u32 (&wv)[R][WPT], const u32 
       for (int k = 0; k < 4; ++k) c[4 * j + k] = hsub2(lop_or(wv[r][j] >> (4 * k), 0x000F000Fu, bias), bias);
     }
 #pragma unroll
-    for (int g = 0; g < NQ; ++g) {
+    for (int g = 0; g < G; ++g) {
       const u32 qs = hmul2(qh[r][g], s2);
       qz[g] += qf[r][g] * z;
 #pragma unroll
@@ -95,7 +87,7 @@ __device__ __forceinline__ float score_group(const u32 (&wv)[R][WPT], const u32 
   }
   float best = NEG_INF;
 #pragma unroll
-  for (int g = 0; g < NQ; ++g) {
+  for (int g = 0; g < G; ++g) {
     u32 m2 = acc[g][0];
 #pragma unroll
     for (int k = 1; k < 4 * WPT; ++k) m2 = hmax2(m2, acc[g][k]);
@@ -133,10 +125,10 @@ extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
   const i64 len = Len[0] - 1 - SINK - WINDOW;
   const int nqg = len > 0 ? (int)(len / GROUP) : 0;
   if (bh == 0 && blockIdx.x == 0 && threadIdx.x == 0) NPos[0] = (i64)nqg * GROUP - 1;
-  __shared__ u32 qh[R][NQ];         /* q of the chosen channels, as fp16 pairs (q, q) */
-  __shared__ float qf[R][NQ];
+  __shared__ u32 qh[R][G];          /* q of the chosen channels, as fp16 pairs (q, q) */
+  __shared__ float qf[R][G];
   __shared__ int ch[R];
-  __shared__ float tau[NQ];
+  __shared__ float tau[G];
 #if CHOOSE
   __shared__ float qa[G][D];                /* |q| (times the channel weight) */
   __shared__ float qv[G][D];                /* q */
@@ -148,13 +140,6 @@ extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
     const float w = 1.f;
 #endif
     float a = 0.f;
-#if NQ == 1 && G > 1   /* QSUM: the group's sum is the one query */
-    float v = 0.f;
-#pragma unroll
-    for (int g = 0; g < G; ++g) v += q2f(Q[((i64)bh * G + g) * D + d]);
-    qv[0][d] = v;
-    qa[0][d] = a = fabsf(v) * w;
-#else
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       const float v = q2f(Q[((i64)bh * G + g) * D + d]);
@@ -162,7 +147,6 @@ extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
       qa[g][d] = fabsf(v) * w;
       a += qa[g][d];
     }
-#endif
     sum[d] = a;
   }
   __syncthreads();
@@ -180,7 +164,7 @@ extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
     if (rank < R) ch[rank] = d;
   }
   __syncthreads();
-  for (int g = threadIdx.x / 32; g < NQ; g += NT / 32) {   /* a warp a query: the share its R channels hold */
+  for (int g = threadIdx.x / 32; g < G; g += NT / 32) {   /* a warp a query: the share its R channels hold */
     float all = 0.f, kept = 0.f;
     for (int d = threadIdx.x % 32; d < D; d += 32) all += qa[g][d];
     for (int r = threadIdx.x % 32; r < R; r += 32) kept += qa[g][ch[r]];
@@ -191,16 +175,13 @@ extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
     }
     if (threadIdx.x % 32 == 0) tau[g] = rsqrtf(fmaxf(kept / fmaxf(all, 1e-30f), 1e-30f));
   }
-  for (int i = threadIdx.x; i < R * NQ; i += NT) {
-    const int r = i / NQ, g = i % NQ;
+  for (int i = threadIdx.x; i < R * G; i += NT) {
+    const int r = i / G, g = i % G;
     const float v = qv[g][ch[r]];
     qf[r][g] = v;
     qh[r][g] = pack2(v, v);
   }
 #else
-#if NQ != G
-#error "QSUM needs CHOOSE (the caller sums the queries for a score given its channels)"
-#endif
   for (int i = threadIdx.x; i < R; i += NT) ch[i] = IDX[bh * D + i];
   for (int i = threadIdx.x; i < G; i += NT) tau[i] = TAU[bh * TS + i];
   __syncthreads();

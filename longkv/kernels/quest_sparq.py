@@ -199,17 +199,16 @@ except ValueError as e:
 
 def cuda_score_kernel(*, D: int, G: int, R: int, group: int, sink: int, window: int, bf16: bool,
                       threads: int = CUDA_THREADS, wpt: int = CUDA_WPT, minb: int = CUDA_MINB, vec: int = 0,
-                      choose: bool = False, weigh: bool = False, pipe: bool = False, every: int = 1,
-                      qsum: bool = False):
+                      choose: bool = False, weigh: bool = False, pipe: bool = False, every: int = 1):
     """The CUDA score (`quest_sparq.cu`, rank=max) for one layout, built by NVRTC once; None where it
     cannot be (no NVRTC, or it refused the source: a warning says why, and the Triton score is used).
     every > 1: one more argument (the first decode step's position) and the score runs only on the steps
-    that choose afresh (`page_select.refresh`). qsum (with choose): the estimate of the G queries' sum (QSUM)."""
-    key = (D, G, R, group, sink, window, bf16, qsum, threads, wpt, minb, vec, choose, weigh, pipe, every)
+    that choose afresh (`page_select.refresh`)."""
+    key = (D, G, R, group, sink, window, bf16, threads, wpt, minb, vec, choose, weigh, pipe, every)
     if key not in _CUDA:
         _CUDA[key] = build(dict(D=D, G=G, R=R, GROUP=group, SINK=sink, WINDOW=window, QBF16=int(bf16), NT=threads,
                                 WPT=wpt, MINB=minb, VEC=vec, CHOOSE=int(choose), WEIGH=int(weigh),
-                                PIPE=int(pipe), EVERY=every if every > 1 else None, QSUM=int(qsum)),
+                                PIPE=int(pipe), EVERY=every if every > 1 else None),
                            ("ptx.cuh", "quest_sparq.cu"), "sparq_score",
                            "CUDA SparQ score", "the Triton score")
     return _CUDA[key]
@@ -231,7 +230,7 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
                        rank: str = "max", block_p: int = 8, warps: int = 2, cvt: int = 0, probe: int = 0,
                        weight=None, stack: bool = True, impl: str | None = None, wpt: int | None = None,
                        minb: int | None = None, threads: int | None = None, vec: int | None = None,
-                       pipe: int | None = None, gate=None, qsum: bool = False):
+                       pipe: int | None = None, gate=None):
     """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau), or None: the CUDA score chooses
     the channels itself, in each block, and elsewhere `prepare` is called here; the reference, on the CPU, picks
     them itself): → (scores (B, Hkv, MG) for rank=max or lse (B, Hkv, MG, G) for rank=mass, npos (1,) int64).
@@ -243,22 +242,13 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
     weight: the channel weights, read by the channel choice (`prepare`'s, or the CUDA score's with sel=None) and
     the CPU reference. gate = (n, p0, every) (quest's every=K, `page_select.refresh`): the CUDA score returns at
     once on the steps that keep their table (the scores are then not written: the gated select does not read
-    them); elsewhere it scores every step. qsum: the estimate of each KV head's query group summed, Σ_g q_g, as
-    one query (quest's qsum=1; the CUDA score sums in the kernel when it chooses the channels, elsewhere the
-    sum is taken here, in fp32, rounded to the queries' dtype on a GPU; a given `sel` must come from `prepare` of
-    that sum): rank=mass then gives (B, Hkv, MG, 1)."""
-    B, Hq, _, D = q.shape
-    H, MG = sk.shape[1], sz.shape[3]
-    G = Hq // H
-    if qsum and G > 1:
-        in_kernel = (impl == "cuda" or impl is None and not CUDA_OFF) and sel is None and CUDA_CHOOSE \
-            and _cuda_ok(q, sk, sz, group, rank, probe)
-        if not in_kernel:   # one query a KV head (on a GPU in the queries' dtype, which the CUDA score reads)
-            q = q.float().reshape(B, H, G, 1, D).sum(2).to(q.dtype if q.is_cuda else torch.float32)
-            Hq, G, qsum = H, 1, False
+    them); elsewhere it scores every step."""
     if not _use_triton(q):
         return ref.sparq_group_scores(q, sk, sz, length, group=group, sink=sink, window=window, channels=channels,
                                       scale=scale, rank=rank, weight=weight)
+    B, Hq, _, D = q.shape
+    H, MG = sk.shape[1], sz.shape[3]
+    G = Hq // H
     mass = rank == "mass"
     out = torch.empty((B, H, MG, G) if mass else (B, H, MG), device=q.device, dtype=torch.float32)
     npos = torch.empty(1, device=q.device, dtype=torch.int64)
@@ -274,7 +264,7 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
         kern = cuda_score_kernel(D=D, G=G, R=channels, group=group, sink=sink, window=window,
                                  bf16=q.dtype == torch.bfloat16, wpt=wpt, minb=minb, threads=threads, vec=vec,
                                  choose=sel is None, weigh=sel is None and weight is not None, pipe=pipe > 0,
-                                 every=every, qsum=qsum and G > 1)
+                                 every=every)
         if kern is not None:
             gpb = threads // (group // 8 // wpt)
             nb = triton.cdiv(MG, gpb)           # blocks a row (PIPE: as many as are resident at once, looping)

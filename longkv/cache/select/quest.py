@@ -80,11 +80,7 @@ from ..registry import register
                                          "along each (over the prompt's first `fit` keys) instead of |q| alone"),
                   "every": (int, 1, "with groups=1: score and select the groups every `every` decode steps and "
                                     "read the same ones in between (LServe's reusable page selector, interval 4 "
-                                    "there); 1 = every step"),
-                  "qsum": (bool, False, "channels=F: estimate one logit a token from the KV head's query group "
-                                        "summed (SparQ on Σ_g q_g, channels chosen by its |q|) instead of each "
-                                        "query's own (the largest over the group): 1/G of the score's "
-                                        "multiply-adds")},
+                                    "there); 1 = every step")},
           composes=("full", "quant"))
 class QuestCache(FullCache):
     role = "select"
@@ -97,8 +93,8 @@ class QuestCache(FullCache):
 
     def __init__(self, specs, *, batch, capacity, device, dtype, ratio=None, budget=None, page=16, recent=2,
                  dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False, channels=0.0, fit=8192, weigh=False,
-                 every=1, qsum=False, storage=None):
-        if groups or channels or weigh or every != 1 or qsum:
+                 every=1, storage=None):
+        if groups or channels or weigh or every != 1:
             raise UserError("quest: groups=1 (and channels, every) read the key groups of a packed storage; put "
                             "one under it (e.g. kv4+quest:groups=1) or drop them")
         P = self._check_page(page)

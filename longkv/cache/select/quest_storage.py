@@ -104,7 +104,7 @@ MIN_CHANNELS = 16   # channels=F reads at least this many channels (or all D)
 class QuestStorageCache(QuestCache):
     def __init__(self, specs, *, batch, capacity, device, dtype, storage, ratio=None, budget=None, page=16,
                  recent=2, dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False, channels=0.0, fit=8192,
-                 weigh=False, every=1, qsum=False):
+                 weigh=False, every=1):
         if rerank:
             raise UserError(f"quest: rerank={rerank} needs the full-precision storage (its page codes are "
                             f"written from full-precision keys); drop rerank or {storage[0]}")
@@ -132,10 +132,6 @@ class QuestStorageCache(QuestCache):
             raise UserError(f"quest: channels={channels} must be a fraction of the head dim in (0, 1]")
         if weigh and not channels:
             raise UserError("quest: weigh=1 weighs the channel choice of channels=F; add channels or drop weigh")
-        if qsum and not channels:
-            raise UserError("quest: qsum=1 sums the query group for the estimate of channels=F; add channels or "
-                            "drop qsum")
-        self.qsum = bool(qsum)
         if every < 1 or every > 1 and not groups:
             raise UserError(f"quest: every={every} must be >= 1, and above 1 it needs groups=1 (the key groups' "
                             f"select is the one reused)")
@@ -240,7 +236,7 @@ class QuestStorageCache(QuestCache):
                 R = self.channels[layer]   # above put a flushed group into the channel-major copy
                 scores, npos = sparq_group_scores(q, *sketch, n, None, group=P, sink=st.S, window=st.W, channels=R,
                                                   scale=s.scale, rank=self.rank, weight=self.wch[layer],
-                                                  qsum=self.qsum, gate=(n, self.p0, self.every) if self.every > 1 else None)
+                                                  gate=(n, self.p0, self.every) if self.every > 1 else None)
                 if self.rank == "mass":
                     scores = kq.page_mass(scores, None, pos=npos, page=P, sink=0, recent=0)
             else:
