@@ -17,7 +17,8 @@ fake-quantized as `kv4` stores them (quantized and dequantized in place as its 6
 and 128 recent tokens; keys per channel after RoPE, values per token), to tell which half of a 4-bit cache moves
 the answers: `fq:k=4` (keys only), `fq:v=4` (values only), `fq:k=4,v=4` (both: the same numbers as `kv4` on a
 one-chunk prefill), `vrot=1` / `krot=1` (Hadamard-rotate values / keys before quantizing), `kg=16` (key groups of 16
-tokens), `ktok=1` (keys per token). The forced decode steps stay in full precision (they are inside the window).
+tokens), `ktok=1` (keys per token), `lo=A,hi=B` (only layers A..B-1 quantized, the others kept whole). The forced
+decode steps stay in full precision (they are inside the window).
 
 Prints a table and ends with one JSON line."""
 from __future__ import annotations
@@ -41,8 +42,10 @@ class FakeQuant(FullCache):
     """`fq:` specs (see the module docstring): `full`, with each layer's tokens quantized and dequantized in place
     in 64-token groups once they are past `sink` + `window`, as `kv4` flushes them."""
 
-    def __init__(self, specs, *, k=0, v=0, vrot=0, krot=0, kg=64, ktok=0, group=64, sink=4, window=128, **kw):
+    def __init__(self, specs, *, k=0, v=0, vrot=0, krot=0, kg=64, ktok=0, group=64, sink=4, window=128, lo=0,
+                 hi=1 << 30, **kw):
         super().__init__(specs, **kw)
+        self.layers = range(lo, hi)
         self.kb, self.vb, self.vrot, self.krot, self.kg, self.ktok = k, v, vrot, krot, kg, ktok
         self.g, self.sink, self.win = group, sink, window
         self.done = [0] * len(specs)
@@ -59,8 +62,8 @@ class FakeQuant(FullCache):
 
     def append(self, layer, k, v, step):
         super().append(layer, k, v, step)
-        if self.ring[layer] is not None:     # sliding-window layers: as `kv4` keeps them, in full precision
-            return
+        if self.ring[layer] is not None or layer not in self.layers:   # sliding-window layers: as `kv4` keeps
+            return                                                       # them, in full precision
         new = self.g * max(0, (step.start + step.n - self.sink - self.win) // self.g)
         lo, hi = self.sink + self.done[layer], self.sink + new
         if hi > lo:

@@ -37,3 +37,12 @@ def test_fake_quant_both_halves_is_kv4_and_neither_is_full(tiny):
     assert (both - full).abs().max() > 10 * (both - kv4).abs().max()    # the 4 bits do move the logits
     keys = next_logits(tiny, "fq:k=4")                                  # keys alone: between the two
     assert 0 < (keys - full).abs().max() and (keys - kv4).abs().max() > 0
+
+
+def test_fake_quant_of_some_layers_only(tiny):
+    """lo/hi: only those layers quantized; all of them is the whole spec, none of them is full."""
+    full, both = next_logits(tiny, "full"), next_logits(tiny, "fq:k=4,v=4")
+    assert torch.equal(next_logits(tiny, "fq:k=4,v=4,lo=0,hi=2"), both)
+    assert torch.equal(next_logits(tiny, "fq:k=4,v=4,lo=2,hi=3"), full)
+    first = next_logits(tiny, "fq:k=4,v=4,lo=0,hi=1")
+    assert not torch.equal(first, full) and not torch.equal(first, both)

@@ -73,7 +73,11 @@ with every=2 on the H200); on gemma3-270m (head dim 256) at 16K and 8x, over 528
 `channels=0.25` is -1.8 ± 1.8 points against full (every=2: -3.2 ± 1.7), `channels=0.125` -6.7 ± 3.8 (264
 cells), and plain `quest:ratio=0.875,rerank=8` -0.6 ± 1.2 (+0.2 ± 1.3 at 32K, 446 cells). So on head dim 256
 use a quarter. On smollm2-135m at 8K (633 cells) the quarter is -2.6 ± 2.2, of which its 4-bit storage alone
-(`kv4`) is -2.0 ± 1.8, mostly its keys (BENCHMARKS.md, issue 4, session 28).
+(`kv4`) is -2.0 ± 1.8, mostly its keys (BENCHMARKS.md, issue 4, session 28). Over 16-token key groups
+(`kv4:group=16+quest:...`) it is -1.0 ± 1.8 (604 cells, session 29), but 2.57x of full at 512K (H100, 16 layers):
+the score reads their scale/zero rows, the select ranks 4x the groups and the attention rebuilds its query every
+tile. Scoring the query group's sum instead of each query (1/G of the score's work) cost 10 points on smollm2 and
+was dropped.
 
 `nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy
 (and with weigh=1 the per-channel sums and weights).
