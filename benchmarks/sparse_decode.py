@@ -90,6 +90,12 @@ def methods(ctx: int) -> list[tuple[str, str]]:
             # score -2.7 ± 2.5 against -1.5 ± 2.9 on gemma3 16K's 264 cells: BENCHMARKS.md, session 24)
             ("kv4 g32+quest 1/8 sparq 0.25 weigh",
              f"kv4:group=32+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1"),
+            # ... with no dense layers (dense_layers=0: every layer selects; gemma3's first layers are sliding ones, so
+            # there it changes nothing)
+            ("kv4+quest 1/8 sparq 0.25 weigh d0",
+             f"kv4+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1,dense_layers=0"),
+            ("kv4 g16+quest 1/8 sparq 0.25 weigh d0",
+             f"kv4:group=16+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1,dense_layers=0"),
             # ... over 16-token key groups (smollm2 8K: kv4 alone -0.6 ± 1.6 with them, -2.0 ± 1.8 with 64; session 29)
             ("kv4 g16+quest 1/8 sparq 0.25 weigh",
              f"kv4:group=16+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1"),
