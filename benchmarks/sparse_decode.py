@@ -96,6 +96,12 @@ def methods(ctx: int) -> list[tuple[str, str]]:
              f"kv4+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1,dense_layers=0"),
             ("kv4 g16+quest 1/8 sparq 0.25 weigh d0",
              f"kv4:group=16+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1,dense_layers=0"),
+            # ... over 16-token key groups read in pages of 64 tokens (4 groups: the select, score pool and page size
+            # of 64-token groups, the storage's precision of 16; session 29)
+            ("kv4 g16 p64+quest 1/8 sparq 0.25 weigh",
+             f"kv4:group=16+quest:budget={b8},groups=1,page=64,channels=0.25,rank=max,weigh=1"),
+            ("kv4 g16 p64+quest 1/8 sparq 0.25 weigh d0",
+             f"kv4:group=16+quest:budget={b8},groups=1,page=64,channels=0.25,rank=max,weigh=1,dense_layers=0"),
             # ... over 16-token key groups (smollm2 8K: kv4 alone -0.6 ± 1.6 with them, -2.0 ± 1.8 with 64; session 29)
             ("kv4 g16+quest 1/8 sparq 0.25 weigh",
              f"kv4:group=16+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1"),
@@ -437,7 +443,8 @@ def main():
                     row["layer_kernels"] = kernels
                 if label.startswith("quest") and cache._sparse(layer) and not a.no_breakdown:
                     row.update(quest_breakdown(model, cache, layer, dev, a.reps))
-                if "+quest" in label and cache._sparse(layer) and not a.no_breakdown:
+                if "+quest" in label and cache._sparse(layer) and not a.no_breakdown and getattr(cache, "sub", 1) == 1:
+                    # (pages of several key groups: the pieces are timed as one sparse layer only, layer_us)
                     row.update(quest_storage_breakdown(model, cache, layer, dev, a.reps))
                 ms = decode_time(model, cache, dev, a.reps, profile=f"{label} {ctx}" if a.profile else None)
                 row["decode_ms"] = round(ms, 3)

@@ -372,6 +372,32 @@ def test_quest_channels_weighed_by_the_keys_rms(tiny):
         build(tiny, f"{KV4G}+{GROUPS},budget=40,weigh=1")
 
 
+def test_quest_pages_of_several_key_groups(tiny):
+    """groups=1 with page = 2 key groups: with every page read it decodes what the storage's own decode does; at
+    a budget of one page the device-only step decodes what the eager one does (bound, SparQ max and mass); the
+    selected pages' groups are listed in order and only the flushed ones are counted; a page that is not a
+    power of two is refused."""
+    logits, toks, kv = run(tiny, f"{KV4G}+{GROUPS},page=32,budget=86")
+    d_logits, d_toks, _ = run(tiny, f"{KV4G}+quest:dense_layers=0,ratio=0")
+    assert kv.P == 32 and kv.sub == 2 and kv.k_pages == 2 and kv._sparse(0)
+    assert toks == d_toks and (logits - d_logits).abs().max() < 1e-4 * d_logits.abs().max()
+    for extra in ("", ",channels=0.25,rank=max", ",channels=0.25,rank=mass"):
+        spec = f"{KV4G}+{GROUPS},page=32,budget=40{extra}"
+        _, toks, kv = run(tiny, spec)
+        assert kv.k_pages == 1 and "2 of the 16-token key groups" in kv.stats()["note"]
+        assert graph_greedy(tiny, spec, 12) == toks
+    # rows of 3 pages (6 groups), 3 groups flushed (n = 2 + 4 + 3·16 + 1): row 0 took pages 0 and 2, row 1 only its
+    # page 1, whose second group is not flushed yet
+    from longkv.kernels import page_select, sparse_reference
+
+    table, nsel = torch.tensor([[0, 2], [4, 3]], dtype=torch.int32), torch.tensor([2, 1], dtype=torch.int32)
+    for fn in (page_select.page_groups, sparse_reference.page_groups):   # Triton (interpreted) and the reference
+        ids, count = fn(table, nsel, torch.tensor([55]), sub=2, row_pages=3, row_groups=6, group=16, sink=2, window=4)
+        assert ids.tolist() == [[0, 1, 4, 5], [8, 9, 6, 7]] and count.tolist() == [2, 1]
+    with pytest.raises(UserError, match="power of two"):
+        build(tiny, f"{KV4G}+{GROUPS},page=48,budget=40")
+
+
 @pytest.mark.parametrize("spec,msg", [(f"{KV4G}+quest:channels=0.25", "groups=1"),
                                       ("kivi2+quest:groups=1,channels=0.25", "4-bit"),
                                       (f"{KV4G}+quest:groups=1,channels=2", "fraction"),

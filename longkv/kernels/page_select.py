@@ -155,6 +155,38 @@ if triton is not None:
             tl.store(Last + bh, tl.where(top == npages - 1, pos % PAGE + 1, PAGE))
 
 
+if triton is not None:
+
+    @triton.jit
+    def _page_groups_kernel(Table, Nsel, Len, Ids, Count, stab, sout, row_pages, row_groups, group, SINK, WINDOW,
+                            K, SUB: tl.constexpr, BLOCK: tl.constexpr):
+        """One program a row: `sparse_reference.page_groups`."""
+        bh = tl.program_id(0)
+        i = tl.arange(0, BLOCK)
+        ok = i < K * SUB
+        pg = tl.load(Table + bh * stab + i // SUB, mask=ok, other=0)
+        local = (pg % row_pages) * SUB + i % SUB
+        tl.store(Ids + bh * sout + i, (bh * row_groups + local).to(tl.int32), mask=ok)
+        nq = tl.maximum((tl.load(Len) - 1 - SINK - WINDOW) // group, 0)
+        taken = ok & (i // SUB < tl.load(Nsel + bh)) & (local < nq)
+        tl.store(Count + bh, tl.sum(taken.to(tl.int32), 0))
+
+
+def page_groups(table, nsel, length, *, sub: int, row_pages: int, row_groups: int, group: int, sink: int,
+                window: int):
+    """See `sparse_reference.page_groups` (one Triton program a row, graph-safe)."""
+    if not _use_triton(table):
+        return ref.page_groups(table, nsel, length, sub=sub, row_pages=row_pages, row_groups=row_groups,
+                               group=group, sink=sink, window=window)
+    BH, K = table.shape
+    ids = torch.empty(BH, K * sub, device=table.device, dtype=torch.int32)
+    count = torch.empty(BH, device=table.device, dtype=torch.int32)
+    _page_groups_kernel[(BH,)](table, nsel.reshape(-1).contiguous(), _pos(length, table.device).long(), ids, count,
+                               table.stride(0), ids.stride(0), row_pages, row_groups, group, sink, window, K, SUB=sub,
+                               BLOCK=triton.next_power_of_2(K * sub))
+    return ids, count
+
+
 def _pos(pos, device) -> torch.Tensor:
     return torch.as_tensor(pos, device=device).reshape(-1)[-1:]
 

@@ -28,7 +28,7 @@ import torch
 
 from . import sparse_reference as ref
 from .decode import _use_triton, triton
-from .page_select import SELECT_CHUNK, SELECT_SEG, _pos, select_pages  # noqa: F401  (the step's select)
+from .page_select import SELECT_CHUNK, SELECT_SEG, _pos, page_groups, select_pages  # noqa: F401  (the step's select)
 from .quest_rerank import all_page_code_scores, page_mass, rerank_code_scores, rerank_scores  # noqa: F401
 
 if triton is not None:

@@ -159,6 +159,24 @@ def select_pages(scores: torch.Tensor, k: int, pos, *, page: int, row_pages: int
     return table, n.to(torch.int32).expand(BH).contiguous(), last
 
 
+def page_groups(table: torch.Tensor, nsel: torch.Tensor, length, *, sub: int, row_pages: int, row_groups: int,
+                group: int, sink: int, window: int):
+    """Pages of `sub` consecutive key groups (quest over a packed storage, page > group) → the groups to read:
+    table (B·Hkv, K) of global page ids bh·row_pages + page, the first nsel[bh] of them taken, ascending →
+    ids (B·Hkv, K·sub) int32 global group ids bh·row_groups + page·sub + j, in the same order, and count
+    (B·Hkv,) int32: how many of the first ones are groups of taken pages already quantized, n_q = (length − 1
+    − sink − window) // group of the row (a taken page may be the one still filling, the last taken: its
+    later groups are in the full-precision window)."""
+    dev = table.device
+    row = torch.arange(table.shape[0], device=dev)[:, None] * row_groups
+    local = (table.long() % row_pages)[:, :, None] * sub + torch.arange(sub, device=dev)
+    ids = row + local.flatten(1)
+    nq = torch.clamp((_last(length, dev) - 1 - sink - window) // group, min=0)
+    taken = (torch.arange(ids.shape[1], device=dev) // sub)[None, :] < nsel.reshape(-1, 1)
+    count = ((local.flatten(1) < nq) & taken).sum(-1)
+    return ids.to(torch.int32), count.to(torch.int32)
+
+
 def rerank_scores(q, k_pool, bound, table, nsel, last, *, row_pages: int, rank: str = "max", scale: float = 1.0,
                   softcap: float | None = None) -> torch.Tensor:
     """Page scores for Quest's second stage: bound (B, Hkv, MP) from `page_scores`; table, nsel, last:

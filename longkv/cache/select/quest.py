@@ -52,7 +52,8 @@ from ..registry import register
           "bounds (budget = tokens read per step, ratio = fraction of the cache not read); no memory saving",
           params={"ratio": (float, 0.5, "fraction of the cache skipped per decode step, in [0, 1)"),
                   "budget": (int, 0, "tokens read per decode step (instead of ratio)"),
-                  "page": (int, 16, "tokens per page"),
+                  "page": (int, 16, "tokens per page (with groups=1 the key group's size, or, if larger, pages of "
+                                    "page/group key groups: kv4:group=16+quest:groups=1,page=64)"),
                   "recent": (int, 2, "last pages always read (the current page included)"),
                   "dense_layers": (int, 2, "first layers that always read everything"),
                   "rerank": (int, 0, "two stages: the bound keeps rerank x the pages as candidates, scored "

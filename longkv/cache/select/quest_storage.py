@@ -33,6 +33,13 @@ coarser bound: 64-token groups with per-channel ranges bound loosely, and on smo
 8x it finds fewer needles than 16-token Quest pages (BENCHMARKS.md). 2/4-bit codes with one value
 range a token and no outliers (the CUDA kernel's layout); elsewhere the same steps run in torch.
 
+`page=P` larger than the key group (with groups=1; e.g. `kv4:group=16+quest:groups=1,page=64`): a page is P/g
+consecutive key groups. The groups are scored as before, a page takes the largest of its groups' scores (the
+log-sum-exp for rank=mass), the select ranks pages, and `page_select.page_groups` lists the selected pages'
+flushed groups for the paged kernel (one small launch more a layer). So the select and the selection's grain are
+those of P-token groups, and the storage keeps its finer statistics: 16-token key groups recover smollm2's
+RULER-style loss (session 29), but as pages they make the select rank 4x the groups.
+
 `channels=F` (with groups=1 over 4-bit storage): the groups are scored SparQ's way instead of by the
 bound (Ribar et al., arXiv 2312.04985; `kernels/quest_sparq.py`): every token's logit is estimated from
 the F·D channels where the query group's |q| is largest (at least 16, or all D: the score's dot reads 16
@@ -118,6 +125,9 @@ class QuestStorageCache(QuestCache):
         st = self.store
         self.groups = bool(groups)               # pages = the storage's key groups (module docstring)
         P = st.g if self.groups else self._check_page(page)
+        if self.groups and page > st.g:   # pages of page / g consecutive key groups (both powers of two)
+            P = self._check_page(page)
+        self.sub = P // st.g if self.groups else 1   # key groups a page
         if self.groups:
             bad = [why for ok, why in ((st.bits in (2, 4), f"bits={st.bits} (2 or 4)"),
                                        (st.vgroup in (0, *{s.head_dim for s in specs}), f"vgroup={st.vgroup} (one "
@@ -174,7 +184,7 @@ class QuestStorageCache(QuestCache):
             H, D = s.num_kv_heads, s.head_dim
             self.sketch.append(torch.zeros(batch, H, D, cap // 2, device=device, dtype=torch.uint8)
                                if on else None)
-            self.sz.append(torch.zeros(batch, H, D, cap // P, 2, device=device, dtype=torch.float16)
+            self.sz.append(torch.zeros(batch, H, D, cap // st.g, 2, device=device, dtype=torch.float16)
                            if on else None)
             w = weigh and self.channels[i] and self._sparse(i)   # weigh: Σ k² per channel, and the weights
             self.ksq.append(torch.zeros(batch, H, D, device=device) if w else None)
@@ -183,7 +193,7 @@ class QuestStorageCache(QuestCache):
     def _sparse(self, layer: int) -> bool:
         if not self.groups:
             return super()._sparse(layer)
-        return not self.dense[layer] and self.k_pages < self.store.kq[layer]["scale"].shape[2]
+        return not self.dense[layer] and self.k_pages * self.sub < self.store.kq[layer]["scale"].shape[2]
 
     def nbytes(self) -> int:
         extra = self.pmin + self.pmax + self.sketch + self.sz + self.ksq + self.wch + self.tab + self.tabn + [self.p0]
@@ -205,13 +215,13 @@ class QuestStorageCache(QuestCache):
         cos, sin = step.rope[self.specs[layer].rope_index]
         if self.p0 is not None:
             self.p0.fill_(end)      # every=K: the next decode step chooses its groups afresh
-        g0 = self.store.nq(step.start) // self.P
+        g0 = self.store.nq(step.start) // self.store.g
         self.store.write(layer, k, v, pos=step.pos, cos=cos, sin=sin, slot=step.start)
         if self.groups and self.sketch[layer] is not None:
             kd = self.store.kq[layer]
-            g1 = self.store.nq(end) // self.P
+            g1 = self.store.nq(end) // self.store.g
             sketch_groups(kd["planes"], kd["scale"], kd["zero"], self.sketch[layer], self.sz[layer], g0, g1,
-                          group=self.P)
+                          group=self.store.g)
             if self.ksq[layer] is not None and self.fitted[layer] < self.fit:   # weigh: the channels' rms
                 take = min(self.fit - self.fitted[layer], step.n)
                 self.ksq[layer] += apply_rope(k, cos, sin)[:, :, :take].float().square().sum(2)
@@ -236,25 +246,34 @@ class QuestStorageCache(QuestCache):
         if self.groups:   # score the key groups from their statistics, select, attend to them + the fp slots
             kd, vd = st.kq[layer], st.vq[layer]
             n = st.cnt[layer]                  # tokens held, this one included (the write set it)
+            g = st.g                           # tokens a key group (a page is self.sub of them)
             if sketch is not None:   # SparQ estimates from R channels (kernels/quest_sparq.py); the write
                 R = self.channels[layer]   # above put a flushed group into the channel-major copy
-                scores, npos = sparq_group_scores(q, *sketch, n, None, group=P, sink=st.S, window=st.W, channels=R,
+                scores, npos = sparq_group_scores(q, *sketch, n, None, group=g, sink=st.S, window=st.W, channels=R,
                                                   scale=s.scale, rank=self.rank, weight=self.wch[layer],
                                                   gate=(n, self.p0, self.every) if self.every > 1 else None)
                 if self.rank == "mass":
+                    if self.sub > 1:   # a page's log-sum-exp over its groups' tokens, each query
+                        scores = self._pool(scores, 2).logsumexp(3)
                     scores = kq.page_mass(scores, None, pos=npos, page=P, sink=0, recent=0)
             else:
-                scores, npos = kq.group_scores(q, kd["scale"], kd["zero"], n, bits=st.bits, group=P, sink=st.S,
+                scores, npos = kq.group_scores(q, kd["scale"], kd["zero"], n, bits=st.bits, group=g, sink=st.S,
                                                window=st.W)
             MG = kd["scale"].shape[2]
+            if self.sub > 1 and scores.dim() == 3:   # a page's largest estimate (or bound) over its groups
+                scores = self._pool(scores, 2).amax(3)
+            RP = scores.shape[2]                   # pages a row
             if self.tab[layer] is None:
-                table, nsel, _ = kq.select_pages(scores, self.k_pages, npos, page=P, row_pages=MG)
+                table, nsel, _ = kq.select_pages(scores, self.k_pages, npos, page=P, row_pages=RP)
             else:   # every=K: a fresh table only on the K-th steps (in place; kept in between)
                 table, nsel = self.tab[layer], self.tabn[layer]
-                kq.select_pages(scores, self.k_pages, npos, page=P, row_pages=MG, out=(table, nsel),
+                kq.select_pages(scores, self.k_pages, npos, page=P, row_pages=RP, out=(table, nsel),
                                 gate=(n, self.p0, self.every))
+            if self.sub > 1:
+                table, nsel = kq.page_groups(table, nsel, n, sub=self.sub, row_pages=RP, row_groups=MG, group=g,
+                                             sink=st.S, window=st.W)
             return quant_group_attention(q, kd, vd, st.kf[layer], st.vf[layer], n, table, nsel, row_pages=MG,
-                                         bits=st.bits, group=P, vgroup=st._vg(layer), sink=st.S, window=st.W,
+                                         bits=st.bits, group=g, vgroup=st._vg(layer), sink=st.S, window=st.W,
                                          scale=s.scale)
         mn, mx = self.pmin[layer], self.pmax[layer]
         kq.append_token(k, v, cos, sin, pos, None, None, mn, mx, page=P)     # RoPE + page bounds, one kernel
@@ -265,6 +284,14 @@ class QuestStorageCache(QuestCache):
                                      vgroup=st._vg(layer), sink=st.S, window=st.W, scale=s.scale,
                                      softcap=s.softcap)
 
+    def _pool(self, scores, dim: int):
+        """Scores of key groups (along `dim`) → their pages: dim split into (pages, sub), the last page padded
+        with -inf where the groups do not fill it."""
+        pad = -scores.shape[dim] % self.sub
+        if pad:
+            scores = torch.nn.functional.pad(scores, (0, 0) * (scores.dim() - 1 - dim) + (0, pad), value=float("-inf"))
+        return scores.unflatten(dim, (-1, self.sub))
+
     def stats(self) -> dict:
         st = super().stats()
         st.update(self.store.stats())
@@ -273,8 +300,11 @@ class QuestStorageCache(QuestCache):
         if self.groups:
             how = (f"scored from {max(self.channels)} channels of a channel-major copy of the key codes (SparQ)"
                    if any(self.channels) else "bounds from their scale/zero, no page min/max")
-            st["note"] = (f"{self.storage_name}+quest, pages = the {self.P}-token key groups ({how}): a decode "
-                          f"step reads the sink, the full-precision window and {self.k_pages} groups "
+            pages = (f"pages = the {self.P}-token key groups" if self.sub == 1 else
+                     f"pages of {self.P} tokens = {self.sub} of the {self.store.g}-token key groups")
+            st["note"] = (f"{self.storage_name}+quest, {pages} ({how}): a decode "
+                          f"step reads the sink, the full-precision window and {self.k_pages} "
+                          f"{'groups' if self.sub == 1 else 'pages'} "
                           f"({self.k_pages * self.P} tokens) in layers >= {self.dense_layers}"
                           + (f", chosen every {self.every} decode steps" if self.every > 1 else ""))
             fp, budget = self.store.S + self.store.W, self.budget.keep(self.capacity)
@@ -285,7 +315,8 @@ class QuestStorageCache(QuestCache):
                                f"{fp + (self.k_pages + 1) * self.P} of {self.capacity} tokens (a smaller window "
                                f"keeps the budget)")
         last = max((i for i in range(len(self.specs)) if i not in self.win), default=None)   # one the storage holds
-        if last is None or self.k_pages >= (self.store.kq[last]["scale"].shape[2] if self.groups else self.max_pages):
+        if last is None or self.k_pages * self.sub >= (self.store.kq[last]["scale"].shape[2] if self.groups
+                                                       else self.max_pages):
             st["note"] = f"{self.budget} reads every page: degraded to {self.storage_name}"
         if self.win:
             st["note"] += f"; sliding-window layers {sorted(self.win)} keep their window in full precision"
