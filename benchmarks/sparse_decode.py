@@ -102,7 +102,7 @@ def methods(ctx: int) -> list[tuple[str, str]]:
              f"kv4:group=16+quest:budget={b8},groups=1,page=64,channels=0.25,rank=max,weigh=1"),
             ("kv4 g16 p64+quest 1/8 sparq 0.25 weigh d0",
              f"kv4:group=16+quest:budget={b8},groups=1,page=64,channels=0.25,rank=max,weigh=1,dense_layers=0"),
-            # ... over 16-token key groups (smollm2 8K: kv4 alone -0.6 ± 1.6 with them, -2.0 ± 1.8 with 64; session 29)
+            # ... over 16-token key groups (smollm2 8K: kv4 alone -1.0 ± 1.5 with them, -2.0 ± 1.8 with 64; session 29)
             ("kv4 g16+quest 1/8 sparq 0.25 weigh",
              f"kv4:group=16+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1"),
             ("kv4 g32+quest 1/8 sparq weigh",
