@@ -372,7 +372,7 @@ def test_quest_channels_weighed_by_the_keys_rms(tiny):
         build(tiny, f"{KV4G}+{GROUPS},budget=40,weigh=1")
 
 
-def test_quest_pages_of_several_key_groups(tiny):
+def test_quest_pages_of_several_key_groups(tiny, monkeypatch):
     """groups=1 with page = 2 key groups: with every page read it decodes what the storage's own decode does; at
     a budget of one page the device-only step decodes what the eager one does (bound, SparQ max and mass); the
     selected pages' groups are listed in order and only the flushed ones are counted; a page that is not a
@@ -381,10 +381,18 @@ def test_quest_pages_of_several_key_groups(tiny):
     d_logits, d_toks, _ = run(tiny, f"{KV4G}+quest:dense_layers=0,ratio=0")
     assert kv.P == 32 and kv.sub == 2 and kv.k_pages == 2 and kv._sparse(0)
     assert toks == d_toks and (logits - d_logits).abs().max() < 1e-4 * d_logits.abs().max()
+    from longkv.kernels import quest as kq
+
+    ranked = []                         # the select ranks pages: ceil(5 groups / 2) = 3 a row, whatever the rank
+    select = kq.select_pages
+    monkeypatch.setattr(kq, "select_pages", lambda scores, *a, **k: ranked.append(scores.shape[2]) or select(
+        scores, *a, **k))
     for extra in ("", ",channels=0.25,rank=max", ",channels=0.25,rank=mass"):
         spec = f"{KV4G}+{GROUPS},page=32,budget=40{extra}"
+        ranked.clear()
         _, toks, kv = run(tiny, spec)
         assert kv.k_pages == 1 and "2 of the 16-token key groups" in kv.stats()["note"]
+        assert kv.store.kq[0]["scale"].shape[2] == 5 and ranked and set(ranked) == {3}
         assert graph_greedy(tiny, spec, 12) == toks
     # rows of 3 pages (6 groups), 3 groups flushed (n = 2 + 4 + 3·16 + 1): row 0 took pages 0 and 2, row 1 only its
     # page 1, whose second group is not flushed yet
