@@ -443,7 +443,7 @@ def main():
                     row["layer_kernels"] = kernels
                 if label.startswith("quest") and cache._sparse(layer) and not a.no_breakdown:
                     row.update(quest_breakdown(model, cache, layer, dev, a.reps))
-                if "+quest" in label and cache._sparse(layer) and not a.no_breakdown and getattr(cache, "sub", 1) == 1:
+                if "+quest" in label and cache._sparse(layer) and not a.no_breakdown and cache.sub == 1:
                     # (pages of several key groups: the pieces are timed as one sparse layer only, layer_us)
                     row.update(quest_storage_breakdown(model, cache, layer, dev, a.reps))
                 ms = decode_time(model, cache, dev, a.reps, profile=f"{label} {ctx}" if a.profile else None)
