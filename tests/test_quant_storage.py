@@ -406,6 +406,26 @@ def test_quest_pages_of_several_key_groups(tiny, monkeypatch):
         build(tiny, f"{KV4G}+{GROUPS},page=48,budget=40")
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("BH,row_pages,K,sub,length", [(3, 40, 7, 4, 40 * 64 - 5), (2, 9, 9, 2, 300), (4, 1024, 128, 4, 65536)])
+def test_page_groups_kernel_matches_reference(BH, row_pages, K, sub, length, device):
+    """The selected pages' group listing (Triton; compiled on a GPU) equals the reference at random tables: taken
+    counts from 0 to K, the page still filling among them, rows whose table is only partly taken."""
+    from longkv.kernels import page_select, sparse_reference
+
+    g = torch.Generator().manual_seed(BH * K)
+    table = torch.stack([torch.randperm(row_pages, generator=g)[:K].sort().values + r * row_pages for r in range(BH)])
+    nsel = torch.randint(0, K + 1, (BH,), generator=g)
+    nsel[0] = K
+    args = (table.to(torch.int32).to(device), nsel.to(torch.int32).to(device), torch.tensor([length], device=device))
+    kw = dict(sub=sub, row_pages=row_pages, row_groups=row_pages * sub, group=16, sink=4, window=128)
+    got, want = page_select.page_groups(*args, **kw), sparse_reference.page_groups(*args, **kw)
+    for r in range(BH):                  # ids past a row's taken pages are not read: compare only the taken ones
+        n = int(nsel[r]) * sub
+        assert got[0][r, :n].tolist() == want[0][r, :n].tolist()
+    assert got[1].tolist() == want[1].tolist()
+
+
 @pytest.mark.parametrize("spec,msg", [(f"{KV4G}+quest:channels=0.25", "groups=1"),
                                       ("kivi2+quest:groups=1,channels=0.25", "4-bit"),
                                       (f"{KV4G}+quest:groups=1,channels=2", "fraction"),
