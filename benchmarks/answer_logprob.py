@@ -17,7 +17,9 @@ fake-quantized as `kv4` stores them (quantized and dequantized in place as its 6
 and 128 recent tokens; keys per channel after RoPE, values per token), to tell which half of a 4-bit cache moves
 the answers: `fq:k=4` (keys only), `fq:v=4` (values only), `fq:k=4,v=4` (both: the same numbers as `kv4` on a
 one-chunk prefill), `vrot=1` / `krot=1` (Hadamard-rotate values / keys before quantizing), `kg=16` (key groups of 16
-tokens), `ktok=1` (keys per token), `lo=A,hi=B` (only layers A..B-1 quantized, the others kept whole). The forced
+tokens), `ktok=1` (keys per token), `lo=A,hi=B` (only layers A..B-1 quantized, the others kept whole), `kres=1` (a
+residual bit a key element: after the 4-bit code, whether the key lies above or below its level, decoded as ±scale/4:
+5-bit keys whose upper 4 bits are `kv4`'s own codes, so a 4-bit sketch of them is unchanged). The forced
 decode steps stay in full precision (they are inside the window).
 
 Prints a table and ends with one JSON line."""
@@ -29,6 +31,7 @@ import time
 
 import torch
 from common import emit_json, parse_tokens, print_table
+from key_error import keys
 from needle_margin import forced_logits
 
 from longkv.cache.full import FullCache
@@ -43,19 +46,20 @@ class FakeQuant(FullCache):
     in 64-token groups once they are past `sink` + `window`, as `kv4` flushes them."""
 
     def __init__(self, specs, *, k=0, v=0, vrot=0, krot=0, kg=64, ktok=0, group=64, sink=4, window=128, lo=0,
-                 hi=1 << 30, **kw):
+                 hi=1 << 30, kres=0, **kw):
         super().__init__(specs, **kw)
         self.layers = range(lo, hi)
+        self.kres = kres
         self.kb, self.vb, self.vrot, self.krot, self.kg, self.ktok = k, v, vrot, krot, kg, ktok
         self.g, self.sink, self.win = group, sink, window
         self.done = [0] * len(specs)
         self.H = ref.hadamard(specs[0].head_dim)
 
-    def _fq(self, x, bits, per_channel, group, rot):
+    def _fq(self, x, bits, per_channel, group, rot, res=0):
         D = x.shape[-1]
         x = x @ self.H if rot else x
         if per_channel:
-            x = ref.dequantize_keys(ref.quantize_keys(x, bits=bits, group=group), bits=bits, group=group, d=D)
+            x = keys(x, group, res=bool(res), bits=bits)
         else:
             x = ref.dequantize_tokens(ref.quantize_tokens(x, bits=bits, vgroup=D), bits=bits, vgroup=D, d=D)
         return x @ self.H if rot else x
@@ -69,7 +73,7 @@ class FakeQuant(FullCache):
         if hi > lo:
             kk, vv = self.k[layer][:, :, lo:hi], self.v[layer][:, :, lo:hi]
             if self.kb:
-                kk.copy_(self._fq(kk.float(), self.kb, not self.ktok, self.kg, self.krot))
+                kk.copy_(self._fq(kk.float(), self.kb, not self.ktok, self.kg, self.krot, self.kres))
             if self.vb:
                 vv.copy_(self._fq(vv.float(), self.vb, False, self.g, self.vrot))
             self.done[layer] = new

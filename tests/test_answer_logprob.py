@@ -46,3 +46,28 @@ def test_fake_quant_of_some_layers_only(tiny):
     assert torch.equal(next_logits(tiny, "fq:k=4,v=4,lo=2,hi=3"), full)
     first = next_logits(tiny, "fq:k=4,v=4,lo=0,hi=1")
     assert not torch.equal(first, full) and not torch.equal(first, both)
+
+
+def test_key_layouts_error_where_the_key_error_table_says():
+    """benchmarks/key_error.py's layouts on Gaussian keys: the residual bit keeps kv4's codes and cuts the squared
+    error about 4x (no element moves by more than a quarter step); MSE clipping never does worse than min/max (the
+    full range is one of its candidates); 16-token groups sit between."""
+    import key_error as ke
+    from longkv.kernels import quant_reference as ref
+
+    k = torch.randn(2, 3, 256, 32, generator=torch.Generator().manual_seed(5)) * torch.linspace(0.2, 4, 32)
+    sq = lambda y: float((y - k).square().sum())                                     # noqa: E731
+    base, res, g16, clip = sq(ke.keys(k, 64)), sq(ke.keys(k, 64, res=True)), sq(ke.keys(k, 16)), sq(
+        ke.clipped(k, 4, 64, True))
+    assert 0.2 < res / base < 0.35 and res < g16 < base and clip <= base * (1 + 1e-6)
+    step = ref.quantize_keys(k, bits=4, group=64)["scale"].float().repeat_interleave(64, 2)
+    assert ((ke.keys(k, 64, res=True) - ke.keys(k, 64)).abs() - step / 4).abs().max() < 1e-5 * step.max()
+    vq = ref.quantize_tokens(k, bits=4, vgroup=32)                                   # values: per token
+    vbase = float((ref.dequantize_tokens(vq, bits=4, vgroup=32, d=32) - k).square().sum())
+    assert sq(ke.clipped(k, 4, 32, False)) <= vbase * (1 + 1e-6)
+
+
+def test_fake_quant_residual_bit_moves_keys_toward_full(tiny):
+    """fq:k=4,kres=1: the keys' residual bit brings the step's logits closer to full's than kv4's keys alone."""
+    full, k4, kres = next_logits(tiny, "full"), next_logits(tiny, "fq:k=4"), next_logits(tiny, "fq:k=4,kres=1")
+    assert 0 < (kres - full).abs().max() < (k4 - full).abs().max()
