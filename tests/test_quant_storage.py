@@ -407,7 +407,8 @@ def test_quest_pages_of_several_key_groups(tiny, monkeypatch):
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-@pytest.mark.parametrize("BH,row_pages,K,sub,length", [(3, 40, 7, 4, 40 * 64 - 5), (2, 9, 9, 2, 300), (4, 1024, 128, 4, 65536)])
+@pytest.mark.parametrize("BH,row_pages,K,sub,length", [(3, 40, 7, 4, 40 * 64 - 5), (2, 9, 9, 2, 300),
+                                                        (4, 1024, 128, 4, 65536)])
 def test_page_groups_kernel_matches_reference(BH, row_pages, K, sub, length, device):
     """The selected pages' group listing (Triton; compiled on a GPU) equals the reference at random tables: taken
     counts from 0 to K, the page still filling among them, rows whose table is only partly taken."""
@@ -464,3 +465,37 @@ def test_quest_every_k_steps_keeps_its_table_in_between(tiny):
                      ("quest:every=2", "packed storage")):
         with pytest.raises(UserError, match=msg):
             build(tiny, bad)
+
+
+def test_kres_keys_decode_closer_to_full_and_count_their_bits(tiny):
+    """kres=1 (the keys' residual bit): the same 4-bit codes and statistics as without it, one bit more an element
+    held (nbytes), keys closer to full's than the 4-bit codes' alone (on a tiny random model the values' 4 bits
+    hide that in the logits), on its own and as Quest's storage (where,
+    with every group read, it decodes what the storage's own decode does, and the step is not graph-captured: the
+    reference flush writes the bits)."""
+    _, _, kv0 = run(tiny, KV4G)
+    _, _, kv1 = run(tiny, f"{KV4G},kres=1")
+    assert kv1.kres and not kv1.graph_safe and "res" in kv1.kq[0] and "res" not in kv1.vq[0]
+    assert torch.equal(kv1.kq[0]["planes"][0], kv0.kq[0]["planes"][0]) and torch.equal(kv1.kq[0]["scale"],
+                                                                                         kv0.kq[0]["scale"])
+    packed = sum(d["res"].numel() for d in kv1.kq if d is not None)
+    assert kv1.nbytes() - kv0.nbytes() == packed and kv1.kq[0]["res"].any()
+    _, _, kvf = run(tiny, "full")
+    n = 48         # layer 0's keys of the prompt's first 3 groups: the same in every cache (they see only embeddings)
+    want = kvf.k[0][:, :, 2:2 + n].float()
+    err = [(kv._dequant(0, n)[0] - want).square().sum() for kv in (kv0, kv1)]
+    assert kv1.n_quantized(kv1.length) >= n and err[1] < 0.5 * err[0]       # 0.36 here (16-token groups)
+    assert str(cache_spec.parse(f"{KV4G},kres=1")) == str(cache_spec.parse(str(cache_spec.parse(f"{KV4G},kres=1"))))
+    # as Quest's storage: every group read = the storage's own decode; a small budget still decodes
+    every, etoks, kvq = run(tiny, f"{KV4G},kres=1+{GROUPS},ratio=0")
+    own, otoks, _ = run(tiny, f"{KV4G},kres=1+quest:dense_layers=0,ratio=0")
+    assert not kvq.graph_safe and "res" in kvq.store.kq[0] and etoks == otoks
+    assert (every - own).abs().max() < 1e-4 * own.abs().max()
+    _, stoks, kvs = run(tiny, f"{KV4G},kres=1+{GROUPS},budget=24,channels=0.25,rank=max")
+    assert kvs.k_pages == 1 and len(stoks) == 12 and "residual" in kvs.stats()["decode"]
+
+
+@pytest.mark.parametrize("extra", ["keys=token", "rotate=1"])
+def test_kres_refuses_what_it_cannot_refine(tiny, extra):
+    with pytest.raises(UserError, match="kres"):
+        build(tiny, f"quant:bits=4,kres=1,{extra}")

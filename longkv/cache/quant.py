@@ -33,6 +33,14 @@ Layout per layer, all preallocated for `capacity` tokens (so decode can run in a
 
 Sliding-window layers (Gemma 3's local ones) are not quantized: they keep their window in full
 precision as `full` does (a ring, `full.py`), which at long context is smaller than packing every token.
+
+`kres=1` adds one residual bit a key element (`res`, (B, Hkv, n, D/8) uint8): whether the key lies at or above
+its level, decoded as a quarter step up or down, so keys are half a step finer (at 4 bits 1/3.7 of the squared
+error, `benchmarks/key_error.py`) for one bit more an element, while the codes and statistics stay those of
+`bits`: a 4-bit sketch of the keys (Quest's SparQ score, `channels=F`) reads them unchanged and only the attention
+would read the extra bit. No kernel reads it yet: the decode runs the torch reference (not graph-captured), so
+`kv4:kres=1` is for measuring quality, not speed. Quest's bound over such groups (`groups=1` without `channels`)
+bounds the 4-bit levels, which the keys miss by at most a quarter step.
 """
 from __future__ import annotations
 
@@ -61,6 +69,9 @@ PARAMS = {
     "prerope": (bool, True, "quantize keys before RoPE (KVQuant); 0 = after RoPE (KIVI: the kv4 and kv2 presets)"),
     "rotate": (bool, False, "Hadamard-rotate keys before quantizing (QuaRot-style)"),
     "nuq": (str, "", "codebook file from `longkv calibrate` (non-uniform levels per layer)"),
+    "kres": (bool, False, "a residual bit per key element after its code (above or below its level, decoded as "
+                          "±a quarter step): keys half a step finer for one bit more an element (4-bit: 1/3.7 of the "
+                          "squared error), the codes themselves unchanged; no kernel reads it yet (decode in torch)"),
 }
 
 
@@ -82,6 +93,9 @@ def _check(spec_head_dim: int, p: dict) -> None:
         raise UserError(f"quant: keys={p['keys']!r} must be channel or token")
     if p["rotate"] and spec_head_dim & (spec_head_dim - 1):
         raise UserError(f"quant: rotate needs a power-of-two head dim, not {spec_head_dim}")
+    if p.get("kres") and (p["keys"] != "channel" or p["nuq"] or p["rotate"]):
+        raise UserError("quant: kres=1 refines per-channel keys on uniform levels; it does not go with keys=token, "
+                        "nuq or rotate")
 
 
 def load_codebook(path: str, specs, bits: int, prerope: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -126,7 +140,7 @@ class QuantCache(Cache):
         D, H = s0.head_dim, s0.num_kv_heads
         self.D, self.vgroup = D, p["vgroup"] or D
         self.n_out = math.ceil(p["outliers"] * D) if p["outliers"] > 0 else 0
-        self.per_channel, self.prerope = p["keys"] == "channel", p["prerope"]
+        self.per_channel, self.prerope, self.kres = p["keys"] == "channel", p["prerope"], bool(p["kres"])
         self.ring = self.window + 2 * self.group
         self.nq_cap = self.group * math.ceil(max(0, capacity - self.sink) / self.group)
         self.H = ref.hadamard(D, device) if p["rotate"] else None
@@ -150,7 +164,7 @@ class QuantCache(Cache):
         self.vq = [self._alloc(batch, H, False, z) if x else None for x in packed]
         # The Triton path covers the main scheme; ablations run the torch reference (not in graphs).
         # Sliding-window layers decode through `full`'s ring (graph-safe), so only the packed layers count.
-        self.graph_safe = (self.per_channel and self.H is None
+        self.graph_safe = (self.per_channel and self.H is None and not self.kres
                            and D % (64 if self.bits == 3 else 32) == 0   # whole 32-bit words per half row
                            and all(not s.softcap for i, s in enumerate(specs) if i not in self.win))
 
@@ -163,6 +177,8 @@ class QuantCache(Cache):
         if self.n_out:
             d["out_idx"] = torch.zeros(B, H, n, self.n_out, dtype=torch.uint8, **z)
             d["out_val"] = torch.zeros(B, H, n, self.n_out, dtype=torch.float16, **z)
+        if self.kres and per_channel:
+            d["res"] = torch.zeros(B, H, n, D // 8, dtype=torch.uint8, **z)
         return d
 
     # -- bookkeeping ------------------------------------------------------------------------------------
@@ -204,7 +220,7 @@ class QuantCache(Cache):
         if self.H is not None:
             k = k.float() @ self.H
         kw = dict(bits=self.bits, n_out=self.n_out)
-        kq = (ref.quantize_keys(k, group=self.group, lut=self.lut_k[layer], **kw) if self.per_channel
+        kq = (ref.quantize_keys(k, group=self.group, lut=self.lut_k[layer], res=self.kres, **kw) if self.per_channel
               else ref.quantize_tokens(k, vgroup=self.vgroup, lut=self.lut_k[layer], **kw))
         return kq, ref.quantize_tokens(v, vgroup=self.vgroup, lut=self.lut_v[layer], **kw)
 
@@ -215,7 +231,7 @@ class QuantCache(Cache):
                 a[:, :, lo:lo + n] = b
             r = slice(lo // self.group, (lo + n) // self.group) if per_channel else slice(lo, lo + n)
             dst["scale"][:, :, r], dst["zero"][:, :, r] = src["scale"], src["zero"]
-            for key in ("out_idx", "out_val"):
+            for key in ("out_idx", "out_val", "res"):
                 if key in src:
                     dst[key][:, :, lo:lo + n] = src[key]
 

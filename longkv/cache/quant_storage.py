@@ -65,7 +65,7 @@ from .quant import PARAMS, QuantCache, _check
 from .registry import REGISTRY
 
 
-def _alloc(B, H, n, D, *, bits, group, vgroup, n_out, per_channel, device) -> dict:
+def _alloc(B, H, n, D, *, bits, group, vgroup, n_out, per_channel, device, res=False) -> dict:
     z = {"device": device}
     d = {"planes": [torch.zeros(B, H, n, D * pb // 8, dtype=torch.uint8, **z) for pb in ref.PLANES[bits]]}
     rows, cols = (n // group, D) if per_channel else (n, D // vgroup)
@@ -74,6 +74,8 @@ def _alloc(B, H, n, D, *, bits, group, vgroup, n_out, per_channel, device) -> di
     if n_out:
         d["out_idx"] = torch.zeros(B, H, n, n_out, dtype=torch.uint8, **z)
         d["out_val"] = torch.zeros(B, H, n, n_out, dtype=torch.float16, **z)
+    if res and per_channel:    # the keys' residual bits (`kres`), one a element
+        d["res"] = torch.zeros(B, H, n, D // 8, dtype=torch.uint8, **z)
     return d
 
 
@@ -130,6 +132,7 @@ class QuantStorage:
         self.append_only = False   # set before reserve() by a policy whose decode writes only at the end
                                    # (quest): the write is then cache/quant.py's append + flush kernel
         self.bits, self.g, self.S, self.W = p["bits"], p["group"], p["sink"], p["window"]
+        self.kres = bool(p["kres"])
         self.vgroup = p["vgroup"]
         self.n_out = [math.ceil(p["outliers"] * s.head_dim) if p["outliers"] > 0 else 0 for s in specs]
         L = len(specs)
@@ -145,7 +148,7 @@ class QuantStorage:
                         for D in sorted({s.head_dim for s in specs})}
         # as QuantCache.graph_safe: whole 32-bit words per half row of codes (64 channels at 3 bits)
         self.kernel = [s.head_dim >= 32 and not s.head_dim & (s.head_dim - 1) and not s.softcap
-                       and s.head_dim % (64 if self.bits == 3 else 32) == 0 for s in specs]
+                       and s.head_dim % (64 if self.bits == 3 else 32) == 0 and not self.kres for s in specs]
 
     # -- layout ---------------------------------------------------------------------------------------
     def _vg(self, layer):
@@ -194,7 +197,7 @@ class QuantStorage:
         kf = torch.zeros(B, H, self.S + R, D, device=self.device, dtype=self.dtype)
         vf = torch.zeros_like(kf)
         a = {"bits": self.bits, "group": self.g, "vgroup": self._vg(layer), "n_out": self.n_out[layer],
-             "device": self.device}
+             "device": self.device, "res": self.kres}
         kq, vq = _alloc(B, H, cap, D, per_channel=True, **a), _alloc(B, H, cap, D, per_channel=False, **a)
         pos = torch.zeros(B, H, slots, device=self.device, dtype=torch.int32)
         if self.append_only:      # slot = position, written once here instead of at every decode step
@@ -224,7 +227,7 @@ class QuantStorage:
         self.cnt[layer].fill_(n)
 
     def _quant(self, layer, k, v):
-        return (ref.quantize_keys(k, group=self.g, **self._kw(layer)),
+        return (ref.quantize_keys(k, group=self.g, res=self.kres, **self._kw(layer)),
                 ref.quantize_tokens(v, vgroup=self._vg(layer), **self._kw(layer)))
 
     def _put(self, layer, kr, v, c0: int) -> None:
@@ -396,6 +399,11 @@ class QuantStorage:
 
     def stats(self) -> dict:
         slow = [i for i, ok in enumerate(self.kernel) if not ok]
+        if self.kres:
+            return {"storage_bits": self.bits, "storage_group": self.g, "key_residual_bits": 1,
+                    "quantized_slots_per_layer": [self.nq(c) for c in self.count],
+                    "decode": "decode dequantizes in torch: no kernel reads the keys' residual bits yet "
+                              "(no speed gain)"}
         return {"storage_bits": self.bits, "storage_group": self.g,
                 "quantized_slots_per_layer": [self.nq(c) for c in self.count],
                 "decode": ("packed kernel" if not slow else

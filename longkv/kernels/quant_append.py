@@ -176,10 +176,11 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
     ring = kf.shape[2] - sink
     if sketch is not None and (bits != 4 or "out_idx" in kq or lut_k is not None):
         raise ValueError("the channel-major key copy (sketch) needs 4-bit uniform keys without outliers")
-    if rope is not None and not _use_triton(k):
+    res = "res" in kq              # the keys' residual bits (`kres`): only the reference writes them (host syncs)
+    if rope is not None and (not _use_triton(k) or res):
         from ..models.rope import apply_rope
         k, rope = apply_rope(k, *rope).to(k.dtype), None
-    if not _use_triton(k):
+    if not _use_triton(k) or res:
         n = int(length) + int(from_slot)
         if count_out is not None:
             count_out.fill_(n)
@@ -191,14 +192,14 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
             pos = torch.arange(sink + (ng - 1) * group, sink + ng * group)
             sl = sink + (pos - sink) % ring
             n_out = kq["out_idx"].shape[-1] if "out_idx" in kq else 0
-            a = ref.quantize_keys(kf[:, :, sl], bits=bits, group=group, n_out=n_out, lut=lut_k)
+            a = ref.quantize_keys(kf[:, :, sl], bits=bits, group=group, n_out=n_out, lut=lut_k, res=res)
             b = ref.quantize_tokens(vf[:, :, sl], bits=bits, vgroup=vgroup, n_out=n_out, lut=lut_v)
             lo = (ng - 1) * group
             for dst, src, rows in ((kq, a, slice(ng - 1, ng)), (vq, b, slice(lo, lo + group))):
                 for x, y in zip(dst["planes"], src["planes"]):
                     x[:, :, lo:lo + group] = y
                 dst["scale"][:, :, rows], dst["zero"][:, :, rows] = src["scale"], src["zero"]
-                for key in ("out_idx", "out_val"):
+                for key in ("out_idx", "out_val", "res"):
                     if key in src:
                         dst[key][:, :, lo:lo + group] = src[key]
             if sketch is not None:

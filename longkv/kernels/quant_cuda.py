@@ -115,14 +115,14 @@ def smem_bytes(*, D: int, G: int, cw: int) -> int:
 def supported(q: torch.Tensor, kq: dict, *, bits: int, group: int, vgroup: int, prerope: bool,
               lut_k=None, lut_v=None, G: int) -> bool:
     """The layouts this kernel reads: KIVI's (keys after RoPE, per channel), one plane of 2- or
-    4-bit uniform codes, one value range a token, no outliers; G <= 8 queries a KV head; head dim
+    4-bit uniform codes, one value range a token, no outliers nor residual bits; G <= 8 queries a KV head; head dim
     64/128/256 with whole words for each thread; bf16/fp16 on sm_80 or later."""
     D = q.shape[-1]
     if os.environ.get("LONGKV_QUANT_KERNEL", "") == "triton" or not q.is_cuda:
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or torch.cuda.get_device_capability(q.device)[0] < 8:
         return False
-    return (not prerope and bits in (2, 4) and len(kq["planes"]) == 1 and "out_idx" not in kq
+    return (not prerope and bits in (2, 4) and len(kq["planes"]) == 1 and "out_idx" not in kq and "res" not in kq
             and lut_k is None and lut_v is None and vgroup == D and 1 <= G <= 8 and D in (64, 128, 256)
             and D * bits >= 256 and group >= 16)
 

@@ -199,7 +199,7 @@ def quant_paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, la
     nsel = nsel.reshape(-1).expand(BH).contiguous()
     last = last.reshape(-1).expand(BH).contiguous()
     B, Hq, _, D = q.shape
-    if not _use_triton(q) or softcap or D < 32 or D & (D - 1):
+    if not _use_triton(q) or softcap or D < 32 or D & (D - 1) or "res" in kq:   # res: no kernel reads it yet
         return ref.quant_paged_attention(q, kq, vq, kf, vf, length, table, nsel, last, row_pages=row_pages,
                                          page=page, bits=bits, group=group, vgroup=vgroup, sink=sink,
                                          window=window, scale=scale, softcap=softcap)

@@ -29,7 +29,7 @@ __all__ = ["PLANES", "hadamard", "pack", "unpack", "quantize_keys", "quantize_to
            "quant_paged_attention", "sketch_groups", "sparq_channels", "sparq_group_scores",
            "sparq_weights"]
 
-PLANES = {2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}
+PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}   # 1: the keys' residual bits (`kres`)
 
 
 def hadamard(d: int, device=None) -> torch.Tensor:
@@ -95,9 +95,11 @@ def _outliers(x, center, spread, n_out):
     return idx, x.gather(-1, idx)
 
 
-def quantize_keys(k: torch.Tensor, *, bits: int, group: int, n_out: int = 0, lut=None) -> dict:
+def quantize_keys(k: torch.Tensor, *, bits: int, group: int, n_out: int = 0, lut=None, res: bool = False) -> dict:
     """Per-channel keys. k (B, H, T, D) with T a multiple of `group` →
-    {planes, scale (B, H, T/group, D) fp16, zero (same), out_idx (B, H, T, n_out) uint8, out_val fp16}."""
+    {planes, scale (B, H, T/group, D) fp16, zero (same), out_idx (B, H, T, n_out) uint8, out_val fp16}.
+    res: also `res` (B, H, T, D/8) uint8, one residual bit an element: whether the key lies at or above its
+    level, so that it decodes half a step finer with the codes themselves unchanged."""
     B, H, T, D = k.shape
     x = k.float().reshape(B, H, T // group, group, D)
     out = {}
@@ -109,6 +111,9 @@ def quantize_keys(k: torch.Tensor, *, bits: int, group: int, n_out: int = 0, lut
         out = {"out_idx": idx.reshape(B, H, T, n_out).to(torch.uint8),
                "out_val": val.reshape(B, H, T, n_out).half()}
     codes, scale, zero = _encode(x, x.amin(3, keepdim=True), x.amax(3, keepdim=True), bits, lut)
+    if res:
+        level = _levels(bits, lut, x.device)[codes.long()] * scale.float() + zero.float()
+        out["res"] = pack((x >= level).to(torch.uint8).reshape(B, H, T, D), 1)[0]
     return {"planes": pack(codes.reshape(B, H, T, D), bits), "scale": scale.squeeze(3),
             "zero": zero.squeeze(3), **out}
 
@@ -172,6 +177,8 @@ def dequantize_keys(q: dict, *, bits: int, group: int, d: int, lut=None) -> torc
     codes = unpack(q["planes"], bits, d)
     B, H, T, D = codes.shape
     x = lv[codes.long()].reshape(B, H, T // group, group, D)
+    if "res" in q:      # the residual bit: a quarter step up or down from the level
+        x = x + unpack([q["res"]], 1, d).reshape(B, H, T // group, group, D).float() * 0.5 - 0.25
     x = x * q["scale"].float()[:, :, :, None] + q["zero"].float()[:, :, :, None]
     return _restore(x.reshape(B, H, T, D), q)
 
@@ -263,7 +270,7 @@ def gather_rows(kq: dict, vq: dict, kf, vf, rows: torch.Tensor, nq, *, bits: int
           "zero": take(kq["zero"], qi // group)}
     vd = {"planes": [take(t, qi) for t in vq["planes"]], "scale": take(vq["scale"], qi), "zero": take(vq["zero"], qi)}
     for d, src in ((kd, kq), (vd, vq)):
-        d.update({key: take(src[key], qi) for key in ("out_idx", "out_val") if key in src})
+        d.update({key: take(src[key], qi) for key in ("out_idx", "out_val", "res") if key in src})
     k = dequantize_keys(kd, bits=bits, group=1, d=D)        # statistics gathered per row
     v = dequantize_tokens(vd, bits=bits, vgroup=vgroup, d=D)
     rs = torch.where(rows < sink, rows, sink + (rows - sink) % ring)
