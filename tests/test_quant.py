@@ -94,9 +94,11 @@ def test_decode_kernel_matches_reference(bits, nuq, n_out, length, vgroup, prero
         assert (got - want).abs().max() < 2e-3
 
 
-@pytest.mark.parametrize("bits,nuq,n_out,rope", [(4, False, 0, False), (3, True, 1, False), (2, False, 2, False),
-                                                 (4, False, 0, True)])   # rope: the key rotated in the kernel
-def test_append_flush_kernel_matches_reference(bits, nuq, n_out, rope, monkeypatch):
+@pytest.mark.parametrize("bits,nuq,n_out,rope,res", [(4, False, 0, False, False), (3, True, 1, False, False),
+                                                     (2, False, 2, False, False), (4, False, 0, True, False),
+                                                     (4, False, 0, True, True), (2, False, 1, False, True)])
+def test_append_flush_kernel_matches_reference(bits, nuq, n_out, rope, res, monkeypatch):
+    """rope: the key rotated in the kernel; res: the keys' residual bits (`kres=1`) written with the group."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton path on CPU tensors needs TRITON_INTERPRET=1")
     B, H, D, group, sink, window = 1, 3, 64, 16, 2, 3
@@ -110,6 +112,8 @@ def test_append_flush_kernel_matches_reference(bits, nuq, n_out, rope, monkeypat
         kq, vq = packed_layer(B, H, D, 64, group, 16, bits, n_out, lut)
         kq = {k: ([torch.zeros_like(p) for p in t] if k == "planes" else torch.zeros_like(t)) for k, t in kq.items()}
         vq = {k: ([torch.zeros_like(p) for p in t] if k == "planes" else torch.zeros_like(t)) for k, t in vq.items()}
+        if res:
+            kq["res"] = torch.zeros(B, H, 64, D // 8, dtype=torch.uint8)
         g = gen(8)
         for n in range(1, sink + window + 2 * group + 2):
             k, v = torch.randn(B, H, 1, D, generator=g) * 3, torch.randn(B, H, 1, D, generator=g)
@@ -119,7 +123,9 @@ def test_append_flush_kernel_matches_reference(bits, nuq, n_out, rope, monkeypat
                             rope=(ang.cos(), ang.sin()) if rope else None)
         deq = (ref.dequantize_keys(kq, bits=bits, group=group, d=D, lut=lut)[:, :, :2 * group],
                ref.dequantize_tokens(vq, bits=bits, vgroup=16, d=D, lut=lut)[:, :, :2 * group])
-        outs.append((kf, vf) + deq)
+        outs.append((kf, vf) + deq + ((kq["res"],) if res else ()))
+    if res:
+        assert torch.equal(outs[0][-1], outs[1][-1]) and outs[0][-1][:, :, :2 * group].any()
     for a, b in zip(*outs):
         assert (a - b).abs().max() < 1e-2 * b.abs().max()
     if rope:   # the stored keys really are rotated: the last token (position n - 1) against its raw key

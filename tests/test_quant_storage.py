@@ -471,8 +471,8 @@ def test_kres_keys_decode_closer_to_full_and_count_their_bits(tiny):
     """kres=1 (the keys' residual bit): the same 4-bit codes and statistics as without it, one bit more an element
     held (nbytes), keys closer to full's than the 4-bit codes' alone (on a tiny random model the values' 4 bits
     hide that in the logits), on its own and as Quest's storage (where,
-    with every group read, it decodes what the storage's own decode does, and the step is not graph-captured: the
-    reference flush writes the bits)."""
+    with every group read, it decodes what the storage's own decode does, and the device-only step decodes what the
+    eager one does: the append + flush kernel writes the bits, the attention is the torch reference)."""
     _, _, kv0 = run(tiny, KV4G)
     _, _, kv1 = run(tiny, f"{KV4G},kres=1")
     assert kv1.kres and not kv1.graph_safe and "res" in kv1.kq[0] and "res" not in kv1.vq[0]
@@ -489,10 +489,11 @@ def test_kres_keys_decode_closer_to_full_and_count_their_bits(tiny):
     # as Quest's storage: every group read = the storage's own decode; a small budget still decodes
     every, etoks, kvq = run(tiny, f"{KV4G},kres=1+{GROUPS},ratio=0")
     own, otoks, _ = run(tiny, f"{KV4G},kres=1+quest:dense_layers=0,ratio=0")
-    assert not kvq.graph_safe and "res" in kvq.store.kq[0] and etoks == otoks
+    assert kvq.graph_safe and "res" in kvq.store.kq[0] and etoks == otoks
     assert (every - own).abs().max() < 1e-4 * own.abs().max()
     _, stoks, kvs = run(tiny, f"{KV4G},kres=1+{GROUPS},budget=24,channels=0.25,rank=max")
     assert kvs.k_pages == 1 and len(stoks) == 12 and "residual" in kvs.stats()["decode"]
+    assert graph_greedy(tiny, f"{KV4G},kres=1+{GROUPS},budget=24,channels=0.25,rank=max", 12) == stoks
 
 
 @pytest.mark.parametrize("extra", ["keys=token", "rotate=1"])

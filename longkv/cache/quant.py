@@ -38,8 +38,9 @@ precision as `full` does (a ring, `full.py`), which at long context is smaller t
 its level, decoded as a quarter step up or down, so keys are half a step finer (at 4 bits 1/3.7 of the squared
 error, `benchmarks/key_error.py`) for one bit more an element, while the codes and statistics stay those of
 `bits`: a 4-bit sketch of the keys (Quest's SparQ score, `channels=F`) reads them unchanged and only the attention
-would read the extra bit. No kernel reads it yet: the decode runs the torch reference (not graph-captured), so
-`kv4:kres=1` is for measuring quality, not speed. Quest's bound over such groups (`groups=1` without `channels`)
+would read the extra bit. The append + flush kernel writes it; no attention kernel reads it yet: `kv4:kres=1` alone
+decodes eagerly through the torch reference, and under Quest (`kv4:kres=1+quest:groups=1,...`) the selected groups
+are gathered and attended in torch (graph-safe). So it is for measuring quality, not speed. Quest's bound over such groups (`groups=1` without `channels`)
 bounds the 4-bit levels, which the keys miss by at most a quarter step.
 """
 from __future__ import annotations

@@ -59,7 +59,8 @@ if triton is not None:
 
     @triton.jit
     def _append_flush_kernel(K, V, Len, KF, VF, KP0, KP1, KS, KZ, KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV,
-                             MidK, MidV, Cnt, Cos, Sin, SK, SZ, CAPH, MG, FROM_SLOT: tl.constexpr,
+                             MidK, MidV, Cnt, Cos, Sin, SK, SZ, CAPH, MG, KR, RES: tl.constexpr,
+                             FROM_SLOT: tl.constexpr,
                              HAS_CNT: tl.constexpr, ROPE: tl.constexpr, SKETCH: tl.constexpr,
                              D: tl.constexpr, GROUP: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr,
                              PB0: tl.constexpr, PB1: tl.constexpr, N_OUT: tl.constexpr, SINK: tl.constexpr,
@@ -110,6 +111,8 @@ if triton is not None:
             _pack_store(code, KP0, rows, D, PB0, 0, GROUP)
             if PB1 > 0:
                 _pack_store(code, KP1, rows, D, PB1, PB0, GROUP)
+            if RES:      # the keys' residual bits (`ref.quantize_keys(res=True)`): at or above the level
+                _pack_store((x >= code.to(tl.float32) * sc + zero).to(tl.int32), KR, rows, D, 1, 0, GROUP)
             if SKETCH:   # the channel-major copy (`ref.sketch_groups`): byte m of channel c = tokens 2m | 2m + 1
                 pair = tl.reshape(code, (GROUP // 2, 2, D))
                 byte = tl.sum(pair << (tl.arange(0, 2) * 4)[None, :, None], axis=1)          # (GROUP/2, D)
@@ -170,17 +173,18 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
     fp slot and quantizes the group this token completes, if any; count_out (1,) int64, if given, is
     set to the length; rope (cos, sin), each (1, D), if given: k is rotated first, in the same launch
     (keys stored after RoPE); sketch (sk, sz), if given (4-bit keys without outliers): the flushed group is
-    also written to that channel-major copy (`ref.sketch_groups`, SparQ scoring in `quest_sparq.py`).
+    also written to that channel-major copy (`ref.sketch_groups`, SparQ scoring in `quest_sparq.py`). A key dict
+    with `res` (`kres=1`) gets the flushed group's residual bits too.
     Reference: the same steps with `ref.quantize_keys` / `ref.quantize_tokens`."""
     B, H, _, D = k.shape
     ring = kf.shape[2] - sink
     if sketch is not None and (bits != 4 or "out_idx" in kq or lut_k is not None):
         raise ValueError("the channel-major key copy (sketch) needs 4-bit uniform keys without outliers")
-    res = "res" in kq              # the keys' residual bits (`kres`): only the reference writes them (host syncs)
-    if rope is not None and (not _use_triton(k) or res):
+    res = "res" in kq              # the keys' residual bits (`kres`)
+    if rope is not None and not _use_triton(k):
         from ..models.rope import apply_rope
         k, rope = apply_rope(k, *rope).to(k.dtype), None
-    if not _use_triton(k) or res:
+    if not _use_triton(k):
         n = int(length) + int(from_slot)
         if count_out is not None:
             count_out.fill_(n)
@@ -216,7 +220,8 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
         dummy if mid_k is None else mid_k, dummy if mid_v is None else mid_v,
         length if count_out is None else count_out, *((kf, kf) if rope is None else (r.reshape(-1) for r in rope)),
         *((kf, kf, 0, 0) if sketch is None else (sketch[0], sketch[1], sketch[0].shape[-1], sketch[1].shape[3])),
-        FROM_SLOT=from_slot, HAS_CNT=count_out is not None, ROPE=rope is not None, SKETCH=sketch is not None,
+        kq["res"] if res else dummy, RES=res, FROM_SLOT=from_slot, HAS_CNT=count_out is not None,
+        ROPE=rope is not None, SKETCH=sketch is not None,
         D=D, GROUP=group, VG=vgroup, BITS=bits, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out,
         SINK=sink, WINDOW=window, RING=ring, NQ_CAP=kq["planes"][0].shape[2], NUQ_K=mid_k is not None,
         NUQ_V=mid_v is not None)

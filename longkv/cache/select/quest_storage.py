@@ -123,7 +123,6 @@ class QuestStorageCache(QuestCache):
         self.store = make_storage(storage, specs, batch=batch, device=device, dtype=dtype)
         self.storage_name = storage[0]
         st = self.store
-        self.graph_safe = not st.kres      # the keys' residual bits are written by the reference flush (host syncs)
         self.groups = bool(groups)               # pages = the storage's key groups (module docstring)
         P = st.g if self.groups else self._check_page(page)
         if self.groups and page > st.g:   # pages of page / g consecutive key groups (both powers of two)
