@@ -94,9 +94,9 @@ def _check(spec_head_dim: int, p: dict) -> None:
         raise UserError(f"quant: keys={p['keys']!r} must be channel or token")
     if p["rotate"] and spec_head_dim & (spec_head_dim - 1):
         raise UserError(f"quant: rotate needs a power-of-two head dim, not {spec_head_dim}")
-    if p.get("kres") and (p["keys"] != "channel" or p["nuq"] or p["rotate"]):
+    if p.get("kres") and (p["keys"] != "channel" or p["nuq"] or p["rotate"] or spec_head_dim % 32):
         raise UserError("quant: kres=1 refines per-channel keys on uniform levels; it does not go with keys=token, "
-                        "nuq or rotate")
+                        f"nuq or rotate, and needs a head dim that is a multiple of 32 (not {spec_head_dim})")
 
 
 def load_codebook(path: str, specs, bits: int, prerope: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -111,8 +111,10 @@ if triton is not None:
             _pack_store(code, KP0, rows, D, PB0, 0, GROUP)
             if PB1 > 0:
                 _pack_store(code, KP1, rows, D, PB1, PB0, GROUP)
-            if RES:      # the keys' residual bits (`ref.quantize_keys(res=True)`): at or above the level
-                _pack_store((x >= code.to(tl.float32) * sc + zero).to(tl.int32), KR, rows, D, 1, 0, GROUP)
+            if RES:      # the keys' residual bits (`ref.quantize_keys(res=True)`): at or above the level, each
+                r = (x >= code.to(tl.float32) * sc + zero).to(tl.int32)    # 32 channels in `ref.pack_res`'s order
+                r = tl.reshape(tl.permute(tl.reshape(r, (GROUP, D // 32, 4, 2, 4)), (0, 1, 3, 2, 4)), (GROUP, D))
+                _pack_store(r, KR, rows, D, 1, 0, GROUP)
             if SKETCH:   # the channel-major copy (`ref.sketch_groups`): byte m of channel c = tokens 2m | 2m + 1
                 pair = tl.reshape(code, (GROUP // 2, 2, D))
                 byte = tl.sum(pair << (tl.arange(0, 2) * 4)[None, :, None], axis=1)          # (GROUP/2, D)

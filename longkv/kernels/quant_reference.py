@@ -24,7 +24,7 @@ import torch
 
 from .reference import attention_lse
 
-__all__ = ["PLANES", "hadamard", "pack", "unpack", "quantize_keys", "quantize_tokens", "dequantize_keys",
+__all__ = ["PLANES", "hadamard", "pack", "unpack", "pack_res", "unpack_res", "quantize_keys", "quantize_tokens", "dequantize_keys",
            "dequantize_tokens", "rope_at", "fp_slots", "quant_decode_attention", "normalized", "gather_rows",
            "quant_paged_attention", "sketch_groups", "sparq_channels", "sparq_group_scores",
            "sparq_weights"]
@@ -64,6 +64,22 @@ def unpack(planes: list[torch.Tensor], bits: int, d: int) -> torch.Tensor:
         codes = part << shift if codes is None else codes | (part << shift)
         shift += pb
     return codes.to(torch.uint8)
+
+
+def pack_res(bits01: torch.Tensor) -> torch.Tensor:
+    """The keys' residual bits (..., D) uint8 0/1 → (..., D/8) uint8, D a multiple of 32. Each 32-bit word (4 bytes,
+    little-endian) holds 32 channels in the order the CUDA kernel pairs its codes: channel 8w + 4h + j (w, j < 4,
+    h < 2) at bit 16h + 4w + j, so the two channels of a code pair (j, j + 4 of a code word) sit 16 bits apart."""
+    *lead, D = bits01.shape
+    x = bits01.reshape(*lead, D // 32, 4, 2, 4).transpose(-3, -2).reshape(*lead, D)
+    return pack(x, 1)[0]
+
+
+def unpack_res(res: torch.Tensor, d: int) -> torch.Tensor:
+    """Inverse of `pack_res` → (..., d) uint8 0/1."""
+    *lead, _ = res.shape
+    x = unpack([res], 1, d).reshape(*lead, d // 32, 2, 4, 4)
+    return x.transpose(-3, -2).reshape(*lead, d)
 
 
 # -- quantize / dequantize -----------------------------------------------------------------------------
@@ -113,7 +129,7 @@ def quantize_keys(k: torch.Tensor, *, bits: int, group: int, n_out: int = 0, lut
     codes, scale, zero = _encode(x, x.amin(3, keepdim=True), x.amax(3, keepdim=True), bits, lut)
     if res:
         level = _levels(bits, lut, x.device)[codes.long()] * scale.float() + zero.float()
-        out["res"] = pack((x >= level).to(torch.uint8).reshape(B, H, T, D), 1)[0]
+        out["res"] = pack_res((x >= level).to(torch.uint8).reshape(B, H, T, D))
     return {"planes": pack(codes.reshape(B, H, T, D), bits), "scale": scale.squeeze(3),
             "zero": zero.squeeze(3), **out}
 
@@ -178,7 +194,7 @@ def dequantize_keys(q: dict, *, bits: int, group: int, d: int, lut=None) -> torc
     B, H, T, D = codes.shape
     x = lv[codes.long()].reshape(B, H, T // group, group, D)
     if "res" in q:      # the residual bit: a quarter step up or down from the level
-        x = x + unpack([q["res"]], 1, d).reshape(B, H, T // group, group, D).float() * 0.5 - 0.25
+        x = x + unpack_res(q["res"], d).reshape(B, H, T // group, group, D).float() * 0.5 - 0.25
     x = x * q["scale"].float()[:, :, :, None] + q["zero"].float()[:, :, :, None]
     return _restore(x.reshape(B, H, T, D), q)
 
