@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--minb", type=int, default=0)
     ap.add_argument("--cw", type=int, default=1)
     ap.add_argument("--paged", action="store_true", help="the Quest-over-key-groups variant (reads via a table)")
+    ap.add_argument("--res", default="0", help="0, 1 or 0,1: the keys' residual bits (kres=1; 4 bits, D >= 128)")
     ap.add_argument("--dump", action="store_true", help="print each row's statistics as it is made")
     a = ap.parse_args()
     lib = ctypes.CDLL(os.path.join(a.nvrtc, "libnvrtc.so.12"))
@@ -61,15 +62,19 @@ def main() -> None:
             if D * bits < 256:      # not a layout the kernel takes (`quant_cuda.supported`)
                 continue
             for tile in map(int, a.tile.split(",")):
-                group = 64 if bits == 4 else 16
-                src = qc.defines(D=D, bits=bits, group=group, G=a.g, sink=4, ring=128 + 2 * group, bf16=True, tile=tile,
-                                 gpf=a.gpf, minb=a.minb, cw=a.cw, paged=a.paged) + qc.source()
-                r = cubin_stats(nvrtc_cubin(lib, src, a.arch), func="kivi_attn")
-                if a.dump:
-                    print(r)
-                # the main loop holds two 16-token steps (the double buffer's A and B tiles) of K and V codes
-                codes = 2 * tile * D * 2 // 32
-                rows.append(dict(bits=bits, D=D, tile=tile, **r, instr_per_code=round(r["loop"] / codes, 2)))
+                for res in map(int, a.res.split(",")):
+                    if res and (bits != 4 or D < 128):
+                        continue
+                    group = 64 if bits == 4 else 16
+                    src = qc.defines(D=D, bits=bits, group=group, G=a.g, sink=4, ring=128 + 2 * group, bf16=True,
+                                     tile=tile, gpf=a.gpf, minb=a.minb, cw=a.cw, paged=a.paged, res=bool(res)) + qc.source()
+                    r = cubin_stats(nvrtc_cubin(lib, src, a.arch), func="kivi_attn")
+                    if a.dump:
+                        print(r)
+                    # the main loop holds two 16-token steps (the double buffer's A and B tiles) of K and V codes
+                    codes = 2 * tile * D * 2 // 32
+                    rows.append(dict(bits=bits, D=D, tile=tile, res=res, **r,
+                                     instr_per_code=round(r["loop"] / codes, 2)))
     print_table(rows, list(rows[0]))
     emit_json({"bench": "quant_cuda_sass", "arch": a.arch, "rows": rows})
 

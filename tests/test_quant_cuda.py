@@ -104,3 +104,43 @@ def test_cuda_paged_kernel_matches_reference(D, bits, group, G, length, k, split
     assert err < tol, f"paged {err:.2e}, dense {err_dense:.2e}"
     if nsel == ngq:   # every packed group listed: the dense kernel's result, up to the splits' rounding
         assert (got - dense).abs().max().item() < 2 * err_dense + 1e-3
+
+
+@pytest.mark.parametrize("D,G,length,k", [(128, 4, 3000, 10), (128, 1, 1000, 3), (256, 2, 1300, 5), (128, 4, 150, 4)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_kernels_read_the_keys_residual_bits(D, G, length, k, dtype, monkeypatch):
+    """kres=1 (RES in the source; off by default until this passes on a GPU: LONGKV_KRES_CUDA=1): the dense and the
+    paged kernel against the references, which decode the bits (z + s·(c + r/2 - 1/4)); and the bits really count:
+    the same codes read without them are further from the reference."""
+    monkeypatch.setattr(qc, "RES_CUDA", True)
+    B, H, sink, window, group, bits = 2, 2, 4, 128, 64, 4
+    ring, cap = window + 2 * group, 3072
+    g = torch.Generator().manual_seed(3)
+    kk = torch.randn(B, H, cap, D, generator=g) * torch.linspace(0.2, 3, D)
+    kq = ref.quantize_keys(kk, bits=bits, group=group, res=True)
+    _, vq, kf, vf = _layer(B, H, D, cap, group, bits, sink, ring, seed=1)
+    q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(7)) * 2
+    q, kf, vf = (x.to(dtype).float() for x in (q, kf, vf))
+    kw = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5)
+    cu = lambda x: x.cuda().to(dtype)                                                     # noqa: E731
+    n = torch.tensor([length])
+    assert qc.supported(cu(q), _cuda(kq), bits=bits, group=group, vgroup=D, prerope=False, G=G)
+    want = ref.quant_decode_attention(q, kq, vq, kf, vf, length, vgroup=D, inv_freq=torch.zeros(D // 2),
+                                      prerope=False, **kw)
+    got = qc.decode_attention(cu(q), _cuda(kq), _cuda(vq), cu(kf), cu(vf), n.cuda(), **kw).float().cpu()
+    plain = {x: t for x, t in kq.items() if x != "res"}
+    without = ref.quant_decode_attention(q, plain, vq, kf, vf, length, vgroup=D, inv_freq=torch.zeros(D // 2),
+                                         prerope=False, **kw)
+    tol = 4e-2 if dtype == torch.bfloat16 else 1e-2
+    err = (got - want).abs().max().item()
+    assert err < tol and (length < 300 or err < 0.5 * (without - want).abs().max().item())
+    MG, ngq = cap // group, max(0, (length - 1 - sink - window) // group)
+    nsel = min(k, ngq)
+    table = torch.zeros(B * H, k, dtype=torch.int32)
+    for bh in range(B * H):
+        pick = sorted(torch.randperm(ngq, generator=g)[:nsel].tolist()) if ngq else []
+        table[bh, :len(pick)] = torch.tensor([bh * MG + p for p in pick], dtype=torch.int32)
+    want = ref.quant_group_attention(q, kq, vq, kf, vf, n, table, torch.tensor([nsel]), row_pages=MG, vgroup=D, **kw)
+    got = qc.paged_attention(cu(q), _cuda(kq), _cuda(vq), cu(kf), cu(vf), n.cuda(), table.cuda(),
+                             torch.tensor([nsel], dtype=torch.int32).cuda(), row_pages=MG, **kw).float().cpu()
+    assert (got - want).abs().max().item() < tol

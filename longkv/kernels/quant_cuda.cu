@@ -1,7 +1,9 @@
 // Decode attention over KIVI-layout packed KV, one layer: the CUDA source of `quant_cuda.py` (see its
 // docstring for the design and the figures). Compiled by NVRTC with a block of #defines in front
-// (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, GPF, MINB, CW, PAGED; then
+// (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, GPF, MINB, CW, PAGED, RES; then
 // ptx.cuh (the shared typedefs and PTX helpers), then this file.
+// RES (`kres=1`, 4-bit codes, D >= 128): a residual bit a key element (`quant_reference.pack_res`, 32 channels a
+// word, each code pair's bits 16 apart) read with the codes; a key is z + s·(c + r/2 - 1/4).
 struct alignas(16) U4 { u32 x, y, z, w; };
 struct alignas(8) U2 { u32 x, y; };
 struct alignas(8) F2 { float x, y; };
@@ -17,6 +19,7 @@ struct alignas(8) F2 { float x, y; };
 #define SUB (TILE / 16)
 #define STEP (TILE > GROUP ? TILE : GROUP)
 #define NEG_INF (__int_as_float(0xff800000))
+#define KRW (D / 128)              /* residual words a thread a token (RES) */
 
 __device__ __forceinline__ u32 trans(u32 x) {
   u32 r; asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x)); return r;
@@ -34,11 +37,16 @@ template <int N> __device__ __forceinline__ void ldw(u32* dst, const u32* src) {
   else { dst[0] = src[0]; }
 }
 
-struct Buf { u32 k[SUB][2][KW]; u32 v[SUB][4][VW]; u16 vs[SUB][2]; u16 vz[SUB][2]; };
+struct Buf {
+  u32 k[SUB][2][KW]; u32 v[SUB][4][VW]; u16 vs[SUB][2]; u16 vz[SUB][2];
+#if RES
+  u32 kr[SUB][2][KRW];
+#endif
+};
 
 /* tile t0: the thread's words (16-token steps past the end are not loaded; `tile` skips them) */
 __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const u16* vs, const u16* vz,
-                                     const u16* ks, const u16* kz, int t0, int end, int g, int t) {
+                                     const u16* ks, const u16* kz, int t0, int end, int g, int t, const u32* krp) {
 #if GPF
   /* the key group starting GPF tiles after this one: its scale and zero rows (this thread's part) into
      L1, so that the query rebuild at its first tile does not wait a DRAM latency */
@@ -58,6 +66,9 @@ __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const
       for (int r = 0; r < 2; r++) {
         int row = tok + g + 8 * r;
         ldw<KW>(b.k[u][r], kp + (i64)row * W + t * KW);
+#if RES
+        ldw<KRW>(b.kr[u][r], krp + (i64)row * (D / 32) + t * KRW);
+#endif
         b.vs[u][r] = vs[row];
         b.vz[u][r] = vz[row];
       }
@@ -88,7 +99,7 @@ __device__ __forceinline__ void query_frags(u32* qsm, const u16* qr, float qok, 
 #pragma unroll
   for (int s = 0; s < KSTEPS; s++) {
     const int w = s / (PPW / 2), j = 2 * (s % (PPW / 2)), a = w * CPW + j;
-    const float f0 = 1.f / (1 << (BITS * j % 8)), f1 = 1.f / (1 << (BITS * (j + 1) % 8));
+    const float f0 = (RES ? 0.5f : 1.f) / (1 << (BITS * j % 8)), f1 = (RES ? 0.5f : 1.f) / (1 << (BITS * (j + 1) % 8));
     const u32 v[4] = {pack2(qv[a] * f0, qv[a + PPW] * f0), pack2(qv[a + 1] * f1, qv[a + 1 + PPW] * f1),
                       pack2(qv[a], qv[a + PPW]), pack2(qv[a + 1], qv[a + 1 + PPW])};
 #pragma unroll
@@ -119,6 +130,9 @@ __device__ __forceinline__ void group_stats(State& st, const u32* qsm, const u16
   }
   const u32 ONES = 0x3C003C00u;
   float sb[4] = {0.f, 0.f, 0.f, 0.f}, qz[4] = {0.f, 0.f, 0.f, 0.f};
+#if RES
+  float qs[4] = {0.f, 0.f, 0.f, 0.f};
+#endif
 #pragma unroll
   for (int s = 0; s < KSTEPS; s++) {
     const int w = s / (PPW / 2), j = 2 * (s % (PPW / 2)), a = w * CPW + j;   /* a, a + PPW: words a/2, (a+PPW)/2 */
@@ -128,9 +142,16 @@ __device__ __forceinline__ void group_stats(State& st, const u32* qsm, const u16
     st.qf[s][1] = hmul2(qb[2 * s + 1], s1);
     mma(sb, ONES, ONES, ONES, ONES, st.qf[s][0], st.qf[s][1]);
     mma(qz, z0, z0, z1, z1, qn[2 * s], qn[2 * s + 1]);
+#if RES
+    mma(qs, ONES, ONES, ONES, ONES, hmul2(qn[2 * s], s0), hmul2(qn[2 * s + 1], s1));
+#endif
   }
   st.cq0 = qz[0] - 1024.f * sb[0];                  /* query 2t (row g; every row holds the same) */
   st.cq1 = qz[1] - 1024.f * sb[1];                  /* query 2t + 1 */
+#if RES
+  st.cq0 += 0.25f * qs[0];                          /* the codes below come as 2c + r - 1: z + s·(c + r/2 - 1/4) */
+  st.cq1 += 0.25f * qs[1];
+#endif
 }
 
 /* codes at bits (bit, 16 + bit) of w as fp16x2 (1024 + c·2^sub, 1024 + c'·2^sub), sub = bit % 8: masked in
@@ -140,6 +161,17 @@ __device__ __forceinline__ u32 raw(u32 w, int bit) {
   return lop_or(sh ? w >> sh : w, CMASK << sub, 0x64006400u);
 }
 #define VSUB(li) (BITS * (((li) % CPW) % PPW) % 8)    /* value channel li's 2^sub */
+
+/* RES: a code pair a = 1024 + c·2^sub (`raw`) and its residual bits r, at bits (p, 16 + p) of rw, →
+   1024 + (2c + r - 1)·2^sub = 2a - (1024 + (1 - r)·2^sub): the complemented bits ORed into -1024 (one LOP3),
+   one HFMA2; exact in fp16 (the query carries the 1/2, the group constant the -1/4) */
+__device__ __forceinline__ u32 res5(u32 a, u32 rw, int p, int sub) {
+  const u32 x = p >= sub ? rw >> (p - sub) : rw << (sub - p);
+  u32 nr, d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xAE;" : "=r"(nr) : "r"(x), "r"(0x00010001u << sub), "r"(0xE400E400u));  /* (~x & m) | c */
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(0x40004000u), "r"(nr));
+  return d;
+}
 #define TH 8.f                                         /* lazy rescaling: weights up to 2^TH */
 
 __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end, const u32* qsm, int lane,
@@ -154,8 +186,17 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
 #pragma unroll
     for (int s = 0; s < KSTEPS; s++) {
       const int w = s / (PPW / 2), j = 2 * (s % (PPW / 2));
+#if RES   /* the pair (j, j + 4) of code word w: residual word w / 4, bits 4·(w % 4) + j and 16 more */
+      const int p = 4 * (w % 4) + j;
+      mma(s & 1 ? r4 : s4, res5(raw(cur.k[u][0][w], BITS * j), cur.kr[u][0][w / 4], p, BITS * j % 8),
+          res5(raw(cur.k[u][1][w], BITS * j), cur.kr[u][1][w / 4], p, BITS * j % 8),
+          res5(raw(cur.k[u][0][w], BITS * (j + 1)), cur.kr[u][0][w / 4], p + 1, BITS * (j + 1) % 8),
+          res5(raw(cur.k[u][1][w], BITS * (j + 1)), cur.kr[u][1][w / 4], p + 1, BITS * (j + 1) % 8),
+          st.qf[s][0], st.qf[s][1]);
+#else
       mma(s & 1 ? r4 : s4, raw(cur.k[u][0][w], BITS * j), raw(cur.k[u][1][w], BITS * j),
           raw(cur.k[u][0][w], BITS * (j + 1)), raw(cur.k[u][1][w], BITS * (j + 1)), st.qf[s][0], st.qf[s][1]);
+#endif
     }
     const float x0 = (s4[0] + r4[0] + st.cq0) * sl2, x1 = (s4[1] + r4[1] + st.cq1) * sl2;
     const float x2 = (s4[2] + r4[2] + st.cq0) * sl2, x3 = (s4[3] + r4[3] + st.cq1) * sl2;
@@ -296,7 +337,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
     const u16* __restrict__ KZ, const u32* __restrict__ VP, const u16* __restrict__ VS, const u16* __restrict__ VZ,
     const u16* __restrict__ KF, const u16* __restrict__ VF, float* __restrict__ Part, float* __restrict__ Lse,
     double scale_log2_d, int S, int NQ_CAP, const int* __restrict__ Table, const int* __restrict__ Nsel, int stab,
-    int row_pages) {
+    int row_pages, const u32* __restrict__ KR) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wq = threadIdx.x >> 5;
   const int bh = blockIdx.x, split = blockIdx.y;
   const float sl2 = (float)scale_log2_d;
@@ -347,6 +388,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
   const i64 hq = (i64)bh * NQ_CAP;
   const u32* kp = KP + hq * W;
   const u32* vp = VP + hq * W;
+  const u32* krp = KR + hq * (D / 32);              /* RES: the residual rows (unused otherwise) */
   const u16* vs = VS + hq;
   const u16* vz = VZ + hq;
   const u16* ks = KS + (i64)bh * (NQ_CAP / GROUP) * D + t * (D / 4);
@@ -366,7 +408,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
   for (int s = 0; s < KSTEPS; s++) { st.qf[s][0] = st.qf[s][1] = 0u; }
 
   Buf A, B;     /* double buffer: the next tile's words load while this one is computed */
-  if (start < end) load(A, kp, vp, vs, vz, ks, kz, TOK(start), LIM, g, t);
+  if (start < end) load(A, kp, vp, vs, vz, ks, kz, TOK(start), LIM, g, t, krp);
 #if PAGED
   if (start < end && start % GROUP) {    /* the run starts inside a group */
     const i64 r = (i64)(TOK(start) / GROUP) * D;
@@ -374,10 +416,10 @@ extern "C" __global__ void BOUNDS kivi_attn(
   }
 #endif
   for (int t0 = start; t0 < end; t0 += 2 * TILE) {
-    if (t0 + TILE < end) load(B, kp, vp, vs, vz, ks, kz, TOK(t0 + TILE), LIM, g, t);
+    if (t0 + TILE < end) load(B, kp, vp, vs, vz, ks, kz, TOK(t0 + TILE), LIM, g, t, krp);
     tile(st, A, TOK(t0), LIM, qsm, lane, ks, kz, t, sl2);
     if (t0 + TILE >= end) break;
-    if (t0 + 2 * TILE < end) load(A, kp, vp, vs, vz, ks, kz, TOK(t0 + 2 * TILE), LIM, g, t);
+    if (t0 + 2 * TILE < end) load(A, kp, vp, vs, vz, ks, kz, TOK(t0 + 2 * TILE), LIM, g, t, krp);
     tile(st, B, TOK(t0 + TILE), LIM, qsm, lane, ks, kz, t, sl2);
   }
   float l0 = st.l0, l1 = st.l1, z0 = st.z0, z1 = st.z1, w0 = st.p0, w1 = st.p1;

@@ -92,17 +92,19 @@ def source() -> str:
 
 
 def defines(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
-            gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False) -> str:
+            gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False,
+            res: bool = False) -> str:
     """The #defines of one compiled layout (window = ring - 2·group, as the cache sizes its ring); tile:
     tokens a loop step; gpf: the key
     group statistics into L1 this many tiles ahead (0 = off; always off when paged: the next listed group's
     rows prefetched 1-2 tiles ahead measured no faster); minb: programs an SM the
     compiler must fit (caps registers; 0 = its own choice); cw: warps a program; paged: read the key groups a
-    page table lists (Quest over key groups, `paged_attention`) instead of every quantized group."""
+    page table lists (Quest over key groups, `paged_attention`) instead of every quantized group; res: the keys
+    carry residual bits (`kres=1`)."""
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
                TILE=tile or TILE,
                GPF=0 if paged else gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)),
-               MINB=MINB if minb is None else minb, CW=CW if cw is None else cw, PAGED=int(paged))
+               MINB=MINB if minb is None else minb, CW=CW if cw is None else cw, PAGED=int(paged), RES=int(res))
     return "".join(f"#define {k} {v}\n" for k, v in cfg.items())
 
 
@@ -112,17 +114,24 @@ def smem_bytes(*, D: int, G: int, cw: int) -> int:
     return cw * 2 * (D // 8) * 32 * 4 + (cw * G * (D + 1) * 4 if cw > 1 else 0)
 
 
+# The keys' residual bits (`kres=1`, RES in the source): built and compiled offline (session 30), not yet checked on a
+# GPU, so off unless LONGKV_KRES_CUDA=1 (the GPU tests set it); without it such a cache attends in torch.
+RES_CUDA = os.environ.get("LONGKV_KRES_CUDA", "") == "1"
+
+
 def supported(q: torch.Tensor, kq: dict, *, bits: int, group: int, vgroup: int, prerope: bool,
               lut_k=None, lut_v=None, G: int) -> bool:
     """The layouts this kernel reads: KIVI's (keys after RoPE, per channel), one plane of 2- or
-    4-bit uniform codes, one value range a token, no outliers nor residual bits; G <= 8 queries a KV head; head dim
+    4-bit uniform codes, one value range a token, no outliers; G <= 8 queries a KV head; head dim
     64/128/256 with whole words for each thread; bf16/fp16 on sm_80 or later."""
     D = q.shape[-1]
     if os.environ.get("LONGKV_QUANT_KERNEL", "") == "triton" or not q.is_cuda:
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or torch.cuda.get_device_capability(q.device)[0] < 8:
         return False
-    return (not prerope and bits in (2, 4) and len(kq["planes"]) == 1 and "out_idx" not in kq and "res" not in kq
+    if "res" in kq and not (RES_CUDA and bits == 4 and D >= 128):
+        return False
+    return (not prerope and bits in (2, 4) and len(kq["planes"]) == 1 and "out_idx" not in kq
             and lut_k is None and lut_v is None and vgroup == D and 1 <= G <= 8 and D in (64, 128, 256)
             and D * bits >= 256 and group >= 16)
 
@@ -204,7 +213,7 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     length = length if length.dtype == torch.int64 else length.long()
     cap = kq["planes"][0].shape[2]
     cfg = defines(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
-                  gpf=gpf, minb=minb, cw=cw, paged=paged is not None)
+                  gpf=gpf, minb=minb, cw=cw, paged=paged is not None, res="res" in kq)
     warps = CW if cw is None else cw
     if smem_bytes(D=D, G=G, cw=warps) > 48 * 1024:
         raise Unavailable(f"CUDA decode kernel: {warps} warps a program need more than 48 KiB of shared memory here")
@@ -227,7 +236,8 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     def run_attn():
         attn(grid=(B * H, S1, 1), block=(32 * warps, 1, 1),
              args=[q, length, kp, kq["scale"], kq["zero"], vp, vq["scale"], vq["zero"], kf, vf, part, lse,
-                   float(scale * math.log2(math.e)), int(S), int(cap), *extra])
+                   float(scale * math.log2(math.e)), int(S), int(cap), *extra,
+                   kq["res"].view(torch.int32) if "res" in kq else kp])
 
     def run_merge():
         mrg(grid=(B * Hq, D // 32, 1), block=(32 * MERGE_WARPS, 1, 1), args=[part, lse, out, int(S1)])
