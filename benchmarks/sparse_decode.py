@@ -105,6 +105,12 @@ def methods(ctx: int) -> list[tuple[str, str]]:
             # ... over 16-token key groups (smollm2 8K: kv4 alone -1.0 ± 1.5 with them, -2.0 ± 1.8 with 64; session 29)
             ("kv4 g16+quest 1/8 sparq 0.25 weigh",
              f"kv4:group=16+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1"),
+            # ... over kv4 with the keys' residual bits (kres=1: keys half a step finer, the score's sketch unchanged;
+            # session 30). Needs LONGKV_KRES_CUDA=1, else the attention and the dense layers run in torch
+            ("kv4 kres+quest 1/8 sparq 0.25 weigh",
+             f"kv4:kres=1+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1"),
+            ("kv4 kres+quest 1/8 sparq 0.25 weigh d0",
+             f"kv4:kres=1+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1,dense_layers=0"),
             ("kv4 g32+quest 1/8 sparq weigh",
              f"kv4:group=32+quest:budget={b8},groups=1,channels=0.125,rank=max,weigh=1"),
             ("snapkv 1/8", f"snapkv:budget={b8}"), ("snapkv 1/32", f"snapkv:budget={b32}"),

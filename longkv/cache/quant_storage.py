@@ -148,7 +148,14 @@ class QuantStorage:
                         for D in sorted({s.head_dim for s in specs})}
         # as QuantCache.graph_safe: whole 32-bit words per half row of codes (64 channels at 3 bits)
         self.kernel = [s.head_dim >= 32 and not s.head_dim & (s.head_dim - 1) and not s.softcap
-                       and s.head_dim % (64 if self.bits == 3 else 32) == 0 and not self.kres for s in specs]
+                       and s.head_dim % (64 if self.bits == 3 else 32) == 0
+                       and (not self.kres or self._res_cuda(s)) for s in specs]
+
+    def _res_cuda(self, s) -> bool:
+        """kres: the packed kernel path only where the CUDA kernel reads the residual bits (`quant_cuda.RES_CUDA`,
+        4 bits, head dim >= 128, on a GPU); elsewhere the decode dequantizes in torch."""
+        from ..kernels import quant_cuda as qc
+        return qc.RES_CUDA and self.bits == 4 and s.head_dim >= 128 and self.device.type == "cuda"
 
     # -- layout ---------------------------------------------------------------------------------------
     def _vg(self, layer):
@@ -399,7 +406,7 @@ class QuantStorage:
 
     def stats(self) -> dict:
         slow = [i for i, ok in enumerate(self.kernel) if not ok]
-        if self.kres:
+        if self.kres and slow:
             return {"storage_bits": self.bits, "storage_group": self.g, "key_residual_bits": 1,
                     "quantized_slots_per_layer": [self.nq(c) for c in self.count],
                     "decode": "decode dequantizes in torch: no kernel reads the keys' residual bits yet "

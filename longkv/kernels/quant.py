@@ -363,9 +363,12 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
     prefetch: tiles of L2 prefetch ahead (None: `PREFETCH` where the GPU has it); max_regs: a register
     cap per thread for the launch (more programs resident per SM, at the price of spills); impl: "cuda"
     (`quant_cuda.decode_attention`, the default where `quant_cuda.supported`: KIVI's layout at 2/4 bits)
-    or "triton". Keys with residual bits (`kres`) take the reference (no kernel reads them yet). Returns
-    (B, Hq, 1, D) in q's dtype."""
-    if not _use_triton(q) or "res" in kq:
+    or "triton". Keys with residual bits (`kres`) take the CUDA kernel where it reads them
+    (`quant_cuda.RES_CUDA`), else the reference (the Triton kernel does not). Returns (B, Hq, 1, D) in q's dtype."""
+    res_cuda = "res" in kq and impl != "triton" and qc.supported(q, kq, bits=bits, group=group, vgroup=vgroup,
+                                                                  prerope=prerope, lut_k=lut_k, lut_v=lut_v,
+                                                                  G=q.shape[1] // kf.shape[1])
+    if not _use_triton(q) or ("res" in kq and not res_cuda):
         return ref.quant_decode_attention(q, kq, vq, kf, vf, int(length.reshape(-1)[-1]), bits=bits, group=group,
                                           vgroup=vgroup, sink=sink, window=window, scale=scale,
                                           inv_freq=inv_freq, rope_scaling=rope_scaling, lut_k=lut_k, lut_v=lut_v,
