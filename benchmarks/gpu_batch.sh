@@ -223,11 +223,17 @@
 # transformers 5.24; sha f5d50032...)], [copy part104; MODELS=gemma3-270m install; LENGTH=16k CHUNK=16384 SAMPLES=88
 # WINDOWS=128 CHANNELS=0.25 EXTRA="<the quarter over kv4:group=16>" fastgrid], [SAMPLES=176 GRID_LIMIT=165 resumed]. The
 # machine goes back after 30 s idle: send the copies back to back. Both grid folders are in benchmarks/grids/.
-# The next calls: kres=1 (a residual bit a key element; the reference paths only, eager decode) on the smollm2 8K grid,
-# RESUMEing the committed folder: EXTRA="kv4:kres=1 kv4:kres=1,window=128+quest:ratio=0.875,groups=1,channels=0.25,
-# rank=max,weigh=1" (cells slower than the graph-captured ones); then gemma3 16K the same way
-# (RESUME=benchmarks/grids/fastgrid-gemma3-270m-16k.tgz). If it keeps smollm2's cells, the CUDA paged kernel reads the
-# bit (issue 4's note has the design) and sparse_decode.py gets its rows.
+# The next calls, for kres=1 (a residual bit a key element, session 30):
+# 1. [copy part00; TRITON_INTERPRET=0 python -m pytest -q tests/test_quant_cuda.py -k residual (the RES kernels, built
+#    and compiled offline, never run); if green: LONGKV_KRES_CUDA=1 sparse_decode.py --contexts 512k --layers 16
+#    --no-breakdown --reps 30 --only "full,kv4+quest 1/8 sparq 0.25 weigh,kv4 kres+quest 1/8 sparq 0.25 weigh,kv4 kres+
+#    quest 1/8 sparq 0.25 weigh d0"] (expected ~2.8x: the paged loop is 17 % longer in SASS), and quant_decode.py
+#    --contexts 128k --caches "full;kv4;kv4:kres=1" with LONGKV_KRES_CUDA=1 (issue 4's 0.70x for kv4).
+# 2. [copy part01; MODELS=smollm2-135m install; RESUME=benchmarks/grids/fastgrid-smollm2-135m-8k.tgz ... EXTRA="kv4:kres=1
+#    kv4:kres=1,window=128+quest:ratio=0.875,groups=1,channels=0.25,rank=max,weigh=1" fastgrid] (smollm2's head dim 64:
+#    the torch attention, graph-captured under Quest; kv4:kres=1 alone decodes eagerly, slower cells).
+# 3. gemma3 16K the same way (RESUME=benchmarks/grids/fastgrid-gemma3-270m-16k.tgz; head dim 256: with
+#    LONGKV_KRES_CUDA=1 once 1. is green).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

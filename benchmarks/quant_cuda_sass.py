@@ -67,7 +67,8 @@ def main() -> None:
                         continue
                     group = 64 if bits == 4 else 16
                     src = qc.defines(D=D, bits=bits, group=group, G=a.g, sink=4, ring=128 + 2 * group, bf16=True,
-                                     tile=tile, gpf=a.gpf, minb=a.minb, cw=a.cw, paged=a.paged, res=bool(res)) + qc.source()
+                                     tile=tile, gpf=a.gpf, minb=a.minb, cw=a.cw, paged=a.paged,
+                                     res=bool(res)) + qc.source()
                     r = cubin_stats(nvrtc_cubin(lib, src, a.arch), func="kivi_attn")
                     if a.dump:
                         print(r)

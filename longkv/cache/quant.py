@@ -38,10 +38,12 @@ precision as `full` does (a ring, `full.py`), which at long context is smaller t
 its level, decoded as a quarter step up or down, so keys are half a step finer (at 4 bits 1/3.7 of the squared
 error, `benchmarks/key_error.py`) for one bit more an element, while the codes and statistics stay those of
 `bits`: a 4-bit sketch of the keys (Quest's SparQ score, `channels=F`) reads them unchanged and only the attention
-would read the extra bit. The append + flush kernel writes it; no attention kernel reads it yet: `kv4:kres=1` alone
-decodes eagerly through the torch reference, and under Quest (`kv4:kres=1+quest:groups=1,...`) the selected groups
-are gathered and attended in torch (graph-safe). So it is for measuring quality, not speed. Quest's bound over such groups (`groups=1` without `channels`)
-bounds the 4-bit levels, which the keys miss by at most a quarter step.
+would read the extra bit. The append + flush kernel writes it. The CUDA attention kernels read it (`quant_cuda.cu`,
+RES: one LOP3 and one HFMA2 a code pair more) only with LONGKV_KRES_CUDA=1, since they have not yet run on a GPU;
+otherwise `kv4:kres=1` alone decodes eagerly through the torch reference, and under Quest
+(`kv4:kres=1+quest:groups=1,...`) the selected groups are gathered and attended in torch (graph-safe): for measuring
+quality, not speed. Quest's bound over such groups (`groups=1` without `channels`) bounds the 4-bit levels, which
+the keys miss by at most a quarter step.
 """
 from __future__ import annotations
 
@@ -72,7 +74,8 @@ PARAMS = {
     "nuq": (str, "", "codebook file from `longkv calibrate` (non-uniform levels per layer)"),
     "kres": (bool, False, "a residual bit per key element after its code (above or below its level, decoded as "
                           "±a quarter step): keys half a step finer for one bit more an element (4-bit: 1/3.7 of the "
-                          "squared error), the codes themselves unchanged; no kernel reads it yet (decode in torch)"),
+                          "squared error), the codes themselves unchanged; decoded in torch (the CUDA kernels' "
+                          "reading of it is not yet validated: LONGKV_KRES_CUDA=1)"),
 }
 
 

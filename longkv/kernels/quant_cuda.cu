@@ -99,7 +99,8 @@ __device__ __forceinline__ void query_frags(u32* qsm, const u16* qr, float qok, 
 #pragma unroll
   for (int s = 0; s < KSTEPS; s++) {
     const int w = s / (PPW / 2), j = 2 * (s % (PPW / 2)), a = w * CPW + j;
-    const float f0 = (RES ? 0.5f : 1.f) / (1 << (BITS * j % 8)), f1 = (RES ? 0.5f : 1.f) / (1 << (BITS * (j + 1) % 8));
+    const float h = RES ? 0.5f : 1.f;                /* RES: the key codes come doubled (res5) */
+    const float f0 = h / (1 << (BITS * j % 8)), f1 = h / (1 << (BITS * (j + 1) % 8));
     const u32 v[4] = {pack2(qv[a] * f0, qv[a + PPW] * f0), pack2(qv[a + 1] * f1, qv[a + 1 + PPW] * f1),
                       pack2(qv[a], qv[a + PPW]), pack2(qv[a + 1], qv[a + 1 + PPW])};
 #pragma unroll
@@ -168,7 +169,8 @@ __device__ __forceinline__ u32 raw(u32 w, int bit) {
 __device__ __forceinline__ u32 res5(u32 a, u32 rw, int p, int sub) {
   const u32 x = p >= sub ? rw >> (p - sub) : rw << (sub - p);
   u32 nr, d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xAE;" : "=r"(nr) : "r"(x), "r"(0x00010001u << sub), "r"(0xE400E400u));  /* (~x & m) | c */
+  /* (~x & m) | c */
+  asm("lop3.b32 %0, %1, %2, %3, 0xAE;" : "=r"(nr) : "r"(x), "r"(0x00010001u << sub), "r"(0xE400E400u));
   asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(0x40004000u), "r"(nr));
   return d;
 }

@@ -190,13 +190,15 @@ def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_p
     ascending and inside the packed region, as `select_pages` over `kernels/quest.py: group_scores` lists
     them; a row's first min(nsel[bh], packed groups) entries are read); the full-precision sink and ring
     are always read. cw / frac / minb: warps a program, the splits' share of one wave and the minimum programs
-    an SM (None: PAGED_CW / PAGED_FRAC, and PAGED_MINB for 4 bits at D <= 128, else 0).
+    an SM (None: PAGED_CW / PAGED_FRAC, and PAGED_MINB for 4 bits at D <= 128 without residual bits, else 0).
     Reference: `quant_reference.quant_group_attention`."""
     if group % TILE:
         raise Unavailable(f"CUDA paged kernel: key groups of {group} tokens are not whole {TILE}-token tiles")
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
                    splits=splits, cw=PAGED_CW if cw is None else cw, parts=parts,
-                   minb=(PAGED_MINB if bits == 4 and q.shape[-1] <= 128 else 0) if minb is None else minb,
+                   # (not with the keys' residual bits: at 128 registers the RES loop spills 76 bytes, offline SASS)
+                   minb=(PAGED_MINB if bits == 4 and q.shape[-1] <= 128 and "res" not in kq else 0) if minb is None
+                   else minb,
                    frac=PAGED_FRAC if frac is None else frac,
                    paged=(table, nsel.reshape(-1).expand(table.shape[0]).contiguous(), row_pages))
 

@@ -24,7 +24,8 @@ import torch
 
 from .reference import attention_lse
 
-__all__ = ["PLANES", "hadamard", "pack", "unpack", "pack_res", "unpack_res", "quantize_keys", "quantize_tokens", "dequantize_keys",
+__all__ = ["PLANES", "hadamard", "pack", "unpack", "pack_res", "unpack_res", "quantize_keys", "quantize_tokens",
+           "dequantize_keys",
            "dequantize_tokens", "rope_at", "fp_slots", "quant_decode_attention", "normalized", "gather_rows",
            "quant_paged_attention", "sketch_groups", "sparq_channels", "sparq_group_scores",
            "sparq_weights"]
