@@ -49,8 +49,7 @@ class FakeQuant(FullCache):
                  hi=1 << 30, kres=0, **kw):
         super().__init__(specs, **kw)
         self.layers = range(lo, hi)
-        self.kres = kres
-        self.kb, self.vb, self.vrot, self.krot, self.kg, self.ktok = k, v, vrot, krot, kg, ktok
+        self.kb, self.vb, self.vrot, self.krot, self.kg, self.ktok, self.kres = k, v, vrot, krot, kg, ktok, kres
         self.g, self.sink, self.win = group, sink, window
         self.done = [0] * len(specs)
         self.H = ref.hadamard(specs[0].head_dim)

@@ -51,7 +51,9 @@ def clipped(x: torch.Tensor, bits: int, group: int, per_channel: bool) -> torch.
 
 
 def keys(k: torch.Tensor, group: int, res: bool = False, bits: int = 4) -> torch.Tensor:
-    """`kv4`'s keys (per channel, `group` tokens) quantized and dequantized, optionally with the residual bit."""
+    """`kv4`'s keys (per channel, `group` tokens) quantized and dequantized, optionally with the residual bit. The bit
+    is written here from its definition, apart from `quant_reference.quantize_keys(res=True)` and its packing, so
+    that tests/test_answer_logprob.py can check the cache's bit against this one."""
     q = ref.quantize_keys(k, bits=bits, group=group)
     y = ref.dequantize_keys(q, bits=bits, group=group, d=k.shape[-1])
     if res:

@@ -365,25 +365,29 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
     (`quant_cuda.decode_attention`, the default where `quant_cuda.supported`: KIVI's layout at 2/4 bits)
     or "triton". Keys with residual bits (`kres`) take the CUDA kernel where it reads them
     (`quant_cuda.RES_CUDA`), else the reference (the Triton kernel does not). Returns (B, Hq, 1, D) in q's dtype."""
-    res_cuda = "res" in kq and impl != "triton" and qc.supported(q, kq, bits=bits, group=group, vgroup=vgroup,
-                                                                  prerope=prerope, lut_k=lut_k, lut_v=lut_v,
-                                                                  G=q.shape[1] // kf.shape[1])
-    if not _use_triton(q) or ("res" in kq and not res_cuda):
+    B, Hq, _, D = q.shape
+    H = kf.shape[1]
+    G = Hq // H
+
+    def reference():
         return ref.quant_decode_attention(q, kq, vq, kf, vf, int(length.reshape(-1)[-1]), bits=bits, group=group,
                                           vgroup=vgroup, sink=sink, window=window, scale=scale,
                                           inv_freq=inv_freq, rope_scaling=rope_scaling, lut_k=lut_k, lut_v=lut_v,
                                           prerope=prerope)
-    B, Hq, _, D = q.shape
-    H = kf.shape[1]
-    G = Hq // H
-    if impl != "triton" and qc.supported(q, kq, bits=bits, group=group, vgroup=vgroup, prerope=prerope,
-                                         lut_k=lut_k, lut_v=lut_v, G=G):
+    cuda = _use_triton(q) and impl != "triton" and qc.supported(q, kq, bits=bits, group=group, vgroup=vgroup,
+                                                                 prerope=prerope, lut_k=lut_k, lut_v=lut_v, G=G)
+    if not _use_triton(q) or ("res" in kq and not cuda):
+        return reference()
+    if cuda:
         try:
             return qc.decode_attention(q, kq, vq, kf, vf, length.reshape(-1)[-1:], bits=bits, group=group, sink=sink,
                                        window=window, scale=scale, splits=splits)
         except qc.Unavailable as e:   # the failure is remembered a layout; the warning shows once (same text)
             if impl == "cuda":
                 raise
+            if "res" in kq:            # the Triton kernel does not read the residual bits
+                warnings.warn(f"{e}; the keys' residual bits decode in torch")
+                return reference()
             warnings.warn(f"{e}; using the Triton kernel")
     cap = kq["planes"][0].shape[2]
     S = splits or num_splits(cap, B * H)
