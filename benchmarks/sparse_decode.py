@@ -94,6 +94,9 @@ def methods(ctx: int) -> list[tuple[str, str]]:
             # there it changes nothing)
             ("kv4+quest 1/8 sparq 0.25 weigh d0",
              f"kv4+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1,dense_layers=0"),
+            # ... with one dense layer (dense_layers=1: half d0's saving, if smollm2's loss without them is layer 0's)
+            ("kv4+quest 1/8 sparq 0.25 weigh d1",
+             f"kv4+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1,dense_layers=1"),
             ("kv4 g16+quest 1/8 sparq 0.25 weigh d0",
              f"kv4:group=16+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1,dense_layers=0"),
             # ... over 16-token key groups read in pages of 64 tokens (4 groups: the select, score pool and page size
@@ -111,6 +114,8 @@ def methods(ctx: int) -> list[tuple[str, str]]:
              f"kv4:kres=1+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1"),
             ("kv4 kres+quest 1/8 sparq 0.25 weigh d0",
              f"kv4:kres=1+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1,dense_layers=0"),
+            ("kv4 kres+quest 1/8 sparq 0.25 weigh d1",
+             f"kv4:kres=1+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1,dense_layers=1"),
             ("kv4 g32+quest 1/8 sparq weigh",
              f"kv4:group=32+quest:budget={b8},groups=1,channels=0.125,rank=max,weigh=1"),
             ("snapkv 1/8", f"snapkv:budget={b8}"), ("snapkv 1/32", f"snapkv:budget={b32}"),
