@@ -225,17 +225,21 @@
 # transformers 5.24; sha f5d50032...)], [copy part104; MODELS=gemma3-270m install; LENGTH=16k CHUNK=16384 SAMPLES=88
 # WINDOWS=128 CHANNELS=0.25 EXTRA="<the quarter over kv4:group=16>" fastgrid], [SAMPLES=176 GRID_LIMIT=165 resumed]. The
 # machine goes back after 30 s idle: send the copies back to back. Both grid folders are in benchmarks/grids/.
-# The next calls, for kres=1 (a residual bit a key element, session 30):
-# 1. [copy part00; TRITON_INTERPRET=0 python -m pytest -q tests/test_quant_cuda.py -k residual (the RES kernels, built
-#    and compiled offline, never run); if green: LONGKV_KRES_CUDA=1 sparse_decode.py --contexts 512k --layers 16
-#    --no-breakdown --reps 30 --only "full,kv4+quest 1/8 sparq 0.25 weigh,kv4 kres+quest 1/8 sparq 0.25 weigh,kv4 kres+
-#    quest 1/8 sparq 0.25 weigh d0"] (expected ~2.8x: the paged loop is 17 % longer in SASS), and quant_decode.py
-#    --contexts 128k --caches "full;kv4;kv4:kres=1" with LONGKV_KRES_CUDA=1 (issue 4's 0.70x for kv4).
-# 2. [copy part01; MODELS=smollm2-135m install; RESUME=benchmarks/grids/fastgrid-smollm2-135m-8k.tgz ... EXTRA="kv4:kres=1
-#    kv4:kres=1,window=128+quest:ratio=0.875,groups=1,channels=0.25,rank=max,weigh=1" fastgrid] (smollm2's head dim 64:
-#    the torch attention, graph-captured under Quest; kv4:kres=1 alone decodes eagerly, slower cells).
-# 3. gemma3 16K the same way (RESUME=benchmarks/grids/fastgrid-gemma3-270m-16k.tgz; head dim 256: with
-#    LONGKV_KRES_CUDA=1 once 1. is green).
+# Session 31 (2026-12-06), one H100 after five refused starts (~480 s): [copy part00; kres512] (the RES GPU test passed, 8;
+# the quarter over kv4:kres=1 with no dense layer 3.02x; kres128 stopped: kv4:kres=1 alone is not graph-safe), [copy part01;
+# MODELS=smollm2-135m install; RESUME=benchmarks/grids/fastgrid-smollm2-135m-8k.tgz MODEL=smollm2-135m LENGTH=8k
+# CHUNK=8192 SAMPLES=211 WINDOWS= EXTRA="kv4:$Q,dense_layers=1 kv4:kres=1,$Q,dense_layers=0" GRID_LIMIT=470 fastgrid]
+# (Q=window=128+quest:ratio=0.875,groups=1,channels=0.25,rank=max,weigh=1), [the same resumed, GRID_LIMIT=400]: the kres
+# quarter without dense layers -1.8 +- 2.4 against full (505 cells). The folder is committed.
+# The next calls:
+# 1. [copy part00; TRITON_INTERPRET=0 python -m pytest -q tests/test_quant_cuda.py -k "residual or kres" (the new
+#    cache-level test: the graph step with the CUDA reading against the torch one); then kres512's sparse_decode.py rows
+#    again on another H100 (full's step varies 14.2-15.2 ms between machines)]. If green, RES_CUDA can default to on.
+# 2. gemma3 16K, the same configuration: [copy part100..part103], [copy part104; MODELS=gemma3-270m install;
+#    LONGKV_KRES_CUDA=1 RESUME=benchmarks/grids/fastgrid-gemma3-270m-16k.tgz LENGTH=16k CHUNK=16384 SAMPLES=88 WINDOWS=
+#    EXTRA="kv4:kres=1,$Q,dense_layers=0" fastgrid] (head dim 256: the RES paged kernel passed its GPU test there; on
+#    gemma3 dense_layers=0 changes nothing, its first layers are sliding); pair it with the quarter over kv4 (364 cells).
+# 3. smollm2 8K resumed to 633 cells for both new caches.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

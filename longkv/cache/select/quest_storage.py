@@ -84,7 +84,9 @@ use a quarter. On smollm2-135m at 8K (633 cells) the quarter is -2.6 ± 2.2, of 
 (`kv4:group=16+quest:...`) it is -1.0 ± 1.8 (604 cells, session 29), but 2.57x of full at 512K (H100, 16 layers):
 the score reads their scale/zero rows, the select ranks 4x the groups and the attention rebuilds its query every
 tile. Scoring the query group's sum instead of each query (1/G of the score's work) cost 10 points on smollm2 and
-was dropped.
+was dropped. Over `kv4:kres=1` (a residual bit a key element, read only by the attention over the selected groups)
+with `dense_layers=0` the quarter is -1.8 ± 2.4 on smollm2 8K (505 cells; the same over `kv4` -4.1) at 3.02x of full
+(H100, 16 layers, session 31); gemma3 not yet measured with it.
 
 `nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy
 (and with weigh=1 the per-channel sums and weights).
