@@ -171,9 +171,16 @@ class QuantCache(Cache):
         self.vq = [self._alloc(batch, H, False, z) if x else None for x in packed]
         # The Triton path covers the main scheme; ablations run the torch reference (not in graphs).
         # Sliding-window layers decode through `full`'s ring (graph-safe), so only the packed layers count.
-        self.graph_safe = (self.per_channel and self.H is None and not self.kres
+        self.graph_safe = (self.per_channel and self.H is None and (not self.kres or self._res_cuda(device))
                            and D % (64 if self.bits == 3 else 32) == 0   # whole 32-bit words per half row
                            and all(not s.softcap for i, s in enumerate(specs) if i not in self.win))
+
+    def _res_cuda(self, device) -> bool:
+        """kres: a graph-safe decode only where the CUDA kernel reads the residual bits (LONGKV_KRES_CUDA=1, KIVI's
+        layout at 4 bits, head dim >= 128, on a GPU); elsewhere they decode through the torch reference, eagerly."""
+        from ..kernels import quant_cuda as qc
+        return (qc.RES_CUDA and self.bits == 4 and self.D >= 128 and torch.device(device).type == "cuda"
+                and not self.prerope and not self.n_out and self.vgroup == self.D and not self.p["nuq"])
 
     def _alloc(self, B, H, per_channel, z) -> dict:
         n, D = self.nq_cap, self.D
