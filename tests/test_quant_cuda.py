@@ -152,7 +152,8 @@ def test_kres_cache_step_reads_the_bits_on_the_gpu_as_torch_does(spec, tmp_path_
     """The quarter over `kv4:kres=1` without dense layers (session 31's candidate), and `kv4:kres=1` alone, as caches on
     the GPU: the device-only decode step (what a CUDA graph replays) with the CUDA kernels reading the keys' residual
     bits gives, token by token on the same forced tokens, the logits of the same cache attending in torch (RES_CUDA
-    off; `kv4:kres=1` alone then decodes eagerly), within bf16 rounding; the two really take different paths."""
+    off; `kv4:kres=1` alone then decodes eagerly) within half of what the bits themselves move them (the same cache
+    without them, on its CUDA path); the two really take different paths."""
     from conftest import save_tiny_llama
 
     from longkv.cache import spec as cache_spec
@@ -161,16 +162,16 @@ def test_kres_cache_step_reads_the_bits_on_the_gpu_as_torch_does(spec, tmp_path_
 
     path = save_tiny_llama(tmp_path_factory, "tiny_llama_d128", hidden_size=256, num_attention_heads=2,
                            num_key_value_heads=1)                                   # head dim 128, G = 2
-    model = load_model(path, device="cuda", dtype=torch.bfloat16)
+    model = load_model(path, device="cuda", dtype=torch.float16)                     # fp16: less rounding than bf16
     ids = torch.randint(0, 97, (1, 900), generator=torch.Generator().manual_seed(5)).cuda()
     forced = torch.randint(0, 97, (8,), generator=torch.Generator().manual_seed(6)).tolist()
     out = {}
-    for res_cuda in (True, False):
+    for res_cuda, sp in ((True, spec), (False, spec), (False, spec.replace("kres=1", "kres=0"))):
         monkeypatch.setattr(qc, "RES_CUDA", res_cuda)
-        kv = cache_spec.parse(spec).build(model.layer_specs(), batch=1, capacity=1024, device="cuda",
-                                          dtype=torch.bfloat16)
+        kv = cache_spec.parse(sp).build(model.layer_specs(), batch=1, capacity=1024, device="cuda",
+                                        dtype=torch.float16)
         store = getattr(kv, "store", None)
-        assert (all(store.kernel) if store else kv.graph_safe) == res_cuda
+        assert (all(store.kernel) if store else kv.graph_safe) == (res_cuda or sp != spec)
         rows = [prefill(model, kv, ids, chunk=512)[0]]
         assert (store.nq(store.count[0]) if store else kv.n_quantized(kv.length)) >= 640   # 10+ groups packed
         with torch.inference_mode():
@@ -178,6 +179,6 @@ def test_kres_cache_step_reads_the_bits_on_the_gpu_as_torch_does(spec, tmp_path_
                 step = model.make_step(torch.tensor([kv.length], device="cuda"), None if kv.graph_safe else kv.length)
                 rows.append(model(torch.tensor([[t]], device="cuda"), step, kv)[0, -1].float())
                 kv.advance(1)
-        out[res_cuda] = torch.stack(rows)
-    cuda, torch_ = out[True], out[False]
-    assert (cuda - torch_).abs().max().item() < 0.05 * torch_.std().item() + 2e-2
+        out[res_cuda, sp] = torch.stack(rows)
+    cuda, torch_, plain = out.values()
+    assert (cuda - torch_).abs().max().item() < 0.5 * (plain - torch_).abs().max().item()
