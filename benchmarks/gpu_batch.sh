@@ -47,8 +47,9 @@
 #             and EXTRA (more specs, space-separated, e.g. quest:ratio=0.875,rerank=8 on the same prompts);
 #             RESUME=a carried .tgz of an earlier call's folder (its done cells are skipped)
 #             (needs real weights: device_setup.sh install first)
-#   kres512   issues 4-5: the keys' residual bit (kres=1): its CUDA kernels' GPU test, the quarter over kv4 and over
-#             kv4:kres=1 with 2 / 1 / 0 dense layers next to full at 512K (16 layers), and kv4:kres=1 at 128K
+#   kres512   issues 4-5: the keys' residual bit (kres=1): its CUDA kernels' and caches' GPU tests, the quarter over kv4
+#             and over kv4:kres=1 with 2 / 1 / 0 dense layers next to full at 512K (16 layers), one sparse layer's pieces,
+#             and kv4:kres=1 at 128K
 #   diag512   issue 5: why the paged attention reads at ~1.8 TB/s and the select takes 9 us: ncu (speed of
 #             light, occupancy, warp states, memory) on one sparse layer's kernels at 512K, 1/8, 4 layers
 #
@@ -232,9 +233,10 @@
 # (Q=window=128+quest:ratio=0.875,groups=1,channels=0.25,rank=max,weigh=1), [the same resumed, GRID_LIMIT=400]: the kres
 # quarter without dense layers -1.8 +- 2.4 against full (505 cells). The folder is committed.
 # The next calls:
-# 1. [copy part00; TRITON_INTERPRET=0 python -m pytest -q tests/test_quant_cuda.py -k "residual or kres" (the new
-#    cache-level test: the graph step with the CUDA reading against the torch one); then kres512's sparse_decode.py rows
-#    again on another H100 (full's step varies 14.2-15.2 ms between machines)]. If green, RES_CUDA can default to on.
+# 1. [copy part00; kres512] again: its tests now include the cache-level one (the graph step with the CUDA reading against
+#    the torch one, for the quarter over kv4:kres=1 and kv4:kres=1 alone, which is now graph-safe there), its 512K rows
+#    on another H100 (full's step varies 14.2-15.2 ms between machines), the kres layer's pieces (attend_err; minb16
+#    against the default launch) and kv4:kres=1 at 128K. If the tests are green, RES_CUDA can default to on.
 # 2. gemma3 16K, the same configuration: [copy part100..part103], [copy part104; MODELS=gemma3-270m install;
 #    LONGKV_KRES_CUDA=1 RESUME=benchmarks/grids/fastgrid-gemma3-270m-16k.tgz LENGTH=16k CHUNK=16384 SAMPLES=88 WINDOWS=
 #    EXTRA="kv4:kres=1,$Q,dense_layers=0" fastgrid] (head dim 256: the RES paged kernel passed its GPU test there; on
@@ -401,11 +403,14 @@ P
     kres512)   # kres=1 (a residual bit a key element): the CUDA kernels' GPU test, then (LONGKV_KRES_CUDA=1) decode at 512K,
                # 16 layers (an H100 holds full's bf16 KV there): full, the quarter over kv4 and over kv4:kres=1, each with 2 / 1 / 0
                # dense layers; then quant_decode.py at 128K (full, kv4, kv4:kres=1)
-      (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q -x tests/test_quant_cuda.py -k residual > "$OUT/kres_tests.log" 2>&1
+      (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q -x tests/test_quant_cuda.py -k "residual or kres" > "$OUT/kres_tests.log" 2>&1
        echo "kres tests: rc $?; $(tail -n 1 "$OUT/kres_tests.log")" >&2)
       q="quest 1/8 sparq 0.25 weigh"
       LONGKV_KRES_CUDA=1 bench kres512 330 $PY sparse_decode.py --contexts 512k --layers 16 --no-breakdown --reps 30 \
         --only "full,kv4+$q,kv4+$q d1,kv4+$q d0,kv4 kres+$q,kv4 kres+$q d1,kv4 kres+$q d0"
+      # one sparse layer's pieces (the breakdown: attend_err against the reference at this size, and attend_minb16_us,
+      # the paged kernel with residual bits held to 128 registers, 76 B of spill, against its default of 162)
+      LONGKV_KRES_CUDA=1 bench kresparts 150 $PY sparse_decode.py --contexts 512k --layers 4 --reps 30 --only "kv4 kres+$q d0"
       LONGKV_KRES_CUDA=1 bench kres128 120 $PY quant_decode.py --contexts 128k --caches "full;kv4;kv4:kres=1" ;;
     diag512)   # ncu of the 1/8 sparq row's kernels (layers 2-3 are sparse), then the report as text;
                # ROW: another sparse_decode.py row (e.g. "kv4+quest 1/8 sparq 0.25 weigh": the quarter, which needs
