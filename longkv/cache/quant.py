@@ -179,7 +179,7 @@ class QuantCache(Cache):
         """kres: a graph-safe decode only where the CUDA kernel reads the residual bits (LONGKV_KRES_CUDA=1, KIVI's
         layout at 4 bits, head dim >= 128, on a GPU); elsewhere they decode through the torch reference, eagerly."""
         from ..kernels import quant_cuda as qc
-        return (qc.RES_CUDA and self.bits == 4 and self.D >= 128 and torch.device(device).type == "cuda"
+        return (qc.reads_res(self.bits, self.D, device)
                 and not self.prerope and not self.n_out and self.vgroup == self.D and not self.p["nuq"])
 
     def _alloc(self, B, H, per_channel, z) -> dict:

@@ -155,7 +155,7 @@ class QuantStorage:
         """kres: the packed kernel path only where the CUDA kernel reads the residual bits (`quant_cuda.RES_CUDA`,
         4 bits, head dim >= 128, on a GPU); elsewhere the decode dequantizes in torch."""
         from ..kernels import quant_cuda as qc
-        return qc.RES_CUDA and self.bits == 4 and s.head_dim >= 128 and self.device.type == "cuda"
+        return qc.reads_res(self.bits, s.head_dim, self.device)
 
     # -- layout ---------------------------------------------------------------------------------------
     def _vg(self, layer):

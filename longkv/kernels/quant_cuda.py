@@ -120,6 +120,12 @@ def smem_bytes(*, D: int, G: int, cw: int) -> int:
 RES_CUDA = os.environ.get("LONGKV_KRES_CUDA", "") == "1"
 
 
+def reads_res(bits: int, head_dim: int, device) -> bool:
+    """Whether these kernels read keys' residual bits there (RES_CUDA, 4 bits, head dim >= 128, a GPU): the caches
+    that hold them attend through the kernels then, and through the torch reference otherwise."""
+    return RES_CUDA and bits == 4 and head_dim >= 128 and torch.device(device).type == "cuda"
+
+
 def supported(q: torch.Tensor, kq: dict, *, bits: int, group: int, vgroup: int, prerope: bool,
               lut_k=None, lut_v=None, G: int) -> bool:
     """The layouts this kernel reads: KIVI's (keys after RoPE, per channel), one plane of 2- or
@@ -130,7 +136,7 @@ def supported(q: torch.Tensor, kq: dict, *, bits: int, group: int, vgroup: int, 
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or torch.cuda.get_device_capability(q.device)[0] < 8:
         return False
-    if "res" in kq and not (RES_CUDA and bits == 4 and D >= 128):
+    if "res" in kq and not reads_res(bits, D, q.device):
         return False
     return (not prerope and bits in (2, 4) and len(kq["planes"]) == 1 and "out_idx" not in kq
             and lut_k is None and lut_v is None and vgroup == D and 1 <= G <= 8 and D in (64, 128, 256)
