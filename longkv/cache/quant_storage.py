@@ -146,16 +146,12 @@ class QuantStorage:
         self.ring = [1] * L
         self.no_rope = {D: torch.zeros(D // 2, dtype=torch.float32, device=self.device)
                         for D in sorted({s.head_dim for s in specs})}
-        # as QuantCache.graph_safe: whole 32-bit words per half row of codes (64 channels at 3 bits)
+        # as QuantCache.graph_safe: whole 32-bit words per half row of codes (64 channels at 3 bits); kres: only
+        # where the CUDA kernel reads the residual bits, elsewhere the decode dequantizes in torch
+        from ..kernels import quant_cuda as qc
         self.kernel = [s.head_dim >= 32 and not s.head_dim & (s.head_dim - 1) and not s.softcap
                        and s.head_dim % (64 if self.bits == 3 else 32) == 0
-                       and (not self.kres or self._res_cuda(s)) for s in specs]
-
-    def _res_cuda(self, s) -> bool:
-        """kres: the packed kernel path only where the CUDA kernel reads the residual bits (`quant_cuda.RES_CUDA`,
-        4 bits, head dim >= 128, on a GPU); elsewhere the decode dequantizes in torch."""
-        from ..kernels import quant_cuda as qc
-        return qc.reads_res(self.bits, s.head_dim, self.device)
+                       and (not self.kres or qc.reads_res(self.bits, s.head_dim, self.device)) for s in specs]
 
     # -- layout ---------------------------------------------------------------------------------------
     def _vg(self, layer):
