@@ -403,18 +403,18 @@ P
       ncu --import "$OUT/src512.ncu-rep" --page details > "$OUT/src512.txt" 2>&1
       ncu --import "$OUT/src512.ncu-rep" --page source --csv --print-source sass > "$OUT/src512_sass.csv" 2>&1
       echo "src512: $(wc -l < "$OUT/src512_sass.csv") csv lines" >&2 ;;
-    kres512)   # kres=1 (a residual bit a key element): the CUDA kernels' GPU test, then (LONGKV_KRES_CUDA=1) decode at 512K,
+    kres512)   # kres=1 (a residual bit a key element): the CUDA kernels' GPU test, then decode at 512K,
                # 16 layers (an H100 holds full's bf16 KV there): full, the quarter over kv4 and over kv4:kres=1, each with 2 / 1 / 0
                # dense layers; then quant_decode.py at 128K (full, kv4, kv4:kres=1)
       (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q -x tests/test_quant_cuda.py -k "residual or kres" > "$OUT/kres_tests.log" 2>&1
        echo "kres tests: rc $?; $(tail -n 1 "$OUT/kres_tests.log")" >&2)
       q="quest 1/8 sparq 0.25 weigh"
-      LONGKV_KRES_CUDA=1 bench kres512 330 $PY sparse_decode.py --contexts 512k --layers 16 --no-breakdown --reps 30 \
+      bench kres512 330 $PY sparse_decode.py --contexts 512k --layers 16 --no-breakdown --reps 30 \
         --only "full,kv4+$q,kv4+$q d1,kv4+$q d0,kv4 kres+$q,kv4 kres+$q d1,kv4 kres+$q d0"
       # one sparse layer's pieces (the breakdown: attend_err against the reference at this size, and attend_minb16_us,
       # the paged kernel with residual bits held to 128 registers, 76 B of spill, against its default of 162)
-      LONGKV_KRES_CUDA=1 bench kresparts 150 $PY sparse_decode.py --contexts 512k --layers 4 --reps 30 --only "kv4 kres+$q d0"
-      LONGKV_KRES_CUDA=1 bench kres128 120 $PY quant_decode.py --contexts 128k --caches "full;kv4;kv4:kres=1" ;;
+      bench kresparts 150 $PY sparse_decode.py --contexts 512k --layers 4 --reps 30 --only "kv4 kres+$q d0"
+      bench kres128 120 $PY quant_decode.py --contexts 128k --caches "full;kv4;kv4:kres=1" ;;
     diag512)   # ncu of the 1/8 sparq row's kernels (layers 2-3 are sparse), then the report as text;
                # ROW: another sparse_decode.py row (e.g. "kv4+quest 1/8 sparq 0.25 weigh": the quarter, which needs
                # ~18 µs a sparse layer less for 3x on the H200)

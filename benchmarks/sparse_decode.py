@@ -109,7 +109,7 @@ def methods(ctx: int) -> list[tuple[str, str]]:
             ("kv4 g16+quest 1/8 sparq 0.25 weigh",
              f"kv4:group=16+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1"),
             # ... over kv4 with the keys' residual bits (kres=1: keys half a step finer, the score's sketch unchanged;
-            # session 30). Needs LONGKV_KRES_CUDA=1, else the attention and the dense layers run in torch
+            # session 30). LONGKV_KRES_CUDA=0 sends the attention and the dense layers to torch
             ("kv4 kres+quest 1/8 sparq 0.25 weigh",
              f"kv4:kres=1+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1"),
             ("kv4 kres+quest 1/8 sparq 0.25 weigh d0",

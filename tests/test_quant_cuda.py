@@ -109,7 +109,7 @@ def test_cuda_paged_kernel_matches_reference(D, bits, group, G, length, k, split
 @pytest.mark.parametrize("D,G,length,k", [(128, 4, 3000, 10), (128, 1, 1000, 3), (256, 2, 1300, 5), (128, 4, 150, 4)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_kernels_read_the_keys_residual_bits(D, G, length, k, dtype, monkeypatch):
-    """kres=1 (RES in the source; off by default until this passes on a GPU: LONGKV_KRES_CUDA=1): the dense and the
+    """kres=1 (RES in the source; on by default since this and the cache-level test below passed on an H100): the dense and the
     paged kernel against the references, which decode the bits (z + s·(c + r/2 - 1/4)); and the bits really count:
     the same codes read without them are further from the reference."""
     monkeypatch.setattr(qc, "RES_CUDA", True)
@@ -163,6 +163,9 @@ def test_kres_cache_step_reads_the_bits_on_the_gpu_as_torch_does(spec, tmp_path_
     path = save_tiny_llama(tmp_path_factory, "tiny_llama_d128", hidden_size=256, num_attention_heads=2,
                            num_key_value_heads=1)                                   # head dim 128, G = 2
     model = load_model(path, device="cuda", dtype=torch.float16)                     # fp16: less rounding than bf16
+    for name, w in model.named_parameters():     # sharper attention: at random weights the bits move the logits
+        if "q_proj" in name:                     # ~0.001, twice the kernels' own rounding; x8: 0.010 against 0.0007
+            w.data *= 8                          # (CPU, fp16, the Triton kernel against torch without the bits)
     ids = torch.randint(0, 97, (1, 900), generator=torch.Generator().manual_seed(5)).cuda()
     forced = torch.randint(0, 97, (8,), generator=torch.Generator().manual_seed(6)).tolist()
     out = {}
@@ -178,7 +181,9 @@ def test_kres_cache_step_reads_the_bits_on_the_gpu_as_torch_does(spec, tmp_path_
             for t in forced:
                 step = model.make_step(torch.tensor([kv.length], device="cuda"), None if kv.graph_safe else kv.length)
                 rows.append(model(torch.tensor([[t]], device="cuda"), step, kv)[0, -1].float())
-                kv.advance(1)
+                if kv.graph_safe:        # an eager step (the host knows its start) advances the cache itself
+                    kv.advance(1)
         out[res_cuda, sp] = torch.stack(rows)
     cuda, torch_, plain = out.values()
-    assert (cuda - torch_).abs().max().item() < 0.5 * (plain - torch_).abs().max().item()
+    err, bits = (cuda - torch_).abs().max().item(), (plain - torch_).abs().max().item()
+    assert err < 0.5 * bits, f"CUDA against torch {err:.4g}, the bits' own effect {bits:.4g}"

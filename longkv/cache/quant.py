@@ -39,12 +39,12 @@ its level, decoded as a quarter step up or down, so keys are half a step finer (
 error, `benchmarks/key_error.py`) for one bit more an element, while the codes and statistics stay those of
 `bits`: a 4-bit sketch of the keys (Quest's SparQ score, `channels=F`) reads them unchanged and only the attention
 would read the extra bit. The append + flush kernel writes it. The CUDA attention kernels read it (`quant_cuda.cu`,
-RES: one LOP3 and one HFMA2 a code pair more; their GPU test passed on an H100, session 31) only with
-LONGKV_KRES_CUDA=1 until the cache's graph step with them is checked on a GPU (`tests/test_quant_cuda.py`);
-otherwise `kv4:kres=1` alone decodes eagerly through the torch reference, and under Quest
-(`kv4:kres=1+quest:groups=1,...`) the selected groups are gathered and attended in torch (graph-safe): for measuring
-quality, not speed. Quest's bound over such groups (`groups=1` without `channels`) bounds the 4-bit levels, which
-the keys miss by at most a quarter step.
+RES: one LOP3 and one HFMA2 a code pair more; the kernels' and the caches' GPU tests passed on an H100, sessions
+31-32) at 4 bits, head dim >= 128, on a GPU (`quant_cuda.reads_res`; LONGKV_KRES_CUDA=0 turns it off). Elsewhere
+`kv4:kres=1` alone decodes eagerly through the torch reference, and under Quest (`kv4:kres=1+quest:groups=1,...`)
+the selected groups are gathered and attended in torch (graph-safe): for measuring quality, not speed. Quest's
+bound over such groups (`groups=1` without `channels`) bounds the 4-bit levels, which the keys miss by at most a
+quarter step.
 """
 from __future__ import annotations
 
@@ -75,10 +75,10 @@ PARAMS = {
     "nuq": (str, "", "codebook file from `longkv calibrate` (non-uniform levels per layer)"),
     "kres": (bool, False, "a residual bit per key element after its code (above or below its level, decoded as "
                           "±a quarter step): keys half a step finer for one bit more an element (4-bit: 1/3.7 of the "
-                          "squared error), the codes themselves unchanged; decoded in torch unless LONGKV_KRES_CUDA=1 "
-                          "(the CUDA kernels' reading: passed its kernel test on an H100; with Quest, "
-                          "kv4:kres=1+quest:...,channels=0.25,dense_layers=0 is -1.8 points on smollm2 8K at "
-                          "3.02x of full at 512K)"),
+                          "squared error), the codes themselves unchanged; the CUDA kernels read it at 4 bits and head "
+                          "dim >= 128 on a GPU, elsewhere it decodes in torch (with Quest, "
+                          "kv4:kres=1+quest:...,channels=0.25,dense_layers=0 is -1.8 points on smollm2 8K, "
+                          "-2.5 / -2.6 on gemma3 16K / 32K, at 3.02-3.03x of full at 512K)"),
 }
 
 
@@ -176,7 +176,7 @@ class QuantCache(Cache):
                            and all(not s.softcap for i, s in enumerate(specs) if i not in self.win))
 
     def _res_cuda(self, device) -> bool:
-        """kres: a graph-safe decode only where the CUDA kernel reads the residual bits (LONGKV_KRES_CUDA=1, KIVI's
+        """kres: a graph-safe decode only where the CUDA kernel reads the residual bits (`quant_cuda.reads_res`, KIVI's
         layout at 4 bits, head dim >= 128, on a GPU); elsewhere they decode through the torch reference, eagerly."""
         from ..kernels import quant_cuda as qc
         return (qc.reads_res(self.bits, self.D, device)

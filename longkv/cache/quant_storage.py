@@ -402,8 +402,8 @@ class QuantStorage:
 
     def stats(self) -> dict:
         slow = [i for i, ok in enumerate(self.kernel) if not ok]
-        why = ("the keys' residual bits (kres: the CUDA reading needs LONGKV_KRES_CUDA=1, 4 bits, head dim >= 128)"
-               if self.kres else "head dim not fit for the packed kernel, or softcap")
+        why = ("the keys' residual bits (kres: the CUDA reading needs 4 bits, head dim >= 128, a GPU, and "
+               "LONGKV_KRES_CUDA not 0)" if self.kres else "head dim not fit for the packed kernel, or softcap")
         return {"storage_bits": self.bits, "storage_group": self.g, "key_residual_bits": int(self.kres),
                 "quantized_slots_per_layer": [self.nq(c) for c in self.count],
                 "decode": "packed kernel" if not slow else f"decode dequantizes: no speed gain (layers {slow}: {why})"}

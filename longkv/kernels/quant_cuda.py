@@ -115,9 +115,9 @@ def smem_bytes(*, D: int, G: int, cw: int) -> int:
 
 
 # The keys' residual bits (`kres=1`, RES in the source): built offline (session 30); the kernels passed their GPU test
-# on an H100 (session 31), the cache's graph step with them is not yet checked there, so still off unless
-# LONGKV_KRES_CUDA=1 (the GPU tests set it); without it such a cache attends in torch.
-RES_CUDA = os.environ.get("LONGKV_KRES_CUDA", "") == "1"
+# on an H100 (session 31), and the caches' graph step reading them matched the torch reading there (session 32), so
+# on by default; LONGKV_KRES_CUDA=0 turns it off (such a cache then attends in torch, for comparison).
+RES_CUDA = os.environ.get("LONGKV_KRES_CUDA", "1") != "0"
 
 
 def reads_res(bits: int, head_dim: int, device) -> bool:
