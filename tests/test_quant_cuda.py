@@ -110,8 +110,8 @@ def test_cuda_paged_kernel_matches_reference(D, bits, group, G, length, k, split
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_kernels_read_the_keys_residual_bits(D, G, length, k, dtype, monkeypatch):
     """kres=1 (RES in the source; on by default since this and the cache-level test below passed on an H100): the
-    dense and the paged kernel against the references, which decode the bits (z + s·(c + r/2 - 1/4)); and the bits really count:
-    the same codes read without them are further from the reference."""
+    dense and the paged kernel against the references, which decode the bits (z + s·(c + r/2 - 1/4)); and the bits
+    really count: the same codes read without them are further from the reference."""
     monkeypatch.setattr(qc, "RES_CUDA", True)
     B, H, sink, window, group, bits = 2, 2, 4, 128, 64, 4
     ring, cap = window + 2 * group, 3072
