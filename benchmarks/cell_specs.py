@@ -7,16 +7,49 @@ part of it loses the cell (real weights; CPU or GPU):
         --chunk 16384 --device cpu --dtype float32 \
         --spec full --spec "kv4+quest:ratio=0.875,groups=1,rank=max,channels=0.125,weigh=1" \
         --spec "kv4+quest:ratio=0.875,groups=1,rank=max,channels=0.25,weigh=1"
+
+--fp16-score (CPU): the SparQ group score (`channels=F`, rank=max) computed with the CUDA score's arithmetic
+(`quest_sparq.cu`: q·s rounded to fp16, Σ (q·s)·c summed by fp16 FMAs over the channels in rank order, q·z in
+fp32), to tell whether a cell the GPU loses and the CPU finds is lost to those sums.
 """
 from __future__ import annotations
 
 import argparse
 import time
 
+import torch
 from common import emit_json, parse_tokens, print_table
 
+import longkv.kernels.quant_reference as ref
 import longkv.llm as L
 from longkv.evals import ruler
+
+
+def fp16_sparq_scores(q, sk, sz, length, *, group, sink, window, channels, scale, rank="max", weight=None):
+    """`quant_reference.sparq_group_scores` (rank=max) with `quest_sparq.cu`'s rounding (see the module docstring)."""
+    if rank != "max":
+        return _exact(q, sk, sz, length, group=group, sink=sink, window=window, channels=channels, scale=scale,
+                      rank=rank, weight=weight)
+    B, Hq, _, D = q.shape
+    H, MG = sk.shape[1], sz.shape[3]
+    G = Hq // H
+    nqg = torch.clamp((torch.as_tensor(length).reshape(-1)[-1:] - 1 - sink - window) // group, min=0)
+    qg = q.float().reshape(B, H, G, D)
+    idx, share = ref.sparq_channels(qg, channels, weight)
+    qr = qg.gather(-1, idx[:, :, None, :].expand(-1, -1, G, -1))                                 # (B, H, G, R)
+    b = sk.gather(2, idx[..., None].expand(-1, -1, -1, sk.shape[-1])).to(torch.int32)
+    codes = torch.stack([b & 15, b >> 4], -1).flatten(-2)[..., :MG * group].float()             # (B, H, R, MG·g)
+    st = sz.gather(2, idx[..., None, None].expand(-1, -1, -1, MG, 2)).float()                    # (B, H, R, MG, 2)
+    acc = torch.zeros(B, H, G, MG, group)
+    for r in range(idx.shape[-1]):             # fma.rn.f16x2: the exact product plus the sum, rounded once
+        qs = (qr[..., r, None].half().float() * st[:, :, None, r, :, 0]).half().float()           # (B, H, G, MG)
+        acc = (acc + qs[..., None] * codes[:, :, None, r].reshape(B, H, 1, MG, group)).half().float()
+    qz = (qr[..., None] * st[:, :, None, :, :, 1]).sum(3)                                        # fp32
+    lg = (acc.amax(-1) + qz) * (scale / share.clamp_min(1e-30).sqrt())[..., None]
+    return torch.where(torch.arange(MG) < nqg, lg.amax(2), float("-inf")), nqg * group - 1
+
+
+_exact = ref.sparq_group_scores
 
 
 def main():
@@ -32,7 +65,10 @@ def main():
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--new", type=int, default=12, help="tokens generated (the answer's first ones)")
+    ap.add_argument("--fp16-score", action="store_true", help="CPU: the SparQ score with the CUDA score's fp16 sums")
     a = ap.parse_args()
+    if a.fp16_score:
+        ref.sparq_group_scores = fp16_sparq_scores
     llm = L.load(a.model, device=a.device, dtype=a.dtype, progress=False)
     rows = []
     for idx in a.index or [0]:
@@ -47,7 +83,7 @@ def main():
     print()
     print_table(rows, list(rows[0]))
     emit_json(dict(bench="cell_specs", model=a.model, task=a.task, length=a.length, chunk=a.chunk,
-                   device=str(llm.device), dtype=str(llm.dtype), rows=rows))
+                   device=str(llm.device), dtype=str(llm.dtype), fp16_score=a.fp16_score, rows=rows))
 
 
 if __name__ == "__main__":
