@@ -239,12 +239,18 @@
 # one machine was taken back mid-call, [the kres tests with the fixed test: 10 passed]. RES_CUDA is on by default now.
 # gemma3: the kres quarter -2.5 +- 2.1 at 16K, -2.6 +- 2.0 at 32K (folders committed in benchmarks/grids/).
 # The next calls:
+# 0. gemma3 16K, the kres quarter ranked by attention mass (on CPU it finds 4 of 8 cells the largest logit loses,
+#    BENCHMARKS.md session 32): [copy part100..part103], [copy part104; MODELS=gemma3-270m install; RESUME=benchmarks/
+#    grids/fastgrid-gemma3-270m-16k.tgz LENGTH=16k CHUNK=16384 SAMPLES=121 WINDOWS= EXTRA="kv4:kres=1,window=128+quest:
+#    ratio=0.875,groups=1,channels=0.25,rank=mass,weigh=1,dense_layers=0" GRID_LIMIT=420 fastgrid] (the Triton mass
+#    score: slower cells), pair it against the same with rank=max; then smollm2 8K the same way (step 2 below) and its
+#    512K row ("kv4 kres+quest 1/8 sparq 0.25 weigh mass d0" in sparse_decode.py) next to full and the max row.
 # 1. gemma3 16K, the cells the quarter loses on the GPU, re-run there three ways (the `cells` step: the CUDA score, the
 #    Triton score with fp32 sums, Triton attention too): [copy part100..part103], [copy part104; MODELS=gemma3-270m
 #    install; CELLS="niah_multikey_1:0,3,45,52,54,95 niah_single_2:18,49,61,91 niah_multivalue:3,15,35" cells].
 #    On CPU (bf16, the torch reference) the kres quarter finds multikey 52 and 95, which the GPU loses, also with the
-#    CUDA score's fp16 sums emulated (cell_specs.py --fp16-score): if the Triton settings find them too, the loss is in
-#    a GPU kernel's rounding and worth fixing (about a point of gemma3's 2.5).
+#    CUDA score's fp16 sums emulated (cell_specs.py --fp16-score); the other 15 lost cells re-run are lost on CPU too.
+#    So this is worth at most ~0.5 point: after step 0.
 # 2. smollm2 8K, the kres quarter to 633 cells (rm /tmp/stage/bundle.tar.* first when gemma3's bundle is there):
 #    [copy part00], [copy part01; MODELS=smollm2-135m install 8d79d06e...; RESUME=benchmarks/grids/fastgrid-smollm2-135m-8k.tgz
 #    MODEL=smollm2-135m LENGTH=8k CHUNK=8192 SAMPLES=211 WINDOWS= EXTRA="kv4:kres=1,$Q,dense_layers=0" GRID_LIMIT=200 fastgrid].
