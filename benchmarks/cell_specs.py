@@ -25,31 +25,25 @@ import longkv.llm as L
 from longkv.evals import ruler
 
 
+_exact = ref.sparq_group_scores
+
+
 def fp16_sparq_scores(q, sk, sz, length, *, group, sink, window, channels, scale, rank="max", weight=None):
     """`quant_reference.sparq_group_scores` (rank=max) with `quest_sparq.cu`'s rounding (see the module docstring)."""
     if rank != "max":
         return _exact(q, sk, sz, length, group=group, sink=sink, window=window, channels=channels, scale=scale,
                       rank=rank, weight=weight)
-    B, Hq, _, D = q.shape
-    H, MG = sk.shape[1], sz.shape[3]
-    G = Hq // H
-    nqg = torch.clamp((torch.as_tensor(length).reshape(-1)[-1:] - 1 - sink - window) // group, min=0)
-    qg = q.float().reshape(B, H, G, D)
-    idx, share = ref.sparq_channels(qg, channels, weight)
-    qr = qg.gather(-1, idx[:, :, None, :].expand(-1, -1, G, -1))                                 # (B, H, G, R)
-    b = sk.gather(2, idx[..., None].expand(-1, -1, -1, sk.shape[-1])).to(torch.int32)
-    codes = torch.stack([b & 15, b >> 4], -1).flatten(-2)[..., :MG * group].float()             # (B, H, R, MG·g)
-    st = sz.gather(2, idx[..., None, None].expand(-1, -1, -1, MG, 2)).float()                    # (B, H, R, MG, 2)
+    qr, codes, st, share, nqg = ref.sparq_gather(q, sk, sz, length, group=group, sink=sink, window=window,
+                                                 channels=channels, weight=weight)
+    B, H, G, R = qr.shape
+    MG = st.shape[3]
     acc = torch.zeros(B, H, G, MG, group)
-    for r in range(idx.shape[-1]):             # fma.rn.f16x2: the exact product plus the sum, rounded once
+    for r in range(R):                         # fma.rn.f16x2: the exact product plus the sum, rounded once
         qs = (qr[..., r, None].half().float() * st[:, :, None, r, :, 0]).half().float()           # (B, H, G, MG)
         acc = (acc + qs[..., None] * codes[:, :, None, r].reshape(B, H, 1, MG, group)).half().float()
     qz = (qr[..., None] * st[:, :, None, :, :, 1]).sum(3)                                        # fp32
     lg = (acc.amax(-1) + qz) * (scale / share.clamp_min(1e-30).sqrt())[..., None]
     return torch.where(torch.arange(MG) < nqg, lg.amax(2), float("-inf")), nqg * group - 1
-
-
-_exact = ref.sparq_group_scores
 
 
 def main():

@@ -165,7 +165,7 @@ def test_kres_cache_step_reads_the_bits_on_the_gpu_as_torch_does(spec, tmp_path_
     model = load_model(path, device="cuda", dtype=torch.float16)                     # fp16: less rounding than bf16
     for name, w in model.named_parameters():     # sharper attention: at random weights the bits move the logits
         if "q_proj" in name:                     # ~0.001, twice the kernels' own rounding; x8: 0.010 against 0.0007
-            w.data *= 8                          # (CPU, fp16, the Triton kernel against torch without the bits)
+            w.data *= 8                          # (both measured on CPU in fp16, the rounding as Triton against torch)
     ids = torch.randint(0, 97, (1, 900), generator=torch.Generator().manual_seed(5)).cuda()
     forced = torch.randint(0, 97, (8,), generator=torch.Generator().manual_seed(6)).tolist()
     out = {}

@@ -27,7 +27,7 @@ from .reference import attention_lse
 __all__ = ["PLANES", "hadamard", "pack", "unpack", "pack_res", "unpack_res", "quantize_keys", "quantize_tokens",
            "dequantize_keys",
            "dequantize_tokens", "rope_at", "fp_slots", "quant_decode_attention", "normalized", "gather_rows",
-           "quant_paged_attention", "sketch_groups", "sparq_channels", "sparq_group_scores",
+           "quant_paged_attention", "sketch_groups", "sparq_channels", "sparq_gather", "sparq_group_scores",
            "sparq_weights"]
 
 PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}   # 1: the keys' residual bits (`kres`)
@@ -389,6 +389,25 @@ def sparq_group_scores(q, sk, sz, length, *, group: int, sink: int, window: int,
     over its tokens and the query group → (B, Hkv, MG); rank="mass": each query's log-sum-exp over the
     group's tokens → (B, Hkv, MG, G) for `page_mass`. Groups the decode kernel reads, n_q(length - 1) /
     group, score; the rest -inf. Returns (scores, npos) as `group_scores`. q (B, Hq, 1, D)."""
+    qr, codes, st, share, nqg = sparq_gather(q, sk, sz, length, group=group, sink=sink, window=window,
+                                             channels=channels, weight=weight)
+    B, H, G, _ = qr.shape
+    MG = sz.shape[3]
+    k = (st[..., 1:] + codes.reshape(B, H, -1, MG, group) * st[..., :1]).flatten(-2)                   # (B, H, R, MG·g)
+    lg = (qr @ k) * (scale / share.clamp_min(1e-30).sqrt())[..., None]                                # (B, H, G, MG·g)
+    lg = lg.reshape(B, H, G, MG, group)
+    ok = torch.arange(MG, device=q.device) < nqg
+    if rank == "max":
+        s = lg.amax(-1).amax(2)
+        return torch.where(ok, s, float("-inf")), nqg * group - 1
+    s = lg.logsumexp(-1).transpose(2, 3)                                                               # (B, H, MG, G)
+    return torch.where(ok[:, None], s, float("-inf")).contiguous(), nqg * group - 1
+
+
+def sparq_gather(q, sk, sz, length, *, group: int, sink: int, window: int, channels: int, weight=None):
+    """What `sparq_group_scores` reads: → qr (B, Hkv, G, R) the queries at the R chosen channels, codes (B, Hkv, R,
+    MG·group) their keys' 4-bit codes (float), st (B, Hkv, R, MG, 2) each group's (scale, zero) there, share (B, Hkv, G)
+    and nqg (1,) the groups scored."""
     B, Hq, _, D = q.shape
     H = sk.shape[1]
     G = Hq // H
@@ -401,15 +420,7 @@ def sparq_group_scores(q, sk, sz, length, *, group: int, sink: int, window: int,
     b = sk.gather(2, idx[..., None].expand(-1, -1, -1, sk.shape[-1])).to(torch.int32)                 # (B, H, R, cap/2)
     codes = torch.stack([b & 15, b >> 4], -1).flatten(-2)[..., :MG * group].float()                   # (B, H, R, MG·g)
     st = sz.gather(2, idx[..., None, None].expand(-1, -1, -1, MG, 2)).float()                          # (B, H, R, MG, 2)
-    k = (st[..., 1:] + codes.reshape(B, H, -1, MG, group) * st[..., :1]).flatten(-2)                   # (B, H, R, MG·g)
-    lg = (qr @ k) * (scale / share.clamp_min(1e-30).sqrt())[..., None]                                # (B, H, G, MG·g)
-    lg = lg.reshape(B, H, G, MG, group)
-    ok = torch.arange(MG, device=q.device) < nqg
-    if rank == "max":
-        s = lg.amax(-1).amax(2)
-        return torch.where(ok, s, float("-inf")), nqg * group - 1
-    s = lg.logsumexp(-1).transpose(2, 3)                                                               # (B, H, MG, G)
-    return torch.where(ok[:, None], s, float("-inf")).contiguous(), nqg * group - 1
+    return qr, codes, st, share, nqg
 
 
 def sparq_weights(ksq, count):
