@@ -239,7 +239,7 @@
 # one machine was taken back mid-call, [the kres tests with the fixed test: 10 passed]. RES_CUDA is on by default now.
 # gemma3: the kres quarter -2.5 +- 2.1 at 16K, -2.6 +- 2.0 at 32K (folders committed in benchmarks/grids/).
 # The next calls:
-# 0. gemma3 16K, the kres quarter ranked by attention mass (on CPU it finds 4 of 8 cells the largest logit loses,
+# 0. gemma3 16K, the kres quarter ranked by attention mass (on CPU it finds 6 of 13 cells the largest logit loses,
 #    BENCHMARKS.md session 32): [copy part100..part103], [copy part104; MODELS=gemma3-270m install; RESUME=benchmarks/
 #    grids/fastgrid-gemma3-270m-16k.tgz LENGTH=16k CHUNK=16384 SAMPLES=121 WINDOWS= EXTRA="kv4:kres=1,window=128+quest:
 #    ratio=0.875,groups=1,channels=0.25,rank=mass,weigh=1,dense_layers=0" GRID_LIMIT=420 fastgrid] (the Triton mass
