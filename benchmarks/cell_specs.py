@@ -20,20 +20,20 @@ import time
 import torch
 from common import emit_json, parse_tokens, print_table
 
-import longkv.kernels.quant_reference as ref
+import longkv.kernels.sparq_reference as sref
 import longkv.llm as L
 from longkv.evals import ruler
 
 
-_exact = ref.sparq_group_scores
+_exact = sref.sparq_group_scores
 
 
 def fp16_sparq_scores(q, sk, sz, length, *, group, sink, window, channels, scale, rank="max", weight=None):
-    """`quant_reference.sparq_group_scores` (rank=max) with `quest_sparq.cu`'s rounding (see the module docstring)."""
+    """`sparq_reference.sparq_group_scores` (rank=max) with `quest_sparq.cu`'s rounding (see the module docstring)."""
     if rank != "max":
         return _exact(q, sk, sz, length, group=group, sink=sink, window=window, channels=channels, scale=scale,
                       rank=rank, weight=weight)
-    qr, codes, st, share, nqg = ref.sparq_gather(q, sk, sz, length, group=group, sink=sink, window=window,
+    qr, codes, st, share, nqg = sref.sparq_gather(q, sk, sz, length, group=group, sink=sink, window=window,
                                                  channels=channels, weight=weight)
     B, H, G, R = qr.shape
     MG = st.shape[3]
@@ -62,7 +62,7 @@ def main():
     ap.add_argument("--fp16-score", action="store_true", help="CPU: the SparQ score with the CUDA score's fp16 sums")
     a = ap.parse_args()
     if a.fp16_score:
-        ref.sparq_group_scores = fp16_sparq_scores
+        sref.sparq_group_scores = fp16_sparq_scores
     llm = L.load(a.model, device=a.device, dtype=a.dtype, progress=False)
     rows = []
     for idx in a.index or [0]:

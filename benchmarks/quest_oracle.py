@@ -139,7 +139,7 @@ def _sparq(q, bound, pos, page, MP):
     keys exact or B-bit codes relative to each channel's min/max over G-token groups. Pages ranked by
     attention mass (softmax over every token, summed over the page and the query group), or with
     `--rank max` by their largest estimate. The channel choice is the cache's (`sparq_channels`)."""
-    from longkv.kernels.quant_reference import sparq_channels
+    from longkv.kernels.sparq_reference import sparq_channels
 
     m = re.fullmatch(r"sparq(\d+)(?:c(\d+))?(?:g(\d+))?", _state["mode"])
     R, bits, grp = int(m[1]), int(m[2] or 0), int(m[3] or 64)
@@ -234,7 +234,7 @@ def _rsparq(q, bound, pos, page, MP):
     square) and queries scaled by it, so the choice weighs |q_i| by how large keys are along axis i.
     c4: the rotated keys in 4-bit codes over 64-token groups; i: no rotation (the stored channels, so
     with w: channels chosen by |q_i| times the keys' root mean square along i). Pages ranked as sparq."""
-    from longkv.kernels.quant_reference import sparq_channels
+    from longkv.kernels.sparq_reference import sparq_channels
 
     m = re.fullmatch(r"rsparq(\d+)(?:c(\d+))?(w?)(i?)", _state["mode"])
     R, bits, white, ident = int(m[1]), int(m[2] or 0), bool(m[3]), bool(m[4])

@@ -12,6 +12,7 @@ from longkv.errors import UserError
 from longkv.kernels import quant as qk
 from longkv.kernels import quant_append
 from longkv.kernels import quant_reference as ref
+from longkv.kernels import sparq_reference as sref
 
 
 def gen(seed=0):
@@ -138,7 +139,7 @@ def test_append_flush_kernel_matches_reference(bits, nuq, n_out, rope, res, monk
                                                                                 reason="needs a GPU"))])
 def test_append_flush_writes_the_channel_major_sketch(path, monkeypatch):
     """sketch=(sk, sz): each group the append flushes also lands in the channel-major copy that SparQ
-    scoring reads, equal to `ref.sketch_groups` of the packed planes; groups not yet flushed stay as they were."""
+    scoring reads, equal to `sref.sketch_groups` of the packed planes; groups not yet flushed stay as they were."""
     B, H, D, group, sink, window = 1, 2, 64, 16, 2, 3
     ring = window + 2 * group
     dev = "cuda" if path == "cuda" else "cpu"
@@ -163,7 +164,7 @@ def test_append_flush_writes_the_channel_major_sketch(path, monkeypatch):
         qk.append_flush(k.to(dev), v.to(dev), torch.tensor([t], device=dev), kf, vf, kq, vq, bits=4, group=group,
                         vgroup=16, sink=sink, window=window, sketch=(sk, sz))
     wk, wz = torch.full_like(sk, 7), torch.full_like(sz, 3.0)
-    ref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], wk, wz, 0, 2, group=group)
+    sref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], wk, wz, 0, 2, group=group)
     assert kq["scale"][:, :, :2].abs().sum() > 0 and torch.equal(sk, wk) and torch.equal(sz, wz)
     with pytest.raises(ValueError, match="4-bit"):
         qk.append_flush(k, v, torch.tensor([n]), kf, vf, kq, vq, bits=2, group=group, vgroup=16, sink=sink,

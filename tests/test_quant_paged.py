@@ -8,6 +8,7 @@ import torch
 
 from longkv.kernels import quant_paged as kp
 from longkv.kernels import quant_reference as ref
+from longkv.kernels import sparq_reference as sref
 
 D, P = 32, 16
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])   # cuda: bf16, the inline-PTX tiles
@@ -206,7 +207,7 @@ def _sketched(B, H, length, *, group, sink, window, seed):
 def test_sketch_is_the_key_codes_channel_major():
     B, H, group, MG = 2, 3, 16, 5
     kq, sk, sz = _sketched(B, H, group * MG, group=group, sink=0, window=0, seed=5)
-    ref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], sk, sz, 1, 4, group=group)
+    sref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], sk, sz, 1, 4, group=group)
     codes = ref.unpack(kq["planes"], 4, D).long()                                  # (B, H, cap, D)
     b = sk.long()
     lo, hi = b & 15, b >> 4
@@ -231,7 +232,7 @@ def test_prepare_picks_the_channels(device):
     q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(12))
     idx, tau = ks.prepare(q.to(device), H, R)
     idx, tau = idx.cpu(), tau.cpu()
-    want, share = ref.sparq_channels(q.reshape(B, H, G, D), R)
+    want, share = sref.sparq_channels(q.reshape(B, H, G, D), R)
     assert torch.equal(idx[:, :R].long(), want.reshape(B * H, R))
     assert torch.equal(idx.long().sort(-1).values, torch.arange(D).expand(B * H, -1))   # the rest: every other channel
     assert torch.allclose(tau[:, :G], share.reshape(B * H, G).rsqrt(), rtol=1e-5)
@@ -243,25 +244,25 @@ def test_sparq_scores_with_every_channel_are_the_exact_logits():
     B, H, G, group, sink, window, length = 2, 2, 3, 16, 4, 24, 333
     kq, sk, sz = _sketched(B, H, length, group=group, sink=sink, window=window, seed=7)
     MG = kq["scale"].shape[2]
-    ref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], sk, sz, 0, MG, group=group)
+    sref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], sk, sz, 0, MG, group=group)
     q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(8))
     kw = dict(group=group, sink=sink, window=window, channels=D, scale=0.3)
     n = torch.tensor([length])
     k = ref.dequantize_keys(kq, bits=4, group=group, d=D)
     lg = (q.reshape(B, H, G, D) @ k.transpose(-1, -2) * 0.3).reshape(B, H, G, MG, group)
     nqg = (length - 1 - sink - window) // group
-    smax, npos = ref.sparq_group_scores(q, sk, sz, n, rank="max", **kw)
+    smax, npos = sref.sparq_group_scores(q, sk, sz, n, rank="max", **kw)
     assert npos.item() == nqg * group - 1
     assert torch.allclose(smax[..., :nqg], lg.amax(-1).amax(2)[..., :nqg], atol=1e-4)
     assert (smax[..., nqg:] == float("-inf")).all()
-    smass, _ = ref.sparq_group_scores(q, sk, sz, n, rank="mass", **kw)
+    smass, _ = sref.sparq_group_scores(q, sk, sz, n, rank="mass", **kw)
     assert torch.allclose(smass[:, :, :nqg], lg.logsumexp(-1).transpose(2, 3)[:, :, :nqg], atol=1e-4)
     assert (smass[:, :, nqg:] == float("-inf")).all()
 
 
 def test_sparq_channels_are_the_largest_of_the_query_group():
     q = torch.randn(2, 6, 1, D, generator=torch.Generator().manual_seed(9)).reshape(2, 2, 3, D)
-    idx, share = ref.sparq_channels(q, 5)
+    idx, share = sref.sparq_channels(q, 5)
     want = q.abs().sum(2).topk(5, -1).indices
     assert torch.equal(idx.sort(-1).values, want.sort(-1).values)
     assert torch.allclose(share, q.abs().gather(-1, want[:, :, None].expand(-1, -1, 3, -1)).sum(-1) / q.abs().sum(-1))
@@ -271,14 +272,14 @@ def test_weighted_channels_are_the_largest_q_times_key_rms():
     g = torch.Generator().manual_seed(30)
     q = torch.randn(2, 6, 1, D, generator=g).reshape(2, 2, 3, D)
     w = torch.rand(2, 2, D, generator=g) * 3
-    idx, share = ref.sparq_channels(q, 5, w)
+    idx, share = sref.sparq_channels(q, 5, w)
     qa = q.abs() * w[:, :, None, :]
     want = qa.sum(2).topk(5, -1).indices
     assert torch.equal(idx.sort(-1).values, want.sort(-1).values)
     assert torch.allclose(share, qa.gather(-1, want[:, :, None].expand(-1, -1, 3, -1)).sum(-1) / qa.sum(-1))
-    assert not torch.equal(idx.sort(-1).values, ref.sparq_channels(q, 5)[0].sort(-1).values)   # the weights count
+    assert not torch.equal(idx.sort(-1).values, sref.sparq_channels(q, 5)[0].sort(-1).values)   # the weights count
     ksq = torch.rand(2, 2, D, generator=g) * 50
-    assert torch.allclose(ref.sparq_weights(ksq, 25) ** 2, ksq / 25 + 1e-3 * (ksq / 25).mean(-1, keepdim=True))
+    assert torch.allclose(sref.sparq_weights(ksq, 25) ** 2, ksq / 25 + 1e-3 * (ksq / 25).mean(-1, keepdim=True))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -292,7 +293,7 @@ def test_prepare_weighs_the_channel_choice(device):
     w = torch.rand(B, H, D, generator=g) * 3
     q_d, sk_d, sz_d, n_d, w_d = _to(device, q, sk, sz, torch.tensor([length]), w)
     idx, tau = ks.prepare(q_d, H, R, weight=w_d)
-    want, share = ref.sparq_channels(q.reshape(B, H, G, D), R, w)
+    want, share = sref.sparq_channels(q.reshape(B, H, G, D), R, w)
     assert torch.equal(idx.cpu()[:, :R].long(), want.reshape(B * H, R))
     assert torch.allclose(tau.cpu()[:, :G], share.reshape(B * H, G).rsqrt(), rtol=1e-5)
 
@@ -306,11 +307,11 @@ def test_sparq_score_kernel_matches_reference(G, channels, length, rank, device)
     B, H, group, sink, window = 2, 2, 16, 4, 24
     kq, sk, sz = _sketched(B, H, length, group=group, sink=sink, window=window, seed=10)
     MG = kq["scale"].shape[2]
-    ref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], sk, sz, 0, MG, group=group)
+    sref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], sk, sz, 0, MG, group=group)
     q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(11))
     kw = dict(group=group, sink=sink, window=window, channels=channels, scale=D ** -0.5, rank=rank)
     n = torch.tensor([length])
-    want, wpos = ref.sparq_group_scores(q, sk, sz, n, **kw)
+    want, wpos = sref.sparq_group_scores(q, sk, sz, n, **kw)
     args = _to(device, q, sk, sz, n)
     sel = ks.prepare(args[0], H, channels)
     cfg = [(bp, w, c, st) for bp, w in ((4, 4), (8, 2), (16, 4), (32, 8)) for c in (0, 1, 2) for st in (0, 1)] \
@@ -335,13 +336,13 @@ def test_sparq_cuda_score_matches_reference(G, channels, length, group):
 
     B, H, sink, window = 2, 2, 4, 24
     kq, sk, sz = _sketched(B, H, length, group=group, sink=sink, window=window, seed=10)
-    ref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], sk, sz, 0, kq["scale"].shape[2], group=group)
+    sref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], sk, sz, 0, kq["scale"].shape[2], group=group)
     q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(11))
     kw = dict(group=group, sink=sink, window=window, channels=channels, scale=D ** -0.5, rank="max")
     n = torch.tensor([length])
     for dt in (torch.bfloat16, torch.float16):
         qd = q.to(dt)
-        want, wpos = ref.sparq_group_scores(qd.float(), sk, sz, n, **kw)
+        want, wpos = sref.sparq_group_scores(qd.float(), sk, sz, n, **kw)
         args = _to("cuda", qd, sk, sz, n)
         sel = ks.prepare(args[0], H, channels)
         for wpt, minb, nt, vec, pipe in ((1, 1, 256, 0, 0), (2, 3, 256, 1, 0), (4, 1, 128, 1, 0), (8, 1, 64, 1, 0),
@@ -357,7 +358,7 @@ def test_sparq_cuda_score_matches_reference(G, channels, length, group):
         # sel=None: every block picks the channels itself (CHOOSE), by |q| alone or weighed (WEIGH)
         w = torch.rand(B, H, D, generator=torch.Generator().manual_seed(12)) + 0.1
         for weight in (None, w):
-            want, wpos = ref.sparq_group_scores(qd.float(), sk, sz, n, weight=weight, **kw)
+            want, wpos = sref.sparq_group_scores(qd.float(), sk, sz, n, weight=weight, **kw)
             got, gpos = ks.sparq_group_scores(*args, None, impl="cuda", weight=None if weight is None else w.cuda(),
                                               pipe=2 if weight is not None else 0, **kw)
             got, gpos = got.cpu(), gpos.cpu()
@@ -378,7 +379,7 @@ def test_gated_cuda_score_and_select_keep_the_table_between_refreshes():
 
     B, H, G, group, sink, window, length, every = 1, 2, 4, 64, 4, 24, 5000, 3
     kq, sk, sz = _sketched(B, H, length + 8, group=group, sink=sink, window=window, seed=13)
-    ref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], sk, sz, 0, kq["scale"].shape[2], group=group)
+    sref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], sk, sz, 0, kq["scale"].shape[2], group=group)
     q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(14)).to(torch.bfloat16).cuda()
     kw = dict(group=group, sink=sink, window=window, channels=16, scale=D ** -0.5, rank="max")
     sk, sz = sk.cuda(), sz.cuda()

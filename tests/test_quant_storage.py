@@ -325,7 +325,7 @@ def test_quest_over_key_groups_scored_from_channels(tiny):
     """channels=F (SparQ estimates from a channel-major copy of the key codes): the copy holds every flushed
     group's codes and statistics after prefill chunks and decode flushes, nbytes counts it, and the
     device-only step decodes what the eager one does (both ranks)."""
-    from longkv.kernels import quant_reference as ref
+    from longkv.kernels import sparq_reference as sref
 
     spec = f"{KV4G}+{GROUPS},budget=40,channels=0.25,rank=max"
     _, toks, kv = run(tiny, spec)
@@ -333,7 +333,7 @@ def test_quest_over_key_groups_scored_from_channels(tiny):
     for layer in range(2):
         kd = st.kq[layer]
         sk, sz = torch.zeros_like(kv.sketch[layer]), torch.zeros_like(kv.sz[layer])
-        ref.sketch_groups(kd["planes"], kd["scale"], kd["zero"], sk, sz, 0, st.nq(int(st.cnt[layer])) // kv.P,
+        sref.sketch_groups(kd["planes"], kd["scale"], kd["zero"], sk, sz, 0, st.nq(int(st.cnt[layer])) // kv.P,
                           group=kv.P)
         assert st.nq(int(st.cnt[layer])) == 64 and torch.equal(sk, kv.sketch[layer]) and torch.equal(sz, kv.sz[layer])
     assert kv.channels == [16, 16] and "channels" in kv.stats()["note"]   # 0.25 of 32 = 8, raised to 16
@@ -349,13 +349,13 @@ def test_quest_over_key_groups_scored_from_channels(tiny):
 def test_quest_channels_weighed_by_the_keys_rms(tiny):
     """weigh=1: Σ k² per channel over the first `fit` keys (two prefill chunks of 16 here), the weights
     from it, nbytes counting both, a choice that differs from |q| alone, graph step = eager (both ranks)."""
-    from longkv.kernels import quant_reference as ref
+    from longkv.kernels import sparq_reference as sref
 
     spec = f"{KV4G}+{GROUPS},budget=40,channels=0.25,weigh=1,fit=32,rank=max"
     _, toks, kv = run(tiny, spec)
     assert kv.fitted == [32, 32]
     for layer in range(2):
-        assert (kv.ksq[layer] > 0).all() and torch.equal(kv.wch[layer], ref.sparq_weights(kv.ksq[layer], 32))
+        assert (kv.ksq[layer] > 0).all() and torch.equal(kv.wch[layer], sref.sparq_weights(kv.ksq[layer], 32))
     _, _, plain = run(tiny, f"{KV4G}+{GROUPS},budget=40,channels=0.25,rank=max")
     assert kv.nbytes() == tensor_bytes(kv) == plain.nbytes() + sum(t.numel() * t.element_size()
                                                                   for t in kv.ksq + kv.wch)
@@ -363,8 +363,8 @@ def test_quest_channels_weighed_by_the_keys_rms(tiny):
                     generator=torch.Generator().manual_seed(3))
     G = q.shape[1] // kv.wch[0].shape[1]
     qg = q.reshape(1, -1, G, q.shape[-1])
-    assert not torch.equal(ref.sparq_channels(qg, 8, kv.wch[0])[0].sort(-1).values,
-                           ref.sparq_channels(qg, 8)[0].sort(-1).values)
+    assert not torch.equal(sref.sparq_channels(qg, 8, kv.wch[0])[0].sort(-1).values,
+                           sref.sparq_channels(qg, 8)[0].sort(-1).values)
     for rank in ("max", "mass"):
         s = f"{KV4G}+{GROUPS},budget=40,channels=0.25,weigh=1,fit=32,rank={rank}"
         assert graph_greedy(tiny, s, 12) == run(tiny, s)[1]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import quant_reference as ref
+from . import sparq_reference as sref
 from .decode import _use_triton
 
 try:
@@ -115,7 +116,7 @@ if triton is not None:
                 r = (x >= code.to(tl.float32) * sc + zero).to(tl.int32)    # 32 channels in `ref.pack_res`'s order
                 r = tl.reshape(tl.permute(tl.reshape(r, (GROUP, D // 32, 4, 2, 4)), (0, 1, 3, 2, 4)), (GROUP, D))
                 _pack_store(r, KR, rows, D, 1, 0, GROUP)
-            if SKETCH:   # the channel-major copy (`ref.sketch_groups`): byte m of channel c = tokens 2m | 2m + 1
+            if SKETCH:   # the channel-major copy (`sref.sketch_groups`): byte m of channel c = tokens 2m | 2m + 1
                 pair = tl.reshape(code, (GROUP // 2, 2, D))
                 byte = tl.sum(pair << (tl.arange(0, 2) * 4)[None, :, None], axis=1)          # (GROUP/2, D)
                 m = tl.arange(0, GROUP // 2)
@@ -175,7 +176,7 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
     fp slot and quantizes the group this token completes, if any; count_out (1,) int64, if given, is
     set to the length; rope (cos, sin), each (1, D), if given: k is rotated first, in the same launch
     (keys stored after RoPE); sketch (sk, sz), if given (4-bit keys without outliers): the flushed group is
-    also written to that channel-major copy (`ref.sketch_groups`, SparQ scoring in `quest_sparq.py`). A key dict
+    also written to that channel-major copy (`sref.sketch_groups`, SparQ scoring in `quest_sparq.py`). A key dict
     with `res` (`kres=1`) gets the flushed group's residual bits too.
     Reference: the same steps with `ref.quantize_keys` / `ref.quantize_tokens`."""
     B, H, _, D = k.shape
@@ -209,7 +210,7 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
                     if key in src:
                         dst[key][:, :, lo:lo + group] = src[key]
             if sketch is not None:
-                ref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], *sketch, ng - 1, ng, group=group)
+                sref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], *sketch, ng - 1, ng, group=group)
         return
     pb = ref.PLANES[bits]
     n_out = kq["out_idx"].shape[-1] if "out_idx" in kq else 0

@@ -30,7 +30,7 @@ score program (28-107 µs by itself), one 2-D tile with a scale/zero load per co
 group a step (88 µs), Triton CUDA-core FMAs in a 3-D layout (41 µs), the codes to fp16 by 0x6400|c (CVT,
 ~2 µs).
 
-References: `quant_reference.sketch_groups`, `sparq_group_scores`.
+References: `sparq_reference.sketch_groups`, `sparq_group_scores`.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ import os
 
 import torch
 
-from . import quant_reference as ref
+from . import sparq_reference as sref
 from .decode import _use_triton, triton
 from .nvrtc import build
 from .page_select import _pos
@@ -52,7 +52,7 @@ if triton is not None:
         """One program a (batch, KV head) row: the channel choice. Σ_g |q_g| per channel, sorted once (key =
         the sum's bits, then the reversed channel: ties go to the lower channel) → IDX (D,) channels by rank;
         TAU (BLOCK_G,) = 1 / sqrt(share of each query's |q|_1 the first R hold). WEIGH: |q| times W (D,), the
-        channels' weights (`quant_reference.sparq_weights`), for the choice and the share."""
+        channels' weights (`sparq_reference.sparq_weights`), for the choice and the share."""
         bh = tl.program_id(0)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, D)
@@ -145,14 +145,14 @@ if triton is not None:
 
 def prepare(q, heads: int, channels: int, *, weight=None, warps: int = 4):
     """The channel choice before a Triton score (graph-safe; the CUDA score makes it itself) of each of the
-    `heads` KV heads' query groups (`quant_reference.sparq_channels`) → (idx (B·Hkv, D) int32 channels by
+    `heads` KV heads' query groups (`sparq_reference.sparq_channels`) → (idx (B·Hkv, D) int32 channels by
     rank, tau (B·Hkv, BLOCK_G) fp32 = 1 / sqrt(share)), what `sparq_group_scores` reads. weight: (B, Hkv,
     D) channel weights for the choice (`sparq_channels`)."""
     B, Hq, _, D = q.shape
     H, G = heads, Hq // heads
     BG = max(16, 1 << (G - 1).bit_length())
     if not _use_triton(q):
-        idx, share = ref.sparq_channels(q.float().reshape(B, H, G, D), channels, weight)
+        idx, share = sref.sparq_channels(q.float().reshape(B, H, G, D), channels, weight)
         rest = torch.ones(B, H, D, dtype=torch.bool, device=q.device).scatter_(-1, idx, False)
         full = torch.cat([idx, rest.nonzero()[:, -1].reshape(B, H, D - channels)], -1)
         tau = torch.ones(B * H, BG, device=q.device)
@@ -231,7 +231,7 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
                        weight=None, stack: bool = True, impl: str | None = None, wpt: int | None = None,
                        minb: int | None = None, threads: int | None = None, vec: int | None = None,
                        pipe: int | None = None, gate=None):
-    """See `quant_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau), or None: the CUDA score chooses
+    """See `sparq_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau), or None: the CUDA score chooses
     the channels itself, in each block, and elsewhere `prepare` is called here; the reference, on the CPU, picks
     them itself): → (scores (B, Hkv, MG) for rank=max or lse (B, Hkv, MG, G) for rank=mass, npos (1,) int64).
     impl: None = the CUDA score (`quest_sparq.cu`) where it applies (`_cuda_ok`; not with
@@ -244,7 +244,7 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
     once on the steps that keep their table (the scores are then not written: the gated select does not read
     them); elsewhere it scores every step."""
     if not _use_triton(q):
-        return ref.sparq_group_scores(q, sk, sz, length, group=group, sink=sink, window=window, channels=channels,
+        return sref.sparq_group_scores(q, sk, sz, length, group=group, sink=sink, window=window, channels=channels,
                                       scale=scale, rank=rank, weight=weight)
     B, Hq, _, D = q.shape
     H, MG = sk.shape[1], sz.shape[3]

@@ -86,7 +86,9 @@ the score reads their scale/zero rows, the select ranks 4x the groups and the at
 tile. Scoring the query group's sum instead of each query (1/G of the score's work) cost 10 points on smollm2 and
 was dropped. Over `kv4:kres=1` (a residual bit a key element, read only by the attention over the selected groups)
 with `dense_layers=0` the quarter is -1.8 ± 2.4 on smollm2 8K (505 cells; the same over `kv4` -4.1) at 3.02x of full
-(H100, 16 layers, session 31); gemma3 not yet measured with it.
+(H100, 16 layers, session 31); on gemma3-270m it is -2.5 ± 2.1 at 16K and -2.6 ± 2.0 at 32K (session 32: the bit is
+neutral there, and ranking the groups by their largest logit is what loses cells; `rank=mass` finds half of them on
+CPU).
 
 `nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy
 (and with weigh=1 the per-channel sums and weights).
@@ -102,7 +104,7 @@ import torch
 from ...errors import UserError
 from ...kernels import quest as kq
 from ...kernels.quant_paged import quant_group_attention, quant_paged_attention
-from ...kernels.quant_reference import sketch_groups, sparq_weights
+from ...kernels.sparq_reference import sketch_groups, sparq_weights
 from ...kernels.quest_sparq import sparq_group_scores
 from ...kernels import sparse_reference as ref
 from ...models.rope import apply_rope
