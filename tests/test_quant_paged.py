@@ -240,7 +240,8 @@ def test_prepare_picks_the_channels(device):
 
 def test_sparq_scores_with_every_channel_are_the_exact_logits():
     """channels = D: every channel, share 1, so the estimate is the exact logit of the dequantized keys:
-    rank=max is each group's largest logit, rank=mass each query's log-sum-exp over the group."""
+    rank=max is each group's largest logit, rank=mass each query's log-sum-exp over the group, rank=peak each
+    query's largest logit there."""
     B, H, G, group, sink, window, length = 2, 2, 3, 16, 4, 24, 333
     kq, sk, sz = _sketched(B, H, length, group=group, sink=sink, window=window, seed=7)
     MG = kq["scale"].shape[2]
@@ -258,6 +259,9 @@ def test_sparq_scores_with_every_channel_are_the_exact_logits():
     smass, _ = sref.sparq_group_scores(q, sk, sz, n, rank="mass", **kw)
     assert torch.allclose(smass[:, :, :nqg], lg.logsumexp(-1).transpose(2, 3)[:, :, :nqg], atol=1e-4)
     assert (smass[:, :, nqg:] == float("-inf")).all()
+    speak, _ = sref.sparq_group_scores(q, sk, sz, n, rank="peak", **kw)
+    assert torch.allclose(speak[:, :, :nqg], lg.amax(-1).transpose(2, 3)[:, :, :nqg], atol=1e-4)
+    assert (speak[:, :, nqg:] == float("-inf")).all()
 
 
 def test_sparq_channels_are_the_largest_of_the_query_group():
@@ -299,7 +303,7 @@ def test_prepare_weighs_the_channel_choice(device):
 
 
 @pytest.mark.parametrize("G,channels,length,rank", [(3, 4, 333, "max"), (4, 8, 1000, "mass"), (1, 32, 20, "max"),
-                                                    (8, 16, 700, "mass")])
+                                                    (8, 16, 700, "mass"), (4, 16, 1000, "peak")])
 @pytest.mark.parametrize("device", DEVICES)
 def test_sparq_score_kernel_matches_reference(G, channels, length, rank, device):
     from longkv.kernels import quest_sparq as ks

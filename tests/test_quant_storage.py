@@ -341,7 +341,7 @@ def test_quest_over_key_groups_scored_from_channels(tiny):
     assert kv.nbytes() == tensor_bytes(kv) == plain.nbytes() + sum(t.numel() * t.element_size()
                                                                   for t in kv.sketch + kv.sz)
     assert graph_greedy(tiny, spec, 12) == toks
-    for rank in ("max", "mass"):
+    for rank in ("max", "mass", "peak"):
         s = f"{KV4G}+{GROUPS},budget=40,channels=0.25,rank={rank}"
         assert graph_greedy(tiny, s, 12) == run(tiny, s)[1]
 
@@ -370,11 +370,15 @@ def test_quest_channels_weighed_by_the_keys_rms(tiny):
         assert graph_greedy(tiny, s, 12) == run(tiny, s)[1]
     with pytest.raises(UserError, match="weigh=1"):
         build(tiny, f"{KV4G}+{GROUPS},budget=40,weigh=1")
+    with pytest.raises(UserError, match="rank=peak"):       # peak ranks SparQ's estimates only
+        build(tiny, f"{KV4G}+{GROUPS},budget=40,rank=peak")
+    with pytest.raises(UserError, match="rank=peak"):
+        build(tiny, "quest:budget=40,rank=peak")
 
 
 def test_quest_pages_of_several_key_groups(tiny, monkeypatch):
     """groups=1 with page = 2 key groups: with every page read it decodes what the storage's own decode does; at
-    a budget of one page the device-only step decodes what the eager one does (bound, SparQ max and mass); the
+    a budget of one page the device-only step decodes what the eager one does (bound, SparQ max, mass and peak); the
     selected pages' groups are listed in order and only the flushed ones are counted; a page that is not a
     power of two is refused."""
     logits, toks, kv = run(tiny, f"{KV4G}+{GROUPS},page=32,budget=86")
@@ -387,7 +391,7 @@ def test_quest_pages_of_several_key_groups(tiny, monkeypatch):
     select = kq.select_pages
     monkeypatch.setattr(kq, "select_pages", lambda scores, *a, **k: ranked.append(scores.shape[2]) or select(
         scores, *a, **k))
-    for extra in ("", ",channels=0.25,rank=max", ",channels=0.25,rank=mass"):
+    for extra in ("", ",channels=0.25,rank=max", ",channels=0.25,rank=mass", ",channels=0.25,rank=peak"):
         spec = f"{KV4G}+{GROUPS},page=32,budget=40{extra}"
         ranked.clear()
         _, toks, kv = run(tiny, spec)

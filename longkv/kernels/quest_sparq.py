@@ -133,10 +133,12 @@ if triton is not None:
         pr = pid * BLOCK_P + tl.arange(0, NB)[:, None] * STACK + (i // GP)[None, :]     # (NB, M): the group
         gr = (i % GP)[None, :]
         v = (mx + tl.reshape(qz, (NB, M))) * t2[None, :]
-        if MASS:
-            e = tl.sum(tl.exp((l0 - mx[:, :, None]) * t2[None, :, None]), 2) + \
-                tl.sum(tl.exp((l1 - mx[:, :, None]) * t2[None, :, None]), 2)
-            v = tl.where(pr < nqg, v + tl.log(e), float("-inf"))
+        if MASS > 0:   # each query's own: 1 = its log-sum-exp over the group's tokens, 2 = its largest logit
+            if MASS == 1:
+                e = tl.sum(tl.exp((l0 - mx[:, :, None]) * t2[None, :, None]), 2) + \
+                    tl.sum(tl.exp((l1 - mx[:, :, None]) * t2[None, :, None]), 2)
+                v = v + tl.log(e)
+            v = tl.where(pr < nqg, v, float("-inf"))
             tl.store(S + (bh * MG + pr) * G + gr, v, mask=(pr < MG) & (gr < G))
         else:
             v = tl.max(tl.reshape(tl.where(gr < G, v, float("-inf")), (BLOCK_P, GP)), 1)
@@ -233,7 +235,8 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
                        pipe: int | None = None, gate=None):
     """See `sparq_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau), or None: the CUDA score chooses
     the channels itself, in each block, and elsewhere `prepare` is called here; the reference, on the CPU, picks
-    them itself): → (scores (B, Hkv, MG) for rank=max or lse (B, Hkv, MG, G) for rank=mass, npos (1,) int64).
+    them itself): → (scores (B, Hkv, MG) for rank=max, or each query's (B, Hkv, MG, G): its log-sum-exp for
+    rank=mass, its largest logit for rank=peak; npos (1,) int64).
     impl: None = the CUDA score (`quest_sparq.cu`) where it applies (`_cuda_ok`; not with
     LONGKV_SPARQ_CUDA=off), else Triton; "cuda" or "triton" to insist. wpt / minb / threads / vec / pipe: the
     CUDA launch (None = CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_PIPE; vec only where the codes are
@@ -249,8 +252,8 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
     B, Hq, _, D = q.shape
     H, MG = sk.shape[1], sz.shape[3]
     G = Hq // H
-    mass = rank == "mass"
-    out = torch.empty((B, H, MG, G) if mass else (B, H, MG), device=q.device, dtype=torch.float32)
+    per_q = rank in ("mass", "peak")
+    out = torch.empty((B, H, MG, G) if per_q else (B, H, MG), device=q.device, dtype=torch.float32)
     npos = torch.empty(1, device=q.device, dtype=torch.int64)
     if (impl == "cuda" or impl is None and not CUDA_OFF) and _cuda_ok(q, sk, sz, group, rank, probe):
         if sel is None and not CUDA_CHOOSE:
@@ -286,6 +289,7 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
     _sparq_score_kernel[(B * H, triton.cdiv(MG, block_p))](
         q.contiguous(), sk, sz, _pos(length, q.device), idx, tau, out, npos, sk.shape[-1], MG, scale, SINK=sink,
         WINDOW=window, GROUP=group, G=G, D=D, R=channels, BLOCK_G=tau.shape[1], GP=gp, STACK=st,
-        BLOCK_R=max(16, triton.next_power_of_2(channels)), BLOCK_P=block_p, MASS=mass, PROBE=probe, CVT=cvt,
+        BLOCK_R=max(16, triton.next_power_of_2(channels)), BLOCK_P=block_p, MASS=("max", "mass", "peak").index(rank),
+        PROBE=probe, CVT=cvt,
         num_warps=warps)
     return out, npos

@@ -63,7 +63,8 @@ def sparq_group_scores(q, sk, sz, length, *, group: int, sink: int, window: int,
     (`sketch_groups`), each query's logits scaled by scale / sqrt(share) (SparQ's temperature: the
     channels kept hold `share` of the query's L1 norm). rank="max": a group's largest estimated logit
     over its tokens and the query group → (B, Hkv, MG); rank="mass": each query's log-sum-exp over the
-    group's tokens → (B, Hkv, MG, G) for `page_mass`. Groups the decode kernel reads, n_q(length - 1) /
+    group's tokens → (B, Hkv, MG, G) for `page_mass`; rank="peak": each query's largest estimate over them
+    → (B, Hkv, MG, G), also for `page_mass` (a group's share of each query's softmax over the groups' peaks). Groups the decode kernel reads, n_q(length - 1) /
     group, score; the rest -inf. Returns (scores, npos) as `group_scores`. q (B, Hq, 1, D)."""
     qr, codes, st, share, nqg = sparq_gather(q, sk, sz, length, group=group, sink=sink, window=window,
                                              channels=channels, weight=weight)
@@ -76,7 +77,7 @@ def sparq_group_scores(q, sk, sz, length, *, group: int, sink: int, window: int,
     if rank == "max":
         s = lg.amax(-1).amax(2)
         return torch.where(ok, s, float("-inf")), nqg * group - 1
-    s = lg.logsumexp(-1).transpose(2, 3)                                                               # (B, H, MG, G)
+    s = (lg.logsumexp(-1) if rank == "mass" else lg.amax(-1)).transpose(2, 3)                          # (B, H, MG, G)
     return torch.where(ok[:, None], s, float("-inf")).contiguous(), nqg * group - 1
 
 

@@ -64,7 +64,9 @@ from ..registry import register
                                     "(1, 2, 4 or 8; 0 = the exact keys)"),
                   "rank": (str, "mass", "how the second stage ranks its candidates: mass = a page's share "
                                         "of the attention over the candidates' tokens (summed over the query "
-                                        "group), max = its largest logit (the ranking before 2026-12-03)"),
+                                        "group), max = its largest logit (the ranking before 2026-12-03); "
+                                        "with groups=1,channels=F: peak = a group's share of each query's "
+                                        "softmax over the groups' largest logits, summed over the query group"),
                   "groups": (bool, False, "over 2/4-bit packed storage without outliers (kv4+quest:groups=1): "
                                           "the pages are the storage's key groups, bounded by their scale and "
                                           "zero (no page min/max kept; `page` is the group size), read by the "
@@ -95,9 +97,9 @@ class QuestCache(FullCache):
     def __init__(self, specs, *, batch, capacity, device, dtype, ratio=None, budget=None, page=16, recent=2,
                  dense_layers=2, rerank=0, rbits=2, rank="mass", groups=False, channels=0.0, fit=8192, weigh=False,
                  every=1, storage=None):
-        if groups or channels or weigh or every != 1:
-            raise UserError("quest: groups=1 (and channels, every) read the key groups of a packed storage; put "
-                            "one under it (e.g. kv4+quest:groups=1) or drop them")
+        if groups or channels or weigh or every != 1 or rank == "peak":
+            raise UserError("quest: groups=1 (and channels, every, rank=peak) read the key groups of a packed "
+                            "storage; put one under it (e.g. kv4+quest:groups=1) or drop them")
         P = self._check_page(page)
         super().__init__(specs, batch=batch, capacity=P * math.ceil(capacity / P), device=device, dtype=dtype)
         self.capacity = capacity
@@ -121,8 +123,8 @@ class QuestCache(FullCache):
             raise UserError(f"quest: rerank={rerank} must be >= 0 (0 = off)")
         if rbits not in (0, 1, 2, 4, 8):
             raise UserError(f"quest: rbits={rbits} must be 1, 2, 4 or 8 (0 = exact keys)")
-        if rank not in ("max", "mass"):
-            raise UserError(f"quest: rank={rank!r} must be max or mass")
+        if rank not in ("max", "mass", "peak"):
+            raise UserError(f"quest: rank={rank!r} must be max, mass or peak")
         self.rerank, self.rank = rerank, rank
         self.k_cand = min(self.max_pages, rerank * self.k_pages)
         self.rbits = rbits if self.k_cand > self.k_pages else 0

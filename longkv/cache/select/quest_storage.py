@@ -44,7 +44,9 @@ RULER-style loss (session 29), but as pages they make the select rank 4x the gro
 bound (Ribar et al., arXiv 2312.04985; `kernels/quest_sparq.py`): every token's logit is estimated from
 the F·D channels where the query group's |q| is largest (at least 16, or all D: the score's dot reads 16
 anyway), read from a channel-major copy of the key codes (+1/8 of bf16 keys' bytes, written as groups
-flush), and a group ranks by its largest estimate (`rank=max`) or its attention mass (`rank=mass`).
+flush), and a group ranks by its largest estimate (`rank=max`), its attention mass (`rank=mass`), or its share
+of each query's softmax over the groups' largest estimates, summed over the query group (`rank=peak`: mass
+with each query's peak in place of its log-sum-exp; no exponential a token).
 A sparse layer is 5 launches, as with the bound: the append + flush also writes a flushed group into the
 copy (`sketch=`), and the CUDA score (rank=max) picks the channels in each of its blocks; elsewhere
 `prepare` picks them first (6).
@@ -148,6 +150,9 @@ class QuestStorageCache(QuestCache):
                             f"{'' if self.groups else ', groups=0'})")
         if not 0 <= channels <= 1:
             raise UserError(f"quest: channels={channels} must be a fraction of the head dim in (0, 1]")
+        if rank == "peak" and not channels:
+            raise UserError("quest: rank=peak ranks the SparQ estimates of channels=F; add channels or use rank=max "
+                            "or mass")
         if weigh and not channels:
             raise UserError("quest: weigh=1 weighs the channel choice of channels=F; add channels or drop weigh")
         if every < 1 or every > 1 and not groups:
@@ -256,16 +261,17 @@ class QuestStorageCache(QuestCache):
                 scores, npos = sparq_group_scores(q, *sketch, n, None, group=g, sink=st.S, window=st.W, channels=R,
                                                   scale=s.scale, rank=self.rank, weight=self.wch[layer],
                                                   gate=(n, self.p0, self.every) if self.every > 1 else None)
-                if self.rank == "mass":
-                    if self.sub > 1:   # a page's log-sum-exp over its groups' tokens, each query
-                        scores = self._pool(scores, 2).logsumexp(3)
+                if self.rank != "max":   # each query's log-sum-exp (mass) or largest logit (peak) over a page
+                    if self.sub > 1:
+                        pool = self._pool(scores, 2)
+                        scores = pool.logsumexp(3) if self.rank == "mass" else pool.amax(3)
                     scores = kq.page_mass(scores, None, pos=npos, page=P, sink=0, recent=0)
             else:
                 scores, npos = kq.group_scores(q, kd["scale"], kd["zero"], n, bits=st.bits, group=g, sink=st.S,
                                                window=st.W)
             MG = kd["scale"].shape[2]
             if self.sub > 1 and scores.shape[2] == MG:   # a page's largest estimate (or bound) over its groups
-                scores = self._pool(scores, 2).amax(3)          # (rank=mass pooled its log-sum-exps above)
+                scores = self._pool(scores, 2).amax(3)          # (mass and peak pooled each query's above)
             RP = scores.shape[2]                   # pages a row
             if self.tab[layer] is None:
                 table, nsel, _ = kq.select_pages(scores, self.k_pages, npos, page=P, row_pages=RP)
