@@ -117,9 +117,12 @@ def methods(ctx: int) -> list[tuple[str, str]]:
             ("kv4 kres+quest 1/8 sparq 0.25 weigh d1",
              f"kv4:kres=1+quest:budget={b8},groups=1,channels=0.25,rank=max,weigh=1,dense_layers=1"),
             # ... the groups ranked by attention mass (each query's share, summed over the query group: on CPU it finds
-            # gemma3 16K cells the largest logit loses, session 32); the Triton score and page_mass for now
+            # gemma3 16K cells the largest logit loses, session 32), or by each query's peak (rank=peak); the CUDA score
+            # writes each query's value (session 33), page_mass normalises them
             ("kv4 kres+quest 1/8 sparq 0.25 weigh mass d0",
              f"kv4:kres=1+quest:budget={b8},groups=1,channels=0.25,rank=mass,weigh=1,dense_layers=0"),
+            ("kv4 kres+quest 1/8 sparq 0.25 weigh peak d0",
+             f"kv4:kres=1+quest:budget={b8},groups=1,channels=0.25,rank=peak,weigh=1,dense_layers=0"),
             ("kv4 g32+quest 1/8 sparq weigh",
              f"kv4:group=32+quest:budget={b8},groups=1,channels=0.125,rank=max,weigh=1"),
             ("snapkv 1/8", f"snapkv:budget={b8}"), ("snapkv 1/32", f"snapkv:budget={b32}"),

@@ -333,16 +333,18 @@ def test_sparq_score_kernel_matches_reference(G, channels, length, rank, device)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA score runs on a GPU only")
 @pytest.mark.parametrize("G,channels,length,group", [(3, 4, 333, 16), (4, 16, 5000, 64), (1, 32, 700, 32),
                                                      (8, 16, 2000, 64), (4, 20, 200, 64)])
-def test_sparq_cuda_score_matches_reference(G, channels, length, group):
-    """quest_sparq.cu (rank=max): bf16 and fp16 queries, fp16 sums over the channels; -inf past the held groups;
-    launches; the channels from `prepare` or chosen in the kernel (with and without weights)."""
+@pytest.mark.parametrize("rank", ["max", "peak", "mass"])
+def test_sparq_cuda_score_matches_reference(G, channels, length, group, rank):
+    """quest_sparq.cu (rank=max, or each query's for peak and mass): bf16 and fp16 queries, fp16 sums over the
+    channels; -inf past the held groups; launches; the channels from `prepare` or chosen in the kernel (with and
+    without weights)."""
     from longkv.kernels import quest_sparq as ks
 
     B, H, sink, window = 2, 2, 4, 24
     kq, sk, sz = _sketched(B, H, length, group=group, sink=sink, window=window, seed=10)
     sref.sketch_groups(kq["planes"], kq["scale"], kq["zero"], sk, sz, 0, kq["scale"].shape[2], group=group)
     q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(11))
-    kw = dict(group=group, sink=sink, window=window, channels=channels, scale=D ** -0.5, rank="max")
+    kw = dict(group=group, sink=sink, window=window, channels=channels, scale=D ** -0.5, rank=rank)
     n = torch.tensor([length])
     for dt in (torch.bfloat16, torch.float16):
         qd = q.to(dt)

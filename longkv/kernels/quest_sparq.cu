@@ -1,7 +1,7 @@
-// SparQ group scores (rank=max) from the channel-major 4-bit key copy: the CUDA source of
+// SparQ group scores (rank=max, or each query's for peak / mass: PERQ) from the channel-major 4-bit key copy: the CUDA source of
 // `quest_sparq.py`'s "cuda" score (see there). Compiled by NVRTC through torch.cuda._compile_kernel with a
 // block of #defines in front (D, G, R, GROUP, SINK, WINDOW, QBF16, NT, WPT, MINB, VEC, CHOOSE,
-// WEIGH, PIPE, EVERY), then ptx.cuh.
+// WEIGH, PIPE, EVERY, PERQ), then ptx.cuh.
 //
 // WPG / WPT threads a key group (WPT 32-bit words each: 8 codes of one channel, 8 tokens, a word), the R
 // chosen channels in a loop. A word's nibbles become four fp16 pairs by one LOP3 each (0x6400 | c is the
@@ -25,6 +25,9 @@ __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
 }
 __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
   u32 r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
+}
+__device__ __forceinline__ float ex2(float x) {
+  float r; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x)); return r;
 }
 __device__ __forceinline__ u32 hmax2(u32 a, u32 b) {
   u32 r; asm("max.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
@@ -55,9 +58,10 @@ __device__ __forceinline__ void load_group(const unsigned char* __restrict__ SK,
 }
 
 /* The group's largest estimated logit (over its tokens, this thread's share then the group's TPG threads,
-   and the queries), times tau and scale. */
+   and the queries), times tau and scale; and each query's own in vq: with PERQ 1 its largest logit (rank=peak),
+   with PERQ 2 its log-sum-exp over the group's tokens (rank=mass). */
 __device__ __forceinline__ float score_group(const u32 (&wv)[R][WPT], const u32 (&zv)[R], const u32 (*qh)[G],
-                                             const float (*qf)[G], const float* tau, float scale) {
+                                             const float (*qf)[G], const float* tau, float scale, float (&vq)[G]) {
   u32 acc[G][4 * WPT];
   float qz[G];
 #pragma unroll
@@ -94,18 +98,41 @@ __device__ __forceinline__ float score_group(const u32 (&wv)[R][WPT], const u32 
     float m = fmaxf(h2f((u16)m2), h2f((u16)(m2 >> 16)));
 #pragma unroll
     for (int o = TPG / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o, TPG));
-    best = fmaxf(best, (m + qz[g]) * (tau[g] * scale));
+    const float t = tau[g] * scale;
+    vq[g] = (m + qz[g]) * t;
+#if PERQ == 2          /* Σ exp((x - m)·t) over the group's tokens: this thread's, then the group's TPG threads */
+    const float tl2 = t * 1.4426950408889634f;
+    float e = 0.f;
+#pragma unroll
+    for (int k = 0; k < 4 * WPT; ++k)
+      e += ex2((h2f((u16)acc[g][k]) - m) * tl2) + ex2((h2f((u16)(acc[g][k] >> 16)) - m) * tl2);
+#pragma unroll
+    for (int o = TPG / 2; o > 0; o >>= 1) e += __shfl_xor_sync(0xffffffffu, e, o, TPG);
+    vq[g] += __logf(e);
+#endif
+    best = fmaxf(best, vq[g]);
   }
   return best;
+}
+
+/* Group p's score: S (B·Hkv, MG) its best, or with PERQ (B·Hkv, MG, G) each query's; -inf past the nqg groups */
+__device__ __forceinline__ void store(float* __restrict__ S, int bh, int p, int MG, int nqg, float best,
+                                      const float (&vq)[G]) {
+#if PERQ
+#pragma unroll
+  for (int g = 0; g < G; ++g) S[((i64)bh * MG + p) * G + g] = p < nqg ? vq[g] : NEG_INF;
+#else
+  S[(i64)bh * MG + p] = p < nqg ? best : NEG_INF;
+#endif
 }
 
 /* Q (B·Hkv·G, D) the step's queries; SK (B·Hkv, D, CAPH) bytes (byte m of a group's channel: tokens 2m, 2m + 1);
    SZ (B·Hkv, D, MG) fp16 pairs (scale, zero); IDX (B·Hkv, D) channels by rank and TAU (B·Hkv, TS)
    1 / sqrt(share), from `prepare`, or, with CHOOSE, the channel choice made here by every block (no launch
    of its own): |q| summed over the query group (times W (B·Hkv, D), the channels' weights, with WEIGH),
-   ranked by counting (ties: the lower channel), as `quant_reference.sparq_channels`. S (B·Hkv, MG): each
-   quantized group's largest estimated logit over its tokens and the row's queries, times scale and tau;
-   -inf past the npos groups held; NPos = nqg · GROUP - 1. */
+   ranked by counting (ties: the lower channel), as `sparq_reference.sparq_channels`. S (B·Hkv, MG): each
+   quantized group's largest estimated logit over its tokens and the row's queries, times scale and tau (with
+   PERQ, (B·Hkv, MG, G): each query's, `store`); -inf past the npos groups held; NPos = nqg · GROUP - 1. */
 #if defined(EVERY) && EVERY > 1   /* quest's every=K: P0, the first decode step's position; the score runs on that
                                     step and every K-th after it (as the select, page_select.cu), else returns */
 #define GATE_ARGS , const i64* __restrict__ P0
@@ -203,8 +230,9 @@ extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
     u32 wn[R][WPT], zn[R];
     load_group(SK, SZ, ch, bh, min((t + (int)gridDim.x) * GPB + gi, MG - 1), lane, CAPH, MG, wn, zn);
     const int pt = t * GPB + gi;
-    const float best = score_group(wv, zv, qh, qf, tau, scale);
-    if (lane == 0 && pt < MG) S[(i64)bh * MG + pt] = pt < nqg ? best : NEG_INF;
+    float vq[G];
+    const float best = score_group(wv, zv, qh, qf, tau, scale, vq);
+    if (lane == 0 && pt < MG) store(S, bh, pt, MG, nqg, best, vq);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       zv[r] = zn[r];
@@ -215,7 +243,8 @@ extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
 #else
   const int p = blockIdx.x * GPB + threadIdx.x / TPG;
   load_group(SK, SZ, ch, bh, p < MG ? p : MG - 1, lane, CAPH, MG, wv, zv);
-  const float best = score_group(wv, zv, qh, qf, tau, scale);
-  if (lane == 0 && p < MG) S[(i64)bh * MG + p] = p < nqg ? best : NEG_INF;
+  float vq[G];
+  const float best = score_group(wv, zv, qh, qf, tau, scale, vq);
+  if (lane == 0 && p < MG) store(S, bh, p, MG, nqg, best, vq);
 #endif
 }

@@ -16,9 +16,10 @@ sparse layer's step then picks the channels (Σ_g |q_g|, optionally weighed, ran
 and scores every group from R channels' codes (R = 16 of 128 on the 8B shape: 1/8 of the key codes) plus
 their statistics.
 
-The score: for rank=max on a GPU with 16-bit queries, `quest_sparq.cu` (CUDA through NVRTC: a thread
+The score: on a GPU with 16-bit queries, `quest_sparq.cu` (CUDA through NVRTC: a thread
 takes WPT words of a group's channel, nibble pairs to fp16 pairs by LOP3, packed fp16 FMAs, no tensor
-cores), which also picks the channels itself in every block (no launch of its own); otherwise `prepare`
+cores; rank=peak and mass write each query's value, G floats a group, mass with one exponential a token and
+query), which also picks the channels itself in every block (no launch of its own); otherwise `prepare`
 (`_prep_kernel`, one program a row, one `tl.sort` of D keys) picks them and `_sparq_score_kernel`
 (Triton: a batched tensor-core dot, 16/G groups stacked in one dot so a small query group fills its rows)
 scores. H200, 8B shape, 512K, one layer read from HBM (benchmarks/sparq_probe.py, BENCHMARKS.md issue 5,
@@ -201,16 +202,19 @@ except ValueError as e:
 
 def cuda_score_kernel(*, D: int, G: int, R: int, group: int, sink: int, window: int, bf16: bool,
                       threads: int = CUDA_THREADS, wpt: int = CUDA_WPT, minb: int = CUDA_MINB, vec: int = 0,
-                      choose: bool = False, weigh: bool = False, pipe: bool = False, every: int = 1):
-    """The CUDA score (`quest_sparq.cu`, rank=max) for one layout, built by NVRTC once; None where it
-    cannot be (no NVRTC, or it refused the source: a warning says why, and the Triton score is used).
+                      choose: bool = False, weigh: bool = False, pipe: bool = False, every: int = 1,
+                      rank: str = "max"):
+    """The CUDA score (`quest_sparq.cu`; rank=max, or each query's for peak and mass) for one layout, built by
+    NVRTC once; None where it cannot be (no NVRTC, or it refused the source: a warning says why, and the Triton
+    score is used).
     every > 1: one more argument (the first decode step's position) and the score runs only on the steps
     that choose afresh (`page_select.refresh`)."""
-    key = (D, G, R, group, sink, window, bf16, threads, wpt, minb, vec, choose, weigh, pipe, every)
+    key = (rank, D, G, R, group, sink, window, bf16, threads, wpt, minb, vec, choose, weigh, pipe, every)
     if key not in _CUDA:
         _CUDA[key] = build(dict(D=D, G=G, R=R, GROUP=group, SINK=sink, WINDOW=window, QBF16=int(bf16), NT=threads,
                                 WPT=wpt, MINB=minb, VEC=vec, CHOOSE=int(choose), WEIGH=int(weigh),
-                                PIPE=int(pipe), EVERY=every if every > 1 else None),
+                                PIPE=int(pipe), EVERY=every if every > 1 else None,
+                                PERQ=("max", "peak", "mass").index(rank)),
                            ("ptx.cuh", "quest_sparq.cu"), "sparq_score",
                            "CUDA SparQ score", "the Triton score")
     return _CUDA[key]
@@ -221,9 +225,9 @@ def _sms(device) -> int:
 
 
 def _cuda_ok(q, sk, sz, group: int, rank: str, probe: int) -> bool:
-    """Where the CUDA score applies: rank=max on a GPU, fp16/bf16 queries, groups of 8·2^k tokens."""
+    """Where the CUDA score applies: on a GPU, fp16/bf16 queries, groups of 8·2^k tokens."""
     wpg = group // 8
-    return (rank == "max" and not probe and q.is_cuda and sz.shape[3] > 0 and q.dtype in (torch.float16, torch.bfloat16)
+    return (rank in ("max", "peak", "mass") and not probe and q.is_cuda and sz.shape[3] > 0 and q.dtype in (torch.float16, torch.bfloat16)
             and group % 8 == 0 and 0 < wpg <= 32 and wpg & (wpg - 1) == 0 and sk.is_contiguous()
             and sk.shape[-1] % 4 == 0 and sk.data_ptr() % 4 == 0 and sz.is_contiguous() and sz.dtype == torch.float16)
 
@@ -267,7 +271,7 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
         kern = cuda_score_kernel(D=D, G=G, R=channels, group=group, sink=sink, window=window,
                                  bf16=q.dtype == torch.bfloat16, wpt=wpt, minb=minb, threads=threads, vec=vec,
                                  choose=sel is None, weigh=sel is None and weight is not None, pipe=pipe > 0,
-                                 every=every)
+                                 every=every, rank=rank)
         if kern is not None:
             gpb = threads // (group // 8 // wpt)
             nb = triton.cdiv(MG, gpb)           # blocks a row (PIPE: as many as are resident at once, looping)
@@ -280,7 +284,7 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
                        int(MG), float(scale), int(tau.shape[-1]), w, *([gate[1]] if every > 1 else [])])
             return out, npos
     if impl == "cuda":
-        raise ValueError("the CUDA SparQ score needs rank=max, a CUDA GPU with NVRTC, fp16/bf16 queries and "
+        raise ValueError("the CUDA SparQ score needs a CUDA GPU with NVRTC, fp16/bf16 queries and "
                          "groups of 8·2^k tokens")
     idx, tau = sel if sel is not None else prepare(q, H, channels, weight=weight)
     gp = triton.next_power_of_2(G) if stack and G < 16 else tau.shape[1]

@@ -48,7 +48,7 @@ flush), and a group ranks by its largest estimate (`rank=max`), its attention ma
 of each query's softmax over the groups' largest estimates, summed over the query group (`rank=peak`: mass
 with each query's peak in place of its log-sum-exp; no exponential a token).
 A sparse layer is 5 launches, as with the bound: the append + flush also writes a flushed group into the
-copy (`sketch=`), and the CUDA score (rank=max) picks the channels in each of its blocks; elsewhere
+copy (`sketch=`), and the CUDA score picks the channels in each of its blocks; elsewhere
 `prepare` picks them first (6).
 
 `weigh=1` (with channels=F): the channels are chosen by Σ_g |q_g| times the keys' root mean square along
