@@ -79,6 +79,34 @@ def test_select_pages_kernel_matches_reference(B, Hkv, MP, npages, k, levels, se
     assert (got[2] == 8).all()                                # the page holding pos is last
 
 
+@pytest.mark.parametrize("device,fused", [("cpu", False)] + [("cuda", f) for f in (False, True)
+                                                             if torch.cuda.is_available()])
+def test_select_pages_ranks_per_query_scores_by_mass(device, fused, monkeypatch):
+    """scores (B, Hkv, MP, G), each query's log-sum-exp a page (rank=mass): the pages of largest attention mass,
+    `page_mass` with no forced page; the block select's own normalisation (MASSG, GPU) chooses the same pages up
+    to near-ties at the k-th; a query with no finite score adds nothing; pages past npages are never taken."""
+    monkeypatch.setattr(page_select, "MASS_FUSED", fused)
+    g = torch.Generator().manual_seed(21)
+    B, Hkv, MP, G, npages, k = 2, 2, 300, 4, 250, 31
+    s = torch.randn(B, Hkv, MP, G, generator=g) * 3
+    s[:, :, npages:] = float("-inf")
+    s[0, 1, :, 2] = float("-inf")                     # a query with no candidate
+    s[1, 0, 7, :] = 40.0                              # one page carries nearly all of every query's mass
+    pos = torch.tensor([(npages - 1) * 16 + 5])
+    mass = ref.page_mass(s, ref.forced_bound(s.shape[:3], pos, page=16, sink=0, recent=0))
+    want = ref.select_pages(mass, k, pos, page=16, row_pages=MP)
+    got = [t.cpu() for t in page_select.select_pages(s.to(device), k, pos.to(device), page=16, row_pages=MP)]
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    flat = mass.reshape(-1, MP)
+    for r, (a, b) in enumerate(zip(_valid(got[0], got[1]), _valid(want[0], want[1]))):
+        a, b = {x - r * MP for x in a}, {x - r * MP for x in b}
+        kth = flat[r, sorted(b)].min()
+        assert len(a) == k and max(a) < npages and all((flat[r, i] - kth).abs() < 1e-4 for i in a ^ b)
+    assert 7 + MP * 2 in got[0][2, :k].tolist()
+    if not fused:
+        assert _valid(got[0], got[1]) == _valid(want[0], want[1])
+
+
 def test_select_pages_default_dispatch_long_row(monkeypatch):
     """Rows past SELECT_CHUNK pages take the multi-program select by default; bisect refuses them."""
     monkeypatch.setattr(page_select, "SELECT_CHUNK", 32)

@@ -1,7 +1,7 @@
 // SparQ group scores (rank=max, or each query's for peak / mass: PERQ) from the channel-major 4-bit key copy: the CUDA source of
 // `quest_sparq.py`'s "cuda" score (see there). Compiled by NVRTC through torch.cuda._compile_kernel with a
 // block of #defines in front (D, G, R, GROUP, SINK, WINDOW, QBF16, NT, WPT, MINB, VEC, CHOOSE,
-// WEIGH, PIPE, EVERY, PERQ), then ptx.cuh.
+// WEIGH, PIPE, EVERY, PERQ, HEXP), then ptx.cuh.
 //
 // WPG / WPT threads a key group (WPT 32-bit words each: 8 codes of one channel, 8 tokens, a word), the R
 // chosen channels in a loop. A word's nibbles become four fp16 pairs by one LOP3 each (0x6400 | c is the
@@ -28,6 +28,12 @@ __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
 }
 __device__ __forceinline__ float ex2(float x) {
   float r; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x)); return r;
+}
+__device__ __forceinline__ u32 hadd2(u32 a, u32 b) {
+  u32 r; asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
+}
+__device__ __forceinline__ u32 hex2(u32 a) {
+  u32 r; asm("ex2.approx.f16x2 %0, %1;" : "=r"(r) : "r"(a)); return r;
 }
 __device__ __forceinline__ u32 hmax2(u32 a, u32 b) {
   u32 r; asm("max.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
@@ -102,10 +108,18 @@ __device__ __forceinline__ float score_group(const u32 (&wv)[R][WPT], const u32 
     vq[g] = (m + qz[g]) * t;
 #if PERQ == 2          /* Σ exp((x - m)·t) over the group's tokens: this thread's, then the group's TPG threads */
     const float tl2 = t * 1.4426950408889634f;
+#if HEXP               /* on fp16 pairs: packed (x - m)·t, ex2.approx.f16x2, packed sums (each pair's terms <= 1) */
+    const u32 mh = pack2(m, m), th = pack2(tl2, tl2);
+    u32 eh = 0u;
+#pragma unroll
+    for (int k = 0; k < 4 * WPT; ++k) eh = hadd2(eh, hex2(hmul2(hsub2(acc[g][k], mh), th)));
+    float e = h2f((u16)eh) + h2f((u16)(eh >> 16));
+#else
     float e = 0.f;
 #pragma unroll
     for (int k = 0; k < 4 * WPT; ++k)
       e += ex2((h2f((u16)acc[g][k]) - m) * tl2) + ex2((h2f((u16)(acc[g][k] >> 16)) - m) * tl2);
+#endif
 #pragma unroll
     for (int o = TPG / 2; o > 0; o >>= 1) e += __shfl_xor_sync(0xffffffffu, e, o, TPG);
     vq[g] += __logf(e);

@@ -172,21 +172,23 @@ _CUDA: dict = {}
 # the CUDA score's launch: words (8 tokens each) of a channel a thread, blocks an SM the registers must
 # allow, threads a block, whether a thread's words come by 8/16-byte loads (where aligned), whether the
 # score picks the channels itself when the caller has not (else `prepare` does, one launch more), and
-# whether a block loops over tiles with the next one's loads in flight (PIPE);
-# LONGKV_SPARQ_CUDA=wpt:minb:threads[:vec[:choose[:pipe]]] overrides them (benchmarks), or "off"
-LAUNCH_FIELDS = ("wpt", "minb", "threads", "vec", "choose", "pipe")
-_DEFAULT_LAUNCH = "4:2:256:1:1:0"
+# whether a block loops over tiles with the next one's loads in flight (PIPE), and whether rank=mass's exponentials
+# run on fp16 pairs (HEXP: ex2.approx.f16x2; not yet run on a GPU, so off);
+# LONGKV_SPARQ_CUDA=wpt:minb:threads[:vec[:choose[:pipe[:hexp]]]] overrides them (benchmarks), or "off"
+LAUNCH_FIELDS = ("wpt", "minb", "threads", "vec", "choose", "pipe", "hexp")
+_DEFAULT_LAUNCH = "4:2:256:1:1:0:0"
 
 
 def parse_launch(text: str) -> tuple[int, ...]:
-    """'wpt:minb:threads[:vec[:choose[:pipe]]]' → the six fields (vec 0, choose 1, pipe 0 where left out)."""
+    """'wpt:minb:threads[:vec[:choose[:pipe[:hexp]]]]' → the seven fields (vec 0, choose 1, pipe 0, hexp 0 where
+    left out)."""
     parts = text.split(":")
     try:
-        if not 3 <= len(parts) <= 6:
+        if not 3 <= len(parts) <= 7:
             raise ValueError
-        return tuple(int(x) for x in parts + ["0", "1", "0"][len(parts) - 3:])
+        return tuple(int(x) for x in parts + ["0", "1", "0", "0"][len(parts) - 3:])
     except ValueError:
-        raise ValueError(f"CUDA score launch {text!r}: expected wpt:minb:threads[:vec[:choose[:pipe]]], e.g. "
+        raise ValueError(f"CUDA score launch {text!r}: expected wpt:minb:threads[:vec[:choose[:pipe[:hexp]]]], e.g. "
                          f"{_DEFAULT_LAUNCH}") from None
 
 
@@ -194,7 +196,7 @@ _env = os.environ.get("LONGKV_SPARQ_CUDA") or _DEFAULT_LAUNCH
 # "off": the Triton score everywhere (fp32 sums), to tell the CUDA score's fp16 sums from the rest of a GPU run
 CUDA_OFF = _env == "off"
 try:
-    CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_CHOOSE, CUDA_PIPE = parse_launch(
+    CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_CHOOSE, CUDA_PIPE, CUDA_HEXP = parse_launch(
         _DEFAULT_LAUNCH if CUDA_OFF else _env)
 except ValueError as e:
     raise ValueError(f"LONGKV_SPARQ_CUDA: {e} (or off)") from None
@@ -203,18 +205,18 @@ except ValueError as e:
 def cuda_score_kernel(*, D: int, G: int, R: int, group: int, sink: int, window: int, bf16: bool,
                       threads: int = CUDA_THREADS, wpt: int = CUDA_WPT, minb: int = CUDA_MINB, vec: int = 0,
                       choose: bool = False, weigh: bool = False, pipe: bool = False, every: int = 1,
-                      rank: str = "max"):
+                      rank: str = "max", hexp: bool = False):
     """The CUDA score (`quest_sparq.cu`; rank=max, or each query's for peak and mass) for one layout, built by
     NVRTC once; None where it cannot be (no NVRTC, or it refused the source: a warning says why, and the Triton
     score is used).
     every > 1: one more argument (the first decode step's position) and the score runs only on the steps
     that choose afresh (`page_select.refresh`)."""
-    key = (rank, D, G, R, group, sink, window, bf16, threads, wpt, minb, vec, choose, weigh, pipe, every)
+    key = (rank, hexp, D, G, R, group, sink, window, bf16, threads, wpt, minb, vec, choose, weigh, pipe, every)
     if key not in _CUDA:
         _CUDA[key] = build(dict(D=D, G=G, R=R, GROUP=group, SINK=sink, WINDOW=window, QBF16=int(bf16), NT=threads,
                                 WPT=wpt, MINB=minb, VEC=vec, CHOOSE=int(choose), WEIGH=int(weigh),
                                 PIPE=int(pipe), EVERY=every if every > 1 else None,
-                                PERQ=("max", "peak", "mass").index(rank)),
+                                PERQ=("max", "peak", "mass").index(rank), HEXP=int(hexp)),
                            ("ptx.cuh", "quest_sparq.cu"), "sparq_score",
                            "CUDA SparQ score", "the Triton score")
     return _CUDA[key]
@@ -236,14 +238,14 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
                        rank: str = "max", block_p: int = 8, warps: int = 2, cvt: int = 0, probe: int = 0,
                        weight=None, stack: bool = True, impl: str | None = None, wpt: int | None = None,
                        minb: int | None = None, threads: int | None = None, vec: int | None = None,
-                       pipe: int | None = None, gate=None):
+                       pipe: int | None = None, hexp: bool | None = None, gate=None):
     """See `sparq_reference.sparq_group_scores` (sel = `prepare`'s (idx, tau), or None: the CUDA score chooses
     the channels itself, in each block, and elsewhere `prepare` is called here; the reference, on the CPU, picks
     them itself): → (scores (B, Hkv, MG) for rank=max, or each query's (B, Hkv, MG, G): its log-sum-exp for
     rank=mass, its largest logit for rank=peak; npos (1,) int64).
     impl: None = the CUDA score (`quest_sparq.cu`) where it applies (`_cuda_ok`; not with
-    LONGKV_SPARQ_CUDA=off), else Triton; "cuda" or "triton" to insist. wpt / minb / threads / vec / pipe: the
-    CUDA launch (None = CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_PIPE; vec only where the codes are
+    LONGKV_SPARQ_CUDA=off), else Triton; "cuda" or "triton" to insist. wpt / minb / threads / vec / pipe / hexp:
+    the CUDA launch (None = CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_PIPE, CUDA_HEXP; vec only where the codes are
     aligned for it; pipe 1: as many blocks a row as are resident at once, k > 1: k blocks a row). Triton's:
     block_p, warps, cvt (the code-to-fp16 conversion, its CVT), stack (groups stacked into one dot, its STACK).
     weight: the channel weights, read by the channel choice (`prepare`'s, or the CUDA score's with sel=None) and
@@ -271,7 +273,7 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
         kern = cuda_score_kernel(D=D, G=G, R=channels, group=group, sink=sink, window=window,
                                  bf16=q.dtype == torch.bfloat16, wpt=wpt, minb=minb, threads=threads, vec=vec,
                                  choose=sel is None, weigh=sel is None and weight is not None, pipe=pipe > 0,
-                                 every=every, rank=rank)
+                                 every=every, rank=rank, hexp=bool(CUDA_HEXP if hexp is None else hexp))
         if kern is not None:
             gpb = threads // (group // 8 // wpt)
             nb = triton.cdiv(MG, gpb)           # blocks a row (PIPE: as many as are resident at once, looping)

@@ -261,11 +261,9 @@ class QuestStorageCache(QuestCache):
                 scores, npos = sparq_group_scores(q, *sketch, n, None, group=g, sink=st.S, window=st.W, channels=R,
                                                   scale=s.scale, rank=self.rank, weight=self.wch[layer],
                                                   gate=(n, self.p0, self.every) if self.every > 1 else None)
-                if self.rank != "max":   # each query's log-sum-exp (mass) or largest logit (peak) over a page
-                    if self.sub > 1:
-                        pool = self._pool(scores, 2)
-                        scores = pool.logsumexp(3) if self.rank == "mass" else pool.amax(3)
-                    scores = kq.page_mass(scores, None, pos=npos, page=P, sink=0, recent=0)
+                if self.rank != "max" and self.sub > 1:   # each query's log-sum-exp (mass) or peak over a page;
+                    pool = self._pool(scores, 2)          # the select ranks them by mass (`page_mass`)
+                    scores = pool.logsumexp(3) if self.rank == "mass" else pool.amax(3)
             else:
                 scores, npos = kq.group_scores(q, kd["scale"], kd["zero"], n, bits=st.bits, group=g, sink=st.S,
                                                window=st.W)
