@@ -241,25 +241,26 @@
 # install; the gemma3 16K grid above], [the same, SAMPLES=121], [the 32K grid above], [the same, SAMPLES=92]; then, after
 # one machine was taken back mid-call, [the kres tests with the fixed test: 10 passed]. RES_CUDA is on by default now.
 # gemma3: the kres quarter -2.5 +- 2.1 at 16K, -2.6 +- 2.0 at 32K (folders committed in benchmarks/grids/).
+# Session 33 (2026-12-06), one H100 after two refused starts: [copy part100; peak512 (its tests cut at 200 s after 15
+# passes; 512K: max 3.04x, mass 2.90x, peak 2.97x)], [copy part101..103], [copy part104; MODELS=gemma3-270m install; the
+# gemma3 16K grid with EXTRA=<the kres quarter, rank=mass> SAMPLES=121] (-1.7 +- 2.2, 363 cells), [the 32K grid the same,
+# SAMPLES=92 GRID_LIMIT=300] (-1.8 +- 2.2, 218 cells), [rm /tmp/stage/bundle.tar.*; copy part00], [copy part01; install:
+# failed, `copy` had copied the remote's leftover .stage/part10x again], [rm -rf .stage/part10* /tmp/stage/bundle.tar.*;
+# cp .stage/part01/* /tmp/stage; MODELS=smollm2-135m install; the smollm2 8K grid, GRID_LIMIT=300] (-1.0 +- 3.3, 221
+# cells). Folders re-committed in benchmarks/grids/. Lesson: a warm machine keeps carried .stage/partNN folders, so
+# before another model's install `rm -rf .stage/part10*` (or part0*) there too, not only /tmp/stage/bundle.tar.*.
 # The next calls:
-# 0. gemma3 16K, the kres quarter ranked by attention mass (on CPU it finds 6 of 13 cells the largest logit loses,
-#    BENCHMARKS.md session 32): [copy part100..part103], [copy part104; MODELS=gemma3-270m install; RESUME=benchmarks/
-#    grids/fastgrid-gemma3-270m-16k.tgz LENGTH=16k CHUNK=16384 SAMPLES=121 WINDOWS= EXTRA="kv4:kres=1,window=128+quest:
-#    ratio=0.875,groups=1,channels=0.25,rank=mass,weigh=1,dense_layers=0" GRID_LIMIT=420 fastgrid] (the Triton mass
-#    score: slower cells), pair it against the same with rank=max; then smollm2 8K the same way (step 2 below) and its
-#    512K row ("kv4 kres+quest 1/8 sparq 0.25 weigh mass d0" in sparse_decode.py) next to full and the max row.
-# 1. gemma3 16K, the cells the quarter loses on the GPU, re-run there three ways (the `cells` step: the CUDA score, the
-#    Triton score with fp32 sums, Triton attention too): [copy part100..part103], [copy part104; MODELS=gemma3-270m
-#    install; CELLS="niah_multikey_1:0,3,45,52,54,95 niah_single_2:18,49,61,91 niah_multivalue:3,15,35" cells].
-#    On CPU (bf16, the torch reference) the kres quarter finds multikey 52 and 95, which the GPU loses, also with the
-#    CUDA score's fp16 sums emulated (cell_specs.py --fp16-score); the other 15 lost cells re-run are lost on CPU too.
-#    So this is worth at most ~0.5 point on gemma3: after step 0. On smollm2 the CPU finds 4 of 9 cells the GPU's kres
-#    quarter lost (with the fp16 sums emulated too): [copy part00], [copy part01; MODELS=smollm2-135m install 8d79d06e...;
-#    MODEL=smollm2-135m LENGTH=8k CHUNK=8192 SQ="kv4:kres=1,$Q,dense_layers=0" CELLS="niah_single_2:21,39,109,113
-#    niah_multikey_1:5,10,49,52,76" cells] (rm /tmp/stage/bundle.tar.* first if gemma3's bundle is there).
-# 2. smollm2 8K, the kres quarter to 633 cells (rm /tmp/stage/bundle.tar.* first when gemma3's bundle is there):
-#    [copy part00], [copy part01; MODELS=smollm2-135m install 8d79d06e...; RESUME=benchmarks/grids/fastgrid-smollm2-135m-8k.tgz
-#    MODEL=smollm2-135m LENGTH=8k CHUNK=8192 SAMPLES=211 WINDOWS= EXTRA="kv4:kres=1,$Q,dense_layers=0" GRID_LIMIT=200 fastgrid].
+# 0. `peak512` (no weights needed: one call, ~10 min): the peak/mass CUDA score tests (HEXP among them) and the fused
+#    mass select's (LONGKV_MASS_SELECT=1, page_select.cu MASSG), never yet run on a GPU; then the 512K rows with HEXP
+#    retimed and with the fused select. If both pass and the mass row reaches 3x, make them the defaults
+#    (page_select.MASS_FUSED, the launch's seventh field) and re-run the tests.
+# 1. The mass grids to their full size: gemma3 32K (58 cells; [copy part100..103], [copy part104; MODELS=gemma3-270m
+#    install; RESUME=benchmarks/grids/fastgrid-gemma3-270m-32k.tgz LENGTH=32k CHUNK=32768 SAMPLES=92 WINDOWS=
+#    EXTRA="kv4:kres=1,window=128+quest:ratio=0.875,groups=1,channels=0.25,rank=mass,weigh=1,dense_layers=0"
+#    GRID_LIMIT=200 fastgrid]) and smollm2 8K (412 cells, ~1.3 s a cell: two calls; [copy part00], [copy part01;
+#    MODELS=smollm2-135m install 8d79d06e...; RESUME=benchmarks/grids/fastgrid-smollm2-135m-8k.tgz MODEL=smollm2-135m
+#    LENGTH=8k CHUNK=8192 SAMPLES=211 WINDOWS= EXTRA=<the same> GRID_LIMIT=450 fastgrid], then the same resumed).
+# 2. The `cells` step for the GPU-only losses (session 32's list) is now worth less than step 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
