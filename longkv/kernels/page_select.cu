@@ -186,12 +186,13 @@ __device__ __forceinline__ void mass_keys(const float* __restrict__ row, int bas
                        of 8192, select_probe.py: 8.91 us against 9.59 without) */
 #endif
 
-/* Row bh of S (rows of MP scores; with MASSG, of MP·MASSG per-query values, `mass_keys`): pages [0, npages), npages = min(pos / PAGE + 1, MP) (C division, as
-   the Triton select); need = min(npages, K) of them: every page whose key is above the need-th largest
-   key T and the lowest-index pages equal to it, written ascending as bh·row_pages + page. T comes from
-   a radix select, 8 bits a pass from the top, each pass one shared-memory histogram of the keys that
-   still match the digits chosen so far; the keys stay in registers (thread t holds pages t·RK ..), so
-   the table is written with two block-wide prefix sums. Rows up to RK·NT pages (`page_select.py`). */
+/* Row bh of S (rows of MP scores; with MASSG, of MP·MASSG per-query values, `mass_keys`): pages [0, npages),
+   npages = min(pos / PAGE + 1, MP) (C division, as the Triton select); need = min(npages, K) of them: every page
+   whose key is above the need-th largest key T and the lowest-index pages equal to it, written ascending as
+   bh·row_pages + page. T comes from a radix select, 8 bits a pass from the top, each pass one shared-memory
+   histogram of the keys that still match the digits chosen so far; the keys stay in registers (thread t holds
+   pages t·RK ..), so the table is written with two block-wide prefix sums. Rows up to RK·NT pages
+   (`page_select.py`). */
 /* EVERY > 1 (quest's every=K): two more arguments, Len (tokens held, this one included) and P0 (the first decode
    step's position); the kernel returns at once, leaving Table and Nsel as they are, unless this step is P0's or
    the K-th after one (page_select.py: refresh) */
