@@ -1,0 +1,38 @@
+"""The NVRTC-built CUDA sources (`nvrtc.build`: the page select, its cluster form, the SparQ score) compile, in the
+configurations the code asks for, with nvcc where this machine has one: a CPU-only machine then still catches a
+source that NVRTC would refuse on the GPU (where the code would quietly fall back to Triton). nvcc's front end is
+not NVRTC's, but both take the same CUDA C++; nvcc -ptx for sm_90, no GPU needed."""
+import shutil
+import subprocess
+
+import pytest
+
+from longkv.kernels.nvrtc import source
+
+NVCC = shutil.which("nvcc")
+pytestmark = pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
+
+SCORE = dict(D=128, G=4, R=32, GROUP=64, SINK=4, WINDOW=128, QBF16=1, NT=256, WPT=4, MINB=2, VEC=1, CHOOSE=1,
+             WEIGH=1, PIPE=0, EVERY=None, PERQ=0, HEXP=0)
+CASES = [
+    ("page_select", ("page_select.cu",), dict(AGG=2, RK=8, EARLY=1)),
+    ("page_select", ("page_select.cu",), dict(RK=16, EVERY=3)),
+    ("page_select", ("page_select.cu",), dict(RK=16, MASSG=4)),                 # rank=mass folded in
+    ("page_select", ("page_select.cu",), dict(RK=8, MASSG=8, EVERY=2)),
+    ("page_select_cluster", ("page_select.cu", "page_select_cluster.cu"), dict(CL=8, CT=256, CRK=4)),
+    ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE),
+    ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(PERQ=1, QBF16=0, CHOOSE=0, WEIGH=0)),
+    ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(PERQ=2)),
+    ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(PERQ=2, HEXP=1, PIPE=1, EVERY=2, D=256, G=8)),
+    ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(WPT=1, VEC=0, GROUP=16, PERQ=2, G=1, R=16)),
+]
+
+
+@pytest.mark.parametrize("name,files,defines", CASES)
+def test_cuda_source_compiles(name, files, defines, tmp_path):
+    cu = tmp_path / f"{name}.cu"
+    cu.write_text(source(defines, files))
+    out = subprocess.run([NVCC, "-ptx", "-arch=sm_90", "-o", str(tmp_path / "out.ptx"), str(cu)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f".entry {name}" in (tmp_path / "out.ptx").read_text()
