@@ -109,7 +109,7 @@ def test_every_method_invariants(tiny, reference, name):
 def test_ratio_and_budget_errors():
     for bad, msg in [("snapkv:ratio=1.0", r"\[0, 1\)"), ("knorm:ratio=-0.1", r"\[0, 1\)"),
                      ("tova:budget=0", ">= 1"), ("streaming:budget=4,sink=4", "exceed sink"),
-                     ("quest:ratio=1.5", r"\[0, 1\)"), ("quest:rerank=2,rank=top", "rank='top' must be max or mass")]:
+                     ("quest:ratio=1.5", r"\[0, 1\)"), ("quest:rerank=2,rank=top", "rank='top' must be max, mass or peak")]:
         with pytest.raises(UserError, match=msg):
             build(_specs_model(), bad)
     with pytest.raises(UserError, match="not both"):
