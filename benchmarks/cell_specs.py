@@ -8,7 +8,7 @@ part of it loses the cell (real weights; CPU or GPU):
         --spec full --spec "kv4+quest:ratio=0.875,groups=1,rank=max,channels=0.125,weigh=1" \
         --spec "kv4+quest:ratio=0.875,groups=1,rank=max,channels=0.25,weigh=1"
 
---fp16-score (CPU): the SparQ group score (`channels=F`, rank=max) computed with the CUDA score's arithmetic
+--fp16-score (CPU): the SparQ group score (`channels=F`; any rank) computed with the CUDA score's arithmetic
 (`quest_sparq.cu`: q·s rounded to fp16, Σ (q·s)·c summed by fp16 FMAs over the channels in rank order, q·z in
 fp32), to tell whether a cell the GPU loses and the CPU finds is lost to those sums.
 """
@@ -29,10 +29,8 @@ _exact = sref.sparq_group_scores
 
 
 def fp16_sparq_scores(q, sk, sz, length, *, group, sink, window, channels, scale, rank="max", weight=None):
-    """`sparq_reference.sparq_group_scores` (rank=max) with `quest_sparq.cu`'s rounding (see the module docstring)."""
-    if rank != "max":
-        return _exact(q, sk, sz, length, group=group, sink=sink, window=window, channels=channels, scale=scale,
-                      rank=rank, weight=weight)
+    """`sparq_reference.sparq_group_scores` with `quest_sparq.cu`'s rounding (see the module docstring); for
+    rank=mass / peak each query's log-sum-exp / largest logit over the group from the same fp16 sums."""
     qr, codes, st, share, nqg = sref.sparq_gather(q, sk, sz, length, group=group, sink=sink, window=window,
                                                  channels=channels, weight=weight)
     B, H, G, R = qr.shape
@@ -42,8 +40,13 @@ def fp16_sparq_scores(q, sk, sz, length, *, group, sink, window, channels, scale
         qs = (qr[..., r, None].half().float() * st[:, :, None, r, :, 0]).half().float()           # (B, H, G, MG)
         acc = (acc + qs[..., None] * codes[:, :, None, r].reshape(B, H, 1, MG, group)).half().float()
     qz = (qr[..., None] * st[:, :, None, :, :, 1]).sum(3)                                        # fp32
-    lg = (acc.amax(-1) + qz) * (scale / share.clamp_min(1e-30).sqrt())[..., None]
-    return torch.where(torch.arange(MG) < nqg, lg.amax(2), float("-inf")), nqg * group - 1
+    t = (scale / share.clamp_min(1e-30).sqrt())[..., None]                                       # (B, H, G, 1)
+    ok = torch.arange(MG) < nqg
+    if rank != "max":   # (B, H, MG, G), as quest_sparq.cu's PERQ writes them
+        v = ((acc + qz[..., None]) * t[..., None]).logsumexp(-1) if rank == "mass" else (acc.amax(-1) + qz) * t
+        return torch.where(ok[:, None], v.transpose(2, 3), float("-inf")).contiguous(), nqg * group - 1
+    lg = (acc.amax(-1) + qz) * t
+    return torch.where(ok, lg.amax(2), float("-inf")), nqg * group - 1
 
 
 def main():

@@ -21,10 +21,10 @@ CASES = [
     ("page_select", ("page_select.cu",), dict(RK=8, MASSG=8, EVERY=2)),
     ("page_select_cluster", ("page_select.cu", "page_select_cluster.cu"), dict(CL=8, CT=256, CRK=4)),
     ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE),
-    ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(PERQ=1, QBF16=0, CHOOSE=0, WEIGH=0)),
-    ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(PERQ=2)),
-    ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(PERQ=2, HEXP=1, PIPE=1, EVERY=2, D=256, G=8)),
-    ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(WPT=1, VEC=0, GROUP=16, PERQ=2, G=1, R=16)),
+    ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(PERQ=2, QBF16=0, CHOOSE=0, WEIGH=0)),
+    ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(PERQ=1)),                 # rank=mass
+    ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(PERQ=1, HEXP=1, PIPE=1, EVERY=2, D=256, G=8)),
+    ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(WPT=1, VEC=0, GROUP=16, PERQ=1, G=1, R=16)),
 ]
 
 

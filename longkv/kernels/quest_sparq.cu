@@ -1,5 +1,5 @@
-// SparQ group scores (rank=max, or each query's for peak / mass: PERQ) from the channel-major 4-bit key copy: the CUDA source of
-// `quest_sparq.py`'s "cuda" score (see there). Compiled by NVRTC through torch.cuda._compile_kernel with a
+// SparQ group scores (rank=max, or each query's for mass / peak: PERQ) from the channel-major 4-bit key copy:
+// the CUDA source of `quest_sparq.py`'s "cuda" score (see there). Compiled by NVRTC through torch.cuda._compile_kernel with a
 // block of #defines in front (D, G, R, GROUP, SINK, WINDOW, QBF16, NT, WPT, MINB, VEC, CHOOSE,
 // WEIGH, PIPE, EVERY, PERQ, HEXP), then ptx.cuh.
 //
@@ -64,8 +64,8 @@ __device__ __forceinline__ void load_group(const unsigned char* __restrict__ SK,
 }
 
 /* The group's largest estimated logit (over its tokens, this thread's share then the group's TPG threads,
-   and the queries), times tau and scale; and each query's own in vq: with PERQ 1 its largest logit (rank=peak),
-   with PERQ 2 its log-sum-exp over the group's tokens (rank=mass). */
+   and the queries), times tau and scale; and each query's own in vq: with PERQ 1 its log-sum-exp over the group's
+   tokens (rank=mass), with PERQ 2 its largest logit (rank=peak). */
 __device__ __forceinline__ float score_group(const u32 (&wv)[R][WPT], const u32 (&zv)[R], const u32 (*qh)[G],
                                              const float (*qf)[G], const float* tau, float scale, float (&vq)[G]) {
   u32 acc[G][4 * WPT];
@@ -106,7 +106,7 @@ __device__ __forceinline__ float score_group(const u32 (&wv)[R][WPT], const u32 
     for (int o = TPG / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o, TPG));
     const float t = tau[g] * scale;
     vq[g] = (m + qz[g]) * t;
-#if PERQ == 2          /* Σ exp((x - m)·t) over the group's tokens: this thread's, then the group's TPG threads */
+#if PERQ == 1          /* Σ exp((x - m)·t) over the group's tokens: this thread's, then the group's TPG threads */
     const float tl2 = t * 1.4426950408889634f;
 #if HEXP               /* on fp16 pairs: packed (x - m)·t, ex2.approx.f16x2, packed sums (each pair's terms <= 1) */
     const u32 mh = pack2(m, m), th = pack2(tl2, tl2);

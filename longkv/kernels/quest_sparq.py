@@ -169,6 +169,7 @@ def prepare(q, heads: int, channels: int, *, weight=None, warps: int = 4):
 
 
 _CUDA: dict = {}
+RANKS = ("max", "mass", "peak")   # the scores' ranks; the index is the kernels' MASS (Triton) and PERQ (CUDA)
 # the CUDA score's launch: words (8 tokens each) of a channel a thread, blocks an SM the registers must
 # allow, threads a block, whether a thread's words come by 8/16-byte loads (where aligned), whether the
 # score picks the channels itself when the caller has not (else `prepare` does, one launch more), and
@@ -216,7 +217,7 @@ def cuda_score_kernel(*, D: int, G: int, R: int, group: int, sink: int, window: 
         _CUDA[key] = build(dict(D=D, G=G, R=R, GROUP=group, SINK=sink, WINDOW=window, QBF16=int(bf16), NT=threads,
                                 WPT=wpt, MINB=minb, VEC=vec, CHOOSE=int(choose), WEIGH=int(weigh),
                                 PIPE=int(pipe), EVERY=every if every > 1 else None,
-                                PERQ=("max", "peak", "mass").index(rank), HEXP=int(hexp)),
+                                PERQ=RANKS.index(rank), HEXP=int(hexp)),
                            ("ptx.cuh", "quest_sparq.cu"), "sparq_score",
                            "CUDA SparQ score", "the Triton score")
     return _CUDA[key]
@@ -229,7 +230,7 @@ def _sms(device) -> int:
 def _cuda_ok(q, sk, sz, group: int, rank: str, probe: int) -> bool:
     """Where the CUDA score applies: on a GPU, fp16/bf16 queries, groups of 8·2^k tokens."""
     wpg = group // 8
-    return (rank in ("max", "peak", "mass") and not probe and q.is_cuda and sz.shape[3] > 0 and q.dtype in (torch.float16, torch.bfloat16)
+    return (rank in RANKS and not probe and q.is_cuda and sz.shape[3] > 0 and q.dtype in (torch.float16, torch.bfloat16)
             and group % 8 == 0 and 0 < wpg <= 32 and wpg & (wpg - 1) == 0 and sk.is_contiguous()
             and sk.shape[-1] % 4 == 0 and sk.data_ptr() % 4 == 0 and sz.is_contiguous() and sz.dtype == torch.float16)
 
@@ -295,7 +296,7 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
     _sparq_score_kernel[(B * H, triton.cdiv(MG, block_p))](
         q.contiguous(), sk, sz, _pos(length, q.device), idx, tau, out, npos, sk.shape[-1], MG, scale, SINK=sink,
         WINDOW=window, GROUP=group, G=G, D=D, R=channels, BLOCK_G=tau.shape[1], GP=gp, STACK=st,
-        BLOCK_R=max(16, triton.next_power_of_2(channels)), BLOCK_P=block_p, MASS=("max", "mass", "peak").index(rank),
+        BLOCK_R=max(16, triton.next_power_of_2(channels)), BLOCK_P=block_p, MASS=RANKS.index(rank),
         PROBE=probe, CVT=cvt,
         num_warps=warps)
     return out, npos
