@@ -260,7 +260,10 @@
 #    GRID_LIMIT=200 fastgrid]) and smollm2 8K (412 cells, ~1.3 s a cell: two calls; [copy part00], [copy part01;
 #    MODELS=smollm2-135m install 8d79d06e...; RESUME=benchmarks/grids/fastgrid-smollm2-135m-8k.tgz MODEL=smollm2-135m
 #    LENGTH=8k CHUNK=8192 SAMPLES=211 WINDOWS= EXTRA=<the same> GRID_LIMIT=450 fastgrid], then the same resumed).
-# 2. The `cells` step for the GPU-only losses (session 32's list) is now worth less than step 1.
+# 2. The `cells` step for the mass quarter's GPU-only losses (single_2 18 and 49 are found on CPU, also with the fp16
+#    sums emulated): [copy part100..103], [copy part104; MODELS=gemma3-270m install; SQ="kv4:kres=1,window=128+quest:
+#    ratio=0.875,groups=1,channels=0.25,rank=mass,weigh=1,dense_layers=0" CELLS="niah_single_2:18,49
+#    niah_multikey_1:2,95" cells].
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
