@@ -254,12 +254,11 @@ def _cluster_keys(MP: int, ct: int) -> int:
 
 def _block(scores, k: int, pos, page: int, row_pages: int, table, nsel, last, gate=None) -> bool:
     """The block select into (table, nsel, last) where it applies (a CUDA GPU, rows up to BLOCK_ROW pages,
-    NVRTC; per-query scores (B, Hkv, MP, G) only with MASS_FUSED); gate (n, p0, every > 1): the kernel returns at
+    NVRTC; per-query scores (B, Hkv, MP, G) ranked by mass, MASSG); gate (n, p0, every > 1): the kernel returns at
     once on the steps that keep their table. False: not launched."""
     B, Hkv, MP = scores.shape[:3]
     mass = scores.shape[3] if scores.dim() == 4 else None
-    if not (scores.is_cuda and MP <= BLOCK_ROW and scores.is_contiguous() and scores.dtype == torch.float32
-            and (mass is None or MASS_FUSED)):
+    if not (scores.is_cuda and MP <= BLOCK_ROW and scores.is_contiguous() and scores.dtype == torch.float32):
         return False
     every = gate[2] if gate is not None else 1
     kern = block_kernel(rk=8 if MP <= BLOCK_ROW // 2 else 16, early=BLOCK_EARLY, every=every,  # 8 keys a thread
