@@ -203,8 +203,8 @@ CLUSTER_CT = 256        # threads a block of the cluster select
 CLUSTER_MIN = 2048      # the shortest row (pages) the default sends to the cluster select
 BLOCK_EARLY = None      # the block select's EARLY (page_select.cu; None: the source's default)
 SELECT_METHOD = "block"  # the GPU default for rows the CUDA selects hold: "block" or "cluster"
-# rank=mass / peak (per-query scores, (B, Hkv, MP, G)): the block select normalises them itself (MASSG in page_select.cu)
-# instead of `page_mass`'s two launches first. Off by default until it has run on a GPU (LONGKV_MASS_SELECT=1 turns
+# rank=mass / peak (per-query scores, (B, Hkv, MP, G)): the block select normalises them itself (MASSG in
+# page_select.cu) instead of `page_mass`'s two launches first. Off by default until it has run on a GPU (LONGKV_MASS_SELECT=1 turns
 # it on); elsewhere, and by default, `page_mass` and then the select
 MASS_FUSED = os.environ.get("LONGKV_MASS_SELECT") == "1"
 

@@ -1,7 +1,7 @@
 // SparQ group scores (rank=max, or each query's for mass / peak: PERQ) from the channel-major 4-bit key copy:
-// the CUDA source of `quest_sparq.py`'s "cuda" score (see there). Compiled by NVRTC through torch.cuda._compile_kernel with a
-// block of #defines in front (D, G, R, GROUP, SINK, WINDOW, QBF16, NT, WPT, MINB, VEC, CHOOSE,
-// WEIGH, PIPE, EVERY, PERQ, HEXP), then ptx.cuh.
+// the CUDA source of `quest_sparq.py`'s "cuda" score (see there). Compiled by NVRTC through
+// torch.cuda._compile_kernel with a block of #defines in front (D, G, R, GROUP, SINK, WINDOW, QBF16, NT, WPT,
+// MINB, VEC, CHOOSE, WEIGH, PIPE, EVERY, PERQ, HEXP), then ptx.cuh.
 //
 // WPG / WPT threads a key group (WPT 32-bit words each: 8 codes of one channel, 8 tokens, a word), the R
 // chosen channels in a loop. A word's nibbles become four fp16 pairs by one LOP3 each (0x6400 | c is the

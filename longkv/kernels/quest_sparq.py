@@ -227,10 +227,10 @@ def _sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _cuda_ok(q, sk, sz, group: int, rank: str, probe: int) -> bool:
+def _cuda_ok(q, sk, sz, group: int, probe: int) -> bool:
     """Where the CUDA score applies: on a GPU, fp16/bf16 queries, groups of 8·2^k tokens."""
     wpg = group // 8
-    return (rank in RANKS and not probe and q.is_cuda and sz.shape[3] > 0 and q.dtype in (torch.float16, torch.bfloat16)
+    return (not probe and q.is_cuda and sz.shape[3] > 0 and q.dtype in (torch.float16, torch.bfloat16)
             and group % 8 == 0 and 0 < wpg <= 32 and wpg & (wpg - 1) == 0 and sk.is_contiguous()
             and sk.shape[-1] % 4 == 0 and sk.data_ptr() % 4 == 0 and sz.is_contiguous() and sz.dtype == torch.float16)
 
@@ -246,8 +246,8 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
     rank=mass, its largest logit for rank=peak; npos (1,) int64).
     impl: None = the CUDA score (`quest_sparq.cu`) where it applies (`_cuda_ok`; not with
     LONGKV_SPARQ_CUDA=off), else Triton; "cuda" or "triton" to insist. wpt / minb / threads / vec / pipe / hexp:
-    the CUDA launch (None = CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_PIPE, CUDA_HEXP; vec only where the codes are
-    aligned for it; pipe 1: as many blocks a row as are resident at once, k > 1: k blocks a row). Triton's:
+    the CUDA launch (None = CUDA_WPT, CUDA_MINB, CUDA_THREADS, CUDA_VEC, CUDA_PIPE, CUDA_HEXP; vec only where the
+    codes are aligned for it; pipe 1: as many blocks a row as are resident at once, k > 1: k blocks a row). Triton's:
     block_p, warps, cvt (the code-to-fp16 conversion, its CVT), stack (groups stacked into one dot, its STACK).
     weight: the channel weights, read by the channel choice (`prepare`'s, or the CUDA score's with sel=None) and
     the CPU reference. gate = (n, p0, every) (quest's every=K, `page_select.refresh`): the CUDA score returns at
@@ -259,10 +259,9 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
     B, Hq, _, D = q.shape
     H, MG = sk.shape[1], sz.shape[3]
     G = Hq // H
-    per_q = rank in ("mass", "peak")
-    out = torch.empty((B, H, MG, G) if per_q else (B, H, MG), device=q.device, dtype=torch.float32)
+    out = torch.empty((B, H, MG) if rank == "max" else (B, H, MG, G), device=q.device, dtype=torch.float32)
     npos = torch.empty(1, device=q.device, dtype=torch.int64)
-    if (impl == "cuda" or impl is None and not CUDA_OFF) and _cuda_ok(q, sk, sz, group, rank, probe):
+    if (impl == "cuda" or impl is None and not CUDA_OFF) and _cuda_ok(q, sk, sz, group, probe):
         if sel is None and not CUDA_CHOOSE:
             sel = prepare(q, H, channels, weight=weight)
         wpt, minb, threads = min(wpt or CUDA_WPT, group // 8), minb or CUDA_MINB, threads or CUDA_THREADS

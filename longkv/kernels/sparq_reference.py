@@ -64,8 +64,8 @@ def sparq_group_scores(q, sk, sz, length, *, group: int, sink: int, window: int,
     channels kept hold `share` of the query's L1 norm). rank="max": a group's largest estimated logit
     over its tokens and the query group → (B, Hkv, MG); rank="mass": each query's log-sum-exp over the
     group's tokens → (B, Hkv, MG, G) for `page_mass`; rank="peak": each query's largest estimate over them
-    → (B, Hkv, MG, G), also for `page_mass` (a group's share of each query's softmax over the groups' peaks). Groups the decode kernel reads, n_q(length - 1) /
-    group, score; the rest -inf. Returns (scores, npos) as `group_scores`. q (B, Hq, 1, D)."""
+    → (B, Hkv, MG, G), also for `page_mass` (a group's share of each query's softmax over the groups' peaks).
+    Groups the decode kernel reads, n_q(length - 1) / group, score; the rest -inf. Returns (scores, npos) as `group_scores`. q (B, Hq, 1, D)."""
     qr, codes, st, share, nqg = sparq_gather(q, sk, sz, length, group=group, sink=sink, window=window,
                                              channels=channels, weight=weight)
     B, H, G, _ = qr.shape

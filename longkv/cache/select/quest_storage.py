@@ -268,8 +268,8 @@ class QuestStorageCache(QuestCache):
                 scores, npos = kq.group_scores(q, kd["scale"], kd["zero"], n, bits=st.bits, group=g, sink=st.S,
                                                window=st.W)
             MG = kd["scale"].shape[2]
-            if self.sub > 1 and scores.shape[2] == MG:   # a page's largest estimate (or bound) over its groups
-                scores = self._pool(scores, 2).amax(3)          # (mass and peak pooled each query's above)
+            if self.sub > 1 and scores.dim() == 3:   # a page's largest estimate (or bound) over its groups
+                scores = self._pool(scores, 2).amax(3)      # (mass and peak pooled each query's above)
             RP = scores.shape[2]                   # pages a row
             if self.tab[layer] is None:
                 table, nsel, _ = kq.select_pages(scores, self.k_pages, npos, page=P, row_pages=RP)
