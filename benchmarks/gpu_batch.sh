@@ -51,8 +51,8 @@
 #             and over kv4:kres=1 with 2 / 1 / 0 dense layers next to full at 512K (16 layers), one sparse layer's pieces,
 #             and kv4:kres=1 at 128K
 #   peak512   issue 5: rank=peak / mass from the CUDA score (each query's value a group): its GPU tests, decode at 512K
-#             (16 layers) next to full and rank=max, with fp16 exponentials (HEXP) and the select's own normalisation
-#             (MASS_FUSED, the columns "... fused": the same filled cache); peakparts: one sparse layer's pieces
+#             (16 layers) next to full and rank=max, with fp16 exponentials (HEXP) retimed (session 34: the select's
+#             own normalisation, MASSG, was 45 us a layer slower and is gone); peakparts: one sparse layer's pieces
 #   diag512   issue 5: why the paged attention reads at ~1.8 TB/s and the select takes 9 us: ncu (speed of
 #             light, occupancy, warp states, memory) on one sparse layer's kernels at 512K, 1/8, 4 layers
 #
@@ -437,15 +437,14 @@ P
       bench kresparts 150 $PY sparse_decode.py --contexts 512k --layers 4 --reps 30 --only "kv4 kres+$q d0"
       bench kres128 120 $PY quant_decode.py --contexts 128k --caches "full;kv4;kv4:kres=1" ;;
     peak512)   # issue 5: the groups ranked per query (rank=peak / mass, session 33): the CUDA score's GPU tests for peak
-               # and mass (HEXP among the launches) and the mass select's (MASSG), then decode at 512K, 16 layers: full,
-               # the kres quarter ranked by max, mass and peak (d0), mass's fp16 exponentials retimed (--cuda-launches),
-               # and the same with the select's own normalisation (--mass-fused: MASS_FUSED on the same filled cache)
+               # and mass (HEXP among the launches) and page_mass then the select, then decode at 512K, 16 layers:
+               # full, the kres quarter ranked by max, mass and peak (d0), fp16 exponentials retimed (--cuda-launches)
       (TRITON_INTERPRET=0 timeout ${TESTS_S:-240} $PY -m pytest -q tests/test_quest.py tests/test_quant_paged.py \
          -k "per_query_scores_by_mass or sparq_cuda and (mass or peak)" > "$OUT/peak_tests.log" 2>&1
        echo "peak tests: rc $?; $(tail -n 1 "$OUT/peak_tests.log")" >&2)
       q="kv4 kres+quest 1/8 sparq 0.25 weigh"
       bench peak512 300 $PY sparse_decode.py --contexts 512k --layers 16 --no-breakdown --reps 30 \
-        --only "full,$q d0,$q mass d0,$q peak d0" --cuda-launches 4:2:256:1:1:0:1 --mass-fused ;;
+        --only "full,$q d0,$q mass d0,$q peak d0" --cuda-launches 4:2:256:1:1:0:1 ;;
     peakparts) # one sparse layer's pieces for the peak and mass rows (512K, 4 layers)
       q="kv4 kres+quest 1/8 sparq 0.25 weigh"
       bench peakparts 150 $PY sparse_decode.py --contexts 512k --layers 4 --reps 30 --only "$q peak d0,$q mass d0" ;;

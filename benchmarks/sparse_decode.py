@@ -419,9 +419,6 @@ def main():
                     help="sparq rows: also time the step with these CUDA score launches, wpt:minb:threads[:vec[:choose"
                          "[:pipe]]],... (quest_sparq.CUDA_*; choose 0: `prepare` picks the channels, one launch more; "
                          "same filled cache, a column each)")
-    ap.add_argument("--mass-fused", action="store_true",
-                    help="rank=mass / peak rows: also time the step with the block select's own normalisation "
-                         "(page_select.MASS_FUSED; with --cuda-launches, each launch both ways)")
     a = ap.parse_args()
     cfg = dict(LLAMA3_8B, num_hidden_layers=a.layers)
     if a.smoke:
@@ -471,21 +468,11 @@ def main():
                 row["decode_ms"] = round(ms, 3)
                 again = functools.partial(decode_time, model, cache, dev, a.reps)   # the step timed again
                 retime = lambda key, module, **kw: _retime(row, key, module, kw, again)   # noqa: E731
-                from longkv.kernels import page_select as ps
-                per_q = " mass" in label or " peak" in label     # rank=mass / peak: the select may normalise
-                for fused in (False, True) if a.mass_fused and per_q else (False,):
-                    tag, old_fused = " fused" if fused else "", ps.MASS_FUSED
-                    ps.MASS_FUSED = fused or old_fused
-                    try:
-                        if fused:
-                            row["ms fused"] = round(again(), 3)
-                        if "sparq" in label and a.cuda_launches:
-                            from longkv.kernels import quest_sparq as qs
-                            for launch in a.cuda_launches.split(","):
-                                retime(f"ms {launch}{tag}", qs, **{f"CUDA_{k.upper()}": x for k, x in
-                                                                   zip(qs.LAUNCH_FIELDS, qs.parse_launch(launch))})
-                    finally:
-                        ps.MASS_FUSED = old_fused
+                if "sparq" in label and a.cuda_launches:
+                    from longkv.kernels import quest_sparq as qs
+                    for launch in a.cuda_launches.split(","):
+                        retime(f"ms {launch}", qs, **{f"CUDA_{k.upper()}": x
+                                                      for k, x in zip(qs.LAUNCH_FIELDS, qs.parse_launch(launch))})
                 if "+quest" in label and a.paged_launches:     # the paged attention's warps, splits, register cap
                     from longkv.kernels import quant_cuda as qc
                     for launch in a.paged_launches.split(","):
@@ -493,6 +480,7 @@ def main():
                         retime(f"ms paged {launch}", qc, PAGED_CW=int(cw), PAGED_FRAC=float(frac),
                                PAGED_MINB=int(minb))
                 if "+quest" in label and a.selects:             # the page select's default (page_select.py)
+                    from longkv.kernels import page_select as ps
                     for method in a.selects.split(","):
                         retime(f"ms select {method}", ps, SELECT_METHOD=method)
                 # after the first decode step: the final compaction and resize have happened

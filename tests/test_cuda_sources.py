@@ -17,8 +17,7 @@ SCORE = dict(D=128, G=4, R=32, GROUP=64, SINK=4, WINDOW=128, QBF16=1, NT=256, WP
 CASES = [
     ("page_select", ("page_select.cu",), dict(AGG=2, RK=8, EARLY=1)),
     ("page_select", ("page_select.cu",), dict(RK=16, EVERY=3)),
-    ("page_select", ("page_select.cu",), dict(RK=16, MASSG=4)),                 # rank=mass folded in
-    ("page_select", ("page_select.cu",), dict(RK=8, MASSG=8, EVERY=2)),
+    ("page_select", ("page_select.cu",), dict(RK=8, EVERY=2)),
     ("page_select_cluster", ("page_select.cu", "page_select_cluster.cu"), dict(CL=8, CT=256, CRK=4)),
     ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE),
     ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(PERQ=2, QBF16=0, CHOOSE=0, WEIGH=0)),

@@ -104,95 +104,17 @@ __device__ __forceinline__ void load_keys(const float* row, int base, int npages
   }
 }
 
-#ifdef MASSG
-/* rank=mass folded into the select (MASSG = G, the query group): a row holds each page's G per-query values (the
-   query's log-sum-exp over the page's tokens, or its peak: quest_sparq.cu's PERQ), and a page's key is its attention
-   mass over the row, summed over the queries: log Σ_g exp(s_pg − Z_g), Z_g = logsumexp over the npages pages of the
-   row (sparse_reference.page_mass with no forced page; a query with no finite value adds nothing). Three reads of
-   the row (max, sum, keys), each a block-wide reduction of G values through red (NW·MASSG floats). */
-template <bool MAX>
-__device__ __forceinline__ void block_reduce(float (&v)[MASSG], float* red) {
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-#pragma unroll
-  for (int g = 0; g < MASSG; g++) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float x = __shfl_xor_sync(0xffffffffu, v[g], o);
-      v[g] = MAX ? fmaxf(v[g], x) : v[g] + x;
-    }
-    if (lane == 0) red[w * MASSG + g] = v[g];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int g = 0; g < MASSG; g++) {
-    float a = red[g];
-    for (int j = 1; j < NW; j++) a = MAX ? fmaxf(a, red[j * MASSG + g]) : a + red[j * MASSG + g];
-    v[g] = a;
-  }
-  __syncthreads();
-}
-
-template <int N>
-__device__ __forceinline__ void mass_keys(const float* __restrict__ row, int base, int npages, u32* key, float* red) {
-  const float ninf = __int_as_float(0xff800000);
-  float m[MASSG], z[MASSG];
-#pragma unroll
-  for (int g = 0; g < MASSG; g++) m[g] = ninf;
-#pragma unroll
-  for (int r = 0; r < N; r++) {
-    const int i = base + r;
-    if (i < npages) {
-#pragma unroll
-      for (int g = 0; g < MASSG; g++) m[g] = fmaxf(m[g], row[(i64)i * MASSG + g]);
-    }
-  }
-  block_reduce<true>(m, red);
-#pragma unroll
-  for (int g = 0; g < MASSG; g++) z[g] = 0.f;
-#pragma unroll
-  for (int r = 0; r < N; r++) {
-    const int i = base + r;
-    if (i < npages) {
-#pragma unroll
-      for (int g = 0; g < MASSG; g++) if (m[g] > ninf) z[g] += __expf(row[(i64)i * MASSG + g] - m[g]);
-    }
-  }
-  block_reduce<false>(z, red);
-#pragma unroll
-  for (int g = 0; g < MASSG; g++) z[g] = m[g] > ninf ? m[g] + __logf(z[g]) : ninf;     /* Z_g */
-#pragma unroll
-  for (int r = 0; r < N; r++) {
-    const int i = base + r;
-    float s = 0.f;
-    if (i < npages) {
-      float t[MASSG], top = ninf;
-#pragma unroll
-      for (int g = 0; g < MASSG; g++) {
-        t[g] = z[g] > ninf ? row[(i64)i * MASSG + g] - z[g] : ninf;
-        top = fmaxf(top, t[g]);
-      }
-      float e = 0.f;
-#pragma unroll
-      for (int g = 0; g < MASSG; g++) e += top > ninf ? __expf(t[g] - top) : 0.f;
-      s = top > ninf ? top + __logf(e) : ninf;
-    }
-    key[r] = ukey(s);
-  }
-}
-#endif
-
 #ifndef EARLY
 #define EARLY 1     /* end the radix passes once every key still matching the chosen digits is taken (H100, 8 rows
                        of 8192, select_probe.py: 8.91 us against 9.59 without) */
 #endif
 
-/* Row bh of S (rows of MP scores; with MASSG, of MP·MASSG per-query values, `mass_keys`): pages [0, npages),
-   npages = min(pos / PAGE + 1, MP) (C division, as the Triton select); need = min(npages, K) of them: every page
-   whose key is above the need-th largest key T and the lowest-index pages equal to it, written ascending as
-   bh·row_pages + page. T comes from a radix select, 8 bits a pass from the top, each pass one shared-memory
-   histogram of the keys that still match the digits chosen so far; the keys stay in registers (thread t holds
-   pages t·RK ..), so the table is written with two block-wide prefix sums. Rows up to RK·NT pages
-   (`page_select.py`). */
+/* Row bh of S (rows of MP scores): pages [0, npages), npages = min(pos / PAGE + 1, MP) (C division, as
+   the Triton select); need = min(npages, K) of them: every page whose key is above the need-th largest
+   key T and the lowest-index pages equal to it, written ascending as bh·row_pages + page. T comes from
+   a radix select, 8 bits a pass from the top, each pass one shared-memory histogram of the keys that
+   still match the digits chosen so far; the keys stay in registers (thread t holds pages t·RK ..), so
+   the table is written with two block-wide prefix sums. Rows up to RK·NT pages (`page_select.py`). */
 /* EVERY > 1 (quest's every=K): two more arguments, Len (tokens held, this one included) and P0 (the first decode
    step's position); the kernel returns at once, leaving Table and Nsel as they are, unless this step is P0's or
    the K-th after one (page_select.py: refresh) */
@@ -214,16 +136,12 @@ extern "C" __global__ void __launch_bounds__(NT) page_select(const float* __rest
   __shared__ int wsum[NW];
   __shared__ int topmax;
   const int bh = blockIdx.x, tid = threadIdx.x;
+  const float* row = S + (i64)bh * MP;
   const i64 pos = Pos[0];
   const int npages = (int)min(pos / PAGE + 1, (i64)MP);
   const int need = min(npages, K);
   u32 key[RK];
-#ifdef MASSG
-  __shared__ float red[NW * MASSG];
-  mass_keys<RK>(S + (i64)bh * MP * MASSG, tid * RK, npages, key, red);
-#else
-  load_keys<RK>(S + (i64)bh * MP, tid * RK, npages, MP, key);
-#endif
+  load_keys<RK>(row, tid * RK, npages, MP, key);
   u32 prefix = 0;
   int want = need, level = 0;
   for (int pass = 0; pass < 4; pass++) {

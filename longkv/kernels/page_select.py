@@ -11,11 +11,9 @@ dependent steps either way); the Triton selects find
 the k-th largest score by bisection in one program a row for short rows (the row in registers), by a
 radix select over many programs for long ones (6 launches). Reference: `sparse_reference.select_pages`.
 Per-query scores (B, Hkv, MP, G) (quest's rank=mass / peak) rank pages by their attention mass
-(`sparse_reference.page_mass`): `page_mass` first, or, with LONGKV_MASS_SELECT=1, inside the block select.
+(`sparse_reference.page_mass`): `page_mass` first, then the select.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -203,27 +201,21 @@ CLUSTER_CT = 256        # threads a block of the cluster select
 CLUSTER_MIN = 2048      # the shortest row (pages) the default sends to the cluster select
 BLOCK_EARLY = None      # the block select's EARLY (page_select.cu; None: the source's default)
 SELECT_METHOD = "block"  # the GPU default for rows the CUDA selects hold: "block" or "cluster"
-# rank=mass / peak (per-query scores, (B, Hkv, MP, G)): the block select normalises them itself (MASSG in
-# page_select.cu) instead of `page_mass`'s two launches first. Off by default until it has run on a GPU (LONGKV_MASS_SELECT=1 turns
-# it on); elsewhere, and by default, `page_mass` and then the select
-MASS_FUSED = os.environ.get("LONGKV_MASS_SELECT") == "1"
 
 
 _BLOCK: dict = {}
 
 
-def block_kernel(agg: int | None = None, rk: int = 16, early: int | None = None, every: int = 1,
-                 mass: int | None = None):
+def block_kernel(agg: int | None = None, rk: int = 16, early: int | None = None, every: int = 1):
     """The "block" select (`page_select.cu`: one 1024-thread block a row, a radix select with shared-memory
     histograms, then the table from two block-wide prefix sums), compiled once by NVRTC; None where it
     cannot be built. agg: how the histogram's atomics are combined (the source's AGG; None = its default);
     rk: keys a thread holds (rows up to 1024·rk pages); early: end the radix passes once every key left
     is taken (the source's EARLY; None = its default); every > 1: the kernel takes two more arguments (the
-    tokens held and the first decode step's position) and returns at once unless this step chooses afresh.
-    mass = G: rows of G per-query values a page, ranked by their attention mass (the source's MASSG)."""
-    key = (mass, agg, rk, early, every)
+    tokens held and the first decode step's position) and returns at once unless this step chooses afresh."""
+    key = (agg, rk, early, every)
     if key not in _BLOCK:
-        _BLOCK[key] = build(dict(AGG=agg, RK=rk, EARLY=early, EVERY=every if every > 1 else None, MASSG=mass),
+        _BLOCK[key] = build(dict(AGG=agg, RK=rk, EARLY=early, EVERY=every if every > 1 else None),
                             ("page_select.cu",), "page_select", "CUDA page select", "the Triton select")
     return _BLOCK[key]
 
@@ -254,15 +246,13 @@ def _cluster_keys(MP: int, ct: int) -> int:
 
 def _block(scores, k: int, pos, page: int, row_pages: int, table, nsel, last, gate=None) -> bool:
     """The block select into (table, nsel, last) where it applies (a CUDA GPU, rows up to BLOCK_ROW pages,
-    NVRTC; per-query scores (B, Hkv, MP, G) ranked by mass, MASSG); gate (n, p0, every > 1): the kernel returns at
-    once on the steps that keep their table. False: not launched."""
-    B, Hkv, MP = scores.shape[:3]
-    mass = scores.shape[3] if scores.dim() == 4 else None
+    NVRTC); gate (n, p0, every > 1): the kernel returns at once on the steps that keep their table. False:
+    not launched."""
+    B, Hkv, MP = scores.shape
     if not (scores.is_cuda and MP <= BLOCK_ROW and scores.is_contiguous() and scores.dtype == torch.float32):
         return False
     every = gate[2] if gate is not None else 1
-    kern = block_kernel(rk=8 if MP <= BLOCK_ROW // 2 else 16, early=BLOCK_EARLY, every=every,  # 8 keys a thread
-                        mass=mass)
+    kern = block_kernel(rk=8 if MP <= BLOCK_ROW // 2 else 16, early=BLOCK_EARLY, every=every)  # 8 keys a thread
     if kern is None:                                                           # where the row fits: half the work
         return False
     extra = [_pos(gate[0], scores.device).long(), gate[1]] if every > 1 else []
@@ -296,15 +286,8 @@ def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str 
     the steps `refresh(gate)` names; on the others out keeps the table it holds (the block select then returns
     at once; elsewhere the fresh table is computed and not taken). Returns out's tensors (with `last`).
     scores (B, Hkv, MP, G): each query's log-sum-exp (or peak) a page, ranked by the page's attention mass over
-    the row (`page_mass` with no forced page): folded into the block select with MASS_FUSED, else `page_mass` first."""
+    the row (`page_mass` with no forced page, then the select)."""
     if scores.dim() == 4:
-        if MASS_FUSED and method in (None, "block") and scores.is_cuda:
-            BH = scores.shape[0] * scores.shape[1]
-            table, nsel = out if out is not None else (torch.empty(BH, k, device=scores.device, dtype=torch.int32),
-                                                      torch.empty(BH, device=scores.device, dtype=torch.int32))
-            last = torch.empty_like(nsel)
-            if _block(scores, k, pos, page, row_pages, table, nsel, last, gate):
-                return table, nsel, last
         from .quest_rerank import page_mass
         scores = page_mass(scores, None, pos=pos, page=page, sink=0, recent=0)
     if out is not None:
