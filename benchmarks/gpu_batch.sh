@@ -249,11 +249,12 @@
 # cp .stage/part01/* /tmp/stage; MODELS=smollm2-135m install; the smollm2 8K grid, GRID_LIMIT=300] (-1.0 +- 3.3, 221
 # cells). Folders re-committed in benchmarks/grids/. Lesson: a warm machine keeps carried .stage/partNN folders, so
 # before another model's install `rm -rf .stage/part10*` (or part0*) there too, not only /tmp/stage/bundle.tar.*.
+# Session 34 (2026-12-06), one H100 after seven refused starts in 70 min: [peak512] (13 tests passed; max 3.04x, mass
+# 2.90x, peak 2.95x; HEXP inside the re-timing noise; the mass select MASSG 0.72 ms slower, removed). Then four more
+# refused starts; the grids below were not reached.
 # The next calls:
-# 0. `peak512` (no weights needed: one call, ~10 min): the peak/mass CUDA score tests (HEXP among them) and the fused
-#    mass select's (LONGKV_MASS_SELECT=1, page_select.cu MASSG), never yet run on a GPU; then the 512K rows with HEXP
-#    retimed and with the fused select. If both pass and the mass row reaches 3x, make them the defaults
-#    (page_select.MASS_FUSED, the launch's seventh field) and re-run the tests.
+# 0. (issue 5's speed) mass is 13.6 us a sparse layer over max and 3x needs ~10 of it back; see BENCHMARKS.md
+#    "Session 34" for where it could come from (page_mass's two launches ~8 us; the paged attention at ~1.65 TB/s).
 # 1. The mass grids to their full size: gemma3 32K (58 cells; [copy part100..103], [copy part104; MODELS=gemma3-270m
 #    install; RESUME=benchmarks/grids/fastgrid-gemma3-270m-32k.tgz LENGTH=32k CHUNK=32768 SAMPLES=92 WINDOWS=
 #    EXTRA="kv4:kres=1,window=128+quest:ratio=0.875,groups=1,channels=0.25,rank=mass,weigh=1,dense_layers=0"
