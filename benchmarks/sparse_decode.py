@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import statistics
 import time
 
 import torch
@@ -405,6 +406,10 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=8192, help="fill chunk (eviction compacts after each)")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--again", type=int, default=0,
+                    help="time each row's step this many more times, each with a fresh CUDA graph: decode_ms is then "
+                         "the median and ms_spread the lowest-highest (a re-timing alone moved an unchanged H100 row "
+                         "by up to 0.17 ms, session 34)")
     ap.add_argument("--only", default=None, help='comma list of method labels to run, e.g. "full,quest 1/8"')
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, eager: checks that it runs")
     ap.add_argument("--profile", action="store_true", help="GPU: each row's decode-step kernels, by cost")
@@ -465,8 +470,12 @@ def main():
                     # (pages of several key groups: the pieces are timed as one sparse layer only, layer_us)
                     row.update(quest_storage_breakdown(model, cache, layer, dev, a.reps))
                 ms = decode_time(model, cache, dev, a.reps, profile=f"{label} {ctx}" if a.profile else None)
-                row["decode_ms"] = round(ms, 3)
                 again = functools.partial(decode_time, model, cache, dev, a.reps)   # the step timed again
+                if a.again:
+                    runs = sorted([ms] + [again() for _ in range(a.again)])
+                    ms = statistics.median(runs)
+                    row["ms_spread"] = f"{runs[0]:.3f}-{runs[-1]:.3f}"
+                row["decode_ms"] = round(ms, 3)
                 retime = lambda key, module, **kw: _retime(row, key, module, kw, again)   # noqa: E731
                 if "sparq" in label and a.cuda_launches:
                     from longkv.kernels import quest_sparq as qs
