@@ -255,7 +255,10 @@
 # The next calls:
 # 0. (issue 5's speed) mass is 13.6 us a sparse layer over max and 3x needs ~10 of it back; see BENCHMARKS.md
 #    "Session 34" for where it could come from (page_mass's two launches ~8 us; the paged attention at ~1.65 TB/s).
-#    Time the rows near 3x with `sparse_decode.py --again 3` (median of four graphs, and the spread).
+#    Time the rows near 3x with `sparse_decode.py --again 3` (median of four graphs, and the spread). First:
+#    [TRITON_INTERPRET=0 pytest tests/test_quest.py -k "page_mass or per_query"; cd benchmarks && sparse_decode.py
+#    --contexts 512k --layers 16 --no-breakdown --reps 30 --again 2 --mass-one --only "full,$q d0,$q mass d0"]
+#    (page_mass in one launch, MASS_ONE: make it the default if it is faster and the tests pass).
 # 1. The mass grids to their full size: gemma3 32K (58 cells; [copy part100..103], [copy part104; MODELS=gemma3-270m
 #    install; RESUME=benchmarks/grids/fastgrid-gemma3-270m-32k.tgz LENGTH=32k CHUNK=32768 SAMPLES=92 WINDOWS=
 #    EXTRA="kv4:kres=1,window=128+quest:ratio=0.875,groups=1,channels=0.25,rank=mass,weigh=1,dense_layers=0"
