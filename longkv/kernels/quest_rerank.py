@@ -236,9 +236,9 @@ def page_mass(lse: torch.Tensor, bound: torch.Tensor | None, *, block: int = 102
     bound = lse if by_pos else bound   # (not read when by_pos)
     assert lse.is_contiguous() and bound.is_contiguous()
     BG, nblk = triton.next_power_of_2(G), triton.cdiv(MP, block)
-    part = torch.empty(B * Hkv, nblk, BG, device=lse.device, dtype=torch.float32)
-    out = torch.empty(B, Hkv, MP, device=lse.device, dtype=torch.float32)
     one = MASS_ONE if one is None else one
+    part = lse if one else torch.empty(B * Hkv, nblk, BG, device=lse.device, dtype=torch.float32)  # (ONE: not read)
+    out = torch.empty(B, Hkv, MP, device=lse.device, dtype=torch.float32)
     if not one:
         _mass_part_kernel[(B * Hkv, nblk)](lse, part, MP, nblk, G=G, BLOCK_G=BG, BLOCK=block)
     _mass_kernel[(B * Hkv, nblk)](lse, part, bound, _pos(pos, lse.device) if by_pos else bound, out, MP, nblk,
