@@ -424,9 +424,6 @@ def main():
                     help="sparq rows: also time the step with these CUDA score launches, wpt:minb:threads[:vec[:choose"
                          "[:pipe]]],... (quest_sparq.CUDA_*; choose 0: `prepare` picks the channels, one launch more; "
                          "same filled cache, a column each)")
-    ap.add_argument("--loops", default="",
-                    help="+quest and kivi rows: re-time the step with the CUDA packed kernel's loop at stages:gloop,... "
-                         "(quant_cuda.STAGES / GLOOP: register buffers of tiles, general loop 1 or double buffer 0)")
     ap.add_argument("--mass-one", action="store_true",
                     help="rank=mass / peak rows: also time the step with page_mass in one launch (quest_rerank.MASS_ONE)")
     a = ap.parse_args()
@@ -496,11 +493,6 @@ def main():
                         cw, frac, minb = (launch.split(":") + [str(qc.PAGED_MINB)])[:3]   # no minb: the default's
                         retime(f"ms paged {launch}", qc, PAGED_CW=int(cw), PAGED_FRAC=float(frac),
                                PAGED_MINB=int(minb))
-                if a.loops and ("+quest" in label or "kivi" in label):   # the packed kernel's register buffers
-                    from longkv.kernels import quant_cuda as qc
-                    for loop in a.loops.split(","):
-                        stages, gloop = map(int, loop.split(":"))
-                        retime(f"ms loop {loop}", qc, STAGES=stages, GLOOP=gloop)
                 if "+quest" in label and a.selects:             # the page select's default (page_select.py)
                     from longkv.kernels import page_select as ps
                     for method in a.selects.split(","):
