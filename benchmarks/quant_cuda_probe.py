@@ -4,8 +4,7 @@ the merge alone and the whole call (`quant_cuda.decode_attention`), the Triton k
 and bf16 flash-decoding over the same context; each captured in a CUDA graph and replayed, TB/s on
 the packed bytes (codes and statistics).
 
-    python benchmarks/quant_cuda_probe.py --context 128k --bits 4,2 --tile 16,32 --gpf 0,1 --cw 1,2,4 --minb 0,16 \
-        --stages 2,3
+    python benchmarks/quant_cuda_probe.py --context 128k --bits 4,2 --tile 16,32 --gpf 0,1 --cw 1,2,4 --minb 0,16
 
 Last line: JSON.
 """
@@ -51,8 +50,6 @@ def main():
                     help="L1 prefetch of the key group statistics (tiles ahead; auto: the kernel's own choice)")
     ap.add_argument("--minb", default="0", help="__launch_bounds__ minimum programs an SM")
     ap.add_argument("--cw", default="1", help="warps a program")
-    ap.add_argument("--stages", default="2", help="register buffers of tiles (2: double buffering)")
-    ap.add_argument("--gloop", default="auto", help="0/1: the double buffer's loop / the general one (auto: the default)")
     ap.add_argument("--reps", type=int, default=50)
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -80,20 +77,17 @@ def main():
         for S in map(int, a.splits.split(",")):
             for tile in map(int, a.tile.split(",")):
                 for gpf in (None if x == "auto" else int(x) for x in a.gpf.split(",")):
-                    for minb, cw, st, gl in [(m, c, x, gl) for m in map(int, a.minb.split(",")) for c in map(int, a.cw.split(","))
-                                         for x in map(int, a.stages.split(","))
-                                         for gl in (None if y == "auto" else int(y) for y in a.gloop.split(","))
-                                         if x == 2 or gl != 0]:
+                    for minb, cw in [(m, c) for m in map(int, a.minb.split(",")) for c in map(int, a.cw.split(","))]:
                         kw2 = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5, splits=S or None,
-                                   tile=tile, gpf=gpf, minb=minb, cw=cw, stages=st, gloop=gl)
+                                   tile=tile, gpf=gpf, minb=minb, cw=cw)
                         attn, merge, _, splits = qc.decode_attention(q, kq, vq, kf, vf, length, parts=True, **kw2)
                         us_a, us_m = graphed(attn, a.reps), graphed(merge, a.reps)
                         us = graphed(lambda: qc.decode_attention(q, kq, vq, kf, vf, length, **kw2), a.reps)
                         rows.append(dict(what=f"{bits}-bit CUDA: splits kernel | merge | whole call",
                                          splits=splits, tile=tile, gpf=gpf,
-                                         minb=minb, cw=cw, stages=st, gloop=gl, us=f"{us_a:.1f} | {us_m:.1f} | {us:.1f}",
+                                         minb=minb, cw=cw, us=f"{us_a:.1f} | {us_m:.1f} | {us:.1f}",
                                          TBps=round(nbytes / us / 1e6, 2)))
-    print_table(rows, ["what", "splits", "tile", "gpf", "minb", "cw", "stages", "gloop", "us", "TBps"])
+    print_table(rows, ["what", "splits", "tile", "gpf", "minb", "cw", "us", "TBps"])
     emit_json({"bench": "quant_cuda_probe", "device": torch.cuda.get_device_name(), "context": ctx, "rows": rows})
 
 

@@ -30,7 +30,6 @@ from common import (LLAMA3_8B, SHAPES, copy_bandwidth, emit_json, graph_time, ke
 
 from longkv.cache import spec as cache_spec
 from longkv.kernels import quant as qk
-from longkv.kernels import quant_cuda as qc
 from longkv.kernels import quant_reference as ref
 from longkv.kernels.decode import decode_attention
 
@@ -183,8 +182,6 @@ def main():
     ap.add_argument("--prefetch", type=int, help="packed kernel: L2 prefetch distance in tiles")
     ap.add_argument("--pipe", type=int, help="packed kernel: double-buffered fast loop (1) or the plain one (0)")
     ap.add_argument("--block-n", type=int, help="packed kernel: tokens a tile (capped at the key group)")
-    ap.add_argument("--stages", type=int, help="CUDA packed kernel: register buffers of tiles (quant_cuda.STAGES)")
-    ap.add_argument("--gloop", type=int, help="CUDA packed kernel: its loop form (quant_cuda.GLOOP)")
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES),
                     help="model shape (random weights); gemma3-*: 5 of every 6 layers keep a sliding window")
     ap.add_argument("--profile", action="store_true",
@@ -195,9 +192,6 @@ def main():
     for name, knob in knobs.items():   # launch defaults of the packed kernel, for this run
         if getattr(a, name) is not None:
             setattr(qk, knob, getattr(a, name))
-    for name in ("stages", "gloop"):   # and of the CUDA one
-        if getattr(a, name) is not None:
-            setattr(qc, name.upper(), getattr(a, name))
     dev = torch.device(a.device)
     cfg = dict(SHAPES[a.shape])
     if a.smoke:   # the chosen shape, shrunk (Gemma 3: its first 6 layers, a 128-token window)

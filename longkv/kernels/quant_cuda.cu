@@ -1,7 +1,6 @@
 // Decode attention over KIVI-layout packed KV, one layer: the CUDA source of `quant_cuda.py` (see its
 // docstring for the design and the figures). Compiled by NVRTC with a block of #defines in front
-// (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, STAGES, GLOOP, GPF, MINB, CW,
-// PAGED, RES; then
+// (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, GPF, MINB, CW, PAGED, RES; then
 // ptx.cuh (the shared typedefs and PTX helpers), then this file.
 // RES (`kres=1`, 4-bit codes, D >= 128): a residual bit a key element (`quant_reference.pack_res`, 32 channels a
 // word, each code pair's bits 16 apart) read with the codes; a key is z + s·(c + r/2 - 1/4).
@@ -410,29 +409,6 @@ extern "C" __global__ void BOUNDS kivi_attn(
 #pragma unroll
   for (int s = 0; s < KSTEPS; s++) { st.qf[s][0] = st.qf[s][1] = 0u; }
 
-#if GLOOP
-  /* STAGES register buffers: the words of the next STAGES - 1 tiles load while this one is computed (2: double
-     buffering; 2-bit tiles hold half the bytes, so a third buffer keeps as many bytes in flight as 4 bits' two) */
-  Buf bf[STAGES];
-#pragma unroll
-  for (int i = 0; i < STAGES - 1; i++)
-    if (start + i * TILE < end) load(bf[i], kp, vp, vs, vz, ks, kz, TOK(start + i * TILE), LIM, g, t, krp);
-#if PAGED
-  if (start < end && start % GROUP) {    /* the run starts inside a group */
-    const i64 r = (i64)(TOK(start) / GROUP) * D;
-    group_stats(st, qsm, ks + r, kz + r, lane);
-  }
-#endif
-  for (int t0 = start; t0 < end; t0 += STAGES * TILE) {
-#pragma unroll
-    for (int i = 0; i < STAGES; i++) {
-      const int tc = t0 + i * TILE, tn = tc + (STAGES - 1) * TILE;
-      if (tc >= end) break;
-      if (tn < end) load(bf[(i + STAGES - 1) % STAGES], kp, vp, vs, vz, ks, kz, TOK(tn), LIM, g, t, krp);
-      tile(st, bf[i], TOK(tc), LIM, qsm, lane, ks, kz, t, sl2);
-    }
-  }
-#else
   Buf A, B;     /* double buffer: the next tile's words load while this one is computed */
   if (start < end) load(A, kp, vp, vs, vz, ks, kz, TOK(start), LIM, g, t, krp);
 #if PAGED
@@ -448,7 +424,6 @@ extern "C" __global__ void BOUNDS kivi_attn(
     if (t0 + 2 * TILE < end) load(A, kp, vp, vs, vz, ks, kz, TOK(t0 + 2 * TILE), LIM, g, t, krp);
     tile(st, B, TOK(t0 + TILE), LIM, qsm, lane, ks, kz, t, sl2);
   }
-#endif
   float l0 = st.l0, l1 = st.l1, z0 = st.z0, z1 = st.z1, w0 = st.p0, w1 = st.p1;
 #pragma unroll
   for (int o = 4; o < 32; o <<= 1) {

@@ -70,9 +70,6 @@ from pathlib import Path
 import torch
 
 TILE = 16          # tokens a loop step (and a double-buffered load); 32 measured slower (more registers)
-STAGES = 2         # register buffers of tiles: the next STAGES - 1 tiles' words load while one is computed
-GLOOP = None       # the loop over STAGES buffers (1) or the original double buffer's (0; None: 1 where STAGES != 2);
-                   # at 2 stages the two compile differently (nvcc 13, sm_90, 4 bits: 130 registers against 158)
 GPF = None         # L1 prefetch of a key group's scale/zero rows, this many tiles ahead (0 = off; None: 1 when
                    # every tile starts a group, e.g. kivi2's 16-token groups: 72 -> 61 µs at 128K; 4-bit's
                    # 64-token groups measured 1.6 µs slower with it)
@@ -96,21 +93,16 @@ def source() -> str:
 
 def defines(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
             gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False,
-            res: bool = False, stages: int | None = None, gloop: int | None = None) -> str:
+            res: bool = False) -> str:
     """The #defines of one compiled layout (window = ring - 2·group, as the cache sizes its ring); tile:
     tokens a loop step; gpf: the key
     group statistics into L1 this many tiles ahead (0 = off; always off when paged: the next listed group's
     rows prefetched 1-2 tiles ahead measured no faster); minb: programs an SM the
     compiler must fit (caps registers; 0 = its own choice); cw: warps a program; paged: read the key groups a
     page table lists (Quest over key groups, `paged_attention`) instead of every quantized group; res: the keys
-    carry residual bits (`kres=1`); stages: register buffers of tiles (2: double buffering); gloop: the loop form
-    (`GLOOP`)."""
-    stages = stages or STAGES
-    gloop = gloop if gloop is not None else GLOOP if GLOOP is not None else int(stages != 2)
-    if stages != 2 and not gloop:
-        raise ValueError("only the general loop (gloop=1) holds more than 2 stages")
+    carry residual bits (`kres=1`)."""
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
-               TILE=tile or TILE, STAGES=stages, GLOOP=gloop,
+               TILE=tile or TILE,
                GPF=0 if paged else gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)),
                MINB=MINB if minb is None else minb, CW=CW if cw is None else cw, PAGED=int(paged), RES=int(res))
     return "".join(f"#define {k} {v}\n" for k, v in cfg.items())
@@ -189,13 +181,12 @@ MERGE_WARPS = 16    # MW in the source
 
 def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group: int, sink: int, window: int,
                      scale: float, splits: int | None = None, tile: int | None = None,
-                     gpf: int | None = None, minb: int | None = None, cw: int | None = None, parts: bool = False,
-                     stages: int | None = None, gloop: int | None = None):
+                     gpf: int | None = None, minb: int | None = None, cw: int | None = None, parts: bool = False):
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
     parts=True returns (the two launches as closures, out, splits) instead (benchmarks/quant_cuda_probe.py)."""
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
-                   splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts, stages=stages, gloop=gloop)
+                   splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts)
 
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
@@ -220,7 +211,7 @@ def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_p
 
 
 def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, splits=None, tile=None, gpf=None,
-            minb=None, cw=None, parts=False, paged=None, frac=1.0, stages=None, gloop=None):
+            minb=None, cw=None, parts=False, paged=None, frac=1.0):
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
@@ -231,7 +222,7 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     length = length if length.dtype == torch.int64 else length.long()
     cap = kq["planes"][0].shape[2]
     cfg = defines(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
-                  gpf=gpf, minb=minb, cw=cw, paged=paged is not None, res="res" in kq, stages=stages, gloop=gloop)
+                  gpf=gpf, minb=minb, cw=cw, paged=paged is not None, res="res" in kq)
     warps = CW if cw is None else cw
     if smem_bytes(D=D, G=G, cw=warps) > 48 * 1024:
         raise Unavailable(f"CUDA decode kernel: {warps} warps a program need more than 48 KiB of shared memory here")
