@@ -424,8 +424,6 @@ def main():
                     help="sparq rows: also time the step with these CUDA score launches, wpt:minb:threads[:vec[:choose"
                          "[:pipe]]],... (quest_sparq.CUDA_*; choose 0: `prepare` picks the channels, one launch more; "
                          "same filled cache, a column each)")
-    ap.add_argument("--mass-one", action="store_true",
-                    help="rank=mass / peak rows: also time the step with page_mass in one launch (quest_rerank.MASS_ONE)")
     a = ap.parse_args()
     cfg = dict(LLAMA3_8B, num_hidden_layers=a.layers)
     if a.smoke:
@@ -484,9 +482,6 @@ def main():
                     for launch in a.cuda_launches.split(","):
                         retime(f"ms {launch}", qs, **{f"CUDA_{k.upper()}": x
                                                       for k, x in zip(qs.LAUNCH_FIELDS, qs.parse_launch(launch))})
-                if a.mass_one and (" mass" in label or " peak" in label):
-                    from longkv.kernels import quest_rerank as qr
-                    retime("ms mass_one", qr, MASS_ONE=True)
                 if "+quest" in label and a.paged_launches:     # the paged attention's warps, splits, register cap
                     from longkv.kernels import quant_cuda as qc
                     for launch in a.paged_launches.split(","):

@@ -9,7 +9,7 @@ import torch
 from longkv.kernels import sparse_reference as ref
 
 triton = pytest.importorskip("triton")
-from longkv.kernels import page_select, quest, quest_rerank
+from longkv.kernels import page_select, quest
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,D,MP,npages", [(1, 4, 2, 32, 13, 13), (2, 9, 3, 64, 70, 41), (1, 2, 2, 16, 5, 1)])
@@ -410,12 +410,10 @@ def test_all_page_code_scores_equal_the_second_stage_over_every_page(B, Hq, Hkv,
     assert (got[..., :npages] > float("-inf")).all() and (got[..., npages:] == float("-inf")).all()
 
 
-@pytest.mark.parametrize("one", [False, True])
 @pytest.mark.parametrize("G,MP", [(3, 2500), (1, 7), (4, 1024)])   # 10, 1 and 4 blocks of 256 pages
-def test_page_mass_kernel_matches_reference(G, MP, one, monkeypatch):
-    """The two-pass normalization kernel (or the one-launch form, MASS_ONE): candidates over a wide range of
-    log-masses, non-candidates (-inf for every query), forced pages (+inf bound)."""
-    monkeypatch.setattr(quest_rerank, "MASS_ONE", one)
+def test_page_mass_kernel_matches_reference(G, MP):
+    """The two-pass normalization kernel: candidates over a wide range of log-masses, non-candidates (-inf for
+    every query), forced pages (+inf bound)."""
     g = torch.Generator().manual_seed(G + MP)
     lse = torch.randn(2, 3, MP, G, generator=g) * 30
     lse[:, :, 1::3] = float("-inf")

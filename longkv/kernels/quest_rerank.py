@@ -173,32 +173,19 @@ if triton is not None:
 
     @triton.jit
     def _mass_kernel(Lse, Part, Bound, Pos, Out, MP, NBLK, PAGE, sink, recent, G: tl.constexpr,
-                     BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, BY_POS: tl.constexpr,
-                     ONE: tl.constexpr):
+                     BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, BY_POS: tl.constexpr):
         """`page_mass`, second pass: Z_g from the row's block partials, then each page of this block:
         log Σ_g exp(lse_g − Z_g) (a query with no candidate adds nothing); forced pages (+inf in
-        Bound, or BY_POS: the first `sink` and last `recent` of the pages up to pos) are +inf. ONE: no first
-        pass; every program reads the whole row for Z_g itself (one launch, the row read NBLK times from L2)."""
+        Bound, or BY_POS: the first `sink` and last `recent` of the pages up to pos) are +inf. (A one-launch form,
+        each program reading the whole row for Z_g, measured 0.12 ms a step slower at 512K on an H100, session 35;
+        its source is in commit a49964d.)"""
         bh = tl.program_id(0)
         blk = tl.program_id(1)
         g = tl.arange(0, BLOCK_G)
-        if ONE:
-            m = tl.full([BLOCK_G], float("-inf"), tl.float32)      # running max and sum, each query
-            e = tl.zeros([BLOCK_G], tl.float32)
-            for b in range(NBLK):
-                q = b * BLOCK + tl.arange(0, BLOCK)
-                y = tl.load(Lse + (bh * MP + q[:, None]) * G + g[None, :], mask=(q[:, None] < MP) & (g[None, :] < G),
-                            other=float("-inf"))
-                m2 = tl.maximum(m, tl.max(y, 0))
-                safe = tl.where(m2 == float("-inf"), 0.0, m2)
-                e = e * tl.exp(m - safe) + tl.sum(tl.exp(y - safe[None, :]), 0)
-                m = m2
-            z = tl.where(e > 0, m + tl.log(tl.maximum(e, 1e-30)), float("-inf"))
-        else:
-            kk = tl.arange(0, BLOCK_K)
-            part = tl.load(Part + (bh * NBLK + kk[:, None]) * BLOCK_G + g[None, :], mask=kk[:, None] < NBLK,
-                           other=float("-inf"))
-            z = lse_rows(part, 0)
+        kk = tl.arange(0, BLOCK_K)
+        part = tl.load(Part + (bh * NBLK + kk[:, None]) * BLOCK_G + g[None, :], mask=kk[:, None] < NBLK,
+                       other=float("-inf"))
+        z = lse_rows(part, 0)
         z = tl.where(z == float("-inf"), 0.0, z)
         p = blk * BLOCK + tl.arange(0, BLOCK)
         ok = p < MP
@@ -219,13 +206,10 @@ def _rerank_out(bound, G: int, rank: str) -> torch.Tensor:
     return torch.full(bound.shape + ((G,) if rank == "mass" else ()), float("-inf"), device=bound.device)
 
 
-MASS_ONE = False   # page_mass in one launch (each program computes Z itself); not yet timed on a GPU
-
-
 def page_mass(lse: torch.Tensor, bound: torch.Tensor | None, *, block: int = 1024, pos=None, page: int = 0,
-              sink: int = 0, recent: int = 0, one: bool | None = None) -> torch.Tensor:
-    """See `sparse_reference.page_mass` (two kernels: block partials of Z, then every page; one (None:
-    MASS_ONE): one kernel, each program reading the whole row for Z); bound None: the forced pages from pos,
+              sink: int = 0, recent: int = 0) -> torch.Tensor:
+    """See `sparse_reference.page_mass` (two kernels: block partials of Z, then every page); bound None: the
+    forced pages from pos,
     page, sink, recent (as `page_scores` forces them)."""
     if not _use_triton(lse):
         if bound is None:
@@ -236,14 +220,12 @@ def page_mass(lse: torch.Tensor, bound: torch.Tensor | None, *, block: int = 102
     bound = lse if by_pos else bound   # (not read when by_pos)
     assert lse.is_contiguous() and bound.is_contiguous()
     BG, nblk = triton.next_power_of_2(G), triton.cdiv(MP, block)
-    one = MASS_ONE if one is None else one
-    part = lse if one else torch.empty(B * Hkv, nblk, BG, device=lse.device, dtype=torch.float32)  # (ONE: not read)
+    part = torch.empty(B * Hkv, nblk, BG, device=lse.device, dtype=torch.float32)
     out = torch.empty(B, Hkv, MP, device=lse.device, dtype=torch.float32)
-    if not one:
-        _mass_part_kernel[(B * Hkv, nblk)](lse, part, MP, nblk, G=G, BLOCK_G=BG, BLOCK=block)
+    _mass_part_kernel[(B * Hkv, nblk)](lse, part, MP, nblk, G=G, BLOCK_G=BG, BLOCK=block)
     _mass_kernel[(B * Hkv, nblk)](lse, part, bound, _pos(pos, lse.device) if by_pos else bound, out, MP, nblk,
                                   page, sink, recent, G=G, BLOCK_G=BG, BLOCK=block,
-                                  BLOCK_K=triton.next_power_of_2(nblk), BY_POS=by_pos, ONE=one)
+                                  BLOCK_K=triton.next_power_of_2(nblk), BY_POS=by_pos)
     return out
 
 
