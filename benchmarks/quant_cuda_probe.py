@@ -5,6 +5,7 @@ and bf16 flash-decoding over the same context; each captured in a CUDA graph and
 the packed bytes (codes and statistics).
 
     python benchmarks/quant_cuda_probe.py --context 128k --bits 4,2 --tile 16,32 --gpf 0,1 --cw 1,2,4 --minb 0,16
+    python benchmarks/quant_cuda_probe.py --context 128k --bits 4,2 --tile 16 --load-only
 
 Last line: JSON.
 """
@@ -50,6 +51,9 @@ def main():
                     help="L1 prefetch of the key group statistics (tiles ahead; auto: the kernel's own choice)")
     ap.add_argument("--minb", default="0", help="__launch_bounds__ minimum programs an SM")
     ap.add_argument("--cw", default="1", help="warps a program")
+    ap.add_argument("--load-only", action="store_true",
+                    help="also time each launch's loads alone (LOADONLY: the same loads, no attention): what the "
+                         "access pattern costs without the arithmetic")
     ap.add_argument("--reps", type=int, default=50)
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -87,6 +91,14 @@ def main():
                                          splits=splits, tile=tile, gpf=gpf,
                                          minb=minb, cw=cw, us=f"{us_a:.1f} | {us_m:.1f} | {us:.1f}",
                                          TBps=round(nbytes / us / 1e6, 2)))
+                        if a.load_only:
+                            # the same programs (splits) as the row above, though its fewer registers would fit more
+                            attn, _, _, _ = qc.decode_attention(q, kq, vq, kf, vf, length, parts=True, load_only=True,
+                                                                **dict(kw2, splits=splits))
+                            us_l = graphed(attn, a.reps)
+                            rows.append(dict(what=f"{bits}-bit CUDA: the splits kernel's loads alone", splits=splits,
+                                             tile=tile, gpf=gpf, minb=minb, cw=cw, us=f"{us_l:.1f}",
+                                             TBps=round(nbytes / us_l / 1e6, 2)))
     print_table(rows, ["what", "splits", "tile", "gpf", "minb", "cw", "us", "TBps"])
     emit_json({"bench": "quant_cuda_probe", "device": torch.cuda.get_device_name(), "context": ctx, "rows": rows})
 

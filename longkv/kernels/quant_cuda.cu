@@ -1,6 +1,7 @@
 // Decode attention over KIVI-layout packed KV, one layer: the CUDA source of `quant_cuda.py` (see its
 // docstring for the design and the figures). Compiled by NVRTC with a block of #defines in front
-// (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, GPF, MINB, CW, PAGED, RES; then
+// (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, GPF, MINB, CW, PAGED, RES,
+// LOADONLY; then
 // ptx.cuh (the shared typedefs and PTX helpers), then this file.
 // RES (`kres=1`, 4-bit codes, D >= 128): a residual bit a key element (`quant_reference.pack_res`, 32 channels a
 // word, each code pair's bits 16 apart) read with the codes; a key is z + s·(c + r/2 - 1/4).
@@ -178,6 +179,35 @@ __device__ __forceinline__ u32 res5(u32 a, u32 rw, int p, int sub) {
 
 __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end, const u32* qsm, int lane,
                                      const u16* ks, const u16* kz, int t, float sl2) {
+#if LOADONLY
+  /* a diagnostic (benchmarks/quant_cuda_probe.py --load-only): the same loads, in the same order and from the same
+     warps, with no arithmetic but an XOR that keeps them alive; its time is what the access pattern alone costs */
+  u32 x = 0;
+#pragma unroll
+  for (int u = 0; u < SUB; u++) {
+    const int tok = t0 + 16 * u;
+    if (tok >= end) break;
+    if (tok % GROUP == 0) {
+      u32 sw[D / 8], zw[D / 8];
+      ldw<D / 8>(sw, (const u32*)(ks + (i64)(tok / GROUP) * D));
+      ldw<D / 8>(zw, (const u32*)(kz + (i64)(tok / GROUP) * D));
+#pragma unroll
+      for (int i = 0; i < D / 8; i++) x ^= sw[i] ^ zw[i];
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+#pragma unroll
+      for (int w = 0; w < KW; w++) x ^= cur.k[u][r][w];
+      x ^= cur.vs[u][r] ^ ((u32)cur.vz[u][r] << 16);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+#pragma unroll
+      for (int w = 0; w < VW; w++) x ^= cur.v[u][e][w];
+  }
+  st.l0 += (float)(x & 1u);
+  return;
+#endif
 #pragma unroll
   for (int u = 0; u < SUB; u++) {
     const int tok = t0 + 16 * u;

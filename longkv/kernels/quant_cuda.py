@@ -93,18 +93,20 @@ def source() -> str:
 
 def defines(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
             gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False,
-            res: bool = False) -> str:
+            res: bool = False, load_only: bool = False) -> str:
     """The #defines of one compiled layout (window = ring - 2·group, as the cache sizes its ring); tile:
     tokens a loop step; gpf: the key
     group statistics into L1 this many tiles ahead (0 = off; always off when paged: the next listed group's
     rows prefetched 1-2 tiles ahead measured no faster); minb: programs an SM the
     compiler must fit (caps registers; 0 = its own choice); cw: warps a program; paged: read the key groups a
     page table lists (Quest over key groups, `paged_attention`) instead of every quantized group; res: the keys
-    carry residual bits (`kres=1`)."""
+    carry residual bits (`kres=1`); load_only: the loads alone, no attention (a diagnostic: its output is
+    meaningless)."""
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
                TILE=tile or TILE,
                GPF=0 if paged else gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)),
-               MINB=MINB if minb is None else minb, CW=CW if cw is None else cw, PAGED=int(paged), RES=int(res))
+               MINB=MINB if minb is None else minb, CW=CW if cw is None else cw, PAGED=int(paged), RES=int(res),
+               LOADONLY=int(load_only))
     return "".join(f"#define {k} {v}\n" for k, v in cfg.items())
 
 
@@ -181,12 +183,13 @@ MERGE_WARPS = 16    # MW in the source
 
 def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group: int, sink: int, window: int,
                      scale: float, splits: int | None = None, tile: int | None = None,
-                     gpf: int | None = None, minb: int | None = None, cw: int | None = None, parts: bool = False):
+                     gpf: int | None = None, minb: int | None = None, cw: int | None = None, parts: bool = False,
+                     load_only: bool = False):
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
     parts=True returns (the two launches as closures, out, splits) instead (benchmarks/quant_cuda_probe.py)."""
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
-                   splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts)
+                   splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts, load_only=load_only)
 
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
@@ -211,7 +214,7 @@ def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_p
 
 
 def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, splits=None, tile=None, gpf=None,
-            minb=None, cw=None, parts=False, paged=None, frac=1.0):
+            minb=None, cw=None, parts=False, paged=None, frac=1.0, load_only=False):
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
@@ -222,7 +225,7 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     length = length if length.dtype == torch.int64 else length.long()
     cap = kq["planes"][0].shape[2]
     cfg = defines(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
-                  gpf=gpf, minb=minb, cw=cw, paged=paged is not None, res="res" in kq)
+                  gpf=gpf, minb=minb, cw=cw, paged=paged is not None, res="res" in kq, load_only=load_only)
     warps = CW if cw is None else cw
     if smem_bytes(D=D, G=G, cw=warps) > 48 * 1024:
         raise Unavailable(f"CUDA decode kernel: {warps} warps a program need more than 48 KiB of shared memory here")
