@@ -272,8 +272,11 @@
 #    sums emulated): [copy part100..103], [copy part104; MODELS=gemma3-270m install <sha>; SQ="kv4:kres=1,window=128+quest:
 #    ratio=0.875,groups=1,channels=0.25,rank=mass,weigh=1,dense_layers=0" CELLS="niah_single_2:18,49
 #    niah_multikey_1:2,95" cells].
-# 3. (issue 4) kv2 at 128K: more register stages lost (session 35); the next idea is two independent 16-token chains in
-#    one warp, not written.
+# 3. (issue 4) kv2 at 128K: more register stages lost (session 35). First tell the access pattern from the arithmetic:
+#    [cd benchmarks && python3 quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --load-only] (~40 s): the
+#    splits kernel's loads alone (LOADONLY), same programs. Loads alone near 2-bit's 63 us: the pattern (~1,500 streams
+#    of 512 B key and value runs) is the limit, so a layout with a tile's keys and values contiguous is next. Loads
+#    alone far faster: the per-step dependent chain is, so two independent 16-token chains in one warp are next.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
