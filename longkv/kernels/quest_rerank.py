@@ -209,8 +209,7 @@ def _rerank_out(bound, G: int, rank: str) -> torch.Tensor:
 def page_mass(lse: torch.Tensor, bound: torch.Tensor | None, *, block: int = 1024, pos=None, page: int = 0,
               sink: int = 0, recent: int = 0) -> torch.Tensor:
     """See `sparse_reference.page_mass` (two kernels: block partials of Z, then every page); bound None: the
-    forced pages from pos,
-    page, sink, recent (as `page_scores` forces them)."""
+    forced pages from pos, page, sink, recent (as `page_scores` forces them)."""
     if not _use_triton(lse):
         if bound is None:
             bound = ref.forced_bound(lse.shape[:3], pos, page=page, sink=sink, recent=recent, device=lse.device)
