@@ -1,12 +1,14 @@
 """The NVRTC-built CUDA sources (`nvrtc.build`: the page select, its cluster form, the SparQ score; and
-`quant_cuda`'s KIVI kernels) compile, in the configurations the code asks for, with nvcc where this machine has one: a CPU-only machine then still catches a
-source that NVRTC would refuse on the GPU (where the code would quietly fall back to Triton). nvcc's front end is
-not NVRTC's, but both take the same CUDA C++; nvcc -ptx for sm_90, no GPU needed."""
+`quant_cuda`'s KIVI kernels) compile, in the configurations the code asks for, with nvcc where this machine has
+one: a CPU-only machine then still catches a source that NVRTC would refuse on the GPU (where the code would quietly
+fall back to Triton). nvcc's front end is not NVRTC's, but both take the same CUDA C++; nvcc -ptx for sm_90, no GPU
+needed."""
 import shutil
 import subprocess
 
 import pytest
 
+from longkv.kernels import quant_cuda
 from longkv.kernels.nvrtc import source
 
 NVCC = shutil.which("nvcc")
@@ -14,8 +16,7 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
 
 SCORE = dict(D=128, G=4, R=32, GROUP=64, SINK=4, WINDOW=128, QBF16=1, NT=256, WPT=4, MINB=2, VEC=1, CHOOSE=1,
              WEIGH=1, PIPE=0, EVERY=None, PERQ=0, HEXP=0)
-KIVI = dict(D=128, BITS=2, GROUP=16, G=4, SINK=4, RING=160, WINDOW=128, QBF16=1, TILE=16, GPF=1, MINB=0, CW=1,
-            PAGED=0, RES=0, LOADONLY=0)   # as `quant_cuda.defines` writes them
+KIVI = dict(D=128, G=4, sink=4, bf16=True)
 CASES = [
     ("page_select", ("page_select.cu",), dict(AGG=2, RK=8, EARLY=1)),
     ("page_select", ("page_select.cu",), dict(RK=16, EVERY=3)),
@@ -26,10 +27,12 @@ CASES = [
     ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(PERQ=1)),                 # rank=mass
     ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(PERQ=1, HEXP=1, PIPE=1, EVERY=2, D=256, G=8)),
     ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(WPT=1, VEC=0, GROUP=16, PERQ=1, G=1, R=16)),
-    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), KIVI),                                     # kivi2's layout
-    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), KIVI | dict(BITS=4, GROUP=64, RING=256, WINDOW=128, GPF=0, PAGED=1,
-                                                            RES=1, MINB=16)),               # the kres quarter's
-    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), KIVI | dict(LOADONLY=1)),                  # the probe's loads alone
+    # `quant_cuda`'s own layouts: kivi2's; the kres quarter's paged one (4 bits, residual bits, 128 registers); the
+    # probe's loads alone
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160)),
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, paged=True,
+                                                                  res=True, minb=16)),
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, load_only=True)),
 ]
 
 

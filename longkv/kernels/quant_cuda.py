@@ -91,10 +91,15 @@ def source() -> str:
     return "".join(Path(__file__).with_name(f).read_text() for f in ("ptx.cuh", "quant_cuda.cu"))
 
 
-def defines(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
-            gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False,
-            res: bool = False, load_only: bool = False) -> str:
-    """The #defines of one compiled layout (window = ring - 2·group, as the cache sizes its ring); tile:
+def defines(**layout) -> str:
+    """The #define lines of one compiled layout (`config`'s), as NVRTC gets them in front of `source()`."""
+    return "".join(f"#define {k} {v}\n" for k, v in config(**layout).items())
+
+
+def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
+           gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False,
+           res: bool = False, load_only: bool = False) -> dict:
+    """The #defines of one compiled layout, name to value (window = ring - 2·group, as the cache sizes its ring); tile:
     tokens a loop step; gpf: the key
     group statistics into L1 this many tiles ahead (0 = off; always off when paged: the next listed group's
     rows prefetched 1-2 tiles ahead measured no faster); minb: programs an SM the
@@ -107,7 +112,7 @@ def defines(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16
                GPF=0 if paged else gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)),
                MINB=MINB if minb is None else minb, CW=CW if cw is None else cw, PAGED=int(paged), RES=int(res),
                LOADONLY=int(load_only))
-    return "".join(f"#define {k} {v}\n" for k, v in cfg.items())
+    return cfg
 
 
 def smem_bytes(*, D: int, G: int, cw: int) -> int:
