@@ -99,11 +99,10 @@ def defines(**layout) -> str:
 def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
            gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False,
            res: bool = False, load_only: bool = False) -> dict:
-    """The #defines of one compiled layout, name to value (window = ring - 2·group, as the cache sizes its ring); tile:
-    tokens a loop step; gpf: the key
-    group statistics into L1 this many tiles ahead (0 = off; always off when paged: the next listed group's
-    rows prefetched 1-2 tiles ahead measured no faster); minb: programs an SM the
-    compiler must fit (caps registers; 0 = its own choice); cw: warps a program; paged: read the key groups a
+    """The #defines of one compiled layout, name to value (window = ring - 2·group, as the cache sizes its
+    ring); tile: tokens a loop step; gpf: the key group statistics into L1 this many tiles ahead (0 = off; always
+    off when paged: the next listed group's rows prefetched 1-2 tiles ahead measured no faster); minb: programs an
+    SM the compiler must fit (caps registers; 0 = its own choice); cw: warps a program; paged: read the key groups a
     page table lists (Quest over key groups, `paged_attention`) instead of every quantized group; res: the keys
     carry residual bits (`kres=1`); load_only: the loads alone, no attention (a diagnostic: its output is
     meaningless)."""
