@@ -6,6 +6,11 @@ the packed bytes (codes and statistics).
 
     python benchmarks/quant_cuda_probe.py --context 128k --bits 4,2 --tile 16,32 --gpf 0,1 --cw 1,2,4 --minb 0,16
     python benchmarks/quant_cuda_probe.py --context 128k --bits 4,2 --tile 16 --load-only
+    python benchmarks/quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res --paged 0.125 --load-only
+
+--paged F adds Quest's paged kernel (`quant_cuda.paged_attention`) reading a random F of each head's key groups
+(ascending, as the select lists them), its loads alone too with --load-only; --res gives the keys residual bits
+(`kres=1`, 4 bits), as the issue-5 spec `kv4:kres=1+quest:...` stores them.
 
 Last line: JSON.
 """
@@ -26,12 +31,14 @@ def graphed(fn, reps: int) -> float:
     return graph_time(fn, reps, torch.device("cuda")) * 1e3   # µs
 
 
-def layer(ctx: int, bits: int, group: int, H: int, D: int, sink: int, window: int, dev):
+def layer(ctx: int, bits: int, group: int, H: int, D: int, sink: int, window: int, dev, res: bool = False):
     cap = group * ((ctx - sink) // group + 1)
     w = D * bits // 8
     kq = {"planes": [torch.randint(0, 256, (1, H, cap, w), dtype=torch.uint8, device=dev)],
           "scale": (torch.rand(1, H, cap // group, D, device=dev) * 0.1 + 0.01).half(),
           "zero": (torch.randn(1, H, cap // group, D, device=dev)).half()}
+    if res:
+        kq["res"] = torch.randint(0, 256, (1, H, cap, D // 8), dtype=torch.uint8, device=dev)
     vq = {"planes": [torch.randint(0, 256, (1, H, cap, w), dtype=torch.uint8, device=dev)],
           "scale": (torch.rand(1, H, cap, 1, device=dev) * 0.1 + 0.01).half(),
           "zero": torch.randn(1, H, cap, 1, device=dev).half()}
@@ -54,6 +61,9 @@ def main():
     ap.add_argument("--load-only", action="store_true",
                     help="also time each launch's loads alone (LOADONLY: the same loads, no attention): what the "
                          "access pattern costs without the arithmetic")
+    ap.add_argument("--res", action="store_true", help="keys with residual bits (kres=1; 4 bits only)")
+    ap.add_argument("--paged", type=float, default=0.0,
+                    help="also the paged kernel over this share of each head's key groups (e.g. 0.125)")
     ap.add_argument("--reps", type=int, default=50)
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -70,14 +80,36 @@ def main():
     del k, v
     for bits in map(int, a.bits.split(",")):
         group = 64 if bits == 4 else 16
-        kq, vq, kf, vf = layer(ctx, bits, group, H, D, sink, window, dev)
+        res = a.res and bits == 4
+        kq, vq, kf, vf = layer(ctx, bits, group, H, D, sink, window, dev, res=res)
         nq = group * ((ctx - 1 - sink - window) // group)
-        nbytes = nq * H * (2 * D * bits // 8 + 2 * 2) + (nq // group) * H * D * 2 * 2   # codes + v stats + k stats
+
+        def nbytes_of(ntok):   # codes + v stats + k stats (+ residual bits)
+            return ntok * H * (2 * D * bits // 8 + 2 * 2 + (D // 8 if res else 0)) + (ntok // group) * H * D * 2 * 2
+
+        nbytes = nbytes_of(nq)
+        if a.paged:
+            rp = kq["planes"][0].shape[2] // group
+            k = max(1, round(a.paged * (nq // group)))
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            ids = torch.stack([torch.randperm(nq // group, generator=gen)[:k].sort().values + h * rp for h in range(H)])
+            table, nsel = ids.to(dev, torch.int32).contiguous(), torch.tensor([k], device=dev, dtype=torch.int32)
+            pkw = dict(row_pages=rp, bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5)
+            pb = nbytes_of(k * group)
+            for lo in (False, True) if a.load_only else (False,):
+                attn, merge, _, splits = qc.paged_attention(q, kq, vq, kf, vf, length, table, nsel, parts=True,
+                                                            load_only=lo, **pkw)
+                us_a, us_m = graphed(attn, a.reps), graphed(merge, a.reps)
+                rows.append(dict(what=f"{bits}-bit paged {a.paged:g}{' res' if res else ''}: "
+                                      + ("loads alone" if lo else "splits kernel | merge"),
+                                 splits=splits, tile=16, us=f"{us_a:.1f}" + ("" if lo else f" | {us_m:.1f}"),
+                                 TBps=round(pb / us_a / 1e6, 2)))
         kw = dict(bits=bits, group=group, vgroup=D, sink=sink, window=window, scale=D ** -0.5,
                   inv_freq=1.0 / (10000 ** (torch.arange(0, D, 2, device=dev).float() / D)), prerope=False)
-        us = graphed(lambda: qk.quant_decode_attention(q, kq, vq, kf, vf, length, impl="triton", **kw), a.reps)
-        rows.append(dict(what=f"{bits}-bit Triton (whole call)", splits="", tile="", us=round(us, 1),
-                         TBps=round(nbytes / us / 1e6, 2)))
+        if not res:   # (the Triton kernel does not read residual bits)
+            us = graphed(lambda: qk.quant_decode_attention(q, kq, vq, kf, vf, length, impl="triton", **kw), a.reps)
+            rows.append(dict(what=f"{bits}-bit Triton (whole call)", splits="", tile="", us=round(us, 1),
+                             TBps=round(nbytes / us / 1e6, 2)))
         for S in map(int, a.splits.split(",")):
             for tile in map(int, a.tile.split(",")):
                 for gpf in (None if x == "auto" else int(x) for x in a.gpf.split(",")):

@@ -28,11 +28,13 @@ CASES = [
     ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(PERQ=1, HEXP=1, PIPE=1, EVERY=2, D=256, G=8)),
     ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(WPT=1, VEC=0, GROUP=16, PERQ=1, G=1, R=16)),
     # `quant_cuda`'s own layouts: kivi2's; the kres quarter's paged one (4 bits, residual bits, 128 registers); the
-    # probe's loads alone
+    # probe's loads alone, dense (kivi2) and paged (the kres quarter)
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160)),
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, paged=True,
                                                                   res=True, minb=16)),
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, load_only=True)),
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, paged=True,
+                                                                  res=True, load_only=True)),
 ]
 
 

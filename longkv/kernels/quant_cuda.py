@@ -198,13 +198,15 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
                     sink: int, window: int, scale: float, splits: int | None = None, cw: int | None = None,
-                    minb: int | None = None, frac: float | None = None, parts: bool = False):
+                    minb: int | None = None, frac: float | None = None, parts: bool = False,
+                    load_only: bool = False):
     """Quest over key groups (`cache/select/quest_storage.py`): as `decode_attention`, but of the quantized
     region only the key groups listed in `table` (B·Hkv, K) int32 (global ids bh·row_pages + group index,
     ascending and inside the packed region, as `select_pages` over `kernels/quest.py: group_scores` lists
     them; a row's first min(nsel[bh], packed groups) entries are read); the full-precision sink and ring
     are always read. cw / frac / minb: warps a program, the splits' share of one wave and the minimum programs
-    an SM (None: PAGED_CW / PAGED_FRAC, and PAGED_MINB for 4 bits at D <= 128 without residual bits, else 0).
+    an SM (None: PAGED_CW / PAGED_FRAC, and PAGED_MINB for 4 bits at D <= 128 without residual bits, else 0);
+    load_only: as `decode_attention`'s (the diagnostic).
     Reference: `quant_reference.quant_group_attention`."""
     if group % TILE:
         raise Unavailable(f"CUDA paged kernel: key groups of {group} tokens are not whole {TILE}-token tiles")
@@ -213,7 +215,7 @@ def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_p
                    # (not with the keys' residual bits: at 128 registers the RES loop spills 76 bytes, offline SASS)
                    minb=(PAGED_MINB if bits == 4 and q.shape[-1] <= 128 and "res" not in kq else 0) if minb is None
                    else minb,
-                   frac=PAGED_FRAC if frac is None else frac,
+                   frac=PAGED_FRAC if frac is None else frac, load_only=load_only,
                    paged=(table, nsel.reshape(-1).expand(table.shape[0]).contiguous(), row_pages))
 
 
