@@ -53,6 +53,9 @@
 #   peak512   issue 5: rank=peak / mass from the CUDA score (each query's value a group): its GPU tests, decode at 512K
 #             (16 layers) next to full and rank=max, with fp16 exponentials (HEXP) retimed (session 34: the select's
 #             own normalisation, MASSG, was 45 us a layer slower and is gone); peakparts: one sparse layer's pieces
+#   loads     issues 4-5: quant_cuda_probe.py --load-only: kivi2 / kivi4 at 128K and the kres quarter's paged kernel
+#             (a random eighth of the key groups, 512K), each next to its loads alone (the same programs, no attention)
+#   mass512   issue 5: decode at 512K (16 layers): full, the kres quarter ranked by max and by mass, median of AGAIN + 1
 #   diag512   issue 5: why the paged attention reads at ~1.8 TB/s and the select takes 9 us: ncu (speed of
 #             light, occupancy, warp states, memory) on one sparse layer's kernels at 512K, 1/8, 4 layers
 #
@@ -262,7 +265,8 @@
 # Session 36 (2026-12-07): no machine came. Thirteen starts were refused over two hours (each 90-180 s of device time,
 # ~1,640 s of the 1,800; then too little was left to start one), so none of the calls below ran. New for them: the probe's --paged F / --res (Quest's paged
 # kernel over random tables, and its loads alone), call 3's second command.
-# The next calls (unchanged from session 35, still to run):
+# The next calls (session 35's, still to run; items 0 and 3 are now the steps `mass512` and `loads`, one call:
+# `OUT=$OUT bash benchmarks/gpu_batch.sh loads mass512`, ~5 min):
 # 0. (issue 5) The 3x for the mass quarter depends on the H100: 3.01x on session 35's, 2.90x on session 33-34's (full
 #    7 % faster there). Time it again on whatever machine comes (`sparse_decode.py --contexts 512k --layers 16
 #    --no-breakdown --reps 30 --again 4 --only "full,$q d0,$q mass d0"`, q="kv4 kres+quest 1/8 sparq 0.25 weigh");
@@ -476,6 +480,15 @@ P
         > "$OUT/diag512_run.log" 2>&1
       ncu --import "$OUT/diag512.ncu-rep" --page details > "$OUT/diag512.txt" 2>&1
       echo "diag512: $(grep -c 'kivi_attn\|page_select\|sparq_score\|kivi_merge' "$OUT/diag512.txt") kernel lines" >&2 ;;
+    loads)     # issues 4-5: the packed kernels against their loads alone (LOADONLY, the same programs): kivi2 / kivi4 at
+               # 128K (dense), then the kres quarter's paged kernel over a random eighth of the key groups at 512K
+      bench loads128 150 $PY quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --load-only
+      bench loads512 150 $PY quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res --paged 0.125 --load-only ;;
+    mass512)   # issue 5: the mass quarter's 3x on whatever machine comes: full, max and mass (d0), each row the median
+               # of AGAIN + 1 graphs
+      q="kv4 kres+quest 1/8 sparq 0.25 weigh"
+      bench mass512 330 $PY sparse_decode.py --contexts 512k --layers 16 --no-breakdown --reps 30 --again ${AGAIN:-4} \
+        --only "full,$q d0,$q mass d0" ;;
     *) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2 ;;
   esac
 }
