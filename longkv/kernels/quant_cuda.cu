@@ -198,6 +198,10 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
     for (int r = 0; r < 2; r++) {
 #pragma unroll
       for (int w = 0; w < KW; w++) x ^= cur.k[u][r][w];
+#if RES
+#pragma unroll
+      for (int w = 0; w < KRW; w++) x ^= cur.kr[u][r][w];
+#endif
       x ^= cur.vs[u][r] ^ ((u32)cur.vz[u][r] << 16);
     }
 #pragma unroll
