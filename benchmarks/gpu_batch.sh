@@ -263,8 +263,8 @@
 # sha 06439194...)], [copy part01; MODELS=smollm2-135m install 06439194...; the 8K mass grid GRID_LIMIT=330: 504 of 633,
 # -1.2 +- 2.3]. A new checkout has no .stage: rebuild the bundles (device_setup.sh's header; pip download is local).
 # Session 36 (2026-12-07): no machine came. Thirteen starts were refused over two hours (each 90-180 s of device time,
-# ~1,640 s of the 1,800; then too little was left to start one), so none of the calls below ran. New for them: the probe's --paged F / --res (Quest's paged
-# kernel over random tables, and its loads alone), call 3's second command.
+# ~1,640 s of the 1,800; then too little was left to start one), so none of the calls below ran. New for them: the
+# probe's --paged F / --res (Quest's paged kernel over random tables, and its loads alone), call 3's second command.
 # The next calls (session 35's, still to run; items 0 and 3 are now the steps `mass512` and `loads`, one call:
 # `OUT=$OUT bash benchmarks/gpu_batch.sh loads mass512`, ~5 min):
 # 0. (issue 5) The 3x for the mass quarter depends on the H100: 3.01x on session 35's, 2.90x on session 33-34's (full

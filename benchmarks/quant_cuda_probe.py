@@ -102,7 +102,7 @@ def main():
                 us_a, us_m = graphed(attn, a.reps), graphed(merge, a.reps)
                 rows.append(dict(what=f"{bits}-bit paged {a.paged:g}{' res' if res else ''}: "
                                       + ("loads alone" if lo else "splits kernel | merge"),
-                                 splits=splits, tile=16, us=f"{us_a:.1f}" + ("" if lo else f" | {us_m:.1f}"),
+                                 splits=splits, tile=qc.TILE, us=f"{us_a:.1f}" + ("" if lo else f" | {us_m:.1f}"),
                                  TBps=round(pb / us_a / 1e6, 2)))
         kw = dict(bits=bits, group=group, vgroup=D, sink=sink, window=window, scale=D ** -0.5,
                   inv_freq=1.0 / (10000 ** (torch.arange(0, D, 2, device=dev).float() / D)), prerope=False)

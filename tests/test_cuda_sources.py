@@ -3,6 +3,7 @@
 one: a CPU-only machine then still catches a source that NVRTC would refuse on the GPU (where the code would quietly
 fall back to Triton). nvcc's front end is not NVRTC's, but both take the same CUDA C++; nvcc -ptx for sm_90, no GPU
 needed."""
+import re
 import shutil
 import subprocess
 
@@ -38,11 +39,29 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,files,defines", CASES)
-def test_cuda_source_compiles(name, files, defines, tmp_path):
+def ptx(name, files, defines, tmp_path) -> str:
     cu = tmp_path / f"{name}.cu"
     cu.write_text(source(defines, files))
     out = subprocess.run([NVCC, "-ptx", "-arch=sm_90", "-o", str(tmp_path / "out.ptx"), str(cu)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert f".entry {name}" in (tmp_path / "out.ptx").read_text()
+    return (tmp_path / "out.ptx").read_text()
+
+
+@pytest.mark.parametrize("name,files,defines", CASES)
+def test_cuda_source_compiles(name, files, defines, tmp_path):
+    assert f".entry {name}" in ptx(name, files, defines, tmp_path)
+
+
+@pytest.mark.parametrize("layout", [dict(bits=2, group=16, ring=160), dict(bits=4, group=64, ring=256, paged=True,
+                                                                           res=True)])
+def test_kivi_loads_alone_issue_every_load_of_the_kernel(layout, tmp_path):
+    """LOADONLY (`quant_cuda_probe.py --load-only`) is only a measure of the access pattern if the compiler keeps
+    every load the attention issues: a loaded word it does not use is dropped (session 35's form lost the residual
+    words so). The same global loads and prefetches in the kernel's PTX, with and without it."""
+    def counts(**kw):
+        text = ptx("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, **layout, **kw), tmp_path)
+        body = text[text.index(".entry kivi_attn"):]
+        body = body[:body.index(".entry", 1)] if ".entry" in body[1:] else body
+        return [len(re.findall(p, body)) for p in (r"\bld\.global\S*", r"\bprefetch\.global\S*")]
+    assert counts(load_only=True) == counts()

@@ -209,6 +209,7 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
 #pragma unroll
       for (int w = 0; w < VW; w++) x ^= cur.v[u][e][w];
   }
+  x ^= qsm[lane];                                    /* (keeps the split's query loads, as the attention reads them) */
   st.l0 += (float)(x & 1u);
   return;
 #endif
