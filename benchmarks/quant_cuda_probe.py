@@ -7,6 +7,7 @@ the packed bytes (codes and statistics).
     python benchmarks/quant_cuda_probe.py --context 128k --bits 4,2 --tile 16,32 --gpf 0,1 --cw 1,2,4 --minb 0,16
     python benchmarks/quant_cuda_probe.py --context 128k --bits 4,2 --tile 16 --load-only
     python benchmarks/quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res --paged 0.125 --load-only
+    python benchmarks/quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --kdq 0,1
 
 --paged F adds Quest's paged kernel (`quant_cuda.paged_attention`) reading a random F of each head's key groups
 (ascending, as the select lists them), its loads alone too with --load-only; --res gives the keys residual bits
@@ -61,6 +62,8 @@ def main():
     ap.add_argument("--load-only", action="store_true",
                     help="also time each launch's loads alone (LOADONLY: the same loads, no attention): what the "
                          "access pattern costs without the arithmetic")
+    ap.add_argument("--kdq", default="auto",
+                    help="keys dequantized in registers (KDQ) 0 / 1, comma-separated (auto: the kernel's default)")
     ap.add_argument("--res", action="store_true", help="keys with residual bits (kres=1; 4 bits only)")
     ap.add_argument("--paged", type=float, default=0.0,
                     help="also the paged kernel over this share of each head's key groups (e.g. 0.125)")
@@ -113,15 +116,18 @@ def main():
         for S in map(int, a.splits.split(",")):
             for tile in map(int, a.tile.split(",")):
                 for gpf in (None if x == "auto" else int(x) for x in a.gpf.split(",")):
-                    for minb, cw in [(m, c) for m in map(int, a.minb.split(",")) for c in map(int, a.cw.split(","))]:
+                    for minb, cw, kdq in [(m, c, d) for m in map(int, a.minb.split(",")) for c in map(int, a.cw.split(","))
+                                          for d in (None if x == "auto" else int(x) for x in a.kdq.split(","))]:
                         kw2 = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5, splits=S or None,
-                                   tile=tile, gpf=gpf, minb=minb, cw=cw)
+                                   tile=tile, gpf=gpf, minb=minb, cw=cw, kdq=kdq)
                         attn, merge, _, splits = qc.decode_attention(q, kq, vq, kf, vf, length, parts=True, **kw2)
                         us_a, us_m = graphed(attn, a.reps), graphed(merge, a.reps)
                         us = graphed(lambda: qc.decode_attention(q, kq, vq, kf, vf, length, **kw2), a.reps)
                         rows.append(dict(what=f"{bits}-bit CUDA: splits kernel | merge | whole call",
                                          splits=splits, tile=tile, gpf=gpf,
-                                         minb=minb, cw=cw, us=f"{us_a:.1f} | {us_m:.1f} | {us:.1f}",
+                                         minb=minb, cw=cw, kdq=qc.config(D=D, bits=bits, group=group, G=G, sink=sink,
+                                                                          ring=window + 2 * group, bf16=True,
+                                                                          kdq=kdq, res=res)["KDQ"], us=f"{us_a:.1f} | {us_m:.1f} | {us:.1f}",
                                          TBps=round(nbytes / us / 1e6, 2)))
                         if a.load_only:
                             # the same programs (splits) as the row above, though its fewer registers would fit more
@@ -131,7 +137,7 @@ def main():
                             rows.append(dict(what=f"{bits}-bit CUDA: the splits kernel's loads alone", splits=splits,
                                              tile=tile, gpf=gpf, minb=minb, cw=cw, us=f"{us_l:.1f}",
                                              TBps=round(nbytes / us_l / 1e6, 2)))
-    print_table(rows, ["what", "splits", "tile", "gpf", "minb", "cw", "us", "TBps"])
+    print_table(rows, ["what", "splits", "tile", "gpf", "minb", "cw", "kdq", "us", "TBps"])
     emit_json({"bench": "quant_cuda_probe", "device": torch.cuda.get_device_name(), "context": ctx, "rows": rows})
 
 

@@ -34,6 +34,10 @@ CASES = [
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, paged=True,
                                                                   res=True, minb=16)),
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, load_only=True)),
+    # the keys dequantized in registers (KDQ), dense kivi2 and paged 4-bit
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, kdq=1)),
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, paged=True,
+                                                                  kdq=1)),
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, paged=True,
                                                                   res=True, load_only=True)),
 ]
@@ -54,7 +58,8 @@ def test_cuda_source_compiles(name, files, defines, tmp_path):
 
 
 @pytest.mark.parametrize("layout", [dict(bits=2, group=16, ring=160), dict(bits=4, group=64, ring=256, paged=True,
-                                                                           res=True)])
+                                                                           res=True), dict(bits=2, group=16, ring=160,
+                                                                                           kdq=1)])
 def test_kivi_loads_alone_issue_every_load_of_the_kernel(layout, tmp_path):
     """LOADONLY (`quant_cuda_probe.py --load-only`) is only a measure of the access pattern if the compiler keeps
     every load the attention issues: a loaded word it does not use is dropped (session 35's form lost the residual

@@ -34,8 +34,9 @@ def _cuda(x):
     (256, 4, 64, 2, 1300, 3), (256, 2, 16, 4, 600, 2), (128, 4, 64, 4, 100, 2),   # 100: nothing quantized yet
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-# the defaults; 4 warps a program; the key-group prefetch on / off (its default depends on the group)
-@pytest.mark.parametrize("variant", [{}, {"cw": 4}, {"gpf": 1}, {"gpf": 0}])
+# the defaults; 4 warps a program; the key-group prefetch on / off (its default depends on the group); the keys
+# dequantized in registers (KDQ) on and off (its default is the module's)
+@pytest.mark.parametrize("variant", [{}, {"cw": 4}, {"gpf": 1}, {"gpf": 0}, {"kdq": 1}, {"kdq": 0}])
 def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype, variant):
     if variant and dtype != torch.bfloat16:
         pytest.skip("launch variants: bf16 is enough")
@@ -71,8 +72,9 @@ def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype,
     (128, 4, 64, 4, 150, 4, None),                                   # nothing packed yet: the fp slots only
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("cw,minb", [(1, None), (1, 0), (2, 0), (4, 0)])   # None: the default (MINB 16: 4 bits, D <= 128)
-def test_cuda_paged_kernel_matches_reference(D, bits, group, G, length, k, splits, dtype, cw, minb):
+# minb None: the default (MINB 16: 4 bits, D <= 128); kdq 1: the keys dequantized in registers (None: the default)
+@pytest.mark.parametrize("cw,minb,kdq", [(1, None, None), (1, 0, None), (2, 0, None), (4, 0, None), (1, None, 1)])
+def test_cuda_paged_kernel_matches_reference(D, bits, group, G, length, k, splits, dtype, cw, minb, kdq):
     """Quest over key groups (`paged_attention`): the listed groups (ascending, inside the packed region, as
     `select_pages` over `group_scores` lists them) and every full-precision slot."""
     B, H, sink, window = 2, 2, 4, 128
@@ -94,7 +96,7 @@ def test_cuda_paged_kernel_matches_reference(D, bits, group, G, length, k, split
     want = ref.quant_group_attention(q, kq, vq, kf, vf, n, table, torch.tensor([nsel]), row_pages=MG, vgroup=D, **kw)
     got = qc.paged_attention(q.cuda().to(dtype), _cuda(kq), _cuda(vq), kf.cuda().to(dtype), vf.cuda().to(dtype),
                              n.cuda(), table.cuda(), torch.tensor([nsel], dtype=torch.int32).cuda(), row_pages=MG,
-                             splits=splits, cw=cw, minb=minb, **kw).float().cpu()
+                             splits=splits, cw=cw, minb=minb, kdq=kdq, **kw).float().cpu()
     dense = qc.decode_attention(q.cuda().to(dtype), _cuda(kq), _cuda(vq), kf.cuda().to(dtype), vf.cuda().to(dtype),
                                 n.cuda(), **kw).float().cpu()
     err_dense = (dense - ref.quant_decode_attention(q, kq, vq, kf, vf, length, vgroup=D, inv_freq=torch.zeros(D // 2),

@@ -1,10 +1,15 @@
 // Decode attention over KIVI-layout packed KV, one layer: the CUDA source of `quant_cuda.py` (see its
 // docstring for the design and the figures). Compiled by NVRTC with a block of #defines in front
 // (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, GPF, MINB, CW, PAGED, RES,
-// LOADONLY; then
+// LOADONLY, KDQ; then
 // ptx.cuh (the shared typedefs and PTX helpers), then this file.
+// KDQ (not with RES): the key codes dequantized in registers (c·s + z in fp16, two HFMA2 a register pair) against
+// the plain query, instead of the scale folded into the query and the zero term from MMAs at each group start.
 // RES (`kres=1`, 4-bit codes, D >= 128): a residual bit a key element (`quant_reference.pack_res`, 32 channels a
 // word, each code pair's bits 16 apart) read with the codes; a key is z + s·(c + r/2 - 1/4).
+#if KDQ && RES
+#error "KDQ does not read residual bits"
+#endif
 struct alignas(16) U4 { u32 x, y, z, w; };
 struct alignas(8) U2 { u32 x, y; };
 struct alignas(8) F2 { float x, y; };
@@ -83,6 +88,9 @@ struct State {
   float m0, m1, l0, l1, z0, z1, p0, p1, cq0, cq1;   /* queries 2t, 2t+1 (p: Σ of the fp16 value weights) */
   float acc[MB][4];
   u32 qf[KSTEPS][2];
+#if KDQ
+  u32 sk[KSTEPS][2], zk[KSTEPS][2];                /* the group's scale and zero pairs, in the codes' pair order */
+#endif
 };
 
 
@@ -156,6 +164,34 @@ __device__ __forceinline__ void group_stats(State& st, const u32* qsm, const u16
 #endif
 }
 
+#if KDQ
+/* KDQ: a new key group's scale and zero, paired as the code registers pair channels (a, a + PPW), (a + 1,
+   a + 1 + PPW) */
+__device__ __forceinline__ void key_pairs(State& st, const u16* sp, const u16* zp) {
+  u32 sw[D / 8], zw[D / 8];
+  ldw<D / 8>(sw, (const u32*)sp);
+  ldw<D / 8>(zw, (const u32*)zp);
+#pragma unroll
+  for (int s = 0; s < KSTEPS; s++) {
+    const int w = s / (PPW / 2), j = 2 * (s % (PPW / 2)), a = w * CPW + j;
+    st.sk[s][0] = prmt(sw[a / 2], sw[(a + PPW) / 2], 0x5410u);
+    st.sk[s][1] = prmt(sw[a / 2], sw[(a + PPW) / 2], 0x7632u);
+    st.zk[s][0] = prmt(zw[a / 2], zw[(a + PPW) / 2], 0x5410u);
+    st.zk[s][1] = prmt(zw[a / 2], zw[(a + PPW) / 2], 0x7632u);
+  }
+}
+
+/* KDQ: a code pair from `raw` (1024 + c·2^sub) → c·s + z in fp16: c = raw·2^-sub - 1024·2^-sub (exact), then
+   one HFMA2 (one rounding) */
+__device__ __forceinline__ u32 kdq(u32 r, u32 sc, u32 z, int sub) {
+  const u32 m = (u32)(15 - sub) << 10, b = 0x8000u | ((u32)(25 - sub) << 10);   /* 2^-sub, -2^(10-sub) */
+  u32 c, k;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(c) : "r"(r), "r"(m | m << 16), "r"(b | b << 16));
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(k) : "r"(c), "r"(sc), "r"(z));
+  return k;
+}
+#endif
+
 /* codes at bits (bit, 16 + bit) of w as fp16x2 (1024 + c·2^sub, 1024 + c'·2^sub), sub = bit % 8: masked in
    place and ORed into the exponent of 1024, one LOP3 (whole-byte shifts are shared by a word's pairs) */
 __device__ __forceinline__ u32 raw(u32 w, int bit) {
@@ -217,7 +253,11 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
   for (int u = 0; u < SUB; u++) {
     const int tok = t0 + 16 * u;
     if (tok >= end) break;
+#if KDQ
+    if (tok % GROUP == 0) key_pairs(st, ks + (i64)(tok / GROUP) * D, kz + (i64)(tok / GROUP) * D);
+#else
     if (tok % GROUP == 0) group_stats(st, qsm, ks + (i64)(tok / GROUP) * D, kz + (i64)(tok / GROUP) * D, lane);
+#endif
     /* scores: rows = tokens g, g + 8; columns = queries 2t, 2t + 1; two chains of MMAs */
     float s4[4] = {0.f, 0.f, 0.f, 0.f}, r4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -230,6 +270,12 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
           res5(raw(cur.k[u][0][w], BITS * (j + 1)), cur.kr[u][0][w / 4], p + 1, BITS * (j + 1) % 8),
           res5(raw(cur.k[u][1][w], BITS * (j + 1)), cur.kr[u][1][w / 4], p + 1, BITS * (j + 1) % 8),
           st.qf[s][0], st.qf[s][1]);
+#elif KDQ
+      const int b0 = BITS * j % 8, b1 = BITS * (j + 1) % 8;
+      mma(s & 1 ? r4 : s4, kdq(raw(cur.k[u][0][w], BITS * j), st.sk[s][0], st.zk[s][0], b0),
+          kdq(raw(cur.k[u][1][w], BITS * j), st.sk[s][0], st.zk[s][0], b0),
+          kdq(raw(cur.k[u][0][w], BITS * (j + 1)), st.sk[s][1], st.zk[s][1], b1),
+          kdq(raw(cur.k[u][1][w], BITS * (j + 1)), st.sk[s][1], st.zk[s][1], b1), st.qf[s][0], st.qf[s][1]);
 #else
       mma(s & 1 ? r4 : s4, raw(cur.k[u][0][w], BITS * j), raw(cur.k[u][1][w], BITS * j),
           raw(cur.k[u][0][w], BITS * (j + 1)), raw(cur.k[u][1][w], BITS * (j + 1)), st.qf[s][0], st.qf[s][1]);
@@ -443,13 +489,24 @@ extern "C" __global__ void BOUNDS kivi_attn(
   for (int i = 0; i < MB; i++) { st.acc[i][0] = st.acc[i][1] = st.acc[i][2] = st.acc[i][3] = 0.f; }
 #pragma unroll
   for (int s = 0; s < KSTEPS; s++) { st.qf[s][0] = st.qf[s][1] = 0u; }
+#if KDQ
+  /* the plain query (qn) in B order, fixed for the split: the keys come dequantized */
+#pragma unroll
+  for (int s = 0; s < KSTEPS; s++)
+#pragma unroll
+    for (int r = 0; r < 2; r++) st.qf[s][r] = qsm[QW * 32 + (((2 * s + r) / 4) * 32 + lane) * 4 + (2 * s + r) % 4];
+#endif
 
   Buf A, B;     /* double buffer: the next tile's words load while this one is computed */
   if (start < end) load(A, kp, vp, vs, vz, ks, kz, TOK(start), LIM, g, t, krp);
 #if PAGED
   if (start < end && start % GROUP) {    /* the run starts inside a group */
     const i64 r = (i64)(TOK(start) / GROUP) * D;
+#if KDQ
+    key_pairs(st, ks + r, kz + r);
+#else
     group_stats(st, qsm, ks + r, kz + r, lane);
+#endif
   }
 #endif
   for (int t0 = start; t0 < end; t0 += 2 * TILE) {
