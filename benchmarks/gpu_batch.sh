@@ -485,11 +485,11 @@ P
                # 128K (dense), then the kres quarter's paged kernel over a random eighth of the key groups at 512K
       bench loads128 150 $PY quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --load-only
       bench loads512 150 $PY quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res --paged 0.125 --load-only ;;
-    kdq)       # issue 4: the keys dequantized in registers (KDQ): its GPU tests, the one-layer probe at 128K (2 and 4 bits,
-               # KDQ off / on), and decode at 128K (full, kivi2 off / on; LONGKV_KDQ)
-      (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q -rf --tb=line tests/test_quant_cuda.py -k "kdq") \
+    kdq)       # issue 4: the keys dequantized in registers (KDQ): its and 32-token tiles' GPU tests, the one-layer probe at
+               # 128K (2 and 4 bits, tiles 16 / 32, KDQ off / on), and decode at 128K (full, kivi2 off / on; LONGKV_KDQ)
+      (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q -rf --tb=line tests/test_quant_cuda.py -k "kdq or tile32") \
         > "$OUT/kdq_tests.log" 2>&1; echo "kdq tests: $(tail -n 1 "$OUT/kdq_tests.log")" >&2
-      bench kdq128 120 $PY quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --kdq 0,1
+      bench kdq128 150 $PY quant_cuda_probe.py --context 128k --bits 2,4 --tile 16,32 --kdq 0,1
       bench kdqdecode 200 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24
       LONGKV_KDQ=1 bench kdqdecode1 200 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24 ;;
     mass512)   # issue 5: the mass quarter's 3x on whatever machine comes: full, max and mass (d0), each row the median

@@ -34,8 +34,9 @@ CASES = [
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, paged=True,
                                                                   res=True, minb=16)),
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, load_only=True)),
-    # the keys dequantized in registers (KDQ), dense kivi2 and paged 4-bit
+    # the keys dequantized in registers (KDQ), dense kivi2 (16- and 32-token tiles) and paged 4-bit
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, kdq=1)),
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, kdq=1, tile=32)),
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, paged=True,
                                                                   kdq=1)),
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, paged=True,

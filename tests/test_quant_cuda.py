@@ -35,8 +35,11 @@ def _cuda(x):
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 # the defaults; 4 warps a program; the key-group prefetch on / off (its default depends on the group); the keys
-# dequantized in registers (KDQ) on and off (its default is the module's)
-@pytest.mark.parametrize("variant", [{}, {"cw": 4}, {"gpf": 1}, {"gpf": 0}, {"kdq": 1}, {"kdq": 0}])
+# dequantized in registers (KDQ) on and off (its default is the module's); 32-token tiles (two 16-token steps' scores
+# before one softmax update), with and without KDQ
+@pytest.mark.parametrize("variant", [{}, {"cw": 4}, {"gpf": 1}, {"gpf": 0}, {"kdq": 1}, {"kdq": 0}, {"tile": 32},
+                                     {"tile": 32, "kdq": 1}],
+                         ids=lambda v: "-".join(f"{k}{x}" for k, x in v.items()) or "default")
 def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype, variant):
     if variant and dtype != torch.bfloat16:
         pytest.skip("launch variants: bf16 is enough")
@@ -73,7 +76,8 @@ def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype,
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 # minb None: the default (MINB 16: 4 bits, D <= 128); kdq 1: the keys dequantized in registers (None: the default)
-@pytest.mark.parametrize("cw,minb,kdq", [(1, None, None), (1, 0, None), (2, 0, None), (4, 0, None), (1, None, 1)])
+@pytest.mark.parametrize("cw,minb,kdq", [(1, None, None), (1, 0, None), (2, 0, None), (4, 0, None), (1, None, 1)],
+                         ids=["default", "minb0", "cw2", "cw4", "kdq1"])
 def test_cuda_paged_kernel_matches_reference(D, bits, group, G, length, k, splits, dtype, cw, minb, kdq):
     """Quest over key groups (`paged_attention`): the listed groups (ascending, inside the packed region, as
     `select_pages` over `group_scores` lists them) and every full-precision slot."""

@@ -249,10 +249,15 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
   st.l0 += (float)(x & 1u);
   return;
 #endif
+  /* a tile's 16-token steps (SUB): every step's scores first (independent MMA chains where the steps share a key
+     group's statistics, or with KDQ), then one softmax update, then each step's values */
+  float xs[SUB][4];
+  int nu = 0;
 #pragma unroll
   for (int u = 0; u < SUB; u++) {
     const int tok = t0 + 16 * u;
     if (tok >= end) break;
+    nu = u + 1;
 #if KDQ
     if (tok % GROUP == 0) key_pairs(st, ks + (i64)(tok / GROUP) * D, kz + (i64)(tok / GROUP) * D);
 #else
@@ -281,9 +286,14 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
           raw(cur.k[u][0][w], BITS * (j + 1)), raw(cur.k[u][1][w], BITS * (j + 1)), st.qf[s][0], st.qf[s][1]);
 #endif
     }
-    const float x0 = (s4[0] + r4[0] + st.cq0) * sl2, x1 = (s4[1] + r4[1] + st.cq1) * sl2;
-    const float x2 = (s4[2] + r4[2] + st.cq0) * sl2, x3 = (s4[3] + r4[3] + st.cq1) * sl2;
-    float mx0 = fmaxf(x0, x2), mx1 = fmaxf(x1, x3);
+    xs[u][0] = (s4[0] + r4[0] + st.cq0) * sl2; xs[u][1] = (s4[1] + r4[1] + st.cq1) * sl2;
+    xs[u][2] = (s4[2] + r4[2] + st.cq0) * sl2; xs[u][3] = (s4[3] + r4[3] + st.cq1) * sl2;
+  }
+  float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+  for (int u = 0; u < SUB; u++)
+    if (u < nu) { mx0 = fmaxf(mx0, fmaxf(xs[u][0], xs[u][2])); mx1 = fmaxf(mx1, fmaxf(xs[u][1], xs[u][3])); }
+  {
     /* FlashAttention-4's lazy rescaling: the running maximum moves (and everything is rescaled) only when
        a score passes it by more than TH; otherwise weights up to 2^TH enter as they are */
     if (__any_sync(0xffffffffu, mx0 > st.m0 + TH || mx1 > st.m1 + TH)) {
@@ -300,7 +310,12 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
 #pragma unroll
       for (int mb = 0; mb < MB; mb++) { st.acc[mb][0] *= al0; st.acc[mb][1] *= al1; st.acc[mb][2] *= al0; st.acc[mb][3] *= al1; }
     }
-    const float p0 = exp2f(x0 - st.m0), p1 = exp2f(x1 - st.m1), p2 = exp2f(x2 - st.m0), p3 = exp2f(x3 - st.m1);
+  }
+#pragma unroll
+  for (int u = 0; u < SUB; u++) {
+    if (u >= nu) break;
+    const float p0 = exp2f(xs[u][0] - st.m0), p1 = exp2f(xs[u][1] - st.m1), p2 = exp2f(xs[u][2] - st.m0),
+                p3 = exp2f(xs[u][3] - st.m1);
     const float s0 = h2f(cur.vs[u][0]), s1 = h2f(cur.vs[u][1]);
     const float zz0 = h2f(cur.vz[u][0]), zz1 = h2f(cur.vz[u][1]);
     st.l0 += p0 + p2;
