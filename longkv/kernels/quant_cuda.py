@@ -87,6 +87,9 @@ PAGED_CW, PAGED_FRAC, PAGED_MINB = 1, 1.0, 16
 # groups (kivi2), where every tile starts a group. Off until measured (quant_cuda_probe.py --kdq 0,1);
 # LONGKV_KDQ=1 turns it on.
 KDQ = int(os.environ.get("LONGKV_KDQ", "0"))
+# the dense kernel's tile (`decode_attention`; the paged one keeps TILE): LONGKV_KIVI_TILE=32 times 32-token tiles, whose
+# two 16-token steps' scores are independent MMA chains before one softmax update
+DENSE_TILE = int(os.environ.get("LONGKV_KIVI_TILE", TILE))
 _MODULES: dict = {}
 
 
@@ -198,7 +201,8 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
     parts=True returns (the two launches as closures, out, splits) instead (benchmarks/quant_cuda_probe.py)."""
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
-                   splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts, load_only=load_only, kdq=kdq)
+                   splits=splits, tile=tile or DENSE_TILE, gpf=gpf, minb=minb, cw=cw, parts=parts, load_only=load_only,
+                   kdq=kdq)
 
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
