@@ -53,8 +53,9 @@
 #   peak512   issue 5: rank=peak / mass from the CUDA score (each query's value a group): its GPU tests, decode at 512K
 #             (16 layers) next to full and rank=max, with fp16 exponentials (HEXP) retimed (session 34: the select's
 #             own normalisation, MASSG, was 45 us a layer slower and is gone); peakparts: one sparse layer's pieces
-#   loads     issues 4-5: quant_cuda_probe.py --load-only: kivi2 / kivi4 at 128K and the kres quarter's paged kernel
-#             (a random eighth of the key groups, 512K), each next to its loads alone (the same programs, no attention)
+#   loads     issues 4-5: quant_cuda_probe.py --load-only --frag: kivi2 / kivi4 at 128K and the kres quarter's paged
+#             kernel (a random eighth of the key groups, 512K), each next to its loads alone (the same programs, no
+#             attention) and to the loads alone from a tile-contiguous layout (FRAG, the what-if)
 #   kdq       issue 4: the keys dequantized in registers (KDQ, quant_cuda.py) and 32-token tiles: GPU tests, probe at 128K
 #   kdqdecode issue 4: decode at 128K, full and kivi2, as it is and with KDQ / 32-token tiles (KDQ_RUNS)
 #   mass512   issue 5: decode at 512K (16 layers): full, the kres quarter ranked by max and by mass, median of AGAIN + 1
@@ -267,8 +268,13 @@
 # Session 36 (2026-12-07): no machine came. Thirteen starts were refused over two hours (each 90-180 s of device time,
 # ~1,640 s of the 1,800; then too little was left to start one), so none of the calls below ran. New for them: the
 # probe's --paged F / --res (Quest's paged kernel over random tables, and its loads alone), call 3's second command.
-# The next calls (session 35's, still to run; items 0 and 3 are now the steps `mass512` and `loads`, one call:
-# `OUT=$OUT bash benchmarks/gpu_batch.sh loads mass512`, ~5 min):
+# Session 37 (2026-12-07): one H200 after ten refused starts (~1,000 s of device time): [kdq tests (62 passed); probe
+# --kdq 0,1 --tile 16,32; probe --load-only: 2-bit loads alone 41.2 of 61.7 us], [mass512 --again 3: mass 2.59x, max
+# 2.73x on the H200], [loads512 (its loads row then ran other programs: fixed); decode 128K kivi2 0.720x, KDQ 0.707x],
+# [residual / paged / default GPU tests after the tile restructure (50 passed); loads512 again: 43.6 vs 30.2 us].
+# Item 3 below is done; item 0 ran on the H200 (2.6x) and is still wanted on an H100.
+# The next calls: `OUT=$OUT bash benchmarks/gpu_batch.sh loads mass512` (~5 min; loads now also times --frag, the
+# tile-contiguous what-if: if its loads alone are far below 41 us at 2 bits, change the cache's code layout);
 # 0. (issue 5) The 3x for the mass quarter depends on the H100: 3.01x on session 35's, 2.90x on session 33-34's (full
 #    7 % faster there). Time it again on whatever machine comes (`sparse_decode.py --contexts 512k --layers 16
 #    --no-breakdown --reps 30 --again 4 --only "full,$q d0,$q mass d0"`, q="kv4 kres+quest 1/8 sparq 0.25 weigh");
@@ -484,8 +490,8 @@ P
       echo "diag512: $(grep -c 'kivi_attn\|page_select\|sparq_score\|kivi_merge' "$OUT/diag512.txt") kernel lines" >&2 ;;
     loads)     # issues 4-5: the packed kernels against their loads alone (LOADONLY, the same programs): kivi2 / kivi4 at
                # 128K (dense), then the kres quarter's paged kernel over a random eighth of the key groups at 512K
-      bench loads128 150 $PY quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --load-only
-      bench loads512 150 $PY quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res --paged 0.125 --load-only ;;
+      bench loads128 150 $PY quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --load-only --frag
+      bench loads512 150 $PY quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res --paged 0.125 --load-only --frag ;;
     kdq)       # issue 4: the keys dequantized in registers (KDQ): its and 32-token tiles' GPU tests, the one-layer probe at
                # 128K (2 and 4 bits, tiles 16 / 32, KDQ off / on), and decode at 128K (full, kivi2 off / on; LONGKV_KDQ)
       (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q -rf --tb=line tests/test_quant_cuda.py -k "kdq or tile32") \

@@ -46,7 +46,8 @@ H200 agree: 203 a 16-token step):
 
 Measured (H200, Llama-3-8B shape, BENCHMARKS.md issue 4, sessions 11-13): one layer at 128K 56.1 µs
 (2.63 TB/s on every byte it reads) against the Triton kernel's 183 µs and bf16 flash-decoding's 133 µs;
-decode kivi4 0.68x of bf16 full at 128K, 0.50x at 512K; kivi2 0.73x / 0.56x. Paged, 1/8 of the groups
+decode kivi4 0.68x of bf16 full at 128K, 0.50x at 512K; kivi2 0.73x / 0.56x (0.707x at 128K with KDQ, session
+37: its loads alone take 41 of its 58 µs a layer, so the row-major code layout is kivi2's floor). Paged, 1/8 of the groups
 at 512K: ~34 µs a layer inside the decode step (issue 5). Tried and measured no
 faster for 4 bits: prefetching the codes into L1 1-2 tiles ahead or into L2 2-8 tiles ahead (both
 removed again), several
