@@ -57,7 +57,7 @@
 #             kernel (a random eighth of the key groups, 512K), each next to its loads alone (the same programs, no
 #             attention) and to the loads alone from a tile-contiguous layout (FRAG, the what-if)
 #   kdq       issue 4: the keys dequantized in registers (KDQ, quant_cuda.py) and 32-token tiles: GPU tests, probe at 128K
-#   kdqdecode issue 4: decode at 128K, full and kivi2, as it is and with KDQ / 32-token tiles (KDQ_RUNS)
+#   kdqdecode issue 4: decode at 128K, full and kivi2, as it is (KDQ on) and with LONGKV_KDQ=0
 #   mass512   issue 5: decode at 512K (16 layers): full, the kres quarter ranked by max and by mass, median of AGAIN + 1
 #   diag512   issue 5: why the paged attention reads at ~1.8 TB/s and the select takes 9 us: ncu (speed of
 #             light, occupancy, warp states, memory) on one sparse layer's kernels at 512K, 1/8, 4 layers
@@ -497,12 +497,9 @@ P
       (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q -rf --tb=line tests/test_quant_cuda.py -k "kdq or tile32") \
         > "$OUT/kdq_tests.log" 2>&1; echo "kdq tests: $(tail -n 1 "$OUT/kdq_tests.log")" >&2
       bench kdq128 150 $PY quant_cuda_probe.py --context 128k --bits 2,4 --tile 16,32 --kdq 0,1 ;;
-    kdqdecode) # issue 4: decode at 128K, full and kivi2, as it is and with each of KDQ_RUNS ("KDQ:TILE", default 1:16 1:32)
+    kdqdecode) # issue 4: decode at 128K, full and kivi2, as it is (KDQ on for 2 bits) and with LONGKV_KDQ=0
       bench kdqdecode 200 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24
-      for r in ${KDQ_RUNS:-1:16 1:32}; do
-        LONGKV_KDQ=${r%:*} LONGKV_KIVI_TILE=${r#*:} bench kdqdecode_${r/:/_} 200 $PY quant_decode.py --contexts 128k \
-          --caches "full;kivi2" --new-tokens 24
-      done ;;
+      LONGKV_KDQ=0 bench kdqdecode0 200 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24 ;;
     mass512)   # issue 5: the mass quarter's 3x on whatever machine comes: full, max and mass (d0), each row the median
                # of AGAIN + 1 graphs
       q="kv4 kres+quest 1/8 sparq 0.25 weigh"

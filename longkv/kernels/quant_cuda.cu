@@ -319,23 +319,21 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
 #pragma unroll
   for (int u = 0; u < SUB; u++)
     if (u < nu) { mx0 = fmaxf(mx0, fmaxf(xs[u][0], xs[u][2])); mx1 = fmaxf(mx1, fmaxf(xs[u][1], xs[u][3])); }
-  {
-    /* FlashAttention-4's lazy rescaling: the running maximum moves (and everything is rescaled) only when
-       a score passes it by more than TH; otherwise weights up to 2^TH enter as they are */
-    if (__any_sync(0xffffffffu, mx0 > st.m0 + TH || mx1 > st.m1 + TH)) {
+  /* FlashAttention-4's lazy rescaling: the running maximum moves (and everything is rescaled) only when
+     a score passes it by more than TH; otherwise weights up to 2^TH enter as they are */
+  if (__any_sync(0xffffffffu, mx0 > st.m0 + TH || mx1 > st.m1 + TH)) {
 #pragma unroll
-      for (int o = 4; o < 32; o <<= 1) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
-      }
-      const float n0 = fmaxf(st.m0, mx0), n1 = fmaxf(st.m1, mx1);
-      const float al0 = exp2f(st.m0 - n0), al1 = exp2f(st.m1 - n1);
-      st.m0 = n0; st.m1 = n1;
-      st.l0 *= al0; st.z0 *= al0; st.p0 *= al0;
-      st.l1 *= al1; st.z1 *= al1; st.p1 *= al1;
-#pragma unroll
-      for (int mb = 0; mb < MB; mb++) { st.acc[mb][0] *= al0; st.acc[mb][1] *= al1; st.acc[mb][2] *= al0; st.acc[mb][3] *= al1; }
+    for (int o = 4; o < 32; o <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
     }
+    const float n0 = fmaxf(st.m0, mx0), n1 = fmaxf(st.m1, mx1);
+    const float al0 = exp2f(st.m0 - n0), al1 = exp2f(st.m1 - n1);
+    st.m0 = n0; st.m1 = n1;
+    st.l0 *= al0; st.z0 *= al0; st.p0 *= al0;
+    st.l1 *= al1; st.z1 *= al1; st.p1 *= al1;
+#pragma unroll
+    for (int mb = 0; mb < MB; mb++) { st.acc[mb][0] *= al0; st.acc[mb][1] *= al1; st.acc[mb][2] *= al0; st.acc[mb][3] *= al1; }
   }
 #pragma unroll
   for (int u = 0; u < SUB; u++) {

@@ -70,7 +70,8 @@ from pathlib import Path
 
 import torch
 
-TILE = 16          # tokens a loop step (and a double-buffered load); 32 measured slower (more registers)
+TILE = 16          # tokens a loop step (and a double-buffered load); 32 measured slower (more registers; with
+                   # KDQ at 2 bits no faster: session 37)
 GPF = None         # L1 prefetch of a key group's scale/zero rows, this many tiles ahead (0 = off; None: 1 when
                    # every tile starts a group, e.g. kivi2's 16-token groups: 72 -> 61 µs at 128K; 4-bit's
                    # 64-token groups measured 1.6 µs slower with it)
@@ -84,14 +85,11 @@ MINB = 0           # __launch_bounds__ minimum programs an SM (0 = the compiler'
 # 4 bits at D <= 128: D 256 (252 registers) and 2 bits (136) spill under the cap.
 PAGED_CW, PAGED_FRAC, PAGED_MINB = 1, 1.0, 16
 # KDQ: the key codes dequantized in registers (c·s + z, two HFMA2 a register pair) against the plain query, in place
-# of the group's rebuild (q∘s and the zero term from three MMA chains) at each group start. None: on for 2 bits where
+# of the group's rebuild (q∘s and the zero term from two MMA chains) at each group start. None: on for 2 bits where
 # every tile starts a key group (kivi2's 16-token groups: one layer at 128K 61.5 -> 57.8 µs, decode 0.720x -> 0.707x
 # of full, H200, session 37); off for 4 bits' 64-token groups (51.4 -> 53.4 µs: the rebuild is once in four tiles
 # there). LONGKV_KDQ=0 / 1 forces it.
 KDQ = int(os.environ["LONGKV_KDQ"]) if os.environ.get("LONGKV_KDQ") else None
-# the dense kernel's tile (`decode_attention`; the paged one keeps TILE): LONGKV_KIVI_TILE=32 times 32-token tiles, whose
-# two 16-token steps' scores are independent MMA chains before one softmax update
-DENSE_TILE = int(os.environ.get("LONGKV_KIVI_TILE", TILE))
 _MODULES: dict = {}
 
 
@@ -207,8 +205,8 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
     parts=True returns (the two launches as closures, out, splits) instead (benchmarks/quant_cuda_probe.py)."""
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
-                   splits=splits, tile=tile or DENSE_TILE, gpf=gpf, minb=minb, cw=cw, parts=parts, load_only=load_only,
-                   kdq=kdq, frag=frag)
+                   splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts, load_only=load_only, kdq=kdq,
+                   frag=frag)
 
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
