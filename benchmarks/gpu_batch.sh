@@ -268,7 +268,7 @@
 # Session 36 (2026-12-07): no machine came. Thirteen starts were refused over two hours (each 90-180 s of device time,
 # ~1,640 s of the 1,800; then too little was left to start one), so none of the calls below ran. New for them: the
 # probe's --paged F / --res (Quest's paged kernel over random tables, and its loads alone), call 3's second command.
-# Session 37 (2026-12-07): one H200 after ten refused starts (~1,000 s of device time): [kdq tests (62 passed); probe
+# Session 37 (2026-12-07): one H200 after eleven refused starts (~1,020 s of device time): [kdq tests (62 passed); probe
 # --kdq 0,1 --tile 16,32; probe --load-only: 2-bit loads alone 41.2 of 61.7 us], [mass512 --again 3: mass 2.59x, max
 # 2.73x on the H200], [loads512 (its loads row then ran other programs: fixed); decode 128K kivi2 0.720x, KDQ 0.707x],
 # [residual / paged / default GPU tests after the tile restructure (50 passed); loads512 again: 43.6 vs 30.2 us].
