@@ -123,19 +123,20 @@ def main():
         for S in map(int, a.splits.split(",")):
             for tile in map(int, a.tile.split(",")):
                 for gpf in (None if x == "auto" else int(x) for x in a.gpf.split(",")):
-                    for minb, cw, kdq in [(m, c, d) for m in map(int, a.minb.split(",")) for c in map(int, a.cw.split(","))
-                                          for d in (None if x == "auto" else int(x) for x in a.kdq.split(","))]:
+                    kdqs = [None if x == "auto" else int(x) for x in a.kdq.split(",")]
+                    for minb, cw, kdq in [(m, c, d) for m in map(int, a.minb.split(","))
+                                          for c in map(int, a.cw.split(",")) for d in kdqs]:
                         kw2 = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5, splits=S or None,
                                    tile=tile, gpf=gpf, minb=minb, cw=cw, kdq=kdq)
                         attn, merge, _, splits = qc.decode_attention(q, kq, vq, kf, vf, length, parts=True, **kw2)
                         us_a, us_m = graphed(attn, a.reps), graphed(merge, a.reps)
                         us = graphed(lambda: qc.decode_attention(q, kq, vq, kf, vf, length, **kw2), a.reps)
+                        # (KDQ as compiled: "auto" resolves per layout)
+                        kdq_on = qc.config(D=D, bits=bits, group=group, G=G, sink=sink, ring=window + 2 * group,
+                                           bf16=True, tile=tile, kdq=kdq, res=res)["KDQ"]
                         rows.append(dict(what=f"{bits}-bit CUDA: splits kernel | merge | whole call",
-                                         splits=splits, tile=tile, gpf=gpf,
-                                         minb=minb, cw=cw, kdq=qc.config(D=D, bits=bits, group=group, G=G, sink=sink,
-                                                                          ring=window + 2 * group, bf16=True,
-                                                                          kdq=kdq, res=res)["KDQ"], us=f"{us_a:.1f} | {us_m:.1f} | {us:.1f}",
-                                         TBps=round(nbytes / us / 1e6, 2)))
+                                         splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, kdq=kdq_on,
+                                         us=f"{us_a:.1f} | {us_m:.1f} | {us:.1f}", TBps=round(nbytes / us / 1e6, 2)))
                         for fr in [False] * a.load_only + [True] * (a.load_only and a.frag):
                             # the same programs (splits) as the row above, though its fewer registers would fit more
                             attn, _, _, _ = qc.decode_attention(q, kq, vq, kf, vf, length, parts=True, load_only=True,

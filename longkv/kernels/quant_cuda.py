@@ -21,7 +21,9 @@ H200 agree: 203 a 16-token step):
   HMUL2 a register pair, and Σ B and q·z come from two MMAs (ones × B, z × q) in the lanes that use
   them (in fp32 with shuffles it was ~350, 27 % of the 4-bit kernel's instructions by ncu). Thread (g, t) (g = lane/4,
   t = lane%4) reads its two tokens' channels [t·D/4, (t+1)·D/4) as one vector load each; which channel
-  is which MMA column is a permutation, and q∘s is built in the same one.
+  is which MMA column is a permutation, and q∘s is built in the same one. Where every 16-token step starts
+  a group (2 bits, 16-token groups) the rebuild would run every step, so there the keys are dequantized
+  in registers instead (`KDQ`: c·s + z, two HFMA2 a register pair) and scored against the plain query.
 - values, per token (one range a token): out = Σ_n p_n (c_n s_n + z_n) = (p∘s)·c + p·z. Oᵀ (16
   channels x 8 queries) = codes (A, 16 channels x 16 tokens) · (p∘s)ᵀ (B). The A operand pairs two
   *tokens* of one channel; one `prmt` of two token words interleaves them, then the same LOP3. The
@@ -46,9 +48,9 @@ H200 agree: 203 a 16-token step):
 
 Measured (H200, Llama-3-8B shape, BENCHMARKS.md issue 4, sessions 11-13): one layer at 128K 56.1 µs
 (2.63 TB/s on every byte it reads) against the Triton kernel's 183 µs and bf16 flash-decoding's 133 µs;
-decode kivi4 0.68x of bf16 full at 128K, 0.50x at 512K; kivi2 0.73x / 0.56x (0.707x at 128K with KDQ, session
-37: its loads alone take 41 of its 58 µs a layer, so the row-major code layout is kivi2's floor). Paged, 1/8 of the groups
-at 512K: ~34 µs a layer inside the decode step (issue 5). Tried and measured no
+decode kivi4 0.68x of bf16 full at 128K, 0.50x at 512K; kivi2 0.73x / 0.56x (0.707x at 128K with KDQ,
+session 37: its loads alone take 41 of its 58 µs a layer, so the row-major code layout is kivi2's floor).
+Paged, 1/8 of the groups at 512K: ~34 µs a layer inside the decode step (issue 5). Tried and measured no
 faster for 4 bits: prefetching the codes into L1 1-2 tiles ahead or into L2 2-8 tiles ahead (both
 removed again), several
 warps a program combined in shared memory (`cw`; 5 % faster for 2 bits), register caps (`minb`),
