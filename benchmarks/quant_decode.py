@@ -221,7 +221,7 @@ def main():
         print_table(rows[-1:], list(rows[-1]))
         print(flush=True)
     print_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
-    emit_json({"bench": "quant_decode", **head, "fill": "random K/V through each cache's append path", "frag": qk.qc.FRAG,
+    emit_json({"bench": "quant_decode", **head, "fill": "random K/V through each cache's append path",
                "rows": rows})
 
 
