@@ -59,7 +59,6 @@
 #   frag      issues 4-5: the codes stored tile-contiguous (FRAG; the kernels' form, not yet the caches'): its GPU tests, then
 #             the loads step (its probes now time each kernel over the tile-contiguous codes too)
 #   fragdecode issue 4: decode at 128K (full, kivi2, kivi4) with the caches' codes tile-contiguous and row-major
-#   fragall   issues 4-5: frag's tests and dense probe, fragdecode's kivi2 rows, the paged probe, in one call
 #   kdq       issue 4: the keys dequantized in registers (KDQ, quant_cuda.py) and 32-token tiles: GPU tests, probe at 128K
 #   kdqdecode issue 4: decode at 128K, full and kivi2, as it is (KDQ on) and with LONGKV_KDQ=0
 #   mass512   issue 5: decode at 512K (16 layers): full, the kres quarter ranked by max and by mass, median of AGAIN + 1
@@ -505,14 +504,6 @@ P
                # and row-major (0); the in-cache check reads each against the torch reference
       LONGKV_FRAG=1 bench fragdecode1 280 $PY quant_decode.py --contexts 128k --caches "full;kivi2;kivi4" --new-tokens 24
       LONGKV_FRAG=0 bench fragdecode0 280 $PY quant_decode.py --contexts 128k --caches "full;kivi2;kivi4" --new-tokens 24 ;;
-    fragall)   # issues 4-5, one call: the frag GPU tests, the dense probe at 128K, decode (full, kivi2) at 128K with the
-               # codes tile-contiguous and row-major, then the paged probe at 512K
-      (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q -rf --tb=line tests/test_quant_cuda.py -k frag) \
-        > "$OUT/frag_tests.log" 2>&1; echo "frag tests: $(tail -n 1 "$OUT/frag_tests.log")" >&2
-      bench loads128 100 $PY quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --load-only --frag
-      LONGKV_FRAG=1 bench fragdecode1 110 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24
-      LONGKV_FRAG=0 bench fragdecode0 110 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24
-      bench loads512 100 $PY quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res --paged 0.125 --load-only --frag ;;
     kdq)       # issue 4: the keys dequantized in registers (KDQ): its and 32-token tiles' GPU tests, the one-layer probe at
                # 128K (2 and 4 bits, tiles 16 / 32, KDQ off / on), and decode at 128K (full, kivi2 off / on; LONGKV_KDQ)
       (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q -rf --tb=line tests/test_quant_cuda.py -k "kdq or tile32") \
