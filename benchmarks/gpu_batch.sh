@@ -58,7 +58,6 @@
 #             attention) and to the loads alone from a tile-contiguous layout (FRAG, the what-if)
 #   frag      issues 4-5: the codes stored tile-contiguous (FRAG; the kernels' form, not yet the caches'): its GPU tests, then
 #             the loads step (its probes now time each kernel over the tile-contiguous codes too)
-#   fragdecode issue 4: decode at 128K (full, kivi2, kivi4) with the caches' codes tile-contiguous and row-major
 #   kdq       issue 4: the keys dequantized in registers (KDQ, quant_cuda.py) and 32-token tiles: GPU tests, probe at 128K
 #   kdqdecode issue 4: decode at 128K, full and kivi2, as it is (KDQ on) and with LONGKV_KDQ=0
 #   mass512   issue 5: decode at 512K (16 layers): full, the kres quarter ranked by max and by mass, median of AGAIN + 1
@@ -500,10 +499,6 @@ P
       (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q -rf --tb=line tests/test_quant_cuda.py -k frag) \
         > "$OUT/frag_tests.log" 2>&1; echo "frag tests: $(tail -n 1 "$OUT/frag_tests.log")" >&2
       step loads ;;
-    fragdecode) # issue 4: decode at 128K, full / kivi2 / kivi4, the caches storing the codes tile-contiguous (LONGKV_FRAG=1)
-               # and row-major (0); the in-cache check reads each against the torch reference
-      LONGKV_FRAG=1 bench fragdecode1 280 $PY quant_decode.py --contexts 128k --caches "full;kivi2;kivi4" --new-tokens 24
-      LONGKV_FRAG=0 bench fragdecode0 280 $PY quant_decode.py --contexts 128k --caches "full;kivi2;kivi4" --new-tokens 24 ;;
     kdq)       # issue 4: the keys dequantized in registers (KDQ): its and 32-token tiles' GPU tests, the one-layer probe at
                # 128K (2 and 4 bits, tiles 16 / 32, KDQ off / on), and decode at 128K (full, kivi2 off / on; LONGKV_KDQ)
       (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q -rf --tb=line tests/test_quant_cuda.py -k "kdq or tile32") \

@@ -160,39 +160,6 @@ def test_append_flush_kernel_matches_reference(bits, nuq, n_out, rope, res, monk
         assert (outs[0][0][:, :, slot] - k[:, :, 0]).abs().max() > 0.1
 
 
-@pytest.mark.parametrize("bits,D,group,res", [(4, 64, 16, False), (2, 128, 16, False), (4, 128, 32, True)])
-def test_append_flush_writes_tile_contiguous_codes(bits, D, group, res, monkeypatch):
-    """frag=True (the CUDA kernel's FRAG layout): the Triton kernel and the torch path store the codes they store
-    without it, each 16-token block's words in `ref.to_frag` order; the statistics and residual bits as before."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton path on CPU tensors needs TRITON_INTERPRET=1")
-    B, H, sink, window = 1, 2, 2, 3
-    ring, cap = window + 2 * group, 4 * group
-    got = {}
-    for triton_path in (True, False):
-        monkeypatch.setattr(quant_append, "_use_triton", lambda x: triton_path)
-        for frag in (False, True):
-            kf, vf = torch.zeros(B, H, sink + ring, D), torch.zeros(B, H, sink + ring, D)
-            kq, vq = packed_layer(B, H, D, cap, group, D, bits, 0, None)
-            kq = {k: ([torch.zeros_like(p) for p in t] if k == "planes" else torch.zeros_like(t)) for k, t in kq.items()}
-            vq = {k: ([torch.zeros_like(p) for p in t] if k == "planes" else torch.zeros_like(t)) for k, t in vq.items()}
-            if res:
-                kq["res"] = torch.zeros(B, H, cap, D // 8, dtype=torch.uint8)
-            g = gen(9)
-            for n in range(1, sink + window + 2 * group + 1):
-                k, v = torch.randn(B, H, 1, D, generator=g) * 3, torch.randn(B, H, 1, D, generator=g)
-                qk.append_flush(k, v, torch.tensor([n]), kf, vf, kq, vq, bits=bits, group=group, vgroup=D,
-                                sink=sink, window=window, frag=frag)
-            got[triton_path, frag] = (kq, vq)
-    for path in (True, False):
-        (k0, v0), (k1, v1) = got[path, False], got[path, True]
-        assert k0["planes"][0][:, :, :2 * group].any() and not torch.equal(k0["planes"][0], k1["planes"][0])
-        assert torch.equal(k1["planes"][0], ref.to_frag(k0["planes"][0], "k"))
-        assert torch.equal(v1["planes"][0], ref.to_frag(v0["planes"][0], "v"))
-        for key in ("scale", "zero") + (("res",) if res else ()):
-            assert torch.equal(k0[key], k1[key])
-
-
 @pytest.mark.parametrize("path", ["interpreter", "torch",
                                   pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                                 reason="needs a GPU"))])
@@ -302,46 +269,6 @@ def _graph_equals_eager(model, spec, x, start=20):
         b = model(x[:, i:i + 1], model.make_step(pos, None), graph)
         graph.advance(1)
         assert (a - b).abs().max() < 2e-3 * a.abs().max()
-
-
-@pytest.fixture(scope="module")
-def tiny128(tmp_path_factory):
-    """A tiny random Llama with head dim 128 (2 heads, 1 KV head): whole 8-word code rows at 2 bits too."""
-    from longkv.models.load import load_model
-
-    from conftest import save_tiny_llama
-    return load_model(save_tiny_llama(tmp_path_factory, "tiny_llama128", hidden_size=256, num_attention_heads=2,
-                                      num_key_value_heads=1))
-
-
-@pytest.mark.parametrize("spec", ["kv4:group=16,sink=2,window=3", "kv2:sink=2,window=3"])
-def test_tile_contiguous_cache_decodes_as_the_row_major_one(tiny128, spec, monkeypatch):
-    """FRAG (`quant_cuda.stores_frag`, forced here: on CPU the readers put the planes back row-major): the cache
-    stores the codes tile-contiguous on both write paths (prefill's `_store`, decode's `append_flush`), reads them
-    back in prefill (`_dequant`) and decode, and its logits are the row-major cache's; the device-only decode equals
-    the eager one."""
-    from longkv.kernels import quant_cuda as qc
-
-    x = ids(60, 4)
-    caches = []
-    for frag in (0, 1):
-        monkeypatch.setattr(qc, "FRAG", frag)
-        kv = build(tiny128, spec, 64)
-        assert kv.frag == bool(frag) and kv.graph_safe
-        prefill(tiny128, kv, x[:, :30], chunk=7)
-        logits = []
-        for i in range(30, 60):
-            logits.append(tiny128(x[:, i:i + 1], tiny128.make_step(torch.tensor([i]), None), kv))
-            kv.advance(1)
-        caches.append((kv, torch.cat(logits, 1)))
-    (rm, a), (fr, b) = caches
-    n = rm.n_quantized(60)
-    assert n >= 32 and (a - b).abs().max() < 1e-4 * a.abs().max()
-    for d0, d1, kind in ((rm.kq[0], fr.kq[0], "k"), (rm.vq[0], fr.vq[0], "v")):
-        assert not torch.equal(d0["planes"][0][:, :, :n], d1["planes"][0][:, :, :n])
-        assert torch.equal(ref.from_frag(d1["planes"][0], kind)[:, :, :n], d0["planes"][0][:, :, :n])
-    monkeypatch.setattr(qc, "FRAG", 1)
-    _graph_equals_eager(tiny128, spec, ids(50, 6))
 
 
 @pytest.mark.parametrize("spec", ["quant:bits=4,group=16,sink=2,window=3",

@@ -171,11 +171,6 @@ class QuantCache(Cache):
         self.vq = [self._alloc(batch, H, False, z) if x else None for x in packed]
         # The Triton path covers the main scheme; ablations run the torch reference (not in graphs).
         # Sliding-window layers decode through `full`'s ring (graph-safe), so only the packed layers count.
-        # FRAG: the code planes tile-contiguous, as the CUDA kernel reads them fastest (`quant_cuda.stores_frag`)
-        from ..kernels import quant_cuda as qc
-        self.frag = self.per_channel and self.H is None and qc.stores_frag(
-            bits=self.bits, D=D, group=self.group, vgroup=self.vgroup, prerope=self.prerope,
-            planes=len(ref.PLANES[self.bits]), n_out=self.n_out, lut=bool(p["nuq"]), device=device)
         self.graph_safe = (self.per_channel and self.H is None and (not self.kres or self._res_cuda(device))
                            and D % (64 if self.bits == 3 else 32) == 0   # whole 32-bit words per half row
                            and all(not s.softcap for i, s in enumerate(specs) if i not in self.win))
@@ -244,11 +239,10 @@ class QuantCache(Cache):
         return kq, ref.quantize_tokens(v, vgroup=self.vgroup, lut=self.lut_v[layer], **kw)
 
     def _store(self, layer: int, lo: int, kq: dict, vq: dict) -> None:
-        for dst, src, per_channel, kind in ((self.kq[layer], kq, self.per_channel, "k"),
-                                            (self.vq[layer], vq, False, "v")):
+        for dst, src, per_channel in ((self.kq[layer], kq, self.per_channel), (self.vq[layer], vq, False)):
             n = src["planes"][0].shape[2]
             for a, b in zip(dst["planes"], src["planes"]):
-                a[:, :, lo:lo + n] = ref.to_frag(b, kind) if self.frag else b
+                a[:, :, lo:lo + n] = b
             r = slice(lo // self.group, (lo + n) // self.group) if per_channel else slice(lo, lo + n)
             dst["scale"][:, :, r], dst["zero"][:, :, r] = src["scale"], src["zero"]
             for key in ("out_idx", "out_val", "res"):
@@ -257,18 +251,18 @@ class QuantCache(Cache):
 
     def _dequant(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantized tokens 0..n-1 → keys (as stored, un-rotated), values; fp32 (B, H, n, D)."""
-        def cut(d, r1, kind):
-            return {k: ([ref.from_frag(p[:, :, :n], kind) if self.frag else p[:, :, :n] for p in t] if k == "planes"
-                        else t[:, :, :r1] if k in ("scale", "zero") else t[:, :, :n]) for k, t in d.items()}
+        def cut(d, r1):
+            return {k: ([p[:, :, :n] for p in t] if k == "planes" else
+                        t[:, :, :r1] if k in ("scale", "zero") else t[:, :, :n]) for k, t in d.items()}
         kw = dict(bits=self.bits, d=self.D)
         if self.per_channel:
-            k = ref.dequantize_keys(cut(self.kq[layer], n // self.group, "k"), group=self.group,
+            k = ref.dequantize_keys(cut(self.kq[layer], n // self.group), group=self.group,
                                     lut=self.lut_k[layer], **kw)
         else:
-            k = ref.dequantize_tokens(cut(self.kq[layer], n, "k"), vgroup=self.vgroup, lut=self.lut_k[layer], **kw)
+            k = ref.dequantize_tokens(cut(self.kq[layer], n), vgroup=self.vgroup, lut=self.lut_k[layer], **kw)
         if self.H is not None:
             k = k @ self.H
-        v = ref.dequantize_tokens(cut(self.vq[layer], n, "v"), vgroup=self.vgroup, lut=self.lut_v[layer], **kw)
+        v = ref.dequantize_tokens(cut(self.vq[layer], n), vgroup=self.vgroup, lut=self.lut_v[layer], **kw)
         return k, v
 
     def _rope(self, layer: int, k, pos):
@@ -336,8 +330,7 @@ class QuantCache(Cache):
         kw = self.kernel_kwargs(layer)
         qk.append_flush(k.to(self.dtype), v.to(self.dtype), length, self.kf[layer], self.vf[layer],
                         self.kq[layer], self.vq[layer], **{x: kw[x] for x in self._FLUSH_ARGS},
-                        rope=None if self.prerope else step.rope[s.rope_index],   # kivi: rotated in the kernel
-                        frag=self.frag)
+                        rope=None if self.prerope else step.rope[s.rope_index])   # kivi: rotated in the kernel
         return qk.quant_decode_attention(q, self.kq[layer], self.vq[layer], self.kf[layer], self.vf[layer], length,
                                          rope_tab=self.rope_tab[layer], **kw)
 
@@ -348,7 +341,7 @@ class QuantCache(Cache):
         s = self.specs[layer]
         return dict(bits=self.bits, group=self.group, vgroup=self.vgroup, sink=self.sink, window=self.window,
                     lut_k=self.lut_k[layer], lut_v=self.lut_v[layer], scale=s.scale, inv_freq=s.rope.inv_freq,
-                    rope_scaling=s.rope.scaling, prerope=self.prerope, frag=self.frag)
+                    rope_scaling=s.rope.scaling, prerope=self.prerope)
 
 
 def _preset(name: str, help: str, **defaults):

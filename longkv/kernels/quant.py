@@ -356,7 +356,7 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
                            rope_tab: torch.Tensor | None = None, use_dot: bool | None = None,
                            prerope: bool = True, prefetch: int | None = None,
                            max_regs: int | None = None, pipe: bool | None = None,
-                           impl: str | None = None, frag: bool = False) -> torch.Tensor:
+                           impl: str | None = None) -> torch.Tensor:
     """q (B, Hq, 1, D) post-RoPE; the packed cache of one layer (see `ref.quant_decode_attention`);
     length: (1,) int64 device tensor; rope_tab: `rope_table(inv_freq, table_positions(...))`, made
     here when not given (the cache keeps one); prerope=False: keys stored rotated (no RoPE here);
@@ -364,9 +364,7 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
     cap per thread for the launch (more programs resident per SM, at the price of spills); impl: "cuda"
     (`quant_cuda.decode_attention`, the default where `quant_cuda.supported`: KIVI's layout at 2/4 bits)
     or "triton". Keys with residual bits (`kres`) take the CUDA kernel where it reads them
-    (`quant_cuda.RES_CUDA`), else the reference (the Triton kernel does not). frag: the code planes are stored
-    tile-contiguous (`quant_cuda.stores_frag`); only the CUDA kernel reads them so, elsewhere they are put back
-    row-major first (a copy a step). Returns (B, Hq, 1, D) in q's dtype."""
+    (`quant_cuda.RES_CUDA`), else the reference (the Triton kernel does not). Returns (B, Hq, 1, D) in q's dtype."""
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
@@ -375,7 +373,7 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
         return ref.quant_decode_attention(q, kq, vq, kf, vf, int(length.reshape(-1)[-1]), bits=bits, group=group,
                                           vgroup=vgroup, sink=sink, window=window, scale=scale,
                                           inv_freq=inv_freq, rope_scaling=rope_scaling, lut_k=lut_k, lut_v=lut_v,
-                                          prerope=prerope, frag=frag)
+                                          prerope=prerope)
     cuda = _use_triton(q) and impl != "triton" and qc.supported(q, kq, bits=bits, group=group, vgroup=vgroup,
                                                                  prerope=prerope, lut_k=lut_k, lut_v=lut_v, G=G)
     if not _use_triton(q) or ("res" in kq and not cuda):
@@ -383,7 +381,7 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
     if cuda:
         try:
             return qc.decode_attention(q, kq, vq, kf, vf, length.reshape(-1)[-1:], bits=bits, group=group, sink=sink,
-                                       window=window, scale=scale, splits=splits, frag=frag)
+                                       window=window, scale=scale, splits=splits)
         except qc.Unavailable as e:   # the failure is remembered a layout; the warning shows once (same text)
             if impl == "cuda":
                 raise
@@ -391,8 +389,6 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
                 warnings.warn(f"{e}; the keys' residual bits decode in torch")
                 return reference()
             warnings.warn(f"{e}; using the Triton kernel")
-    if frag:   # the Triton kernel reads row-major codes
-        kq, vq = ref.unfrag(kq, "k"), ref.unfrag(vq, "v")
     cap = kq["planes"][0].shape[2]
     S = splits or num_splits(cap, B * H)
     part = torch.empty(B * H * (S + 1) * G, D, device=q.device, dtype=torch.float32)

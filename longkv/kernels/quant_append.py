@@ -28,31 +28,15 @@ except ImportError:  # CPU installs without triton use the references
 if triton is not None:
 
     @triton.jit
-    def _pack_store(code, P, rows, D: tl.constexpr, PB: tl.constexpr, SHIFT: tl.constexpr, NR: tl.constexpr,
-                    FRAG: tl.constexpr = 0):
-        """code (NR, D) int32: store its bits [SHIFT, SHIFT+PB) as a packed plane at `rows`. FRAG 1 (keys) / 2
-        (values): each 16-row block's 32-bit words in `ref.frag_index` order (the CUDA kernel's tile-contiguous form;
-        rows of a group start at a multiple of 16)."""
+    def _pack_store(code, P, rows, D: tl.constexpr, PB: tl.constexpr, SHIFT: tl.constexpr, NR: tl.constexpr):
+        """code (NR, D) int32: store its bits [SHIFT, SHIFT+PB) as a packed plane at `rows`."""
         VPW: tl.constexpr = 8 // PB
         part = (code >> SHIFT) & ((1 << PB) - 1)
         part = tl.reshape(part, (NR, D // VPW, VPW))
         sh = (tl.arange(0, VPW) * PB)[None, None, :]
         byte = tl.sum(part << sh, axis=2)
         col = tl.arange(0, D // VPW)
-        if FRAG == 0:
-            off = rows[:, None] * (D * PB // 8) + col[None, :]
-        else:   # word w of row r (r % 16 = rr) → its place in the block: lane 4g + t's run (`ref.frag_index`)
-            W: tl.constexpr = D * PB // 32
-            rr = (rows % 16)[:, None]
-            w = (col // 4)[None, :]
-            if FRAG == 1:    # keys: lane (g = rr % 8, t = w // KW) holds rows g, g + 8, words t·KW..
-                KW: tl.constexpr = W // 4
-                pos = (4 * (rr % 8) + w // KW) * (2 * KW) + (rr // 8) * KW + w % KW
-            else:            # values: lane (g = w // VW, t = rr % 8 // 2) holds rows 2t + (e & 1) + 8(e >> 1)
-                VW: tl.constexpr = W // 8
-                pos = (4 * (w // VW) + (rr % 8) // 2) * (4 * VW) + ((rr % 2) + 2 * (rr // 8)) * VW + w % VW
-            off = (rows[:, None] - rr) * (4 * W) + pos * 4 + (col % 4)[None, :]
-        tl.store(P + off, byte.to(tl.uint8))
+        tl.store(P + rows[:, None] * (D * PB // 8) + col[None, :], byte.to(tl.uint8))
 
     @triton.jit
     def _encode(x, lo, hi, Mid, BITS: tl.constexpr, NUQ: tl.constexpr):
@@ -82,7 +66,7 @@ if triton is not None:
                              D: tl.constexpr, GROUP: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr,
                              PB0: tl.constexpr, PB1: tl.constexpr, N_OUT: tl.constexpr, SINK: tl.constexpr,
                              WINDOW: tl.constexpr, RING: tl.constexpr, NQ_CAP: tl.constexpr,
-                             NUQ_K: tl.constexpr, NUQ_V: tl.constexpr, FRAG: tl.constexpr = False):
+                             NUQ_K: tl.constexpr, NUQ_V: tl.constexpr):
         bh = tl.program_id(0)
         c = tl.arange(0, D)
         length = tl.load(Len).to(tl.int32) + (1 if FROM_SLOT else 0)
@@ -125,7 +109,7 @@ if triton is not None:
             srow = (bh.to(tl.int64) * (NQ_CAP // GROUP) + gi) * D
             tl.store(KS + srow + c, tl.max(sc, 0).to(tl.float16))
             tl.store(KZ + srow + c, tl.max(zero, 0).to(tl.float16))
-            _pack_store(code, KP0, rows, D, PB0, 0, GROUP, 1 if FRAG else 0)
+            _pack_store(code, KP0, rows, D, PB0, 0, GROUP)
             if PB1 > 0:
                 _pack_store(code, KP1, rows, D, PB1, PB0, GROUP)
             if RES:      # the keys' residual bits (`ref.quantize_keys(res=True)`): at or above the level, each
@@ -167,7 +151,7 @@ if triton is not None:
             tl.store(VS + vrow, tl.max(sc3, 2).to(tl.float16))
             tl.store(VZ + vrow, tl.max(zero3, 2).to(tl.float16))
             code = tl.reshape(code3, (GROUP, D))
-            _pack_store(code, VP0, rows, D, PB0, 0, GROUP, 2 if FRAG else 0)
+            _pack_store(code, VP0, rows, D, PB0, 0, GROUP)
             if PB1 > 0:
                 _pack_store(code, VP1, rows, D, PB1, PB0, GROUP)
 
@@ -186,22 +170,19 @@ def outs(d: dict):
 
 def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: int, vgroup: int,
                  sink: int, window: int, lut_k=None, lut_v=None, from_slot: bool = False,
-                 count_out: torch.Tensor | None = None, rope=None, sketch=None, frag: bool = False) -> None:
+                 count_out: torch.Tensor | None = None, rope=None, sketch=None) -> None:
     """Decode-time write + flush. k, v (B, Hkv, 1, D) pre-RoPE; length: (1,) int64 device tensor
     (tokens held after this one; with from_slot, the token's slot = length - 1). Writes the token to its
     fp slot and quantizes the group this token completes, if any; count_out (1,) int64, if given, is
     set to the length; rope (cos, sin), each (1, D), if given: k is rotated first, in the same launch
     (keys stored after RoPE); sketch (sk, sz), if given (4-bit keys without outliers): the flushed group is
     also written to that channel-major copy (`sref.sketch_groups`, SparQ scoring in `quest_sparq.py`). A key dict
-    with `res` (`kres=1`) gets the flushed group's residual bits too. frag: the code planes are stored tile-contiguous
-    (`ref.to_frag`, one plane of 2- or 4-bit codes; the residual bits and the sketch stay as they are).
+    with `res` (`kres=1`) gets the flushed group's residual bits too.
     Reference: the same steps with `ref.quantize_keys` / `ref.quantize_tokens`."""
     B, H, _, D = k.shape
     ring = kf.shape[2] - sink
     if sketch is not None and (bits != 4 or "out_idx" in kq or lut_k is not None):
         raise ValueError("the channel-major key copy (sketch) needs 4-bit uniform keys without outliers")
-    if frag and (sketch is not None or len(kq["planes"]) > 1 or bits not in (2, 4)):
-        raise ValueError("tile-contiguous codes (frag) are written for one plane of 2- or 4-bit codes without a sketch")
     res = "res" in kq              # the keys' residual bits (`kres`)
     if rope is not None and not _use_triton(k):
         from ..models.rope import apply_rope
@@ -221,9 +202,9 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
             a = ref.quantize_keys(kf[:, :, sl], bits=bits, group=group, n_out=n_out, lut=lut_k, res=res)
             b = ref.quantize_tokens(vf[:, :, sl], bits=bits, vgroup=vgroup, n_out=n_out, lut=lut_v)
             lo = (ng - 1) * group
-            for dst, src, rows, kind in ((kq, a, slice(ng - 1, ng), "k"), (vq, b, slice(lo, lo + group), "v")):
+            for dst, src, rows in ((kq, a, slice(ng - 1, ng)), (vq, b, slice(lo, lo + group))):
                 for x, y in zip(dst["planes"], src["planes"]):
-                    x[:, :, lo:lo + group] = ref.to_frag(y, kind) if frag else y
+                    x[:, :, lo:lo + group] = y
                 dst["scale"][:, :, rows], dst["zero"][:, :, rows] = src["scale"], src["zero"]
                 for key in ("out_idx", "out_val", "res"):
                     if key in src:
@@ -246,4 +227,4 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
         ROPE=rope is not None, SKETCH=sketch is not None,
         D=D, GROUP=group, VG=vgroup, BITS=bits, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out,
         SINK=sink, WINDOW=window, RING=ring, NQ_CAP=kq["planes"][0].shape[2], NUQ_K=mid_k is not None,
-        NUQ_V=mid_v is not None, FRAG=frag)
+        NUQ_V=mid_v is not None)

@@ -92,11 +92,6 @@ PAGED_CW, PAGED_FRAC, PAGED_MINB = 1, 1.0, 16
 # of full, H200, session 37); off for 4 bits' 64-token groups (51.4 -> 53.4 µs: the rebuild is once in four tiles
 # there). LONGKV_KDQ=0 / 1 forces it.
 KDQ = int(os.environ["LONGKV_KDQ"]) if os.environ.get("LONGKV_KDQ") else None
-# FRAG: the caches store the code planes tile-contiguous (`quant_reference.to_frag`; written by `append_flush(frag=)`)
-# where this kernel reads them (`stores_frag`). None: FRAG_AUTO on a GPU; LONGKV_FRAG=0 / 1 forces it (1 also on CPU,
-# where the other readers put the planes back row-major first: for tests).
-FRAG = int(os.environ["LONGKV_FRAG"]) if os.environ.get("LONGKV_FRAG") else None
-FRAG_AUTO = False
 _MODULES: dict = {}
 
 
@@ -167,16 +162,6 @@ def supported(q: torch.Tensor, kq: dict, *, bits: int, group: int, vgroup: int, 
     return (not prerope and bits in (2, 4) and len(kq["planes"]) == 1 and "out_idx" not in kq
             and lut_k is None and lut_v is None and vgroup == D and 1 <= G <= 8 and D in (64, 128, 256)
             and D * bits >= 256 and group >= 16)
-
-
-def stores_frag(*, bits: int, D: int, group: int, vgroup: int, prerope: bool, planes: int, n_out: int, lut: bool,
-                device) -> bool:
-    """Whether a cache of this layout stores its code planes tile-contiguous (FRAG): a layout this kernel reads (as
-    `supported`: post-RoPE keys, 2 or 4 bits, one value range a token, no outliers or codebooks, whole 8-word rows)
-    and FRAG (None: FRAG_AUTO where the device is a GPU)."""
-    on = bool(FRAG) if FRAG is not None else FRAG_AUTO and torch.device(device).type == "cuda"
-    return (on and not prerope and bits in (2, 4) and planes == 1 and not n_out and not lut and vgroup == D
-            and D in (64, 128, 256) and D * bits >= 256 and group >= 16)
 
 
 class Unavailable(RuntimeError):

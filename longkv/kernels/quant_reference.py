@@ -24,7 +24,7 @@ import torch
 
 from .reference import attention_lse
 
-__all__ = ["PLANES", "hadamard", "pack", "unpack", "pack_res", "unpack_res", "frag_index", "to_frag", "from_frag", "unfrag", "quantize_keys", "quantize_tokens",
+__all__ = ["PLANES", "hadamard", "pack", "unpack", "pack_res", "unpack_res", "frag_index", "to_frag", "from_frag", "quantize_keys", "quantize_tokens",
            "dequantize_keys",
            "dequantize_tokens", "rope_at", "fp_slots", "quant_decode_attention", "normalized", "gather_rows",
            "quant_paged_attention"]
@@ -125,11 +125,6 @@ def from_frag(plane: torch.Tensor, kind: str) -> torch.Tensor:
     out = torch.empty_like(w)
     out[..., idx] = w
     return out.reshape(*lead, n, nb // 4).view(torch.uint8)
-
-
-def unfrag(d: dict, kind: str) -> dict:
-    """A packed dict whose one code plane is stored tile-contiguous → the same with the plane row-major (a copy)."""
-    return d | {"planes": [from_frag(d["planes"][0], kind)]}
 
 
 # -- quantize / dequantize -----------------------------------------------------------------------------
@@ -281,8 +276,7 @@ def fp_slots(length: int, sink: int, ring: int, first_recent: int) -> tuple[torc
 
 def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length: int, *, bits: int, group: int,
                            vgroup: int, sink: int, window: int, scale: float, inv_freq,
-                           rope_scaling: float = 1.0, lut_k=None, lut_v=None, prerope: bool = True,
-                           frag: bool = False) -> torch.Tensor:
+                           rope_scaling: float = 1.0, lut_k=None, lut_v=None, prerope: bool = True) -> torch.Tensor:
     """One decode step, reference for `kernels.quant.quant_decode_attention`.
 
     q (B, Hq, 1, D) post-RoPE at position length-1; kq/vq: the packed dicts of `quantize_keys` /
@@ -292,11 +286,9 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length: int, *, bits: 
     remain; attention sees the groups flushed before the current token arrived,
     n_q = group · max(0, (length - 1 - sink - window) // group), as chunked prefill does.
     Returns (B, Hq, 1, D) in q's dtype. prerope=False: every key is stored already rotated (KIVI's
-    layout), so none is rotated here. frag: the code planes are stored tile-contiguous (`to_frag`).
+    layout), so none is rotated here.
     """
     D = q.shape[-1]
-    if frag:
-        kq, vq = unfrag(kq, "k"), unfrag(vq, "v")
     ring = kf.shape[2] - sink
     nq = group * max(0, (length - 1 - sink - window) // group)
     slots, pos = fp_slots(length, sink, ring, sink + nq)
