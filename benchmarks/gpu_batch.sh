@@ -56,8 +56,6 @@
 #   loads     issues 4-5: quant_cuda_probe.py --load-only --frag: kivi2 / kivi4 at 128K and the kres quarter's paged
 #             kernel (a random eighth of the key groups, 512K), each next to its loads alone (the same programs, no
 #             attention) and to the loads alone from a tile-contiguous layout (FRAG, the what-if)
-#   frag      issues 4-5: the codes stored tile-contiguous (FRAG; the kernels' form, not yet the caches'): its GPU tests, then
-#             the loads step (its probes now time each kernel over the tile-contiguous codes too)
 #   kdq       issue 4: the keys dequantized in registers (KDQ, quant_cuda.py) and 32-token tiles: GPU tests, probe at 128K
 #   kdqdecode issue 4: decode at 128K, full and kivi2, as it is (KDQ on) and with LONGKV_KDQ=0
 #   mass512   issue 5: decode at 512K (16 layers): full, the kres quarter ranked by max and by mass, median of AGAIN + 1
@@ -494,11 +492,6 @@ P
                # 128K (dense), then the kres quarter's paged kernel over a random eighth of the key groups at 512K
       bench loads128 150 $PY quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --load-only --frag
       bench loads512 150 $PY quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res --paged 0.125 --load-only --frag ;;
-    frag)      # issues 4-5: the codes stored tile-contiguous (FRAG): its GPU tests (dense, paged, residual bits), then the
-               # loads step's probes (each kernel row-major and tile-contiguous, and their loads alone)
-      (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q -rf --tb=line tests/test_quant_cuda.py -k frag) \
-        > "$OUT/frag_tests.log" 2>&1; echo "frag tests: $(tail -n 1 "$OUT/frag_tests.log")" >&2
-      step loads ;;
     kdq)       # issue 4: the keys dequantized in registers (KDQ): its and 32-token tiles' GPU tests, the one-layer probe at
                # 128K (2 and 4 bits, tiles 16 / 32, KDQ off / on), and decode at 128K (full, kivi2 off / on; LONGKV_KDQ)
       (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q -rf --tb=line tests/test_quant_cuda.py -k "kdq or tile32") \

@@ -9,14 +9,12 @@ the packed bytes (codes and statistics).
     python benchmarks/quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res --paged 0.125 --load-only
     python benchmarks/quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --kdq 0,1
     python benchmarks/quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --load-only --frag
-    python benchmarks/quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res --paged 0.125 --load-only --frag
 
 --paged F adds Quest's paged kernel (`quant_cuda.paged_attention`) reading a random F of each head's key groups
 (ascending, as the select lists them), its loads alone too with --load-only; --res gives the keys residual bits
-(`kres=1`, 4 bits), as the issue-5 spec `kv4:kres=1+quest:...` stores them. --frag adds each kernel over the same
-codes stored tile-contiguous in MMA fragment order (FRAG, `quant_reference.to_frag`: one 16-32-byte run a lane for
-keys and one for values; the caches store them row-major so far), its largest difference from the row-major call's
-output (the same arithmetic: 0 expected), and with --load-only its loads alone.
+(`kres=1`, 4 bits), as the issue-5 spec `kv4:kres=1+quest:...` stores them. --frag (with --load-only) adds the loads
+alone as if each 16-token step's code words were stored tile-contiguous in MMA fragment order (FRAG: the same bytes
+in one 16-32-byte run a lane for keys and one for values; a what-if, the cache does not store them so).
 
 Last line: JSON.
 """
@@ -30,7 +28,6 @@ from common import emit_json, graph_time, parse_tokens, print_table
 
 from longkv.kernels import quant as qk
 from longkv.kernels import quant_cuda as qc
-from longkv.kernels import quant_reference as ref
 from longkv.kernels.decode import decode_attention
 
 
@@ -71,8 +68,7 @@ def main():
     ap.add_argument("--kdq", default="auto",
                     help="keys dequantized in registers (KDQ) 0 / 1, comma-separated (auto: the kernel's default)")
     ap.add_argument("--frag", action="store_true",
-                    help="also each kernel over the codes stored tile-contiguous (FRAG; with --load-only its loads "
-                         "alone too)")
+                    help="with --load-only: also the loads alone from a tile-contiguous layout (what-if, FRAG)")
     ap.add_argument("--res", action="store_true", help="keys with residual bits (kres=1; 4 bits only)")
     ap.add_argument("--paged", type=float, default=0.0,
                     help="also the paged kernel over this share of each head's key groups (e.g. 0.125)")
@@ -100,9 +96,6 @@ def main():
             return ntok * H * (2 * D * bits // 8 + 2 * 2 + (D // 8 if res else 0)) + (ntok // group) * H * D * 2 * 2
 
         nbytes = nbytes_of(nq)
-        if a.frag:   # the same codes, each 16-token block's words in fragment order
-            fk = kq | {"planes": [ref.to_frag(kq["planes"][0], "k")]}
-            fv = vq | {"planes": [ref.to_frag(vq["planes"][0], "v")]}
         if a.paged:
             rp = kq["planes"][0].shape[2] // group
             k = max(1, round(a.paged * (nq // group)))
@@ -112,22 +105,15 @@ def main():
             pkw = dict(row_pages=rp, bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5)
             pb = nbytes_of(k * group)
             splits = None   # the loads alone run the kernel's own programs (their fewer registers would fit more)
-            out0 = None
-            for lo, fr in ([(False, False)] + [(False, True)] * a.frag + [(True, False)] * a.load_only
-                           + [(True, True)] * (a.load_only and a.frag)):
-                attn, merge, out, splits = qc.paged_attention(q, fk if fr else kq, fv if fr else vq, kf, vf, length,
-                                                              table, nsel, parts=True, load_only=lo, frag=fr,
-                                                              splits=splits, **pkw)
+            for lo, fr in [(False, False)] + [(True, False)] * a.load_only + [(True, True)] * (a.load_only and a.frag):
+                attn, merge, _, splits = qc.paged_attention(q, kq, vq, kf, vf, length, table, nsel, parts=True,
+                                                            load_only=lo, frag=fr, splits=splits, **pkw)
                 us_a, us_m = graphed(attn, a.reps), graphed(merge, a.reps)
-                row = dict(what=f"{bits}-bit paged {a.paged:g}{' res' if res else ''}: "
-                                + ("loads alone" if lo else "splits kernel | merge")
-                                + (", tile-contiguous" if fr else ""),
-                           splits=splits, tile=qc.TILE, us=f"{us_a:.1f}" + ("" if lo else f" | {us_m:.1f}"),
-                           TBps=round(pb / us_a / 1e6, 2))
-                if not lo:
-                    out0 = out.clone() if out0 is None else out0
-                    row["vs_rowmajor"] = (out.float() - out0.float()).abs().max().item()
-                rows.append(row)
+                rows.append(dict(what=f"{bits}-bit paged {a.paged:g}{' res' if res else ''}: "
+                                      + ("loads alone, tile-contiguous (what-if)" if fr else "loads alone" if lo
+                                         else "splits kernel | merge"),
+                                 splits=splits, tile=qc.TILE, us=f"{us_a:.1f}" + ("" if lo else f" | {us_m:.1f}"),
+                                 TBps=round(pb / us_a / 1e6, 2)))
         kw = dict(bits=bits, group=group, vgroup=D, sink=sink, window=window, scale=D ** -0.5,
                   inv_freq=1.0 / (10000 ** (torch.arange(0, D, 2, device=dev).float() / D)), prerope=False)
         if not res:   # (the Triton kernel does not read residual bits)
@@ -151,28 +137,16 @@ def main():
                         rows.append(dict(what=f"{bits}-bit CUDA: splits kernel | merge | whole call",
                                          splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, kdq=kdq_on,
                                          us=f"{us_a:.1f} | {us_m:.1f} | {us:.1f}", TBps=round(nbytes / us / 1e6, 2)))
-                        if a.frag:   # the same kernel over the tile-contiguous codes (the same programs)
-                            out0 = qc.decode_attention(q, kq, vq, kf, vf, length, **dict(kw2, splits=splits)).float()
-                            kw3 = dict(kw2, splits=splits, frag=True)
-                            attn, merge, _, _ = qc.decode_attention(q, fk, fv, kf, vf, length, parts=True, **kw3)
-                            us_a, us_m = graphed(attn, a.reps), graphed(merge, a.reps)
-                            us = graphed(lambda: qc.decode_attention(q, fk, fv, kf, vf, length, **kw3), a.reps)
-                            diff = (qc.decode_attention(q, fk, fv, kf, vf, length, **kw3).float() - out0).abs().max()
-                            rows.append(dict(what=f"{bits}-bit CUDA, tile-contiguous: splits | merge | whole call",
-                                             splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, kdq=kdq_on,
-                                             us=f"{us_a:.1f} | {us_m:.1f} | {us:.1f}", TBps=round(nbytes / us / 1e6, 2),
-                                             vs_rowmajor=diff.item()))
                         for fr in [False] * a.load_only + [True] * (a.load_only and a.frag):
                             # the same programs (splits) as the row above, though its fewer registers would fit more
-                            attn, _, _, _ = qc.decode_attention(q, fk if fr else kq, fv if fr else vq, kf, vf, length,
-                                                                parts=True, load_only=True, frag=fr,
-                                                                **dict(kw2, splits=splits))
+                            attn, _, _, _ = qc.decode_attention(q, kq, vq, kf, vf, length, parts=True, load_only=True,
+                                                                frag=fr, **dict(kw2, splits=splits))
                             us_l = graphed(attn, a.reps)
                             rows.append(dict(what=f"{bits}-bit CUDA: the splits kernel's loads alone"
-                                                  + (", tile-contiguous" if fr else ""), splits=splits,
+                                                  + (", tile-contiguous (what-if)" if fr else ""), splits=splits,
                                              tile=tile, gpf=gpf, minb=minb, cw=cw, us=f"{us_l:.1f}",
                                              TBps=round(nbytes / us_l / 1e6, 2)))
-    print_table(rows, ["what", "splits", "tile", "gpf", "minb", "cw", "kdq", "us", "TBps", "vs_rowmajor"])
+    print_table(rows, ["what", "splits", "tile", "gpf", "minb", "cw", "kdq", "us", "TBps"])
     emit_json({"bench": "quant_cuda_probe", "device": torch.cuda.get_device_name(), "context": ctx, "rows": rows})
 
 

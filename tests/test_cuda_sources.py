@@ -37,11 +37,7 @@ CASES = [
     # the keys dequantized in registers (KDQ), dense kivi2 (16- and 32-token tiles) and paged 4-bit
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, kdq=1)),
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, kdq=1, tile=32)),
-    # the codes stored tile-contiguous (FRAG): dense kivi2 (KDQ by default) and the paged kres quarter, and their loads
-    # alone
-    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, frag=True)),
-    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, paged=True,
-                                                                  res=True, minb=16, frag=True)),
+    # the loads alone as if the codes were stored tile-contiguous (FRAG, a what-if), dense 2-bit and paged kres
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, load_only=True,
                                                                   frag=True)),
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, paged=True,
@@ -69,9 +65,7 @@ def test_cuda_source_compiles(name, files, defines, tmp_path):
 
 @pytest.mark.parametrize("layout", [dict(bits=2, group=16, ring=160), dict(bits=4, group=64, ring=256, paged=True,
                                                                            res=True), dict(bits=2, group=16, ring=160,
-                                                                                           kdq=1),
-                                    dict(bits=2, group=16, ring=160, frag=True),
-                                    dict(bits=4, group=64, ring=256, paged=True, res=True, frag=True)])
+                                                                                           kdq=1)])
 def test_kivi_loads_alone_issue_every_load_of_the_kernel(layout, tmp_path):
     """LOADONLY (`quant_cuda_probe.py --load-only`) is only a measure of the access pattern if the compiler keeps
     every load the attention issues: a loaded word it does not use is dropped (session 35's form lost the residual

@@ -27,32 +27,6 @@ def test_pack_unpack_round_trip(bits):
     assert torch.equal(ref.unpack(planes, bits, 64), codes)
 
 
-@pytest.mark.parametrize("bits,D", [(2, 128), (4, 64), (4, 128), (2, 256)])
-def test_tile_contiguous_codes_give_each_lane_the_words_the_row_major_kernel_reads(bits, D):
-    """`to_frag` (the CUDA kernel's FRAG form) against a model of `quant_cuda.cu: load`'s row-major reads: lane
-    4g + t of a 16-token step takes key words t·KW.. of rows g and g + 8, and value words g·VW.. of rows
-    2t + (e & 1) + 8(e >> 1); from the tile-contiguous block it takes run 2·KW (keys) and 4·VW (values) at its lane.
-    Every register must hold the same word either way, and `from_frag` undoes it."""
-    W = D * bits // 32
-    KW, VW = W // 4, W // 8
-    plane = torch.randint(0, 256, (2, 3, 48, 4 * W), generator=gen(5), dtype=torch.uint8)
-    rows = plane.view(torch.int32)                       # (2, 3, 48, W)
-    fk, fv = (ref.to_frag(plane, kind).view(torch.int32).reshape(2, 3, 3, 16 * W) for kind in "kv")
-    for blk in range(3):
-        r0 = 16 * blk
-        for lane in range(32):
-            g, t = lane // 4, lane % 4
-            want_k = torch.cat([rows[..., r0 + g + 8 * r, t * KW:(t + 1) * KW] for r in range(2)], -1)
-            want_v = torch.cat([rows[..., r0 + 2 * t + (e & 1) + 8 * (e >> 1), g * VW:(g + 1) * VW]
-                                for e in range(4)], -1)
-            assert torch.equal(fk[..., blk, lane * 2 * KW:(lane + 1) * 2 * KW], want_k)
-            assert torch.equal(fv[..., blk, lane * 4 * VW:(lane + 1) * 4 * VW], want_v)
-    for kind in "kv":
-        assert torch.equal(ref.from_frag(ref.to_frag(plane, kind), kind), plane)
-    with pytest.raises(ValueError, match="8 words"):
-        ref.frag_index(4, "k")
-
-
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_quantize_error_is_within_half_a_step(bits):
     x = torch.randn(1, 2, 64, 64, generator=gen(1)) * torch.linspace(0.1, 5, 64)  # channel outliers

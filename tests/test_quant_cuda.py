@@ -28,11 +28,6 @@ def _cuda(x):
     return {k: ([p.cuda() for p in t] if k == "planes" else t.cuda()) for k, t in x.items()}
 
 
-def _frag(x, kind):
-    """The packed dict with its code plane stored tile-contiguous (the kernels' FRAG form)."""
-    return x | {"planes": [ref.to_frag(x["planes"][0], kind)]}
-
-
 @pytest.mark.parametrize("D,bits,group,G,length,splits", [
     (128, 4, 64, 4, 1000, None), (128, 4, 64, 4, 1000, 3), (128, 4, 64, 1, 700, 2), (128, 4, 64, 8, 3000, 7),
     (128, 4, 16, 3, 530, 5), (128, 2, 16, 4, 1000, None), (128, 2, 16, 5, 777, 4), (64, 4, 64, 3, 900, 2),
@@ -42,9 +37,8 @@ def _frag(x, kind):
 # the defaults; 4 warps a program; the key-group prefetch on / off (its default depends on the group); the keys
 # dequantized in registers (KDQ) on and off (its default is the module's); 32-token tiles (two 16-token steps' scores
 # before one softmax update), with and without KDQ
-# code planes stored tile-contiguous (FRAG, `quant_reference.to_frag`), with the default and with 32-token tiles and KDQ
 @pytest.mark.parametrize("variant", [{}, {"cw": 4}, {"gpf": 1}, {"gpf": 0}, {"kdq": 1}, {"kdq": 0}, {"tile": 32},
-                                     {"tile": 32, "kdq": 1}, {"frag": 1}, {"frag": 1, "tile": 32, "kdq": 1}],
+                                     {"tile": 32, "kdq": 1}],
                          ids=lambda v: "-".join(f"{k}{x}" for k, x in v.items()) or "default")
 def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype, variant):
     if variant and dtype != torch.bfloat16:
@@ -60,10 +54,6 @@ def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype,
     qg = q.cuda().to(dtype)
     args = (qg, _cuda(kq), _cuda(vq), kf.cuda().to(dtype), vf.cuda().to(dtype), torch.tensor([length]).cuda())
     assert qc.supported(qg, args[1], bits=bits, group=group, vgroup=D, prerope=False, G=G)
-    if variant.get("frag"):
-        if D * bits < 256:
-            pytest.skip("tile-contiguous blocks need 8 words a token")
-        args = (args[0], _frag(args[1], "k"), _frag(args[2], "v"), *args[3:])
     if qc.smem_bytes(D=D, G=G, cw=variant.get("cw", 1)) > 48 * 1024:
         with pytest.raises(qc.Unavailable, match="shared memory"):
             qc.decode_attention(*args, splits=splits, **variant, **{k: kw[k] for k in ("bits", "group", "sink",
@@ -71,8 +61,7 @@ def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype,
         return
     got = qc.decode_attention(*args, splits=splits, **variant, **{k: kw[k] for k in ("bits", "group", "sink", "window",
                                                                                  "scale")}).float().cpu()
-    tri = qk.quant_decode_attention(*args[:1], _cuda(kq), _cuda(vq), *args[3:], splits=splits, impl="triton",
-                                    **kw).float().cpu()
+    tri = qk.quant_decode_attention(*args, splits=splits, impl="triton", **kw).float().cpu()
     tol = 4e-2 if dtype == torch.bfloat16 else 1e-2   # the Triton kernel's own error on these inputs: 6e-3 (fp16)
     err, err_tri = (got - want).abs().max().item(), (tri - want).abs().max().item()
     assert err < tol, f"cuda {err:.2e}, triton {err_tri:.2e}"
@@ -87,10 +76,9 @@ def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype,
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 # minb None: the default (MINB 16: 4 bits, D <= 128); kdq 1: the keys dequantized in registers (None: the default)
-@pytest.mark.parametrize("cw,minb,kdq,frag", [(1, None, None, 0), (1, 0, None, 0), (2, 0, None, 0), (4, 0, None, 0),
-                                              (1, None, 1, 0), (1, None, None, 1)],
-                         ids=["default", "minb0", "cw2", "cw4", "kdq1", "frag1"])
-def test_cuda_paged_kernel_matches_reference(D, bits, group, G, length, k, splits, dtype, cw, minb, kdq, frag):
+@pytest.mark.parametrize("cw,minb,kdq", [(1, None, None), (1, 0, None), (2, 0, None), (4, 0, None), (1, None, 1)],
+                         ids=["default", "minb0", "cw2", "cw4", "kdq1"])
+def test_cuda_paged_kernel_matches_reference(D, bits, group, G, length, k, splits, dtype, cw, minb, kdq):
     """Quest over key groups (`paged_attention`): the listed groups (ascending, inside the packed region, as
     `select_pages` over `group_scores` lists them) and every full-precision slot."""
     B, H, sink, window = 2, 2, 4, 128
@@ -110,12 +98,9 @@ def test_cuda_paged_kernel_matches_reference(D, bits, group, G, length, k, split
     n = torch.tensor([length])
     kw = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5)
     want = ref.quant_group_attention(q, kq, vq, kf, vf, n, table, torch.tensor([nsel]), row_pages=MG, vgroup=D, **kw)
-    if frag and D * bits < 256:
-        pytest.skip("tile-contiguous blocks need 8 words a token")
-    pk, pv = (_frag(_cuda(kq), "k"), _frag(_cuda(vq), "v")) if frag else (_cuda(kq), _cuda(vq))
-    got = qc.paged_attention(q.cuda().to(dtype), pk, pv, kf.cuda().to(dtype), vf.cuda().to(dtype),
+    got = qc.paged_attention(q.cuda().to(dtype), _cuda(kq), _cuda(vq), kf.cuda().to(dtype), vf.cuda().to(dtype),
                              n.cuda(), table.cuda(), torch.tensor([nsel], dtype=torch.int32).cuda(), row_pages=MG,
-                             splits=splits, cw=cw, minb=minb, kdq=kdq, frag=bool(frag), **kw).float().cpu()
+                             splits=splits, cw=cw, minb=minb, kdq=kdq, **kw).float().cpu()
     dense = qc.decode_attention(q.cuda().to(dtype), _cuda(kq), _cuda(vq), kf.cuda().to(dtype), vf.cuda().to(dtype),
                                 n.cuda(), **kw).float().cpu()
     err_dense = (dense - ref.quant_decode_attention(q, kq, vq, kf, vf, length, vgroup=D, inv_freq=torch.zeros(D // 2),
@@ -129,8 +114,7 @@ def test_cuda_paged_kernel_matches_reference(D, bits, group, G, length, k, split
 
 @pytest.mark.parametrize("D,G,length,k", [(128, 4, 3000, 10), (128, 1, 1000, 3), (256, 2, 1300, 5), (128, 4, 150, 4)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("frag", [0, 1], ids=["rowmajor", "frag"])   # the codes tile-contiguous, the bits row-major
-def test_cuda_kernels_read_the_keys_residual_bits(D, G, length, k, dtype, frag, monkeypatch):
+def test_cuda_kernels_read_the_keys_residual_bits(D, G, length, k, dtype, monkeypatch):
     """kres=1 (RES in the source; on by default since this and the cache-level test below passed on an H100): the
     dense and the paged kernel against the references, which decode the bits (z + s·(c + r/2 - 1/4)); and the bits
     really count: the same codes read without them are further from the reference."""
@@ -149,10 +133,7 @@ def test_cuda_kernels_read_the_keys_residual_bits(D, G, length, k, dtype, frag, 
     assert qc.supported(cu(q), _cuda(kq), bits=bits, group=group, vgroup=D, prerope=False, G=G)
     want = ref.quant_decode_attention(q, kq, vq, kf, vf, length, vgroup=D, inv_freq=torch.zeros(D // 2),
                                       prerope=False, **kw)
-    if frag and dtype != torch.bfloat16:
-        pytest.skip("the tile-contiguous form: bf16 is enough")
-    ck, cv = (_frag(_cuda(kq), "k"), _frag(_cuda(vq), "v")) if frag else (_cuda(kq), _cuda(vq))
-    got = qc.decode_attention(cu(q), ck, cv, cu(kf), cu(vf), n.cuda(), frag=bool(frag), **kw).float().cpu()
+    got = qc.decode_attention(cu(q), _cuda(kq), _cuda(vq), cu(kf), cu(vf), n.cuda(), **kw).float().cpu()
     plain = {x: t for x, t in kq.items() if x != "res"}
     without = ref.quant_decode_attention(q, plain, vq, kf, vf, length, vgroup=D, inv_freq=torch.zeros(D // 2),
                                          prerope=False, **kw)
@@ -166,9 +147,8 @@ def test_cuda_kernels_read_the_keys_residual_bits(D, G, length, k, dtype, frag, 
         pick = sorted(torch.randperm(ngq, generator=g)[:nsel].tolist()) if ngq else []
         table[bh, :len(pick)] = torch.tensor([bh * MG + p for p in pick], dtype=torch.int32)
     want = ref.quant_group_attention(q, kq, vq, kf, vf, n, table, torch.tensor([nsel]), row_pages=MG, vgroup=D, **kw)
-    got = qc.paged_attention(cu(q), ck, cv, cu(kf), cu(vf), n.cuda(), table.cuda(),
-                             torch.tensor([nsel], dtype=torch.int32).cuda(), row_pages=MG, frag=bool(frag),
-                             **kw).float().cpu()
+    got = qc.paged_attention(cu(q), _cuda(kq), _cuda(vq), cu(kf), cu(vf), n.cuda(), table.cuda(),
+                             torch.tensor([nsel], dtype=torch.int32).cuda(), row_pages=MG, **kw).float().cpu()
     assert (got - want).abs().max().item() < tol
 
 

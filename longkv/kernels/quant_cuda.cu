@@ -1,10 +1,8 @@
 // Decode attention over KIVI-layout packed KV, one layer: the CUDA source of `quant_cuda.py` (see its
 // docstring for the design and the figures). Compiled by NVRTC with a block of #defines in front
 // (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, GPF, MINB, CW, PAGED, RES,
-// LOADONLY, KDQ, FRAG; then ptx.cuh (the shared typedefs and PTX helpers), then this file.
-// FRAG: the code planes are stored tile-contiguous (`quant_reference.to_frag`): each 16-token block's words in the
-// order the MMA fragments take them, so a lane reads its key words and its value words as one 16-32-byte run each
-// (row-major: 2 key and 4 value loads a 16-token step at 2 bits). The residual bits (RES) stay row-major.
+// LOADONLY, KDQ (and FRAG, the loads-alone what-if of a tile-contiguous layout); then
+// ptx.cuh (the shared typedefs and PTX helpers), then this file.
 // KDQ (not with RES): the key codes dequantized in registers (c·s + z in fp16, two HFMA2 a register pair) against
 // the plain query, instead of the scale folded into the query and the zero term from MMAs at each group start.
 // RES (`kres=1`, 4-bit codes, D >= 128): a residual bit a key element (`quant_reference.pack_res`, 32 channels a
@@ -14,6 +12,9 @@
 #endif
 #ifndef FRAG
 #define FRAG 0
+#endif
+#if FRAG && !LOADONLY
+#error "FRAG is a loads-alone diagnostic: the cache does not store codes tile-contiguous"
 #endif
 struct alignas(16) U4 { u32 x, y, z, w; };
 struct alignas(8) U2 { u32 x, y; };
@@ -74,8 +75,8 @@ __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const
     int tok = t0 + 16 * u;
     if (tok < end) {
 #if FRAG
-      /* the step's code words tile-contiguous in the MMA fragment order (`quant_reference.frag_index`): a lane's key
-         words (rows g, g + 8) and its value words (rows 2t + (e & 1) + 8(e >> 1)) are one run of 16-32 bytes each */
+      /* what-if (LOADONLY only): the same bytes, each 16-token step's code words tile-contiguous in the MMA fragment
+         order, so a lane's key words and its value words are one run of 16-32 bytes each */
       {
         const int lane = 4 * g + t;
         u32 kk[2 * KW], vv[4 * VW];

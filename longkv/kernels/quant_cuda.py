@@ -116,9 +116,8 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     page table lists (Quest over key groups, `paged_attention`) instead of every quantized group; res: the keys
     carry residual bits (`kres=1`); load_only: the loads alone, no attention (a diagnostic: its output is
     meaningless); kdq: the keys dequantized in registers (None: KDQ, else on for 2 bits where every tile starts a
-    key group; never with residual bits); frag: the code planes are stored tile-contiguous, each 16-token block's words
-    in MMA fragment order (`quant_reference.to_frag`; the caches store them row-major, so this is the probe's and the
-    tests' form until they do)."""
+    key group; never with residual bits); frag: with load_only, the same bytes read as if each 16-token step's code
+    words were stored tile-contiguous in fragment order (a what-if of that layout; the cache does not store it)."""
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
                TILE=tile or TILE,
                GPF=0 if paged else gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)),

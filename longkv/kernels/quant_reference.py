@@ -24,7 +24,7 @@ import torch
 
 from .reference import attention_lse
 
-__all__ = ["PLANES", "hadamard", "pack", "unpack", "pack_res", "unpack_res", "frag_index", "to_frag", "from_frag", "quantize_keys", "quantize_tokens",
+__all__ = ["PLANES", "hadamard", "pack", "unpack", "pack_res", "unpack_res", "quantize_keys", "quantize_tokens",
            "dequantize_keys",
            "dequantize_tokens", "rope_at", "fp_slots", "quant_decode_attention", "normalized", "gather_rows",
            "quant_paged_attention"]
@@ -80,51 +80,6 @@ def unpack_res(res: torch.Tensor, d: int) -> torch.Tensor:
     *lead, _ = res.shape
     x = unpack([res], 1, d).reshape(*lead, d // 32, 2, 4, 4)
     return x.transpose(-3, -2).reshape(*lead, d)
-
-
-def frag_index(words: int, kind: str) -> torch.Tensor:
-    """The tile-contiguous order of a 16-token block of code words (16, words) row-major, as the CUDA kernel's FRAG
-    form reads it (`quant_cuda.cu: load`): entry i of the block's new order is old word index[i] (row · words + col).
-    Lane 4g + t (g < 8, t < 4) holds one run: for keys ("k") its KW = words/4 words of rows g and g + 8 at column
-    t·KW (the score MMA's A rows), for values ("v") its VW = words/8 words of rows 2t + (e & 1) + 8(e >> 1), e < 4, at
-    column g·VW (the value MMA's A columns). So a lane's key words and its value words are one 16-32-byte load each."""
-    if words % 8:
-        raise ValueError(f"a tile-contiguous block needs a multiple of 8 words a token, not {words}")
-    lane = torch.arange(32)
-    g, t = lane // 4, lane % 4
-    if kind == "k":
-        kw = words // 4
-        r = torch.stack([g, g + 8], 1)[:, :, None]                     # (lane, r, i)
-        c = (t * kw)[:, None, None] + torch.arange(kw)[None, None, :]
-        idx = r * words + c.expand(-1, 2, -1)
-    elif kind == "v":
-        vw = words // 8
-        e = torch.arange(4)
-        r = (2 * t[:, None] + (e & 1)[None, :] + 8 * (e >> 1)[None, :])[:, :, None]   # (lane, e, i)
-        c = (g * vw)[:, None, None] + torch.arange(vw)[None, None, :]
-        idx = r * words + c.expand(-1, 4, -1)
-    else:
-        raise ValueError(f"kind must be 'k' or 'v', not {kind!r}")
-    return idx.reshape(-1)
-
-
-def to_frag(plane: torch.Tensor, kind: str) -> torch.Tensor:
-    """A code plane (..., n, bytes) uint8, row-major, n a multiple of 16 → the same bytes with each 16-token block's
-    32-bit words in `frag_index` order (the shape is kept: block b is rows 16b..16b+15, read as one run)."""
-    *lead, n, nb = plane.shape
-    w = plane.contiguous().view(torch.int32).reshape(*lead, n // 16, 16 * (nb // 4))
-    idx = frag_index(nb // 4, kind).to(plane.device)
-    return w[..., idx].reshape(*lead, n, nb // 4).view(torch.uint8)
-
-
-def from_frag(plane: torch.Tensor, kind: str) -> torch.Tensor:
-    """Inverse of `to_frag`."""
-    *lead, n, nb = plane.shape
-    w = plane.contiguous().view(torch.int32).reshape(*lead, n // 16, 16 * (nb // 4))
-    idx = frag_index(nb // 4, kind).to(plane.device)
-    out = torch.empty_like(w)
-    out[..., idx] = w
-    return out.reshape(*lead, n, nb // 4).view(torch.uint8)
 
 
 # -- quantize / dequantize -----------------------------------------------------------------------------
