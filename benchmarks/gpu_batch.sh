@@ -53,9 +53,9 @@
 #   peak512   issue 5: rank=peak / mass from the CUDA score (each query's value a group): its GPU tests, decode at 512K
 #             (16 layers) next to full and rank=max, with fp16 exponentials (HEXP) retimed (session 34: the select's
 #             own normalisation, MASSG, was 45 us a layer slower and is gone); peakparts: one sparse layer's pieces
-#   loads     issues 4-5: quant_cuda_probe.py --load-only --frag: kivi2 / kivi4 at 128K and the kres quarter's paged
+#   loads     issues 4-5: quant_cuda_probe.py --load-only: kivi2 / kivi4 at 128K and the kres quarter's paged
 #             kernel (a random eighth of the key groups, 512K), each next to its loads alone (the same programs, no
-#             attention) and to the loads alone from a tile-contiguous layout (FRAG, the what-if)
+#             attention)
 #   kdq       issue 4: the keys dequantized in registers (KDQ, quant_cuda.py) and 32-token tiles: GPU tests, probe at 128K
 #   kdqdecode issue 4: decode at 128K, full and kivi2, as it is (KDQ on) and with LONGKV_KDQ=0
 #   mass512   issue 5: decode at 512K (16 layers): full, the kres quarter ranked by max and by mass, median of AGAIN + 1
@@ -272,28 +272,23 @@
 # --kdq 0,1 --tile 16,32; probe --load-only: 2-bit loads alone 41.2 of 61.7 us], [mass512 --again 3: mass 2.59x, max
 # 2.73x on the H200], [loads512 (its loads row then ran other programs: fixed); decode 128K kivi2 0.720x, KDQ 0.707x],
 # [residual / paged / default GPU tests after the tile restructure (50 passed); loads512 again: 43.6 vs 30.2 us].
-# Item 3 below is done; item 0 ran on the H200 (2.6x) and is still wanted on an H100.
-# The next calls: `OUT=$OUT bash benchmarks/gpu_batch.sh loads mass512` (~5 min; loads now also times --frag, the
-# tile-contiguous what-if: if its loads alone are far below 41 us at 2 bits, change the cache's code layout);
-# 0. (issue 5) The 3x for the mass quarter depends on the H100: 3.01x on session 35's, 2.90x on session 33-34's (full
-#    7 % faster there). Time it again on whatever machine comes (`sparse_decode.py --contexts 512k --layers 16
-#    --no-breakdown --reps 30 --again 4 --only "full,$q d0,$q mass d0"`, q="kv4 kres+quest 1/8 sparq 0.25 weigh");
-#    the levers left are the paged attention's ~1.65 TB/s and page_mass's two launches (BENCHMARKS "Session 34").
-# 1. The smollm2 8K mass grid's last 129 cells: [copy part00], [copy part01; MODELS=smollm2-135m install <sha>;
-#    RESUME=benchmarks/grids/fastgrid-smollm2-135m-8k.tgz MODEL=smollm2-135m LENGTH=8k CHUNK=8192 SAMPLES=211 WINDOWS=
-#    EXTRA="kv4:kres=1,window=128+quest:ratio=0.875,groups=1,channels=0.25,rank=mass,weigh=1,dense_layers=0"
-#    GRID_LIMIT=200 fastgrid]; then gemma3 16K to more samples (SAMPLES=150, RESUME its folder) to narrow the intervals.
+# Session 38 (2026-12-07): one H100 after ~8 refused starts: [the tile-contiguous code layout (FRAG, commits 1d9212d,
+# b6a1002): its GPU tests (44 passed), the probes, decode 128K kivi2 with and without it: no faster anywhere (removed)],
+# [mass512 --again 3: mass 3.05x, max 3.18x], [copy part00], [copy part01; install; the smollm2 8K grid's last cells:
+# all 633, M -0.8 +- 2.1].
+# The next calls:
+# 0. (issue 5) The mass quarter is at 3.01x, 3.01x, 3.05x on three H100 calls, 2.90x on session 33-34's H100 and 2.59x on
+#    an H200. A margin past 3x needs the sparse layer ~10 us faster on the H100 (~35 us on the H200); the levers left are
+#    the paged attention (44.7 us, its loads alone 37.0 on the H100) and page_mass's two launches (BENCHMARKS "Session 34").
+# 1. gemma3 16K mass grid to more samples (SAMPLES=150, RESUME its folder) to narrow the intervals.
 # 2. The `cells` step for the mass quarter's GPU-only losses (single_2 18 and 49 are found on CPU, also with the fp16
 #    sums emulated): [copy part100..103], [copy part104; MODELS=gemma3-270m install <sha>; SQ="kv4:kres=1,window=128+quest:
 #    ratio=0.875,groups=1,channels=0.25,rank=mass,weigh=1,dense_layers=0" CELLS="niah_single_2:18,49
 #    niah_multikey_1:2,95" cells].
-# 3. (issue 4) kv2 at 128K: more register stages lost (session 35). First tell the access pattern from the arithmetic:
-#    [cd benchmarks && python3 quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --load-only] (~40 s): the
-#    splits kernel's loads alone (LOADONLY), same programs. Loads alone near 2-bit's 63 us: the pattern (~1,500 streams
-#    of 512 B key and value runs) is the limit, so a layout with a tile's keys and values contiguous is next. Loads
-#    alone far faster: the per-step dependent chain is, so two independent 16-token chains in one warp are next.
-#    In the same call (~40 s, issue 5's lever): [python3 quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res
-#    --paged 0.125 --load-only]: the kres quarter's paged kernel (~1.65 TB/s in the step) against its loads alone.
+# 3. (issue 4) kv2 at 128K: 0.662x on the H100 (full 11.95 ms), 0.707x on the H200. The loads alone take 47 of the 2-bit
+#    kernel's 60 us on the H100 (41 of 58 on the H200) and did not move with one 16-byte load a lane a step (FRAG) nor
+#    with more register stages (session 35). Untested: a tile's keys, values and statistics in one contiguous block
+#    (one stream a warp instead of six), and TMA bulk copies into shared memory (bytes in flight without registers).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -490,8 +485,8 @@ P
       echo "diag512: $(grep -c 'kivi_attn\|page_select\|sparq_score\|kivi_merge' "$OUT/diag512.txt") kernel lines" >&2 ;;
     loads)     # issues 4-5: the packed kernels against their loads alone (LOADONLY, the same programs): kivi2 / kivi4 at
                # 128K (dense), then the kres quarter's paged kernel over a random eighth of the key groups at 512K
-      bench loads128 150 $PY quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --load-only --frag
-      bench loads512 150 $PY quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res --paged 0.125 --load-only --frag ;;
+      bench loads128 150 $PY quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --load-only
+      bench loads512 150 $PY quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res --paged 0.125 --load-only ;;
     kdq)       # issue 4: the keys dequantized in registers (KDQ): its and 32-token tiles' GPU tests, the one-layer probe at
                # 128K (2 and 4 bits, tiles 16 / 32, KDQ off / on), and decode at 128K (full, kivi2 off / on; LONGKV_KDQ)
       (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q -rf --tb=line tests/test_quant_cuda.py -k "kdq or tile32") \

@@ -1,20 +1,13 @@
 // Decode attention over KIVI-layout packed KV, one layer: the CUDA source of `quant_cuda.py` (see its
 // docstring for the design and the figures). Compiled by NVRTC with a block of #defines in front
 // (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, GPF, MINB, CW, PAGED, RES,
-// LOADONLY, KDQ (and FRAG, the loads-alone what-if of a tile-contiguous layout); then
-// ptx.cuh (the shared typedefs and PTX helpers), then this file.
+// LOADONLY, KDQ; then ptx.cuh (the shared typedefs and PTX helpers), then this file.
 // KDQ (not with RES): the key codes dequantized in registers (c·s + z in fp16, two HFMA2 a register pair) against
 // the plain query, instead of the scale folded into the query and the zero term from MMAs at each group start.
 // RES (`kres=1`, 4-bit codes, D >= 128): a residual bit a key element (`quant_reference.pack_res`, 32 channels a
 // word, each code pair's bits 16 apart) read with the codes; a key is z + s·(c + r/2 - 1/4).
 #if KDQ && RES
 #error "KDQ does not read residual bits"
-#endif
-#ifndef FRAG
-#define FRAG 0
-#endif
-#if FRAG && !LOADONLY
-#error "FRAG is a loads-alone diagnostic: the cache does not store codes tile-contiguous"
 #endif
 struct alignas(16) U4 { u32 x, y, z, w; };
 struct alignas(8) U2 { u32 x, y; };
@@ -74,38 +67,18 @@ __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const
   for (int u = 0; u < SUB; u++) {
     int tok = t0 + 16 * u;
     if (tok < end) {
-#if FRAG
-      /* what-if (LOADONLY only): the same bytes, each 16-token step's code words tile-contiguous in the MMA fragment
-         order, so a lane's key words and its value words are one run of 16-32 bytes each */
-      {
-        const int lane = 4 * g + t;
-        u32 kk[2 * KW], vv[4 * VW];
-        ldw<2 * KW>(kk, kp + (i64)tok * W + lane * (2 * KW));
-        ldw<4 * VW>(vv, vp + (i64)tok * W + lane * (4 * VW));
-#pragma unroll
-        for (int i = 0; i < KW; i++) { b.k[u][0][i] = kk[i]; b.k[u][1][i] = kk[KW + i]; }
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-#pragma unroll
-          for (int i = 0; i < VW; i++) b.v[u][e][i] = vv[e * VW + i];
-      }
-#endif
 #pragma unroll
       for (int r = 0; r < 2; r++) {
         int row = tok + g + 8 * r;
-#if !FRAG
         ldw<KW>(b.k[u][r], kp + (i64)row * W + t * KW);
-#endif
 #if RES
         ldw<KRW>(b.kr[u][r], krp + (i64)row * (D / 32) + t * KRW);
 #endif
         b.vs[u][r] = vs[row];
         b.vz[u][r] = vz[row];
       }
-#if !FRAG
 #pragma unroll
       for (int e = 0; e < 4; e++) ldw<VW>(b.v[u][e], vp + (i64)(tok + 2 * t + (e & 1) + 8 * (e >> 1)) * W + g * VW);
-#endif
     }
   }
 }
