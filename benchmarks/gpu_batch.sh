@@ -53,9 +53,9 @@
 #   peak512   issue 5: rank=peak / mass from the CUDA score (each query's value a group): its GPU tests, decode at 512K
 #             (16 layers) next to full and rank=max, with fp16 exponentials (HEXP) retimed (session 34: the select's
 #             own normalisation, MASSG, was 45 us a layer slower and is gone); peakparts: one sparse layer's pieces
-#   loads     issues 4-5: quant_cuda_probe.py --load-only: kivi2 / kivi4 at 128K and the kres quarter's paged
+#   loads     issues 4-5: quant_cuda_probe.py --load-only --ilv: kivi2 / kivi4 at 128K and the kres quarter's paged
 #             kernel (a random eighth of the key groups, 512K), each next to its loads alone (the same programs, no
-#             attention)
+#             attention) and to the loads alone from one contiguous block a 16 tokens (ILV, a what-if)
 #   kdq       issue 4: the keys dequantized in registers (KDQ, quant_cuda.py) and 32-token tiles: GPU tests, probe at 128K
 #   kdqdecode issue 4: decode at 128K, full and kivi2, as it is (KDQ on) and with LONGKV_KDQ=0
 #   mass512   issue 5: decode at 512K (16 layers): full, the kres quarter ranked by max and by mass, median of AGAIN + 1
@@ -287,8 +287,10 @@
 #    niah_multikey_1:2,95" cells].
 # 3. (issue 4) kv2 at 128K: 0.662x on the H100 (full 11.95 ms), 0.707x on the H200. The loads alone take 47 of the 2-bit
 #    kernel's 60 us on the H100 (41 of 58 on the H200) and did not move with one 16-byte load a lane a step (FRAG) nor
-#    with more register stages (session 35). Untested: a tile's keys, values and statistics in one contiguous block
-#    (one stream a warp instead of six), and TMA bulk copies into shared memory (bytes in flight without registers).
+#    with more register stages (session 35). Next: `OUT=$OUT bash benchmarks/gpu_batch.sh loads` (~1 min): the loads
+#    alone from one contiguous block a 16 tokens (ILV: codes, ranges, statistics, residual bits; one stream a warp where
+#    the layout has six). Far under 47 us at 2 bits: build that layout (append, references, kernels, paged reads);
+#    about the same: the streams are not it either, and TMA bulk copies into shared memory are next.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -485,8 +487,8 @@ P
       echo "diag512: $(grep -c 'kivi_attn\|page_select\|sparq_score\|kivi_merge' "$OUT/diag512.txt") kernel lines" >&2 ;;
     loads)     # issues 4-5: the packed kernels against their loads alone (LOADONLY, the same programs): kivi2 / kivi4 at
                # 128K (dense), then the kres quarter's paged kernel over a random eighth of the key groups at 512K
-      bench loads128 150 $PY quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --load-only
-      bench loads512 150 $PY quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res --paged 0.125 --load-only ;;
+      bench loads128 150 $PY quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --load-only --ilv
+      bench loads512 150 $PY quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res --paged 0.125 --load-only --ilv ;;
     kdq)       # issue 4: the keys dequantized in registers (KDQ): its and 32-token tiles' GPU tests, the one-layer probe at
                # 128K (2 and 4 bits, tiles 16 / 32, KDQ off / on), and decode at 128K (full, kivi2 off / on; LONGKV_KDQ)
       (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q -rf --tb=line tests/test_quant_cuda.py -k "kdq or tile32") \
