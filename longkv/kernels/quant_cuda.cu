@@ -33,7 +33,7 @@ struct alignas(8) F2 { float x, y; };
 #define STEP (TILE > GROUP ? TILE : GROUP)
 #define NEG_INF (__int_as_float(0xff800000))
 #define KRW (D / 128)              /* residual words a thread a token (RES) */
-#define BW (32 * W + 16 + D + (RES ? D / 2 : 0))   /* ILV: a block's words: keys, values, vs | vz, ks | kz, residual */
+/* ILV: BW (from `quant_cuda.ilv_words`), a block's words: keys, values, vs | vz, ks | kz, residual bits */
 
 __device__ __forceinline__ u32 trans(u32 x) {
   u32 r; asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x)); return r;

@@ -128,12 +128,14 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
                LOADONLY=int(load_only), ILV=int(ilv))
     kdq = kdq if kdq is not None else KDQ if KDQ is not None else int(bits == 2 and group <= cfg["TILE"])
     cfg["KDQ"] = 0 if res else int(kdq)
+    if ilv:
+        cfg["BW"] = ilv_words(D=D, bits=bits, res=res)
     return cfg
 
 
 def ilv_words(*, D: int, bits: int, res: bool) -> int:
     """ILV's block (the what-if): 32-bit words a 16-token block holds (key and value codes, value ranges, the key
-    group's statistics, residual bits); BW in the source."""
+    group's statistics, residual bits): BW in the source."""
     return 32 * (D * bits // 32) + 16 + D + (D // 2 if res else 0)
 
 
