@@ -78,41 +78,43 @@ __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const
 #pragma unroll
   for (int u = 0; u < SUB; u++) {
     int tok = t0 + 16 * u;
+    if (tok < end) {
+      /* the streams, and this step's first row in them: the row-major arrays at row tok, or (ILV) the block's parts */
 #if ILV
-    if (tok < end) {   /* the block's words in the row-major kernel's shapes and order, from one run */
       const u32* blk = kp + (i64)(tok / 16) * BW;
+      const u32 *kb = blk, *vb = blk + 16 * W;
+      const u16 *sb = (const u16*)(blk + 32 * W), *zb = sb + 16;
+#if RES
+      const u32* rb = blk + 32 * W + 16 + D;
+#endif
+      const i64 r0 = 0;
+#else
+      const u32 *kb = kp, *vb = vp;
+      const u16 *sb = vs, *zb = vz;
+#if RES
+      const u32* rb = krp;
+#endif
+      const i64 r0 = tok;
+#endif
 #pragma unroll
       for (int r = 0; r < 2; r++) {
-        ldw<KW>(b.k[u][r], blk + (g + 8 * r) * W + t * KW);
+        const i64 row = r0 + g + 8 * r;
+        ldw<KW>(b.k[u][r], kb + row * W + t * KW);
 #if RES
-        ldw<KRW>(b.kr[u][r], blk + 32 * W + 16 + D + (g + 8 * r) * (D / 32) + t * KRW);
+        ldw<KRW>(b.kr[u][r], rb + row * (D / 32) + t * KRW);
 #endif
-        b.vs[u][r] = ((const u16*)(blk + 32 * W))[g + 8 * r];
-        b.vz[u][r] = ((const u16*)(blk + 32 * W + 8))[g + 8 * r];
+        b.vs[u][r] = sb[row];
+        b.vz[u][r] = zb[row];
       }
 #pragma unroll
-      for (int e = 0; e < 4; e++) ldw<VW>(b.v[u][e], blk + 16 * W + (2 * t + (e & 1) + 8 * (e >> 1)) * W + g * VW);
-      if (tok % GROUP == 0) {
+      for (int e = 0; e < 4; e++) ldw<VW>(b.v[u][e], vb + (r0 + 2 * t + (e & 1) + 8 * (e >> 1)) * W + g * VW);
+#if ILV
+      if (tok % GROUP == 0) {   /* the group's statistics, in its first block */
         ldw<D / 8>(b.ks[u], blk + 32 * W + 16 + t * (D / 8));
         ldw<D / 8>(b.kz[u], blk + 32 * W + 16 + D / 2 + t * (D / 8));
       }
-    }
-#else
-    if (tok < end) {
-#pragma unroll
-      for (int r = 0; r < 2; r++) {
-        int row = tok + g + 8 * r;
-        ldw<KW>(b.k[u][r], kp + (i64)row * W + t * KW);
-#if RES
-        ldw<KRW>(b.kr[u][r], krp + (i64)row * (D / 32) + t * KRW);
 #endif
-        b.vs[u][r] = vs[row];
-        b.vz[u][r] = vz[row];
-      }
-#pragma unroll
-      for (int e = 0; e < 4; e++) ldw<VW>(b.v[u][e], vp + (i64)(tok + 2 * t + (e & 1) + 8 * (e >> 1)) * W + g * VW);
     }
-#endif
   }
 }
 
