@@ -43,18 +43,41 @@ def parse_tokens(s: str) -> int:
     return int(float(s[:-1]) * mult) if mult else int(s)
 
 
-def random_model(hf_config: dict, *, device="cuda", dtype=torch.bfloat16, seed=0):
-    """Our model at a real shape with random weights (N(0, 0.02) matrices, unit norms)."""
+def random_model(hf_config: dict, *, device="cuda", dtype=torch.bfloat16, seed=0, weight_sets=None):
+    """Our model at a real shape with random weights (N(0, 0.02) matrices, unit norms).
+
+    `weight_sets=N` (< the layers): only layers 0..N-1 own weights; layer i reads layer i % N's tensors, so
+    the model holds N layers' weights, not all of them. A decode step still reads every layer's weights
+    from memory: layer i's reappear N layers later, after N layers' weights and KV have passed through a
+    50 MB L2. This is how the full 32-layer 8B shape with a 512K bf16 cache (64 GiB) fits an 80 GB card."""
     cfg = ModelConfig.from_hf(hf_config)
     model = build(cfg, device=device, dtype=dtype)
+    layers = model.model.layers
+    n = len(layers) if weight_sets is None else weight_sets
+    if not 0 < n <= len(layers):
+        raise ValueError(f"weight_sets={weight_sets}: must be in 1..{len(layers)} (the layers)")
+    for i in range(n, len(layers)):
+        _share(layers[i], layers[i % n])
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in model.named_parameters():   # (shared tensors are listed once)
             if "norm" in name:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=g)
     return model
+
+
+def _share(dst: torch.nn.Module, src: torch.nn.Module):
+    """`dst` (a decoder layer) reads `src`'s weight tensors: parameters and the fused q/k/v, gate/up tensors
+    (plain tensor attributes); its own are dropped."""
+    for name, m in dst.named_modules():
+        s = src.get_submodule(name)
+        for k in list(m._parameters):
+            m._parameters[k] = s._parameters[k]
+        for k, v in list(vars(m).items()):
+            if isinstance(v, torch.Tensor):
+                setattr(m, k, getattr(s, k))
 
 
 def weight_bytes_read(model) -> int:

@@ -27,8 +27,11 @@ Methods: full, quest at budgets 1/8 and 1/32 (tokens read per step), snapkv / st
 / tova keeping 1/8 (and snapkv 1/32) after compaction.
 
     python benchmarks/sparse_decode.py --contexts 128k --layers 32        # H100 80GB
-    python benchmarks/sparse_decode.py --contexts 512k --layers 8         # full bf16 KV of 32 layers at
-                                                                          # 512K (64 GiB) does not fit
+    python benchmarks/sparse_decode.py --contexts 512k --layers 16        # full bf16 KV of 32 layers at
+                                                                          # 512K (64 GiB) + 16 GB of weights
+                                                                          # does not fit an 80 GB card ...
+    python benchmarks/sparse_decode.py --contexts 512k --weight-sets 16   # ... with 16 layers' weights, read
+                                                                          # twice a step, it does
     python benchmarks/sparse_decode.py --smoke                            # CPU, tiny shapes: runs or not
     python benchmarks/sparse_decode.py --contexts 128k --only "full,quest 1/8"   # just those rows
 Last line: JSON.
@@ -404,6 +407,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="128k")
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--weight-sets", type=int, default=None,
+                    help="only N layers own weights, layer i reads layer i %% N's (common.random_model): the 32-layer "
+                         "8B shape with a 512K bf16 cache fits an 80 GB card with 16")
     ap.add_argument("--chunk", type=int, default=8192, help="fill chunk (eviction compacts after each)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--again", type=int, default=0,
@@ -432,10 +438,11 @@ def main():
         a.contexts, a.chunk, a.reps = "2k", 512, 2
     dev = torch.device("cpu" if a.smoke else "cuda")
     dtype = torch.float32 if a.smoke else torch.bfloat16
-    model = random_model(cfg, device=dev, dtype=dtype)
+    model = random_model(cfg, device=dev, dtype=dtype, weight_sets=a.weight_sets)
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     name = "CPU (smoke)" if a.smoke else torch.cuda.get_device_name()
-    print(f"# {name}; Llama-3-8B shape, {cfg['num_hidden_layers']} layers, random weights; cache filled "
+    sets = f" (weights of {a.weight_sets} layers, layer i reading layer i % {a.weight_sets}'s)" if a.weight_sets else ""
+    print(f"# {name}; Llama-3-8B shape, {cfg['num_hidden_layers']} layers{sets}, random weights; cache filled "
           f"through its append path with random data (no real prefill)")
     rows = []
     for ctx in [parse_tokens(c) for c in a.contexts.split(",")]:
@@ -505,7 +512,7 @@ def main():
             del cache
     print()
     print_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
-    emit_json({"bench": "sparse_decode", "device": name, "layers": cfg["num_hidden_layers"],
+    emit_json({"bench": "sparse_decode", "device": name, "layers": cfg["num_hidden_layers"], "weight_sets": a.weight_sets,
                "weights_GB": round(wbytes / 1e9, 2), "filled": "append path, random data", "rows": rows})
 
 
