@@ -53,7 +53,7 @@ CASES = [
 
 def ptx(name, files, defines, tmp_path) -> str:
     cu = tmp_path / f"{name}.cu"
-    cu.write_text(source(defines, ("pdl.cuh",) + files))   # (as nvrtc.build and quant_cuda.source put it first)
+    cu.write_text(source(defines, files))
     out = subprocess.run([NVCC, "-ptx", "-arch=sm_90", "-o", str(tmp_path / "out.ptx"), str(cu)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -78,24 +78,3 @@ def test_kivi_loads_alone_issue_every_load_of_the_kernel(layout, tmp_path):
         body = body[:body.index(".entry", 1)] if ".entry" in body[1:] else body
         return [len(re.findall(p, body)) for p in (r"\bld\.global\S*", r"\bprefetch\.global\S*")]
     assert counts(load_only=True) == counts()
-
-
-KERNELS = [("page_select", ("page_select.cu",), dict(RK=8)),
-           ("page_select_cluster", ("page_select.cu", "page_select_cluster.cu"), dict(CL=8, CT=256, CRK=4)),
-           ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(PERQ=1)),
-           ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, paged=True,
-                                                                         res=True)),
-           ("kivi_merge", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160))]
-
-
-@pytest.mark.parametrize("name,files,defines", KERNELS)
-def test_pdl_kernels_wait_for_the_kernel_before(name, files, defines, tmp_path):
-    """Every kernel `nvrtc.launch` may start early (PDL) waits for the one before it: with PDL defined its entry
-    holds griddepcontrol.wait (and lets the next one start), without it neither."""
-    def body(**kw):
-        text = ptx(name, files, defines | kw, tmp_path)
-        b = text[text.index(f".entry {name}"):]
-        return b[:b.index(".entry", 1)] if ".entry" in b[1:] else b
-    on, off = body(PDL=1), body()
-    assert "griddepcontrol.wait" in on and "griddepcontrol.launch_dependents" in on
-    assert "griddepcontrol" not in off

@@ -130,7 +130,6 @@ extern "C" __global__ void __launch_bounds__(NT) page_select(const float* __rest
                                                              int* __restrict__ Table, int* __restrict__ Nsel,
                                                              int* __restrict__ Last, int MP, int K, int PAGE,
                                                              int row_pages, int stab GATE_ARGS) {
-  PDL_ENTER();
   if (KEEP_TABLE) return;
   __shared__ u32 hist[256];
   __shared__ u32 chosen[3];

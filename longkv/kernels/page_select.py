@@ -19,7 +19,7 @@ import torch
 
 from . import sparse_reference as ref
 from .decode import _use_triton, triton
-from .nvrtc import build, launch
+from .nvrtc import build
 
 if triton is not None:
     import triton.language as tl
@@ -256,9 +256,9 @@ def _block(scores, k: int, pos, page: int, row_pages: int, table, nsel, last, ga
     if kern is None:                                                           # where the row fits: half the work
         return False
     extra = [_pos(gate[0], scores.device).long(), gate[1]] if every > 1 else []
-    launch(kern, (B * Hkv, 1, 1), (1024, 1, 1),
-           [scores, _pos(pos, scores.device).long(), table, nsel, last, MP, k, page, row_pages, table.stride(0),
-            *extra])
+    kern(grid=(B * Hkv, 1, 1), block=(1024, 1, 1),
+         args=[scores, _pos(pos, scores.device).long(), table, nsel, last, MP, k, page, row_pages, table.stride(0),
+               *extra])
     return True
 
 
@@ -313,8 +313,8 @@ def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str 
         crk = _cluster_keys(MP, CLUSTER_CT)
         kern = cluster_kernel(CLUSTER_CT, crk) if scores.is_cuda and crk else None
         if kern is not None:
-            launch(kern, (BH * CLUSTER, 1, 1), (CLUSTER_CT, 1, 1),
-                   [scores, pos.long(), table, nsel, last, MP, k, page, row_pages, table.stride(0)])
+            kern(grid=(BH * CLUSTER, 1, 1), block=(CLUSTER_CT, 1, 1),
+                 args=[scores, pos.long(), table, nsel, last, MP, k, page, row_pages, table.stride(0)])
             return table, nsel, last
         if method == "cluster":
             raise ValueError(f"the cluster select needs an sm_90+ CUDA GPU with NVRTC and rows of at most "

@@ -56,7 +56,6 @@ __device__ __forceinline__ int cscan(int x, int* wsum, int& total) {
 extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CT)
 page_select_cluster(const float* __restrict__ S, const i64* __restrict__ Pos, int* __restrict__ Table,
                     int* __restrict__ Nsel, int* __restrict__ Last, int MP, int K, int PAGE, int row_pages, int stab) {
-  PDL_ENTER();
   __shared__ u32 hist[4][256];
   __shared__ u32 chosen[4][3];     /* a pass's digit, count above it, count equal to it */
   __shared__ u32 post[2];          /* this block's keys above / equal to T, read by the later blocks */

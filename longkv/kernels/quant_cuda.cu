@@ -473,7 +473,6 @@ extern "C" __global__ void BOUNDS kivi_attn(
     const u16* __restrict__ KF, const u16* __restrict__ VF, float* __restrict__ Part, float* __restrict__ Lse,
     double scale_log2_d, int S, int NQ_CAP, const int* __restrict__ Table, const int* __restrict__ Nsel, int stab,
     int row_pages, const u32* __restrict__ KR) {
-  PDL_ENTER();
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wq = threadIdx.x >> 5;
   const int bh = blockIdx.x, split = blockIdx.y;
   const float sl2 = (float)scale_log2_d;
@@ -629,7 +628,6 @@ extern "C" __global__ void BOUNDS kivi_attn(
 #define MW 16
 extern "C" __global__ void __launch_bounds__(32 * MW) kivi_merge(const float* __restrict__ Part,
                                                                  const float* __restrict__ Lse, u16* __restrict__ Out, int S1) {
-  PDL_ENTER();
   __shared__ float red[MW][32];
   __shared__ float dens[MW], mxs[MW];
   const int pid = blockIdx.x, c = blockIdx.y * 32, bh = pid / G, q = pid % G, tid = threadIdx.x, wp = tid >> 5,

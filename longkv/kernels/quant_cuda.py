@@ -73,8 +73,6 @@ from pathlib import Path
 
 import torch
 
-from .nvrtc import launch, pdl_here
-
 TILE = 16          # tokens a loop step (and a double-buffered load); 32 measured slower (more registers; with
                    # KDQ at 2 bits no faster: session 37)
 GPF = None         # L1 prefetch of a key group's scale/zero rows, this many tiles ahead (0 = off; None: 1 when
@@ -99,9 +97,9 @@ _MODULES: dict = {}
 
 
 def source() -> str:
-    """The kernels' CUDA source (read when first compiled, not at import): PDL's entry (`pdl.cuh`), the shared PTX
-    helpers (`ptx.cuh`) and `quant_cuda.cu`; `defines` go in front."""
-    return "".join(Path(__file__).with_name(f).read_text() for f in ("pdl.cuh", "ptx.cuh", "quant_cuda.cu"))
+    """The kernels' CUDA source (read when first compiled, not at import): the shared PTX helpers
+    (`ptx.cuh`) and `quant_cuda.cu`; `defines` go in front."""
+    return "".join(Path(__file__).with_name(f).read_text() for f in ("ptx.cuh", "quant_cuda.cu"))
 
 
 def defines(**layout) -> str:
@@ -185,8 +183,7 @@ def _kernels(cfg: str, warps: int):
     programs."""
     if cfg not in _MODULES:
         import ctypes
-        pdl = pdl_here()
-        src = ("#define PDL 1\n" if pdl else "") + cfg + source()
+        src = cfg + source()
         try:
             from torch.cuda import _compile_kernel
             from torch.cuda._utils import _get_gpu_runtime_library
@@ -195,7 +192,6 @@ def _kernels(cfg: str, warps: int):
             why = str(e).splitlines()[0] if str(e) else repr(e)
             _MODULES[cfg] = Unavailable(f"CUDA decode kernel not built: {why}")
         else:
-            attn.pdl = mrg.pdl = pdl      # (nvrtc.launch)
             n = ctypes.c_int()
             _get_gpu_runtime_library().cuOccupancyMaxActiveBlocksPerMultiprocessor(
                 ctypes.byref(n), attn.func, 32 * warps, ctypes.c_size_t(0))
@@ -283,13 +279,13 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     kp, vp = kq["planes"][0].view(torch.int32), vq["planes"][0].view(torch.int32)
 
     def run_attn():
-        launch(attn, (B * H, S1, 1), (32 * warps, 1, 1),
-               [q, length, kp, kq["scale"], kq["zero"], vp, vq["scale"], vq["zero"], kf, vf, part, lse,
-                float(scale * math.log2(math.e)), int(S), int(cap), *extra,
-                kq["res"].view(torch.int32) if "res" in kq else kp])
+        attn(grid=(B * H, S1, 1), block=(32 * warps, 1, 1),
+             args=[q, length, kp, kq["scale"], kq["zero"], vp, vq["scale"], vq["zero"], kf, vf, part, lse,
+                   float(scale * math.log2(math.e)), int(S), int(cap), *extra,
+                   kq["res"].view(torch.int32) if "res" in kq else kp])
 
     def run_merge():
-        launch(mrg, (B * Hq, D // 32, 1), (32 * MERGE_WARPS, 1, 1), [part, lse, out, int(S1)])
+        mrg(grid=(B * Hq, D // 32, 1), block=(32 * MERGE_WARPS, 1, 1), args=[part, lse, out, int(S1)])
 
     if parts:
         return run_attn, run_merge, out, S

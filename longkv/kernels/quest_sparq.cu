@@ -159,7 +159,6 @@ extern "C" __global__ void __launch_bounds__(NT, MINB) sparq_score(
     const u16* __restrict__ Q, const unsigned char* __restrict__ SK, const u32* __restrict__ SZ,
     const i64* __restrict__ Len, const int* __restrict__ IDX, const float* __restrict__ TAU, float* __restrict__ S,
     i64* __restrict__ NPos, int CAPH, int MG, double scale_d, int TS, const float* __restrict__ W GATE_ARGS) {
-  PDL_ENTER();
   if (KEEP_TABLE) return;
   const float scale = (float)scale_d;   /* torch passes a Python float as a double */
   const int bh = blockIdx.y;

@@ -41,7 +41,7 @@ import torch
 
 from . import sparq_reference as sref
 from .decode import _use_triton, triton
-from .nvrtc import build, launch
+from .nvrtc import build
 from .page_select import _pos
 
 if triton is not None:
@@ -282,9 +282,9 @@ def sparq_group_scores(q, sk, sz, length, sel, *, group: int, sink: int, window:
                 nb = max(1, min(nb, pipe if pipe > 1 else _sms(q.device) * minb // (B * H)))
             idx, tau = sel if sel is not None else (npos, out)        # not read: the kernel chooses
             w = weight.float().contiguous() if sel is None and weight is not None else out   # out: not read
-            launch(kern, (nb, B * H, 1), (threads, 1, 1),
-                   [q.contiguous(), sk, sz, _pos(length, q.device).long(), idx, tau, out, npos, int(sk.shape[-1]),
-                    int(MG), float(scale), int(tau.shape[-1]), w, *([gate[1]] if every > 1 else [])])
+            kern(grid=(nb, B * H, 1), block=(threads, 1, 1),
+                 args=[q.contiguous(), sk, sz, _pos(length, q.device).long(), idx, tau, out, npos, int(sk.shape[-1]),
+                       int(MG), float(scale), int(tau.shape[-1]), w, *([gate[1]] if every > 1 else [])])
             return out, npos
     if impl == "cuda":
         raise ValueError("the CUDA SparQ score needs a CUDA GPU with NVRTC, fp16/bf16 queries and "
