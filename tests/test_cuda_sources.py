@@ -23,6 +23,8 @@ CASES = [
     ("page_select", ("page_select.cu",), dict(RK=16, EVERY=3)),
     ("page_select", ("page_select.cu",), dict(RK=8, EVERY=2)),
     ("page_select_cluster", ("page_select.cu", "page_select_cluster.cu"), dict(CL=8, CT=256, CRK=4)),
+    ("page_select_cluster", ("page_select.cu", "page_select_cluster.cu"), dict(CL=8, CT=256, CRK=4, MASSQ=4)),
+    ("page_select_cluster", ("page_select.cu", "page_select_cluster.cu"), dict(CL=8, CT=256, CRK=16, MASSQ=3)),
     ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE),
     ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(PERQ=2, QBF16=0, CHOOSE=0, WEIGH=0)),
     ("sparq_score", ("ptx.cuh", "quest_sparq.cu"), SCORE | dict(PERQ=1)),                 # rank=mass

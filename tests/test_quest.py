@@ -79,13 +79,15 @@ def test_select_pages_kernel_matches_reference(B, Hkv, MP, npages, k, levels, se
     assert (got[2] == 8).all()                                # the page holding pos is last
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_select_pages_ranks_per_query_scores_by_mass(device):
+@pytest.mark.parametrize("device,fused,G", [("cpu", False, 4)] + [("cuda", f, G) for f in (True, False) for G in (4, 3)
+                                                                   if torch.cuda.is_available()])
+def test_select_pages_ranks_per_query_scores_by_mass(device, fused, G, monkeypatch):
     """scores (B, Hkv, MP, G), each query's log-sum-exp a page (rank=mass): the pages of largest attention mass,
-    `page_mass` with no forced page; a query with no finite score adds nothing; pages past npages are never
-    taken."""
+    `page_mass` with no forced page (on the GPU by default computed inside the cluster select: fused); a query with
+    no finite score adds nothing; pages past npages are never taken."""
+    monkeypatch.setattr(page_select, "MASS_CLUSTER", fused)
     g = torch.Generator().manual_seed(21)
-    B, Hkv, MP, G, npages, k = 2, 2, 300, 4, 250, 31
+    B, Hkv, MP, npages, k = 2, 2, 300, 250, 31
     s = torch.randn(B, Hkv, MP, G, generator=g) * 3
     s[:, :, npages:] = float("-inf")
     s[0, 1, :, 2] = float("-inf")                     # a query with no candidate
@@ -102,6 +104,29 @@ def test_select_pages_ranks_per_query_scores_by_mass(device):
         assert len(a) == k and max(a) < npages and all((flat[r, i] - kth).abs() < 1e-4 for i in a ^ b)
     assert 7 + MP * 2 in got[0][2, :k].tolist()
     assert _valid(got[0], got[1]) == _valid(want[0], want[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused mass select runs on a GPU")
+@pytest.mark.parametrize("MP,npages,k", [(8192, 8000, 1024), (16384, 16384, 2048), (2100, 1, 5)])
+def test_mass_cluster_select_matches_page_mass_then_select(MP, npages, k, monkeypatch):
+    """The cluster select ranking per-query scores by mass itself (MASSQ) takes the pages `page_mass` and then the
+    select take (the reference's ranking; near-ties at the k-th may go either way), at the step's row lengths."""
+    g = torch.Generator().manual_seed(MP)
+    B, Hkv, G, page = 1, 8, 4, 64
+    s = torch.randn(B, Hkv, MP, G, generator=g) * 4
+    s[:, :, npages:] = float("-inf")
+    pos = torch.tensor([npages * page - 1])
+    mass = ref.page_mass(s, ref.forced_bound(s.shape[:3], pos, page=page, sink=0, recent=0))
+    want = ref.select_pages(mass, k, pos, page=page, row_pages=MP)
+    monkeypatch.setattr(page_select, "MASS_CLUSTER", True)
+    got = [t.cpu() for t in page_select.select_pages(s.cuda(), k, pos.cuda(), page=page, row_pages=MP)]
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    flat = mass.reshape(-1, MP)
+    for r, (a, b) in enumerate(zip(_valid(got[0], got[1]), _valid(want[0], want[1]))):
+        a, b = {x - r * MP for x in a}, {x - r * MP for x in b}
+        kth = flat[r, sorted(b)].min()
+        assert len(a) == len(b) and all((flat[r, i] - kth).abs() < 1e-4 * max(1.0, kth.abs()) for i in a ^ b)
+        assert len(a ^ b) <= 4
 
 
 def test_select_pages_default_dispatch_long_row(monkeypatch):

@@ -11,9 +11,12 @@ dependent steps either way); the Triton selects find
 the k-th largest score by bisection in one program a row for short rows (the row in registers), by a
 radix select over many programs for long ones (6 launches). Reference: `sparse_reference.select_pages`.
 Per-query scores (B, Hkv, MP, G) (quest's rank=mass / peak) rank pages by their attention mass
-(`sparse_reference.page_mass`): `page_mass` first, then the select.
+(`sparse_reference.page_mass`): on sm_90+ the cluster select computes the masses itself (one launch), elsewhere
+`page_mass` first, then the select.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -201,6 +204,9 @@ CLUSTER_CT = 256        # threads a block of the cluster select
 CLUSTER_MIN = 2048      # the shortest row (pages) the default sends to the cluster select
 BLOCK_EARLY = None      # the block select's EARLY (page_select.cu; None: the source's default)
 SELECT_METHOD = "block"  # the GPU default for rows the CUDA selects hold: "block" or "cluster"
+# rank=mass (per-query scores): the cluster select computes each page's mass itself (MASSQ in page_select_cluster.cu),
+# one launch where `page_mass` + the block select take three; LONGKV_MASS_CLUSTER=0: those three
+MASS_CLUSTER = os.environ.get("LONGKV_MASS_CLUSTER", "1") != "0"
 
 
 _BLOCK: dict = {}
@@ -223,16 +229,17 @@ def block_kernel(agg: int | None = None, rk: int = 16, early: int | None = None,
 _CLUSTER: dict = {}
 
 
-def cluster_kernel(ct: int = CLUSTER_CT, crk: int = 4, agg: int | None = None):
+def cluster_kernel(ct: int = CLUSTER_CT, crk: int = 4, agg: int | None = None, mass: int | None = None):
     """The "cluster" select (`page_select_cluster.cu`: a row over a cluster of CLUSTER blocks of `ct` threads,
     `crk` keys a thread, the histograms shared through distributed shared memory), compiled once by NVRTC;
-    None where it cannot be built, or on a GPU older than sm_90 (no clusters)."""
-    key = (ct, crk, agg)
+    None where it cannot be built, or on a GPU older than sm_90 (no clusters). mass = G: rows of G per-query
+    values a page, ranked by their attention mass (the source's MASSQ; `page_mass` folded in)."""
+    key = (ct, crk, agg, mass)
     if key not in _CLUSTER:
         if torch.cuda.get_device_capability()[0] < 9:
             _CLUSTER[key] = None
         else:
-            _CLUSTER[key] = build(dict(CL=CLUSTER, CT=ct, CRK=crk, AGG=agg),
+            _CLUSTER[key] = build(dict(CL=CLUSTER, CT=ct, CRK=crk, AGG=agg, MASSQ=mass),
                                   ("page_select.cu", "page_select_cluster.cu"), "page_select_cluster",
                                   "CUDA cluster page select", "the block select")
     return _CLUSTER[key]
@@ -242,6 +249,26 @@ def _cluster_keys(MP: int, ct: int) -> int:
     """Keys a thread of the cluster select for rows of MP pages: the fewest of 1, 2, 4, 8, 16 that hold it
     (0: none does)."""
     return next((r for r in (1, 2, 4, 8, 16) if CLUSTER * ct * r >= MP), 0)
+
+
+def _mass_cluster(scores, k: int, pos, *, page: int, row_pages: int):
+    """rank=mass in one launch where it applies (MASS_CLUSTER, an sm_90+ GPU, G <= 8, rows the cluster select
+    holds): the cluster select ranking the per-query scores (B, Hkv, MP, G) by attention mass itself (MASSQ) →
+    (table, nsel, last); None elsewhere (then `page_mass` and a select)."""
+    B, Hkv, MP, G = scores.shape
+    if not (MASS_CLUSTER and scores.is_cuda and scores.is_contiguous() and scores.dtype == torch.float32 and G <= 8):
+        return None
+    crk = _cluster_keys(MP, CLUSTER_CT)
+    kern = cluster_kernel(CLUSTER_CT, crk, mass=G) if crk else None
+    if kern is None:
+        return None
+    BH, dev = B * Hkv, scores.device
+    table = torch.empty(BH, k, device=dev, dtype=torch.int32)
+    nsel = torch.empty(BH, device=dev, dtype=torch.int32)
+    last = torch.empty(BH, device=dev, dtype=torch.int32)
+    kern(grid=(BH * CLUSTER, 1, 1), block=(CLUSTER_CT, 1, 1),
+         args=[scores, _pos(pos, dev).long(), table, nsel, last, MP, k, page, row_pages, table.stride(0)])
+    return table, nsel, last
 
 
 def _block(scores, k: int, pos, page: int, row_pages: int, table, nsel, last, gate=None) -> bool:
@@ -286,8 +313,13 @@ def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str 
     the steps `refresh(gate)` names; on the others out keeps the table it holds (the block select then returns
     at once; elsewhere the fresh table is computed and not taken). Returns out's tensors (with `last`).
     scores (B, Hkv, MP, G): each query's log-sum-exp (or peak) a page, ranked by the page's attention mass over
-    the row (`page_mass` with no forced page, then the select)."""
+    the row (`page_mass` with no forced page, then the select; on sm_90+ one cluster select doing both,
+    `_mass_cluster`, where out is None)."""
     if scores.dim() == 4:
+        if out is None and method in (None, "cluster"):
+            got = _mass_cluster(scores, k, pos, page=page, row_pages=row_pages)
+            if got is not None:
+                return got
         from .quest_rerank import page_mass
         scores = page_mass(scores, None, pos=pos, page=page, sink=0, recent=0)
     if out is not None:

@@ -50,9 +50,104 @@ __device__ __forceinline__ int cscan(int x, int* wsum, int& total) {
   return before + inc - x;
 }
 
+#ifdef MASSQ
+/* rank=mass folded into the select (MASSQ = G, the query group; quest's rank=mass without `page_mass`'s two
+   launches). A row holds each page's G per-query values (the query's log-sum-exp over the page's tokens,
+   quest_sparq.cu's PERQ), and a page's key is its attention mass summed over the queries: log Σ_g exp(s_pg − Z_g),
+   Z_g = logsumexp over the row's MP pages (0 where a query has no finite value: it adds nothing), as
+   `sparse_reference.page_mass` with no forced page. Z is reduced over the whole cluster (two cluster barriers), so
+   the exponentials are spread over CL·(rows) SMs; session 34's form inside the one-block select (MASSG) read the row
+   uncoalesced on 8 SMs and cost 45 us a layer. */
+#define NEG_INF (__int_as_float(0xff800000))
+
+/* v[g] combined over the row's CL·CT threads (max, or sum): the warp, the block's warps, the cluster's blocks */
+template <bool MAX>
+__device__ __forceinline__ void row_reduce(float (&v)[MASSQ], float (*wred)[MASSQ], float* part, float* gat) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, tid = threadIdx.x;
+#pragma unroll
+  for (int g = 0; g < MASSQ; g++) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float x = __shfl_xor_sync(0xffffffffu, v[g], o);
+      v[g] = MAX ? fmaxf(v[g], x) : v[g] + x;
+    }
+    if (lane == 0) wred[w][g] = v[g];
+  }
+  __syncthreads();
+  if (tid < MASSQ) {
+    float a = wred[0][tid];
+    for (int q = 1; q < CW; q++) a = MAX ? fmaxf(a, wred[q][tid]) : a + wred[q][tid];
+    part[tid] = a;
+  }
+  cluster_arrive();
+  cluster_wait();
+  if (tid < CL * MASSQ) gat[tid] = __uint_as_float(cluster_ld((const u32*)&part[tid % MASSQ], tid / MASSQ));
+  __syncthreads();
+#pragma unroll
+  for (int g = 0; g < MASSQ; g++) {
+    float a = gat[g];
+#pragma unroll
+    for (int q = 1; q < CL; q++) a = MAX ? fmaxf(a, gat[q * MASSQ + g]) : a + gat[q * MASSQ + g];
+    v[g] = a;
+  }
+}
+
+/* key[0 .. N) = ukey(mass) of pages base .. base + N - 1 of a row of MP·MASSQ values (all MP pages enter Z) */
+template <int N>
+__device__ __forceinline__ void mass_keys(const float* __restrict__ row, int base, int MP, u32* key) {
+  __shared__ float wred[CW][MASSQ], part[2][MASSQ], gat[2][CL * MASSQ];
+  float x[N][MASSQ];
+#pragma unroll
+  for (int r = 0; r < N; r++) {
+    const bool ok = base + r < MP;
+#if MASSQ % 4 == 0
+#pragma unroll
+    for (int g = 0; g < MASSQ; g += 4) {
+      const float4 f = ok ? *(const float4*)(row + (i64)(base + r) * MASSQ + g) : make_float4(NEG_INF, NEG_INF,
+                                                                                             NEG_INF, NEG_INF);
+      x[r][g] = f.x; x[r][g + 1] = f.y; x[r][g + 2] = f.z; x[r][g + 3] = f.w;
+    }
+#else
+#pragma unroll
+    for (int g = 0; g < MASSQ; g++) x[r][g] = ok ? row[(i64)(base + r) * MASSQ + g] : NEG_INF;
+#endif
+  }
+  float m[MASSQ], z[MASSQ];
+#pragma unroll
+  for (int g = 0; g < MASSQ; g++) {
+    m[g] = NEG_INF;
+#pragma unroll
+    for (int r = 0; r < N; r++) m[g] = fmaxf(m[g], x[r][g]);
+  }
+  row_reduce<true>(m, wred, part[0], gat[0]);
+#pragma unroll
+  for (int g = 0; g < MASSQ; g++) {
+    z[g] = 0.f;
+    if (m[g] > NEG_INF) {
+#pragma unroll
+      for (int r = 0; r < N; r++) z[g] += __expf(x[r][g] - m[g]);
+    }
+  }
+  row_reduce<false>(z, wred, part[1], gat[1]);
+#pragma unroll
+  for (int g = 0; g < MASSQ; g++) z[g] = m[g] > NEG_INF ? m[g] + __logf(z[g]) : 0.f;     /* Z_g */
+#pragma unroll
+  for (int r = 0; r < N; r++) {
+    float top = NEG_INF;
+#pragma unroll
+    for (int g = 0; g < MASSQ; g++) top = fmaxf(top, x[r][g] - z[g]);
+    float e = 0.f;
+#pragma unroll
+    for (int g = 0; g < MASSQ; g++) e += __expf(x[r][g] - z[g] - top);
+    key[r] = ukey(top > NEG_INF ? top + __logf(e) : NEG_INF);
+  }
+}
+#endif
+
 /* As page_select (same arguments, same result), the row bh = blockIdx.x / CL spread over the CL blocks of a
    cluster (grid BH·CL blocks of CT threads). Each radix pass may end the search early: when every key still
-   matching the chosen digits is taken, T need not be resolved further (all of them go in the table). */
+   matching the chosen digits is taken, T need not be resolved further (all of them go in the table). With MASSQ,
+   S holds MP·MASSQ per-query values a row, ranked by their attention mass (`mass_keys`). */
 extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CT)
 page_select_cluster(const float* __restrict__ S, const i64* __restrict__ Pos, int* __restrict__ Table,
                     int* __restrict__ Nsel, int* __restrict__ Last, int MP, int K, int PAGE, int row_pages, int stab) {
@@ -70,7 +165,11 @@ page_select_cluster(const float* __restrict__ S, const i64* __restrict__ Pos, in
   const int need = min(npages, K);
   for (int i = tid; i < 4 * 256; i += CT) (&hist[0][0])[i] = 0;
   u32 key[CRK];
+#ifdef MASSQ
+  mass_keys<CRK>(S + (i64)bh * MP * MASSQ, base, MP, key);
+#else
   load_keys<CRK>(row, base, npages, MP, key);
+#endif
   __syncthreads();
   u32 prefix = 0;                  /* T's top 32 - level bits */
   int want = need, level = 0;
