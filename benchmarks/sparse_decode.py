@@ -510,6 +510,7 @@ def main():
             rows.append(row)
             print_table(rows[-1:], list(row))
             del cache
+            again = retime = None   # (both hold the cache: a 64 GiB full one would outlive its row)
     print()
     print_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
     emit_json({"bench": "sparse_decode", "device": name, "layers": cfg["num_hidden_layers"], "weight_sets": a.weight_sets,
