@@ -91,7 +91,8 @@ was dropped. Over `kv4:kres=1` (a residual bit a key element, read only by the a
 with `dense_layers=0` the quarter is -1.8 ± 2.4 on smollm2 8K (505 cells; the same over `kv4` -4.1) at 3.02x of full
 (H100, 16 layers, session 31); on gemma3-270m it is -2.5 ± 2.1 at 16K and -2.6 ± 2.0 at 32K (session 32: the bit is
 neutral there, and ranking the groups by their largest logit is what loses cells; `rank=mass` finds half of them on
-CPU).
+CPU). With `rank=mass` (M, sessions 33-39) it is -0.8 ± 2.1 on smollm2 8K (633 cells), -1.7 ± 2.2 / -1.8 ± 1.9 on
+gemma3 16K / 32K, and 3.04x of full at 512K on the 32-layer 8B shape (H100; 2.92x at 16 layers on the same card).
 
 `nbytes()` is the storage's bytes plus the page bounds (none with groups=1) and the channel-major copy
 (and with weigh=1 the per-channel sums and weights).
