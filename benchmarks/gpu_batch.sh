@@ -58,7 +58,8 @@
 #             attention) and to the loads alone from one contiguous block a 16 tokens (ILV, a what-if)
 #   kdq       issue 4: the keys dequantized in registers (KDQ, quant_cuda.py) and 32-token tiles: GPU tests, probe at 128K
 #   kdqdecode issue 4: decode at 128K, full and kivi2, as it is (KDQ on) and with LONGKV_KDQ=0
-#   mass512   issue 5: decode at 512K (16 layers): full, the kres quarter ranked by max and by mass, median of AGAIN + 1
+#   mass512   issue 5: decode at 512K, the issue's 32-layer 8B shape (16 weight sets; LAYERS=16: 16 layers, as sessions
+#             19-38): full, the kres quarter ranked by max and by mass, median of AGAIN + 1
 #   diag512   issue 5: why the paged attention reads at ~1.8 TB/s and the select takes 9 us: ncu (speed of
 #             light, occupancy, warp states, memory) on one sparse layer's kernels at 512K, 1/8, 4 layers
 #
@@ -276,10 +277,18 @@
 # b6a1002): its GPU tests (44 passed), the probes, decode 128K kivi2 with and without it: no faster anywhere (removed)],
 # [mass512 --again 3: mass 3.05x, max 3.18x], [copy part00], [copy part01; install; the smollm2 8K grid's last cells:
 # all 633, M -0.8 +- 2.1].
+# Session 39 (2026-12-07): one H100 (full layer ~694 us at 512K, like session 33-34's), no refusal: [quant_cuda GPU tests
+# (cut at 250 s, none failed) + loads: ILV's loads alone 47.7 -> 43.5 us at 2 bits, none at 4 bits or paged (not built)],
+# [sparse_decode.py 512K --weight-sets 16 (the M row OOMed: the re-timing closures kept full's cache) + 128K --weight-sets
+# 32 vs 16 (same times)], [512K --weight-sets 16: M 3.01x], [512K --layers 16: M 2.90x], [PDL tests + LONGKV_PDL=0/1 at
+# 512K and kivi2 128K: no gain (reverted)], [mass tests (23 passed) + LONGKV_MASS_CLUSTER=1/0 (OOM again: the fix had
+# gone with the PDL revert) + 16 layers: 2.92x], [the same at 32 layers: M 3.04x vs 3.01x], [copy part00], [copy part01;
+# install; fastgrid resume (nothing new: the spec's canonical label had every cell)], [eval ruler smollm2 8K, 45 samples,
+# full + M into a new folder: all 135 M cells as the committed grid's].
 # The next calls:
-# 0. (issue 5) The mass quarter is at 3.01x, 3.01x, 3.05x on three H100 calls, 2.90x on session 33-34's H100 and 2.59x on
-#    an H200. A margin past 3x needs the sparse layer ~10 us faster on the H100 (~35 us on the H200); the levers left are
-#    the paged attention (44.7 us, its loads alone 37.0 on the H100) and page_mass's two launches (BENCHMARKS "Session 34").
+# 0. (issue 5) M at the 32-layer shape with the mass select in one launch: 3.04x on the H100 whose full step is fastest.
+#    Repeat on whatever machine comes: `OUT=$OUT bash benchmarks/gpu_batch.sh mass512` (32 layers now; ~60 s). On an
+#    H200 (2.59x at 16 layers) the 32-layer shape fits without weight sets: `LAYERS=32 ... mass512`.
 # 1. gemma3 16K mass grid to more samples (SAMPLES=150, RESUME its folder) to narrow the intervals.
 # 2. The `cells` step for the mass quarter's GPU-only losses (single_2 18 and 49 are found on CPU, also with the fp16
 #    sums emulated): [copy part100..103], [copy part104; MODELS=gemma3-270m install <sha>; SQ="kv4:kres=1,window=128+quest:
@@ -287,10 +296,9 @@
 #    niah_multikey_1:2,95" cells].
 # 3. (issue 4) kv2 at 128K: 0.662x on the H100 (full 11.95 ms), 0.707x on the H200. The loads alone take 47 of the 2-bit
 #    kernel's 60 us on the H100 (41 of 58 on the H200) and did not move with one 16-byte load a lane a step (FRAG) nor
-#    with more register stages (session 35). Next: `OUT=$OUT bash benchmarks/gpu_batch.sh loads` (~1 min): the loads
-#    alone from one contiguous block a 16 tokens (ILV: codes, ranges, statistics, residual bits; one stream a warp where
-#    the layout has six). Far under 47 us at 2 bits: build that layout (append, references, kernels, paged reads);
-#    about the same: the streams are not it either, and TMA bulk copies into shared memory are next.
+#    with more register stages (session 35), and only 47.7 -> 43.5 us with one stream a block (ILV, session 39; not
+#    built). 0.60x needs the attention at <= ~40 us a layer, near the bytes' own floor (~34 us at 3.25 bits): fewer bytes
+#    (the key groups' statistics as 8-bit offsets) and TMA bulk copies are what is left, both unbuilt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -500,7 +508,8 @@ P
     mass512)   # issue 5: the mass quarter's 3x on whatever machine comes: full, max and mass (d0), each row the median
                # of AGAIN + 1 graphs
       q="kv4 kres+quest 1/8 sparq 0.25 weigh"
-      bench mass512 330 $PY sparse_decode.py --contexts 512k --layers 16 --no-breakdown --reps 30 --again ${AGAIN:-4} \
+      shape="--weight-sets 16"; [ -n "${LAYERS:-}" ] && shape="--layers $LAYERS"
+      bench mass512 330 $PY sparse_decode.py --contexts 512k $shape --no-breakdown --reps 30 --again ${AGAIN:-4} \
         --only "full,$q d0,$q mass d0" ;;
     *) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2 ;;
   esac
