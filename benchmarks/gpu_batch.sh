@@ -53,9 +53,9 @@
 #   peak512   issue 5: rank=peak / mass from the CUDA score (each query's value a group): its GPU tests, decode at 512K
 #             (16 layers) next to full and rank=max, with fp16 exponentials (HEXP) retimed (session 34: the select's
 #             own normalisation, MASSG, was 45 us a layer slower and is gone); peakparts: one sparse layer's pieces
-#   loads     issues 4-5: quant_cuda_probe.py --load-only --ilv: kivi2 / kivi4 at 128K and the kres quarter's paged
+#   loads     issues 4-5: quant_cuda_probe.py --load-only: kivi2 / kivi4 at 128K and the kres quarter's paged
 #             kernel (a random eighth of the key groups, 512K), each next to its loads alone (the same programs, no
-#             attention) and to the loads alone from one contiguous block a 16 tokens (ILV, a what-if)
+#             attention)
 #   kdq       issue 4: the keys dequantized in registers (KDQ, quant_cuda.py) and 32-token tiles: GPU tests, probe at 128K
 #   kdqdecode issue 4: decode at 128K, full and kivi2, as it is (KDQ on) and with LONGKV_KDQ=0
 #   mass512   issue 5: decode at 512K, the issue's 32-layer 8B shape (16 weight sets; LAYERS=16: 16 layers, as sessions
@@ -296,8 +296,8 @@
 #    niah_multikey_1:2,95" cells].
 # 3. (issue 4) kv2 at 128K: 0.662x on the H100 (full 11.95 ms), 0.707x on the H200. The loads alone take 47 of the 2-bit
 #    kernel's 60 us on the H100 (41 of 58 on the H200) and did not move with one 16-byte load a lane a step (FRAG) nor
-#    with more register stages (session 35), and only 47.7 -> 43.5 us with one stream a block (ILV, session 39; not
-#    built). 0.60x needs the attention at <= ~40 us a layer, near the bytes' own floor (~34 us at 3.25 bits): fewer bytes
+#    with more register stages (session 35), and only 47.7 -> 43.5 us with one stream a block (ILV, session 39; the
+#    what-if removed, its source in 8df18e7). 0.60x needs the attention at <= ~40 us a layer, near the bytes' own floor (~34 us at 3.25 bits): fewer bytes
 #    (the key groups' statistics as 8-bit offsets) and TMA bulk copies are what is left, both unbuilt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -495,8 +495,8 @@ P
       echo "diag512: $(grep -c 'kivi_attn\|page_select\|sparq_score\|kivi_merge' "$OUT/diag512.txt") kernel lines" >&2 ;;
     loads)     # issues 4-5: the packed kernels against their loads alone (LOADONLY, the same programs): kivi2 / kivi4 at
                # 128K (dense), then the kres quarter's paged kernel over a random eighth of the key groups at 512K
-      bench loads128 150 $PY quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --load-only --ilv
-      bench loads512 150 $PY quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res --paged 0.125 --load-only --ilv ;;
+      bench loads128 150 $PY quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --load-only
+      bench loads512 150 $PY quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res --paged 0.125 --load-only ;;
     kdq)       # issue 4: the keys dequantized in registers (KDQ): its and 32-token tiles' GPU tests, the one-layer probe at
                # 128K (2 and 4 bits, tiles 16 / 32, KDQ off / on), and decode at 128K (full, kivi2 off / on; LONGKV_KDQ)
       (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q -rf --tb=line tests/test_quant_cuda.py -k "kdq or tile32") \

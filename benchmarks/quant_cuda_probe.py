@@ -8,14 +8,10 @@ the packed bytes (codes and statistics).
     python benchmarks/quant_cuda_probe.py --context 128k --bits 4,2 --tile 16 --load-only
     python benchmarks/quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res --paged 0.125 --load-only
     python benchmarks/quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --kdq 0,1
-    python benchmarks/quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --load-only --ilv
 
 --paged F adds Quest's paged kernel (`quant_cuda.paged_attention`) reading a random F of each head's key groups
 (ascending, as the select lists them), its loads alone too with --load-only; --res gives the keys residual bits
-(`kres=1`, 4 bits), as the issue-5 spec `kv4:kres=1+quest:...` stores them. --ilv (with --load-only) adds the loads
-alone as if each 16-token block's key and value codes, value ranges, key statistics and residual bits were one
-contiguous run (ILV, a what-if: one stream a warp where the caches' layout has six; at 64-token groups the statistics'
-room in three of four blocks is left unread).
+(`kres=1`, 4 bits), as the issue-5 spec `kv4:kres=1+quest:...` stores them.
 
 Last line: JSON.
 """
@@ -68,8 +64,6 @@ def main():
                          "access pattern costs without the arithmetic")
     ap.add_argument("--kdq", default="auto",
                     help="keys dequantized in registers (KDQ) 0 / 1, comma-separated (auto: the kernel's default)")
-    ap.add_argument("--ilv", action="store_true",
-                    help="with --load-only: also the loads alone from one contiguous block a 16 tokens (what-if, ILV)")
     ap.add_argument("--res", action="store_true", help="keys with residual bits (kres=1; 4 bits only)")
     ap.add_argument("--paged", type=float, default=0.0,
                     help="also the paged kernel over this share of each head's key groups (e.g. 0.125)")
@@ -97,10 +91,6 @@ def main():
             return ntok * H * (2 * D * bits // 8 + 2 * 2 + (D // 8 if res else 0)) + (ntok // group) * H * D * 2 * 2
 
         nbytes = nbytes_of(nq)
-        if a.ilv:   # ILV's blocks (random words), in place of the key codes (NQ_CAP stays the planes' row count)
-            cap = kq["planes"][0].shape[2]
-            ki = kq | {"planes": [torch.randint(0, 256, (1, H, cap, qc.ilv_words(D=D, bits=bits, res=res) // 4),
-                                                dtype=torch.uint8, device=dev)]}
         if a.paged:
             rp = kq["planes"][0].shape[2] // group
             k = max(1, round(a.paged * (nq // group)))
@@ -110,13 +100,12 @@ def main():
             pkw = dict(row_pages=rp, bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5)
             pb = nbytes_of(k * group)
             splits = None   # the loads alone run the kernel's own programs (their fewer registers would fit more)
-            for lo, il in [(False, False)] + [(True, False)] * a.load_only + [(True, True)] * (a.load_only and a.ilv):
-                attn, merge, _, splits = qc.paged_attention(q, ki if il else kq, vq, kf, vf, length, table, nsel,
-                                                            parts=True, load_only=lo, ilv=il, splits=splits, **pkw)
+            for lo in [False] + [True] * a.load_only:
+                attn, merge, _, splits = qc.paged_attention(q, kq, vq, kf, vf, length, table, nsel, parts=True,
+                                                            load_only=lo, splits=splits, **pkw)
                 us_a, us_m = graphed(attn, a.reps), graphed(merge, a.reps)
                 rows.append(dict(what=f"{bits}-bit paged {a.paged:g}{' res' if res else ''}: "
-                                      + ("loads alone, one run a block (what-if)" if il else "loads alone" if lo
-                                         else "splits kernel | merge"),
+                                      + ("loads alone" if lo else "splits kernel | merge"),
                                  splits=splits, tile=qc.TILE, us=f"{us_a:.1f}" + ("" if lo else f" | {us_m:.1f}"),
                                  TBps=round(pb / us_a / 1e6, 2)))
         kw = dict(bits=bits, group=group, vgroup=D, sink=sink, window=window, scale=D ** -0.5,
@@ -142,14 +131,12 @@ def main():
                         rows.append(dict(what=f"{bits}-bit CUDA: splits kernel | merge | whole call",
                                          splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, kdq=kdq_on,
                                          us=f"{us_a:.1f} | {us_m:.1f} | {us:.1f}", TBps=round(nbytes / us / 1e6, 2)))
-                        for il in [False] * a.load_only + [True] * (a.load_only and a.ilv):
+                        if a.load_only:
                             # the same programs (splits) as the row above, though its fewer registers would fit more
-                            attn, _, _, _ = qc.decode_attention(q, ki if il else kq, vq, kf, vf, length, parts=True,
-                                                                load_only=True, ilv=il,
+                            attn, _, _, _ = qc.decode_attention(q, kq, vq, kf, vf, length, parts=True, load_only=True,
                                                                 **dict(kw2, splits=splits))
                             us_l = graphed(attn, a.reps)
-                            rows.append(dict(what=f"{bits}-bit CUDA: the splits kernel's loads alone"
-                                                  + (", one run a block (what-if)" if il else ""), splits=splits,
+                            rows.append(dict(what=f"{bits}-bit CUDA: the splits kernel's loads alone", splits=splits,
                                              tile=tile, gpf=gpf, minb=minb, cw=cw, us=f"{us_l:.1f}",
                                              TBps=round(nbytes / us_l / 1e6, 2)))
     print_table(rows, ["what", "splits", "tile", "gpf", "minb", "cw", "kdq", "us", "TBps"])

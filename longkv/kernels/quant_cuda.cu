@@ -1,21 +1,13 @@
 // Decode attention over KIVI-layout packed KV, one layer: the CUDA source of `quant_cuda.py` (see its
 // docstring for the design and the figures). Compiled by NVRTC with a block of #defines in front
 // (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, GPF, MINB, CW, PAGED, RES,
-// LOADONLY, KDQ, ILV; then ptx.cuh (the shared typedefs and PTX helpers), then this file.
-// ILV (LOADONLY only, a what-if): the same loads as if each 16-token block's key codes, value codes, value ranges, key
-// group statistics (and residual bits) were one contiguous run of BW words, one stream a warp instead of six.
+// LOADONLY, KDQ; then ptx.cuh (the shared typedefs and PTX helpers), then this file.
 // KDQ (not with RES): the key codes dequantized in registers (c·s + z in fp16, two HFMA2 a register pair) against
 // the plain query, instead of the scale folded into the query and the zero term from MMAs at each group start.
 // RES (`kres=1`, 4-bit codes, D >= 128): a residual bit a key element (`quant_reference.pack_res`, 32 channels a
 // word, each code pair's bits 16 apart) read with the codes; a key is z + s·(c + r/2 - 1/4).
 #if KDQ && RES
 #error "KDQ does not read residual bits"
-#endif
-#ifndef ILV
-#define ILV 0
-#endif
-#if ILV && (!LOADONLY || GPF)
-#error "ILV is a loads-alone what-if (and without GPF): the caches do not store such blocks"
 #endif
 struct alignas(16) U4 { u32 x, y, z, w; };
 struct alignas(8) U2 { u32 x, y; };
@@ -33,7 +25,6 @@ struct alignas(8) F2 { float x, y; };
 #define STEP (TILE > GROUP ? TILE : GROUP)
 #define NEG_INF (__int_as_float(0xff800000))
 #define KRW (D / 128)              /* residual words a thread a token (RES) */
-/* ILV: BW (from `quant_cuda.ilv_words`), a block's words: keys, values, vs | vz, ks | kz, residual bits */
 
 __device__ __forceinline__ u32 trans(u32 x) {
   u32 r; asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x)); return r;
@@ -56,9 +47,6 @@ struct Buf {
 #if RES
   u32 kr[SUB][2][KRW];
 #endif
-#if ILV
-  u32 ks[SUB][D / 8], kz[SUB][D / 8];              /* the group's statistics, loaded with its first block */
-#endif
 };
 
 /* tile t0: the thread's words (16-token steps past the end are not loaded; `tile` skips them) */
@@ -79,41 +67,18 @@ __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const
   for (int u = 0; u < SUB; u++) {
     int tok = t0 + 16 * u;
     if (tok < end) {
-      /* the streams, and this step's first row in them: the row-major arrays at row tok, or (ILV) the block's parts */
-#if ILV
-      const u32* blk = kp + (i64)(tok / 16) * BW;
-      const u32 *kb = blk, *vb = blk + 16 * W;
-      const u16 *sb = (const u16*)(blk + 32 * W), *zb = sb + 16;
-#if RES
-      const u32* rb = blk + 32 * W + 16 + D;
-#endif
-      const i64 r0 = 0;
-#else
-      const u32 *kb = kp, *vb = vp;
-      const u16 *sb = vs, *zb = vz;
-#if RES
-      const u32* rb = krp;
-#endif
-      const i64 r0 = tok;
-#endif
 #pragma unroll
       for (int r = 0; r < 2; r++) {
-        const i64 row = r0 + g + 8 * r;
-        ldw<KW>(b.k[u][r], kb + row * W + t * KW);
+        int row = tok + g + 8 * r;
+        ldw<KW>(b.k[u][r], kp + (i64)row * W + t * KW);
 #if RES
-        ldw<KRW>(b.kr[u][r], rb + row * (D / 32) + t * KRW);
+        ldw<KRW>(b.kr[u][r], krp + (i64)row * (D / 32) + t * KRW);
 #endif
-        b.vs[u][r] = sb[row];
-        b.vz[u][r] = zb[row];
+        b.vs[u][r] = vs[row];
+        b.vz[u][r] = vz[row];
       }
 #pragma unroll
-      for (int e = 0; e < 4; e++) ldw<VW>(b.v[u][e], vb + (r0 + 2 * t + (e & 1) + 8 * (e >> 1)) * W + g * VW);
-#if ILV
-      if (tok % GROUP == 0) {   /* the group's statistics, in its first block */
-        ldw<D / 8>(b.ks[u], blk + 32 * W + 16 + t * (D / 8));
-        ldw<D / 8>(b.kz[u], blk + 32 * W + 16 + D / 2 + t * (D / 8));
-      }
-#endif
+      for (int e = 0; e < 4; e++) ldw<VW>(b.v[u][e], vp + (i64)(tok + 2 * t + (e & 1) + 8 * (e >> 1)) * W + g * VW);
     }
   }
 }
@@ -258,16 +223,11 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
     const int tok = t0 + 16 * u;
     if (tok >= end) break;
     if (tok % GROUP == 0) {
-#if ILV
-#pragma unroll
-      for (int i = 0; i < D / 8; i++) x ^= cur.ks[u][i] ^ cur.kz[u][i];
-#else
       u32 sw[D / 8], zw[D / 8];
       ldw<D / 8>(sw, (const u32*)(ks + (i64)(tok / GROUP) * D));
       ldw<D / 8>(zw, (const u32*)(kz + (i64)(tok / GROUP) * D));
 #pragma unroll
       for (int i = 0; i < D / 8; i++) x ^= sw[i] ^ zw[i];
-#endif
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -521,11 +481,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
 #endif
 
   const i64 hq = (i64)bh * NQ_CAP;
-#if ILV
-  const u32* kp = KP + (hq / 16) * BW;               /* the what-if's blocks (KP holds them) */
-#else
   const u32* kp = KP + hq * W;
-#endif
   const u32* vp = VP + hq * W;
   const u32* krp = KR + hq * (D / 32);              /* RES: the residual rows (unused otherwise) */
   const u16* vs = VS + hq;

@@ -109,7 +109,7 @@ def defines(**layout) -> str:
 
 def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
            gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False,
-           res: bool = False, load_only: bool = False, kdq: int | None = None, ilv: bool = False) -> dict:
+           res: bool = False, load_only: bool = False, kdq: int | None = None) -> dict:
     """The #defines of one compiled layout, name to value (window = ring - 2·group, as the cache sizes its
     ring); tile: tokens a loop step; gpf: the key group statistics into L1 this many tiles ahead (0 = off; always
     off when paged: the next listed group's rows prefetched 1-2 tiles ahead measured no faster); minb: programs an
@@ -117,26 +117,15 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     page table lists (Quest over key groups, `paged_attention`) instead of every quantized group; res: the keys
     carry residual bits (`kres=1`); load_only: the loads alone, no attention (a diagnostic: its output is
     meaningless); kdq: the keys dequantized in registers (None: KDQ, else on for 2 bits where every tile starts a
-    key group; never with residual bits); ilv: with load_only, the same loads as if each 16-token block's codes,
-    value ranges, key statistics and residual bits were one run of `ilv_words` words (a what-if: the code planes then
-    hold those blocks, `ilv_words(...) / 4` bytes a row)."""
+    key group; never with residual bits)."""
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
                TILE=tile or TILE,
-               GPF=(0 if paged or ilv else gpf if gpf is not None else GPF if GPF is not None
-                    else int(group <= (tile or TILE))),
+               GPF=0 if paged else gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)),
                MINB=MINB if minb is None else minb, CW=CW if cw is None else cw, PAGED=int(paged), RES=int(res),
-               LOADONLY=int(load_only), ILV=int(ilv))
+               LOADONLY=int(load_only))
     kdq = kdq if kdq is not None else KDQ if KDQ is not None else int(bits == 2 and group <= cfg["TILE"])
     cfg["KDQ"] = 0 if res else int(kdq)
-    if ilv:
-        cfg["BW"] = ilv_words(D=D, bits=bits, res=res)
     return cfg
-
-
-def ilv_words(*, D: int, bits: int, res: bool) -> int:
-    """ILV's block (the what-if): 32-bit words a 16-token block holds (key and value codes, value ranges, the key
-    group's statistics, residual bits): BW in the source."""
-    return 32 * (D * bits // 32) + 16 + D + (D // 2 if res else 0)
 
 
 def smem_bytes(*, D: int, G: int, cw: int) -> int:
@@ -213,19 +202,18 @@ MERGE_WARPS = 16    # MW in the source
 def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group: int, sink: int, window: int,
                      scale: float, splits: int | None = None, tile: int | None = None,
                      gpf: int | None = None, minb: int | None = None, cw: int | None = None, parts: bool = False,
-                     load_only: bool = False, kdq: int | None = None, ilv: bool = False):
+                     load_only: bool = False, kdq: int | None = None):
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
     parts=True returns (the two launches as closures, out, splits) instead (benchmarks/quant_cuda_probe.py)."""
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
-                   splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts, load_only=load_only, kdq=kdq,
-                   ilv=ilv)
+                   splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts, load_only=load_only, kdq=kdq)
 
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
                     sink: int, window: int, scale: float, splits: int | None = None, cw: int | None = None,
                     minb: int | None = None, frac: float | None = None, parts: bool = False,
-                    load_only: bool = False, kdq: int | None = None, ilv: bool = False):
+                    load_only: bool = False, kdq: int | None = None):
     """Quest over key groups (`cache/select/quest_storage.py`): as `decode_attention`, but of the quantized
     region only the key groups listed in `table` (B·Hkv, K) int32 (global ids bh·row_pages + group index,
     ascending and inside the packed region, as `select_pages` over `kernels/quest.py: group_scores` lists
@@ -241,12 +229,12 @@ def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_p
                    # (not with the keys' residual bits: at 128 registers the RES loop spills 76 bytes, offline SASS)
                    minb=(PAGED_MINB if bits == 4 and q.shape[-1] <= 128 and "res" not in kq else 0) if minb is None
                    else minb,
-                   frac=PAGED_FRAC if frac is None else frac, load_only=load_only, kdq=kdq, ilv=ilv,
+                   frac=PAGED_FRAC if frac is None else frac, load_only=load_only, kdq=kdq,
                    paged=(table, nsel.reshape(-1).expand(table.shape[0]).contiguous(), row_pages))
 
 
 def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, splits=None, tile=None, gpf=None,
-            minb=None, cw=None, parts=False, paged=None, frac=1.0, load_only=False, kdq=None, ilv=False):
+            minb=None, cw=None, parts=False, paged=None, frac=1.0, load_only=False, kdq=None):
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
@@ -257,8 +245,7 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     length = length if length.dtype == torch.int64 else length.long()
     cap = kq["planes"][0].shape[2]
     cfg = defines(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
-                  gpf=gpf, minb=minb, cw=cw, paged=paged is not None, res="res" in kq, load_only=load_only, kdq=kdq,
-                  ilv=ilv)
+                  gpf=gpf, minb=minb, cw=cw, paged=paged is not None, res="res" in kq, load_only=load_only, kdq=kdq)
     warps = CW if cw is None else cw
     if smem_bytes(D=D, G=G, cw=warps) > 48 * 1024:
         raise Unavailable(f"CUDA decode kernel: {warps} warps a program need more than 48 KiB of shared memory here")
