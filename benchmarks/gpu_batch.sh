@@ -284,7 +284,8 @@
 # 512K and kivi2 128K: no gain (reverted)], [mass tests (23 passed) + LONGKV_MASS_CLUSTER=1/0 (OOM again: the fix had
 # gone with the PDL revert) + 16 layers: 2.92x], [the same at 32 layers: M 3.04x vs 3.01x], [copy part00], [copy part01;
 # install; fastgrid resume (nothing new: the spec's canonical label had every cell)], [eval ruler smollm2 8K, 45 samples,
-# full + M into a new folder: all 135 M cells as the committed grid's].
+# full + M into a new folder: all 135 M cells as the committed grid's], [a fresh H100 (the same ~694 us full layer):
+# AGAIN=3 mass512 at 32 layers: M 3.04x again].
 # The next calls:
 # 0. (issue 5) M at the 32-layer shape with the mass select in one launch: 3.04x on the H100 whose full step is fastest.
 #    Repeat on whatever machine comes: `OUT=$OUT bash benchmarks/gpu_batch.sh mass512` (32 layers now; ~60 s). On an
