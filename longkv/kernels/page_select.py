@@ -251,24 +251,25 @@ def _cluster_keys(MP: int, ct: int) -> int:
     return next((r for r in (1, 2, 4, 8, 16) if CLUSTER * ct * r >= MP), 0)
 
 
-def _mass_cluster(scores, k: int, pos, *, page: int, row_pages: int):
-    """rank=mass in one launch where it applies (MASS_CLUSTER, an sm_90+ GPU, G <= 8, rows the cluster select
-    holds): the cluster select ranking the per-query scores (B, Hkv, MP, G) by attention mass itself (MASSQ) →
-    (table, nsel, last); None elsewhere (then `page_mass` and a select)."""
-    B, Hkv, MP, G = scores.shape
-    if not (MASS_CLUSTER and scores.is_cuda and scores.is_contiguous() and scores.dtype == torch.float32 and G <= 8):
-        return None
+def _tables(BH: int, k: int, device):
+    """(table (BH, k), nsel (BH,), last (BH,)), int32, for a select to fill."""
+    return (torch.empty(BH, k, device=device, dtype=torch.int32), torch.empty(BH, device=device, dtype=torch.int32),
+            torch.empty(BH, device=device, dtype=torch.int32))
+
+
+def _cluster(scores, k: int, pos, page: int, row_pages: int, table, nsel, last) -> bool:
+    """The cluster select into (table, nsel, last) where it applies (an sm_90+ GPU with NVRTC, rows it holds);
+    per-query scores (B, Hkv, MP, G) are ranked by their attention mass inside it (MASSQ: `page_mass` and the select
+    in one launch). False: not launched."""
+    B, Hkv, MP = scores.shape[:3]
     crk = _cluster_keys(MP, CLUSTER_CT)
-    kern = cluster_kernel(CLUSTER_CT, crk, mass=G) if crk else None
+    kern = (cluster_kernel(CLUSTER_CT, crk, mass=scores.shape[3] if scores.dim() == 4 else None)
+            if scores.is_cuda and crk else None)
     if kern is None:
-        return None
-    BH, dev = B * Hkv, scores.device
-    table = torch.empty(BH, k, device=dev, dtype=torch.int32)
-    nsel = torch.empty(BH, device=dev, dtype=torch.int32)
-    last = torch.empty(BH, device=dev, dtype=torch.int32)
-    kern(grid=(BH * CLUSTER, 1, 1), block=(CLUSTER_CT, 1, 1),
-         args=[scores, _pos(pos, dev).long(), table, nsel, last, MP, k, page, row_pages, table.stride(0)])
-    return table, nsel, last
+        return False
+    kern(grid=(B * Hkv * CLUSTER, 1, 1), block=(CLUSTER_CT, 1, 1),
+         args=[scores, _pos(pos, scores.device).long(), table, nsel, last, MP, k, page, row_pages, table.stride(0)])
+    return True
 
 
 def _block(scores, k: int, pos, page: int, row_pages: int, table, nsel, last, gate=None) -> bool:
@@ -314,11 +315,12 @@ def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str 
     at once; elsewhere the fresh table is computed and not taken). Returns out's tensors (with `last`).
     scores (B, Hkv, MP, G): each query's log-sum-exp (or peak) a page, ranked by the page's attention mass over
     the row (`page_mass` with no forced page, then the select; on sm_90+ one cluster select doing both,
-    `_mass_cluster`, where out is None)."""
+    `_cluster`, where out is None)."""
     if scores.dim() == 4:
-        if out is None and method in (None, "cluster"):
-            got = _mass_cluster(scores, k, pos, page=page, row_pages=row_pages)
-            if got is not None:
+        if (out is None and method in (None, "cluster") and MASS_CLUSTER and scores.is_cuda and scores.is_contiguous()
+                and scores.dtype == torch.float32 and scores.shape[3] <= 8):
+            got = _tables(scores.shape[0] * scores.shape[1], k, scores.device)
+            if _cluster(scores, k, pos, page, row_pages, *got):
                 return got
         from .quest_rerank import page_mass
         scores = page_mass(scores, None, pos=pos, page=page, sink=0, recent=0)
@@ -337,16 +339,10 @@ def select_pages(scores, k: int, pos, *, page: int, row_pages: int, method: str 
     BH = B * Hkv
     assert scores.is_contiguous() and scores.dtype == torch.float32
     dev = scores.device
-    table = torch.empty(BH, k, device=dev, dtype=torch.int32)
-    nsel = torch.empty(BH, device=dev, dtype=torch.int32)
-    last = torch.empty(BH, device=dev, dtype=torch.int32)
+    table, nsel, last = _tables(BH, k, dev)
     pos = _pos(pos, dev)
     if method == "cluster" or (method is None and SELECT_METHOD == "cluster" and MP >= CLUSTER_MIN):
-        crk = _cluster_keys(MP, CLUSTER_CT)
-        kern = cluster_kernel(CLUSTER_CT, crk) if scores.is_cuda and crk else None
-        if kern is not None:
-            kern(grid=(BH * CLUSTER, 1, 1), block=(CLUSTER_CT, 1, 1),
-                 args=[scores, pos.long(), table, nsel, last, MP, k, page, row_pages, table.stride(0)])
+        if _cluster(scores, k, pos, page, row_pages, table, nsel, last):
             return table, nsel, last
         if method == "cluster":
             raise ValueError(f"the cluster select needs an sm_90+ CUDA GPU with NVRTC and rows of at most "

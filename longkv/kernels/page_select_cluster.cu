@@ -159,7 +159,6 @@ page_select_cluster(const float* __restrict__ S, const i64* __restrict__ Pos, in
   __shared__ int wsum[CW];
   const int bh = blockIdx.x / CL, rank = blockIdx.x % CL, tid = threadIdx.x;
   const int base = (rank * CT + tid) * CRK;           /* the page of key[0] */
-  const float* row = S + (i64)bh * MP;
   const i64 pos = Pos[0];
   const int npages = (int)min(pos / PAGE + 1, (i64)MP);
   const int need = min(npages, K);
@@ -168,7 +167,7 @@ page_select_cluster(const float* __restrict__ S, const i64* __restrict__ Pos, in
 #ifdef MASSQ
   mass_keys<CRK>(S + (i64)bh * MP * MASSQ, base, MP, key);
 #else
-  load_keys<CRK>(row, base, npages, MP, key);
+  load_keys<CRK>(S + (i64)bh * MP, base, npages, MP, key);
 #endif
   __syncthreads();
   u32 prefix = 0;                  /* T's top 32 - level bits */

@@ -50,7 +50,7 @@ with each query's peak in place of its log-sum-exp; no exponential a token).
 A sparse layer is 5 launches, as with the bound: the append + flush also writes a flushed group into the
 copy (`sketch=`), and the CUDA score picks the channels in each of its blocks; elsewhere
 `prepare` picks them first (6). rank=mass / peak: 5 on sm_90+ too (the cluster select normalises each query's
-values and ranks by mass itself, `page_select._mass_cluster`), else 7 (`page_mass`'s two launches first).
+values and ranks by mass itself, `page_select._cluster`), else 7 (`page_mass`'s two launches first).
 
 `weigh=1` (with channels=F): the channels are chosen by Σ_g |q_g| times the keys' root mean square along
 each channel (Σ k² of the prompt's first `fit` post-RoPE keys, summed as prefill chunks arrive), so a
