@@ -58,6 +58,8 @@
 #             attention)
 #   kdq       issue 4: the keys dequantized in registers (KDQ, quant_cuda.py) and 32-token tiles: GPU tests, probe at 128K
 #   kdqdecode issue 4: decode at 128K, full and kivi2, as it is (KDQ on) and with LONGKV_KDQ=0
+#   bulk      issue 4: bulk copies (the TMA's 1-D form) into shared memory for the dense kernel: GPU tests (and the
+#             mass select's), probe at 128K over stages; bulkdecode: decode at 128K with LONGKV_BULK=0 / 1
 #   mass512   issue 5: decode at 512K, the issue's 32-layer 8B shape (16 weight sets; LAYERS=16: 16 layers, as sessions
 #             19-38): full, the kres quarter ranked by max and by mass, median of AGAIN + 1
 #   diag512   issue 5: why the paged attention reads at ~1.8 TB/s and the select takes 9 us: ncu (speed of
@@ -506,6 +508,17 @@ P
     kdqdecode) # issue 4: decode at 128K, full and kivi2, as it is (KDQ on for 2 bits) and with LONGKV_KDQ=0
       bench kdqdecode 200 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24
       LONGKV_KDQ=0 bench kdqdecode0 200 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24 ;;
+    bulk)      # issue 4: bulk copies into shared memory (BULK, quant_cuda.py): the mass select's and BULK's GPU tests,
+               # the one-layer probe at 128K (2 and 4 bits, stages STOK x NST, with its loads alone)
+      (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q -rf --tb=line tests/test_quest.py -k mass) \
+        > "$OUT/mass_tests.log" 2>&1; echo "mass tests: $(tail -n 1 "$OUT/mass_tests.log")" >&2
+      (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q -rf --tb=line tests/test_quant_cuda.py -k bulk) \
+        > "$OUT/bulk_tests.log" 2>&1; echo "bulk tests: $(tail -n 1 "$OUT/bulk_tests.log")" >&2
+      bench bulk128 150 $PY quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --bulk 0,1 --stok 32,64 \
+        --nst ${NST:-2,4} --load-only ;;
+    bulkdecode) # issue 4: decode at 128K, full and kivi2 with LONGKV_BULK=0 then 1
+      LONGKV_BULK=0 bench bulkdecode0 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24
+      LONGKV_BULK=1 bench bulkdecode1 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24 ;;
     mass512)   # issue 5: the mass quarter's 3x on whatever machine comes: full, max and mass (d0), each row the median
                # of AGAIN + 1 graphs
       q="kv4 kres+quest 1/8 sparq 0.25 weigh"

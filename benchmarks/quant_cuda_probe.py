@@ -8,6 +8,7 @@ the packed bytes (codes and statistics).
     python benchmarks/quant_cuda_probe.py --context 128k --bits 4,2 --tile 16 --load-only
     python benchmarks/quant_cuda_probe.py --context 512k --bits 4 --tile 16 --res --paged 0.125 --load-only
     python benchmarks/quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --kdq 0,1
+    python benchmarks/quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --bulk 0,1 --stok 32,64 --nst 2,3,4 --load-only
 
 --paged F adds Quest's paged kernel (`quant_cuda.paged_attention`) reading a random F of each head's key groups
 (ascending, as the select lists them), its loads alone too with --load-only; --res gives the keys residual bits
@@ -64,6 +65,10 @@ def main():
                          "access pattern costs without the arithmetic")
     ap.add_argument("--kdq", default="auto",
                     help="keys dequantized in registers (KDQ) 0 / 1, comma-separated (auto: the kernel's default)")
+    ap.add_argument("--bulk", default="auto",
+                    help="bulk copies into shared memory (sm_90) 0 / 1, comma-separated (auto: the kernel's default)")
+    ap.add_argument("--stok", default="0", help="bulk: tokens a stage, comma-separated (0: quant_cuda.BULK_STOK)")
+    ap.add_argument("--nst", default="0", help="bulk: stages in flight, comma-separated (0: quant_cuda.BULK_NST)")
     ap.add_argument("--res", action="store_true", help="keys with residual bits (kres=1; 4 bits only)")
     ap.add_argument("--paged", type=float, default=0.0,
                     help="also the paged kernel over this share of each head's key groups (e.g. 0.125)")
@@ -118,18 +123,25 @@ def main():
             for tile in map(int, a.tile.split(",")):
                 for gpf in (None if x == "auto" else int(x) for x in a.gpf.split(",")):
                     kdqs = [None if x == "auto" else int(x) for x in a.kdq.split(",")]
-                    for minb, cw, kdq in [(m, c, d) for m in map(int, a.minb.split(","))
-                                          for c in map(int, a.cw.split(",")) for d in kdqs]:
+                    bulks = [(None if b == "auto" else int(b), st or None, n or None)
+                             for b in a.bulk.split(",") for st in map(int, a.stok.split(","))
+                             for n in map(int, a.nst.split(","))]
+                    bulks = list(dict.fromkeys((b, st, n) if b != 0 else (0, None, None) for b, st, n in bulks))
+                    for minb, cw, kdq, (bulk, stok, nst) in [(m, c, d, b) for m in map(int, a.minb.split(","))
+                                                             for c in map(int, a.cw.split(",")) for d in kdqs
+                                                             for b in bulks]:
                         kw2 = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5, splits=S or None,
-                                   tile=tile, gpf=gpf, minb=minb, cw=cw, kdq=kdq)
+                                   tile=tile, gpf=gpf, minb=minb, cw=cw, kdq=kdq, bulk=bulk, stok=stok, nst=nst)
                         attn, merge, _, splits = qc.decode_attention(q, kq, vq, kf, vf, length, parts=True, **kw2)
                         us_a, us_m = graphed(attn, a.reps), graphed(merge, a.reps)
                         us = graphed(lambda: qc.decode_attention(q, kq, vq, kf, vf, length, **kw2), a.reps)
                         # (KDQ as compiled: "auto" resolves per layout)
-                        kdq_on = qc.config(D=D, bits=bits, group=group, G=G, sink=sink, ring=window + 2 * group,
-                                           bf16=True, tile=tile, kdq=kdq, res=res)["KDQ"]
+                        lay = qc.config(D=D, bits=bits, group=group, G=G, sink=sink, ring=window + 2 * group,
+                                        bf16=True, tile=tile, kdq=kdq, res=res, cw=cw, bulk=bulk, stok=stok, nst=nst)
+                        kdq_on = lay["KDQ"]
+                        blk = f"{lay['STOK']}x{lay['NST']}" if lay["BULK"] and qc._bulk_ok(q, kq, vq) else "0"
                         rows.append(dict(what=f"{bits}-bit CUDA: splits kernel | merge | whole call",
-                                         splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, kdq=kdq_on,
+                                         splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, kdq=kdq_on, bulk=blk,
                                          us=f"{us_a:.1f} | {us_m:.1f} | {us:.1f}", TBps=round(nbytes / us / 1e6, 2)))
                         if a.load_only:
                             # the same programs (splits) as the row above, though its fewer registers would fit more
@@ -137,9 +149,9 @@ def main():
                                                                 **dict(kw2, splits=splits))
                             us_l = graphed(attn, a.reps)
                             rows.append(dict(what=f"{bits}-bit CUDA: the splits kernel's loads alone", splits=splits,
-                                             tile=tile, gpf=gpf, minb=minb, cw=cw, us=f"{us_l:.1f}",
+                                             tile=tile, gpf=gpf, minb=minb, cw=cw, bulk=blk, us=f"{us_l:.1f}",
                                              TBps=round(nbytes / us_l / 1e6, 2)))
-    print_table(rows, ["what", "splits", "tile", "gpf", "minb", "cw", "kdq", "us", "TBps"])
+    print_table(rows, ["what", "splits", "tile", "gpf", "minb", "cw", "kdq", "bulk", "us", "TBps"])
     emit_json({"bench": "quant_cuda_probe", "device": torch.cuda.get_device_name(), "context": ctx, "rows": rows})
 
 

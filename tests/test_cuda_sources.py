@@ -43,6 +43,12 @@ CASES = [
                                                                   kdq=1)),
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, paged=True,
                                                                   res=True, load_only=True)),
+    # bulk copies into shared memory (sm_90): kivi2, its loads alone, 4 bits (groups longer than a stage)
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, bulk=1)),
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, bulk=1,
+                                                                  load_only=True)),
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, bulk=1, stok=32,
+                                                                  nst=3)),
 ]
 
 

@@ -37,8 +37,10 @@ def _cuda(x):
 # the defaults; 4 warps a program; the key-group prefetch on / off (its default depends on the group); the keys
 # dequantized in registers (KDQ) on and off (its default is the module's); 32-token tiles (two 16-token steps' scores
 # before one softmax update), with and without KDQ
+# bulk copies into shared memory (sm_90): the default stages, longer and fewer ones, and with the group rebuild
 @pytest.mark.parametrize("variant", [{}, {"cw": 4}, {"gpf": 1}, {"gpf": 0}, {"kdq": 1}, {"kdq": 0}, {"tile": 32},
-                                     {"tile": 32, "kdq": 1}],
+                                     {"tile": 32, "kdq": 1}, {"bulk": 1}, {"bulk": 1, "stok": 64, "nst": 2},
+                                     {"bulk": 1, "kdq": 0}, {"bulk": 1, "tile": 32}],
                          ids=lambda v: "-".join(f"{k}{x}" for k, x in v.items()) or "default")
 def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype, variant):
     if variant and dtype != torch.bfloat16:
@@ -54,6 +56,12 @@ def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype,
     qg = q.cuda().to(dtype)
     args = (qg, _cuda(kq), _cuda(vq), kf.cuda().to(dtype), vf.cuda().to(dtype), torch.tensor([length]).cuda())
     assert qc.supported(qg, args[1], bits=bits, group=group, vgroup=D, prerope=False, G=G)
+    if variant.get("bulk") and torch.cuda.get_device_capability()[0] >= 9:
+        assert qc._bulk_ok(qg, args[1], args[2])     # (else the variant would quietly run the default loop)
+    if variant.get("bulk") and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("bulk copies need sm_90")
+    if variant.get("bulk") and variant.get("stok", qc.BULK_STOK) % group and group % variant.get("stok", qc.BULK_STOK):
+        pytest.skip("stages and key groups do not tile each other")
     if qc.smem_bytes(D=D, G=G, cw=variant.get("cw", 1)) > 48 * 1024:
         with pytest.raises(qc.Unavailable, match="shared memory"):
             qc.decode_attention(*args, splits=splits, **variant, **{k: kw[k] for k in ("bits", "group", "sink",

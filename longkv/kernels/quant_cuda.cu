@@ -1,13 +1,20 @@
 // Decode attention over KIVI-layout packed KV, one layer: the CUDA source of `quant_cuda.py` (see its
 // docstring for the design and the figures). Compiled by NVRTC with a block of #defines in front
 // (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, GPF, MINB, CW, PAGED, RES,
-// LOADONLY, KDQ; then ptx.cuh (the shared typedefs and PTX helpers), then this file.
+// LOADONLY, KDQ, BULK, NST, STOK; then ptx.cuh (the shared typedefs and PTX helpers), then this file.
+// BULK (sm_90, dense splits, one warp a program, no residual bits): the split's codes and statistics come into shared
+// memory by bulk copies (`cp.async.bulk`, the TMA's one-dimensional form), STOK tokens a stage and NST stages in
+// flight on an mbarrier each, issued by lane 0; the lanes then read their fragment words from shared memory. Bytes in
+// flight no longer cost registers (the register double buffer holds one 16-token step a warp).
 // KDQ (not with RES): the key codes dequantized in registers (c·s + z in fp16, two HFMA2 a register pair) against
 // the plain query, instead of the scale folded into the query and the zero term from MMAs at each group start.
 // RES (`kres=1`, 4-bit codes, D >= 128): a residual bit a key element (`quant_reference.pack_res`, 32 channels a
 // word, each code pair's bits 16 apart) read with the codes; a key is z + s·(c + r/2 - 1/4).
 #if KDQ && RES
 #error "KDQ does not read residual bits"
+#endif
+#if BULK && (PAGED || RES || CW > 1 || GPF)
+#error "BULK reads dense splits of one warp a program, without residual bits or the L1 prefetch"
 #endif
 struct alignas(16) U4 { u32 x, y, z, w; };
 struct alignas(8) U2 { u32 x, y; };
@@ -82,6 +89,43 @@ __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const
     }
   }
 }
+
+#if BULK
+/* One stage of a split in shared memory: STOK tokens' key and value codes and value ranges, and the key groups'
+   scale and zero rows they lie in (SGR rows; a stage lies inside one group where groups are longer than a stage).
+   Every member is a whole number of 16-byte units (STOK % 8 == 0), as the bulk copies need. */
+#define SGR (STOK >= GROUP ? STOK / GROUP : 1)
+struct alignas(128) Stage { u32 k[STOK * W]; u32 v[STOK * W]; u16 vs[STOK]; u16 vz[STOK]; u16 ks[SGR * D]; u16 kz[SGR * D]; };
+typedef unsigned long long u64;
+__device__ __forceinline__ u32 sptr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void bar_init(u64* b) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(sptr(b)) : "memory");
+}
+__device__ __forceinline__ void bulk(void* dst, const void* src, u32 bytes, u64* b) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               :: "r"(sptr(dst)), "l"(src), "r"(bytes), "r"(sptr(b)) : "memory");
+}
+__device__ __forceinline__ void bar_wait(u64* b, u32 parity) {
+  u32 ok;
+  do {
+    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                 : "=r"(ok) : "r"(sptr(b)), "r"(parity) : "memory");
+  } while (!ok);
+}
+/* lane 0: tokens [s0, s0 + n) of the head's rows (kp, vp, vs, vz at token 0; ks, kz at group 0) into stage sg */
+__device__ __forceinline__ void issue(Stage& sg, u64* b, const u32* kp, const u32* vp, const u16* vs, const u16* vz,
+                                      const u16* ks, const u16* kz, int s0, int n) {
+  const u32 cb = n * W * 4, sb = n * 2, gb = ((n + GROUP - 1) / GROUP) * D * 2;
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(sptr(b)), "r"(2 * (cb + sb + gb))
+               : "memory");
+  bulk(sg.k, kp + (i64)s0 * W, cb, b);
+  bulk(sg.v, vp + (i64)s0 * W, cb, b);
+  bulk(sg.vs, vs + s0, sb, b);
+  bulk(sg.vz, vz + s0, sb, b);
+  bulk(sg.ks, ks + (i64)(s0 / GROUP) * D, gb, b);
+  bulk(sg.kz, kz + (i64)(s0 / GROUP) * D, gb, b);
+}
+#endif
 
 struct State {
   float m0, m1, l0, l1, z0, z1, p0, p1, cq0, cq1;   /* queries 2t, 2t+1 (p: Σ of the fp16 value weights) */
@@ -509,6 +553,38 @@ extern "C" __global__ void BOUNDS kivi_attn(
     for (int r = 0; r < 2; r++) st.qf[s][r] = qsm[QW * 32 + (((2 * s + r) / 4) * 32 + lane) * 4 + (2 * s + r) % 4];
 #endif
 
+#if BULK
+  /* stages of STOK tokens, NST in flight; a stage's tiles are read with tokens counted from its start (so a key
+     group longer than a stage has its statistics taken again at each stage: the same row, copied with it) */
+  __shared__ Stage stg[NST];
+  __shared__ __align__(8) u64 bars[NST];
+  const u16* ks0 = KS + (i64)bh * (NQ_CAP / GROUP) * D;
+  const u16* kz0 = KZ + (i64)bh * (NQ_CAP / GROUP) * D;
+  const int ns = start < end ? (end - start + STOK - 1) / STOK : 0;
+  if (lane == 0) {
+    for (int i = 0; i < NST; i++) bar_init(&bars[i]);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int i = 0; i < NST && i < ns; i++)
+      issue(stg[i], &bars[i], kp, vp, vs, vz, ks0, kz0, start + i * STOK, min(STOK, end - start - i * STOK));
+  }
+  __syncwarp();
+  for (int i = 0; i < ns; i++) {
+    const int sl = i % NST, s0 = start + i * STOK, e = min(STOK, end - s0);
+    bar_wait(&bars[sl], (u32)(i / NST) & 1u);
+    const Stage& sg = stg[sl];
+#pragma unroll
+    for (int u = 0; u < STOK / TILE; u++) {
+      if (u * TILE >= e) break;
+      Buf A;
+      load(A, sg.k, sg.v, sg.vs, sg.vz, sg.ks + t * (D / 4), sg.kz + t * (D / 4), u * TILE, e, g, t, krp);
+      tile(st, A, u * TILE, e, qsm, lane, sg.ks + t * (D / 4), sg.kz + t * (D / 4), t, sl2);
+    }
+    __syncwarp();                                    /* every lane has read the stage: refill it */
+    if (lane == 0 && i + NST < ns)
+      issue(stg[sl], &bars[sl], kp, vp, vs, vz, ks0, kz0, start + (i + NST) * STOK,
+            min(STOK, end - start - (i + NST) * STOK));
+  }
+#else
   Buf A, B;     /* double buffer: the next tile's words load while this one is computed */
   if (start < end) load(A, kp, vp, vs, vz, ks, kz, TOK(start), LIM, g, t, krp);
 #if PAGED
@@ -528,6 +604,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
     if (t0 + 2 * TILE < end) load(A, kp, vp, vs, vz, ks, kz, TOK(t0 + 2 * TILE), LIM, g, t, krp);
     tile(st, B, TOK(t0 + TILE), LIM, qsm, lane, ks, kz, t, sl2);
   }
+#endif
   float l0 = st.l0, l1 = st.l1, z0 = st.z0, z1 = st.z1, w0 = st.p0, w1 = st.p1;
 #pragma unroll
   for (int o = 4; o < 32; o <<= 1) {

@@ -93,6 +93,11 @@ PAGED_CW, PAGED_FRAC, PAGED_MINB = 1, 1.0, 16
 # of full, H200, session 37); off for 4 bits' 64-token groups (51.4 -> 53.4 µs: the rebuild is once in four tiles
 # there). LONGKV_KDQ=0 / 1 forces it.
 KDQ = int(os.environ["LONGKV_KDQ"]) if os.environ.get("LONGKV_KDQ") else None
+# BULK (sm_90): the dense kernel's codes and statistics come into shared memory by bulk copies (the TMA's 1-D form),
+# BULK_STOK tokens a stage and BULK_NST stages in flight a warp, instead of the register double buffer.
+# LONGKV_BULK=0 / 1 forces it.
+BULK = int(os.environ["LONGKV_BULK"]) if os.environ.get("LONGKV_BULK") else 0
+BULK_STOK, BULK_NST = 32, 4
 _MODULES: dict = {}
 
 
@@ -104,12 +109,17 @@ def source() -> str:
 
 def defines(**layout) -> str:
     """The #define lines of one compiled layout (`config`'s), as NVRTC gets them in front of `source()`."""
-    return "".join(f"#define {k} {v}\n" for k, v in config(**layout).items())
+    return lines(config(**layout))
+
+
+def lines(cfg: dict) -> str:
+    return "".join(f"#define {k} {v}\n" for k, v in cfg.items())
 
 
 def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
            gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False,
-           res: bool = False, load_only: bool = False, kdq: int | None = None) -> dict:
+           res: bool = False, load_only: bool = False, kdq: int | None = None, bulk: int | None = None,
+           stok: int | None = None, nst: int | None = None) -> dict:
     """The #defines of one compiled layout, name to value (window = ring - 2·group, as the cache sizes its
     ring); tile: tokens a loop step; gpf: the key group statistics into L1 this many tiles ahead (0 = off; always
     off when paged: the next listed group's rows prefetched 1-2 tiles ahead measured no faster); minb: programs an
@@ -117,7 +127,9 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     page table lists (Quest over key groups, `paged_attention`) instead of every quantized group; res: the keys
     carry residual bits (`kres=1`); load_only: the loads alone, no attention (a diagnostic: its output is
     meaningless); kdq: the keys dequantized in registers (None: KDQ, else on for 2 bits where every tile starts a
-    key group; never with residual bits)."""
+    key group; never with residual bits); bulk: the dense splits' bytes come by bulk copies into shared memory, stok
+    tokens a stage and nst stages in flight (None: BULK, BULK_STOK, BULK_NST; never paged, with residual bits or with
+    several warps a program)."""
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
                TILE=tile or TILE,
                GPF=0 if paged else gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)),
@@ -125,13 +137,24 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
                LOADONLY=int(load_only))
     kdq = kdq if kdq is not None else KDQ if KDQ is not None else int(bits == 2 and group <= cfg["TILE"])
     cfg["KDQ"] = 0 if res else int(kdq)
+    bulk = int(BULK if bulk is None else bulk) and not (paged or res or cfg["CW"] > 1)
+    cfg.update(BULK=int(bulk), NST=nst or BULK_NST, STOK=stok or BULK_STOK)
+    if bulk:
+        cfg["GPF"] = 0
+        if cfg["STOK"] % cfg["TILE"] or (cfg["STOK"] % group and group % cfg["STOK"]):
+            raise ValueError(f"bulk stages of {cfg['STOK']} tokens must be whole {cfg['TILE']}-token tiles and whole "
+                             f"key groups of {group} (or a whole fraction of one)")
     return cfg
 
 
-def smem_bytes(*, D: int, G: int, cw: int) -> int:
+def smem_bytes(*, D: int, G: int, cw: int, cfg: dict | None = None) -> int:
     """Static shared memory of a program: the query fragments (2 arrays of D/8 words a lane, a warp) and,
-    for several warps a program, their partial results."""
-    return cw * 2 * (D // 8) * 32 * 4 + (cw * G * (D + 1) * 4 if cw > 1 else 0)
+    for several warps a program, their partial results; with BULK (`cfg`'s), its stages."""
+    n = cw * 2 * (D // 8) * 32 * 4 + (cw * G * (D + 1) * 4 if cw > 1 else 0)
+    if cfg and cfg["BULK"]:
+        st, gr = cfg["STOK"], max(1, cfg["STOK"] // cfg["GROUP"])
+        n += cfg["NST"] * (-(-(2 * st * D * cfg["BITS"] // 8 + 4 * st + 4 * gr * D) // 128) * 128 + 8)
+    return n
 
 
 # The keys' residual bits (`kres=1`, RES in the source): built offline (session 30); the kernels passed their GPU test
@@ -202,12 +225,16 @@ MERGE_WARPS = 16    # MW in the source
 def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group: int, sink: int, window: int,
                      scale: float, splits: int | None = None, tile: int | None = None,
                      gpf: int | None = None, minb: int | None = None, cw: int | None = None, parts: bool = False,
-                     load_only: bool = False, kdq: int | None = None):
+                     load_only: bool = False, kdq: int | None = None, bulk: int | None = None,
+                     stok: int | None = None, nst: int | None = None):
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
-    parts=True returns (the two launches as closures, out, splits) instead (benchmarks/quant_cuda_probe.py)."""
+    parts=True returns (the two launches as closures, out, splits) instead (benchmarks/quant_cuda_probe.py).
+    bulk / stok / nst: `config`'s (bulk copies into shared memory; sm_90 and 16-byte aligned storage only, else the
+    register double buffer)."""
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
-                   splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts, load_only=load_only, kdq=kdq)
+                   splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts, load_only=load_only, kdq=kdq,
+                   bulk=bulk, stok=stok, nst=nst)
 
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
@@ -233,8 +260,17 @@ def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_p
                    paged=(table, nsel.reshape(-1).expand(table.shape[0]).contiguous(), row_pages))
 
 
+def _bulk_ok(q, kq, vq) -> bool:
+    """Bulk copies need sm_90 and 16-byte aligned sources (each tensor's start; rows and stages are whole 16-byte
+    units at these layouts)."""
+    ts = [kq["planes"][0], vq["planes"][0], kq["scale"], kq["zero"], vq["scale"], vq["zero"]]
+    return (torch.cuda.get_device_capability(q.device)[0] >= 9 and all(t.data_ptr() % 16 == 0 for t in ts)
+            and kq["planes"][0].shape[2] % 8 == 0)
+
+
 def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, splits=None, tile=None, gpf=None,
-            minb=None, cw=None, parts=False, paged=None, frac=1.0, load_only=False, kdq=None):
+            minb=None, cw=None, parts=False, paged=None, frac=1.0, load_only=False, kdq=None, bulk=None, stok=None,
+            nst=None):
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
@@ -244,10 +280,13 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
         raise Unavailable("CUDA decode kernel: the full-precision ring is not laid out as `cache/quant.py` keeps it")
     length = length if length.dtype == torch.int64 else length.long()
     cap = kq["planes"][0].shape[2]
-    cfg = defines(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
-                  gpf=gpf, minb=minb, cw=cw, paged=paged is not None, res="res" in kq, load_only=load_only, kdq=kdq)
+    bulk = (BULK if bulk is None else bulk) and paged is None and _bulk_ok(q, kq, vq)
+    layout = config(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
+                    gpf=gpf, minb=minb, cw=cw, paged=paged is not None, res="res" in kq, load_only=load_only, kdq=kdq,
+                    bulk=int(bulk), stok=stok, nst=nst)
+    cfg = lines(layout)
     warps = CW if cw is None else cw
-    if smem_bytes(D=D, G=G, cw=warps) > 48 * 1024:
+    if smem_bytes(D=D, G=G, cw=warps, cfg=layout) > 48 * 1024:
         raise Unavailable(f"CUDA decode kernel: {warps} warps a program need more than 48 KiB of shared memory here")
     attn, mrg, slots = _kernels(cfg, warps)
     fps = -(-((sink + ring + 31) // 32) // warps)    # programs of the full-precision splits (FPC)
