@@ -97,7 +97,8 @@ KDQ = int(os.environ["LONGKV_KDQ"]) if os.environ.get("LONGKV_KDQ") else None
 # BULK_STOK tokens a stage and BULK_NST stages in flight a warp, instead of the register double buffer.
 # LONGKV_BULK=0 / 1 forces it.
 BULK = int(os.environ["LONGKV_BULK"]) if os.environ.get("LONGKV_BULK") else 0
-BULK_STOK, BULK_NST = 32, 4
+BULK_STOK = int(os.environ.get("LONGKV_BULK_STOK", 64))
+BULK_NST = int(os.environ.get("LONGKV_BULK_NST", 2))
 _MODULES: dict = {}
 
 
