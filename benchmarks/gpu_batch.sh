@@ -516,6 +516,17 @@ P
         > "$OUT/bulk_tests.log" 2>&1; echo "bulk tests: $(tail -n 1 "$OUT/bulk_tests.log")" >&2
       bench bulk128 150 $PY quant_cuda_probe.py --context 128k --bits 2,4 --tile 16 --bulk 0,1 --stok 32,64 \
         --nst ${NST:-2,4} --load-only ;;
+    bulkdiag)  # issue 4: why BULK's 2-bit loads alone read at ~2.4 TB/s: ncu of the splits kernel and its loads alone
+               # (128K), the splits count swept, and bf16 flash-decoding over about the same bytes (24K) for the ceiling
+      (cd benchmarks && timeout 200 ncu --clock-control none -k regex:kivi_attn -c ${NCU_COUNT:-40} \
+         --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+         --section LaunchStats -o "$OUT/bulkdiag" -f \
+         $PY quant_cuda_probe.py --context 128k --bits 2 --tile 16 --bulk 1 --load-only --reps 1) > "$OUT/bulkdiag_run.log" 2>&1
+      ncu --import "$OUT/bulkdiag.ncu-rep" --page details > "$OUT/bulkdiag.txt" 2>&1
+      echo "bulkdiag: $(grep -c 'kivi_attn' "$OUT/bulkdiag.txt") kernel lines" >&2
+      bench bulksplits 150 $PY quant_cuda_probe.py --context 128k --bits 2 --tile 16 --bulk 1 --splits 96,144,192,264,384 \
+        --load-only
+      bench bf16_24k 100 $PY quant_cuda_probe.py --context 24k --bits 2 --tile 16 --bulk 1 ;;
     bulkdecode) # issue 4: decode at 128K, full and kivi2 with LONGKV_BULK=0 then 1
       LONGKV_BULK=0 bench bulkdecode0 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24
       LONGKV_BULK=1 bench bulkdecode1 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24 ;;
