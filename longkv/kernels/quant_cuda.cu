@@ -16,6 +16,9 @@
 #if BULK && (PAGED || RES || CW > 1 || GPF)
 #error "BULK reads dense splits of one warp a program, without residual bits or the L1 prefetch"
 #endif
+#if QAL && !(BULK && KDQ && NST >= 2)
+#error "QAL puts the query through a bulk stage: BULK with KDQ and two stages or more"
+#endif
 struct alignas(16) U4 { u32 x, y, z, w; };
 struct alignas(8) U2 { u32 x, y; };
 struct alignas(8) F2 { float x, y; };
@@ -534,8 +537,31 @@ extern "C" __global__ void BOUNDS kivi_attn(
   const u16* kz = KZ + (i64)bh * (NQ_CAP / GROUP) * D + t * (D / 4);
   const u16* qr = Q + ((i64)bh * G + min(g, G - 1)) * D + t * (D / 4);
   const float qok = g < G ? 1.f : 0.f;
+#if BULK
+  /* stages of STOK tokens, NST in flight, the first ones issued before anything else so that the bytes are on
+     their way while the query is read; a stage's tiles are read with tokens counted from its start (so a key
+     group longer than a stage has its statistics taken again at each stage: the same row, copied with it) */
+  __shared__ Stage stg[NST];
+  __shared__ __align__(8) u64 bars[NST];
+  const u16* ks0 = KS + (i64)bh * (NQ_CAP / GROUP) * D;
+  const u16* kz0 = KZ + (i64)bh * (NQ_CAP / GROUP) * D;
+  const int ns = start < end ? (end - start + STOK - 1) / STOK : 0;
+  if (lane == 0) {
+    for (int i = 0; i < NST; i++) bar_init(&bars[i]);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int i = 0; i < (QAL ? 1 : NST) && i < ns; i++)
+      issue(stg[i], &bars[i], kp, vp, vs, vz, ks0, kz0, start + i * STOK, min(STOK, end - start - i * STOK));
+  }
+  __syncwarp();
+#endif
+#if QAL
+  /* QAL (BULK with KDQ): the query's fragments pass through the last stage's memory, which is filled only after
+     they are in registers (4 KB less shared memory a program: one more program an SM) */
+  u32* qsm = (u32*)&stg[NST - 1];
+#else
   __shared__ __align__(16) u32 qsm_all[CW][2 * QW * 32];
   u32* qsm = qsm_all[wq];
+#endif
   query_frags(qsm, qr, qok, lane);
 
   State st;
@@ -552,22 +578,15 @@ extern "C" __global__ void BOUNDS kivi_attn(
 #pragma unroll
     for (int r = 0; r < 2; r++) st.qf[s][r] = qsm[QW * 32 + (((2 * s + r) / 4) * 32 + lane) * 4 + (2 * s + r) % 4];
 #endif
+#if QAL
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   /* the lanes' generic accesses before the copies */
+  __syncwarp();
+  if (lane == 0)
+    for (int i = 1; i < NST && i < ns; i++)
+      issue(stg[i], &bars[i], kp, vp, vs, vz, ks0, kz0, start + i * STOK, min(STOK, end - start - i * STOK));
+#endif
 
 #if BULK
-  /* stages of STOK tokens, NST in flight; a stage's tiles are read with tokens counted from its start (so a key
-     group longer than a stage has its statistics taken again at each stage: the same row, copied with it) */
-  __shared__ Stage stg[NST];
-  __shared__ __align__(8) u64 bars[NST];
-  const u16* ks0 = KS + (i64)bh * (NQ_CAP / GROUP) * D;
-  const u16* kz0 = KZ + (i64)bh * (NQ_CAP / GROUP) * D;
-  const int ns = start < end ? (end - start + STOK - 1) / STOK : 0;
-  if (lane == 0) {
-    for (int i = 0; i < NST; i++) bar_init(&bars[i]);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    for (int i = 0; i < NST && i < ns; i++)
-      issue(stg[i], &bars[i], kp, vp, vs, vz, ks0, kz0, start + i * STOK, min(STOK, end - start - i * STOK));
-  }
-  __syncwarp();
   for (int i = 0; i < ns; i++) {
     const int sl = i % NST, s0 = start + i * STOK, e = min(STOK, end - s0);
     bar_wait(&bars[sl], (u32)(i / NST) & 1u);
@@ -656,9 +675,12 @@ extern "C" __global__ void BOUNDS kivi_attn(
 
 /* out[b, h·G + q, :] = the splits merged by their log-sum-exp; one program a (KV head, query) and 32
    channels (a lane each; D/32 programs a query: the paged kernel's 1/8 reads leave the merge a tenth of
-   the step's attention, and one program a query used only 32 SMs), of MW warps: the maximum first, then
-   each warp a stride of splits (independent loads), then the warps summed. */
+   the step's attention, and one program a query used only 32 SMs), of MW warps. One pass: each warp loads MU of
+   its rows (a stride of MW) at once, log-sum-exps and values together, and keeps a running maximum (online
+   softmax); then the warps' sums are combined by their maxima. (Two passes, the maximum first and then the rows
+   four at a time, waited on ~5 rounds of loads.) */
 #define MW 16
+#define MU 16
 extern "C" __global__ void __launch_bounds__(32 * MW) kivi_merge(const float* __restrict__ Part,
                                                                  const float* __restrict__ Lse, u16* __restrict__ Out, int S1) {
   __shared__ float red[MW][32];
@@ -666,32 +688,44 @@ extern "C" __global__ void __launch_bounds__(32 * MW) kivi_merge(const float* __
   const int pid = blockIdx.x, c = blockIdx.y * 32, bh = pid / G, q = pid % G, tid = threadIdx.x, wp = tid >> 5,
             lane = tid & 31;
   const i64 base = (i64)bh * S1 * G + q;                 /* row of split s: base + s·G */
-  float mx = NEG_INF;
-  for (int s = tid; s < S1; s += 32 * MW) mx = fmaxf(mx, Lse[base + (i64)s * G]);
+  float m = NEG_INF, acc = 0.f, den = 0.f;
+  for (int s0 = wp; s0 < S1; s0 += MW * MU) {
+    float lv[MU], pv[MU];
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  if (lane == 0) mxs[wp] = mx;
-  __syncthreads();
-  mx = mxs[0];
+    for (int u = 0; u < MU; u++) {
+      const int s = s0 + u * MW;
+      const i64 row = base + (i64)min(s, S1 - 1) * G;
+      lv[u] = s < S1 ? Lse[row] : NEG_INF;
+      pv[u] = Part[row * D + c + lane];
+    }
+    float bm = m;
 #pragma unroll
-  for (int i = 1; i < MW; i++) mx = fmaxf(mx, mxs[i]);
-  float acc = 0.f, den = 0.f;
-  if (mx != NEG_INF) {
-#pragma unroll 4
-    for (int s = wp; s < S1; s += MW) {
-      const i64 row = base + (i64)s * G;
-      const float w = __expf(Lse[row] - mx);             /* exp(-inf) = 0: empty splits weigh nothing */
-      den += w;
-      acc += w * Part[row * D + c + lane];
+    for (int u = 0; u < MU; u++) bm = fmaxf(bm, lv[u]);
+    if (bm != NEG_INF) {                                 /* exp(-inf) = 0: empty splits weigh nothing */
+      const float r = __expf(m - bm);
+      acc *= r;
+      den *= r;
+#pragma unroll
+      for (int u = 0; u < MU; u++) {
+        const float w = __expf(lv[u] - bm);
+        den += w;
+        acc += w * pv[u];
+      }
+      m = bm;
     }
   }
   red[wp][lane] = acc;
-  if (lane == 0) dens[wp] = den;
+  if (lane == 0) { dens[wp] = den; mxs[wp] = m; }
   __syncthreads();
   if (tid < 32) {
-    float o = 0.f, dd = 0.f;
+    float mx = NEG_INF;
 #pragma unroll
-    for (int i = 0; i < MW; i++) { o += red[i][tid]; dd += dens[i]; }
+    for (int i = 0; i < MW; i++) mx = fmaxf(mx, mxs[i]);
+    float o = 0.f, dd = 0.f;
+    if (mx != NEG_INF) {
+#pragma unroll
+      for (int i = 0; i < MW; i++) { const float e = __expf(mxs[i] - mx); o += e * red[i][tid]; dd += e * dens[i]; }
+    }
     o = dd > 0.f ? o / dd : 0.f;
     u16 h;
 #if QBF16

@@ -99,6 +99,9 @@ KDQ = int(os.environ["LONGKV_KDQ"]) if os.environ.get("LONGKV_KDQ") else None
 BULK = int(os.environ["LONGKV_BULK"]) if os.environ.get("LONGKV_BULK") else 0
 BULK_STOK = int(os.environ.get("LONGKV_BULK_STOK", 64))
 BULK_NST = int(os.environ.get("LONGKV_BULK_NST", 2))
+# QAL: with BULK and KDQ the query's fragments pass through the last stage's shared memory before it is first
+# filled (4 KB less a program); LONGKV_BULK_QAL=0 keeps them in their own array
+BULK_QAL = os.environ.get("LONGKV_BULK_QAL", "1") != "0"
 _MODULES: dict = {}
 
 
@@ -140,6 +143,8 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     cfg["KDQ"] = 0 if res else int(kdq)
     bulk = int(BULK if bulk is None else bulk) and not (paged or res or cfg["CW"] > 1)
     cfg.update(BULK=int(bulk), NST=nst or BULK_NST, STOK=stok or BULK_STOK)
+    cfg["QAL"] = int(bool(bulk and cfg["KDQ"] and cfg["NST"] >= 2 and BULK_QAL
+                          and _stage_bytes(cfg) >= 2 * (D // 8) * 32 * 4))
     if bulk:
         cfg["GPF"] = 0
         if cfg["STOK"] % cfg["TILE"] or (cfg["STOK"] % group and group % cfg["STOK"]):
@@ -151,11 +156,16 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
 def smem_bytes(*, D: int, G: int, cw: int, cfg: dict | None = None) -> int:
     """Static shared memory of a program: the query fragments (2 arrays of D/8 words a lane, a warp) and,
     for several warps a program, their partial results; with BULK (`cfg`'s), its stages."""
-    n = cw * 2 * (D // 8) * 32 * 4 + (cw * G * (D + 1) * 4 if cw > 1 else 0)
+    n = cw * 2 * (D // 8) * 32 * 4 * (0 if cfg and cfg["QAL"] else 1) + (cw * G * (D + 1) * 4 if cw > 1 else 0)
     if cfg and cfg["BULK"]:
-        st, gr = cfg["STOK"], max(1, cfg["STOK"] // cfg["GROUP"])
-        n += cfg["NST"] * (-(-(2 * st * D * cfg["BITS"] // 8 + 4 * st + 4 * gr * D) // 128) * 128 + 8)
+        n += cfg["NST"] * (_stage_bytes(cfg) + 8)
     return n
+
+
+def _stage_bytes(cfg: dict) -> int:
+    """A BULK stage's shared memory (the source's `Stage`: codes, value ranges, key statistics rows; 128-aligned)."""
+    st, gr, D = cfg["STOK"], max(1, cfg["STOK"] // cfg["GROUP"]), cfg["D"]
+    return -(-(2 * st * D * cfg["BITS"] // 8 + 4 * st + 4 * gr * D) // 128) * 128
 
 
 # The keys' residual bits (`kres=1`, RES in the source): built offline (session 30); the kernels passed their GPU test
