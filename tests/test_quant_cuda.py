@@ -37,9 +37,10 @@ def _cuda(x):
 # the defaults; 4 warps a program; the key-group prefetch on / off (its default depends on the group); the keys
 # dequantized in registers (KDQ) on and off (its default is the module's); 32-token tiles (two 16-token steps' scores
 # before one softmax update), with and without KDQ
-# bulk copies into shared memory (sm_90): the default stages, longer and fewer ones, and with the group rebuild
+# bulk copies into shared memory (sm_90; the default where KDQ is) on and off, shorter and more stages, and with the
+# group rebuild
 @pytest.mark.parametrize("variant", [{}, {"cw": 4}, {"gpf": 1}, {"gpf": 0}, {"kdq": 1}, {"kdq": 0}, {"tile": 32},
-                                     {"tile": 32, "kdq": 1}, {"bulk": 1}, {"bulk": 1, "stok": 64, "nst": 2},
+                                     {"tile": 32, "kdq": 1}, {"bulk": 1}, {"bulk": 0}, {"bulk": 1, "stok": 32, "nst": 4},
                                      {"bulk": 1, "kdq": 0}, {"bulk": 1, "tile": 32}],
                          ids=lambda v: "-".join(f"{k}{x}" for k, x in v.items()) or "default")
 def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype, variant):

@@ -16,9 +16,6 @@
 #if BULK && (PAGED || RES || CW > 1 || GPF)
 #error "BULK reads dense splits of one warp a program, without residual bits or the L1 prefetch"
 #endif
-#if QAL && !(BULK && KDQ && NST >= 2)
-#error "QAL puts the query through a bulk stage: BULK with KDQ and two stages or more"
-#endif
 struct alignas(16) U4 { u32 x, y, z, w; };
 struct alignas(8) U2 { u32 x, y; };
 struct alignas(8) F2 { float x, y; };
@@ -549,19 +546,13 @@ extern "C" __global__ void BOUNDS kivi_attn(
   if (lane == 0) {
     for (int i = 0; i < NST; i++) bar_init(&bars[i]);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    for (int i = 0; i < (QAL ? 1 : NST) && i < ns; i++)
+    for (int i = 0; i < NST && i < ns; i++)
       issue(stg[i], &bars[i], kp, vp, vs, vz, ks0, kz0, start + i * STOK, min(STOK, end - start - i * STOK));
   }
   __syncwarp();
 #endif
-#if QAL
-  /* QAL (BULK with KDQ): the query's fragments pass through the last stage's memory, which is filled only after
-     they are in registers (4 KB less shared memory a program: one more program an SM) */
-  u32* qsm = (u32*)&stg[NST - 1];
-#else
   __shared__ __align__(16) u32 qsm_all[CW][2 * QW * 32];
   u32* qsm = qsm_all[wq];
-#endif
   query_frags(qsm, qr, qok, lane);
 
   State st;
@@ -577,13 +568,6 @@ extern "C" __global__ void BOUNDS kivi_attn(
   for (int s = 0; s < KSTEPS; s++)
 #pragma unroll
     for (int r = 0; r < 2; r++) st.qf[s][r] = qsm[QW * 32 + (((2 * s + r) / 4) * 32 + lane) * 4 + (2 * s + r) % 4];
-#endif
-#if QAL
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   /* the lanes' generic accesses before the copies */
-  __syncwarp();
-  if (lane == 0)
-    for (int i = 1; i < NST && i < ns; i++)
-      issue(stg[i], &bars[i], kp, vp, vs, vz, ks0, kz0, start + i * STOK, min(STOK, end - start - i * STOK));
 #endif
 
 #if BULK

@@ -94,14 +94,13 @@ PAGED_CW, PAGED_FRAC, PAGED_MINB = 1, 1.0, 16
 # there). LONGKV_KDQ=0 / 1 forces it.
 KDQ = int(os.environ["LONGKV_KDQ"]) if os.environ.get("LONGKV_KDQ") else None
 # BULK (sm_90): the dense kernel's codes and statistics come into shared memory by bulk copies (the TMA's 1-D form),
-# BULK_STOK tokens a stage and BULK_NST stages in flight a warp, instead of the register double buffer.
-# LONGKV_BULK=0 / 1 forces it.
-BULK = int(os.environ["LONGKV_BULK"]) if os.environ.get("LONGKV_BULK") else 0
+# BULK_STOK tokens a stage and BULK_NST stages in flight a warp, instead of the register double buffer. None: on where
+# KDQ is (2 bits, 16-token key groups: one layer at 128K 59.8 -> 48.5 us, decode kivi2 0.660x -> 0.635x of full, H100,
+# session 40); off for 4 bits (60.2 -> 59.0 us at 32-token stages, slower at 64: the stages' shared memory costs
+# programs an SM). LONGKV_BULK=0 / 1 forces it.
+BULK = int(os.environ["LONGKV_BULK"]) if os.environ.get("LONGKV_BULK") else None
 BULK_STOK = int(os.environ.get("LONGKV_BULK_STOK", 64))
 BULK_NST = int(os.environ.get("LONGKV_BULK_NST", 2))
-# QAL: with BULK and KDQ the query's fragments pass through the last stage's shared memory before it is first
-# filled (4 KB less a program); LONGKV_BULK_QAL=0 keeps them in their own array
-BULK_QAL = os.environ.get("LONGKV_BULK_QAL", "1") != "0"
 _MODULES: dict = {}
 
 
@@ -141,10 +140,9 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
                LOADONLY=int(load_only))
     kdq = kdq if kdq is not None else KDQ if KDQ is not None else int(bits == 2 and group <= cfg["TILE"])
     cfg["KDQ"] = 0 if res else int(kdq)
-    bulk = int(BULK if bulk is None else bulk) and not (paged or res or cfg["CW"] > 1)
+    bulk = bulk if bulk is not None else BULK if BULK is not None else cfg["KDQ"] and not gpf   # (gpf asks for registers)
+    bulk = int(bulk) and not (paged or res or cfg["CW"] > 1)
     cfg.update(BULK=int(bulk), NST=nst or BULK_NST, STOK=stok or BULK_STOK)
-    cfg["QAL"] = int(bool(bulk and cfg["KDQ"] and cfg["NST"] >= 2 and BULK_QAL
-                          and _stage_bytes(cfg) >= 2 * (D // 8) * 32 * 4))
     if bulk:
         cfg["GPF"] = 0
         if cfg["STOK"] % cfg["TILE"] or (cfg["STOK"] % group and group % cfg["STOK"]):
@@ -156,7 +154,7 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
 def smem_bytes(*, D: int, G: int, cw: int, cfg: dict | None = None) -> int:
     """Static shared memory of a program: the query fragments (2 arrays of D/8 words a lane, a warp) and,
     for several warps a program, their partial results; with BULK (`cfg`'s), its stages."""
-    n = cw * 2 * (D // 8) * 32 * 4 * (0 if cfg and cfg["QAL"] else 1) + (cw * G * (D + 1) * 4 if cw > 1 else 0)
+    n = cw * 2 * (D // 8) * 32 * 4 + (cw * G * (D + 1) * 4 if cw > 1 else 0)
     if cfg and cfg["BULK"]:
         n += cfg["NST"] * (_stage_bytes(cfg) + 8)
     return n
@@ -291,10 +289,10 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
         raise Unavailable("CUDA decode kernel: the full-precision ring is not laid out as `cache/quant.py` keeps it")
     length = length if length.dtype == torch.int64 else length.long()
     cap = kq["planes"][0].shape[2]
-    bulk = (BULK if bulk is None else bulk) and paged is None and _bulk_ok(q, kq, vq)
+    bulk = bulk if paged is None and _bulk_ok(q, kq, vq) else 0    # (None: `config` decides)
     layout = config(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
                     gpf=gpf, minb=minb, cw=cw, paged=paged is not None, res="res" in kq, load_only=load_only, kdq=kdq,
-                    bulk=int(bulk), stok=stok, nst=nst)
+                    bulk=bulk, stok=stok, nst=nst)
     cfg = lines(layout)
     warps = CW if cw is None else cw
     if smem_bytes(D=D, G=G, cw=warps, cfg=layout) > 48 * 1024:
