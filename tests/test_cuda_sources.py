@@ -43,7 +43,7 @@ CASES = [
                                                                   kdq=1)),
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, paged=True,
                                                                   res=True, load_only=True)),
-    # bulk copies into shared memory (sm_90; kivi2's default): kivi2 without them (the register double buffer), its
+    # bulk copies into shared memory (sm_90; the default at 2 bits): kivi2 without them (the register double buffer), its
     # loads alone, 4 bits (groups longer than a stage)
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, bulk=0)),
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, bulk=1,

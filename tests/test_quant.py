@@ -95,43 +95,80 @@ def test_decode_kernel_matches_reference(bits, nuq, n_out, length, vgroup, prero
         assert (got - want).abs().max() < 2e-3
 
 
-@pytest.mark.parametrize("bits,nuq,n_out,rope,res", [(4, False, 0, False, False), (3, True, 1, False, False),
-                                                     (2, False, 2, False, False), (4, False, 0, True, False),
-                                                     (4, False, 0, True, True), (2, False, 1, False, True)])
-def test_append_flush_kernel_matches_reference(bits, nuq, n_out, rope, res, monkeypatch):
-    """rope: the key rotated in the kernel; res: the keys' residual bits (`kres=1`) written with the group."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
+@pytest.mark.parametrize("bits,group", [(2, 64), (2, 16), (4, 64)])
+def test_clipped_key_ranges_never_add_error_and_cut_it_at_two_bits(bits, group):
+    """`ref.clip_range`: no group and channel reconstructs worse than from its min/max (the unclipped pair is one of the
+    candidates), and on heavy-tailed keys (Student t, 3 degrees of freedom) 2-bit codes in 64-token groups lose
+    at least a fifth less squared error in all."""
+    torch.manual_seed(0)
+    k = torch.distributions.StudentT(3.0).sample((1, 2, 4 * group, 32)) * torch.linspace(0.5, 2, 32)
+
+    def err(clip):
+        q = ref.quantize_keys(k, bits=bits, group=group, clip=clip)
+        d = ref.dequantize_keys(q, bits=bits, group=group, d=32)
+        return ((d - k) ** 2).reshape(1, 2, 4, group, 32).sum(3)
+
+    plain, clipped = err(False), err(True)
+    assert (clipped <= plain * (1 + 1e-5) + 1e-6).all()
+    if bits == 2 and group == 64:
+        assert clipped.sum() < 0.8 * plain.sum()
+    with pytest.raises(ValueError, match="clipped"):
+        ref.quantize_keys(k, bits=bits, group=group, clip=True, res=True)
+
+
+@pytest.mark.parametrize("bits,nuq,n_out,rope,res,clip", [(4, False, 0, False, False, False),
+                                                          (3, True, 1, False, False, False),
+                                                          (2, False, 2, False, False, False),
+                                                          (4, False, 0, True, False, False),
+                                                          (4, False, 0, True, True, False),
+                                                          (2, False, 1, False, True, False),
+                                                          (2, False, 0, True, False, True),
+                                                          (4, False, 0, False, False, True)])
+@pytest.mark.parametrize("dev", ["cpu", "cuda"])
+def test_append_flush_kernel_matches_reference(bits, nuq, n_out, rope, res, clip, dev, monkeypatch):
+    """rope: the key rotated in the kernel; res: the keys' residual bits (`kres=1`) written with the group; clip: the
+    key groups' ranges MSE-clipped (`ref.clip_range`). dev cpu: the Triton kernel in the interpreter; cuda: compiled on
+    a GPU (against the torch steps there)."""
+    if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton path on CPU tensors needs TRITON_INTERPRET=1")
+    if dev == "cuda" and (not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs a GPU, with TRITON_INTERPRET unset")
     B, H, D, group, sink, window = 1, 3, 64, 16, 2, 3
     ring = window + 2 * group
-    lut = torch.sort(torch.rand(2 ** bits, generator=gen(7))).values if nuq else None
-    outs = []
-    for triton_path in (True, False):
+    lut = torch.sort(torch.rand(2 ** bits, generator=gen(7))).values.to(dev) if nuq else None
+    outs, zeros = [], []
+    for triton_path, clipped in ((True, clip), (False, clip)) + (((False, False),) if clip else ()):
         monkeypatch.setattr(quant_append, "_use_triton", lambda x: triton_path)   # append_flush's own module
-        kf = torch.zeros(B, H, sink + ring, D)
+        kf = torch.zeros(B, H, sink + ring, D, device=dev)
         vf = torch.zeros_like(kf)
-        kq, vq = packed_layer(B, H, D, 64, group, 16, bits, n_out, lut)
-        kq = {k: ([torch.zeros_like(p) for p in t] if k == "planes" else torch.zeros_like(t)) for k, t in kq.items()}
-        vq = {k: ([torch.zeros_like(p) for p in t] if k == "planes" else torch.zeros_like(t)) for k, t in vq.items()}
+        kq, vq = packed_layer(B, H, D, 64, group, 16, bits, n_out, None if lut is None else lut.cpu())
+        kq = {k: ([torch.zeros_like(p, device=dev) for p in t] if k == "planes" else torch.zeros_like(t, device=dev))
+              for k, t in kq.items()}
+        vq = {k: ([torch.zeros_like(p, device=dev) for p in t] if k == "planes" else torch.zeros_like(t, device=dev))
+              for k, t in vq.items()}
         if res:
-            kq["res"] = torch.zeros(B, H, 64, D // 8, dtype=torch.uint8)
+            kq["res"] = torch.zeros(B, H, 64, D // 8, dtype=torch.uint8, device=dev)
         g = gen(8)
         for n in range(1, sink + window + 2 * group + 2):
             k, v = torch.randn(B, H, 1, D, generator=g) * 3, torch.randn(B, H, 1, D, generator=g)
             ang = torch.rand(1, D // 2, generator=g).repeat(1, 2) * 6
-            qk.append_flush(k, v, torch.tensor([n]), kf, vf, kq, vq, bits=bits, group=group, vgroup=16,
-                            sink=sink, window=window, lut_k=lut, lut_v=lut,
-                            rope=(ang.cos(), ang.sin()) if rope else None)
+            qk.append_flush(k.to(dev), v.to(dev), torch.tensor([n], device=dev), kf, vf, kq, vq, bits=bits, group=group,
+                            vgroup=16, sink=sink, window=window, lut_k=lut, lut_v=lut,
+                            rope=(ang.cos().to(dev), ang.sin().to(dev)) if rope else None, clip=clipped)
         deq = (ref.dequantize_keys(kq, bits=bits, group=group, d=D, lut=lut)[:, :, :2 * group],
                ref.dequantize_tokens(vq, bits=bits, vgroup=16, d=D, lut=lut)[:, :, :2 * group])
         outs.append((kf, vf) + deq + ((kq["res"],) if res else ()))
+        zeros.append(kq["zero"][:, :, :2])
     if res:
         assert torch.equal(outs[0][-1], outs[1][-1]) and outs[0][-1][:, :, :2 * group].any()
-    for a, b in zip(*outs):
+    for a, b in zip(*outs[:2]):
         assert (a - b).abs().max() < 1e-2 * b.abs().max()
+    if clip:   # and the ranges really are clipped: the kernel's key zeros are not the groups' minima
+        assert not torch.equal(zeros[0], zeros[2])
+        assert (outs[0][0] - outs[2][0]).abs().max() < 1e-2 * outs[2][0].abs().max()   # (from the same keys)
     if rope:   # the stored keys really are rotated: the last token (position n - 1) against its raw key
         slot = sink + (n - 1 - sink) % ring
-        assert (outs[0][0][:, :, slot] - k[:, :, 0]).abs().max() > 0.1
+        assert (outs[0][0][:, :, slot].cpu() - k[:, :, 0]).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("path", ["interpreter", "torch",
@@ -256,7 +293,8 @@ def test_graph_decode_on_sliding_window_layers(tiny_gemma32, spec):
 
 @pytest.mark.parametrize("spec,word", [("quant:bits=5", "bits"), ("quant:group=24", "group"),
                                        ("quant:vgroup=48", "vgroup"), ("quant:keys=head", "keys"),
-                                       ("quant:nuq=/nonexistent.json", "nuq")])
+                                       ("quant:nuq=/nonexistent.json", "nuq"), ("quant:clip=1,kres=1", "clip"),
+                                       ("quant:clip=1,outliers=0.01", "clip"), ("quant:clip=1,keys=token", "clip")])
 def test_bad_parameters_name_themselves(tiny, spec, word):
     with pytest.raises(UserError, match=word):
         build(tiny, spec, 32)

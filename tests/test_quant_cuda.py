@@ -32,12 +32,13 @@ def _cuda(x):
     (128, 4, 64, 4, 1000, None), (128, 4, 64, 4, 1000, 3), (128, 4, 64, 1, 700, 2), (128, 4, 64, 8, 3000, 7),
     (128, 4, 16, 3, 530, 5), (128, 2, 16, 4, 1000, None), (128, 2, 16, 5, 777, 4), (64, 4, 64, 3, 900, 2),
     (256, 4, 64, 2, 1300, 3), (256, 2, 16, 4, 600, 2), (128, 4, 64, 4, 100, 2),   # 100: nothing quantized yet
+    (128, 2, 64, 4, 1000, None),   # 2 bits in 64-token key groups (the clipped kv2 candidate; BULK without KDQ)
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 # the defaults; 4 warps a program; the key-group prefetch on / off (its default depends on the group); the keys
 # dequantized in registers (KDQ) on and off (its default is the module's); 32-token tiles (two 16-token steps' scores
 # before one softmax update), with and without KDQ
-# bulk copies into shared memory (sm_90; the default where KDQ is) on and off, shorter and more stages, and with the
+# bulk copies into shared memory (sm_90; the default at 2 bits) on and off, shorter and more stages, and with the
 # group rebuild
 @pytest.mark.parametrize("variant", [{}, {"cw": 4}, {"gpf": 1}, {"gpf": 0}, {"kdq": 1}, {"kdq": 0}, {"tile": 32},
                                      {"tile": 32, "kdq": 1}, {"bulk": 1}, {"bulk": 0}, {"bulk": 1, "stok": 32, "nst": 4},

@@ -73,6 +73,10 @@ PARAMS = {
     "prerope": (bool, True, "quantize keys before RoPE (KVQuant); 0 = after RoPE (KIVI: the kv4 and kv2 presets)"),
     "rotate": (bool, False, "Hadamard-rotate keys before quantizing (QuaRot-style)"),
     "nuq": (str, "", "codebook file from `longkv calibrate` (non-uniform levels per layer)"),
+    "clip": (bool, False, "keys: each group's [min, max] MSE-clipped before quantizing (each end pulled in by 0-50 % of "
+                          "the range, the least squared error a group and channel; uniform per-channel codes without "
+                          "outliers, nuq or kres): 2-bit keys in 64-token groups +5.0 % perplexity on smollm2 8K, "
+                          "against +15.7 % for 32-token groups by min/max and +8.1 % for kv2's 16"),
     "kres": (bool, False, "a residual bit per key element after its code (above or below its level, decoded as "
                           "±a quarter step): keys half a step finer for one bit more an element (4-bit: 1/3.7 of the "
                           "squared error), the codes themselves unchanged; the CUDA kernels read it at 4 bits and head "
@@ -103,6 +107,12 @@ def _check(spec_head_dim: int, p: dict) -> None:
     if p.get("kres") and (p["keys"] != "channel" or p["nuq"] or p["rotate"] or spec_head_dim % 32):
         raise UserError("quant: kres=1 refines per-channel keys on uniform levels; it does not go with keys=token, "
                         f"nuq or rotate, and needs a head dim that is a multiple of 32 (not {spec_head_dim})")
+
+
+def _check_clip(p: dict, where: str = "quant") -> None:
+    if p.get("clip") and (p["keys"] != "channel" or p["nuq"] or p.get("kres") or p["outliers"] > 0):
+        raise UserError(f"{where}: clip=1 clips per-channel key groups on uniform levels; it does not go with "
+                        "keys=token, nuq, kres or outliers")
 
 
 def load_codebook(path: str, specs, bits: int, prerope: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -142,7 +152,9 @@ class QuantCache(Cache):
         if any((s.num_kv_heads, s.head_dim) != (s0.num_kv_heads, s0.head_dim) for s in specs):
             raise UserError("quant: layers with different KV shapes are not supported yet")
         _check(s0.head_dim, p)
+        _check_clip(p)
         self.p = p
+        self.clip = bool(p["clip"])
         self.bits, self.group, self.sink, self.window = p["bits"], p["group"], p["sink"], p["window"]
         D, H = s0.head_dim, s0.num_kv_heads
         self.D, self.vgroup = D, p["vgroup"] or D
@@ -234,7 +246,8 @@ class QuantCache(Cache):
         if self.H is not None:
             k = k.float() @ self.H
         kw = dict(bits=self.bits, n_out=self.n_out)
-        kq = (ref.quantize_keys(k, group=self.group, lut=self.lut_k[layer], res=self.kres, **kw) if self.per_channel
+        kq = (ref.quantize_keys(k, group=self.group, lut=self.lut_k[layer], res=self.kres, clip=self.clip, **kw)
+              if self.per_channel
               else ref.quantize_tokens(k, vgroup=self.vgroup, lut=self.lut_k[layer], **kw))
         return kq, ref.quantize_tokens(v, vgroup=self.vgroup, lut=self.lut_v[layer], **kw)
 
@@ -330,7 +343,8 @@ class QuantCache(Cache):
         kw = self.kernel_kwargs(layer)
         qk.append_flush(k.to(self.dtype), v.to(self.dtype), length, self.kf[layer], self.vf[layer],
                         self.kq[layer], self.vq[layer], **{x: kw[x] for x in self._FLUSH_ARGS},
-                        rope=None if self.prerope else step.rope[s.rope_index])   # kivi: rotated in the kernel
+                        rope=None if self.prerope else step.rope[s.rope_index],   # kivi: rotated in the kernel
+                        clip=self.clip)
         return qk.quant_decode_attention(q, self.kq[layer], self.vq[layer], self.kf[layer], self.vf[layer], length,
                                          rope_tab=self.rope_tab[layer], **kw)
 

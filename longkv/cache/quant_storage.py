@@ -61,7 +61,7 @@ from ..kernels.attention import past_attention
 from ..kernels.reference import attention_lse, visible
 from ..models.rope import apply_rope
 from .compose import register_storage
-from .quant import PARAMS, QuantCache, _check
+from .quant import PARAMS, QuantCache, _check, _check_clip
 from .registry import REGISTRY
 
 
@@ -133,6 +133,8 @@ class QuantStorage:
                                    # (quest): the write is then cache/quant.py's append + flush kernel
         self.bits, self.g, self.S, self.W = p["bits"], p["group"], p["sink"], p["window"]
         self.kres = bool(p["kres"])
+        _check_clip(p, "quant storage (quant+<eviction>)")
+        self.clip = bool(p["clip"])
         self.vgroup = p["vgroup"]
         self.n_out = [math.ceil(p["outliers"] * s.head_dim) if p["outliers"] > 0 else 0 for s in specs]
         L = len(specs)
@@ -230,7 +232,7 @@ class QuantStorage:
         self.cnt[layer].fill_(n)
 
     def _quant(self, layer, k, v):
-        return (ref.quantize_keys(k, group=self.g, res=self.kres, **self._kw(layer)),
+        return (ref.quantize_keys(k, group=self.g, res=self.kres, clip=self.clip, **self._kw(layer)),
                 ref.quantize_tokens(v, vgroup=self._vg(layer), **self._kw(layer)))
 
     def _put(self, layer, kr, v, c0: int) -> None:
@@ -262,7 +264,7 @@ class QuantStorage:
             append_flush(k.to(self.dtype), v.to(self.dtype), slot.reshape(-1)[:1], self.kf[layer], self.vf[layer],
                          self.kq[layer], self.vq[layer], bits=self.bits, group=self.g, vgroup=self._vg(layer),
                          sink=self.S, window=self.W, from_slot=True, count_out=self.cnt[layer], rope=(cos, sin),
-                         sketch=sketch)
+                         sketch=sketch, clip=self.clip)
             return       # `pos` already holds slot j = j (reserve)
         assert sketch is None, "the channel-major copy is written by the append-only decode path"
         kr = apply_rope(k, cos, sin)

@@ -66,7 +66,7 @@ if triton is not None:
                              D: tl.constexpr, GROUP: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr,
                              PB0: tl.constexpr, PB1: tl.constexpr, N_OUT: tl.constexpr, SINK: tl.constexpr,
                              WINDOW: tl.constexpr, RING: tl.constexpr, NQ_CAP: tl.constexpr,
-                             NUQ_K: tl.constexpr, NUQ_V: tl.constexpr):
+                             NUQ_K: tl.constexpr, NUQ_V: tl.constexpr, CLIP: tl.constexpr = False):
         bh = tl.program_id(0)
         c = tl.arange(0, D)
         length = tl.load(Len).to(tl.int32) + (1 if FROM_SLOT else 0)
@@ -105,7 +105,24 @@ if triton is not None:
                     tl.store(KOV + rows * N_OUT + j, tl.sum(tl.where(hit, x, 0.0), 1).to(tl.float16))
                     x = tl.where(hit, mu[None, :], x)
                     score = tl.where(hit, -1.0, score)
-            code, sc, zero = _encode(x, tl.min(x, 0)[None, :], tl.max(x, 0)[None, :], MidK, BITS, NUQ_K)
+            klo, khi = tl.min(x, 0), tl.max(x, 0)
+            if CLIP:     # MSE-clipped ranges (`ref.clip_range`): each end pulled in by 0, 0.05, ..., 0.5 of the range
+                rk = khi - klo
+                best = tl.full([D], float("inf"), tl.float32)
+                blo, bhi = klo, khi
+                for ia in range(11):
+                    lo = klo + (ia * 1.0 * 0.05) * rk
+                    for ib in range(11):
+                        hi = khi - (ib * 1.0 * 0.05) * rk
+                        cc, cs, cz = _encode(x, lo[None, :], hi[None, :], MidK, BITS, False)
+                        e = cc.to(tl.float32) * cs + cz - x
+                        err = tl.sum(e * e, 0)
+                        m = err < best
+                        best = tl.where(m, err, best)
+                        blo = tl.where(m, lo, blo)
+                        bhi = tl.where(m, hi, bhi)
+                klo, khi = blo, bhi
+            code, sc, zero = _encode(x, klo[None, :], khi[None, :], MidK, BITS, NUQ_K)
             srow = (bh.to(tl.int64) * (NQ_CAP // GROUP) + gi) * D
             tl.store(KS + srow + c, tl.max(sc, 0).to(tl.float16))
             tl.store(KZ + srow + c, tl.max(zero, 0).to(tl.float16))
@@ -170,17 +187,20 @@ def outs(d: dict):
 
 def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: int, vgroup: int,
                  sink: int, window: int, lut_k=None, lut_v=None, from_slot: bool = False,
-                 count_out: torch.Tensor | None = None, rope=None, sketch=None) -> None:
+                 count_out: torch.Tensor | None = None, rope=None, sketch=None, clip: bool = False) -> None:
     """Decode-time write + flush. k, v (B, Hkv, 1, D) pre-RoPE; length: (1,) int64 device tensor
     (tokens held after this one; with from_slot, the token's slot = length - 1). Writes the token to its
     fp slot and quantizes the group this token completes, if any; count_out (1,) int64, if given, is
     set to the length; rope (cos, sin), each (1, D), if given: k is rotated first, in the same launch
     (keys stored after RoPE); sketch (sk, sz), if given (4-bit keys without outliers): the flushed group is
     also written to that channel-major copy (`sref.sketch_groups`, SparQ scoring in `quest_sparq.py`). A key dict
-    with `res` (`kres=1`) gets the flushed group's residual bits too.
+    with `res` (`kres=1`) gets the flushed group's residual bits too; clip: the keys' group ranges MSE-clipped
+    (`ref.clip_range`).
     Reference: the same steps with `ref.quantize_keys` / `ref.quantize_tokens`."""
     B, H, _, D = k.shape
     ring = kf.shape[2] - sink
+    if clip and ("out_idx" in kq or lut_k is not None or "res" in kq):
+        raise ValueError("clipped key ranges are for uniform codes without outliers or residual bits")
     if sketch is not None and (bits != 4 or "out_idx" in kq or lut_k is not None):
         raise ValueError("the channel-major key copy (sketch) needs 4-bit uniform keys without outliers")
     res = "res" in kq              # the keys' residual bits (`kres`)
@@ -199,7 +219,7 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
             pos = torch.arange(sink + (ng - 1) * group, sink + ng * group)
             sl = sink + (pos - sink) % ring
             n_out = kq["out_idx"].shape[-1] if "out_idx" in kq else 0
-            a = ref.quantize_keys(kf[:, :, sl], bits=bits, group=group, n_out=n_out, lut=lut_k, res=res)
+            a = ref.quantize_keys(kf[:, :, sl], bits=bits, group=group, n_out=n_out, lut=lut_k, res=res, clip=clip)
             b = ref.quantize_tokens(vf[:, :, sl], bits=bits, vgroup=vgroup, n_out=n_out, lut=lut_v)
             lo = (ng - 1) * group
             for dst, src, rows in ((kq, a, slice(ng - 1, ng)), (vq, b, slice(lo, lo + group))):
@@ -227,4 +247,4 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
         ROPE=rope is not None, SKETCH=sketch is not None,
         D=D, GROUP=group, VG=vgroup, BITS=bits, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out,
         SINK=sink, WINDOW=window, RING=ring, NQ_CAP=kq["planes"][0].shape[2], NUQ_K=mid_k is not None,
-        NUQ_V=mid_v is not None)
+        NUQ_V=mid_v is not None, CLIP=bool(clip))

@@ -40,7 +40,7 @@ H200 agree: 203 a 16-token step):
   loads its rows at once and keeps a running maximum). The split count fills the GPU in one wave (occupancy
   API). The next 16 tokens' words load into registers while these are computed; with 16-token key
   groups (kivi2) the next group's scale and zero rows are prefetched into L1 (`GPF`).
-- bulk copies (`BULK`, sm_90; the default for kivi2): lane 0 copies each 64-token stage of the split's
+- bulk copies (`BULK`, sm_90; the default at 2 bits): lane 0 copies each 64-token stage of the split's
   codes, value ranges and key statistics into shared memory with `cp.async.bulk` (the TMA's one-dimensional
   form) on an mbarrier, two stages in flight, and the lanes read their fragment words from there. The bytes in
   flight then cost no registers and the arithmetic overlaps them: kivi2 at 128K 59.8 -> 48.5 µs a layer, decode
@@ -100,10 +100,10 @@ PAGED_CW, PAGED_FRAC, PAGED_MINB = 1, 1.0, 16
 # there). LONGKV_KDQ=0 / 1 forces it.
 KDQ = int(os.environ["LONGKV_KDQ"]) if os.environ.get("LONGKV_KDQ") else None
 # BULK (sm_90): the dense kernel's codes and statistics come into shared memory by bulk copies (the TMA's 1-D form),
-# BULK_STOK tokens a stage and BULK_NST stages in flight a warp, instead of the register double buffer. None: on where
-# KDQ is (2 bits, 16-token key groups: one layer at 128K 59.8 -> 48.5 us, decode kivi2 0.660x -> 0.635x of full, H100,
-# session 40); off for 4 bits (60.2 -> 59.0 us at 32-token stages, slower at 64: the stages' shared memory costs
-# programs an SM). LONGKV_BULK=0 / 1 forces it.
+# BULK_STOK tokens a stage and BULK_NST stages in flight a warp, instead of the register double buffer. None: on for
+# 2 bits (16-token key groups, KDQ: one layer at 128K 59.8 -> 48.5 us, decode kivi2 0.660x -> 0.635x of full; 64-token
+# groups: 51.3 -> 46.5 us a layer in the decode step, 0.627x -> 0.616x; H100, session 40); off for 4 bits (60.2 -> 59.0
+# us at 32-token stages, slower at 64: the stages' shared memory costs programs an SM). LONGKV_BULK=0 / 1 forces it.
 BULK = int(os.environ["LONGKV_BULK"]) if os.environ.get("LONGKV_BULK") else None
 BULK_STOK = int(os.environ.get("LONGKV_BULK_STOK", 64))
 BULK_NST = int(os.environ.get("LONGKV_BULK_NST", 2))
@@ -146,7 +146,7 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
                LOADONLY=int(load_only))
     kdq = kdq if kdq is not None else KDQ if KDQ is not None else int(bits == 2 and group <= cfg["TILE"])
     cfg["KDQ"] = 0 if res else int(kdq)
-    bulk = bulk if bulk is not None else BULK if BULK is not None else cfg["KDQ"] and not gpf   # (gpf asks for registers)
+    bulk = bulk if bulk is not None else BULK if BULK is not None else bits == 2 and not gpf   # (gpf asks for registers)
     bulk = int(bulk) and not (paged or res or cfg["CW"] > 1)
     cfg.update(BULK=int(bulk), NST=nst or BULK_NST, STOK=stok or BULK_STOK)
     if bulk:
@@ -279,7 +279,7 @@ def _bulk_ok(q, kq, vq) -> bool:
     """Bulk copies need sm_90 and 16-byte aligned sources (each tensor's start; rows and stages are whole 16-byte
     units at these layouts)."""
     ts = [kq["planes"][0], vq["planes"][0], kq["scale"], kq["zero"], vq["scale"], vq["zero"]]
-    return (torch.cuda.get_device_capability(q.device)[0] >= 9 and all(t.data_ptr() % 16 == 0 for t in ts)
+    return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9 and all(t.data_ptr() % 16 == 0 for t in ts)
             and kq["planes"][0].shape[2] % 8 == 0)
 
 
