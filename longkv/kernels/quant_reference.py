@@ -119,9 +119,9 @@ def clip_range(x: torch.Tensor, bits: int, axis: int) -> tuple[torch.Tensor, tor
     group's [min, max] pulled in by one of CLIP_STEPS fractions of the range (0 to a half), the pair whose
     reconstruction (fp16 statistics, as `_encode` stores them; values past an end saturate) has the least squared
     error, searched on the group's own values; ties keep the first pair (lo's fraction outer, hi's inner), as the
-    append kernel searches. At 2 bits a group's min/max spends levels on its extremes: on smollm2-135m at 8K the
-    64-token key groups clipped so lose +5.0 % perplexity against +15.7 % for 32-token groups by min/max (BENCHMARKS.md,
-    issue 4, session 40). The idea is weight quantizers' MSE clipping (e.g. Banner et al. 2019, ACIQ)."""
+    append kernel searches. At 2 bits a group's min/max spends levels on its extremes: on smollm2-135m at 8K, 64-token
+    key groups clipped so lose +4.8 % perplexity, 16-token groups by min/max (kv2) +6.6 % (BENCHMARKS.md, issue 4,
+    session 40). The idea is weight quantizers' MSE clipping (e.g. Banner et al. 2019, ACIQ)."""
     mn, mx = x.amin(axis, keepdim=True), x.amax(axis, keepdim=True)
     r = mx - mn
     best = blo = bhi = None
