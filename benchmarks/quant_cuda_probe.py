@@ -69,6 +69,9 @@ def main():
                     help="bulk copies into shared memory (sm_90) 0 / 1, comma-separated (auto: the kernel's default)")
     ap.add_argument("--stok", default="0", help="bulk: tokens a stage, comma-separated (0: quant_cuda.BULK_STOK)")
     ap.add_argument("--nst", default="0", help="bulk: stages in flight, comma-separated (0: quant_cuda.BULK_NST)")
+    ap.add_argument("--dyn", default="auto", help="bulk: stages handed out from a counter a head (DYN) 0 / 1, "
+                                                  "comma-separated (auto: quant_cuda.BULK_DYN)")
+    ap.add_argument("--group", type=int, default=0, help="key group (0: 64 at 4 bits, 16 at 2)")
     ap.add_argument("--res", action="store_true", help="keys with residual bits (kres=1; 4 bits only)")
     ap.add_argument("--paged", type=float, default=0.0,
                     help="also the paged kernel over this share of each head's key groups (e.g. 0.125)")
@@ -87,7 +90,7 @@ def main():
                      TBps=round(2 * k.numel() * 2 / us / 1e6, 2)))
     del k, v
     for bits in map(int, a.bits.split(",")):
-        group = 64 if bits == 4 else 16
+        group = a.group or (64 if bits == 4 else 16)
         res = a.res and bits == 4
         kq, vq, kf, vf = layer(ctx, bits, group, H, D, sink, window, dev, res=res)
         nq = group * ((ctx - 1 - sink - window) // group)
@@ -123,23 +126,26 @@ def main():
             for tile in map(int, a.tile.split(",")):
                 for gpf in (None if x == "auto" else int(x) for x in a.gpf.split(",")):
                     kdqs = [None if x == "auto" else int(x) for x in a.kdq.split(",")]
-                    bulks = [(None if b == "auto" else int(b), st or None, n or None)
+                    bulks = [(None if b == "auto" else int(b), st or None, n or None, None if y == "auto" else int(y))
                              for b in a.bulk.split(",") for st in map(int, a.stok.split(","))
-                             for n in map(int, a.nst.split(","))]
-                    bulks = list(dict.fromkeys((b, st, n) if b != 0 else (0, None, None) for b, st, n in bulks))
-                    for minb, cw, kdq, (bulk, stok, nst) in [(m, c, d, b) for m in map(int, a.minb.split(","))
-                                                             for c in map(int, a.cw.split(",")) for d in kdqs
-                                                             for b in bulks]:
+                             for n in map(int, a.nst.split(",")) for y in a.dyn.split(",")]
+                    bulks = list(dict.fromkeys(x if x[0] != 0 else (0, None, None, 0) for x in bulks))
+                    for minb, cw, kdq, (bulk, stok, nst, dyn) in [(m, c, d, b) for m in map(int, a.minb.split(","))
+                                                                  for c in map(int, a.cw.split(",")) for d in kdqs
+                                                                  for b in bulks]:
                         kw2 = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5, splits=S or None,
-                                   tile=tile, gpf=gpf, minb=minb, cw=cw, kdq=kdq, bulk=bulk, stok=stok, nst=nst)
+                                   tile=tile, gpf=gpf, minb=minb, cw=cw, kdq=kdq, bulk=bulk, stok=stok, nst=nst,
+                                   dyn=dyn)
                         attn, merge, _, splits = qc.decode_attention(q, kq, vq, kf, vf, length, parts=True, **kw2)
                         us_a, us_m = graphed(attn, a.reps), graphed(merge, a.reps)
                         us = graphed(lambda: qc.decode_attention(q, kq, vq, kf, vf, length, **kw2), a.reps)
                         # (KDQ as compiled: "auto" resolves per layout)
                         lay = qc.config(D=D, bits=bits, group=group, G=G, sink=sink, ring=window + 2 * group,
-                                        bf16=True, tile=tile, kdq=kdq, res=res, cw=cw, bulk=bulk, stok=stok, nst=nst)
+                                        bf16=True, tile=tile, kdq=kdq, res=res, cw=cw, bulk=bulk, stok=stok, nst=nst,
+                                        dyn=dyn)
                         kdq_on = lay["KDQ"]
-                        blk = f"{lay['STOK']}x{lay['NST']}" if lay["BULK"] and qc._bulk_ok(q, kq, vq) else "0"
+                        blk = (f"{lay['STOK']}x{lay['NST']}{' dyn' if lay['DYN'] else ''}"
+                               if lay["BULK"] and qc._bulk_ok(q, kq, vq) else "0")
                         rows.append(dict(what=f"{bits}-bit CUDA: splits kernel | merge | whole call",
                                          splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, kdq=kdq_on, bulk=blk,
                                          us=f"{us_a:.1f} | {us_m:.1f} | {us:.1f}", TBps=round(nbytes / us / 1e6, 2)))

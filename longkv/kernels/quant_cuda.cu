@@ -1,11 +1,15 @@
 // Decode attention over KIVI-layout packed KV, one layer: the CUDA source of `quant_cuda.py` (see its
 // docstring for the design and the figures). Compiled by NVRTC with a block of #defines in front
 // (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, GPF, MINB, CW, PAGED, RES,
-// LOADONLY, KDQ, BULK, NST, STOK; then ptx.cuh (the shared typedefs and PTX helpers), then this file.
+// LOADONLY, KDQ, BULK, NST, STOK, DYN; then ptx.cuh (the shared typedefs and PTX helpers), then this file.
 // BULK (sm_90, dense splits, one warp a program, no residual bits): the split's codes and statistics come into shared
 // memory by bulk copies (`cp.async.bulk`, the TMA's one-dimensional form), STOK tokens a stage and NST stages in
 // flight on an mbarrier each, issued by lane 0; the lanes then read their fragment words from shared memory. Bytes in
 // flight no longer cost registers (the register double buffer holds one 16-token step a warp).
+// DYN (with BULK): the packed region is handed out in chunks of STOK tokens from a counter a KV head (Ctr[2·bh], an
+// atomic add a stage), not in one equal stretch a warp, so that warps whose bytes came late do not leave the others
+// idle at the end (one wave, no later work); the head's last warp to finish (Ctr[2·bh + 1] counts them) sets both
+// counters back to 0 for the next launch.
 // KDQ (not with RES): the key codes dequantized in registers (c·s + z in fp16, two HFMA2 a register pair) against
 // the plain query, instead of the scale folded into the query and the zero term from MMAs at each group start.
 // RES (`kres=1`, 4-bit codes, D >= 128): a residual bit a key element (`quant_reference.pack_res`, 32 channels a
@@ -15,6 +19,9 @@
 #endif
 #if BULK && (PAGED || RES || CW > 1 || GPF)
 #error "BULK reads dense splits of one warp a program, without residual bits or the L1 prefetch"
+#endif
+#if DYN && !BULK
+#error "DYN hands out BULK's stages"
 #endif
 struct alignas(16) U4 { u32 x, y, z, w; };
 struct alignas(8) U2 { u32 x, y; };
@@ -476,7 +483,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
     const u16* __restrict__ KZ, const u32* __restrict__ VP, const u16* __restrict__ VS, const u16* __restrict__ VZ,
     const u16* __restrict__ KF, const u16* __restrict__ VF, float* __restrict__ Part, float* __restrict__ Lse,
     double scale_log2_d, int S, int NQ_CAP, const int* __restrict__ Table, const int* __restrict__ Nsel, int stab,
-    int row_pages, const u32* __restrict__ KR) {
+    int row_pages, const u32* __restrict__ KR, int* __restrict__ Ctr) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wq = threadIdx.x >> 5;
   const int bh = blockIdx.x, split = blockIdx.y;
   const float sl2 = (float)scale_log2_d;
@@ -542,6 +549,23 @@ extern "C" __global__ void BOUNDS kivi_attn(
   __shared__ __align__(8) u64 bars[NST];
   const u16* ks0 = KS + (i64)bh * (NQ_CAP / GROUP) * D;
   const u16* kz0 = KZ + (i64)bh * (NQ_CAP / GROUP) * D;
+#if DYN
+  const int nch = (nq + STOK - 1) / STOK;            /* the head's chunks, handed out by Ctr[2·bh] */
+  int chunk[NST];                                    /* the chunk each stage holds (>= nch: none) */
+  if (lane == 0) {
+    for (int i = 0; i < NST; i++) bar_init(&bars[i]);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+#pragma unroll
+  for (int i = 0; i < NST; i++) {
+    int c = 0;
+    if (lane == 0) {
+      c = atomicAdd(Ctr + 2 * bh, 1);
+      if (c < nch) issue(stg[i], &bars[i], kp, vp, vs, vz, ks0, kz0, c * STOK, min(STOK, nq - c * STOK));
+    }
+    chunk[i] = __shfl_sync(0xffffffffu, c, 0);
+  }
+#else
   const int ns = start < end ? (end - start + STOK - 1) / STOK : 0;
   if (lane == 0) {
     for (int i = 0; i < NST; i++) bar_init(&bars[i]);
@@ -549,6 +573,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
     for (int i = 0; i < NST && i < ns; i++)
       issue(stg[i], &bars[i], kp, vp, vs, vz, ks0, kz0, start + i * STOK, min(STOK, end - start - i * STOK));
   }
+#endif
   __syncwarp();
 #endif
   __shared__ __align__(16) u32 qsm_all[CW][2 * QW * 32];
@@ -570,7 +595,37 @@ extern "C" __global__ void BOUNDS kivi_attn(
     for (int r = 0; r < 2; r++) st.qf[s][r] = qsm[QW * 32 + (((2 * s + r) / 4) * 32 + lane) * 4 + (2 * s + r) % 4];
 #endif
 
-#if BULK
+#if DYN
+  u32 par = 0u;                                      /* bit i: the parity stage i waits for next */
+  for (bool more = true; more;) {
+#pragma unroll
+    for (int sl = 0; sl < NST; sl++) {
+      if (chunk[sl] >= nch) { more = false; break; }   /* (the counter only grows: no later stage holds one) */
+      const int s0 = chunk[sl] * STOK, e = min(STOK, nq - s0);
+      bar_wait(&bars[sl], (par >> sl) & 1u);
+      par ^= 1u << sl;
+      const Stage& sg = stg[sl];
+#pragma unroll
+      for (int u = 0; u < STOK / TILE; u++) {
+        if (u * TILE >= e) break;
+        Buf A;
+        load(A, sg.k, sg.v, sg.vs, sg.vz, sg.ks + t * (D / 4), sg.kz + t * (D / 4), u * TILE, e, g, t, krp);
+        tile(st, A, u * TILE, e, qsm, lane, sg.ks + t * (D / 4), sg.kz + t * (D / 4), t, sl2);
+      }
+      __syncwarp();                                  /* every lane has read the stage: refill it */
+      int c = 0;
+      if (lane == 0) {
+        c = atomicAdd(Ctr + 2 * bh, 1);
+        if (c < nch) issue(stg[sl], &bars[sl], kp, vp, vs, vz, ks0, kz0, c * STOK, min(STOK, nq - c * STOK));
+      }
+      chunk[sl] = __shfl_sync(0xffffffffu, c, 0);
+    }
+  }
+  if (lane == 0 && atomicAdd(Ctr + 2 * bh + 1, 1) == S - 1) {   /* the head's last warp: no one takes chunks now */
+    Ctr[2 * bh] = 0;
+    Ctr[2 * bh + 1] = 0;
+  }
+#elif BULK
   for (int i = 0; i < ns; i++) {
     const int sl = i % NST, s0 = start + i * STOK, e = min(STOK, end - s0);
     bar_wait(&bars[sl], (u32)(i / NST) & 1u);
@@ -671,6 +726,7 @@ extern "C" __global__ void __launch_bounds__(32 * MW) kivi_merge(const float* __
   __shared__ float dens[MW], mxs[MW];
   const int pid = blockIdx.x, c = blockIdx.y * 32, bh = pid / G, q = pid % G, tid = threadIdx.x, wp = tid >> 5,
             lane = tid & 31;
+
   const i64 base = (i64)bh * S1 * G + q;                 /* row of split s: base + s·G */
   float m = NEG_INF, acc = 0.f, den = 0.f;
   for (int s0 = wp; s0 < S1; s0 += MW * MU) {
