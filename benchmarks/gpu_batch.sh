@@ -304,12 +304,12 @@
 #    sums emulated): [copy part100..103], [copy part104; MODELS=gemma3-270m install <sha>; SQ="kv4:kres=1,window=128+quest:
 #    ratio=0.875,groups=1,channels=0.25,rank=mass,weigh=1,dense_layers=0" CELLS="niah_single_2:18,49
 #    niah_multikey_1:2,95" cells].
-# 3. (issue 4) kv2 at 128K: 0.632-0.635x on the H100 with BULK (session 40; 0.662x before), the target 0.60x. The
-#    clipped 64-token 2-bit groups (`quant:bits=2,group=64,prerope=0,clip=1`: +2.9 / +4.8 % ppl at 2K / 8K against kv2's
-#    +4.8 / +6.6, 2.375 bits) decode at 0.616x. `OUT=$OUT bash benchmarks/gpu_batch.sh clip`: the CLIP append kernel's
-#    and the 2-bit 64-token kernel's GPU tests, then decode at 128K with clip=1 in the graph (+ a 32K prefill's time);
-#    if they pass, make it the kv2 preset (cache/methods.py) and update `longkv caches`' text. Then `dyn` (the tail of
-#    the one-wave launch: ncu's achieved occupancy was 16 % of 19 %), and the merge / append folded into the launch.
+# 3. (issue 4) kv2 at 128K: 0.632-0.635x on the H100 with BULK (session 40; 0.662x before), the target 0.60x. First
+#    `dyn` (BULK's stages from a counter: the tail of the one-wave launch, ncu's achieved occupancy 16 % of 19 %; built,
+#    not run). The clipped 64-token 2-bit groups (`quant:bits=2,group=64,prerope=0,clip=1`: +2.9 / +4.8 % ppl at 2K /
+#    8K against kv2's +4.8 / +6.6, 2.375 bits) decode at 0.616x but find 3 of 15 needles (kv2 7), so they are not the
+#    preset; `clip` runs their GPU tests (the CLIP append kernel compiled on a GPU) and decode with clip=1 in the graph.
+#    Then the merge / append folded into the launch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
