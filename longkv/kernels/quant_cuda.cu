@@ -394,6 +394,21 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
   }
 }
 
+#if BULK
+/* BULK: a stage's e tokens (whole tiles; token 0 at the stage's start), then every lane has read it (it may be refilled) */
+__device__ __forceinline__ void stage(State& st, const Stage& sg, int e, const u32* qsm, int lane, int g, int t,
+                                      float sl2) {
+#pragma unroll
+  for (int u = 0; u < STOK / TILE; u++) {
+    if (u * TILE >= e) break;
+    Buf A;
+    load(A, sg.k, sg.v, sg.vs, sg.vz, sg.ks + t * (D / 4), sg.kz + t * (D / 4), u * TILE, e, g, t, nullptr);
+    tile(st, A, u * TILE, e, qsm, lane, sg.ks + t * (D / 4), sg.kz + t * (D / 4), t, sl2);
+  }
+  __syncwarp();
+}
+#endif
+
 /* The full-precision sink + ring (keys stored after RoPE): FPS programs of 32 slots, one slot a lane.
    Position of a ring slot: the newest p <= last with p = slot (mod RING), as the cache writes them; a slot
    counts when that position is past the packed region (the group being flushed is still read here). */
@@ -604,15 +619,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
       const int s0 = chunk[sl] * STOK, e = min(STOK, nq - s0);
       bar_wait(&bars[sl], (par >> sl) & 1u);
       par ^= 1u << sl;
-      const Stage& sg = stg[sl];
-#pragma unroll
-      for (int u = 0; u < STOK / TILE; u++) {
-        if (u * TILE >= e) break;
-        Buf A;
-        load(A, sg.k, sg.v, sg.vs, sg.vz, sg.ks + t * (D / 4), sg.kz + t * (D / 4), u * TILE, e, g, t, krp);
-        tile(st, A, u * TILE, e, qsm, lane, sg.ks + t * (D / 4), sg.kz + t * (D / 4), t, sl2);
-      }
-      __syncwarp();                                  /* every lane has read the stage: refill it */
+      stage(st, stg[sl], e, qsm, lane, g, t, sl2);
       int c = 0;
       if (lane == 0) {
         c = atomicAdd(Ctr + 2 * bh, 1);
@@ -629,15 +636,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
   for (int i = 0; i < ns; i++) {
     const int sl = i % NST, s0 = start + i * STOK, e = min(STOK, end - s0);
     bar_wait(&bars[sl], (u32)(i / NST) & 1u);
-    const Stage& sg = stg[sl];
-#pragma unroll
-    for (int u = 0; u < STOK / TILE; u++) {
-      if (u * TILE >= e) break;
-      Buf A;
-      load(A, sg.k, sg.v, sg.vs, sg.vz, sg.ks + t * (D / 4), sg.kz + t * (D / 4), u * TILE, e, g, t, krp);
-      tile(st, A, u * TILE, e, qsm, lane, sg.ks + t * (D / 4), sg.kz + t * (D / 4), t, sl2);
-    }
-    __syncwarp();                                    /* every lane has read the stage: refill it */
+    stage(st, stg[sl], e, qsm, lane, g, t, sl2);
     if (lane == 0 && i + NST < ns)
       issue(stg[sl], &bars[sl], kp, vp, vs, vz, ks0, kz0, start + (i + NST) * STOK,
             min(STOK, end - start - (i + NST) * STOK));
