@@ -546,7 +546,7 @@ P
         --new-tokens 24 ;;
     dyn)       # issue 4: BULK's stages handed out from a counter a head (DYN, quant_cuda.py; built in session 40, not yet run
                # on a GPU): its GPU tests, the probe at 128K (16- and 64-token 2-bit groups, DYN off / on), decode at 128K
-      (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q -rf --tb=line tests/test_quant_cuda.py -k "dyn or bulk") \
+      (TRITON_INTERPRET=0 timeout 220 $PY -m pytest -q -rf --tb=line tests/test_quant_cuda.py -k "dyn or bulk") \
         > "$OUT/dyn_tests.log" 2>&1; echo "dyn tests: $(tail -n 1 "$OUT/dyn_tests.log")" >&2
       bench dyn16 100 $PY quant_cuda_probe.py --context 128k --bits 2 --tile 16 --dyn 0,1 --load-only
       bench dyn64 100 $PY quant_cuda_probe.py --context 128k --bits 2 --group 64 --tile 16 --dyn 0,1 --load-only
