@@ -308,9 +308,9 @@
 #    `dyn` (BULK's stages from a counter: the tail of the one-wave launch, ncu's achieved occupancy 16 % of 19 %; built,
 #    not run). The clipped 64-token 2-bit groups (`quant:bits=2,group=64,prerope=0,clip=1`: +2.9 / +4.8 % ppl at 2K /
 #    8K against kv2's +4.8 / +6.6, 2.375 bits) decode at 0.616x but find 3 of 15 needles (kv2 7), so they are not the
-#    preset. kv2 clipped (kv2:clip=1: +3.4 % at 8K, 9 needles, the same bytes) is the preset candidate: `clip` runs the
+#    preset. kv2 clipped (kv2:clip=1: +3.4 % at 8K, 30 of 45 needles vs 19, the same bytes) is the preset candidate: `clip` runs the
 #    GPU tests (the CLIP append kernel compiled on a GPU) and decode at 128K with kv2:clip=1 next to kv2; if the step is
-#    no slower, switch the preset (cache/methods.py; more needle samples first would be better: 9 vs 7 is one sample).
+#    no slower, switch the preset (cache/methods.py) and update `longkv caches`' text.
 #    Then the merge / append folded into the launch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
