@@ -132,6 +132,19 @@ __device__ __forceinline__ void issue(Stage& sg, u64* b, const u32* kp, const u3
   bulk(sg.ks, ks + (i64)(s0 / GROUP) * D, gb, b);
   bulk(sg.kz, kz + (i64)(s0 / GROUP) * D, gb, b);
 }
+#if DYN
+/* DYN: the head's next chunk into stage sg (lane 0 takes it from the counter and issues its copies); every lane gets
+   its index (>= nch: none left, nothing issued) */
+__device__ __forceinline__ int take(Stage& sg, u64* b, int* ctr, int nch, int nq, const u32* kp, const u32* vp,
+                                    const u16* vs, const u16* vz, const u16* ks, const u16* kz, int lane) {
+  int c = 0;
+  if (lane == 0) {
+    c = atomicAdd(ctr, 1);
+    if (c < nch) issue(sg, b, kp, vp, vs, vz, ks, kz, c * STOK, min(STOK, nq - c * STOK));
+  }
+  return __shfl_sync(0xffffffffu, c, 0);
+}
+#endif
 #endif
 
 struct State {
@@ -552,8 +565,10 @@ extern "C" __global__ void BOUNDS kivi_attn(
   const u32* krp = KR + hq * (D / 32);              /* RES: the residual rows (unused otherwise) */
   const u16* vs = VS + hq;
   const u16* vz = VZ + hq;
-  const u16* ks = KS + (i64)bh * (NQ_CAP / GROUP) * D + t * (D / 4);
-  const u16* kz = KZ + (i64)bh * (NQ_CAP / GROUP) * D + t * (D / 4);
+  const u16* ks0 = KS + (i64)bh * (NQ_CAP / GROUP) * D;    /* the head's key statistics rows */
+  const u16* kz0 = KZ + (i64)bh * (NQ_CAP / GROUP) * D;
+  const u16* ks = ks0 + t * (D / 4);                        /* this thread's part of them */
+  const u16* kz = kz0 + t * (D / 4);
   const u16* qr = Q + ((i64)bh * G + min(g, G - 1)) * D + t * (D / 4);
   const float qok = g < G ? 1.f : 0.f;
 #if BULK
@@ -562,32 +577,21 @@ extern "C" __global__ void BOUNDS kivi_attn(
      group longer than a stage has its statistics taken again at each stage: the same row, copied with it) */
   __shared__ Stage stg[NST];
   __shared__ __align__(8) u64 bars[NST];
-  const u16* ks0 = KS + (i64)bh * (NQ_CAP / GROUP) * D;
-  const u16* kz0 = KZ + (i64)bh * (NQ_CAP / GROUP) * D;
+  if (lane == 0) {
+    for (int i = 0; i < NST; i++) bar_init(&bars[i]);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
 #if DYN
   const int nch = (nq + STOK - 1) / STOK;            /* the head's chunks, handed out by Ctr[2·bh] */
-  int chunk[NST];                                    /* the chunk each stage holds (>= nch: none) */
-  if (lane == 0) {
-    for (int i = 0; i < NST; i++) bar_init(&bars[i]);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
+  int chunk[NST];                                    /* the chunk each stage holds */
 #pragma unroll
-  for (int i = 0; i < NST; i++) {
-    int c = 0;
-    if (lane == 0) {
-      c = atomicAdd(Ctr + 2 * bh, 1);
-      if (c < nch) issue(stg[i], &bars[i], kp, vp, vs, vz, ks0, kz0, c * STOK, min(STOK, nq - c * STOK));
-    }
-    chunk[i] = __shfl_sync(0xffffffffu, c, 0);
-  }
+  for (int i = 0; i < NST; i++)
+    chunk[i] = take(stg[i], &bars[i], Ctr + 2 * bh, nch, nq, kp, vp, vs, vz, ks0, kz0, lane);
 #else
   const int ns = start < end ? (end - start + STOK - 1) / STOK : 0;
-  if (lane == 0) {
-    for (int i = 0; i < NST; i++) bar_init(&bars[i]);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  if (lane == 0)
     for (int i = 0; i < NST && i < ns; i++)
       issue(stg[i], &bars[i], kp, vp, vs, vz, ks0, kz0, start + i * STOK, min(STOK, end - start - i * STOK));
-  }
 #endif
   __syncwarp();
 #endif
@@ -620,12 +624,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
       bar_wait(&bars[sl], (par >> sl) & 1u);
       par ^= 1u << sl;
       stage(st, stg[sl], e, qsm, lane, g, t, sl2);
-      int c = 0;
-      if (lane == 0) {
-        c = atomicAdd(Ctr + 2 * bh, 1);
-        if (c < nch) issue(stg[sl], &bars[sl], kp, vp, vs, vz, ks0, kz0, c * STOK, min(STOK, nq - c * STOK));
-      }
-      chunk[sl] = __shfl_sync(0xffffffffu, c, 0);
+      chunk[sl] = take(stg[sl], &bars[sl], Ctr + 2 * bh, nch, nq, kp, vp, vs, vz, ks0, kz0, lane);
     }
   }
   if (lane == 0 && atomicAdd(Ctr + 2 * bh + 1, 1) == S - 1) {   /* the head's last warp: no one takes chunks now */
