@@ -145,7 +145,7 @@ def run(model, spec: str, ctx: int, a, dev, dtype) -> dict:
         ms = timed(step, a.new_tokens - 4, dev)
         prof = None
         if a.profile and dev.type == "cuda":
-            busy, kernels = kernel_profile(step)
+            busy, kernels = kernel_profile(step, top=None)
             prof = dict(kernel_us=busy, gaps_us=round(ms * 1e3 - busy, 1))
             print(f"# {spec} {ctx}: step {ms * 1e3:.1f} us, kernels {busy} us, gaps {prof['gaps_us']} us")
             print_table([dict(kernel=n, us=t, launches=c) for n, t, c in kernels], ["kernel", "us", "launches"])

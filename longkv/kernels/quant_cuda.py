@@ -331,12 +331,12 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     else:
         extra = [length, length, 0, 0]               # unused (pointers of the right kind)
     S1 = S + fps
-    ctr = _counters(q.device, 2 * B * H) if layout["DYN"] else kp   # (an unused pointer otherwise)
     part = torch.empty(B * H * S1 * G, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B * H * S1 * G, device=q.device, dtype=torch.float32)
     out = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
     q = q.contiguous()
     kp, vp = kq["planes"][0].view(torch.int32), vq["planes"][0].view(torch.int32)
+    ctr = _counters(q.device, 2 * B * H) if layout["DYN"] else kp   # (an unused pointer otherwise)
 
     def run_attn():
         attn(grid=(B * H, S1, 1), block=(32 * warps, 1, 1),
