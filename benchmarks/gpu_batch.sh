@@ -58,7 +58,6 @@
 #             attention)
 #   kdq       issue 4: the keys dequantized in registers (KDQ, quant_cuda.py) and 32-token tiles: GPU tests, probe at 128K
 #   kdqdecode issue 4: decode at 128K, full and kivi2, as it is (KDQ on) and with LONGKV_KDQ=0
-#   dyn       issue 4: BULK's stages from a counter a head (DYN): GPU tests, probe, decode at 128K with it off / on
 #   clip      issue 4: the clipped 2-bit key groups (clip=1): GPU tests, decode at 32K/128K next to full and kv2
 #   bulk      issue 4: bulk copies (the TMA's 1-D form) into shared memory for the dense kernel: GPU tests (and the
 #             mass select's), probe at 128K over stages; bulkdecode: decode at 128K with LONGKV_BULK=0 / 1
@@ -544,14 +543,6 @@ P
       echo "clip tests: $(tail -n 1 "$OUT/clip_tests.log")" >&2
       bench clip128 250 $PY quant_decode.py --contexts 128k --caches "full;kv2;kv2:clip=1;quant:bits=2,group=64,prerope=0,clip=1" \
         --new-tokens 24 ;;
-    dyn)       # issue 4: BULK's stages handed out from a counter a head (DYN, quant_cuda.py; built in session 40, not yet run
-               # on a GPU): its GPU tests, the probe at 128K (16- and 64-token 2-bit groups, DYN off / on), decode at 128K
-      (TRITON_INTERPRET=0 timeout 220 $PY -m pytest -q -rf --tb=line tests/test_quant_cuda.py -k "dyn or bulk") \
-        > "$OUT/dyn_tests.log" 2>&1; echo "dyn tests: $(tail -n 1 "$OUT/dyn_tests.log")" >&2
-      bench dyn16 100 $PY quant_cuda_probe.py --context 128k --bits 2 --tile 16 --dyn 0,1 --load-only
-      bench dyn64 100 $PY quant_cuda_probe.py --context 128k --bits 2 --group 64 --tile 16 --dyn 0,1 --load-only
-      for d in 0 1; do LONGKV_BULK_DYN=$d bench dyndecode$d 120 $PY quant_decode.py --contexts 128k \
-        --caches "full;kv2;quant:bits=2,group=64,prerope=0" --new-tokens 24; done ;;
     bulkdecode) # issue 4: decode at 128K, full and kivi2 with LONGKV_BULK=0 then 1
       LONGKV_BULK=0 bench bulkdecode0 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24
       LONGKV_BULK=1 bench bulkdecode1 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24 ;;

@@ -69,8 +69,6 @@ def main():
                     help="bulk copies into shared memory (sm_90) 0 / 1, comma-separated (auto: the kernel's default)")
     ap.add_argument("--stok", default="0", help="bulk: tokens a stage, comma-separated (0: quant_cuda.BULK_STOK)")
     ap.add_argument("--nst", default="0", help="bulk: stages in flight, comma-separated (0: quant_cuda.BULK_NST)")
-    ap.add_argument("--dyn", default="auto", help="bulk: stages handed out from a counter a head (DYN) 0 / 1, "
-                                                  "comma-separated (auto: quant_cuda.BULK_DYN)")
     ap.add_argument("--group", type=int, default=0, help="key group (0: 64 at 4 bits, 16 at 2)")
     ap.add_argument("--res", action="store_true", help="keys with residual bits (kres=1; 4 bits only)")
     ap.add_argument("--paged", type=float, default=0.0,
@@ -126,25 +124,23 @@ def main():
             for tile in map(int, a.tile.split(",")):
                 for gpf in (None if x == "auto" else int(x) for x in a.gpf.split(",")):
                     kdqs = [None if x == "auto" else int(x) for x in a.kdq.split(",")]
-                    bulks = [(None if b == "auto" else int(b), st or None, n or None, None if y == "auto" else int(y))
+                    bulks = [(None if b == "auto" else int(b), st or None, n or None)
                              for b in a.bulk.split(",") for st in map(int, a.stok.split(","))
-                             for n in map(int, a.nst.split(",")) for y in a.dyn.split(",")]
-                    bulks = list(dict.fromkeys(x if x[0] != 0 else (0, None, None, 0) for x in bulks))
-                    for minb, cw, kdq, (bulk, stok, nst, dyn) in [(m, c, d, b) for m in map(int, a.minb.split(","))
+                             for n in map(int, a.nst.split(","))]
+                    bulks = list(dict.fromkeys(x if x[0] != 0 else (0, None, None) for x in bulks))
+                    for minb, cw, kdq, (bulk, stok, nst) in [(m, c, d, b) for m in map(int, a.minb.split(","))
                                                                   for c in map(int, a.cw.split(",")) for d in kdqs
                                                                   for b in bulks]:
                         kw2 = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5, splits=S or None,
-                                   tile=tile, gpf=gpf, minb=minb, cw=cw, kdq=kdq, bulk=bulk, stok=stok, nst=nst,
-                                   dyn=dyn)
+                                   tile=tile, gpf=gpf, minb=minb, cw=cw, kdq=kdq, bulk=bulk, stok=stok, nst=nst)
                         attn, merge, _, splits = qc.decode_attention(q, kq, vq, kf, vf, length, parts=True, **kw2)
                         us_a, us_m = graphed(attn, a.reps), graphed(merge, a.reps)
                         us = graphed(lambda: qc.decode_attention(q, kq, vq, kf, vf, length, **kw2), a.reps)
                         # (KDQ as compiled: "auto" resolves per layout)
                         lay = qc.config(D=D, bits=bits, group=group, G=G, sink=sink, ring=window + 2 * group,
-                                        bf16=True, tile=tile, kdq=kdq, res=res, cw=cw, bulk=bulk, stok=stok, nst=nst,
-                                        dyn=dyn)
+                                        bf16=True, tile=tile, kdq=kdq, res=res, cw=cw, bulk=bulk, stok=stok, nst=nst)
                         kdq_on = lay["KDQ"]
-                        blk = (f"{lay['STOK']}x{lay['NST']}{' dyn' if lay['DYN'] else ''}"
+                        blk = (f"{lay['STOK']}x{lay['NST']}"
                                if lay["BULK"] and qc._bulk_ok(q, kq, vq) else "0")
                         rows.append(dict(what=f"{bits}-bit CUDA: splits kernel | merge | whole call",
                                          splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, kdq=kdq_on, bulk=blk,

@@ -50,9 +50,8 @@ CASES = [
                                                                   load_only=True)),
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, bulk=1, stok=32,
                                                                   nst=3)),
-    # its stages handed out from a counter a head (DYN), kv2's layout and the 64-token groups
-    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, dyn=1)),
-    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=64, ring=256, dyn=1)),
+    # kv2's layout with 64-token groups
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=64, ring=256)),
 ]
 
 

@@ -42,8 +42,7 @@ def _cuda(x):
 # group rebuild
 @pytest.mark.parametrize("variant", [{}, {"cw": 4}, {"gpf": 1}, {"gpf": 0}, {"kdq": 1}, {"kdq": 0}, {"tile": 32},
                                      {"tile": 32, "kdq": 1}, {"bulk": 1}, {"bulk": 0}, {"bulk": 1, "stok": 32, "nst": 4},
-                                     {"bulk": 1, "kdq": 0}, {"bulk": 1, "tile": 32}, {"bulk": 1, "dyn": 1},
-                                     {"bulk": 1, "dyn": 1, "stok": 32, "nst": 4}],
+                                     {"bulk": 1, "kdq": 0}, {"bulk": 1, "tile": 32}],
                          ids=lambda v: "-".join(f"{k}{x}" for k, x in v.items()) or "default")
 def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype, variant):
     if variant and dtype != torch.bfloat16:
@@ -72,10 +71,6 @@ def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype,
         return
     got = qc.decode_attention(*args, splits=splits, **variant, **{k: kw[k] for k in ("bits", "group", "sink", "window",
                                                                                  "scale")}).float().cpu()
-    if variant.get("dyn"):   # the chunks handed out from counters: set back for the next launch, which gives the same
-        again = qc.decode_attention(*args, splits=splits, **variant, **{k: kw[k] for k in ("bits", "group", "sink",
-                                                                                           "window", "scale")})
-        assert (again.float().cpu() - got).abs().max() < 1e-3 and not qc._COUNTERS[qg.device][:2 * B * H].any()
     tri = qk.quant_decode_attention(*args, splits=splits, impl="triton", **kw).float().cpu()
     tol = 4e-2 if dtype == torch.bfloat16 else 1e-2   # the Triton kernel's own error on these inputs: 6e-3 (fp16)
     err, err_tri = (got - want).abs().max().item(), (tri - want).abs().max().item()

@@ -1,15 +1,11 @@
 // Decode attention over KIVI-layout packed KV, one layer: the CUDA source of `quant_cuda.py` (see its
 // docstring for the design and the figures). Compiled by NVRTC with a block of #defines in front
 // (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, GPF, MINB, CW, PAGED, RES,
-// LOADONLY, KDQ, BULK, NST, STOK, DYN; then ptx.cuh (the shared typedefs and PTX helpers), then this file.
+// LOADONLY, KDQ, BULK, NST, STOK; then ptx.cuh (the shared typedefs and PTX helpers), then this file.
 // BULK (sm_90, dense splits, one warp a program, no residual bits): the split's codes and statistics come into shared
 // memory by bulk copies (`cp.async.bulk`, the TMA's one-dimensional form), STOK tokens a stage and NST stages in
 // flight on an mbarrier each, issued by lane 0; the lanes then read their fragment words from shared memory. Bytes in
 // flight no longer cost registers (the register double buffer holds one 16-token step a warp).
-// DYN (with BULK): the packed region is handed out in chunks of STOK tokens from a counter a KV head (Ctr[2·bh], an
-// atomic add a stage), not in one equal stretch a warp, so that warps whose bytes came late do not leave the others
-// idle at the end (one wave, no later work); the head's last warp to finish (Ctr[2·bh + 1] counts them) sets both
-// counters back to 0 for the next launch.
 // KDQ (not with RES): the key codes dequantized in registers (c·s + z in fp16, two HFMA2 a register pair) against
 // the plain query, instead of the scale folded into the query and the zero term from MMAs at each group start.
 // RES (`kres=1`, 4-bit codes, D >= 128): a residual bit a key element (`quant_reference.pack_res`, 32 channels a
@@ -19,9 +15,6 @@
 #endif
 #if BULK && (PAGED || RES || CW > 1 || GPF)
 #error "BULK reads dense splits of one warp a program, without residual bits or the L1 prefetch"
-#endif
-#if DYN && !BULK
-#error "DYN hands out BULK's stages"
 #endif
 struct alignas(16) U4 { u32 x, y, z, w; };
 struct alignas(8) U2 { u32 x, y; };
@@ -132,19 +125,6 @@ __device__ __forceinline__ void issue(Stage& sg, u64* b, const u32* kp, const u3
   bulk(sg.ks, ks + (i64)(s0 / GROUP) * D, gb, b);
   bulk(sg.kz, kz + (i64)(s0 / GROUP) * D, gb, b);
 }
-#if DYN
-/* DYN: the head's next chunk into stage sg (lane 0 takes it from the counter and issues its copies); every lane gets
-   its index (>= nch: none left, nothing issued) */
-__device__ __forceinline__ int take(Stage& sg, u64* b, int* ctr, int nch, int nq, const u32* kp, const u32* vp,
-                                    const u16* vs, const u16* vz, const u16* ks, const u16* kz, int lane) {
-  int c = 0;
-  if (lane == 0) {
-    c = atomicAdd(ctr, 1);
-    if (c < nch) issue(sg, b, kp, vp, vs, vz, ks, kz, c * STOK, min(STOK, nq - c * STOK));
-  }
-  return __shfl_sync(0xffffffffu, c, 0);
-}
-#endif
 #endif
 
 struct State {
@@ -511,7 +491,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
     const u16* __restrict__ KZ, const u32* __restrict__ VP, const u16* __restrict__ VS, const u16* __restrict__ VZ,
     const u16* __restrict__ KF, const u16* __restrict__ VF, float* __restrict__ Part, float* __restrict__ Lse,
     double scale_log2_d, int S, int NQ_CAP, const int* __restrict__ Table, const int* __restrict__ Nsel, int stab,
-    int row_pages, const u32* __restrict__ KR, int* __restrict__ Ctr) {
+    int row_pages, const u32* __restrict__ KR) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wq = threadIdx.x >> 5;
   const int bh = blockIdx.x, split = blockIdx.y;
   const float sl2 = (float)scale_log2_d;
@@ -581,18 +561,10 @@ extern "C" __global__ void BOUNDS kivi_attn(
     for (int i = 0; i < NST; i++) bar_init(&bars[i]);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-#if DYN
-  const int nch = (nq + STOK - 1) / STOK;            /* the head's chunks, handed out by Ctr[2·bh] */
-  int chunk[NST];                                    /* the chunk each stage holds */
-#pragma unroll
-  for (int i = 0; i < NST; i++)
-    chunk[i] = take(stg[i], &bars[i], Ctr + 2 * bh, nch, nq, kp, vp, vs, vz, ks0, kz0, lane);
-#else
   const int ns = start < end ? (end - start + STOK - 1) / STOK : 0;
   if (lane == 0)
     for (int i = 0; i < NST && i < ns; i++)
       issue(stg[i], &bars[i], kp, vp, vs, vz, ks0, kz0, start + i * STOK, min(STOK, end - start - i * STOK));
-#endif
   __syncwarp();
 #endif
   __shared__ __align__(16) u32 qsm_all[CW][2 * QW * 32];
@@ -614,24 +586,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
     for (int r = 0; r < 2; r++) st.qf[s][r] = qsm[QW * 32 + (((2 * s + r) / 4) * 32 + lane) * 4 + (2 * s + r) % 4];
 #endif
 
-#if DYN
-  u32 par = 0u;                                      /* bit i: the parity stage i waits for next */
-  for (bool more = true; more;) {
-#pragma unroll
-    for (int sl = 0; sl < NST; sl++) {
-      if (chunk[sl] >= nch) { more = false; break; }   /* (the counter only grows: no later stage holds one) */
-      const int s0 = chunk[sl] * STOK, e = min(STOK, nq - s0);
-      bar_wait(&bars[sl], (par >> sl) & 1u);
-      par ^= 1u << sl;
-      stage(st, stg[sl], e, qsm, lane, g, t, sl2);
-      chunk[sl] = take(stg[sl], &bars[sl], Ctr + 2 * bh, nch, nq, kp, vp, vs, vz, ks0, kz0, lane);
-    }
-  }
-  if (lane == 0 && atomicAdd(Ctr + 2 * bh + 1, 1) == S - 1) {   /* the head's last warp: no one takes chunks now */
-    Ctr[2 * bh] = 0;
-    Ctr[2 * bh + 1] = 0;
-  }
-#elif BULK
+#if BULK
   for (int i = 0; i < ns; i++) {
     const int sl = i % NST, s0 = start + i * STOK, e = min(STOK, end - s0);
     bar_wait(&bars[sl], (u32)(i / NST) & 1u);

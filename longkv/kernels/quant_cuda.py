@@ -107,11 +107,6 @@ KDQ = int(os.environ["LONGKV_KDQ"]) if os.environ.get("LONGKV_KDQ") else None
 BULK = int(os.environ["LONGKV_BULK"]) if os.environ.get("LONGKV_BULK") else None
 BULK_STOK = int(os.environ.get("LONGKV_BULK_STOK", 64))
 BULK_NST = int(os.environ.get("LONGKV_BULK_NST", 2))
-# DYN (with BULK): a head's packed tokens handed out in stages from an atomic counter instead of one equal stretch a
-# warp (the last warps' tail: achieved occupancy 16 % of a theoretical 19 %, ncu, session 40). Not yet run on a GPU, so
-# off; LONGKV_BULK_DYN=1 turns it on.
-BULK_DYN = int(os.environ.get("LONGKV_BULK_DYN", 0))
-_COUNTERS: dict = {}
 _MODULES: dict = {}
 
 
@@ -133,7 +128,7 @@ def lines(cfg: dict) -> str:
 def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
            gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False,
            res: bool = False, load_only: bool = False, kdq: int | None = None, bulk: int | None = None,
-           stok: int | None = None, nst: int | None = None, dyn: int | None = None) -> dict:
+           stok: int | None = None, nst: int | None = None) -> dict:
     """The #defines of one compiled layout, name to value (window = ring - 2·group, as the cache sizes its
     ring); tile: tokens a loop step; gpf: the key group statistics into L1 this many tiles ahead (0 = off; always
     off when paged: the next listed group's rows prefetched 1-2 tiles ahead measured no faster); minb: programs an
@@ -143,7 +138,7 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     meaningless); kdq: the keys dequantized in registers (None: KDQ, else on for 2 bits where every tile starts a
     key group; never with residual bits); bulk: the dense splits' bytes come by bulk copies into shared memory, stok
     tokens a stage and nst stages in flight (None: BULK, BULK_STOK, BULK_NST; never paged, with residual bits or with
-    several warps a program); dyn: bulk's stages handed out from a counter a head (None: BULK_DYN)."""
+    several warps a program)."""
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
                TILE=tile or TILE,
                GPF=0 if paged else gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)),
@@ -153,8 +148,7 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     cfg["KDQ"] = 0 if res else int(kdq)
     bulk = bulk if bulk is not None else BULK if BULK is not None else bits == 2 and not gpf   # (gpf asks for registers)
     bulk = int(bulk) and not (paged or res or cfg["CW"] > 1)
-    cfg.update(BULK=int(bulk), NST=nst or BULK_NST, STOK=stok or BULK_STOK,
-               DYN=int(bool(bulk) and bool(BULK_DYN if dyn is None else dyn)))
+    cfg.update(BULK=int(bulk), NST=nst or BULK_NST, STOK=stok or BULK_STOK)
     if bulk:
         cfg["GPF"] = 0
         if cfg["STOK"] % cfg["TILE"] or (cfg["STOK"] % group and group % cfg["STOK"]):
@@ -247,7 +241,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
                      scale: float, splits: int | None = None, tile: int | None = None,
                      gpf: int | None = None, minb: int | None = None, cw: int | None = None, parts: bool = False,
                      load_only: bool = False, kdq: int | None = None, bulk: int | None = None,
-                     stok: int | None = None, nst: int | None = None, dyn: int | None = None):
+                     stok: int | None = None, nst: int | None = None):
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
     parts=True returns (the two launches as closures, out, splits) instead (benchmarks/quant_cuda_probe.py).
@@ -255,7 +249,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     register double buffer)."""
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
                    splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts, load_only=load_only, kdq=kdq,
-                   bulk=bulk, stok=stok, nst=nst, dyn=dyn)
+                   bulk=bulk, stok=stok, nst=nst)
 
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
@@ -289,21 +283,9 @@ def _bulk_ok(q, kq, vq) -> bool:
             and kq["planes"][0].shape[2] % 8 == 0)
 
 
-def _counters(device, n: int) -> torch.Tensor:
-    """DYN's chunk counters, two a KV head (the next chunk, the warps done), zero between launches (the kernel's last
-    warp of a head sets them back); one buffer a device, made before any graph captures it and grown if a launch needs
-    more."""
-    c = _COUNTERS.get(device)
-    if c is None or c.numel() < n:
-        if torch.cuda.is_current_stream_capturing():   # (memory of the graph's own pool would not outlive it)
-            raise Unavailable("CUDA decode kernel: DYN's counters are made at the first launch outside a graph capture")
-        c = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return c
-
-
 def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, splits=None, tile=None, gpf=None,
             minb=None, cw=None, parts=False, paged=None, frac=1.0, load_only=False, kdq=None, bulk=None, stok=None,
-            nst=None, dyn=None):
+            nst=None):
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
@@ -316,7 +298,7 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     bulk = bulk if paged is None and _bulk_ok(q, kq, vq) else 0    # (None: `config` decides)
     layout = config(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
                     gpf=gpf, minb=minb, cw=cw, paged=paged is not None, res="res" in kq, load_only=load_only, kdq=kdq,
-                    bulk=bulk, stok=stok, nst=nst, dyn=dyn)
+                    bulk=bulk, stok=stok, nst=nst)
     cfg = lines(layout)
     warps = CW if cw is None else cw
     if smem_bytes(D=D, G=G, cw=warps, cfg=layout) > 48 * 1024:
@@ -336,13 +318,12 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     out = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
     q = q.contiguous()
     kp, vp = kq["planes"][0].view(torch.int32), vq["planes"][0].view(torch.int32)
-    ctr = _counters(q.device, 2 * B * H) if layout["DYN"] else kp   # (an unused pointer otherwise)
 
     def run_attn():
         attn(grid=(B * H, S1, 1), block=(32 * warps, 1, 1),
              args=[q, length, kp, kq["scale"], kq["zero"], vp, vq["scale"], vq["zero"], kf, vf, part, lse,
                    float(scale * math.log2(math.e)), int(S), int(cap), *extra,
-                   kq["res"].view(torch.int32) if "res" in kq else kp, ctr])
+                   kq["res"].view(torch.int32) if "res" in kq else kp])
 
     def run_merge():
         mrg(grid=(B * Hq, D // 32, 1), block=(32 * MERGE_WARPS, 1, 1), args=[part, lse, out, int(S1)])
