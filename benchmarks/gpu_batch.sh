@@ -536,13 +536,12 @@ P
       bench bulksplits 150 $PY quant_cuda_probe.py --context 128k --bits 2 --tile 16 --bulk 1 --splits 96,144,192,264,384 \
         --load-only
       bench bf16_24k 100 $PY quant_cuda_probe.py --context 24k --bits 2 --tile 16 --bulk 1 ;;
-    clip)      # issue 4: the clipped 2-bit key groups (quant clip=1): GPU tests of the append kernel's CLIP search and of the
-               # 2-bit 64-token attention, then decode at 128K (full, kv2, the clipped 64-token groups) with a prefill time
-      (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q -rf --tb=line tests/test_quant.py tests/test_quant_cuda.py \
-         -k "(append_flush_kernel and cuda) or 128-2-64") > "$OUT/clip_tests.log" 2>&1
+    clip)      # issue 4: the clipped 2-bit key groups (quant clip=1): GPU tests of the search (prefill kernel, append
+               # kernel's CLIP over D/16 programs a head), then decode at 128K (full, kv2, kv2:clip=1) with each step's kernels
+      (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q -rf --tb=line tests/test_quant.py -k "clip or append_flush") \
+        > "$OUT/clip_tests.log" 2>&1
       echo "clip tests: $(tail -n 1 "$OUT/clip_tests.log")" >&2
-      bench clip128 250 $PY quant_decode.py --contexts 128k --caches "full;kv2;kv2:clip=1;quant:bits=2,group=64,prerope=0,clip=1" \
-        --new-tokens 24 ;;
+      bench clip128 250 $PY quant_decode.py --contexts 128k --caches "full;kv2;kv2:clip=1" --new-tokens 24 --profile ;;
     bulkdecode) # issue 4: decode at 128K, full and kivi2 with LONGKV_BULK=0 then 1
       LONGKV_BULK=0 bench bulkdecode0 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24
       LONGKV_BULK=1 bench bulkdecode1 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24 ;;

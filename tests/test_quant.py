@@ -13,6 +13,7 @@ from longkv.kernels import quant as qk
 from longkv.kernels import quant_append
 from longkv.kernels import quant_reference as ref
 from longkv.kernels import sparq_reference as sref
+from longkv.kernels.quant_append import triton
 
 
 def gen(seed=0):
@@ -114,6 +115,30 @@ def test_clipped_key_ranges_never_add_error_and_cut_it_at_two_bits(bits, group):
         assert clipped.sum() < 0.8 * plain.sum()
     with pytest.raises(ValueError, match="clipped"):
         ref.quantize_keys(k, bits=bits, group=group, clip=True, res=True)
+
+
+@pytest.mark.parametrize("bits,group", [(2, 16), (4, 32)])
+def test_clip_search_kernel_matches_reference(bits, group):
+    """`quant_append._clip_triton` (the prefill's search, a (group, 16 channels) a program) picks `ref.clip_range`'s
+    pairs: the same reconstruction error a group and channel (a near tie may pick the other pair of it; x - zero
+    once a lower end and a reciprocal of the scale make the kernel's codes round like the reference's but for ties)."""
+    if triton is None or (os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available()):
+        pytest.skip("needs Triton: a GPU, or TRITON_INTERPRET=1")
+    dev = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    torch.manual_seed(1)
+    x = (torch.distributions.StudentT(3.0).sample((1, 2, 3, group, 32)) * torch.linspace(0.5, 2, 32)).to(dev)
+    lo, hi = quant_append._clip_triton(x, bits)
+    rlo, rhi = ref.clip_range(x, bits, 3)
+    assert lo.shape == rlo.shape and hi.shape == rhi.shape
+
+    def err(lo, hi):
+        c, s, z = ref._encode(x, lo, hi, bits, None)
+        return ((c.float() * s.float() + z.float() - x) ** 2).sum(3)
+
+    e, re_ = err(lo, hi), err(rlo, rhi)
+    assert (e - re_).abs().max() <= 1e-4 * re_.abs().max()
+    assert ((lo == rlo) & (hi == rhi)).float().mean() > 0.95
+    assert (lo > x.amin(3, keepdim=True)).any() and (hi < x.amax(3, keepdim=True)).any()   # (they do clip)
 
 
 @pytest.mark.parametrize("bits,nuq,n_out,rope,res,clip", [(4, False, 0, False, False, False),

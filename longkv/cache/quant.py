@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..kernels import quant_append as qa
 from ..kernels import quant_reference as ref
 from ..kernels.attention import past_attention
 from ..models.rope import apply_rope
@@ -249,7 +250,8 @@ class QuantCache(Cache):
         if self.H is not None:
             k = k.float() @ self.H
         kw = dict(bits=self.bits, n_out=self.n_out)
-        kq = (ref.quantize_keys(k, group=self.group, lut=self.lut_k[layer], res=self.kres, clip=self.clip, **kw)
+        kq = (ref.quantize_keys(k, group=self.group, lut=self.lut_k[layer], res=self.kres,
+                                clip=self.clip and qa.clip_range, **kw)
               if self.per_channel
               else ref.quantize_tokens(k, vgroup=self.vgroup, lut=self.lut_k[layer], **kw))
         return kq, ref.quantize_tokens(v, vgroup=self.vgroup, lut=self.lut_v[layer], **kw)

@@ -56,6 +56,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import UserError
+from ..kernels import quant_append as qa
 from ..kernels import quant_reference as ref
 from ..kernels.attention import past_attention
 from ..kernels.reference import attention_lse, visible
@@ -232,7 +233,7 @@ class QuantStorage:
         self.cnt[layer].fill_(n)
 
     def _quant(self, layer, k, v):
-        return (ref.quantize_keys(k, group=self.g, res=self.kres, clip=self.clip, **self._kw(layer)),
+        return (ref.quantize_keys(k, group=self.g, res=self.kres, clip=self.clip and qa.clip_range, **self._kw(layer)),
                 ref.quantize_tokens(v, vgroup=self._vg(layer), **self._kw(layer)))
 
     def _put(self, layer, kr, v, c0: int) -> None:

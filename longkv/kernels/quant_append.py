@@ -28,15 +28,55 @@ except ImportError:  # CPU installs without triton use the references
 if triton is not None:
 
     @triton.jit
-    def _pack_store(code, P, rows, D: tl.constexpr, PB: tl.constexpr, SHIFT: tl.constexpr, NR: tl.constexpr):
-        """code (NR, D) int32: store its bits [SHIFT, SHIFT+PB) as a packed plane at `rows`."""
+    def _pack_store(code, P, rows, D: tl.constexpr, PB: tl.constexpr, SHIFT: tl.constexpr, NR: tl.constexpr,
+                    C: tl.constexpr, c0):
+        """code (NR, C) int32, channels c0..c0+C-1 of D: store its bits [SHIFT, SHIFT+PB) into a packed plane at
+        `rows` (c0 a multiple of the codes a byte)."""
         VPW: tl.constexpr = 8 // PB
         part = (code >> SHIFT) & ((1 << PB) - 1)
-        part = tl.reshape(part, (NR, D // VPW, VPW))
+        part = tl.reshape(part, (NR, C // VPW, VPW))
         sh = (tl.arange(0, VPW) * PB)[None, None, :]
         byte = tl.sum(part << sh, axis=2)
-        col = tl.arange(0, D // VPW)
+        col = c0 // VPW + tl.arange(0, C // VPW)
         tl.store(P + rows[:, None] * (D * PB // 8) + col[None, :], byte.to(tl.uint8))
+
+    @triton.jit
+    def _clip_search(x, BITS: tl.constexpr):
+        """x (tokens, C) fp32 → (lo, hi) (C,): `ref.clip_range` along the tokens, each end of a channel's [min, max]
+        pulled in by 0, 0.05, ..., 0.5 of the range, the pair of least squared error (fp16 statistics as `_encode`
+        stores them; ties keep the first, lo's fraction outer). Cheaper than 121 `_encode`s: x - zero once a lo,
+        and a reciprocal of the scale a channel instead of a division an element."""
+        top: tl.constexpr = (1 << BITS) - 1
+        mn, mx = tl.min(x, 0), tl.max(x, 0)
+        r = mx - mn
+        best = tl.full(mn.shape, float("inf"), tl.float32)
+        blo, bhi = mn, mx
+        for ia in range(11):
+            lo = mn + (ia * 1.0 * 0.05) * r
+            zero = lo.to(tl.float16).to(tl.float32)
+            d = x - zero[None, :]
+            for ib in range(11):
+                hi = mx - (ib * 1.0 * 0.05) * r
+                sc = (tl.maximum(hi - zero, 1e-6) / top).to(tl.float16).to(tl.float32)
+                inv = 1.0 / tl.maximum(sc, 1e-8)
+                code = tl.minimum(tl.maximum(tl.floor(d * inv[None, :] + 0.5), 0.0), top * 1.0)
+                e = code * sc[None, :] - d
+                err = tl.sum(e * e, 0)
+                m = err < best
+                best = tl.where(m, err, best)
+                blo = tl.where(m, lo, blo)
+                bhi = tl.where(m, hi, bhi)
+        return blo, bhi
+
+    @triton.jit
+    def _clip_kernel(X, LO, HI, GROUP: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr):
+        """Prefill: one (group, C channels) a program of X (N, GROUP, D) fp32 → LO, HI (N, D)."""
+        n, j = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        cs = j * C + tl.arange(0, C)
+        x = tl.load(X + n * GROUP * D + tl.arange(0, GROUP)[:, None] * D + cs[None, :])
+        lo, hi = _clip_search(x, BITS)
+        tl.store(LO + n * D + cs, lo)
+        tl.store(HI + n * D + cs, hi)
 
     @triton.jit
     def _encode(x, lo, hi, Mid, BITS: tl.constexpr, NUQ: tl.constexpr):
@@ -66,12 +106,18 @@ if triton is not None:
                              D: tl.constexpr, GROUP: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr,
                              PB0: tl.constexpr, PB1: tl.constexpr, N_OUT: tl.constexpr, SINK: tl.constexpr,
                              WINDOW: tl.constexpr, RING: tl.constexpr, NQ_CAP: tl.constexpr,
-                             NUQ_K: tl.constexpr, NUQ_V: tl.constexpr, CLIP: tl.constexpr = False):
-        bh = tl.program_id(0)
+                             NUQ_K: tl.constexpr, NUQ_V: tl.constexpr, CLIP: tl.constexpr = False,
+                             NC: tl.constexpr = 1):
+        bh, j = tl.program_id(0), tl.program_id(1)
         c = tl.arange(0, D)
+        # NC > 1 (clipped ranges): program j quantizes key channels cs of the flushed group, program 0 also the values;
+        # the token is written by program 0 alone unless the group may hold it (WINDOW 0)
+        tl.static_assert(NC == 1 or (N_OUT == 0 and not RES and not SKETCH))
+        CS: tl.constexpr = D // NC
+        cs = j * CS + tl.arange(0, CS)
         length = tl.load(Len).to(tl.int32) + (1 if FROM_SLOT else 0)
         if HAS_CNT:                  # the caller's device count of tokens held, written here (no own launch)
-            if bh == 0:
+            if (bh == 0) & (j == 0):
                 tl.store(Cnt, length.to(tl.int64))
         p = length - 1
         slot = tl.where(p < SINK, p, SINK + (p - SINK) % RING)
@@ -82,8 +128,9 @@ if triton is not None:
             rot = tl.where(c < D // 2, -other, other)
             kk = (kk.to(tl.float32) * tl.load(Cos + c).to(tl.float32)
                   + rot * tl.load(Sin + c).to(tl.float32)).to(KF.dtype.element_ty)
-        tl.store(KF + fb + slot * D + c, kk)
-        tl.store(VF + fb + slot * D + c, tl.load(V + bh * D + c))
+        if (j == 0) | (WINDOW == 0):
+            tl.store(KF + fb + slot * D + c, kk)
+            tl.store(VF + fb + slot * D + c, tl.load(V + bh * D + c))
         tl.debug_barrier()  # the group below may include the token just written (window = 0)
         ng = (length - SINK - WINDOW) // GROUP
         if (ng > 0) & (SINK + WINDOW + ng * GROUP == length):   # the group completed by this token
@@ -92,47 +139,33 @@ if triton is not None:
             pos = SINK + gi * GROUP + t
             src = fb + (SINK + (pos - SINK) % RING)[:, None] * D + c[None, :]
             rows = bh.to(tl.int64) * NQ_CAP + gi * GROUP + t
-            # keys: per channel over the group's tokens
-            x = tl.load(KF + src).to(tl.float32)
+            # keys: per channel over the group's tokens (this program's channels cs)
+            x = tl.load(KF + fb + (SINK + (pos - SINK) % RING)[:, None] * D + cs[None, :]).to(tl.float32)
             if N_OUT > 0:
                 mu = tl.sum(x, 0) / GROUP
                 sd = tl.maximum(tl.sqrt(tl.sum((x - mu[None, :]) * (x - mu[None, :]), 0) / GROUP), 1e-6)
                 score = tl.abs(x - mu[None, :]) / sd[None, :]
-                for j in tl.static_range(N_OUT):
+                for o in tl.static_range(N_OUT):
                     oi = tl.argmax(score, 1)
                     hit = c[None, :] == oi[:, None]
-                    tl.store(KOI + rows * N_OUT + j, oi.to(tl.uint8))
-                    tl.store(KOV + rows * N_OUT + j, tl.sum(tl.where(hit, x, 0.0), 1).to(tl.float16))
+                    tl.store(KOI + rows * N_OUT + o, oi.to(tl.uint8))
+                    tl.store(KOV + rows * N_OUT + o, tl.sum(tl.where(hit, x, 0.0), 1).to(tl.float16))
                     x = tl.where(hit, mu[None, :], x)
                     score = tl.where(hit, -1.0, score)
             klo, khi = tl.min(x, 0), tl.max(x, 0)
-            if CLIP:     # MSE-clipped ranges (`ref.clip_range`): each end pulled in by 0, 0.05, ..., 0.5 of the range
-                rk = khi - klo
-                best = tl.full([D], float("inf"), tl.float32)
-                blo, bhi = klo, khi
-                for ia in range(11):
-                    lo = klo + (ia * 1.0 * 0.05) * rk
-                    for ib in range(11):
-                        hi = khi - (ib * 1.0 * 0.05) * rk
-                        cc, cs, cz = _encode(x, lo[None, :], hi[None, :], MidK, BITS, False)
-                        e = cc.to(tl.float32) * cs + cz - x
-                        err = tl.sum(e * e, 0)
-                        m = err < best
-                        best = tl.where(m, err, best)
-                        blo = tl.where(m, lo, blo)
-                        bhi = tl.where(m, hi, bhi)
-                klo, khi = blo, bhi
+            if CLIP:     # MSE-clipped ranges (`ref.clip_range`)
+                klo, khi = _clip_search(x, BITS)
             code, sc, zero = _encode(x, klo[None, :], khi[None, :], MidK, BITS, NUQ_K)
             srow = (bh.to(tl.int64) * (NQ_CAP // GROUP) + gi) * D
-            tl.store(KS + srow + c, tl.max(sc, 0).to(tl.float16))
-            tl.store(KZ + srow + c, tl.max(zero, 0).to(tl.float16))
-            _pack_store(code, KP0, rows, D, PB0, 0, GROUP)
+            tl.store(KS + srow + cs, tl.max(sc, 0).to(tl.float16))
+            tl.store(KZ + srow + cs, tl.max(zero, 0).to(tl.float16))
+            _pack_store(code, KP0, rows, D, PB0, 0, GROUP, CS, j * CS)
             if PB1 > 0:
-                _pack_store(code, KP1, rows, D, PB1, PB0, GROUP)
+                _pack_store(code, KP1, rows, D, PB1, PB0, GROUP, CS, j * CS)
             if RES:      # the keys' residual bits (`ref.quantize_keys(res=True)`): at or above the level, each
                 r = (x >= code.to(tl.float32) * sc + zero).to(tl.int32)    # 32 channels in `ref.pack_res`'s order
                 r = tl.reshape(tl.permute(tl.reshape(r, (GROUP, D // 32, 4, 2, 4)), (0, 1, 3, 2, 4)), (GROUP, D))
-                _pack_store(r, KR, rows, D, 1, 0, GROUP)
+                _pack_store(r, KR, rows, D, 1, 0, GROUP, D, 0)
             if SKETCH:   # the channel-major copy (`sref.sketch_groups`): byte m of channel c = tokens 2m | 2m + 1
                 pair = tl.reshape(code, (GROUP // 2, 2, D))
                 byte = tl.sum(pair << (tl.arange(0, 2) * 4)[None, :, None], axis=1)          # (GROUP/2, D)
@@ -142,35 +175,57 @@ if triton is not None:
                 o = ((bh.to(tl.int64) * D + c) * MG + gi) * 2
                 tl.store(SZ + o, tl.max(sc, 0).to(tl.float16))
                 tl.store(SZ + o + 1, tl.max(zero, 0).to(tl.float16))
-            # values: per token over VG-channel groups
-            x = tl.load(VF + src).to(tl.float32)
-            NVG: tl.constexpr = D // VG
-            if N_OUT > 0:
+            if j == 0:   # values: per token over VG-channel groups
+                x = tl.load(VF + src).to(tl.float32)
+                NVG: tl.constexpr = D // VG
+                if N_OUT > 0:
+                    x3 = tl.reshape(x, (GROUP, NVG, VG))
+                    mu3 = tl.sum(x3, 2) / VG
+                    d3 = x3 - mu3[:, :, None]
+                    sd3 = tl.maximum(tl.sqrt(tl.sum(d3 * d3, 2) / VG), 1e-6)
+                    mu = tl.reshape(tl.broadcast_to(mu3[:, :, None], (GROUP, NVG, VG)), (GROUP, D))
+                    sd = tl.reshape(tl.broadcast_to(sd3[:, :, None], (GROUP, NVG, VG)), (GROUP, D))
+                    score = tl.abs(x - mu) / sd
+                    for o in tl.static_range(N_OUT):
+                        oi = tl.argmax(score, 1)
+                        hit = c[None, :] == oi[:, None]
+                        tl.store(VOI + rows * N_OUT + o, oi.to(tl.uint8))
+                        tl.store(VOV + rows * N_OUT + o, tl.sum(tl.where(hit, x, 0.0), 1).to(tl.float16))
+                        x = tl.where(hit, mu, x)
+                        score = tl.where(hit, -1.0, score)
                 x3 = tl.reshape(x, (GROUP, NVG, VG))
-                mu3 = tl.sum(x3, 2) / VG
-                d3 = x3 - mu3[:, :, None]
-                sd3 = tl.maximum(tl.sqrt(tl.sum(d3 * d3, 2) / VG), 1e-6)
-                mu = tl.reshape(tl.broadcast_to(mu3[:, :, None], (GROUP, NVG, VG)), (GROUP, D))
-                sd = tl.reshape(tl.broadcast_to(sd3[:, :, None], (GROUP, NVG, VG)), (GROUP, D))
-                score = tl.abs(x - mu) / sd
-                for j in tl.static_range(N_OUT):
-                    oi = tl.argmax(score, 1)
-                    hit = c[None, :] == oi[:, None]
-                    tl.store(VOI + rows * N_OUT + j, oi.to(tl.uint8))
-                    tl.store(VOV + rows * N_OUT + j, tl.sum(tl.where(hit, x, 0.0), 1).to(tl.float16))
-                    x = tl.where(hit, mu, x)
-                    score = tl.where(hit, -1.0, score)
-            x3 = tl.reshape(x, (GROUP, NVG, VG))
-            lo = tl.broadcast_to(tl.min(x3, 2)[:, :, None], (GROUP, NVG, VG))
-            hi = tl.broadcast_to(tl.max(x3, 2)[:, :, None], (GROUP, NVG, VG))
-            code3, sc3, zero3 = _encode(x3, lo, hi, MidV, BITS, NUQ_V)
-            vrow = rows[:, None] * NVG + tl.arange(0, NVG)[None, :]
-            tl.store(VS + vrow, tl.max(sc3, 2).to(tl.float16))
-            tl.store(VZ + vrow, tl.max(zero3, 2).to(tl.float16))
-            code = tl.reshape(code3, (GROUP, D))
-            _pack_store(code, VP0, rows, D, PB0, 0, GROUP)
-            if PB1 > 0:
-                _pack_store(code, VP1, rows, D, PB1, PB0, GROUP)
+                lo = tl.broadcast_to(tl.min(x3, 2)[:, :, None], (GROUP, NVG, VG))
+                hi = tl.broadcast_to(tl.max(x3, 2)[:, :, None], (GROUP, NVG, VG))
+                code3, sc3, zero3 = _encode(x3, lo, hi, MidV, BITS, NUQ_V)
+                vrow = rows[:, None] * NVG + tl.arange(0, NVG)[None, :]
+                tl.store(VS + vrow, tl.max(sc3, 2).to(tl.float16))
+                tl.store(VZ + vrow, tl.max(zero3, 2).to(tl.float16))
+                code = tl.reshape(code3, (GROUP, D))
+                _pack_store(code, VP0, rows, D, PB0, 0, GROUP, D, 0)
+                if PB1 > 0:
+                    _pack_store(code, VP1, rows, D, PB1, PB0, GROUP, D, 0)
+
+
+CLIP_C = 16     # clipped key ranges: channels a program searches (one warp; the decode flush's D / CLIP_C programs a head)
+
+
+def clip_range(x: torch.Tensor, bits: int, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ref.clip_range` (x's groups along `axis`, keepdim), by `_clip_kernel` on a GPU: the prefill's key groups
+    searched a (group, CLIP_C channels) a program, where the torch loop is 121 rounds of launches over the chunk."""
+    if not (_use_triton(x) and x.is_cuda and axis == x.dim() - 2 and x.shape[-1] % CLIP_C == 0):
+        return ref.clip_range(x, bits, axis)
+    return _clip_triton(x, bits)
+
+
+def _clip_triton(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`clip_range` along x's last-but-one axis by `_clip_kernel` (also on CPU in Triton's interpreter: tests)."""
+    G, D = x.shape[-2], x.shape[-1]
+    xs = x.float().reshape(-1, G, D).contiguous()
+    lo, hi = torch.empty(xs.shape[0], D, device=x.device), torch.empty(xs.shape[0], D, device=x.device)
+    if xs.shape[0]:
+        _clip_kernel[(xs.shape[0], D // CLIP_C)](xs, lo, hi, GROUP=G, D=D, C=CLIP_C, BITS=bits, num_warps=1)
+    shape = x.shape[:-2] + (1, D)
+    return lo.reshape(shape), hi.reshape(shape)
 
 
 def planes(d: dict, words: bool = False):
@@ -237,7 +292,8 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
     dummy = kf
     mid_k = None if lut_k is None else (lut_k[1:] + lut_k[:-1]) / 2   # nearest level = count of midpoints below
     mid_v = None if lut_v is None else (lut_v[1:] + lut_v[:-1]) / 2
-    _append_flush_kernel[(B * H,)](
+    nc = D // CLIP_C if clip else 1
+    _append_flush_kernel[(B * H, nc)](
         k.contiguous(), v.contiguous(), length.reshape(-1)[-1:], kf, vf, *planes(kq), kq["scale"], kq["zero"],
         *outs(kq), *planes(vq), vq["scale"], vq["zero"], *outs(vq),
         dummy if mid_k is None else mid_k, dummy if mid_v is None else mid_v,
@@ -247,4 +303,4 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
         ROPE=rope is not None, SKETCH=sketch is not None,
         D=D, GROUP=group, VG=vgroup, BITS=bits, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out,
         SINK=sink, WINDOW=window, RING=ring, NQ_CAP=kq["planes"][0].shape[2], NUQ_K=mid_k is not None,
-        NUQ_V=mid_v is not None, CLIP=bool(clip))
+        NUQ_V=mid_v is not None, CLIP=bool(clip), NC=nc, **({"num_warps": 1} if nc > 1 else {}))

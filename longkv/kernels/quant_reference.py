@@ -146,7 +146,8 @@ def quantize_keys(k: torch.Tensor, *, bits: int, group: int, n_out: int = 0, lut
     {planes, scale (B, H, T/group, D) fp16, zero (same), out_idx (B, H, T, n_out) uint8, out_val fp16}.
     res: also `res` (B, H, T, D/8) uint8, one residual bit an element: whether the key lies at or above its
     level, so that it decodes half a step finer with the codes themselves unchanged. clip: each group's range
-    MSE-clipped (`clip_range`; uniform codes, no outliers or residual bits)."""
+    MSE-clipped (`clip_range`, or a function of its signature: `quant_append.clip_range` searches on the GPU; uniform
+    codes, no outliers or residual bits)."""
     if clip and (n_out or lut is not None or res):
         raise ValueError("clipped key ranges are for uniform codes without outliers or residual bits")
     B, H, T, D = k.shape
@@ -159,7 +160,8 @@ def quantize_keys(k: torch.Tensor, *, bits: int, group: int, n_out: int = 0, lut
         x = x.scatter(-1, idx, mu.expand_as(x).gather(-1, idx))   # drop them from min/max
         out = {"out_idx": idx.reshape(B, H, T, n_out).to(torch.uint8),
                "out_val": val.reshape(B, H, T, n_out).half()}
-    lo, hi = clip_range(x, bits, 3) if clip else (x.amin(3, keepdim=True), x.amax(3, keepdim=True))
+    search = clip if callable(clip) else clip_range
+    lo, hi = search(x, bits, 3) if clip else (x.amin(3, keepdim=True), x.amax(3, keepdim=True))
     codes, scale, zero = _encode(x, lo, hi, bits, lut)
     if res:
         level = _levels(bits, lut, x.device)[codes.long()] * scale.float() + zero.float()
