@@ -176,34 +176,34 @@ if triton is not None:
                 tl.store(SZ + o, tl.max(sc, 0).to(tl.float16))
                 tl.store(SZ + o + 1, tl.max(zero, 0).to(tl.float16))
             if j == 0:   # values: per token over VG-channel groups
-                x = tl.load(VF + src).to(tl.float32)
+                vx = tl.load(VF + src).to(tl.float32)
                 NVG: tl.constexpr = D // VG
                 if N_OUT > 0:
-                    x3 = tl.reshape(x, (GROUP, NVG, VG))
-                    mu3 = tl.sum(x3, 2) / VG
-                    d3 = x3 - mu3[:, :, None]
-                    sd3 = tl.maximum(tl.sqrt(tl.sum(d3 * d3, 2) / VG), 1e-6)
-                    mu = tl.reshape(tl.broadcast_to(mu3[:, :, None], (GROUP, NVG, VG)), (GROUP, D))
-                    sd = tl.reshape(tl.broadcast_to(sd3[:, :, None], (GROUP, NVG, VG)), (GROUP, D))
-                    score = tl.abs(x - mu) / sd
+                    vx3 = tl.reshape(vx, (GROUP, NVG, VG))
+                    vmu3 = tl.sum(vx3, 2) / VG
+                    vd3 = vx3 - vmu3[:, :, None]
+                    vsd3 = tl.maximum(tl.sqrt(tl.sum(vd3 * vd3, 2) / VG), 1e-6)
+                    vmu = tl.reshape(tl.broadcast_to(vmu3[:, :, None], (GROUP, NVG, VG)), (GROUP, D))
+                    vsd = tl.reshape(tl.broadcast_to(vsd3[:, :, None], (GROUP, NVG, VG)), (GROUP, D))
+                    vscore = tl.abs(vx - vmu) / vsd
                     for o in tl.static_range(N_OUT):
-                        oi = tl.argmax(score, 1)
-                        hit = c[None, :] == oi[:, None]
-                        tl.store(VOI + rows * N_OUT + o, oi.to(tl.uint8))
-                        tl.store(VOV + rows * N_OUT + o, tl.sum(tl.where(hit, x, 0.0), 1).to(tl.float16))
-                        x = tl.where(hit, mu, x)
-                        score = tl.where(hit, -1.0, score)
-                x3 = tl.reshape(x, (GROUP, NVG, VG))
-                lo = tl.broadcast_to(tl.min(x3, 2)[:, :, None], (GROUP, NVG, VG))
-                hi = tl.broadcast_to(tl.max(x3, 2)[:, :, None], (GROUP, NVG, VG))
-                code3, sc3, zero3 = _encode(x3, lo, hi, MidV, BITS, NUQ_V)
+                        voi = tl.argmax(vscore, 1)
+                        vhit = c[None, :] == voi[:, None]
+                        tl.store(VOI + rows * N_OUT + o, voi.to(tl.uint8))
+                        tl.store(VOV + rows * N_OUT + o, tl.sum(tl.where(vhit, vx, 0.0), 1).to(tl.float16))
+                        vx = tl.where(vhit, vmu, vx)
+                        vscore = tl.where(vhit, -1.0, vscore)
+                vx3 = tl.reshape(vx, (GROUP, NVG, VG))
+                vlo = tl.broadcast_to(tl.min(vx3, 2)[:, :, None], (GROUP, NVG, VG))
+                vhi = tl.broadcast_to(tl.max(vx3, 2)[:, :, None], (GROUP, NVG, VG))
+                vcode3, vsc3, vzero3 = _encode(vx3, vlo, vhi, MidV, BITS, NUQ_V)
                 vrow = rows[:, None] * NVG + tl.arange(0, NVG)[None, :]
-                tl.store(VS + vrow, tl.max(sc3, 2).to(tl.float16))
-                tl.store(VZ + vrow, tl.max(zero3, 2).to(tl.float16))
-                code = tl.reshape(code3, (GROUP, D))
-                _pack_store(code, VP0, rows, D, PB0, 0, GROUP, D, 0)
+                tl.store(VS + vrow, tl.max(vsc3, 2).to(tl.float16))
+                tl.store(VZ + vrow, tl.max(vzero3, 2).to(tl.float16))
+                vcode = tl.reshape(vcode3, (GROUP, D))
+                _pack_store(vcode, VP0, rows, D, PB0, 0, GROUP, D, 0)
                 if PB1 > 0:
-                    _pack_store(code, VP1, rows, D, PB1, PB0, GROUP, D, 0)
+                    _pack_store(vcode, VP1, rows, D, PB1, PB0, GROUP, D, 0)
 
 
 CLIP_C = 16     # clipped key ranges: channels a program searches (one warp; the decode flush's D / CLIP_C programs a head)
