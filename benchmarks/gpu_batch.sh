@@ -58,8 +58,7 @@
 #             attention)
 #   kdq       issue 4: the keys dequantized in registers (KDQ, quant_cuda.py) and 32-token tiles: GPU tests, probe at 128K
 #   kdqdecode issue 4: decode at 128K, full and kivi2, as it is (KDQ on) and with LONGKV_KDQ=0
-#   clip      issue 4: the clipped 2-bit key groups (clip=1): GPU tests, decode at 128K next to full and kv2
-#   pdl       issue 4: programmatic dependent launches of the packed kernel's two launches: tests, decode off / on
+#   clip      issue 4: the clipped 2-bit key groups (clip=1): GPU tests, decode at 32K/128K next to full and kv2
 #   bulk      issue 4: bulk copies (the TMA's 1-D form) into shared memory for the dense kernel: GPU tests (and the
 #             mass select's), probe at 128K over stages; bulkdecode: decode at 128K with LONGKV_BULK=0 / 1
 #   mass512   issue 5: decode at 512K, the issue's 32-layer 8B shape (16 weight sets; LAYERS=16: 16 layers, as sessions
@@ -543,12 +542,6 @@ P
         > "$OUT/clip_tests.log" 2>&1
       echo "clip tests: $(tail -n 1 "$OUT/clip_tests.log")" >&2
       bench clip128 250 $PY quant_decode.py --contexts 128k --caches "full;kv2;kv2:clip=1" --new-tokens 24 --profile ;;
-    pdl)       # issue 4: programmatic dependent launches of the splits kernel and the merge (LONGKV_PDL, quant_cuda.py):
-               # the reference tests' default rows with it on, then decode at 128K (full, kv2) with it off and on
-      (LONGKV_PDL=1 TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q -rf --tb=line tests/test_quant_cuda.py \
-         -k "matches_reference and default") > "$OUT/pdl_tests.log" 2>&1; echo "pdl tests: $(tail -n 1 "$OUT/pdl_tests.log")" >&2
-      for d in 0 1; do LONGKV_PDL=$d bench pdldecode$d 120 $PY quant_decode.py --contexts 128k --caches "full;kv2" \
-        --new-tokens 24; done ;;
     bulkdecode) # issue 4: decode at 128K, full and kivi2 with LONGKV_BULK=0 then 1
       LONGKV_BULK=0 bench bulkdecode0 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24
       LONGKV_BULK=1 bench bulkdecode1 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24 ;;

@@ -3,7 +3,6 @@ the page select (`page_select.cu`) and the SparQ score (`quest_sparq.cu`) go thr
 decode kernel (`quant_cuda.py`) has its own, as it also asks the driver for occupancy."""
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 
@@ -26,44 +25,3 @@ def source(defines: dict, files: tuple) -> str:
     `files` in order."""
     src = "".join(f"#define {k} {v}\n" for k, v in defines.items() if v is not None)
     return src + "".join(Path(__file__).with_name(f).read_text() for f in files)
-
-
-class _Attr(ctypes.Structure):       # CUlaunchAttribute: an id, padding, a 64-byte union of values
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
-
-
-class _Config(ctypes.Structure):     # CUlaunchConfig
-    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
-                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_Attr)), ("n_attrs", ctypes.c_uint)]
-
-
-_PROGRAMMATIC_STREAM_SERIALIZATION = 6   # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-
-
-def launch(kernel, grid, block, args: list, pdl: bool = False) -> None:
-    """`kernel(grid=, block=, args=)` (torch's `_compile_kernel` launcher: tensors as pointers, ints as int, floats as
-    double), or with pdl by cuLaunchKernelEx as a programmatic dependent launch: the grid may start while the one
-    before it in the stream finishes (the kernel's pdl_wait(), `ptx.cuh`, holds it until that grid's writes are
-    visible), which hides a launch's latency; kept inside CUDA graphs."""
-    if not pdl:
-        kernel(grid=grid, block=block, args=args)
-        return
-    import torch
-    from torch.cuda._utils import _get_gpu_runtime_library
-
-    keep = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            keep.append(ctypes.c_void_p(a.data_ptr()))
-        elif isinstance(a, bool) or not isinstance(a, (int, float)):
-            raise TypeError(f"unsupported kernel argument {type(a).__name__}")
-        else:
-            keep.append(ctypes.c_int(a) if isinstance(a, int) else ctypes.c_double(a))
-    params = (ctypes.c_void_p * len(keep))(*[ctypes.cast(ctypes.byref(x), ctypes.c_void_p) for x in keep])
-    attr = _Attr(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
-    attr.value[0] = 1
-    cfg = _Config(grid=(ctypes.c_uint * 3)(*grid), block=(ctypes.c_uint * 3)(*block), smem=0,
-                  stream=torch.cuda.current_stream().cuda_stream, attrs=ctypes.pointer(attr), n_attrs=1)
-    err = _get_gpu_runtime_library().cuLaunchKernelEx(ctypes.byref(cfg), kernel.func, params, None)
-    if err != 0:
-        raise RuntimeError(f"cuLaunchKernelEx failed: CUDA error {err}")

@@ -21,16 +21,3 @@ __device__ __forceinline__ u32 lop_or(u32 a, u32 b, u32 c) {      /* (a & b) | c
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
   u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s)); return r;
 }
-/* Programmatic dependent launch (`nvrtc.launch(pdl=True)`, sm_90): pdl_wait() holds until the grid before this one in
-   the stream has finished and its writes are visible; pdl_launch() lets the grid after this one start launching. Both
-   are no-ops on older GPUs and in a launch that did not ask for it. */
-__device__ __forceinline__ void pdl_wait() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_launch() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}

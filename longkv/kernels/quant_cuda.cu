@@ -495,8 +495,6 @@ extern "C" __global__ void BOUNDS kivi_attn(
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wq = threadIdx.x >> 5;
   const int bh = blockIdx.x, split = blockIdx.y;
   const float sl2 = (float)scale_log2_d;
-  pdl_wait();      /* (PDL: the append kernel before this one has written the token and the group it completed) */
-  pdl_launch();    /* the merge may launch now: it waits for this grid's end */
   const i64 avail = Len[0] - 1 - SINK - WINDOW;      /* groups flushed before this token arrived */
   const int nq = avail > 0 ? (int)(avail / GROUP) * GROUP : 0;
   const int S1 = S + FPC;                            /* programs 0..S-1 packed, then FPC full-precision ones */
@@ -682,7 +680,6 @@ extern "C" __global__ void __launch_bounds__(32 * MW) kivi_merge(const float* __
   const int pid = blockIdx.x, c = blockIdx.y * 32, bh = pid / G, q = pid % G, tid = threadIdx.x, wp = tid >> 5,
             lane = tid & 31;
 
-  pdl_wait();                                            /* (PDL: the splits kernel's rows are written) */
   const i64 base = (i64)bh * S1 * G + q;                 /* row of split s: base + s·G */
   float m = NEG_INF, acc = 0.f, den = 0.f;
   for (int s0 = wp; s0 < S1; s0 += MW * MU) {

@@ -79,8 +79,6 @@ from pathlib import Path
 
 import torch
 
-from .nvrtc import launch
-
 TILE = 16          # tokens a loop step (and a double-buffered load); 32 measured slower (more registers; with
                    # KDQ at 2 bits no faster: session 37)
 GPF = None         # L1 prefetch of a key group's scale/zero rows, this many tiles ahead (0 = off; None: 1 when
@@ -109,10 +107,6 @@ KDQ = int(os.environ["LONGKV_KDQ"]) if os.environ.get("LONGKV_KDQ") else None
 BULK = int(os.environ["LONGKV_BULK"]) if os.environ.get("LONGKV_BULK") else None
 BULK_STOK = int(os.environ.get("LONGKV_BULK_STOK", 64))
 BULK_NST = int(os.environ.get("LONGKV_BULK_NST", 2))
-# PDL (sm_90): both launches as programmatic dependent launches (`nvrtc.launch`), the splits kernel's programs placed
-# while the append kernel before it finishes and the merge's while the splits finish; each waits (pdl_wait) before
-# its first read. LONGKV_PDL=1 turns it on (measured in session 41; see BENCHMARKS.md, issue 4).
-PDL = int(os.environ.get("LONGKV_PDL", 0))
 _MODULES: dict = {}
 
 
@@ -247,15 +241,15 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
                      scale: float, splits: int | None = None, tile: int | None = None,
                      gpf: int | None = None, minb: int | None = None, cw: int | None = None, parts: bool = False,
                      load_only: bool = False, kdq: int | None = None, bulk: int | None = None,
-                     stok: int | None = None, nst: int | None = None, pdl: int | None = None):
+                     stok: int | None = None, nst: int | None = None):
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
     parts=True returns (the two launches as closures, out, splits) instead (benchmarks/quant_cuda_probe.py).
     bulk / stok / nst: `config`'s (bulk copies into shared memory; sm_90 and 16-byte aligned storage only, else the
-    register double buffer); pdl: programmatic dependent launches (None: PDL; sm_90)."""
+    register double buffer)."""
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
                    splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts, load_only=load_only, kdq=kdq,
-                   bulk=bulk, stok=stok, nst=nst, pdl=pdl)
+                   bulk=bulk, stok=stok, nst=nst)
 
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
@@ -291,7 +285,7 @@ def _bulk_ok(q, kq, vq) -> bool:
 
 def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, splits=None, tile=None, gpf=None,
             minb=None, cw=None, parts=False, paged=None, frac=1.0, load_only=False, kdq=None, bulk=None, stok=None,
-            nst=None, pdl=None):
+            nst=None):
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
@@ -325,16 +319,14 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     q = q.contiguous()
     kp, vp = kq["planes"][0].view(torch.int32), vq["planes"][0].view(torch.int32)
 
-    pdl = bool(PDL if pdl is None else pdl) and torch.cuda.get_device_capability(q.device)[0] >= 9
-
     def run_attn():
-        launch(attn, (B * H, S1, 1), (32 * warps, 1, 1),
-               [q, length, kp, kq["scale"], kq["zero"], vp, vq["scale"], vq["zero"], kf, vf, part, lse,
-                float(scale * math.log2(math.e)), int(S), int(cap), *extra,
-                kq["res"].view(torch.int32) if "res" in kq else kp], pdl=pdl)
+        attn(grid=(B * H, S1, 1), block=(32 * warps, 1, 1),
+             args=[q, length, kp, kq["scale"], kq["zero"], vp, vq["scale"], vq["zero"], kf, vf, part, lse,
+                   float(scale * math.log2(math.e)), int(S), int(cap), *extra,
+                   kq["res"].view(torch.int32) if "res" in kq else kp])
 
     def run_merge():
-        launch(mrg, (B * Hq, D // 32, 1), (32 * MERGE_WARPS, 1, 1), [part, lse, out, int(S1)], pdl=pdl)
+        mrg(grid=(B * Hq, D // 32, 1), block=(32 * MERGE_WARPS, 1, 1), args=[part, lse, out, int(S1)])
 
     if parts:
         return run_attn, run_merge, out, S
