@@ -537,11 +537,17 @@ P
         --load-only
       bench bf16_24k 100 $PY quant_cuda_probe.py --context 24k --bits 2 --tile 16 --bulk 1 ;;
     clip)      # issue 4: the clipped 2-bit key groups (quant clip=1): GPU tests of the search (prefill kernel, append
-               # kernel's CLIP over D/16 programs a head), then decode at 128K (full, kv2, kv2:clip=1) with each step's kernels
+               # kernel's CLIP over D/16 programs a head; -k clip runs both CLIP_IA forms), then decode at 128K: full, kv2,
+               # kv2:clip=1 with the lower ends one by one (LONGKV_CLIP_IA=1, session 41: 0.642x against kv2's 0.634x)
+               # and all 11 at once (=16, built in session 41, not yet timed)
       (TRITON_INTERPRET=0 timeout 200 $PY -m pytest -q -rf --tb=line tests/test_quant.py -k "clip or append_flush") \
         > "$OUT/clip_tests.log" 2>&1
-      echo "clip tests: $(tail -n 1 "$OUT/clip_tests.log")" >&2
-      bench clip128 250 $PY quant_decode.py --contexts 128k --caches "full;kv2;kv2:clip=1" --new-tokens 24 --profile ;;
+      (LONGKV_CLIP_IA=16 TRITON_INTERPRET=0 timeout 100 $PY -m pytest -q -rf --tb=line tests/test_quant.py \
+         -k "append_flush") >> "$OUT/clip_tests.log" 2>&1
+      echo "clip tests: $(grep -E 'passed|failed' "$OUT/clip_tests.log" | tr '\n' ' ')" >&2
+      LONGKV_CLIP_IA=1 bench clip128 150 $PY quant_decode.py --contexts 128k --caches "full;kv2;kv2:clip=1" --new-tokens 24
+      LONGKV_CLIP_IA=16 bench clip128v 150 $PY quant_decode.py --contexts 128k --caches "full;kv2;kv2:clip=1" \
+        --new-tokens 24 ;;
     bulkdecode) # issue 4: decode at 128K, full and kivi2 with LONGKV_BULK=0 then 1
       LONGKV_BULK=0 bench bulkdecode0 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24
       LONGKV_BULK=1 bench bulkdecode1 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24 ;;

@@ -117,16 +117,17 @@ def test_clipped_key_ranges_never_add_error_and_cut_it_at_two_bits(bits, group):
         ref.quantize_keys(k, bits=bits, group=group, clip=True, res=True)
 
 
-@pytest.mark.parametrize("bits,group", [(2, 16), (4, 32)])
-def test_clip_search_kernel_matches_reference(bits, group):
-    """`quant_append._clip_triton` (the prefill's search, a (group, 16 channels) a program) picks `ref.clip_range`'s
+@pytest.mark.parametrize("bits,group,ia", [(2, 16, 1), (4, 32, 1), (2, 16, 16), (4, 32, 16)])
+def test_clip_search_kernel_matches_reference(bits, group, ia):
+    """`quant_append._clip_triton` (the prefill's search, a (group, 16 channels) a program; ia lower ends at a time, one
+    by one or all as a tensor axis) picks `ref.clip_range`'s
     pairs' reconstruction error a group and channel (where two pairs nearly tie, the order of the sums picks one)."""
     if triton is None or (os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available()):
         pytest.skip("needs Triton: a GPU, or TRITON_INTERPRET=1")
     dev = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
     torch.manual_seed(1)
     x = (torch.distributions.StudentT(3.0).sample((1, 2, 3, group, 32)) * torch.linspace(0.5, 2, 32)).to(dev)
-    lo, hi = quant_append._clip_triton(x, bits)
+    lo, hi = quant_append._clip_triton(x, bits, ia)
     rlo, rhi = ref.clip_range(x, bits, 3)
     assert lo.shape == rlo.shape and hi.shape == rhi.shape
 

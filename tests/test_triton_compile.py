@@ -15,11 +15,13 @@ PTRS = dict(K="*bf16", V="*bf16", Len="*i64", KF="*bf16", VF="*bf16", KP0="*u8",
             MidK="*fp32", MidV="*fp32", Cnt="*i64", Cos="*bf16", Sin="*bf16", SK="*u8", SZ="*fp16", CAPH="i32",
             MG="i32", KR="*u8")
 BASE = dict(RES=False, FROM_SLOT=False, HAS_CNT=True, ROPE=False, SKETCH=False, D=64, GROUP=16, VG=16, BITS=4,
-            PB0=4, PB1=0, N_OUT=0, SINK=2, WINDOW=3, RING=35, NQ_CAP=64, NUQ_K=False, NUQ_V=False, CLIP=False, NC=1)
+            PB0=4, PB1=0, N_OUT=0, SINK=2, WINDOW=3, RING=35, NQ_CAP=64, NUQ_K=False, NUQ_V=False, CLIP=False, NC=1,
+            IA=1)
 APPEND = [dict(), dict(BITS=3, PB0=2, PB1=1, NUQ_K=True, NUQ_V=True, N_OUT=1), dict(BITS=2, PB0=2, N_OUT=2),
           dict(ROPE=True), dict(ROPE=True, RES=True), dict(BITS=2, PB0=2, N_OUT=1, RES=True),
           dict(BITS=2, PB0=2, ROPE=True, CLIP=True, NC=4), dict(CLIP=True, NC=4), dict(SKETCH=True),
-          dict(D=128, VG=128, BITS=2, PB0=2, ROPE=True, WINDOW=128, RING=160, NQ_CAP=4096, CLIP=True, NC=8)]
+          dict(D=128, VG=128, BITS=2, PB0=2, ROPE=True, WINDOW=128, RING=160, NQ_CAP=4096, CLIP=True, NC=8),
+          dict(D=128, VG=128, BITS=2, PB0=2, ROPE=True, WINDOW=128, RING=160, NQ_CAP=4096, CLIP=True, NC=8, IA=16)]
 
 
 def main() -> int:
@@ -34,9 +36,10 @@ def main() -> int:
         src = ASTSource(fn, {**sig, **{k: "constexpr" for k in const}}, dict(const))
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
 
-    cases = [(qa._append_flush_kernel, PTRS, BASE | c, 1 if c.get("NC", 1) > 1 else 4) for c in APPEND]
-    cases.append((qa._clip_kernel, dict(X="*fp32", LO="*fp32", HI="*fp32"),
-                  dict(GROUP=16, D=128, C=qa.CLIP_C, BITS=2), 1))
+    cases = [(qa._append_flush_kernel, PTRS, BASE | c, 4 if c.get("NC", 1) == 1 or c.get("IA", 1) > 1 else 1)
+             for c in APPEND]
+    cases += [(qa._clip_kernel, dict(X="*fp32", LO="*fp32", HI="*fp32"),
+               dict(GROUP=16, D=128, C=qa.CLIP_C, BITS=2, IA=ia), 1 if ia == 1 else 4) for ia in (1, 16)]
     bad = 0
     for fn, sig, const, warps in cases:
         try:

@@ -12,6 +12,8 @@ the packed bytes back is `kernels/quant.py`; the torch reference is `kernels/qua
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import quant_reference as ref
@@ -41,40 +43,52 @@ if triton is not None:
         tl.store(P + rows[:, None] * (D * PB // 8) + col[None, :], byte.to(tl.uint8))
 
     @triton.jit
-    def _clip_search(x, BITS: tl.constexpr):
+    def _clip_search(x, BITS: tl.constexpr, IA: tl.constexpr):
         """x (tokens, C) fp32 → (lo, hi) (C,): `ref.clip_range` along the tokens, each end of a channel's [min, max]
         pulled in by 0, 0.05, ..., 0.5 of the range, the pair of least squared error (fp16 statistics as `_encode`
         stores them; ties keep the first, lo's fraction outer). Cheaper than 121 `_encode`s: x - zero once a lo,
-        and a reciprocal of the scale a channel instead of a division an element."""
+        and a reciprocal of the scale a channel instead of a division an element. IA lower ends at a time (a power of
+        two: 1 walks the 11 one by one; 16 takes them all as a tensor axis, five of them padding)."""
         top: tl.constexpr = (1 << BITS) - 1
         mn, mx = tl.min(x, 0), tl.max(x, 0)
         r = mx - mn
         best = tl.full(mn.shape, float("inf"), tl.float32)
         blo, bhi = mn, mx
-        for ia in range(11):
-            lo = mn + (ia * 1.0 * 0.05) * r
+        for ia0 in range(0, 11, IA):
+            ia = ia0 + tl.arange(0, IA)
+            lo = mn[None, :] + (ia.to(tl.float32)[:, None] * 0.05) * r[None, :]      # (IA, C)
             zero = lo.to(tl.float16).to(tl.float32)
-            d = x - zero[None, :]
+            d = x[None, :, :] - zero[:, None, :]                                       # (IA, tokens, C)
+            cbest = tl.full(lo.shape, float("inf"), tl.float32)
+            chi = tl.zeros(lo.shape, tl.float32)
             for ib in range(11):
                 hi = mx - (ib * 1.0 * 0.05) * r
-                sc = (tl.maximum(hi - zero, 1e-6) / top).to(tl.float16).to(tl.float32)
+                sc = (tl.maximum(hi[None, :] - zero, 1e-6) / top).to(tl.float16).to(tl.float32)
                 inv = 1.0 / tl.maximum(sc, 1e-8)
-                code = tl.minimum(tl.maximum(tl.floor(d * inv[None, :] + 0.5), 0.0), top * 1.0)
-                e = code * sc[None, :] - d
-                err = tl.sum(e * e, 0)
-                m = err < best
-                best = tl.where(m, err, best)
-                blo = tl.where(m, lo, blo)
-                bhi = tl.where(m, hi, bhi)
+                code = tl.minimum(tl.maximum(tl.floor(d * inv[:, None, :] + 0.5), 0.0), top * 1.0)
+                e = code * sc[:, None, :] - d
+                err = tl.sum(e * e, 1)
+                m = err < cbest
+                cbest = tl.where(m, err, cbest)
+                chi = tl.where(m, hi[None, :], chi)
+            cbest = tl.where((ia < 11)[:, None], cbest, float("inf"))
+            k = tl.argmin(cbest, 0, tie_break_left=True)                               # the first of a tie
+            sel = tl.arange(0, IA)[:, None] == k[None, :]
+            kbest = tl.min(cbest, 0)
+            m = kbest < best
+            best = tl.where(m, kbest, best)
+            blo = tl.where(m, tl.sum(tl.where(sel, lo, 0.0), 0), blo)
+            bhi = tl.where(m, tl.sum(tl.where(sel, chi, 0.0), 0), bhi)
         return blo, bhi
 
     @triton.jit
-    def _clip_kernel(X, LO, HI, GROUP: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr):
+    def _clip_kernel(X, LO, HI, GROUP: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr,
+                     IA: tl.constexpr):
         """Prefill: one (group, C channels) a program of X (N, GROUP, D) fp32 → LO, HI (N, D)."""
         n, j = tl.program_id(0).to(tl.int64), tl.program_id(1)
         cs = j * C + tl.arange(0, C)
         x = tl.load(X + n * GROUP * D + tl.arange(0, GROUP)[:, None] * D + cs[None, :])
-        lo, hi = _clip_search(x, BITS)
+        lo, hi = _clip_search(x, BITS, IA)
         tl.store(LO + n * D + cs, lo)
         tl.store(HI + n * D + cs, hi)
 
@@ -107,7 +121,7 @@ if triton is not None:
                              PB0: tl.constexpr, PB1: tl.constexpr, N_OUT: tl.constexpr, SINK: tl.constexpr,
                              WINDOW: tl.constexpr, RING: tl.constexpr, NQ_CAP: tl.constexpr,
                              NUQ_K: tl.constexpr, NUQ_V: tl.constexpr, CLIP: tl.constexpr = False,
-                             NC: tl.constexpr = 1):
+                             NC: tl.constexpr = 1, IA: tl.constexpr = 1):
         bh, j = tl.program_id(0), tl.program_id(1)
         c = tl.arange(0, D)
         # NC > 1 (clipped ranges): program j quantizes key channels cs of the flushed group, program 0 also the values;
@@ -154,7 +168,7 @@ if triton is not None:
                     score = tl.where(hit, -1.0, score)
             klo, khi = tl.min(x, 0), tl.max(x, 0)
             if CLIP:     # MSE-clipped ranges (`ref.clip_range`)
-                klo, khi = _clip_search(x, BITS)
+                klo, khi = _clip_search(x, BITS, IA)
             code, sc, zero = _encode(x, klo[None, :], khi[None, :], MidK, BITS, NUQ_K)
             srow = (bh.to(tl.int64) * (NQ_CAP // GROUP) + gi) * D
             tl.store(KS + srow + cs, tl.max(sc, 0).to(tl.float16))
@@ -206,7 +220,11 @@ if triton is not None:
                     _pack_store(vcode, VP1, rows, D, PB1, PB0, GROUP, D, 0)
 
 
-CLIP_C = 16     # clipped key ranges: channels a program searches (one warp; the decode flush's D / CLIP_C programs a head)
+CLIP_C = 16     # clipped key ranges: channels a program searches (the decode flush's D / CLIP_C programs a head)
+# lower ends searched at a time (`_clip_search`): 1 (one warp a program) is what session 41 measured (kv2:clip=1 at
+# 128K 0.642x of full where kv2 is 0.634x: ~46 us a layer at each flush, one step in 16); 16 (four warps) takes all 11 as
+# a tensor axis, 11 dependent rounds instead of 121: built, not yet timed on a GPU. LONGKV_CLIP_IA sets it.
+CLIP_IA = int(os.environ.get("LONGKV_CLIP_IA", 1))
 
 
 def clip_range(x: torch.Tensor, bits: int, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,13 +235,16 @@ def clip_range(x: torch.Tensor, bits: int, axis: int) -> tuple[torch.Tensor, tor
     return _clip_triton(x, bits)
 
 
-def _clip_triton(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`clip_range` along x's last-but-one axis by `_clip_kernel` (also on CPU in Triton's interpreter: tests)."""
+def _clip_triton(x: torch.Tensor, bits: int, ia: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`clip_range` along x's last-but-one axis by `_clip_kernel` (also on CPU in Triton's interpreter: tests); ia:
+    lower ends at a time (None: CLIP_IA)."""
+    ia = ia or CLIP_IA
     G, D = x.shape[-2], x.shape[-1]
     xs = x.float().reshape(-1, G, D).contiguous()
     lo, hi = torch.empty(xs.shape[0], D, device=x.device), torch.empty(xs.shape[0], D, device=x.device)
     if xs.shape[0]:
-        _clip_kernel[(xs.shape[0], D // CLIP_C)](xs, lo, hi, GROUP=G, D=D, C=CLIP_C, BITS=bits, num_warps=1)
+        _clip_kernel[(xs.shape[0], D // CLIP_C)](xs, lo, hi, GROUP=G, D=D, C=CLIP_C, BITS=bits, IA=ia,
+                                                 num_warps=1 if ia == 1 else 4)
     shape = x.shape[:-2] + (1, D)
     return lo.reshape(shape), hi.reshape(shape)
 
@@ -303,4 +324,5 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
         ROPE=rope is not None, SKETCH=sketch is not None,
         D=D, GROUP=group, VG=vgroup, BITS=bits, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out,
         SINK=sink, WINDOW=window, RING=ring, NQ_CAP=kq["planes"][0].shape[2], NUQ_K=mid_k is not None,
-        NUQ_V=mid_v is not None, CLIP=bool(clip), NC=nc, **({"num_warps": 1} if nc > 1 else {}))
+        NUQ_V=mid_v is not None, CLIP=bool(clip), NC=nc, IA=CLIP_IA,
+        **({"num_warps": 1 if CLIP_IA == 1 else 4} if nc > 1 else {}))
