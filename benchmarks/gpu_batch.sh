@@ -294,6 +294,11 @@
 # splits swept, bf16 at 24K reads at 2.41 TB/s too], [tests + probe (QAL, one-pass merge) + decode BULK 0/1 with
 # --profile: 0.658x -> 0.635x], [a second H100: tests -k matches_reference (cut at 230 s, none failed) + quant_decode.py
 # 32K-512K + --million with BULK the default: kivi2 0.634x, kivi4 0.664x].
+# Session 41 (2026-12-07), three H100s, 5 calls, 7 starts refused: [dyn: every launch raised UnboundLocalError (aad010d's
+# review; fixed in 7401f27)], [dyn again: no faster (49.4 -> 50.1 us a layer; kv2 0.633x -> 0.646x): removed], [clip: GPU
+# tests passed; kv2:clip=1 0.662x (fill 22 s)], [clip after the search rewrite: a Triton compile error (the values' names;
+# now caught on CPU by tests/test_triton_compile.py) + the step profile], [clip tests (18 passed) + PDL tests + decode:
+# kv2:clip=1 0.642x against kv2 0.634x; PDL 0.634x both ways (as session 39 found): removed].
 # The next calls:
 # 0. (issue 5) M at the 32-layer shape with the mass select in one launch: 3.04x on the H100 whose full step is fastest.
 #    Repeat on whatever machine comes: `OUT=$OUT bash benchmarks/gpu_batch.sh mass512` (32 layers now; ~60 s). On an
@@ -303,14 +308,12 @@
 #    sums emulated): [copy part100..103], [copy part104; MODELS=gemma3-270m install <sha>; SQ="kv4:kres=1,window=128+quest:
 #    ratio=0.875,groups=1,channels=0.25,rank=mass,weigh=1,dense_layers=0" CELLS="niah_single_2:18,49
 #    niah_multikey_1:2,95" cells].
-# 3. (issue 4) kv2 at 128K: 0.632-0.635x on the H100 with BULK (session 40; 0.662x before), the target 0.60x. First
-#    `dyn` (BULK's stages from a counter: the tail of the one-wave launch, ncu's achieved occupancy 16 % of 19 %; built,
-#    not run). The clipped 64-token 2-bit groups (`quant:bits=2,group=64,prerope=0,clip=1`: +2.9 / +4.8 % ppl at 2K /
-#    8K against kv2's +4.8 / +6.6, 2.375 bits) decode at 0.616x but find 3 of 15 needles (kv2 7), so they are not the
-#    preset. kv2 clipped (kv2:clip=1: +3.4 % at 8K, 30 of 45 needles vs 19, the same bytes) is the preset candidate: `clip` runs the
-#    GPU tests (the CLIP append kernel compiled on a GPU) and decode at 128K with kv2:clip=1 next to kv2; if the step is
-#    no slower, switch the preset (cache/methods.py) and update `longkv caches`' text.
-#    Then the merge / append folded into the launch.
+# 3. (issue 4) kv2 at 128K: 0.634x on the H100 (sessions 40-41), the target 0.60x; DYN and PDL did not move it. `clip`
+#    times kv2:clip=1 with the search one lower end at a time (0.642x, session 41) and all 11 at once (LONGKV_CLIP_IA=16,
+#    built, not timed); if the latter is within ~0.002x of kv2, make it the default and consider kv2 = kv2:clip=1 (+3.4 %
+#    against +6.6 % ppl at 8K, 30 of 45 needles against 19). For 0.60x kv2's kernels must fit ~40 us a layer where a
+#    launch's fixed part is ~22 us (BENCHMARKS.md, issue 4, session 41): the merge folded in, or the shared GEMMs (2.4-2.8
+#    TB/s against the 3.02 TB/s copy rate).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
