@@ -74,14 +74,14 @@ PARAMS = {
     "prerope": (bool, True, "quantize keys before RoPE (KVQuant); 0 = after RoPE (KIVI: the kv4 and kv2 presets)"),
     "rotate": (bool, False, "Hadamard-rotate keys before quantizing (QuaRot-style)"),
     "nuq": (str, "", "codebook file from `longkv calibrate` (non-uniform levels per layer)"),
-    "clip": (bool, False, "keys: each group's [min, max] MSE-clipped before quantizing (each end pulled in by 0-50 % of "
-                          "the range, the least squared error a group and channel; uniform per-channel codes without "
-                          "outliers, nuq or kres; the ranges are searched when a group is written, the bytes read "
-                          "are the same, the search costs ~1 % of a decode step: kv2:clip=1 0.642x of bf16 full's "
-                          "ms/token at 128K where kv2 is 0.634x, H100, 8B shape). On smollm2: kv2:clip=1 +3.4 % perplexity at 8K and 30 of 45 needles at "
-                          "2K-7K, against kv2's +6.6 % and 19 (full 39); quant:bits=2,group=64,prerope=0,clip=1 +4.8 % "
-                          "at 2.375 bits but 3 of the first 15 needles where kv2 finds 7 (a needle's keys are extremes "
-                          "that longer groups clip)"),
+    "clip": (bool, False, "keys: each group's [min, max] MSE-clipped before quantizing (each end pulled in by "
+                          "0-50 % of the range, the least squared error a group and channel; uniform per-channel codes "
+                          "without outliers, nuq or kres; the ranges are searched when a group is written, the bytes "
+                          "read are the same, the search costs ~1 % of a decode step: kv2:clip=1 0.642x of bf16 full's "
+                          "ms/token at 128K where kv2 is 0.634x, H100, 8B shape). On smollm2: kv2:clip=1 +3.4 % "
+                          "perplexity at 8K and 30 of 45 needles at 2K-7K, against kv2's +6.6 % and 19 (full 39); "
+                          "quant:bits=2,group=64,prerope=0,clip=1 +4.8 % at 2.375 bits but 3 of the first 15 needles "
+                          "where kv2 finds 7 (a needle's keys are extremes that longer groups clip)"),
     "kres": (bool, False, "a residual bit per key element after its code (above or below its level, decoded as "
                           "±a quarter step): keys half a step finer for one bit more an element (4-bit: 1/3.7 of the "
                           "squared error), the codes themselves unchanged; the CUDA kernels read it at 4 bits and head "

@@ -151,10 +151,10 @@ if triton is not None:
             gi = ng - 1
             t = tl.arange(0, GROUP)
             pos = SINK + gi * GROUP + t
-            src = fb + (SINK + (pos - SINK) % RING)[:, None] * D + c[None, :]
+            gsrc = fb + (SINK + (pos - SINK) % RING)[:, None] * D       # the group's rows in the fp ring
             rows = bh.to(tl.int64) * NQ_CAP + gi * GROUP + t
             # keys: per channel over the group's tokens (this program's channels cs)
-            x = tl.load(KF + fb + (SINK + (pos - SINK) % RING)[:, None] * D + cs[None, :]).to(tl.float32)
+            x = tl.load(KF + gsrc + cs[None, :]).to(tl.float32)
             if N_OUT > 0:
                 mu = tl.sum(x, 0) / GROUP
                 sd = tl.maximum(tl.sqrt(tl.sum((x - mu[None, :]) * (x - mu[None, :]), 0) / GROUP), 1e-6)
@@ -190,7 +190,7 @@ if triton is not None:
                 tl.store(SZ + o, tl.max(sc, 0).to(tl.float16))
                 tl.store(SZ + o + 1, tl.max(zero, 0).to(tl.float16))
             if j == 0:   # values: per token over VG-channel groups
-                vx = tl.load(VF + src).to(tl.float32)
+                vx = tl.load(VF + gsrc + c[None, :]).to(tl.float32)
                 NVG: tl.constexpr = D // VG
                 if N_OUT > 0:
                     vx3 = tl.reshape(vx, (GROUP, NVG, VG))
@@ -222,9 +222,14 @@ if triton is not None:
 
 CLIP_C = 16     # clipped key ranges: channels a program searches (the decode flush's D / CLIP_C programs a head)
 # lower ends searched at a time (`_clip_search`): 1 (one warp a program) is what session 41 measured (kv2:clip=1 at
-# 128K 0.642x of full where kv2 is 0.634x: ~46 us a layer at each flush, one step in 16); 16 (four warps) takes all 11 as
-# a tensor axis, 11 dependent rounds instead of 121: built, not yet timed on a GPU. LONGKV_CLIP_IA sets it.
+# 128K 0.642x of full where kv2 is 0.634x: ~46 us a layer at each flush, one step in 16); 16 (four warps) takes all 11
+# as a tensor axis, 11 dependent rounds instead of 121: built, not yet timed on a GPU. LONGKV_CLIP_IA sets it; groups
+# longer than 64 tokens always walk them one by one (IA x group x CLIP_C values would not fit a program's registers).
 CLIP_IA = int(os.environ.get("LONGKV_CLIP_IA", 1))
+
+
+def _ia(group: int) -> int:
+    return CLIP_IA if group <= 64 else 1
 
 
 def clip_range(x: torch.Tensor, bits: int, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,8 +243,8 @@ def clip_range(x: torch.Tensor, bits: int, axis: int) -> tuple[torch.Tensor, tor
 def _clip_triton(x: torch.Tensor, bits: int, ia: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`clip_range` along x's last-but-one axis by `_clip_kernel` (also on CPU in Triton's interpreter: tests); ia:
     lower ends at a time (None: CLIP_IA)."""
-    ia = ia or CLIP_IA
     G, D = x.shape[-2], x.shape[-1]
+    ia = ia or _ia(G)
     xs = x.float().reshape(-1, G, D).contiguous()
     lo, hi = torch.empty(xs.shape[0], D, device=x.device), torch.empty(xs.shape[0], D, device=x.device)
     if xs.shape[0]:
@@ -313,7 +318,7 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
     dummy = kf
     mid_k = None if lut_k is None else (lut_k[1:] + lut_k[:-1]) / 2   # nearest level = count of midpoints below
     mid_v = None if lut_v is None else (lut_v[1:] + lut_v[:-1]) / 2
-    nc = D // CLIP_C if clip else 1
+    nc, ia = (D // CLIP_C, _ia(group)) if clip else (1, 1)
     _append_flush_kernel[(B * H, nc)](
         k.contiguous(), v.contiguous(), length.reshape(-1)[-1:], kf, vf, *planes(kq), kq["scale"], kq["zero"],
         *outs(kq), *planes(vq), vq["scale"], vq["zero"], *outs(vq),
@@ -324,5 +329,5 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
         ROPE=rope is not None, SKETCH=sketch is not None,
         D=D, GROUP=group, VG=vgroup, BITS=bits, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out,
         SINK=sink, WINDOW=window, RING=ring, NQ_CAP=kq["planes"][0].shape[2], NUQ_K=mid_k is not None,
-        NUQ_V=mid_v is not None, CLIP=bool(clip), NC=nc, IA=CLIP_IA,
-        **({"num_warps": 1 if CLIP_IA == 1 else 4} if nc > 1 else {}))
+        NUQ_V=mid_v is not None, CLIP=bool(clip), NC=nc, IA=ia,
+        **({"num_warps": 1 if ia == 1 else 4} if nc > 1 else {}))
