@@ -294,7 +294,7 @@
 # splits swept, bf16 at 24K reads at 2.41 TB/s too], [tests + probe (QAL, one-pass merge) + decode BULK 0/1 with
 # --profile: 0.658x -> 0.635x], [a second H100: tests -k matches_reference (cut at 230 s, none failed) + quant_decode.py
 # 32K-512K + --million with BULK the default: kivi2 0.634x, kivi4 0.664x].
-# Session 41 (2026-12-07), three H100s, 5 calls, 7 starts refused: [dyn: every launch raised UnboundLocalError (aad010d's
+# Session 41 (2026-12-07), three H100s, 5 calls, 5 starts refused (+8 turned away untried): [dyn: every launch raised UnboundLocalError (aad010d's
 # review; fixed in 7401f27)], [dyn again: no faster (49.4 -> 50.1 us a layer; kv2 0.633x -> 0.646x): removed], [clip: GPU
 # tests passed; kv2:clip=1 0.662x (fill 22 s)], [clip after the search rewrite: a Triton compile error (the values' names;
 # now caught on CPU by tests/test_triton_compile.py) + the step profile], [clip tests (18 passed) + PDL tests + decode:
