@@ -396,7 +396,8 @@ _preset("kv2", "2-bit KV = quant:bits=2,group=16,prerope=0 (KIVI's layout, as kv
                "smollm2-135m at 2K-7K (kv4: all 14). KVQuant's 2-bit layout, "
                "quant:bits=2,group=32,vgroup=32,outliers=0.01 (pre-RoPE keys, 1 % outliers): ppl +4.8 % / "
                "+8.5 %, 3.38 bits, 4 needles of the 15 where this finds 7, and the Triton kernel, slower than full. "
-               "kv2:clip=1 (MSE-clipped key groups, the same bytes): +3.4 % at 8K and 30 of 45 needles against 19, "
+               "kv2:clip=1 (MSE-clipped key groups, the same bytes): +2.4 % / +3.4 % at 2K / 8K and 30 of 45 needles "
+               "against 19, "
                "at 0.642x of full where kv2 is 0.634x (the search when a group is written)",
         bits=2, group=16, prerope=False)
 _preset("kivi4", "= kv4 (quant:bits=4,group=64,prerope=0) under the paper's name (KIVI, Liu et al. 2024): keys "
