@@ -127,10 +127,10 @@ def main():
                     bulks = [(None if b == "auto" else int(b), st or None, n or None)
                              for b in a.bulk.split(",") for st in map(int, a.stok.split(","))
                              for n in map(int, a.nst.split(","))]
-                    bulks = list(dict.fromkeys(x if x[0] != 0 else (0, None, None) for x in bulks))
+                    bulks = list(dict.fromkeys((b, st, n) if b != 0 else (0, None, None) for b, st, n in bulks))
                     for minb, cw, kdq, (bulk, stok, nst) in [(m, c, d, b) for m in map(int, a.minb.split(","))
-                                                                  for c in map(int, a.cw.split(",")) for d in kdqs
-                                                                  for b in bulks]:
+                                                             for c in map(int, a.cw.split(",")) for d in kdqs
+                                                             for b in bulks]:
                         kw2 = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5, splits=S or None,
                                    tile=tile, gpf=gpf, minb=minb, cw=cw, kdq=kdq, bulk=bulk, stok=stok, nst=nst)
                         attn, merge, _, splits = qc.decode_attention(q, kq, vq, kf, vf, length, parts=True, **kw2)
@@ -140,8 +140,7 @@ def main():
                         lay = qc.config(D=D, bits=bits, group=group, G=G, sink=sink, ring=window + 2 * group,
                                         bf16=True, tile=tile, kdq=kdq, res=res, cw=cw, bulk=bulk, stok=stok, nst=nst)
                         kdq_on = lay["KDQ"]
-                        blk = (f"{lay['STOK']}x{lay['NST']}"
-                               if lay["BULK"] and qc._bulk_ok(q, kq, vq) else "0")
+                        blk = f"{lay['STOK']}x{lay['NST']}" if lay["BULK"] and qc._bulk_ok(q, kq, vq) else "0"
                         rows.append(dict(what=f"{bits}-bit CUDA: splits kernel | merge | whole call",
                                          splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, kdq=kdq_on, bulk=blk,
                                          us=f"{us_a:.1f} | {us_m:.1f} | {us:.1f}", TBps=round(nbytes / us / 1e6, 2)))

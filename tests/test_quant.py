@@ -119,9 +119,9 @@ def test_clipped_key_ranges_never_add_error_and_cut_it_at_two_bits(bits, group):
 
 @pytest.mark.parametrize("bits,group,ia", [(2, 16, 1), (4, 32, 1), (2, 16, 16), (4, 32, 16)])
 def test_clip_search_kernel_matches_reference(bits, group, ia):
-    """`quant_append._clip_triton` (the prefill's search, a (group, 16 channels) a program; ia lower ends at a time, one
-    by one or all as a tensor axis) picks `ref.clip_range`'s
-    pairs' reconstruction error a group and channel (where two pairs nearly tie, the order of the sums picks one)."""
+    """`quant_append._clip_triton` (the prefill's search, a (group, 16 channels) a program; ia lower ends at a time,
+    one by one or all as a tensor axis) reaches `ref.clip_range`'s reconstruction error in every group and channel
+    (where two pairs nearly tie, the order of the sums picks one of them)."""
     if triton is None or (os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available()):
         pytest.skip("needs Triton: a GPU, or TRITON_INTERPRET=1")
     dev = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"

@@ -557,14 +557,13 @@ extern "C" __global__ void BOUNDS kivi_attn(
      group longer than a stage has its statistics taken again at each stage: the same row, copied with it) */
   __shared__ Stage stg[NST];
   __shared__ __align__(8) u64 bars[NST];
+  const int ns = start < end ? (end - start + STOK - 1) / STOK : 0;
   if (lane == 0) {
     for (int i = 0; i < NST; i++) bar_init(&bars[i]);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  const int ns = start < end ? (end - start + STOK - 1) / STOK : 0;
-  if (lane == 0)
     for (int i = 0; i < NST && i < ns; i++)
       issue(stg[i], &bars[i], kp, vp, vs, vz, ks0, kz0, start + i * STOK, min(STOK, end - start - i * STOK));
+  }
   __syncwarp();
 #endif
   __shared__ __align__(16) u32 qsm_all[CW][2 * QW * 32];
@@ -679,7 +678,6 @@ extern "C" __global__ void __launch_bounds__(32 * MW) kivi_merge(const float* __
   __shared__ float dens[MW], mxs[MW];
   const int pid = blockIdx.x, c = blockIdx.y * 32, bh = pid / G, q = pid % G, tid = threadIdx.x, wp = tid >> 5,
             lane = tid & 31;
-
   const i64 base = (i64)bh * S1 * G + q;                 /* row of split s: base + s·G */
   float m = NEG_INF, acc = 0.f, den = 0.f;
   for (int s0 = wp; s0 < S1; s0 += MW * MU) {
