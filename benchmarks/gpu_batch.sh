@@ -690,6 +690,15 @@ P
       LONGKV_CLIP_IA=1 bench clip128 150 $PY quant_decode.py --contexts 128k --caches "full;kv2;kv2:clip=1" --new-tokens 24
       LONGKV_CLIP_IA=16 bench clip128v 150 $PY quant_decode.py --contexts 128k --caches "full;kv2;kv2:clip=1" \
         --new-tokens 24 ;;
+    gemv)      # issue 4: the batch-1 projections as one Triton GEMV each with the norms, SiLU·mul and residual adds
+               # folded in (kernels/gemv.py): its GPU tests, gemv_probe.py's sweep against cuBLAS (writes $OUT/gemv.json),
+               # decode at 128K (full, kv2) with LONGKV_GEMV=0 (cuBLAS + torch ops), then through the GEMV at the table
+      (TRITON_INTERPRET=0 timeout 120 $PY -m pytest -q -rf --tb=line tests/test_gemv.py) > "$OUT/gemv_tests.log" 2>&1
+      echo "gemv tests: $(grep -E 'passed|failed' "$OUT/gemv_tests.log" | tr '\n' ' ')" >&2
+      bench gemvprobe 220 $PY gemv_probe.py --table "$OUT/gemv.json"
+      LONGKV_GEMV=0 bench gemvdec0 130 $PY quant_decode.py --contexts 128k --caches "full;kv2" --new-tokens 24
+      LONGKV_GEMV_TABLE=$OUT/gemv.json bench gemvdec1 170 $PY quant_decode.py --contexts 128k --caches "full;kv2" \
+        --new-tokens 24 --profile ;;
     bulkdecode) # issue 4: decode at 128K, full and kivi2 with LONGKV_BULK=0 then 1
       LONGKV_BULK=0 bench bulkdecode0 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24
       LONGKV_BULK=1 bench bulkdecode1 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24 ;;

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache.base import Cache, LayerSpec, Step
+from ..kernels import gemv as gv
 from ..kernels.fused import on_cuda
 from .config import ModelConfig
 from .rope import Rope, apply_rope
@@ -81,6 +82,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=b)
         self.down_proj = nn.Linear(i, h, bias=b)
         self.act_mul = GATED[cfg.hidden_act]
+        self.act = cfg.hidden_act
         self.gate_up = None
 
     def fuse(self):
@@ -94,6 +96,11 @@ class MLP(nn.Module):
             return self.down_proj(self.act_mul(self.gate_proj(x), self.up_proj(x)))
         g, u = F.linear(x, self.gate_up, self.gate_up_b).chunk(2, dim=-1)
         return self.down_proj(self.act_mul(g, u))
+
+    def forward_gemv(self, x, norm: RMSNorm):
+        """x + down(act(gate(n)) * up(n)), n = norm(x), in two GEMV launches (one token, fused weights)."""
+        h = gv.gemv(x, self.gate_up, self.gate_up_b, norm=norm.weight, eps=norm.eps, act=self.act)
+        return gv.gemv(h, self.down_proj.weight, self.down_proj.bias, res=x)
 
 
 def _fuse(*linears):
@@ -139,12 +146,17 @@ class Attention(nn.Module):
             self.q_proj, self.k_proj, self.v_proj)
         self.qkv_b = _fuse_bias(self.q_proj, self.k_proj, self.v_proj)
 
-    def forward(self, x, step: Step, cache: Cache):
+    def forward(self, x, step: Step, cache: Cache, norm: RMSNorm | None = None):
+        """Attention of x's tokens; with `norm` (one token, fused weights: `gemv.enabled`) x is the residual
+        stream, normed inside the qkv GEMV, and the result is x + o_proj(...), the residual add inside o_proj's."""
         B, T, _ = x.shape
-        if self.qkv is None:
+        sizes = [self.hq * self.d, self.hkv * self.d, self.hkv * self.d]
+        if norm is not None:
+            q, k, v = gv.gemv(x, self.qkv, self.qkv_b, norm=norm.weight, eps=norm.eps).split(sizes, -1)
+        elif self.qkv is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
-            q, k, v = F.linear(x, self.qkv, self.qkv_b).split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], -1)
+            q, k, v = F.linear(x, self.qkv, self.qkv_b).split(sizes, -1)
         q = q.view(B, T, self.hq, self.d)
         k = k.view(B, T, self.hkv, self.d)
         v = v.reshape(B, T, self.hkv, self.d).transpose(1, 2)
@@ -153,7 +165,10 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = step.rope[self.rope_index]
         out = cache.attend(self.layer, apply_rope(q, cos, sin), k, v, step=step)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.hq * self.d))
+        out = out.transpose(1, 2).reshape(B, T, self.hq * self.d)
+        if norm is not None:
+            return gv.gemv(out, self.o_proj.weight, self.o_proj.bias, res=x)
+        return self.o_proj(out)
 
 
 class Backbone(nn.Module):
@@ -218,7 +233,15 @@ class CausalLM(nn.Module):
             cache.advance(step.n)
         if logits == "last":
             h = h[:, -1:]
+        if self.gemv_ok(h):
+            n = self.model.norm
+            return gv.gemv(h, self.lm_head.weight, norm=n.weight, eps=n.eps, out_dtype=torch.float32)
         return self.head(self.model.norm(h))
+
+    def gemv_ok(self, x) -> bool:
+        """Decode of one token through `kernels.gemv` with its norm / activation / residual fusions: Llama-form
+        norms (weight * x) and fused weights only (Gemma's (1 + w) norms and head softcap keep the torch path)."""
+        return self.norm_cls is RMSNorm and self.model.layers[0].self_attn.qkv is not None and gv.enabled(x)
 
     def to(self, *args, **kwargs):
         out = super().to(*args, **kwargs)

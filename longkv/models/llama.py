@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..kernels import gemv as gv
 from .layers import MLP, Attention, CausalLM, RMSNorm, add_rms_norm
 
 
@@ -19,6 +20,9 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, step, cache):
+        if gv.enabled(x) and self.self_attn.qkv is not None:   # one token: 4 GEMV launches, norms and adds inside
+            x = self.self_attn(x, step, cache, norm=self.input_layernorm)
+            return self.mlp.forward_gemv(x, self.post_attention_layernorm)
         n = self.post_attention_layernorm    # its residual add and the norm: one kernel on CUDA
         x, h = add_rms_norm(x, self.self_attn(self.input_layernorm(x), step, cache), n.weight, n.eps)
         return x + self.mlp(h)

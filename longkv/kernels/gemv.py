@@ -1,0 +1,155 @@
+"""One-token projections (batch-1 decode) as a Triton GEMV, with the small ops around them folded in.
+
+At batch 1 a decode step is a chain of matrix-vector products that read the weights once: bound by
+bytes, not arithmetic. cuBLAS's kernels for them read the Llama-3-8B shapes at 2.40-2.85 TB/s on an
+H100 (BENCHMARKS.md, issue 4, session 41) against ~3.0 TB/s for a plain copy, and every projection
+sits between small kernels (RMSNorm, SiLU·mul, residual adds, split-K reduces) that each cost a
+launch. This kernel is one program per `BN` output rows streaming `BN x BK` weight tiles, and it
+takes over those neighbours:
+
+- `norm=g`: the input is RMSNorm(x) * g, computed by each program from x (FlashInfer-style prologue
+  fusion; x is a few KB and sits in L2), so the norm kernel before qkv, gate/up and the head goes;
+- `act="silu"|...`: the weight holds gate rows then up rows (`MLP.fuse`); each program reads row n of
+  both and writes act(g_n) * u_n, so gate/up's output and the SiLU·mul kernel go;
+- `res=r`: writes r + W x (the residual add after o_proj and down).
+
+Rounding follows the unfused GPU path (torch.compile'd elementwise kernels): the projection's output
+is rounded to the activation dtype before the activation or the residual add, which run in fp32 and
+round once. The plain-torch `reference` is the specification; the tests compare the two on CPU
+under TRITON_INTERPRET=1 and on the GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:   # CPU installs without Triton: `enabled()` is then False
+    triton = None
+
+ACTS = {None: 0, "silu": 1, "gelu_pytorch_tanh": 2, "gelu": 3}
+
+
+def _act(g: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "silu":
+        return F.silu(g)
+    return F.gelu(g, approximate="tanh" if kind == "gelu_pytorch_tanh" else "none")
+
+
+def reference(x, w, b=None, *, norm=None, eps: float = 1e-6, act=None, res=None, out_dtype=None):
+    """Plain torch: y = [r +] W·[RMSNorm(x)·g] [+ b], or act(W_g·x) * (W_u·x) when `act` is set."""
+    xf = x.float()
+    if norm is not None:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm.float()
+    xin = xf.to(x.dtype)
+    y = F.linear(xin, w, b)
+    if act is not None:
+        g, u = y.chunk(2, dim=-1)
+        y = (_act(g.float(), act) * u.float()).to(x.dtype)
+    if res is not None:
+        y = (res.float() + y.float()).to(res.dtype)
+    return y.to(out_dtype) if out_dtype is not None else y
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """The model's decode takes this path for one row on CUDA. LONGKV_GEMV=0 turns it off; =cpu also takes
+    it on CPU under TRITON_INTERPRET=1 (the tests' tiny models)."""
+    mode = os.environ.get("LONGKV_GEMV", "1")
+    if triton is None or mode == "0" or x.numel() != x.shape[-1]:
+        return False
+    return x.is_cuda or (mode == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def config(n: int, k: int) -> tuple[int, int, int, int]:
+    """(BN, BK, warps, stages) for n outputs of a K-long row. LONGKV_GEMV_TABLE names a JSON file of
+    {"n,k": [BN, BK, warps, stages]} (what benchmarks/gemv_probe.py's sweep writes) that overrides it."""
+    table = os.environ.get("LONGKV_GEMV_TABLE")
+    if table:
+        import json
+        with open(table) as f:
+            got = json.load(f).get(f"{n},{k}")
+        if got:
+            return tuple(got)
+    return 8, 512, 4, 3
+
+
+def gemv(x, w, b=None, *, norm=None, eps: float = 1e-6, act=None, res=None, out_dtype=None, cfg=None):
+    """x (..., K) holding one row; w (N, K) contiguous in its rows (N = 2 * outputs with `act`).
+    Returns (..., outputs) in `out_dtype` (default x's dtype). `cfg` (BN, BK, warps, stages) overrides `config`."""
+    K = x.shape[-1]
+    rows = w.shape[0]
+    n = rows // 2 if act is not None else rows
+    assert w.shape[1] == K and w.stride(1) == 1, "weight must be (N, K) with contiguous rows"
+    y = torch.empty(*x.shape[:-1], n, device=x.device, dtype=out_dtype or x.dtype)
+    xc = x.reshape(K).contiguous()
+    bn, bk, warps, stages = cfg or config(n, K)
+    bk = min(bk, triton.next_power_of_2(K))
+    dummy = xc
+    _gemv_kernel[(triton.cdiv(n, bn),)](
+        xc, w, y, b if b is not None else dummy, res.reshape(n) if res is not None else dummy,
+        norm if norm is not None else dummy, n, K, w.stride(0), n, eps,
+        BN=bn, BK=bk, KP=triton.next_power_of_2(K), NORM=norm is not None, ACT=ACTS[act],
+        BIAS=b is not None, RES=res is not None, num_warps=warps, num_stages=stages)
+    return y
+
+
+if triton is not None:
+    @triton.jit
+    def _act_fn(g, ACT: tl.constexpr):
+        if ACT == 1:
+            return g / (1.0 + tl.exp(-g))
+        elif ACT == 2:
+            t = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            e = tl.exp(-2.0 * tl.abs(t))                  # tanh(|t|) without overflow
+            th = (1.0 - e) / (1.0 + e)
+            th = tl.where(t < 0, -th, th)
+            return 0.5 * g * (1.0 + th)
+        else:
+            return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+
+    @triton.jit
+    def _gemv_kernel(X, W, Y, B, R, G, N, K, stride_w, up_off, eps,
+                     BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr,
+                     ACT: tl.constexpr, BIAS: tl.constexpr, RES: tl.constexpr):
+        """Program p: outputs [p*BN, p*BN + BN). Weight tiles BN x BK, accumulated elementwise in fp32 and
+        reduced once at the end; with ACT also the up rows (n + up_off)."""
+        pid = tl.program_id(0)
+        rn = pid * BN + tl.arange(0, BN)
+        nmask = rn < N
+        rk = tl.arange(0, BK)
+        rstd = 1.0
+        if NORM:   # x is one row of K (a few KB): its whole sum of squares in one load
+            kp = tl.arange(0, KP)
+            xa = tl.load(X + kp, mask=kp < K, other=0.0).to(tl.float32)
+            rstd = tl.rsqrt(tl.sum(xa * xa, 0) / K + eps)
+        wrow = W + rn.to(tl.int64)[:, None] * stride_w
+        acc = tl.zeros([BN, BK], dtype=tl.float32)
+        acc2 = tl.zeros([BN, BK], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + rk
+            kmask = kk < K
+            xv = tl.load(X + kk, mask=kmask, other=0.0)
+            if NORM:
+                g = tl.load(G + kk, mask=kmask, other=0.0).to(tl.float32)
+                xv = (xv.to(tl.float32) * rstd * g).to(X.dtype.element_ty)
+            xf = xv.to(tl.float32)[None, :]
+            m2 = nmask[:, None] & kmask[None, :]
+            acc += tl.load(wrow + kk[None, :], mask=m2, other=0.0).to(tl.float32) * xf
+            if ACT != 0:
+                acc2 += tl.load(wrow + up_off * stride_w + kk[None, :], mask=m2, other=0.0).to(tl.float32) * xf
+        y = tl.sum(acc, 1)
+        if BIAS:
+            y += tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)
+        if ACT != 0:
+            u = tl.sum(acc2, 1)
+            if BIAS:
+                u += tl.load(B + up_off + rn, mask=nmask, other=0.0).to(tl.float32)
+            g = y.to(X.dtype.element_ty).to(tl.float32)
+            y = _act_fn(g, ACT) * u.to(X.dtype.element_ty).to(tl.float32)
+        if RES:
+            y = tl.load(R + rn, mask=nmask, other=0.0).to(tl.float32) + y.to(X.dtype.element_ty).to(tl.float32)
+        tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=nmask)
