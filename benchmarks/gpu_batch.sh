@@ -699,6 +699,20 @@ P
       LONGKV_GEMV=0 bench gemvdec0 130 $PY quant_decode.py --contexts 128k --caches "full;kv2" --new-tokens 24
       LONGKV_GEMV_TABLE=$OUT/gemv.json bench gemvdec1 170 $PY quant_decode.py --contexts 128k --caches "full;kv2" \
         --new-tokens 24 --profile ;;
+    l2pf)      # issue 4: the o_proj weight prefetched into L2 by the 2-bit attention kernel (quant_cuda L2PF, Step.after),
+               # its bulk copies marked evict-first (EVF): GPU tests (the after variants, the defaults, gemv), the GEMV
+               # sweep with the fused forms' tiles (-> $OUT/gemv.json), decode at 128K (full, kv2) with L2PF/EVF 0/0, 1/0,
+               # and 1/1 (the default) at the table, with the step's kernel profile
+      (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q -rf --tb=line tests/test_gemv.py tests/test_quant_cuda.py \
+         -k "gemv or (matches_reference and (after or default or bulk1))") > "$OUT/l2pf_tests.log" 2>&1
+      echo "l2pf tests: $(grep -E 'passed|failed' "$OUT/l2pf_tests.log" | tr '\n' ' ')" >&2
+      bench gemvprobe 200 $PY gemv_probe.py --table "$OUT/gemv.json"
+      for pe in 00 10; do
+        LONGKV_L2PF=${pe:0:1} LONGKV_EVF=${pe:1:1} LONGKV_GEMV_TABLE=$OUT/gemv.json bench l2pf$pe 100 $PY quant_decode.py \
+          --contexts 128k --caches "full;kv2" --new-tokens 24
+      done
+      LONGKV_GEMV_TABLE=$OUT/gemv.json bench l2pf11 130 $PY quant_decode.py --contexts 128k --caches "full;kv2" \
+        --new-tokens 24 --profile ;;
     bulkdecode) # issue 4: decode at 128K, full and kivi2 with LONGKV_BULK=0 then 1
       LONGKV_BULK=0 bench bulkdecode0 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24
       LONGKV_BULK=1 bench bulkdecode1 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24 ;;
