@@ -59,6 +59,8 @@
 #   kdq       issue 4: the keys dequantized in registers (KDQ, quant_cuda.py) and 32-token tiles: GPU tests, probe at 128K
 #   kdqdecode issue 4: decode at 128K, full and kivi2, as it is (KDQ on) and with LONGKV_KDQ=0
 #   clip      issue 4: the clipped 2-bit key groups (clip=1): GPU tests, decode at 32K/128K next to full and kv2
+#   gemv      issue 4 (every cache): the batch-1 projections through kernels/gemv.py (norms, SiLU·mul, residual adds
+#             folded in): GPU tests, gemv_probe.py's sweep against cuBLAS, decode at 128K with LONGKV_GEMV=1 / 0
 #   bulk      issue 4: bulk copies (the TMA's 1-D form) into shared memory for the dense kernel: GPU tests (and the
 #             mass select's), probe at 128K over stages; bulkdecode: decode at 128K with LONGKV_BULK=0 / 1
 #   mass512   issue 5: decode at 512K, the issue's 32-layer 8B shape (16 weight sets; LAYERS=16: 16 layers, as sessions
@@ -691,28 +693,16 @@ P
       LONGKV_CLIP_IA=16 bench clip128v 150 $PY quant_decode.py --contexts 128k --caches "full;kv2;kv2:clip=1" \
         --new-tokens 24 ;;
     gemv)      # issue 4: the batch-1 projections as one Triton GEMV each with the norms, SiLU·mul and residual adds
-               # folded in (kernels/gemv.py): its GPU tests, gemv_probe.py's sweep against cuBLAS (writes $OUT/gemv.json),
-               # decode at 128K (full, kv2) with LONGKV_GEMV=0 (cuBLAS + torch ops), then through the GEMV at the table
+               # folded in (kernels/gemv.py): its GPU tests, gemv_probe.py's sweep against cuBLAS (plain tiles, then the
+               # fused forms; writes $OUT/gemv.json for LONGKV_GEMV_TABLE), decode at 128K (full, kv2, kv4) through the
+               # GEMV at its defaults, with LONGKV_GEMV=0 (cuBLAS + torch ops), and again through the GEMV (--profile)
       (TRITON_INTERPRET=0 timeout 120 $PY -m pytest -q -rf --tb=line tests/test_gemv.py) > "$OUT/gemv_tests.log" 2>&1
       echo "gemv tests: $(grep -E 'passed|failed' "$OUT/gemv_tests.log" | tr '\n' ' ')" >&2
       bench gemvprobe 220 $PY gemv_probe.py --table "$OUT/gemv.json"
-      LONGKV_GEMV=0 bench gemvdec0 130 $PY quant_decode.py --contexts 128k --caches "full;kv2" --new-tokens 24
-      LONGKV_GEMV_TABLE=$OUT/gemv.json bench gemvdec1 170 $PY quant_decode.py --contexts 128k --caches "full;kv2" \
-        --new-tokens 24 --profile ;;
-    l2pf)      # issue 4: the o_proj weight prefetched into L2 by the 2-bit attention kernel (quant_cuda L2PF, Step.after),
-               # its bulk copies marked evict-first (EVF): GPU tests (the after variants, the defaults, gemv), the GEMV
-               # sweep with the fused forms' tiles (-> $OUT/gemv.json), decode at 128K (full, kv2) with L2PF/EVF 0/0, 1/0,
-               # and 1/1 (the default) at the table, with the step's kernel profile
-      (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q -rf --tb=line tests/test_gemv.py tests/test_quant_cuda.py \
-         -k "gemv or (matches_reference and (after or default or bulk1))") > "$OUT/l2pf_tests.log" 2>&1
-      echo "l2pf tests: $(grep -E 'passed|failed' "$OUT/l2pf_tests.log" | tr '\n' ' ')" >&2
-      bench gemvprobe 200 $PY gemv_probe.py --table "$OUT/gemv.json"
-      for pe in 00 10; do
-        LONGKV_L2PF=${pe:0:1} LONGKV_EVF=${pe:1:1} LONGKV_GEMV_TABLE=$OUT/gemv.json bench l2pf$pe 100 $PY quant_decode.py \
-          --contexts 128k --caches "full;kv2" --new-tokens 24
+      for g in 1 0; do
+        LONGKV_GEMV=$g bench gemvdec$g 100 $PY quant_decode.py --contexts 128k --caches "full;kv2;kv4" --new-tokens 24
       done
-      LONGKV_GEMV_TABLE=$OUT/gemv.json bench l2pf11 130 $PY quant_decode.py --contexts 128k --caches "full;kv2" \
-        --new-tokens 24 --profile ;;
+      bench gemvdec1p 120 $PY quant_decode.py --contexts 128k --caches "full;kv2" --new-tokens 24 --profile ;;
     bulkdecode) # issue 4: decode at 128K, full and kivi2 with LONGKV_BULK=0 then 1
       LONGKV_BULK=0 bench bulkdecode0 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24
       LONGKV_BULK=1 bench bulkdecode1 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24 ;;

@@ -1,7 +1,8 @@
 """The quantized cache's Triton append kernels compile for sm_90 with no GPU (`triton.compile` to a GPUTarget): the
 interpreter runs a kernel's Python, so it passes code that Triton's compiler refuses (session 41: the values' block
 nested under a program test redefined the keys' names at other shapes, caught only on the GPU). The configurations are
-`test_append_flush_kernel_matches_reference`'s and the presets' (kv2 with clip=1: D / 16 one-warp programs a head).
+`test_append_flush_kernel_matches_reference`'s and the presets' (kv2 with clip=1: D / 16 one-warp programs a head), and
+`kernels/gemv.py`'s fused forms.
 The compiler runs in a child process: the test session's TRITON_INTERPRET=1 makes every @triton.jit an interpreted
 function, which cannot be compiled."""
 import os
@@ -40,6 +41,13 @@ def main() -> int:
              for c in APPEND]
     cases += [(qa._clip_kernel, dict(X="*fp32", LO="*fp32", HI="*fp32"),
                dict(GROUP=16, D=128, C=qa.CLIP_C, BITS=2, IA=ia), 1 if ia == 1 else 4) for ia in (1, 16)]
+    from longkv.kernels import gemv as gv   # the batch-1 projections (every fusion the decode step uses)
+    gsig = dict(X="*bf16", W="*bf16", Y="*bf16", B="*bf16", R="*bf16", G="*bf16", N="i32", K="i32", stride_w="i32",
+                up_off="i32", eps="fp32")
+    for bn, bk, norm, act, res, bias in [(2, 1024, True, 0, False, False), (2, 1024, False, 0, True, False),
+                                         (4, 512, True, 1, False, False), (4, 512, True, 2, False, True),
+                                         (4, 512, False, 3, False, True), (4, 512, True, 0, False, False)]:
+        cases.append((gv._gemv_kernel, gsig, dict(BN=bn, BK=bk, NORM=norm, ACT=act, BIAS=bias, RES=res), 4))
     bad = 0
     for fn, sig, const, warps in cases:
         try:

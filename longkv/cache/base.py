@@ -44,15 +44,11 @@ class Step:
     start: pos[0] as a Python int when the host knows it (prefill, eager decode); None inside a
         CUDA graph, where only `pos` (a static device tensor) is valid.
     rope: per rope kind, (cos, sin) each (T, D) for the new positions.
-    after: what the model reads right after the layer's attention (its o_proj weight, set by the layer before it
-        calls `attend`): a hint; a cache whose attention kernel leaves memory bandwidth idle may prefetch it into
-        L2 (`kernels/quant_cuda.py`, L2PF).
     """
 
     pos: torch.Tensor
     start: int | None
     rope: list[tuple[torch.Tensor, torch.Tensor]]
-    after: torch.Tensor | None = None
 
     @property
     def n(self) -> int:

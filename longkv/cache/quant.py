@@ -352,7 +352,7 @@ class QuantCache(Cache):
                         rope=None if self.prerope else step.rope[s.rope_index],   # kivi: rotated in the kernel
                         clip=self.clip)
         return qk.quant_decode_attention(q, self.kq[layer], self.vq[layer], self.kf[layer], self.vf[layer], length,
-                                         rope_tab=self.rope_tab[layer], after=step.after, **kw)
+                                         rope_tab=self.rope_tab[layer], **kw)
 
     _FLUSH_ARGS = ("bits", "group", "vgroup", "sink", "window", "lut_k", "lut_v")
 

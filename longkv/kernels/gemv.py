@@ -7,15 +7,17 @@ sits between small kernels (RMSNorm, SiLU·mul, residual adds, split-K reduces) 
 launch. This kernel is one program per `BN` output rows streaming `BN x BK` weight tiles, and it
 takes over those neighbours:
 
-- `norm=g`: the input is RMSNorm(x) * g, computed by each program from x (FlashInfer-style prologue
-  fusion; x is a few KB and sits in L2), so the norm kernel before qkv, gate/up and the head goes;
+- `norm=g`: the input is RMSNorm(x) * g, computed by each program from x (x is a few KB and sits in
+  L2; its sum of squares accumulates beside the dot), so the norm kernel before qkv, gate/up and the
+  head goes;
 - `act="silu"|...`: the weight holds gate rows then up rows (`MLP.fuse`); each program reads row n of
   both and writes act(g_n) * u_n, so gate/up's output and the SiLU·mul kernel go;
 - `res=r`: writes r + W x (the residual add after o_proj and down).
 
 Rounding follows the unfused GPU path (torch.compile'd elementwise kernels): the projection's output
 is rounded to the activation dtype before the activation or the residual add, which run in fp32 and
-round once. The plain-torch `reference` is the specification; the tests compare the two on CPU
+round once. One difference: the normed input is not rounded to bf16 before the dot (the unfused
+path's norm kernel writes it in bf16), so the fused form is the more exact by that rounding. The plain-torch `reference` is the specification; the tests compare the two on CPU
 under TRITON_INTERPRET=1 and on the GPU.
 """
 from __future__ import annotations
@@ -64,9 +66,10 @@ def enabled(x: torch.Tensor) -> bool:
     return x.is_cuda or (mode == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def config(n: int, k: int) -> tuple[int, int, int, int]:
-    """(BN, BK, warps, stages) for n outputs of a K-long row. LONGKV_GEMV_TABLE names a JSON file of
-    {"n,k": [BN, BK, warps, stages]} (what benchmarks/gemv_probe.py's sweep writes) that overrides it."""
+def config(n: int, k: int, gated: bool = False) -> tuple[int, int, int, int]:
+    """(BN, BK, warps, stages) for n outputs of a K-long row (`gated`: two weight rows an output). LONGKV_GEMV_TABLE
+    names a JSON file of {"n,k": [BN, BK, warps, stages]} (what benchmarks/gemv_probe.py's sweep writes) that
+    overrides it."""
     table = os.environ.get("LONGKV_GEMV_TABLE")
     if table:
         import json
@@ -74,10 +77,14 @@ def config(n: int, k: int) -> tuple[int, int, int, int]:
             got = json.load(f).get(f"{n},{k}")
         if got:
             return tuple(got)
-    # the sweep's (gemv_probe.py, H100, session 42): 4 rows x 1,024 columns a tile, 4 warps, was within 3 % of the
-    # best of 23 tiles at every Llama-3-8B shape (qkv 21.1 µs against 20.5, o_proj 14.1 best, gate/up 79.8 against
-    # 79.4, down 42.6 best, the head 365 against 362); one stage (Triton pipelines only loads that feed tl.dot)
-    return 4, 1024, 4, 1
+    # gemv_probe.py's sweeps (H100, session 42; the fused forms at 5 tiles after 23 plain ones): 2 rows x 1,024 columns
+    # a tile for qkv, o_proj and down (21.5, 13.5, 41.6 µs against cuBLAS's 20.2, 15.6, 42.6 without the ops around
+    # it), 4 x 512 for the gated gate/up and the head; 4 warps; one stage (Triton pipelines only loads that feed
+    # tl.dot: no cp.async in the PTX at 3). In the decode step these took full at 128K from 11.75 to 11.57 ms where
+    # 4 x 1,024 everywhere (the plain sweep's near-best) had been 1.5 % slower.
+    if gated or n >= 65536:
+        return 4, 512, 4, 1
+    return 2, 1024, 4, 1
 
 
 def gemv(x, w, b=None, *, norm=None, eps: float = 1e-6, act=None, res=None, out_dtype=None, cfg=None):
@@ -89,13 +96,13 @@ def gemv(x, w, b=None, *, norm=None, eps: float = 1e-6, act=None, res=None, out_
     assert w.shape[1] == K and w.stride(1) == 1, "weight must be (N, K) with contiguous rows"
     y = torch.empty(*x.shape[:-1], n, device=x.device, dtype=out_dtype or x.dtype)
     xc = x.reshape(K).contiguous()
-    bn, bk, warps, stages = cfg or config(n, K)
+    bn, bk, warps, stages = cfg or config(n, K, act is not None)
     bk = min(bk, triton.next_power_of_2(K))
     dummy = xc
     _gemv_kernel[(triton.cdiv(n, bn),)](
         xc, w, y, b if b is not None else dummy, res.reshape(n) if res is not None else dummy,
         norm if norm is not None else dummy, n, K, w.stride(0), n, eps,
-        BN=bn, BK=bk, KP=triton.next_power_of_2(K), NORM=norm is not None, ACT=ACTS[act],
+        BN=bn, BK=bk, NORM=norm is not None, ACT=ACTS[act],
         BIAS=b is not None, RES=res is not None, num_warps=warps, num_stages=stages)
     return y
 
@@ -116,39 +123,42 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(X, W, Y, B, R, G, N, K, stride_w, up_off, eps,
-                     BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
                      ACT: tl.constexpr, BIAS: tl.constexpr, RES: tl.constexpr):
         """Program p: outputs [p*BN, p*BN + BN). Weight tiles BN x BK, accumulated elementwise in fp32 and
-        reduced once at the end; with ACT also the up rows (n + up_off)."""
+        reduced once at the end; with ACT also the up rows (n + up_off). NORM: the tiles meet x * g and x's sum of
+        squares accumulates alongside, so the row's 1 / rms scales the sums at the end (W (x g) / rms = W (x g / rms)):
+        no pass over x before the first weight load (as a prologue it cost ~1 µs a program, 85 against 81 µs at
+        gate/up)."""
         pid = tl.program_id(0)
         rn = pid * BN + tl.arange(0, BN)
         nmask = rn < N
         rk = tl.arange(0, BK)
-        rstd = 1.0
-        if NORM:   # x is one row of K (a few KB): its whole sum of squares in one load
-            kp = tl.arange(0, KP)
-            xa = tl.load(X + kp, mask=kp < K, other=0.0).to(tl.float32)
-            rstd = tl.rsqrt(tl.sum(xa * xa, 0) / K + eps)
         wrow = W + rn.to(tl.int64)[:, None] * stride_w
         acc = tl.zeros([BN, BK], dtype=tl.float32)
         acc2 = tl.zeros([BN, BK], dtype=tl.float32)
+        ss = tl.zeros([BK], dtype=tl.float32)
         for k0 in range(0, K, BK):
             kk = k0 + rk
             kmask = kk < K
-            xv = tl.load(X + kk, mask=kmask, other=0.0)
+            xv = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
             if NORM:
-                g = tl.load(G + kk, mask=kmask, other=0.0).to(tl.float32)
-                xv = (xv.to(tl.float32) * rstd * g).to(X.dtype.element_ty)
-            xf = xv.to(tl.float32)[None, :]
+                ss += xv * xv
+                xv = xv * tl.load(G + kk, mask=kmask, other=0.0).to(tl.float32)
+            xf = xv[None, :]
             m2 = nmask[:, None] & kmask[None, :]
             acc += tl.load(wrow + kk[None, :], mask=m2, other=0.0).to(tl.float32) * xf
             if ACT != 0:
                 acc2 += tl.load(wrow + up_off * stride_w + kk[None, :], mask=m2, other=0.0).to(tl.float32) * xf
         y = tl.sum(acc, 1)
+        rstd = 1.0
+        if NORM:
+            rstd = tl.rsqrt(tl.sum(ss, 0) / K + eps)
+            y = y * rstd
         if BIAS:
             y += tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)
         if ACT != 0:
-            u = tl.sum(acc2, 1)
+            u = tl.sum(acc2, 1) * rstd
             if BIAS:
                 u += tl.load(B + up_off + rn, mask=nmask, other=0.0).to(tl.float32)
             g = y.to(X.dtype.element_ty).to(tl.float32)

@@ -356,14 +356,14 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
                            rope_tab: torch.Tensor | None = None, use_dot: bool | None = None,
                            prerope: bool = True, prefetch: int | None = None,
                            max_regs: int | None = None, pipe: bool | None = None,
-                           impl: str | None = None, after: torch.Tensor | None = None) -> torch.Tensor:
+                           impl: str | None = None) -> torch.Tensor:
     """q (B, Hq, 1, D) post-RoPE; the packed cache of one layer (see `ref.quant_decode_attention`);
     length: (1,) int64 device tensor; rope_tab: `rope_table(inv_freq, table_positions(...))`, made
     here when not given (the cache keeps one); prerope=False: keys stored rotated (no RoPE here);
     prefetch: tiles of L2 prefetch ahead (None: `PREFETCH` where the GPU has it); max_regs: a register
     cap per thread for the launch (more programs resident per SM, at the price of spills); impl: "cuda"
     (`quant_cuda.decode_attention`, the default where `quant_cuda.supported`: KIVI's layout at 2/4 bits)
-    or "triton"; after: `Step.after`, which the CUDA kernel prefetches into L2. Keys with residual bits (`kres`) take the CUDA kernel where it reads them
+    or "triton". Keys with residual bits (`kres`) take the CUDA kernel where it reads them
     (`quant_cuda.RES_CUDA`), else the reference (the Triton kernel does not). Returns (B, Hq, 1, D) in q's dtype."""
     B, Hq, _, D = q.shape
     H = kf.shape[1]
@@ -381,7 +381,7 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
     if cuda:
         try:
             return qc.decode_attention(q, kq, vq, kf, vf, length.reshape(-1)[-1:], bits=bits, group=group, sink=sink,
-                                       window=window, scale=scale, splits=splits, after=after)
+                                       window=window, scale=scale, splits=splits)
         except qc.Unavailable as e:   # the failure is remembered a layout; the warning shows once (same text)
             if impl == "cuda":
                 raise

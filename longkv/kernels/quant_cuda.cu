@@ -1,7 +1,7 @@
 // Decode attention over KIVI-layout packed KV, one layer: the CUDA source of `quant_cuda.py` (see its
 // docstring for the design and the figures). Compiled by NVRTC with a block of #defines in front
 // (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, GPF, MINB, CW, PAGED, RES,
-// LOADONLY, KDQ, BULK, NST, STOK, EVF; then ptx.cuh (the shared typedefs and PTX helpers), then this file.
+// LOADONLY, KDQ, BULK, NST, STOK; then ptx.cuh (the shared typedefs and PTX helpers), then this file.
 // BULK (sm_90, dense splits, one warp a program, no residual bits): the split's codes and statistics come into shared
 // memory by bulk copies (`cp.async.bulk`, the TMA's one-dimensional form), STOK tokens a stage and NST stages in
 // flight on an mbarrier each, issued by lane 0; the lanes then read their fragment words from shared memory. Bytes in
@@ -102,15 +102,8 @@ __device__ __forceinline__ void bar_init(u64* b) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(sptr(b)) : "memory");
 }
 __device__ __forceinline__ void bulk(void* dst, const void* src, u32 bytes, u64* b) {
-#if EVF   /* read once: first out of L2, so that what L2PF prefetched stays */
-  u64 pol;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
-               :: "r"(sptr(dst)), "l"(src), "r"(bytes), "r"(sptr(b)), "l"(pol) : "memory");
-#else
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                :: "r"(sptr(dst)), "l"(src), "r"(bytes), "r"(sptr(b)) : "memory");
-#endif
 }
 __device__ __forceinline__ void bar_wait(u64* b, u32 parity) {
   u32 ok;
@@ -488,18 +481,6 @@ __device__ __forceinline__ void fp_split(const u16* __restrict__ Q, const u16* _
 /* CW warps a program: each warp its own stretch of tokens (a virtual split), combined in shared memory
    into one partial result, so the merge reads CW times fewer rows */
 #define FPC ((FPS + CW - 1) / CW)                     /* programs for the full-precision splits */
-/* L2PF: the bytes the step reads right after this attention (the next projection's weights: `Step.after`) prefetched
-   into L2 while this kernel's own reads leave DRAM bandwidth idle; program p of n takes the p-th of n 16-byte aligned
-   shares, in bulk prefetches of up to 32 KB (sm_90, no shared memory or registers held: fire and forget). */
-__device__ __forceinline__ void l2_prefetch(const char* pf, i64 bytes, int p, int n) {
-#if __CUDA_ARCH__ >= 900
-  const i64 share = ((bytes + n - 1) / n + 15) / 16 * 16, last = bytes & ~(i64)15;
-  const i64 a = (i64)p * share, e = a + share < last ? a + share : last;
-  for (i64 o = a; o < e; o += 32768)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(pf + o), "r"((u32)(e - o < 32768 ? e - o : 32768))
-                 : "memory");
-#endif
-}
 #if MINB
 #define BOUNDS __launch_bounds__(32 * CW, MINB)
 #else
@@ -510,7 +491,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
     const u16* __restrict__ KZ, const u32* __restrict__ VP, const u16* __restrict__ VS, const u16* __restrict__ VZ,
     const u16* __restrict__ KF, const u16* __restrict__ VF, float* __restrict__ Part, float* __restrict__ Lse,
     double scale_log2_d, int S, int NQ_CAP, const int* __restrict__ Table, const int* __restrict__ Nsel, int stab,
-    int row_pages, const u32* __restrict__ KR, const char* __restrict__ PF, int pf_bytes) {
+    int row_pages, const u32* __restrict__ KR) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wq = threadIdx.x >> 5;
   const int bh = blockIdx.x, split = blockIdx.y;
   const float sl2 = (float)scale_log2_d;
@@ -585,7 +566,6 @@ extern "C" __global__ void BOUNDS kivi_attn(
   }
   __syncwarp();
 #endif
-  if (pf_bytes > 0 && threadIdx.x == 0) l2_prefetch(PF, pf_bytes, bh * S + split, gridDim.x * S);   /* packed programs */
   __shared__ __align__(16) u32 qsm_all[CW][2 * QW * 32];
   u32* qsm = qsm_all[wq];
   query_frags(qsm, qr, qok, lane);

@@ -61,7 +61,11 @@ Paged, 1/8 of the groups at 512K: ~34 µs a layer inside the decode step (issue 
 faster for 4 bits: prefetching the codes into L1 1-2 tiles ahead or into L2 2-8 tiles ahead (both
 removed again), several
 warps a program combined in shared memory (`cw`; 5 % faster for 2 bits), register caps (`minb`),
-32-token tiles; they stay as options of `defines` for `benchmarks/quant_cuda_probe.py`. A 3-6 stage
+32-token tiles; they stay as options of `defines` for `benchmarks/quant_cuda_probe.py`. Tried for 2 bits and removed
+(session 42, H100, 880c52f): the layer's o_proj weight prefetched into L2 by the packed programs
+(`cp.async.bulk.prefetch.L2`) while their reads leave bandwidth idle, the bulk copies marked evict-first: decode kivi2
+at 128K 0.625x without, 0.637x with the prefetch, 0.631x with both (the attention 3.8 µs a layer slower, o_proj no
+faster). A 3-6 stage
 cp.async pipeline in shared memory was 8 % slower and was removed (BENCHMARKS.md).
 
 The CUDA source is `quant_cuda.cu` beside this file. Compiled at first use with NVRTC through
@@ -105,12 +109,6 @@ KDQ = int(os.environ["LONGKV_KDQ"]) if os.environ.get("LONGKV_KDQ") else None
 # groups: 51.3 -> 46.5 us a layer in the decode step, 0.627x -> 0.616x; H100, session 40); off for 4 bits (60.2 -> 59.0
 # us at 32-token stages, slower at 64: the stages' shared memory costs programs an SM). LONGKV_BULK=0 / 1 forces it.
 BULK = int(os.environ["LONGKV_BULK"]) if os.environ.get("LONGKV_BULK") else None
-# L2PF: the attention kernel prefetches into L2 the bytes the step reads right after it (`Step.after`: the layer's
-# o_proj weight), one share a packed program (`cp.async.bulk.prefetch.L2`, sm_90), so that they come from DRAM while
-# the attention's own reads leave bandwidth idle; EVF: the BULK copies' lines marked evict-first in L2 so that the
-# streamed codes do not push the prefetched weight out. LONGKV_L2PF=0 / LONGKV_EVF=0 turn them off.
-L2PF = os.environ.get("LONGKV_L2PF", "1") != "0"
-EVF = int(os.environ.get("LONGKV_EVF", "1"))
 BULK_STOK = int(os.environ.get("LONGKV_BULK_STOK", 64))
 BULK_NST = int(os.environ.get("LONGKV_BULK_NST", 2))
 _MODULES: dict = {}
@@ -154,7 +152,7 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     cfg["KDQ"] = 0 if res else int(kdq)
     bulk = bulk if bulk is not None else BULK if BULK is not None else bits == 2 and not gpf   # (gpf asks for registers)
     bulk = int(bulk) and not (paged or res or cfg["CW"] > 1)
-    cfg.update(BULK=int(bulk), NST=nst or BULK_NST, STOK=stok or BULK_STOK, EVF=EVF if bulk else 0)
+    cfg.update(BULK=int(bulk), NST=nst or BULK_NST, STOK=stok or BULK_STOK)
     if bulk:
         cfg["GPF"] = 0
         if cfg["STOK"] % cfg["TILE"] or (cfg["STOK"] % group and group % cfg["STOK"]):
@@ -247,16 +245,15 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
                      scale: float, splits: int | None = None, tile: int | None = None,
                      gpf: int | None = None, minb: int | None = None, cw: int | None = None, parts: bool = False,
                      load_only: bool = False, kdq: int | None = None, bulk: int | None = None,
-                     stok: int | None = None, nst: int | None = None, after: torch.Tensor | None = None):
+                     stok: int | None = None, nst: int | None = None):
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
     parts=True returns (the two launches as closures, out, splits) instead (benchmarks/quant_cuda_probe.py).
     bulk / stok / nst: `config`'s (bulk copies into shared memory; sm_90 and 16-byte aligned storage only, else the
-    register double buffer). after: what the step reads next (a weight), prefetched into L2 by the packed programs
-    (L2PF; sm_90)."""
+    register double buffer)."""
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
                    splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts, load_only=load_only, kdq=kdq,
-                   bulk=bulk, stok=stok, nst=nst, after=after)
+                   bulk=bulk, stok=stok, nst=nst)
 
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
@@ -292,7 +289,7 @@ def _bulk_ok(q, kq, vq) -> bool:
 
 def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, splits=None, tile=None, gpf=None,
             minb=None, cw=None, parts=False, paged=None, frac=1.0, load_only=False, kdq=None, bulk=None, stok=None,
-            nst=None, after=None):
+            nst=None):
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
@@ -325,15 +322,12 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     out = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
     q = q.contiguous()
     kp, vp = kq["planes"][0].view(torch.int32), vq["planes"][0].view(torch.int32)
-    pf = after if (L2PF and after is not None and after.is_contiguous() and after.is_cuda
-                   and torch.cuda.get_device_capability(q.device)[0] >= 9) else None
 
     def run_attn():
         attn(grid=(B * H, S1, 1), block=(32 * warps, 1, 1),
              args=[q, length, kp, kq["scale"], kq["zero"], vp, vq["scale"], vq["zero"], kf, vf, part, lse,
                    float(scale * math.log2(math.e)), int(S), int(cap), *extra,
-                   kq["res"].view(torch.int32) if "res" in kq else kp, pf if pf is not None else kp,
-                   min(pf.numel() * pf.element_size(), 2 ** 31 - 16) if pf is not None else 0])   # (an int a launch)
+                   kq["res"].view(torch.int32) if "res" in kq else kp])
 
     def run_merge():
         mrg(grid=(B * Hq, D // 32, 1), block=(32 * MERGE_WARPS, 1, 1), args=[part, lse, out, int(S1)])

@@ -164,7 +164,6 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = step.rope[self.rope_index]
-        step.after = self.o_proj.weight
         out = cache.attend(self.layer, apply_rope(q, cos, sin), k, v, step=step)
         out = out.transpose(1, 2).reshape(B, T, self.hq * self.d)
         if norm is not None:
