@@ -449,12 +449,16 @@
 #    sums emulated): [copy part100..103], [copy part104; MODELS=gemma3-270m install <sha>; SQ="kv4:kres=1,window=128+quest:
 #    ratio=0.875,groups=1,channels=0.25,rank=mass,weigh=1,dense_layers=0" CELLS="niah_single_2:18,49
 #    niah_multikey_1:2,95" cells].
-# 3. (issue 4) kv2 at 128K: 0.634x on the H100 (sessions 40-41), the target 0.60x; DYN and PDL did not move it. `clip`
-#    times kv2:clip=1 with the search one lower end at a time (0.642x, session 41) and all 11 at once (LONGKV_CLIP_IA=16,
-#    built, not timed); if the latter is within ~0.002x of kv2, make it the default and consider kv2 = kv2:clip=1 (+3.4 %
-#    against +6.6 % ppl at 8K, 30 of 45 needles against 19). For 0.60x kv2's kernels must fit ~40 us a layer where a
-#    launch's fixed part is ~22 us (BENCHMARKS.md, issue 4, session 41): the merge folded in, or the shared GEMMs (2.4-2.8
-#    TB/s against the 3.02 TB/s copy rate).
+# Session 42 (2026-12-07), three H100s, 5 calls, 5 starts refused: [gemv: the Triton GEMV's tests (74 passed), sweep,
+# decode: full 12.01 -> 11.72 ms, kv2 0.627x -> 0.625x], [l2pf (880c52f): the o_proj weight prefetched into L2 by kv2's
+# attention: 0.625x without, 0.637x with, 0.631x with evict-first copies: removed], [clip: IA=1 0.642x, IA=16 0.639x,
+# kv2 0.634x in the same runs (with l2pf on): IA stays 1], [decode by hand: GEMV at 4x1024 tiles 0.631x, GEMV=0 0.632x],
+# [gemv at the defaults (7c04cd5): full 11.91 -> 11.54 ms, kv2 0.635x -> 0.625x, kv4 0.659x -> 0.652x].
+# 3. (issue 4) kv2 at 128K: 0.625x on the H100 (session 42, with the GEMV), the target 0.60x; DYN, PDL, the L2 prefetch
+#    of o_proj and clip's all-at-once search did not move it. 0.60x needs 0.4·x + y >= ~300 us a step (x: shared, y: kv2's
+#    own; BENCHMARKS.md, issue 4, session 42). By size: the key statistics in 8 bits (y ~ 160), the gated GEMV's gate and
+#    up rows side by side in the fused weight (x ~ 100-200; `gemv` times it), the merge folded into the splits kernel (y
+#    ~ 60-90), q's RoPE in the qkv GEMV (x ~ 40).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
