@@ -125,6 +125,13 @@ def main():
                               tbs=round(nbytes / t / 1e6, 3)))
             if t_f is None or t < t_f:
                 t_f, cfg = t, c
+            if "silu" in fusion:   # the gated form's gate and up rows in one tile (LONGKV_GEMV_ONE), for comparison
+                gv.ONE_TILE = True
+                fn_1, *_ = calls(rows, K, fusion, copies, dev, dtype, fused=True, cfg=c)
+                t1 = time_us(fn_1, copies, a.reps, dev)
+                gv.ONE_TILE = False
+                sweep.append(dict(shape=name + "+" + fusion + " one", cfg="%d,%d,%d,%d" % c, us=round(t1, 2),
+                                  tbs=round(nbytes / t1 / 1e6, 3)))
         best[name + "+"] = (cfg, t_f)
         fn_t, *_ = calls(rows, K, fusion, copies, dev, dtype, fused=False)
         t_t = time_us(fn_t, copies, a.reps, dev)

@@ -457,8 +457,8 @@
 # 3. (issue 4) kv2 at 128K: 0.625x on the H100 (session 42, with the GEMV), the target 0.60x; DYN, PDL, the L2 prefetch
 #    of o_proj and clip's all-at-once search did not move it. 0.60x needs 0.4·x + y >= ~300 us a step (x: shared, y: kv2's
 #    own; BENCHMARKS.md, issue 4, session 42). By size: the key statistics in 8 bits (y ~ 160), the gated GEMV's gate and
-#    up rows side by side in the fused weight (x ~ 100-200; `gemv` times it), the merge folded into the splits kernel (y
-#    ~ 60-90), q's RoPE in the qkv GEMV (x ~ 40).
+#    up rows in one tile (LONGKV_GEMV_ONE, built; `gemv` times both forms: if it wins, make it the default; x ~ 100-200),
+#    the merge folded into the splits kernel (y ~ 60-90), q's RoPE in the qkv GEMV (x ~ 40).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

@@ -14,14 +14,16 @@ pytest.importorskip("triton")
 DEV = "cuda" if torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 FUSIONS = [dict(), dict(norm=True), dict(act="silu"), dict(act="silu", norm=True), dict(act="gelu_pytorch_tanh"),
-           dict(act="gelu", bias=True), dict(res=True), dict(res=True, bias=True), dict(norm=True, f32=True)]
+           dict(act="gelu", bias=True), dict(res=True), dict(res=True, bias=True), dict(norm=True, f32=True),
+           dict(act="silu", norm=True, one=True), dict(act="gelu", bias=True, one=True)]   # one: gate + up in one tile
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k,cfg", [(37, 100, (8, 64, 4, 1)), (64, 576, (4, 256, 4, 1)), (130, 1536, (16, 512, 4, 1)),
                                      (9, 40, (32, 1024, 8, 1))])
 @pytest.mark.parametrize("fusion", FUSIONS, ids=lambda f: "+".join(f) or "plain")
-def test_gemv_matches_reference(dtype, n, k, cfg, fusion):
+def test_gemv_matches_reference(dtype, n, k, cfg, fusion, monkeypatch):
+    monkeypatch.setattr(gv, "ONE_TILE", bool(fusion.get("one")))
     g = torch.Generator(device=DEV).manual_seed(n * k)
     x = torch.randn(1, 1, k, generator=g, device=DEV).to(dtype)
     rows = 2 * n if "act" in fusion else n

@@ -34,6 +34,10 @@ except ImportError:   # CPU installs without Triton: `enabled()` is then False
     triton = None
 
 ACTS = {None: 0, "silu": 1, "gelu_pytorch_tanh": 2, "gelu": 3}
+# the gated form's gate and up rows in one 2BN-row tile a step (one load, as a plain GEMV) instead of two BN-row tiles;
+# built after session 42's last call (where the two-tile form read gate/up at 84.9 µs against cuBLAS's 78.3), not timed
+# yet: off until `gemv_probe.py` (which times both) shows it faster. LONGKV_GEMV_ONE=1 turns it on.
+ONE_TILE = os.environ.get("LONGKV_GEMV_ONE", "0") == "1"
 
 
 def _act(g: torch.Tensor, kind: str) -> torch.Tensor:
@@ -103,7 +107,7 @@ def gemv(x, w, b=None, *, norm=None, eps: float = 1e-6, act=None, res=None, out_
         xc, w, y, b if b is not None else dummy, res.reshape(n) if res is not None else dummy,
         norm if norm is not None else dummy, n, K, w.stride(0), n, eps,
         BN=bn, BK=bk, NORM=norm is not None, ACT=ACTS[act],
-        BIAS=b is not None, RES=res is not None, num_warps=warps, num_stages=stages)
+        BIAS=b is not None, RES=res is not None, ONE=act is not None and ONE_TILE, num_warps=warps, num_stages=stages)
     return y
 
 
@@ -124,18 +128,23 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(X, W, Y, B, R, G, N, K, stride_w, up_off, eps,
                      BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
-                     ACT: tl.constexpr, BIAS: tl.constexpr, RES: tl.constexpr):
+                     ACT: tl.constexpr, BIAS: tl.constexpr, RES: tl.constexpr, ONE: tl.constexpr = False):
         """Program p: outputs [p*BN, p*BN + BN). Weight tiles BN x BK, accumulated elementwise in fp32 and
-        reduced once at the end; with ACT also the up rows (n + up_off). NORM: the tiles meet x * g and x's sum of
-        squares accumulates alongside, so the row's 1 / rms scales the sums at the end (W (x g) / rms = W (x g / rms)):
-        no pass over x before the first weight load (as a prologue it cost ~1 µs a program, 85 against 81 µs at
-        gate/up)."""
+        reduced once at the end; with ACT also the up rows (n + up_off): a second BN x BK tile a step, or with ONE
+        a single 2BN x BK tile holding both (one load a step, as a plain GEMV of 2BN rows). NORM: the tiles meet
+        x * g and x's sum of squares accumulates alongside, so the row's 1 / rms scales the sums at the end
+        (W (x g) / rms = W (x g / rms)): no pass over x before the first weight load (as a prologue it cost ~1 µs a
+        program at qkv)."""
+        RB: tl.constexpr = 2 * BN if ONE else BN
         pid = tl.program_id(0)
         rn = pid * BN + tl.arange(0, BN)
         nmask = rn < N
+        rt = tl.arange(0, RB)                      # the tile's rows: BN outputs' rows (ONE: then their up rows)
+        rr = pid * BN + rt % BN
+        wrow = W + (rr + (rt // BN) * up_off).to(tl.int64)[:, None] * stride_w
+        rmask = rr < N
         rk = tl.arange(0, BK)
-        wrow = W + rn.to(tl.int64)[:, None] * stride_w
-        acc = tl.zeros([BN, BK], dtype=tl.float32)
+        acc = tl.zeros([RB, BK], dtype=tl.float32)
         acc2 = tl.zeros([BN, BK], dtype=tl.float32)
         ss = tl.zeros([BK], dtype=tl.float32)
         for k0 in range(0, K, BK):
@@ -146,19 +155,23 @@ if triton is not None:
                 ss += xv * xv
                 xv = xv * tl.load(G + kk, mask=kmask, other=0.0).to(tl.float32)
             xf = xv[None, :]
-            m2 = nmask[:, None] & kmask[None, :]
-            acc += tl.load(wrow + kk[None, :], mask=m2, other=0.0).to(tl.float32) * xf
-            if ACT != 0:
-                acc2 += tl.load(wrow + up_off * stride_w + kk[None, :], mask=m2, other=0.0).to(tl.float32) * xf
-        y = tl.sum(acc, 1)
+            acc += tl.load(wrow + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32) * xf
+            if ACT != 0 and not ONE:
+                acc2 += tl.load(wrow + up_off * stride_w + kk[None, :], mask=nmask[:, None] & kmask[None, :],
+                                other=0.0).to(tl.float32) * xf
         rstd = 1.0
         if NORM:
             rstd = tl.rsqrt(tl.sum(ss, 0) / K + eps)
-            y = y * rstd
+        if ONE:
+            y, u = tl.split(tl.trans(tl.reshape(tl.sum(acc, 1), (2, BN))))
+            u = u * rstd
+        else:
+            y = tl.sum(acc, 1)
+            u = tl.sum(acc2, 1) * rstd
+        y = y * rstd
         if BIAS:
             y += tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)
         if ACT != 0:
-            u = tl.sum(acc2, 1) * rstd
             if BIAS:
                 u += tl.load(B + up_off + rn, mask=nmask, other=0.0).to(tl.float32)
             g = y.to(X.dtype.element_ty).to(tl.float32)
