@@ -61,8 +61,8 @@
 #   clip      issue 4: the clipped 2-bit key groups (clip=1): GPU tests, decode at 32K/128K next to full and kv2
 #   gemv      issue 4 (every cache): the batch-1 projections through kernels/gemv.py (norms, SiLU·mul, residual adds
 #             folded in): GPU tests, gemv_probe.py's sweep against cuBLAS, decode at 128K with LONGKV_GEMV=1 / 0
-#   fold      issue 4: kv2's merge folded into the splits kernel (LONGKV_FOLD) and the gated GEMV in one tile
-#             (LONGKV_GEMV_ONE), both built in session 42 and untimed: GPU tests, probe, decode at 128K
+#   fold      issue 4: kv2's merge folded into the splits kernel (LONGKV_FOLD), the gated GEMV in one tile
+#             (LONGKV_GEMV_ONE), the GEMVs as PDL launches (LONGKV_GEMV_PDL), all built in session 42 and untimed
 #   bulk      issue 4: bulk copies (the TMA's 1-D form) into shared memory for the dense kernel: GPU tests (and the
 #             mass select's), probe at 128K over stages; bulkdecode: decode at 128K with LONGKV_BULK=0 / 1
 #   mass512   issue 5: decode at 512K, the issue's 32-layer 8B shape (16 weight sets; LAYERS=16: 16 layers, as sessions
@@ -460,8 +460,10 @@
 #    of o_proj and clip's all-at-once search did not move it. 0.60x needs 0.4·x + y >= ~300 us a step (x: shared, y: kv2's
 #    own; BENCHMARKS.md, issue 4, session 42). By size: the key statistics in 8 bits (y ~ 160), the gated GEMV's gate and
 #    up rows in one tile (LONGKV_GEMV_ONE, built; x ~ 100-200), the merge folded into the splits kernel (LONGKV_FOLD,
-#    built; y ~ 60-90), q's RoPE in the qkv GEMV (x ~ 40). First call: `OUT=$OUT bash benchmarks/gpu_batch.sh fold`
-#    (~300 s): make each the default if it is faster (FOLD: quant_cuda.FOLD; ONE: gemv.ONE_TILE).
+#    built; y ~ 60-90), the GEMVs as PDL launches that load their first weight tile before waiting (LONGKV_GEMV_PDL,
+#    built; x: the projections' ramps, ~2-3 us each), q's RoPE in the qkv GEMV (x ~ 40). First call: `OUT=$OUT bash
+#    benchmarks/gpu_batch.sh fold` (~330 s): make each the default if it is faster (quant_cuda.FOLD, gemv.ONE_TILE,
+#    gemv.PDL). If the GPU's Triton refuses launch_pdl, the +PDL row fails alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -710,17 +712,17 @@ P
         LONGKV_GEMV=$g bench gemvdec$g 100 $PY quant_decode.py --contexts 128k --caches "full;kv2;kv4" --new-tokens 24
       done
       bench gemvdec1p 120 $PY quant_decode.py --contexts 128k --caches "full;kv2" --new-tokens 24 --profile ;;
-    fold)      # issue 4: the two levers built after session 42's last call, neither timed yet: FOLD (kv2's splits merged
-               # by each head's last program, no kivi_merge launch) and the gated GEMV's gate and up rows in one tile
-               # (LONGKV_GEMV_ONE). GPU tests of both, the GEMV probe (its gate/up rows with and without ONE), decode at
-               # 128K (full, kv2) as the defaults, with LONGKV_FOLD=1, and with both
+    fold)      # issue 4: the three levers built after session 42's last call, none timed yet: FOLD (kv2's splits merged
+               # by each head's last program, no kivi_merge launch), the gated GEMV's gate and up rows in one tile
+               # (LONGKV_GEMV_ONE) and the GEMVs as programmatic dependent launches (LONGKV_GEMV_PDL). GPU tests, the GEMV
+               # probe (gate/up with and without ONE), decode at 128K (full, kv2): defaults, + FOLD, + ONE, + PDL
       (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q -rf --tb=line tests/test_gemv.py tests/test_quant_cuda.py \
          -k "gemv or (matches_reference and (fold or default))") > "$OUT/fold_tests.log" 2>&1
       echo "fold tests: $(grep -E 'passed|failed' "$OUT/fold_tests.log" | tr '\n' ' ')" >&2
       bench foldprobe 200 $PY gemv_probe.py --shapes gate_up,o_proj
-      for fo in 00 10 11; do
-        LONGKV_FOLD=${fo:0:1} LONGKV_GEMV_ONE=${fo:1:1} bench fold$fo 100 $PY quant_decode.py --contexts 128k \
-          --caches "full;kv2" --new-tokens 24
+      for fo in 000 100 110 111; do
+        LONGKV_FOLD=${fo:0:1} LONGKV_GEMV_ONE=${fo:1:1} LONGKV_GEMV_PDL=${fo:2:1} bench fold$fo 100 $PY quant_decode.py \
+          --contexts 128k --caches "full;kv2" --new-tokens 24
       done ;;
     bulkdecode) # issue 4: decode at 128K, full and kivi2 with LONGKV_BULK=0 then 1
       LONGKV_BULK=0 bench bulkdecode0 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24

@@ -47,9 +47,13 @@ def main() -> int:
     for bn, bk, norm, act, res, bias in [(2, 1024, True, 0, False, False), (2, 1024, False, 0, True, False),
                                          (4, 512, True, 1, False, False), (4, 512, True, 2, False, True),
                                          (4, 512, False, 3, False, True), (4, 512, True, 0, False, False)]:
-        cases.append((gv._gemv_kernel, gsig, dict(BN=bn, BK=bk, NORM=norm, ACT=act, BIAS=bias, RES=res, ONE=False), 4))
+        cases.append((gv._gemv_kernel, gsig, dict(BN=bn, BK=bk, NORM=norm, ACT=act, BIAS=bias, RES=res, ONE=False,
+                                                  PDL=False), 4))
         if act:   # the gated form in one tile (LONGKV_GEMV_ONE)
-            cases.append((gv._gemv_kernel, gsig, dict(BN=bn, BK=bk, NORM=norm, ACT=act, BIAS=bias, RES=res, ONE=True), 4))
+            cases.append((gv._gemv_kernel, gsig, dict(BN=bn, BK=bk, NORM=norm, ACT=act, BIAS=bias, RES=res, ONE=True,
+                                                      PDL=False), 4))
+    cases.append((gv._gemv_kernel, gsig, dict(BN=2, BK=1024, NORM=True, ACT=0, BIAS=False, RES=False, ONE=False,
+                                              PDL=True), 4))
     bad = 0
     for fn, sig, const, warps in cases:
         try:

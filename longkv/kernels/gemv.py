@@ -38,6 +38,11 @@ ACTS = {None: 0, "silu": 1, "gelu_pytorch_tanh": 2, "gelu": 3}
 # built after session 42's last call (where the two-tile form read gate/up at 84.9 µs against cuBLAS's 78.3), not timed
 # yet: off until `gemv_probe.py` (which times both) shows it faster. LONGKV_GEMV_ONE=1 turns it on.
 ONE_TILE = os.environ.get("LONGKV_GEMV_ONE", "0") == "1"
+# programmatic dependent launch (sm_90): each GEMV launches while the kernel before it finishes, loads its first weight
+# tile, then waits for that kernel (griddepcontrol.wait) before reading x; it lets the next launch early in turn. Meant
+# to fill the ramp and tail of each projection (~3 µs at o_proj's 33.5 MB: 2.5 TB/s against 3.0). Built in session
+# 42 after its last call, not timed: off until measured; LONGKV_GEMV_PDL=1 turns it on.
+PDL = os.environ.get("LONGKV_GEMV_PDL", "0") == "1"
 
 
 def _act(g: torch.Tensor, kind: str) -> torch.Tensor:
@@ -103,11 +108,13 @@ def gemv(x, w, b=None, *, norm=None, eps: float = 1e-6, act=None, res=None, out_
     bn, bk, warps, stages = cfg or config(n, K, act is not None)
     bk = min(bk, triton.next_power_of_2(K))
     dummy = xc
+    pdl = PDL and x.is_cuda
     _gemv_kernel[(triton.cdiv(n, bn),)](
         xc, w, y, b if b is not None else dummy, res.reshape(n) if res is not None else dummy,
         norm if norm is not None else dummy, n, K, w.stride(0), n, eps,
         BN=bn, BK=bk, NORM=norm is not None, ACT=ACTS[act],
-        BIAS=b is not None, RES=res is not None, ONE=act is not None and ONE_TILE, num_warps=warps, num_stages=stages)
+        BIAS=b is not None, RES=res is not None, ONE=act is not None and ONE_TILE, PDL=pdl, num_warps=warps,
+        num_stages=stages, **({"launch_pdl": True} if pdl else {}))
     return y
 
 
@@ -128,13 +135,15 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(X, W, Y, B, R, G, N, K, stride_w, up_off, eps,
                      BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
-                     ACT: tl.constexpr, BIAS: tl.constexpr, RES: tl.constexpr, ONE: tl.constexpr = False):
+                     ACT: tl.constexpr, BIAS: tl.constexpr, RES: tl.constexpr, ONE: tl.constexpr = False,
+                     PDL: tl.constexpr = False):
         """Program p: outputs [p*BN, p*BN + BN). Weight tiles BN x BK, accumulated elementwise in fp32 and
         reduced once at the end; with ACT also the up rows (n + up_off): a second BN x BK tile a step, or with ONE
         a single 2BN x BK tile holding both (one load a step, as a plain GEMV of 2BN rows). NORM: the tiles meet
         x * g and x's sum of squares accumulates alongside, so the row's 1 / rms scales the sums at the end
         (W (x g) / rms = W (x g / rms)): no pass over x before the first weight load (as a prologue it cost ~1 µs a
-        program at qkv)."""
+        program at qkv). The first step is peeled: its weight tiles load before anything the previous kernel
+        wrote is read (PDL: before griddepcontrol.wait)."""
         RB: tl.constexpr = 2 * BN if ONE else BN
         pid = tl.program_id(0)
         rn = pid * BN + tl.arange(0, BN)
@@ -144,10 +153,24 @@ if triton is not None:
         wrow = W + (rr + (rt // BN) * up_off).to(tl.int64)[:, None] * stride_w
         rmask = rr < N
         rk = tl.arange(0, BK)
-        acc = tl.zeros([RB, BK], dtype=tl.float32)
+        # the first weight tile(s) (no kernel before writes them) load before waiting for the previous kernel: with PDL
+        # that wait is the first thing that can stall, so the tile streams in during the previous kernel's tail
+        k1 = rk < K
+        acc = tl.load(wrow + rk[None, :], mask=rmask[:, None] & k1[None, :], other=0.0).to(tl.float32)
         acc2 = tl.zeros([BN, BK], dtype=tl.float32)
-        ss = tl.zeros([BK], dtype=tl.float32)
-        for k0 in range(0, K, BK):
+        if ACT != 0 and not ONE:
+            acc2 = tl.load(wrow + up_off * stride_w + rk[None, :], mask=nmask[:, None] & k1[None, :],
+                           other=0.0).to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        xv = tl.load(X + rk, mask=k1, other=0.0).to(tl.float32)
+        ss = xv * xv
+        if NORM:
+            xv = xv * tl.load(G + rk, mask=k1, other=0.0).to(tl.float32)
+        acc = acc * xv[None, :]
+        acc2 = acc2 * xv[None, :]
+        for k0 in range(BK, K, BK):
             kk = k0 + rk
             kmask = kk < K
             xv = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
