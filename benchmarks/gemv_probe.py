@@ -38,6 +38,13 @@ SMOKE = {"qkv": (96, 64, "norm"), "o_proj": (64, 64, "res+norm"), "gate_up": (12
 # o_proj's); down's residual add. The fused side moves the post-attention norm into gate/up's prologue.
 
 
+def fusion_args(fusion: str, g, r) -> dict:
+    """`gemv`'s keyword arguments for a fusion label: the norm is the GEMV's own prologue except where the label's norm
+    is the one that follows o_proj's residual add ("res+norm": in the fused step it moves to gate/up)."""
+    return dict(norm=g if "norm" in fusion and "res" not in fusion else None, act="silu" if "silu" in fusion else None,
+                res=r if "res" in fusion else None, out_dtype=torch.float32 if "f32" in fusion else None, eps=1e-5)
+
+
 def calls(rows, K, fusion, copies, dev, dtype, fused: bool, cfg=None, torch_ops=True):
     """A function making one call on each weight copy: the fused GEMV, or the torch sequence it replaces
     (torch_ops=False: F.linear alone; fused with fusion=None: the plain GEMV)."""
@@ -46,30 +53,26 @@ def calls(rows, K, fusion, copies, dev, dtype, fused: bool, cfg=None, torch_ops=
     g = torch.rand(K, device=dev, dtype=dtype) + 0.5
     r = torch.randn(1, 1, rows, device=dev, dtype=dtype)
     fusion = fusion or ""
-    norm = "norm" in fusion and "res" not in fusion       # fused: the GEMV's own prologue
-    act = "silu" if "silu" in fusion else None
-    res = r if "res" in fusion else None
+    kw = fusion_args(fusion, g, r)
     g_out = torch.rand(rows, device=dev, dtype=dtype) + 0.5
-    f32 = "f32" in (fusion or "")
 
     def fn():
         for w in ws:
             if fused:
-                gv.gemv(x, w, norm=g if norm else None, act=act, res=res, out_dtype=torch.float32 if f32 else None,
-                        cfg=cfg)
+                gv.gemv(x, w, cfg=cfg, **kw)
             elif not torch_ops:
                 F.linear(x, w)
             else:
-                h = rms_norm(x, g, 1e-5) if norm and not act else x
+                h = rms_norm(x, g, 1e-5) if kw["norm"] is not None and not kw["act"] else x
                 y = F.linear(h, w)
-                if act:
+                if kw["act"]:
                     a, b = y.chunk(2, dim=-1)
                     y = silu_mul(a, b)
                 if "res+norm" in fusion:
                     y = add_rms_norm(r, y, g_out, 1e-5)   # o_proj's add and the next norm, one kernel (llama.py)
-                elif res is not None:
+                elif kw["res"] is not None:
                     y = r + y
-                if f32:
+                if kw["out_dtype"] is not None:
                     y = y.float()
     return fn, ws, x
 
@@ -137,8 +140,7 @@ def main():
         t_t = time_us(fn_t, copies, a.reps, dev)
         g = torch.rand(K, device=dev, dtype=dtype) + 0.5
         r = torch.randn(1, 1, n_out, device=dev, dtype=dtype)
-        kw = dict(norm=g if "norm" in fusion and "res" not in fusion else None, act="silu" if "silu" in fusion else None,
-                  res=r if "res" in fusion else None, eps=1e-5)
+        kw = fusion_args(fusion, g, r)
         err = (gv.gemv(x, ws[0], cfg=cfg, **kw).float() - gv.reference(x, ws[0], **kw).float()).abs().max().item()
         fused_rows.append(dict(shape=name, fusion=fusion, cfg="%d,%d,%d,%d" % cfg, cublas_us=round(t_cub, 2),
                                gemv_us=round(best[name][1], 2), torch_seq_us=round(t_t, 2), fused_us=round(t_f, 2),

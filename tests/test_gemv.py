@@ -56,7 +56,8 @@ def tiny(tmp_path_factory):
 
 def test_decode_through_gemv_equals_torch_path(tiny, monkeypatch):
     """One decode step of a Llama (biases on) with LONGKV_GEMV=cpu (the four GEMVs a layer and the head, norms and
-    adds inside) gives the torch path's logits. A prefill's last-token head (one row) takes it too; its layers do not."""
+    adds inside) gives the torch path's logits. A prefill's last-token head (one row) takes it too; its layers do
+    not."""
     x = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(0))
     out = {}
     for mode in ("0", "cpu"):

@@ -17,11 +17,14 @@ takes over those neighbours:
 Rounding follows the unfused GPU path (torch.compile'd elementwise kernels): the projection's output
 is rounded to the activation dtype before the activation or the residual add, which run in fp32 and
 round once. One difference: the normed input is not rounded to bf16 before the dot (the unfused
-path's norm kernel writes it in bf16), so the fused form is the more exact by that rounding. The plain-torch `reference` is the specification; the tests compare the two on CPU
-under TRITON_INTERPRET=1 and on the GPU.
+path's norm kernel writes it in bf16), so the fused form is the more exact by that rounding. The
+plain-torch `reference` is the specification; the tests compare the two on CPU under
+TRITON_INTERPRET=1 and on the GPU.
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 
 import torch
@@ -75,17 +78,21 @@ def enabled(x: torch.Tensor) -> bool:
     return x.is_cuda or (mode == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+@functools.lru_cache(maxsize=4)
+def _table(path: str) -> dict:
+    """LONGKV_GEMV_TABLE's file, read once (eager decode asks `config` at every projection of every step)."""
+    with open(path) as f:
+        return json.load(f)
+
+
 def config(n: int, k: int, gated: bool = False) -> tuple[int, int, int, int]:
     """(BN, BK, warps, stages) for n outputs of a K-long row (`gated`: two weight rows an output). LONGKV_GEMV_TABLE
     names a JSON file of {"n,k": [BN, BK, warps, stages]} (what benchmarks/gemv_probe.py's sweep writes) that
     overrides it."""
     table = os.environ.get("LONGKV_GEMV_TABLE")
-    if table:
-        import json
-        with open(table) as f:
-            got = json.load(f).get(f"{n},{k}")
-        if got:
-            return tuple(got)
+    got = _table(table).get(f"{n},{k}") if table else None
+    if got:
+        return tuple(got)
     # gemv_probe.py's sweeps (H100, session 42; the fused forms at 5 tiles after 23 plain ones): 2 rows x 1,024 columns
     # a tile for qkv, o_proj and down (21.5, 13.5, 41.6 µs against cuBLAS's 20.2, 15.6, 42.6 without the ops around
     # it), 4 x 512 for the gated gate/up and the head; 4 warps; one stage (Triton pipelines only loads that feed
