@@ -724,6 +724,12 @@ P
         LONGKV_FOLD=${fo:0:1} LONGKV_GEMV_ONE=${fo:1:1} LONGKV_GEMV_PDL=${fo:2:1} bench fold$fo 100 $PY quant_decode.py \
           --contexts 128k --caches "full;kv2" --new-tokens 24
       done ;;
+    peel)      # issue 4: the GEMV's peeled first k-step (session 42's last change) against the plain loop, and PDL with the
+               # kivi merge kept (FOLD off): decode at 128K, full and kv2, PEEL/PDL = 10 (default), 00, 11, then 10 again
+      i=0; for pp in 10 00 11 10; do i=$((i + 1))
+        LONGKV_GEMV_PEEL=${pp:0:1} LONGKV_GEMV_PDL=${pp:1:1} bench peel${pp}_$i 100 $PY quant_decode.py \
+          --contexts 128k --caches "full;kv2" --new-tokens 24
+      done ;;
     bulkdecode) # issue 4: decode at 128K, full and kivi2 with LONGKV_BULK=0 then 1
       LONGKV_BULK=0 bench bulkdecode0 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24
       LONGKV_BULK=1 bench bulkdecode1 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24 ;;

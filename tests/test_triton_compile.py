@@ -48,12 +48,13 @@ def main() -> int:
                                          (4, 512, True, 1, False, False), (4, 512, True, 2, False, True),
                                          (4, 512, False, 3, False, True), (4, 512, True, 0, False, False)]:
         cases.append((gv._gemv_kernel, gsig, dict(BN=bn, BK=bk, NORM=norm, ACT=act, BIAS=bias, RES=res, ONE=False,
-                                                  PDL=False), 4))
+                                                  PDL=False, PEEL=True), 4))
         if act:   # the gated form in one tile (LONGKV_GEMV_ONE)
             cases.append((gv._gemv_kernel, gsig, dict(BN=bn, BK=bk, NORM=norm, ACT=act, BIAS=bias, RES=res, ONE=True,
-                                                      PDL=False), 4))
-    cases.append((gv._gemv_kernel, gsig, dict(BN=2, BK=1024, NORM=True, ACT=0, BIAS=False, RES=False, ONE=False,
-                                              PDL=True), 4))
+                                                      PDL=False, PEEL=True), 4))
+    for pdl, peel in [(True, True), (False, False)]:    # PDL; the plain loop (LONGKV_GEMV_PEEL=0)
+        cases.append((gv._gemv_kernel, gsig, dict(BN=2, BK=1024, NORM=True, ACT=1, BIAS=False, RES=False, ONE=False,
+                                                  PDL=pdl, PEEL=peel), 4))
     bad = 0
     for fn, sig, const, warps in cases:
         try:

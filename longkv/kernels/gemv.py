@@ -46,6 +46,9 @@ ONE_TILE = os.environ.get("LONGKV_GEMV_ONE", "0") == "1"
 # to fill the ramp and tail of each projection (~3 µs at o_proj's 33.5 MB: 2.5 TB/s against 3.0). Built in session
 # 42 after its last call, not timed: off until measured; LONGKV_GEMV_PDL=1 turns it on.
 PDL = os.environ.get("LONGKV_GEMV_PDL", "0") == "1"
+# the first k-step peeled (its weight tiles load before x is read, which PDL needs); session 43 times it against the
+# plain loop (LONGKV_GEMV_PEEL=0), since full's step was 0.4 ms slower in the first call that had it
+PEEL = os.environ.get("LONGKV_GEMV_PEEL", "1") == "1"
 
 
 def _act(g: torch.Tensor, kind: str) -> torch.Tensor:
@@ -120,7 +123,8 @@ def gemv(x, w, b=None, *, norm=None, eps: float = 1e-6, act=None, res=None, out_
         xc, w, y, b if b is not None else dummy, res.reshape(n) if res is not None else dummy,
         norm if norm is not None else dummy, n, K, w.stride(0), n, eps,
         BN=bn, BK=bk, NORM=norm is not None, ACT=ACTS[act],
-        BIAS=b is not None, RES=res is not None, ONE=act is not None and ONE_TILE, PDL=pdl, num_warps=warps,
+        BIAS=b is not None, RES=res is not None, ONE=act is not None and ONE_TILE, PDL=pdl, PEEL=PEEL or pdl,
+        num_warps=warps,
         num_stages=stages, **({"launch_pdl": True} if pdl else {}))
     return y
 
@@ -143,7 +147,7 @@ if triton is not None:
     def _gemv_kernel(X, W, Y, B, R, G, N, K, stride_w, up_off, eps,
                      BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
                      ACT: tl.constexpr, BIAS: tl.constexpr, RES: tl.constexpr, ONE: tl.constexpr = False,
-                     PDL: tl.constexpr = False):
+                     PDL: tl.constexpr = False, PEEL: tl.constexpr = True):
         """Program p: outputs [p*BN, p*BN + BN). Weight tiles BN x BK, accumulated elementwise in fp32 and
         reduced once at the end; with ACT also the up rows (n + up_off): a second BN x BK tile a step, or with ONE
         a single 2BN x BK tile holding both (one load a step, as a plain GEMV of 2BN rows). NORM: the tiles meet
@@ -163,21 +167,28 @@ if triton is not None:
         # the first weight tile(s) (no kernel before writes them) load before waiting for the previous kernel: with PDL
         # that wait is the first thing that can stall, so the tile streams in during the previous kernel's tail
         k1 = rk < K
-        acc = tl.load(wrow + rk[None, :], mask=rmask[:, None] & k1[None, :], other=0.0).to(tl.float32)
+        if PEEL:
+            acc = tl.load(wrow + rk[None, :], mask=rmask[:, None] & k1[None, :], other=0.0).to(tl.float32)
+        else:
+            acc = tl.zeros([RB, BK], dtype=tl.float32)
         acc2 = tl.zeros([BN, BK], dtype=tl.float32)
-        if ACT != 0 and not ONE:
+        if PEEL and ACT != 0 and not ONE:
             acc2 = tl.load(wrow + up_off * stride_w + rk[None, :], mask=nmask[:, None] & k1[None, :],
                            other=0.0).to(tl.float32)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        xv = tl.load(X + rk, mask=k1, other=0.0).to(tl.float32)
-        ss = xv * xv
-        if NORM:
-            xv = xv * tl.load(G + rk, mask=k1, other=0.0).to(tl.float32)
-        acc = acc * xv[None, :]
-        acc2 = acc2 * xv[None, :]
-        for k0 in range(BK, K, BK):
+        if PEEL:
+            xv = tl.load(X + rk, mask=k1, other=0.0).to(tl.float32)
+            ss = xv * xv
+            if NORM:
+                xv = xv * tl.load(G + rk, mask=k1, other=0.0).to(tl.float32)
+            acc = acc * xv[None, :]
+            acc2 = acc2 * xv[None, :]
+        else:
+            ss = tl.zeros([BK], dtype=tl.float32)
+        K0: tl.constexpr = BK if PEEL else 0
+        for k0 in range(K0, K, BK):
             kk = k0 + rk
             kmask = kk < K
             xv = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
