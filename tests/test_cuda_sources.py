@@ -38,10 +38,6 @@ CASES = [
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, load_only=True)),
     # the keys dequantized in registers (KDQ), dense kivi2 (16- and 32-token tiles) and paged 4-bit
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, kdq=1)),
-    # the splits merged by each head's last program (FOLD), kivi2 and 4 bits at D 64 / fp16
-    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, fold=True)),
-    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(D=64, G=8, sink=4, bf16=False, bits=4, group=64,
-                                                                  ring=256, fold=True)),
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, kdq=1, tile=32)),
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, paged=True,
                                                                   kdq=1)),

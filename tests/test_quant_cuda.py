@@ -39,11 +39,10 @@ def _cuda(x):
 # dequantized in registers (KDQ) on and off (its default is the module's); 32-token tiles (two 16-token steps' scores
 # before one softmax update), with and without KDQ
 # bulk copies into shared memory (sm_90; the default at 2 bits) on and off, shorter and more stages, and with the
-# group rebuild; the splits merged by each head's last program (FOLD; with cw 4 it stays off: kivi_merge runs)
+# group rebuild
 @pytest.mark.parametrize("variant", [{}, {"cw": 4}, {"gpf": 1}, {"gpf": 0}, {"kdq": 1}, {"kdq": 0}, {"tile": 32},
                                      {"tile": 32, "kdq": 1}, {"bulk": 1}, {"bulk": 0}, {"bulk": 1, "stok": 32, "nst": 4},
-                                     {"bulk": 1, "kdq": 0}, {"bulk": 1, "tile": 32}, {"fold": True},
-                                     {"fold": True, "bulk": 0}, {"fold": True, "cw": 4}],
+                                     {"bulk": 1, "kdq": 0}, {"bulk": 1, "tile": 32}],
                          ids=lambda v: "-".join(f"{k}{x}" for k, x in v.items()) or "default")
 def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype, variant):
     if variant and dtype != torch.bfloat16:
@@ -72,10 +71,6 @@ def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype,
         return
     got = qc.decode_attention(*args, splits=splits, **variant, **{k: kw[k] for k in ("bits", "group", "sink", "window",
                                                                                  "scale")}).float().cpu()
-    if variant.get("fold"):   # a second launch finds the heads' counters zeroed again: the same output
-        again = qc.decode_attention(*args, splits=splits, **variant, **{k: kw[k] for k in ("bits", "group", "sink",
-                                                                                       "window", "scale")})
-        assert torch.equal(again.float().cpu(), got)
     tri = qk.quant_decode_attention(*args, splits=splits, impl="triton", **kw).float().cpu()
     tol = 4e-2 if dtype == torch.bfloat16 else 1e-2   # the Triton kernel's own error on these inputs: 6e-3 (fp16)
     err, err_tri = (got - want).abs().max().item(), (tri - want).abs().max().item()

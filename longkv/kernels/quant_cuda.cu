@@ -1,7 +1,7 @@
 // Decode attention over KIVI-layout packed KV, one layer: the CUDA source of `quant_cuda.py` (see its
 // docstring for the design and the figures). Compiled by NVRTC with a block of #defines in front
 // (`quant_cuda.defines`): D, BITS, GROUP, G, SINK, RING, WINDOW, QBF16, TILE, GPF, MINB, CW, PAGED, RES,
-// LOADONLY, KDQ, BULK, NST, STOK, FOLD; then ptx.cuh (the shared typedefs and PTX helpers), then this file.
+// LOADONLY, KDQ, BULK, NST, STOK; then ptx.cuh (the shared typedefs and PTX helpers), then this file.
 // BULK (sm_90, dense splits, one warp a program, no residual bits): the split's codes and statistics come into shared
 // memory by bulk copies (`cp.async.bulk`, the TMA's one-dimensional form), STOK tokens a stage and NST stages in
 // flight on an mbarrier each, issued by lane 0; the lanes then read their fragment words from shared memory. Bytes in
@@ -481,48 +481,6 @@ __device__ __forceinline__ void fp_split(const u16* __restrict__ Q, const u16* _
 /* CW warps a program: each warp its own stretch of tokens (a virtual split), combined in shared memory
    into one partial result, so the merge reads CW times fewer rows */
 #define FPC ((FPS + CW - 1) / CW)                     /* programs for the full-precision splits */
-#if FOLD
-#if CW > 1 || PAGED
-#error "FOLD merges dense splits of one warp a program"
-#endif
-/* FOLD: one warp merges a head's S1 partial rows by their log-sum-exp, as kivi_merge does, lane l holding channels
-   [l·D/32, (l+1)·D/32) of each query; the rows were written by other SMs in this launch, so they are read from L2
-   (__ldcg), past this SM's L1 */
-__device__ __forceinline__ void fold_merge(const float* Part, const float* Lse, u16* Out, int bh, int S1, int lane) {
-  constexpr int C = D / 32;
-  for (int q = 0; q < G; q++) {
-    const i64 base = (i64)bh * S1 * G + q;
-    float m = NEG_INF;
-    for (int s = lane; s < S1; s += 32) m = fmaxf(m, __ldcg(Lse + base + (i64)s * G));
-#pragma unroll
-    for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    float acc[C], den = 0.f;
-#pragma unroll
-    for (int j = 0; j < C; j++) acc[j] = 0.f;
-    if (m != NEG_INF) {                                  /* exp(-inf) = 0: empty splits weigh nothing */
-#pragma unroll 4
-      for (int s = 0; s < S1; s++) {
-        const i64 row = base + (i64)s * G;
-        const float w = __expf(__ldcg(Lse + row) - m);
-        den += w;
-#pragma unroll
-        for (int j = 0; j < C; j++) acc[j] += w * __ldcg(Part + row * D + lane * C + j);
-      }
-    }
-    const float inv = den > 0.f ? 1.f / den : 0.f;
-#pragma unroll
-    for (int j = 0; j < C; j++) {
-      u16 h;
-#if QBF16
-      asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(acc[j] * inv));
-#else
-      asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(acc[j] * inv));
-#endif
-      Out[((i64)bh * G + q) * D + lane * C + j] = h;
-    }
-  }
-}
-#endif
 #if MINB
 #define BOUNDS __launch_bounds__(32 * CW, MINB)
 #else
@@ -533,7 +491,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
     const u16* __restrict__ KZ, const u32* __restrict__ VP, const u16* __restrict__ VS, const u16* __restrict__ VZ,
     const u16* __restrict__ KF, const u16* __restrict__ VF, float* __restrict__ Part, float* __restrict__ Lse,
     double scale_log2_d, int S, int NQ_CAP, const int* __restrict__ Table, const int* __restrict__ Nsel, int stab,
-    int row_pages, const u32* __restrict__ KR, u16* __restrict__ Out, int* __restrict__ Cnt) {
+    int row_pages, const u32* __restrict__ KR) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wq = threadIdx.x >> 5;
   const int bh = blockIdx.x, split = blockIdx.y;
   const float sl2 = (float)scale_log2_d;
@@ -702,18 +660,6 @@ extern "C" __global__ void BOUNDS kivi_attn(
     }
     Part[(prow + q) * D + d] = den > 0.f ? o / den : 0.f;
     if (d == 0) Lse[prow + q] = den > 0.f ? mx + __logf(den) : NEG_INF;
-  }
-#endif
-#if FOLD
-  /* the head's last program to finish merges its S1 partial results (no kivi_merge launch); it then zeroes the
-     head's counter for the next launch (graph replays included) */
-  __threadfence();
-  int last = 0;
-  if (lane == 0) last = atomicAdd(&Cnt[bh], 1) == S1 - 1;
-  if (__shfl_sync(0xffffffffu, last, 0)) {
-    __threadfence();
-    fold_merge(Part, Lse, Out, bh, S1, lane);
-    if (lane == 0) Cnt[bh] = 0;
   }
 #endif
 }

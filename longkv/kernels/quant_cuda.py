@@ -65,7 +65,10 @@ warps a program combined in shared memory (`cw`; 5 % faster for 2 bits), registe
 (session 42, H100, 880c52f): the layer's o_proj weight prefetched into L2 by the packed programs
 (`cp.async.bulk.prefetch.L2`) while their reads leave bandwidth idle, the bulk copies marked evict-first: decode kivi2
 at 128K 0.625x without, 0.637x with the prefetch, 0.631x with both (the attention 3.8 µs a layer slower, o_proj no
-faster). A 3-6 stage
+faster). Tried and removed (session 43, H100, b1f981f): `kivi_merge` folded into the splits kernel, each KV head's
+last program (an atomic counter a head) merging the head's ~190 partial rows in one warp: kv2's attention 53.3 ->
+129 µs a layer, decode 0.626x -> 0.831x (one warp's serial walk through the rows at L2 latency, after the wave has
+finished, against the merge kernel's 3 µs spread over the GPU). A 3-6 stage
 cp.async pipeline in shared memory was 8 % slower and was removed (BENCHMARKS.md).
 
 The CUDA source is `quant_cuda.cu` beside this file. Compiled at first use with NVRTC through
@@ -109,11 +112,6 @@ KDQ = int(os.environ["LONGKV_KDQ"]) if os.environ.get("LONGKV_KDQ") else None
 # groups: 51.3 -> 46.5 us a layer in the decode step, 0.627x -> 0.616x; H100, session 40); off for 4 bits (60.2 -> 59.0
 # us at 32-token stages, slower at 64: the stages' shared memory costs programs an SM). LONGKV_BULK=0 / 1 forces it.
 BULK = int(os.environ["LONGKV_BULK"]) if os.environ.get("LONGKV_BULK") else None
-# FOLD (dense splits, one warp a program): the last program of a KV head to finish merges the head's partial results
-# (an atomic counter a head, zeroed again by that program), so the step has no `kivi_merge` launch (~3 µs a layer in
-# the kv2 step at 128K, session 42). Built in session 42 after its last GPU call, not timed: off until measured;
-# LONGKV_FOLD=1 turns it on.
-FOLD = os.environ.get("LONGKV_FOLD", "0") == "1"
 BULK_STOK = int(os.environ.get("LONGKV_BULK_STOK", 64))
 BULK_NST = int(os.environ.get("LONGKV_BULK_NST", 2))
 _MODULES: dict = {}
@@ -137,7 +135,7 @@ def lines(cfg: dict) -> str:
 def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
            gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False,
            res: bool = False, load_only: bool = False, kdq: int | None = None, bulk: int | None = None,
-           stok: int | None = None, nst: int | None = None, fold: bool | None = None) -> dict:
+           stok: int | None = None, nst: int | None = None) -> dict:
     """The #defines of one compiled layout, name to value (window = ring - 2·group, as the cache sizes its
     ring); tile: tokens a loop step; gpf: the key group statistics into L1 this many tiles ahead (0 = off; always
     off when paged: the next listed group's rows prefetched 1-2 tiles ahead measured no faster); minb: programs an
@@ -147,8 +145,7 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     meaningless); kdq: the keys dequantized in registers (None: KDQ, else on for 2 bits where every tile starts a
     key group; never with residual bits); bulk: the dense splits' bytes come by bulk copies into shared memory, stok
     tokens a stage and nst stages in flight (None: BULK, BULK_STOK, BULK_NST; never paged, with residual bits or with
-    several warps a program); fold: the splits merged by each head's last program (None: FOLD; dense, one warp a
-    program only)."""
+    several warps a program)."""
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
                TILE=tile or TILE,
                GPF=0 if paged else gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)),
@@ -159,7 +156,6 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     bulk = bulk if bulk is not None else BULK if BULK is not None else bits == 2 and not gpf   # (gpf asks for registers)
     bulk = int(bulk) and not (paged or res or cfg["CW"] > 1)
     cfg.update(BULK=int(bulk), NST=nst or BULK_NST, STOK=stok or BULK_STOK)
-    cfg["FOLD"] = int(bool(FOLD if fold is None else fold) and not paged and cfg["CW"] == 1)
     if bulk:
         cfg["GPF"] = 0
         if cfg["STOK"] % cfg["TILE"] or (cfg["STOK"] % group and group % cfg["STOK"]):
@@ -246,24 +242,13 @@ def num_splits(slots: int, heads: int, fp_splits: int) -> int:
 
 
 MERGE_WARPS = 16    # MW in the source
-_COUNTERS: dict = {}
-
-
-def _counters(device, n: int) -> torch.Tensor:
-    """FOLD's arrival counters, one a KV head, zero between launches (each head's last program zeroes its own). One
-    buffer a device, reused by every layer's launch in stream order; made on first use (the graph step's warm-up
-    calls, before its capture)."""
-    c = _COUNTERS.get(device)
-    if c is None or c.numel() < n:
-        c = _COUNTERS[device] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
-    return c
 
 
 def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group: int, sink: int, window: int,
                      scale: float, splits: int | None = None, tile: int | None = None,
                      gpf: int | None = None, minb: int | None = None, cw: int | None = None, parts: bool = False,
                      load_only: bool = False, kdq: int | None = None, bulk: int | None = None,
-                     stok: int | None = None, nst: int | None = None, fold: bool | None = None):
+                     stok: int | None = None, nst: int | None = None):
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
     parts=True returns (the two launches as closures, out, splits) instead (benchmarks/quant_cuda_probe.py).
@@ -271,7 +256,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     register double buffer)."""
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
                    splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts, load_only=load_only, kdq=kdq,
-                   bulk=bulk, stok=stok, nst=nst, fold=fold)
+                   bulk=bulk, stok=stok, nst=nst)
 
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
@@ -307,7 +292,7 @@ def _bulk_ok(q, kq, vq) -> bool:
 
 def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, splits=None, tile=None, gpf=None,
             minb=None, cw=None, parts=False, paged=None, frac=1.0, load_only=False, kdq=None, bulk=None, stok=None,
-            nst=None, fold=None):
+            nst=None):
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
@@ -320,7 +305,7 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     bulk = bulk if paged is None and _bulk_ok(q, kq, vq) else 0    # (None: `config` decides)
     layout = config(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
                     gpf=gpf, minb=minb, cw=cw, paged=paged is not None, res="res" in kq, load_only=load_only, kdq=kdq,
-                    bulk=bulk, stok=stok, nst=nst, fold=fold)
+                    bulk=bulk, stok=stok, nst=nst)
     cfg = lines(layout)
     warps = CW if cw is None else cw
     if smem_bytes(D=D, G=G, cw=warps, cfg=layout) > 48 * 1024:
@@ -340,17 +325,15 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     out = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
     q = q.contiguous()
     kp, vp = kq["planes"][0].view(torch.int32), vq["planes"][0].view(torch.int32)
-    cnt = _counters(q.device, B * H) if layout["FOLD"] else length
 
     def run_attn():
         attn(grid=(B * H, S1, 1), block=(32 * warps, 1, 1),
              args=[q, length, kp, kq["scale"], kq["zero"], vp, vq["scale"], vq["zero"], kf, vf, part, lse,
                    float(scale * math.log2(math.e)), int(S), int(cap), *extra,
-                   kq["res"].view(torch.int32) if "res" in kq else kp, out, cnt])
+                   kq["res"].view(torch.int32) if "res" in kq else kp])
 
     def run_merge():
-        if not layout["FOLD"]:       # (with FOLD the splits kernel's last program a head has merged them)
-            mrg(grid=(B * Hq, D // 32, 1), block=(32 * MERGE_WARPS, 1, 1), args=[part, lse, out, int(S1)])
+        mrg(grid=(B * Hq, D // 32, 1), block=(32 * MERGE_WARPS, 1, 1), args=[part, lse, out, int(S1)])
 
     if parts:
         return run_attn, run_merge, out, S
