@@ -31,6 +31,10 @@ from longkv.models.layers import add_rms_norm, rms_norm, silu_mul
 SHAPES = {"qkv": (6144, 4096, "norm"), "o_proj": (4096, 4096, "res+norm"), "gate_up": (28672, 4096, "norm+silu"),
           "down": (4096, 14336, "res"), "head": (128256, 4096, "norm+f32")}
 FUSED_GRID = [(4, 1024, 4, 1), (2, 1024, 4, 1), (4, 512, 4, 1), (8, 1024, 4, 1), (4, 1024, 8, 1)]
+# the gated form's extra tiles, each timed over [gate; up] rows and over interleaved ones (gemv.interleave: a program's
+# gate and up rows one contiguous run)
+GATED_GRID = [(2, 1024, 4, 1), (4, 512, 4, 1), (4, 1024, 4, 1), (4, 1024, 8, 1), (8, 512, 4, 1), (8, 1024, 8, 1),
+              (2, 2048, 8, 1), (1, 4096, 8, 1), (16, 256, 4, 1)]
 SMOKE = {"qkv": (96, 64, "norm"), "o_proj": (64, 64, "res+norm"), "gate_up": (128, 64, "norm+silu"),
          "down": (64, 128, "res"), "head": (200, 64, "norm+f32")}
 # The torch side is the engine's unfused sequence (llama.py), each op counted once a layer: qkv's input norm;
@@ -45,7 +49,7 @@ def fusion_args(fusion: str, g, r) -> dict:
                 res=r if "res" in fusion else None, out_dtype=torch.float32 if "f32" in fusion else None, eps=1e-5)
 
 
-def calls(rows, K, fusion, copies, dev, dtype, fused: bool, cfg=None, torch_ops=True):
+def calls(rows, K, fusion, copies, dev, dtype, fused: bool, cfg=None, torch_ops=True, ilv=0):
     """A function making one call on each weight copy: the fused GEMV, or the torch sequence it replaces
     (torch_ops=False: F.linear alone; fused with fusion=None: the plain GEMV)."""
     ws = [torch.randn(rows, K, device=dev, dtype=dtype) / K ** 0.5 for _ in range(copies)]
@@ -59,7 +63,7 @@ def calls(rows, K, fusion, copies, dev, dtype, fused: bool, cfg=None, torch_ops=
     def fn():
         for w in ws:
             if fused:
-                gv.gemv(x, w, cfg=cfg, **kw)
+                gv.gemv(x, w, cfg=cfg, ilv=ilv, **kw)
             elif not torch_ops:
                 F.linear(x, w)
             else:
@@ -128,13 +132,13 @@ def main():
                               tbs=round(nbytes / t / 1e6, 3)))
             if t_f is None or t < t_f:
                 t_f, cfg = t, c
-            if "silu" in fusion:   # the gated form's gate and up rows in one tile (LONGKV_GEMV_ONE), for comparison
-                gv.ONE_TILE = True
-                fn_1, *_ = calls(rows, K, fusion, copies, dev, dtype, fused=True, cfg=c)
-                t1 = time_us(fn_1, copies, a.reps, dev)
-                gv.ONE_TILE = False
-                sweep.append(dict(shape=name + "+" + fusion + " one", cfg="%d,%d,%d,%d" % c, us=round(t1, 2),
-                                  tbs=round(nbytes / t1 / 1e6, 3)))
+        if "silu" in fusion:
+            for c, il in itertools.product([] if a.smoke else GATED_GRID, (0, 1)):
+                fn_i, *_ = calls(rows, K, fusion, copies, dev, dtype, fused=True, cfg=c, ilv=c[0] * il)
+                t = time_us(fn_i, copies, a.reps, dev)
+                sweep.append(dict(shape=name + "+" + fusion + (" ilv" if il else ""), cfg="%d,%d,%d,%d" % c,
+                                  us=round(t, 2), tbs=round(nbytes / t / 1e6, 3)))
+                del fn_i
         best[name + "+"] = (cfg, t_f)
         fn_t, *_ = calls(rows, K, fusion, copies, dev, dtype, fused=False)
         t_t = time_us(fn_t, copies, a.reps, dev)

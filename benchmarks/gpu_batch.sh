@@ -61,8 +61,8 @@
 #   clip      issue 4: the clipped 2-bit key groups (clip=1): GPU tests, decode at 32K/128K next to full and kv2
 #   gemv      issue 4 (every cache): the batch-1 projections through kernels/gemv.py (norms, SiLU·mul, residual adds
 #             folded in): GPU tests, gemv_probe.py's sweep against cuBLAS, decode at 128K with LONGKV_GEMV=1 / 0
-#   fold      issue 4: kv2's merge folded into the splits kernel (LONGKV_FOLD), the gated GEMV in one tile
-#             (LONGKV_GEMV_ONE), the GEMVs as PDL launches (LONGKV_GEMV_PDL), all built in session 42 and untimed
+#   ilv       issue 4 (every cache): the gated GEMV over interleaved gate/up rows (LONGKV_GEMV_ILV): GPU tests, probe,
+#             decode at 128K with ILV 0 / 1 at two gated tiles
 #   bulk      issue 4: bulk copies (the TMA's 1-D form) into shared memory for the dense kernel: GPU tests (and the
 #             mass select's), probe at 128K over stages; bulkdecode: decode at 128K with LONGKV_BULK=0 / 1
 #   mass512   issue 5: decode at 512K, the issue's 32-layer 8B shape (16 weight sets; LAYERS=16: 16 layers, as sessions
@@ -712,22 +712,16 @@ P
         LONGKV_GEMV=$g bench gemvdec$g 100 $PY quant_decode.py --contexts 128k --caches "full;kv2;kv4" --new-tokens 24
       done
       bench gemvdec1p 120 $PY quant_decode.py --contexts 128k --caches "full;kv2" --new-tokens 24 --profile ;;
-    fold)      # issue 4: the three levers built after session 42's last call, none timed yet: FOLD (kv2's splits merged
-               # by each head's last program, no kivi_merge launch), the gated GEMV's gate and up rows in one tile
-               # (LONGKV_GEMV_ONE) and the GEMVs as programmatic dependent launches (LONGKV_GEMV_PDL). GPU tests, the GEMV
-               # probe (gate/up with and without ONE), decode at 128K (full, kv2): defaults, + FOLD, + ONE, + PDL
-      (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q -rf --tb=line tests/test_gemv.py tests/test_quant_cuda.py \
-         -k "gemv or (matches_reference and (fold or default))") > "$OUT/fold_tests.log" 2>&1
-      echo "fold tests: $(grep -E 'passed|failed' "$OUT/fold_tests.log" | tr '\n' ' ')" >&2
-      bench foldprobe 200 $PY gemv_probe.py --shapes gate_up,o_proj
-      for fo in 000 100 110 111; do
-        LONGKV_FOLD=${fo:0:1} LONGKV_GEMV_ONE=${fo:1:1} LONGKV_GEMV_PDL=${fo:2:1} bench fold$fo 100 $PY quant_decode.py \
-          --contexts 128k --caches "full;kv2" --new-tokens 24
-      done ;;
-    peel)      # issue 4: the GEMV's peeled first k-step (session 42's last change) against the plain loop, and PDL with the
-               # kivi merge kept (FOLD off): decode at 128K, full and kv2, PEEL/PDL = 10 (default), 00, 11, then 10 again
-      i=0; for pp in 10 00 11 10; do i=$((i + 1))
-        LONGKV_GEMV_PEEL=${pp:0:1} LONGKV_GEMV_PDL=${pp:1:1} bench peel${pp}_$i 100 $PY quant_decode.py \
+    ilv)       # issue 4 (every cache): the gated GEMV over gate/up rows interleaved at load (LONGKV_GEMV_ILV, one contiguous
+               # run a program): GPU tests, gemv_probe (gate_up: each gated tile over [gate; up] and interleaved rows),
+               # decode at 128K (full, kv2) with ILV 0 / 1 at the default gated tile (4 x 512) and at 2 x 1,024
+      (TRITON_INTERPRET=0 timeout 120 $PY -m pytest -q -rf --tb=line tests/test_gemv.py) > "$OUT/ilv_tests.log" 2>&1
+      echo "ilv tests: $(grep -E 'passed|failed' "$OUT/ilv_tests.log" | tr '\n' ' ')" >&2
+      bench ilvprobe 200 $PY gemv_probe.py --shapes gate_up
+      echo '{"14336,4096": [2, 1024, 4, 1]}' > /tmp/gated2.json
+      i=0; for c in 0: 1: 0:/tmp/gated2.json 1:/tmp/gated2.json 0:; do i=$((i + 1))
+        LONGKV_GEMV_ILV=${c%%:*} LONGKV_GEMV_TABLE=${c#*:} bench ilv_${i}_${c%%:*}$([ -n "${c#*:}" ] && echo _2x1024) 100 \
+          $PY quant_decode.py \
           --contexts 128k --caches "full;kv2" --new-tokens 24
       done ;;
     bulkdecode) # issue 4: decode at 128K, full and kivi2 with LONGKV_BULK=0 then 1

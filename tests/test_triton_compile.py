@@ -43,18 +43,13 @@ def main() -> int:
                dict(GROUP=16, D=128, C=qa.CLIP_C, BITS=2, IA=ia), 1 if ia == 1 else 4) for ia in (1, 16)]
     from longkv.kernels import gemv as gv   # the batch-1 projections (every fusion the decode step uses)
     gsig = dict(X="*bf16", W="*bf16", Y="*bf16", B="*bf16", R="*bf16", G="*bf16", N="i32", K="i32", stride_w="i32",
-                up_off="i32", eps="fp32")
+                up_off="i32", b_off="i32", eps="fp32")
     for bn, bk, norm, act, res, bias in [(2, 1024, True, 0, False, False), (2, 1024, False, 0, True, False),
                                          (4, 512, True, 1, False, False), (4, 512, True, 2, False, True),
                                          (4, 512, False, 3, False, True), (4, 512, True, 0, False, False)]:
-        cases.append((gv._gemv_kernel, gsig, dict(BN=bn, BK=bk, NORM=norm, ACT=act, BIAS=bias, RES=res, ONE=False,
-                                                  PDL=False, PEEL=True), 4))
-        if act:   # the gated form in one tile (LONGKV_GEMV_ONE)
-            cases.append((gv._gemv_kernel, gsig, dict(BN=bn, BK=bk, NORM=norm, ACT=act, BIAS=bias, RES=res, ONE=True,
-                                                      PDL=False, PEEL=True), 4))
-    for pdl, peel in [(True, True), (False, False)]:    # PDL; the plain loop (LONGKV_GEMV_PEEL=0)
-        cases.append((gv._gemv_kernel, gsig, dict(BN=2, BK=1024, NORM=True, ACT=1, BIAS=False, RES=False, ONE=False,
-                                                  PDL=pdl, PEEL=peel), 4))
+        for ilv in (False, True) if act else (False,):   # ILV: the gated rows interleaved (gemv.interleave)
+            cases.append((gv._gemv_kernel, gsig, dict(BN=bn, BK=bk, NORM=norm, ACT=act, BIAS=bias, RES=res, ILV=ilv),
+                          4))
     bad = 0
     for fn, sig, const, warps in cases:
         try:

@@ -37,18 +37,10 @@ except ImportError:   # CPU installs without Triton: `enabled()` is then False
     triton = None
 
 ACTS = {None: 0, "silu": 1, "gelu_pytorch_tanh": 2, "gelu": 3}
-# the gated form's gate and up rows in one 2BN-row tile a step (one load, as a plain GEMV) instead of two BN-row tiles;
-# built after session 42's last call (where the two-tile form read gate/up at 84.9 µs against cuBLAS's 78.3), not timed
-# yet: off until `gemv_probe.py` (which times both) shows it faster. LONGKV_GEMV_ONE=1 turns it on.
-ONE_TILE = os.environ.get("LONGKV_GEMV_ONE", "0") == "1"
-# programmatic dependent launch (sm_90): each GEMV launches while the kernel before it finishes, loads its first weight
-# tile, then waits for that kernel (griddepcontrol.wait) before reading x; it lets the next launch early in turn. Meant
-# to fill the ramp and tail of each projection (~3 µs at o_proj's 33.5 MB: 2.5 TB/s against 3.0). Built in session
-# 42 after its last call, not timed: off until measured; LONGKV_GEMV_PDL=1 turns it on.
-PDL = os.environ.get("LONGKV_GEMV_PDL", "0") == "1"
-# the first k-step peeled (its weight tiles load before x is read, which PDL needs); session 43 times it against the
-# plain loop (LONGKV_GEMV_PEEL=0), since full's step was 0.4 ms slower in the first call that had it
-PEEL = os.environ.get("LONGKV_GEMV_PEEL", "1") == "1"
+# the gated weight's rows interleaved at load (`interleave`, `MLP.fuse`), so each gated program reads one contiguous
+# run of 2·BN rows rather than two runs 117 MB apart (8B shape). Built in session 43, timed by `gpu_batch.sh ilv`;
+# LONGKV_GEMV_ILV=1 turns it on.
+ILV = os.environ.get("LONGKV_GEMV_ILV", "0") == "1"
 
 
 def _act(g: torch.Tensor, kind: str) -> torch.Tensor:
@@ -106,9 +98,24 @@ def config(n: int, k: int, gated: bool = False) -> tuple[int, int, int, int]:
     return 2, 1024, 4, 1
 
 
-def gemv(x, w, b=None, *, norm=None, eps: float = 1e-6, act=None, res=None, out_dtype=None, cfg=None):
+def interleave(w: torch.Tensor, block: int) -> torch.Tensor:
+    """A gated weight's rows [gate; up] (2n, K) reordered as blocks of `block` gate rows, each followed by the same
+    outputs' up rows, so a gated GEMV program reads one contiguous run of 2·block rows (`gemv(..., ilv=block)`).
+    n must be a multiple of `block`. `deinterleave` undoes it on a matmul's output."""
+    n2, k = w.shape
+    return w.view(2, n2 // 2 // block, block, k).transpose(0, 1).reshape(n2, k)
+
+
+def deinterleave(y: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) from y = x @ interleave(w, block).T, each (..., n)."""
+    v = y.unflatten(-1, (-1, 2, block))
+    return v[..., 0, :].flatten(-2), v[..., 1, :].flatten(-2)
+
+
+def gemv(x, w, b=None, *, norm=None, eps: float = 1e-6, act=None, res=None, out_dtype=None, cfg=None, ilv: int = 0):
     """x (..., K) holding one row; w (N, K) contiguous in its rows (N = 2 * outputs with `act`).
-    Returns (..., outputs) in `out_dtype` (default x's dtype). `cfg` (BN, BK, warps, stages) overrides `config`."""
+    Returns (..., outputs) in `out_dtype` (default x's dtype). `cfg` (BN, BK, warps, stages) overrides `config`.
+    ilv: w is `interleave(w, ilv)` (gated only; BN is then ilv); b, if given, stays [gate; up]."""
     K = x.shape[-1]
     rows = w.shape[0]
     n = rows // 2 if act is not None else rows
@@ -116,16 +123,16 @@ def gemv(x, w, b=None, *, norm=None, eps: float = 1e-6, act=None, res=None, out_
     y = torch.empty(*x.shape[:-1], n, device=x.device, dtype=out_dtype or x.dtype)
     xc = x.reshape(K).contiguous()
     bn, bk, warps, stages = cfg or config(n, K, act is not None)
+    if ilv:
+        assert act is not None and n % ilv == 0, "interleaved rows: gated weights, n a multiple of the block"
+        bn = ilv
     bk = min(bk, triton.next_power_of_2(K))
     dummy = xc
-    pdl = PDL and x.is_cuda
     _gemv_kernel[(triton.cdiv(n, bn),)](
         xc, w, y, b if b is not None else dummy, res.reshape(n) if res is not None else dummy,
-        norm if norm is not None else dummy, n, K, w.stride(0), n, eps,
+        norm if norm is not None else dummy, n, K, w.stride(0), bn if ilv else n, n, eps,
         BN=bn, BK=bk, NORM=norm is not None, ACT=ACTS[act],
-        BIAS=b is not None, RES=res is not None, ONE=act is not None and ONE_TILE, PDL=pdl, PEEL=PEEL or pdl,
-        num_warps=warps,
-        num_stages=stages, **({"launch_pdl": True} if pdl else {}))
+        BIAS=b is not None, RES=res is not None, ILV=bool(ilv), num_warps=warps, num_stages=stages)
     return y
 
 
@@ -144,51 +151,25 @@ if triton is not None:
             return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
 
     @triton.jit
-    def _gemv_kernel(X, W, Y, B, R, G, N, K, stride_w, up_off, eps,
+    def _gemv_kernel(X, W, Y, B, R, G, N, K, stride_w, up_off, b_off, eps,
                      BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
-                     ACT: tl.constexpr, BIAS: tl.constexpr, RES: tl.constexpr, ONE: tl.constexpr = False,
-                     PDL: tl.constexpr = False, PEEL: tl.constexpr = True):
+                     ACT: tl.constexpr, BIAS: tl.constexpr, RES: tl.constexpr, ILV: tl.constexpr = False):
         """Program p: outputs [p*BN, p*BN + BN). Weight tiles BN x BK, accumulated elementwise in fp32 and
-        reduced once at the end; with ACT also the up rows (n + up_off): a second BN x BK tile a step, or with ONE
-        a single 2BN x BK tile holding both (one load a step, as a plain GEMV of 2BN rows). NORM: the tiles meet
+        reduced once at the end; with ACT also the up rows (n + up_off), a second tile a step. NORM: the tiles meet
         x * g and x's sum of squares accumulates alongside, so the row's 1 / rms scales the sums at the end
         (W (x g) / rms = W (x g / rms)): no pass over x before the first weight load (as a prologue it cost ~1 µs a
-        program at qkv). The first step is peeled: its weight tiles load before anything the previous kernel
-        wrote is read (PDL: before griddepcontrol.wait)."""
-        RB: tl.constexpr = 2 * BN if ONE else BN
+        program at qkv). ILV: the weight's rows interleaved (`interleave`): this program's gate rows start at
+        2·BN·p and its up rows follow them (up_off = BN), one contiguous run."""
         pid = tl.program_id(0)
         rn = pid * BN + tl.arange(0, BN)
         nmask = rn < N
-        rt = tl.arange(0, RB)                      # the tile's rows: BN outputs' rows (ONE: then their up rows)
-        rr = pid * BN + rt % BN
-        wrow = W + (rr + (rt // BN) * up_off).to(tl.int64)[:, None] * stride_w
-        rmask = rr < N
+        g0 = pid * 2 * BN if ILV else pid * BN
+        wrow = W + (g0 + tl.arange(0, BN)).to(tl.int64)[:, None] * stride_w
         rk = tl.arange(0, BK)
-        # the first weight tile(s) (no kernel before writes them) load before waiting for the previous kernel: with PDL
-        # that wait is the first thing that can stall, so the tile streams in during the previous kernel's tail
-        k1 = rk < K
-        if PEEL:
-            acc = tl.load(wrow + rk[None, :], mask=rmask[:, None] & k1[None, :], other=0.0).to(tl.float32)
-        else:
-            acc = tl.zeros([RB, BK], dtype=tl.float32)
+        acc = tl.zeros([BN, BK], dtype=tl.float32)
         acc2 = tl.zeros([BN, BK], dtype=tl.float32)
-        if PEEL and ACT != 0 and not ONE:
-            acc2 = tl.load(wrow + up_off * stride_w + rk[None, :], mask=nmask[:, None] & k1[None, :],
-                           other=0.0).to(tl.float32)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        if PEEL:
-            xv = tl.load(X + rk, mask=k1, other=0.0).to(tl.float32)
-            ss = xv * xv
-            if NORM:
-                xv = xv * tl.load(G + rk, mask=k1, other=0.0).to(tl.float32)
-            acc = acc * xv[None, :]
-            acc2 = acc2 * xv[None, :]
-        else:
-            ss = tl.zeros([BK], dtype=tl.float32)
-        K0: tl.constexpr = BK if PEEL else 0
-        for k0 in range(K0, K, BK):
+        ss = tl.zeros([BK], dtype=tl.float32)
+        for k0 in range(0, K, BK):
             kk = k0 + rk
             kmask = kk < K
             xv = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
@@ -196,25 +177,21 @@ if triton is not None:
                 ss += xv * xv
                 xv = xv * tl.load(G + kk, mask=kmask, other=0.0).to(tl.float32)
             xf = xv[None, :]
-            acc += tl.load(wrow + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32) * xf
-            if ACT != 0 and not ONE:
-                acc2 += tl.load(wrow + up_off * stride_w + kk[None, :], mask=nmask[:, None] & kmask[None, :],
-                                other=0.0).to(tl.float32) * xf
+            m2 = nmask[:, None] & kmask[None, :]
+            acc += tl.load(wrow + kk[None, :], mask=m2, other=0.0).to(tl.float32) * xf
+            if ACT != 0:
+                acc2 += tl.load(wrow + up_off * stride_w + kk[None, :], mask=m2, other=0.0).to(tl.float32) * xf
         rstd = 1.0
         if NORM:
             rstd = tl.rsqrt(tl.sum(ss, 0) / K + eps)
-        if ONE:
-            y, u = tl.split(tl.trans(tl.reshape(tl.sum(acc, 1), (2, BN))))
-            u = u * rstd
-        else:
-            y = tl.sum(acc, 1)
-            u = tl.sum(acc2, 1) * rstd
+        y = tl.sum(acc, 1)
+        u = tl.sum(acc2, 1) * rstd
         y = y * rstd
         if BIAS:
             y += tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)
         if ACT != 0:
             if BIAS:
-                u += tl.load(B + up_off + rn, mask=nmask, other=0.0).to(tl.float32)
+                u += tl.load(B + b_off + rn, mask=nmask, other=0.0).to(tl.float32)
             g = y.to(X.dtype.element_ty).to(tl.float32)
             y = _act_fn(g, ACT) * u.to(X.dtype.element_ty).to(tl.float32)
         if RES:

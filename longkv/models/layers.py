@@ -84,22 +84,37 @@ class MLP(nn.Module):
         self.act_mul = GATED[cfg.hidden_act]
         self.act = cfg.hidden_act
         self.gate_up = None
+        self.ilv = 0
 
     def fuse(self):
         """One GEMM for gate and up (half the launches at decode); the HF-named parameters become
-        views of the fused weight, so state_dict() is unchanged and nothing is stored twice."""
+        views of the fused weight, so state_dict() is unchanged and nothing is stored twice. With `gemv.ILV` the
+        fused rows are interleaved in blocks of the gated GEMV's BN (`gemv.interleave`: each program reads one
+        contiguous run); gate_proj / up_proj's weights are then (n / BN, BN, K) views of it."""
         self.gate_up, (self.gate_proj.weight, self.up_proj.weight) = _fuse(self.gate_proj, self.up_proj)
         self.gate_up_b = _fuse_bias(self.gate_proj, self.up_proj)
+        n, k = self.gate_proj.weight.shape
+        bn = gv.config(n, k, True)[0]
+        if gv.ILV and n % bn == 0:
+            self.ilv, self.gate_up = bn, gv.interleave(self.gate_up, bn)
+            v = self.gate_up.view(n // bn, 2, bn, k)
+            self.gate_proj.weight = nn.Parameter(v[:, 0], requires_grad=False)
+            self.up_proj.weight = nn.Parameter(v[:, 1], requires_grad=False)
 
     def forward(self, x):
         if self.gate_up is None:
             return self.down_proj(self.act_mul(self.gate_proj(x), self.up_proj(x)))
-        g, u = F.linear(x, self.gate_up, self.gate_up_b).chunk(2, dim=-1)
+        if self.ilv:
+            g, u = gv.deinterleave(F.linear(x, self.gate_up), self.ilv)
+            if self.gate_up_b is not None:
+                g, u = g + self.gate_proj.bias, u + self.up_proj.bias
+        else:
+            g, u = F.linear(x, self.gate_up, self.gate_up_b).chunk(2, dim=-1)
         return self.down_proj(self.act_mul(g, u))
 
     def forward_gemv(self, x, norm: RMSNorm):
         """x + down(act(gate(n)) * up(n)), n = norm(x), in two GEMV launches (one token, fused weights)."""
-        h = gv.gemv(x, self.gate_up, self.gate_up_b, norm=norm.weight, eps=norm.eps, act=self.act)
+        h = gv.gemv(x, self.gate_up, self.gate_up_b, norm=norm.weight, eps=norm.eps, act=self.act, ilv=self.ilv)
         return gv.gemv(h, self.down_proj.weight, self.down_proj.bias, res=x)
 
 
