@@ -86,16 +86,17 @@ class MLP(nn.Module):
         self.gate_up = None
         self.ilv = 0
 
-    def fuse(self):
+    def fuse(self, interleave: bool = False):
         """One GEMM for gate and up (half the launches at decode); the HF-named parameters become
-        views of the fused weight, so state_dict() is unchanged and nothing is stored twice. With `gemv.ILV` the
-        fused rows are interleaved in blocks of the gated GEMV's BN (`gemv.interleave`: each program reads one
-        contiguous run); gate_proj / up_proj's weights are then (n / BN, BN, K) views of it."""
+        views of the fused weight, so state_dict() is unchanged and nothing is stored twice. `interleave` (the
+        models whose decode takes `kernels.gemv`, with `gemv.ILV`): the fused rows in blocks of the gated GEMV's BN
+        (`gemv.interleave`: each program reads one contiguous run); gate_proj / up_proj's weights are then
+        (n / BN, BN, K) views of it."""
         self.gate_up, (self.gate_proj.weight, self.up_proj.weight) = _fuse(self.gate_proj, self.up_proj)
         self.gate_up_b = _fuse_bias(self.gate_proj, self.up_proj)
         n, k = self.gate_proj.weight.shape
         bn = gv.config(n, k, True)[0]
-        if gv.ILV and n % bn == 0:
+        if interleave and gv.ILV and n % bn == 0:
             self.ilv, self.gate_up = bn, gv.interleave(self.gate_up, bn)
             v = self.gate_up.view(n // bn, 2, bn, k)
             self.gate_proj.weight = nn.Parameter(v[:, 0], requires_grad=False)
@@ -216,7 +217,7 @@ class CausalLM(nn.Module):
         """Fuse q/k/v and gate/up weights (after the weights are on their device; see MLP.fuse)."""
         for layer in self.model.layers:
             layer.self_attn.fuse()
-            layer.mlp.fuse()
+            layer.mlp.fuse(interleave=self.norm_cls is RMSNorm)   # (Gemma's MLP keeps the torch path: no GEMV)
         return self
 
     def tie(self):
