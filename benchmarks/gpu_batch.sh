@@ -456,14 +456,16 @@
 # attention: 0.625x without, 0.637x with, 0.631x with evict-first copies: removed], [clip: IA=1 0.642x, IA=16 0.639x,
 # kv2 0.634x in the same runs (with l2pf on): IA stays 1], [decode by hand: GEMV at 4x1024 tiles 0.631x, GEMV=0 0.632x],
 # [gemv at the defaults (7c04cd5): full 11.91 -> 11.54 ms, kv2 0.635x -> 0.625x, kv4 0.659x -> 0.652x].
-# 3. (issue 4) kv2 at 128K: 0.625x on the H100 (session 42, with the GEMV), the target 0.60x; DYN, PDL, the L2 prefetch
-#    of o_proj and clip's all-at-once search did not move it. 0.60x needs 0.4·x + y >= ~300 us a step (x: shared, y: kv2's
-#    own; BENCHMARKS.md, issue 4, session 42). By size: the key statistics in 8 bits (y ~ 160), the gated GEMV's gate and
-#    up rows in one tile (LONGKV_GEMV_ONE, built; x ~ 100-200), the merge folded into the splits kernel (LONGKV_FOLD,
-#    built; y ~ 60-90), the GEMVs as PDL launches that load their first weight tile before waiting (LONGKV_GEMV_PDL,
-#    built; x: the projections' ramps, ~2-3 us each), q's RoPE in the qkv GEMV (x ~ 40). First call: `OUT=$OUT bash
-#    benchmarks/gpu_batch.sh fold` (~330 s): make each the default if it is faster (quant_cuda.FOLD, gemv.ONE_TILE,
-#    gemv.PDL). If the GPU's Triton refuses launch_pdl, the +PDL row fails alone.
+# Session 43 (2026-12-07), two H100s, 2 calls, ~12 starts refused or turned away (the budget went on them): [fold:
+# FOLD kv2 attention 53 -> 129 us a layer (0.831x): removed; ONE no gain: removed; PDL -177 us on full, but against
+# the peeled k-step], [peel: the peeled k-step +120 us on full; the plain loop kv2 0.622x; PDL on the peeled kernel
+# 0.627x: PEEL and PDL removed].
+# 3. (issue 4) kv2 at 128K: 0.622x on the H100 (session 43), the target 0.60x. First call: `OUT=$OUT bash
+#    benchmarks/gpu_batch.sh ilv` (~250 s): the gated GEMV over gate/up rows interleaved at load (LONGKV_GEMV_ILV=1,
+#    built in session 43, CPU-tested, untimed). Make it the default (gemv.ILV) if full and kv2 are faster with it; the
+#    probe rows show whether the gated form then reads at the plain GEMV's rate (80.4 us against 86.4 at 2 x 1,024).
+#    Then the key statistics in 8 bits (y ~ 160 us; `benchmarks/kstat8_whatif.py` gives its quality on CPU,
+#    BENCHMARKS.md, issue 4, session 43).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

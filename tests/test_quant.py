@@ -420,3 +420,29 @@ def test_cuda_kernel_that_cannot_be_built_falls_back_to_triton(monkeypatch):
     assert (got - ref.quant_decode_attention(q, kq, vq, kf, vf, 60, **kw)).abs().max() < 2e-3
     with pytest.raises(qc.Unavailable):
         qk.quant_decode_attention(q, kq, vq, kf, vf, torch.tensor([60]), impl="cuda", **kw)
+
+
+def test_kstat8_whatif_statistics_cover_each_channel():
+    """benchmarks/kstat8_whatif.py's 8-bit key statistics: every channel's range still covers its group (zero at or
+    below the minimum, the top level at or above the maximum), the zeros on a 256-point grid a group, the scales on
+    the 2^(-e/16) grid; its re-encoded keys decode within one step (the scale) of the keys."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import kstat8_whatif as k8
+    from longkv.kernels import quant_reference as ref
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 2, 48, 32, generator=g) * torch.linspace(0.1, 8, 32) + 5 * torch.randn(32, generator=g)
+    x = k.reshape(1, 2, 3, 16, 32)
+    lo, hi = x.amin(3), x.amax(3)
+    zero, scale = k8.stats8(lo, hi, 2)
+    assert (zero <= lo + 1e-5).all() and (zero + 3 * scale >= hi - 1e-4).all()
+    zmin, zmax = lo.amin(-1, keepdim=True), lo.amax(-1, keepdim=True)
+    steps = (zero - zmin) / ((zmax - zmin) / 255)
+    assert (steps - steps.round()).abs().max() < 1e-3 and steps.max() <= 255.001
+    e = -16 * torch.log2(scale / scale.amax(-1, keepdim=True))
+    assert (e - e.round()).abs().max() < 1e-3
+    q = k8.quantize_keys8(k, bits=2, group=16)
+    kd = ref.dequantize_keys(q, bits=2, group=16, d=32)
+    assert ((kd - k).abs() <= q["scale"].float().repeat_interleave(16, 2) * 0.5 + 2e-2).all()
