@@ -95,8 +95,8 @@ class MLP(nn.Module):
         self.gate_up, (self.gate_proj.weight, self.up_proj.weight) = _fuse(self.gate_proj, self.up_proj)
         self.gate_up_b = _fuse_bias(self.gate_proj, self.up_proj)
         n, k = self.gate_proj.weight.shape
-        bn = gv.config(n, k, True)[0]
-        if interleave and gv.ILV and n % bn == 0:
+        bn = gv.config(n, k, True)[0] if interleave and gv.ILV else 0
+        if bn and n % bn == 0:
             self.ilv, self.gate_up = bn, gv.interleave(self.gate_up, bn)
             v = self.gate_up.view(n // bn, 2, bn, k)
             self.gate_proj.weight = nn.Parameter(v[:, 0], requires_grad=False)
