@@ -61,6 +61,7 @@
 #   clip      issue 4: the clipped 2-bit key groups (clip=1): GPU tests, decode at 32K/128K next to full and kv2
 #   gemv      issue 4 (every cache): the batch-1 projections through kernels/gemv.py (norms, SiLU·mul, residual adds
 #             folded in): GPU tests, gemv_probe.py's sweep against cuBLAS, decode at 128K with LONGKV_GEMV=1 / 0
+#   ks8       issue 4: kv2's key statistics in 8 bits (kstat=8): GPU tests, decode at 128K full / kv2 / kv2:kstat=8, ILV 0 / 1
 #   ilv       issue 4 (every cache): the gated GEMV over interleaved gate/up rows (LONGKV_GEMV_ILV): GPU tests, probe,
 #             decode at 128K with ILV 0 / 1 at two gated tiles
 #   bulk      issue 4: bulk copies (the TMA's 1-D form) into shared memory for the dense kernel: GPU tests (and the
@@ -727,6 +728,16 @@ P
           --contexts 128k --caches "full;kv2" --new-tokens 24
       done
       bench ilvprobe 90 $PY gemv_probe.py --shapes gate_up ;;
+    ks8)       # issue 4: kv2's key statistics in 8 bits (kstat=8: bytes + a grid a group, rebuilt in shared memory by
+               # convert8): GPU tests; decode at 128K, full, kv2, kv2:kstat=8 (ILV 0, then 1); the one-layer check
+      (TRITON_INTERPRET=0 timeout 120 $PY -m pytest -q -rf --tb=short tests/test_quant_cuda.py tests/test_quant.py \
+        tests/test_gemv.py -k "8bit or append_flush_kernel_matches or interleave") \
+        > "$OUT/ks8_tests.log" 2>&1
+      echo "ks8 tests: $(grep -E 'passed|failed' "$OUT/ks8_tests.log" | tr '\n' ' ')" >&2
+      for c in 0 1; do
+        LONGKV_GEMV_ILV=$c bench ks8_ilv$c 150 $PY quant_decode.py --contexts 128k --caches "full;kv2;kv2:kstat=8" \
+          --new-tokens 24
+      done ;;
     bulkdecode) # issue 4: decode at 128K, full and kivi2 with LONGKV_BULK=0 then 1
       LONGKV_BULK=0 bench bulkdecode0 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24
       LONGKV_BULK=1 bench bulkdecode1 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24 ;;

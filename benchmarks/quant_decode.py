@@ -74,7 +74,7 @@ def attention_bytes(kv, ctx: int) -> int:
         for key, t in d.items():
             for x in (t if key == "planes" else [t]):
                 per = x.numel() * x.element_size() / x.shape[2]
-                rows = n // kv.group if (key in ("scale", "zero") and d is kv.kq[i] and kv.per_channel) else n
+                rows = n // kv.group if (key in ("scale", "zero", "grid") and d is kv.kq[i] and kv.per_channel) else n
                 tot += per * rows
     return int(tot)
 
@@ -100,7 +100,7 @@ def check(model, dev) -> dict:
     out = {}
     for spec, dtype in (("quant:bits=4,outliers=0.01", torch.bfloat16), ("quant:bits=4", torch.bfloat16),
                         ("kv4", torch.bfloat16),
-                        ("kivi2", torch.bfloat16), ("kivi4", torch.float16)):
+                        ("kivi2", torch.bfloat16), ("kivi4", torch.float16), ("kv2:kstat=8", torch.bfloat16)):
         dtype = dtype if half else torch.float32
         kv = cache_spec.parse(spec).build(model.layer_specs(), batch=1, capacity=5000, device=dev, dtype=dtype)
         fill(model, kv, 4321, 1024, dev, seed=1)

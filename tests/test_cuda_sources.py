@@ -50,6 +50,15 @@ CASES = [
                                                                   load_only=True)),
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, bulk=1, stok=32,
                                                                   nst=3)),
+    # 8-bit key statistics (kstat=8) through the bulk stages, 16- and 32-token stages, D 64 and 256, 4 bits
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, ks8=True)),
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, ks8=True, stok=32)),
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**(KIVI | dict(D=64)), bits=2, group=16, ring=160,
+                                                                  ks8=True)),
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**(KIVI | dict(D=256)), bits=2, group=16, ring=160,
+                                                                  ks8=True)),
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=16, ring=160, ks8=True, bulk=1,
+                                                                  kdq=1)),
     # kv2's layout with 64-token groups
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=64, ring=256)),
 ]

@@ -256,7 +256,7 @@ def test_bits8_with_a_window_covering_everything_equals_full(tiny):
 
 
 @pytest.mark.parametrize("spec", ["kv4", "kv2", "kivi4", "kivi2", "quant:bits=3,outliers=0.02,nuq=",
-                                  "quant:bits=4,rotate=1,keys=token"])
+                                  "quant:bits=4,rotate=1,keys=token", "kv2:kstat=8"])
 def test_nbytes_equals_the_tensors(tiny, spec):
     kv = build(tiny, spec, 2048)
     assert kv.nbytes() == sum(t.numel() * t.element_size() for t in kv.tensors())
@@ -285,7 +285,8 @@ def test_sliding_window_layers_keep_their_window_unquantized(tiny_gemma):
 
 @pytest.mark.parametrize("spec", ["quant:bits=4,group=16,sink=2,window=3,outliers=0.02",
                                   "quant:bits=4,group=16,sink=2,window=3,prerope=0",
-                                  "quant:bits=2,group=16,sink=2,window=3,prerope=0,outliers=0.02"])
+                                  "quant:bits=2,group=16,sink=2,window=3,prerope=0,outliers=0.02",
+                                  "quant:bits=2,group=16,sink=2,window=3,prerope=0,kstat=8"])
 def test_graph_decode_path_equals_eager_path(tiny, spec):
     """The device-only decode (what a CUDA graph replays) equals prefill-style attention step by step."""
     _graph_equals_eager(tiny, spec, ids(40, 3))
@@ -318,7 +319,10 @@ def test_graph_decode_on_sliding_window_layers(tiny_gemma32, spec):
 @pytest.mark.parametrize("spec,word", [("quant:bits=5", "bits"), ("quant:group=24", "group"),
                                        ("quant:vgroup=48", "vgroup"), ("quant:keys=head", "keys"),
                                        ("quant:nuq=/nonexistent.json", "nuq"), ("quant:clip=1,kres=1", "clip"),
-                                       ("quant:clip=1,outliers=0.01", "clip"), ("quant:clip=1,keys=token", "clip")])
+                                       ("quant:clip=1,outliers=0.01", "clip"), ("quant:clip=1,keys=token", "clip"),
+                                       ("quant:kstat=4", "kstat"), ("kv2:kstat=8,clip=1", "kstat"),
+                                       ("quant:kstat=8,outliers=0.01", "kstat"), ("kv4:kstat=8,kres=1", "kstat"),
+                                       ("kv2:kstat=8+snapkv:ratio=0.5", "kstat")])
 def test_bad_parameters_name_themselves(tiny, spec, word):
     with pytest.raises(UserError, match=word):
         build(tiny, spec, 32)
@@ -446,3 +450,85 @@ def test_kstat8_whatif_statistics_cover_each_channel():
     q = k8.quantize_keys8(k, bits=2, group=16)
     kd = ref.dequantize_keys(q, bits=2, group=16, d=32)
     assert ((kd - k).abs() <= q["scale"].float().repeat_interleave(16, 2) * 0.5 + 2e-2).all()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_8bit_key_statistics_cost_little_error_and_a_third_of_kv2s_bytes(tiny, bits):
+    """kstat=8 (`ref.stats8`): scale and zero as one byte each on a grid a group and head. The codes are encoded
+    against the statistics the bytes decode to, so reconstruction stays within half a step wherever a channel's range
+    is inside the grid's, and the squared error is within 15 % of fp16 statistics'. The packed bytes shrink as
+    counted (kv2 at head dim 128: 3.125 -> 2.66 bits an element)."""
+    g = gen(11)
+    k = torch.randn(2, 3, 64, 64, generator=g) * torch.linspace(0.1, 6, 64) + 4 * torch.randn(64, generator=g)
+    q8, q16 = ref.quantize_keys(k, bits=bits, group=16, kstat=8), ref.quantize_keys(k, bits=bits, group=16)
+    assert q8["scale"].dtype == q8["zero"].dtype == torch.uint8 and q8["grid"].shape == (2, 3, 4, ref.GRID)
+    scale, zero = ref.key_stats(q8)
+    g8 = q8["grid"].float()
+    assert torch.equal(zero, (g8[..., :1] + q8["zero"].float() * g8[..., 1:2]).half())
+    assert torch.equal(scale, (g8[..., 2:3] * torch.exp2(-q8["scale"].float() / 16)).half())
+    d8 = ref.dequantize_keys(q8, bits=bits, group=16, d=64)
+    d16 = ref.dequantize_keys(q16, bits=bits, group=16, d=64)
+    e8, e16 = ((d8 - k) ** 2).mean(), ((d16 - k) ** 2).mean()
+    assert e16 <= e8 < 1.15 * e16
+    x = k.reshape(2, 3, 4, 16, 64)
+    inside = ((zero <= x.amin(3)) & (zero.float() + (2 ** bits - 1) * scale.float() >= x.amax(3)))[:, :, :, None]
+    err = (d8 - k).abs().reshape(x.shape)
+    assert inside.float().mean() > 0.2
+    assert torch.where(inside, err - 0.5 * scale.float()[:, :, :, None] - 1e-3, torch.zeros(())).max() <= 0
+    with pytest.raises(ValueError, match="8-bit"):
+        ref.quantize_keys(k, bits=bits, group=16, kstat=8, n_out=1)
+    if bits == 2:
+        kv, kv8 = build(tiny, "kv2", 4096), build(tiny, "kv2:kstat=8", 4096)
+        # head dim 32: a key element 2 + 2 bits (fp16 rows) or 2 + 1 + 128 / (16 * 32) (bytes, a 16-byte grid a group);
+        # a value 2 + 32 / 32
+        assert kv.stats()["quantized_bits"] == 3.5
+        assert kv8.stats()["quantized_bits"] == (2 + 1 + 128 / (16 * 32) + 3) / 2
+
+
+def test_append_flush_writes_8bit_key_statistics(monkeypatch):
+    """The decode write + flush with kstat=8: the Triton kernel (interpreter) writes the codes, statistic bytes and
+    grids the torch steps (`ref.quantize_keys(kstat=8)`) write (up to a code or statistic at a rounding tie)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton path on CPU tensors needs TRITON_INTERPRET=1")
+    B, H, D, group, sink, window, bits = 1, 3, 64, 16, 2, 3, 2
+    ring = window + 2 * group
+    outs = []
+    for triton_path in (True, False):
+        monkeypatch.setattr(quant_append, "_use_triton", lambda x: triton_path)
+        kf, vf = torch.zeros(B, H, sink + ring, D), torch.zeros(B, H, sink + ring, D)
+        kq = {k: ([torch.zeros_like(p) for p in t] if k == "planes" else torch.zeros_like(t)) for k, t in
+              ref.quantize_keys(torch.zeros(B, H, 64, D), bits=bits, group=group, kstat=8).items()}
+        vq = {k: ([torch.zeros_like(p) for p in t] if k == "planes" else torch.zeros_like(t)) for k, t in
+              ref.quantize_tokens(torch.zeros(B, H, 64, D), bits=bits, vgroup=D).items()}
+        g = gen(8)
+        for n in range(1, sink + window + 2 * group + 2):
+            k = torch.randn(B, H, 1, D, generator=g) * 3 + torch.linspace(-4, 4, D)[None, None, None]
+            v = torch.randn(B, H, 1, D, generator=g)
+            ang = torch.rand(1, D // 2, generator=g).repeat(1, 2) * 6
+            qk.append_flush(k, v, torch.tensor([n]), kf, vf, kq, vq, bits=bits, group=group, vgroup=D, sink=sink,
+                            window=window, rope=(ang.cos(), ang.sin()))
+        outs.append((kq, ref.dequantize_keys(kq, bits=bits, group=group, d=D)[:, :, :2 * group]))
+    (a, da), (b, db) = outs
+    assert a["grid"][:, :, :2].any() and torch.equal(a["grid"], b["grid"])
+    for key in ("scale", "zero"):
+        assert (a[key].int() - b[key].int()).abs().max() <= 1 and (a[key] == b[key]).float().mean() > 0.98
+    assert (da - db).abs().max() < 0.05 * db.abs().max()
+
+
+def test_decode_kernel_reads_8bit_key_statistics():
+    """kstat=8 in the Triton kernel (its statistics expanded to fp16 rows first) and the reference agree."""
+    B, Hq, H, D, group, sink, window, ring, bits = 2, 6, 2, 64, 16, 3, 5, 5 + 32, 2
+    g = gen(2)
+    k = torch.randn(B, H, 64, D, generator=g) * torch.linspace(0.2, 3, D)
+    kq = ref.quantize_keys(k, bits=bits, group=group, kstat=8)
+    vq = ref.quantize_tokens(torch.randn(B, H, 64, D, generator=g), bits=bits, vgroup=D)
+    kf, vf = torch.randn(B, H, sink + ring, D, generator=g), torch.randn(B, H, sink + ring, D, generator=g)
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    kw = dict(bits=bits, group=group, vgroup=D, sink=sink, window=window, scale=D ** -0.5,
+              inv_freq=torch.zeros(D // 2), prerope=False)
+    want = ref.quant_decode_attention(q, kq, vq, kf, vf, 57, **kw)
+    from longkv.kernels import quant_cuda as qc
+    rows = ref.quant_decode_attention(q, qc.expand_stats(kq), vq, kf, vf, 57, **kw)
+    assert torch.equal(want, rows)
+    got = qk.quant_decode_attention(q, kq, vq, kf, vf, torch.tensor([57]), splits=3, **kw)
+    assert (got - want).abs().max() < 2e-3

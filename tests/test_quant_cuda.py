@@ -203,3 +203,35 @@ def test_kres_cache_step_reads_the_bits_on_the_gpu_as_torch_does(spec, tmp_path_
     cuda, torch_, plain = out.values()
     err, bits = (cuda - torch_).abs().max().item(), (plain - torch_).abs().max().item()
     assert err < 0.5 * bits, f"CUDA against torch {err:.4g}, the bits' own effect {bits:.4g}"
+
+
+@pytest.mark.parametrize("D,bits,group,G,length,variant", [
+    (128, 2, 16, 4, 1000, {}), (128, 2, 16, 5, 777, {"stok": 32, "nst": 4}), (64, 2, 16, 3, 900, {}),
+    (256, 2, 16, 4, 600, {}), (128, 4, 16, 4, 1000, {"bulk": 1, "kdq": 1}), (128, 2, 16, 4, 100, {}),
+    (128, 2, 16, 4, 1000, {"bulk": 0})])       # bulk 0: no KS8 layout, the statistics handed over as fp16 rows
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_kernel_reads_8bit_key_statistics(D, bits, group, G, length, variant, dtype):
+    """kstat=8: the bulk stages carry the statistics' bytes and grids and every lane rebuilds them (`convert8`); the
+    result equals the reference over the same codes, and the kernel over the same statistics expanded to fp16 rows."""
+    if torch.cuda.get_device_capability()[0] < 9 and variant.get("bulk", 1):
+        pytest.skip("bulk copies need sm_90")
+    B, H, sink, window = 2, 2, 4, 128
+    ring, cap = window + 2 * group, 3072
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(B, H, cap, D, generator=g) * torch.linspace(0.2, 3, D) + torch.randn(D, generator=g)
+    _, vq, kf, vf = _layer(B, H, D, cap, group, bits, sink, ring)
+    kq = ref.quantize_keys(k, bits=bits, group=group, kstat=8)
+    q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(7)) * 2
+    kw = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5)
+    want = ref.quant_decode_attention(q, kq, vq, kf, vf, length, vgroup=D, inv_freq=torch.zeros(D // 2),
+                                      prerope=False, **kw)
+    qg = q.cuda().to(dtype)
+    args = (qg, _cuda(kq), _cuda(vq), kf.cuda().to(dtype), vf.cuda().to(dtype), torch.tensor([length]).cuda())
+    layout = qc.config(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=True, ks8=True,
+                       **{k: variant[k] for k in ("bulk", "kdq", "stok", "nst") if k in variant})
+    assert layout["KS8"] == int(variant.get("bulk", 1) != 0)
+    got = qc.decode_attention(*args, **variant, **kw).float().cpu()
+    rows = qc.decode_attention(qg, qc.expand_stats(args[1]), *args[2:], **variant, **kw).float().cpu()
+    tol = 4e-2 if dtype == torch.bfloat16 else 1e-2
+    assert (got - want).abs().max() < tol
+    assert (got - rows).abs().max() < tol / 2

@@ -82,6 +82,9 @@ PARAMS = {
                           "perplexity at 8K and 30 of 45 needles at 2K-7K, against kv2's +6.6 % and 19 (full 39); "
                           "quant:bits=2,group=64,prerope=0,clip=1 +4.8 % at 2.375 bits but 3 of the first 15 needles "
                           "where kv2 finds 7 (a needle's keys are extremes that longer groups clip)"),
+    "kstat": (int, 16, "bits of each key group's per-channel statistics: 16 (fp16 scale and zero) or 8 (one byte each "
+                       "on a per-group grid, `quant_reference.stats8`: kv2 3.125 -> 2.66 bits an element; uniform "
+                       "per-channel keys without outliers, nuq, kres or clip)"),
     "kres": (bool, False, "a residual bit per key element after its code (above or below its level, decoded as "
                           "±a quarter step): keys half a step finer for one bit more an element (4-bit: 1/3.7 of the "
                           "squared error), the codes themselves unchanged; the CUDA kernels read it at 4 bits and head "
@@ -112,6 +115,15 @@ def _check(spec_head_dim: int, p: dict) -> None:
     if p.get("kres") and (p["keys"] != "channel" or p["nuq"] or p["rotate"] or spec_head_dim % 32):
         raise UserError("quant: kres=1 refines per-channel keys on uniform levels; it does not go with keys=token, "
                         f"nuq or rotate, and needs a head dim that is a multiple of 32 (not {spec_head_dim})")
+
+
+def _check_kstat(p: dict, where: str = "quant") -> None:
+    if p.get("kstat", 16) not in (8, 16):
+        raise UserError(f"{where}: kstat={p['kstat']} is not supported (use 16 or 8)")
+    if p.get("kstat", 16) == 8 and (p["keys"] != "channel" or p["nuq"] or p.get("kres") or p["outliers"] > 0
+                                    or p.get("clip")):
+        raise UserError(f"{where}: kstat=8 stores per-channel key statistics of uniform codes; it does not go with "
+                        "keys=token, nuq, kres, clip or outliers")
 
 
 def _check_clip(p: dict, where: str = "quant") -> None:
@@ -158,7 +170,9 @@ class QuantCache(Cache):
             raise UserError("quant: layers with different KV shapes are not supported yet")
         _check(s0.head_dim, p)
         _check_clip(p)
+        _check_kstat(p)
         self.p = p
+        self.kstat = p["kstat"]
         self.clip = bool(p["clip"])
         self.bits, self.group, self.sink, self.window = p["bits"], p["group"], p["sink"], p["window"]
         D, H = s0.head_dim, s0.num_kv_heads
@@ -203,8 +217,11 @@ class QuantCache(Cache):
         n, D = self.nq_cap, self.D
         d = {"planes": [torch.zeros(B, H, n, D * pb // 8, dtype=torch.uint8, **z) for pb in ref.PLANES[self.bits]]}
         rows, cols = (n // self.group, D) if per_channel else (n, D // self.vgroup)
-        d["scale"] = torch.zeros(B, H, rows, cols, dtype=torch.float16, **z)
-        d["zero"] = torch.zeros(B, H, rows, cols, dtype=torch.float16, **z)
+        st = torch.uint8 if per_channel and self.kstat == 8 else torch.float16
+        d["scale"] = torch.zeros(B, H, rows, cols, dtype=st, **z)
+        d["zero"] = torch.zeros(B, H, rows, cols, dtype=st, **z)
+        if st == torch.uint8:    # 8-bit key statistics: each group's grid (`quant_reference.stats8`)
+            d["grid"] = torch.zeros(B, H, rows, ref.GRID, dtype=torch.float16, **z)
         if self.n_out:
             d["out_idx"] = torch.zeros(B, H, n, self.n_out, dtype=torch.uint8, **z)
             d["out_val"] = torch.zeros(B, H, n, self.n_out, dtype=torch.float16, **z)
@@ -252,7 +269,7 @@ class QuantCache(Cache):
             k = k.float() @ self.H
         kw = dict(bits=self.bits, n_out=self.n_out)
         kq = (ref.quantize_keys(k, group=self.group, lut=self.lut_k[layer], res=self.kres,
-                                clip=self.clip and qa.clip_range, **kw)
+                                clip=self.clip and qa.clip_range, kstat=self.kstat, **kw)
               if self.per_channel
               else ref.quantize_tokens(k, vgroup=self.vgroup, lut=self.lut_k[layer], **kw))
         return kq, ref.quantize_tokens(v, vgroup=self.vgroup, lut=self.lut_v[layer], **kw)
@@ -264,6 +281,8 @@ class QuantCache(Cache):
                 a[:, :, lo:lo + n] = b
             r = slice(lo // self.group, (lo + n) // self.group) if per_channel else slice(lo, lo + n)
             dst["scale"][:, :, r], dst["zero"][:, :, r] = src["scale"], src["zero"]
+            if "grid" in src:
+                dst["grid"][:, :, r] = src["grid"]
             for key in ("out_idx", "out_val", "res"):
                 if key in src:
                     dst[key][:, :, lo:lo + n] = src[key]
@@ -272,7 +291,7 @@ class QuantCache(Cache):
         """Quantized tokens 0..n-1 → keys (as stored, un-rotated), values; fp32 (B, H, n, D)."""
         def cut(d, r1):
             return {k: ([p[:, :, :n] for p in t] if k == "planes" else
-                        t[:, :, :r1] if k in ("scale", "zero") else t[:, :, :n]) for k, t in d.items()}
+                        t[:, :, :r1] if k in ("scale", "zero", "grid") else t[:, :, :n]) for k, t in d.items()}
         kw = dict(bits=self.bits, d=self.D)
         if self.per_channel:
             k = ref.dequantize_keys(cut(self.kq[layer], n // self.group), group=self.group,

@@ -123,7 +123,8 @@ class QuantStorage:
         for key, bad, why in (("prerope", True, "keys are stored after RoPE here (slots are not positions)"),
                               ("rotate", True, "rotation is not supported under eviction"),
                               ("keys", "token", "keys are quantized per channel under eviction"),
-                              ("nuq", None, "nuq codebooks are not read by the slot kernels")):
+                              ("nuq", None, "nuq codebooks are not read by the slot kernels"),
+                              ("kstat", 8, "8-bit key statistics are not written by the slot kernels")):
             if key in kw and (kw[key] == bad or (bad is None and kw[key])):
                 raise UserError(f"quant storage (quant+<eviction>): {key}={kw[key]} is not supported: {why}")
         p |= kw
@@ -413,7 +414,9 @@ class QuantStorage:
 
 
 def _preset_storage(name: str):
-    cls = type(f"QuantStorage_{name}", (QuantStorage,), {"DEFAULTS": dict(REGISTRY[name].cls.DEFAULTS)})
+    # under eviction a preset's key statistics stay fp16 (kstat=8 is not written by the slot kernels)
+    defaults = {k: v for k, v in REGISTRY[name].cls.DEFAULTS.items() if k != "kstat"}
+    cls = type(f"QuantStorage_{name}", (QuantStorage,), {"DEFAULTS": defaults})
     register_storage(name)(cls)
 
 

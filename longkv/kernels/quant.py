@@ -389,6 +389,7 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, 
                 warnings.warn(f"{e}; the keys' residual bits decode in torch")
                 return reference()
             warnings.warn(f"{e}; using the Triton kernel")
+    kq = qc.expand_stats(kq)     # 8-bit key statistics: the Triton kernel reads fp16 rows
     cap = kq["planes"][0].shape[2]
     S = splits or num_splits(cap, B * H)
     part = torch.empty(B * H * (S + 1) * G, D, device=q.device, dtype=torch.float32)

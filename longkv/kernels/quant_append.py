@@ -114,14 +114,14 @@ if triton is not None:
 
     @triton.jit
     def _append_flush_kernel(K, V, Len, KF, VF, KP0, KP1, KS, KZ, KOI, KOV, VP0, VP1, VS, VZ, VOI, VOV,
-                             MidK, MidV, Cnt, Cos, Sin, SK, SZ, CAPH, MG, KR, RES: tl.constexpr,
+                             MidK, MidV, Cnt, Cos, Sin, SK, SZ, CAPH, MG, KR, KG, RES: tl.constexpr,
                              FROM_SLOT: tl.constexpr,
                              HAS_CNT: tl.constexpr, ROPE: tl.constexpr, SKETCH: tl.constexpr,
                              D: tl.constexpr, GROUP: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr,
                              PB0: tl.constexpr, PB1: tl.constexpr, N_OUT: tl.constexpr, SINK: tl.constexpr,
                              WINDOW: tl.constexpr, RING: tl.constexpr, NQ_CAP: tl.constexpr,
                              NUQ_K: tl.constexpr, NUQ_V: tl.constexpr, CLIP: tl.constexpr = False,
-                             NC: tl.constexpr = 1, IA: tl.constexpr = 1):
+                             NC: tl.constexpr = 1, IA: tl.constexpr = 1, KS8: tl.constexpr = False):
         bh, j = tl.program_id(0), tl.program_id(1)
         c = tl.arange(0, D)
         # NC > 1 (clipped ranges): program j quantizes key channels cs of the flushed group, program 0 also the values;
@@ -169,10 +169,29 @@ if triton is not None:
             klo, khi = tl.min(x, 0), tl.max(x, 0)
             if CLIP:     # MSE-clipped ranges (`ref.clip_range`)
                 klo, khi = _clip_search(x, BITS, IA)
-            code, sc, zero = _encode(x, klo[None, :], khi[None, :], MidK, BITS, NUQ_K)
             srow = (bh.to(tl.int64) * (NQ_CAP // GROUP) + gi) * D
-            tl.store(KS + srow + cs, tl.max(sc, 0).to(tl.float16))
-            tl.store(KZ + srow + cs, tl.max(zero, 0).to(tl.float16))
+            if KS8:      # 8-bit statistics on the group's grid (`ref.stats8`; NC == 1: every channel here)
+                top: tl.constexpr = (1 << BITS) - 1
+                zlo = tl.min(klo, 0).to(tl.float16).to(tl.float32)
+                zstep = tl.maximum((tl.max(klo, 0) - zlo) / 255, 6e-8).to(tl.float16).to(tl.float32)
+                zc = tl.minimum(tl.maximum(tl.floor((klo - zlo) / zstep + 0.5), 0.0), 255.0)
+                need = tl.maximum((khi - klo) / top, 1e-6)
+                smax = tl.max(need, 0).to(tl.float16).to(tl.float32)
+                e = tl.minimum(tl.maximum(tl.floor(-16.0 * tl.log2(need / smax) + 0.5), 0.0), 255.0)
+                sc1 = (smax * tl.exp2(e * -0.0625)).to(tl.float16).to(tl.float32)
+                zero1 = (zlo + zc * zstep).to(tl.float16).to(tl.float32)
+                t8 = (x - zero1[None, :]) / tl.maximum(sc1, 1e-8)[None, :]
+                code = tl.minimum(tl.maximum(tl.floor(t8 + 0.5), 0.0), top * 1.0).to(tl.int32)
+                sc, zero = tl.broadcast_to(sc1[None, :], x.shape), tl.broadcast_to(zero1[None, :], x.shape)
+                tl.store(KS + srow + cs, e.to(tl.uint8))
+                tl.store(KZ + srow + cs, zc.to(tl.uint8))
+                gw = tl.arange(0, 8)
+                gv = tl.where(gw == 0, zlo, tl.where(gw == 1, zstep, tl.where(gw == 2, smax, 0.0)))
+                tl.store(KG + (bh.to(tl.int64) * (NQ_CAP // GROUP) + gi) * 8 + gw, gv.to(tl.float16))
+            else:
+                code, sc, zero = _encode(x, klo[None, :], khi[None, :], MidK, BITS, NUQ_K)
+                tl.store(KS + srow + cs, tl.max(sc, 0).to(tl.float16))
+                tl.store(KZ + srow + cs, tl.max(zero, 0).to(tl.float16))
             _pack_store(code, KP0, rows, D, PB0, 0, GROUP, CS, j * CS)
             if PB1 > 0:
                 _pack_store(code, KP1, rows, D, PB1, PB0, GROUP, CS, j * CS)
@@ -285,6 +304,10 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
     if sketch is not None and (bits != 4 or "out_idx" in kq or lut_k is not None):
         raise ValueError("the channel-major key copy (sketch) needs 4-bit uniform keys without outliers")
     res = "res" in kq              # the keys' residual bits (`kres`)
+    ks8 = "grid" in kq             # 8-bit key statistics (`kstat=8`)
+    if ks8 and (clip or res or "out_idx" in kq or lut_k is not None or sketch is not None):
+        raise ValueError("8-bit key statistics are for uniform codes without outliers, residual bits, clipping "
+                         "or a channel-major copy")
     if rope is not None and not _use_triton(k):
         from ..models.rope import apply_rope
         k, rope = apply_rope(k, *rope).to(k.dtype), None
@@ -300,13 +323,16 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
             pos = torch.arange(sink + (ng - 1) * group, sink + ng * group)
             sl = sink + (pos - sink) % ring
             n_out = kq["out_idx"].shape[-1] if "out_idx" in kq else 0
-            a = ref.quantize_keys(kf[:, :, sl], bits=bits, group=group, n_out=n_out, lut=lut_k, res=res, clip=clip)
+            a = ref.quantize_keys(kf[:, :, sl], bits=bits, group=group, n_out=n_out, lut=lut_k, res=res, clip=clip,
+                                  kstat=8 if ks8 else 16)
             b = ref.quantize_tokens(vf[:, :, sl], bits=bits, vgroup=vgroup, n_out=n_out, lut=lut_v)
             lo = (ng - 1) * group
             for dst, src, rows in ((kq, a, slice(ng - 1, ng)), (vq, b, slice(lo, lo + group))):
                 for x, y in zip(dst["planes"], src["planes"]):
                     x[:, :, lo:lo + group] = y
                 dst["scale"][:, :, rows], dst["zero"][:, :, rows] = src["scale"], src["zero"]
+                if "grid" in src:
+                    dst["grid"][:, :, rows] = src["grid"]
                 for key in ("out_idx", "out_val", "res"):
                     if key in src:
                         dst[key][:, :, lo:lo + group] = src[key]
@@ -325,9 +351,9 @@ def append_flush(k, v, length, kf, vf, kq: dict, vq: dict, *, bits: int, group: 
         dummy if mid_k is None else mid_k, dummy if mid_v is None else mid_v,
         length if count_out is None else count_out, *((kf, kf) if rope is None else (r.reshape(-1) for r in rope)),
         *((kf, kf, 0, 0) if sketch is None else (sketch[0], sketch[1], sketch[0].shape[-1], sketch[1].shape[3])),
-        kq["res"] if res else dummy, RES=res, FROM_SLOT=from_slot, HAS_CNT=count_out is not None,
+        kq["res"] if res else dummy, kq["grid"] if ks8 else dummy, RES=res, FROM_SLOT=from_slot, HAS_CNT=count_out is not None,
         ROPE=rope is not None, SKETCH=sketch is not None,
         D=D, GROUP=group, VG=vgroup, BITS=bits, PB0=pb[0], PB1=pb[1] if len(pb) > 1 else 0, N_OUT=n_out,
         SINK=sink, WINDOW=window, RING=ring, NQ_CAP=kq["planes"][0].shape[2], NUQ_K=mid_k is not None,
-        NUQ_V=mid_v is not None, CLIP=bool(clip), NC=nc, IA=ia,
+        NUQ_V=mid_v is not None, CLIP=bool(clip), NC=nc, IA=ia, KS8=ks8,
         **({"num_warps": 1 if ia == 1 else 4} if nc > 1 else {}))

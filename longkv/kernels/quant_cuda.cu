@@ -16,6 +16,17 @@
 #if BULK && (PAGED || RES || CW > 1 || GPF)
 #error "BULK reads dense splits of one warp a program, without residual bits or the L1 prefetch"
 #endif
+/* KS8 (`kstat=8`): the key statistics as 8-bit codes, KS / KZ bytes (B, H, groups, D) and a grid KG (B, H, groups, 8)
+   fp16 [zlo, zstep, smax, 0...]: scale = smax·2^(-e/16), zero = zlo + zc·zstep (`quant_reference.stats8`). Each
+   stage's bytes are rebuilt in shared memory once, by all lanes, as fp16 pairs in the order KDQ's registers take
+   them (`convert8`), so the per-step reading is 8 vector loads and no PRMTs. */
+#if KS8 && !(BULK && KDQ && !LOADONLY)
+#error "KS8 reads its statistics through BULK stages into KDQ's dequantization"
+#endif
+#ifndef KS8
+#define KS8 0
+#endif
+typedef unsigned char u8;
 struct alignas(16) U4 { u32 x, y, z, w; };
 struct alignas(8) U2 { u32 x, y; };
 struct alignas(8) F2 { float x, y; };
@@ -95,7 +106,16 @@ __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const
    scale and zero rows they lie in (SGR rows; a stage lies inside one group where groups are longer than a stage).
    Every member is a whole number of 16-byte units (STOK % 8 == 0), as the bulk copies need. */
 #define SGR (STOK >= GROUP ? STOK / GROUP : 1)
+#if KS8
+struct alignas(128) Stage { u32 k[STOK * W]; u32 v[STOK * W]; u16 vs[STOK]; u16 vz[STOK]; u8 ks[SGR * D]; u8 kz[SGR * D];
+                            u16 kg[SGR * 8]; };
+typedef u8 kstat_t;
+#define KCW (4 * KSTEPS + 4)         /* KS8: a thread-column's rebuilt words a group (scale pairs, zero pairs, 4 padding
+                                        words so that the four columns' 16-byte reads fall in different banks) */
+#else
 struct alignas(128) Stage { u32 k[STOK * W]; u32 v[STOK * W]; u16 vs[STOK]; u16 vz[STOK]; u16 ks[SGR * D]; u16 kz[SGR * D]; };
+typedef u16 kstat_t;
+#endif
 typedef unsigned long long u64;
 __device__ __forceinline__ u32 sptr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void bar_init(u64* b) {
@@ -114,10 +134,14 @@ __device__ __forceinline__ void bar_wait(u64* b, u32 parity) {
 }
 /* lane 0: tokens [s0, s0 + n) of the head's rows (kp, vp, vs, vz at token 0; ks, kz at group 0) into stage sg */
 __device__ __forceinline__ void issue(Stage& sg, u64* b, const u32* kp, const u32* vp, const u16* vs, const u16* vz,
-                                      const u16* ks, const u16* kz, int s0, int n) {
-  const u32 cb = n * W * 4, sb = n * 2, gb = ((n + GROUP - 1) / GROUP) * D * 2;
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(sptr(b)), "r"(2 * (cb + sb + gb))
+                                      const kstat_t* ks, const kstat_t* kz, int s0, int n, const u16* kg) {
+  const u32 cb = n * W * 4, sb = n * 2, gb = ((n + GROUP - 1) / GROUP) * D * sizeof(kstat_t);
+  const u32 gg = KS8 ? ((n + GROUP - 1) / GROUP) * 16 : 0;    /* KS8: the groups' grids */
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(sptr(b)), "r"(2 * (cb + sb + gb) + gg)
                : "memory");
+#if KS8
+  bulk(sg.kg, kg + (i64)(s0 / GROUP) * 8, gg, b);
+#endif
   bulk(sg.k, kp + (i64)s0 * W, cb, b);
   bulk(sg.v, vp + (i64)s0 * W, cb, b);
   bulk(sg.vs, vs + s0, sb, b);
@@ -235,6 +259,56 @@ __device__ __forceinline__ u32 kdq(u32 r, u32 sc, u32 z, int sub) {
 }
 #endif
 
+#if KS8
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+  u32 r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
+}
+__device__ __forceinline__ u32 hadd2(u32 a, u32 b) { u32 r; asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
+__device__ __forceinline__ u32 ex2h2(u32 x) { u32 r; asm("ex2.approx.f16x2 %0, %1;" : "=r"(r) : "r"(x)); return r; }
+#define UPG (D / CPW)                /* KS8: conversion units a group (4 thread columns x D/4/CPW code words) */
+/* KS8: a stage's 8-bit statistics → fp16 pairs in shared memory, by every lane (one unit: a thread column t's CPW
+   channels of one group, two 16-byte reads), laid out [group][t][scale pairs KSTEPS x 2, zero pairs, padding] as
+   `key_pairs` would build them: e and zc as 1024 + x (one PRMT, one LOP3 a pair), -e/16 by one exact HFMA2, then
+   EX2 and the group's smax; zc exactly by one HADD2, then zlo + zc·zstep */
+__device__ __forceinline__ void convert8(const Stage& sg, u32* kc, int lane) {
+  for (int u = lane; u < SGR * UPG; u += 32) {
+    const int r = u / UPG, t = (u % UPG) / (UPG / 4), w = u % (UPG / 4);
+    const int c0 = r * D + t * (D / 4) + w * CPW;
+    u32 sw[CPW / 4], zw[CPW / 4];
+    ldw<CPW / 4>(sw, (const u32*)(sg.ks + c0));
+    ldw<CPW / 4>(zw, (const u32*)(sg.kz + c0));
+    const u32 g01 = *(const u32*)(sg.kg + r * 8), g2 = sg.kg[r * 8 + 2];
+    const u32 zlo = prmt(g01, 0u, 0x1010u), zst = prmt(g01, 0u, 0x3232u), smx = g2 | g2 << 16;
+    u32* dst = kc + (r * 4 + t) * KCW;
+#pragma unroll
+    for (int jj = 0; jj < PPW / 2; jj++) {
+      const int sx = w * (PPW / 2) + jj;
+#pragma unroll
+      for (int rr = 0; rr < 2; rr++) {
+        const int a = 2 * jj + rr, b = a + PPW;                     /* the pair (a, a + PPW) of the unit's channels */
+        const u32 sel = (u32)(a % 4) | (u32)(4 + b % 4) << 8;
+        const u32 es = lop_or(prmt(sw[a / 4], sw[b / 4], sel), 0x00FF00FFu, 0x64006400u);
+        const u32 ez = lop_or(prmt(zw[a / 4], zw[b / 4], sel), 0x00FF00FFu, 0x64006400u);
+        dst[2 * sx + rr] = hmul2(ex2h2(hfma2(es, 0xAC00AC00u, 0x54005400u)), smx);   /* (1024 + e)·-1/16 + 64 */
+        dst[2 * KSTEPS + 2 * sx + rr] = hfma2(hadd2(ez, 0xE400E400u), zst, zlo);
+      }
+    }
+  }
+  __syncwarp();
+}
+
+/* KS8: a new key group's pairs, as `convert8` laid them out for this thread column */
+__device__ __forceinline__ void key_pairs8(State& st, const u32* kc) {
+  u32 w[4 * KSTEPS];
+  ldw<4 * KSTEPS>(w, kc);
+#pragma unroll
+  for (int s = 0; s < KSTEPS; s++) {
+    st.sk[s][0] = w[2 * s]; st.sk[s][1] = w[2 * s + 1];
+    st.zk[s][0] = w[2 * KSTEPS + 2 * s]; st.zk[s][1] = w[2 * KSTEPS + 2 * s + 1];
+  }
+}
+#endif
+
 /* codes at bits (bit, 16 + bit) of w as fp16x2 (1024 + c·2^sub, 1024 + c'·2^sub), sub = bit % 8: masked in
    place and ORed into the exponent of 1024, one LOP3 (whole-byte shifts are shared by a word's pairs) */
 __device__ __forceinline__ u32 raw(u32 w, int bit) {
@@ -301,7 +375,9 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
     const int tok = t0 + 16 * u;
     if (tok >= end) break;
     nu = u + 1;
-#if KDQ
+#if KS8
+    if (tok % GROUP == 0) key_pairs8(st, (const u32*)ks + (tok / GROUP) * 4 * KCW);
+#elif KDQ
     if (tok % GROUP == 0) key_pairs(st, ks + (i64)(tok / GROUP) * D, kz + (i64)(tok / GROUP) * D);
 #else
     if (tok % GROUP == 0) group_stats(st, qsm, ks + (i64)(tok / GROUP) * D, kz + (i64)(tok / GROUP) * D, lane);
@@ -390,13 +466,21 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
 #if BULK
 /* BULK: a stage's e tokens (whole tiles; token 0 at the stage's start), then every lane has read it (it may be refilled) */
 __device__ __forceinline__ void stage(State& st, const Stage& sg, int e, const u32* qsm, int lane, int g, int t,
-                                      float sl2) {
+                                      float sl2, u32* kc) {
+#if KS8
+  convert8(sg, kc, lane);            /* (kc's previous stage was read before the last stage's closing sync) */
+  const u16* ks = (const u16*)(kc + t * KCW);
+  const u16* kz = nullptr;
+#else
+  const u16* ks = sg.ks + t * (D / 4);
+  const u16* kz = sg.kz + t * (D / 4);
+#endif
 #pragma unroll
   for (int u = 0; u < STOK / TILE; u++) {
     if (u * TILE >= e) break;
     Buf A;
-    load(A, sg.k, sg.v, sg.vs, sg.vz, sg.ks + t * (D / 4), sg.kz + t * (D / 4), u * TILE, e, g, t, nullptr);
-    tile(st, A, u * TILE, e, qsm, lane, sg.ks + t * (D / 4), sg.kz + t * (D / 4), t, sl2);
+    load(A, sg.k, sg.v, sg.vs, sg.vz, ks, kz, u * TILE, e, g, t, nullptr);
+    tile(st, A, u * TILE, e, qsm, lane, ks, kz, t, sl2);
   }
   __syncwarp();
 }
@@ -491,7 +575,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
     const u16* __restrict__ KZ, const u32* __restrict__ VP, const u16* __restrict__ VS, const u16* __restrict__ VZ,
     const u16* __restrict__ KF, const u16* __restrict__ VF, float* __restrict__ Part, float* __restrict__ Lse,
     double scale_log2_d, int S, int NQ_CAP, const int* __restrict__ Table, const int* __restrict__ Nsel, int stab,
-    int row_pages, const u32* __restrict__ KR) {
+    int row_pages, const u32* __restrict__ KR, const u16* __restrict__ KG) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wq = threadIdx.x >> 5;
   const int bh = blockIdx.x, split = blockIdx.y;
   const float sl2 = (float)scale_log2_d;
@@ -557,12 +641,21 @@ extern "C" __global__ void BOUNDS kivi_attn(
      group longer than a stage has its statistics taken again at each stage: the same row, copied with it) */
   __shared__ Stage stg[NST];
   __shared__ __align__(8) u64 bars[NST];
+#if KS8
+  __shared__ __align__(16) u32 kcv[SGR * 4 * KCW];
+  const u8* kb0 = (const u8*)KS + (i64)bh * (NQ_CAP / GROUP) * D;
+  const u8* zb0 = (const u8*)KZ + (i64)bh * (NQ_CAP / GROUP) * D;
+  const u16* kg0 = KG + (i64)bh * (NQ_CAP / GROUP) * 8;
+#else
+  u32* kcv = nullptr;
+  const u16 *kb0 = ks0, *zb0 = kz0, *kg0 = nullptr;
+#endif
   const int ns = start < end ? (end - start + STOK - 1) / STOK : 0;
   if (lane == 0) {
     for (int i = 0; i < NST; i++) bar_init(&bars[i]);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     for (int i = 0; i < NST && i < ns; i++)
-      issue(stg[i], &bars[i], kp, vp, vs, vz, ks0, kz0, start + i * STOK, min(STOK, end - start - i * STOK));
+      issue(stg[i], &bars[i], kp, vp, vs, vz, kb0, zb0, start + i * STOK, min(STOK, end - start - i * STOK), kg0);
   }
   __syncwarp();
 #endif
@@ -589,10 +682,10 @@ extern "C" __global__ void BOUNDS kivi_attn(
   for (int i = 0; i < ns; i++) {
     const int sl = i % NST, s0 = start + i * STOK, e = min(STOK, end - s0);
     bar_wait(&bars[sl], (u32)(i / NST) & 1u);
-    stage(st, stg[sl], e, qsm, lane, g, t, sl2);
+    stage(st, stg[sl], e, qsm, lane, g, t, sl2, kcv);
     if (lane == 0 && i + NST < ns)
-      issue(stg[sl], &bars[sl], kp, vp, vs, vz, ks0, kz0, start + (i + NST) * STOK,
-            min(STOK, end - start - (i + NST) * STOK));
+      issue(stg[sl], &bars[sl], kp, vp, vs, vz, kb0, zb0, start + (i + NST) * STOK,
+            min(STOK, end - start - (i + NST) * STOK), kg0);
   }
 #else
   Buf A, B;     /* double buffer: the next tile's words load while this one is computed */

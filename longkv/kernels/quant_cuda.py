@@ -135,7 +135,7 @@ def lines(cfg: dict) -> str:
 def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
            gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False,
            res: bool = False, load_only: bool = False, kdq: int | None = None, bulk: int | None = None,
-           stok: int | None = None, nst: int | None = None) -> dict:
+           stok: int | None = None, nst: int | None = None, ks8: bool = False) -> dict:
     """The #defines of one compiled layout, name to value (window = ring - 2·group, as the cache sizes its
     ring); tile: tokens a loop step; gpf: the key group statistics into L1 this many tiles ahead (0 = off; always
     off when paged: the next listed group's rows prefetched 1-2 tiles ahead measured no faster); minb: programs an
@@ -145,7 +145,8 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     meaningless); kdq: the keys dequantized in registers (None: KDQ, else on for 2 bits where every tile starts a
     key group; never with residual bits); bulk: the dense splits' bytes come by bulk copies into shared memory, stok
     tokens a stage and nst stages in flight (None: BULK, BULK_STOK, BULK_NST; never paged, with residual bits or with
-    several warps a program)."""
+    several warps a program); ks8: the key statistics as 8-bit codes on a grid (`kstat=8`), read through bulk stages
+    into KDQ (KS8 is 0 in a layout without both: the caller then hands the kernel fp16 statistics)."""
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
                TILE=tile or TILE,
                GPF=0 if paged else gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)),
@@ -156,6 +157,7 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     bulk = bulk if bulk is not None else BULK if BULK is not None else bits == 2 and not gpf   # (gpf asks for registers)
     bulk = int(bulk) and not (paged or res or cfg["CW"] > 1)
     cfg.update(BULK=int(bulk), NST=nst or BULK_NST, STOK=stok or BULK_STOK)
+    cfg["KS8"] = int(bool(ks8) and bool(bulk) and bool(cfg["KDQ"]) and not load_only)
     if bulk:
         cfg["GPF"] = 0
         if cfg["STOK"] % cfg["TILE"] or (cfg["STOK"] % group and group % cfg["STOK"]):
@@ -170,13 +172,17 @@ def smem_bytes(*, D: int, G: int, cw: int, cfg: dict | None = None) -> int:
     n = cw * 2 * (D // 8) * 32 * 4 + (cw * G * (D + 1) * 4 if cw > 1 else 0)
     if cfg and cfg["BULK"]:
         n += cfg["NST"] * (_stage_bytes(cfg) + 8)
+    if cfg and cfg.get("KS8"):       # the stage's statistics rebuilt as fp16 pairs (kcv: SGR x 4 x KCW words)
+        n += max(1, cfg["STOK"] // cfg["GROUP"]) * 4 * (4 * (D // 16) + 4) * 4
     return n
 
 
 def _stage_bytes(cfg: dict) -> int:
-    """A BULK stage's shared memory (the source's `Stage`: codes, value ranges, key statistics rows; 128-aligned)."""
+    """A BULK stage's shared memory (the source's `Stage`: codes, value ranges, key statistics rows (KS8: bytes and
+    16-byte grids); 128-aligned)."""
     st, gr, D = cfg["STOK"], max(1, cfg["STOK"] // cfg["GROUP"]), cfg["D"]
-    return -(-(2 * st * D * cfg["BITS"] // 8 + 4 * st + 4 * gr * D) // 128) * 128
+    stats = gr * (2 * D + 16) if cfg.get("KS8") else 4 * gr * D
+    return -(-(2 * st * D * cfg["BITS"] // 8 + 4 * st + stats) // 128) * 128
 
 
 # The keys' residual bits (`kres=1`, RES in the source): built offline (session 30); the kernels passed their GPU test
@@ -282,10 +288,21 @@ def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_p
                    paged=(table, nsel.reshape(-1).expand(table.shape[0]).contiguous(), row_pages))
 
 
+def expand_stats(kq: dict) -> dict:
+    """A key dict with 8-bit statistics (`kstat=8`) as one with fp16 scale and zero rows (`ref.key_stats`), for the
+    kernels that read only those: graph-safe, but each call writes every group's rows (smaller, not faster)."""
+    if "grid" not in kq:
+        return kq
+    from . import quant_reference as ref
+    scale, zero = ref.key_stats(kq)
+    return {k: v for k, v in kq.items() if k != "grid"} | {"scale": scale, "zero": zero}
+
+
 def _bulk_ok(q, kq, vq) -> bool:
     """Bulk copies need sm_90 and 16-byte aligned sources (each tensor's start; rows and stages are whole 16-byte
     units at these layouts)."""
-    ts = [kq["planes"][0], vq["planes"][0], kq["scale"], kq["zero"], vq["scale"], vq["zero"]]
+    ts = [kq["planes"][0], vq["planes"][0], kq["scale"], kq["zero"], vq["scale"], vq["zero"]] + (
+        [kq["grid"]] if "grid" in kq else [])
     return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9 and all(t.data_ptr() % 16 == 0 for t in ts)
             and kq["planes"][0].shape[2] % 8 == 0)
 
@@ -305,7 +322,9 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     bulk = bulk if paged is None and _bulk_ok(q, kq, vq) else 0    # (None: `config` decides)
     layout = config(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
                     gpf=gpf, minb=minb, cw=cw, paged=paged is not None, res="res" in kq, load_only=load_only, kdq=kdq,
-                    bulk=bulk, stok=stok, nst=nst)
+                    bulk=bulk, stok=stok, nst=nst, ks8="grid" in kq)
+    if "grid" in kq and not layout["KS8"]:   # 8-bit key statistics outside KS8's layout: handed over as fp16 rows
+        kq = expand_stats(kq)
     cfg = lines(layout)
     warps = CW if cw is None else cw
     if smem_bytes(D=D, G=G, cw=warps, cfg=layout) > 48 * 1024:
@@ -330,7 +349,7 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
         attn(grid=(B * H, S1, 1), block=(32 * warps, 1, 1),
              args=[q, length, kp, kq["scale"], kq["zero"], vp, vq["scale"], vq["zero"], kf, vf, part, lse,
                    float(scale * math.log2(math.e)), int(S), int(cap), *extra,
-                   kq["res"].view(torch.int32) if "res" in kq else kp])
+                   kq["res"].view(torch.int32) if "res" in kq else kp, kq["grid"] if "grid" in kq else kp])
 
     def run_merge():
         mrg(grid=(B * Hq, D // 32, 1), block=(32 * MERGE_WARPS, 1, 1), args=[part, lse, out, int(S1)])

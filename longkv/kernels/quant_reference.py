@@ -25,7 +25,7 @@ import torch
 from .reference import attention_lse
 
 __all__ = ["PLANES", "hadamard", "pack", "unpack", "pack_res", "unpack_res", "quantize_keys", "quantize_tokens",
-           "dequantize_keys",
+           "dequantize_keys", "key_stats", "stats8",
            "dequantize_tokens", "rope_at", "fp_slots", "quant_decode_attention", "normalized", "gather_rows",
            "quant_paged_attention"]
 
@@ -140,18 +140,68 @@ def clip_range(x: torch.Tensor, bits: int, axis: int) -> tuple[torch.Tensor, tor
     return blo, bhi
 
 
+GRID = 8   # fp16 numbers a key group and head holds with 8-bit statistics (zero grid start, step, largest scale;
+           # padded to 16 bytes, the unit of the CUDA kernel's bulk copies)
+
+
+def stats8(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8-bit key statistics (`kstat=8`) of groups whose channels (last axis) span [lo, hi] (fp32, (..., D)) →
+    (scale codes e, zero codes zc) uint8 (..., D) and the grid (..., GRID) fp16 [zlo, zstep, smax, 0...]:
+    zero = zlo + zc·zstep, a 256-point linear grid over the channels' lower ends; scale = smax·2^(-e/16), a log
+    grid (4.4 % a step, 16 octaves) below the largest. Both rounded to the nearest point (a key past either end of
+    its range saturates): on smollm2-135m kv2's perplexity +4.94 % / +7.37 % at 2K / 8K against +4.84 % / +6.61 %
+    with fp16 statistics, the same needles (BENCHMARKS.md, issue 4, session 43's what-if). `stats8_decode` rebuilds
+    the fp16 scale and zero that the codes are encoded against."""
+    top = 2 ** bits - 1
+    zmin, zmax = lo.amin(-1, keepdim=True), lo.amax(-1, keepdim=True)
+    zlo = zmin.half().float()
+    zstep = ((zmax - zlo) / 255).clamp_min(6e-8).half().float()
+    zc = torch.round((lo - zlo) / zstep).clamp(0, 255)
+    need = ((hi - lo) / top).clamp_min(1e-6)
+    smax = need.amax(-1, keepdim=True).half().float()
+    e = torch.round(-16 * torch.log2(need / smax)).clamp(0, 255)
+    grid = torch.cat([zlo, zstep, smax, torch.zeros_like(zlo).expand(*zlo.shape[:-1], GRID - 3)], -1).half()
+    return e.to(torch.uint8), zc.to(torch.uint8), grid
+
+
+def stats8_decode(e: torch.Tensor, zc: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp16 (scale, zero) that 8-bit statistics stand for (`stats8`)."""
+    g = grid.float()
+    scale = (g[..., 2:3] * torch.exp2(e.float() * -0.0625)).half()
+    zero = (g[..., 0:1] + zc.float() * g[..., 1:2]).half()
+    return scale, zero
+
+
+def key_stats(q: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed key dict's per-group (scale, zero) in fp16, whether stored as fp16 rows or as 8-bit codes with a
+    grid (`kstat=8`: `grid` present)."""
+    if "grid" in q:
+        return stats8_decode(q["scale"], q["zero"], q["grid"])
+    return q["scale"], q["zero"]
+
+
 def quantize_keys(k: torch.Tensor, *, bits: int, group: int, n_out: int = 0, lut=None, res: bool = False,
-                  clip: bool = False) -> dict:
+                  clip: bool = False, kstat: int = 16) -> dict:
     """Per-channel keys. k (B, H, T, D) with T a multiple of `group` →
     {planes, scale (B, H, T/group, D) fp16, zero (same), out_idx (B, H, T, n_out) uint8, out_val fp16}.
     res: also `res` (B, H, T, D/8) uint8, one residual bit an element: whether the key lies at or above its
     level, so that it decodes half a step finer with the codes themselves unchanged. clip: each group's range
     MSE-clipped (`clip_range`, or a function of its signature: `quant_append.clip_range` searches on the GPU; uniform
-    codes, no outliers or residual bits)."""
+    codes, no outliers or residual bits). kstat=8: the statistics as 8-bit codes (`stats8`): scale and zero
+    (B, H, T/group, D) uint8 and grid (B, H, T/group, GRID) fp16 (uniform codes, no outliers, residual bits or
+    clipping)."""
     if clip and (n_out or lut is not None or res):
         raise ValueError("clipped key ranges are for uniform codes without outliers or residual bits")
     B, H, T, D = k.shape
     x = k.float().reshape(B, H, T // group, group, D)
+    if kstat == 8:
+        if n_out or lut is not None or res or clip:
+            raise ValueError("8-bit key statistics are for uniform codes without outliers, residual bits or clipping")
+        e, zc, grid = stats8(x.amin(3), x.amax(3), bits)
+        scale, zero = stats8_decode(e, zc, grid)
+        t = (x - zero.float()[:, :, :, None]) / scale.float()[:, :, :, None]
+        codes = t.round().clamp(0, 2 ** bits - 1).to(torch.uint8)
+        return {"planes": pack(codes.reshape(B, H, T, D), bits), "scale": e, "zero": zc, "grid": grid}
     out = {}
     if n_out:
         mu = x.mean(3, keepdim=True)
@@ -231,7 +281,8 @@ def dequantize_keys(q: dict, *, bits: int, group: int, d: int, lut=None) -> torc
     x = lv[codes.long()].reshape(B, H, T // group, group, D)
     if "res" in q:      # the residual bit: a quarter step up or down from the level
         x = x + unpack_res(q["res"], d).reshape(B, H, T // group, group, D).float() * 0.5 - 0.25
-    x = x * q["scale"].float()[:, :, :, None] + q["zero"].float()[:, :, :, None]
+    scale, zero = key_stats(q)
+    x = x * scale.float()[:, :, :, None] + zero.float()[:, :, :, None]
     return _restore(x.reshape(B, H, T, D), q)
 
 
@@ -287,8 +338,8 @@ def quant_decode_attention(q, kq: dict, vq: dict, kf, vf, length: int, *, bits: 
     kpos = [pos]
     if nq:
         sl = lambda d, n: {k: ([p[:, :, :n] for p in t] if k == "planes" else t[:, :, :n]) for k, t in d.items()}
-        kd = dequantize_keys({**sl(kq, nq), "scale": kq["scale"][:, :, :nq // group],
-                              "zero": kq["zero"][:, :, :nq // group]}, bits=bits, group=group, d=D, lut=lut_k)
+        kd = dequantize_keys({**sl(kq, nq), **{k: kq[k][:, :, :nq // group] for k in ("scale", "zero", "grid")
+                                               if k in kq}}, bits=bits, group=group, d=D, lut=lut_k)
         ks.append(kd)
         vs.append(dequantize_tokens(sl(vq, nq), bits=bits, vgroup=vgroup, d=D, lut=lut_v))
         kpos.append(torch.arange(sink, sink + nq))
@@ -318,8 +369,8 @@ def gather_rows(kq: dict, vq: dict, kf, vf, rows: torch.Tensor, nq, *, bits: int
     def take(t, idx):
         return t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[3]))
 
-    kd = {"planes": [take(t, qi) for t in kq["planes"]], "scale": take(kq["scale"], qi // group),
-          "zero": take(kq["zero"], qi // group)}
+    kd = {"planes": [take(t, qi) for t in kq["planes"]],
+          **{k: take(kq[k], qi // group) for k in ("scale", "zero", "grid") if k in kq}}
     vd = {"planes": [take(t, qi) for t in vq["planes"]], "scale": take(vq["scale"], qi), "zero": take(vq["zero"], qi)}
     for d, src in ((kd, kq), (vd, vq)):
         d.update({key: take(src[key], qi) for key in ("out_idx", "out_val", "res") if key in src})
