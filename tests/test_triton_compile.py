@@ -14,10 +14,10 @@ import pytest
 PTRS = dict(K="*bf16", V="*bf16", Len="*i64", KF="*bf16", VF="*bf16", KP0="*u8", KP1="*u8", KS="*fp16", KZ="*fp16",
             KOI="*u8", KOV="*fp16", VP0="*u8", VP1="*u8", VS="*fp16", VZ="*fp16", VOI="*u8", VOV="*fp16",
             MidK="*fp32", MidV="*fp32", Cnt="*i64", Cos="*bf16", Sin="*bf16", SK="*u8", SZ="*fp16", CAPH="i32",
-            MG="i32", KR="*u8")
+            MG="i32", KR="*u8", KG="*fp16")
 BASE = dict(RES=False, FROM_SLOT=False, HAS_CNT=True, ROPE=False, SKETCH=False, D=64, GROUP=16, VG=16, BITS=4,
             PB0=4, PB1=0, N_OUT=0, SINK=2, WINDOW=3, RING=35, NQ_CAP=64, NUQ_K=False, NUQ_V=False, CLIP=False, NC=1,
-            IA=1)
+            IA=1, KS8=False)
 APPEND = [dict(), dict(BITS=3, PB0=2, PB1=1, NUQ_K=True, NUQ_V=True, N_OUT=1), dict(BITS=2, PB0=2, N_OUT=2),
           dict(ROPE=True), dict(ROPE=True, RES=True), dict(BITS=2, PB0=2, N_OUT=1, RES=True),
           dict(BITS=2, PB0=2, ROPE=True, CLIP=True, NC=4), dict(CLIP=True, NC=4), dict(SKETCH=True),
@@ -39,6 +39,10 @@ def main() -> int:
 
     cases = [(qa._append_flush_kernel, PTRS, BASE | c, 4 if c.get("NC", 1) == 1 or c.get("IA", 1) > 1 else 1)
              for c in APPEND]
+    # 8-bit key statistics (kstat=8): the statistics' bytes and the group's grid (kv2:kstat=8 and the test's layout)
+    cases += [(qa._append_flush_kernel, PTRS | dict(KS="*u8", KZ="*u8"), BASE | c | dict(KS8=True), 4)
+              for c in (dict(D=128, VG=128, BITS=2, PB0=2, ROPE=True, WINDOW=128, RING=160, NQ_CAP=4096),
+                        dict(BITS=2, PB0=2, VG=64, ROPE=True))]
     cases += [(qa._clip_kernel, dict(X="*fp32", LO="*fp32", HI="*fp32"),
                dict(GROUP=16, D=128, C=qa.CLIP_C, BITS=2, IA=ia), 1 if ia == 1 else 4) for ia in (1, 16)]
     from longkv.kernels import gemv as gv   # the batch-1 projections (every fusion the decode step uses)
