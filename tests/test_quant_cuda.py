@@ -206,7 +206,7 @@ def test_kres_cache_step_reads_the_bits_on_the_gpu_as_torch_does(spec, tmp_path_
 
 
 @pytest.mark.parametrize("D,bits,group,G,length,variant", [
-    (128, 2, 16, 4, 1000, {}), (128, 2, 16, 5, 777, {"stok": 32, "nst": 4}), (64, 2, 16, 3, 900, {}),
+    (128, 2, 16, 4, 1000, {}), (128, 2, 16, 5, 777, {"stok": 32, "nst": 4}), (64, 4, 16, 3, 900, {"bulk": 1, "kdq": 1}),
     (256, 2, 16, 4, 600, {}), (128, 4, 16, 4, 1000, {"bulk": 1, "kdq": 1}), (128, 2, 16, 4, 100, {}),
     (128, 2, 16, 4, 1000, {"bulk": 0})])       # bulk 0: no KS8 layout, the statistics handed over as fp16 rows
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -234,4 +234,4 @@ def test_cuda_kernel_reads_8bit_key_statistics(D, bits, group, G, length, varian
     rows = qc.decode_attention(qg, qc.expand_stats(args[1]), *args[2:], **variant, **kw).float().cpu()
     tol = 4e-2 if dtype == torch.bfloat16 else 1e-2
     assert (got - want).abs().max() < tol
-    assert (got - rows).abs().max() < tol / 2
+    assert (got - rows).abs().max() < tol      # (the scales rebuilt by a half-precision EX2 here, in fp32 there)

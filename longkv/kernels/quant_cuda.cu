@@ -166,6 +166,8 @@ struct State {
    codes come as 1024 + c·2^sub, `raw`), qn without. Layout [word / 4][lane][word % 4]: 128-bit loads,
    no bank conflicts. */
 #define QW (2 * KSTEPS)                               /* words a lane an array */
+#define QOFF (KDQ ? 0 : QW * 32)                      /* qn's offset: KDQ keeps qn alone (2 KB less a program at D 128) */
+#define QSMW ((KDQ ? 1 : 2) * QW * 32)
 __device__ __forceinline__ void query_frags(u32* qsm, const u16* qr, float qok, int lane) {
   u32 qw[D / 8];
   ldw<D / 8>(qw, (const u32*)qr);
@@ -182,8 +184,8 @@ __device__ __forceinline__ void query_frags(u32* qsm, const u16* qr, float qok, 
 #pragma unroll
     for (int r = 0; r < 2; r++) {
       const int k = 2 * s + r;
-      qsm[((k / 4) * 32 + lane) * 4 + k % 4] = v[r];
-      qsm[QW * 32 + ((k / 4) * 32 + lane) * 4 + k % 4] = v[2 + r];
+      if (!KDQ) qsm[((k / 4) * 32 + lane) * 4 + k % 4] = v[r];
+      qsm[QOFF + ((k / 4) * 32 + lane) * 4 + k % 4] = v[2 + r];
     }
   }
   __syncwarp();
@@ -642,7 +644,8 @@ extern "C" __global__ void BOUNDS kivi_attn(
   __shared__ Stage stg[NST];
   __shared__ __align__(8) u64 bars[NST];
 #if KS8
-  __shared__ __align__(16) u32 kcv[SGR * 4 * KCW];
+  /* the rebuilt statistics; before the first stage, the query's fragments (read into registers once, KDQ) */
+  __shared__ __align__(16) u32 kcv[SGR * 4 * KCW > QSMW ? SGR * 4 * KCW : QSMW];
   const u8* kb0 = (const u8*)KS + (i64)bh * (NQ_CAP / GROUP) * D;
   const u8* zb0 = (const u8*)KZ + (i64)bh * (NQ_CAP / GROUP) * D;
   const u16* kg0 = KG + (i64)bh * (NQ_CAP / GROUP) * 8;
@@ -659,8 +662,12 @@ extern "C" __global__ void BOUNDS kivi_attn(
   }
   __syncwarp();
 #endif
-  __shared__ __align__(16) u32 qsm_all[CW][2 * QW * 32];
+#if KS8
+  u32* qsm = kcv;
+#else
+  __shared__ __align__(16) u32 qsm_all[CW][QSMW];
   u32* qsm = qsm_all[wq];
+#endif
   query_frags(qsm, qr, qok, lane);
 
   State st;
@@ -675,7 +682,8 @@ extern "C" __global__ void BOUNDS kivi_attn(
 #pragma unroll
   for (int s = 0; s < KSTEPS; s++)
 #pragma unroll
-    for (int r = 0; r < 2; r++) st.qf[s][r] = qsm[QW * 32 + (((2 * s + r) / 4) * 32 + lane) * 4 + (2 * s + r) % 4];
+    for (int r = 0; r < 2; r++) st.qf[s][r] = qsm[QOFF + (((2 * s + r) / 4) * 32 + lane) * 4 + (2 * s + r) % 4];
+  __syncwarp();                                      /* (KS8: the first stage's statistics overwrite it) */
 #endif
 
 #if BULK

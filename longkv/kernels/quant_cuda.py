@@ -169,12 +169,13 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
 def smem_bytes(*, D: int, G: int, cw: int, cfg: dict | None = None) -> int:
     """Static shared memory of a program: the query fragments (2 arrays of D/8 words a lane, a warp) and,
     for several warps a program, their partial results; with BULK (`cfg`'s), its stages."""
-    n = cw * 2 * (D // 8) * 32 * 4 + (cw * G * (D + 1) * 4 if cw > 1 else 0)
+    q = cw * (1 if cfg and cfg["KDQ"] else 2) * (D // 8) * 32 * 4     # (KDQ keeps the plain query alone)
+    n = cw * G * (D + 1) * 4 if cw > 1 else 0
     if cfg and cfg["BULK"]:
         n += cfg["NST"] * (_stage_bytes(cfg) + 8)
-    if cfg and cfg.get("KS8"):       # the stage's statistics rebuilt as fp16 pairs (kcv: SGR x 4 x KCW words)
-        n += max(1, cfg["STOK"] // cfg["GROUP"]) * 4 * (4 * (D // 16) + 4) * 4
-    return n
+    if cfg and cfg.get("KS8"):       # the stage's statistics rebuilt as fp16 pairs (SGR x 4 x KCW words), the query's
+        q = max(q, max(1, cfg["STOK"] // cfg["GROUP"]) * 4 * (4 * (D // 16) + 4) * 4)   # fragments there first
+    return n + q
 
 
 def _stage_bytes(cfg: dict) -> int:
