@@ -331,6 +331,8 @@ __device__ __forceinline__ u32 res5(u32 a, u32 rw, int p, int sub) {
   return d;
 }
 #define TH 8.f                                         /* lazy rescaling: weights up to 2^TH */
+/* 2^x in one MUFU (weights below 2^-126 flush to 0; exp2f's range fix-ups cost 3 instructions an exponential) */
+__device__ __forceinline__ float ex2(float x) { float r; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x)); return r; }
 
 __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end, const u32* qsm, int lane,
                                      const u16* ks, const u16* kz, int t, float sl2) {
@@ -407,8 +409,9 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
           raw(cur.k[u][0][w], BITS * (j + 1)), raw(cur.k[u][1][w], BITS * (j + 1)), st.qf[s][0], st.qf[s][1]);
 #endif
     }
-    xs[u][0] = (s4[0] + r4[0] + st.cq0) * sl2; xs[u][1] = (s4[1] + r4[1] + st.cq1) * sl2;
-    xs[u][2] = (s4[2] + r4[2] + st.cq0) * sl2; xs[u][3] = (s4[3] + r4[3] + st.cq1) * sl2;
+    /* (the query fragments carry scale·log2(e): `query_frags`) */
+    xs[u][0] = s4[0] + r4[0] + st.cq0; xs[u][1] = s4[1] + r4[1] + st.cq1;
+    xs[u][2] = s4[2] + r4[2] + st.cq0; xs[u][3] = s4[3] + r4[3] + st.cq1;
   }
   float mx0 = NEG_INF, mx1 = NEG_INF;
 #pragma unroll
@@ -423,7 +426,7 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
     }
     const float n0 = fmaxf(st.m0, mx0), n1 = fmaxf(st.m1, mx1);
-    const float al0 = exp2f(st.m0 - n0), al1 = exp2f(st.m1 - n1);
+    const float al0 = ex2(st.m0 - n0), al1 = ex2(st.m1 - n1);
     st.m0 = n0; st.m1 = n1;
     st.l0 *= al0; st.z0 *= al0; st.p0 *= al0;
     st.l1 *= al1; st.z1 *= al1; st.p1 *= al1;
@@ -433,8 +436,8 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
 #pragma unroll
   for (int u = 0; u < SUB; u++) {
     if (u >= nu) break;
-    const float p0 = exp2f(xs[u][0] - st.m0), p1 = exp2f(xs[u][1] - st.m1), p2 = exp2f(xs[u][2] - st.m0),
-                p3 = exp2f(xs[u][3] - st.m1);
+    const float p0 = ex2(xs[u][0] - st.m0), p1 = ex2(xs[u][1] - st.m1), p2 = ex2(xs[u][2] - st.m0),
+                p3 = ex2(xs[u][3] - st.m1);
     const float s0 = h2f(cur.vs[u][0]), s1 = h2f(cur.vs[u][1]);
     const float zz0 = h2f(cur.vz[u][0]), zz1 = h2f(cur.vz[u][1]);
     st.l0 += p0 + p2;
@@ -668,7 +671,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
   __shared__ __align__(16) u32 qsm_all[CW][QSMW];
   u32* qsm = qsm_all[wq];
 #endif
-  query_frags(qsm, qr, qok, lane);
+  query_frags(qsm, qr, qok * sl2, lane);          /* scale·log2(e) folded into the query: scores come in log2 units */
 
   State st;
   st.m0 = st.m1 = NEG_INF;
