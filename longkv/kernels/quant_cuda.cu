@@ -291,12 +291,27 @@ __device__ __forceinline__ void convert8(const Stage& sg, u32* kc, int lane) {
         const u32 sel = (u32)(a % 4) | (u32)(4 + b % 4) << 8;
         const u32 es = lop_or(prmt(sw[a / 4], sw[b / 4], sel), 0x00FF00FFu, 0x64006400u);
         const u32 ez = lop_or(prmt(zw[a / 4], zw[b / 4], sel), 0x00FF00FFu, 0x64006400u);
-        dst[2 * sx + rr] = hmul2(ex2h2(hfma2(es, 0xAC00AC00u, 0x54005400u)), smx);   /* (1024 + e)·-1/16 + 64 */
-        dst[2 * KSTEPS + 2 * sx + rr] = hfma2(hadd2(ez, 0xE400E400u), zst, zlo);
+        const u32 sv = hmul2(ex2h2(hfma2(es, 0xAC00AC00u, 0x54005400u)), smx);   /* (1024 + e)·-1/16 + 64 */
+        const u32 zv = hfma2(hadd2(ez, 0xE400E400u), zst, zlo);
+        /* the pair's codes come at sub' = sub | 4 (`raw1`): s' = s·2^-sub' (exact), z' = z - 2^(10-sub')·s (one
+           rounding), so that a key is one HFMA2 from the raw pair: 1024·2^-sub'·s is at most 64 s, and z' rounds
+           within s/32 of the exact value (s/128 at sub' 6) */
+        const int sb = (BITS * (2 * jj + rr) % 8) | 4;
+        const u32 m = (u32)(15 - sb) << 10, nb = 0x8000u | ((u32)(25 - sb) << 10);
+        dst[2 * sx + rr] = hmul2(sv, m | m << 16);
+        dst[2 * KSTEPS + 2 * sx + rr] = hfma2(sv, nb | nb << 16, zv);
       }
     }
   }
   __syncwarp();
+}
+
+/* KS8: the code pair at bits (bit, 16 + bit) of w as 1024 + c·2^sub' with sub' = sub | 4 (codes at sub 0 or 2 moved up
+   by 4: the shifted words are shared by a word's pairs), `raw`'s LOP3 */
+__device__ __forceinline__ u32 raw1(u32 w, int bit) {
+  const int sh = bit / 8 * 8, sub = bit % 8;
+  const u32 x = sub < 4 ? (sh ? w >> (sh - 4) : w << 4) : (sh ? w >> sh : w);
+  return lop_or(x, CMASK << (sub | 4), 0x64006400u);
 }
 
 /* KS8: a new key group's pairs, as `convert8` laid them out for this thread column */
@@ -398,6 +413,11 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
           res5(raw(cur.k[u][0][w], BITS * (j + 1)), cur.kr[u][0][w / 4], p + 1, BITS * (j + 1) % 8),
           res5(raw(cur.k[u][1][w], BITS * (j + 1)), cur.kr[u][1][w / 4], p + 1, BITS * (j + 1) % 8),
           st.qf[s][0], st.qf[s][1]);
+#elif KS8   /* one HFMA2 a pair: s' and z' carry the codes' 2^-sub' and 1024 offset (`convert8`) */
+      mma(s & 1 ? r4 : s4, hfma2(raw1(cur.k[u][0][w], BITS * j), st.sk[s][0], st.zk[s][0]),
+          hfma2(raw1(cur.k[u][1][w], BITS * j), st.sk[s][0], st.zk[s][0]),
+          hfma2(raw1(cur.k[u][0][w], BITS * (j + 1)), st.sk[s][1], st.zk[s][1]),
+          hfma2(raw1(cur.k[u][1][w], BITS * (j + 1)), st.sk[s][1], st.zk[s][1]), st.qf[s][0], st.qf[s][1]);
 #elif KDQ
       const int b0 = BITS * j % 8, b1 = BITS * (j + 1) % 8;
       mma(s & 1 ? r4 : s4, kdq(raw(cur.k[u][0][w], BITS * j), st.sk[s][0], st.zk[s][0], b0),
