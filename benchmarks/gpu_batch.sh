@@ -738,13 +738,14 @@ P
         LONGKV_GEMV_ILV=$c bench ks8_ilv$c 150 $PY quant_decode.py --contexts 128k --caches "full;kv2;kv2:kstat=8" \
           --new-tokens 24
       done ;;
-    ks8b)      # issue 4: ks8 after the query's fragments shrank (KDQ keeps qn alone; KS8 holds them in its rebuilt rows):
-               # GPU tests; decode at 128K (ILV=1), full / kv2 / kv2:kstat=8 at 64- and 32-token stages
-      (TRITON_INTERPRET=0 timeout 90 $PY -m pytest -q -rf --tb=short tests/test_quant_cuda.py \
-        -k "8bit or (matches_reference and default and dtype0)") > "$OUT/ks8b_tests.log" 2>&1
+    ks8b)      # issue 4: the dense kernel after session 44's changes (scale folded into the query, ex2.approx, KDQ's qn
+               # alone, KCV: the stage's key statistics rebuilt once into folded pairs, one HFMA2 a key pair): GPU tests;
+               # decode at 128K (ILV=1), full / kv2 / kv2:kstat=8 with KCV on, then off (LONGKV_KCV=0)
+      (TRITON_INTERPRET=0 timeout 100 $PY -m pytest -q -rf --tb=short tests/test_quant_cuda.py \
+        -k "8bit or (matches_reference and (default or kcv) and dtype0)") > "$OUT/ks8b_tests.log" 2>&1
       echo "ks8b tests: $(grep -E 'passed|failed' "$OUT/ks8b_tests.log" | tr '\n' ' ')" >&2
-      for st in 64 32; do
-        LONGKV_GEMV_ILV=1 LONGKV_BULK_STOK=$st bench ks8b_stok$st 120 $PY quant_decode.py --contexts 128k \
+      for c in 1 0; do
+        LONGKV_GEMV_ILV=1 LONGKV_KCV=$c bench ks8b_kcv$c 120 $PY quant_decode.py --contexts 128k \
           --caches "full;kv2;kv2:kstat=8" --new-tokens 24
       done ;;
     bulkdecode) # issue 4: decode at 128K, full and kivi2 with LONGKV_BULK=0 then 1

@@ -42,7 +42,7 @@ def _cuda(x):
 # group rebuild
 @pytest.mark.parametrize("variant", [{}, {"cw": 4}, {"gpf": 1}, {"gpf": 0}, {"kdq": 1}, {"kdq": 0}, {"tile": 32},
                                      {"tile": 32, "kdq": 1}, {"bulk": 1}, {"bulk": 0}, {"bulk": 1, "stok": 32, "nst": 4},
-                                     {"bulk": 1, "kdq": 0}, {"bulk": 1, "tile": 32}],
+                                     {"bulk": 1, "kdq": 0}, {"bulk": 1, "tile": 32}, {"bulk": 1, "kcv": 0}],
                          ids=lambda v: "-".join(f"{k}{x}" for k, x in v.items()) or "default")
 def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype, variant):
     if variant and dtype != torch.bfloat16:

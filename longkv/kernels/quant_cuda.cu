@@ -20,11 +20,20 @@
    fp16 [zlo, zstep, smax, 0...]: scale = smax·2^(-e/16), zero = zlo + zc·zstep (`quant_reference.stats8`). Each
    stage's bytes are rebuilt in shared memory once, by all lanes, as fp16 pairs in the order KDQ's registers take
    them (`convert8`), so the per-step reading is 8 vector loads and no PRMTs. */
-#if KS8 && !(BULK && KDQ && !LOADONLY)
-#error "KS8 reads its statistics through BULK stages into KDQ's dequantization"
-#endif
+/* KCV (BULK with KDQ): each stage's key statistics, fp16 rows or KS8's bytes, are rebuilt once by every lane into the
+   pairs KDQ's registers take, with the codes' 2^-sub' and 1024 offset folded in, so that a key pair is one HFMA2 from
+   its code word (`convert`, `raw1`); KS8 always reads this way */
 #ifndef KS8
 #define KS8 0
+#endif
+#ifndef KCV
+#define KCV KS8
+#endif
+#if KCV && !(BULK && KDQ && !LOADONLY)
+#error "KCV (and KS8) read their statistics through BULK stages into KDQ's dequantization"
+#endif
+#if KS8 && !KCV
+#error "KS8 needs KCV"
 #endif
 typedef unsigned char u8;
 struct alignas(16) U4 { u32 x, y, z, w; };
@@ -110,12 +119,12 @@ __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const
 struct alignas(128) Stage { u32 k[STOK * W]; u32 v[STOK * W]; u16 vs[STOK]; u16 vz[STOK]; u8 ks[SGR * D]; u8 kz[SGR * D];
                             u16 kg[SGR * 8]; };
 typedef u8 kstat_t;
-#define KCW (4 * KSTEPS + 4)         /* KS8: a thread-column's rebuilt words a group (scale pairs, zero pairs, 4 padding
-                                        words so that the four columns' 16-byte reads fall in different banks) */
 #else
 struct alignas(128) Stage { u32 k[STOK * W]; u32 v[STOK * W]; u16 vs[STOK]; u16 vz[STOK]; u16 ks[SGR * D]; u16 kz[SGR * D]; };
 typedef u16 kstat_t;
 #endif
+#define KCW (4 * KSTEPS + 4)         /* KCV: a thread-column's rebuilt words a group (scale pairs, zero pairs, 4 padding
+                                        words so that the four columns' 16-byte reads fall in different banks) */
 typedef unsigned long long u64;
 __device__ __forceinline__ u32 sptr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void bar_init(u64* b) {
@@ -261,26 +270,28 @@ __device__ __forceinline__ u32 kdq(u32 r, u32 sc, u32 z, int sub) {
 }
 #endif
 
-#if KS8
+#if KCV
 __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
   u32 r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
 }
 __device__ __forceinline__ u32 hadd2(u32 a, u32 b) { u32 r; asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
 __device__ __forceinline__ u32 ex2h2(u32 x) { u32 r; asm("ex2.approx.f16x2 %0, %1;" : "=r"(r) : "r"(x)); return r; }
-#define UPG (D / CPW)                /* KS8: conversion units a group (4 thread columns x D/4/CPW code words) */
-/* KS8: a stage's 8-bit statistics → fp16 pairs in shared memory, by every lane (one unit: a thread column t's CPW
-   channels of one group, two 16-byte reads), laid out [group][t][scale pairs KSTEPS x 2, zero pairs, padding] as
-   `key_pairs` would build them: e and zc as 1024 + x (one PRMT, one LOP3 a pair), -e/16 by one exact HFMA2, then
-   EX2 and the group's smax; zc exactly by one HADD2, then zlo + zc·zstep */
-__device__ __forceinline__ void convert8(const Stage& sg, u32* kc, int lane) {
+#define UPG (D / CPW)                /* KCV: conversion units a group (4 thread columns x D/4/CPW code words) */
+/* KCV: a stage's key statistics → fp16 pairs in shared memory, by every lane (one unit: a thread column t's CPW
+   channels of one group), laid out [group][t][scale pairs KSTEPS x 2, zero pairs, padding] as `key_pairs` would pair
+   them, then folded for `raw1`. fp16 rows: one PRMT a pair. KS8: e and zc as 1024 + x (one PRMT, one LOP3 a pair),
+   -e/16 by one exact HFMA2, then EX2 and the group's smax; zc exactly by one HADD2, then zlo + zc·zstep */
+__device__ __forceinline__ void convert(const Stage& sg, u32* kc, int lane) {
   for (int u = lane; u < SGR * UPG; u += 32) {
     const int r = u / UPG, t = (u % UPG) / (UPG / 4), w = u % (UPG / 4);
     const int c0 = r * D + t * (D / 4) + w * CPW;
-    u32 sw[CPW / 4], zw[CPW / 4];
-    ldw<CPW / 4>(sw, (const u32*)(sg.ks + c0));
-    ldw<CPW / 4>(zw, (const u32*)(sg.kz + c0));
+    u32 sw[CPW * sizeof(kstat_t) / 4], zw[CPW * sizeof(kstat_t) / 4];
+    ldw<CPW * sizeof(kstat_t) / 4>(sw, (const u32*)(sg.ks + c0));
+    ldw<CPW * sizeof(kstat_t) / 4>(zw, (const u32*)(sg.kz + c0));
+#if KS8
     const u32 g01 = *(const u32*)(sg.kg + r * 8), g2 = sg.kg[r * 8 + 2];
     const u32 zlo = prmt(g01, 0u, 0x1010u), zst = prmt(g01, 0u, 0x3232u), smx = g2 | g2 << 16;
+#endif
     u32* dst = kc + (r * 4 + t) * KCW;
 #pragma unroll
     for (int jj = 0; jj < PPW / 2; jj++) {
@@ -288,11 +299,16 @@ __device__ __forceinline__ void convert8(const Stage& sg, u32* kc, int lane) {
 #pragma unroll
       for (int rr = 0; rr < 2; rr++) {
         const int a = 2 * jj + rr, b = a + PPW;                     /* the pair (a, a + PPW) of the unit's channels */
+#if KS8
         const u32 sel = (u32)(a % 4) | (u32)(4 + b % 4) << 8;
         const u32 es = lop_or(prmt(sw[a / 4], sw[b / 4], sel), 0x00FF00FFu, 0x64006400u);
         const u32 ez = lop_or(prmt(zw[a / 4], zw[b / 4], sel), 0x00FF00FFu, 0x64006400u);
         const u32 sv = hmul2(ex2h2(hfma2(es, 0xAC00AC00u, 0x54005400u)), smx);   /* (1024 + e)·-1/16 + 64 */
         const u32 zv = hfma2(hadd2(ez, 0xE400E400u), zst, zlo);
+#else
+        const u32 sel = (a % 2 ? 0x32u : 0x10u) | (b % 2 ? 0x76u : 0x54u) << 8;
+        const u32 sv = prmt(sw[a / 2], sw[b / 2], sel), zv = prmt(zw[a / 2], zw[b / 2], sel);
+#endif
         /* the pair's codes come at sub' = sub | 4 (`raw1`): s' = s·2^-sub' (exact), z' = z - 2^(10-sub')·s (one
            rounding), so that a key is one HFMA2 from the raw pair: 1024·2^-sub'·s is at most 64 s, and z' rounds
            within s/32 of the exact value (s/128 at sub' 6) */
@@ -306,7 +322,7 @@ __device__ __forceinline__ void convert8(const Stage& sg, u32* kc, int lane) {
   __syncwarp();
 }
 
-/* KS8: the code pair at bits (bit, 16 + bit) of w as 1024 + c·2^sub' with sub' = sub | 4 (codes at sub 0 or 2 moved up
+/* KCV: the code pair at bits (bit, 16 + bit) of w as 1024 + c·2^sub' with sub' = sub | 4 (codes at sub 0 or 2 moved up
    by 4: the shifted words are shared by a word's pairs), `raw`'s LOP3 */
 __device__ __forceinline__ u32 raw1(u32 w, int bit) {
   const int sh = bit / 8 * 8, sub = bit % 8;
@@ -314,7 +330,7 @@ __device__ __forceinline__ u32 raw1(u32 w, int bit) {
   return lop_or(x, CMASK << (sub | 4), 0x64006400u);
 }
 
-/* KS8: a new key group's pairs, as `convert8` laid them out for this thread column */
+/* KCV: a new key group's pairs, as `convert` laid them out for this thread column */
 __device__ __forceinline__ void key_pairs8(State& st, const u32* kc) {
   u32 w[4 * KSTEPS];
   ldw<4 * KSTEPS>(w, kc);
@@ -394,7 +410,7 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
     const int tok = t0 + 16 * u;
     if (tok >= end) break;
     nu = u + 1;
-#if KS8
+#if KCV
     if (tok % GROUP == 0) key_pairs8(st, (const u32*)ks + (tok / GROUP) * 4 * KCW);
 #elif KDQ
     if (tok % GROUP == 0) key_pairs(st, ks + (i64)(tok / GROUP) * D, kz + (i64)(tok / GROUP) * D);
@@ -413,7 +429,7 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
           res5(raw(cur.k[u][0][w], BITS * (j + 1)), cur.kr[u][0][w / 4], p + 1, BITS * (j + 1) % 8),
           res5(raw(cur.k[u][1][w], BITS * (j + 1)), cur.kr[u][1][w / 4], p + 1, BITS * (j + 1) % 8),
           st.qf[s][0], st.qf[s][1]);
-#elif KS8   /* one HFMA2 a pair: s' and z' carry the codes' 2^-sub' and 1024 offset (`convert8`) */
+#elif KCV   /* one HFMA2 a pair: s' and z' carry the codes' 2^-sub' and 1024 offset (`convert`) */
       mma(s & 1 ? r4 : s4, hfma2(raw1(cur.k[u][0][w], BITS * j), st.sk[s][0], st.zk[s][0]),
           hfma2(raw1(cur.k[u][1][w], BITS * j), st.sk[s][0], st.zk[s][0]),
           hfma2(raw1(cur.k[u][0][w], BITS * (j + 1)), st.sk[s][1], st.zk[s][1]),
@@ -492,8 +508,8 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
 /* BULK: a stage's e tokens (whole tiles; token 0 at the stage's start), then every lane has read it (it may be refilled) */
 __device__ __forceinline__ void stage(State& st, const Stage& sg, int e, const u32* qsm, int lane, int g, int t,
                                       float sl2, u32* kc) {
-#if KS8
-  convert8(sg, kc, lane);            /* (kc's previous stage was read before the last stage's closing sync) */
+#if KCV
+  convert(sg, kc, lane);             /* (kc's previous stage was read before the last stage's closing sync) */
   const u16* ks = (const u16*)(kc + t * KCW);
   const u16* kz = nullptr;
 #else
@@ -666,14 +682,17 @@ extern "C" __global__ void BOUNDS kivi_attn(
      group longer than a stage has its statistics taken again at each stage: the same row, copied with it) */
   __shared__ Stage stg[NST];
   __shared__ __align__(8) u64 bars[NST];
-#if KS8
+#if KCV
   /* the rebuilt statistics; before the first stage, the query's fragments (read into registers once, KDQ) */
   __shared__ __align__(16) u32 kcv[SGR * 4 * KCW > QSMW ? SGR * 4 * KCW : QSMW];
+#else
+  u32* kcv = nullptr;
+#endif
+#if KS8
   const u8* kb0 = (const u8*)KS + (i64)bh * (NQ_CAP / GROUP) * D;
   const u8* zb0 = (const u8*)KZ + (i64)bh * (NQ_CAP / GROUP) * D;
   const u16* kg0 = KG + (i64)bh * (NQ_CAP / GROUP) * 8;
 #else
-  u32* kcv = nullptr;
   const u16 *kb0 = ks0, *zb0 = kz0, *kg0 = nullptr;
 #endif
   const int ns = start < end ? (end - start + STOK - 1) / STOK : 0;
@@ -685,7 +704,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
   }
   __syncwarp();
 #endif
-#if KS8
+#if KCV
   u32* qsm = kcv;
 #else
   __shared__ __align__(16) u32 qsm_all[CW][QSMW];
@@ -706,7 +725,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
   for (int s = 0; s < KSTEPS; s++)
 #pragma unroll
     for (int r = 0; r < 2; r++) st.qf[s][r] = qsm[QOFF + (((2 * s + r) / 4) * 32 + lane) * 4 + (2 * s + r) % 4];
-  __syncwarp();                                      /* (KS8: the first stage's statistics overwrite it) */
+  __syncwarp();                                      /* (KCV: the first stage's statistics overwrite it) */
 #endif
 
 #if BULK

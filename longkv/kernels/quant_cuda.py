@@ -113,6 +113,10 @@ KDQ = int(os.environ["LONGKV_KDQ"]) if os.environ.get("LONGKV_KDQ") else None
 # us at 32-token stages, slower at 64: the stages' shared memory costs programs an SM). LONGKV_BULK=0 / 1 forces it.
 BULK = int(os.environ["LONGKV_BULK"]) if os.environ.get("LONGKV_BULK") else None
 BULK_STOK = int(os.environ.get("LONGKV_BULK_STOK", 64))
+# KCV: with BULK and KDQ, each stage's key statistics rebuilt once by every lane (shared memory) into KDQ's pairs with
+# the codes' offsets folded in, so a key pair costs one HFMA2 and no PRMTs (offline SASS, kv2 at D 128: 1,495 -> ~1,400
+# instructions a 64-token stage). LONGKV_KCV=0 keeps KDQ's per-step pairing (8-bit statistics always rebuild).
+KCV = os.environ.get("LONGKV_KCV", "1") != "0"
 BULK_NST = int(os.environ.get("LONGKV_BULK_NST", 2))
 _MODULES: dict = {}
 
@@ -135,7 +139,7 @@ def lines(cfg: dict) -> str:
 def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
            gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False,
            res: bool = False, load_only: bool = False, kdq: int | None = None, bulk: int | None = None,
-           stok: int | None = None, nst: int | None = None, ks8: bool = False) -> dict:
+           stok: int | None = None, nst: int | None = None, ks8: bool = False, kcv: bool | None = None) -> dict:
     """The #defines of one compiled layout, name to value (window = ring - 2·group, as the cache sizes its
     ring); tile: tokens a loop step; gpf: the key group statistics into L1 this many tiles ahead (0 = off; always
     off when paged: the next listed group's rows prefetched 1-2 tiles ahead measured no faster); minb: programs an
@@ -146,7 +150,8 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     key group; never with residual bits); bulk: the dense splits' bytes come by bulk copies into shared memory, stok
     tokens a stage and nst stages in flight (None: BULK, BULK_STOK, BULK_NST; never paged, with residual bits or with
     several warps a program); ks8: the key statistics as 8-bit codes on a grid (`kstat=8`), read through bulk stages
-    into KDQ (KS8 is 0 in a layout without both: the caller then hands the kernel fp16 statistics)."""
+    into KDQ (KS8 is 0 in a layout without both: the caller then hands the kernel fp16 statistics); kcv: the statistics
+    rebuilt a stage (None: KCV; only with bulk stages and KDQ; always with KS8)."""
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
                TILE=tile or TILE,
                GPF=0 if paged else gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)),
@@ -158,6 +163,8 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     bulk = int(bulk) and not (paged or res or cfg["CW"] > 1)
     cfg.update(BULK=int(bulk), NST=nst or BULK_NST, STOK=stok or BULK_STOK)
     cfg["KS8"] = int(bool(ks8) and bool(bulk) and bool(cfg["KDQ"]) and not load_only)
+    cfg["KCV"] = int(bool(cfg["KS8"]) or (bool(KCV if kcv is None else kcv) and bool(bulk) and bool(cfg["KDQ"])
+                                          and not load_only))
     if bulk:
         cfg["GPF"] = 0
         if cfg["STOK"] % cfg["TILE"] or (cfg["STOK"] % group and group % cfg["STOK"]):
@@ -173,7 +180,7 @@ def smem_bytes(*, D: int, G: int, cw: int, cfg: dict | None = None) -> int:
     n = cw * G * (D + 1) * 4 if cw > 1 else 0
     if cfg and cfg["BULK"]:
         n += cfg["NST"] * (_stage_bytes(cfg) + 8)
-    if cfg and cfg.get("KS8"):       # the stage's statistics rebuilt as fp16 pairs (SGR x 4 x KCW words), the query's
+    if cfg and cfg.get("KCV"):       # the stage's statistics rebuilt as fp16 pairs (SGR x 4 x KCW words), the query's
         q = max(q, max(1, cfg["STOK"] // cfg["GROUP"]) * 4 * (4 * (D // 16) + 4) * 4)   # fragments there first
     return n + q
 
@@ -255,7 +262,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
                      scale: float, splits: int | None = None, tile: int | None = None,
                      gpf: int | None = None, minb: int | None = None, cw: int | None = None, parts: bool = False,
                      load_only: bool = False, kdq: int | None = None, bulk: int | None = None,
-                     stok: int | None = None, nst: int | None = None):
+                     stok: int | None = None, nst: int | None = None, kcv: bool | None = None):
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
     parts=True returns (the two launches as closures, out, splits) instead (benchmarks/quant_cuda_probe.py).
@@ -263,7 +270,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     register double buffer)."""
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
                    splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts, load_only=load_only, kdq=kdq,
-                   bulk=bulk, stok=stok, nst=nst)
+                   bulk=bulk, stok=stok, nst=nst, kcv=kcv)
 
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
@@ -310,7 +317,7 @@ def _bulk_ok(q, kq, vq) -> bool:
 
 def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, splits=None, tile=None, gpf=None,
             minb=None, cw=None, parts=False, paged=None, frac=1.0, load_only=False, kdq=None, bulk=None, stok=None,
-            nst=None):
+            nst=None, kcv=None):
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
@@ -323,7 +330,7 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     bulk = bulk if paged is None and _bulk_ok(q, kq, vq) else 0    # (None: `config` decides)
     layout = config(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
                     gpf=gpf, minb=minb, cw=cw, paged=paged is not None, res="res" in kq, load_only=load_only, kdq=kdq,
-                    bulk=bulk, stok=stok, nst=nst, ks8="grid" in kq)
+                    bulk=bulk, stok=stok, nst=nst, ks8="grid" in kq, kcv=kcv)
     if "grid" in kq and not layout["KS8"]:   # 8-bit key statistics outside KS8's layout: handed over as fp16 rows
         kq = expand_stats(kq)
     cfg = lines(layout)
