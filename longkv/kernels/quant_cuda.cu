@@ -445,13 +445,15 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
           raw(cur.k[u][0][w], BITS * (j + 1)), raw(cur.k[u][1][w], BITS * (j + 1)), st.qf[s][0], st.qf[s][1]);
 #endif
     }
-    /* (the query fragments carry scale·log2(e): `query_frags`) */
-    xs[u][0] = s4[0] + r4[0] + st.cq0; xs[u][1] = s4[1] + r4[1] + st.cq1;
-    xs[u][2] = s4[2] + r4[2] + st.cq0; xs[u][3] = s4[3] + r4[3] + st.cq1;
+    /* (the query fragments carry scale·log2(e): `query_frags`; KDQ has no group term) */
+    const float c0 = KDQ ? 0.f : st.cq0, c1 = KDQ ? 0.f : st.cq1;
+    xs[u][0] = s4[0] + r4[0]; xs[u][1] = s4[1] + r4[1]; xs[u][2] = s4[2] + r4[2]; xs[u][3] = s4[3] + r4[3];
+    if (!KDQ) { xs[u][0] += c0; xs[u][1] += c1; xs[u][2] += c0; xs[u][3] += c1; }
   }
-  float mx0 = NEG_INF, mx1 = NEG_INF;
+  /* (a tile holds at least one step: its callers stop before one that starts past the end) */
+  float mx0 = fmaxf(xs[0][0], xs[0][2]), mx1 = fmaxf(xs[0][1], xs[0][3]);
 #pragma unroll
-  for (int u = 0; u < SUB; u++)
+  for (int u = 1; u < SUB; u++)
     if (u < nu) { mx0 = fmaxf(mx0, fmaxf(xs[u][0], xs[u][2])); mx1 = fmaxf(mx1, fmaxf(xs[u][1], xs[u][3])); }
   /* FlashAttention-4's lazy rescaling: the running maximum moves (and everything is rescaled) only when
      a score passes it by more than TH; otherwise weights up to 2^TH enter as they are */
