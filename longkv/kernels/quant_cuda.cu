@@ -17,9 +17,8 @@
 #error "BULK reads dense splits of one warp a program, without residual bits or the L1 prefetch"
 #endif
 /* KS8 (`kstat=8`): the key statistics as 8-bit codes, KS / KZ bytes (B, H, groups, D) and a grid KG (B, H, groups, 8)
-   fp16 [zlo, zstep, smax, 0...]: scale = smax·2^(-e/16), zero = zlo + zc·zstep (`quant_reference.stats8`). Each
-   stage's bytes are rebuilt in shared memory once, by all lanes, as fp16 pairs in the order KDQ's registers take
-   them (`convert8`), so the per-step reading is 8 vector loads and no PRMTs. */
+   fp16 [zlo, zstep, smax, 0...]: scale = smax·2^(-e/16), zero = zlo + zc·zstep (`quant_reference.stats8`), decoded by
+   KCV's pass (`convert`). */
 /* KCV (BULK with KDQ): each stage's key statistics, fp16 rows or KS8's bytes, are rebuilt once by every lane into the
    pairs KDQ's registers take, with the codes' 2^-sub' and 1024 offset folded in, so that a key pair is one HFMA2 from
    its code word (`convert`, `raw1`); KS8 always reads this way */

@@ -46,6 +46,14 @@ H200 agree: 203 a 16-token step):
   flight then cost no registers and the arithmetic overlaps them: kivi2 at 128K 59.8 -> 48.5 µs a layer, decode
   0.660x -> 0.635x of full (H100, session 40).
 
+- rebuilt statistics (`KCV`, with BULK and KDQ: the default at 2 bits): each stage's key scale and zero rows are paired
+  once, by every lane, into shared memory in the order KDQ's registers take them, with the codes' 2^-sub' and the
+  1024 offset folded in (the codes are moved to bit offset 4 or 6 of their byte, so the folded zero rounds within s/32);
+  a key pair is then one LOP3 and one HFMA2, with no PRMTs. 8-bit statistics (`KS8`, `kstat=8`: bytes on a grid a
+  group, `quant_reference.stats8`) are read only this way: the stage carries their bytes and 16-byte grids and the
+  same pass decodes them. The scale·log2(e) of the softmax sits in the query fragments, and the weights' 2^x is one
+  `ex2.approx.ftz`. Offline SASS at D 128, 2 bits, a 64-token stage: 1,590 instructions before these, 1,292 after (120
+  registers; `benchmarks/quant_cuda_sass.py`); KS8 1,390.
 - paged (`paged_attention`, PAGED=1): Quest over key groups (`cache/select/quest_storage.py`, groups=1):
   a table lists each KV head's selected groups; a warp takes a run of whole tiles along them (a run
   may start inside a group; the run's table entries sit one a lane and a shuffle finds a tile's group),
