@@ -19,20 +19,21 @@
 /* KS8 (`kstat=8`): the key statistics as 8-bit codes, KS / KZ bytes (B, H, groups, D) and a grid KG (B, H, groups, 8)
    fp16 [zlo, zstep, smax, 0...]: scale = smax·2^(-e/16), zero = zlo + zc·zstep (`quant_reference.stats8`), decoded by
    KCV's pass (`convert`). */
-/* KCV (BULK with KDQ): each stage's key statistics, fp16 rows or KS8's bytes, are rebuilt once by every lane into the
-   pairs KDQ's registers take, with the codes' 2^-sub' and 1024 offset folded in, so that a key pair is one HFMA2 from
-   its code word (`convert`, `raw1`); KS8 always reads this way */
+/* LEAN (session 44; built and compiled offline, not yet run on a GPU, so off by default): scale·log2(e) in the query
+   fragments, the weights' 2^x by one ex2.approx.ftz, KDQ's shared query as qn alone, and KCV. KCV (LEAN with BULK and
+   KDQ): each stage's key statistics, fp16 rows or KS8's bytes, are rebuilt once by every lane into the pairs KDQ's
+   registers take, with the codes' 2^-sub' and 1024 offset folded in, so that a key pair is one HFMA2 from its code
+   word (`convert`, `raw1`). CONV: a stage's statistics pass exists (KS8 or KCV; KS8 without LEAN: plain pairs). */
 #ifndef KS8
 #define KS8 0
 #endif
-#ifndef KCV
-#define KCV KS8
+#ifndef LEAN
+#define LEAN 0
 #endif
-#if KCV && !(BULK && KDQ && !LOADONLY)
-#error "KCV (and KS8) read their statistics through BULK stages into KDQ's dequantization"
-#endif
-#if KS8 && !KCV
-#error "KS8 needs KCV"
+#define KCV (LEAN && BULK && KDQ && !LOADONLY)
+#define CONV (KS8 || KCV)
+#if KS8 && !(BULK && KDQ && !LOADONLY)
+#error "KS8 reads its statistics through BULK stages into KDQ's dequantization"
 #endif
 typedef unsigned char u8;
 struct alignas(16) U4 { u32 x, y, z, w; };
@@ -174,8 +175,8 @@ struct State {
    codes come as 1024 + c·2^sub, `raw`), qn without. Layout [word / 4][lane][word % 4]: 128-bit loads,
    no bank conflicts. */
 #define QW (2 * KSTEPS)                               /* words a lane an array */
-#define QOFF (KDQ ? 0 : QW * 32)                      /* qn's offset: KDQ keeps qn alone (2 KB less a program at D 128) */
-#define QSMW ((KDQ ? 1 : 2) * QW * 32)
+#define QOFF (KDQ && LEAN ? 0 : QW * 32)              /* qn's offset: LEAN's KDQ keeps qn alone (2 KB less at D 128) */
+#define QSMW ((KDQ && LEAN ? 1 : 2) * QW * 32)
 __device__ __forceinline__ void query_frags(u32* qsm, const u16* qr, float qok, int lane) {
   u32 qw[D / 8];
   ldw<D / 8>(qw, (const u32*)qr);
@@ -192,7 +193,7 @@ __device__ __forceinline__ void query_frags(u32* qsm, const u16* qr, float qok, 
 #pragma unroll
     for (int r = 0; r < 2; r++) {
       const int k = 2 * s + r;
-      if (!KDQ) qsm[((k / 4) * 32 + lane) * 4 + k % 4] = v[r];
+      if (!(KDQ && LEAN)) qsm[((k / 4) * 32 + lane) * 4 + k % 4] = v[r];
       qsm[QOFF + ((k / 4) * 32 + lane) * 4 + k % 4] = v[2 + r];
     }
   }
@@ -269,7 +270,7 @@ __device__ __forceinline__ u32 kdq(u32 r, u32 sc, u32 z, int sub) {
 }
 #endif
 
-#if KCV
+#if CONV
 __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
   u32 r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
 }
@@ -311,10 +312,15 @@ __device__ __forceinline__ void convert(const Stage& sg, u32* kc, int lane) {
         /* the pair's codes come at sub' = sub | 4 (`raw1`): s' = s·2^-sub' (exact), z' = z - 2^(10-sub')·s (one
            rounding), so that a key is one HFMA2 from the raw pair: 1024·2^-sub'·s is at most 64 s, and z' rounds
            within s/32 of the exact value (s/128 at sub' 6) */
+#if KCV
         const int sb = (BITS * (2 * jj + rr) % 8) | 4;
         const u32 m = (u32)(15 - sb) << 10, nb = 0x8000u | ((u32)(25 - sb) << 10);
         dst[2 * sx + rr] = hmul2(sv, m | m << 16);
         dst[2 * KSTEPS + 2 * sx + rr] = hfma2(sv, nb | nb << 16, zv);
+#else
+        dst[2 * sx + rr] = sv;
+        dst[2 * KSTEPS + 2 * sx + rr] = zv;
+#endif
       }
     }
   }
@@ -363,6 +369,7 @@ __device__ __forceinline__ u32 res5(u32 a, u32 rw, int p, int sub) {
 #define TH 8.f                                         /* lazy rescaling: weights up to 2^TH */
 /* 2^x in one MUFU (weights below 2^-126 flush to 0; exp2f's range fix-ups cost 3 instructions an exponential) */
 __device__ __forceinline__ float ex2(float x) { float r; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x)); return r; }
+#define EXP2(x) (LEAN ? ex2(x) : exp2f(x))
 
 __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end, const u32* qsm, int lane,
                                      const u16* ks, const u16* kz, int t, float sl2) {
@@ -409,7 +416,7 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
     const int tok = t0 + 16 * u;
     if (tok >= end) break;
     nu = u + 1;
-#if KCV
+#if CONV
     if (tok % GROUP == 0) key_pairs8(st, (const u32*)ks + (tok / GROUP) * 4 * KCW);
 #elif KDQ
     if (tok % GROUP == 0) key_pairs(st, ks + (i64)(tok / GROUP) * D, kz + (i64)(tok / GROUP) * D);
@@ -444,15 +451,15 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
           raw(cur.k[u][0][w], BITS * (j + 1)), raw(cur.k[u][1][w], BITS * (j + 1)), st.qf[s][0], st.qf[s][1]);
 #endif
     }
-    /* (the query fragments carry scale·log2(e): `query_frags`; KDQ has no group term) */
+    /* (KDQ has no group term; LEAN: the query fragments carry scale·log2(e), `query_frags`) */
     const float c0 = KDQ ? 0.f : st.cq0, c1 = KDQ ? 0.f : st.cq1;
     xs[u][0] = s4[0] + r4[0]; xs[u][1] = s4[1] + r4[1]; xs[u][2] = s4[2] + r4[2]; xs[u][3] = s4[3] + r4[3];
     if (!KDQ) { xs[u][0] += c0; xs[u][1] += c1; xs[u][2] += c0; xs[u][3] += c1; }
+    if (!LEAN) { xs[u][0] *= sl2; xs[u][1] *= sl2; xs[u][2] *= sl2; xs[u][3] *= sl2; }
   }
-  /* (a tile holds at least one step: its callers stop before one that starts past the end) */
-  float mx0 = fmaxf(xs[0][0], xs[0][2]), mx1 = fmaxf(xs[0][1], xs[0][3]);
+  float mx0 = NEG_INF, mx1 = NEG_INF;
 #pragma unroll
-  for (int u = 1; u < SUB; u++)
+  for (int u = 0; u < SUB; u++)
     if (u < nu) { mx0 = fmaxf(mx0, fmaxf(xs[u][0], xs[u][2])); mx1 = fmaxf(mx1, fmaxf(xs[u][1], xs[u][3])); }
   /* FlashAttention-4's lazy rescaling: the running maximum moves (and everything is rescaled) only when
      a score passes it by more than TH; otherwise weights up to 2^TH enter as they are */
@@ -463,7 +470,7 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
     }
     const float n0 = fmaxf(st.m0, mx0), n1 = fmaxf(st.m1, mx1);
-    const float al0 = ex2(st.m0 - n0), al1 = ex2(st.m1 - n1);
+    const float al0 = EXP2(st.m0 - n0), al1 = EXP2(st.m1 - n1);
     st.m0 = n0; st.m1 = n1;
     st.l0 *= al0; st.z0 *= al0; st.p0 *= al0;
     st.l1 *= al1; st.z1 *= al1; st.p1 *= al1;
@@ -473,8 +480,8 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
 #pragma unroll
   for (int u = 0; u < SUB; u++) {
     if (u >= nu) break;
-    const float p0 = ex2(xs[u][0] - st.m0), p1 = ex2(xs[u][1] - st.m1), p2 = ex2(xs[u][2] - st.m0),
-                p3 = ex2(xs[u][3] - st.m1);
+    const float p0 = EXP2(xs[u][0] - st.m0), p1 = EXP2(xs[u][1] - st.m1), p2 = EXP2(xs[u][2] - st.m0),
+                p3 = EXP2(xs[u][3] - st.m1);
     const float s0 = h2f(cur.vs[u][0]), s1 = h2f(cur.vs[u][1]);
     const float zz0 = h2f(cur.vz[u][0]), zz1 = h2f(cur.vz[u][1]);
     st.l0 += p0 + p2;
@@ -509,7 +516,7 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
 /* BULK: a stage's e tokens (whole tiles; token 0 at the stage's start), then every lane has read it (it may be refilled) */
 __device__ __forceinline__ void stage(State& st, const Stage& sg, int e, const u32* qsm, int lane, int g, int t,
                                       float sl2, u32* kc) {
-#if KCV
+#if CONV
   convert(sg, kc, lane);             /* (kc's previous stage was read before the last stage's closing sync) */
   const u16* ks = (const u16*)(kc + t * KCW);
   const u16* kz = nullptr;
@@ -683,9 +690,9 @@ extern "C" __global__ void BOUNDS kivi_attn(
      group longer than a stage has its statistics taken again at each stage: the same row, copied with it) */
   __shared__ Stage stg[NST];
   __shared__ __align__(8) u64 bars[NST];
-#if KCV
-  /* the rebuilt statistics; before the first stage, the query's fragments (read into registers once, KDQ) */
-  __shared__ __align__(16) u32 kcv[SGR * 4 * KCW > QSMW ? SGR * 4 * KCW : QSMW];
+#if CONV
+  /* the rebuilt statistics; with LEAN, before the first stage, the query's fragments (read into registers once, KDQ) */
+  __shared__ __align__(16) u32 kcv[LEAN && SGR * 4 * KCW < QSMW ? QSMW : SGR * 4 * KCW];
 #else
   u32* kcv = nullptr;
 #endif
@@ -705,13 +712,13 @@ extern "C" __global__ void BOUNDS kivi_attn(
   }
   __syncwarp();
 #endif
-#if KCV
+#if CONV && LEAN
   u32* qsm = kcv;
 #else
   __shared__ __align__(16) u32 qsm_all[CW][QSMW];
   u32* qsm = qsm_all[wq];
 #endif
-  query_frags(qsm, qr, qok * sl2, lane);          /* scale·log2(e) folded into the query: scores come in log2 units */
+  query_frags(qsm, qr, LEAN ? qok * sl2 : qok, lane);   /* LEAN: scale·log2(e) in the query, scores in log2 units */
 
   State st;
   st.m0 = st.m1 = NEG_INF;
@@ -726,7 +733,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
   for (int s = 0; s < KSTEPS; s++)
 #pragma unroll
     for (int r = 0; r < 2; r++) st.qf[s][r] = qsm[QOFF + (((2 * s + r) / 4) * 32 + lane) * 4 + (2 * s + r) % 4];
-  __syncwarp();                                      /* (KCV: the first stage's statistics overwrite it) */
+  __syncwarp();                                      /* (LEAN: the first stage's statistics overwrite it) */
 #endif
 
 #if BULK

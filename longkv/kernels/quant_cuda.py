@@ -46,13 +46,15 @@ H200 agree: 203 a 16-token step):
   flight then cost no registers and the arithmetic overlaps them: kivi2 at 128K 59.8 -> 48.5 µs a layer, decode
   0.660x -> 0.635x of full (H100, session 40).
 
-- rebuilt statistics (`KCV`, with BULK and KDQ: the default at 2 bits): each stage's key scale and zero rows are paired
+- `LEAN` (session 44: compiled offline, not yet run on a GPU, so off by default; `LONGKV_LEAN=1`). Rebuilt statistics
+  (`KCV`, LEAN with BULK and KDQ): each stage's key scale and zero rows are paired
   once, by every lane, into shared memory in the order KDQ's registers take them, with the codes' 2^-sub' and the
   1024 offset folded in (the codes are moved to bit offset 4 or 6 of their byte, so the folded zero rounds within s/32);
-  a key pair is then one LOP3 and one HFMA2, with no PRMTs. 8-bit statistics (`KS8`, `kstat=8`: bytes on a grid a
-  group, `quant_reference.stats8`) are read only this way: the stage carries their bytes and 16-byte grids and the
-  same pass decodes them. The scale·log2(e) of the softmax sits in the query fragments, and the weights' 2^x is one
-  `ex2.approx.ftz`. Offline SASS at D 128, 2 bits, a 64-token stage: 1,590 instructions before these, 1,292 after (120
+  a key pair is then one LOP3 and one HFMA2, with no PRMTs. The scale·log2(e) of the softmax sits in the query
+  fragments, and the weights' 2^x is one `ex2.approx.ftz`.
+- 8-bit statistics (`KS8`, `kstat=8`: bytes on a grid a group, `quant_reference.stats8`; BULK and KDQ): the stage
+  carries their bytes and 16-byte grids and a pass of every lane decodes them into KDQ's pairs once a stage (with LEAN,
+  folded as above). Timed on an H200 (without LEAN): 16 % fewer bytes, the same time (BENCHMARKS.md, session 44). Offline SASS at D 128, 2 bits, a 64-token stage: 1,590 instructions before these, 1,292 after (120
   registers; `benchmarks/quant_cuda_sass.py`); KS8 1,390.
 - paged (`paged_attention`, PAGED=1): Quest over key groups (`cache/select/quest_storage.py`, groups=1):
   a table lists each KV head's selected groups; a warp takes a run of whole tiles along them (a run
@@ -121,10 +123,11 @@ KDQ = int(os.environ["LONGKV_KDQ"]) if os.environ.get("LONGKV_KDQ") else None
 # us at 32-token stages, slower at 64: the stages' shared memory costs programs an SM). LONGKV_BULK=0 / 1 forces it.
 BULK = int(os.environ["LONGKV_BULK"]) if os.environ.get("LONGKV_BULK") else None
 BULK_STOK = int(os.environ.get("LONGKV_BULK_STOK", 64))
-# KCV: with BULK and KDQ, each stage's key statistics rebuilt once by every lane (shared memory) into KDQ's pairs with
-# the codes' offsets folded in, so a key pair costs one HFMA2 and no PRMTs (offline SASS, kv2 at D 128: 1,495 -> ~1,400
-# instructions a 64-token stage). LONGKV_KCV=0 keeps KDQ's per-step pairing (8-bit statistics always rebuild).
-KCV = os.environ.get("LONGKV_KCV", "1") != "0"
+# LEAN (session 44, compiled offline and not yet run on a GPU, so off by default; LONGKV_LEAN=1): the softmax scale in
+# the query fragments, ex2.approx.ftz for the weights, KDQ's shared query as qn alone, and KCV (with BULK and KDQ: each
+# stage's key statistics rebuilt once by every lane into KDQ's pairs with the codes' offsets folded in, one HFMA2 a key
+# pair, no PRMTs). Offline SASS, kv2 at D 128, a 64-token stage: 1,590 instructions without, 1,292 with (120 registers).
+LEAN = os.environ.get("LONGKV_LEAN", "0") != "0"
 BULK_NST = int(os.environ.get("LONGKV_BULK_NST", 2))
 _MODULES: dict = {}
 
@@ -147,7 +150,7 @@ def lines(cfg: dict) -> str:
 def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
            gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False,
            res: bool = False, load_only: bool = False, kdq: int | None = None, bulk: int | None = None,
-           stok: int | None = None, nst: int | None = None, ks8: bool = False, kcv: bool | None = None) -> dict:
+           stok: int | None = None, nst: int | None = None, ks8: bool = False, lean: bool | None = None) -> dict:
     """The #defines of one compiled layout, name to value (window = ring - 2·group, as the cache sizes its
     ring); tile: tokens a loop step; gpf: the key group statistics into L1 this many tiles ahead (0 = off; always
     off when paged: the next listed group's rows prefetched 1-2 tiles ahead measured no faster); minb: programs an
@@ -158,8 +161,8 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     key group; never with residual bits); bulk: the dense splits' bytes come by bulk copies into shared memory, stok
     tokens a stage and nst stages in flight (None: BULK, BULK_STOK, BULK_NST; never paged, with residual bits or with
     several warps a program); ks8: the key statistics as 8-bit codes on a grid (`kstat=8`), read through bulk stages
-    into KDQ (KS8 is 0 in a layout without both: the caller then hands the kernel fp16 statistics); kcv: the statistics
-    rebuilt a stage (None: KCV; only with bulk stages and KDQ; always with KS8)."""
+    into KDQ (KS8 is 0 in a layout without both: the caller then hands the kernel fp16 statistics); lean: LEAN's
+    forms (None: LEAN)."""
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
                TILE=tile or TILE,
                GPF=0 if paged else gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)),
@@ -171,8 +174,7 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     bulk = int(bulk) and not (paged or res or cfg["CW"] > 1)
     cfg.update(BULK=int(bulk), NST=nst or BULK_NST, STOK=stok or BULK_STOK)
     cfg["KS8"] = int(bool(ks8) and bool(bulk) and bool(cfg["KDQ"]) and not load_only)
-    cfg["KCV"] = int(bool(cfg["KS8"]) or (bool(KCV if kcv is None else kcv) and bool(bulk) and bool(cfg["KDQ"])
-                                          and not load_only))
+    cfg["LEAN"] = int(bool(LEAN if lean is None else lean))
     if bulk:
         cfg["GPF"] = 0
         if cfg["STOK"] % cfg["TILE"] or (cfg["STOK"] % group and group % cfg["STOK"]):
@@ -184,12 +186,15 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
 def smem_bytes(*, D: int, G: int, cw: int, cfg: dict | None = None) -> int:
     """Static shared memory of a program: the query fragments (2 arrays of D/8 words a lane, a warp) and,
     for several warps a program, their partial results; with BULK (`cfg`'s), its stages."""
-    q = cw * (1 if cfg and cfg["KDQ"] else 2) * (D // 8) * 32 * 4     # (KDQ keeps the plain query alone)
+    lean = bool(cfg and cfg.get("LEAN"))
+    q = cw * (1 if lean and cfg["KDQ"] else 2) * (D // 8) * 32 * 4     # (LEAN's KDQ keeps the plain query alone)
     n = cw * G * (D + 1) * 4 if cw > 1 else 0
     if cfg and cfg["BULK"]:
         n += cfg["NST"] * (_stage_bytes(cfg) + 8)
-    if cfg and cfg.get("KCV"):       # the stage's statistics rebuilt as fp16 pairs (SGR x 4 x KCW words), the query's
-        q = max(q, max(1, cfg["STOK"] // cfg["GROUP"]) * 4 * (4 * (D // 16) + 4) * 4)   # fragments there first
+    if cfg and (cfg.get("KS8") or (lean and cfg["BULK"] and cfg["KDQ"] and not cfg["LOADONLY"])):
+        # the stage's statistics rebuilt as fp16 pairs (SGR x 4 x KCW words); with LEAN the query's fragments there first
+        kc = max(1, cfg["STOK"] // cfg["GROUP"]) * 4 * (4 * (D // 16) + 4) * 4
+        q = max(q, kc) if lean else q + kc
     return n + q
 
 
@@ -270,7 +275,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
                      scale: float, splits: int | None = None, tile: int | None = None,
                      gpf: int | None = None, minb: int | None = None, cw: int | None = None, parts: bool = False,
                      load_only: bool = False, kdq: int | None = None, bulk: int | None = None,
-                     stok: int | None = None, nst: int | None = None, kcv: bool | None = None):
+                     stok: int | None = None, nst: int | None = None, lean: bool | None = None):
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
     parts=True returns (the two launches as closures, out, splits) instead (benchmarks/quant_cuda_probe.py).
@@ -278,7 +283,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     register double buffer)."""
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
                    splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts, load_only=load_only, kdq=kdq,
-                   bulk=bulk, stok=stok, nst=nst, kcv=kcv)
+                   bulk=bulk, stok=stok, nst=nst, lean=lean)
 
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
@@ -325,7 +330,7 @@ def _bulk_ok(q, kq, vq) -> bool:
 
 def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, splits=None, tile=None, gpf=None,
             minb=None, cw=None, parts=False, paged=None, frac=1.0, load_only=False, kdq=None, bulk=None, stok=None,
-            nst=None, kcv=None):
+            nst=None, lean=None):
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
@@ -338,7 +343,7 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     bulk = bulk if paged is None and _bulk_ok(q, kq, vq) else 0    # (None: `config` decides)
     layout = config(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
                     gpf=gpf, minb=minb, cw=cw, paged=paged is not None, res="res" in kq, load_only=load_only, kdq=kdq,
-                    bulk=bulk, stok=stok, nst=nst, ks8="grid" in kq, kcv=kcv)
+                    bulk=bulk, stok=stok, nst=nst, ks8="grid" in kq, lean=lean)
     if "grid" in kq and not layout["KS8"]:   # 8-bit key statistics outside KS8's layout: handed over as fp16 rows
         kq = expand_stats(kq)
     cfg = lines(layout)
