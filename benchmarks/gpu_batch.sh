@@ -462,12 +462,14 @@
 # FOLD kv2 attention 53 -> 129 us a layer (0.831x): removed; ONE no gain: removed; PDL -177 us on full, but against
 # the peeled k-step], [peel: the peeled k-step +120 us on full; the plain loop kv2 0.622x; PDL on the peeled kernel
 # 0.627x: PEEL and PDL removed].
-# 3. (issue 4) kv2 at 128K: 0.622x on the H100 (session 43), the target 0.60x. First call: `OUT=$OUT bash
-#    benchmarks/gpu_batch.sh ilv` (~250 s): the gated GEMV over gate/up rows interleaved at load (LONGKV_GEMV_ILV=1,
-#    built in session 43, CPU-tested, untimed). Make it the default (gemv.ILV) if full and kv2 are faster with it; the
-#    probe rows show whether the gated form then reads at the plain GEMV's rate (80.4 us against 86.4 at 2 x 1,024).
-#    Then the key statistics in 8 bits (y ~ 160 us; `benchmarks/kstat8_whatif.py` gives its quality on CPU,
-#    BENCHMARKS.md, issue 4, session 43).
+# Session 44 (2026-12-07), one H200 call, ~11 starts refused or turned away, then no machine lent: [ks8: kv2:kstat=8
+# 0.686x against kv2 0.687x (attention 52.1 / 52.7 us a layer: 16 % fewer bytes, no faster); ILV=1 full -41 us, kv2
+# -17 us; 3 test cases mended (D 64 at 2 bits is not a layout; a tolerance)].
+# 3. (issue 4) kv2 at 128K: 0.622x on the H100 (session 43), the target 0.60x. First call, on an H100: `OUT=$OUT bash
+#    benchmarks/gpu_batch.sh ks8b` (~200 s): GPU tests of session 44's LEAN forms (compiled offline only) and decode
+#    full / kv2 / kv2:kstat=8 with LONGKV_LEAN=1 then 0 (ILV=1 in both). Make LEAN the default if its tests pass and kv2
+#    is faster with it (offline: 18 % fewer instructions a stage). ILV: H200 says -41 us on full; make gemv.ILV the
+#    default if the H100 agrees (`ilv` step, or compare by hand).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
