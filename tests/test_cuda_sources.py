@@ -61,7 +61,8 @@ CASES = [
     # 8-bit key statistics (kstat=8) through the bulk stages, 16- and 32-token stages, D 256, 4 bits at D 64 and 128
     # (2 bits at D 64 is not a layout of this kernel: `supported` asks D * bits >= 256)
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, ks8=True)),
-    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, ks8=True, stok=32)),
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, ks8=True,
+                                                                  stok=32)),
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**(KIVI | dict(D=64)), bits=4, group=16, ring=160,
                                                                   ks8=True, bulk=1, kdq=1)),
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**(KIVI | dict(D=256)), bits=2, group=16, ring=160,

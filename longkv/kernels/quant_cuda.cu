@@ -116,8 +116,8 @@ __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const
    Every member is a whole number of 16-byte units (STOK % 8 == 0), as the bulk copies need. */
 #define SGR (STOK >= GROUP ? STOK / GROUP : 1)
 #if KS8
-struct alignas(128) Stage { u32 k[STOK * W]; u32 v[STOK * W]; u16 vs[STOK]; u16 vz[STOK]; u8 ks[SGR * D]; u8 kz[SGR * D];
-                            u16 kg[SGR * 8]; };
+struct alignas(128) Stage { u32 k[STOK * W]; u32 v[STOK * W]; u16 vs[STOK]; u16 vz[STOK];
+                            u8 ks[SGR * D]; u8 kz[SGR * D]; u16 kg[SGR * 8]; };
 typedef u8 kstat_t;
 #else
 struct alignas(128) Stage { u32 k[STOK * W]; u32 v[STOK * W]; u16 vs[STOK]; u16 vz[STOK]; u16 ks[SGR * D]; u16 kz[SGR * D]; };
@@ -274,7 +274,9 @@ __device__ __forceinline__ u32 kdq(u32 r, u32 sc, u32 z, int sub) {
 __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
   u32 r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
 }
-__device__ __forceinline__ u32 hadd2(u32 a, u32 b) { u32 r; asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
+__device__ __forceinline__ u32 hadd2(u32 a, u32 b) {
+  u32 r; asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
+}
 __device__ __forceinline__ u32 ex2h2(u32 x) { u32 r; asm("ex2.approx.f16x2 %0, %1;" : "=r"(r) : "r"(x)); return r; }
 #define UPG (D / CPW)                /* KCV: conversion units a group (4 thread columns x D/4/CPW code words) */
 /* KCV: a stage's key statistics → fp16 pairs in shared memory, by every lane (one unit: a thread column t's CPW
@@ -335,8 +337,8 @@ __device__ __forceinline__ u32 raw1(u32 w, int bit) {
   return lop_or(x, CMASK << (sub | 4), 0x64006400u);
 }
 
-/* KCV: a new key group's pairs, as `convert` laid them out for this thread column */
-__device__ __forceinline__ void key_pairs8(State& st, const u32* kc) {
+/* CONV: a new key group's pairs, as `convert` laid them out for this thread column */
+__device__ __forceinline__ void conv_pairs(State& st, const u32* kc) {
   u32 w[4 * KSTEPS];
   ldw<4 * KSTEPS>(w, kc);
 #pragma unroll
@@ -368,7 +370,9 @@ __device__ __forceinline__ u32 res5(u32 a, u32 rw, int p, int sub) {
 }
 #define TH 8.f                                         /* lazy rescaling: weights up to 2^TH */
 /* 2^x in one MUFU (weights below 2^-126 flush to 0; exp2f's range fix-ups cost 3 instructions an exponential) */
-__device__ __forceinline__ float ex2(float x) { float r; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x)); return r; }
+__device__ __forceinline__ float ex2(float x) {
+  float r; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x)); return r;
+}
 #define EXP2(x) (LEAN ? ex2(x) : exp2f(x))
 
 __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end, const u32* qsm, int lane,
@@ -417,7 +421,7 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
     if (tok >= end) break;
     nu = u + 1;
 #if CONV
-    if (tok % GROUP == 0) key_pairs8(st, (const u32*)ks + (tok / GROUP) * 4 * KCW);
+    if (tok % GROUP == 0) conv_pairs(st, (const u32*)ks + (tok / GROUP) * 4 * KCW);
 #elif KDQ
     if (tok % GROUP == 0) key_pairs(st, ks + (i64)(tok / GROUP) * D, kz + (i64)(tok / GROUP) * D);
 #else

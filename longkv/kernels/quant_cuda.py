@@ -47,15 +47,16 @@ H200 agree: 203 a 16-token step):
   0.660x -> 0.635x of full (H100, session 40).
 
 - `LEAN` (session 44: compiled offline, not yet run on a GPU, so off by default; `LONGKV_LEAN=1`). Rebuilt statistics
-  (`KCV`, LEAN with BULK and KDQ): each stage's key scale and zero rows are paired
-  once, by every lane, into shared memory in the order KDQ's registers take them, with the codes' 2^-sub' and the
-  1024 offset folded in (the codes are moved to bit offset 4 or 6 of their byte, so the folded zero rounds within s/32);
-  a key pair is then one LOP3 and one HFMA2, with no PRMTs. The scale·log2(e) of the softmax sits in the query
-  fragments, and the weights' 2^x is one `ex2.approx.ftz`.
+  (`KCV`, LEAN with BULK and KDQ): each stage's key scale and zero rows are paired once, by every lane, into shared
+  memory in the order KDQ's registers take them, with the codes' 2^-sub' and the 1024 offset folded in (the codes are
+  moved to bit offset 4 or 6 of their byte, so the folded zero rounds within s/32); a key pair is then one LOP3 and
+  one HFMA2, with no PRMTs. The scale·log2(e) of the softmax sits in the query fragments, and the weights' 2^x is one
+  `ex2.approx.ftz`. Offline SASS at D 128, 2 bits, a 64-token stage: 1,579 instructions without, 1,292 with (120
+  registers against 142; `benchmarks/quant_cuda_sass.py`).
 - 8-bit statistics (`KS8`, `kstat=8`: bytes on a grid a group, `quant_reference.stats8`; BULK and KDQ): the stage
   carries their bytes and 16-byte grids and a pass of every lane decodes them into KDQ's pairs once a stage (with LEAN,
-  folded as above). Timed on an H200 (without LEAN): 16 % fewer bytes, the same time (BENCHMARKS.md, session 44). Offline SASS at D 128, 2 bits, a 64-token stage: 1,590 instructions before these, 1,292 after (120
-  registers; `benchmarks/quant_cuda_sass.py`); KS8 1,390.
+  folded as above; 1,390 instructions a stage then). Timed on an H200 without LEAN: 16 % fewer bytes, the same time
+  (BENCHMARKS.md, issue 4, session 44).
 - paged (`paged_attention`, PAGED=1): Quest over key groups (`cache/select/quest_storage.py`, groups=1):
   a table lists each KV head's selected groups; a warp takes a run of whole tiles along them (a run
   may start inside a group; the run's table entries sit one a lane and a shuffle finds a tile's group),
@@ -192,7 +193,7 @@ def smem_bytes(*, D: int, G: int, cw: int, cfg: dict | None = None) -> int:
     if cfg and cfg["BULK"]:
         n += cfg["NST"] * (_stage_bytes(cfg) + 8)
     if cfg and (cfg.get("KS8") or (lean and cfg["BULK"] and cfg["KDQ"] and not cfg["LOADONLY"])):
-        # the stage's statistics rebuilt as fp16 pairs (SGR x 4 x KCW words); with LEAN the query's fragments there first
+        # the stage's statistics rebuilt as fp16 pairs (SGR x 4 x KCW words); with LEAN the query's fragments go first
         kc = max(1, cfg["STOK"] // cfg["GROUP"]) * 4 * (4 * (D // 16) + 4) * 4
         q = max(q, kc) if lean else q + kc
     return n + q
