@@ -744,7 +744,7 @@ P
     ks8b)      # issue 4: session 44's LEAN forms of the dense kernel (scale folded into the query, ex2.approx, KDQ's qn
                # alone, KCV: the stage's key statistics rebuilt once into folded pairs, one HFMA2 a key pair; off by
                # default): GPU tests; decode at 128K (ILV=1), full / kv2 / kv2:kstat=8 with LEAN on, then off
-      (TRITON_INTERPRET=0 timeout 100 $PY -m pytest -q -rf --tb=short tests/test_quant_cuda.py \
+      (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q -rf --tb=short tests/test_quant_cuda.py \
         -k "8bit or (matches_reference and (default or lean) and dtype0)") > "$OUT/ks8b_tests.log" 2>&1
       echo "ks8b tests: $(grep -E 'passed|failed' "$OUT/ks8b_tests.log" | tr '\n' ' ')" >&2
       for c in 1 0; do
