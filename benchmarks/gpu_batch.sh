@@ -468,7 +468,7 @@
 # 3. (issue 4) kv2 at 128K: 0.622x on the H100 (session 43), the target 0.60x. First call, on an H100: `OUT=$OUT bash
 #    benchmarks/gpu_batch.sh ks8b` (~200 s): GPU tests of session 44's LEAN forms (compiled offline only) and decode
 #    full / kv2 / kv2:kstat=8 with LONGKV_LEAN=1 then 0 (ILV=1 in both). Make LEAN the default if its tests pass and kv2
-#    is faster with it (offline: 18 % fewer instructions a stage). ILV: H200 says -41 us on full; make gemv.ILV the
+#    is faster with it (offline: 17 % fewer instructions a stage). ILV: H200 says -41 us on full; make gemv.ILV the
 #    default if the H100 agrees (`ilv` step, or compare by hand).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -120,10 +120,9 @@ def _check(spec_head_dim: int, p: dict) -> None:
 
 
 def _check_kstat(p: dict, where: str = "quant") -> None:
-    if p.get("kstat", 16) not in (8, 16):
+    if p["kstat"] not in (8, 16):
         raise UserError(f"{where}: kstat={p['kstat']} is not supported (use 16 or 8)")
-    if p.get("kstat", 16) == 8 and (p["keys"] != "channel" or p["nuq"] or p.get("kres") or p["outliers"] > 0
-                                    or p.get("clip")):
+    if p["kstat"] == 8 and (p["keys"] != "channel" or p["nuq"] or p["kres"] or p["outliers"] > 0 or p["clip"]):
         raise UserError(f"{where}: kstat=8 stores per-channel key statistics of uniform codes; it does not go with "
                         "keys=token, nuq, kres, clip or outliers")
 

@@ -201,6 +201,9 @@ __device__ __forceinline__ void query_frags(u32* qsm, const u16* qr, float qok, 
 }
 
 __device__ __forceinline__ u32 hmul2(u32 a, u32 b) { u32 r; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+  u32 r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
+}
 
 /* A new key group: the B operand q∘s (qb times the scales, paired as the codes are) and the zero term
    Σ q·z − 1024·Σ B, both sums on the tensor cores, where the score MMA's lanes want them: Σ B as
@@ -263,17 +266,11 @@ __device__ __forceinline__ void key_pairs(State& st, const u16* sp, const u16* z
    one HFMA2 (one rounding) */
 __device__ __forceinline__ u32 kdq(u32 r, u32 sc, u32 z, int sub) {
   const u32 m = (u32)(15 - sub) << 10, b = 0x8000u | ((u32)(25 - sub) << 10);   /* 2^-sub, -2^(10-sub) */
-  u32 c, k;
-  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(c) : "r"(r), "r"(m | m << 16), "r"(b | b << 16));
-  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(k) : "r"(c), "r"(sc), "r"(z));
-  return k;
+  return hfma2(hfma2(r, m | m << 16, b | b << 16), sc, z);
 }
 #endif
 
 #if CONV
-__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
-  u32 r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
-}
 __device__ __forceinline__ u32 hadd2(u32 a, u32 b) {
   u32 r; asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
 }
@@ -329,6 +326,7 @@ __device__ __forceinline__ void convert(const Stage& sg, u32* kc, int lane) {
   __syncwarp();
 }
 
+#if KCV
 /* KCV: the code pair at bits (bit, 16 + bit) of w as 1024 + c·2^sub' with sub' = sub | 4 (codes at sub 0 or 2 moved up
    by 4: the shifted words are shared by a word's pairs), `raw`'s LOP3 */
 __device__ __forceinline__ u32 raw1(u32 w, int bit) {
@@ -336,6 +334,7 @@ __device__ __forceinline__ u32 raw1(u32 w, int bit) {
   const u32 x = sub < 4 ? (sh ? w >> (sh - 4) : w << 4) : (sh ? w >> sh : w);
   return lop_or(x, CMASK << (sub | 4), 0x64006400u);
 }
+#endif
 
 /* CONV: a new key group's pairs, as `convert` laid them out for this thread column */
 __device__ __forceinline__ void conv_pairs(State& st, const u32* kc) {

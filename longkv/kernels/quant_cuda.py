@@ -51,11 +51,11 @@ H200 agree: 203 a 16-token step):
   memory in the order KDQ's registers take them, with the codes' 2^-sub' and the 1024 offset folded in (the codes are
   moved to bit offset 4 or 6 of their byte, so the folded zero rounds within s/32); a key pair is then one LOP3 and
   one HFMA2, with no PRMTs. The scale·log2(e) of the softmax sits in the query fragments, and the weights' 2^x is one
-  `ex2.approx.ftz`. Offline SASS at D 128, 2 bits, a 64-token stage: 1,579 instructions without, 1,292 with (120
+  `ex2.approx.ftz`. Offline SASS at D 128, 2 bits, a 64-token stage: 1,563 instructions without, 1,300 with (120
   registers against 142; `benchmarks/quant_cuda_sass.py`).
 - 8-bit statistics (`KS8`, `kstat=8`: bytes on a grid a group, `quant_reference.stats8`; BULK and KDQ): the stage
   carries their bytes and 16-byte grids and a pass of every lane decodes them into KDQ's pairs once a stage (with LEAN,
-  folded as above; 1,390 instructions a stage then). Timed on an H200 without LEAN: 16 % fewer bytes, the same time
+  folded as above; 1,398 instructions a stage then). Timed on an H200 without LEAN: 16 % fewer bytes, the same time
   (BENCHMARKS.md, issue 4, session 44).
 - paged (`paged_attention`, PAGED=1): Quest over key groups (`cache/select/quest_storage.py`, groups=1):
   a table lists each KV head's selected groups; a warp takes a run of whole tiles along them (a run
@@ -127,7 +127,7 @@ BULK_STOK = int(os.environ.get("LONGKV_BULK_STOK", 64))
 # LEAN (session 44, compiled offline and not yet run on a GPU, so off by default; LONGKV_LEAN=1): the softmax scale in
 # the query fragments, ex2.approx.ftz for the weights, KDQ's shared query as qn alone, and KCV (with BULK and KDQ: each
 # stage's key statistics rebuilt once by every lane into KDQ's pairs with the codes' offsets folded in, one HFMA2 a key
-# pair, no PRMTs). Offline SASS, kv2 at D 128, a 64-token stage: 1,590 instructions without, 1,292 with (120 registers).
+# pair, no PRMTs). Offline SASS, kv2 at D 128, a 64-token stage: 1,563 instructions without, 1,300 with (120 registers).
 LEAN = os.environ.get("LONGKV_LEAN", "0") != "0"
 BULK_NST = int(os.environ.get("LONGKV_BULK_NST", 2))
 _MODULES: dict = {}
