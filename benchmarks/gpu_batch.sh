@@ -62,7 +62,6 @@
 #   gemv      issue 4 (every cache): the batch-1 projections through kernels/gemv.py (norms, SiLU·mul, residual adds
 #             folded in): GPU tests, gemv_probe.py's sweep against cuBLAS, decode at 128K with LONGKV_GEMV=1 / 0
 #   ks8       issue 4: kv2's key statistics in 8 bits (kstat=8): GPU tests, decode at 128K full / kv2 / kv2:kstat=8, ILV 0 / 1
-#   ks8b      issue 4: the dense kernel's LEAN forms (session 44, off by default): GPU tests, decode at 128K, LEAN 1 / 0
 #   ilv       issue 4 (every cache): the gated GEMV over interleaved gate/up rows (LONGKV_GEMV_ILV): GPU tests, probe,
 #             decode at 128K with ILV 0 / 1 at two gated tiles
 #   bulk      issue 4: bulk copies (the TMA's 1-D form) into shared memory for the dense kernel: GPU tests (and the
@@ -740,16 +739,6 @@ P
       for c in 0 1; do
         LONGKV_GEMV_ILV=$c bench ks8_ilv$c 150 $PY quant_decode.py --contexts 128k --caches "full;kv2;kv2:kstat=8" \
           --new-tokens 24
-      done ;;
-    ks8b)      # issue 4: session 44's LEAN forms of the dense kernel (scale folded into the query, ex2.approx, KDQ's qn
-               # alone, KCV: the stage's key statistics rebuilt once into folded pairs, one HFMA2 a key pair; off by
-               # default): GPU tests; decode at 128K (ILV=1), full / kv2 / kv2:kstat=8 with LEAN on, then off
-      (TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q -rf --tb=short tests/test_quant_cuda.py \
-        -k "8bit or (matches_reference and (default or lean) and dtype0)") > "$OUT/ks8b_tests.log" 2>&1
-      echo "ks8b tests: $(grep -E 'passed|failed' "$OUT/ks8b_tests.log" | tr '\n' ' ')" >&2
-      for c in 1 0; do
-        LONGKV_GEMV_ILV=1 LONGKV_LEAN=$c bench ks8b_lean$c 120 $PY quant_decode.py --contexts 128k \
-          --caches "full;kv2;kv2:kstat=8" --new-tokens 24
       done ;;
     bulkdecode) # issue 4: decode at 128K, full and kivi2 with LONGKV_BULK=0 then 1
       LONGKV_BULK=0 bench bulkdecode0 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24

@@ -50,14 +50,6 @@ CASES = [
                                                                   load_only=True)),
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, bulk=1, stok=32,
                                                                   nst=3)),
-    # LEAN (session 44's forms, off by default): kivi2 (KCV: the stage's statistics rebuilt and folded), with 8-bit
-    # statistics, 4 bits without bulk stages, paged
-    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, lean=True)),
-    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, lean=True,
-                                                                  ks8=True)),
-    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, lean=True)),
-    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, paged=True,
-                                                                  lean=True, kdq=1)),
     # 8-bit key statistics (kstat=8) through the bulk stages, 16- and 32-token stages, D 256, 4 bits at D 64 and 128
     # (2 bits at D 64 is not a layout of this kernel: `supported` asks D * bits >= 256)
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, ks8=True)),

@@ -42,8 +42,7 @@ def _cuda(x):
 # group rebuild
 @pytest.mark.parametrize("variant", [{}, {"cw": 4}, {"gpf": 1}, {"gpf": 0}, {"kdq": 1}, {"kdq": 0}, {"tile": 32},
                                      {"tile": 32, "kdq": 1}, {"bulk": 1}, {"bulk": 0}, {"bulk": 1, "stok": 32, "nst": 4},
-                                     {"bulk": 1, "kdq": 0}, {"bulk": 1, "tile": 32}, {"lean": 1},
-                                     {"lean": 1, "bulk": 0}, {"lean": 1, "kdq": 0}],
+                                     {"bulk": 1, "kdq": 0}, {"bulk": 1, "tile": 32}],
                          ids=lambda v: "-".join(f"{k}{x}" for k, x in v.items()) or "default")
 def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype, variant):
     if variant and dtype != torch.bfloat16:
@@ -209,9 +208,7 @@ def test_kres_cache_step_reads_the_bits_on_the_gpu_as_torch_does(spec, tmp_path_
 @pytest.mark.parametrize("D,bits,group,G,length,variant", [
     (128, 2, 16, 4, 1000, {}), (128, 2, 16, 5, 777, {"stok": 32, "nst": 4}), (64, 4, 16, 3, 900, {"bulk": 1, "kdq": 1}),
     (256, 2, 16, 4, 600, {}), (128, 4, 16, 4, 1000, {"bulk": 1, "kdq": 1}), (128, 2, 16, 4, 100, {}),
-    (128, 2, 16, 4, 1000, {"bulk": 0}),        # bulk 0: no KS8 layout, the statistics handed over as fp16 rows
-    (128, 2, 16, 4, 1000, {"lean": 1}), (128, 2, 16, 5, 777, {"lean": 1, "stok": 32, "nst": 4}),
-    (256, 2, 16, 4, 600, {"lean": 1})])
+    (128, 2, 16, 4, 1000, {"bulk": 0})])       # bulk 0: no KS8 layout, the statistics handed over as fp16 rows
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_kernel_reads_8bit_key_statistics(D, bits, group, G, length, variant, dtype):
     """kstat=8: the bulk stages carry the statistics' bytes and grids and every lane rebuilds them (`convert8`); the
@@ -231,7 +228,7 @@ def test_cuda_kernel_reads_8bit_key_statistics(D, bits, group, G, length, varian
     qg = q.cuda().to(dtype)
     args = (qg, _cuda(kq), _cuda(vq), kf.cuda().to(dtype), vf.cuda().to(dtype), torch.tensor([length]).cuda())
     layout = qc.config(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=True, ks8=True,
-                       **{k: variant[k] for k in ("bulk", "kdq", "stok", "nst", "lean") if k in variant})
+                       **{k: variant[k] for k in ("bulk", "kdq", "stok", "nst") if k in variant})
     assert layout["KS8"] == int(variant.get("bulk", 1) != 0)
     got = qc.decode_attention(*args, **variant, **kw).float().cpu()
     rows = qc.decode_attention(qg, qc.expand_stats(args[1]), *args[2:], **variant, **kw).float().cpu()

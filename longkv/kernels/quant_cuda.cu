@@ -17,21 +17,12 @@
 #error "BULK reads dense splits of one warp a program, without residual bits or the L1 prefetch"
 #endif
 /* KS8 (`kstat=8`): the key statistics as 8-bit codes, KS / KZ bytes (B, H, groups, D) and a grid KG (B, H, groups, 8)
-   fp16 [zlo, zstep, smax, 0...]: scale = smax·2^(-e/16), zero = zlo + zc·zstep (`quant_reference.stats8`), decoded by
-   KCV's pass (`convert`). */
-/* LEAN (session 44; built and compiled offline, not yet run on a GPU, so off by default): scale·log2(e) in the query
-   fragments, the weights' 2^x by one ex2.approx.ftz, KDQ's shared query as qn alone, and KCV. KCV (LEAN with BULK and
-   KDQ): each stage's key statistics, fp16 rows or KS8's bytes, are rebuilt once by every lane into the pairs KDQ's
-   registers take, with the codes' 2^-sub' and 1024 offset folded in, so that a key pair is one HFMA2 from its code
-   word (`convert`, `raw1`). CONV: a stage's statistics pass exists (KS8 or KCV; KS8 without LEAN: plain pairs). */
+   fp16 [zlo, zstep, smax, 0...]: scale = smax·2^(-e/16), zero = zlo + zc·zstep (`quant_reference.stats8`). Each
+   stage's bytes are rebuilt in shared memory once, by all lanes, as fp16 pairs in the order KDQ's registers take
+   them (`convert8`), so the per-step reading is 8 vector loads and no PRMTs. */
 #ifndef KS8
 #define KS8 0
 #endif
-#ifndef LEAN
-#define LEAN 0
-#endif
-#define KCV (LEAN && BULK && KDQ && !LOADONLY)
-#define CONV (KS8 || KCV)
 #if KS8 && !(BULK && KDQ && !LOADONLY)
 #error "KS8 reads its statistics through BULK stages into KDQ's dequantization"
 #endif
@@ -119,12 +110,12 @@ __device__ __forceinline__ void load(Buf& b, const u32* kp, const u32* vp, const
 struct alignas(128) Stage { u32 k[STOK * W]; u32 v[STOK * W]; u16 vs[STOK]; u16 vz[STOK];
                             u8 ks[SGR * D]; u8 kz[SGR * D]; u16 kg[SGR * 8]; };
 typedef u8 kstat_t;
+#define KCW (4 * KSTEPS + 4)         /* KS8: a thread-column's rebuilt words a group (scale pairs, zero pairs, 4 padding
+                                        words so that the four columns' 16-byte reads fall in different banks) */
 #else
 struct alignas(128) Stage { u32 k[STOK * W]; u32 v[STOK * W]; u16 vs[STOK]; u16 vz[STOK]; u16 ks[SGR * D]; u16 kz[SGR * D]; };
 typedef u16 kstat_t;
 #endif
-#define KCW (4 * KSTEPS + 4)         /* KCV: a thread-column's rebuilt words a group (scale pairs, zero pairs, 4 padding
-                                        words so that the four columns' 16-byte reads fall in different banks) */
 typedef unsigned long long u64;
 __device__ __forceinline__ u32 sptr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void bar_init(u64* b) {
@@ -175,8 +166,8 @@ struct State {
    codes come as 1024 + c·2^sub, `raw`), qn without. Layout [word / 4][lane][word % 4]: 128-bit loads,
    no bank conflicts. */
 #define QW (2 * KSTEPS)                               /* words a lane an array */
-#define QOFF (KDQ && LEAN ? 0 : QW * 32)              /* qn's offset: LEAN's KDQ keeps qn alone (2 KB less at D 128) */
-#define QSMW ((KDQ && LEAN ? 1 : 2) * QW * 32)
+#define QOFF (QW * 32)                                /* qn's offset */
+#define QSMW (2 * QW * 32)
 __device__ __forceinline__ void query_frags(u32* qsm, const u16* qr, float qok, int lane) {
   u32 qw[D / 8];
   ldw<D / 8>(qw, (const u32*)qr);
@@ -193,7 +184,7 @@ __device__ __forceinline__ void query_frags(u32* qsm, const u16* qr, float qok, 
 #pragma unroll
     for (int r = 0; r < 2; r++) {
       const int k = 2 * s + r;
-      if (!(KDQ && LEAN)) qsm[((k / 4) * 32 + lane) * 4 + k % 4] = v[r];
+      qsm[((k / 4) * 32 + lane) * 4 + k % 4] = v[r];
       qsm[QOFF + ((k / 4) * 32 + lane) * 4 + k % 4] = v[2 + r];
     }
   }
@@ -270,27 +261,25 @@ __device__ __forceinline__ u32 kdq(u32 r, u32 sc, u32 z, int sub) {
 }
 #endif
 
-#if CONV
+#if KS8
 __device__ __forceinline__ u32 hadd2(u32 a, u32 b) {
   u32 r; asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r;
 }
 __device__ __forceinline__ u32 ex2h2(u32 x) { u32 r; asm("ex2.approx.f16x2 %0, %1;" : "=r"(r) : "r"(x)); return r; }
-#define UPG (D / CPW)                /* KCV: conversion units a group (4 thread columns x D/4/CPW code words) */
-/* KCV: a stage's key statistics → fp16 pairs in shared memory, by every lane (one unit: a thread column t's CPW
-   channels of one group), laid out [group][t][scale pairs KSTEPS x 2, zero pairs, padding] as `key_pairs` would pair
-   them, then folded for `raw1`. fp16 rows: one PRMT a pair. KS8: e and zc as 1024 + x (one PRMT, one LOP3 a pair),
-   -e/16 by one exact HFMA2, then EX2 and the group's smax; zc exactly by one HADD2, then zlo + zc·zstep */
-__device__ __forceinline__ void convert(const Stage& sg, u32* kc, int lane) {
+#define UPG (D / CPW)                /* KS8: conversion units a group (4 thread columns x D/4/CPW code words) */
+/* KS8: a stage's 8-bit statistics → fp16 pairs in shared memory, by every lane (one unit: a thread column t's CPW
+   channels of one group, two 16-byte reads), laid out [group][t][scale pairs KSTEPS x 2, zero pairs, padding] as
+   `key_pairs` would build them: e and zc as 1024 + x (one PRMT, one LOP3 a pair), -e/16 by one exact HFMA2, then
+   EX2 and the group's smax; zc exactly by one HADD2, then zlo + zc·zstep */
+__device__ __forceinline__ void convert8(const Stage& sg, u32* kc, int lane) {
   for (int u = lane; u < SGR * UPG; u += 32) {
     const int r = u / UPG, t = (u % UPG) / (UPG / 4), w = u % (UPG / 4);
     const int c0 = r * D + t * (D / 4) + w * CPW;
-    u32 sw[CPW * sizeof(kstat_t) / 4], zw[CPW * sizeof(kstat_t) / 4];
-    ldw<CPW * sizeof(kstat_t) / 4>(sw, (const u32*)(sg.ks + c0));
-    ldw<CPW * sizeof(kstat_t) / 4>(zw, (const u32*)(sg.kz + c0));
-#if KS8
+    u32 sw[CPW / 4], zw[CPW / 4];
+    ldw<CPW / 4>(sw, (const u32*)(sg.ks + c0));
+    ldw<CPW / 4>(zw, (const u32*)(sg.kz + c0));
     const u32 g01 = *(const u32*)(sg.kg + r * 8), g2 = sg.kg[r * 8 + 2];
     const u32 zlo = prmt(g01, 0u, 0x1010u), zst = prmt(g01, 0u, 0x3232u), smx = g2 | g2 << 16;
-#endif
     u32* dst = kc + (r * 4 + t) * KCW;
 #pragma unroll
     for (int jj = 0; jj < PPW / 2; jj++) {
@@ -298,46 +287,19 @@ __device__ __forceinline__ void convert(const Stage& sg, u32* kc, int lane) {
 #pragma unroll
       for (int rr = 0; rr < 2; rr++) {
         const int a = 2 * jj + rr, b = a + PPW;                     /* the pair (a, a + PPW) of the unit's channels */
-#if KS8
         const u32 sel = (u32)(a % 4) | (u32)(4 + b % 4) << 8;
         const u32 es = lop_or(prmt(sw[a / 4], sw[b / 4], sel), 0x00FF00FFu, 0x64006400u);
         const u32 ez = lop_or(prmt(zw[a / 4], zw[b / 4], sel), 0x00FF00FFu, 0x64006400u);
-        const u32 sv = hmul2(ex2h2(hfma2(es, 0xAC00AC00u, 0x54005400u)), smx);   /* (1024 + e)·-1/16 + 64 */
-        const u32 zv = hfma2(hadd2(ez, 0xE400E400u), zst, zlo);
-#else
-        const u32 sel = (a % 2 ? 0x32u : 0x10u) | (b % 2 ? 0x76u : 0x54u) << 8;
-        const u32 sv = prmt(sw[a / 2], sw[b / 2], sel), zv = prmt(zw[a / 2], zw[b / 2], sel);
-#endif
-        /* the pair's codes come at sub' = sub | 4 (`raw1`): s' = s·2^-sub' (exact), z' = z - 2^(10-sub')·s (one
-           rounding), so that a key is one HFMA2 from the raw pair: 1024·2^-sub'·s is at most 64 s, and z' rounds
-           within s/32 of the exact value (s/128 at sub' 6) */
-#if KCV
-        const int sb = (BITS * (2 * jj + rr) % 8) | 4;
-        const u32 m = (u32)(15 - sb) << 10, nb = 0x8000u | ((u32)(25 - sb) << 10);
-        dst[2 * sx + rr] = hmul2(sv, m | m << 16);
-        dst[2 * KSTEPS + 2 * sx + rr] = hfma2(sv, nb | nb << 16, zv);
-#else
-        dst[2 * sx + rr] = sv;
-        dst[2 * KSTEPS + 2 * sx + rr] = zv;
-#endif
+        dst[2 * sx + rr] = hmul2(ex2h2(hfma2(es, 0xAC00AC00u, 0x54005400u)), smx);   /* (1024 + e)·-1/16 + 64 */
+        dst[2 * KSTEPS + 2 * sx + rr] = hfma2(hadd2(ez, 0xE400E400u), zst, zlo);
       }
     }
   }
   __syncwarp();
 }
 
-#if KCV
-/* KCV: the code pair at bits (bit, 16 + bit) of w as 1024 + c·2^sub' with sub' = sub | 4 (codes at sub 0 or 2 moved up
-   by 4: the shifted words are shared by a word's pairs), `raw`'s LOP3 */
-__device__ __forceinline__ u32 raw1(u32 w, int bit) {
-  const int sh = bit / 8 * 8, sub = bit % 8;
-  const u32 x = sub < 4 ? (sh ? w >> (sh - 4) : w << 4) : (sh ? w >> sh : w);
-  return lop_or(x, CMASK << (sub | 4), 0x64006400u);
-}
-#endif
-
-/* CONV: a new key group's pairs, as `convert` laid them out for this thread column */
-__device__ __forceinline__ void conv_pairs(State& st, const u32* kc) {
+/* KS8: a new key group's pairs, as `convert8` laid them out for this thread column */
+__device__ __forceinline__ void key_pairs8(State& st, const u32* kc) {
   u32 w[4 * KSTEPS];
   ldw<4 * KSTEPS>(w, kc);
 #pragma unroll
@@ -368,11 +330,6 @@ __device__ __forceinline__ u32 res5(u32 a, u32 rw, int p, int sub) {
   return d;
 }
 #define TH 8.f                                         /* lazy rescaling: weights up to 2^TH */
-/* 2^x in one MUFU (weights below 2^-126 flush to 0; exp2f's range fix-ups cost 3 instructions an exponential) */
-__device__ __forceinline__ float ex2(float x) {
-  float r; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x)); return r;
-}
-#define EXP2(x) (LEAN ? ex2(x) : exp2f(x))
 
 __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end, const u32* qsm, int lane,
                                      const u16* ks, const u16* kz, int t, float sl2) {
@@ -419,8 +376,8 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
     const int tok = t0 + 16 * u;
     if (tok >= end) break;
     nu = u + 1;
-#if CONV
-    if (tok % GROUP == 0) conv_pairs(st, (const u32*)ks + (tok / GROUP) * 4 * KCW);
+#if KS8
+    if (tok % GROUP == 0) key_pairs8(st, (const u32*)ks + (tok / GROUP) * 4 * KCW);
 #elif KDQ
     if (tok % GROUP == 0) key_pairs(st, ks + (i64)(tok / GROUP) * D, kz + (i64)(tok / GROUP) * D);
 #else
@@ -438,11 +395,6 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
           res5(raw(cur.k[u][0][w], BITS * (j + 1)), cur.kr[u][0][w / 4], p + 1, BITS * (j + 1) % 8),
           res5(raw(cur.k[u][1][w], BITS * (j + 1)), cur.kr[u][1][w / 4], p + 1, BITS * (j + 1) % 8),
           st.qf[s][0], st.qf[s][1]);
-#elif KCV   /* one HFMA2 a pair: s' and z' carry the codes' 2^-sub' and 1024 offset (`convert`) */
-      mma(s & 1 ? r4 : s4, hfma2(raw1(cur.k[u][0][w], BITS * j), st.sk[s][0], st.zk[s][0]),
-          hfma2(raw1(cur.k[u][1][w], BITS * j), st.sk[s][0], st.zk[s][0]),
-          hfma2(raw1(cur.k[u][0][w], BITS * (j + 1)), st.sk[s][1], st.zk[s][1]),
-          hfma2(raw1(cur.k[u][1][w], BITS * (j + 1)), st.sk[s][1], st.zk[s][1]), st.qf[s][0], st.qf[s][1]);
 #elif KDQ
       const int b0 = BITS * j % 8, b1 = BITS * (j + 1) % 8;
       mma(s & 1 ? r4 : s4, kdq(raw(cur.k[u][0][w], BITS * j), st.sk[s][0], st.zk[s][0], b0),
@@ -454,11 +406,9 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
           raw(cur.k[u][0][w], BITS * (j + 1)), raw(cur.k[u][1][w], BITS * (j + 1)), st.qf[s][0], st.qf[s][1]);
 #endif
     }
-    /* (KDQ has no group term; LEAN: the query fragments carry scale·log2(e), `query_frags`) */
-    const float c0 = KDQ ? 0.f : st.cq0, c1 = KDQ ? 0.f : st.cq1;
     xs[u][0] = s4[0] + r4[0]; xs[u][1] = s4[1] + r4[1]; xs[u][2] = s4[2] + r4[2]; xs[u][3] = s4[3] + r4[3];
-    if (!KDQ) { xs[u][0] += c0; xs[u][1] += c1; xs[u][2] += c0; xs[u][3] += c1; }
-    if (!LEAN) { xs[u][0] *= sl2; xs[u][1] *= sl2; xs[u][2] *= sl2; xs[u][3] *= sl2; }
+    if (!KDQ) { xs[u][0] += st.cq0; xs[u][1] += st.cq1; xs[u][2] += st.cq0; xs[u][3] += st.cq1; }   /* (KDQ: none) */
+    xs[u][0] *= sl2; xs[u][1] *= sl2; xs[u][2] *= sl2; xs[u][3] *= sl2;
   }
   float mx0 = NEG_INF, mx1 = NEG_INF;
 #pragma unroll
@@ -473,7 +423,7 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
     }
     const float n0 = fmaxf(st.m0, mx0), n1 = fmaxf(st.m1, mx1);
-    const float al0 = EXP2(st.m0 - n0), al1 = EXP2(st.m1 - n1);
+    const float al0 = exp2f(st.m0 - n0), al1 = exp2f(st.m1 - n1);
     st.m0 = n0; st.m1 = n1;
     st.l0 *= al0; st.z0 *= al0; st.p0 *= al0;
     st.l1 *= al1; st.z1 *= al1; st.p1 *= al1;
@@ -483,8 +433,8 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
 #pragma unroll
   for (int u = 0; u < SUB; u++) {
     if (u >= nu) break;
-    const float p0 = EXP2(xs[u][0] - st.m0), p1 = EXP2(xs[u][1] - st.m1), p2 = EXP2(xs[u][2] - st.m0),
-                p3 = EXP2(xs[u][3] - st.m1);
+    const float p0 = exp2f(xs[u][0] - st.m0), p1 = exp2f(xs[u][1] - st.m1), p2 = exp2f(xs[u][2] - st.m0),
+                p3 = exp2f(xs[u][3] - st.m1);
     const float s0 = h2f(cur.vs[u][0]), s1 = h2f(cur.vs[u][1]);
     const float zz0 = h2f(cur.vz[u][0]), zz1 = h2f(cur.vz[u][1]);
     st.l0 += p0 + p2;
@@ -519,8 +469,8 @@ __device__ __forceinline__ void tile(State& st, const Buf& cur, int t0, int end,
 /* BULK: a stage's e tokens (whole tiles; token 0 at the stage's start), then every lane has read it (it may be refilled) */
 __device__ __forceinline__ void stage(State& st, const Stage& sg, int e, const u32* qsm, int lane, int g, int t,
                                       float sl2, u32* kc) {
-#if CONV
-  convert(sg, kc, lane);             /* (kc's previous stage was read before the last stage's closing sync) */
+#if KS8
+  convert8(sg, kc, lane);            /* (kc's previous stage was read before the last stage's closing sync) */
   const u16* ks = (const u16*)(kc + t * KCW);
   const u16* kz = nullptr;
 #else
@@ -693,17 +643,13 @@ extern "C" __global__ void BOUNDS kivi_attn(
      group longer than a stage has its statistics taken again at each stage: the same row, copied with it) */
   __shared__ Stage stg[NST];
   __shared__ __align__(8) u64 bars[NST];
-#if CONV
-  /* the rebuilt statistics; with LEAN, before the first stage, the query's fragments (read into registers once, KDQ) */
-  __shared__ __align__(16) u32 kcv[LEAN && SGR * 4 * KCW < QSMW ? QSMW : SGR * 4 * KCW];
-#else
-  u32* kcv = nullptr;
-#endif
 #if KS8
+  __shared__ __align__(16) u32 kcv[SGR * 4 * KCW];   /* the stage's rebuilt statistics (`convert8`) */
   const u8* kb0 = (const u8*)KS + (i64)bh * (NQ_CAP / GROUP) * D;
   const u8* zb0 = (const u8*)KZ + (i64)bh * (NQ_CAP / GROUP) * D;
   const u16* kg0 = KG + (i64)bh * (NQ_CAP / GROUP) * 8;
 #else
+  u32* kcv = nullptr;
   const u16 *kb0 = ks0, *zb0 = kz0, *kg0 = nullptr;
 #endif
   const int ns = start < end ? (end - start + STOK - 1) / STOK : 0;
@@ -715,13 +661,9 @@ extern "C" __global__ void BOUNDS kivi_attn(
   }
   __syncwarp();
 #endif
-#if CONV && LEAN
-  u32* qsm = kcv;
-#else
   __shared__ __align__(16) u32 qsm_all[CW][QSMW];
   u32* qsm = qsm_all[wq];
-#endif
-  query_frags(qsm, qr, LEAN ? qok * sl2 : qok, lane);   /* LEAN: scale·log2(e) in the query, scores in log2 units */
+  query_frags(qsm, qr, qok, lane);
 
   State st;
   st.m0 = st.m1 = NEG_INF;
@@ -736,7 +678,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
   for (int s = 0; s < KSTEPS; s++)
 #pragma unroll
     for (int r = 0; r < 2; r++) st.qf[s][r] = qsm[QOFF + (((2 * s + r) / 4) * 32 + lane) * 4 + (2 * s + r) % 4];
-  __syncwarp();                                      /* (LEAN: the first stage's statistics overwrite it) */
+  __syncwarp();
 #endif
 
 #if BULK

@@ -46,17 +46,9 @@ H200 agree: 203 a 16-token step):
   flight then cost no registers and the arithmetic overlaps them: kivi2 at 128K 59.8 -> 48.5 µs a layer, decode
   0.660x -> 0.635x of full (H100, session 40).
 
-- `LEAN` (session 44: compiled offline, not yet run on a GPU, so off by default; `LONGKV_LEAN=1`). Rebuilt statistics
-  (`KCV`, LEAN with BULK and KDQ): each stage's key scale and zero rows are paired once, by every lane, into shared
-  memory in the order KDQ's registers take them, with the codes' 2^-sub' and the 1024 offset folded in (the codes are
-  moved to bit offset 4 or 6 of their byte, so the folded zero rounds within s/32); a key pair is then one LOP3 and
-  one HFMA2, with no PRMTs. The scale·log2(e) of the softmax sits in the query fragments, and the weights' 2^x is one
-  `ex2.approx.ftz`. Offline SASS at D 128, 2 bits, a 64-token stage: 1,563 instructions without, 1,300 with (120
-  registers against 142; `benchmarks/quant_cuda_sass.py`).
 - 8-bit statistics (`KS8`, `kstat=8`: bytes on a grid a group, `quant_reference.stats8`; BULK and KDQ): the stage
-  carries their bytes and 16-byte grids and a pass of every lane decodes them into KDQ's pairs once a stage (with LEAN,
-  folded as above; 1,398 instructions a stage then). Timed on an H200 without LEAN: 16 % fewer bytes, the same time
-  (BENCHMARKS.md, issue 4, session 44).
+  carries their bytes and 16-byte grids and a pass of every lane decodes them into KDQ's pairs once a stage. 16 % fewer
+  bytes, the same time (H200, session 44; H100, session 45: 52.7 against kv2's 53.1 µs a layer).
 - paged (`paged_attention`, PAGED=1): Quest over key groups (`cache/select/quest_storage.py`, groups=1):
   a table lists each KV head's selected groups; a warp takes a run of whole tiles along them (a run
   may start inside a group; the run's table entries sit one a lane and a shuffle finds a tile's group),
@@ -79,7 +71,12 @@ at 128K 0.625x without, 0.637x with the prefetch, 0.631x with both (the attentio
 faster). Tried and removed (session 43, H100, b1f981f): `kivi_merge` folded into the splits kernel, each KV head's
 last program (an atomic counter a head) merging the head's ~190 partial rows in one warp: kv2's attention 53.3 ->
 129 µs a layer, decode 0.626x -> 0.831x (one warp's serial walk through the rows at L2 latency, after the wave has
-finished, against the merge kernel's 3 µs spread over the GPU). A 3-6 stage
+finished, against the merge kernel's 3 µs spread over the GPU). Tried and removed (session 45, H100, source in
+dc791d3): `LEAN`, 17 % fewer instructions a 64-token stage for kivi2 (1,563 -> 1,300 SASS, 142 -> 120 registers:
+the softmax scale folded into the query fragments, ex2.approx for the weights, each stage's key statistics paired
+once into shared memory with the codes' offsets folded in, one HFMA2 a key pair): 53.1 -> 54.1 µs a layer, decode
+0.623x -> 0.624x, so the kernel is not bound by its instruction count at 128K; its folded statistics also failed the
+GPU tests (0.12-0.19 off the reference; the rest of LEAN passed). A 3-6 stage
 cp.async pipeline in shared memory was 8 % slower and was removed (BENCHMARKS.md).
 
 The CUDA source is `quant_cuda.cu` beside this file. Compiled at first use with NVRTC through
@@ -124,11 +121,6 @@ KDQ = int(os.environ["LONGKV_KDQ"]) if os.environ.get("LONGKV_KDQ") else None
 # us at 32-token stages, slower at 64: the stages' shared memory costs programs an SM). LONGKV_BULK=0 / 1 forces it.
 BULK = int(os.environ["LONGKV_BULK"]) if os.environ.get("LONGKV_BULK") else None
 BULK_STOK = int(os.environ.get("LONGKV_BULK_STOK", 64))
-# LEAN (session 44, compiled offline and not yet run on a GPU, so off by default; LONGKV_LEAN=1): the softmax scale in
-# the query fragments, ex2.approx.ftz for the weights, KDQ's shared query as qn alone, and KCV (with BULK and KDQ: each
-# stage's key statistics rebuilt once by every lane into KDQ's pairs with the codes' offsets folded in, one HFMA2 a key
-# pair, no PRMTs). Offline SASS, kv2 at D 128, a 64-token stage: 1,563 instructions without, 1,300 with (120 registers).
-LEAN = os.environ.get("LONGKV_LEAN", "0") != "0"
 BULK_NST = int(os.environ.get("LONGKV_BULK_NST", 2))
 _MODULES: dict = {}
 
@@ -151,7 +143,7 @@ def lines(cfg: dict) -> str:
 def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
            gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False,
            res: bool = False, load_only: bool = False, kdq: int | None = None, bulk: int | None = None,
-           stok: int | None = None, nst: int | None = None, ks8: bool = False, lean: bool | None = None) -> dict:
+           stok: int | None = None, nst: int | None = None, ks8: bool = False) -> dict:
     """The #defines of one compiled layout, name to value (window = ring - 2·group, as the cache sizes its
     ring); tile: tokens a loop step; gpf: the key group statistics into L1 this many tiles ahead (0 = off; always
     off when paged: the next listed group's rows prefetched 1-2 tiles ahead measured no faster); minb: programs an
@@ -162,8 +154,7 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     key group; never with residual bits); bulk: the dense splits' bytes come by bulk copies into shared memory, stok
     tokens a stage and nst stages in flight (None: BULK, BULK_STOK, BULK_NST; never paged, with residual bits or with
     several warps a program); ks8: the key statistics as 8-bit codes on a grid (`kstat=8`), read through bulk stages
-    into KDQ (KS8 is 0 in a layout without both: the caller then hands the kernel fp16 statistics); lean: LEAN's
-    forms (None: LEAN)."""
+    into KDQ (KS8 is 0 in a layout without both: the caller then hands the kernel fp16 statistics)."""
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
                TILE=tile or TILE,
                GPF=0 if paged else gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)),
@@ -175,7 +166,6 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     bulk = int(bulk) and not (paged or res or cfg["CW"] > 1)
     cfg.update(BULK=int(bulk), NST=nst or BULK_NST, STOK=stok or BULK_STOK)
     cfg["KS8"] = int(bool(ks8) and bool(bulk) and bool(cfg["KDQ"]) and not load_only)
-    cfg["LEAN"] = int(bool(LEAN if lean is None else lean))
     if bulk:
         cfg["GPF"] = 0
         if cfg["STOK"] % cfg["TILE"] or (cfg["STOK"] % group and group % cfg["STOK"]):
@@ -187,15 +177,12 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
 def smem_bytes(*, D: int, G: int, cw: int, cfg: dict | None = None) -> int:
     """Static shared memory of a program: the query fragments (2 arrays of D/8 words a lane, a warp) and,
     for several warps a program, their partial results; with BULK (`cfg`'s), its stages."""
-    lean = bool(cfg and cfg.get("LEAN"))
-    q = cw * (1 if lean and cfg["KDQ"] else 2) * (D // 8) * 32 * 4     # (LEAN's KDQ keeps the plain query alone)
+    q = cw * 2 * (D // 8) * 32 * 4
     n = cw * G * (D + 1) * 4 if cw > 1 else 0
     if cfg and cfg["BULK"]:
         n += cfg["NST"] * (_stage_bytes(cfg) + 8)
-    if cfg and (cfg.get("KS8") or (lean and cfg["BULK"] and cfg["KDQ"] and not cfg["LOADONLY"])):
-        # the stage's statistics rebuilt as fp16 pairs (SGR x 4 x KCW words); with LEAN the query's fragments go first
-        kc = max(1, cfg["STOK"] // cfg["GROUP"]) * 4 * (4 * (D // 16) + 4) * 4
-        q = max(q, kc) if lean else q + kc
+    if cfg and cfg.get("KS8"):   # the stage's statistics rebuilt as fp16 pairs (SGR x 4 x KCW words)
+        q += max(1, cfg["STOK"] // cfg["GROUP"]) * 4 * (4 * (D // 16) + 4) * 4
     return n + q
 
 
@@ -276,7 +263,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
                      scale: float, splits: int | None = None, tile: int | None = None,
                      gpf: int | None = None, minb: int | None = None, cw: int | None = None, parts: bool = False,
                      load_only: bool = False, kdq: int | None = None, bulk: int | None = None,
-                     stok: int | None = None, nst: int | None = None, lean: bool | None = None):
+                     stok: int | None = None, nst: int | None = None):
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
     parts=True returns (the two launches as closures, out, splits) instead (benchmarks/quant_cuda_probe.py).
@@ -284,7 +271,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     register double buffer)."""
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
                    splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts, load_only=load_only, kdq=kdq,
-                   bulk=bulk, stok=stok, nst=nst, lean=lean)
+                   bulk=bulk, stok=stok, nst=nst)
 
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
@@ -331,7 +318,7 @@ def _bulk_ok(q, kq, vq) -> bool:
 
 def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, splits=None, tile=None, gpf=None,
             minb=None, cw=None, parts=False, paged=None, frac=1.0, load_only=False, kdq=None, bulk=None, stok=None,
-            nst=None, lean=None):
+            nst=None):
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
@@ -344,7 +331,7 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     bulk = bulk if paged is None and _bulk_ok(q, kq, vq) else 0    # (None: `config` decides)
     layout = config(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
                     gpf=gpf, minb=minb, cw=cw, paged=paged is not None, res="res" in kq, load_only=load_only, kdq=kdq,
-                    bulk=bulk, stok=stok, nst=nst, ks8="grid" in kq, lean=lean)
+                    bulk=bulk, stok=stok, nst=nst, ks8="grid" in kq)
     if "grid" in kq and not layout["KS8"]:   # 8-bit key statistics outside KS8's layout: handed over as fp16 rows
         kq = expand_stats(kq)
     cfg = lines(layout)
