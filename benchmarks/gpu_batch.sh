@@ -464,11 +464,13 @@
 # Session 44 (2026-12-07), one H200 call, ~11 starts refused or turned away, then no machine lent: [ks8: kv2:kstat=8
 # 0.686x against kv2 0.687x (attention 52.1 / 52.7 us a layer: 16 % fewer bytes, no faster); ILV=1 full -41 us, kv2
 # -17 us; 3 test cases mended (D 64 at 2 bits is not a layout; a tolerance)].
-# 3. (issue 4) kv2 at 128K: 0.622x on the H100 (session 43), the target 0.60x. First call, on an H100: `OUT=$OUT bash
-#    benchmarks/gpu_batch.sh ks8b` (~200 s): GPU tests of session 44's LEAN forms (compiled offline only) and decode
-#    full / kv2 / kv2:kstat=8 with LONGKV_LEAN=1 then 0 (ILV=1 in both). Make LEAN the default if its tests pass and kv2
-#    is faster with it (offline: 17 % fewer instructions a stage). ILV: H200 says -41 us on full; make gemv.ILV the
-#    default if the H100 agrees (`ilv` step, or compare by hand).
+# Session 45 (2026-12-07), two H100 calls, ~9 starts refused or turned away: [ks8b (dc791d3) + LEAN with ILV=0 by hand:
+# LEAN kv2 53.1 -> 54.1 us a layer (0.623x -> 0.624x), its folded statistics 0.12-0.19 off in the GPU tests: removed;
+# ILV -16 us on full], [quant_cuda_probe.py at 2K-1M, splits and stages at 128K, by hand: ~16 us a layer fixed (splits
+# kernel ~11 with nothing to read, merge ~4), the rest streams at 2.85 TB/s].
+# 3. (issue 4) kv2 at 128K: 0.623x on the H100 (session 45), the target 0.60x: -8 us a layer, half the fixed cost
+#    (BENCHMARKS.md, issue 4, session 45). Nothing new is built to time; the step to time the next build:
+#    `quant_decode.py --contexts 128k --caches "full;kv2" --new-tokens 24` and `quant_cuda_probe.py --context 2k` (and 128k): the fixed cost.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
