@@ -469,8 +469,9 @@
 # ILV -16 us on full], [quant_cuda_probe.py at 2K-1M, splits and stages at 128K, by hand: ~16 us a layer fixed (splits
 # kernel ~11 with nothing to read, merge ~4), the rest streams at 2.85 TB/s].
 # 3. (issue 4) kv2 at 128K: 0.623x on the H100 (session 45), the target 0.60x: -8 us a layer, half the fixed cost
-#    (BENCHMARKS.md, issue 4, session 45). Nothing new is built to time; the step to time the next build:
-#    `quant_decode.py --contexts 128k --caches "full;kv2" --new-tokens 24` and `quant_cuda_probe.py --context 2k` (and 128k): the fixed cost.
+#    (BENCHMARKS.md, issue 4, session 45). Nothing new is built to time. To time the next build: `quant_decode.py
+#    --contexts 128k --caches "full;kv2" --new-tokens 24`, and `quant_cuda_probe.py --context 2k` (then 128k) for the
+#    fixed cost.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
