@@ -85,7 +85,7 @@ PARAMS = {
     "kstat": (int, 16, "bits of each key group's per-channel statistics: 16 (fp16 scale and zero) or 8 (one byte each "
                        "on a per-group grid, `quant_reference.stats8`; uniform per-channel keys without outliers, nuq, "
                        "kres or clip; not under eviction). kv2:kstat=8 holds 2.66 bits an element against kv2's 3.125 "
-                       "(8B shape at 128K: 2.68 GiB against 3.15) and decodes in the same time (H200); on smollm2-135m "
+                       "(8B shape at 128K: 2.68 GiB against 3.15) and decodes in the same time (H200, H100); on smollm2-135m "
                        "ppl +4.7 % / +7.0 % at 2K / 8K (kv2 +4.8 / +6.6) and 6 of 15 needles at 2K-7K (kv2 7)"),
     "kres": (bool, False, "a residual bit per key element after its code (above or below its level, decoded as "
                           "±a quarter step): keys half a step finer for one bit more an element (4-bit: 1/3.7 of the "

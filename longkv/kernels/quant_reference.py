@@ -149,9 +149,9 @@ def stats8(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor,
     (scale codes e, zero codes zc) uint8 (..., D) and the grid (..., GRID) fp16 [zlo, zstep, smax, 0...]:
     zero = zlo + zc·zstep, a 256-point linear grid over the channels' lower ends; scale = smax·2^(-e/16), a log
     grid (4.4 % a step, 16 octaves) below the largest. Both rounded to the nearest point (a key past either end of
-    its range saturates): on smollm2-135m kv2's perplexity +4.94 % / +7.37 % at 2K / 8K against +4.84 % / +6.61 %
-    with fp16 statistics, the same needles (BENCHMARKS.md, issue 4, session 43's what-if). `stats8_decode` rebuilds
-    the fp16 scale and zero that the codes are encoded against."""
+    its range saturates): on smollm2-135m kv2:kstat=8's perplexity +4.72 % / +7.02 % at 2K / 8K against kv2's +4.84 %
+    / +6.61 %, 6 of 15 needles against 7 (BENCHMARKS.md, issue 4, session 44). `stats8_decode` rebuilds the fp16
+    scale and zero that the codes are encoded against."""
     top = 2 ** bits - 1
     zmin, zmax = lo.amin(-1, keepdim=True), lo.amax(-1, keepdim=True)
     zlo = zmin.half().float()
