@@ -23,6 +23,33 @@
 #ifndef KS8
 #define KS8 0
 #endif
+/* TLINE (a diagnostic, `benchmarks/quant_timeline.py`): each program writes 8 u64 at Table[(bh·S1 + split)·8]: its
+   SM, then %globaltimer at its start, after its prologue, when its first stage has arrived, after its loop and at its
+   end, then 0 (packed) / 1 (full precision) and its tokens */
+#ifndef TLINE
+#define TLINE 0
+#endif
+/* DYN (BULK): the head's packed tokens are cut into STOK-token chunks; program `split` first takes chunks split, split
+   + S, ... (NST of them), then the rest one at a time from an atomic counter a head (Ctr[bh], zeroed again by
+   kivi_merge), so that every program streams until the head's tokens run out and they end together (with equal
+   static splits, the ends spread over ~10 us of a 47 us kernel at 128K: benchmarks/quant_timeline.py). Lane 0 asks
+   for chunk indices two chunks ahead (an atomic's answer waits behind the SM's queued copies). QFIRST: the query is
+   loaded before the first bulk copies are issued (after them, its answer queued behind them: ~6 us at 128K). */
+#ifndef DYN
+#define DYN 0
+#endif
+#ifndef QFIRST
+#define QFIRST 0
+#endif
+#if DYN && !BULK
+#error "DYN hands out BULK stages"
+#endif
+#if TLINE && PAGED
+#error "TLINE times the dense splits"
+#endif
+__device__ __forceinline__ unsigned long long gtime() {
+  unsigned long long t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t;
+}
 #if KS8 && !(BULK && KDQ && !LOADONLY)
 #error "KS8 reads its statistics through BULK stages into KDQ's dequantization"
 #endif
@@ -118,6 +145,11 @@ typedef u16 kstat_t;
 #endif
 typedef unsigned long long u64;
 __device__ __forceinline__ u32 sptr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+/* DYN: a chunk index from the head's counter, in PTX: atomicAdd's warp-aggregated form (which nvcc makes of it)
+   shuffles the answer at once, so the warp waited for it (~5 us in the prologue at 128K, session 46) */
+__device__ __forceinline__ int take(int* c) {
+  int r; asm volatile("atom.global.inc.u32 %0, [%1], 0x7fffffff;" : "=r"(r) : "l"(c)); return r;
+}
 __device__ __forceinline__ void bar_init(u64* b) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(sptr(b)) : "memory");
 }
@@ -168,9 +200,7 @@ struct State {
 #define QW (2 * KSTEPS)                               /* words a lane an array */
 #define QOFF (QW * 32)                                /* qn's offset */
 #define QSMW (2 * QW * 32)
-__device__ __forceinline__ void query_frags(u32* qsm, const u16* qr, float qok, int lane) {
-  u32 qw[D / 8];
-  ldw<D / 8>(qw, (const u32*)qr);
+__device__ __forceinline__ void query_frags(u32* qsm, const u32* qw, float qok, int lane) {
   float qv[D / 4];
 #pragma unroll
   for (int i = 0; i < D / 4; i++) qv[i] = q2f((u16)(qw[i / 2] >> (16 * (i & 1)))) * qok;
@@ -577,9 +607,12 @@ extern "C" __global__ void BOUNDS kivi_attn(
     const u16* __restrict__ KZ, const u32* __restrict__ VP, const u16* __restrict__ VS, const u16* __restrict__ VZ,
     const u16* __restrict__ KF, const u16* __restrict__ VF, float* __restrict__ Part, float* __restrict__ Lse,
     double scale_log2_d, int S, int NQ_CAP, const int* __restrict__ Table, const int* __restrict__ Nsel, int stab,
-    int row_pages, const u32* __restrict__ KR, const u16* __restrict__ KG) {
+    int row_pages, const u32* __restrict__ KR, const u16* __restrict__ KG, int* __restrict__ Ctr) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wq = threadIdx.x >> 5;
   const int bh = blockIdx.x, split = blockIdx.y;
+#if TLINE
+  unsigned long long tl[5] = {gtime(), 0, 0, 0, 0};
+#endif
   const float sl2 = (float)scale_log2_d;
   const i64 avail = Len[0] - 1 - SINK - WINDOW;      /* groups flushed before this token arrived */
   const int nq = avail > 0 ? (int)(avail / GROUP) * GROUP : 0;
@@ -596,6 +629,13 @@ extern "C" __global__ void BOUNDS kivi_attn(
 #endif
   if (split >= S) {
     fp_split(Q, KF, VF, OutP, OutL, Len[0] - 1, nq, bh, (split - S) * CW + wq, orow, sl2);
+#if TLINE
+    if (lane == 0) {
+      unsigned long long* T = (unsigned long long*)Table + ((i64)bh * S1 + split) * 8;
+      u32 sm; asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      T[0] = sm; T[1] = tl[0]; T[2] = T[3] = T[4] = 0; T[5] = gtime(); T[6] = 1; T[7] = SINK + RING;
+    }
+#endif
   } else {
   const int vsp = split * CW + wq;                   /* this warp's stretch */
 #if PAGED
@@ -652,6 +692,26 @@ extern "C" __global__ void BOUNDS kivi_attn(
   u32* kcv = nullptr;
   const u16 *kb0 = ks0, *zb0 = kz0, *kg0 = nullptr;
 #endif
+#if QFIRST
+  u32 qw[D / 8];
+  ldw<D / 8>(qw, (const u32*)qr);
+#endif
+#if DYN
+  const int nc = (nq + STOK - 1) / STOK;              /* the head's chunks */
+  __shared__ int sc[NST];                             /* the chunk each stage holds (-1: none) */
+  int pa = nc, pb = nc;                               /* lane 0: the next two chunks asked for, less NST·S (added
+                                                         where used: an add at once would wait for the atomic) */
+  if (lane == 0) {
+    for (int i = 0; i < NST; i++) bar_init(&bars[i]);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int i = 0; i < NST; i++) {
+      const int c = split + i * S;
+      sc[i] = c < nc ? c : -1;
+      if (c < nc) issue(stg[i], &bars[i], kp, vp, vs, vz, kb0, zb0, c * STOK, min(STOK, nq - c * STOK), kg0);
+    }
+    if (NST * S < nc) { pa = take(Ctr + bh); pb = take(Ctr + bh); }
+  }
+#else
   const int ns = start < end ? (end - start + STOK - 1) / STOK : 0;
   if (lane == 0) {
     for (int i = 0; i < NST; i++) bar_init(&bars[i]);
@@ -659,11 +719,16 @@ extern "C" __global__ void BOUNDS kivi_attn(
     for (int i = 0; i < NST && i < ns; i++)
       issue(stg[i], &bars[i], kp, vp, vs, vz, kb0, zb0, start + i * STOK, min(STOK, end - start - i * STOK), kg0);
   }
+#endif
   __syncwarp();
+#endif
+#if !(BULK && QFIRST)
+  u32 qw[D / 8];
+  ldw<D / 8>(qw, (const u32*)qr);
 #endif
   __shared__ __align__(16) u32 qsm_all[CW][QSMW];
   u32* qsm = qsm_all[wq];
-  query_frags(qsm, qr, qok, lane);
+  query_frags(qsm, qw, qok, lane);
 
   State st;
   st.m0 = st.m1 = NEG_INF;
@@ -672,6 +737,9 @@ extern "C" __global__ void BOUNDS kivi_attn(
   for (int i = 0; i < MB; i++) { st.acc[i][0] = st.acc[i][1] = st.acc[i][2] = st.acc[i][3] = 0.f; }
 #pragma unroll
   for (int s = 0; s < KSTEPS; s++) { st.qf[s][0] = st.qf[s][1] = 0u; }
+#if TLINE
+  tl[1] = gtime();
+#endif
 #if KDQ
   /* the plain query (qn) in B order, fixed for the split: the keys come dequantized */
 #pragma unroll
@@ -681,10 +749,32 @@ extern "C" __global__ void BOUNDS kivi_attn(
   __syncwarp();
 #endif
 
-#if BULK
+#if BULK && DYN
+  for (int i = 0;; i++) {
+    const int sl = i % NST, c = sc[sl];
+    if (c < 0) break;
+    bar_wait(&bars[sl], (u32)(i / NST) & 1u);
+#if TLINE
+    if (i == 0) tl[2] = gtime();
+#endif
+    stage(st, stg[sl], min(STOK, nq - c * STOK), qsm, lane, g, t, sl2, kcv);
+    if (lane == 0) {   /* the next chunk into this stage; the one after it asked for (a later chunk is past the end
+                          whenever this one is) */
+      const int n = NST * S + pa;
+      pa = pb;
+      if (n < nc) pb = take(Ctr + bh);
+      sc[sl] = n < nc ? n : -1;
+      if (n < nc) issue(stg[sl], &bars[sl], kp, vp, vs, vz, kb0, zb0, n * STOK, min(STOK, nq - n * STOK), kg0);
+    }
+    __syncwarp();
+  }
+#elif BULK
   for (int i = 0; i < ns; i++) {
     const int sl = i % NST, s0 = start + i * STOK, e = min(STOK, end - s0);
     bar_wait(&bars[sl], (u32)(i / NST) & 1u);
+#if TLINE
+    if (i == 0) tl[2] = gtime();
+#endif
     stage(st, stg[sl], e, qsm, lane, g, t, sl2, kcv);
     if (lane == 0 && i + NST < ns)
       issue(stg[sl], &bars[sl], kp, vp, vs, vz, kb0, zb0, start + (i + NST) * STOK,
@@ -710,6 +800,9 @@ extern "C" __global__ void BOUNDS kivi_attn(
     if (t0 + 2 * TILE < end) load(A, kp, vp, vs, vz, ks, kz, TOK(t0 + 2 * TILE), LIM, g, t, krp);
     tile(st, B, TOK(t0 + TILE), LIM, qsm, lane, ks, kz, t, sl2);
   }
+#endif
+#if TLINE
+  tl[3] = gtime();
 #endif
   float l0 = st.l0, l1 = st.l1, z0 = st.z0, z1 = st.z1, w0 = st.p0, w1 = st.p1;
 #pragma unroll
@@ -740,6 +833,14 @@ extern "C" __global__ void BOUNDS kivi_attn(
     if (2 * t < G) OutL[row] = l0 > 0.f ? (st.m0 + log2f(l0)) * LN2 : NEG_INF;
     if (2 * t + 1 < G) OutL[row + 1] = l1 > 0.f ? (st.m1 + log2f(l1)) * LN2 : NEG_INF;
   }
+#if TLINE
+  if (lane == 0) {
+    unsigned long long* T = (unsigned long long*)Table + ((i64)bh * S1 + split) * 8;
+    u32 sm; asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    T[0] = sm; T[1] = tl[0]; T[2] = tl[1]; T[3] = tl[2]; T[4] = tl[3]; T[5] = gtime(); T[6] = 0;
+    T[7] = DYN ? (split * STOK < nq ? STOK : 0) : end - start;
+  }
+#endif
   }
 #if CW > 1
   __syncthreads();
@@ -769,12 +870,14 @@ extern "C" __global__ void BOUNDS kivi_attn(
 #define MW 16
 #define MU 16
 extern "C" __global__ void __launch_bounds__(32 * MW) kivi_merge(const float* __restrict__ Part,
-                                                                 const float* __restrict__ Lse, u16* __restrict__ Out, int S1) {
+                                                                 const float* __restrict__ Lse, u16* __restrict__ Out, int S1,
+                                                                 int* __restrict__ Ctr) {
   __shared__ float red[MW][32];
   __shared__ float dens[MW], mxs[MW];
   const int pid = blockIdx.x, c = blockIdx.y * 32, bh = pid / G, q = pid % G, tid = threadIdx.x, wp = tid >> 5,
             lane = tid & 31;
   const i64 base = (i64)bh * S1 * G + q;                 /* row of split s: base + s·G */
+  if (q == 0 && blockIdx.y == 0 && tid == 0) Ctr[bh] = 0;   /* DYN's chunk counter, for the next call */
   float m = NEG_INF, acc = 0.f, den = 0.f;
   for (int s0 = wp; s0 < S1; s0 += MW * MU) {
     float lv[MU], pv[MU];
