@@ -39,12 +39,10 @@ def _cuda(x):
 # dequantized in registers (KDQ) on and off (its default is the module's); 32-token tiles (two 16-token steps' scores
 # before one softmax update), with and without KDQ
 # bulk copies into shared memory (sm_90; the default at 2 bits) on and off, shorter and more stages, and with the
-# group rebuild; their chunks handed out by a counter (DYN, the default: the explicit splits below leave chunks to
-# hand out) and split evenly, the query loaded first and after the copies
+# group rebuild
 @pytest.mark.parametrize("variant", [{}, {"cw": 4}, {"gpf": 1}, {"gpf": 0}, {"kdq": 1}, {"kdq": 0}, {"tile": 32},
                                      {"tile": 32, "kdq": 1}, {"bulk": 1}, {"bulk": 0}, {"bulk": 1, "stok": 32, "nst": 4},
-                                     {"bulk": 1, "kdq": 0}, {"bulk": 1, "tile": 32}, {"bulk": 1, "dyn": 0},
-                                     {"bulk": 1, "qfirst": 0}, {"bulk": 1, "stok": 16}],
+                                     {"bulk": 1, "kdq": 0}, {"bulk": 1, "tile": 32}],
                          ids=lambda v: "-".join(f"{k}{x}" for k, x in v.items()) or "default")
 def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype, variant):
     if variant and dtype != torch.bfloat16:
@@ -237,27 +235,3 @@ def test_cuda_kernel_reads_8bit_key_statistics(D, bits, group, G, length, varian
     tol = 4e-2 if dtype == torch.bfloat16 else 1e-2
     assert (got - want).abs().max() < tol
     assert (got - rows).abs().max() < tol      # (the scales rebuilt by a half-precision EX2 here, in fp32 there)
-
-
-def test_dyn_counters_start_afresh_each_call():
-    """DYN hands a head's chunks out from a counter that each call's merge zeroes: calls after calls (and after the
-    splits kernel alone, as the probe times it) still read every chunk."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("bulk copies need sm_90")
-    B, H, D, bits, group, G, length, sink, window = 1, 2, 128, 2, 16, 4, 3000, 4, 128
-    kq, vq, kf, vf = _layer(B, H, D, 3072, group, bits, sink, window + 2 * group)
-    q = torch.randn(B, H * G, 1, D, generator=torch.Generator().manual_seed(3))
-    kw = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5)
-    want = ref.quant_decode_attention(q, kq, vq, kf, vf, length, vgroup=D, inv_freq=torch.zeros(D // 2),
-                                      prerope=False, **kw)
-    args = (q.cuda().bfloat16(), _cuda(kq), _cuda(vq), kf.cuda().bfloat16(), vf.cuda().bfloat16(),
-            torch.tensor([length]).cuda())
-    assert qc.config(D=D, bits=bits, group=group, G=G, sink=sink, ring=window + 2 * group, bf16=True)["DYN"] == int(
-        qc.DYN != 0)
-    attn, merge, out, _ = qc.decode_attention(*args, splits=2, parts=True, **kw)
-    for _ in range(3):
-        attn()
-    merge()
-    errs = [(out.float().cpu() - want).abs().max().item()]
-    errs += [(qc.decode_attention(*args, splits=s, **kw).float().cpu() - want).abs().max().item() for s in (2, 2, 3, 1)]
-    assert max(errs) < 4e-2, errs

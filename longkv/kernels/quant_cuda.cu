@@ -24,32 +24,19 @@
 #define KS8 0
 #endif
 /* TLINE (a diagnostic, `benchmarks/quant_timeline.py`): each program writes 8 u64 at Table[(bh·S1 + split)·8]: its
-   SM, then %globaltimer at its start, after its prologue, when its first stage has arrived, after its loop and at its
-   end, then 0 (packed) / 1 (full precision) and its tokens */
+   SM, then %globaltimer at its start, after its prologue, when its first and its last stage had arrived (BULK), after
+   its loop and at its end, then 0 (packed) / 1 (full precision) */
 #ifndef TLINE
 #define TLINE 0
-#endif
-/* DYN (BULK): the head's packed tokens are cut into STOK-token chunks; program `split` first takes chunks split, split
-   + S, ... (NST of them), then the rest one at a time from an atomic counter a head (Ctr[bh], zeroed again by
-   kivi_merge), so that every program streams until the head's tokens run out and they end together (with equal
-   static splits, the ends spread over ~10 us of a 47 us kernel at 128K: benchmarks/quant_timeline.py). Lane 0 asks
-   for chunk indices two chunks ahead (an atomic's answer waits behind the SM's queued copies). QFIRST: the query is
-   loaded before the first bulk copies are issued (after them, its answer queued behind them: ~6 us at 128K). */
-#ifndef DYN
-#define DYN 0
-#endif
-#ifndef QFIRST
-#define QFIRST 0
-#endif
-#if DYN && !BULK
-#error "DYN hands out BULK stages"
 #endif
 #if TLINE && PAGED
 #error "TLINE times the dense splits"
 #endif
+#if TLINE
 __device__ __forceinline__ unsigned long long gtime() {
   unsigned long long t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t;
 }
+#endif
 #if KS8 && !(BULK && KDQ && !LOADONLY)
 #error "KS8 reads its statistics through BULK stages into KDQ's dequantization"
 #endif
@@ -145,11 +132,6 @@ typedef u16 kstat_t;
 #endif
 typedef unsigned long long u64;
 __device__ __forceinline__ u32 sptr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-/* DYN: a chunk index from the head's counter, in PTX: atomicAdd's warp-aggregated form (which nvcc makes of it)
-   shuffles the answer at once, so the warp waited for it (~5 us in the prologue at 128K, session 46) */
-__device__ __forceinline__ int take(int* c) {
-  int r; asm volatile("atom.global.inc.u32 %0, [%1], 0x7fffffff;" : "=r"(r) : "l"(c)); return r;
-}
 __device__ __forceinline__ void bar_init(u64* b) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(sptr(b)) : "memory");
 }
@@ -607,11 +589,11 @@ extern "C" __global__ void BOUNDS kivi_attn(
     const u16* __restrict__ KZ, const u32* __restrict__ VP, const u16* __restrict__ VS, const u16* __restrict__ VZ,
     const u16* __restrict__ KF, const u16* __restrict__ VF, float* __restrict__ Part, float* __restrict__ Lse,
     double scale_log2_d, int S, int NQ_CAP, const int* __restrict__ Table, const int* __restrict__ Nsel, int stab,
-    int row_pages, const u32* __restrict__ KR, const u16* __restrict__ KG, int* __restrict__ Ctr) {
+    int row_pages, const u32* __restrict__ KR, const u16* __restrict__ KG) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wq = threadIdx.x >> 5;
   const int bh = blockIdx.x, split = blockIdx.y;
 #if TLINE
-  unsigned long long tl[5] = {gtime(), 0, 0, 0, 0};
+  unsigned long long tl[5] = {gtime(), 0, 0, 0, 0};   /* start, prologue, first and last stage in, loop's end */
 #endif
   const float sl2 = (float)scale_log2_d;
   const i64 avail = Len[0] - 1 - SINK - WINDOW;      /* groups flushed before this token arrived */
@@ -633,7 +615,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
     if (lane == 0) {
       unsigned long long* T = (unsigned long long*)Table + ((i64)bh * S1 + split) * 8;
       u32 sm; asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-      T[0] = sm; T[1] = tl[0]; T[2] = T[3] = T[4] = 0; T[5] = gtime(); T[6] = 1; T[7] = SINK + RING;
+      T[0] = sm; T[1] = tl[0]; T[2] = T[3] = T[4] = T[5] = 0; T[6] = gtime(); T[7] = 1;
     }
 #endif
   } else {
@@ -677,9 +659,14 @@ extern "C" __global__ void BOUNDS kivi_attn(
   const u16* kz = kz0 + t * (D / 4);
   const u16* qr = Q + ((i64)bh * G + min(g, G - 1)) * D + t * (D / 4);
   const float qok = g < G ? 1.f : 0.f;
+  /* the query's words first: under BULK, loaded after the first bulk copies were issued, its answer queued behind
+     them (the SM's twelve programs' two stages: the prologue took 6.4 us at 128K, 1.7 this way; kv2's decode 0.623x
+     -> 0.616x of full, session 46, H100, `benchmarks/quant_timeline.py`) */
 #if BULK
-  /* stages of STOK tokens, NST in flight, the first ones issued before anything else so that the bytes are on
-     their way while the query is read; a stage's tiles are read with tokens counted from its start (so a key
+  u32 qw[D / 8];
+  ldw<D / 8>(qw, (const u32*)qr);
+  /* stages of STOK tokens, NST in flight, the first ones issued before anything else but the query so that the bytes
+     are on their way while it is read; a stage's tiles are read with tokens counted from its start (so a key
      group longer than a stage has its statistics taken again at each stage: the same row, copied with it) */
   __shared__ Stage stg[NST];
   __shared__ __align__(8) u64 bars[NST];
@@ -692,26 +679,6 @@ extern "C" __global__ void BOUNDS kivi_attn(
   u32* kcv = nullptr;
   const u16 *kb0 = ks0, *zb0 = kz0, *kg0 = nullptr;
 #endif
-#if QFIRST
-  u32 qw[D / 8];
-  ldw<D / 8>(qw, (const u32*)qr);
-#endif
-#if DYN
-  const int nc = (nq + STOK - 1) / STOK;              /* the head's chunks */
-  __shared__ int sc[NST];                             /* the chunk each stage holds (-1: none) */
-  int pa = nc, pb = nc;                               /* lane 0: the next two chunks asked for, less NST·S (added
-                                                         where used: an add at once would wait for the atomic) */
-  if (lane == 0) {
-    for (int i = 0; i < NST; i++) bar_init(&bars[i]);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    for (int i = 0; i < NST; i++) {
-      const int c = split + i * S;
-      sc[i] = c < nc ? c : -1;
-      if (c < nc) issue(stg[i], &bars[i], kp, vp, vs, vz, kb0, zb0, c * STOK, min(STOK, nq - c * STOK), kg0);
-    }
-    if (NST * S < nc) { pa = take(Ctr + bh); pb = take(Ctr + bh); }
-  }
-#else
   const int ns = start < end ? (end - start + STOK - 1) / STOK : 0;
   if (lane == 0) {
     for (int i = 0; i < NST; i++) bar_init(&bars[i]);
@@ -719,15 +686,14 @@ extern "C" __global__ void BOUNDS kivi_attn(
     for (int i = 0; i < NST && i < ns; i++)
       issue(stg[i], &bars[i], kp, vp, vs, vz, kb0, zb0, start + i * STOK, min(STOK, end - start - i * STOK), kg0);
   }
-#endif
   __syncwarp();
-#endif
-#if !(BULK && QFIRST)
-  u32 qw[D / 8];
-  ldw<D / 8>(qw, (const u32*)qr);
 #endif
   __shared__ __align__(16) u32 qsm_all[CW][QSMW];
   u32* qsm = qsm_all[wq];
+#if !BULK
+  u32 qw[D / 8];
+  ldw<D / 8>(qw, (const u32*)qr);
+#endif
   query_frags(qsm, qw, qok, lane);
 
   State st;
@@ -749,31 +715,13 @@ extern "C" __global__ void BOUNDS kivi_attn(
   __syncwarp();
 #endif
 
-#if BULK && DYN
-  for (int i = 0;; i++) {
-    const int sl = i % NST, c = sc[sl];
-    if (c < 0) break;
-    bar_wait(&bars[sl], (u32)(i / NST) & 1u);
-#if TLINE
-    if (i == 0) tl[2] = gtime();
-#endif
-    stage(st, stg[sl], min(STOK, nq - c * STOK), qsm, lane, g, t, sl2, kcv);
-    if (lane == 0) {   /* the next chunk into this stage; the one after it asked for (a later chunk is past the end
-                          whenever this one is) */
-      const int n = NST * S + pa;
-      pa = pb;
-      if (n < nc) pb = take(Ctr + bh);
-      sc[sl] = n < nc ? n : -1;
-      if (n < nc) issue(stg[sl], &bars[sl], kp, vp, vs, vz, kb0, zb0, n * STOK, min(STOK, nq - n * STOK), kg0);
-    }
-    __syncwarp();
-  }
-#elif BULK
+#if BULK
   for (int i = 0; i < ns; i++) {
     const int sl = i % NST, s0 = start + i * STOK, e = min(STOK, end - s0);
     bar_wait(&bars[sl], (u32)(i / NST) & 1u);
 #if TLINE
     if (i == 0) tl[2] = gtime();
+    if (i == ns - 1) tl[3] = gtime();
 #endif
     stage(st, stg[sl], e, qsm, lane, g, t, sl2, kcv);
     if (lane == 0 && i + NST < ns)
@@ -802,7 +750,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
   }
 #endif
 #if TLINE
-  tl[3] = gtime();
+  tl[4] = gtime();
 #endif
   float l0 = st.l0, l1 = st.l1, z0 = st.z0, z1 = st.z1, w0 = st.p0, w1 = st.p1;
 #pragma unroll
@@ -837,8 +785,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
   if (lane == 0) {
     unsigned long long* T = (unsigned long long*)Table + ((i64)bh * S1 + split) * 8;
     u32 sm; asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    T[0] = sm; T[1] = tl[0]; T[2] = tl[1]; T[3] = tl[2]; T[4] = tl[3]; T[5] = gtime(); T[6] = 0;
-    T[7] = DYN ? (split * STOK < nq ? STOK : 0) : end - start;
+    T[0] = sm; T[1] = tl[0]; T[2] = tl[1]; T[3] = tl[2]; T[4] = tl[3]; T[5] = tl[4]; T[6] = gtime(); T[7] = 0;
   }
 #endif
   }
@@ -870,14 +817,12 @@ extern "C" __global__ void BOUNDS kivi_attn(
 #define MW 16
 #define MU 16
 extern "C" __global__ void __launch_bounds__(32 * MW) kivi_merge(const float* __restrict__ Part,
-                                                                 const float* __restrict__ Lse, u16* __restrict__ Out, int S1,
-                                                                 int* __restrict__ Ctr) {
+                                                                 const float* __restrict__ Lse, u16* __restrict__ Out, int S1) {
   __shared__ float red[MW][32];
   __shared__ float dens[MW], mxs[MW];
   const int pid = blockIdx.x, c = blockIdx.y * 32, bh = pid / G, q = pid % G, tid = threadIdx.x, wp = tid >> 5,
             lane = tid & 31;
   const i64 base = (i64)bh * S1 * G + q;                 /* row of split s: base + s·G */
-  if (q == 0 && blockIdx.y == 0 && tid == 0) Ctr[bh] = 0;   /* DYN's chunk counter, for the next call */
   float m = NEG_INF, acc = 0.f, den = 0.f;
   for (int s0 = wp; s0 < S1; s0 += MW * MU) {
     float lv[MU], pv[MU];

@@ -122,11 +122,6 @@ KDQ = int(os.environ["LONGKV_KDQ"]) if os.environ.get("LONGKV_KDQ") else None
 BULK = int(os.environ["LONGKV_BULK"]) if os.environ.get("LONGKV_BULK") else None
 BULK_STOK = int(os.environ.get("LONGKV_BULK_STOK", 64))
 BULK_NST = int(os.environ.get("LONGKV_BULK_NST", 2))
-# DYN (with BULK): the packed tokens handed out in STOK-token chunks, the first NST a program fixed and the rest from an
-# atomic counter a KV head, so that the programs end together (session 46). QFIRST: the query loaded before the first
-# bulk copies. LONGKV_DYN / LONGKV_QFIRST = 0 / 1 force them.
-DYN = int(os.environ.get("LONGKV_DYN", 0))
-QFIRST = int(os.environ.get("LONGKV_QFIRST", 1))
 _MODULES: dict = {}
 
 
@@ -148,8 +143,7 @@ def lines(cfg: dict) -> str:
 def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
            gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False,
            res: bool = False, load_only: bool = False, kdq: int | None = None, bulk: int | None = None,
-           stok: int | None = None, nst: int | None = None, ks8: bool = False, tline: bool = False,
-           dyn: int | None = None, qfirst: int | None = None) -> dict:
+           stok: int | None = None, nst: int | None = None, ks8: bool = False, tline: bool = False) -> dict:
     """The #defines of one compiled layout, name to value (window = ring - 2·group, as the cache sizes its
     ring); tile: tokens a loop step; gpf: the key group statistics into L1 this many tiles ahead (0 = off; always
     off when paged: the next listed group's rows prefetched 1-2 tiles ahead measured no faster); minb: programs an
@@ -161,8 +155,7 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     tokens a stage and nst stages in flight (None: BULK, BULK_STOK, BULK_NST; never paged, with residual bits or with
     several warps a program); ks8: the key statistics as 8-bit codes on a grid (`kstat=8`), read through bulk stages
     into KDQ (KS8 is 0 in a layout without both: the caller then hands the kernel fp16 statistics); tline: each program
-    writes when it started and ended (the diagnostic TLINE, `benchmarks/quant_timeline.py`); dyn: BULK's chunks handed
-    out by a counter a head (None: DYN); qfirst: the query loaded before the first bulk copies (None: QFIRST)."""
+    writes when it started and ended (the diagnostic TLINE, `benchmarks/quant_timeline.py`)."""
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
                TILE=tile or TILE,
                GPF=0 if paged else gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)),
@@ -173,8 +166,6 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     bulk = bulk if bulk is not None else BULK if BULK is not None else bits == 2 and not gpf   # (gpf asks for registers)
     bulk = int(bulk) and not (paged or res or cfg["CW"] > 1)
     cfg.update(BULK=int(bulk), NST=nst or BULK_NST, STOK=stok or BULK_STOK)
-    cfg["DYN"] = int(bool(bulk) and bool(DYN if dyn is None else dyn))
-    cfg["QFIRST"] = int(QFIRST if qfirst is None else qfirst)
     cfg["KS8"] = int(bool(ks8) and bool(bulk) and bool(cfg["KDQ"]) and not load_only)
     if tline:
         cfg["TLINE"] = 1
@@ -275,8 +266,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
                      scale: float, splits: int | None = None, tile: int | None = None,
                      gpf: int | None = None, minb: int | None = None, cw: int | None = None, parts: bool = False,
                      load_only: bool = False, kdq: int | None = None, bulk: int | None = None,
-                     stok: int | None = None, nst: int | None = None, tline: torch.Tensor | None = None,
-                     dyn: int | None = None, qfirst: int | None = None):
+                     stok: int | None = None, nst: int | None = None, tline: torch.Tensor | None = None):
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
     parts=True returns (the two launches as closures, out, splits) instead (benchmarks/quant_cuda_probe.py).
@@ -285,7 +275,7 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
     program fills with its SM and timestamps (the diagnostic TLINE; `benchmarks/quant_timeline.py` reads it)."""
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
                    splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts, load_only=load_only, kdq=kdq,
-                   bulk=bulk, stok=stok, nst=nst, tline=tline, dyn=dyn, qfirst=qfirst)
+                   bulk=bulk, stok=stok, nst=nst, tline=tline)
 
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
@@ -321,19 +311,6 @@ def expand_stats(kq: dict) -> dict:
     return {k: v for k, v in kq.items() if k != "grid"} | {"scale": scale, "zero": zero}
 
 
-_COUNTERS: dict = {}
-
-
-def counters(device, n: int) -> torch.Tensor:
-    """DYN's chunk counters, one a KV head (B·H): zeros, zeroed again by each call's merge. One buffer a device, kept
-    for the process (CUDA graphs hold its address); a larger one is made when more heads come."""
-    key = torch.device(device)
-    have = _COUNTERS.get(key)
-    if have is None or have[-1].numel() < n:
-        _COUNTERS.setdefault(key, []).append(torch.zeros(max(n, 1024), dtype=torch.int32, device=key))
-    return _COUNTERS[key][-1]
-
-
 def _bulk_ok(q, kq, vq) -> bool:
     """Bulk copies need sm_90 and 16-byte aligned sources (each tensor's start; rows and stages are whole 16-byte
     units at these layouts)."""
@@ -345,7 +322,7 @@ def _bulk_ok(q, kq, vq) -> bool:
 
 def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, splits=None, tile=None, gpf=None,
             minb=None, cw=None, parts=False, paged=None, frac=1.0, load_only=False, kdq=None, bulk=None, stok=None,
-            nst=None, tline=None, dyn=None, qfirst=None):
+            nst=None, tline=None):
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
@@ -358,8 +335,7 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     bulk = bulk if paged is None and _bulk_ok(q, kq, vq) else 0    # (None: `config` decides)
     layout = config(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
                     gpf=gpf, minb=minb, cw=cw, paged=paged is not None, res="res" in kq, load_only=load_only, kdq=kdq,
-                    bulk=bulk, stok=stok, nst=nst, ks8="grid" in kq, tline=tline is not None, dyn=dyn,
-                    qfirst=qfirst)
+                    bulk=bulk, stok=stok, nst=nst, ks8="grid" in kq, tline=tline is not None)
     if "grid" in kq and not layout["KS8"]:   # 8-bit key statistics outside KS8's layout: handed over as fp16 rows
         kq = expand_stats(kq)
     cfg = lines(layout)
@@ -381,19 +357,18 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     out = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
     q = q.contiguous()
     kp, vp = kq["planes"][0].view(torch.int32), vq["planes"][0].view(torch.int32)
-    ctr = counters(q.device, B * H)
 
     def run_attn():
         attn(grid=(B * H, S1, 1), block=(32 * warps, 1, 1),
              args=[q, length, kp, kq["scale"], kq["zero"], vp, vq["scale"], vq["zero"], kf, vf, part, lse,
                    float(scale * math.log2(math.e)), int(S), int(cap), *extra,
-                   kq["res"].view(torch.int32) if "res" in kq else kp, kq["grid"] if "grid" in kq else kp, ctr])
+                   kq["res"].view(torch.int32) if "res" in kq else kp, kq["grid"] if "grid" in kq else kp])
 
     def run_merge():
-        mrg(grid=(B * Hq, D // 32, 1), block=(32 * MERGE_WARPS, 1, 1), args=[part, lse, out, int(S1), ctr])
+        mrg(grid=(B * Hq, D // 32, 1), block=(32 * MERGE_WARPS, 1, 1), args=[part, lse, out, int(S1)])
 
-    if parts:   # (the splits kernel alone zeroes DYN's counters first: the merge that would is not run after it)
-        return (lambda: (ctr.zero_(), run_attn())) if layout["DYN"] else run_attn, run_merge, out, S
+    if parts:
+        return run_attn, run_merge, out, S
     run_attn()
     run_merge()
     return out
