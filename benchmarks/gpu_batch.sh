@@ -64,9 +64,8 @@
 #   ks8       issue 4: kv2's key statistics in 8 bits (kstat=8): GPU tests, decode at 128K full / kv2 / kv2:kstat=8, ILV 0 / 1
 #   ilv       issue 4 (every cache): the gated GEMV over interleaved gate/up rows (LONGKV_GEMV_ILV): GPU tests, probe,
 #             decode at 128K with ILV 0 / 1 at two gated tiles
-#   dyn       issue 4: kv2's BULK chunks handed out by a counter a head (DYN), the query loaded first (QFIRST): GPU
-#             tests, quant_timeline.py (each program's start / first bytes / end) with each on and off;
-#             dyndecode: decode at 128K, full and kv2, with (DYN, QFIRST) = DYN_RUNS (11 01 00)
+#   timeline  issue 4: quant_timeline.py (each kv2 program's start, first and last stage in, end) with the attention
+#             and its loads alone; DECODE=1: then decode at 128K, full and kv2
 #   bulk      issue 4: bulk copies (the TMA's 1-D form) into shared memory for the dense kernel: GPU tests (and the
 #             mass select's), probe at 128K over stages; bulkdecode: decode at 128K with LONGKV_BULK=0 / 1
 #   mass512   issue 5: decode at 512K, the issue's 32-layer 8B shape (16 weight sets; LAYERS=16: 16 layers, as sessions
@@ -746,17 +745,11 @@ P
         LONGKV_GEMV_ILV=$c bench ks8_ilv$c 150 $PY quant_decode.py --contexts 128k --caches "full;kv2;kv2:kstat=8" \
           --new-tokens 24
       done ;;
-    dyn)       # issue 4: kv2's chunks from a counter a head (DYN) and the query before the copies (QFIRST): GPU tests,
-               # the timeline at 2K / 32K / 128K with each on and off
-      (TRITON_INTERPRET=0 timeout 240 $PY -m pytest -q -rf --tb=short tests/test_quant_cuda.py \
-        -k "${TESTS_K:-dyn or (matches_reference and (default or qfirst0 or stok16 or nst4))}") > "$OUT/dyn_tests.log" 2>&1
-      echo "dyn tests: $(grep -E 'passed|failed' "$OUT/dyn_tests.log" | tr '\n' ' ')" >&2
-      bench dyn_timeline 150 $PY quant_timeline.py --contexts ${TL_CTX:-32k,128k} --dyn 0,1 --qfirst ${TL_QF:-0,1} ;;
-    dyndecode) # issue 4: decode at 128K, full and kv2, with DYN and QFIRST on (the defaults) and off
-      for c in ${DYN_RUNS:-11 01 00}; do
-        LONGKV_DYN=${c:0:1} LONGKV_QFIRST=${c:1:1} bench dyndecode$c 150 $PY quant_decode.py --contexts 128k \
-          --caches "full;kv2" --new-tokens 24
-      done ;;
+    timeline)  # issue 4: each kv2 program's start / first and last stage in / end at TL_CTX, with its attention and its
+               # loads alone (quant_timeline.py), then decode at 128K (DECODE=1)
+      bench timeline 150 $PY quant_timeline.py --contexts ${TL_CTX:-32k,128k} --load-only 0,1
+      [ -n "${DECODE:-}" ] && bench timeline_decode 150 $PY quant_decode.py --contexts 128k --caches "full;kv2" \
+        --new-tokens 24 ;;
     bulkdecode) # issue 4: decode at 128K, full and kivi2 with LONGKV_BULK=0 then 1
       LONGKV_BULK=0 bench bulkdecode0 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24
       LONGKV_BULK=1 bench bulkdecode1 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24 ;;
