@@ -33,8 +33,8 @@ def main():
     ap.add_argument("--splits", type=int, default=0, help="0: the default (quant_cuda.num_splits)")
     ap.add_argument("--launches", type=int, default=4)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--load-only", default="0", help="0 / 1, comma-separated: the loads alone (LOADONLY, the diagnostic "
-                                                        "of quant_cuda_probe.py: no attention)")
+    ap.add_argument("--load-only", default="0",
+                    help="0 / 1, comma-separated: the loads alone (LOADONLY, quant_cuda_probe.py's diagnostic)")
     a = ap.parse_args()
     dev = torch.device("cuda")
     H, G, D, sink, window = 8, 4, 128, 4, 128

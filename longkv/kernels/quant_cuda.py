@@ -44,7 +44,9 @@ H200 agree: 203 a 16-token step):
   codes, value ranges and key statistics into shared memory with `cp.async.bulk` (the TMA's one-dimensional
   form) on an mbarrier, two stages in flight, and the lanes read their fragment words from there. The bytes in
   flight then cost no registers and the arithmetic overlaps them: kivi2 at 128K 59.8 -> 48.5 µs a layer, decode
-  0.660x -> 0.635x of full (H100, session 40).
+  0.660x -> 0.635x of full (H100, session 40). The query's words are loaded before lane 0 issues the first copies:
+  issued after them, the answer waited behind the SM's twelve programs' two stages (prologue 6.4 -> 1.7 µs at 128K,
+  one layer 49.2 -> 46.8 µs, decode 0.623x -> 0.616x; H100, session 46, `benchmarks/quant_timeline.py`).
 
 - 8-bit statistics (`KS8`, `kstat=8`: bytes on a grid a group, `quant_reference.stats8`; BULK and KDQ): the stage
   carries their bytes and 16-byte grids and a pass of every lane decodes them into KDQ's pairs once a stage. 16 % fewer
@@ -76,7 +78,10 @@ dc791d3): `LEAN`, 17 % fewer instructions a 64-token stage for kivi2 (1,563 -> 1
 the softmax scale folded into the query fragments, ex2.approx for the weights, each stage's key statistics paired
 once into shared memory with the codes' offsets folded in, one HFMA2 a key pair): 53.1 -> 54.1 µs a layer, decode
 0.623x -> 0.624x, so the kernel is not bound by its instruction count at 128K; its folded statistics also failed the
-GPU tests (0.12-0.19 off the reference; the rest of LEAN passed). A 3-6 stage
+GPU tests (0.12-0.19 off the reference; the rest of LEAN passed). Tried twice and removed: BULK's chunks handed out
+from an atomic counter a KV head (DYN) so that the programs end together (session 41, source in aad010d: 0.633x ->
+0.646x; session 46, source in 8112adc: the first NST chunks fixed, indices asked two ahead: 0.616x -> 0.619x, the
+programs' ends 10 -> 5 µs apart but each SM's last end no earlier). A 3-6 stage
 cp.async pipeline in shared memory was 8 % slower and was removed (BENCHMARKS.md).
 
 The CUDA source is `quant_cuda.cu` beside this file. Compiled at first use with NVRTC through
