@@ -470,10 +470,13 @@
 # LEAN kv2 53.1 -> 54.1 us a layer (0.623x -> 0.624x), its folded statistics 0.12-0.19 off in the GPU tests: removed;
 # ILV -16 us on full], [quant_cuda_probe.py at 2K-1M, splits and stages at 128K, by hand: ~16 us a layer fixed (splits
 # kernel ~11 with nothing to read, merge ~4), the rest streams at 2.85 TB/s].
-# 3. (issue 4) kv2 at 128K: 0.623x on the H100 (session 45), the target 0.60x: -8 us a layer, half the fixed cost
-#    (BENCHMARKS.md, issue 4, session 45). Nothing new is built to time. To time the next build: `quant_decode.py
-#    --contexts 128k --caches "full;kv2" --new-tokens 24`, and `quant_cuda_probe.py --context 2k` (then 128k) for the
-#    fixed cost.
+# Session 46 (2026-12-08), three H100 calls, about a dozen starts refused or turned away: [quant_timeline.py at
+# 2K-128K by hand: the prologue 6.4 us at 128K (the query queued behind the first bulk copies), the ends 10 us apart],
+# [dyn (8112adc's parent): the query first -2.4 us a layer alone; DYN slower], [timeline + decode by hand: the query
+# first kv2 0.616x, DYN 0.619x: DYN removed again].
+# 3. (issue 4) kv2 at 128K: 0.616x on the H100 (session 46), the target 0.60x: -5.8 us a layer (BENCHMARKS.md, issue
+#    4, session 46). Next call: `gpu_batch.sh timeline` (the last stage's arrival and the drain after it, the loads
+#    alone, built and not yet run), then `DECODE=1` to time a build.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
