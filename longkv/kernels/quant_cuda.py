@@ -355,8 +355,10 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
         S = S if splits else min(S, max(1, table.shape[1]))   # no more programs a row than listed groups
         extra = [table, nsel, int(table.stride(0)), int(row_pages)]
     else:
-        extra = [length if tline is None else tline, length, 0, 0]   # unused (pointers of the right kind); TLINE's
+        extra = [length if tline is None else tline, length, 0, 0]   # unused pointers of the right kind (or TLINE's)
     S1 = S + fps
+    if tline is not None and (paged is not None or tline.dtype != torch.int64 or tline.numel() < 8 * B * H * S1):
+        raise ValueError(f"tline: {8 * B * H * S1} int64 entries for the dense kernel's {B * H * S1} programs")
     part = torch.empty(B * H * S1 * G, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B * H * S1 * G, device=q.device, dtype=torch.float32)
     out = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
