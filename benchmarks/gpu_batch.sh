@@ -65,7 +65,8 @@
 #   ilv       issue 4 (every cache): the gated GEMV over interleaved gate/up rows (LONGKV_GEMV_ILV): GPU tests, probe,
 #             decode at 128K with ILV 0 / 1 at two gated tiles
 #   timeline  issue 4: quant_timeline.py (each kv2 program's start, first and last stage in, end) with the attention
-#             and its loads alone; DECODE=1: then decode at 128K, full and kv2
+#             and its loads alone, tail 0 / 64; DECODE=1: the tail's GPU tests, decode at 128K (full, kv2) with
+#             LONGKV_BULK_TAIL=0 / 64
 #   bulk      issue 4: bulk copies (the TMA's 1-D form) into shared memory for the dense kernel: GPU tests (and the
 #             mass select's), probe at 128K over stages; bulkdecode: decode at 128K with LONGKV_BULK=0 / 1
 #   mass512   issue 5: decode at 512K, the issue's 32-layer 8B shape (16 weight sets; LAYERS=16: 16 layers, as sessions
@@ -475,8 +476,8 @@
 # [dyn (8112adc's parent): the query first -2.4 us a layer alone; DYN slower], [timeline + decode by hand: the query
 # first kv2 0.616x, DYN 0.619x: DYN removed again].
 # 3. (issue 4) kv2 at 128K: 0.616x on the H100 (session 46), the target 0.60x: -5.8 us a layer (BENCHMARKS.md, issue
-#    4, session 46). Next call: `gpu_batch.sh timeline` (the last stage's arrival and the drain after it, the loads
-#    alone, built and not yet run), then `DECODE=1` to time a build.
+#    4, session 46). Next call: `DECODE=1 gpu_batch.sh timeline` (the last stage's arrival and the drain after it, the
+#    loads alone, and the one-tile tail stages (LONGKV_BULK_TAIL), all built in session 46 and not yet run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -749,10 +750,18 @@ P
           --new-tokens 24
       done ;;
     timeline)  # issue 4: each kv2 program's start / first and last stage in / end at TL_CTX, with its attention and its
-               # loads alone (quant_timeline.py), then decode at 128K (DECODE=1)
-      bench timeline 150 $PY quant_timeline.py --contexts ${TL_CTX:-32k,128k} --load-only 0,1
-      [ -n "${DECODE:-}" ] && bench timeline_decode 150 $PY quant_decode.py --contexts 128k --caches "full;kv2" \
-        --new-tokens 24 ;;
+               # loads alone, each split's last 64 tokens in one-tile stages or not (quant_timeline.py); DECODE=1: the
+               # tail's GPU tests, then decode at 128K with LONGKV_BULK_TAIL=0 / 64
+      bench timeline 150 $PY quant_timeline.py --contexts ${TL_CTX:-32k,128k} --load-only 0,1 --tail 0,64
+      if [ -n "${DECODE:-}" ]; then
+        (TRITON_INTERPRET=0 timeout 120 $PY -m pytest -q -rf --tb=short tests/test_quant_cuda.py \
+          -k "matches_reference and (default or tail) and dtype0") > "$OUT/timeline_tests.log" 2>&1
+        echo "tail tests: $(grep -E 'passed|failed' "$OUT/timeline_tests.log" | tr '\n' ' ')" >&2
+        for c in 0 64; do
+          LONGKV_BULK_TAIL=$c bench timeline_decode$c 150 $PY quant_decode.py --contexts 128k --caches "full;kv2" \
+            --new-tokens 24
+        done
+      fi ;;
     bulkdecode) # issue 4: decode at 128K, full and kivi2 with LONGKV_BULK=0 then 1
       LONGKV_BULK=0 bench bulkdecode0 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24
       LONGKV_BULK=1 bench bulkdecode1 150 $PY quant_decode.py --contexts 128k --caches "full;kivi2" --new-tokens 24 ;;

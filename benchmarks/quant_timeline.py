@@ -6,7 +6,7 @@ prologue, the first stage's arrival, the last stage's arrival and what is comput
 of ends (the tail), the fp splits, and the gap from one attention's last end to the next one's first start (merge +
 two launches). µs after the launch's first start unless named a length (prolog, first, drain, write).
 
-    python benchmarks/quant_timeline.py --contexts 2k,32k,128k --bits 2 --load-only 0,1
+    python benchmarks/quant_timeline.py --contexts 2k,32k,128k --bits 2 --load-only 0,1 --tail 0,64
 
 Last line: JSON.
 """
@@ -35,19 +35,21 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--load-only", default="0",
                     help="0 / 1, comma-separated: the loads alone (LOADONLY, quant_cuda_probe.py's diagnostic)")
+    ap.add_argument("--tail", default="0", help="comma-separated: a split's last this many tokens in one-tile stages "
+                                                "(quant_cuda.config's tail; 0: off)")
     a = ap.parse_args()
     dev = torch.device("cuda")
     H, G, D, sink, window = 8, 4, 128, 4, 128
     rows, tails = [], []
     for bits in map(int, a.bits.split(",")):
         group = 64 if bits == 4 else 16
-        for ctx, lo in [(c, bool(int(x))) for c in map(parse_tokens, a.contexts.split(","))
-                        for x in a.load_only.split(",")]:
+        for ctx, lo, tail in [(c, bool(int(x)), int(tl)) for c in map(parse_tokens, a.contexts.split(","))
+                              for x in a.load_only.split(",") for tl in a.tail.split(",")]:
             kq, vq, kf, vf = layer(ctx, bits, group, H, D, sink, window, dev)
             q = torch.randn(1, H * G, 1, D, device=dev, dtype=torch.bfloat16)
             length = torch.tensor([ctx], device=dev)
             kw = dict(bits=bits, group=group, sink=sink, window=window, scale=D ** -0.5, splits=a.splits or None,
-                      load_only=lo)
+                      load_only=lo, tail=tail)
             attn0, _, _, S = qc.decode_attention(q, kq, vq, kf, vf, length, parts=True, **kw)
             us_plain = graph_time(attn0, 50, dev) * 1e3
             n = H * (S + -(-(sink + window + 2 * group) // 32))     # packed programs + the fp splits'
@@ -77,7 +79,7 @@ def main():
 
                 r2 = lambda x: (lambda f: round(f, 2) if f == f else "")(float(x))   # noqa: E731  (nan: none such)
                 rows.append(dict(
-                    bits=bits, ctx=ctx, lo=int(lo), launch=i, S=S, span=r2((float(t[:, 6].max()) - t0) / 1e3),
+                    bits=bits, ctx=ctx, lo=int(lo), tail=tail, launch=i, S=S, span=r2((float(t[:, 6].max()) - t0) / 1e3),
                     gap=r2((t0 - prev_end) / 1e3) if prev_end is not None else "",
                     start_max=r2(rel(1).max()), prolog=r2(pct(dur(1, 2, packed), .5)),
                     first=r2(pct(dur(1, 3), .5)), last_p10=r2(pct(rel(4, work), .1)),
@@ -93,7 +95,7 @@ def main():
             t0 = float(last[:, 1].min())
             for r in last:
                 ends[int(r[0])] = max(float(ends[int(r[0])]), (float(r[6]) - t0) / 1e3)
-            tails.append(dict(bits=bits, ctx=ctx, lo=int(lo), sm_end_min=round(float(ends[ends > 0].min()), 2),
+            tails.append(dict(bits=bits, ctx=ctx, lo=int(lo), tail=tail, sm_end_min=round(float(ends[ends > 0].min()), 2),
                               sm_end_p50=round(pct(ends[ends > 0], .5), 2), sm_end_max=round(float(ends.max()), 2)))
             del kq, vq, kf, vf, bufs, calls
     cols = list(rows[0])

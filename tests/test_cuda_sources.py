@@ -63,6 +63,13 @@ CASES = [
                                                                   kdq=1)),
     # kv2's layout with 64-token groups
     ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=64, ring=256)),
+    # each split's last tokens in one-tile stages (tail): kivi2's (with the timeline's stamps, and with 8-bit statistics),
+    # 4 bits in 64-token groups (tile stages inside a group)
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, tail=64,
+                                                                  tline=True)),
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=2, group=16, ring=160, tail=64,
+                                                                  ks8=True)),
+    ("kivi_attn", ("ptx.cuh", "quant_cuda.cu"), quant_cuda.config(**KIVI, bits=4, group=64, ring=256, bulk=1, tail=128)),
 ]
 
 

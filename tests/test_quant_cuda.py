@@ -38,11 +38,12 @@ def _cuda(x):
 # the defaults; 4 warps a program; the key-group prefetch on / off (its default depends on the group); the keys
 # dequantized in registers (KDQ) on and off (its default is the module's); 32-token tiles (two 16-token steps' scores
 # before one softmax update), with and without KDQ
-# bulk copies into shared memory (sm_90; the default at 2 bits) on and off, shorter and more stages, and with the
-# group rebuild
+# bulk copies into shared memory (sm_90; the default at 2 bits) on and off, shorter and more stages, with the group
+# rebuild, and with each split's last tokens in one-tile stages (tail)
 @pytest.mark.parametrize("variant", [{}, {"cw": 4}, {"gpf": 1}, {"gpf": 0}, {"kdq": 1}, {"kdq": 0}, {"tile": 32},
                                      {"tile": 32, "kdq": 1}, {"bulk": 1}, {"bulk": 0}, {"bulk": 1, "stok": 32, "nst": 4},
-                                     {"bulk": 1, "kdq": 0}, {"bulk": 1, "tile": 32}],
+                                     {"bulk": 1, "kdq": 0}, {"bulk": 1, "tile": 32}, {"bulk": 1, "tail": 64},
+                                     {"bulk": 1, "tail": 128, "stok": 32, "nst": 4}],
                          ids=lambda v: "-".join(f"{k}{x}" for k, x in v.items()) or "default")
 def test_cuda_kernel_matches_reference(D, bits, group, G, length, splits, dtype, variant):
     if variant and dtype != torch.bfloat16:

@@ -146,6 +146,28 @@ __device__ __forceinline__ void bar_wait(u64* b, u32 parity) {
                  : "=r"(ok) : "r"(sptr(b)), "r"(parity) : "memory");
   } while (!ok);
 }
+/* A split's stages: n tokens in STOK-token stages (the last one shorter), or with TAILT (an opt-in, not yet timed:
+   session 46) its last TAILT tokens in TILE-token stages and the rest in STOK-token stages (the first one shorter),
+   so that what is left to compute once a program's last bytes are in is one tile, not a whole stage: every program of
+   the one wave reaches that point together, and the DRAM is idle while they compute it. Offset and length of stage i
+   (whole tiles, whole key groups or inside one). */
+#ifndef TAILT
+#define TAILT 0
+#endif
+#if TAILT
+__device__ __forceinline__ int nstages(int n) {
+  const int head = n > TAILT ? n - TAILT : 0;
+  return (head + STOK - 1) / STOK + (n - head + TILE - 1) / TILE;
+}
+__device__ __forceinline__ int soff(int i, int n) {
+  const int head = n > TAILT ? n - TAILT : 0, big = (head + STOK - 1) / STOK;
+  return i < big ? (i == 0 ? 0 : head - (big - i) * STOK) : head + (i - big) * TILE;
+}
+__device__ __forceinline__ int slen(int i, int n) {
+  const int head = n > TAILT ? n - TAILT : 0, big = (head + STOK - 1) / STOK;
+  return i < big ? (i == 0 ? head - (big - 1) * STOK : STOK) : min(TILE, n - soff(i, n));
+}
+#endif
 /* lane 0: tokens [s0, s0 + n) of the head's rows (kp, vp, vs, vz at token 0; ks, kz at group 0) into stage sg */
 __device__ __forceinline__ void issue(Stage& sg, u64* b, const u32* kp, const u32* vp, const u16* vs, const u16* vz,
                                       const kstat_t* ks, const kstat_t* kz, int s0, int n, const u16* kg) {
@@ -679,12 +701,20 @@ extern "C" __global__ void BOUNDS kivi_attn(
   u32* kcv = nullptr;
   const u16 *kb0 = ks0, *zb0 = kz0, *kg0 = nullptr;
 #endif
+#if TAILT
+  const int nt = max(end - start, 0), ns = nstages(nt);
+#define SOFF(i) soff(i, nt)
+#define SLEN(i) slen(i, nt)
+#else
   const int ns = start < end ? (end - start + STOK - 1) / STOK : 0;
+#define SOFF(i) ((i) * STOK)
+#define SLEN(i) min(STOK, end - start - (i) * STOK)
+#endif
   if (lane == 0) {
     for (int i = 0; i < NST; i++) bar_init(&bars[i]);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     for (int i = 0; i < NST && i < ns; i++)
-      issue(stg[i], &bars[i], kp, vp, vs, vz, kb0, zb0, start + i * STOK, min(STOK, end - start - i * STOK), kg0);
+      issue(stg[i], &bars[i], kp, vp, vs, vz, kb0, zb0, start + SOFF(i), SLEN(i), kg0);
   }
   __syncwarp();
 #endif
@@ -717,7 +747,11 @@ extern "C" __global__ void BOUNDS kivi_attn(
 
 #if BULK
   for (int i = 0; i < ns; i++) {
+#if TAILT
+    const int sl = i % NST, e = SLEN(i);
+#else
     const int sl = i % NST, s0 = start + i * STOK, e = min(STOK, end - s0);
+#endif
     bar_wait(&bars[sl], (u32)(i / NST) & 1u);
 #if TLINE
     if (i == 0) tl[2] = gtime();
@@ -725,8 +759,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
 #endif
     stage(st, stg[sl], e, qsm, lane, g, t, sl2, kcv);
     if (lane == 0 && i + NST < ns)
-      issue(stg[sl], &bars[sl], kp, vp, vs, vz, kb0, zb0, start + (i + NST) * STOK,
-            min(STOK, end - start - (i + NST) * STOK), kg0);
+      issue(stg[sl], &bars[sl], kp, vp, vs, vz, kb0, zb0, start + SOFF(i + NST), SLEN(i + NST), kg0);
   }
 #else
   Buf A, B;     /* double buffer: the next tile's words load while this one is computed */

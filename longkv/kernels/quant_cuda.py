@@ -127,6 +127,9 @@ KDQ = int(os.environ["LONGKV_KDQ"]) if os.environ.get("LONGKV_KDQ") else None
 BULK = int(os.environ["LONGKV_BULK"]) if os.environ.get("LONGKV_BULK") else None
 BULK_STOK = int(os.environ.get("LONGKV_BULK_STOK", 64))
 BULK_NST = int(os.environ.get("LONGKV_BULK_NST", 2))
+# BULK_TAIL: a split's last this many tokens in TILE-token stages (TAILT in the source), so that the compute left once
+# the last bytes are in is one tile: an opt-in built in session 46 and not yet timed (0 = off).
+BULK_TAIL = int(os.environ.get("LONGKV_BULK_TAIL", 0))
 _MODULES: dict = {}
 
 
@@ -148,7 +151,8 @@ def lines(cfg: dict) -> str:
 def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16: bool, tile: int | None = None,
            gpf: int | None = None, minb: int | None = None, cw: int | None = None, paged: bool = False,
            res: bool = False, load_only: bool = False, kdq: int | None = None, bulk: int | None = None,
-           stok: int | None = None, nst: int | None = None, ks8: bool = False, tline: bool = False) -> dict:
+           stok: int | None = None, nst: int | None = None, ks8: bool = False, tline: bool = False,
+           tail: int | None = None) -> dict:
     """The #defines of one compiled layout, name to value (window = ring - 2·group, as the cache sizes its
     ring); tile: tokens a loop step; gpf: the key group statistics into L1 this many tiles ahead (0 = off; always
     off when paged: the next listed group's rows prefetched 1-2 tiles ahead measured no faster); minb: programs an
@@ -160,7 +164,8 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
     tokens a stage and nst stages in flight (None: BULK, BULK_STOK, BULK_NST; never paged, with residual bits or with
     several warps a program); ks8: the key statistics as 8-bit codes on a grid (`kstat=8`), read through bulk stages
     into KDQ (KS8 is 0 in a layout without both: the caller then hands the kernel fp16 statistics); tline: each program
-    writes when it started and ended (the diagnostic TLINE, `benchmarks/quant_timeline.py`)."""
+    writes when it started and ended (the diagnostic TLINE, `benchmarks/quant_timeline.py`); tail: with bulk, a split's
+    last this many tokens in one-tile stages (None: BULK_TAIL)."""
     cfg = dict(D=D, BITS=bits, GROUP=group, G=G, SINK=sink, RING=ring, WINDOW=ring - 2 * group, QBF16=int(bf16),
                TILE=tile or TILE,
                GPF=0 if paged else gpf if gpf is not None else GPF if GPF is not None else int(group <= (tile or TILE)),
@@ -179,6 +184,11 @@ def config(*, D: int, bits: int, group: int, G: int, sink: int, ring: int, bf16:
         if cfg["STOK"] % cfg["TILE"] or (cfg["STOK"] % group and group % cfg["STOK"]):
             raise ValueError(f"bulk stages of {cfg['STOK']} tokens must be whole {cfg['TILE']}-token tiles and whole "
                              f"key groups of {group} (or a whole fraction of one)")
+        tail = BULK_TAIL if tail is None else tail
+        if tail:
+            if tail % max(cfg["TILE"], group) or cfg["TILE"] % group and group % cfg["TILE"]:
+                raise ValueError(f"tail={tail}: whole key groups of {group} tokens in {cfg['TILE']}-token stages")
+            cfg["TAILT"] = tail
     return cfg
 
 
@@ -271,16 +281,17 @@ def decode_attention(q, kq: dict, vq: dict, kf, vf, length, *, bits: int, group:
                      scale: float, splits: int | None = None, tile: int | None = None,
                      gpf: int | None = None, minb: int | None = None, cw: int | None = None, parts: bool = False,
                      load_only: bool = False, kdq: int | None = None, bulk: int | None = None,
-                     stok: int | None = None, nst: int | None = None, tline: torch.Tensor | None = None):
+                     stok: int | None = None, nst: int | None = None, tline: torch.Tensor | None = None,
+                     tail: int | None = None):
     """q (B, Hq, 1, D) post-RoPE; one layer's packed KIVI-layout cache (`cache/quant.py`), kf/vf its
     full-precision sink + ring; length (1,) int64 on the device. Returns (B, Hq, 1, D) in q's dtype.
     parts=True returns (the two launches as closures, out, splits) instead (benchmarks/quant_cuda_probe.py).
     bulk / stok / nst: `config`'s (bulk copies into shared memory; sm_90 and 16-byte aligned storage only, else the
-    register double buffer). tline: an int64 tensor of >= 8 entries a program (B·H·(splits + fp splits)) that each
-    program fills with its SM and timestamps (the diagnostic TLINE; `benchmarks/quant_timeline.py` reads it)."""
+    register double buffer); tail: `config`'s. tline: an int64 tensor of >= 8 entries a program (B·H·(splits + fp
+    splits)) that each program fills with its SM and timestamps (the diagnostic TLINE; `quant_timeline.py` reads it)."""
     return _launch(q, kq, vq, kf, vf, length, bits=bits, group=group, sink=sink, window=window, scale=scale,
                    splits=splits, tile=tile, gpf=gpf, minb=minb, cw=cw, parts=parts, load_only=load_only, kdq=kdq,
-                   bulk=bulk, stok=stok, nst=nst, tline=tline)
+                   bulk=bulk, stok=stok, nst=nst, tline=tline, tail=tail)
 
 
 def paged_attention(q, kq: dict, vq: dict, kf, vf, length, table, nsel, *, row_pages: int, bits: int, group: int,
@@ -327,7 +338,7 @@ def _bulk_ok(q, kq, vq) -> bool:
 
 def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, splits=None, tile=None, gpf=None,
             minb=None, cw=None, parts=False, paged=None, frac=1.0, load_only=False, kdq=None, bulk=None, stok=None,
-            nst=None, tline=None):
+            nst=None, tline=None, tail=None):
     B, Hq, _, D = q.shape
     H = kf.shape[1]
     G = Hq // H
@@ -340,7 +351,7 @@ def _launch(q, kq, vq, kf, vf, length, *, bits, group, sink, window, scale, spli
     bulk = bulk if paged is None and _bulk_ok(q, kq, vq) else 0    # (None: `config` decides)
     layout = config(D=D, bits=bits, group=group, G=G, sink=sink, ring=ring, bf16=q.dtype == torch.bfloat16, tile=tile,
                     gpf=gpf, minb=minb, cw=cw, paged=paged is not None, res="res" in kq, load_only=load_only, kdq=kdq,
-                    bulk=bulk, stok=stok, nst=nst, ks8="grid" in kq, tline=tline is not None)
+                    bulk=bulk, stok=stok, nst=nst, ks8="grid" in kq, tline=tline is not None, tail=tail)
     if "grid" in kq and not layout["KS8"]:   # 8-bit key statistics outside KS8's layout: handed over as fp16 rows
         kq = expand_stats(kq)
     cfg = lines(layout)
