@@ -36,6 +36,14 @@
 __device__ __forceinline__ unsigned long long gtime() {
   unsigned long long t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t;
 }
+/* one program's record (lane 0): tl = start, prologue, first and last stage in, loop's end (0 where not stamped) */
+__device__ __forceinline__ void tl_put(const int* table, i64 prog, const unsigned long long* tl, int fp) {
+  unsigned long long* T = (unsigned long long*)table + prog * 8;
+  u32 sm; asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+  T[0] = sm;
+  for (int i = 0; i < 5; i++) T[1 + i] = tl[i];
+  T[6] = gtime(); T[7] = fp;
+}
 #endif
 #if KS8 && !(BULK && KDQ && !LOADONLY)
 #error "KS8 reads its statistics through BULK stages into KDQ's dequantization"
@@ -634,11 +642,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
   if (split >= S) {
     fp_split(Q, KF, VF, OutP, OutL, Len[0] - 1, nq, bh, (split - S) * CW + wq, orow, sl2);
 #if TLINE
-    if (lane == 0) {
-      unsigned long long* T = (unsigned long long*)Table + ((i64)bh * S1 + split) * 8;
-      u32 sm; asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-      T[0] = sm; T[1] = tl[0]; T[2] = T[3] = T[4] = T[5] = 0; T[6] = gtime(); T[7] = 1;
-    }
+    if (lane == 0) tl_put(Table, (i64)bh * S1 + split, tl, 1);
 #endif
   } else {
   const int vsp = split * CW + wq;                   /* this warp's stretch */
@@ -720,7 +724,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
 #endif
   __shared__ __align__(16) u32 qsm_all[CW][QSMW];
   u32* qsm = qsm_all[wq];
-#if !BULK
+#if !BULK   /* (here, where it always was: these builds' SASS stays the one timed) */
   u32 qw[D / 8];
   ldw<D / 8>(qw, (const u32*)qr);
 #endif
@@ -749,7 +753,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
   for (int i = 0; i < ns; i++) {
 #if TAILT
     const int sl = i % NST, e = SLEN(i);
-#else
+#else   /* (the form timed in session 46: SLEN's arithmetic compiles to other SASS) */
     const int sl = i % NST, s0 = start + i * STOK, e = min(STOK, end - s0);
 #endif
     bar_wait(&bars[sl], (u32)(i / NST) & 1u);
@@ -815,11 +819,7 @@ extern "C" __global__ void BOUNDS kivi_attn(
     if (2 * t + 1 < G) OutL[row + 1] = l1 > 0.f ? (st.m1 + log2f(l1)) * LN2 : NEG_INF;
   }
 #if TLINE
-  if (lane == 0) {
-    unsigned long long* T = (unsigned long long*)Table + ((i64)bh * S1 + split) * 8;
-    u32 sm; asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    T[0] = sm; T[1] = tl[0]; T[2] = tl[1]; T[3] = tl[2]; T[4] = tl[3]; T[5] = tl[4]; T[6] = gtime(); T[7] = 0;
-  }
+  if (lane == 0) tl_put(Table, (i64)bh * S1 + split, tl, 0);
 #endif
   }
 #if CW > 1
